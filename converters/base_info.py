@@ -1,0 +1,104 @@
+"""What a converter and the adapter validator need to know about a base model.
+
+Read from a base GGUF (authoritative: it is what llama.cpp will run) or from an HF
+``config.json`` when no GGUF is at hand.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from edge_tune.errors import EdgeTuneError
+from edge_tune.converters.names import gguf_arch
+
+
+@dataclass
+class BaseInfo:
+    arch: str  # GGUF architecture name
+    n_blocks: int
+    n_head: int
+    n_head_kv: int
+    # GGUF tensor name -> ggml shape (ne order); None when built from an HF config.
+    tensors: Optional[dict[str, tuple[int, ...]]] = None
+    tied_embeddings: bool = False
+    metadata: dict = field(default_factory=dict)
+
+    def has_tensor(self, name: str) -> Optional[bool]:
+        return None if self.tensors is None else name in self.tensors
+
+
+def open_gguf(path: Path):
+    """GGUFReader with a one-line error for anything that is not a whole GGUF file."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeTuneError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise EdgeTuneError(f"{path}: not a GGUF file (expected the GGUF magic bytes)")
+        reader = gguf.GGUFReader(str(path), "r")
+        size = path.stat().st_size
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ValueError(f"tensor {t.name} extends past the end of the file")
+    except EdgeTuneError:
+        raise
+    except Exception as exc:  # gguf raises ValueError/IndexError/... on truncated files
+        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise EdgeTuneError(f"{path}: truncated or corrupt GGUF file ({detail})") from None
+    return reader
+
+
+def field_value(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def from_gguf(path: Path) -> BaseInfo:
+    reader = open_gguf(path)
+    arch = field_value(reader, "general.architecture")
+    if not arch:
+        raise EdgeTuneError(f"{path}: GGUF has no general.architecture")
+    if field_value(reader, "general.type") == "adapter":
+        raise EdgeTuneError(f"{path}: this is an adapter GGUF, not a base model")
+    n_blocks = field_value(reader, f"{arch}.block_count")
+    n_head = field_value(reader, f"{arch}.attention.head_count")
+    n_head_kv = field_value(reader, f"{arch}.attention.head_count_kv", n_head)
+    if n_blocks is None or n_head is None:
+        raise EdgeTuneError(f"{path}: GGUF lacks {arch}.block_count / attention.head_count")
+    tensors = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
+    return BaseInfo(
+        arch=arch, n_blocks=int(n_blocks), n_head=int(n_head), n_head_kv=int(n_head_kv),
+        tensors=tensors, tied_embeddings="output.weight" not in tensors,
+        metadata={"name": field_value(reader, "general.name", "")},
+    )
+
+
+def from_hf_config(config: dict) -> BaseInfo:
+    try:
+        n_head = int(config["num_attention_heads"])
+        return BaseInfo(
+            arch=gguf_arch(config["model_type"]),
+            n_blocks=int(config["num_hidden_layers"]),
+            n_head=n_head,
+            n_head_kv=int(config.get("num_key_value_heads") or n_head),
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+    except KeyError as exc:
+        raise EdgeTuneError(f"base config.json: missing field {exc.args[0]!r}") from None
+
+
+def from_hf_dir(path: Path) -> BaseInfo:
+    cfg = Path(path) / "config.json"
+    try:
+        return from_hf_config(json.loads(cfg.read_text()))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EdgeTuneError(f"{cfg}: cannot read ({exc})") from None

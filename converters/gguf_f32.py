@@ -1,0 +1,42 @@
+"""Write an F32 copy of a GGUF: same metadata, every tensor dequantized with gguf's own code.
+
+Used for exact comparisons (converter parity): on a quantized base, llama.cpp's activation
+quantization adds ~1 logit of noise, which hides converter bugs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge_tune.converters.base_info import open_gguf
+from edge_tune.fsutil import atomic_path
+
+
+def write_f32_copy(src: Path, dst: Path) -> Path:
+    import gguf
+
+    reader = open_gguf(src)
+    arch = reader.fields["general.architecture"].contents()
+    with atomic_path(Path(dst)) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        for key, f in reader.fields.items():
+            if key.startswith("GGUF.") or key == "general.architecture":
+                continue  # written by the writer itself
+            if key == "general.file_type":
+                w.add_uint32(key, 0)  # ALL_F32
+                continue
+            vtype = f.types[0]
+            if vtype == gguf.GGUFValueType.ARRAY:
+                w.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1])
+            else:
+                w.add_key_value(key, f.contents(), vtype)
+        for t in reader.tensors:
+            data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+            w.add_tensor(t.name, data.reshape(tuple(reversed([int(x) for x in t.shape]))))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return Path(dst)

@@ -1,0 +1,1 @@
+"""Training backends, chosen by name through :mod:`edge_tune.backends.registry`."""

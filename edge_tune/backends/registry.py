@@ -1,0 +1,108 @@
+"""Training backends by name, with availability and the reason for every "no".
+
+A backend is a ``"module:function"`` string, imported only when training starts (inside the
+training subprocess), so listing backends never imports torch, mlx or unsloth.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from edge_tune.errors import EdgeTuneError
+from edge_tune.hardware import Hardware, installed, torch_cuda_version
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    summary: str
+    entry: Optional[str]  # "module:function" training entry point; None = not built yet
+    check: Callable[[Hardware], Optional[str]]  # returns the reason it is unavailable, or None
+
+
+@dataclass(frozen=True)
+class Availability:
+    name: str
+    summary: str
+    available: bool
+    reason: str
+
+
+def _check_cpu(hw: Hardware) -> Optional[str]:
+    missing = installed("torch", "transformers", "peft")
+    if missing:
+        return f"missing {', '.join(missing)}: pip install 'edge-tune[cpu]'"
+    return None
+
+
+def _check_mlx(hw: Hardware) -> Optional[str]:
+    if hw.apple is None:
+        return "needs Apple Silicon (Metal); this machine is " + hw.arch
+    missing = installed("mlx", "mlx_lm")
+    if missing:
+        return f"missing {', '.join(missing)}: pip install 'edge-tune[mlx]'"
+    return "the mlx backend is not part of this release yet"
+
+
+def _check_unsloth(hw: Hardware) -> Optional[str]:
+    if not hw.cuda_gpus:
+        return "needs an NVIDIA GPU (nvidia-smi found none)"
+    if torch_cuda_version() is None:
+        return "the installed torch is not a CUDA build"
+    missing = installed("unsloth")
+    if missing:
+        return "missing unsloth: pip install 'edge-tune[cuda]'"
+    return "the unsloth backend is not part of this release yet"
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("unsloth", "Unsloth QLoRA on an NVIDIA CUDA GPU", None, _check_unsloth),
+        Backend("mlx", "mlx-lm LoRA on Apple Silicon", None, _check_mlx),
+        Backend("cpu", "torch + PEFT LoRA on the CPU", "edge_tune.backends.cpu:train", _check_cpu),
+    )
+}
+# The order `auto` tries them in: fastest hardware first.
+AUTO_ORDER = ("unsloth", "mlx", "cpu")
+
+
+def availability(hw: Hardware) -> list[Availability]:
+    out = []
+    for name in AUTO_ORDER:
+        b = BACKENDS[name]
+        reason = b.check(hw)
+        ok = reason is None and b.entry is not None
+        out.append(Availability(name, b.summary, ok, reason or "available"))
+    return out
+
+
+def choose(requested: str, hw: Hardware) -> tuple[str, str]:
+    """Resolve ``auto``/a name to an available backend: returns (name, why)."""
+    table = {a.name: a for a in availability(hw)}
+    if requested == "auto":
+        for name in AUTO_ORDER:
+            if table[name].available:
+                skipped = [f"{n}: {table[n].reason}" for n in AUTO_ORDER if n != name
+                           and AUTO_ORDER.index(n) < AUTO_ORDER.index(name)]
+                why = f"{name} is the fastest available backend"
+                return name, why + (f" ({'; '.join(skipped)})" if skipped else "")
+        raise EdgeTuneError("no training backend is available: "
+                            + "; ".join(f"{a.name}: {a.reason}" for a in table.values()))
+    if requested not in table:
+        raise EdgeTuneError(f"--backend {requested!r}: unknown (expected auto, "
+                            + ", ".join(AUTO_ORDER) + ")")
+    if not table[requested].available:
+        raise EdgeTuneError(f"--backend {requested}: not available here: {table[requested].reason}")
+    return requested, "requested with --backend"
+
+
+def load_entry(name: str) -> Callable:
+    """Import a backend's training function (called inside the training subprocess)."""
+    entry = BACKENDS[name].entry
+    if entry is None:
+        raise EdgeTuneError(f"backend {name!r} is not part of this release")
+    module, func = entry.split(":")
+    return getattr(importlib.import_module(module), func)

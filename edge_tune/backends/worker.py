@@ -1,0 +1,99 @@
+"""The training subprocess: ``python -m edge_tune.backends.worker JOB.json``.
+
+Training runs in its own process so that a backend may patch libraries on import (Unsloth
+does), a cancel really stops it (the parent kills the process group), and a crash cannot take
+the front end down. Events go to the original stdout as JSON lines; everything libraries print
+is sent to stderr, which the parent keeps in ``train.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from edge_tune.errors import EdgeTuneError
+from edge_tune.events import Done, Failed, Log, Progress, to_json
+
+
+def _event_stream():
+    # Keep a private handle on the real stdout, then point fd 1 at stderr so that C libraries
+    # and print() cannot corrupt the event stream.
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def emit(event) -> None:
+        out.write(to_json(event) + "\n")
+        out.flush()
+
+    return emit
+
+
+def prepare_examples(job: dict, emit):
+    """Tokenize records with the model's chat template; drop ones with nothing to learn."""
+    from transformers import AutoTokenizer
+
+    from edge_tune.data.template import encode
+
+    tok = AutoTokenizer.from_pretrained(job["hf_dir"])
+    cfg = job["config"]
+    examples, truncated = [], 0
+    records = job["records"]
+    for i, messages in enumerate(records):
+        ex = encode(tok, messages, cfg["seq_len"])
+        full = encode(tok, messages, 1 << 30)
+        truncated += len(full.input_ids) > cfg["seq_len"]
+        if ex.n_trained:
+            examples.append(ex)
+        if i % 50 == 0 or i == len(records) - 1:
+            emit(Progress("tokenize", i + 1, len(records), "records", "tokenizing"))
+    if truncated:
+        emit(Log(f"{truncated} examples were longer than seq_len={cfg['seq_len']} and were "
+                 "truncated", "warning"))
+    if not examples:
+        raise EdgeTuneError("no example has an assistant token within seq_len; raise --seq-len")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return examples, int(pad or 0)
+
+
+def run(job: dict, emit) -> dict:
+    from edge_tune.backends.registry import load_entry
+    from edge_tune.fsutil import atomic_path
+    from edge_tune.models import ModelRef, hf_dir_for
+
+    ref = ModelRef(**{k: (Path(v) if k in ("gguf", "hf_dir") and v else v)
+                      for k, v in job["model_ref"].items()})
+    job["hf_dir"] = str(hf_dir_for(ref, emit))
+    job["examples"], job["pad_id"] = prepare_examples(job, emit)
+    emit(Log(f"{len(job['examples'])} training examples"))
+    train = load_entry(job["backend"])
+    with atomic_path(Path(job["run_dir"]) / "adapter") as tmp:
+        job["adapter_dir"] = str(tmp)
+        result = train(job, emit)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    emit = _event_stream()
+    try:
+        job = json.loads(Path(argv[0]).read_text())
+        result = run(job, emit)
+    except EdgeTuneError as exc:
+        emit(Failed(str(exc), exc.exit_code))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        emit(Failed("training cancelled", 130))
+        return 130
+    except Exception as exc:  # a bug: keep the traceback in train.log, one line for the user
+        traceback.print_exc()
+        emit(Failed(f"training failed: {type(exc).__name__}: {exc} (see train.log)", 1))
+        return 1
+    emit(Done("train", result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

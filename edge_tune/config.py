@@ -1,0 +1,110 @@
+"""Run configuration: defaults, a TOML file, then command-line flags, validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from edge_tune.errors import EdgeTuneError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    model: str = "default"
+    backend: str = "auto"
+    out: Optional[str] = None
+    epochs: float = 2.0
+    max_steps: Optional[int] = None  # overrides epochs when set
+    lr: float = 1e-3
+    rank: int = 16
+    alpha: float = 32.0
+    batch_size: int = 8
+    seq_len: int = 512
+    seed: int = 0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    warmup_steps: int = 5
+    precision: str = "auto"  # auto | bf16 | fp32
+    threads: int = 0  # 0 = physical cores
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHECKS = {
+    "epochs": (lambda v: v > 0, "a number > 0"),
+    "max_steps": (lambda v: v is None or v > 0, "an integer > 0"),
+    "lr": (lambda v: 0 < v < 1, "a learning rate between 0 and 1"),
+    "rank": (lambda v: 1 <= v <= 1024, "an integer from 1 to 1024"),
+    "alpha": (lambda v: v > 0, "a number > 0"),
+    "batch_size": (lambda v: 1 <= v <= 4096, "an integer >= 1"),
+    "seq_len": (lambda v: 16 <= v <= 1 << 20, "an integer >= 16"),
+    "precision": (lambda v: v in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
+    "threads": (lambda v: v >= 0, "an integer >= 0"),
+    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "target_modules": (lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
+                       "a non-empty list of module names"),
+}
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    f = {f.name: f for f in fields(TrainConfig)}[name]
+    kind = str(f.type)
+    try:
+        if value is None:
+            return None
+        if "int" in kind and "list" not in kind:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if "float" in kind:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if "str" in kind and "list" not in kind:
+            if not isinstance(value, str):
+                raise ValueError
+    except (TypeError, ValueError):
+        raise EdgeTuneError(f"{where}{name}: {value!r} is not a valid {kind.replace('Optional', '')}")
+    return value
+
+
+def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
+    """Defaults < run.toml < flags (flags that are None are 'not given')."""
+    values: dict[str, Any] = {}
+    names = {f.name for f in fields(TrainConfig)}
+    if toml_path is not None:
+        toml_path = Path(toml_path)
+        try:
+            doc = tomllib.loads(toml_path.read_text())
+        except FileNotFoundError:
+            raise EdgeTuneError(f"{toml_path}: no such config file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise EdgeTuneError(f"{toml_path}: invalid TOML ({exc})") from None
+        table = doc.get("train", doc)
+        for key, value in table.items():
+            key_ = key.replace("-", "_")
+            if key_ not in names:
+                raise EdgeTuneError(f"{toml_path}: unknown key {key!r} (expected one of "
+                                    f"{', '.join(sorted(names))})")
+            values[key_] = _coerce(key_, value, f"{toml_path}: ")
+    for key, value in flags.items():
+        if value is not None:
+            values[key] = _coerce(key, value, "--")
+    cfg = TrainConfig(**values)
+    for key, (ok, expected) in _CHECKS.items():
+        if not ok(getattr(cfg, key)):
+            raise EdgeTuneError(f"{key}: {getattr(cfg, key)!r} is not valid (expected {expected})")
+    if not cfg.data:
+        raise EdgeTuneError("no training data: pass --data FILE (or data = ... in --config)")
+    return cfg

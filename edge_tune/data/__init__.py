@@ -1,0 +1,1 @@
+"""Datasets: read records, render them with the model's chat template, mask the prompt."""
