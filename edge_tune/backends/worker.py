@@ -56,7 +56,9 @@ def prepare_examples(job: dict, emit):
     if not examples:
         raise EdgeTuneError("no example has an assistant token within seq_len; raise --seq-len")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return examples, int(pad or 0)
+    info = {"chat_template": tok.chat_template,
+            "stop_tokens": [t for t in {tok.eos_token} if t]}
+    return examples, int(pad or 0), info
 
 
 def run(job: dict, emit) -> dict:
@@ -67,13 +69,14 @@ def run(job: dict, emit) -> dict:
     ref = ModelRef(**{k: (Path(v) if k in ("gguf", "hf_dir") and v else v)
                       for k, v in job["model_ref"].items()})
     job["hf_dir"] = str(hf_dir_for(ref, emit))
-    job["examples"], job["pad_id"] = prepare_examples(job, emit)
+    job["examples"], job["pad_id"], tokenizer_info = prepare_examples(job, emit)
     emit(Log(f"{len(job['examples'])} training examples"))
     train = load_entry(job["backend"])
     with atomic_path(Path(job["run_dir"]) / "adapter") as tmp:
         job["adapter_dir"] = str(tmp)
         result = train(job, emit)
-    return result
+    return {**result, "examples": len(job["examples"]), "hf_dir": job["hf_dir"],
+            "tokenizer": tokenizer_info}
 
 
 def main(argv: list[str]) -> int:

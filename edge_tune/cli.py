@@ -1,0 +1,202 @@
+"""The ``edge-tune`` command: parse flags, call :mod:`edge_tune.api`, render events.
+
+No heavy import happens at module level (``tests/test_import_hygiene.py``), so ``--help`` is
+instant. A user-facing failure is one line on stderr and exit code 2 (3 for network/cache
+problems, 130 when cancelled) — never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from edge_tune.errors import EdgeTuneError
+
+app = typer.Typer(
+    name="edge-tune",
+    help="Fine-tune a small LLM on your own data and run it offline.\n\n"
+         "Typical flow: doctor -> train -> chat. Run `edge-tune demo` to see it all on the "
+         "embedded SmolLM2-135M-Instruct model.",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console()
+err = Console(stderr=True)
+
+
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        # The TUI arrives with its own issue; until then, teach the commands.
+        typer.echo(ctx.get_help())
+
+
+# --- doctor ----------------------------------------------------------------------------------
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Detect the hardware and show which training backend `auto` picks, and why."""
+    from edge_tune import api
+    from edge_tune.render_doctor import render_doctor
+
+    report = api.doctor()
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        render_doctor(report, out)
+
+
+# --- train -----------------------------------------------------------------------------------
+
+@app.command()
+def train(
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training data: JSONL of "
+                                        '{"messages": [{"role", "content"}, ...]}.'),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="'default' (embedded "
+                                        "SmolLM2-135M), a .gguf file, an HF model directory, "
+                                        "or a hub ID."),
+    backend: Optional[str] = typer.Option(None, help="auto | cpu | mlx | unsloth."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory "
+                                           "(default runs/run-DATE-TIME)."),
+    epochs: Optional[float] = typer.Option(None, help="Passes over the data [default: 2]."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps "
+                                            "(overrides --epochs)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate [default: 1e-3]."),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank r [default: 16]."),
+    alpha: Optional[float] = typer.Option(None, help="LoRA alpha; scale = alpha/r "
+                                          "[default: 32]."),
+    batch_size: Optional[int] = typer.Option(None, help="Examples per step [default: 8]."),
+    seq_len: Optional[int] = typer.Option(None, help="Max tokens per example; longer ones "
+                                          "are truncated [default: 512]."),
+    seed: Optional[int] = typer.Option(None, help="Random seed [default: 0]."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="run.toml with any of "
+                                          "these options (flags win)."),
+) -> None:
+    """Train a LoRA adapter; writes RUN/adapter (PEFT), RUN/adapter.gguf, RUN/manifest.json."""
+    from edge_tune import api
+    from edge_tune.config import build
+    from edge_tune.render import Renderer
+
+    cfg = build(config, data=str(data) if data else None, model=model, backend=backend,
+                out=str(out_dir) if out_dir else None, epochs=epochs, max_steps=max_steps,
+                lr=lr, rank=rank, alpha=alpha, batch_size=batch_size, seq_len=seq_len,
+                seed=seed)
+    with Renderer(err) as render:
+        result = api.train(cfg, render)
+    r = result.manifest["result"]
+    out.print(f"[green]done[/] in {r['train_seconds']:.0f}s: {r['steps']} steps, final loss "
+              f"{r['final_loss']:.3f}, {r['tokens_per_second']:.0f} tok/s")
+    out.print(f"run directory: [bold]{result.run_dir}[/]  (chat: edge-tune chat --adapter "
+              f"{result.run_dir})")
+
+
+# --- export ----------------------------------------------------------------------------------
+
+@app.command()
+def export(
+    adapter: Path = typer.Argument(..., help="A run directory or any PEFT adapter directory."),
+    base: Optional[Path] = typer.Option(None, help="Base model (.gguf or HF dir); default: "
+                                        "the run's base."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .gguf "
+                                          "[default: RUN/adapter.gguf]."),
+    outtype: str = typer.Option("f32", help="f32 | f16 | q8_0."),
+) -> None:
+    """Convert a PEFT LoRA adapter to a GGUF LoRA adapter for llama.cpp."""
+    from edge_tune import api
+    from edge_tune.render import Renderer
+
+    with Renderer(err) as render:
+        api.export(adapter, base=base, out=output, outtype=outtype, on_event=render)
+
+
+# --- chat ------------------------------------------------------------------------------------
+
+@app.command()
+def chat(
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="A run directory or "
+                                           "an adapter .gguf; none = the plain base."),
+    base: Optional[str] = typer.Option(None, help="Base GGUF (default: the run's base, else "
+                                       "the embedded model)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer once and exit."),
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    temperature: float = typer.Option(0.7, help="0 = greedy."),
+    max_tokens: int = typer.Option(256, help="Max tokens per answer."),
+) -> None:
+    """Chat with the base model plus an adapter, through llama.cpp (streamed)."""
+    from edge_tune import api
+    from edge_tune.render import Renderer
+
+    target = api.resolve_chat(adapter, base)
+    engine = api.open_engine(target, Renderer(err))
+    kw = dict(temperature=temperature, max_tokens=max_tokens)
+    try:
+        history = [{"role": "system", "content": system}] if system else []
+        if prompt is not None:
+            for piece in engine.chat_stream(history + [{"role": "user", "content": prompt}], **kw):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return
+        label = target.adapter.name if target.adapter else "base"
+        err.print(f"[dim]chatting with {target.base.name} + {label}; Ctrl-D or /exit to "
+                  "quit, /reset to clear the history[/]")
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                break
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if line.strip() == "/reset":
+                history = history[:1] if system else []
+                continue
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            reply = []
+            sys.stdout.write("bot> ")
+            for piece in engine.chat_stream(history, **kw):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            history.append({"role": "assistant", "content": "".join(reply)})
+    finally:
+        engine.close()
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run directory."),
+    epochs: float = typer.Option(2.0, help="Passes over the demo data."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after N steps."),
+) -> None:
+    """The whole job on the embedded model: doctor, train on the bundled pirate dataset,
+    export to GGUF, and compare base vs tuned answers on held-back prompts."""
+    from edge_tune.demo import run_demo
+
+    run_demo(out_dir, epochs=epochs, max_steps=max_steps, console=out)
+
+
+def main() -> None:
+    try:
+        app()
+    except EdgeTuneError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]cancelled[/]")
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

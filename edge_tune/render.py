@@ -1,0 +1,79 @@
+"""Render core events in the terminal with rich (used by the CLI only)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from rich.console import Console
+from rich.progress import (BarColumn, Progress, SpinnerColumn, TaskID,
+                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+from edge_tune.events import Done, Event, Failed, Log, Metric
+from edge_tune.events import Progress as ProgressEvent
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class Renderer:
+    """An event sink that draws progress bars and a live training line."""
+
+    def __init__(self, console: Optional[Console] = None, quiet: bool = False) -> None:
+        self.console = console or Console(stderr=True)
+        self.quiet = quiet
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=self.console, transient=False, disable=quiet)
+        self.tasks: dict[str, TaskID] = {}
+        self.last_metric: Optional[Metric] = None
+        self._last_log_step = 0.0
+
+    def __enter__(self) -> "Renderer":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def _task(self, key: str, description: str, total: Optional[float]) -> TaskID:
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(description, total=total, status="")
+        return self.tasks[key]
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Log):
+            if event.level == "debug":
+                return
+            style = {"warning": "yellow"}.get(event.level, "dim")
+            prefix = "warning: " if event.level == "warning" else ""
+            self.progress.console.print(f"[{style}]{prefix}{event.message}[/]", highlight=False)
+        elif isinstance(event, ProgressEvent):
+            tid = self._task(event.task, event.description or event.task, event.total)
+            status = ""
+            if event.unit == "B" and event.total:
+                status = f"{event.completed / 2**20:.0f}/{event.total / 2**20:.0f} MiB"
+            elif event.total:
+                status = f"{event.completed:g}/{event.total:g} {event.unit}".strip()
+            self.progress.update(tid, completed=event.completed, total=event.total,
+                                 description=event.description or event.task, status=status)
+        elif isinstance(event, Metric):
+            self.last_metric = event
+            tid = self._task("train", "training", event.total_steps)
+            status = (f"step {event.step}/{event.total_steps}  loss {event.loss:.3f}  "
+                      f"{event.tokens_per_second:.0f} tok/s  ETA {_fmt_eta(event.eta_seconds)}")
+            self.progress.update(tid, completed=event.step, total=event.total_steps,
+                                 status=status)
+            # Keep a scroll-back record every ~10% when the output is not a terminal.
+            if not self.console.is_terminal and (
+                    event.step == event.total_steps or
+                    event.step - self._last_log_step >= max(1, event.total_steps // 10)):
+                self._last_log_step = event.step
+                self.console.print(status, highlight=False)
+        elif isinstance(event, (Done, Failed)):
+            for key, tid in self.tasks.items():
+                task = self.progress.tasks[tid]
+                if task.total is None:
+                    self.progress.update(tid, total=1, completed=1)
