@@ -35,6 +35,41 @@ def _quiet_stderr():
             os.close(saved)
 
 
+def _want_extra_bufts() -> bool:
+    """Whether llama.cpp may use its extra CPU buffer types (weight repacking, AMX).
+
+    ggml's AMX path dies with a general-protection fault on CPUs that advertise AMX where the
+    kernel/VM does not grant tile state (seen on this project's CI machines, on a plain Q4_1
+    model, no adapter). Repacking is only a speed-up, so it is turned off where AMX is
+    advertised; ``EDGE_TUNE_EXTRA_BUFTS=1|0`` overrides.
+    """
+    env = os.environ.get("EDGE_TUNE_EXTRA_BUFTS")
+    if env in ("0", "1"):
+        return env == "1"
+    from edge_tune.hardware import probe_simd
+
+    return "amx_tile" not in probe_simd()
+
+
+@contextlib.contextmanager
+def _model_params(use_extra_bufts: bool):
+    """Llama() builds its llama_model_params internally; adjust the defaults it starts from."""
+    import llama_cpp.llama_cpp as low
+
+    original = low.llama_model_default_params
+
+    def patched():
+        params = original()
+        params.use_extra_bufts = use_extra_bufts
+        return params
+
+    low.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = original
+
+
 class Engine:
     def __init__(self, base_gguf: Path, n_ctx: int = 4096, threads: Optional[int] = None,
                  logits_all: bool = False, seed: int = 0, exact: bool = False) -> None:
@@ -50,7 +85,7 @@ class Engine:
 
         threads = threads or psutil.cpu_count(logical=False) or 1
         try:
-            with _quiet_stderr():
+            with _quiet_stderr(), _model_params(_want_extra_bufts()):
                 self.llm = Llama(model_path=str(self.base_path), n_ctx=n_ctx, n_threads=threads,
                                  n_threads_batch=threads, logits_all=logits_all, seed=seed,
                                  verbose=False, **({"type_k": 0, "type_v": 0} if exact else {}))

@@ -98,6 +98,11 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
     return platform.processor() or "unknown", []
 
 
+def probe_simd() -> list[str]:
+    """Just the SIMD flags (cheap)."""
+    return _cpu_model_and_flags()[1]
+
+
 def _cuda_gpus() -> list[CudaGpu]:
     if not shutil.which("nvidia-smi"):
         return []

@@ -1,0 +1,253 @@
+"""CPU LoRA training throughput: edge-tune's own loop vs ``transformers.Trainer`` + PEFT.
+
+    python benchmarks/train_throughput.py [--steps 20] [--batch-size 8] [--seq-len 256]
+                                          [--rank 16] [--sides edgetune,hf,hf-bf16]
+
+``edge_tune.backends.cpu`` trains with a plain loop instead of the obvious alternative, HF
+``Trainer`` + PEFT. This script checks that the choice pays off, on this machine, in one run.
+
+What is held equal: the model (the embedded default, SmolLM2-135M-Instruct, dequantized to HF
+layout), the tokenized examples (the demo chat data, tokenized once here and handed to every
+side), LoRA rank/alpha/target modules (all attention and MLP projections, dropout 0), batch
+size, max sequence length, learning rate and warm-up, max steps, seed, torch threads (physical
+cores). Everything else is each side's own default:
+
+* ``edgetune``: ``edge_tune.backends.cpu.train`` as the product runs it (precision "auto":
+  bf16 base weights + bf16 autocast where the CPU does bf16 natively, length-grouped batches,
+  logits only where there is a loss, eager attention).
+* ``hf``: ``Trainer`` in its CPU defaults: fp32, SDPA attention, random batches padded to the
+  longest in the batch, full logits. ``use_cpu=True``, no eval, no saving, no reporting.
+* ``hf-bf16``: the same with ``bf16=True`` (fp32 master weights, bf16 autocast): the one-flag
+  tuning an HF user would try first. Skipped with a note if it fails on this CPU.
+
+Throughput, measured identically on every side: tokens = non-padding input tokens (sum of the
+attention mask) of each optimizer step; time = wall clock between the end of the last warm-up
+step and the end of the last step (so data loading, the optimizer and per-step overhead are
+included for everyone); the first ``--warmup`` steps are excluded. Note that the two sides
+draw different batches (edge-tune groups by length, Trainer samples at random), so the token
+totals differ a little; tokens/s is comparable, and the padding column shows how much of the
+computed batch was padding.
+
+Peak memory: each side runs in its own fresh subprocess (this script re-invoked with
+``--side``) and reports ``getrusage(RUSAGE_SELF).ru_maxrss`` at exit: model load included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+SIDES = {"edgetune": "edge-tune loop", "hf": "HF Trainer+PEFT (fp32)",
+         "hf-bf16": "HF Trainer+PEFT (bf16=True)"}
+MARK = "@@RESULT "
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def summarize(ends: list[float], tokens: list[tuple[int, int]], losses: list[float],
+              warmup: int) -> dict:
+    """tokens/s over steps after ``warmup``; final loss averaged like edge-tune's result."""
+    w = min(warmup, len(ends) - 1)
+    real = sum(t for t, _ in tokens[w:len(ends)])
+    computed = sum(c for _, c in tokens[w:len(ends)])
+    start = ends[w - 1] if w else ends[0] - (ends[1] - ends[0])  # no warm-up: guess step 1
+    tail = losses[-max(1, min(10, len(losses) // 5)):]
+    return {"steps": len(ends), "timed_steps": len(ends) - w, "timed_tokens": real,
+            "tokens_per_second": real / (ends[-1] - start), "padding": 1 - real / computed,
+            "first_loss": losses[0], "final_loss": sum(tail) / len(tail),
+            "tokens_per_step": [t for t, _ in tokens[:len(ends)]]}
+
+
+def run_edgetune(job: dict) -> dict:
+    from edge_tune.backends import cpu
+    from edge_tune.config import TrainConfig
+    from edge_tune.data.template import Example
+    from edge_tune.events import Metric
+
+    tokens, ends, losses = [], [], []
+    collate = cpu.collate
+
+    def counting_collate(examples, pad_id):  # the loop looks collate up at call time
+        ids, labels, mask = collate(examples, pad_id)
+        tokens.append((int(mask.sum()), mask.numel()))
+        return ids, labels, mask
+
+    def emit(event):  # called once per optimizer step, after the step
+        if isinstance(event, Metric):
+            ends.append(time.perf_counter())
+            losses.append(event.loss)
+
+    cpu.collate = counting_collate
+    a = job["args"]
+    cfg = TrainConfig(data=job["data"], max_steps=a["steps"], batch_size=a["batch_size"],
+                      rank=a["rank"], alpha=a["alpha"], seq_len=a["seq_len"], lr=a["lr"],
+                      seed=a["seed"], warmup_steps=a["lr_warmup"])
+    with tempfile.TemporaryDirectory() as adapter_dir:
+        result = cpu.train({"config": cfg.to_dict(), "hf_dir": job["hf_dir"],
+                            "examples": [Example(*e) for e in job["examples"]],
+                            "pad_id": job["pad_id"], "physical_cores": job["threads"],
+                            "cpu_has_bf16": job["cpu_has_bf16"], "adapter_dir": adapter_dir},
+                           emit)
+    return {**summarize(ends, tokens, losses, a["warmup"]), "precision": result["precision"]}
+
+
+def run_hf(job: dict, bf16: bool) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from edge_tune.backends.cpu import collate
+
+    a = job["args"]
+    torch.set_num_threads(job["threads"])
+    tokens, ends, losses = [], [], []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+
+    class CountingTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs["attention_mask"]
+            tokens.append((int(mask.sum()), mask.numel()))
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            losses.append(loss)  # a detached tensor: read after training, no extra sync
+            return loss
+
+    def collator(features):  # right-padding to the longest in the batch, labels -100
+        ids, labels, mask = collate([_Ex(*f) for f in features], job["pad_id"])
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    model = AutoModelForCausalLM.from_pretrained(job["hf_dir"], dtype=torch.float32)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(
+        r=a["rank"], lora_alpha=a["alpha"], lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "down_proj"]))
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, use_cpu=True, bf16=bf16, max_steps=a["steps"],
+            per_device_train_batch_size=a["batch_size"], learning_rate=a["lr"],
+            lr_scheduler_type="cosine", warmup_steps=min(a["lr_warmup"], a["steps"] // 10),
+            weight_decay=0.0, max_grad_norm=1.0, seed=a["seed"], report_to=[],
+            save_strategy="no", eval_strategy="no", logging_steps=10**6, disable_tqdm=True,
+            dataloader_num_workers=0, remove_unused_columns=False)
+        trainer = CountingTrainer(model=model, args=args, train_dataset=job["examples"],
+                                  data_collator=collator, callbacks=[Timer()])
+        trainer.train()
+    return {**summarize(ends, tokens, [float(x) for x in losses], a["warmup"]),
+            "precision": "bf16 autocast" if bf16 else "fp32"}
+
+
+class _Ex:
+    def __init__(self, input_ids, labels):
+        self.input_ids, self.labels = input_ids, labels
+
+
+def child(side: str, job_path: str) -> None:
+    with open(job_path) as f:
+        job = json.load(f)
+    result = run_edgetune(job) if side == "edgetune" else run_hf(job, bf16=side == "hf-bf16")
+    result["peak_rss_gib"] = peak_rss_gib()
+    print(MARK + json.dumps(result), flush=True)
+
+
+def prepare(args) -> dict:
+    """Tokenize the demo data once, with edge-tune's own template code, for every side."""
+    from transformers import AutoTokenizer
+
+    from edge_tune import demo, hardware, models
+    from edge_tune.data.formats import read_jsonl
+    from edge_tune.data.template import encode
+
+    hf_dir = str(models.dequantized_copy(models.default_gguf()))
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    data = demo.demo_data()
+    examples = [encode(tok, r.messages, args.seq_len) for r in read_jsonl(data)]
+    examples = [(e.input_ids, e.labels) for e in examples if e.n_trained]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    hw = hardware.probe()
+    return {"args": vars(args), "hf_dir": hf_dir, "data": str(data), "examples": examples,
+            "pad_id": int(pad or 0), "threads": hw.physical_cores,
+            "cpu_has_bf16": hw.has_bf16_cpu, "cpu": hw.cpu_model}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=None, help="default: 2 x rank")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-warmup", type=int, default=5, help="LR warm-up steps (edge-tune rule)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
+    p.add_argument("--sides", default="edgetune,hf,hf-bf16")
+    p.add_argument("--side", help=argparse.SUPPRESS)
+    p.add_argument("--job", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.side:
+        return child(args.side, args.job)
+    args.alpha = args.alpha or 2.0 * args.rank
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    unknown = set(sides) - set(SIDES)
+    if unknown or args.steps <= args.warmup:
+        p.error(f"unknown side(s) {sorted(unknown)}" if unknown else "--steps must exceed --warmup")
+
+    job = prepare(args)
+    n = [len(e[0]) for e in job["examples"]]
+    print(f"CPU: {job['cpu']}; {job['threads']} threads; native bf16: {job['cpu_has_bf16']}")
+    print(f"model: {job['hf_dir']}\ndata: {len(n)} examples, {sum(n) / len(n):.0f} tokens mean, "
+          f"{max(n)} max (seq_len {args.seq_len})")
+    print(f"steps {args.steps} (first {args.warmup} untimed), batch {args.batch_size}, "
+          f"LoRA r={args.rank} alpha={args.alpha:g}, lr {args.lr:g}, seed {args.seed}\n")
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path = os.path.join(tmp, "job.json")
+        with open(job_path, "w") as f:
+            json.dump(job, f)
+        for side in sides:
+            print(f"running {SIDES[side]} ...", end=" ", flush=True)
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--side", side,
+                                   "--job", job_path], capture_output=True, text=True)
+            lines = [l for l in proc.stdout.splitlines() if l.startswith(MARK)]
+            if proc.returncode or not lines:
+                tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                print(f"FAILED (exit {proc.returncode}): {tail}")
+                continue
+            results[side] = json.loads(lines[-1][len(MARK):])
+            print(f"{time.perf_counter() - t0:.0f}s")
+
+    print(f"\n{'side':<30}{'precision':>15}{'tok/s':>9}{'peak RSS':>10}{'padding':>9}"
+          f"{'loss first->final':>19}")
+    for side, r in results.items():
+        print(f"{SIDES[side]:<30}{r['precision']:>15}{r['tokens_per_second']:>9.0f}"
+              f"{r['peak_rss_gib']:>8.2f}Gi{r['padding']:>9.0%}"
+              f"{r['first_loss']:>10.3f} ->{r['final_loss']:>6.3f}")
+    for side, r in results.items():
+        print(f"  {side}: {r['timed_tokens']} tokens over {r['timed_steps']} timed steps; "
+              f"tokens/step {r['tokens_per_step']}")
+    if "edgetune" in results:
+        e = results["edgetune"]
+        print()
+        for side in ("hf", "hf-bf16"):
+            if side in results:
+                h = results[side]
+                print(f"edge-tune vs {SIDES[side]}: "
+                      f"{e['tokens_per_second'] / h['tokens_per_second']:.2f}x tokens/s, "
+                      f"{e['peak_rss_gib'] / h['peak_rss_gib']:.2f}x peak RSS")
+
+
+if __name__ == "__main__":
+    main()
