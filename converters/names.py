@@ -66,7 +66,8 @@ def gguf_tensor_name(module: str, arch: str, n_blocks: int) -> Optional[str]:
 
 def rope_permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Permute the output rows of a q/k projection (or its LoRA B) the way llama.cpp's
-    converter permutes the base weight: per head, interleaved halves -> split halves."""
+    converter permutes the base weight: per head, HF's two rotary halves become
+    interleaved pairs."""
     rows = w.shape[0]
     if rows % (2 * n_head):
         raise ValueError(f"{rows} rows cannot be split into {n_head} heads of even size")

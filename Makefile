@@ -1,0 +1,43 @@
+# edge-tune: two commands on a fresh machine.
+#   make demo   install, fetch the embedded model, train, export, compare base vs tuned
+#   make test   install with test extras, run the whole suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Pinned first: an unpinned torch drags in several GB of CUDA packages on Linux.
+TORCH  ?= torch==2.13.0
+EXTRAS ?= cpu,run,test
+# llama-cpp-python compiles llama.cpp from source (~15 min on 2 cores); use every core.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 2)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test test-fast bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+demo: install
+	$(BIN)/edge-tune demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python benchmarks/train_throughput.py
+
+lint:
+	$(BIN)/python -m ruff check edge_tune converters tui tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs

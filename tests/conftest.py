@@ -1,0 +1,51 @@
+"""Shared fixtures: the real embedded model, its dequantized HF copy, an F32 copy of its GGUF.
+
+Everything is built locally from the embedded default model (no hub access). Session-scoped:
+the dequantized copy is cached in the user cache, so only the first run pays ~1 minute.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    from edge_tune import models
+
+    return models.default_gguf()
+
+
+@pytest.fixture(scope="session")
+def hf_dir(default_gguf) -> Path:
+    from edge_tune import models
+
+    return models.dequantized_copy(default_gguf)
+
+
+@pytest.fixture(scope="session")
+def f32_base(default_gguf, tmp_path_factory) -> Path:
+    from edge_tune.converters.gguf_f32 import write_f32_copy
+
+    return write_f32_copy(default_gguf, tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf")
+
+
+@pytest.fixture(scope="session")
+def demo_jsonl() -> Path:
+    from edge_tune.demo import demo_data
+
+    return demo_data()
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``edge-tune ARGS`` in a subprocess, as a user would."""
+    env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
+    return subprocess.run([sys.executable, "-m", "edge_tune", *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=timeout, env=env)

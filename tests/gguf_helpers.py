@@ -1,0 +1,34 @@
+"""Write small GGUF LoRA adapters by hand, for tests of the validator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def write_adapter(path: Path, arch: str, tensors: dict[str, np.ndarray], alpha=16.0,
+                  alpha_as_float32: bool = True) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    if alpha_as_float32:
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    else:
+        w.add_uint32(gguf.Keys.Adapter.LORA_ALPHA, int(alpha))
+    for name, arr in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def q_pair(r: int = 4, n_in: int = 576, n_out: int = 576, block: int = 0) -> dict:
+    """A lora pair for blk.N.attn_q.weight of the default model (numpy orientation)."""
+    rng = np.random.default_rng(0)
+    return {f"blk.{block}.attn_q.weight.lora_a": rng.normal(size=(r, n_in)) * 0.01,
+            f"blk.{block}.attn_q.weight.lora_b": rng.normal(size=(n_out, r)) * 0.01}
