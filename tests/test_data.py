@@ -1,0 +1,72 @@
+"""Chat records: clear errors for bad ones; loss masks derived from the model's template."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_tune.data.formats import read_jsonl
+from edge_tune.data.template import IGNORE, encode
+from edge_tune.errors import EdgeTuneError
+
+GOOD = {"messages": [{"role": "user", "content": "Hi"},
+                     {"role": "assistant", "content": "Arr, matey! Hello."}]}
+
+
+def write(tmp_path, lines, name="d.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"messages": [', "d.jsonl:2: invalid JSON"),
+    ('{"text": "x"}', "d.jsonl:2: missing field 'messages'"),
+    ('{"messages": []}', "d.jsonl:2: 'messages' must be a non-empty list"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}', "unknown role 'robot'"),
+    ('{"messages": [{"role": "user", "content": 3}]}', "'content' must be a string"),
+    ('{"messages": [{"role": "user", "content": "  "}]}', "'content' is empty"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_bad_records_name_file_and_line(tmp_path, line, message):
+    path = write(tmp_path, [json.dumps(GOOD), line])
+    with pytest.raises(EdgeTuneError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        read_jsonl(path)
+
+
+def test_missing_empty_and_directory(tmp_path):
+    with pytest.raises(EdgeTuneError, match="no such data file"):
+        read_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(EdgeTuneError, match="empty dataset"):
+        read_jsonl(write(tmp_path, ["", "  "]))
+    with pytest.raises(EdgeTuneError, match="is a directory"):
+        read_jsonl(tmp_path)
+
+
+def test_demo_data_is_valid(demo_jsonl):
+    records = read_jsonl(demo_jsonl)
+    assert 100 <= len(records) <= 300
+    for r in records:
+        for m in r.messages:
+            if m["role"] == "assistant":
+                assert m["content"].startswith("Arr, matey!")
+
+
+def test_loss_only_on_assistant_turns_with_end_token(hf_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr, matey! One."},
+            {"role": "user", "content": "More?"}, {"role": "assistant", "content": "Arr, matey! Two."}]
+    ex = encode(tok, msgs, 512)
+    trained = [t for t in ex.labels if t != IGNORE]
+    text = tok.decode(trained)
+    # Both assistant turns, each with its end-of-turn token; no prompt text, no role markers.
+    assert text.count("Arr, matey!") == 2 and text.count("<|im_end|>") == 2
+    assert "Hi" not in text and "More?" not in text and "user" not in text
+    assert "assistant" not in text and "system" not in text
+    # Truncation keeps the alignment of ids and labels.
+    short = encode(tok, msgs, 16)
+    assert len(short.input_ids) == len(short.labels) == 16
