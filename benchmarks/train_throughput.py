@@ -52,16 +52,22 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def summarize(ends: list[float], tokens: list[tuple[int, int]], losses: list[float],
-              warmup: int) -> dict:
-    """tokens/s over steps after ``warmup``; final loss averaged like edge-tune's result."""
-    w = min(warmup, len(ends) - 1)
+def stamp() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()  # wall clock, CPU time of all threads
+
+
+def summarize(ends: list[tuple[float, float]], tokens: list[tuple[int, int]],
+              losses: list[float], warmup: int, threads: int) -> dict:
+    """tokens/s over the steps after ``warmup`` (``ends``: a stamp() at the end of each step);
+    final loss averaged like edge-tune's own result."""
+    w = warmup
     real = sum(t for t, _ in tokens[w:len(ends)])
     computed = sum(c for _, c in tokens[w:len(ends)])
-    start = ends[w - 1] if w else ends[0] - (ends[1] - ends[0])  # no warm-up: guess step 1
+    wall, cpu = ends[-1][0] - ends[w - 1][0], ends[-1][1] - ends[w - 1][1]
     tail = losses[-max(1, min(10, len(losses) // 5)):]
     return {"steps": len(ends), "timed_steps": len(ends) - w, "timed_tokens": real,
-            "tokens_per_second": real / (ends[-1] - start), "padding": 1 - real / computed,
+            "tokens_per_second": real / wall, "padding": 1 - real / computed,
+            "cpu_busy": cpu / wall / threads,
             "first_loss": losses[0], "final_loss": sum(tail) / len(tail),
             "tokens_per_step": [t for t, _ in tokens[:len(ends)]]}
 
@@ -82,7 +88,7 @@ def run_edgetune(job: dict) -> dict:
 
     def emit(event):  # called once per optimizer step, after the step
         if isinstance(event, Metric):
-            ends.append(time.perf_counter())
+            ends.append(stamp())
             losses.append(event.loss)
 
     cpu.collate = counting_collate
@@ -96,7 +102,8 @@ def run_edgetune(job: dict) -> dict:
                             "pad_id": job["pad_id"], "physical_cores": job["threads"],
                             "cpu_has_bf16": job["cpu_has_bf16"], "adapter_dir": adapter_dir},
                            emit)
-    return {**summarize(ends, tokens, losses, a["warmup"]), "precision": result["precision"]}
+    return {**summarize(ends, tokens, losses, a["warmup"], job["threads"]),
+            "precision": result["precision"]}
 
 
 def run_hf(job: dict, bf16: bool) -> dict:
@@ -105,6 +112,7 @@ def run_hf(job: dict, bf16: bool) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from edge_tune.backends.cpu import collate
+    from edge_tune.data.template import Example
 
     a = job["args"]
     torch.set_num_threads(job["threads"])
@@ -112,7 +120,7 @@ def run_hf(job: dict, bf16: bool) -> dict:
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
+            ends.append(stamp())
 
     class CountingTrainer(Trainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -123,7 +131,7 @@ def run_hf(job: dict, bf16: bool) -> dict:
             return loss
 
     def collator(features):  # right-padding to the longest in the batch, labels -100
-        ids, labels, mask = collate([_Ex(*f) for f in features], job["pad_id"])
+        ids, labels, mask = collate([Example(*f) for f in features], job["pad_id"])
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     model = AutoModelForCausalLM.from_pretrained(job["hf_dir"], dtype=torch.float32)
@@ -143,13 +151,9 @@ def run_hf(job: dict, bf16: bool) -> dict:
         trainer = CountingTrainer(model=model, args=args, train_dataset=job["examples"],
                                   data_collator=collator, callbacks=[Timer()])
         trainer.train()
-    return {**summarize(ends, tokens, [float(x) for x in losses], a["warmup"]),
+    return {**summarize(ends, tokens, [float(x) for x in losses], a["warmup"],
+                         job["threads"]),
             "precision": "bf16 autocast" if bf16 else "fp32"}
-
-
-class _Ex:
-    def __init__(self, input_ids, labels):
-        self.input_ids, self.labels = input_ids, labels
 
 
 def child(side: str, job_path: str) -> None:
@@ -192,6 +196,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     p.add_argument("--sides", default="edgetune,hf,hf-bf16")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the median "
+                   "tok/s of each side is reported (this VM's speed drifts 10-20%%)")
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--job", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -200,8 +206,8 @@ def main() -> None:
     args.alpha = args.alpha or 2.0 * args.rank
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     unknown = set(sides) - set(SIDES)
-    if unknown or args.steps <= args.warmup:
-        p.error(f"unknown side(s) {sorted(unknown)}" if unknown else "--steps must exceed --warmup")
+    if unknown or not 0 < args.warmup < args.steps:
+        p.error(f"unknown side(s) {sorted(unknown)}" if unknown else "need 0 < --warmup < --steps")
 
     job = prepare(args)
     n = [len(e[0]) for e in job["examples"]]
@@ -211,30 +217,41 @@ def main() -> None:
     print(f"steps {args.steps} (first {args.warmup} untimed), batch {args.batch_size}, "
           f"LoRA r={args.rank} alpha={args.alpha:g}, lr {args.lr:g}, seed {args.seed}\n")
 
-    results: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
         job_path = os.path.join(tmp, "job.json")
         with open(job_path, "w") as f:
             json.dump(job, f)
-        for side in sides:
-            print(f"running {SIDES[side]} ...", end=" ", flush=True)
-            t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--side", side,
-                                   "--job", job_path], capture_output=True, text=True)
-            lines = [l for l in proc.stdout.splitlines() if l.startswith(MARK)]
-            if proc.returncode or not lines:
-                tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-                print(f"FAILED (exit {proc.returncode}): {tail}")
-                continue
-            results[side] = json.loads(lines[-1][len(MARK):])
-            print(f"{time.perf_counter() - t0:.0f}s")
+        for round_ in range(1, args.repeats + 1):
+            for side in sides:  # interleaved, so slow drift of the machine hits every side
+                print(f"round {round_}: running {SIDES[side]} ...", end=" ", flush=True)
+                t0 = time.perf_counter()
+                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--side",
+                                       side, "--job", job_path], capture_output=True, text=True)
+                lines = [l for l in proc.stdout.splitlines() if l.startswith(MARK)]
+                if proc.returncode or not lines:
+                    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                    print(f"FAILED (exit {proc.returncode}): {tail}")
+                    continue
+                runs[side].append(json.loads(lines[-1][len(MARK):]))
+                print(f"{time.perf_counter() - t0:.0f}s, "
+                      f"{runs[side][-1]['tokens_per_second']:.0f} tok/s")
+    results: dict[str, dict] = {}
+    for side, rs in runs.items():
+        if rs:
+            rs = sorted(rs, key=lambda r: r["tokens_per_second"])
+            results[side] = {**rs[len(rs) // 2],
+                             "peak_rss_gib": max(r["peak_rss_gib"] for r in rs)}
 
-    print(f"\n{'side':<30}{'precision':>15}{'tok/s':>9}{'peak RSS':>10}{'padding':>9}"
-          f"{'loss first->final':>19}")
+    print(f"\n{'side':<30}{'precision':>14}{'tok/s':>8}{'peak RSS':>10}{'padding':>9}"
+          f"{'CPU busy':>10}{'loss first->final':>19}")
     for side, r in results.items():
-        print(f"{SIDES[side]:<30}{r['precision']:>15}{r['tokens_per_second']:>9.0f}"
-              f"{r['peak_rss_gib']:>8.2f}Gi{r['padding']:>9.0%}"
+        print(f"{SIDES[side]:<30}{r['precision']:>14}{r['tokens_per_second']:>8.0f}"
+              f"{r['peak_rss_gib']:>7.2f}GiB{r['padding']:>9.0%}{r['cpu_busy']:>10.0%}"
               f"{r['first_loss']:>10.3f} ->{r['final_loss']:>6.3f}")
+    if any(r["cpu_busy"] < 0.85 for r in results.values()):
+        print("WARNING: a side kept the CPU busy < 85% of the time: something else was probably "
+              "running; rerun on an idle machine")
     for side, r in results.items():
         print(f"  {side}: {r['timed_tokens']} tokens over {r['timed_steps']} timed steps; "
               f"tokens/step {r['tokens_per_step']}")

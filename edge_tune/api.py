@@ -238,6 +238,8 @@ def resolve_chat(adapter: Optional[Path], base: Optional[str]) -> ChatTarget:
         base_path = ref.gguf
     elif man is not None and man.get("base", {}).get("gguf"):
         base_path = Path(man["base"]["gguf"])
+        if not base_path.exists() and man["base"].get("sha256") == models.DEFAULT_SHA256:
+            base_path = models.default_gguf()  # run copied to another machine: refetch
     else:
         base_path = models.default_gguf()
     return ChatTarget(base_path, adapter_gguf, man)

@@ -162,10 +162,13 @@ def chat(
             history.append({"role": "user", "content": line})
             reply = []
             sys.stdout.write("bot> ")
-            for piece in engine.chat_stream(history, **kw):
-                reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            try:
+                for piece in engine.chat_stream(history, **kw):
+                    reply.append(piece)
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
+                sys.stdout.write(" [stopped]")
             sys.stdout.write("\n")
             history.append({"role": "assistant", "content": "".join(reply)})
     finally:

@@ -154,7 +154,7 @@ def train(job: dict, emit: Callable) -> dict:
         opt.zero_grad(set_to_none=True)
 
         tokens_done += int(mask.sum())
-        losses.append(float(loss))
+        losses.append(loss.item())
         elapsed = time.perf_counter() - start
         emit(Metric(step=step + 1, total_steps=total, loss=losses[-1],
                     tokens_per_second=tokens_done / elapsed,
