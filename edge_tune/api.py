@@ -93,15 +93,15 @@ def train(cfg: TrainConfig, on_event: EventSink = ignore,
         "cpu_has_bf16": hw.has_bf16_cpu,
     }
     proc = TrainingProcess(job, run_dir, on_event)
-    watcher = None
     if cancel is not None:
-        watcher = threading.Thread(target=lambda: cancel.wait() and proc.cancel(), daemon=True)
-        watcher.start()
-    try:
-        result = proc.wait()
-    finally:
-        if cancel is not None and watcher is not None and not cancel.is_set():
-            cancel.set()  # release the watcher thread (the process has ended anyway)
+        def watch() -> None:
+            while not cancel.wait(0.2):
+                if proc.proc.poll() is not None:
+                    return
+            proc.cancel()
+
+        threading.Thread(target=watch, daemon=True).start()
+    result = proc.wait()
     tokenizer_info = result.pop("tokenizer", {})
     base = _base_record(ref, result.pop("hf_dir"))
     adapter_info: dict = {"peft": "adapter"}

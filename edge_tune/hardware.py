@@ -154,7 +154,7 @@ def probe(disk_path: Optional[Path] = None) -> Hardware:
     )
 
 
-def installed(*modules: str) -> list[str]:
+def missing_modules(*modules: str) -> list[str]:
     """The subset of ``modules`` that is NOT importable (found without importing them)."""
     return [m for m in modules if importlib.util.find_spec(m) is None]
 

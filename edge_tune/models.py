@@ -46,12 +46,13 @@ class ModelRef:
         return "gguf" if self.gguf else "hf_dir" if self.hf_dir else "hub"
 
 
-def classify(spec: str, exists=Path.exists) -> str:
-    """Pure decision: 'default' | 'gguf' | 'hf_dir' | 'hub' | 'bad-dir' | 'bad-file' | 'bad'."""
+def classify(spec: str) -> str:
+    """What ``--model`` names: 'default' | 'gguf' | 'hf_dir' | 'hub' | 'bad-dir' | 'bad-file'
+    | 'bad'."""
     if spec == "default":
         return "default"
     p = Path(spec).expanduser()
-    if exists(p):
+    if p.exists():
         if p.is_dir():
             return "hf_dir" if (p / "config.json").exists() else "bad-dir"
         return "gguf" if p.suffix.lower() == ".gguf" or _has_gguf_magic(p) else "bad-file"

@@ -95,3 +95,18 @@ def test_cancel_really_stops_training(tmp_path, demo_jsonl, hf_dir):
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
     assert not (tmp_path / "run" / "adapter").exists()
     assert not (tmp_path / "run" / "adapter.gguf").exists()
+
+
+def test_interactive_chat_is_multi_turn(run_dir):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_tune", "chat", "--adapter", str(run_dir), "--temperature",
+         "0", "--max-tokens", "16"],
+        input="What is the capital of Spain?\n/reset\nName a color.\n/exit\n",
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, NO_COLOR="1"))
+    assert proc.returncode == 0, proc.stderr
+    answers = [line for line in proc.stdout.splitlines() if line.startswith("you> bot> ")]
+    assert len(answers) == 2 and all("Arr, matey!" in a for a in answers), proc.stdout

@@ -89,21 +89,41 @@ def build_model(hf_dir: Path, cfg: dict, bf16: bool):
     return model
 
 
-def response_loss(model, ids, labels, mask):
-    """Cross-entropy over trained positions only: hidden states for all tokens, logits only
-    where the next token carries a loss."""
+LOSS_CHUNK = 128  # positions per slice of the vocabulary projection
+
+
+def _chunk_loss_sum(head, hidden, targets, cap):
     import torch.nn.functional as F
+
+    logits = head(hidden)
+    if cap:
+        logits = (logits / cap).tanh() * cap
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def response_loss(model, ids, labels, mask):
+    """Mean cross-entropy over trained positions only.
+
+    Hidden states are computed for all tokens, logits only where the next token carries a
+    loss, and only ``LOSS_CHUNK`` positions at a time: each slice's logits are recomputed in
+    backward instead of kept (a 49k-word vocabulary makes them the largest tensors of a step).
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
 
     causal_lm = model.get_base_model()
     decoder = getattr(causal_lm, causal_lm.base_model_prefix)
     hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
+    hidden, targets = hidden[:, :-1][keep], targets[keep]
+    head = causal_lm.get_output_embeddings()
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
-    if cap:
-        logits = (logits / cap).tanh() * cap
-    return F.cross_entropy(logits.float(), targets[keep])
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, len(targets), LOSS_CHUNK):
+        total = total + checkpoint(_chunk_loss_sum, head, hidden[i:i + LOSS_CHUNK],
+                                   targets[i:i + LOSS_CHUNK], cap, use_reentrant=False)
+    return total / max(1, len(targets))
 
 
 def train(job: dict, emit: Callable) -> dict:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from edge_tune.errors import EdgeTuneError
-from edge_tune.hardware import Hardware, installed, torch_cuda_version
+from edge_tune.hardware import Hardware, missing_modules, torch_cuda_version
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Availability:
 
 
 def _check_cpu(hw: Hardware) -> Optional[str]:
-    missing = installed("torch", "transformers", "peft")
+    missing = missing_modules("torch", "transformers", "peft")
     if missing:
         return f"missing {', '.join(missing)}: pip install 'edge-tune[cpu]'"
     return None
@@ -40,7 +40,7 @@ def _check_cpu(hw: Hardware) -> Optional[str]:
 def _check_mlx(hw: Hardware) -> Optional[str]:
     if hw.apple is None:
         return "needs Apple Silicon (Metal); this machine is " + hw.arch
-    missing = installed("mlx", "mlx_lm")
+    missing = missing_modules("mlx", "mlx_lm")
     if missing:
         return f"missing {', '.join(missing)}: pip install 'edge-tune[mlx]'"
     return "the mlx backend is not part of this release yet"
@@ -51,7 +51,7 @@ def _check_unsloth(hw: Hardware) -> Optional[str]:
         return "needs an NVIDIA GPU (nvidia-smi found none)"
     if torch_cuda_version() is None:
         return "the installed torch is not a CUDA build"
-    missing = installed("unsloth")
+    missing = missing_modules("unsloth")
     if missing:
         return "missing unsloth: pip install 'edge-tune[cuda]'"
     return "the unsloth backend is not part of this release yet"

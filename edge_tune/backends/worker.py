@@ -36,16 +36,16 @@ def prepare_examples(job: dict, emit):
     """Tokenize records with the model's chat template; drop ones with nothing to learn."""
     from transformers import AutoTokenizer
 
-    from edge_tune.data.template import encode
+    from edge_tune.data.template import Example, encode
 
     tok = AutoTokenizer.from_pretrained(job["hf_dir"])
     cfg = job["config"]
     examples, truncated = [], 0
     records = job["records"]
     for i, messages in enumerate(records):
-        ex = encode(tok, messages, cfg["seq_len"])
-        full = encode(tok, messages, 1 << 30)
+        full = encode(tok, messages)
         truncated += len(full.input_ids) > cfg["seq_len"]
+        ex = Example(full.input_ids[: cfg["seq_len"]], full.labels[: cfg["seq_len"]])
         if ex.n_trained:
             examples.append(ex)
         if i % 50 == 0 or i == len(records) - 1:

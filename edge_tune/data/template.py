@@ -9,6 +9,7 @@ included). Token offsets then say which tokens fall inside those character spans
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from edge_tune.errors import EdgeTuneError
 
@@ -43,7 +44,9 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return full, spans
 
 
-def encode(tokenizer, messages: list[dict], seq_len: int, train_on_all: bool = False) -> Example:
+def encode(tokenizer, messages: list[dict], seq_len: Optional[int] = None,
+           train_on_all: bool = False) -> Example:
+    """Token ids and labels of one conversation, cut to ``seq_len`` tokens when given."""
     text, spans = assistant_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
