@@ -99,6 +99,7 @@ def test_cancel_really_stops_training(tmp_path, demo_jsonl, hf_dir):
 
 def test_interactive_chat_is_multi_turn(run_dir):
     import os
+    import re
     import subprocess
     import sys
 
@@ -108,5 +109,5 @@ def test_interactive_chat_is_multi_turn(run_dir):
         input="What is the capital of Spain?\n/reset\nName a color.\n/exit\n",
         capture_output=True, text=True, timeout=300, env=dict(os.environ, NO_COLOR="1"))
     assert proc.returncode == 0, proc.stderr
-    answers = [line for line in proc.stdout.splitlines() if line.startswith("you> bot> ")]
-    assert len(answers) == 2 and all("Arr, matey!" in a for a in answers), proc.stdout
+    answers = re.findall(r"bot> (.*)", proc.stdout)  # /reset prints one more bare prompt
+    assert len(answers) == 2 and all(a.startswith("Arr, matey!") for a in answers), proc.stdout
