@@ -32,13 +32,15 @@ class Renderer:
         self._last_log_step = 0.0
 
     def __enter__(self) -> "Renderer":
-        self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        if self.tasks:
+            self.progress.stop()
 
     def _task(self, key: str, description: str, total: Optional[float]) -> TaskID:
+        if not self.tasks:
+            self.progress.start()  # lazily: an early error must not leave an empty live line
         if key not in self.tasks:
             self.tasks[key] = self.progress.add_task(description, total=total, status="")
         return self.tasks[key]

@@ -12,9 +12,9 @@ from gguf_helpers import q_pair, write_adapter
 
 def assert_one_line_error(proc, *needles):
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = proc.stderr.splitlines()
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert len(lines) == 1, proc.stderr
+    assert len(lines) == 1, proc.stderr  # exactly one line: no blank lines, no warnings
     assert lines[0].startswith("error: ")
     for needle in needles:
         assert needle in lines[0], lines[0]
