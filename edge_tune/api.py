@@ -17,7 +17,7 @@ from edge_tune import manifest as manifest_mod
 from edge_tune import models
 from edge_tune.backends import registry
 from edge_tune.config import TrainConfig
-from edge_tune.data.formats import read_jsonl
+from edge_tune.data.formats import read_records
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Done, EventSink, Log, ignore
 from edge_tune.fsutil import sha256_file
@@ -48,6 +48,39 @@ def doctor() -> dict:
 # --- train -----------------------------------------------------------------------------------
 
 
+def _read_data(path: str, cfg: TrainConfig, on_event: EventSink):
+    result = read_records(path, fmt=cfg.format, skip_invalid=cfg.skip_invalid)
+    if result.skipped:
+        lines = ", ".join(str(n) for n, _ in result.skipped[:20])
+        more = " ..." if len(result.skipped) > 20 else ""
+        on_event(Log(f"{path}: skipped {len(result.skipped)} invalid records (lines {lines}{more});"
+                     f" first: {result.skipped[0][1]}", "warning"))
+    on_event(Log(f"{path}: {len(result.records)} records, format {result.format}"))
+    return result
+
+
+def _job_record(record) -> dict:
+    return {"text": record.text} if record.messages is None else {"messages": record.messages}
+
+
+def split_validation(records: list, share: float, seed: int,
+                     val: Optional[list] = None) -> tuple[list, list]:
+    """(train, validation) records: a given validation set, or a seeded random share. Pure."""
+    import random
+
+    if val is not None or not share:
+        return records, val or []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(records) * share))
+    if n_val >= len(records):
+        raise EdgeTuneError(f"--val-split {share}: leaves no training records out of "
+                            f"{len(records)}")
+    held = set(order[:n_val])
+    return ([r for i, r in enumerate(records) if i not in held],
+            [r for i, r in enumerate(records) if i in held])
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -76,7 +109,12 @@ def train(cfg: TrainConfig, on_event: EventSink = ignore,
     from edge_tune.runner import TrainingProcess
 
     data_path = Path(cfg.data)
-    records = read_jsonl(data_path)  # fails fast, with FILE:LINE, before anything heavy
+    models.check_spec(cfg.model)  # bad input fails fast, before any download or heavy work
+    data = _read_data(cfg.data, cfg, on_event)
+    records = data.records
+    train_records, val_records = split_validation(
+        [_job_record(r) for r in records], cfg.val_split, cfg.seed,
+        [_job_record(r) for r in _read_data(cfg.val, cfg, on_event).records] if cfg.val else None)
     ref = models.resolve(cfg.model, on_event)
     hw = probe()
     backend, why = registry.choose(cfg.backend, hw)
@@ -87,7 +125,8 @@ def train(cfg: TrainConfig, on_event: EventSink = ignore,
         "backend": backend,
         "model_ref": {"spec": ref.spec, "gguf": str(ref.gguf) if ref.gguf else None,
                       "hf_dir": str(ref.hf_dir) if ref.hf_dir else None, "hub_id": ref.hub_id},
-        "records": [r.messages for r in records],
+        "records": train_records,
+        "val_records": val_records,
         "run_dir": str(run_dir),
         "physical_cores": hw.physical_cores,
         "cpu_has_bf16": hw.has_bf16_cpu,
@@ -114,8 +153,12 @@ def train(cfg: TrainConfig, on_event: EventSink = ignore,
                      "to get adapter.gguf", "warning"))
     man = manifest_mod.build(
         config=cfg.to_dict(), backend=backend, backend_reason=why, base=base,
-        data={"path": str(data_path.resolve()), "sha256": sha256_file(data_path),
-              "records": len(records), "examples": result.get("examples")},
+        data={"path": str(data_path.resolve()), "format": data.format,
+              "sha256": sha256_file(data_path) if data_path.is_file() else None,
+              "skipped": len(data.skipped),
+              "records": len(records), "examples": result.get("examples"),
+              "val": str(Path(cfg.val).resolve()) if cfg.val else None,
+              "val_records": len(val_records)},
         result=result, tokenizer=tokenizer_info, adapter=adapter_info)
     manifest_mod.write(run_dir, man)
     on_event(Done("train", {"run_dir": str(run_dir)}))

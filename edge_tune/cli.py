@@ -57,8 +57,16 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
 
 @app.command()
 def train(
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training data: JSONL of "
-                                        '{"messages": [{"role", "content"}, ...]}.'),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Training data: .jsonl, "
+                                       ".json, .csv, .parquet, .txt, a directory of those, or "
+                                       "a hub dataset ID. Formats: OpenAI messages, ShareGPT, "
+                                       "Alpaca, prompt/completion, text."),
+    data_format: Optional[str] = typer.Option(None, "--format", help="auto | openai | sharegpt "
+                                              "| alpaca | completion | text [default: auto]."),
+    skip_invalid: Optional[bool] = typer.Option(None, "--skip-invalid", help="Skip bad records "
+                                                "(listed) instead of stopping at the first."),
+    train_on: Optional[str] = typer.Option(None, help="assistant (loss on assistant turns "
+                                           "only) | all [default: assistant]."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="'default' (embedded "
                                         "SmolLM2-135M), a .gguf file, an HF model directory, "
                                         "or a hub ID."),
@@ -76,6 +84,10 @@ def train(
     seq_len: Optional[int] = typer.Option(None, help="Max tokens per example; longer ones "
                                           "are truncated [default: 512]."),
     seed: Optional[int] = typer.Option(None, help="Random seed [default: 0]."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Validation data (same format); "
+                                       "validation loss is reported during training."),
+    val_split: Optional[float] = typer.Option(None, help="Or hold out this share of --data "
+                                              "for validation, e.g. 0.1."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="run.toml with any of "
                                           "these options (flags win)."),
 ) -> None:
@@ -84,15 +96,17 @@ def train(
     from edge_tune.config import build
     from edge_tune.render import Renderer
 
-    cfg = build(config, data=str(data) if data else None, model=model, backend=backend,
+    cfg = build(config, data=data, format=data_format, skip_invalid=skip_invalid,
+                train_on=train_on, model=model, backend=backend,
                 out=str(out_dir) if out_dir else None, epochs=epochs, max_steps=max_steps,
                 lr=lr, rank=rank, alpha=alpha, batch_size=batch_size, seq_len=seq_len,
-                seed=seed)
+                seed=seed, val=str(val) if val else None, val_split=val_split)
     with Renderer(err) as render:
         result = api.train(cfg, render)
     r = result.manifest["result"]
+    val_text = f", validation loss {r['val_loss']:.3f}" if r.get("val_loss") is not None else ""
     out.print(f"[green]done[/] in {r['train_seconds']:.0f}s: {r['steps']} steps, final loss "
-              f"{r['final_loss']:.3f}, {r['tokens_per_second']:.0f} tok/s")
+              f"{r['final_loss']:.3f}{val_text}, {r['tokens_per_second']:.0f} tok/s")
     out.print(f"run directory: [bold]{result.run_dir}[/]  (chat: edge-tune chat --adapter "
               f"{result.run_dir})")
 

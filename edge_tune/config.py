@@ -32,6 +32,12 @@ class TrainConfig:
     batch_size: int = 8
     seq_len: int = 512
     seed: int = 0
+    format: str = "auto"  # auto | openai | sharegpt | alpaca | completion | text
+    skip_invalid: bool = False  # skip bad records (reported) instead of stopping
+    train_on: str = "assistant"  # assistant | all: which tokens carry the loss
+    val: Optional[str] = None  # a separate validation file
+    val_split: float = 0.0  # or hold out this share of --data
+    eval_every: int = 0  # steps between validation passes; 0 = about 5 over the run
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     warmup_steps: int = 5
     precision: str = "auto"  # auto | bf16 | fp32
@@ -51,6 +57,11 @@ _CHECKS = {
     "seq_len": (lambda v: 16 <= v <= 1 << 20, "an integer >= 16"),
     "precision": (lambda v: v in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
     "threads": (lambda v: v >= 0, "an integer >= 0"),
+    "val_split": (lambda v: 0 <= v < 1, "a fraction from 0 to below 1"),
+    "format": (lambda v: v in ("auto", "openai", "sharegpt", "alpaca", "completion", "text"),
+               "auto, openai, sharegpt, alpaca, completion or text"),
+    "train_on": (lambda v: v in ("assistant", "all"), "assistant or all"),
+    "eval_every": (lambda v: v >= 0, "an integer >= 0"),
     "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
     "target_modules": (lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
                        "a non-empty list of module names"),
@@ -74,6 +85,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         if "str" in kind and "list" not in kind:
             if not isinstance(value, str):
                 raise ValueError
+        if kind == "bool" and not isinstance(value, bool):
+            raise ValueError
     except (TypeError, ValueError):
         raise EdgeTuneError(f"{where}{name}: {value!r} is not a valid {kind.replace('Optional', '')}")
     return value
@@ -105,6 +118,8 @@ def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
     for key, (ok, expected) in _CHECKS.items():
         if not ok(getattr(cfg, key)):
             raise EdgeTuneError(f"{key}: {getattr(cfg, key)!r} is not valid (expected {expected})")
+    if cfg.val and cfg.val_split:
+        raise EdgeTuneError("give either --val FILE or --val-split, not both")
     if not cfg.data:
         raise EdgeTuneError("no training data: pass --data FILE (or data = ... in --config)")
     return cfg

@@ -69,8 +69,23 @@ def _has_gguf_magic(path: Path) -> bool:
         return False
 
 
-def resolve(spec: str, on_event: EventSink = ignore) -> ModelRef:
+def check_spec(spec: str) -> str:
+    """Classify ``--model`` and refuse a bad one, without fetching anything."""
     kind = classify(spec)
+    expected = ("expected 'default', a .gguf file, a Hugging Face model directory with "
+                "config.json, or a hub ID like 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+    if kind == "bad-dir":
+        raise EdgeTuneError(f"--model {spec}: directory has no config.json ({expected})")
+    if kind == "bad-file":
+        raise EdgeTuneError(f"--model {spec}: not a GGUF file ({expected})")
+    if kind == "bad":
+        raise EdgeTuneError(f"--model {spec!r}: no such file or directory, and not a hub ID "
+                            f"({expected})")
+    return kind
+
+
+def resolve(spec: str, on_event: EventSink = ignore) -> ModelRef:
+    kind = check_spec(spec)
     if kind == "default":
         return ModelRef(spec, gguf=default_gguf(on_event))
     p = Path(spec).expanduser().resolve()
@@ -80,15 +95,7 @@ def resolve(spec: str, on_event: EventSink = ignore) -> ModelRef:
         return ModelRef(spec, gguf=p)
     if kind == "hf_dir":
         return ModelRef(spec, hf_dir=p)
-    if kind == "hub":
-        return ModelRef(spec, hub_id=spec)
-    expected = ("expected 'default', a .gguf file, a Hugging Face model directory with "
-                "config.json, or a hub ID like 'HuggingFaceTB/SmolLM2-135M-Instruct'")
-    if kind == "bad-dir":
-        raise EdgeTuneError(f"--model {spec}: directory has no config.json ({expected})")
-    if kind == "bad-file":
-        raise EdgeTuneError(f"--model {spec}: not a GGUF file ({expected})")
-    raise EdgeTuneError(f"--model {spec!r}: no such file or directory, and not a hub ID ({expected})")
+    return ModelRef(spec, hub_id=spec)
 
 
 # --- the embedded default model ------------------------------------------------------------

@@ -61,6 +61,9 @@ class Renderer:
                 status = f"{event.completed:g}/{event.total:g} {event.unit}".strip()
             self.progress.update(tid, completed=event.completed, total=event.total,
                                  description=event.description or event.task, status=status)
+        elif isinstance(event, Metric) and event.split == "val":
+            self.progress.console.print(f"step {event.step}/{event.total_steps}  validation loss "
+                                        f"{event.loss:.3f}", highlight=False)
         elif isinstance(event, Metric):
             self.last_metric = event
             tid = self._task("train", "training", event.total_steps)

@@ -33,3 +33,28 @@ def test_bad_configs(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(EdgeTuneError, match="no such config file"):
         build(tmp_path / "nope.toml", data="d.jsonl")
+
+
+def test_val_and_val_split_are_exclusive():
+    with pytest.raises(EdgeTuneError, match="either --val FILE or --val-split"):
+        build(None, data="d.jsonl", val="v.jsonl", val_split=0.1)
+
+
+def test_split_validation_is_seeded_and_disjoint():
+    from edge_tune.api import split_validation
+
+    records = list(range(50))
+    train, val = split_validation(records, 0.1, seed=3)
+    assert len(val) == 5 and sorted(train + val) == records
+    assert split_validation(records, 0.1, seed=3) == (train, val)
+    assert split_validation(records, 0.0, seed=3) == (records, [])
+    assert split_validation(records, 0.5, seed=3, val=[99]) == (records, [99])
+    with pytest.raises(EdgeTuneError, match="leaves no training records"):
+        split_validation([1], 0.5, seed=0)
+
+
+def test_eval_steps():
+    from edge_tune.backends.cpu import eval_steps
+
+    assert eval_steps(30, 0) == {6, 12, 18, 24, 30}
+    assert eval_steps(10, 4) == {4, 8, 10}

@@ -70,3 +70,22 @@ def test_loss_only_on_assistant_turns_with_end_token(hf_dir):
     # Truncation keeps the alignment of ids and labels.
     short = encode(tok, msgs, 16)
     assert len(short.input_ids) == len(short.labels) == 16
+
+
+def test_plain_text_trains_on_every_token(hf_dir):
+    from transformers import AutoTokenizer
+
+    from edge_tune.data.template import encode_text
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    ex = encode_text(tok, "Pirates sail the seven seas.")
+    assert ex.labels == ex.input_ids and ex.input_ids[-1] == tok.eos_token_id
+    assert len(encode_text(tok, "word " * 100, seq_len=16).input_ids) == 16
+
+
+def test_train_on_all_masks_nothing(hf_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    ex = encode(tok, GOOD["messages"], train_on_all=True)
+    assert ex.labels == ex.input_ids

@@ -17,9 +17,9 @@ pytestmark = pytest.mark.slow
 def run_dir(tmp_path_factory, demo_jsonl, hf_dir):
     out = tmp_path_factory.mktemp("run") / "pirate"
     proc = run_cli("train", "--data", str(demo_jsonl), "--out", str(out), "--max-steps", "30",
-                   "--seed", "0")
+                   "--seed", "0", "--val-split", "0.1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "done in" in proc.stdout
+    assert "done in" in proc.stdout and "validation loss" in proc.stdout
     return out
 
 
@@ -34,6 +34,8 @@ def test_run_directory_contents(run_dir, demo_jsonl, default_gguf):
     assert man["stop_tokens"] == ["<|im_end|>"]
     assert man["hyperparameters"]["rank"] == 16 and man["hyperparameters"]["max_steps"] == 30
     assert len(man["data"]["sha256"]) == 64 and man["data"]["records"] == 200
+    assert man["data"]["val_records"] == 20 and man["result"]["examples"] == 180
+    assert 0 < man["result"]["val_loss"] < 3.0
     assert man["result"]["steps"] == 30 and 0 < man["result"]["final_loss"] < 2.5
     assert {"torch", "transformers", "peft", "gguf", "edge-tune"} <= set(man["versions"])
     assert man["adapter"] == {"peft": "adapter", "gguf": "adapter.gguf", "alpha": 32.0, "rank": 16}

@@ -126,6 +126,32 @@ def response_loss(model, ids, labels, mask):
     return total / max(1, len(targets))
 
 
+def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, bf16: bool) -> float:
+    """Mean loss per trained token over ``examples`` (no gradients)."""
+    import torch
+    from peft.helpers import disable_input_dtype_casting
+
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+            disable_input_dtype_casting(model, active=bf16):
+        for k in range(0, len(order), batch_size):
+            ids, labels, mask = collate([examples[i] for i in order[k:k + batch_size]], pad_id)
+            n = int((labels[:, 1:] != IGNORE).sum())
+            total += response_loss(model, ids, labels, mask).item() * n
+            count += n
+    model.train()
+    return total / max(1, count)
+
+
+def eval_steps(total: int, every: int) -> set[int]:
+    """1-based steps after which validation runs: every ``every`` steps (0 = ~5 times), and
+    always after the last step. Pure."""
+    every = every or max(1, math.ceil(total / 5))
+    return set(range(every, total + 1, every)) | {total}
+
+
 def train(job: dict, emit: Callable) -> dict:
     """Train a LoRA adapter; save it in PEFT format to ``job["adapter_dir"]``.
 
@@ -152,6 +178,10 @@ def train(job: dict, emit: Callable) -> dict:
     lengths = [len(e.input_ids) for e in examples]
     steps_per_epoch = math.ceil(len(examples) / cfg["batch_size"])
     total = cfg["max_steps"] or max(1, round(cfg["epochs"] * steps_per_epoch))
+
+    val_examples: list[Example] = job.get("val_examples") or []
+    evals = eval_steps(total, cfg.get("eval_every", 0)) if val_examples else set()
+    val_loss = None
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
@@ -180,6 +210,12 @@ def train(job: dict, emit: Callable) -> dict:
                     tokens_per_second=tokens_done / elapsed,
                     eta_seconds=elapsed / (step + 1) * (total - step - 1), learning_rate=lr,
                     epoch=(step + 1) / steps_per_epoch))
+        if step + 1 in evals:
+            t_eval = time.perf_counter()
+            val_loss = evaluate(model, val_examples, cfg["batch_size"], job["pad_id"], bf16)
+            start += time.perf_counter() - t_eval  # tok/s counts training time only
+            emit(Metric(step=step + 1, total_steps=total, loss=val_loss, split="val",
+                        epoch=(step + 1) / steps_per_epoch))
 
     out = Path(job["adapter_dir"])
     model.save_pretrained(str(out), safe_serialization=True)
@@ -187,6 +223,7 @@ def train(job: dict, emit: Callable) -> dict:
     return {
         "steps": total,
         "final_loss": sum(tail) / len(tail),
+        "val_loss": val_loss,
         "tokens": tokens_done,
         "tokens_per_second": tokens_done / (time.perf_counter() - start),
         "train_seconds": time.perf_counter() - start,

@@ -85,10 +85,8 @@ def choose(requested: str, hw: Hardware) -> tuple[str, str]:
     if requested == "auto":
         for name in AUTO_ORDER:
             if table[name].available:
-                skipped = [f"{n}: {table[n].reason}" for n in AUTO_ORDER if n != name
-                           and AUTO_ORDER.index(n) < AUTO_ORDER.index(name)]
-                why = f"{name} is the fastest available backend"
-                return name, why + (f" ({'; '.join(skipped)})" if skipped else "")
+                # The per-backend "why not" lines live in `doctor`; keep this one short.
+                return name, "the fastest backend available on this machine"
         raise EdgeTuneError("no training backend is available: "
                             + "; ".join(f"{a.name}: {a.reason}" for a in table.values()))
     if requested not in table:

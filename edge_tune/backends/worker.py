@@ -32,29 +32,43 @@ def _event_stream():
     return emit
 
 
-def prepare_examples(job: dict, emit):
-    """Tokenize records with the model's chat template; drop ones with nothing to learn."""
-    from transformers import AutoTokenizer
+def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on_all=False):
+    """Examples cut to ``seq_len``; ones with nothing left to learn are dropped (and counted)."""
+    from edge_tune.data.template import Example, encode, encode_text
 
-    from edge_tune.data.template import Example, encode
-
-    tok = AutoTokenizer.from_pretrained(job["hf_dir"])
-    cfg = job["config"]
     examples, truncated = [], 0
-    records = job["records"]
-    for i, messages in enumerate(records):
-        full = encode(tok, messages)
-        truncated += len(full.input_ids) > cfg["seq_len"]
-        ex = Example(full.input_ids[: cfg["seq_len"]], full.labels[: cfg["seq_len"]])
+    for i, record in enumerate(records):
+        if "text" in record:
+            full = encode_text(tok, record["text"])
+        else:
+            full = encode(tok, record["messages"], train_on_all=train_on_all)
+        truncated += len(full.input_ids) > seq_len
+        ex = Example(full.input_ids[:seq_len], full.labels[:seq_len])
         if ex.n_trained:
             examples.append(ex)
         if i % 50 == 0 or i == len(records) - 1:
-            emit(Progress("tokenize", i + 1, len(records), "records", "tokenizing"))
+            emit(Progress(f"tokenize-{name}", i + 1, len(records), "records",
+                          f"tokenizing {name} data"))
     if truncated:
-        emit(Log(f"{truncated} examples were longer than seq_len={cfg['seq_len']} and were "
-                 "truncated", "warning"))
+        dropped = len(records) - len(examples)
+        emit(Log(f"{name} data: {truncated} examples were longer than seq_len={seq_len} and were "
+                 f"truncated ({dropped} of them lost every assistant token and were dropped)",
+                 "warning"))
+    return examples
+
+
+def prepare_examples(job: dict, emit):
+    """Tokenize train (and validation) records with the model's chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(job["hf_dir"])
+    seq_len = job["config"]["seq_len"]
+    on_all = job["config"].get("train_on") == "all"
+    examples = tokenize_records(tok, job["records"], seq_len, emit, "training", on_all)
     if not examples:
         raise EdgeTuneError("no example has an assistant token within seq_len; raise --seq-len")
+    job["val_examples"] = tokenize_records(tok, job.get("val_records") or [], seq_len, emit,
+                                           "validation", on_all)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     info = {"chat_template": tok.chat_template,
             "stop_tokens": [t for t in {tok.eos_token} if t]}
@@ -70,7 +84,8 @@ def run(job: dict, emit) -> dict:
                       for k, v in job["model_ref"].items()})
     job["hf_dir"] = str(hf_dir_for(ref, emit))
     job["examples"], job["pad_id"], tokenizer_info = prepare_examples(job, emit)
-    emit(Log(f"{len(job['examples'])} training examples"))
+    val = f", {len(job['val_examples'])} validation examples" if job["val_examples"] else ""
+    emit(Log(f"{len(job['examples'])} training examples{val}"))
     train = load_entry(job["backend"])
     with atomic_path(Path(job["run_dir"]) / "adapter") as tmp:
         job["adapter_dir"] = str(tmp)

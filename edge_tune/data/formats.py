@@ -1,76 +1,291 @@
-"""Read chat records and say exactly what is wrong with a bad one. Pure logic + file reading.
+"""Turn records of every common shape into chat messages, and say exactly what is wrong with a
+bad one. The normalisers here are pure; :mod:`edge_tune.data.readers` does the file reading.
 
-Each record becomes a list of ``{"role", "content"}`` messages. Errors name ``FILE:LINE`` and
-what was expected, as one line.
+Shapes (one per file, detected from its first valid record unless ``fmt`` is given):
+OpenAI chat, ShareGPT, Alpaca, prompt/completion (all become OpenAI-style ``messages``) and
+plain text (kept as ``text``). Errors are one line: ``FILE:LINE: what is wrong (expected)``.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional, Union
 
+from edge_tune.data.readers import Row, Source, file_source, json_kind, open_sources
 from edge_tune.errors import EdgeTuneError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+PASS_THROUGH = ("tool_calls", "tool_call_id", "name")  # OpenAI tool-use keys, kept as they are
+FROM_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+              "system": "system"}
+
+# What each format looks like, quoted in errors so the user sees the shape that was expected.
+SHAPES = {
+    "openai": '{"messages": [{"role": ..., "content": ...}, ...]}',
+    "sharegpt": '{"conversations": [{"from": ..., "value": ...}, ...]}',
+    "alpaca": '{"instruction": ..., "input"?: ..., "output": ...}',
+    "completion": '{"prompt": ..., "completion": ...}',
+    "text": '{"text": ...}',
+}
+LABELS = {"openai": "OpenAI chat", "sharegpt": "ShareGPT", "alpaca": "Alpaca",
+          "completion": "prompt/completion", "text": "plain text"}
+# A record is of the first format (in this order) that has any of its keys: a record with
+# "output" but no "instruction" is an Alpaca record missing a field, not an unknown shape.
+SIGNATURES = {"openai": ("messages",), "sharegpt": ("conversations",),
+              "alpaca": ("instruction", "output"), "completion": ("prompt", "completion"),
+              "text": ("text",)}
 
 
 @dataclass
 class Record:
-    messages: list[dict]
-    line: int  # 1-based line in the source file
+    messages: Optional[list[dict]]  # None for a plain-text record
+    line: int  # 1-based line in the source file (record index for .json/.parquet/hub)
+    text: Optional[str] = None  # set for a plain-text record only
+    source: str = ""  # the file (or hub ID) it came from: a directory holds several
+
+
+@dataclass
+class ReadResult:
+    records: list[Record]
+    format: str  # the detected (or forced) format; "mixed" for a directory of several
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (line, message)
+    formats: dict[str, str] = field(default_factory=dict)  # source -> its format
+
+
+# ---- small helpers for messages ---------------------------------------------------------------
+
+def _show(value, limit: int = 40) -> str:
+    """A user's value in a message: repr keeps it on one line, the cut keeps the line short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _keys(obj: dict) -> str:
+    names = [k if isinstance(k, str) and k.isidentifier() and len(k) <= 40 else _show(k)
+             for k in sorted(obj, key=str)]
+    return ", ".join(names[:10]) + (", ..." if len(names) > 10 else "") or "none"
+
+
+def _object(obj, where: str) -> dict:
+    if not isinstance(obj, dict):
+        raise EdgeTuneError(f"{where}: expected a JSON object, got {json_kind(obj)}")
+    return obj
+
+
+def _field(obj: dict, key: str, where: str, shape: str, optional: bool = False) -> str:
+    """``obj[key]`` as a string. Required fields must be non-empty; optional ones may be
+    absent or null (Parquet and hub datasets fill absent columns with null), giving ""."""
+    value = obj.get(key)
+    if value is None and (optional or key not in obj):
+        if optional:
+            return ""
+        raise EdgeTuneError(f"{where}: missing field {key!r} (found keys: {_keys(obj)}; "
+                            f"expected {shape})")
+    if not isinstance(value, str):
+        raise EdgeTuneError(f"{where}: {key!r} must be a string, got {json_kind(value)}")
+    if not optional and not value.strip():
+        raise EdgeTuneError(f"{where}: {key!r} is empty")
+    return value
+
+
+def _turns(obj: dict, key: str, where: str, fmt: str) -> list:
+    if key not in obj:
+        raise EdgeTuneError(f"{where}: missing field {key!r} (found keys: {_keys(obj)}; "
+                            f"expected {SHAPES[fmt]})")
+    turns = obj[key]
+    if not isinstance(turns, list) or not turns:
+        got = "an empty list" if isinstance(turns, list) else json_kind(turns)
+        raise EdgeTuneError(f"{where}: {key!r} must be a non-empty list, got {got}")
+    return turns
+
+
+def _need_assistant(messages: list[dict], where: str) -> list[dict]:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise EdgeTuneError(f"{where}: conversation has no assistant turn (nothing to learn)")
+    return messages
+
+
+# ---- one normaliser per format ---------------------------------------------------------------
+
+def _openai_message(m, at: str) -> dict:
+    if not isinstance(m, dict):
+        raise EdgeTuneError(f"{at}: expected an object with 'role' and 'content', got "
+                            f"{json_kind(m)}")
+    if "role" not in m:
+        raise EdgeTuneError(f"{at}: missing field 'role' (found keys: {_keys(m)}; expected "
+                            '{"role": ..., "content": ...})')
+    role = m["role"]
+    if role not in ROLES:
+        raise EdgeTuneError(f"{at}: unknown role {_show(role)} (expected one of "
+                            f"{', '.join(ROLES)})")
+    extra = {k: m[k] for k in PASS_THROUGH if m.get(k) is not None}
+    calls = extra.get("tool_calls")
+    if calls is not None and (role != "assistant" or not isinstance(calls, list) or not calls
+                              or not all(isinstance(c, dict) for c in calls)):
+        raise EdgeTuneError(f"{at}: 'tool_calls' must be a non-empty list of objects on an "
+                            f"assistant message (got {json_kind(calls)} on {role})")
+    for key in ("tool_call_id", "name"):
+        if key in extra and not isinstance(extra[key], str):
+            raise EdgeTuneError(f"{at}: {key!r} must be a string, got {json_kind(extra[key])}")
+    # A tool-calling assistant turn may carry no text: the calls are what it says.
+    content = _field(m, "content", at, '{"role": ..., "content": ...}', optional=bool(calls))
+    return {"role": role, "content": m.get("content") if calls else content, **extra}
 
 
 def check_messages(obj, where: str) -> list[dict]:
     """Validate one OpenAI-style chat record; returns its messages."""
-    if not isinstance(obj, dict):
-        raise EdgeTuneError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if "messages" not in obj:
-        keys = ", ".join(sorted(obj)) or "none"
-        raise EdgeTuneError(f"{where}: missing field 'messages' (found keys: {keys}; expected "
-                            '{"messages": [{"role": ..., "content": ...}, ...]})')
-    msgs = obj["messages"]
-    if not isinstance(msgs, list) or not msgs:
-        raise EdgeTuneError(f"{where}: 'messages' must be a non-empty list")
+    turns = _turns(_object(obj, where), "messages", where, "openai")
+    return _need_assistant([_openai_message(m, f"{where}: messages[{i}]")
+                            for i, m in enumerate(turns)], where)
+
+
+def _sharegpt(obj: dict, where: str) -> list[dict]:
     out = []
-    for i, m in enumerate(msgs):
-        at = f"{where}: messages[{i}]"
-        if not isinstance(m, dict):
-            raise EdgeTuneError(f"{at}: expected an object with 'role' and 'content'")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise EdgeTuneError(f"{at}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(content, str):
-            raise EdgeTuneError(f"{at}: 'content' must be a string, got "
-                                f"{type(content).__name__}")
-        if not content.strip():
-            raise EdgeTuneError(f"{at}: 'content' is empty")
-        out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
-        raise EdgeTuneError(f"{where}: conversation has no assistant turn (nothing to learn)")
-    return out
+    for i, turn in enumerate(_turns(obj, "conversations", where, "sharegpt")):
+        at = f"{where}: conversations[{i}]"
+        shape = '{"from": ..., "value": ...}'
+        if not isinstance(turn, dict):
+            raise EdgeTuneError(f"{at}: expected an object with 'from' and 'value', got "
+                                f"{json_kind(turn)}")
+        if "from" not in turn:
+            raise EdgeTuneError(f"{at}: missing field 'from' (found keys: {_keys(turn)}; "
+                                f"expected {shape})")
+        frm = turn["from"]
+        role = FROM_ROLES.get(frm) if isinstance(frm, str) else None
+        if role is None:
+            raise EdgeTuneError(f"{at}: unknown 'from' value {_show(frm)} (expected one of "
+                                f"{', '.join(FROM_ROLES)})")
+        out.append({"role": role, "content": _field(turn, "value", at, shape)})
+    return _need_assistant(out, where)
 
 
-def read_jsonl(path: Path) -> list[Record]:
+def _alpaca(obj: dict, where: str) -> list[dict]:
+    shape = SHAPES["alpaca"]
+    instruction = _field(obj, "instruction", where, shape)
+    extra = _field(obj, "input", where, shape, optional=True)
+    output = _field(obj, "output", where, shape)
+    system = _field(obj, "system", where, shape, optional=True)
+    user = instruction + "\n\n" + extra if extra.strip() else instruction
+    head = [{"role": "system", "content": system}] if system.strip() else []
+    return head + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _completion(obj: dict, where: str) -> list[dict]:
+    shape = SHAPES["completion"]
+    return [{"role": "user", "content": _field(obj, "prompt", where, shape)},
+            {"role": "assistant", "content": _field(obj, "completion", where, shape)}]
+
+
+def _text(obj: dict, where: str) -> str:
+    return _field(obj, "text", where, SHAPES["text"])
+
+
+NORMALISERS = {"openai": check_messages, "sharegpt": _sharegpt, "alpaca": _alpaca,
+               "completion": _completion, "text": _text}
+
+
+def detect_format(obj) -> Optional[str]:
+    """The format a record's keys say it is, or None when they match no known shape."""
+    if isinstance(obj, dict):
+        for fmt, keys in SIGNATURES.items():
+            if any(k in obj for k in keys):
+                return fmt
+    return None
+
+
+def normalise(obj, fmt: str, where: str) -> Union[list[dict], str]:
+    """One record of format ``fmt`` as chat messages (a string for "text"), or a one-line
+    EdgeTuneError that starts with ``where``."""
+    return NORMALISERS[fmt](_object(obj, where), where)
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+def read_records(path, fmt: str = "auto", skip_invalid: bool = False) -> ReadResult:
+    """Records from a data file (.jsonl .json .csv .tsv .parquet .txt), a directory of them,
+    or a hub dataset ID. Raises at the first bad record, or with ``skip_invalid`` lists it in
+    ``skipped`` and goes on; raises "empty dataset" when no valid record remains."""
+    if fmt != "auto" and fmt not in NORMALISERS:
+        raise EdgeTuneError(f"unknown data format {_show(fmt)} (expected one of auto, "
+                            f"{', '.join(NORMALISERS)})")
+    return _collect(str(path), open_sources(path), fmt, skip_invalid)
+
+
+def read_jsonl(path) -> list[Record]:
+    """One OpenAI-chat JSONL file, whatever its suffix: the original entry point."""
     path = Path(path)
-    if not path.exists():
-        raise EdgeTuneError(f"{path}: no such data file")
     if path.is_dir():
         raise EdgeTuneError(f"{path}: is a directory (expected a .jsonl file)")
-    records: list[Record] = []
-    with open(path, encoding="utf-8", errors="strict") as f:
+    return _collect(str(path), [file_source(path, "jsonl")], "openai", False).records
+
+
+def _collect(name: str, sources: list[Source], fmt: str, skip_invalid: bool) -> ReadResult:
+    result = ReadResult([], fmt)
+    for source in sources:
+        source_fmt = _read_source(source, fmt, skip_invalid, result)
+        if source_fmt:
+            result.formats[source.name] = source_fmt
+    if not result.records:
+        why = ""
+        if result.skipped:
+            why = f" - all {len(result.skipped)} were invalid; first: {result.skipped[0][1]}"
+        raise EdgeTuneError(f"{name}: empty dataset (no records){why}")
+    found = set(result.formats.values())
+    result.format = found.pop() if len(found) == 1 else "mixed"
+    return result
+
+
+def _read_source(source: Source, fmt: str, skip_invalid: bool, result: ReadResult):
+    """Normalise one file's rows into ``result``; returns the file's format (None if unknown)."""
+    file_fmt = None if fmt == "auto" else fmt
+    decided_at = ""  # where auto-detection fixed the format: quoted in mixed-format errors
+    seen = False
+    for row in source.rows:
+        seen = True
         try:
-            lines = list(f)
-        except UnicodeDecodeError as exc:
-            raise EdgeTuneError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})")
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EdgeTuneError(f"{path}:{n}: invalid JSON ({exc.msg} at column {exc.colno})")
-        records.append(Record(check_messages(obj, f"{path}:{n}"), n))
-    if not records:
-        raise EdgeTuneError(f"{path}: empty dataset (no records)")
-    return records
+            if file_fmt is None:
+                # The first *valid* record decides, so with skip_invalid leading junk that
+                # merely looks like another format cannot make the whole file mismatched.
+                row_fmt = _detect(row)
+                normalised = normalise(row.value, row_fmt, row.where)
+                file_fmt, decided_at = row_fmt, row.where
+            else:
+                _check_same_format(row, file_fmt, decided_at)
+                normalised = normalise(row.value, file_fmt, row.where)
+            result.records.append(_record(normalised, row, source.name))
+        except EdgeTuneError as exc:
+            if not skip_invalid:
+                raise
+            result.skipped.append((row.line, str(exc)))
+    if not seen:
+        raise EdgeTuneError(f"{source.name}: empty dataset (no records)")
+    return file_fmt
+
+
+def _detect(row: Row) -> str:
+    if row.error:
+        raise EdgeTuneError(row.error)
+    fmt = detect_format(_object(row.value, row.where))
+    if fmt is None:
+        shapes = ", ".join(f"{SHAPES[f]} ({LABELS[f]})" for f in SHAPES)
+        raise EdgeTuneError(f"{row.where}: unknown record shape (found keys: "
+                            f"{_keys(row.value)}; expected one of {shapes})")
+    return fmt
+
+
+def _check_same_format(row: Row, file_fmt: str, decided_at: str) -> None:
+    if row.error:
+        raise EdgeTuneError(row.error)
+    found = detect_format(row.value)
+    # Only when the format was detected: a forced fmt reports the missing fields instead.
+    if decided_at and found and found != file_fmt:
+        raise EdgeTuneError(f"{row.where}: record is {LABELS[found]} but this file is "
+                            f"{LABELS[file_fmt]} (detected at {decided_at}; one format per file, "
+                            f"expected {SHAPES[file_fmt]})")
+
+
+def _record(normalised: Union[list[dict], str], row: Row, source: str) -> Record:
+    if isinstance(normalised, str):
+        return Record(None, row.line, text=normalised, source=source)
+    return Record(normalised, row.line, source=source)

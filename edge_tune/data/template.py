@@ -44,6 +44,14 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return full, spans
 
 
+def encode_text(tokenizer, text: str, seq_len: Optional[int] = None) -> Example:
+    """Plain text for continued pre-training: loss on every token, EOS appended."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return Example(ids[:seq_len], list(ids[:seq_len]))
+
+
 def encode(tokenizer, messages: list[dict], seq_len: Optional[int] = None,
            train_on_all: bool = False) -> Example:
     """Token ids and labels of one conversation, cut to ``seq_len`` tokens when given."""
