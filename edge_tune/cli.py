@@ -67,6 +67,9 @@ def train(
                                                 "(listed) instead of stopping at the first."),
     train_on: Optional[str] = typer.Option(None, help="assistant (loss on assistant turns "
                                            "only) | all [default: assistant]."),
+    pack: Optional[bool] = typer.Option(None, "--pack/--no-pack", help="Pack each batch into "
+                                        "rows of --seq-len tokens, attention kept inside each "
+                                        "example [default: off; batches are length-grouped]."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="'default' (embedded "
                                         "SmolLM2-135M), a .gguf file, an HF model directory, "
                                         "or a hub ID."),
@@ -97,7 +100,7 @@ def train(
     from edge_tune.render import Renderer
 
     cfg = build(config, data=data, format=data_format, skip_invalid=skip_invalid,
-                train_on=train_on, model=model, backend=backend,
+                train_on=train_on, pack=pack, model=model, backend=backend,
                 out=str(out_dir) if out_dir else None, epochs=epochs, max_steps=max_steps,
                 lr=lr, rank=rank, alpha=alpha, batch_size=batch_size, seq_len=seq_len,
                 seed=seed, val=str(val) if val else None, val_split=val_split)
@@ -202,6 +205,46 @@ def demo(
     from edge_tune.demo import run_demo
 
     run_demo(out_dir, epochs=epochs, max_steps=max_steps, console=out)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+data_app = typer.Typer(help="Look at training data before training on it.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    file: str = typer.Argument(..., help="Data file (same inputs as `train --data`)."),
+    model: str = typer.Option("default", "--model", "-m", help="Whose tokenizer and chat "
+                              "template to count with (same as `train --model`)."),
+    seq_len: str = typer.Option("512", "--seq-len", metavar="L", help="Count the examples "
+                                "longer than L tokens (training truncates them)."),
+    data_format: str = typer.Option("auto", "--format", help="auto | openai | sharegpt | "
+                                    "alpaca | completion | text."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Show a data file as training sees it: format, records, token lengths, trained share.
+
+    Also how many examples --seq-len truncates, and the first example with the trained
+    characters highlighted."""
+    from edge_tune.data.inspect import inspect_data
+    from edge_tune.render import Renderer
+
+    try:  # parsed here, not by typer, so a bad value is one `error:` line like the rest
+        n_tokens = int(seq_len)
+    except ValueError:
+        raise EdgeTuneError(f"--seq-len {seq_len!r}: expected a whole number of tokens") from None
+    with Renderer(err, quiet=as_json) as render:
+        report = inspect_data(file, model=model, seq_len=n_tokens, fmt=data_format,
+                              on_event=render)
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        from edge_tune.render_inspect import render_inspect
+
+        render_inspect(report, out)
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ def demo_jsonl() -> Path:
     return demo_data()
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
     """Run ``edge-tune ARGS`` in a subprocess, as a user would."""
     env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
     return subprocess.run([sys.executable, "-m", "edge_tune", *args], capture_output=True,

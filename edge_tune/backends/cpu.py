@@ -64,6 +64,53 @@ def collate(examples: list[Example], pad_id: int):
     return ids, labels, mask
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: group example indices into rows of at most ``capacity`` tokens
+    (an example longer than that gets a row of its own). Pure."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def collate_packed(examples: list[Example], pad_id: int, capacity: int):
+    """Pack a batch into as few rows as fit ``capacity`` tokens, attention kept inside each
+    example: a block-diagonal causal mask and positions restarting at 0 per example. Returns
+    (ids, labels, 4-D additive mask, position_ids, real token count)."""
+    import torch
+
+    rows = pack_rows([len(e.input_ids) for e in examples], capacity)
+    width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for seg, i in enumerate(row):
+            e, n = examples[i], len(examples[i].input_ids)
+            ids[r, at:at + n] = torch.tensor(e.input_ids)
+            labels[r, at:at + n] = torch.tensor(e.labels)
+            labels[r, at] = IGNORE  # nothing predicts an example's first token from the last one
+            positions[r, at:at + n] = torch.arange(n)
+            segment[r, at:at + n] = seg
+            at += n
+    same = segment[:, :, None] == segment[:, None, :]
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    allowed = (same & causal) | torch.eye(width, dtype=torch.bool)  # pads see only themselves
+    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(
+        ~allowed, torch.finfo(torch.float32).min)[:, None]
+    return ids, labels, mask, positions, int((segment >= 0).sum())
+
+
 def use_bf16(precision: str, cpu_has_bf16: bool) -> bool:
     return precision == "bf16" or (precision == "auto" and cpu_has_bf16)
 
@@ -101,7 +148,7 @@ def _chunk_loss_sum(head, hidden, targets, cap):
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def response_loss(model, ids, labels, mask):
+def response_loss(model, ids, labels, mask, position_ids=None):
     """Mean cross-entropy over trained positions only.
 
     Hidden states are computed for all tokens, logits only where the next token carries a
@@ -113,7 +160,8 @@ def response_loss(model, ids, labels, mask):
 
     causal_lm = model.get_base_model()
     decoder = getattr(causal_lm, causal_lm.base_model_prefix)
-    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    hidden = decoder(input_ids=ids, attention_mask=mask,
+                     position_ids=position_ids).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
     hidden, targets = hidden[:, :-1][keep], targets[keep]
@@ -191,19 +239,25 @@ def train(job: dict, emit: Callable) -> dict:
     for step in range(total):
         if not batches:
             batches = length_grouped_batches(lengths, cfg["batch_size"], rng)
-        ids, labels, mask = collate([examples[i] for i in batches.pop()], job["pad_id"])
+        batch = [examples[i] for i in batches.pop()]
+        if cfg.get("pack"):
+            ids, labels, mask, positions, n_tokens = collate_packed(batch, job["pad_id"],
+                                                                   cfg["seq_len"])
+        else:
+            (ids, labels, mask), positions = collate(batch, job["pad_id"]), None
+            n_tokens = int(mask.sum())
         lr = lr_at(step, total, cfg["lr"], min(cfg["warmup_steps"], total // 10))
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
                 disable_input_dtype_casting(model, active=bf16):
-            loss = response_loss(model, ids, labels, mask)
+            loss = response_loss(model, ids, labels, mask, positions)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-        tokens_done += int(mask.sum())
+        tokens_done += n_tokens
         losses.append(loss.item())
         elapsed = time.perf_counter() - start
         emit(Metric(step=step + 1, total_steps=total, loss=losses[-1],
