@@ -67,6 +67,9 @@ def train(
                                                 "(listed) instead of stopping at the first."),
     train_on: Optional[str] = typer.Option(None, help="assistant (loss on assistant turns "
                                            "only) | all [default: assistant]."),
+    overflow: Optional[str] = typer.Option(None, help="Examples longer than --seq-len: "
+                                           "truncate | drop [default: truncate]; counted and "
+                                           "reported either way."),
     pack: Optional[bool] = typer.Option(None, "--pack/--no-pack", help="Pack each batch into "
                                         "rows of --seq-len tokens, attention kept inside each "
                                         "example [default: off; batches are length-grouped]."),
@@ -100,7 +103,7 @@ def train(
     from edge_tune.render import Renderer
 
     cfg = build(config, data=data, format=data_format, skip_invalid=skip_invalid,
-                train_on=train_on, pack=pack, model=model, backend=backend,
+                train_on=train_on, pack=pack, overflow=overflow, model=model, backend=backend,
                 out=str(out_dir) if out_dir else None, epochs=epochs, max_steps=max_steps,
                 lr=lr, rank=rank, alpha=alpha, batch_size=batch_size, seq_len=seq_len,
                 seed=seed, val=str(val) if val else None, val_split=val_split)

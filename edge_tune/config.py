@@ -36,6 +36,7 @@ class TrainConfig:
     skip_invalid: bool = False  # skip bad records (reported) instead of stopping
     train_on: str = "assistant"  # assistant | all: which tokens carry the loss
     pack: bool = False  # pack each batch into seq_len rows (block-diagonal attention)
+    overflow: str = "truncate"  # truncate | drop: examples longer than seq_len
     val: Optional[str] = None  # a separate validation file
     val_split: float = 0.0  # or hold out this share of --data
     eval_every: int = 0  # steps between validation passes; 0 = about 5 over the run
@@ -62,6 +63,7 @@ _CHECKS = {
     "format": (lambda v: v in ("auto", "openai", "sharegpt", "alpaca", "completion", "text"),
                "auto, openai, sharegpt, alpaca, completion or text"),
     "train_on": (lambda v: v in ("assistant", "all"), "assistant or all"),
+    "overflow": (lambda v: v in ("truncate", "drop"), "truncate or drop"),
     "eval_every": (lambda v: v >= 0, "an integer >= 0"),
     "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
     "target_modules": (lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),

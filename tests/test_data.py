@@ -89,3 +89,21 @@ def test_train_on_all_masks_nothing(hf_dir):
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     ex = encode(tok, GOOD["messages"], train_on_all=True)
     assert ex.labels == ex.input_ids
+
+
+def test_overflow_truncate_or_drop(hf_dir):
+    from transformers import AutoTokenizer
+
+    from edge_tune.backends.worker import tokenize_records
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    long = {"messages": [{"role": "user", "content": "word " * 80},
+                         {"role": "assistant", "content": "Arr, matey! " * 20}]}
+    short = {"messages": GOOD["messages"]}
+    logs = []
+    kept = tokenize_records(tok, [long, short], 120, logs.append, "training")
+    assert len(kept) == 2 and len(kept[0].input_ids) == 120
+    assert "1 examples were longer than seq_len=120 and were truncated" in logs[-1].message
+    logs.clear()
+    kept = tokenize_records(tok, [long, short], 120, logs.append, "training", overflow="drop")
+    assert len(kept) == 1 and "dropped (--overflow drop)" in logs[-1].message

@@ -32,8 +32,10 @@ def _event_stream():
     return emit
 
 
-def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on_all=False):
-    """Examples cut to ``seq_len``; ones with nothing left to learn are dropped (and counted)."""
+def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on_all=False,
+                     overflow: str = "truncate"):
+    """Examples cut to ``seq_len`` (or dropped, with ``overflow="drop"``); ones with nothing
+    left to learn are dropped too. Both are counted and reported."""
     from edge_tune.data.template import Example, encode, encode_text
 
     examples, truncated = [], 0
@@ -42,7 +44,10 @@ def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on
             full = encode_text(tok, record["text"])
         else:
             full = encode(tok, record["messages"], train_on_all=train_on_all)
-        truncated += len(full.input_ids) > seq_len
+        too_long = len(full.input_ids) > seq_len
+        truncated += too_long
+        if too_long and overflow == "drop":
+            continue
         ex = Example(full.input_ids[:seq_len], full.labels[:seq_len])
         if ex.n_trained:
             examples.append(ex)
@@ -51,9 +56,10 @@ def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on
                           f"tokenizing {name} data"))
     if truncated:
         dropped = len(records) - len(examples)
+        what = "dropped (--overflow drop)" if overflow == "drop" else \
+            f"truncated ({dropped} of them lost every trained token and were dropped)"
         emit(Log(f"{name} data: {truncated} examples were longer than seq_len={seq_len} and were "
-                 f"truncated ({dropped} of them lost every assistant token and were dropped)",
-                 "warning"))
+                 f"{what}", "warning"))
     return examples
 
 
@@ -64,11 +70,13 @@ def prepare_examples(job: dict, emit):
     tok = AutoTokenizer.from_pretrained(job["hf_dir"])
     seq_len = job["config"]["seq_len"]
     on_all = job["config"].get("train_on") == "all"
-    examples = tokenize_records(tok, job["records"], seq_len, emit, "training", on_all)
+    overflow = job["config"].get("overflow", "truncate")
+    examples = tokenize_records(tok, job["records"], seq_len, emit, "training", on_all,
+                                overflow)
     if not examples:
         raise EdgeTuneError("no example has an assistant token within seq_len; raise --seq-len")
     job["val_examples"] = tokenize_records(tok, job.get("val_records") or [], seq_len, emit,
-                                           "validation", on_all)
+                                           "validation", on_all, overflow)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     info = {"chat_template": tok.chat_template,
             "stop_tokens": [t for t in {tok.eos_token} if t]}
