@@ -488,5 +488,30 @@ def test_fuzz_malformed_record_on_line_k(tmp_path_factory):
         result = read_records(path, skip_invalid=True)
         assert result.skipped == [(k, message)]
         assert [r.line for r in result.records] == list(range(1, k)) + [k + 1]
+        # Through the command line: that line, exit code 2, nothing else on stderr.
+        code, err = run_main(["train", "--data", str(path), "--out", str(path.parent / "run")])
+        assert (code, err) == (2, f"error: {message}\n"), (code, err)
+        assert not (path.parent / "run").exists()
 
     check()
+
+
+def run_main(argv: list[str]) -> tuple[int, str]:
+    """``edge-tune ARGV`` in this process: (exit code, stderr)."""
+    import contextlib
+    import io
+    import sys
+
+    from edge_tune import cli
+
+    buf, saved = io.StringIO(), sys.argv
+    sys.argv = ["edge-tune", *argv]
+    try:
+        with contextlib.redirect_stderr(buf):
+            cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = saved
+    return code, buf.getvalue()
