@@ -44,6 +44,17 @@ def demo_jsonl() -> Path:
     return demo_data()
 
 
+def assert_one_line_error(proc, *needles) -> None:
+    """Exit code 2, exactly one stderr line ``error: ...`` holding every needle, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.splitlines()
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(lines) == 1, proc.stderr  # exactly one line: no blank lines, no warnings
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
     """Run ``edge-tune ARGS`` in a subprocess, as a user would."""
     env = dict(os.environ, COLUMNS="200", NO_COLOR="1")

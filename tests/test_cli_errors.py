@@ -6,18 +6,8 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from gguf_helpers import q_pair, write_adapter
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.splitlines()
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert len(lines) == 1, proc.stderr  # exactly one line: no blank lines, no warnings
-    assert lines[0].startswith("error: ")
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_missing_data_file(tmp_path):

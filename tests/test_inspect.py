@@ -10,7 +10,7 @@ from itertools import pairwise
 import pytest
 from rich.console import Console
 
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 from edge_tune.data.inspect import histogram, length_stats, merge_spans, percentile, summarize
 from edge_tune.render_inspect import bar, example_text, render_inspect
 
@@ -190,18 +190,8 @@ def test_text_records_are_trained_on_whole(hf_dir, tmp_path):
 
 # ---- bad input: one line, exit code 2 ---------------------------------------------------------
 
-def _assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error:")
-    assert "Traceback" not in proc.stderr + proc.stdout
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_missing_file(tmp_path):
-    _assert_one_line_error(run_cli("data", "inspect", str(tmp_path / "nope.jsonl")),
+    assert_one_line_error(run_cli("data", "inspect", str(tmp_path / "nope.jsonl")),
                            "nope.jsonl", "no such data file")
 
 
@@ -210,7 +200,7 @@ def test_malformed_line(tmp_path):
                                     {"role": "assistant", "content": "b"}]})
     data = tmp_path / "bad.jsonl"
     data.write_text(f"{good}\n{{not json\n")
-    _assert_one_line_error(run_cli("data", "inspect", str(data), "--json"), "bad.jsonl:2:")
+    assert_one_line_error(run_cli("data", "inspect", str(data), "--json"), "bad.jsonl:2:")
 
 
 @pytest.mark.parametrize("flags,needle", [
@@ -220,4 +210,4 @@ def test_malformed_line(tmp_path):
     (["--model", "not a model!"], "not a hub ID"),
 ])
 def test_bad_flags(demo_jsonl, flags, needle):
-    _assert_one_line_error(run_cli("data", "inspect", str(demo_jsonl), *flags), needle)
+    assert_one_line_error(run_cli("data", "inspect", str(demo_jsonl), *flags), needle)
