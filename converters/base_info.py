@@ -6,10 +6,11 @@ Read from a base GGUF (authoritative: it is what llama.cpp will run) or from an 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from edge_tune.errors import EdgeTuneError
 from edge_tune.converters.names import gguf_arch
@@ -53,6 +54,23 @@ def open_gguf(path: Path):
         detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise EdgeTuneError(f"{path}: truncated or corrupt GGUF file ({detail})") from None
     return reader
+
+
+@contextlib.contextmanager
+def writing_gguf(path: Path, arch: str) -> Iterator:
+    """A GGUFWriter for ``path``: fill it inside the block; on success the file is written
+    whole to a temporary name and renamed onto ``path``, on failure nothing is left."""
+    import gguf
+
+    from edge_tune.fsutil import atomic_path
+
+    with atomic_path(Path(path)) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        yield w
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
 
 
 def field_value(reader, key: str, default=None):

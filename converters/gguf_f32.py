@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_tune.converters.base_info import open_gguf
-from edge_tune.fsutil import atomic_path
+from edge_tune.converters.base_info import open_gguf, writing_gguf
 
 
 def write_f32_copy(src: Path, dst: Path) -> Path:
@@ -19,8 +18,7 @@ def write_f32_copy(src: Path, dst: Path) -> Path:
 
     reader = open_gguf(src)
     arch = reader.fields["general.architecture"].contents()
-    with atomic_path(Path(dst)) as tmp:
-        w = gguf.GGUFWriter(str(tmp), arch)
+    with writing_gguf(Path(dst), arch) as w:
         for key, f in reader.fields.items():
             if key.startswith("GGUF.") or key == "general.architecture":
                 continue  # written by the writer itself
@@ -35,8 +33,4 @@ def write_f32_copy(src: Path, dst: Path) -> Path:
         for t in reader.tensors:
             data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
             w.add_tensor(t.name, data.reshape(tuple(reversed([int(x) for x in t.shape]))))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
     return Path(dst)

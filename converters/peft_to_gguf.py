@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from edge_tune.converters.base_info import BaseInfo
+from edge_tune.converters.base_info import BaseInfo, writing_gguf
 from edge_tune.converters.names import (
     gguf_tensor_name, needs_rope_permute, rope_permute_rows, split_peft_key,
 )
@@ -162,13 +162,10 @@ def write_gguf(plan_: Plan, arch: str, out_path: Path, outtype: str = "f32",
     """Write the planned adapter to ``out_path`` atomically (temp file, then rename)."""
     import gguf
 
-    from edge_tune.fsutil import atomic_path
-
     if outtype not in OUTTYPES:
         raise EdgeTuneError(f"--outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
     out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        w = gguf.GGUFWriter(str(tmp), arch)
+    with writing_gguf(out_path, arch) as w:
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(plan_.alpha))
@@ -189,10 +186,6 @@ def write_gguf(plan_: Plan, arch: str, out_path: Path, outtype: str = "f32",
                 w.add_tensor(name, arr.astype(np.float16))
             else:
                 w.add_tensor(name, arr.astype(np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
     return out_path
 
 

@@ -11,19 +11,17 @@ def write_adapter(path: Path, arch: str, tensors: dict[str, np.ndarray], alpha=1
                   alpha_as_float32: bool = True) -> Path:
     import gguf
 
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_type(gguf.GGUFType.ADAPTER)
-    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    if alpha_as_float32:
-        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    else:
-        w.add_uint32(gguf.Keys.Adapter.LORA_ALPHA, int(alpha))
-    for name, arr in tensors.items():
-        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    from edge_tune.converters.base_info import writing_gguf
+
+    with writing_gguf(path, arch) as w:
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        if alpha_as_float32:
+            w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        else:
+            w.add_uint32(gguf.Keys.Adapter.LORA_ALPHA, int(alpha))
+        for name, arr in tensors.items():
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
     return path
 
 
