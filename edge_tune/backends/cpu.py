@@ -174,16 +174,28 @@ def response_loss(model, ids, labels, mask, position_ids=None):
     return total / max(1, len(targets))
 
 
+def compute_precision(model, bf16: bool):
+    """bf16 autocast where the CPU has it, without PEFT's fp32 round trip of activations
+    into the LoRA layers (the LoRA weights stay fp32 for the optimizer)."""
+    import contextlib
+
+    import torch
+    from peft.helpers import disable_input_dtype_casting
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16))
+    stack.enter_context(disable_input_dtype_casting(model, active=bf16))
+    return stack
+
+
 def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, bf16: bool) -> float:
     """Mean loss per trained token over ``examples`` (no gradients)."""
     import torch
-    from peft.helpers import disable_input_dtype_casting
 
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     total, count = 0.0, 0
     model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
-            disable_input_dtype_casting(model, active=bf16):
+    with torch.no_grad(), compute_precision(model, bf16):
         for k in range(0, len(order), batch_size):
             ids, labels, mask = collate([examples[i] for i in order[k:k + batch_size]], pad_id)
             n = int((labels[:, 1:] != IGNORE).sum())
@@ -206,7 +218,6 @@ def train(job: dict, emit: Callable) -> dict:
     ``job``: config (dict), hf_dir, examples (tokenized), pad_id, physical_cores, cpu_has_bf16.
     """
     import torch
-    from peft.helpers import disable_input_dtype_casting
 
     cfg = job["config"]
     threads = cfg["threads"] or job["physical_cores"]
@@ -249,8 +260,7 @@ def train(job: dict, emit: Callable) -> dict:
         lr = lr_at(step, total, cfg["lr"], min(cfg["warmup_steps"], total // 10))
         for g in opt.param_groups:
             g["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
-                disable_input_dtype_casting(model, active=bf16):
+        with compute_precision(model, bf16):
             loss = response_loss(model, ids, labels, mask, positions)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
