@@ -36,14 +36,11 @@ def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on
                      overflow: str = "truncate"):
     """Examples cut to ``seq_len`` (or dropped, with ``overflow="drop"``); ones with nothing
     left to learn are dropped too. Both are counted and reported."""
-    from edge_tune.data.template import Example, encode, encode_text
+    from edge_tune.data.template import Example, encode_record
 
     examples, truncated = [], 0
     for i, record in enumerate(records):
-        if "text" in record:
-            full = encode_text(tok, record["text"])
-        else:
-            full = encode(tok, record["messages"], train_on_all=train_on_all)
+        full = encode_record(tok, record.get("messages"), record.get("text"), train_on_all)
         too_long = len(full.input_ids) > seq_len
         truncated += too_long
         if too_long and overflow == "drop":

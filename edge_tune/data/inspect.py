@@ -147,7 +147,7 @@ def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "a
     module docstring). Raises EdgeTuneError for bad data, a bad ``--model`` or ``--seq-len``."""
     from edge_tune import models
     from edge_tune.data.formats import read_records
-    from edge_tune.data.template import encode, encode_text
+    from edge_tune.data.template import encode_record
 
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise EdgeTuneError(f"--seq-len {seq_len}: must be a whole number of tokens >= 1")
@@ -162,10 +162,7 @@ def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "a
     lengths, trained, kept = [], [], []
     n = len(data.records)
     for i, record in enumerate(data.records):
-        if record.messages is None:
-            ex = encode_text(tok, record.text)
-        else:
-            ex = encode(tok, record.messages)
+        ex = encode_record(tok, record.messages, record.text)
         lengths.append(len(ex.input_ids))
         trained.append(ex.n_trained)
         kept.append(sum(1 for x in ex.labels[:seq_len] if x != -100))

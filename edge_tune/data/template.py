@@ -110,6 +110,15 @@ def _tokenize(tokenizer, text: str, shift: int) -> tuple[list[int], list[tuple[i
     return list(enc["input_ids"]), [(shift + a, shift + b) for a, b in enc["offset_mapping"]]
 
 
+def encode_record(tokenizer, messages: Optional[list[dict]], text: Optional[str],
+                  train_on_all: bool = False) -> Example:
+    """Either kind of record: a conversation (chat template, assistant masks) or plain text
+    (every token trained)."""
+    if messages is None:
+        return encode_text(tokenizer, text or "")
+    return encode(tokenizer, messages, train_on_all=train_on_all)
+
+
 def encode(tokenizer, messages: list[dict], seq_len: Optional[int] = None,
            train_on_all: bool = False) -> Example:
     """Token ids and labels of one conversation, cut to ``seq_len`` tokens when given."""
