@@ -116,6 +116,7 @@ def train(cfg: TrainConfig, on_event: EventSink = ignore,
         [_job_record(r) for r in records], cfg.val_split, cfg.seed,
         [_job_record(r) for r in _read_data(cfg.val, cfg, on_event).records] if cfg.val else None)
     ref = models.resolve(cfg.model, on_event)
+    base_sha256 = sha256_file(ref.gguf) if ref.gguf else None  # once: worker and manifest
     hw = probe()
     backend, why = registry.choose(cfg.backend, hw)
     on_event(Log(f"backend: {backend} ({why})"))
@@ -125,6 +126,7 @@ def train(cfg: TrainConfig, on_event: EventSink = ignore,
         "backend": backend,
         "model_ref": {"spec": ref.spec, "gguf": str(ref.gguf) if ref.gguf else None,
                       "hf_dir": str(ref.hf_dir) if ref.hf_dir else None, "hub_id": ref.hub_id},
+        "base_sha256": base_sha256,
         "records": train_records,
         "val_records": val_records,
         "run_dir": str(run_dir),
@@ -142,7 +144,7 @@ def train(cfg: TrainConfig, on_event: EventSink = ignore,
         threading.Thread(target=watch, daemon=True).start()
     result = proc.wait()
     tokenizer_info = result.pop("tokenizer", {})
-    base = _base_record(ref, result.pop("hf_dir"))
+    base = _base_record(ref, result.pop("hf_dir"), base_sha256)
     adapter_info: dict = {"peft": "adapter"}
     if ref.gguf is not None:
         plan = export(run_dir / "adapter", base=ref.gguf, out=run_dir / "adapter.gguf",
@@ -165,13 +167,13 @@ def train(cfg: TrainConfig, on_event: EventSink = ignore,
     return TrainResult(run_dir, man)
 
 
-def _base_record(ref: models.ModelRef, hf_dir: str) -> dict:
+def _base_record(ref: models.ModelRef, hf_dir: str, sha256: Optional[str]) -> dict:
     rec: dict = {"spec": ref.spec, "hf_dir": hf_dir}
     if ref.gguf is not None:
         from edge_tune.converters.base_info import from_gguf
 
         info = from_gguf(ref.gguf)
-        rec.update(gguf=str(ref.gguf), sha256=sha256_file(ref.gguf), arch=info.arch,
+        rec.update(gguf=str(ref.gguf), sha256=sha256, arch=info.arch,
                    name=info.metadata.get("name", ""))
     else:
         from edge_tune.converters.base_info import from_hf_dir

@@ -132,14 +132,16 @@ def default_gguf(on_event: EventSink = ignore) -> Path:
 
 # --- HF-layout weights for training -----------------------------------------------------------
 
-def hf_dir_for(ref: ModelRef, on_event: EventSink = ignore) -> Path:
-    """A directory ``AutoModelForCausalLM.from_pretrained`` can load, for any ModelRef."""
+def hf_dir_for(ref: ModelRef, on_event: EventSink = ignore,
+               gguf_sha256: Optional[str] = None) -> Path:
+    """A directory ``AutoModelForCausalLM.from_pretrained`` can load, for any ModelRef.
+    ``gguf_sha256``: the GGUF's digest when the caller already has it (hashing is I/O)."""
     if ref.hf_dir:
         return ref.hf_dir
     if ref.hub_id:
         return _download_hub(ref.hub_id, on_event)
     assert ref.gguf is not None
-    return dequantized_copy(ref.gguf, on_event)
+    return dequantized_copy(ref.gguf, on_event, gguf_sha256)
 
 
 def _download_hub(hub_id: str, on_event: EventSink) -> Path:
@@ -156,9 +158,11 @@ def _download_hub(hub_id: str, on_event: EventSink) -> Path:
     return Path(path)
 
 
-def dequantized_copy(gguf_path: Path, on_event: EventSink = ignore) -> Path:
-    """Dequantize a GGUF with transformers once and cache it in HF layout (safetensors)."""
-    digest = sha256_file(gguf_path)
+def dequantized_copy(gguf_path: Path, on_event: EventSink = ignore,
+                     digest: Optional[str] = None) -> Path:
+    """Dequantize a GGUF with transformers once and cache it in HF layout (safetensors),
+    keyed by the GGUF's sha256 (``digest`` when the caller already computed it)."""
+    digest = digest or sha256_file(gguf_path)
     target = cache_dir() / "hf" / digest[:16]
     if (target / "config.json").exists():
         return target

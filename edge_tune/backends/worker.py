@@ -87,7 +87,7 @@ def run(job: dict, emit) -> dict:
 
     ref = ModelRef(**{k: (Path(v) if k in ("gguf", "hf_dir") and v else v)
                       for k, v in job["model_ref"].items()})
-    job["hf_dir"] = str(hf_dir_for(ref, emit))
+    job["hf_dir"] = str(hf_dir_for(ref, emit, job.get("base_sha256")))
     job["examples"], job["pad_id"], tokenizer_info = prepare_examples(job, emit)
     val = f", {len(job['val_examples'])} validation examples" if job["val_examples"] else ""
     emit(Log(f"{len(job['examples'])} training examples{val}"))
