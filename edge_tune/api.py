@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,8 @@ from edge_tune.backends import registry
 from edge_tune.config import TrainConfig
 from edge_tune.data.formats import read_records
 from edge_tune.errors import EdgeTuneError
-from edge_tune.events import Done, EventSink, Log, ignore
-from edge_tune.fsutil import sha256_file
+from edge_tune.events import Done, EventSink, Log, Progress, ignore
+from edge_tune.fsutil import sha256_file, write_text_atomic
 from edge_tune.hardware import probe
 
 # --- doctor ----------------------------------------------------------------------------------
@@ -103,13 +104,68 @@ def _prepare_run_dir(out: Optional[str]) -> Path:
     return run_dir
 
 
-def train(cfg: TrainConfig, on_event: EventSink = ignore,
-          cancel: Optional[threading.Event] = None) -> TrainResult:
-    """Train a LoRA adapter in a subprocess, export it to GGUF, write the manifest."""
+RUN_CONFIG = "train_config.json"  # the run's settings, written when it starts (for --resume)
+
+
+def load_run_config(run_dir: Path) -> tuple[TrainConfig, dict]:
+    """(config, saved record) of a run started by :func:`train`; for ``--resume``."""
+    from edge_tune.config import build
+
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise EdgeTuneError(f"--resume {run_dir}: not a run directory that can be resumed "
+                            f"(no {RUN_CONFIG})")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EdgeTuneError(f"{path}: unreadable ({exc})") from None
+    values = dict(saved["config"], out=str(run_dir))
+    return build(None, **{k: v for k, v in values.items() if v is not None}), saved
+
+
+def resume_state(run_dir: Path) -> Optional[dict]:
+    """Where a cancelled run stands: ``{"step", "total", "checkpoint"}``, or None when it
+    cannot be resumed (finished, or never started)."""
+    from edge_tune.backends.checkpoint import read_state
+
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_CONFIG).is_file():
+        return None
+    state = read_state(run_dir)
+    if state is None:
+        if (run_dir / manifest_mod.MANIFEST).is_file():
+            return None
+        return {"step": 0, "total": None, "checkpoint": False}  # cancelled before step 1
+    return {"step": state["step"], "total": state["total"], "checkpoint": True}
+
+
+def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
+          cancel: Optional[threading.Event] = None,
+          resume: Optional[Path] = None) -> TrainResult:
+    """Train a LoRA adapter in a subprocess, export it to GGUF, write the manifest.
+
+    ``resume``: a run directory whose training was cancelled; its saved config is used
+    (``cfg`` must be None) and training continues from its checkpoint to the same total
+    steps."""
+    from edge_tune.backends.checkpoint import CHECKPOINT
     from edge_tune.runner import TrainingProcess
 
+    saved = None
+    if resume is not None:
+        if cfg is not None:
+            raise EdgeTuneError("--resume continues a run with its own settings; give no other "
+                                "training options")
+        if resume_state(resume) is None:
+            raise EdgeTuneError(f"--resume {resume}: nothing to resume (the run finished or "
+                                f"has no {RUN_CONFIG})")
+        cfg, saved = load_run_config(resume)
+    assert cfg is not None
     data_path = Path(cfg.data)
     models.check_spec(cfg.model)  # bad input fails fast, before any download or heavy work
+    data_sha256 = sha256_file(data_path) if data_path.is_file() else None
+    if saved is not None and saved.get("data_sha256") != data_sha256:
+        raise EdgeTuneError(f"--resume {resume}: {cfg.data} changed since the run started; "
+                            "start a new run instead")
     data = _read_data(cfg.data, cfg, on_event)
     records = data.records
     train_records, val_records = split_validation(
@@ -120,7 +176,14 @@ def train(cfg: TrainConfig, on_event: EventSink = ignore,
     hw = probe()
     backend, why = registry.choose(cfg.backend, hw)
     on_event(Log(f"backend: {backend} ({why})"))
-    run_dir = _prepare_run_dir(cfg.out)
+    if resume is None:
+        run_dir = _prepare_run_dir(cfg.out)
+        shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # a stale one from a reused dir
+        write_text_atomic(run_dir / RUN_CONFIG, json.dumps(
+            {"config": cfg.to_dict(), "data_sha256": data_sha256}, indent=2) + "\n")
+    else:
+        run_dir = Path(resume)
+    ckpt = run_dir / CHECKPOINT
     job = {
         "config": cfg.to_dict(),
         "backend": backend,
@@ -132,6 +195,7 @@ def train(cfg: TrainConfig, on_event: EventSink = ignore,
         "run_dir": str(run_dir),
         "physical_cores": hw.physical_cores,
         "cpu_has_bf16": hw.has_bf16_cpu,
+        "resume_from": str(ckpt) if resume is not None and ckpt.is_dir() else None,
     }
     proc = TrainingProcess(job, run_dir, on_event)
     if cancel is not None:
@@ -146,6 +210,8 @@ def train(cfg: TrainConfig, on_event: EventSink = ignore,
     tokenizer_info = result.pop("tokenizer", {})
     base = _base_record(ref, result.pop("hf_dir"), base_sha256)
     adapter_info: dict = {"peft": "adapter"}
+    if result.get("mlx_adapter"):
+        adapter_info["mlx"] = result.pop("mlx_adapter")  # the native mlx-lm adapter dir
     if ref.gguf is not None:
         plan = export(run_dir / "adapter", base=ref.gguf, out=run_dir / "adapter.gguf",
                       on_event=on_event, _base_sha256=base["sha256"])
@@ -156,13 +222,16 @@ def train(cfg: TrainConfig, on_event: EventSink = ignore,
     man = manifest_mod.build(
         config=cfg.to_dict(), backend=backend, backend_reason=why, base=base,
         data={"path": str(data_path.resolve()), "format": data.format,
-              "sha256": sha256_file(data_path) if data_path.is_file() else None,
+              "sha256": data_sha256,
               "skipped": len(data.skipped),
               "records": len(records), "examples": result.get("examples"),
               "val": str(Path(cfg.val).resolve()) if cfg.val else None,
               "val_records": len(val_records)},
         result=result, tokenizer=tokenizer_info, adapter=adapter_info)
     manifest_mod.write(run_dir, man)
+    shutil.rmtree(ckpt, ignore_errors=True)  # finished: the adapter is the result
+    if getattr(cfg, "verify", True) and ref.gguf is not None:
+        _verify_hook(run_dir, None, on_event)  # llama.cpp runs what was trained, or exit 1
     on_event(Done("train", {"run_dir": str(run_dir)}))
     return TrainResult(run_dir, man)
 
@@ -183,6 +252,80 @@ def _base_record(ref: models.ModelRef, hf_dir: str, sha256: Optional[str]) -> di
     return rec
 
 
+# --- data inspection and runs on disk (for the TUI) --------------------------------------------
+
+
+def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "auto",
+                 on_event: EventSink = ignore) -> dict:
+    """``edge-tune data inspect``'s report (see :mod:`edge_tune.data.inspect`)."""
+    from edge_tune.data.inspect import inspect_data as _inspect
+
+    return _inspect(path, model=model, seq_len=seq_len, fmt=fmt, on_event=on_event)
+
+
+def bad_records(path, fmt: str = "auto") -> list[dict]:
+    """Every invalid record of a data file, ``[{"line", "message"}]`` (``train`` stops at the
+    first one; ``--skip-invalid`` skips them all)."""
+    try:
+        result = read_records(path, fmt=fmt, skip_invalid=True)
+    except EdgeTuneError as exc:  # nothing valid at all: the error names the first bad one
+        return [{"line": None, "message": str(exc)}]
+    return [{"line": line, "message": message} for line, message in result.skipped]
+
+
+def _run_summary(run_dir: Path) -> Optional[dict]:
+    from edge_tune.backends.checkpoint import read_state
+
+    man = manifest_mod.read(run_dir)
+    saved_path = run_dir / RUN_CONFIG
+    if man is None and not saved_path.is_file():
+        return None
+    row: dict = {"path": str(run_dir), "name": run_dir.name}
+    if man is not None:
+        res = man.get("result", {})
+        gguf = man.get("adapter", {}).get("gguf")
+        row.update(status="done", created=man.get("created"), step=res.get("steps"),
+                   total=res.get("steps"), final_loss=res.get("final_loss"),
+                   val_loss=res.get("val_loss"), tokens_per_second=res.get("tokens_per_second"),
+                   train_seconds=res.get("train_seconds"),
+                   base=man.get("base", {}).get("name") or man.get("base", {}).get("spec"),
+                   data=man.get("data", {}).get("path"),
+                   adapter_gguf=str(run_dir / gguf) if gguf and (run_dir / gguf).is_file()
+                   else None, hyperparameters=man.get("hyperparameters", {}))
+        return row
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        saved = {}
+    state = read_state(run_dir)
+    losses = (state or {}).get("losses") or []
+    row.update(status="cancelled", created=None, step=(state or {}).get("step", 0),
+               total=(state or {}).get("total"), final_loss=losses[-1] if losses else None,
+               val_loss=(state or {}).get("val_loss"), tokens_per_second=None,
+               train_seconds=(state or {}).get("train_seconds"), base=None,
+               data=saved.get("config", {}).get("data"), adapter_gguf=None,
+               hyperparameters=saved.get("config", {}))
+    return row
+
+
+def list_runs(root: Path = Path("runs")) -> list[dict]:
+    """The runs under ``root`` (finished and cancelled), newest first, with their metrics
+    from ``manifest.json`` (or the checkpoint of a cancelled run)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    rows = [r for d in root.iterdir() if d.is_dir() for r in [_run_summary(d)] if r]
+    return sorted(rows, key=lambda r: (r.get("created") or "", r["name"]), reverse=True)
+
+
+def delete_run(run_dir: Path) -> None:
+    """Remove a run directory; refuses anything that is not an edge-tune run."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or _run_summary(run_dir) is None:
+        raise EdgeTuneError(f"{run_dir}: not an edge-tune run directory; not deleting it")
+    shutil.rmtree(run_dir)
+
+
 # --- export ----------------------------------------------------------------------------------
 
 
@@ -194,10 +337,29 @@ def _adapter_dirs(adapter: Path) -> tuple[Path, Optional[dict]]:
     man = manifest_mod.read(adapter) if adapter.is_dir() else None
     if man is not None:
         return adapter / man.get("adapter", {}).get("peft", "adapter"), man
+    from edge_tune.converters import mlx_to_peft
+
+    if mlx_to_peft.is_mlx_adapter_dir(adapter):
+        return _peft_copy_of_mlx(adapter), None
     if (adapter / "adapter_config.json").is_file():
         return adapter, None
-    raise EdgeTuneError(f"{adapter}: neither an edge-tune run directory (manifest.json) nor a "
-                        "PEFT adapter directory (adapter_config.json)")
+    raise EdgeTuneError(f"{adapter}: neither an edge-tune run directory (manifest.json), a "
+                        "PEFT adapter directory (adapter_config.json) nor an mlx-lm adapter "
+                        "directory (adapters.safetensors)")
+
+
+def _peft_copy_of_mlx(mlx_dir: Path) -> Path:
+    """A PEFT copy of an mlx-lm adapter (any, including stock ``mlx_lm lora`` output), kept in
+    the cache by content hash so the user's directory is left as it was."""
+    from edge_tune.converters import mlx_to_peft
+    from edge_tune.fsutil import cache_dir
+
+    digest = sha256_file(mlx_dir / mlx_to_peft.WEIGHTS)[:16]
+    cfg_digest = sha256_file(mlx_dir / mlx_to_peft.CONFIG)[:8]
+    target = cache_dir() / "mlx-peft" / f"{digest}-{cfg_digest}"
+    if not (target / "adapter_config.json").is_file():
+        mlx_to_peft.convert(mlx_dir, target)
+    return target
 
 
 def _base_info_for_export(peft_dir: Path, man: Optional[dict], base: Optional[Path]):
@@ -225,24 +387,237 @@ def _base_info_for_export(peft_dir: Path, man: Optional[dict], base: Optional[Pa
 
 
 def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = None,
-           outtype: str = "f32", on_event: EventSink = ignore, _base_sha256: Optional[str] = None):
-    """Convert a PEFT adapter (or a run's adapter) to a GGUF LoRA adapter."""
+           outtype: str = "f32", on_event: EventSink = ignore, _base_sha256: Optional[str] = None,
+           merge: bool = False, quant: Optional[str] = None, ollama: Optional[Path] = None,
+           verify: bool = False):
+    """Convert a PEFT adapter (or a run's adapter) to a GGUF LoRA adapter; with ``merge``,
+    write one GGUF with the adapter merged into the base (``quant``: F16 default, Q4_K_M,
+    ...). ``verify`` checks llama.cpp against the training framework afterwards (runs only);
+    ``ollama`` writes a Modelfile into that directory."""
     from edge_tune.converters import peft_to_gguf
 
     peft_dir, man = _adapter_dirs(Path(adapter))
     info, base_gguf = _base_info_for_export(peft_dir, man, base)
+    if merge:
+        return _export_merged(Path(adapter), peft_dir, man, base_gguf, out, quant or "F16",
+                              on_event, verify=verify, ollama=ollama)
+    if quant is not None:
+        raise EdgeTuneError("--quant applies to merged exports only: add --merge (an adapter "
+                            "GGUF takes --outtype f32|f16|q8_0)")
     if out is None:
         out = (Path(adapter) / "adapter.gguf") if man is not None else \
-            peft_dir.with_name(peft_dir.name + ".gguf")
-    meta = {"general.name": f"edge-tune LoRA ({peft_dir.name})"}
+            Path(adapter).with_name(Path(adapter).name + ".gguf")
+    meta = {"general.name": f"edge-tune LoRA ({Path(adapter).name})"}
     if base_gguf is not None:
         meta["edge_tune.base_sha256"] = _base_sha256 or sha256_file(base_gguf)
         meta["edge_tune.base_name"] = Path(base_gguf).name
     plan = peft_to_gguf.convert(peft_dir, info, Path(out), outtype, meta)
     on_event(Log(f"wrote {out} ({len(plan.tensors) // 2} LoRA pairs, rank {plan.rank}, "
                  f"alpha {plan.alpha:g}, {outtype})"))
+    if verify and man is not None:
+        _verify_hook(Path(adapter), base, on_event)
+    if ollama is not None:
+        _write_ollama(Path(ollama), base_gguf, Path(out), None, man, on_event)
     on_event(Done("export", {"path": str(out)}))
     return plan
+
+
+def _export_merged(adapter: Path, peft_dir: Path, man: Optional[dict], base_gguf: Optional[Path],
+                   out: Optional[Path], quant: str, on_event: EventSink, verify: bool,
+                   ollama: Optional[Path]) -> dict:
+    """Merge into an F32 GGUF first (exact; what verify checks), then let llama.cpp's own
+    quantizer make the requested type from it."""
+    import tempfile
+
+    from edge_tune.converters import merge as merge_mod
+    from edge_tune.converters import quantize as quant_mod
+    from edge_tune.converters.peft_to_gguf import read_peft_dir
+    from edge_tune.fsutil import atomic_path
+
+    name = quant_mod.normalize(quant)
+    if base_gguf is None:
+        raise EdgeTuneError(f"{adapter}: --merge needs a GGUF base: pass --base BASE.gguf "
+                            "(make one from an HF model with `edge-tune convert-base`)")
+    if out is None:
+        out = (adapter if man is not None else peft_dir.parent) / f"merged-{name.lower()}.gguf"
+    out = Path(out)
+    config, tensors = read_peft_dir(peft_dir)
+    meta = {"edge_tune.merged_adapter": peft_dir.name,
+            "edge_tune.base_sha256": sha256_file(base_gguf)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = None
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as work:
+        f32 = out if name == "F32" else Path(work) / "merged-f32.gguf"
+        summary = merge_mod.merge(base_gguf, config, tensors, f32, "F32", where=str(peft_dir),
+                                  on_event=on_event, extra_metadata=meta)
+        if name != "F32":
+            reader = merge_mod.open_gguf(f32)
+            merge_mod.check_disk(out.parent, merge_mod.estimate_bytes(reader, "F32") *
+                                 quant_mod.BITS_PER_WEIGHT[name] // 32, str(out))
+            del reader
+            on_event(Progress("quantize", 0, None, "", f"quantizing to {name} (llama.cpp)"))
+            with atomic_path(out) as tmp:
+                quant_mod.quantize(f32, tmp, name)
+            on_event(Progress("quantize", 1, 1, "", f"quantized to {name}"))
+        size = out.stat().st_size
+        on_event(Log(f"wrote {out} ({summary['merged']} merged tensors"
+                     f"{', DoRA' if summary['dora'] else ''}, {name}, {size / 2**20:.0f} MiB)"))
+        if verify and man is not None:
+            report = _verify_hook(adapter, base_gguf, on_event, merged=out, merged_f32=f32)
+    if ollama is not None:
+        _write_ollama(Path(ollama), out, None, None, man, on_event)
+    result = {**summary, "path": str(out), "quant": name, "bytes": size, "verify": report}
+    on_event(Done("export", {"path": str(out)}))
+    return result
+
+
+def _place_beside(src: Path, directory: Path) -> str:
+    """Put ``src`` in ``directory`` (hard link, else copy) and return its name there."""
+    import os
+    import shutil
+
+    from edge_tune.fsutil import atomic_path
+
+    dst = directory / src.name
+    if dst.exists() and dst.resolve() == src.resolve():
+        return src.name
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+    return src.name
+
+
+def _write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Optional[Path],
+                  system: Optional[str], man: Optional[dict], on_event: EventSink) -> Path:
+    """DIR/Modelfile (FROM model, ADAPTER adapter, TEMPLATE from the chat template, stop
+    words, SYSTEM), with the files it names placed beside it."""
+    from edge_tune.converters import ollama
+    from edge_tune.converters.base_info import field_value, open_gguf
+    from edge_tune.fsutil import write_text_atomic
+
+    if model_gguf is None:
+        raise EdgeTuneError("--ollama needs a GGUF base model (pass --base BASE.gguf)")
+    reader = open_gguf(Path(model_gguf))
+    template = field_value(reader, "tokenizer.chat_template")
+    tokens = field_value(reader, "tokenizer.ggml.tokens") or []
+    eos_id = field_value(reader, "tokenizer.ggml.eos_token_id")
+    eos = tokens[eos_id] if eos_id is not None and eos_id < len(tokens) else None
+    del reader
+    go, blocks = None, None
+    if template:
+        try:
+            go, blocks = ollama.translate(template, eos or "")
+        except ollama.Untranslatable as exc:
+            on_event(Log(f"--ollama: chat template not translated ({exc}); the Modelfile has no "
+                         "TEMPLATE, so Ollama falls back to its own detection", "warning"))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    from_name = _place_beside(Path(model_gguf), directory)
+    adapter_name = _place_beside(Path(adapter_gguf), directory) if adapter_gguf else None
+    text = ollama.modelfile(f"./{from_name}", f"./{adapter_name}" if adapter_name else None, go,
+                            ollama.stop_words(blocks, eos), system,
+                            note="written by edge-tune export --ollama; run: ollama create NAME "
+                                 "-f Modelfile")
+    path = directory / "Modelfile"
+    write_text_atomic(path, text)
+    on_event(Log(f"wrote {path} (FROM {from_name}" + (f", ADAPTER {adapter_name}" if adapter_name
+                                                       else "") + ")"))
+    return path
+
+
+# --- convert-base ----------------------------------------------------------------------------
+
+
+def convert_base(model: str, out: Optional[Path] = None, outtype: str = "f16",
+                 on_event: EventSink = ignore) -> Path:
+    """HF model directory or hub ID -> GGUF base, with llama.cpp's own converter (taken from the
+    installed llama-cpp-python's sdist; see :mod:`edge_tune.converters.hf_to_gguf`)."""
+    from edge_tune.converters import hf_to_gguf
+
+    kind = models.check_spec(model)
+    if kind in ("gguf", "default"):
+        raise EdgeTuneError(f"{model}: already a GGUF model; convert-base takes an HF model "
+                            "directory or hub ID")
+    hf_dir = models.hf_dir_for(models.resolve(model, on_event), on_event)
+    if out is None:
+        out = Path(f"{Path(str(hf_dir)).name}-{outtype.lower()}.gguf")
+    path = hf_to_gguf.convert(Path(hf_dir), Path(out), outtype, on_event)
+    on_event(Log(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB)"))
+    on_event(Done("convert-base", {"path": str(path)}))
+    return path
+
+
+# --- verify ----------------------------------------------------------------------------------
+
+
+def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None,
+           on_event: EventSink = ignore, n_prompts: int = 3, max_new: int = 12,
+           _merged_f32: Optional[Path] = None) -> dict:
+    """torch+PEFT vs llama.cpp on the run's held-back prompts (see :mod:`edge_tune.verify`).
+    ``merged``: check a merged export instead of the run's adapter GGUF. Returns the report;
+    ``report["ok"]`` says whether it is within tolerance."""
+    import tempfile
+
+    from edge_tune import verify as verify_mod
+
+    run = Path(run)
+    peft_dir, man = _adapter_dirs(run)
+    if man is None:
+        raise EdgeTuneError(f"{run}: verify needs an edge-tune run directory (its manifest.json "
+                            "names the data and the base)")
+    if man.get("backend") == "mlx":
+        raise EdgeTuneError(f"{run}: verify does not support mlx runs yet")
+    _, base_gguf = _base_info_for_export(peft_dir, man, base)
+    if base_gguf is None:
+        raise EdgeTuneError(f"{run}: verify runs llama.cpp and needs a GGUF base: pass --base")
+    man_hf = man.get("base", {}).get("hf_dir")
+    if man_hf and Path(man_hf, "config.json").is_file() and \
+            (base is None or not man.get("base", {}).get("gguf")):
+        hf_dir = Path(man_hf)
+    else:
+        hf_dir = models.dequantized_copy(Path(base_gguf), on_event)
+    kw = dict(n_prompts=n_prompts, max_new=max_new, on_event=on_event)
+    if merged is None:
+        gg = man.get("adapter", {}).get("gguf")
+        if not gg or not (run / gg).is_file():
+            raise EdgeTuneError(f"{run}: no adapter.gguf to verify; run `edge-tune export {run}`")
+        report = verify_mod.verify_run(run, man, peft_dir, Path(base_gguf), hf_dir,
+                                       adapter_gguf=run / gg, **kw)
+    elif _merged_f32 is not None:
+        report = verify_mod.verify_run(run, man, peft_dir, Path(base_gguf), hf_dir,
+                                       merged=Path(merged), merged_f32=_merged_f32, **kw)
+    else:  # the exact check needs the F32 merge: remake it (seconds for small models)
+        from edge_tune.converters import merge as merge_mod
+        from edge_tune.converters.peft_to_gguf import read_peft_dir
+
+        merge_mod.open_gguf(Path(merged))  # a corrupt file fails here, in one line
+        config, tensors = read_peft_dir(peft_dir)
+        with tempfile.TemporaryDirectory(prefix="edge-tune-verify-") as work:
+            f32 = Path(work) / "merged-f32.gguf"
+            merge_mod.merge(Path(base_gguf), config, tensors, f32, "F32", str(peft_dir),
+                            on_event)
+            report = verify_mod.verify_run(run, man, peft_dir, Path(base_gguf), hf_dir,
+                                           merged=Path(merged), merged_f32=f32, **kw)
+    result = report.to_dict()
+    on_event(Done("verify", {"ok": result["ok"]}))
+    return result
+
+
+def _verify_hook(run: Path, base: Optional[Path], on_event: EventSink,
+                 merged: Optional[Path] = None, merged_f32: Optional[Path] = None) -> dict:
+    """The short check ``train`` and ``export`` run by default: two prompts, a few tokens.
+    Out of tolerance is an error (exit 1) after the files are written."""
+    report = verify(run, base=base, merged=merged, on_event=on_event, n_prompts=2, max_new=8,
+                    _merged_f32=merged_f32)
+    summary = (f"verify: adapter effect error {report['effect_rel_err']:.2e}, top-1 "
+               f"{report['top1_agreement']:.0%}, mean KL {report['mean_kl']:.4f} on "
+               f"{report['n_prompts']} held-back prompts")
+    if not report["ok"]:
+        raise EdgeTuneError(f"{summary}: out of tolerance: {'; '.join(report['failures'])}", 1)
+    on_event(Log(summary + " (ok)"))
+    return report
 
 
 # --- chat ------------------------------------------------------------------------------------
@@ -318,3 +693,107 @@ def chat_once(target: ChatTarget, prompt: str, system: Optional[str] = None,
         yield from engine.chat_stream(messages, temperature=temperature, max_tokens=max_tokens)
     finally:
         engine.close()
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ServePlan:
+    """What a server (or a side-by-side chat) loads: one base, named adapters."""
+
+    base: Path
+    adapters: dict  # name -> adapter .gguf Path
+    base_sha256: Optional[str] = None  # known already (a bundle): skips hashing the base
+
+
+def plan_serving(adapter_specs: list[str], base: Optional[str] = None) -> ServePlan:
+    """``NAME=PATH`` specs (PATH: run dir or adapter .gguf) -> base + adapters. The base is
+    ``--base``, else the first run's base, else the embedded default model."""
+    from edge_tune.server import parse_adapter_spec
+
+    adapters: dict = {}
+    base_path: Optional[Path] = None
+    if base is not None:
+        base_path = resolve_chat(None, base).base
+    for spec in adapter_specs:
+        name, path = parse_adapter_spec(spec)
+        if name in adapters:
+            raise EdgeTuneError(f"--adapter {spec}: the name {name!r} is used twice")
+        target = resolve_chat(Path(path), base)
+        adapters[name] = target.adapter
+        base_path = base_path or target.base
+    return ServePlan(base_path or models.default_gguf(), adapters)
+
+
+def open_serving(plan: ServePlan, on_event: EventSink = ignore, **engine_kw):
+    """Load the base once and every adapter once, each validated against the base first."""
+    from edge_tune.engine import Engine
+
+    engine = Engine(plan.base, **engine_kw)
+    try:
+        base_sha = plan.base_sha256
+        for name, path in plan.adapters.items():
+            engine.add_adapter(path, name)
+            trained_on = engine.adapter_meta[name].get("edge_tune.base_sha256")
+            if trained_on:
+                base_sha = base_sha or sha256_file(plan.base)
+                if trained_on != base_sha:
+                    on_event(Log(f"{path} ({name}) was trained on a different base file than "
+                                 f"{plan.base} (sha256 differs); its answers may be off",
+                                 "warning"))
+    except BaseException:
+        engine.close()
+        raise
+    return engine
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise EdgeTuneError(f"--host {host}: cannot resolve ({exc.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            raise EdgeTuneError(f"--port {port}: cannot listen on {host}:{port} "
+                                f"({exc.strerror}); pick another --port") from None
+
+
+def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
+          api_key: Optional[str] = None, n_ctx: int = 4096, max_queue: int = 64,
+          on_event: EventSink = ignore) -> None:
+    """Run the OpenAI-compatible server until interrupted (blocks)."""
+    try:
+        import uvicorn
+
+        from edge_tune.server.app import build_app
+    except ImportError:
+        raise EdgeTuneError("the server needs starlette and uvicorn: pip install "
+                            "'edge-tune[run]'") from None
+    from edge_tune.server.scheduler import Scheduler
+
+    _check_port_free(host, port)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        on_event(Log(f"listening on {host} without --api-key: anyone who can reach this "
+                     "port can use the models", "warning"))
+    engine = open_serving(plan, on_event, n_ctx=n_ctx)
+    scheduler = Scheduler(engine, max_queue=max_queue)
+    names = ["base", *plan.adapters]
+    try:
+        app = build_app(scheduler, names, api_key)
+        shown = f"[{host}]" if ":" in host else host
+        on_event(Log(f"serving {plan.base.name} as {', '.join(names)} on "
+                     f"http://{shown}:{port}/v1 (Ctrl-C stops)"))
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                access_log=False, lifespan="off")
+        uvicorn.Server(config).run()
+    finally:
+        scheduler.close()
+        engine.close()
+    on_event(Done("serve", {}))

@@ -96,19 +96,39 @@ def train(
                                               "for validation, e.g. 0.1."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="run.toml with any of "
                                           "these options (flags win)."),
+    verify: Optional[bool] = typer.Option(None, "--verify/--no-verify", help="After training, "
+                                          "check llama.cpp against torch+PEFT on held-back "
+                                          "prompts; out of tolerance exits 1 [default: on]."),
+    save_every: Optional[int] = typer.Option(None, help="Save a resumable checkpoint "
+                                             "(RUN/checkpoint) every N steps; one is always "
+                                             "saved on cancel (default 50)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a cancelled run "
+                                          "(its directory) from its checkpoint, with its own "
+                                          "settings, to the same total steps."),
 ) -> None:
-    """Train a LoRA adapter; writes RUN/adapter (PEFT), RUN/adapter.gguf, RUN/manifest.json."""
+    """Train a LoRA adapter; writes RUN/adapter (PEFT), RUN/adapter.gguf, RUN/manifest.json.
+
+    Ctrl-C stops training and leaves RUN/checkpoint; `--resume RUN` continues it."""
     from edge_tune import api
     from edge_tune.config import build
     from edge_tune.render import Renderer
 
-    cfg = build(config, data=data, format=data_format, skip_invalid=skip_invalid,
-                train_on=train_on, pack=pack, overflow=overflow, model=model, backend=backend,
-                out=str(out_dir) if out_dir else None, epochs=epochs, max_steps=max_steps,
-                lr=lr, rank=rank, alpha=alpha, batch_size=batch_size, seq_len=seq_len,
-                seed=seed, val=str(val) if val else None, val_split=val_split)
+    flags = dict(data=data, format=data_format, skip_invalid=skip_invalid,
+                 train_on=train_on, pack=pack, overflow=overflow, model=model, backend=backend,
+                 out=str(out_dir) if out_dir else None, epochs=epochs, max_steps=max_steps,
+                 lr=lr, rank=rank, alpha=alpha, batch_size=batch_size, seq_len=seq_len,
+                 seed=seed, val=str(val) if val else None, val_split=val_split,
+                 save_every=save_every, verify=verify)
+    if resume is not None:
+        given = [k for k, v in flags.items() if v is not None] + (["config"] if config else [])
+        if given:
+            raise EdgeTuneError(f"--resume {resume}: continues the run with its own settings; "
+                                f"drop --{given[0].replace('_', '-')}")
+        cfg = None
+    else:
+        cfg = build(config, **flags)
     with Renderer(err) as render:
-        result = api.train(cfg, render)
+        result = api.train(cfg, render, resume=resume)
     r = result.manifest["result"]
     val_text = f", validation loss {r['val_loss']:.3f}" if r.get("val_loss") is not None else ""
     out.print(f"[green]done[/] in {r['train_seconds']:.0f}s: {r['steps']} steps, final loss "
@@ -126,14 +146,104 @@ def export(
                                         "the run's base."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .gguf "
                                           "[default: RUN/adapter.gguf]."),
-    outtype: str = typer.Option("f32", help="f32 | f16 | q8_0."),
+    outtype: str = typer.Option("f32", help="Adapter GGUF type: f32 | f16 | q8_0."),
+    merge: bool = typer.Option(False, "--merge", help="Write ONE GGUF with the adapter merged "
+                               "into the base weights (W + scale*B*A; rsLoRA and DoRA too) "
+                               "instead of an adapter file [default: RUN/merged-QUANT.gguf]."),
+    quant: Optional[str] = typer.Option(None, "--quant", "-q", help="With --merge: F32 | F16 | "
+                                        "BF16 | Q8_0 | Q6_K | Q5_K_M | Q4_K_M | Q4_0 | ... "
+                                        "(llama.cpp's own quantizer) [default: F16]."),
+    ollama: Optional[Path] = typer.Option(None, "--ollama", help="Also write an Ollama "
+                                          "Modelfile (FROM/ADAPTER/TEMPLATE/stop) into DIR."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="After exporting a run, "
+                                "check llama.cpp against torch+PEFT on held-back prompts "
+                                "(see `edge-tune verify`)."),
 ) -> None:
-    """Convert a PEFT LoRA adapter to a GGUF LoRA adapter for llama.cpp."""
+    """Convert a PEFT LoRA adapter to a GGUF LoRA adapter for llama.cpp, or (--merge) write a
+    merged, optionally quantized GGUF.
+
+    Examples:\n
+      edge-tune export runs/demo                       # RUN/adapter.gguf\n
+      edge-tune export runs/demo --merge -q Q4_K_M     # RUN/merged-q4_k_m.gguf\n
+      edge-tune export runs/demo --merge --ollama out/ # plus out/Modelfile"""
     from edge_tune import api
     from edge_tune.render import Renderer
 
     with Renderer(err) as render:
-        api.export(adapter, base=base, out=output, outtype=outtype, on_event=render)
+        api.export(adapter, base=base, out=output, outtype=outtype, on_event=render,
+                   merge=merge, quant=quant, ollama=ollama, verify=verify)
+
+
+# --- convert-base ----------------------------------------------------------------------------
+
+@app.command("convert-base")
+def convert_base(
+    model: str = typer.Argument(..., help="An HF model directory (config.json + "
+                                "*.safetensors) or a hub ID."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .gguf "
+                                          "[default: NAME-OUTTYPE.gguf here]."),
+    outtype: str = typer.Option("f16", help="f32 | f16 | bf16 | q8_0, or any --quant type of "
+                                "`export --merge` (Q4_K_M, Q5_K_M, ...)."),
+) -> None:
+    """Convert an HF safetensors model to a GGUF base for llama.cpp (weights, tokenizer,
+    special tokens, chat template).
+
+    Uses llama.cpp's own convert_hf_to_gguf.py from the installed llama-cpp-python's sdist, so
+    converter and runtime agree (fetched once through pip into the cache)."""
+    from edge_tune import api
+    from edge_tune.render import Renderer
+
+    with Renderer(err) as render:
+        path = api.convert_base(model, out=output, outtype=outtype, on_event=render)
+    out.print(f"base GGUF: [bold]{path}[/]  (train on it: edge-tune train --model {path})")
+
+
+# --- verify ----------------------------------------------------------------------------------
+
+@app.command()
+def verify(
+    run: Path = typer.Argument(..., help="A run directory (manifest.json names its data and "
+                               "base)."),
+    base: Optional[Path] = typer.Option(None, help="Base GGUF to check on [default: the "
+                                        "run's base]."),
+    merged: Optional[Path] = typer.Option(None, "--merged", help="Check this merged export "
+                                          "(from `export --merge`) instead of adapter.gguf."),
+    prompts: int = typer.Option(3, "--prompts", "-n", help="Held-back examples to use."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable report."),
+) -> None:
+    """Check that llama.cpp runs what was trained: torch+PEFT vs llama.cpp on held-back
+    prompts from the run's validation data (else its training data).
+
+    Reports the relative error of the adapter's effect on an F32 copy of the base (exact:
+    catches wrong alpha, rsLoRA scale, q/k layout), top-1 agreement and mean KL of the tuned
+    model on the real (quantized) base, and greedy answers side by side. Exit 0 only within
+    tolerance, 1 when out of it."""
+    from edge_tune import api
+    from edge_tune.render import Renderer
+
+    with Renderer(err, quiet=as_json) as render:
+        report = api.verify(run, base=base, merged=merged, on_event=render, n_prompts=prompts)
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        from rich.table import Table
+
+        t = report["tolerance"]
+        out.print(f"checked: {report['checked']} on {report['n_prompts']} held-back prompts "
+                  f"({report['n_positions']} positions)")
+        out.print(f"  adapter effect, F32 base: relative error {report['effect_rel_err']:.2e}"
+                  f"  (limit {t['effect_rel_err']})")
+        out.print(f"  tuned model, real base:   top-1 agreement {report['top1_agreement']:.1%}"
+                  f" (min {t['top1_min']:.0%}), mean KL {report['mean_kl']:.4f} "
+                  f"(max {t['kl_max']})")
+        table = Table("prompt", "torch + PEFT", "llama.cpp", title="greedy answers")
+        for g in report["greedy"]:
+            table.add_row(g["prompt"][-60:].strip(), g["torch"], g["llama_cpp"])
+        out.print(table)
+        out.print("[green]ok[/]: within tolerance" if report["ok"] else
+                  "[red]out of tolerance[/]: " + "; ".join(report["failures"]))
+    if not report["ok"]:
+        raise typer.Exit(1)
 
 
 # --- chat ------------------------------------------------------------------------------------
@@ -193,6 +303,54 @@ def chat(
             history.append({"role": "assistant", "content": "".join(reply)})
     finally:
         engine.close()
+
+
+# --- serve -----------------------------------------------------------------------------------
+
+@app.command()
+def serve(
+    adapter: list[str] = typer.Option([], "--adapter", "-a", metavar="NAME=PATH",
+                                      help="An adapter clients reach as model NAME; PATH is a "
+                                      "run directory or an adapter .gguf. Repeat for more."),
+    base: Optional[str] = typer.Option(None, help="Base GGUF (default: the first run's base, "
+                                       "else the embedded model). Clients reach it as 'base'."),
+    bundle: Optional[Path] = typer.Option(None, help="Serve a bundle made by `edge-tune "
+                                          "bundle` (a folder or .tar.gz; checksums verified)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback "
+                             "exposes the models to the network."),
+    port: int = typer.Option(8000, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGE_TUNE_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' (or set "
+                                          "EDGE_TUNE_API_KEY, which ps cannot show)."),
+    ctx: int = typer.Option(4096, "--ctx", help="Context window in tokens (prompt + answer)."),
+    max_queue: int = typer.Option(64, help="Requests that may wait; more get HTTP 503."),
+) -> None:
+    """Serve the base and its adapters over an OpenAI-compatible API.
+
+    One base model in memory, every adapter loaded once and switched per request by the
+    `model` field (`base` = no adapter). Requests queue for the one llama.cpp context.
+
+    \b
+      edge-tune serve --adapter pirate=runs/demo --adapter legal=legal.gguf
+      curl localhost:8000/v1/chat/completions -d '{"model": "pirate",
+           "messages": [{"role": "user", "content": "hi"}]}'
+    Any OpenAI client works: base_url="http://127.0.0.1:8000/v1".
+    """
+    from edge_tune import api
+    from edge_tune.render import Renderer
+
+    if bundle is not None:
+        if adapter or base:
+            raise EdgeTuneError("--bundle: serves the bundle's own base and adapters; leave "
+                                "out --adapter and --base")
+        from edge_tune.bundle import load_bundle
+
+        plan = load_bundle(bundle)
+    else:
+        plan = api.plan_serving(adapter, base)
+    render = Renderer(err)
+    api.serve(plan, host=host, port=port, api_key=api_key, n_ctx=ctx, max_queue=max_queue,
+              on_event=render)
 
 
 # --- demo ------------------------------------------------------------------------------------

@@ -40,10 +40,12 @@ class TrainConfig:
     val: Optional[str] = None  # a separate validation file
     val_split: float = 0.0  # or hold out this share of --data
     eval_every: int = 0  # steps between validation passes; 0 = about 5 over the run
+    save_every: int = 50  # steps between checkpoints (RUN/checkpoint); 0 = only on cancel
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     warmup_steps: int = 5
     precision: str = "auto"  # auto | bf16 | fp32
     threads: int = 0  # 0 = physical cores
+    verify: bool = True  # after training: llama.cpp vs torch+PEFT on held-back prompts
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -65,6 +67,7 @@ _CHECKS = {
     "train_on": (lambda v: v in ("assistant", "all"), "assistant or all"),
     "overflow": (lambda v: v in ("truncate", "drop"), "truncate or drop"),
     "eval_every": (lambda v: v >= 0, "an integer >= 0"),
+    "save_every": (lambda v: v >= 0, "an integer >= 0"),
     "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
     "target_modules": (lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
                        "a non-empty list of module names"),

@@ -14,6 +14,8 @@ from typing import Optional
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Done, EventSink, Failed, Log, from_json
 
+GRACE_SECONDS = 20  # after SIGTERM the worker writes its checkpoint (~1 s), then exits
+
 
 class TrainingProcess:
     """One training subprocess. ``wait()`` relays events and returns the Done result."""
@@ -25,7 +27,8 @@ class TrainingProcess:
         job_file = self.run_dir / ".job.json"
         job_file.write_text(json.dumps(job))
         self.log_path = self.run_dir / "train.log"
-        self._log = open(self.log_path, "w")
+        # A resumed run appends to the log of the run it continues.
+        self._log = open(self.log_path, "a" if job.get("resume_from") else "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                    HF_HUB_DISABLE_TELEMETRY="1")
         self.proc = subprocess.Popen(
@@ -36,13 +39,14 @@ class TrainingProcess:
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
-        """Stop training now: SIGTERM to the whole group, SIGKILL if it lingers."""
+        """Stop training: SIGTERM to the whole group (the worker saves a checkpoint and
+        exits), SIGKILL if it lingers past the grace period."""
         self._cancelled.set()
         if self.proc.poll() is not None:
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=5)
+            self.proc.wait(timeout=GRACE_SECONDS)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -73,7 +77,10 @@ class TrainingProcess:
             self._log.close()
             (self.run_dir / ".job.json").unlink(missing_ok=True)
         if self._cancelled.is_set():
-            raise EdgeTuneError("training cancelled", 130)
+            resumable = (self.run_dir / "checkpoint" / "state.json").is_file()
+            raise EdgeTuneError("training cancelled" + (
+                f"; resume with `edge-tune train --resume {self.run_dir}`" if resumable
+                else ""), 130)
         if failure is not None:
             raise EdgeTuneError(failure.message, failure.exit_code)
         if code != 0 or result is None:

@@ -13,7 +13,7 @@ MODULES = ["edge_tune", "edge_tune.api", "edge_tune.cli", "edge_tune.engine",
            "edge_tune.data.template", "edge_tune.backends.registry", "edge_tune.backends.cpu",
            "edge_tune.backends.worker", "edge_tune.converters.peft_to_gguf",
            "edge_tune.converters.validate", "edge_tune.converters.gguf_f32", "edge_tune.tui",
-           "edge_tune.data.inspect", "edge_tune.render_inspect"]
+           "edge_tune.data.inspect", "edge_tune.render_inspect", "edge_tune.backends.checkpoint"]
 
 
 def _loaded_after(code: str) -> list[str]:

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Callable
 
+from edge_tune.backends import checkpoint
 from edge_tune.data.template import IGNORE, Example
+from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Log, Metric, Progress
 
 
@@ -65,11 +68,15 @@ def collate(examples: list[Example], pad_id: int):
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: group example indices into rows of at most ``capacity`` tokens
-    (an example longer than that gets a row of its own). Pure."""
+    """Group example indices into as few rows of at most ``capacity`` tokens as first-fit
+    decreasing finds, then spread the examples evenly over those rows (longest first, each into
+    the emptiest row) when that still fits: a batch is as wide as its fullest row, so even rows
+    mean less padding and shorter attention. An example longer than ``capacity`` gets a row of
+    its own. Pure."""
     rows: list[list[int]] = []
     room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+    by_length = sorted(range(len(lengths)), key=lambda j: -lengths[j])
+    for i in by_length:
         for r, free in enumerate(room):
             if lengths[i] <= free:
                 rows[r].append(i)
@@ -78,6 +85,15 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
         else:
             rows.append([i])
             room.append(capacity - lengths[i])
+    even: list[list[int]] = [[] for _ in rows]
+    fill = [0] * len(rows)
+    for i in by_length:
+        r = min(range(len(fill)), key=fill.__getitem__)
+        even[r].append(i)
+        fill[r] += lengths[i]
+    fits = all(f <= capacity or len(row) == 1 for f, row in zip(fill, even))
+    if fits and max(fill) < capacity - min(room):
+        return even
     return rows
 
 
@@ -246,40 +262,80 @@ def train(job: dict, emit: Callable) -> dict:
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
     model.train()
     batches: list[list[int]] = []
-    tokens_done, losses, start = 0, [], time.perf_counter()
-    for step in range(total):
-        if not batches:
-            batches = length_grouped_batches(lengths, cfg["batch_size"], rng)
-        batch = [examples[i] for i in batches.pop()]
-        if cfg.get("pack"):
-            ids, labels, mask, positions, n_tokens = collate_packed(batch, job["pad_id"],
-                                                                   cfg["seq_len"])
-        else:
-            (ids, labels, mask), positions = collate(batch, job["pad_id"]), None
-            n_tokens = int(mask.sum())
-        lr = lr_at(step, total, cfg["lr"], min(cfg["warmup_steps"], total // 10))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with compute_precision(model, bf16):
-            loss = response_loss(model, ids, labels, mask, positions)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    tokens_done, losses, start, first = 0, [], time.perf_counter(), 0
+    if job.get("resume_from"):
+        state = checkpoint.restore(Path(job["resume_from"]), model, opt)
+        if state["total"] != total:
+            raise EdgeTuneError(f"{job['resume_from']}: the checkpoint is for {state['total']} "
+                                f"steps, this run has {total}; the data or config changed")
+        first, batches, tokens_done, losses = (state["step"], state["batches"],
+                                               state["tokens"], state["losses"])
+        val_loss = state.get("val_loss")
+        rng.setstate(checkpoint.rng_state_from_json(state["rng"]))
+        start -= state["train_seconds"]
+        emit(Log(f"resumed from the checkpoint at step {first}/{total}"))
+    stop = job.get("interrupt") or checkpoint.Interrupt()  # installed by the worker
+    save_every = cfg.get("save_every") or 0
 
-        tokens_done += n_tokens
-        losses.append(loss.item())
-        elapsed = time.perf_counter() - start
-        emit(Metric(step=step + 1, total_steps=total, loss=losses[-1],
-                    tokens_per_second=tokens_done / elapsed,
-                    eta_seconds=elapsed / (step + 1) * (total - step - 1), learning_rate=lr,
-                    epoch=(step + 1) / steps_per_epoch))
-        if step + 1 in evals:
-            t_eval = time.perf_counter()
-            val_loss = evaluate(model, val_examples, cfg["batch_size"], job["pad_id"], bf16)
-            start += time.perf_counter() - t_eval  # tok/s counts training time only
-            emit(Metric(step=step + 1, total_steps=total, loss=val_loss, split="val",
+    def save_checkpoint(done: int) -> None:
+        # Batches left = the data order; the LR schedule is a pure function of the step.
+        checkpoint.save(Path(job["run_dir"]), model, opt, {
+            "step": done, "total": total, "batches": batches, "tokens": tokens_done,
+            "losses": losses, "val_loss": val_loss, "train_seconds": time.perf_counter() - start,
+            "rng": checkpoint.rng_state_to_json(rng.getstate())})
+
+    done = first
+    try:
+        for step in range(first, total):
+            with stop.guard():
+                if not batches:
+                    batches = length_grouped_batches(lengths, cfg["batch_size"], rng)
+            batch = [examples[i] for i in batches[-1]]
+            if cfg.get("pack"):
+                ids, labels, mask, positions, n_tokens = collate_packed(batch, job["pad_id"],
+                                                                       cfg["seq_len"])
+            else:
+                (ids, labels, mask), positions = collate(batch, job["pad_id"]), None
+                n_tokens = int(mask.sum())
+            lr = lr_at(step, total, cfg["lr"], min(cfg["warmup_steps"], total // 10))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with compute_precision(model, bf16):
+                loss = response_loss(model, ids, labels, mask, positions)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            with stop.guard():  # SIGTERM waits for the update to complete
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                batches.pop()
+                tokens_done += n_tokens
+                losses.append(loss.item())
+                done = step + 1
+
+            elapsed = time.perf_counter() - start
+            emit(Metric(step=step + 1, total_steps=total, loss=losses[-1],
+                        tokens_per_second=tokens_done / elapsed,
+                        eta_seconds=elapsed / (step + 1) * (total - step - 1), learning_rate=lr,
                         epoch=(step + 1) / steps_per_epoch))
+            if step + 1 in evals:
+                t_eval = time.perf_counter()
+                val_loss = evaluate(model, val_examples, cfg["batch_size"], job["pad_id"], bf16)
+                start += time.perf_counter() - t_eval  # tok/s counts training time only
+                emit(Metric(step=step + 1, total_steps=total, loss=val_loss, split="val",
+                            epoch=(step + 1) / steps_per_epoch))
+            if save_every and (step + 1) % save_every == 0 and step + 1 < total:
+                with stop.guard():
+                    save_checkpoint(step + 1)
+    except BaseException as exc:
+        # SIGTERM (or Ctrl-C) may surface wrapped by a library; either way the weights are
+        # those after step ``done``: the update is guarded and forward/backward change none.
+        if not (stop.requested or isinstance(exc, KeyboardInterrupt)):
+            raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the save
+        save_checkpoint(done)
+        emit(Log(f"checkpoint saved at step {done}/{total}; resume with "
+                 f"`edge-tune train --resume {job['run_dir']}`"))
+        raise checkpoint.Cancelled() from None
 
     out = Path(job["adapter_dir"])
     model.save_pretrained(str(out), safe_serialization=True)

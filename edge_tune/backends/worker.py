@@ -100,9 +100,13 @@ def run(job: dict, emit) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    from edge_tune.backends.checkpoint import Interrupt
+
     emit = _event_stream()
+    interrupt = Interrupt().install()  # cancel = SIGTERM: the backend saves a checkpoint
     try:
         job = json.loads(Path(argv[0]).read_text())
+        job["interrupt"] = interrupt
         result = run(job, emit)
     except EdgeTuneError as exc:
         emit(Failed(str(exc), exc.exit_code))

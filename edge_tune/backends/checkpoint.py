@@ -1,0 +1,169 @@
+"""Resumable training: a checkpoint in safetensors + JSON (never pickle), and a safe SIGTERM.
+
+A checkpoint is a directory ``RUN/checkpoint/`` written all-or-nothing:
+
+* ``adapter.safetensors``: the trainable (LoRA) parameters by name;
+* ``optimizer.safetensors``: every tensor of the optimizer state (``state.<i>.<key>``) and
+  torch's RNG state;
+* ``state.json``: the step, the total steps, the optimizer's scalars and param groups, the
+  Python RNG state and the batches left in the current epoch (the data order), the running
+  counters (tokens, losses, training seconds), and the validation loss so far.
+
+The learning-rate schedule is a pure function of the step (``cpu.lr_at``), so the step is its
+whole state. torch and safetensors are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from edge_tune.errors import EdgeTuneError
+from edge_tune.fsutil import atomic_path
+
+CHECKPOINT = "checkpoint"
+FORMAT = "edge-tune-checkpoint/1"
+
+
+class Cancelled(KeyboardInterrupt):
+    """Raised in the training loop when SIGTERM arrives (a KeyboardInterrupt, so that no
+    library's ``except Exception`` swallows it)."""
+
+
+class Interrupt:
+    """Turns SIGTERM into :class:`Cancelled`, but never in the middle of a :meth:`guard`ed
+    block (an optimizer update cut in half would leave weights and state out of step)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._depth = 0
+
+    def install(self) -> Interrupt:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        self.requested = True
+        if not self._depth:
+            raise Cancelled()
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if self.requested and not self._depth:
+            raise Cancelled()
+
+
+# --- optimizer state <-> safetensors + JSON ---------------------------------------------------
+
+
+def flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
+    """(tensors, json_meta) from ``optimizer.state_dict()``; :func:`unflatten_optimizer` is
+    its inverse."""
+    import torch
+
+    tensors, scalars = {}, {}
+    for idx, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+              for g in state_dict["param_groups"]]
+    return tensors, {"scalars": scalars, "param_groups": groups,
+                     "indices": [str(i) for i in state_dict["state"]]}
+
+
+def unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for idx in meta["indices"]:
+        state[int(idx)] = dict(meta["scalars"].get(idx, {}))
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# --- save / load ------------------------------------------------------------------------------
+
+
+def save(run_dir: Path, model, optimizer, state: dict) -> Path:
+    """Write ``run_dir/checkpoint`` atomically (the previous one stays until the new one is
+    complete). ``state`` is JSON-safe (step, total, rng, batches, counters)."""
+    import torch
+    from safetensors.torch import save_file
+
+    final = Path(run_dir) / CHECKPOINT
+    lora = {name: p.detach().contiguous() for name, p in model.named_parameters()
+            if p.requires_grad}
+    opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
+    opt_tensors["torch_rng_state"] = torch.get_rng_state()
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        save_file(lora, str(tmp / "adapter.safetensors"))
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(
+            {"format": FORMAT, **state, "optimizer": opt_meta}))
+    return final
+
+
+def read_state(run_dir: Path) -> dict | None:
+    """The checkpoint's ``state.json`` (None when the run has no checkpoint)."""
+    path = Path(run_dir) / CHECKPOINT / "state.json"
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EdgeTuneError(f"{path}: unreadable checkpoint state ({exc})") from None
+    if state.get("format") != FORMAT:
+        raise EdgeTuneError(f"{path}: format {state.get('format')!r} is not {FORMAT!r}")
+    return state
+
+
+def restore(ckpt_dir: Path, model, optimizer) -> dict:
+    """Load LoRA weights, optimizer state and torch's RNG into the live objects; return the
+    JSON state (step, batches, rng, counters) for the loop to continue from."""
+    import torch
+    from safetensors.torch import load_file
+
+    ckpt_dir = Path(ckpt_dir)
+    state = read_state(ckpt_dir.parent)
+    if state is None:
+        raise EdgeTuneError(f"{ckpt_dir}: no checkpoint to resume from")
+    lora = load_file(str(ckpt_dir / "adapter.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in lora]
+    if missing or any(n not in params for n in lora):
+        raise EdgeTuneError(f"{ckpt_dir}: the checkpoint's LoRA tensors do not match this "
+                            f"model (e.g. {(missing or list(lora))[0]})")
+    with torch.no_grad():
+        for name, value in lora.items():
+            if params[name].shape != value.shape:
+                raise EdgeTuneError(f"{ckpt_dir}: {name} has shape {tuple(value.shape)}, "
+                                    f"the model expects {tuple(params[name].shape)}")
+            params[name].copy_(value)
+    tensors = load_file(str(ckpt_dir / "optimizer.safetensors"))
+    torch.set_rng_state(tensors.pop("torch_rng_state"))
+    optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
+    return state
+
+
+def rng_state_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def rng_state_from_json(data: list) -> tuple:
+    return (data[0], tuple(data[1]), data[2])
