@@ -33,9 +33,23 @@ err = Console(stderr=True)
 
 @app.callback(invoke_without_command=True)
 def _root(ctx: typer.Context) -> None:
+    """With no command, open the terminal UI (the same as `edge-tune tui`)."""
     if ctx.invoked_subcommand is None:
-        # The TUI arrives with its own issue; until then, teach the commands.
-        typer.echo(ctx.get_help())
+        _open_tui(Path("runs"))
+
+
+def _open_tui(runs: Path) -> None:
+    try:
+        import textual  # noqa: F401 - imported here only: --help and the core stay light
+    except ImportError:
+        raise EdgeTuneError("the terminal UI needs textual: pip install 'edge-tune[tui]' (or "
+                            "run `edge-tune --help` for the commands)") from None
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise EdgeTuneError("the terminal UI needs an interactive terminal; run "
+                            "`edge-tune --help` for the commands")
+    from edge_tune.tui import run
+
+    run(runs_root=str(runs))
 
 
 # --- doctor ----------------------------------------------------------------------------------
@@ -258,11 +272,28 @@ def chat(
     system: Optional[str] = typer.Option(None, help="System prompt."),
     temperature: float = typer.Option(0.7, help="0 = greedy."),
     max_tokens: int = typer.Option(256, help="Max tokens per answer."),
+    compare: Optional[str] = typer.Option(None, "--compare", metavar="OTHER", help="Answer "
+                                          "each prompt twice, side by side: with --adapter and "
+                                          "with OTHER ('base', or a second run dir / adapter "
+                                          ".gguf; an adapter name with --bundle)."),
+    bundle: Optional[Path] = typer.Option(None, help="Chat with a bundle made by `edge-tune "
+                                          "bundle`; --adapter then names one of its adapters "
+                                          "(checksums verified)."),
 ) -> None:
-    """Chat with the base model plus an adapter, through llama.cpp (streamed)."""
+    """Chat with the base model plus an adapter, through llama.cpp (streamed).
+
+    \b
+      edge-tune chat --adapter runs/demo --prompt "What do bees make?"
+      edge-tune chat --adapter runs/demo --compare base --prompt "What do bees make?"
+      edge-tune chat --bundle my-bundle --adapter pirate
+    """
     from edge_tune import api
     from edge_tune.render import Renderer
 
+    if bundle is not None or compare is not None:
+        _chat_plan(api.chat_plan(str(adapter) if adapter else None, base, bundle, compare),
+                   prompt, system, temperature=temperature, max_tokens=max_tokens)
+        return
     target = api.resolve_chat(adapter, base)
     engine = api.open_engine(target, Renderer(err))
     kw = dict(temperature=temperature, max_tokens=max_tokens)
@@ -303,6 +334,69 @@ def chat(
             history.append({"role": "assistant", "content": "".join(reply)})
     finally:
         engine.close()
+
+
+def _chat_plan(planned, prompt: Optional[str], system: Optional[str], **kw) -> None:
+    """chat --bundle / --compare: one engine, one or two sides; two are shown side by side."""
+    from rich.table import Table
+
+    from edge_tune import api
+    from edge_tune.render import Renderer
+
+    plan, sides = planned
+    engine = api.open_serving(plan, Renderer(err))
+    histories = [[{"role": "system", "content": system}] if system else [] for _ in sides]
+
+    def answer(text: str) -> list[str]:
+        replies = []
+        for (_, name), history in zip(sides, histories):
+            history.append({"role": "user", "content": text})
+            if engine.active != name:
+                engine.activate(name)
+            if len(sides) == 1:  # one side: stream it, as plain chat does
+                pieces = []
+                for piece in engine.chat_stream(history, **kw):
+                    pieces.append(piece)
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+            else:
+                with err.status(f"[dim]{_label(sides, name)} is answering...[/]"):
+                    pieces = list(engine.chat_stream(history, **kw))
+            history.append({"role": "assistant", "content": "".join(pieces)})
+            replies.append("".join(pieces))
+        if len(sides) == 2:
+            table = Table(show_lines=False, expand=True)
+            for label, _ in sides:
+                table.add_column(label, ratio=1, overflow="fold")
+            table.add_row(*replies)
+            out.print(table)
+        return replies
+
+    try:
+        if prompt is not None:
+            answer(prompt)
+            return
+        err.print(f"[dim]chatting with {plan.base.name} as {' | '.join(s[0] for s in sides)}; "
+                  "Ctrl-D or /exit to quit, /reset to clear the history[/]")
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                break
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if line.strip() == "/reset":
+                histories = [h[:1] if system else [] for h in histories]
+                continue
+            if line.strip():
+                answer(line)
+    finally:
+        engine.close()
+
+
+def _label(sides, name) -> str:
+    return next(label for label, n in sides if n == name)
 
 
 # --- serve -----------------------------------------------------------------------------------
@@ -406,6 +500,20 @@ def data_inspect(
         from edge_tune.render_inspect import render_inspect
 
         render_inspect(report, out)
+
+
+# --- tui -------------------------------------------------------------------------------------
+
+@app.command()
+def tui(runs: Path = typer.Option(Path("runs"), "--runs", help="Where runs are listed and "
+                                  "new ones are written.")) -> None:
+    """Open the terminal UI (also what `edge-tune` alone does).
+
+    Screens: hardware, model & data, train (live loss chart, cancel, resume), adapters
+    (export, verify, delete), chat (base vs adapter side by side).
+
+    Keys: F1-F5 switch screens; each screen's keys are in its footer; ctrl+q quits."""
+    _open_tui(runs)
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ def test_core_modules_import_no_heavy_libraries():
 def test_cli_help_loads_no_heavy_library():
     code = ("import sys\nfrom edge_tune.cli import app\n"
             "try:\n    app(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
-            "for cmd in ('train', 'export', 'chat', 'doctor', 'demo'):\n"
+            "for cmd in ('train', 'export', 'chat', 'doctor', 'demo', 'tui'):\n"
             "    try:\n        app([cmd, '--help'], standalone_mode=False)\n"
             "    except SystemExit:\n        pass")
     assert _loaded_after(code) == []

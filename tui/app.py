@@ -1,0 +1,71 @@
+"""The edge-tune TUI: five screens over :mod:`edge_tune.api` (hardware, model & data, train,
+adapters, chat). The app holds the session's choices; screens call the core and render its
+events. ``core`` can be swapped for a stand-in with the same functions (snapshot tests)."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from edge_tune.tui.screens.adapters import AdaptersScreen
+from edge_tune.tui.screens.chat import ChatScreen
+from edge_tune.tui.screens.data import DataScreen
+from edge_tune.tui.screens.hardware import HardwareScreen
+from edge_tune.tui.screens.train import TrainScreen
+from edge_tune.tui.widgets import SCREENS
+from textual.app import App
+from textual.binding import Binding
+
+
+@dataclass
+class Session:
+    """What the person chose so far; each screen reads and updates it."""
+
+    backend: str = "auto"
+    model: str = "default"
+    data: str = ""
+    data_format: str = "auto"
+    seq_len: int = 512
+    report: dict | None = None  # the last data inspection
+    run_dir: str | None = None  # the run last trained (or resumed) here
+    chat_adapter: str | None = None  # preselected on the Chat screen
+    extra: dict = field(default_factory=dict)
+
+
+class EdgeTuneApp(App):
+    TITLE = "edge-tune"
+    CSS = """
+    Screen { layout: vertical; }
+    .row { height: auto; }
+    .label { width: 12; padding: 0 1 0 0; color: $text-muted; }
+    .hint { color: $text-muted; }
+    .status { height: 1; padding: 0 1; background: $boost; }
+    Input { width: 1fr; }
+    """
+    MODES: ClassVar[dict] = {"hardware": HardwareScreen, "data": DataScreen, "train": TrainScreen,
+             "adapters": AdaptersScreen, "chat": ChatScreen}
+    DEFAULT_MODE = "hardware"
+    BINDINGS: ClassVar[list] = [Binding(key, f"switch_mode('{name}')", title, show=False)
+                for key, name, title in SCREENS] + [
+        Binding("ctrl+q", "quit", "Quit", priority=True)]
+
+    def __init__(self, core=None, runs_root: str | Path = "runs", session: Session | None = None,
+                 planner=None) -> None:
+        super().__init__()
+        self.core = core if core is not None else importlib.import_module("edge_tune.api")
+        self.runs_root = Path(runs_root)
+        self.session = session or Session()
+        self._planner = planner
+
+    @property
+    def planner(self):
+        """``edge_tune.planner.plan`` once that module exists, else None (the Train screen
+        then says the estimate is not available)."""
+        if self._planner is None:
+            try:
+                self._planner = importlib.import_module("edge_tune.planner").plan
+            except (ImportError, AttributeError):
+                self._planner = False
+        return self._planner or None

@@ -1,0 +1,1 @@
+"""One module per screen: hardware, data (model & data), train, adapters, chat."""

@@ -1,0 +1,271 @@
+"""Train: the hyperparameters, the planner's estimate, and a live run: loss chart (train and
+validation), tokens/s, ETA and the log. Start runs ``api.train`` in a worker thread (training
+itself is a subprocess); Cancel leaves a checkpoint; Resume continues it."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import ClassVar
+
+from edge_tune.tui.widgets import BaseScreen, LossChart, error_text
+from rich.text import Text
+from textual import work
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical
+from textual.widgets import Checkbox, Input, Label, RichLog, Static
+
+from edge_tune.events import Done, Log, Metric, Progress
+
+# (field id, label, TrainConfig key); values are typed in as text and validated by the core
+FIELDS = [("epochs", "epochs", "epochs"), ("max-steps", "max steps", "max_steps"),
+          ("lr", "lr", "lr"), ("batch-size", "batch", "batch_size"),
+          ("rank", "rank", "rank"), ("alpha", "alpha", "alpha"),
+          ("seq-len", "seq-len", "seq_len"), ("val-split", "val split", "val_split"),
+          ("seed", "seed", "seed"), ("save-every", "save every", "save_every")]
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class TrainScreen(BaseScreen):
+    SCREEN_NAME = "train"
+    BINDINGS: ClassVar[list] = [Binding("ctrl+s", "start", "Start", priority=True),
+                Binding("ctrl+k", "cancel", "Cancel", priority=True),
+                Binding("ctrl+r", "resume", "Resume", priority=True),
+                Binding("ctrl+l", "clear", "Clear chart", show=False)]
+    DEFAULT_CSS = """
+    #top { height: 45%; min-height: 10; }
+    #form-col { width: 44; }
+    #form { grid-size: 4; grid-columns: 10 11 10 11; grid-rows: 1; grid-gutter: 0 1;
+            height: 5; margin: 0 1 0 0; }
+    #form Label { color: $text-muted; }
+    #out-row { height: 1; }
+    #out-row Label { width: 10; color: $text-muted; }
+    #plan { height: auto; max-height: 3; color: $text-muted; }
+    #chart { width: 1fr; }
+    #stats { height: 1; padding: 0 1; background: $boost; }
+    #log { height: 1fr; }
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cancel: threading.Event | None = None
+        self.running = False
+        self.last_metric: Metric | None = None
+
+    def body(self):
+        from edge_tune.config import TrainConfig
+
+        d = TrainConfig()
+        with Horizontal(id="top"):
+            with Vertical(id="form-col"):
+                with Grid(id="form"):
+                    for fid, label, key in FIELDS:
+                        value = getattr(d, key)
+                        yield Label(label)
+                        yield Input("" if value is None else f"{value:g}"
+                                    if isinstance(value, float) else str(value),
+                                    placeholder="-" if value is None else "", compact=True,
+                                    id=fid)
+                with Horizontal(id="out-row"):
+                    yield Label("run dir")
+                    yield Input(placeholder="runs/run-DATE (new)", compact=True, id="out")
+                yield Checkbox("skip invalid records", compact=True, id="skip-invalid")
+                yield Static("", id="plan")
+            yield LossChart(id="chart")
+        yield Static("ready: ctrl+s starts training", id="stats")
+        yield RichLog(id="log", wrap=True, max_lines=1000, markup=False)
+
+    def on_screen_resume(self) -> None:
+        s = self.session
+        self.query_one("#seq-len", Input).value = str(s.seq_len)
+        self._update_plan()
+        self.refresh_bindings()
+
+    def check_action(self, action: str, parameters) -> bool | None:
+        if action in ("start", "resume"):
+            return None if self.running else True  # None: shown, greyed out
+        if action == "cancel":
+            return True if self.running else None
+        return True
+
+    # --- the form -----------------------------------------------------------------------
+    def config(self):
+        """A validated TrainConfig from the form and the session (raises EdgeTuneError)."""
+        from edge_tune.config import build
+
+        values = {key: (self.query_one(f"#{fid}", Input).value.strip() or None)
+                  for fid, _, key in FIELDS}
+        out = self.query_one("#out", Input).value.strip()
+        if not out:
+            out = str(self.app.runs_root / Path(self.core.default_run_dir()).name)
+        return build(None, data=self.session.data or None, model=self.session.model,
+                     backend=self.session.backend, format=self.session.data_format,
+                     skip_invalid=self.query_one("#skip-invalid", Checkbox).value, out=out,
+                     **values)
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "seq-len":
+            try:
+                self.session.seq_len = int(event.value)
+            except ValueError:
+                pass
+        self._update_plan()
+
+    def _update_plan(self) -> None:
+        plan = self.app.planner
+        box = self.query_one("#plan", Static)
+        if plan is None:
+            box.update("estimate: the planner is not available yet")
+            return
+        try:
+            cfg = self.config()
+        except Exception as exc:  # noqa: BLE001 - an unfinished value while typing
+            box.update(Text(f"estimate: {error_text(exc)}", style="yellow"))
+            return
+        self._plan(plan, cfg)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="plan")
+    def _plan(self, plan, cfg) -> None:
+        try:
+            estimate = plan(cfg)
+        except Exception as exc:  # noqa: BLE001
+            text = Text(f"estimate: {error_text(exc)}", style="yellow")
+        else:
+            text = Text("estimate: " + self.format_plan(estimate))
+        self.app.call_from_thread(self.query_one("#plan", Static).update, text)
+
+    @staticmethod
+    def format_plan(estimate: dict) -> str:
+        """The planner's numbers, whatever keys it grows: GiB, seconds and steps first."""
+        parts = []
+        for key, value in estimate.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                continue
+            name = key.replace("_", " ")
+            if isinstance(value, float) and "gib" in key:
+                parts.append(f"{name.replace(' gib', '')} {value:.2f} GiB")
+            elif isinstance(value, (int, float)) and ("seconds" in key or key.endswith("_s")):
+                parts.append(f"{name.replace(' seconds', '')} {_clock(value)}")
+            elif isinstance(value, float):
+                parts.append(f"{name} {value:.3g}")
+            else:
+                parts.append(f"{name} {value}")
+        return ", ".join(parts) or "-"
+
+    # --- running ------------------------------------------------------------------------
+    def action_start(self) -> None:
+        if self.running:
+            return
+        try:
+            cfg = self.config()
+        except Exception as exc:  # noqa: BLE001 - a bad value: say which, do not start
+            self.show_error(exc, self.query_one("#stats", Static))
+            return
+        self.session.run_dir = cfg.out
+        self.query_one("#chart", LossChart).clear_points()
+        self.query_one("#log", RichLog).write(f"starting a run in {cfg.out}")
+        self._launch(cfg, None)
+
+    def action_resume(self) -> None:
+        if self.running:
+            return
+        run = self._resumable()
+        if run is None:
+            self.show_error(RuntimeError("nothing to resume: cancel a run first (or pick a "
+                                         "cancelled run on the Adapters screen)"),
+                            self.query_one("#stats", Static))
+            return
+        self.session.run_dir = run
+        self.query_one("#log", RichLog).write(f"resuming {run}")
+        self._launch(None, run)
+
+    def _resumable(self) -> str | None:
+        """The session's last run if it can be resumed, else the newest cancelled run."""
+        try:
+            candidates = ([self.session.run_dir] if self.session.run_dir else []) + [
+                r["path"] for r in self.core.list_runs(self.app.runs_root)
+                if r["status"] == "cancelled"]
+            return next((run for run in candidates
+                         if self.core.resume_state(Path(run)) is not None), None)
+        except Exception as exc:  # noqa: BLE001 - an unreadable run: say so, resume nothing
+            self.show_error(exc)
+            return None
+
+    def action_cancel(self) -> None:
+        if self._cancel is not None and self.running:
+            self._cancel.set()
+            self.query_one("#stats", Static).update("cancelling: saving a checkpoint ...")
+
+    def action_clear(self) -> None:
+        self.query_one("#chart", LossChart).clear_points()
+
+    def _launch(self, cfg, resume: str | None) -> None:
+        self._cancel = threading.Event()
+        self.running = True
+        self.refresh_bindings()
+        self.query_one("#stats", Static).update("starting ...")
+        self._train(cfg, resume, self._cancel)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="train")
+    def _train(self, cfg, resume: str | None, cancel: threading.Event) -> None:
+        def on_event(event) -> None:
+            self.app.call_from_thread(self.on_core_event, event)
+
+        try:
+            result = self.core.train(cfg, on_event, cancel=cancel,
+                                     resume=Path(resume) if resume else None)
+        except Exception as exc:  # noqa: BLE001 - shown in the UI, never a crash
+            self.app.call_from_thread(self._finished, None, exc)
+            return
+        self.app.call_from_thread(self._finished, result, None)
+
+    def on_core_event(self, event) -> None:
+        log = self.query_one("#log", RichLog)
+        stats = self.query_one("#stats", Static)
+        if isinstance(event, Metric):
+            chart = self.query_one("#chart", LossChart)
+            chart.add(event.split, event.step, event.loss, event.total_steps)
+            if event.split == "train":
+                self.last_metric = event
+            m = self.last_metric
+            if m is not None:
+                val = chart.points.get("val")
+                val_text = f"  val {val[-1][1]:.3f}" if val else ""
+                stats.update(f"step {m.step}/{m.total_steps}  loss {m.loss:.3f}{val_text}  "
+                             f"{m.tokens_per_second:.0f} tok/s  ETA {_clock(m.eta_seconds)}  "
+                             f"lr {m.learning_rate:.2g}")
+        elif isinstance(event, Progress):
+            done = f" {event.completed:.0f}/{event.total:.0f}" if event.total else ""
+            stats.update(f"{event.description or event.task}{done}")
+        elif isinstance(event, Log):
+            style = {"warning": "yellow", "debug": "dim"}.get(event.level, "")
+            log.write(Text(event.message, style=style))
+        elif isinstance(event, Done):
+            log.write(Text(f"{event.task} done: {event.result}", style="green"))
+
+    def _finished(self, result, exc: BaseException | None) -> None:
+        self.running = False
+        self.refresh_bindings()
+        log = self.query_one("#log", RichLog)
+        stats = self.query_one("#stats", Static)
+        if exc is None:
+            r = result.manifest["result"]
+            self.session.chat_adapter = str(result.run_dir)
+            msg = (f"done: {r['steps']} steps, final loss {r['final_loss']:.3f}, "
+                   f"{r['tokens_per_second']:.0f} tok/s -> {result.run_dir} (F4 adapters, "
+                   "F5 chat)")
+            stats.update(Text(msg, style="green"))
+            log.write(Text(msg, style="bold green"))
+            self.notify(msg, title="training finished")
+        elif getattr(exc, "exit_code", None) == 130:
+            msg = f"cancelled: {error_text(exc)}; ctrl+r resumes"
+            stats.update(Text(msg, style="yellow"))
+            log.write(Text(msg, style="yellow"))
+        else:
+            log.write(Text(f"error: {error_text(exc)}", style="bold red"))
+            self.show_error(exc, stats)
