@@ -797,3 +797,97 @@ def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
         scheduler.close()
         engine.close()
     on_event(Done("serve", {}))
+
+
+def chat_plan(adapter: Optional[str], base: Optional[str], bundle: Optional[Path] = None,
+              compare: Optional[str] = None) -> tuple[ServePlan, list]:
+    """For ``chat --bundle`` / ``chat --compare``: what to load, and the sides to answer
+    with, as [(label, adapter name in the plan or None for the base)] (one or two)."""
+    def side(spec: Optional[str], plan: ServePlan, slot: str):
+        if spec is None or spec == "base":
+            return ("base", None)
+        if bundle is not None:
+            if spec not in bundle_plan.adapters:
+                raise EdgeTuneError(f"--adapter {spec}: the bundle has no such adapter; it has "
+                                    + ", ".join(["base", *bundle_plan.adapters]))
+            plan.adapters[spec] = bundle_plan.adapters[spec]
+            return (spec, spec)
+        target = resolve_chat(Path(spec), base if base else None)
+        label = Path(spec).name
+        if any(path == target.adapter for path in plan.adapters.values()):
+            raise EdgeTuneError(f"--compare {spec}: the same adapter on both sides")
+        plan.adapters[slot] = target.adapter
+        if plan.base is None:
+            plan.base = target.base
+        return (label, slot)
+
+    if bundle is not None:
+        if base is not None:
+            raise EdgeTuneError("--bundle: chats with the bundle's own base; leave out --base")
+        from edge_tune.bundle import load_bundle
+
+        bundle_plan = load_bundle(bundle)
+        plan = ServePlan(bundle_plan.base, {}, bundle_plan.base_sha256)
+    else:
+        plan = ServePlan(resolve_chat(None, base).base if base else None, {})
+    sides = [side(adapter, plan, "left")]
+    if compare is not None:
+        other = side(compare, plan, "right")
+        if other[1] == sides[0][1]:
+            raise EdgeTuneError(f"--compare {compare}: the same model on both sides; compare "
+                                "an adapter with 'base' or with another adapter")
+        if other[0] == sides[0][0]:
+            other = (other[0] + " (2)", other[1])
+        sides.append(other)
+    if plan.base is None:
+        plan.base = models.default_gguf()
+    return plan, sides
+
+
+# --- bundle ----------------------------------------------------------------------------------
+
+
+def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool = False,
+           quant: Optional[str] = None, on_event: EventSink = ignore) -> Path:
+    """Pack a base and the adapters of ``runs`` (``RUN`` or ``NAME=RUN``) into a folder or
+    .tar.gz for an edge box; with ``merged``, one run merged into the base instead."""
+    import tempfile
+
+    from edge_tune import bundle as bundle_mod
+    from edge_tune.converters.base_info import from_gguf, open_gguf
+    from edge_tune.converters.validate import validate_adapter_file
+
+    if not runs:
+        raise EdgeTuneError("bundle: name at least one run directory or adapter .gguf")
+    if merged and len(runs) != 1:
+        raise EdgeTuneError("--merged: merges one run into the base; name exactly one RUN")
+    items, base_path, base_sha = [], None, None
+    for arg in runs:
+        name, path = bundle_mod.split_run_arg(arg)
+        target = resolve_chat(Path(path), base)
+        if base_path is None:
+            base_path, base_sha = target.base, sha256_file(target.base)
+        elif target.base != base_path and sha256_file(target.base) != base_sha:
+            raise EdgeTuneError(f"bundle: {path} was trained on {target.base}, not on "
+                                f"{base_path}; a bundle carries one base")
+        items.append((name or bundle_mod.default_name(Path(path)), target.adapter,
+                      target.manifest))
+    info = from_gguf(base_path)
+    for _, adapter_gguf, _ in items:
+        validate_adapter_file(adapter_gguf, info)  # refuse now, not on the edge box
+    field = open_gguf(base_path).fields.get("tokenizer.chat_template")
+    template = field.contents() if field is not None else None
+    with tempfile.TemporaryDirectory() as work:
+        if merged:
+            name, _, man = items[0]
+            result = export(Path(bundle_mod.split_run_arg(runs[0])[1]), base=base_path,
+                            out=Path(work) / f"{name}-merged.gguf", merge=True, quant=quant,
+                            on_event=on_event)
+            plan = bundle_mod.plan_bundle(Path(result["path"]), [], template, merged=name)
+            if man is not None:
+                plan.manifests[name] = man
+        else:
+            if quant is not None:
+                raise EdgeTuneError("--quant applies to --merged bundles only")
+            plan = bundle_mod.plan_bundle(base_path, items, template)
+        return bundle_mod.write_bundle(plan, Path(out), on_event)

@@ -447,6 +447,38 @@ def serve(
               on_event=render)
 
 
+# --- bundle ----------------------------------------------------------------------------------
+
+@app.command()
+def bundle(
+    runs: list[str] = typer.Argument(..., metavar="RUN...", help="Run directories or adapter "
+                                     ".gguf files, each RUN or NAME=RUN (NAME: the model name "
+                                     "clients use; default: the folder/file name)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Bundle folder, or a .tar.gz."),
+    base: Optional[str] = typer.Option(None, help="Base GGUF [default: the runs' base]."),
+    merged: bool = typer.Option(False, "--merged", help="Ship one run merged into the base "
+                                "(one model file, served as 'base') instead of base + "
+                                "adapters."),
+    quant: Optional[str] = typer.Option(None, help="With --merged: quantize the merged model "
+                                        "(Q4_K_M, Q8_0, ...)."),
+) -> None:
+    """Pack a base model and adapters into a folder (or .tar.gz) for an edge box.
+
+    The bundle holds the base GGUF, one GGUF LoRA per run, the runs' manifests, the chat
+    template, a serve.sh launcher, a README, and bundle.json with every file's sha256
+    (verified on load). On the box, `pip install "edge-tune[run]"` (no torch), then:
+
+    \b
+      edge-tune serve --bundle OUT          (or ./OUT/serve.sh)
+      edge-tune chat --bundle OUT --adapter NAME
+    """
+    from edge_tune import api
+    from edge_tune.render import Renderer
+
+    with Renderer(err) as render:
+        api.bundle(runs, output, base=base, merged=merged, quant=quant, on_event=render)
+
+
 # --- demo ------------------------------------------------------------------------------------
 
 @app.command()

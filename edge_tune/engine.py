@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -68,6 +69,72 @@ def _model_params(use_extra_bufts: bool):
         yield
     finally:
         low.llama_model_default_params = original
+
+
+class ContextOverflow(EdgeTuneError):
+    """The prompt does not fit the context window."""
+
+
+@dataclass
+class Piece:
+    """A piece of streamed text; the last one of an answer has ``finish_reason`` set."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _overflow_as_error(chunks):
+    """llama-cpp-python raises a bare ValueError for a prompt over the context; name it."""
+    try:
+        first = next(chunks)
+    except StopIteration:
+        return
+    except ValueError as exc:
+        if "exceed context window" in str(exc):
+            raise ContextOverflow(str(exc)) from None
+        raise
+    yield first
+    yield from chunks
+
+
+class _TokenCounter:
+    """Counts the tokens llama-cpp-python samples, for the OpenAI ``usage`` block.
+
+    Its streaming API reports no token counts, so the instance's ``sample`` method is wrapped
+    for the duration of one answer (an instance attribute shadows the class method; the
+    wrapper returns the sampled token unchanged). On the first sample the context holds
+    exactly the prompt; an end-of-generation token is not counted as completion.
+    """
+
+    def __init__(self, llm) -> None:
+        self.llm = llm
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._sampled = 0
+
+    @classmethod
+    def install(cls, llm) -> _TokenCounter:
+        import llama_cpp
+
+        counter = cls(llm)
+        original = type(llm).sample
+
+        def sample(*args, **kwargs):
+            token = original(llm, *args, **kwargs)
+            if counter._sampled == 0:
+                counter.prompt_tokens = llm.n_tokens
+            counter._sampled += 1
+            if not llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+                counter.completion_tokens += 1
+            return token
+
+        llm.sample = sample
+        return counter
+
+    def uninstall(self) -> None:
+        self.llm.__dict__.pop("sample", None)
 
 
 class Engine:
@@ -135,14 +202,42 @@ class Engine:
     def chat_stream(self, messages: list[dict], temperature: float = 0.7,
                     max_tokens: int = 256, seed: Optional[int] = None) -> Iterator[str]:
         """Stream the assistant's reply, using the base GGUF's own chat template."""
+        for piece in self.generate(messages=messages, temperature=temperature,
+                                   max_tokens=max_tokens, seed=seed):
+            if piece.text:
+                yield piece.text
+
+    def generate(self, *, messages: list[dict] | None = None, prompt: str | None = None,
+                 temperature: float = 0.7, max_tokens: int = 256, seed: int | None = None,
+                 **sampling) -> Iterator[Piece]:
+        """The one generation path for the CLI and the server: a chat (``messages``, the base
+        GGUF's own template) or a plain text completion (``prompt``), streamed as pieces.
+
+        Every answer starts from a reset context, so no request reuses KV entries computed for
+        another one (or under another adapter); with ``temperature=0`` the answer is greedy and
+        the same whoever asks. The last piece carries ``finish_reason`` ("stop" or "length")
+        and token counts. ``sampling``: top_p, stop, presence/frequency_penalty... as
+        llama-cpp-python names them. A prompt longer than the context raises
+        :class:`ContextOverflow` before any piece.
+        """
         self.llm.reset()
-        stream = self.llm.create_chat_completion(
-            messages=messages, temperature=temperature, max_tokens=max_tokens, stream=True,
-            seed=seed)
-        for chunk in stream:
-            piece = chunk["choices"][0]["delta"].get("content")
-            if piece:
-                yield piece
+        counter = _TokenCounter.install(self.llm)
+        kw = dict(temperature=temperature, max_tokens=max_tokens, stream=True, seed=seed,
+                  **sampling)
+        try:
+            if messages is not None:
+                stream = self.llm.create_chat_completion(messages=messages, **kw)
+                chunks = ((c["choices"][0]["delta"].get("content") or "",
+                           c["choices"][0].get("finish_reason")) for c in stream)
+            else:
+                stream = self.llm.create_completion(prompt=prompt or "", **kw)
+                chunks = ((c["choices"][0].get("text") or "", c["choices"][0].get("finish_reason"))
+                          for c in stream)
+            for text, finish in _overflow_as_error(chunks):
+                if text or finish:
+                    yield Piece(text, finish, counter.prompt_tokens, counter.completion_tokens)
+        finally:
+            counter.uninstall()
 
     def chat(self, messages: list[dict], **kw) -> str:
         return "".join(self.chat_stream(messages, **kw))

@@ -30,3 +30,16 @@ def q_pair(r: int = 4, n_in: int = 576, n_out: int = 576, block: int = 0) -> dic
     rng = np.random.default_rng(0)
     return {f"blk.{block}.attn_q.weight.lora_a": rng.normal(size=(r, n_in)) * 0.01,
             f"blk.{block}.attn_q.weight.lora_b": rng.normal(size=(n_out, r)) * 0.01}
+
+
+def scaled_copy(src: Path, dst: Path, factor: float) -> Path:
+    """A copy of a GGUF LoRA adapter with its alpha (so its effect) multiplied by ``factor``:
+    a second, distinct adapter for the same base without training one."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    tensors = {t.name: np.asarray(t.data).reshape(tuple(reversed(t.shape.tolist())))
+               for t in reader.tensors}
+    alpha = float(reader.fields[gguf.Keys.Adapter.LORA_ALPHA].contents())
+    return write_adapter(dst, arch, tensors, alpha=alpha * factor)

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 HEAVY = ["torch", "transformers", "peft", "llama_cpp", "mlx", "mlx_lm", "unsloth", "textual",
-         "accelerate", "datasets"]
+         "accelerate", "datasets", "starlette", "uvicorn"]
 
 MODULES = ["edge_tune", "edge_tune.api", "edge_tune.cli", "edge_tune.engine",
            "edge_tune.runner", "edge_tune.models", "edge_tune.hardware", "edge_tune.config",
@@ -13,7 +13,9 @@ MODULES = ["edge_tune", "edge_tune.api", "edge_tune.cli", "edge_tune.engine",
            "edge_tune.data.template", "edge_tune.backends.registry", "edge_tune.backends.cpu",
            "edge_tune.backends.worker", "edge_tune.converters.peft_to_gguf",
            "edge_tune.converters.validate", "edge_tune.converters.gguf_f32", "edge_tune.tui",
-           "edge_tune.data.inspect", "edge_tune.render_inspect", "edge_tune.backends.checkpoint"]
+           "edge_tune.data.inspect", "edge_tune.render_inspect", "edge_tune.backends.checkpoint",
+           "edge_tune.server", "edge_tune.server.app", "edge_tune.server.scheduler",
+           "edge_tune.server.openai_shapes", "edge_tune.bundle"]
 
 
 def _loaded_after(code: str) -> list[str]:
@@ -31,7 +33,8 @@ def test_core_modules_import_no_heavy_libraries():
 def test_cli_help_loads_no_heavy_library():
     code = ("import sys\nfrom edge_tune.cli import app\n"
             "try:\n    app(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
-            "for cmd in ('train', 'export', 'chat', 'doctor', 'demo', 'tui'):\n"
+            "for cmd in ('train', 'export', 'chat', 'doctor', 'demo', 'tui', 'serve', "
+            "'bundle'):\n"
             "    try:\n        app([cmd, '--help'], standalone_mode=False)\n"
             "    except SystemExit:\n        pass")
     assert _loaded_after(code) == []

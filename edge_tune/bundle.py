@@ -1,0 +1,266 @@
+"""``edge-tune bundle``: one folder (or .tar.gz) that carries a base and its adapters to an
+edge box, where ``pip install "edge-tune[run]"`` (no torch) is enough to serve them.
+
+Layout::
+
+    OUT/
+      bundle.json          format, models, and the sha256 of every other file
+      base/<base>.gguf     the base model llama.cpp loads (or a merged model, --merged)
+      adapters/<name>.gguf one GGUF LoRA per run
+      manifests/<name>.json the run's manifest (data, hyperparameters, versions)
+      chat_template.jinja  the base's chat template, for reference (the GGUF carries it)
+      serve.sh             launcher: edge-tune serve --bundle <this folder> "$@"
+      README.md            what is inside and how to run it
+
+Planning (:func:`plan_bundle`) is pure; :func:`write_bundle` does the copying, atomically
+(nothing is left at OUT if it fails); :func:`load_bundle` verifies every checksum before
+anything is loaded, so a damaged or edited bundle fails with one line instead of serving
+something else.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_tune.errors import EdgeTuneError
+from edge_tune.events import Done, EventSink, Log, Progress, ignore
+
+BUNDLE_FILE = "bundle.json"
+FORMAT = "edge-tune-bundle/1"
+
+
+@dataclass
+class Entry:
+    """One file to copy into the bundle."""
+
+    src: Path
+    dest: str  # path inside the bundle, POSIX
+
+
+@dataclass
+class BundlePlan:
+    base: Entry
+    adapters: dict[str, Entry]  # model name -> adapter GGUF
+    manifests: dict[str, dict] = field(default_factory=dict)
+    chat_template: str | None = None
+    merged: str | None = None  # the run merged into the base, with --merged
+
+    @property
+    def entries(self) -> list[Entry]:
+        return [self.base, *self.adapters.values()]
+
+
+def default_name(run: Path) -> str:
+    """A model name from a run directory or adapter file name. Pure."""
+    stem = run.stem if run.suffix == ".gguf" else run.name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._") or "adapter"
+    return "adapter" if name == "base" else name[:64]
+
+
+def split_run_arg(arg: str) -> tuple[str | None, str]:
+    """``NAME=RUN`` or ``RUN`` -> (name or None, run). Pure."""
+    name, sep, path = arg.partition("=")
+    if sep and name and "/" not in name:
+        return name, path
+    return None, arg
+
+
+def plan_bundle(base: Path, adapters: list[tuple[str, Path, dict | None]],
+                chat_template: str | None = None, merged: str | None = None) -> BundlePlan:
+    """What goes where: ``adapters`` is [(name, adapter .gguf, run manifest or None)]. Pure."""
+    from edge_tune.server import check_model_name
+
+    seen: set[str] = set()
+    entries: dict[str, Entry] = {}
+    manifests: dict[str, dict] = {}
+    for name, path, man in adapters:
+        check_model_name(name, f"bundle: {path}")
+        if name in seen:
+            raise EdgeTuneError(f"bundle: two runs would both be named {name!r}; name them "
+                                "with NAME=RUN")
+        seen.add(name)
+        entries[name] = Entry(Path(path), f"adapters/{name}.gguf")
+        if man is not None:
+            manifests[name] = man
+    return BundlePlan(Entry(Path(base), f"base/{Path(base).name}"), entries, manifests,
+                      chat_template, merged)
+
+
+def index(plan: BundlePlan, checksums: dict[str, str], version: str) -> dict:
+    """The bundle.json content. Pure."""
+    return {
+        "format": FORMAT,
+        "created_by": f"edge-tune {version}",
+        "base": plan.base.dest,
+        "merged": plan.merged,
+        "adapters": {name: {"file": e.dest,
+                            "manifest": f"manifests/{name}.json" if name in plan.manifests
+                            else None}
+                     for name, e in plan.adapters.items()},
+        "files": dict(sorted(checksums.items())),
+    }
+
+
+def launcher_script() -> str:
+    return ("#!/bin/sh\n"
+            "# Serve this bundle over an OpenAI-compatible API (needs: pip install "
+            "'edge-tune[run]').\n"
+            "# Extra flags pass through, e.g. ./serve.sh --port 9000 --api-key KEY\n"
+            'exec edge-tune serve --bundle "$(dirname "$0")" "$@"\n')
+
+
+def readme(plan: BundlePlan) -> str:
+    names = ", ".join(["base", *plan.adapters]) if plan.adapters else "base"
+    first = next(iter(plan.adapters), None)
+    lines = [
+        "# edge-tune bundle", "",
+        f"Base model: `{plan.base.dest}`" + (f" (adapter `{plan.merged}` merged in)"
+                                             if plan.merged else ""),
+        f"Models served: {names}", "",
+        "## Run it", "",
+        "```sh",
+        'pip install "edge-tune[run]"      # llama.cpp + a small web stack; no torch',
+        "./serve.sh                         # OpenAI-compatible API on http://127.0.0.1:8000/v1",
+        f"edge-tune chat --bundle . --adapter {first or 'base'} --prompt 'Hello'",
+        "```", "",
+        "Clients pick an adapter with the OpenAI `model` field (`base` = no adapter).",
+        "Every file's sha256 is listed in `bundle.json` and checked before anything loads;",
+        "`manifests/` holds each run's training record (data, hyperparameters, versions).", "",
+    ]
+    return "\n".join(lines)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+def write_bundle(plan: BundlePlan, out: Path, on_event: EventSink = ignore) -> Path:
+    """Copy everything into ``out`` (a folder, or a .tar.gz when the name ends so)."""
+    import shutil
+    import tarfile
+    import tempfile
+
+    from edge_tune import __version__
+    from edge_tune.fsutil import atomic_path, sha256_file
+
+    out = Path(out)
+    as_tar = out.name.endswith((".tar.gz", ".tgz"))
+    if out.exists() and not as_tar and (not out.is_dir() or any(out.iterdir())) \
+            and not (out / BUNDLE_FILE).is_file():
+        raise EdgeTuneError(f"-o {out}: exists and is not an edge-tune bundle; choose another "
+                            "output")
+    total = sum(e.src.stat().st_size for e in plan.entries)
+    done = 0
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as work:
+        root = Path(work) / (out.name.split(".tar")[0].removesuffix(".tgz") if as_tar
+                             else out.name)
+        for entry in plan.entries:
+            dest = root / entry.dest
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            on_event(Progress("bundle", done, total, "B", f"copying {entry.src.name}"))
+            shutil.copyfile(entry.src, dest)
+            done += entry.src.stat().st_size
+        on_event(Progress("bundle", total, total, "B", "copied"))
+        for name, man in plan.manifests.items():
+            (root / "manifests").mkdir(exist_ok=True)
+            (root / f"manifests/{name}.json").write_text(json.dumps(man, indent=2) + "\n")
+        if plan.chat_template:
+            (root / "chat_template.jinja").write_text(plan.chat_template)
+        (root / "serve.sh").write_text(launcher_script())
+        (root / "serve.sh").chmod(0o755)
+        (root / "README.md").write_text(readme(plan))
+        sums = {p.relative_to(root).as_posix(): sha256_file(p)
+                for p in sorted(root.rglob("*")) if p.is_file()}
+        (root / BUNDLE_FILE).write_text(json.dumps(index(plan, sums, __version__), indent=2)
+                                        + "\n")
+        with atomic_path(out) as tmp:
+            if as_tar:
+                with tarfile.open(tmp, "w:gz") as tar:
+                    tar.add(root, arcname=root.name)
+            else:
+                shutil.move(str(root), tmp)
+    on_event(Log(f"wrote {out} ({', '.join(['base', *plan.adapters])}; "
+                 f"{total / 2**20:.0f} MiB of models)"))
+    on_event(Done("bundle", {"path": str(out)}))
+    return out
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+def _extract(archive: Path) -> Path:
+    """Unpack a .tar.gz bundle into a private temporary folder, removed at exit."""
+    import atexit
+    import shutil
+    import tarfile
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="edge-tune-bundle-"))
+    atexit.register(shutil.rmtree, work, True)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            tar.extractall(work, filter="data")  # no absolute paths, links out, or devices
+    except (tarfile.TarError, OSError) as exc:
+        raise EdgeTuneError(f"--bundle {archive}: cannot unpack ({exc})") from None
+    found = sorted(work.glob(f"*/{BUNDLE_FILE}")) or sorted(work.glob(BUNDLE_FILE))
+    if not found:
+        raise EdgeTuneError(f"--bundle {archive}: no {BUNDLE_FILE} inside; not an edge-tune "
+                            "bundle")
+    return found[0].parent
+
+
+def read_index(folder: Path) -> dict:
+    path = folder / BUNDLE_FILE
+    if not path.is_file():
+        raise EdgeTuneError(f"--bundle {folder}: no {BUNDLE_FILE}; not an edge-tune bundle "
+                            "(make one with `edge-tune bundle RUN -o OUT`)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EdgeTuneError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise EdgeTuneError(f"{path}: 'format' is {data.get('format') if isinstance(data, dict) else None!r}; "
+                            f"expected {FORMAT!r}")
+    return data
+
+
+def verify(folder: Path, data: dict) -> None:
+    """Every listed file exists and has its recorded sha256; the models are listed."""
+    from edge_tune.fsutil import sha256_file
+
+    files = data.get("files") or {}
+    needed = [data.get("base")] + [a.get("file") for a in (data.get("adapters") or {}).values()]
+    for rel in needed:
+        if rel not in files:
+            raise EdgeTuneError(f"{folder / BUNDLE_FILE}: {rel!r} has no checksum; the bundle "
+                                "index was edited")
+    for rel, want in files.items():
+        path = folder / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise EdgeTuneError(f"{folder / BUNDLE_FILE}: file {rel!r} points outside the "
+                                "bundle")
+        if not path.is_file():
+            raise EdgeTuneError(f"{path}: missing from the bundle; copy the bundle again")
+        got = sha256_file(path)
+        if got != want:
+            raise EdgeTuneError(f"{path}: sha256 {got[:12]}… does not match bundle.json "
+                                f"({want[:12]}…); the file is damaged or was changed — copy "
+                                "the bundle again")
+
+
+def load_bundle(path: Path, on_event: EventSink = ignore):
+    """A verified bundle as a :class:`edge_tune.api.ServePlan`."""
+    from edge_tune.api import ServePlan
+    from edge_tune.fsutil import sha256_file
+
+    path = Path(path)
+    if not path.exists():
+        raise EdgeTuneError(f"--bundle {path}: no such file or directory")
+    folder = _extract(path) if path.is_file() else path
+    data = read_index(folder)
+    verify(folder, data)
+    on_event(Log(f"{path}: {len(data['files'])} files verified (sha256)", "debug"))
+    adapters = {name: folder / a["file"] for name, a in data.get("adapters", {}).items()}
+    base = folder / data["base"]
+    return ServePlan(base, adapters, base_sha256=data["files"][data["base"]] or
+                     sha256_file(base))

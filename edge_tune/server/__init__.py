@@ -1,0 +1,33 @@
+"""The multi-adapter, OpenAI-compatible server: one base GGUF in memory, many LoRA adapters
+switched per request by the ``model`` field.
+
+- :mod:`.openai_shapes`: request validation and response/error shapes (pure).
+- :mod:`.scheduler`: the FIFO queue and the one thread that owns the llama.cpp context.
+- :mod:`.app`: the Starlette routes; :func:`edge_tune.api.serve` runs them under uvicorn.
+
+Starlette and uvicorn are imported inside functions, so importing this package stays light.
+"""
+
+import re
+
+from edge_tune.errors import EdgeTuneError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, str]:
+    """``NAME=PATH`` -> (name, path). Pure; the name is what clients send as ``model``."""
+    name, sep, path = spec.partition("=")
+    if not sep or not path:
+        raise EdgeTuneError(f"--adapter {spec}: expected NAME=PATH (PATH: a run directory or "
+                            "an adapter .gguf), e.g. --adapter pirate=runs/demo")
+    check_model_name(name, f"--adapter {spec}")
+    return name, path
+
+
+def check_model_name(name: str, where: str) -> None:
+    if name == "base":
+        raise EdgeTuneError(f"{where}: 'base' is reserved for the model without an adapter")
+    if not _NAME.match(name):
+        raise EdgeTuneError(f"{where}: adapter name {name!r} must be 1-64 letters, digits, "
+                            "'.', '_' or '-', starting with a letter or digit")
