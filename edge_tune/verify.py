@@ -1,0 +1,233 @@
+"""``verify``: does llama.cpp run what was trained?
+
+On a few held-back examples (the run's validation data; its training data when there is none)
+the training framework (torch + PEFT) and llama.cpp see the *same token ids*, and three things
+are compared:
+
+* **adapter effect, exact** — (tuned − base) logits in llama.cpp on an F32 copy of the base
+  against the same difference in torch. Quantization noise is absent, so a wrong scale (alpha,
+  rsLoRA), a missing q/k permutation or a wrong tensor shows up as a large relative error.
+* **tuned distributions on the real base** — top-1 agreement and mean KL(torch ‖ llama.cpp)
+  of the tuned model on the base users actually run (quantized), so quantization's cost is seen.
+* **greedy outputs side by side** (informational: near-ties may flip the text either way).
+
+A merged export is checked the same way: its F32 merge stands in for "F32 base + adapter", the
+merged (quantized) file for "real base + adapter".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_tune.errors import EdgeTuneError
+from edge_tune.events import EventSink, Log, Progress, ignore
+
+# What "within tolerance" means. The effect error is float rounding when the conversion is
+# right (~1e-4) and O(1) when a scale or layout is wrong; KL/top-1 absorb quantization noise.
+TOLERANCE = {"effect_rel_err": 0.03, "top1_min": 0.85, "kl_max": 0.1}
+
+
+@dataclass
+class Sample:
+    ids: list[int]  # prompt + reference answer, as trained (cut to max_len)
+    prompt_ids: list[int]  # what greedy decoding starts from
+    prompt_text: str
+
+
+@dataclass
+class Report:
+    effect_rel_err: float
+    top1: float
+    kl: float
+    n_prompts: int
+    n_positions: int
+    checked: str  # "adapter" | "merged"
+    greedy: list[dict] = field(default_factory=list)
+    tolerance: dict = field(default_factory=lambda: dict(TOLERANCE))
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "checked": self.checked, "effect_rel_err": self.effect_rel_err,
+                "top1_agreement": self.top1, "mean_kl": self.kl, "n_prompts": self.n_prompts,
+                "n_positions": self.n_positions, "tolerance": self.tolerance,
+                "failures": self.failures, "greedy": self.greedy}
+
+
+def judge(effect_rel_err: float, top1: float, kl: float, tol: dict = TOLERANCE) -> list[str]:
+    """Why the numbers are out of tolerance (empty: they are not). Pure."""
+    out = []
+    if not effect_rel_err <= tol["effect_rel_err"]:
+        out.append(f"adapter effect differs by {effect_rel_err:.1%} between torch+PEFT and "
+                   f"llama.cpp on the F32 base (limit {tol['effect_rel_err']:.0%}): the "
+                   "conversion is wrong (alpha/rsLoRA scale, q/k layout, or tensors)")
+    if not top1 >= tol["top1_min"]:
+        out.append(f"top-1 agreement {top1:.1%} < {tol['top1_min']:.0%}")
+    if not kl <= tol["kl_max"]:
+        out.append(f"mean KL {kl:.3f} > {tol['kl_max']}")
+    return out
+
+
+# --- held-back prompts --------------------------------------------------------------------------
+
+def held_back_records(man: dict, n: int) -> list:
+    """Up to ``n`` records the adapter was not trained on: the validation file, else the same
+    seeded validation split training made, else (no validation data) the training data."""
+    from edge_tune.api import split_validation
+    from edge_tune.data.formats import read_records
+
+    data, hp = man.get("data", {}), man.get("hyperparameters", {})
+    fmt, skip = hp.get("format", "auto"), bool(hp.get("skip_invalid", False))
+    path = data.get("val") or data.get("path")
+    if not path or not Path(path).exists():
+        raise EdgeTuneError(f"verify: the run's data file {path!r} is gone; it is needed for "
+                            "held-back prompts")
+    records = read_records(path, fmt=fmt, skip_invalid=skip).records
+    if not data.get("val") and hp.get("val_split"):
+        _, records = split_validation(records, hp["val_split"], hp.get("seed", 0))
+    return records[:n]
+
+
+def build_samples(tok, records: list, max_len: int) -> list[Sample]:
+    from edge_tune.data.template import encode_record
+
+    samples = []
+    for r in records:
+        ids = encode_record(tok, r.messages, r.text).input_ids[:max_len]
+        if r.messages is not None:
+            upto = max(i for i, m in enumerate(r.messages) if m["role"] == "assistant")
+            text = tok.apply_chat_template(r.messages[:upto], tokenize=False,
+                                           add_generation_prompt=True)
+            prompt = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            prompt = ids[: min(16, len(ids))]
+            text = tok.decode(prompt)
+        samples.append(Sample(ids, prompt[:max_len], text))
+    return samples
+
+
+# --- the two engines ------------------------------------------------------------------------
+
+def torch_side(hf_dir: Path, peft_dir: Path, samples: list[Sample], max_new: int):
+    """(base logits, tuned logits, greedy texts) per sample, from torch + PEFT in fp32."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(peft_dir)).eval()
+    base, tuned, greedy = [], [], []
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor([s.ids])
+            tuned.append(model(ids).logits[0].double().numpy())
+            with model.disable_adapter():
+                base.append(model(ids).logits[0].double().numpy())
+            out = model.generate(torch.tensor([s.prompt_ids]), max_new_tokens=max_new,
+                                 do_sample=False, attention_mask=torch.ones(1, len(s.prompt_ids),
+                                                                           dtype=torch.long))
+            greedy.append(out[0, len(s.prompt_ids):].tolist())
+    return base, tuned, greedy
+
+
+def llama_side(model: Path, samples: list[Sample], adapter: Path | None = None,
+               max_new: int = 0):
+    """(logits, greedy token ids) per sample from llama.cpp, F32 KV cache."""
+    from edge_tune.engine import Engine
+
+    n_ctx = max(len(s.ids) + 8 for s in samples) + max_new
+    logits, greedy = [], []
+    with Engine(model, n_ctx=max(n_ctx, 64), logits_all=True, exact=True) as eng:
+        if adapter is not None:
+            eng.activate(eng.add_adapter(adapter))
+        for s in samples:
+            logits.append(eng.logits(s.ids).astype("float64"))
+            if max_new:
+                eng.llm.reset()
+                ids = []
+                for t in eng.llm.generate(s.prompt_ids, temp=0.0, top_k=1, reset=True):
+                    if t == eng.llm.token_eos() or len(ids) >= max_new:
+                        break
+                    ids.append(t)
+                greedy.append(ids)
+    return logits, greedy
+
+
+def compare(torch_base, torch_tuned, f32_base, f32_tuned, real_tuned) -> tuple[float, float,
+                                                                                 float, int]:
+    """(effect relative error, top-1 agreement, mean KL(torch‖llama.cpp), positions). Pure."""
+    import numpy as np
+
+    want = np.concatenate([t - b for t, b in zip(torch_tuned, torch_base)])
+    got = np.concatenate([t - b for t, b in zip(f32_tuned, f32_base)])
+    err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
+    p_logits, q_logits = np.concatenate(torch_tuned), np.concatenate(real_tuned)
+    top1 = float(np.mean(p_logits.argmax(-1) == q_logits.argmax(-1)))
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+    return err, top1, kl, int(p_logits.shape[0])
+
+
+# --- the whole check ------------------------------------------------------------------------
+
+def f32_copy(base_gguf: Path, sha256: str | None, on_event: EventSink = ignore) -> Path:
+    """An F32 copy of ``base_gguf`` in the cache (made once)."""
+    from edge_tune.converters.gguf_f32 import write_f32_copy
+    from edge_tune.fsutil import cache_dir, sha256_file
+
+    digest = sha256 or sha256_file(base_gguf)
+    target = cache_dir() / "f32" / f"{digest[:16]}.gguf"
+    if not target.exists():
+        on_event(Log(f"writing an F32 copy of {base_gguf.name} for exact checks (once)"))
+        write_f32_copy(base_gguf, target)
+    return target
+
+
+def verify_run(run_dir: Path, man: dict, peft_dir: Path, base_gguf: Path, hf_dir: Path,
+               adapter_gguf: Path | None = None, merged: Path | None = None,
+               merged_f32: Path | None = None, n_prompts: int = 3, max_len: int = 64,
+               max_new: int = 12, on_event: EventSink = ignore) -> Report:
+    """Compare torch+PEFT with llama.cpp for this run (adapter GGUF, or a merged export)."""
+    from transformers import AutoTokenizer
+
+    if (merged is None) == (adapter_gguf is None):
+        raise ValueError("give exactly one of adapter_gguf / merged")
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    samples = build_samples(tok, held_back_records(man, n_prompts), max_len)
+    if not samples:
+        raise EdgeTuneError(f"verify {run_dir}: no held-back examples to check with")
+    steps = 4
+    progress = lambda i, what: on_event(Progress("verify", i, steps, "", what))
+    progress(0, "verify: torch + PEFT")
+    t_base, t_tuned, t_greedy = torch_side(hf_dir, peft_dir, samples, max_new)
+    progress(1, "verify: llama.cpp, F32 base")
+    f32 = f32_copy(base_gguf, man.get("base", {}).get("sha256"), on_event)
+    f_base, _ = llama_side(f32, samples)
+    progress(2, "verify: llama.cpp, F32 tuned")
+    if merged is not None:
+        f_tuned, _ = llama_side(merged_f32 or merged, samples)
+        real = merged
+    else:
+        f_tuned, _ = llama_side(f32, samples, adapter_gguf)
+        real = base_gguf
+    progress(3, f"verify: llama.cpp, {Path(real).name}")
+    r_tuned, r_greedy = llama_side(real, samples, adapter_gguf, max_new)
+    progress(4, "verified")
+    err, top1, kl, n_pos = compare(t_base, t_tuned, f_base, f_tuned, r_tuned)
+    greedy = [{"prompt": s.prompt_text, "torch": tok.decode(a, skip_special_tokens=True),
+               "llama_cpp": tok.decode(b, skip_special_tokens=True)}
+              for s, a, b in zip(samples, t_greedy, r_greedy)]
+    report = Report(effect_rel_err=err, top1=top1, kl=kl, n_prompts=len(samples),
+                    n_positions=n_pos, checked="merged" if merged is not None else "adapter",
+                    greedy=greedy)
+    report.failures = judge(err, top1, kl)
+    return report
