@@ -217,8 +217,8 @@ class AdaptersScreen(BaseScreen):
             self.notify("this run has finished: nothing to resume", severity="warning")
             return
         self.session.run_dir = run["path"]
+        self.session.extra["resume"] = True  # the Train screen resumes it when it shows
         self.app.switch_mode("train")
-        self.app.screen.action_resume()
 
     def action_delete(self) -> None:
         run = self._need(done=False)

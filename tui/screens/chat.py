@@ -60,6 +60,7 @@ class ChatScreen(BaseScreen):
         self.engine_key = None
         self.stop_flag = False
         self.busy = False
+        self.picked = False
 
     def body(self):
         with Horizontal(classes="row"):
@@ -95,11 +96,14 @@ class ChatScreen(BaseScreen):
         options = [("base model only", BASE_ONLY)] + [
             (f"{r['name']} (loss {r['final_loss']:.3f})" if r.get("final_loss") is not None
              else r["name"], r["path"]) for r in runs]
-        keep = self.session.chat_adapter or select.value
+        # an adapter picked elsewhere (Adapters: c, a finished run), else the one chosen
+        # here before, else the newest adapter
+        keep = self.session.chat_adapter or (select.value if self.picked else None)
         select.set_options(options)
         values = [v for _, v in options]
         select.value = keep if keep in values else (values[1] if len(values) > 1 else BASE_ONLY)
         self.session.chat_adapter = None
+        self.picked = True
         self._sync_labels()
 
     # --- controls -----------------------------------------------------------------------

@@ -67,6 +67,10 @@ class DataScreen(BaseScreen):
             yield Static("", id="out")
             yield Static("", id="bad")
 
+    def on_mount(self) -> None:
+        self.query_one("#data-path", Input).value = self.session.data
+        self.query_one("#seq-len", Input).value = str(self.session.seq_len)
+
     # --- choosing ---------------------------------------------------------------------------
     def on_select_changed(self, event: Select.Changed) -> None:
         if event.select.id == "base-kind":

@@ -43,7 +43,8 @@ class TrainScreen(BaseScreen):
     #form { grid-size: 4; grid-columns: 10 11 10 11; grid-rows: 1; grid-gutter: 0 1;
             height: 5; margin: 0 1 0 0; }
     #form Label { color: $text-muted; }
-    #out-row { height: 1; }
+    #out-row, #checks { height: 1; }
+    #checks Checkbox { margin: 0 1 0 0; }
     #out-row Label { width: 10; color: $text-muted; }
     #plan { height: auto; max-height: 3; color: $text-muted; }
     #chart { width: 1fr; }
@@ -74,7 +75,11 @@ class TrainScreen(BaseScreen):
                 with Horizontal(id="out-row"):
                     yield Label("run dir")
                     yield Input(placeholder="runs/run-DATE (new)", compact=True, id="out")
-                yield Checkbox("skip invalid records", compact=True, id="skip-invalid")
+                with Horizontal(id="checks"):
+                    yield Checkbox("skip invalid", compact=True, id="skip-invalid")
+                    if hasattr(d, "verify"):  # llama.cpp vs torch check after training
+                        yield Checkbox("verify after", value=d.verify, compact=True,
+                                       id="verify")
                 yield Static("", id="plan")
             yield LossChart(id="chart")
         yield Static("ready: ctrl+s starts training", id="stats")
@@ -85,6 +90,8 @@ class TrainScreen(BaseScreen):
         self.query_one("#seq-len", Input).value = str(s.seq_len)
         self._update_plan()
         self.refresh_bindings()
+        if s.extra.pop("resume", False):  # Adapters: t
+            self.action_resume()
 
     def check_action(self, action: str, parameters) -> bool | None:
         if action in ("start", "resume"):
@@ -101,6 +108,9 @@ class TrainScreen(BaseScreen):
         values = {key: (self.query_one(f"#{fid}", Input).value.strip() or None)
                   for fid, _, key in FIELDS}
         out = self.query_one("#out", Input).value.strip()
+        verify = self.query("#verify")
+        if verify:
+            values["verify"] = verify.first(Checkbox).value
         if not out:
             out = str(self.app.runs_root / Path(self.core.default_run_dir()).name)
         return build(None, data=self.session.data or None, model=self.session.model,
@@ -121,6 +131,9 @@ class TrainScreen(BaseScreen):
         box = self.query_one("#plan", Static)
         if plan is None:
             box.update("estimate: the planner is not available yet")
+            return
+        if not self.session.data:
+            box.update("estimate: choose the data first (F2)")
             return
         try:
             cfg = self.config()
@@ -245,8 +258,8 @@ class TrainScreen(BaseScreen):
         elif isinstance(event, Log):
             style = {"warning": "yellow", "debug": "dim"}.get(event.level, "")
             log.write(Text(event.message, style=style))
-        elif isinstance(event, Done):
-            log.write(Text(f"{event.task} done: {event.result}", style="green"))
+        elif isinstance(event, Done) and event.task != "train":  # train: see _finished
+            log.write(Text(f"{event.task} done", style="green"))
 
     def _finished(self, result, exc: BaseException | None) -> None:
         self.running = False
@@ -257,10 +270,9 @@ class TrainScreen(BaseScreen):
             r = result.manifest["result"]
             self.session.chat_adapter = str(result.run_dir)
             msg = (f"done: {r['steps']} steps, final loss {r['final_loss']:.3f}, "
-                   f"{r['tokens_per_second']:.0f} tok/s -> {result.run_dir} (F4 adapters, "
-                   "F5 chat)")
+                   f"{r['tokens_per_second']:.0f} tok/s -> {result.run_dir}")
             stats.update(Text(msg, style="green"))
-            log.write(Text(msg, style="bold green"))
+            log.write(Text(msg + " (F4 adapters, F5 chat)", style="bold green"))
             self.notify(msg, title="training finished")
         elif getattr(exc, "exit_code", None) == 130:
             msg = f"cancelled: {error_text(exc)}; ctrl+r resumes"

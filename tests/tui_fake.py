@@ -1,0 +1,111 @@
+"""A stand-in for ``edge_tune.api`` with fixed answers, for the TUI's snapshot tests only:
+real hardware, timings and sampled text would change every picture. The pilot tests use the
+real core. Same function names and signatures as the core."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_tune.errors import EdgeTuneError
+from edge_tune.events import Done, Log, Metric, Progress
+
+HERE = Path(__file__).parent / "tui_fixtures"
+RUNS = [
+    {"path": "runs/pirate-r16", "name": "pirate-r16", "status": "done",
+     "created": "2026-11-22T09:30:00+00:00", "step": 50, "total": 50, "final_loss": 0.412,
+     "val_loss": 0.538, "tokens_per_second": 251.0, "train_seconds": 182.0,
+     "base": "SmolLM2-135M-Instruct", "data": "edge_tune/assets/demo.jsonl",
+     "adapter_gguf": "runs/pirate-r16/adapter.gguf",
+     "hyperparameters": {"rank": 16, "alpha": 32.0, "lr": 0.001, "batch_size": 8,
+                         "seq_len": 512}},
+    {"path": "runs/pirate-r8", "name": "pirate-r8", "status": "cancelled", "created": None,
+     "step": 12, "total": 50, "final_loss": 1.104, "val_loss": None, "tokens_per_second": None,
+     "train_seconds": 40.0, "base": None, "data": "edge_tune/assets/demo.jsonl",
+     "adapter_gguf": None,
+     "hyperparameters": {"rank": 8, "alpha": 16.0, "lr": 0.001, "batch_size": 8,
+                         "seq_len": 512}},
+]
+# a loss curve that looks like a run: falls fast, then flattens
+LOSSES = [2.91, 2.64, 2.18, 1.83, 1.52, 1.31, 1.12, 0.98, 0.87, 0.79, 0.73, 0.69, 0.66, 0.63,
+          0.61, 0.6, 0.58, 0.57, 0.56, 0.55]
+
+
+def fake_plan(cfg) -> dict:
+    return {"peak_memory_gib": 2.31, "train_seconds": 182.0, "steps": 50}
+
+
+@dataclass
+class FakeResult:
+    run_dir: Path
+    manifest: dict
+
+
+ANSWERS = {None: "The capital of Japan is Tokyo.",
+           "adapter": "Arr, matey! Tokyo be the capital of Japan, a grand port!"}
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.active = "adapter"
+
+    def activate(self, name) -> None:
+        self.active = name
+
+    def chat_stream(self, messages, temperature=0.7, max_tokens=256, seed=None):
+        for word in ANSWERS[self.active].split(" "):
+            yield word + " "
+
+    def close(self) -> None:
+        pass
+
+
+class FakeCore:
+    def doctor(self) -> dict:
+        return json.loads((HERE / "doctor_report.json").read_text())
+
+    def inspect_data(self, path, model="default", seq_len=512, fmt="auto", on_event=None):
+        return json.loads((HERE / "inspect_report.json").read_text())
+
+    def bad_records(self, path, fmt="auto"):
+        return []
+
+    def list_runs(self, root):
+        return [dict(r) for r in RUNS]
+
+    def resume_state(self, run_dir):
+        return {"step": 12, "total": 50, "checkpoint": True} if "r8" in str(run_dir) else None
+
+    def default_run_dir(self) -> Path:
+        return Path("runs/run-20261122-093000")
+
+    def train(self, cfg, on_event, cancel=None, resume=None):
+        on_event(Log("edge_tune/assets/demo.jsonl: 200 records, format openai"))
+        on_event(Log("backend: cpu (the fastest backend available on this machine)"))
+        on_event(Progress("load", 0, None, "", "loading base model"))
+        total = len(LOSSES)
+        for step, loss in enumerate(LOSSES, 1):
+            on_event(Metric(step=step, total_steps=total, loss=loss, tokens_per_second=251.0,
+                            eta_seconds=3.6 * (total - step), learning_rate=1e-3))
+            if step % 5 == 0:
+                on_event(Metric(step=step, total_steps=total, loss=loss + 0.12, split="val"))
+        on_event(Done("train", {"run_dir": "runs/pirate-r16"}))
+        return FakeResult(Path("runs/pirate-r16"), {"result": {
+            "steps": total, "final_loss": 0.553, "tokens_per_second": 251.0}})
+
+    def export(self, adapter, on_event=None, **kw):
+        on_event(Log(f"wrote {adapter}/adapter.gguf (210 LoRA pairs, rank 16, alpha 32)"))
+
+    def verify(self, run, on_event=None, **kw):
+        return {"ok": True, "effect_rel_err": 3.1e-3, "top1_agreement": 1.0, "mean_kl": 0.0004,
+                "n_prompts": 3, "failures": []}
+
+    def delete_run(self, run_dir):
+        raise EdgeTuneError(f"{run_dir}: the snapshot core deletes nothing")
+
+    def resolve_chat(self, adapter, base):
+        return None
+
+    def open_engine(self, target, on_event=None, **kw):
+        return FakeEngine()
