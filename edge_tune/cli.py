@@ -552,7 +552,9 @@ def main() -> None:
     try:
         app()
     except EdgeTuneError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape  # a message may hold [brackets]: print them as-is
+
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise SystemExit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("[yellow]cancelled[/]")

@@ -276,3 +276,47 @@ def test_errors_are_shown_not_raised(tmp_path):
         assert "temperature" in text_of(pilot.app.screen.query_one("#chat-status", Static))
 
     run(scenario, app)
+
+
+# --- the entry point -----------------------------------------------------------------------------
+
+def test_edge_tune_without_arguments_opens_the_tui_in_a_terminal(tmp_path):
+    """A real pseudo-terminal: the app draws its screens, then ctrl+q quits with code 0."""
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    env = dict(os.environ, TERM="xterm-256color", COLUMNS="80", LINES="24")
+    proc = subprocess.Popen([sys.executable, "-m", "edge_tune"], stdin=follower,
+                            stdout=follower, stderr=follower, cwd=tmp_path, env=env,
+                            close_fds=True)
+    os.close(follower)
+    seen = b""
+    try:
+        end = time.monotonic() + 60
+        while b"Hardware" not in seen and time.monotonic() < end:
+            if select.select([leader], [], [], 0.5)[0]:
+                seen += os.read(leader, 65536)
+        assert b"Hardware" in seen and b"Model & data" in seen, seen[-500:]
+        os.write(leader, b"\x11")  # ctrl+q
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+
+
+def test_edge_tune_without_a_terminal_or_textual_says_so_in_one_line():
+    import subprocess
+    import sys
+
+    from tests.conftest import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli(), "interactive terminal", "edge-tune --help")
+    code = ("import sys; sys.modules['textual'] = None; sys.argv = ['edge-tune', 'tui']\n"
+            "from edge_tune.cli import main; main()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          env=dict(os.environ, COLUMNS="200", NO_COLOR="1"))
+    assert_one_line_error(proc, "pip install 'edge-tune[tui]'")
