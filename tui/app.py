@@ -59,6 +59,26 @@ class EdgeTuneApp(App):
         self.session = session or Session()
         self._planner = planner
 
+    async def action_quit(self) -> None:
+        """Quit; a training run still going is cancelled first (it leaves a checkpoint), so
+        no training process outlives the app."""
+        import asyncio
+
+        train = next((s for s in self.screen_stack_all() if isinstance(s, TrainScreen)), None)
+        if train is not None and train.running:
+            train.action_cancel()
+            self.notify("stopping the training run: saving a checkpoint ...")
+            for _ in range(150):
+                if not train.running:
+                    break
+                await asyncio.sleep(0.2)
+        self.exit()
+
+    def screen_stack_all(self) -> list:
+        """Every screen of every mode (a mode keeps its screen while another is shown)."""
+        stacks = getattr(self, "_screen_stacks", {})
+        return [screen for stack in stacks.values() for screen in stack]
+
     @property
     def planner(self):
         """``edge_tune.planner.plan`` once that module exists, else None (the Train screen

@@ -129,28 +129,32 @@ class TrainScreen(BaseScreen):
     def _update_plan(self) -> None:
         plan = self.app.planner
         box = self.query_one("#plan", Static)
+        s = self.session
+        what = Text(f"{Path(s.data).name if s.data else 'no data (F2)'} · {s.model} · "
+                    f"backend {s.backend}\n")
+        what.stylize("bold")  # a span, not the base style: the estimate after it stays plain
         if plan is None:
-            box.update("estimate: the planner is not available yet")
+            box.update(what + Text("estimate: the planner is not available yet"))
             return
-        if not self.session.data:
-            box.update("estimate: choose the data first (F2)")
+        if not s.data:
+            box.update(what + Text("estimate: choose the data first (F2)"))
             return
         try:
             cfg = self.config()
         except Exception as exc:  # noqa: BLE001 - an unfinished value while typing
-            box.update(Text(f"estimate: {error_text(exc)}", style="yellow"))
+            box.update(what + Text(f"estimate: {error_text(exc)}", style="yellow"))
             return
-        self._plan(plan, cfg)
+        self._plan(plan, cfg, what)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="plan")
-    def _plan(self, plan, cfg) -> None:
+    def _plan(self, plan, cfg, what: Text) -> None:
         try:
             estimate = plan(cfg)
         except Exception as exc:  # noqa: BLE001
             text = Text(f"estimate: {error_text(exc)}", style="yellow")
         else:
             text = Text("estimate: " + self.format_plan(estimate))
-        self.app.call_from_thread(self.query_one("#plan", Static).update, text)
+        self.app.call_from_thread(self.query_one("#plan", Static).update, what + text)
 
     @staticmethod
     def format_plan(estimate: dict) -> str:
