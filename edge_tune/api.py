@@ -97,7 +97,8 @@ def _prepare_run_dir(out: Optional[str]) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise EdgeTuneError(f"--out {run_dir}: exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()) and \
-            not (run_dir / manifest_mod.MANIFEST).exists():
+            not (run_dir / manifest_mod.MANIFEST).exists() and \
+            not (run_dir / RUN_CONFIG).exists():  # a cancelled run: starting again is fine
         raise EdgeTuneError(f"--out {run_dir}: directory is not empty and is not an edge-tune "
                             "run; choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -389,18 +390,18 @@ def _base_info_for_export(peft_dir: Path, man: Optional[dict], base: Optional[Pa
 def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = None,
            outtype: str = "f32", on_event: EventSink = ignore, _base_sha256: Optional[str] = None,
            merge: bool = False, quant: Optional[str] = None, ollama: Optional[Path] = None,
-           verify: bool = False):
+           verify: bool = False, system: Optional[str] = None):
     """Convert a PEFT adapter (or a run's adapter) to a GGUF LoRA adapter; with ``merge``,
     write one GGUF with the adapter merged into the base (``quant``: F16 default, Q4_K_M,
     ...). ``verify`` checks llama.cpp against the training framework afterwards (runs only);
-    ``ollama`` writes a Modelfile into that directory."""
+    ``ollama`` writes a Modelfile into that directory (``system``: its SYSTEM prompt)."""
     from edge_tune.converters import peft_to_gguf
 
     peft_dir, man = _adapter_dirs(Path(adapter))
     info, base_gguf = _base_info_for_export(peft_dir, man, base)
     if merge:
         return _export_merged(Path(adapter), peft_dir, man, base_gguf, out, quant or "F16",
-                              on_event, verify=verify, ollama=ollama)
+                              on_event, verify=verify, ollama=ollama, system=system)
     if quant is not None:
         raise EdgeTuneError("--quant applies to merged exports only: add --merge (an adapter "
                             "GGUF takes --outtype f32|f16|q8_0)")
@@ -417,14 +418,14 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
     if verify and man is not None:
         _verify_hook(Path(adapter), base, on_event)
     if ollama is not None:
-        _write_ollama(Path(ollama), base_gguf, Path(out), None, man, on_event)
+        _write_ollama(Path(ollama), base_gguf, Path(out), system, man, on_event)
     on_event(Done("export", {"path": str(out)}))
     return plan
 
 
 def _export_merged(adapter: Path, peft_dir: Path, man: Optional[dict], base_gguf: Optional[Path],
                    out: Optional[Path], quant: str, on_event: EventSink, verify: bool,
-                   ollama: Optional[Path]) -> dict:
+                   ollama: Optional[Path], system: Optional[str] = None) -> dict:
     """Merge into an F32 GGUF first (exact; what verify checks), then let llama.cpp's own
     quantizer make the requested type from it."""
     import tempfile
@@ -465,7 +466,7 @@ def _export_merged(adapter: Path, peft_dir: Path, man: Optional[dict], base_gguf
         if verify and man is not None:
             report = _verify_hook(adapter, base_gguf, on_event, merged=out, merged_f32=f32)
     if ollama is not None:
-        _write_ollama(Path(ollama), out, None, None, man, on_event)
+        _write_ollama(Path(ollama), out, None, system, man, on_event)
     result = {**summary, "path": str(out), "quant": name, "bytes": size, "verify": report}
     on_event(Done("export", {"path": str(out)}))
     return result

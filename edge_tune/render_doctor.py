@@ -32,8 +32,12 @@ def render_doctor(report: dict, console: Console) -> None:
     b.add_column("")
     b.add_column("what / why not")
     for row in report["backends"]:
-        mark = "[green]yes[/]" if row["available"] else "[red]no[/]"
-        b.add_row(row["name"], mark, row["summary"] if row["available"] else row["reason"])
+        if not row["available"]:
+            b.add_row(row["name"], "[red]no[/]", row["reason"])
+        elif not row.get("auto", True):  # works, but only on request
+            b.add_row(row["name"], "[yellow]on request[/]", row["reason"])
+        else:
+            b.add_row(row["name"], "[green]yes[/]", row["summary"])
     console.print(b)
     auto = report["auto"]
     if auto["backend"]:

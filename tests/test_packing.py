@@ -38,3 +38,21 @@ def test_packed_loss_equals_examples_one_by_one(hf_dir, demo_jsonl):
             total += cpu.response_loss(model, i, lab, m).item() * k
             count += k
     assert packed == pytest.approx(total / count, rel=1e-5)
+
+
+def test_pack_rows_spreads_examples_evenly():
+    # Eight 72-token examples need two rows of 512; FFD alone would make one row of 504 and one
+    # of 72, so the batch would be 512 wide with half of it padding.
+    rows = pack_rows([72] * 8, capacity=512)
+    assert sorted(len(r) for r in rows) == [4, 4]
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_pack_rows_never_overfills(seed):
+    import random
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 600) for _ in range(rng.randint(1, 30))]
+    rows = pack_rows(lengths, capacity=512)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 512 or len(row) == 1 for row in rows)

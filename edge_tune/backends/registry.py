@@ -20,6 +20,8 @@ class Backend:
     summary: str
     entry: Optional[str]  # "module:function" training entry point; None = not built yet
     check: Callable[[Hardware], Optional[str]]  # returns the reason it is unavailable, or None
+    # Why `auto` passes over a backend that works here but is the wrong choice (or None).
+    auto_skip: Callable[[Hardware], Optional[str]] = lambda hw: None
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Availability:
     summary: str
     available: bool
     reason: str
+    auto: bool = True  # whether `auto` may pick it
 
 
 def _check_cpu(hw: Hardware) -> Optional[str]:
@@ -38,12 +41,20 @@ def _check_cpu(hw: Hardware) -> Optional[str]:
 
 
 def _check_mlx(hw: Hardware) -> Optional[str]:
-    if hw.apple is None:
-        return "needs Apple Silicon (Metal); this machine is " + hw.arch
     missing = missing_modules("mlx", "mlx_lm")
     if missing:
-        return f"missing {', '.join(missing)}: pip install 'edge-tune[mlx]'"
-    return "the mlx backend is not part of this release yet"
+        extra = "mlx" if hw.apple is not None else "mlx-cpu"
+        where = "" if hw.apple is not None else " (not Apple Silicon: mlx would run on the CPU)"
+        return f"missing {', '.join(missing)}: pip install 'edge-tune[{extra}]'{where}"
+    return None
+
+
+def _skip_mlx(hw: Hardware) -> Optional[str]:
+    # mlx[cpu] works on Linux but is ~20x slower than torch there: only on request.
+    if hw.apple is None:
+        return ("mlx runs here on the CPU only, ~20x slower than torch; auto leaves it to "
+                "--backend mlx")
+    return None
 
 
 def _check_unsloth(hw: Hardware) -> Optional[str]:
@@ -61,7 +72,8 @@ BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("unsloth", "Unsloth QLoRA on an NVIDIA CUDA GPU", None, _check_unsloth),
-        Backend("mlx", "mlx-lm LoRA on Apple Silicon", None, _check_mlx),
+        Backend("mlx", "mlx-lm LoRA on Apple Silicon", "edge_tune.backends.mlx_lora:train",
+                _check_mlx, _skip_mlx),
         Backend("cpu", "torch + PEFT LoRA on the CPU", "edge_tune.backends.cpu:train", _check_cpu),
     )
 }
@@ -75,7 +87,9 @@ def availability(hw: Hardware) -> list[Availability]:
         b = BACKENDS[name]
         reason = b.check(hw)
         ok = reason is None and b.entry is not None
-        out.append(Availability(name, b.summary, ok, reason or "available"))
+        skip = b.auto_skip(hw) if ok else None
+        out.append(Availability(name, b.summary, ok, skip or reason or "available",
+                                auto=skip is None))
     return out
 
 
@@ -84,7 +98,7 @@ def choose(requested: str, hw: Hardware) -> tuple[str, str]:
     table = {a.name: a for a in availability(hw)}
     if requested == "auto":
         for name in AUTO_ORDER:
-            if table[name].available:
+            if table[name].available and table[name].auto:
                 # The per-backend "why not" lines live in `doctor`; keep this one short.
                 return name, "the fastest backend available on this machine"
         raise EdgeTuneError("no training backend is available: "

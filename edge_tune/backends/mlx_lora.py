@@ -1,0 +1,212 @@
+"""LoRA training with mlx-lm (Apple Silicon; also runs, slowly, on Linux CPUs via ``mlx[cpu]``).
+
+mlx-lm's own tuner does the work (its ``train`` loop, its LoRA layers, its callbacks); edge-tune
+supplies what mlx-lm's stock data path cannot express:
+
+* the examples come from edge-tune's dataset pipeline, already tokenized with the model's chat
+  template, with the loss on every assistant turn (mlx-lm's own mask is one prompt prefix), so
+  a custom batch iterator and loss carry a per-token mask;
+* hyperparameters mean what they mean on the CPU backend: ``scale = alpha / rank`` (mlx-lm's
+  ``scale`` is the multiplier itself), the same warm-up + cosine schedule, the same gradient
+  clipping, the same length-grouped batches and the same validation metric (loss per trained
+  token);
+* progress is reported through the same events.
+
+The run directory gets the native mlx-lm adapter (``mlx/adapters.safetensors`` and
+``mlx/adapter_config.json``, loadable with ``mlx_lm.load(..., adapter_path=RUN/mlx)``) and a
+PEFT copy (``adapter/``), from which the worker's caller writes ``adapter.gguf``.
+Runs inside the training subprocess (``edge_tune.backends.worker``); mlx is imported here only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+from edge_tune.backends.cpu import eval_steps, length_grouped_batches
+from edge_tune.data.template import IGNORE, Example
+from edge_tune.events import Log, Metric, Progress
+
+PAD_TO = 32  # widths rounded up so mx.compile sees few distinct shapes (as mlx-lm does)
+
+
+def lora_keys(module_names: list[str], targets: list[str]) -> list[str]:
+    """The module paths inside a block that get LoRA: those whose last part is a target. Pure."""
+    return sorted(n for n in module_names if n.rsplit(".", 1)[-1] in set(targets))
+
+
+def mlx_lora_config(rank: int, alpha: float, keys: list[str], n_layers: int,
+                    model: str) -> dict:
+    """mlx-lm's adapter_config.json for these hyperparameters. Pure."""
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": n_layers,
+        "lora_parameters": {"rank": rank, "scale": alpha / rank, "dropout": 0.0,
+                            "keys": keys},
+        "model": model,
+    }
+
+
+def padded_width(longest: int, limit: int) -> int:
+    return min(limit, PAD_TO * math.ceil(longest / PAD_TO))
+
+
+def batch_arrays(examples: list[Example], pad_id: int, limit: int):
+    """(tokens, mask) numpy arrays: tokens (B, W); mask (B, W-1) = 1 where the next token is
+    trained, i.e. ``labels[t+1] != IGNORE`` exactly as the CPU backend's loss. Pure."""
+    import numpy as np
+
+    width = padded_width(max(len(e.input_ids) for e in examples), limit)
+    tokens = np.full((len(examples), width), pad_id, dtype=np.int32)
+    mask = np.zeros((len(examples), width - 1), dtype=np.float32)
+    for i, e in enumerate(examples):
+        n = min(len(e.input_ids), width)
+        tokens[i, :n] = e.input_ids[:n]
+        mask[i, : n - 1] = [lab != IGNORE for lab in e.labels[1:n]]
+    return tokens, mask
+
+
+def train(job: dict, emit: Callable) -> dict:
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm import load as mlx_load
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.trainer import TrainingArgs
+    from mlx_lm.tuner.trainer import evaluate as mlx_evaluate
+    from mlx_lm.tuner.trainer import train as mlx_train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from edge_tune.converters import mlx_to_peft
+    from edge_tune.fsutil import atomic_path
+
+    cfg = job["config"]
+    mx.random.seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+    emit(Progress("load", 0, None, "", "loading base model (mlx)"))
+    t0 = time.perf_counter()
+    model, _ = mlx_load(job["hf_dir"])
+    model.freeze()
+    block_modules = [name for name, _ in model.layers[0].named_modules() if name]
+    keys = lora_keys(block_modules, cfg["target_modules"])
+    if not keys:
+        from edge_tune.errors import EdgeTuneError
+
+        raise EdgeTuneError(f"--target-modules {','.join(cfg['target_modules'])}: none of "
+                            "these modules exists in the model's blocks")
+    n_layers = len(model.layers)
+    native_cfg = mlx_lora_config(cfg["rank"], cfg["alpha"], keys, n_layers, job["hf_dir"])
+    linear_to_lora_layers(model, n_layers, native_cfg["lora_parameters"])
+    n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    emit(Log(f"model loaded in {time.perf_counter() - t0:.1f}s; {n_train / 1e6:.2f}M trainable "
+             f"LoRA parameters; mlx on {mx.default_device()}"))
+
+    examples: list[Example] = job["examples"]
+    val_examples: list[Example] = job.get("val_examples") or []
+    steps_per_epoch = math.ceil(len(examples) / cfg["batch_size"])
+    total = cfg["max_steps"] or max(1, round(cfg["epochs"] * steps_per_epoch))
+    warmup = min(cfg["warmup_steps"], total // 10)
+    peak, pad_id, limit = cfg["lr"], job["pad_id"], cfg["seq_len"]
+
+    def schedule(step):  # edge_tune.backends.cpu.lr_at, in mlx ops (step is 0-based)
+        s = step.astype(mx.float32)
+        warm = peak * (s + 1) / warmup if warmup else mx.array(peak)
+        progress = mx.minimum(1.0, mx.maximum(s - warmup, 0.0) / max(1, total - warmup))
+        cosine = peak * (0.1 + 0.45 * (1 + mx.cos(math.pi * progress)))
+        return mx.where(s < warmup, warm, cosine)
+
+    class ClippedAdamW(optim.AdamW):
+        def update(self, model_, gradients):  # the CPU backend clips at 1.0 too
+            gradients, _ = optim.clip_grad_norm(gradients, 1.0)
+            return super().update(model_, gradients)
+
+    # torch's AdamW corrects the moments' start-up bias; mlx's does only when asked.
+    opt = ClippedAdamW(learning_rate=schedule, weight_decay=0.0, bias_correction=True)
+    rng = random.Random(cfg["seed"])
+    seen = {"tokens": 0}
+
+    def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None,
+                        comm_group=None):
+        if not loop:  # validation: every example once, shortest first
+            order = sorted(range(len(dataset)), key=lambda i: len(dataset[i].input_ids))
+            for k in range(0, len(order), batch_size):
+                tokens, mask = batch_arrays([dataset[i] for i in order[k:k + batch_size]],
+                                            pad_id, max_seq_length)
+                yield mx.array(tokens), mx.array(mask)
+            return
+        while True:
+            for batch in length_grouped_batches([len(e.input_ids) for e in dataset],
+                                                batch_size, rng):
+                chosen = [dataset[i] for i in batch]
+                seen["tokens"] += sum(min(len(e.input_ids), max_seq_length) for e in chosen)
+                tokens, mask = batch_arrays(chosen, pad_id, max_seq_length)
+                yield mx.array(tokens), mx.array(mask)
+
+    def masked_loss(model_, tokens, mask):
+        logits = model_(tokens[:, :-1])
+        ce = nn.losses.cross_entropy(logits, tokens[:, 1:]) * mask
+        ntoks = mask.sum()
+        return ce.astype(mx.float32).sum() / ntoks, ntoks
+
+    clock = {"start": time.perf_counter(), "paused": 0.0}
+    val_loss_box: dict = {"value": None}
+
+    losses: list[float] = []
+
+    evals = eval_steps(total, cfg.get("eval_every", 0)) if val_examples else set()
+
+    def validate() -> float:
+        return mlx_evaluate(model, val_examples, cfg["batch_size"], -1, limit, loss=masked_loss,
+                            iterate_batches=iterate_batches)
+
+    class Events(TrainingCallback):
+        # mlx-lm validates *before* a step (and before the first); edge-tune reports validation
+        # after steps ``eval_steps()`` on every backend, so it runs it here instead.
+        def on_train_loss_report(self, info: dict) -> None:
+            step = info["iteration"]
+            losses.append(float(info["train_loss"]))
+            elapsed = time.perf_counter() - clock["start"] - clock["paused"]
+            emit(Metric(step=step, total_steps=total, loss=float(info["train_loss"]),
+                        tokens_per_second=seen["tokens"] / max(elapsed, 1e-9),
+                        eta_seconds=elapsed / step * (total - step),
+                        learning_rate=float(info["learning_rate"]),
+                        epoch=step / steps_per_epoch))
+            if step in evals:
+                t_eval = time.perf_counter()
+                val_loss_box["value"] = validate()
+                model.train()
+                clock["paused"] += time.perf_counter() - t_eval  # tok/s: training time only
+                emit(Metric(step=step, total_steps=total, loss=val_loss_box["value"],
+                            split="val", epoch=step / steps_per_epoch))
+
+    run_dir = Path(job["run_dir"])
+    with atomic_path(run_dir / "mlx") as native:
+        native.mkdir()
+        args = TrainingArgs(
+            batch_size=cfg["batch_size"], iters=total, val_batches=-1, steps_per_report=1,
+            steps_per_eval=total + 1, steps_per_save=total + 1, max_seq_length=limit,
+            adapter_file=str(native / mlx_to_peft.WEIGHTS))
+        clock["start"] = time.perf_counter()
+        mlx_train(model, opt, examples, None, args, loss=masked_loss,
+                  iterate_batches=iterate_batches, training_callback=Events())
+        train_seconds = time.perf_counter() - clock["start"] - clock["paused"]
+        (native / mlx_to_peft.CONFIG).write_text(json.dumps(native_cfg, indent=2))
+        mlx_to_peft.convert(native, Path(job["adapter_dir"]), base_model=job["hf_dir"])
+    tail = losses[-max(1, min(10, len(losses) // 5)):] or [float("nan")]
+    return {
+        "steps": total,
+        "final_loss": sum(tail) / len(tail),
+        "val_loss": val_loss_box["value"],
+        "tokens": seen["tokens"],
+        "tokens_per_second": seen["tokens"] / max(train_seconds, 1e-9),
+        "train_seconds": train_seconds,
+        "precision": "fp32",
+        "trainable_parameters": int(n_train),
+        "mlx_adapter": "mlx",
+    }
