@@ -416,7 +416,7 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
     on_event(Log(f"wrote {out} ({len(plan.tensors) // 2} LoRA pairs, rank {plan.rank}, "
                  f"alpha {plan.alpha:g}, {outtype})"))
     if verify and man is not None:
-        _verify_hook(Path(adapter), base, on_event)
+        _verify_hook(Path(adapter), base, on_event, adapter_gguf=Path(out))
     if ollama is not None:
         _write_ollama(Path(ollama), base_gguf, Path(out), system, man, on_event)
     on_event(Done("export", {"path": str(out)}))
@@ -555,7 +555,7 @@ def convert_base(model: str, out: Optional[Path] = None, outtype: str = "f16",
 
 def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None,
            on_event: EventSink = ignore, n_prompts: int = 3, max_new: int = 12,
-           _merged_f32: Optional[Path] = None) -> dict:
+           _merged_f32: Optional[Path] = None, _adapter_gguf: Optional[Path] = None) -> dict:
     """torch+PEFT vs llama.cpp on the run's held-back prompts (see :mod:`edge_tune.verify`).
     ``merged``: check a merged export instead of the run's adapter GGUF. Returns the report;
     ``report["ok"]`` says whether it is within tolerance."""
@@ -581,11 +581,12 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
         hf_dir = models.dequantized_copy(Path(base_gguf), on_event)
     kw = dict(n_prompts=n_prompts, max_new=max_new, on_event=on_event)
     if merged is None:
-        gg = man.get("adapter", {}).get("gguf")
-        if not gg or not (run / gg).is_file():
+        gg = _adapter_gguf or (run / man["adapter"]["gguf"] if man.get("adapter", {}).get("gguf")
+                               else None)
+        if gg is None or not Path(gg).is_file():
             raise EdgeTuneError(f"{run}: no adapter.gguf to verify; run `edge-tune export {run}`")
         report = verify_mod.verify_run(run, man, peft_dir, Path(base_gguf), hf_dir,
-                                       adapter_gguf=run / gg, **kw)
+                                       adapter_gguf=Path(gg), **kw)
     elif _merged_f32 is not None:
         report = verify_mod.verify_run(run, man, peft_dir, Path(base_gguf), hf_dir,
                                        merged=Path(merged), merged_f32=_merged_f32, **kw)
@@ -607,7 +608,8 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
 
 
 def _verify_hook(run: Path, base: Optional[Path], on_event: EventSink,
-                 merged: Optional[Path] = None, merged_f32: Optional[Path] = None) -> dict:
+                 merged: Optional[Path] = None, merged_f32: Optional[Path] = None,
+                 adapter_gguf: Optional[Path] = None) -> dict:
     """The short check ``train`` and ``export`` run by default: two prompts, a few tokens.
     Out of tolerance is an error (exit 1) after the files are written."""
     man = manifest_mod.read(Path(run)) or {}
@@ -615,7 +617,7 @@ def _verify_hook(run: Path, base: Optional[Path], on_event: EventSink,
         on_event(Log("verify: skipped (mlx runs are not supported by verify yet)", "warning"))
         return {}
     report = verify(run, base=base, merged=merged, on_event=on_event, n_prompts=2, max_new=8,
-                    _merged_f32=merged_f32)
+                    _merged_f32=merged_f32, _adapter_gguf=adapter_gguf)
     summary = (f"verify: adapter effect error {report['effect_rel_err']:.2e}, top-1 "
                f"{report['top1_agreement']:.0%}, mean KL {report['mean_kl']:.4f} on "
                f"{report['n_prompts']} held-back prompts")

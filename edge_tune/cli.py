@@ -169,6 +169,8 @@ def export(
                                         "(llama.cpp's own quantizer) [default: F16]."),
     ollama: Optional[Path] = typer.Option(None, "--ollama", help="Also write an Ollama "
                                           "Modelfile (FROM/ADAPTER/TEMPLATE/stop) into DIR."),
+    system: Optional[str] = typer.Option(None, "--system", help="With --ollama: the "
+                                         "Modelfile's SYSTEM prompt."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="After exporting a run, "
                                 "check llama.cpp against torch+PEFT on held-back prompts "
                                 "(see `edge-tune verify`)."),
@@ -185,7 +187,7 @@ def export(
 
     with Renderer(err) as render:
         api.export(adapter, base=base, out=output, outtype=outtype, on_event=render,
-                   merge=merge, quant=quant, ollama=ollama, verify=verify)
+                   merge=merge, quant=quant, ollama=ollama, verify=verify, system=system)
 
 
 # --- convert-base ----------------------------------------------------------------------------
