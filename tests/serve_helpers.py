@@ -9,6 +9,7 @@ so a request served under the wrong adapter shows.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -23,22 +24,29 @@ PROMPTS = ["What is the capital of France?", "Name a fruit.", "What do bees make
            "Say hello."]
 
 
-def trained_adapters(root: Path) -> dict[str, Path]:
-    """{"pirate": run dir, "anti": adapter .gguf}, built once under ``root``."""
+def trained_adapters(root: Path | None = None) -> dict[str, Path]:
+    """{"pirate": run dir, "anti": adapter .gguf}. Trained once and kept in edge-tune's cache
+    (``EDGE_TUNE_CACHE``), like the dequantized model: the server tests need *an* adapter,
+    and training one costs minutes on a shared 2-core machine."""
     sys.path.insert(0, str(Path(__file__).parent))
     from gguf_helpers import scaled_copy
 
     from edge_tune.demo import demo_data
+    from edge_tune.fsutil import atomic_path, cache_dir
 
+    root = root or cache_dir() / "test-fixtures"
     run = root / "serve-pirate"
     anti = root / "serve-anti.gguf"
     if not (run / "manifest.json").is_file():
-        proc = subprocess.run([sys.executable, "-m", "edge_tune", "train", "--data",
-                               str(demo_data()), "--max-steps", "8", "--out", str(run)],
-                              check=False, capture_output=True, text=True, timeout=1200)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        with atomic_path(run) as tmp:  # a half-trained run is never left for the next session
+            proc = subprocess.run([sys.executable, "-m", "edge_tune", "train", "--data",
+                                   str(demo_data()), "--max-steps", "8", "--no-verify",
+                                   "--out", str(tmp)],
+                                  check=False, capture_output=True, text=True, timeout=1200)
+            assert proc.returncode == 0, proc.stderr[-3000:]
     if not anti.is_file():
-        scaled_copy(run / "adapter.gguf", anti, -1.0)
+        with atomic_path(anti) as tmp:
+            scaled_copy(run / "adapter.gguf", tmp, -1.0)
     return {"pirate": run, "anti": anti}
 
 
@@ -66,13 +74,13 @@ def http_json(method: str, url: str, body: bytes | None = None, headers: dict | 
 class Server:
     """``edge-tune serve`` in a subprocess on a free loopback port."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, python: str = sys.executable) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
         # A file, not a pipe: nobody reads a pipe while the server runs, and a full one blocks.
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 -- closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge_tune", "serve", "--port",
+        self.proc = subprocess.Popen([python, "-m", "edge_tune", "serve", "--port",
                                       str(self.port), *args], stdout=self.log,
                                      stderr=subprocess.STDOUT, text=True, env=env)
 
@@ -113,8 +121,8 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(*args: str):
-    server = Server(*args)
+def running_server(*args: str, python: str = sys.executable):
+    server = Server(*args, python=python)
     try:
         server.wait_ready()
         yield server
@@ -122,8 +130,10 @@ def running_server(*args: str):
         server.stop()
 
 
+@functools.cache
 def cli_answer(prompt: str, adapter: Path | None, max_tokens: int) -> str:
-    """``edge-tune chat --prompt ... --temperature 0``: the single-request answer."""
+    """``edge-tune chat --prompt ... --temperature 0``: the single-request answer (asked
+    once per process: each call loads the model)."""
     env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
     args = [sys.executable, "-m", "edge_tune", "chat", "--prompt", prompt, "--temperature", "0",
             "--max-tokens", str(max_tokens)]

@@ -28,7 +28,7 @@ MODELS = ["base", "pirate", "anti"]
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    return trained_adapters(tmp_path_factory.getbasetemp())
+    return trained_adapters()
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +233,32 @@ def test_parse_request_maps_fields():
     assert req.messages == [{"role": "system", "content": "be brief"},
                             {"role": "user", "content": "hi"}]
     assert parse_request("text", {"model": "base", "prompt": "x"}, MODELS).adapter is None
+
+
+# --- chat --compare ---------------------------------------------------------------------------
+
+def _table_columns(text: str) -> list[str]:
+    """The cells of a rich table printed as text, column by column, whitespace joined."""
+    cols: list[list[str]] = []
+    for line in text.splitlines():
+        if not line.startswith("│"):
+            continue
+        cells = [c.strip() for c in line.strip("│").split("│")]
+        cols = cols or [[] for _ in cells]
+        for col, cell in zip(cols, cells):
+            col.append(cell)
+    return [" ".join(" ".join(c).split()) for c in cols]
+
+
+def test_chat_compare_shows_both_answers_side_by_side(adapters):
+    proc = run_cli("chat", "--adapter", str(adapters["pirate"]), "--compare", "base",
+                   "--prompt", PROMPTS[0], "--temperature", "0", "--max-tokens",
+                   str(MAX_TOKENS))
+    assert proc.returncode == 0, proc.stderr
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("┃"))
+    assert "serve-pirate" in header and "base" in header
+    left, right = _table_columns(proc.stdout)
+    assert left == " ".join(cli_answer(PROMPTS[0], adapters["pirate"], MAX_TOKENS).split())
+    assert right == " ".join(cli_answer(PROMPTS[0], None, MAX_TOKENS).split())
+    assert_one_line_error(run_cli("chat", "--adapter", str(adapters["anti"]), "--compare",
+                                  str(adapters["anti"]), "--prompt", "hi"), "same adapter")

@@ -124,7 +124,7 @@ class Scheduler:
         last = None
         try:
             for piece in pieces:
-                if job.cancelled.is_set():  # the client left: stop generating now
+                if job.cancelled.is_set() or self._stopping:  # client left / shutting down
                     self.stats.cancelled += 1
                     return
                 last = piece

@@ -1,0 +1,176 @@
+"""`edge-tune bundle`: what goes in, checksums verified on load, and the bundle running in a
+fresh virtual environment that has only the `[run]` extra (no torch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from conftest import REPO, assert_one_line_error, run_cli
+from serve_helpers import (
+    PROMPTS,
+    cli_answer,
+    http_json,
+    running_server,
+    trained_adapters,
+)
+
+from edge_tune.bundle import default_name, plan_bundle, split_run_arg
+from edge_tune.errors import EdgeTuneError
+
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    return trained_adapters()
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(adapters, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "edge-box"
+    proc = run_cli("bundle", str(adapters["pirate"]), f"anti={adapters['anti']}", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_bundle_holds_base_adapters_manifests_and_checksums(bundle_dir, default_gguf):
+    index = json.loads((bundle_dir / "bundle.json").read_text())
+    assert index["format"] == "edge-tune-bundle/1"
+    assert sorted(index["adapters"]) == ["anti", "serve-pirate"]
+    assert index["base"] == f"base/{default_gguf.name}"
+    on_disk = sorted(p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*")
+                     if p.is_file() and p.name != "bundle.json")
+    assert sorted(index["files"]) == on_disk
+    assert {"README.md", "serve.sh", "chat_template.jinja", "manifests/serve-pirate.json",
+            "adapters/anti.gguf"} <= set(on_disk)
+    assert os.access(bundle_dir / "serve.sh", os.X_OK)
+    assert "edge-tune serve --bundle" in (bundle_dir / "serve.sh").read_text()
+    assert "<|im_start|>" in (bundle_dir / "chat_template.jinja").read_text()
+    base_sum = index["files"][index["base"]]
+    from edge_tune.models import DEFAULT_SHA256
+
+    assert base_sum == DEFAULT_SHA256
+
+
+def test_bundle_answers_like_the_run_it_came_from(bundle_dir, adapters):
+    proc = run_cli("chat", "--bundle", str(bundle_dir), "--adapter", "serve-pirate", "--prompt",
+                   PROMPTS[0], "--temperature", "0", "--max-tokens", str(MAX_TOKENS))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout[:-1] == cli_answer(PROMPTS[0], adapters["pirate"], MAX_TOKENS)
+
+
+def test_tampered_bundle_is_refused_in_one_line(bundle_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle_dir, copy)
+    with open(copy / "adapters/anti.gguf", "r+b") as f:  # flip one byte in the tensor data
+        f.seek(-10, 2)
+        byte = f.read(1)
+        f.seek(-10, 2)
+        f.write(bytes([byte[0] ^ 1]))
+    proc = run_cli("chat", "--bundle", str(copy), "--adapter", "anti", "--prompt", "hi")
+    assert_one_line_error(proc, "anti.gguf", "sha256", "does not match")
+    (copy / "adapters/anti.gguf").unlink()
+    assert_one_line_error(run_cli("serve", "--bundle", str(copy)), "anti.gguf", "missing")
+    assert_one_line_error(run_cli("chat", "--bundle", str(bundle_dir), "--adapter", "nope",
+                                  "--prompt", "hi"), "nope", "serve-pirate")
+    assert_one_line_error(run_cli("chat", "--bundle", str(tmp_path), "--prompt", "hi"),
+                          "bundle.json")
+
+
+def test_tar_gz_bundle_round_trips(adapters, tmp_path):
+    out = tmp_path / "box.tar.gz"
+    proc = run_cli("bundle", f"anti={adapters['anti']}", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+    assert "box/bundle.json" in names and "box/adapters/anti.gguf" in names
+    proc = run_cli("chat", "--bundle", str(out), "--adapter", "anti", "--prompt", PROMPTS[1],
+                   "--temperature", "0", "--max-tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout[:-1] == cli_answer(PROMPTS[1], adapters["anti"], 8)
+
+
+def test_bundle_bad_inputs(adapters, tmp_path):
+    assert_one_line_error(run_cli("bundle", str(tmp_path / "nothing"), "-o",
+                                  str(tmp_path / "o")), "nothing")
+    assert_one_line_error(run_cli("bundle", f"base={adapters['anti']}", "-o",
+                                  str(tmp_path / "o")), "reserved")
+    assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_planning_is_pure():
+    assert split_run_arg("pirate=runs/demo") == ("pirate", "runs/demo")
+    assert split_run_arg("runs/a=b") == (None, "runs/a=b")
+    assert default_name(Path("runs/run-2026 11 22")) == "run-2026-11-22"
+    assert default_name(Path("x/legal.gguf")) == "legal"
+    plan = plan_bundle(Path("m/base.gguf"), [("a", Path("a.gguf"), {"k": 1}),
+                                             ("b", Path("b.gguf"), None)])
+    assert [e.dest for e in plan.entries] == ["base/base.gguf", "adapters/a.gguf",
+                                              "adapters/b.gguf"]
+    assert list(plan.manifests) == ["a"]
+    with pytest.raises(EdgeTuneError, match="both be named"):
+        plan_bundle(Path("b.gguf"), [("a", Path("1.gguf"), None), ("a", Path("2.gguf"), None)])
+
+
+# --- on an "edge box": a fresh venv with only the [run] extra ---------------------------------
+
+def _cached_llama_wheel() -> Path | None:
+    """The llama-cpp-python wheel pip built for this venv (compiling again takes ~15 min)."""
+    version = metadata.version("llama-cpp-python")
+    out = subprocess.run([sys.executable, "-m", "pip", "cache", "list", "llama_cpp_python",
+                          "--format=abspath"], check=False, capture_output=True, text=True)
+    for line in out.stdout.split():
+        if Path(line).name.startswith(f"llama_cpp_python-{version}-"):
+            return Path(line)
+    return None
+
+
+@pytest.mark.slow
+def test_bundle_runs_in_a_fresh_venv_with_only_the_run_extra(bundle_dir, adapters, tmp_path):
+    wheel = _cached_llama_wheel()
+    if wheel is None:
+        pytest.skip("no built llama-cpp-python wheel in pip's cache (installing would compile "
+                    "llama.cpp for ~15 minutes)")
+    venv = tmp_path / "edge-box-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    # The cached wheel is offered first, and pinned, so pip installs it instead of compiling.
+    install = subprocess.run(
+        [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "--find-links", str(wheel.parent), f"llama-cpp-python=={metadata.version('llama-cpp-python')}",
+         f"{REPO}[run]"], check=False, capture_output=True, text=True, timeout=1500)
+    assert install.returncode == 0, install.stderr[-3000:]
+    assert "Building wheel for llama" not in install.stdout + install.stderr
+
+    for heavy in ("torch", "transformers", "peft", "mlx", "textual"):
+        probe = subprocess.run([py, "-c", f"import {heavy}"], check=False, capture_output=True,
+                               text=True)
+        assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, heavy
+
+    env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
+    chat = subprocess.run([str(venv / "bin" / "edge-tune"), "chat", "--bundle", str(bundle_dir),
+                           "--adapter", "anti", "--prompt", PROMPTS[2], "--temperature", "0",
+                           "--max-tokens", str(MAX_TOKENS)], check=False, capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout[:-1] == cli_answer(PROMPTS[2], adapters["anti"], MAX_TOKENS)
+
+    with running_server("--bundle", str(bundle_dir), python=py) as server:
+        status, models = http_json("GET", server.url + "/v1/models")
+        assert status == 200
+        assert [m["id"] for m in models["data"]] == ["base", "serve-pirate", "anti"]
+        status, resp = http_json("POST", server.url + "/v1/chat/completions", json.dumps(
+            {"model": "serve-pirate", "temperature": 0, "max_tokens": MAX_TOKENS,
+             "messages": [{"role": "user", "content": PROMPTS[0]}]}).encode(),
+            {"Content-Type": "application/json"})
+        assert status == 200
+        assert resp["choices"][0]["message"]["content"] == cli_answer(
+            PROMPTS[0], adapters["pirate"], MAX_TOKENS)

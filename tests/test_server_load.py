@@ -1,0 +1,74 @@
+"""Load on the real server (loopback only, bounded): 200 requests from 16 concurrent clients
+across the base and two adapters. No errors, no cross-talk (every answer equals that model's
+single-request answer), and no memory growth."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import psutil
+import pytest
+from serve_helpers import PROMPTS, running_server, trained_adapters
+
+pytestmark = pytest.mark.slow
+
+MODELS = ["base", "pirate", "anti"]
+REQUESTS = 200
+CLIENTS = 16
+MAX_TOKENS = 8  # short answers keep the run to minutes on 2 cores; cross-talk shows at once
+
+
+def _ask(client, model: str, prompt: str, stream: bool) -> str:
+    kw = {"model": model, "messages": [{"role": "user", "content": prompt}],
+          "temperature": 0, "max_tokens": MAX_TOKENS}
+    if stream:
+        return "".join(c.choices[0].delta.content or ""
+                       for c in client.chat.completions.create(stream=True, **kw) if c.choices)
+    return client.chat.completions.create(**kw).choices[0].message.content
+
+
+def test_200_requests_16_clients_three_models(tmp_path_factory):
+    adapters = trained_adapters()
+    with running_server("--adapter", f"pirate={adapters['pirate']}",
+                        "--adapter", f"anti={adapters['anti']}") as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                               timeout=900)
+        proc = psutil.Process(server.pid)
+        _ask(client, "pirate", PROMPTS[0], False)
+        rss_first = proc.memory_info().rss
+
+        # Single-request answers, one at a time: the reference for every concurrent one.
+        reference = {(m, p): _ask(client, m, p, False) for m in MODELS for p in PROMPTS}
+        for p in PROMPTS:
+            assert len({reference[(m, p)] for m in MODELS}) == 3, p  # cross-talk would show
+
+        jobs = [(MODELS[i % 3], PROMPTS[(i // 3) % len(PROMPTS)], i % 2 == 0)
+                for i in range(REQUESTS)]
+        before = server.health()
+
+        def run(job):
+            model, prompt, stream = job
+            try:
+                return job, _ask(client, model, prompt, stream), None
+            except openai.OpenAIError as exc:
+                return job, None, exc
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            results = list(pool.map(run, jobs))
+        elapsed = time.monotonic() - t0
+
+        errors = [(job, exc) for job, _, exc in results if exc is not None]
+        assert errors == []
+        wrong = [(job, got) for job, got, _ in results if got != reference[job[:2]]]
+        assert wrong == [], wrong[:3]
+        after = server.health()
+        assert after["served"] - before["served"] == REQUESTS and after["failed"] == 0
+        assert after["adapter_switches"] > before["adapter_switches"]
+        rss_after = proc.memory_info().rss
+        print(f"\n{REQUESTS} requests, {CLIENTS} clients: {elapsed:.1f}s "
+              f"({REQUESTS / elapsed:.2f} req/s); RSS after first request "
+              f"{rss_first / 2**20:.0f} MiB, after the run {rss_after / 2**20:.0f} MiB")
+        assert rss_after <= rss_first * 1.10, (rss_first, rss_after)
