@@ -4,7 +4,9 @@ An mlx-lm adapter directory holds ``adapters.safetensors`` and ``adapter_config.
 (``fine_tune_type``, ``num_layers``, ``lora_parameters = {rank, scale, dropout, keys?}``).
 mlx-lm computes ``y + scale * (x @ lora_a) @ lora_b`` with ``lora_a`` of shape (in, r) and
 ``lora_b`` (r, out); PEFT computes ``y + (alpha / r) * B (A x)`` with A (r, in), B (out, r). So
-A = lora_a.T, B = lora_b.T and alpha = scale * r. Both keep HF module names and HF (unpermuted)
+A = lora_a.T, B = lora_b.T and alpha = scale * r; a DoRA adapter's ``.m`` is PEFT's
+``lora_magnitude_vector`` (both scale rows of W + scale * B A by m / its row norm). DoRA has no
+GGUF LoRA form, so it exports merged only (``peft_to_gguf`` says so). Both keep HF module names and HF (unpermuted)
 q/k layout, so going through PEFT reuses the one GGUF writer that already handles the Llama
 q/k rope permutation and every other naming detail.
 
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -54,16 +55,12 @@ def read_mlx_adapter(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def to_peft(config: dict, tensors: dict[str, np.ndarray], where: str = "mlx adapter",
-            base_model: Optional[str] = None) -> tuple[dict, dict[str, np.ndarray]]:
+            base_model: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """(PEFT adapter_config, PEFT tensors) for an mlx-lm LoRA adapter. Pure."""
     kind = config.get("fine_tune_type", "lora")
-    if kind == "dora" or any(k.endswith(".m") for k in tensors):
-        raise EdgeTuneError(f"{where}: DoRA adapters have no GGUF LoRA form (llama.cpp has no "
-                            "magnitude vectors); export it merged into the base instead "
-                            "(`edge-tune export RUN --merge`)")
-    if kind != "lora":
+    if kind not in ("lora", "dora"):
         raise EdgeTuneError(f"{where}: fine_tune_type {kind!r} is not a LoRA adapter "
-                            "(expected 'lora')")
+                            "(expected 'lora' or 'dora')")
     params = config.get("lora_parameters") or {}
     if "scale" not in params:
         raise EdgeTuneError(f"{where}: {CONFIG} has no lora_parameters.scale (expected the "
@@ -76,10 +73,13 @@ def to_peft(config: dict, tensors: dict[str, np.ndarray], where: str = "mlx adap
     ranks: set[int] = set()
     for key, arr in tensors.items():
         module, _, leaf = key.rpartition(".")
-        if leaf not in ("lora_a", "lora_b") or not module:
+        if leaf not in ("lora_a", "lora_b", "m") or not module:
             raise EdgeTuneError(f"{where}: tensor {key!r} is not an mlx-lm LoRA weight "
-                                "(expected '<module>.lora_a' or '<module>.lora_b')")
+                                "(expected '<module>.lora_a', '.lora_b' or DoRA's '.m')")
         arr = np.asarray(arr, dtype=np.float32)
+        if leaf == "m":  # DoRA's per-output magnitude: the same quantity PEFT stores
+            out[f"base_model.model.{module}.lora_magnitude_vector"] = arr
+            continue
         if arr.ndim != 2:
             raise EdgeTuneError(f"{where}: tensor {key!r} has shape {arr.shape}; expected a "
                                 "matrix (mixture-of-experts LoRA is not supported)")
@@ -118,7 +118,7 @@ def to_peft(config: dict, tensors: dict[str, np.ndarray], where: str = "mlx adap
         "target_modules": sorted(modules),
         "bias": "none",
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": kind == "dora" or any(k.endswith("lora_magnitude_vector") for k in out),
         "fan_in_fan_out": False,
         "base_model_name_or_path": base_model or config.get("model"),
         "layers_to_transform": sorted(layers) or None,
@@ -126,7 +126,7 @@ def to_peft(config: dict, tensors: dict[str, np.ndarray], where: str = "mlx adap
     return peft_config, out
 
 
-def convert(mlx_dir: Path, out_dir: Path, base_model: Optional[str] = None) -> Path:
+def convert(mlx_dir: Path, out_dir: Path, base_model: str | None = None) -> Path:
     """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
     from safetensors.numpy import save_file
 

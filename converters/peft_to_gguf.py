@@ -111,6 +111,11 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
         if a_key == "lora_embedding_A":
             # llama.cpp flips A and B for token_embd: lora_a = A^T, lora_b = B.
             a = a.T
+        # Shapes first: the q/k permutation below assumes the base's head layout.
+        problems = check_tensors({name + ".lora_a": tuple(reversed(a.shape)),
+                                  name + ".lora_b": tuple(reversed(b.shape))}, base)
+        if problems:
+            raise EdgeTuneError(f"{where}: adapter does not fit the base model: {problems[0]}")
         which = needs_rope_permute(base.arch, name)
         if which:
             b = rope_permute_rows(b, base.n_head if which == "q" else base.n_head_kv)
