@@ -4,9 +4,10 @@ Jinja templates are programs; a general translation is impossible. What Ollama n
 text each role is wrapped in, so the template is *measured*, not parsed: it is rendered with
 sentinel contents for a few conversations and the role prefixes/suffixes, the generation
 prompt and any default system block are read off the differences. The Go template built from
-those parts is then checked against the Jinja template on a multi-turn conversation; a
-template that does not fit the role-block shape (Gemma folds the system prompt into the first
-user turn, Mistral into the last) is reported as untranslatable instead of being guessed at.
+those parts is then checked against the Jinja template on a multi-turn conversation. Two
+shapes are known: role blocks (ChatML, Llama-3, ...) and role blocks whose system prompt opens
+the first user turn (Gemma); anything else (Mistral folds it into the *last* user turn) is
+reported as untranslatable instead of being guessed at.
 
 BOS is left out (rendered as ""): llama.cpp and Ollama add it from the GGUF's tokenizer flags.
 Pure: no I/O (jinja2 is only used to render).
@@ -30,12 +31,18 @@ class RoleBlocks:
     user: tuple[str, str]
     assistant: tuple[str, str]
     generation: str  # the generation prompt
+    fold_sep: str | None = None  # Gemma: system text + fold_sep opens the first user turn
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """What the Go template renders, in Python (used for the self-check)."""
-        out = "" if messages and messages[0]["role"] == "system" else self.head
-        for m in messages:
+        has_system = bool(messages) and messages[0]["role"] == "system"
+        out = "" if has_system else self.head
+        for i, m in enumerate(messages):
+            if self.fold_sep is not None and m["role"] == "system":
+                continue
             pre, post = getattr(self, m["role"])
+            if self.fold_sep is not None and i == 1 and has_system:
+                pre += messages[0]["content"] + self.fold_sep
             out += pre + m["content"] + post
         return out + (self.generation if add_generation_prompt else "")
 
@@ -90,12 +97,20 @@ def measure(render) -> RoleBlocks:
     assistant = _split(_after(r2, r1, "an assistant turn"), A1, "assistant content")
     user = _split(_after(r3, r2, "a user turn"), U2, "user content")
     tail = user[0] + U1 + user[1]
-    if not r1.endswith(tail) or not rs.endswith(tail):
-        raise Untranslatable("the first user turn is rendered differently from later ones "
-                             "(a system prompt folded into it?)")
+    if not r1.endswith(tail):
+        raise Untranslatable("the first user turn is rendered differently from later ones")
     head = r1[: -len(tail)]
-    system = _split(rs[: -len(tail)], S, "system content")
-    blocks = RoleBlocks(head, system, user, assistant, generation)
+    fold_sep = None
+    if rs.endswith(tail):
+        system = _split(rs[: -len(tail)], S, "system content")
+    elif not head and rs.startswith(user[0] + S) and rs.endswith(U1 + user[1]):
+        # The system prompt opens the first user turn (Gemma).
+        fold_sep = rs[len(user[0] + S): -len(U1 + user[1])]
+        system = ("", "")
+    else:
+        raise Untranslatable("the system prompt is placed in a way other than its own turn or "
+                             "the start of the first user turn")
+    blocks = RoleBlocks(head, system, user, assistant, generation, fold_sep)
     probe = [msg("system", "Be brief."), msg("user", "Hi!"), msg("assistant", "Hello."),
              msg("user", "What is 2+2?"), msg("assistant", "4"), msg("user", "Thanks")]
     for conv in (probe, probe[1:]):
@@ -113,15 +128,20 @@ def go_template(blocks: RoleBlocks) -> str:
     """The Ollama TEMPLATE: one line, no ``{{-`` trim markers (they would eat the newlines the
     role blocks end with). ``and`` short-circuits in Go >= 1.18, so ``index`` is safe."""
     L = _literal
+    first_is_system = '(and .Messages (eq (index .Messages 0).Role "system"))'
     out = ""
     if blocks.head:
-        out += ('{{ if not (and .Messages (eq (index .Messages 0).Role "system")) }}'
-                f"{L(blocks.head)}{{{{ end }}}}")
-    out += "{{ range .Messages }}"
-    for i, role in enumerate(("system", "user", "assistant")):
+        out += f"{{{{ if not {first_is_system} }}}}{L(blocks.head)}{{{{ end }}}}"
+    out += "{{ range $i, $m := .Messages }}"
+    roles = ("user", "assistant") if blocks.fold_sep is not None else \
+        ("system", "user", "assistant")
+    for i, role in enumerate(roles):
         pre, post = getattr(blocks, role)
-        out += f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}'
-        out += f"{L(pre)}{{{{ .Content }}}}{L(post)}"
+        out += f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{L(pre)}'
+        if role == "user" and blocks.fold_sep is not None:
+            out += ('{{ if and (eq $i 1) (eq (index $.Messages 0).Role "system") }}'
+                    f"{{{{ (index $.Messages 0).Content }}}}{L(blocks.fold_sep)}{{{{ end }}}}")
+        out += f"{{{{ .Content }}}}{L(post)}"
     out += "{{ end }}{{ end }}" + L(blocks.generation)
     return out
 
