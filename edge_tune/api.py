@@ -6,6 +6,7 @@ returns plain data. Heavy libraries are imported inside the functions that need 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import shutil
@@ -177,6 +178,13 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     hw = probe()
     backend, why = registry.choose(cfg.backend, hw)
     on_event(Log(f"backend: {backend} ({why})"))
+    run_plan = None
+    if resume is None:  # a resumed run keeps the settings it was planned with
+        run_plan = _plan(cfg, ref, backend, hw, train_records)
+        if run_plan is not None:
+            _check_plan(run_plan)
+            on_event(Log(planner_describe(run_plan)))
+            cfg = dataclasses.replace(cfg, **{k: run_plan.config[k] for k in PLANNED})
     if resume is None:
         run_dir = _prepare_run_dir(cfg.out)
         shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # a stale one from a reused dir
@@ -228,7 +236,8 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
               "records": len(records), "examples": result.get("examples"),
               "val": str(Path(cfg.val).resolve()) if cfg.val else None,
               "val_records": len(val_records)},
-        result=result, tokenizer=tokenizer_info, adapter=adapter_info)
+        result=result, tokenizer=tokenizer_info, adapter=adapter_info,
+        plan=run_plan.to_dict() if run_plan is not None else None)
     manifest_mod.write(run_dir, man)
     shutil.rmtree(ckpt, ignore_errors=True)  # finished: the adapter is the result
     if getattr(cfg, "verify", True) and ref.gguf is not None:
@@ -325,6 +334,114 @@ def delete_run(run_dir: Path) -> None:
     if not run_dir.is_dir() or _run_summary(run_dir) is None:
         raise EdgeTuneError(f"{run_dir}: not an edge-tune run directory; not deleting it")
     shutil.rmtree(run_dir)
+
+
+# --- plan ------------------------------------------------------------------------------------
+
+PLANNED = ("batch_size", "grad_accum", "seq_len", "grad_checkpoint")  # what the planner may change
+
+
+def planner_describe(p) -> str:
+    from edge_tune.planner import describe
+
+    return describe(p)
+
+
+def model_shape(ref: models.ModelRef):
+    """The planner's view of a model (its shape), from GGUF metadata or config.json."""
+    from edge_tune import planner
+
+    if ref.gguf is not None:
+        from edge_tune.converters.base_info import field_value, open_gguf
+
+        reader = open_gguf(ref.gguf)
+        arch = field_value(reader, "general.architecture")
+        fields = {k: field_value(reader, k) for k in reader.fields if k.startswith(arch + ".")}
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        vocab = fields.get(f"{arch}.vocab_size") or (len(tokens.data) if tokens else 0)
+        tied = all(t.name != "output.weight" for t in reader.tensors)
+        try:
+            return planner.shape_from_gguf_fields(arch, fields, int(vocab), tied)
+        except (KeyError, TypeError, ValueError):
+            return None
+    if ref.hf_dir is not None and (Path(ref.hf_dir) / "config.json").is_file():
+        config = json.loads((Path(ref.hf_dir) / "config.json").read_text())
+        size = sum(f.stat().st_size for f in Path(ref.hf_dir).glob("*.safetensors"))
+        try:
+            return planner.shape_from_hf_config(config.get("text_config", config), size)
+        except (KeyError, TypeError, ValueError):
+            return None
+    return None
+
+
+def _longest_tokens(records: list[dict]) -> int:
+    """A cautious guess of the longest example in tokens without tokenizing: ~3 characters per
+    token plus the chat template's markers. Pure."""
+    longest = 0
+    for r in records:
+        msgs = r.get("messages") or []
+        chars = len(r.get("text") or "") + sum(len(str(m.get("content") or "")) for m in msgs)
+        longest = max(longest, chars // 3 + 8 * len(msgs) + 8)
+    return longest
+
+
+def _plan(cfg: TrainConfig, ref: models.ModelRef, backend: str, hw, train_records: list):
+    import math
+
+    import psutil
+
+    from edge_tune import planner
+
+    shape = model_shape(ref)
+    if shape is None:
+        return None
+    if cfg.memory_gib:
+        budget = cfg.memory_gib * planner.GIB
+    elif backend == "unsloth" and hw.cuda_gpus:
+        gpu = hw.cuda_gpus[0]
+        free = getattr(gpu, "vram_free_gib", None) or gpu.vram_gib
+        budget = free * planner.GIB
+    else:
+        budget = psutil.virtual_memory().available * 0.9  # leave room for the rest of the box
+    machine = planner.Machine(budget_bytes=budget, physical_cores=hw.physical_cores,
+                              cpu_bf16=hw.has_bf16_cpu, apple=hw.apple is not None,
+                              gpu_name=hw.cuda_gpus[0].name if hw.cuda_gpus else "")
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps = cfg.max_steps or max(1, round(cfg.epochs * math.ceil(len(train_records) / per_step)))
+    return planner.fit(shape, backend, cfg.to_dict(), machine, steps,
+                       _longest_tokens(train_records) or None)
+
+
+def _check_plan(p) -> None:
+    from edge_tune.planner import GIB
+
+    if p.fits:
+        return
+    e = p.estimate
+    have = f"but {p.budget_bytes / GIB:.2f} GiB is available"
+    if e.load_peak > p.budget_bytes:
+        raise EdgeTuneError(f"loading this model for training needs ~{e.load_peak / GIB:.2f} GiB "
+                            f"{have}; free memory, raise --memory-gib or use a smaller model")
+    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in e.parts.items())
+    raise EdgeTuneError(f"this run needs ~{e.peak / GIB:.2f} GiB ({parts} GiB) even at batch "
+                        f"size 1 with gradient checkpointing and seq-len {p.config['seq_len']}, "
+                        f"{have}; free memory or use a smaller model")
+
+
+def plan(cfg: TrainConfig, on_event: EventSink = ignore) -> dict:
+    """What ``train`` would do: backend, predicted peak memory and time, settings changed to
+    fit. Reads the data and model metadata only; loads no model."""
+    models.check_spec(cfg.model)
+    records = [_job_record(r) for r in _read_data(cfg.data, cfg, on_event).records]
+    train_records, _ = split_validation(records, cfg.val_split, cfg.seed)
+    ref = models.resolve(cfg.model, on_event)
+    hw = probe()
+    backend, why = registry.choose(cfg.backend, hw)
+    p = _plan(cfg, ref, backend, hw, train_records)
+    if p is None:
+        raise EdgeTuneError(f"--model {cfg.model}: cannot read this model's shape to plan")
+    return {"backend": backend, "backend_reason": why, "model": ref.spec,
+            "records": len(train_records), **p.to_dict(), "summary": planner_describe(p)}
 
 
 # --- export ----------------------------------------------------------------------------------

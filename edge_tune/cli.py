@@ -101,6 +101,15 @@ def train(
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha; scale = alpha/r "
                                           "[default: 32]."),
     batch_size: Optional[int] = typer.Option(None, help="Examples per step [default: 8]."),
+    grad_accum: Optional[int] = typer.Option(None, help="Batches per optimizer step "
+                                             "(effective batch = batch-size x this) "
+                                             "[default: 1; raised by the planner to fit]."),
+    grad_checkpoint: Optional[bool] = typer.Option(None, "--grad-checkpoint/"
+                                                   "--no-grad-checkpoint", help="Recompute each "
+                                                   "block in backward: far less memory, ~1/3 "
+                                                   "slower [default: off; on if needed to fit]."),
+    memory_gib: Optional[float] = typer.Option(None, help="Memory budget for the planner in "
+                                               "GiB [default: what is free now]."),
     seq_len: Optional[int] = typer.Option(None, help="Max tokens per example; longer ones "
                                           "are truncated [default: 512]."),
     seed: Optional[int] = typer.Option(None, help="Random seed [default: 0]."),
@@ -131,6 +140,7 @@ def train(
                  train_on=train_on, pack=pack, overflow=overflow, model=model, backend=backend,
                  out=str(out_dir) if out_dir else None, epochs=epochs, max_steps=max_steps,
                  lr=lr, rank=rank, alpha=alpha, batch_size=batch_size, seq_len=seq_len,
+                 grad_accum=grad_accum, grad_checkpoint=grad_checkpoint, memory_gib=memory_gib,
                  seed=seed, val=str(val) if val else None, val_split=val_split,
                  save_every=save_every, verify=verify)
     if resume is not None:
@@ -149,6 +159,55 @@ def train(
               f"{r['final_loss']:.3f}{val_text}, {r['tokens_per_second']:.0f} tok/s")
     out.print(f"run directory: [bold]{result.run_dir}[/]  (chat: edge-tune chat --adapter "
               f"{result.run_dir})")
+
+
+# --- plan ------------------------------------------------------------------------------------
+
+_NOT_PLAN_OPTIONS = ("verify", "save_every", "resume")
+
+
+def _plan(as_json: bool = False, **options) -> None:
+    from edge_tune import api
+    from edge_tune.config import build
+    from edge_tune.render_plan import render_plan
+
+    config = options.pop("config", None)
+    out_dir = options.pop("out_dir", None)
+    val = options.pop("val", None)
+    flags = {("format" if k == "data_format" else k): v for k, v in options.items()}
+    cfg = build(config, out=str(out_dir) if out_dir else None, val=str(val) if val else None,
+                **flags)
+    report = api.plan(cfg)
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        render_plan(report, out)
+
+
+def _register_plan() -> None:
+    """`edge-tune plan` takes exactly train's options (one list to keep in sync: train's)."""
+    import inspect
+    import typing
+
+    hints = typing.get_type_hints(train)
+    params = [p.replace(annotation=hints[name])
+              for name, p in inspect.signature(train).parameters.items()
+              if name not in _NOT_PLAN_OPTIONS]
+    params.append(inspect.Parameter(
+        "as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+        default=typer.Option(False, "--json", help="Machine-readable output.")))
+
+    def plan(**kw) -> None:
+        _plan(**kw)
+
+    plan.__signature__ = inspect.Signature(params)  # typer reads the options from here
+    plan.__doc__ = ("Predict a run's peak memory and time, and the settings `train` would change "
+                    "to fit this machine; loads no model.\n\nTakes the same options as "
+                    "`train`. `train` runs this plan first and refuses runs that cannot fit.")
+    app.command("plan")(plan)
+
+
+_register_plan()
 
 
 # --- export ----------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ class TrainConfig:
     rank: int = 16
     alpha: float = 32.0
     batch_size: int = 8
+    grad_accum: int = 1  # micro-batches per optimizer step (the planner raises it to fit)
+    grad_checkpoint: bool = False  # recompute each block in backward: less memory, ~1/3 slower
     seq_len: int = 512
     seed: int = 0
     format: str = "auto"  # auto | openai | sharegpt | alpaca | completion | text
@@ -45,6 +47,7 @@ class TrainConfig:
     warmup_steps: int = 5
     precision: str = "auto"  # auto | bf16 | fp32
     threads: int = 0  # 0 = physical cores
+    memory_gib: Optional[float] = None  # the planner's memory budget; None = what is free now
     verify: bool = True  # after training: llama.cpp vs torch+PEFT on held-back prompts
 
     def to_dict(self) -> dict:
@@ -58,6 +61,8 @@ _CHECKS = {
     "rank": (lambda v: 1 <= v <= 1024, "an integer from 1 to 1024"),
     "alpha": (lambda v: v > 0, "a number > 0"),
     "batch_size": (lambda v: 1 <= v <= 4096, "an integer >= 1"),
+    "grad_accum": (lambda v: 1 <= v <= 4096, "an integer >= 1"),
+    "memory_gib": (lambda v: v is None or v > 0, "a number of GiB > 0"),
     "seq_len": (lambda v: 16 <= v <= 1 << 20, "an integer >= 16"),
     "precision": (lambda v: v in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
     "threads": (lambda v: v >= 0, "an integer >= 0"),

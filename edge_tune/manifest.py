@@ -29,7 +29,7 @@ def library_versions() -> dict[str, str]:
 
 
 def build(*, config: dict, backend: str, backend_reason: str, base: dict, data: dict,
-          result: dict, tokenizer: dict, adapter: dict) -> dict:
+          result: dict, tokenizer: dict, adapter: dict, plan: Optional[dict] = None) -> dict:
     """Assemble the manifest. Pure."""
     return {
         "format": "edge-tune-run/1",
@@ -43,6 +43,7 @@ def build(*, config: dict, backend: str, backend_reason: str, base: dict, data: 
         "data": data,
         "result": result,
         "adapter": adapter,
+        "plan": plan,  # the planner's prediction (compare result.peak_rss_bytes)
         "versions": library_versions(),
     }
 

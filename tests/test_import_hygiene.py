@@ -11,13 +11,16 @@ MODULES = ["edge_tune", "edge_tune.api", "edge_tune.cli", "edge_tune.engine",
            "edge_tune.runner", "edge_tune.models", "edge_tune.hardware", "edge_tune.config",
            "edge_tune.manifest", "edge_tune.demo", "edge_tune.data.formats",
            "edge_tune.data.template", "edge_tune.backends.registry", "edge_tune.backends.cpu",
-           "edge_tune.backends.worker", "edge_tune.converters.peft_to_gguf",
+           "edge_tune.backends.worker", "edge_tune.backends.unsloth_qlora",
+           "edge_tune.converters.peft_to_gguf",
            "edge_tune.converters.validate", "edge_tune.converters.gguf_f32",
            "edge_tune.converters.merge", "edge_tune.converters.quantize",
            "edge_tune.converters.ollama", "edge_tune.converters.hf_to_gguf", "edge_tune.verify", "edge_tune.tui",
            "edge_tune.data.inspect", "edge_tune.render_inspect", "edge_tune.backends.checkpoint",
            "edge_tune.server", "edge_tune.server.app", "edge_tune.server.scheduler",
-           "edge_tune.server.openai_shapes", "edge_tune.bundle"]
+           "edge_tune.server.openai_shapes", "edge_tune.bundle", "edge_tune.planner",
+           "edge_tune.render_plan", "edge_tune.backends.mlx_lora",
+           "edge_tune.converters.mlx_to_peft"]
 
 
 def _loaded_after(code: str) -> list[str]:
@@ -36,7 +39,7 @@ def test_cli_help_loads_no_heavy_library():
     code = ("import sys\nfrom edge_tune.cli import app\n"
             "try:\n    app(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
             "for cmd in ('train', 'export', 'chat', 'doctor', 'demo', 'tui', 'serve', "
-            "'bundle', 'verify', 'convert-base'):\n"
+            "'bundle', 'verify', 'convert-base', 'plan'):\n"
             "    try:\n        app([cmd, '--help'], standalone_mode=False)\n"
             "    except SystemExit:\n        pass")
     assert _loaded_after(code) == []

@@ -143,6 +143,10 @@ def build_model(hf_dir: Path, cfg: dict, bf16: bool):
         # step on short chat sequences; plain matmuls are faster here.
         attn_implementation="eager")
     model.config.use_cache = False
+    if cfg.get("grad_checkpoint"):
+        # Keep only each block's input; recompute the block in backward (non-reentrant, so the
+        # frozen embeddings need no requires_grad trick).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=0.0,
                       target_modules=cfg["target_modules"], task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
@@ -251,7 +255,8 @@ def train(job: dict, emit: Callable) -> dict:
 
     examples: list[Example] = job["examples"]
     lengths = [len(e.input_ids) for e in examples]
-    steps_per_epoch = math.ceil(len(examples) / cfg["batch_size"])
+    accum = max(1, cfg.get("grad_accum") or 1)  # micro-batches per optimizer step
+    steps_per_epoch = math.ceil(len(examples) / (cfg["batch_size"] * accum))
     total = cfg["max_steps"] or max(1, round(cfg["epochs"] * steps_per_epoch))
 
     val_examples: list[Example] = job.get("val_examples") or []
@@ -288,28 +293,32 @@ def train(job: dict, emit: Callable) -> dict:
     try:
         for step in range(first, total):
             with stop.guard():
-                if not batches:
-                    batches = length_grouped_batches(lengths, cfg["batch_size"], rng)
-            batch = [examples[i] for i in batches[-1]]
-            if cfg.get("pack"):
-                ids, labels, mask, positions, n_tokens = collate_packed(batch, job["pad_id"],
-                                                                       cfg["seq_len"])
-            else:
-                (ids, labels, mask), positions = collate(batch, job["pad_id"]), None
-                n_tokens = int(mask.sum())
+                while len(batches) < accum:  # batches are taken from the end: new epoch first
+                    batches = length_grouped_batches(lengths, cfg["batch_size"], rng) + batches
             lr = lr_at(step, total, cfg["lr"], min(cfg["warmup_steps"], total // 10))
             for g in opt.param_groups:
                 g["lr"] = lr
-            with compute_precision(model, bf16):
-                loss = response_loss(model, ids, labels, mask, positions)
-            loss.backward()
+            step_loss, n_tokens = 0.0, 0
+            for micro in range(accum):
+                batch = [examples[i] for i in batches[-1 - micro]]
+                if cfg.get("pack"):
+                    ids, labels, mask, positions, n_micro = collate_packed(
+                        batch, job["pad_id"], cfg["seq_len"])
+                else:
+                    (ids, labels, mask), positions = collate(batch, job["pad_id"]), None
+                    n_micro = int(mask.sum())
+                with compute_precision(model, bf16):
+                    loss = response_loss(model, ids, labels, mask, positions) / accum
+                loss.backward()
+                step_loss += loss.item()
+                n_tokens += n_micro
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             with stop.guard():  # SIGTERM waits for the update to complete
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                batches.pop()
+                del batches[-accum:]
                 tokens_done += n_tokens
-                losses.append(loss.item())
+                losses.append(step_loss)
                 done = step + 1
 
             elapsed = time.perf_counter() - start

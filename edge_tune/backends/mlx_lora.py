@@ -109,7 +109,8 @@ def train(job: dict, emit: Callable) -> dict:
 
     examples: list[Example] = job["examples"]
     val_examples: list[Example] = job.get("val_examples") or []
-    steps_per_epoch = math.ceil(len(examples) / cfg["batch_size"])
+    accum = max(1, cfg.get("grad_accum") or 1)  # micro-batches per optimizer step
+    steps_per_epoch = math.ceil(len(examples) / (cfg["batch_size"] * accum))
     total = cfg["max_steps"] or max(1, round(cfg["epochs"] * steps_per_epoch))
     warmup = min(cfg["warmup_steps"], total // 10)
     peak, pad_id, limit = cfg["lr"], job["pad_id"], cfg["seq_len"]
@@ -169,7 +170,7 @@ def train(job: dict, emit: Callable) -> dict:
         # mlx-lm validates *before* a step (and before the first); edge-tune reports validation
         # after steps ``eval_steps()`` on every backend, so it runs it here instead.
         def on_train_loss_report(self, info: dict) -> None:
-            step = info["iteration"]
+            step = info["iteration"] // accum  # mlx-lm counts micro-batches
             losses.append(float(info["train_loss"]))
             elapsed = time.perf_counter() - clock["start"] - clock["paused"]
             emit(Metric(step=step, total_steps=total, loss=float(info["train_loss"]),
@@ -189,7 +190,9 @@ def train(job: dict, emit: Callable) -> dict:
     with atomic_path(run_dir / "mlx") as native:
         native.mkdir()
         args = TrainingArgs(
-            batch_size=cfg["batch_size"], iters=total, val_batches=-1, steps_per_report=1,
+            batch_size=cfg["batch_size"], iters=total * accum, val_batches=-1,
+            steps_per_report=accum, grad_accumulation_steps=accum,
+            grad_checkpoint=bool(cfg.get("grad_checkpoint")),
             steps_per_eval=total + 1, steps_per_save=total + 1, max_seq_length=limit,
             adapter_file=str(native / mlx_to_peft.WEIGHTS))
         clock["start"] = time.perf_counter()

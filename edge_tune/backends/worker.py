@@ -80,6 +80,14 @@ def prepare_examples(job: dict, emit):
     return examples, int(pad or 0), info
 
 
+def peak_rss_bytes() -> int:
+    """The training process's high-water resident memory (what the planner predicts)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB else
+
+
 def run(job: dict, emit) -> dict:
     from edge_tune.backends.registry import load_entry
     from edge_tune.fsutil import atomic_path
@@ -96,6 +104,7 @@ def run(job: dict, emit) -> dict:
         job["adapter_dir"] = str(tmp)
         result = train(job, emit)
     return {**result, "examples": len(job["examples"]), "hf_dir": job["hf_dir"],
+            "peak_rss_bytes": peak_rss_bytes(),
             "tokenizer": tokenizer_info}
 
 

@@ -1,0 +1,288 @@
+"""Before training: how much memory and time a run needs, and settings that fit.
+
+Pure arithmetic over a model's shape and the run's settings, so it is instant, needs no
+torch/mlx/unsloth, and is easy to test. The memory model counts what each backend keeps:
+
+* the framework itself (Python + torch/mlx + transformers after import);
+* frozen weights at their precision (bf16 where the CPU does bf16, fp32 otherwise; 4-bit NF4
+  for Unsloth QLoRA) and, while loading, the fp32 safetensors file mapped into memory;
+* LoRA weights, their gradients and AdamW's two moments (fp32: 16 bytes per parameter);
+* activations kept for the backward pass: per token per block a fixed number of hidden- and
+  FFN-sized tensors, plus the attention probabilities (B x heads x L x L, eager attention),
+  or only each block's input with gradient checkpointing;
+* the loss, computed ``LOSS_CHUNK`` positions at a time over the vocabulary.
+
+The per-token coefficients are counted from the Llama block (see ``_block_activation_bytes``)
+and checked against measured peak RSS (``benchmarks/planner_check.py``; table in the README).
+Time per step comes from a throughput table measured on this project's machines (FLOP/s per
+core for the CPU backends; a fraction of the GPU's bf16 peak for Unsloth) and is a rough guide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+GIB = 1024 ** 3
+LOSS_CHUNK = 128  # matches edge_tune.backends.cpu.LOSS_CHUNK
+
+# Measured: resident memory of the training process after importing its libraries and before
+# loading a model (Python, torch/mlx, transformers, tokenizers, the job's data).
+FRAMEWORK_BYTES = {"cpu": 0.55 * GIB, "mlx": 0.45 * GIB, "unsloth": 1.0 * GIB}
+# Measured training throughput, as effective FLOP/s per physical core (CPU backends) or as a
+# share of the GPU's dense bf16 peak (Unsloth). FLOPs per token = 4 x parameters (forward and
+# the input-gradient half of backward; frozen weights need no weight gradients).
+CPU_FLOPS_PER_CORE = {"bf16": 60e9, "fp32": 35e9}
+MLX_CPU_FLOPS_PER_CORE = 3e9
+MLX_METAL_FLOPS = 2.5e12  # a rough figure for an M-series GPU; not measured by this project
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+                 "A10": 125e12, "4090": 165e12, "3090": 71e12, "T4": 65e12, "V100": 125e12}
+GPU_EFFICIENCY = 0.25
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    tied: bool = True
+    file_bytes: int = 0  # size of the weights file training loads (0 = 4 bytes per parameter)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def params(self) -> int:
+        h, f = self.hidden, self.ffn
+        block = h * self.q_dim * 2 + h * self.kv_dim * 2 + 3 * h * f + 2 * h
+        embed = self.vocab * h * (1 if self.tied else 2)
+        return embed + self.layers * block + h
+
+    def module_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each LoRA-able projection in a block."""
+        h, f = self.hidden, self.ffn
+        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim),
+                "o_proj": (self.q_dim, h), "gate_proj": (h, f), "up_proj": (h, f),
+                "down_proj": (f, h)}
+
+
+def shape_from_hf_config(config: dict, file_bytes: int = 0) -> ModelShape:
+    """From a transformers ``config.json`` dict. Pure."""
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    return ModelShape(
+        hidden=hidden, layers=int(config["num_hidden_layers"]), heads=heads,
+        kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or hidden // heads),
+        ffn=int(config["intermediate_size"]), vocab=int(config["vocab_size"]),
+        tied=bool(config.get("tie_word_embeddings", False)), file_bytes=file_bytes)
+
+
+def shape_from_gguf_fields(arch: str, fields: dict, vocab: int, tied: bool) -> ModelShape:
+    """From GGUF metadata (``{arch}.embedding_length`` ...). Pure."""
+    heads = int(fields[f"{arch}.attention.head_count"])
+    hidden = int(fields[f"{arch}.embedding_length"])
+    head_dim = int(fields.get(f"{arch}.attention.key_length") or hidden // heads)
+    shape = ModelShape(hidden=hidden, layers=int(fields[f"{arch}.block_count"]), heads=heads,
+                       kv_heads=int(fields.get(f"{arch}.attention.head_count_kv") or heads),
+                       head_dim=head_dim, ffn=int(fields[f"{arch}.feed_forward_length"]),
+                       vocab=vocab, tied=tied)
+    # Training reads the dequantized fp32 copy (untied embeddings stored twice).
+    return dataclasses.replace(shape, file_bytes=4 * shape.params)
+
+
+@dataclass
+class Estimate:
+    backend: str
+    precision: str
+    parts: dict[str, float]  # bytes, by what holds them (at the training peak)
+    load_peak: float  # bytes while loading weights
+    peak: float  # bytes: the larger of the load and training peaks
+    tokens_per_step: int
+    seconds_per_step: float
+    total_steps: int
+
+    @property
+    def total_seconds(self) -> float:
+        return self.seconds_per_step * self.total_steps
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "precision": self.precision,
+                "parts_gib": {k: round(v / GIB, 3) for k, v in self.parts.items()},
+                "load_peak_gib": round(self.load_peak / GIB, 3),
+                "peak_gib": round(self.peak / GIB, 3),
+                "tokens_per_step": self.tokens_per_step,
+                "seconds_per_step": round(self.seconds_per_step, 3),
+                "total_steps": self.total_steps,
+                "total_seconds": round(self.total_seconds, 1)}
+
+
+@dataclass
+class Machine:
+    """What the estimate runs on: cores, bf16 support, GPU name, the memory budget."""
+    budget_bytes: float
+    physical_cores: int = 1
+    cpu_bf16: bool = False
+    apple: bool = False
+    gpu_name: str = ""
+
+
+@dataclass
+class Plan:
+    estimate: Estimate
+    config: dict  # the settings to train with (maybe changed)
+    changes: list[str] = field(default_factory=list)
+    fits: bool = True
+    budget_bytes: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"fits": self.fits, "budget_gib": round(self.budget_bytes / GIB, 3),
+                "estimate": self.estimate.to_dict(), "changes": self.changes,
+                "settings": {k: self.config[k] for k in
+                             ("batch_size", "grad_accum", "seq_len", "grad_checkpoint",
+                              "quantize_4bit") if k in self.config}}
+
+
+def lora_params(shape: ModelShape, rank: int, targets: list[str]) -> int:
+    dims = shape.module_dims()
+    per_block = sum(rank * (i + o) for name, (i, o) in dims.items() if name in set(targets))
+    return per_block * shape.layers
+
+
+def _block_activation_bytes(shape: ModelShape, tokens: int, batch: int, length: int,
+                            width: int) -> float:
+    """Bytes one Llama block keeps for backward (eager attention, autocast at ``width`` bytes).
+
+    Counted per token: two RMS norms each keep their fp32 input (4h) and their output (h);
+    the q/k/v input is shared (h); q and k after rope (h + kv); k and v repeated to all heads
+    for grouped-query attention (2h); the attention output / o_proj input (h); the residual
+    (h); the MLP keeps the gate and up outputs, SiLU(gate) and the down input (4 x ffn).
+    Per sequence: softmax keeps its fp32 probabilities and their cast copy (4 + width bytes
+    per head per position pair).
+    """
+    h, f, kv = shape.hidden, shape.ffn, shape.kv_dim
+    per_token = 2 * 4 * h + width * (2 * h + h + (h + kv) + 2 * h + h + h + 4 * f)
+    attention = batch * shape.heads * length * length * (4 + width)
+    return tokens * per_token + attention
+
+
+def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
+             total_steps: int = 1, longest: Optional[int] = None) -> Estimate:
+    """Peak memory and time per step of one run. ``longest``: the longest example in tokens
+    (None = assume examples fill ``seq_len``). Pure."""
+    length = min(cfg["seq_len"], longest or cfg["seq_len"])
+    batch = cfg["batch_size"]
+    tokens = batch * length
+    n_lora = lora_params(shape, cfg["rank"], cfg["target_modules"])
+    four_bit = backend == "unsloth" and cfg.get("quantize_4bit", True)
+    if backend == "unsloth":
+        precision = "nf4" if four_bit else "bf16"
+        weight_bytes, width = (0.55 if four_bit else 2.0), 2
+    elif backend == "mlx":
+        precision, weight_bytes, width = "fp32", 4.0, 4
+    else:
+        bf16 = cfg.get("precision", "auto") == "bf16" or \
+            (cfg.get("precision", "auto") == "auto" and machine.cpu_bf16)
+        precision, weight_bytes, width = ("bf16", 2.0, 2) if bf16 else ("fp32", 4.0, 4)
+
+    embed_params = shape.vocab * shape.hidden * (1 if shape.tied else 2)
+    # Quantized backends keep embeddings and norms in 16-bit.
+    weights = (shape.params - embed_params) * weight_bytes + embed_params * \
+        (2.0 if four_bit else weight_bytes)
+    block = _block_activation_bytes(shape, tokens, batch, length, width)
+    if cfg.get("grad_checkpoint") or backend == "unsloth":
+        activations = shape.layers * tokens * shape.hidden * width + 2 * block
+    else:
+        activations = shape.layers * block + block  # + the gradients of one block in flight
+    rows = min(LOSS_CHUNK, tokens)
+    parts = {
+        "framework": FRAMEWORK_BYTES.get(backend, FRAMEWORK_BYTES["cpu"]),
+        "weights": weights,
+        "lora + optimizer": 16.0 * n_lora,
+        "activations": activations,
+        "loss": 3 * rows * shape.vocab * 4 + tokens * shape.hidden * 4,
+    }
+    train_peak = sum(parts.values())
+    file_bytes = shape.file_bytes or 4 * shape.params
+    load_peak = parts["framework"] + file_bytes + weights if backend != "unsloth" else 0.0
+    flops = 4.0 * (shape.params + n_lora) * tokens + \
+        4.0 * shape.layers * batch * length * length * shape.q_dim
+    return Estimate(backend=backend, precision=precision, parts=parts,
+                    load_peak=load_peak, peak=max(train_peak, load_peak),
+                    tokens_per_step=tokens * cfg.get("grad_accum", 1),
+                    seconds_per_step=cfg.get("grad_accum", 1) * flops / _flops_per_second(
+                        backend, precision, machine, bool(cfg.get("grad_checkpoint"))),
+                    total_steps=total_steps)
+
+
+def _flops_per_second(backend: str, precision: str, machine: Machine, checkpointing: bool) -> float:
+    if backend == "unsloth":
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in machine.gpu_name), 50e12)
+        return peak * GPU_EFFICIENCY
+    if backend == "mlx":
+        return MLX_METAL_FLOPS if machine.apple else MLX_CPU_FLOPS_PER_CORE * machine.physical_cores
+    rate = CPU_FLOPS_PER_CORE["bf16" if precision == "bf16" else "fp32"] * machine.physical_cores
+    return rate / (1.33 if checkpointing else 1.0)  # recomputing the forward pass
+
+
+def fit(shape: ModelShape, backend: str, cfg: dict, machine: Machine, total_steps: int = 1,
+        longest: Optional[int] = None) -> Plan:
+    """Settings that fit ``machine.budget_bytes``, changing as little as possible, in order:
+    smaller batches with more gradient accumulation (same effective batch), 4-bit weights
+    where the backend has them, gradient checkpointing (CPU), then a shorter ``seq_len``.
+    ``Plan.fits`` is False when nothing fits. Pure."""
+    cfg = dict(cfg)
+    cfg.setdefault("grad_accum", 1)
+    changes: list[str] = []
+
+    def est() -> Estimate:
+        return estimate(shape, backend, cfg, machine, total_steps, longest)
+
+    e = est()
+    if e.load_peak > machine.budget_bytes:  # no training setting shrinks the weights' load
+        return Plan(e, cfg, changes, fits=False, budget_bytes=machine.budget_bytes)
+    while e.peak > machine.budget_bytes:
+        if cfg["batch_size"] > 1:
+            old = (cfg["batch_size"], cfg["grad_accum"])
+            cfg["batch_size"] = math.ceil(cfg["batch_size"] / 2)
+            cfg["grad_accum"] *= 2
+            changes.append(f"batch size {old[0]} -> {cfg['batch_size']} with gradient "
+                           f"accumulation {old[1]} -> {cfg['grad_accum']} (same effective batch)")
+        elif backend == "unsloth" and not cfg.get("quantize_4bit", True):
+            cfg["quantize_4bit"] = True
+            changes.append("weights in 4-bit (QLoRA)")
+        elif backend == "cpu" and not cfg.get("grad_checkpoint"):
+            cfg["grad_checkpoint"] = True
+            changes.append("gradient checkpointing on (recomputes each block in backward: "
+                           "~1/3 slower)")
+        elif cfg["seq_len"] > 64 and (longest is None or longest > 64):
+            new = max(64, min(cfg["seq_len"], longest or cfg["seq_len"]) // 2)
+            changes.append(f"seq-len {cfg['seq_len']} -> {new} (longer examples are truncated)")
+            cfg["seq_len"] = new
+        else:
+            return Plan(e, cfg, changes, fits=False, budget_bytes=machine.budget_bytes)
+        e = est()
+    return Plan(e, cfg, changes, fits=True, budget_bytes=machine.budget_bytes)
+
+
+def describe(plan: Plan) -> str:
+    """One line for logs: peak memory against the budget, time, what changed."""
+    e = plan.estimate
+    minutes = e.total_seconds / 60
+    line = (f"plan: peak ~{e.peak / GIB:.2f} GiB of {plan.budget_bytes / GIB:.1f} GiB budget "
+            f"({e.backend}, {e.precision}); ~{e.seconds_per_step:.1f}s/step, "
+            f"~{minutes:.0f} min for {e.total_steps} steps")
+    if plan.changes:
+        line += "; changed: " + "; ".join(plan.changes)
+    return line
