@@ -164,6 +164,8 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     assert cfg is not None
     data_path = Path(cfg.data)
     models.check_spec(cfg.model)  # bad input fails fast, before any download or heavy work
+    hw = probe()
+    backend, why = registry.choose(cfg.backend, hw)  # an unusable backend: one line, first
     data_sha256 = sha256_file(data_path) if data_path.is_file() else None
     if saved is not None and saved.get("data_sha256") != data_sha256:
         raise EdgeTuneError(f"--resume {resume}: {cfg.data} changed since the run started; "
@@ -175,8 +177,6 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         [_job_record(r) for r in _read_data(cfg.val, cfg, on_event).records] if cfg.val else None)
     ref = models.resolve(cfg.model, on_event)
     base_sha256 = sha256_file(ref.gguf) if ref.gguf else None  # once: worker and manifest
-    hw = probe()
-    backend, why = registry.choose(cfg.backend, hw)
     on_event(Log(f"backend: {backend} ({why})"))
     run_plan = None
     if resume is None:  # a resumed run keeps the settings it was planned with
@@ -685,8 +685,7 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
     if man is None:
         raise EdgeTuneError(f"{run}: verify needs an edge-tune run directory (its manifest.json "
                             "names the data and the base)")
-    if man.get("backend") == "mlx":
-        raise EdgeTuneError(f"{run}: verify does not support mlx runs yet")
+    mlx_adapter = _mlx_side_for(run, man)
     _, base_gguf = _base_info_for_export(peft_dir, man, base)
     if base_gguf is None:
         raise EdgeTuneError(f"{run}: verify runs llama.cpp and needs a GGUF base: pass --base")
@@ -696,7 +695,7 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
         hf_dir = Path(man_hf)
     else:
         hf_dir = models.dequantized_copy(Path(base_gguf), on_event)
-    kw = dict(n_prompts=n_prompts, max_new=max_new, on_event=on_event)
+    kw = dict(n_prompts=n_prompts, max_new=max_new, on_event=on_event, mlx_adapter=mlx_adapter)
     if merged is None:
         gg = _adapter_gguf or (run / man["adapter"]["gguf"] if man.get("adapter", {}).get("gguf")
                                else None)
@@ -724,15 +723,23 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
     return result
 
 
+def _mlx_side_for(run: Path, man: dict) -> Optional[Path]:
+    """An mlx run is checked against mlx itself (its native adapter) where mlx is installed;
+    elsewhere against torch+PEFT with the run's PEFT copy."""
+    from edge_tune.hardware import missing_modules
+
+    native = man.get("adapter", {}).get("mlx")
+    if man.get("backend") != "mlx" or not native or missing_modules("mlx", "mlx_lm"):
+        return None
+    return run / native
+
+
 def _verify_hook(run: Path, base: Optional[Path], on_event: EventSink,
                  merged: Optional[Path] = None, merged_f32: Optional[Path] = None,
                  adapter_gguf: Optional[Path] = None) -> dict:
     """The short check ``train`` and ``export`` run by default: two prompts, a few tokens.
     Out of tolerance is an error (exit 1) after the files are written."""
     man = manifest_mod.read(Path(run)) or {}
-    if man.get("backend") == "mlx":
-        on_event(Log("verify: skipped (mlx runs are not supported by verify yet)", "warning"))
-        return {}
     report = verify(run, base=base, merged=merged, on_event=on_event, n_prompts=2, max_new=8,
                     _merged_f32=merged_f32, _adapter_gguf=adapter_gguf)
     summary = (f"verify: adapter effect error {report['effect_rel_err']:.2e}, top-1 "

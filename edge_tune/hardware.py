@@ -32,6 +32,17 @@ class CudaGpu:
     vram_gib: float
     compute_capability: str
     bf16: bool
+    vram_free_gib: float | None = None
+    driver: str = ""
+    cuda: str = ""  # the newest CUDA version the driver supports (nvidia-smi's header)
+
+    @property
+    def compute_major_minor(self) -> tuple[int, int]:
+        major, _, minor = self.compute_capability.partition(".")
+        try:
+            return int(major), int(minor or 0)
+        except ValueError:
+            return 0, 0
 
 
 @dataclass
@@ -103,24 +114,47 @@ def probe_simd() -> list[str]:
     return _cpu_model_and_flags()[1]
 
 
+GPU_QUERY = "name,memory.total,memory.free,compute_cap,driver_version"
+
+
+def parse_gpu_query(text: str, cuda: str = "") -> list[CudaGpu]:
+    """GPUs from ``nvidia-smi --query-gpu=GPU_QUERY --format=csv,noheader,nounits`` output
+    (memory in MiB). Lines that do not parse are skipped: a MIG slice or an old driver may
+    print ``[N/A]`` or ``[Not Supported]`` fields. Pure."""
+    gpus = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 5:
+            continue
+        name, total_mib, free_mib, cc, driver = parts
+        try:
+            major = int(cc.split(".")[0])
+            vram = round(float(total_mib) / 1024, 1)
+        except ValueError:
+            continue
+        try:
+            free: float | None = round(float(free_mib) / 1024, 1)
+        except ValueError:
+            free = None
+        gpus.append(CudaGpu(name=name, vram_gib=vram, compute_capability=cc, bf16=major >= 8,
+                            vram_free_gib=free, driver=driver, cuda=cuda))
+    return gpus
+
+
+def parse_cuda_version(text: str) -> str:
+    """The "CUDA Version: 12.4" of plain ``nvidia-smi`` output (not a --query-gpu field), or
+    "". Pure."""
+    m = re.search(r"CUDA Version\s*:\s*([0-9][0-9.]*)", text)
+    return m.group(1) if m else ""
+
+
 def _cuda_gpus() -> list[CudaGpu]:
     if not shutil.which("nvidia-smi"):
         return []
-    out = _run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap",
-                "--format=csv,noheader,nounits"])
-    gpus = []
-    for line in out.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 3:
-            continue
-        name, mem_mib, cc = parts
-        try:
-            major = int(cc.split(".")[0])
-            vram = round(float(mem_mib) / 1024, 1)
-        except ValueError:
-            continue
-        gpus.append(CudaGpu(name=name, vram_gib=vram, compute_capability=cc, bf16=major >= 8))
-    return gpus
+    out = _run(["nvidia-smi", f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits"])
+    if not out:
+        return []
+    return parse_gpu_query(out, parse_cuda_version(_run(["nvidia-smi"])))
 
 
 def _apple_silicon() -> Optional[AppleSilicon]:

@@ -6,6 +6,15 @@ from rich.console import Console
 from rich.table import Table
 
 
+def gpu_line(g: dict) -> str:
+    """One CUDA GPU of the report, in words."""
+    free = f" ({g['vram_free_gib']} GiB free)" if g.get("vram_free_gib") is not None else ""
+    driver = f", driver {g['driver']}" if g.get("driver") else ""
+    cuda = f", CUDA {g['cuda']}" if g.get("cuda") else ""
+    return (f"{g['name']}, {g['vram_gib']} GiB{free}, compute {g['compute_capability']}, "
+            f"bf16 {'yes' if g['bf16'] else 'no'}{driver}{cuda}")
+
+
 def render_doctor(report: dict, console: Console) -> None:
     hw = report["hardware"]
     t = Table(title="edge-tune doctor", show_header=False, title_justify="left")
@@ -18,8 +27,7 @@ def render_doctor(report: dict, console: Console) -> None:
     t.add_row("RAM", f"{hw['ram_total_gib']} GiB ({hw['ram_available_gib']} GiB free)")
     t.add_row("Disk free", f"{hw['disk_free_gib']} GiB (cache)")
     for g in hw["cuda_gpus"]:
-        t.add_row("CUDA GPU", f"{g['name']}, {g['vram_gib']} GiB, compute "
-                              f"{g['compute_capability']}, bf16 {'yes' if g['bf16'] else 'no'}")
+        t.add_row("CUDA GPU", gpu_line(g))
     if not hw["cuda_gpus"]:
         t.add_row("CUDA GPU", "none")
     apple = hw.get("apple")

@@ -22,6 +22,9 @@ class Backend:
     check: Callable[[Hardware], Optional[str]]  # returns the reason it is unavailable, or None
     # Why `auto` passes over a backend that works here but is the wrong choice (or None).
     auto_skip: Callable[[Hardware], Optional[str]] = lambda hw: None
+    # Modules the training subprocess imports before anything else (libraries that patch
+    # others on import must come first).
+    preload: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -57,21 +60,32 @@ def _skip_mlx(hw: Hardware) -> Optional[str]:
     return None
 
 
+UNSLOTH_MIN_COMPUTE = (7, 0)  # Unsloth's Triton kernels need Volta or newer
+
+
 def _check_unsloth(hw: Hardware) -> Optional[str]:
     if not hw.cuda_gpus:
         return "needs an NVIDIA GPU (nvidia-smi found none)"
+    if not any(g.compute_major_minor >= UNSLOTH_MIN_COMPUTE for g in hw.cuda_gpus):
+        g = hw.cuda_gpus[0]
+        return (f"unsupported GPU: {g.name} has compute capability {g.compute_capability}; "
+                "Unsloth needs 7.0 or newer (V100, T4, RTX 20xx and later)")
+    if missing_modules("torch"):
+        return "missing torch: install a CUDA build of torch, then pip install 'edge-tune[cuda]'"
     if torch_cuda_version() is None:
-        return "the installed torch is not a CUDA build"
-    missing = missing_modules("unsloth")
-    if missing:
+        return ("the installed torch is a CPU-only build: install a CUDA build of torch "
+                "(README: CUDA / Unsloth)")
+    if missing_modules("unsloth"):
         return "missing unsloth: pip install 'edge-tune[cuda]'"
-    return "the unsloth backend is not part of this release yet"
+    return None
 
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("unsloth", "Unsloth QLoRA on an NVIDIA CUDA GPU", None, _check_unsloth),
+        Backend("unsloth", "Unsloth 4-bit QLoRA on an NVIDIA CUDA GPU",
+                "edge_tune.backends.unsloth_qlora:train", _check_unsloth,
+                preload=("unsloth",)),
         Backend("mlx", "mlx-lm LoRA on Apple Silicon", "edge_tune.backends.mlx_lora:train",
                 _check_mlx, _skip_mlx),
         Backend("cpu", "torch + PEFT LoRA on the CPU", "edge_tune.backends.cpu:train", _check_cpu),
@@ -109,6 +123,12 @@ def choose(requested: str, hw: Hardware) -> tuple[str, str]:
     if not table[requested].available:
         raise EdgeTuneError(f"--backend {requested}: not available here: {table[requested].reason}")
     return requested, "requested with --backend"
+
+
+def preload(name: str) -> None:
+    """Import a backend's ``preload`` modules (first thing in the training subprocess)."""
+    for module in BACKENDS[name].preload:
+        importlib.import_module(module)
 
 
 def load_entry(name: str) -> Callable:

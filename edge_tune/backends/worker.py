@@ -89,7 +89,9 @@ def peak_rss_bytes() -> int:
 
 
 def run(job: dict, emit) -> dict:
-    from edge_tune.backends.registry import load_entry
+    from edge_tune.backends.registry import load_entry, preload
+
+    preload(job["backend"])  # before anything imports transformers (Unsloth patches it)
     from edge_tune.fsutil import atomic_path
     from edge_tune.models import ModelRef, hf_dir_for
 

@@ -1,0 +1,337 @@
+"""4-bit QLoRA on an NVIDIA GPU with Unsloth (``--backend unsloth``).
+
+Unsloth loads the base in 4-bit (bitsandbytes NF4) with its own Triton kernels for attention,
+the LoRA MLP/QKV paths and the cross-entropy, and its gradient checkpointing (activations
+offloaded to CPU memory): less VRAM and more tokens/s than plain transformers + PEFT.
+
+Everything around it is edge-tune's, the same as on the CPU backend:
+
+* the examples are the worker's pre-tokenized ``job["examples"]`` (input_ids + labels with
+  -100 outside the assistant turns), fed to transformers' ``Trainer`` (Unsloth's supported
+  path) through a padding collator, so the loss is on exactly the same tokens;
+* hyperparameters mean the same: ``rank``/``alpha`` (scale alpha/rank), ``lr`` with the CPU
+  backend's schedule (``cpu.lr_at``: linear warm-up, cosine to 10%), AdamW with weight decay 0,
+  gradient clipping at 1.0, ``batch_size`` examples per micro-batch times ``grad_accum``
+  micro-batches per step, ``max_steps``/``epochs``, ``seq_len``, ``seed``, length-grouped
+  batches (``cpu.length_grouped_batches``);
+* progress goes out as the same ``Metric`` events (train loss per step, tokens/s, ETA, and
+  validation loss per trained token after ``cpu.eval_steps``);
+* the PEFT adapter lands in ``job["adapter_dir"]``; ``api.train`` writes ``adapter.gguf`` and
+  the manifest, as for every backend.
+
+Unsloth patches transformers, peft and trl when it is imported, so it must be imported before
+them, and only inside the training subprocess: the registry lists it as this backend's
+``preload``, which the worker imports before it tokenizes anything. This module imports no
+heavy library at load time; the argument mappings are pure functions that CPU-only CI tests.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+
+from edge_tune.backends.cpu import eval_steps, length_grouped_batches, lr_at
+from edge_tune.data.template import IGNORE, Example
+from edge_tune.errors import EdgeTuneError
+from edge_tune.events import Log, Metric, Progress
+
+PAD_MULTIPLE = 8  # pad widths to a multiple of 8: tensor cores want aligned shapes
+
+
+# --- pure mappings: edge-tune's TrainConfig dict -> Unsloth / transformers arguments -----------
+
+
+def grad_accum(cfg: dict) -> int:
+    return max(1, cfg.get("grad_accum") or 1)
+
+
+def step_counts(cfg: dict, n_examples: int) -> tuple[int, int, int]:
+    """(total optimizer steps, steps per epoch, warm-up steps), as the CPU backend counts
+    them: ``max_steps`` wins over ``epochs``; warm-up is capped at a tenth of the run. Pure."""
+    per_epoch = math.ceil(n_examples / (cfg["batch_size"] * grad_accum(cfg)))
+    total = cfg["max_steps"] or max(1, round(cfg["epochs"] * per_epoch))
+    return total, per_epoch, min(cfg["warmup_steps"], total // 10)
+
+
+def compute_dtype(precision: str, bf16_supported: bool) -> str | None:
+    """The dtype name for ``FastLanguageModel.from_pretrained(dtype=...)``; None lets Unsloth
+    choose (bf16 where the GPU has it, fp16 otherwise). Pure."""
+    if precision == "auto":
+        return None
+    if precision == "bf16":
+        if not bf16_supported:
+            raise EdgeTuneError("--precision bf16: this GPU has no bf16 (compute capability "
+                                "below 8.0); use --precision auto (fp16 compute)")
+        return "bfloat16"
+    raise EdgeTuneError(f"--precision {precision}: the unsloth backend computes in bf16 or fp16 "
+                        "over a 4-bit base; use --precision auto or bf16")
+
+
+def mixed_precision(dtype: str | None, bf16_supported: bool) -> str:
+    """'bf16' or 'fp16': the Trainer's mixed precision for the compute dtype. Pure."""
+    if dtype is None:
+        return "bf16" if bf16_supported else "fp16"
+    return "bf16" if dtype == "bfloat16" else "fp16"
+
+
+def from_pretrained_kwargs(cfg: dict, model_ref: str, bf16_supported: bool = True) -> dict:
+    """``FastLanguageModel.from_pretrained`` arguments. ``model_ref`` is the worker's local HF
+    directory (a hub model is downloaded there first): Unsloth given a hub *name* may swap in
+    its own pre-quantized repo, and the adapter must be trained on the weights the GGUF base
+    is made from. Pure."""
+    return {
+        "model_name": str(model_ref),
+        "max_seq_length": cfg["seq_len"],
+        "load_in_4bit": True,
+        "dtype": compute_dtype(cfg.get("precision", "auto"), bf16_supported),
+        "trust_remote_code": False,
+    }
+
+
+def peft_kwargs(cfg: dict) -> dict:
+    """``FastLanguageModel.get_peft_model`` arguments. Dropout 0 and no bias keep Unsloth on
+    its fused LoRA kernels (and are what the CPU backend trains with). Pure."""
+    return {
+        "r": cfg["rank"],
+        "lora_alpha": cfg["alpha"],
+        "target_modules": list(cfg["target_modules"]),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_gradient_checkpointing": "unsloth",
+        "random_state": cfg["seed"],
+        "use_rslora": bool(cfg.get("rslora", False)),
+    }
+
+
+def training_args_kwargs(cfg: dict, total_steps: int, output_dir: str,
+                         precision: str) -> dict:
+    """``transformers.TrainingArguments`` for one run. The learning-rate schedule is not here:
+    :class:`EdgeTrainer` replaces the Trainer's with ``cpu.lr_at`` (the Trainer's own warm-up
+    starts at lr 0, one step behind the CPU backend's). Nothing is saved, evaluated or
+    reported by the Trainer itself: the adapter is saved once at the end, validation and
+    progress go through edge-tune's events. Pure."""
+    return {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": cfg["batch_size"],
+        "gradient_accumulation_steps": grad_accum(cfg),
+        "max_steps": total_steps,
+        "learning_rate": cfg["lr"],
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "optim": "adamw_torch",
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8,
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+        "seed": cfg["seed"],
+        "data_seed": cfg["seed"],
+        "remove_unused_columns": False,  # the collator builds the model's inputs itself
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+
+
+def lr_factor(total: int, warmup: int) -> Callable[[int], float]:
+    """The ``LambdaLR`` multiplier that reproduces ``cpu.lr_at`` (step is 0-based). Pure."""
+    return lambda step: lr_at(step, total, 1.0, warmup)
+
+
+def epoch_order(lengths: list[int], batch_size: int, rng: random.Random) -> list[int]:
+    """One epoch's example order: ``cpu.length_grouped_batches`` flattened (the DataLoader
+    cuts it back into batches of ``batch_size``). Pure."""
+    return [i for batch in length_grouped_batches(lengths, batch_size, rng) for i in batch]
+
+
+# --- the Trainer side (torch/transformers imported inside) ------------------------------------
+
+
+def pad_batch(examples: list[Example], pad_id: int, multiple: int = PAD_MULTIPLE) -> dict:
+    """input_ids / attention_mask / labels, right-padded to the longest example rounded up to
+    ``multiple``; padding carries no loss."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    width = multiple * math.ceil(width / multiple)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def evaluate(model, examples: list[Example], batch_size: int, pad_id: int,
+             autocast_dtype=None) -> float:
+    """Mean loss per trained token (the CPU backend's validation metric), no gradients."""
+    import contextlib
+
+    import torch
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with torch.no_grad(), amp:
+        for k in range(0, len(order), batch_size):
+            batch = pad_batch([examples[i] for i in order[k:k + batch_size]], pad_id)
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())
+            loss = model(**{key: v.to(device) for key, v in batch.items()}).loss
+            total += float(loss) * n
+            count += n
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def fit(model, job: dict, emit: Callable, precision: str = "none",
+        autocast_dtype=None) -> dict:
+    """Train the LoRA parameters of ``model`` (a PEFT model) on ``job["examples"]`` with
+    transformers' Trainer and edge-tune's schedule, sampling, metrics and events.
+
+    ``precision``: the Trainer's mixed precision, 'bf16', 'fp16' or 'none' (CPU tests).
+    Returns the same result keys as the CPU backend (without saving anything)."""
+    import tempfile
+
+    import torch
+    from transformers import (
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    cfg = job["config"]
+    examples: list[Example] = job["examples"]
+    val_examples: list[Example] = job.get("val_examples") or []
+    pad_id = job["pad_id"]
+    total, per_epoch, warmup = step_counts(cfg, len(examples))
+    evals = eval_steps(total, cfg.get("eval_every", 0)) if val_examples else set()
+    lengths = [len(e.input_ids) for e in examples]
+    rng = random.Random(cfg["seed"])
+    clock = {"start": time.perf_counter(), "paused": 0.0, "tokens": 0}
+    losses: list[float] = []
+    val_box: dict = {"loss": None}
+    stop = job.get("interrupt")  # SIGTERM raises Cancelled wherever it lands (no checkpoint)
+
+    class LengthGrouped:
+        """The train sampler: a fresh length-grouped shuffle each epoch."""
+
+        def __len__(self) -> int:
+            return len(examples)
+
+        def __iter__(self):
+            return iter(epoch_order(lengths, cfg["batch_size"], rng))
+
+    class EdgeTrainer(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return LengthGrouped()
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer, lr_factor(total, warmup))
+            return self.lr_scheduler
+
+        def training_step(self, model_, inputs, *args, **kwargs):
+            clock["tokens"] += int(inputs["attention_mask"].sum())
+            return super().training_step(model_, inputs, *args, **kwargs)
+
+    class Events(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            clock["start"] = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:  # the end-of-run summary has no "loss"
+                return
+            step = state.global_step
+            losses.append(float(logs["loss"]))
+            elapsed = time.perf_counter() - clock["start"] - clock["paused"]
+            emit(Metric(step=step, total_steps=total, loss=losses[-1],
+                        tokens_per_second=clock["tokens"] / max(elapsed, 1e-9),
+                        eta_seconds=elapsed / step * (total - step),
+                        learning_rate=lr_at(step - 1, total, cfg["lr"], warmup),
+                        epoch=step / per_epoch))
+            if step in evals:
+                t_eval = time.perf_counter()
+                val_box["loss"] = evaluate(kwargs["model"], val_examples, cfg["batch_size"],
+                                           pad_id, autocast_dtype)
+                clock["paused"] += time.perf_counter() - t_eval  # tok/s: training time only
+                emit(Metric(step=step, total_steps=total, loss=val_box["loss"], split="val",
+                            epoch=step / per_epoch))
+            if stop is not None and stop.requested:
+                control.should_training_stop = True
+
+    with tempfile.TemporaryDirectory(prefix="edge-tune-trainer-") as scratch:
+        args = TrainingArguments(**training_args_kwargs(cfg, total, scratch, precision))
+        trainer = EdgeTrainer(model=model, args=args, train_dataset=examples,
+                              data_collator=lambda batch: pad_batch(batch, pad_id),
+                              callbacks=[Events()])
+        trainer.remove_callback(PrinterCallback)  # progress goes out as events instead
+        emit(Log(f"training {total} steps: batch {cfg['batch_size']} x {grad_accum(cfg)} "
+                 f"accumulated, lr {cfg['lr']} (warm-up {warmup}, cosine to 10%), "
+                 f"{precision} compute"))
+        trainer.train()
+    train_seconds = time.perf_counter() - clock["start"] - clock["paused"]
+    tail = losses[-max(1, min(10, len(losses) // 5)):] or [float("nan")]
+    return {
+        "steps": total,
+        "final_loss": sum(tail) / len(tail),
+        "val_loss": val_box["loss"],
+        "tokens": clock["tokens"],
+        "tokens_per_second": clock["tokens"] / max(train_seconds, 1e-9),
+        "train_seconds": train_seconds,
+        "precision": precision,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+def train(job: dict, emit: Callable) -> dict:
+    """Load the base in 4-bit with Unsloth, add LoRA, train, save the PEFT adapter to
+    ``job["adapter_dir"]``. Runs inside the training subprocess."""
+    # Unsloth must be imported before transformers/peft/trl (it patches them): the worker
+    # imports it first of all (the registry's ``preload``); here it is only looked up.
+    import torch
+    import unsloth  # noqa: F401
+    from unsloth import FastLanguageModel, is_bfloat16_supported
+
+    cfg = job["config"]
+    if job.get("resume_from"):
+        raise EdgeTuneError("--resume: the unsloth backend does not resume from checkpoints "
+                            "yet; start the run again")
+    if not torch.cuda.is_available():
+        raise EdgeTuneError("--backend unsloth: torch sees no CUDA device "
+                            "(check CUDA_VISIBLE_DEVICES and the driver with nvidia-smi)")
+    bf16_ok = bool(is_bfloat16_supported())
+    load_kw = from_pretrained_kwargs(cfg, job["hf_dir"], bf16_ok)
+    dtype_name = load_kw["dtype"]
+    load_kw["dtype"] = getattr(torch, dtype_name) if dtype_name else None
+    precision = mixed_precision(dtype_name, bf16_ok)
+
+    emit(Progress("load", 0, None, "", "loading base model in 4-bit (unsloth)"))
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg["seed"])
+    model, _tokenizer = FastLanguageModel.from_pretrained(**load_kw)
+    model = FastLanguageModel.get_peft_model(model, **peft_kwargs(cfg))
+    gpu = torch.cuda.get_device_name(0)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    emit(Log(f"model loaded in {time.perf_counter() - t0:.1f}s on {gpu}; "
+             f"{n_train / 1e6:.2f}M trainable LoRA parameters; 4-bit NF4 base, "
+             f"{precision} compute"))
+
+    result = fit(model, job, emit, precision,
+                 torch.bfloat16 if precision == "bf16" else torch.float16)
+    model.save_pretrained(job["adapter_dir"], safe_serialization=True)
+    return {**result, "precision": f"nf4+{precision}", "gpu": gpu,
+            "peak_vram_bytes": int(torch.cuda.max_memory_allocated())}

@@ -1,0 +1,260 @@
+"""The unsloth backend on a CPU box: argument mappings, the Trainer loop (real transformers +
+PEFT on a tiny random Llama, without Unsloth), import hygiene, the nvidia-smi parser and the
+one-line refusal of ``--backend unsloth`` without a GPU.
+
+Unsloth itself needs an NVIDIA GPU; ``benchmarks/gpu_check.sh`` runs the real thing there."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from edge_tune.backends import cpu, registry
+from edge_tune.backends import unsloth_qlora as uq
+from edge_tune.config import TrainConfig
+from edge_tune.data.template import IGNORE, Example
+from edge_tune.errors import EdgeTuneError
+from edge_tune.hardware import CudaGpu, Hardware, parse_cuda_version, parse_gpu_query
+from edge_tune.render_doctor import gpu_line
+
+
+def config(**kw) -> dict:
+    return TrainConfig(data="x.jsonl", **kw).to_dict()
+
+
+# --- argument mapping -------------------------------------------------------------------------
+
+
+def test_step_counts_match_the_cpu_backend():
+    # 20 examples, batch 4, 2 epochs: 5 steps an epoch, 10 in all; warm-up capped at total//10.
+    assert uq.step_counts(config(batch_size=4, epochs=2.0, warmup_steps=5), 20) == (10, 5, 1)
+    # grad_accum: an optimizer step takes batch_size x grad_accum examples.
+    assert uq.step_counts(config(batch_size=4, grad_accum=2, epochs=1.0), 20) == (3, 3, 0)
+    # max_steps wins over epochs.
+    assert uq.step_counts(config(max_steps=100, warmup_steps=5), 7) == (100, 1, 5)
+    assert uq.step_counts(config(max_steps=30, warmup_steps=5), 7)[2] == 3
+
+
+def test_from_pretrained_kwargs():
+    kw = uq.from_pretrained_kwargs(config(seq_len=1024), "/models/smollm2")
+    assert kw == {"model_name": "/models/smollm2", "max_seq_length": 1024, "load_in_4bit": True,
+                  "dtype": None, "trust_remote_code": False}
+    assert uq.from_pretrained_kwargs(config(precision="bf16"), "m", True)["dtype"] == "bfloat16"
+
+
+def test_precision_mapping():
+    assert uq.compute_dtype("auto", True) is None and uq.compute_dtype("auto", False) is None
+    assert uq.mixed_precision(None, True) == "bf16"
+    assert uq.mixed_precision(None, False) == "fp16"  # T4 / V100: no bf16
+    assert uq.mixed_precision("bfloat16", True) == "bf16"
+    with pytest.raises(EdgeTuneError, match="no bf16"):
+        uq.compute_dtype("bf16", False)
+    with pytest.raises(EdgeTuneError, match="--precision fp32"):
+        uq.compute_dtype("fp32", True)
+
+
+def test_peft_kwargs():
+    cfg = config(rank=8, alpha=16.0, seed=7, target_modules=["q_proj", "v_proj"])
+    kw = uq.peft_kwargs(cfg)
+    assert kw == {"r": 8, "lora_alpha": 16.0, "target_modules": ["q_proj", "v_proj"],
+                  "lora_dropout": 0.0, "bias": "none", "use_gradient_checkpointing": "unsloth",
+                  "random_state": 7, "use_rslora": False}
+    assert kw["target_modules"] is not cfg["target_modules"]  # a copy: Unsloth may edit it
+    assert uq.peft_kwargs({**cfg, "rslora": True})["use_rslora"] is True
+    # Everything but Unsloth's own two arguments is a PEFT LoraConfig field, meaning the same.
+    from peft import LoraConfig
+
+    lora = LoraConfig(**{k: v for k, v in kw.items()
+                         if k not in ("use_gradient_checkpointing", "random_state")})
+    assert (lora.r, lora.lora_alpha, set(lora.target_modules)) == (8, 16.0, {"q_proj", "v_proj"})
+
+
+def test_training_args_kwargs_build_real_training_arguments(tmp_path):
+    from transformers import TrainingArguments
+
+    cfg = config(batch_size=3, grad_accum=4, lr=2e-4, seed=11)
+    kw = uq.training_args_kwargs(cfg, 50, str(tmp_path), "bf16")
+    assert (kw["bf16"], kw["fp16"]) == (True, False)
+    assert uq.training_args_kwargs(cfg, 50, str(tmp_path), "fp16")["fp16"] is True
+    args = TrainingArguments(**uq.training_args_kwargs(cfg, 50, str(tmp_path), "none"))
+    assert args.per_device_train_batch_size == 3 and args.gradient_accumulation_steps == 4
+    assert args.max_steps == 50 and args.learning_rate == 2e-4
+    assert args.weight_decay == 0.0 and args.max_grad_norm == 1.0
+    assert args.optim == "adamw_torch" and args.seed == 11 and args.data_seed == 11
+    assert args.logging_steps == 1 and not args.remove_unused_columns
+
+
+def test_lr_schedule_is_the_cpu_backends():
+    import torch
+
+    total, warmup, peak = 40, 4, 1e-3
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, uq.lr_factor(total, warmup))
+    seen = []
+    for _ in range(total):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([cpu.lr_at(s, total, peak, warmup) for s in range(total)])
+    assert seen[0] == pytest.approx(peak / warmup)  # not 0 as in transformers' own warm-up
+    assert seen[-1] == pytest.approx(0.1 * peak, rel=0.02)
+
+
+def test_epoch_order_is_a_seeded_length_grouped_permutation():
+    lengths = [random.Random(i).randint(5, 300) for i in range(100)]
+    a = uq.epoch_order(lengths, 4, random.Random(3))
+    assert sorted(a) == list(range(100))
+    assert a == uq.epoch_order(lengths, 4, random.Random(3))
+    assert a != uq.epoch_order(lengths, 4, random.Random(4))
+    # Neighbours have similar lengths: the padding of 4-example batches is small.
+    pad = sum(max(lengths[i] for i in a[k:k + 4]) * len(a[k:k + 4]) - sum(lengths[i] for i in a[k:k + 4])
+              for k in range(0, 100, 4))
+    assert pad < 0.1 * sum(lengths)
+
+
+def test_pad_batch():
+    batch = uq.pad_batch([Example([5, 6, 7], [IGNORE, 6, 7]), Example([1] * 10, [1] * 10)], 0)
+    assert batch["input_ids"].shape == (2, 16)  # 10 rounded up to a multiple of 8
+    assert batch["attention_mask"].sum(1).tolist() == [3, 10]
+    assert batch["labels"][0].tolist() == [IGNORE, 6, 7] + [IGNORE] * 13
+    assert batch["input_ids"][0, 3:].eq(0).all()
+
+
+# --- the Trainer loop, for real, on the CPU ---------------------------------------------------
+
+
+def tiny_peft_llama(seed: int = 0):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, max_position_embeddings=128,
+                                         # large weights: the random model can get confident
+                                         initializer_range=0.3))
+    kw = uq.peft_kwargs(config(rank=8, alpha=16.0))
+    return get_peft_model(model, LoraConfig(
+        task_type="CAUSAL_LM", **{k: v for k, v in kw.items()
+                                  if k not in ("use_gradient_checkpointing", "random_state")}))
+
+
+def test_fit_trains_with_edge_tune_events_on_cpu():
+    rng = random.Random(0)
+    examples = []
+    for _ in range(6):  # prompt tokens (no loss) then an answer to learn
+        n = rng.randint(6, 12)
+        prompt = [rng.randint(3, 63) for _ in range(n)]
+        answer = [7, 8, 9, 10, 11, 2]
+        examples.append(Example(prompt + answer, [IGNORE] * n + answer))
+    val = examples[:2]
+    events = []
+    job = {"config": config(batch_size=6, max_steps=12, lr=2e-2, warmup_steps=5,
+                            eval_every=6),
+           "examples": examples, "val_examples": val, "pad_id": 0}
+    result = uq.fit(tiny_peft_llama(), job, events.append, "none")
+
+    train = [e for e in events if getattr(e, "split", None) == "train"]
+    vals = [e for e in events if getattr(e, "split", None) == "val"]
+    assert [m.step for m in train] == list(range(1, 13))
+    assert [m.step for m in vals] == [6, 12]
+    assert all(m.total_steps == 12 and m.tokens_per_second > 0 for m in train)
+    assert [m.learning_rate for m in train] == pytest.approx(
+        [cpu.lr_at(s, 12, 2e-2, 1) for s in range(12)])
+    assert train[-1].loss < 0.5 * train[0].loss  # it learns the answer
+    assert vals[-1].loss < vals[0].loss
+    # Every step sees all six examples (batch 6): tokens are counted exactly.
+    assert result["tokens"] == 12 * sum(len(e.input_ids) for e in examples)
+    assert result["steps"] == 12 and result["val_loss"] == vals[-1].loss
+    assert set(result) >= {"final_loss", "tokens_per_second", "train_seconds", "precision",
+                           "trainable_parameters"}
+
+
+# --- hygiene, hardware, refusal ---------------------------------------------------------------
+
+
+def test_importing_the_backend_imports_no_heavy_library():
+    code = ("import sys, json\nimport edge_tune.backends.unsloth_qlora, "
+            "edge_tune.backends.registry, edge_tune.hardware\nfrom edge_tune import api\n"
+            "api.doctor()\n"
+            "print(json.dumps(sorted(m for m in ('torch', 'unsloth', 'transformers', 'peft', "
+            "'trl', 'bitsandbytes') if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+# Lines in the format `nvidia-smi --query-gpu=name,memory.total,memory.free,compute_cap,
+# driver_version --format=csv,noheader,nounits` prints (MiB; one GPU a line).
+SMI_QUERY = """NVIDIA H100 80GB HBM3, 81559, 80994, 9.0, 550.54.15
+Tesla T4, 15360, 14913, 7.5, 535.183.01
+Tesla P100-PCIE-16GB, 16384, 16280, 6.0, 535.183.01
+NVIDIA A100-SXM4-40GB MIG 1g.5gb, [N/A], [N/A], 8.0, 550.54.15
+"""
+SMI_HEADER = """+-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 550.54.15              Driver Version: 550.54.15      CUDA Version: 12.4     |
+|-----------------------------------------+------------------------+----------------------+
+"""
+
+
+def test_parse_nvidia_smi():
+    assert parse_cuda_version(SMI_HEADER) == "12.4"
+    assert parse_cuda_version("no header") == ""
+    gpus = parse_gpu_query(SMI_QUERY, "12.4")
+    assert [g.name for g in gpus] == ["NVIDIA H100 80GB HBM3", "Tesla T4", "Tesla P100-PCIE-16GB"]
+    h100, t4, p100 = gpus
+    assert (h100.vram_gib, h100.vram_free_gib, h100.compute_capability, h100.bf16) == \
+        (79.6, 79.1, "9.0", True)
+    assert (h100.driver, h100.cuda) == ("550.54.15", "12.4")
+    assert t4.bf16 is False and t4.compute_major_minor == (7, 5)
+    assert p100.compute_major_minor == (6, 0)
+    assert parse_gpu_query("") == [] and parse_gpu_query("garbage, 1") == []
+    assert "79.1 GiB free" in gpu_line(vars(h100)) and "CUDA 12.4" in gpu_line(vars(h100))
+    assert "driver 535.183.01" in gpu_line(vars(t4))
+
+
+def hw(gpus) -> Hardware:
+    return Hardware(os="Linux", python="3.11", cpu_model="x", arch="x86_64", physical_cores=2,
+                    logical_cores=2, ram_total_gib=24, ram_available_gib=20, disk_free_gib=50,
+                    cuda_gpus=gpus)
+
+
+def test_unsloth_reasons():
+    def reason(h):
+        return {a.name: a for a in registry.availability(h)}["unsloth"]
+
+    assert "NVIDIA GPU" in reason(hw([])).reason
+    old = reason(hw(parse_gpu_query(SMI_QUERY)[2:]))
+    assert not old.available and "unsupported GPU" in old.reason and "6.0" in old.reason
+    # This box has a CPU-only torch and no unsloth: with a good GPU that is the reason given.
+    here = reason(hw(parse_gpu_query(SMI_QUERY)[:1]))
+    assert not here.available and "CPU-only build" in here.reason
+
+
+def test_unsloth_available_when_everything_is_there(monkeypatch):
+    monkeypatch.setattr(registry, "torch_cuda_version", lambda: "12.4")
+    monkeypatch.setattr(registry, "missing_modules", lambda *m: [])
+    h = hw(parse_gpu_query(SMI_QUERY)[:2])
+    assert registry.choose("auto", h)[0] == "unsloth"
+    assert registry.BACKENDS["unsloth"].entry == "edge_tune.backends.unsloth_qlora:train"
+    monkeypatch.setattr(registry, "missing_modules", lambda *m: [x for x in m if x == "unsloth"])
+    assert "pip install 'edge-tune[cuda]'" in {a.name: a for a in registry.availability(h)}[
+        "unsloth"].reason
+
+
+def test_backend_unsloth_without_gpu_is_one_line(tmp_path, demo_jsonl):
+    proc = run_cli("train", "--data", str(demo_jsonl), "--backend", "unsloth", "--out",
+                   str(tmp_path / "run"), "--max-steps", "1")
+    assert_one_line_error(proc, "--backend unsloth", "not available here")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cuda_gpu_positional_fields_unchanged():
+    g = CudaGpu("H100", 80.0, "9.0", True)  # older callers build it with four fields
+    assert g.vram_free_gib is None and g.driver == ""
