@@ -205,7 +205,7 @@ def test_train_cancel_resume_verify_export_chat_delete(tmp_path):
         if hasattr(app.core, "verify"):
             await pilot.press("v")
             await until(pilot, lambda: "verify:" in log_text(actions) or
-                        "error" in log_text(actions), 300, "verify")
+                        "error" in log_text(actions), 900, "verify")
             assert "verify: ok" in log_text(actions), log_text(actions)
             assert "adapter effect error" in log_text(actions)
         before = (run_dir / "adapter.gguf").stat().st_mtime_ns
@@ -213,7 +213,7 @@ def test_train_cancel_resume_verify_export_chat_delete(tmp_path):
         await until(pilot, lambda: type(pilot.app.screen).__name__ == "ExportChoice", 5)
         await pilot.press("down", "enter")  # GGUF LoRA adapter (f16)
         await until(pilot, lambda: "export done" in log_text(actions) or
-                    "error" in log_text(actions), 120, "export")
+                    "error" in log_text(actions), 300, "export")
         assert "export done" in log_text(actions), log_text(actions)
         assert (run_dir / "adapter.gguf").stat().st_mtime_ns != before
         shot(pilot, "adapters")
@@ -226,7 +226,7 @@ def test_train_cancel_resume_verify_export_chat_delete(tmp_path):
         await type_into(pilot, "#message", "What is the capital of Japan?")
         await pilot.press("enter")
         await until(pilot, lambda: chat.busy, 5)
-        await until(pilot, lambda: not chat.busy, 180, "answer")
+        await until(pilot, lambda: not chat.busy, 600, "answer")
         left = chat.query_one("#left")
         answer = left.children[-1].text
         assert answer.strip(), "streamed answer"
@@ -236,7 +236,7 @@ def test_train_cancel_resume_verify_export_chat_delete(tmp_path):
         await type_into(pilot, "#message", "What do bees make?")
         await pilot.press("enter")
         await until(pilot, lambda: chat.busy, 5)
-        await until(pilot, lambda: not chat.busy, 180, "compare answers")
+        await until(pilot, lambda: not chat.busy, 600, "compare answers")
         base_answer = chat.query_one("#left").children[-1].text
         tuned_answer = chat.query_one("#right").children[-1].text
         assert base_answer.strip() and tuned_answer.strip()

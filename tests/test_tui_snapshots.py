@@ -14,6 +14,7 @@ pytest.importorskip("textual")
 pytest.importorskip("pytest_textual_snapshot")
 
 from edge_tune.tui.app import EdgeTuneApp, Session
+from textual.widgets import Input
 
 from tests.tui_fake import FakeCore, fake_plan
 
@@ -26,9 +27,12 @@ def make_app() -> EdgeTuneApp:
 
 
 async def settle(pilot) -> None:
+    await pilot.pause(0.8)  # the Train screen plans 0.6 s after the last change
     await pilot.app.workers.wait_for_complete()
     await pilot.pause()
     await pilot.app.workers.wait_for_complete()
+    for box in pilot.app.screen.query(Input):
+        box.cursor_blink = False  # a blinking cursor is on or off depending on timing
     await pilot.pause()
 
 

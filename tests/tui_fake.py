@@ -33,7 +33,8 @@ LOSSES = [2.91, 2.64, 2.18, 1.83, 1.52, 1.31, 1.12, 0.98, 0.87, 0.79, 0.73, 0.69
 
 
 def fake_plan(cfg) -> dict:
-    return {"peak_memory_gib": 2.31, "train_seconds": 182.0, "steps": 50}
+    return {"fits": True, "summary": "plan: peak ~2.13 GiB of 17.0 GiB budget (cpu, bf16); "
+                                     "~5.6s/step, ~5 min for 50 steps"}
 
 
 @dataclass
@@ -100,6 +101,9 @@ class FakeCore:
     def verify(self, run, on_event=None, **kw):
         return {"ok": True, "effect_rel_err": 3.1e-3, "top1_agreement": 1.0, "mean_kl": 0.0004,
                 "n_prompts": 3, "failures": []}
+
+    def bundle(self, runs, out, on_event=None, **kw):
+        return Path(out)
 
     def delete_run(self, run_dir):
         raise EdgeTuneError(f"{run_dir}: the snapshot core deletes nothing")

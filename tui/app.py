@@ -81,11 +81,8 @@ class EdgeTuneApp(App):
 
     @property
     def planner(self):
-        """``edge_tune.planner.plan`` once that module exists, else None (the Train screen
-        then says the estimate is not available)."""
+        """The core's ``plan(cfg)`` (predicted peak memory and time) where it has one, else
+        None (the Train screen then says the estimate is not available)."""
         if self._planner is None:
-            try:
-                self._planner = importlib.import_module("edge_tune.planner").plan
-            except (ImportError, AttributeError):
-                self._planner = False
+            self._planner = getattr(self.core, "plan", None) or False
         return self._planner or None

@@ -253,7 +253,11 @@ class AdaptersScreen(BaseScreen):
                 self.app.call_from_thread(log.write, event.message)
 
         try:
-            result = getattr(self.core, what)(Path(run["path"]), on_event=on_event, **kw)
+            if what == "bundle":  # base + adapter in one folder for an edge box
+                out = self.app.runs_root / "bundles" / run["name"]
+                result = self.core.bundle([run["path"]], out, on_event=on_event)
+            else:
+                result = getattr(self.core, what)(Path(run["path"]), on_event=on_event, **kw)
         except Exception as exc:  # noqa: BLE001 - shown in the UI, never a crash
             self.app.call_from_thread(log.write, Text(f"error: {error_text(exc)}", "bold red"))
             self.app.call_from_thread(self.show_error, exc)
@@ -274,6 +278,8 @@ class AdaptersScreen(BaseScreen):
                 "held-back prompts", style="bold green" if ok else "bold red"))
             for failure in result.get("failures") or []:
                 log.write(Text(f"  {failure}", style="red"))
+        elif what == "bundle":
+            log.write(Text(f"bundle written: {result}", style="green"))
         else:
             log.write(Text(f"{what} done", style="green"))
         self.action_refresh()

@@ -57,6 +57,7 @@ class TrainScreen(BaseScreen):
         self._cancel: threading.Event | None = None
         self.running = False
         self.last_metric: Metric | None = None
+        self._plan_timer = None
 
     def body(self):
         from edge_tune.config import TrainConfig
@@ -144,7 +145,10 @@ class TrainScreen(BaseScreen):
         except Exception as exc:  # noqa: BLE001 - an unfinished value while typing
             box.update(what + Text(f"estimate: {error_text(exc)}", style="yellow"))
             return
-        self._plan(plan, cfg, what)
+        box.update(what + Text("estimate: ...", style="dim"))
+        if self._plan_timer is not None:  # typing: plan once the value settles
+            self._plan_timer.stop()
+        self._plan_timer = self.set_timer(0.6, lambda: self._plan(plan, cfg, what))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="plan")
     def _plan(self, plan, cfg, what: Text) -> None:
@@ -153,7 +157,8 @@ class TrainScreen(BaseScreen):
         except Exception as exc:  # noqa: BLE001
             text = Text(f"estimate: {error_text(exc)}", style="yellow")
         else:
-            text = Text("estimate: " + self.format_plan(estimate))
+            text = Text(estimate["summary"] if isinstance(estimate.get("summary"), str)
+                        else "estimate: " + self.format_plan(estimate))
         self.app.call_from_thread(self.query_one("#plan", Static).update, what + text)
 
     @staticmethod
