@@ -221,13 +221,11 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     adapter_info: dict = {"peft": "adapter"}
     if result.get("mlx_adapter"):
         adapter_info["mlx"] = result.pop("mlx_adapter")  # the native mlx-lm adapter dir
-    if ref.gguf is not None:
-        plan = export(run_dir / "adapter", base=ref.gguf, out=run_dir / "adapter.gguf",
+    base_gguf = ref.gguf or _converted_base(base, on_event)  # HF weights: convert-base, cached
+    if base_gguf is not None:
+        plan = export(run_dir / "adapter", base=base_gguf, out=run_dir / "adapter.gguf",
                       on_event=on_event, _base_sha256=base["sha256"])
         adapter_info.update(gguf="adapter.gguf", alpha=plan.alpha, rank=plan.rank)
-    else:
-        on_event(Log("no GGUF base for this model: run `edge-tune export RUN --base BASE.gguf` "
-                     "to get adapter.gguf", "warning"))
     man = manifest_mod.build(
         config=cfg.to_dict(), backend=backend, backend_reason=why, base=base,
         data={"path": str(data_path.resolve()), "format": data.format,
@@ -240,8 +238,12 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         plan=run_plan.to_dict() if run_plan is not None else None)
     manifest_mod.write(run_dir, man)
     shutil.rmtree(ckpt, ignore_errors=True)  # finished: the adapter is the result
-    if getattr(cfg, "verify", True) and ref.gguf is not None:
-        _verify_hook(run_dir, None, on_event)  # llama.cpp runs what was trained, or exit 1
+    if getattr(cfg, "verify", True) and base_gguf is not None:
+        if _prequantized(Path(base["hf_dir"])):  # verify's torch side cannot load bnb weights
+            on_event(Log("verify: skipped (trained on pre-quantized 4-bit weights); run "
+                         f"`edge-tune verify {run_dir} --base {base_gguf}`", "warning"))
+        else:
+            _verify_hook(run_dir, None, on_event)  # llama.cpp runs what was trained, or exit 1
     on_event(Done("train", {"run_dir": str(run_dir)}))
     return TrainResult(run_dir, man)
 
@@ -253,13 +255,51 @@ def _base_record(ref: models.ModelRef, hf_dir: str, sha256: Optional[str]) -> di
 
         info = from_gguf(ref.gguf)
         rec.update(gguf=str(ref.gguf), sha256=sha256, arch=info.arch,
-                   name=info.metadata.get("name", ""))
+                   name=info.metadata.get("name", ""), gguf_source="given")
     else:
         from edge_tune.converters.base_info import from_hf_dir
 
         rec.update(gguf=None, sha256=None, arch=from_hf_dir(Path(hf_dir)).arch,
                    hub_id=ref.hub_id)
+        if ref.hub_id and models.unquantized_hub_id(ref.hub_id):
+            rec["unquantized_hub_id"] = models.unquantized_hub_id(ref.hub_id)
     return rec
+
+
+def _prequantized(hf_dir: Path) -> bool:
+    try:
+        return "quantization_config" in json.loads((hf_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _converted_base(base: dict, on_event: EventSink) -> Optional[Path]:
+    """A GGUF base for a model given as HF weights: made once with convert-base's converter
+    (f16) into the cache, keyed by the weights' content, and recorded in ``base`` (the
+    manifest's record). A pre-quantized ``unsloth/*-bnb-4bit`` model is converted from the
+    unquantized repo it maps to. None, with a warning, when conversion fails: the adapter
+    stays, and ``edge-tune export RUN --base BASE.gguf`` still works."""
+    from edge_tune.converters import hf_to_gguf
+    from edge_tune.fsutil import cache_dir
+
+    source = base.get("unquantized_hub_id")
+    try:
+        hf_dir = models.hf_dir_for(models.resolve(source, on_event), on_event) if source \
+            else Path(base["hf_dir"])
+        out = cache_dir() / "gguf" / f"{models.hf_content_key(hf_dir)[:16]}-f16.gguf"
+        if not out.is_file():
+            on_event(Log(f"no GGUF base for this model: converting {source or hf_dir} with "
+                         f"llama.cpp's converter (once; cached as {out})"))
+            hf_to_gguf.convert(hf_dir, out, "f16", on_event)
+            write_text_atomic(out.with_name(out.name + ".sha256"), sha256_file(out))
+    except EdgeTuneError as exc:
+        on_event(Log(f"no GGUF base for this model ({exc}); run `edge-tune convert-base`, then "
+                     "`edge-tune export RUN --base BASE.gguf` to get adapter.gguf", "warning"))
+        return None
+    digest = out.with_name(out.name + ".sha256")
+    base.update(gguf=str(out), gguf_source="converted", gguf_from=source or str(hf_dir),
+                sha256=digest.read_text().strip() if digest.is_file() else sha256_file(out))
+    return out
 
 
 # --- data inspection and runs on disk (for the TUI) --------------------------------------------
@@ -898,7 +938,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
           api_key: Optional[str] = None, n_ctx: int = 4096, max_queue: int = 64,
-          on_event: EventSink = ignore) -> None:
+          threads: Optional[int] = None, on_event: EventSink = ignore) -> None:
     """Run the OpenAI-compatible server until interrupted (blocks)."""
     try:
         import uvicorn
@@ -913,7 +953,7 @@ def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         on_event(Log(f"listening on {host} without --api-key: anyone who can reach this "
                      "port can use the models", "warning"))
-    engine = open_serving(plan, on_event, n_ctx=n_ctx)
+    engine = open_serving(plan, on_event, n_ctx=n_ctx, threads=threads)
     scheduler = Scheduler(engine, max_queue=max_queue)
     names = ["base", *plan.adapters]
     try:

@@ -98,6 +98,35 @@ def resolve(spec: str, on_event: EventSink = ignore) -> ModelRef:
     return ModelRef(spec, hub_id=spec)
 
 
+_UNSLOTH_4BIT = re.compile(r"^unsloth/(?P<name>[\w.-]+?)(?:-unsloth)?-bnb-4bit$", re.IGNORECASE)
+
+
+def unquantized_hub_id(hub_id: str) -> Optional[str]:
+    """The unquantized repo an ``unsloth/*-bnb-4bit`` hub ID was made from, by Unsloth's own
+    naming (its ``models/mapper.py``): ``unsloth/X-bnb-4bit`` and the dynamic quant
+    ``unsloth/X-unsloth-bnb-4bit`` both come from ``unsloth/X``. None for any other ID.
+    llama.cpp cannot convert bitsandbytes weights, so a GGUF base is made from that repo. Pure."""
+    m = _UNSLOTH_4BIT.match(hub_id)
+    return f"unsloth/{m.group('name')}" if m else None
+
+
+def hf_content_key(hf_dir: Path) -> str:
+    """A cache key for an HF model directory's content: sha256 over config.json and, for each
+    weight file, its name, size and first and last MiB (hashing whole multi-GB checkpoints
+    would cost more than the cache saves)."""
+    import hashlib
+
+    h = hashlib.sha256((Path(hf_dir) / "config.json").read_bytes())
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
 # --- the embedded default model ------------------------------------------------------------
 
 def default_gguf(on_event: EventSink = ignore) -> Path:

@@ -10,6 +10,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error, run_cli
@@ -258,3 +259,65 @@ def test_backend_unsloth_without_gpu_is_one_line(tmp_path, demo_jsonl):
 def test_cuda_gpu_positional_fields_unchanged():
     g = CudaGpu("H100", 80.0, "9.0", True)  # older callers build it with four fields
     assert g.vram_free_gib is None and g.driver == ""
+
+
+# --- models given as HF weights: the GGUF base -------------------------------------------------
+
+
+def test_unquantized_hub_id():
+    from edge_tune.models import unquantized_hub_id
+
+    assert unquantized_hub_id("unsloth/Llama-3.2-1B-Instruct-bnb-4bit") == \
+        "unsloth/Llama-3.2-1B-Instruct"
+    assert unquantized_hub_id("unsloth/Llama-3.2-1B-Instruct-unsloth-bnb-4bit") == \
+        "unsloth/Llama-3.2-1B-Instruct"
+    assert unquantized_hub_id("unsloth/SmolLM2-135M-Instruct-bnb-4bit") == \
+        "unsloth/SmolLM2-135M-Instruct"
+    assert unquantized_hub_id("unsloth/mistral-7b-v0.3-BNB-4bit") == "unsloth/mistral-7b-v0.3"
+    assert unquantized_hub_id("unsloth/Llama-3.2-1B-Instruct") is None
+    assert unquantized_hub_id("someone/Llama-3.2-1B-bnb-4bit") is None  # not Unsloth's naming
+    assert unquantized_hub_id("unsloth/x-bnb-4bit-GGUF") is None
+
+
+def test_hf_content_key(tmp_path):
+    from edge_tune.models import hf_content_key
+
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 3_000_000)
+    key = hf_content_key(tmp_path)
+    assert key == hf_content_key(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 2_999_999 + b"y")
+    assert hf_content_key(tmp_path) != key
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 3_000_000)
+    (tmp_path / "config.json").write_text('{"a": 2}')
+    assert hf_content_key(tmp_path) != key
+
+
+def test_hf_model_gets_a_converted_gguf_base(tmp_path, demo_jsonl, hf_dir):
+    """An HF directory has no GGUF: train converts one (cached by content), exports the adapter
+    against it, verifies it in llama.cpp, and the manifest says which base and how."""
+    from test_convert_base import build_tiny
+
+    from edge_tune import api
+    from edge_tune.fsutil import sha256_file
+
+    model = build_tiny("llama", tmp_path / "tiny", hf_dir).resolve()
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(demo_jsonl.read_text().splitlines(keepends=True)[:12]))
+    proc = run_cli("train", "--data", str(data), "--model", str(model), "--backend", "cpu",
+                   "--max-steps", "2", "--batch-size", "4", "--out", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    man = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    base = man["base"]
+    assert base["gguf_source"] == "converted" and base["gguf_from"] == str(model)
+    assert base["sha256"] == sha256_file(base["gguf"])
+    assert man["adapter"]["gguf"] == "adapter.gguf" and (tmp_path / "run/adapter.gguf").is_file()
+    # Cached by content: the same weights find the same file, without converting again.
+    events = []
+    again = {"hf_dir": str(model)}
+    assert api._converted_base(again, events.append) == Path(base["gguf"])
+    assert again["sha256"] == base["sha256"] and not events
+    # The adapter runs on the converted base in llama.cpp: chat uses the manifest's base.
+    chat = run_cli("chat", "--adapter", str(tmp_path / "run"), "--prompt", "Hi", "--max-tokens",
+                   "4")
+    assert chat.returncode == 0, chat.stderr[-2000:]
