@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 PROMPT = "1, 2, 3, 4, 5,"
+THREADS: int | None = None  # --threads: llama.cpp and torch alike
 
 
 def _decode_rate(engine, tokens: int) -> float:
@@ -48,7 +49,7 @@ def _answer_one_token(engine) -> None:
 def bench_switch(base: Path, adapter: Path, rounds: int) -> dict:
     from edge_tune.engine import Engine
 
-    engine = Engine(base)
+    engine = Engine(base, threads=THREADS)
     engine.add_adapter(adapter, "a")
     engine.add_adapter(adapter, "b")  # a second handle on the same file: a real switch
     switch, switch_req, reload, reload_req = [], [], [], []
@@ -62,7 +63,7 @@ def bench_switch(base: Path, adapter: Path, rounds: int) -> dict:
         switch_req.append(time.perf_counter() - t)
 
         t = time.perf_counter()
-        fresh = Engine(base)
+        fresh = Engine(base, threads=THREADS)
         fresh.add_adapter(adapter, "a")
         fresh.activate("a")
         reload.append(time.perf_counter() - t)
@@ -102,13 +103,13 @@ def bench_decode(run: Path, base: Path, adapter: Path, rounds: int, tokens: int)
 
     with tempfile.TemporaryDirectory() as work:
         merged = _merged_model(run, base, Path(work))
-        plain = Engine(base)
-        lora = Engine(base)
+        plain = Engine(base, threads=THREADS)
+        lora = Engine(base, threads=THREADS)
         lora.add_adapter(adapter, "a")
         lora.activate("a")
         sides = {"base": plain, "base+adapter (unmerged)": lora}
         if merged is not None:
-            sides["merged"] = Engine(merged)
+            sides["merged"] = Engine(merged, threads=THREADS)
         for engine in sides.values():  # warm-up: page in weights, allocate buffers
             _decode_rate(engine, 8)
         rates: dict[str, list] = {k: [] for k in sides}
@@ -133,6 +134,8 @@ def bench_peft(run: Path, base: Path, adapter: Path, rounds: int, tokens: int) -
     from edge_tune import models
     from edge_tune.engine import Engine
 
+    if THREADS:
+        torch.set_num_threads(THREADS)
     hf_dir = models.dequantized_copy(base)
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
@@ -152,7 +155,7 @@ def bench_peft(run: Path, base: Path, adapter: Path, rounds: int, tokens: int) -
         n = out.shape[1] - ids["input_ids"].shape[1]
         return (n - 1) / (whole - first)
 
-    engine = Engine(base)
+    engine = Engine(base, threads=THREADS)
     engine.add_adapter(adapter, "a")
     engine.activate("a")
     hf_rate()
@@ -176,13 +179,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--parts", default="switch,decode,peft")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for both llama.cpp and torch [default: physical "
+                        "cores]; on a busy shared machine 1 is the fair, stable choice")
     args = parser.parse_args(argv)
+    global THREADS
+    THREADS = args.threads
 
     from edge_tune import api
 
     target = api.resolve_chat(args.run, None)
     parts = args.parts.split(",")
-    print(f"base {target.base.name}, adapter {target.adapter}; {args.rounds} interleaved "
+    print(f"base {target.base.name}, adapter {target.adapter}; threads {THREADS or 'auto'}; "
+          f"{args.rounds} interleaved "
           f"rounds, medians; shared machine: expect 10-30 % noise")
     if "switch" in parts:
         bench_switch(target.base, target.adapter, args.rounds)

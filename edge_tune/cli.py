@@ -311,7 +311,8 @@ def verify(
         out.print(f"  tuned model, real base:   top-1 agreement {report['top1_agreement']:.1%}"
                   f" (min {t['top1_min']:.0%}), mean KL {report['mean_kl']:.4f} "
                   f"(max {t['kl_max']})")
-        table = Table("prompt", "torch + PEFT", "llama.cpp", title="greedy answers")
+        table = Table("prompt", report.get("framework", "torch+PEFT"), "llama.cpp",
+                      title="greedy answers")
         for g in report["greedy"]:
             table.add_row(g["prompt"][-60:].strip(), g["torch"], g["llama_cpp"])
         out.print(table)
@@ -479,6 +480,9 @@ def serve(
                                           "EDGE_TUNE_API_KEY, which ps cannot show)."),
     ctx: int = typer.Option(4096, "--ctx", help="Context window in tokens (prompt + answer)."),
     max_queue: int = typer.Option(64, help="Requests that may wait; more get HTTP 503."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for llama.cpp "
+                                          "[default: EDGE_TUNE_THREADS, else physical cores]; "
+                                          "on a box busy with other work, fewer is faster."),
 ) -> None:
     """Serve the base and its adapters over an OpenAI-compatible API.
 
@@ -505,7 +509,7 @@ def serve(
         plan = api.plan_serving(adapter, base)
     render = Renderer(err)
     api.serve(plan, host=host, port=port, api_key=api_key, n_ctx=ctx, max_queue=max_queue,
-              on_event=render)
+              threads=threads, on_event=render)
 
 
 # --- bundle ----------------------------------------------------------------------------------
@@ -620,6 +624,27 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("[yellow]cancelled[/]")
         raise SystemExit(130) from None
+    except Exception as exc:  # a bug: one line for the user, the traceback in a log file
+        import os
+        import traceback
+
+        if os.environ.get("EDGE_TUNE_DEBUG"):
+            raise
+        from rich.markup import escape
+
+        from edge_tune.fsutil import cache_dir
+
+        log = cache_dir() / "last-error.log"
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(traceback.format_exc())
+            where = f"traceback in {log}"
+        except OSError:
+            where = "set EDGE_TUNE_DEBUG=1 for the traceback"
+        err.print(f"[bold red]error:[/] internal error: {escape(type(exc).__name__)}: "
+                  f"{escape(str(exc).splitlines()[0] if str(exc) else '')} ({where}; please "
+                  "report it)", highlight=False, soft_wrap=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -144,3 +144,20 @@ def cli_answer(prompt: str, adapter: Path | None, max_tokens: int) -> str:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.endswith("\n")
     return proc.stdout[:-1]
+
+
+@contextlib.contextmanager
+def one_llama_thread():
+    """Every llama.cpp process these tests start uses one thread (``EDGE_TUNE_THREADS``).
+    The tests compare answers, not speed, and on a machine busy with other work ggml's
+    threads stall each other at every op (2 threads measured 4-13x slower than 1 under
+    load). The server and the `edge-tune chat` reference both see the same setting."""
+    saved = os.environ.get("EDGE_TUNE_THREADS")
+    os.environ["EDGE_TUNE_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("EDGE_TUNE_THREADS", None)
+        else:
+            os.environ["EDGE_TUNE_THREADS"] = saved

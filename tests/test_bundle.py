@@ -18,6 +18,7 @@ from serve_helpers import (
     PROMPTS,
     cli_answer,
     http_json,
+    one_llama_thread,
     running_server,
     trained_adapters,
 )
@@ -26,6 +27,12 @@ from edge_tune.bundle import default_name, plan_bundle, split_run_arg
 from edge_tune.errors import EdgeTuneError
 
 MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_llama_thread():
+    with one_llama_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +146,12 @@ def test_bundle_runs_in_a_fresh_venv_with_only_the_run_extra(bundle_dir, adapter
     if wheel is None:
         pytest.skip("no built llama-cpp-python wheel in pip's cache (installing would compile "
                     "llama.cpp for ~15 minutes)")
+    # Install from a copy of the sources: a build in the repo itself would leave build/ there.
+    src = tmp_path / "src"
+    for part in ("edge_tune", "converters", "tui"):
+        shutil.copytree(REPO / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / part, src / part)
     venv = tmp_path / "edge-box-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = str(venv / "bin" / "python")
@@ -146,7 +159,7 @@ def test_bundle_runs_in_a_fresh_venv_with_only_the_run_extra(bundle_dir, adapter
     install = subprocess.run(
         [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
          "--find-links", str(wheel.parent), f"llama-cpp-python=={metadata.version('llama-cpp-python')}",
-         f"{REPO}[run]"], check=False, capture_output=True, text=True, timeout=1500)
+         f"{src}[run]"], check=False, capture_output=True, text=True, timeout=1500)
     assert install.returncode == 0, install.stderr[-3000:]
     assert "Building wheel for llama" not in install.stdout + install.stderr
 

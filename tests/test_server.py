@@ -13,6 +13,7 @@ from serve_helpers import (
     PROMPTS,
     cli_answer,
     http_json,
+    one_llama_thread,
     running_server,
     trained_adapters,
 )
@@ -24,6 +25,12 @@ from edge_tune.server.openai_shapes import RequestError, parse_request
 KEY = "test-key-123"
 MAX_TOKENS = 24
 MODELS = ["base", "pirate", "anti"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_llama_thread():
+    with one_llama_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import psutil
 import pytest
-from serve_helpers import PROMPTS, running_server, trained_adapters
+from serve_helpers import PROMPTS, one_llama_thread, running_server, trained_adapters
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +27,12 @@ def _ask(client, model: str, prompt: str, stream: bool) -> str:
         return "".join(c.choices[0].delta.content or ""
                        for c in client.chat.completions.create(stream=True, **kw) if c.choices)
     return client.chat.completions.create(**kw).choices[0].message.content
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_llama_thread():
+    with one_llama_thread():
+        yield
 
 
 def test_200_requests_16_clients_three_models(tmp_path_factory):
