@@ -342,3 +342,19 @@ def test_gpu_check_script_is_valid_and_fails_loudly_without_a_gpu():
         proc = subprocess.run(["bash", str(script)], capture_output=True, text=True,
                               check=False, env={"PATH": "/usr/bin:/bin"})
         assert proc.returncode == 1 and "needs an NVIDIA GPU" in proc.stderr
+
+
+def test_worker_imports_unsloth_before_anything_else():
+    """Unsloth must patch transformers before it is imported: the worker's first act for
+    ``--backend unsloth`` is importing it (here it is not installed, so that is where it
+    stops, with transformers and torch still unimported)."""
+    code = ("import sys\nfrom edge_tune.backends import worker\n"
+            "job = {'backend': 'unsloth', 'model_ref': {'spec': 'x', 'gguf': None, "
+            "'hf_dir': '/nonexistent', 'hub_id': None}}\n"
+            "try:\n    worker.run(job, print)\n"
+            "except ModuleNotFoundError as exc:\n"
+            "    print(exc.name, 'transformers' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    if registry.missing_modules("unsloth"):
+        assert out.stdout.split() == ["unsloth", "False", "False"]
