@@ -188,7 +188,8 @@ def evaluate(model, examples: list[Example], batch_size: int, pad_id: int,
         for k in range(0, len(order), batch_size):
             batch = pad_batch([examples[i] for i in order[k:k + batch_size]], pad_id)
             n = int((batch["labels"][:, 1:] != IGNORE).sum())
-            loss = model(**{key: v.to(device) for key, v in batch.items()}).loss
+            # use_cache=False: no KV cache, so Unsloth stays off its generation fast path
+            loss = model(**{key: v.to(device) for key, v in batch.items()}, use_cache=False).loss
             total += float(loss) * n
             count += n
     model.train(was_training)
