@@ -110,6 +110,8 @@ def train(
                                                    "slower [default: off; on if needed to fit]."),
     memory_gib: Optional[float] = typer.Option(None, help="Memory budget for the planner in "
                                                "GiB [default: what is free now]."),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 where the CPU has it) | "
+                                            "bf16 | fp32 [default: auto]."),
     seq_len: Optional[int] = typer.Option(None, help="Max tokens per example; longer ones "
                                           "are truncated [default: 512]."),
     seed: Optional[int] = typer.Option(None, help="Random seed [default: 0]."),
@@ -141,6 +143,7 @@ def train(
                  out=str(out_dir) if out_dir else None, epochs=epochs, max_steps=max_steps,
                  lr=lr, rank=rank, alpha=alpha, batch_size=batch_size, seq_len=seq_len,
                  grad_accum=grad_accum, grad_checkpoint=grad_checkpoint, memory_gib=memory_gib,
+                 precision=precision,
                  seed=seed, val=str(val) if val else None, val_split=val_split,
                  save_every=save_every, verify=verify)
     if resume is not None:

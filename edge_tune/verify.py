@@ -47,6 +47,7 @@ class Report:
     greedy: list[dict] = field(default_factory=list)
     tolerance: dict = field(default_factory=lambda: dict(TOLERANCE))
     failures: list[str] = field(default_factory=list)
+    framework: str = "torch+PEFT"  # what llama.cpp is compared with: torch+PEFT or mlx
 
     @property
     def ok(self) -> bool:
@@ -56,7 +57,7 @@ class Report:
         return {"ok": self.ok, "checked": self.checked, "effect_rel_err": self.effect_rel_err,
                 "top1_agreement": self.top1, "mean_kl": self.kl, "n_prompts": self.n_prompts,
                 "n_positions": self.n_positions, "tolerance": self.tolerance,
-                "failures": self.failures, "greedy": self.greedy}
+                "failures": self.failures, "greedy": self.greedy, "framework": self.framework}
 
 
 def judge(effect_rel_err: float, top1: float, kl: float, tol: dict = TOLERANCE) -> list[str]:
@@ -135,14 +136,41 @@ def torch_side(hf_dir: Path, peft_dir: Path, samples: list[Sample], max_new: int
     return base, tuned, greedy
 
 
+def mlx_side(hf_dir: Path, mlx_adapter: Path, samples: list[Sample], max_new: int):
+    """The same as :func:`torch_side` from mlx-lm with the run's native mlx adapter, so an
+    mlx run is checked against what it was trained with (and the mlx -> GGUF conversion)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
+
+    base_model, _ = load(str(hf_dir))
+    tuned_model, _ = load(str(hf_dir), adapter_path=str(mlx_adapter))
+
+    def logits(model, ids):
+        return np.array(model(mx.array([ids]))[0].astype(mx.float32), dtype=np.float64)
+
+    base, tuned, greedy = [], [], []
+    for s in samples:
+        base.append(logits(base_model, s.ids))
+        tuned.append(logits(tuned_model, s.ids))
+        ids = list(s.prompt_ids)
+        for _ in range(max_new):  # greedy; a few tokens, so no KV cache is needed
+            ids.append(int(np.argmax(logits(tuned_model, ids)[-1])))
+        greedy.append(ids[len(s.prompt_ids):])
+    return base, tuned, greedy
+
+
 def llama_side(model: Path, samples: list[Sample], adapter: Path | None = None,
-               max_new: int = 0):
-    """(logits, greedy token ids) per sample from llama.cpp, F32 KV cache."""
+               max_new: int = 0, base_too: bool = False):
+    """(logits, greedy token ids, base logits if ``base_too``) per sample from llama.cpp with
+    an F32 KV cache; ``base_too`` also scores the model without the adapter (one load)."""
     from edge_tune.engine import Engine
 
     n_ctx = max(len(s.ids) + 8 for s in samples) + max_new
-    logits, greedy = [], []
+    logits, greedy, base = [], [], []
     with Engine(model, n_ctx=max(n_ctx, 64), logits_all=True, exact=True) as eng:
+        if base_too:
+            base = [eng.logits(s.ids).astype("float64") for s in samples]
         if adapter is not None:
             eng.activate(eng.add_adapter(adapter))
         for s in samples:
@@ -155,7 +183,7 @@ def llama_side(model: Path, samples: list[Sample], adapter: Path | None = None,
                         break
                     ids.append(t)
                 greedy.append(ids)
-    return logits, greedy
+    return logits, greedy, base
 
 
 def compare(torch_base, torch_tuned, f32_base, f32_tuned, real_tuned) -> tuple[float, float,
@@ -200,7 +228,8 @@ def f32_copy(base_gguf: Path, sha256: str | None, on_event: EventSink = ignore) 
 def verify_run(run_dir: Path, man: dict, peft_dir: Path, base_gguf: Path, hf_dir: Path,
                adapter_gguf: Path | None = None, merged: Path | None = None,
                merged_f32: Path | None = None, n_prompts: int = 3, max_len: int = 64,
-               max_new: int = 12, on_event: EventSink = ignore) -> Report:
+               max_new: int = 12, on_event: EventSink = ignore,
+               mlx_adapter: Path | None = None) -> Report:
     """Compare torch+PEFT with llama.cpp for this run (adapter GGUF, or a merged export)."""
     from transformers import AutoTokenizer
 
@@ -212,20 +241,24 @@ def verify_run(run_dir: Path, man: dict, peft_dir: Path, base_gguf: Path, hf_dir
         raise EdgeTuneError(f"verify {run_dir}: no held-back examples to check with")
     steps = 4
     progress = lambda i, what: on_event(Progress("verify", i, steps, "", what))
-    progress(0, "verify: torch + PEFT")
-    t_base, t_tuned, t_greedy = torch_side(hf_dir, peft_dir, samples, max_new)
-    progress(1, "verify: llama.cpp, F32 base")
+    if mlx_adapter is not None:
+        progress(0, "verify: mlx")
+        t_base, t_tuned, t_greedy = mlx_side(hf_dir, mlx_adapter, samples, max_new)
+    else:
+        progress(0, "verify: torch + PEFT")
+        t_base, t_tuned, t_greedy = torch_side(hf_dir, peft_dir, samples, max_new)
+    progress(1, "verify: llama.cpp, F32 base and tuned")
     f32 = f32_copy(base_gguf, man.get("base", {}).get("sha256"), on_event)
-    f_base, _ = llama_side(f32, samples)
-    progress(2, "verify: llama.cpp, F32 tuned")
     if merged is not None:
-        f_tuned, _ = llama_side(merged_f32 or merged, samples)
+        f_base = llama_side(f32, samples)[0]
+        progress(2, "verify: llama.cpp, F32 merged")
+        f_tuned = llama_side(merged_f32 or merged, samples)[0]
         real = merged
     else:
-        f_tuned, _ = llama_side(f32, samples, adapter_gguf)
+        f_tuned, _, f_base = llama_side(f32, samples, adapter_gguf, base_too=True)
         real = base_gguf
     progress(3, f"verify: llama.cpp, {Path(real).name}")
-    r_tuned, r_greedy = llama_side(real, samples, adapter_gguf, max_new)
+    r_tuned, r_greedy, _ = llama_side(real, samples, adapter_gguf, max_new)
     progress(4, "verified")
     err, top1, kl, n_pos = compare(t_base, t_tuned, f_base, f_tuned, r_tuned)
     greedy = [{"prompt": s.prompt_text, "torch": tok.decode(a, skip_special_tokens=True),
@@ -233,6 +266,6 @@ def verify_run(run_dir: Path, man: dict, peft_dir: Path, base_gguf: Path, hf_dir
               for s, a, b in zip(samples, t_greedy, r_greedy)]
     report = Report(effect_rel_err=err, top1=top1, kl=kl, n_prompts=len(samples),
                     n_positions=n_pos, checked="merged" if merged is not None else "adapter",
-                    greedy=greedy)
-    report.failures = judge(err, top1, kl)
+                    greedy=greedy, framework="mlx" if mlx_adapter is not None else "torch+PEFT")
+    report.failures = [f.replace("torch+PEFT", report.framework) for f in judge(err, top1, kl)]
     return report
