@@ -547,7 +547,7 @@ def _base_info_for_export(peft_dir: Path, man: Optional[dict], base: Optional[Pa
 def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = None,
            outtype: str = "f32", on_event: EventSink = ignore, _base_sha256: Optional[str] = None,
            merge: bool = False, quant: Optional[str] = None, ollama: Optional[Path] = None,
-           verify: bool = False, system: Optional[str] = None):
+           verify: bool = False, system: Optional[str] = None, vllm: Optional[Path] = None):
     """Convert a PEFT adapter (or a run's adapter) to a GGUF LoRA adapter; with ``merge``,
     write one GGUF with the adapter merged into the base (``quant``: F16 default, Q4_K_M,
     ...). ``verify`` checks llama.cpp against the training framework afterwards (runs only);
@@ -555,6 +555,8 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
     from edge_tune.converters import peft_to_gguf
 
     peft_dir, man = _adapter_dirs(Path(adapter))
+    if vllm is not None:  # vLLM serves the PEFT directory itself: no GGUF involved
+        return _export_vllm(Path(adapter), peft_dir, man, base, Path(vllm), on_event)
     info, base_gguf = _base_info_for_export(peft_dir, man, base)
     if merge:
         return _export_merged(Path(adapter), peft_dir, man, base_gguf, out, quant or "F16",
@@ -578,6 +580,40 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
         _write_ollama(Path(ollama), base_gguf, Path(out), system, man, on_event)
     on_event(Done("export", {"path": str(out)}))
     return plan
+
+
+def _vllm_base(peft_dir: Path, man: Optional[dict], base: Optional[Path]) -> str:
+    """What ``vllm serve`` loads: a hub ID or an HF directory (vLLM's LoRA needs HF weights)."""
+    if base is not None:
+        ref = models.resolve(str(base))
+        if ref.gguf is not None:
+            raise EdgeTuneError(f"--base {base}: vLLM serves LoRA adapters on HF weights; pass "
+                                "an HF model directory or hub ID")
+        return ref.hub_id or str(ref.hf_dir)
+    rec = (man or {}).get("base") or {}
+    if rec.get("hub_id") or rec.get("hf_dir"):
+        return rec.get("hub_id") or rec["hf_dir"]
+    try:
+        guess = json.loads((peft_dir / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path")
+    except (OSError, ValueError):
+        guess = None
+    if guess:
+        return str(guess)
+    raise EdgeTuneError(f"{peft_dir}: cannot tell which base model this adapter is for; pass "
+                        "--base HF_DIR_OR_HUB_ID")
+
+
+def _export_vllm(adapter: Path, peft_dir: Path, man: Optional[dict], base: Optional[Path],
+                 directory: Path, on_event: EventSink) -> dict:
+    from edge_tune.converters import vllm_export
+
+    name = vllm_export.adapter_name(adapter.resolve().name)
+    result = vllm_export.export(peft_dir, directory, name, _vllm_base(peft_dir, man, base))
+    on_event(Log(f"wrote {result['adapter_dir']} and {result['script']} (max LoRA rank "
+                 f"{result['max_lora_rank']} for rank {result['rank']})"))
+    on_event(Done("export", {"path": result["adapter_dir"], **result}))
+    return result
 
 
 def _export_merged(adapter: Path, peft_dir: Path, man: Optional[dict], base_gguf: Optional[Path],

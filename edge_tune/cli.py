@@ -236,6 +236,9 @@ def export(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="After exporting a run, "
                                 "check llama.cpp against torch+PEFT on held-back prompts "
                                 "(see `edge-tune verify`)."),
+    vllm: Optional[Path] = typer.Option(None, "--vllm", help="Instead of GGUF: copy the PEFT "
+                                        "adapter to DIR/NAME for vLLM, write DIR/serve.sh and "
+                                        "print the `vllm serve ... --enable-lora` command."),
 ) -> None:
     """Convert a PEFT LoRA adapter to a GGUF LoRA adapter for llama.cpp, or (--merge) write a
     merged, optionally quantized GGUF.
@@ -243,13 +246,17 @@ def export(
     Examples:\n
       edge-tune export runs/demo                       # RUN/adapter.gguf\n
       edge-tune export runs/demo --merge -q Q4_K_M     # RUN/merged-q4_k_m.gguf\n
-      edge-tune export runs/demo --merge --ollama out/ # plus out/Modelfile"""
+      edge-tune export runs/demo --merge --ollama out/ # plus out/Modelfile\n
+      edge-tune export runs/demo --vllm out/vllm       # PEFT dir + `vllm serve` line"""
     from edge_tune import api
     from edge_tune.render import Renderer
 
     with Renderer(err) as render:
-        api.export(adapter, base=base, out=output, outtype=outtype, on_event=render,
-                   merge=merge, quant=quant, ollama=ollama, verify=verify, system=system)
+        result = api.export(adapter, base=base, out=output, outtype=outtype, on_event=render,
+                            merge=merge, quant=quant, ollama=ollama, verify=verify,
+                            system=system, vllm=vllm)
+    if vllm is not None:
+        print(result["command"])  # plain stdout: `$(edge-tune export RUN --vllm DIR)` runs it
 
 
 # --- convert-base ----------------------------------------------------------------------------
@@ -484,7 +491,7 @@ def serve(
     ctx: int = typer.Option(4096, "--ctx", help="Context window in tokens (prompt + answer)."),
     max_queue: int = typer.Option(64, help="Requests that may wait; more get HTTP 503."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for llama.cpp "
-                                          "[default: EDGE_TUNE_THREADS, else physical cores]; "
+                                          "(default: EDGE_TUNE_THREADS, else physical cores); "
                                           "on a box busy with other work, fewer is faster."),
 ) -> None:
     """Serve the base and its adapters over an OpenAI-compatible API.

@@ -20,7 +20,7 @@ MODULES = ["edge_tune", "edge_tune.api", "edge_tune.cli", "edge_tune.engine",
            "edge_tune.server", "edge_tune.server.app", "edge_tune.server.scheduler",
            "edge_tune.server.openai_shapes", "edge_tune.bundle", "edge_tune.planner",
            "edge_tune.render_plan", "edge_tune.backends.mlx_lora",
-           "edge_tune.converters.mlx_to_peft"]
+           "edge_tune.converters.mlx_to_peft", "edge_tune.converters.vllm_export"]
 
 
 def _loaded_after(code: str) -> list[str]:
