@@ -80,8 +80,9 @@ def field_value(reader, key: str, default=None):
     return f.contents()
 
 
-def from_gguf(path: Path) -> BaseInfo:
-    reader = open_gguf(path)
+def from_gguf(path: Path, reader=None) -> BaseInfo:
+    """``reader``: an already open GGUFReader of ``path`` (parsing a large vocabulary is slow)."""
+    reader = reader if reader is not None else open_gguf(path)
     arch = field_value(reader, "general.architecture")
     if not arch:
         raise EdgeTuneError(f"{path}: GGUF has no general.architecture")

@@ -189,7 +189,7 @@ def merge(base_gguf: Path, config: dict, tensors: dict[str, np.ndarray], out_pat
         raise ValueError(outtype)
     base_gguf, out_path = Path(base_gguf), Path(out_path)
     reader = open_gguf(base_gguf)
-    info = from_gguf(base_gguf)
+    info = from_gguf(base_gguf, reader)
     check_base_complete(info, base_gguf)
     deltas = plan(config, tensors, info, where)
     by_name = {t.name: t for t in reader.tensors}
@@ -233,4 +233,5 @@ def merge(base_gguf: Path, config: dict, tensors: dict[str, np.ndarray], out_pat
                                 "nothing was written") from None
         raise
     return {"path": str(out_path), "merged": len(deltas), "tensors": total, "outtype": outtype,
-            "dora": any(d.magnitude is not None for d in deltas.values())}
+            "dora": any(d.magnitude is not None for d in deltas.values()),
+            "f32_bytes": estimate_bytes(reader, "F32")}

@@ -645,10 +645,8 @@ def _export_merged(adapter: Path, peft_dir: Path, man: Optional[dict], base_gguf
         summary = merge_mod.merge(base_gguf, config, tensors, f32, "F32", where=str(peft_dir),
                                   on_event=on_event, extra_metadata=meta)
         if name != "F32":
-            reader = merge_mod.open_gguf(f32)
-            merge_mod.check_disk(out.parent, merge_mod.estimate_bytes(reader, "F32") *
-                                 quant_mod.BITS_PER_WEIGHT[name] // 32, str(out))
-            del reader
+            merge_mod.check_disk(out.parent, int(summary["f32_bytes"] *
+                                 quant_mod.BITS_PER_WEIGHT[name] // 32), str(out))
             on_event(Progress("quantize", 0, None, "", f"quantizing to {name} (llama.cpp)"))
             with atomic_path(out) as tmp:
                 quant_mod.quantize(f32, tmp, name)
@@ -815,7 +813,6 @@ def _verify_hook(run: Path, base: Optional[Path], on_event: EventSink,
                  adapter_gguf: Optional[Path] = None) -> dict:
     """The short check ``train`` and ``export`` run by default: two prompts, a few tokens.
     Out of tolerance is an error (exit 1) after the files are written."""
-    man = manifest_mod.read(Path(run)) or {}
     report = verify(run, base=base, merged=merged, on_event=on_event, n_prompts=2, max_new=8,
                     _merged_f32=merged_f32, _adapter_gguf=adapter_gguf)
     summary = (f"verify: adapter effect error {report['effect_rel_err']:.2e}, top-1 "
