@@ -166,6 +166,9 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     models.check_spec(cfg.model)  # bad input fails fast, before any download or heavy work
     hw = probe()
     backend, why = registry.choose(cfg.backend, hw)  # an unusable backend: one line, first
+    if (cfg.nproc > 1 or cfg.nnodes > 1) and backend != "cpu":
+        raise EdgeTuneError(f"--nproc/--nnodes: multi-process training runs on the cpu backend "
+                            f"(torch.distributed, gloo) only, not {backend}; add --backend cpu")
     data_sha256 = sha256_file(data_path) if data_path.is_file() else None
     if saved is not None and saved.get("data_sha256") != data_sha256:
         raise EdgeTuneError(f"--resume {resume}: {cfg.data} changed since the run started; "
@@ -443,10 +446,15 @@ def _plan(cfg: TrainConfig, ref: models.ModelRef, backend: str, hw, train_record
         budget = free * planner.GIB
     else:
         budget = psutil.virtual_memory().available * 0.9  # leave room for the rest of the box
-    machine = planner.Machine(budget_bytes=budget, physical_cores=hw.physical_cores,
+    # The planner is per process: with --nproc N each rank holds a full copy of the model on
+    # this node, so each gets 1/N of the memory and of the cores.
+    nproc = max(1, getattr(cfg, "nproc", 1))
+    budget /= nproc
+    machine = planner.Machine(budget_bytes=budget,
+                              physical_cores=max(1, hw.physical_cores // nproc),
                               cpu_bf16=hw.has_bf16_cpu, apple=hw.apple is not None,
                               gpu_name=hw.cuda_gpus[0].name if hw.cuda_gpus else "")
-    per_step = cfg.batch_size * cfg.grad_accum
+    per_step = cfg.batch_size * cfg.grad_accum * nproc * max(1, getattr(cfg, "nnodes", 1))
     steps = cfg.max_steps or max(1, round(cfg.epochs * math.ceil(len(train_records) / per_step)))
     return planner.fit(shape, backend, cfg.to_dict(), machine, steps,
                        _longest_tokens(train_records) or None)
@@ -557,10 +565,11 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
     peft_dir, man = _adapter_dirs(Path(adapter))
     if vllm is not None:  # vLLM serves the PEFT directory itself: no GGUF involved
         return _export_vllm(Path(adapter), peft_dir, man, base, Path(vllm), on_event)
+    if merge:  # merge reads the base itself: parsing a GGUF's vocabulary twice costs seconds
+        return _export_merged(Path(adapter), peft_dir, man, _merge_base(man, base), out,
+                              quant or "F16", on_event, verify=verify, ollama=ollama,
+                              system=system)
     info, base_gguf = _base_info_for_export(peft_dir, man, base)
-    if merge:
-        return _export_merged(Path(adapter), peft_dir, man, base_gguf, out, quant or "F16",
-                              on_event, verify=verify, ollama=ollama, system=system)
     if quant is not None:
         raise EdgeTuneError("--quant applies to merged exports only: add --merge (an adapter "
                             "GGUF takes --outtype f32|f16|q8_0)")
@@ -614,6 +623,18 @@ def _export_vllm(adapter: Path, peft_dir: Path, man: Optional[dict], base: Optio
                  f"{result['max_lora_rank']} for rank {result['rank']})"))
     on_event(Done("export", {"path": result["adapter_dir"], **result}))
     return result
+
+
+def _merge_base(man: Optional[dict], base: Optional[Path]) -> Optional[Path]:
+    """The GGUF base a merge starts from: --base, else the run's base (None: neither)."""
+    if base is not None:
+        ref = models.resolve(str(base))
+        if ref.gguf is None:
+            raise EdgeTuneError(f"--base {base}: --merge needs a GGUF base (make one from an HF "
+                                "model with `edge-tune convert-base`)")
+        return ref.gguf
+    gg = (man or {}).get("base", {}).get("gguf")
+    return Path(gg) if gg else None
 
 
 def _export_merged(adapter: Path, peft_dir: Path, man: Optional[dict], base_gguf: Optional[Path],
@@ -980,9 +1001,11 @@ def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
     except ImportError:
         raise EdgeTuneError("the server needs starlette and uvicorn: pip install "
                             "'edge-tune[run]'") from None
+    from edge_tune.server import steady_malloc
     from edge_tune.server.scheduler import Scheduler
 
     _check_port_free(host, port)
+    steady_malloc()
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         on_event(Log(f"listening on {host} without --api-key: anyone who can reach this "
                      "port can use the models", "warning"))

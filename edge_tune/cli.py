@@ -130,10 +130,22 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a cancelled run "
                                           "(its directory) from its checkpoint, with its own "
                                           "settings, to the same total steps."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Training processes on this "
+                                        "machine, launched by torchrun (torch.distributed, "
+                                        "gloo on CPU); the global batch is batch-size x "
+                                        "grad-accum x processes [default: 1]."),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", help="Machines taking part (run "
+                                         "the same command on each) [default: 1]."),
+    rdzv: Optional[str] = typer.Option(None, "--rdzv", metavar="HOST:PORT", help="With "
+                                       "--nnodes: the rendezvous address all nodes reach."),
 ) -> None:
     """Train a LoRA adapter; writes RUN/adapter (PEFT), RUN/adapter.gguf, RUN/manifest.json.
 
-    Ctrl-C stops training and leaves RUN/checkpoint; `--resume RUN` continues it."""
+    Ctrl-C stops training and leaves RUN/checkpoint; `--resume RUN` continues it.
+
+    Examples:\n
+      edge-tune train --data chats.jsonl                     # one process\n
+      edge-tune train --data chats.jsonl --nproc 2 --batch-size 4   # 2 ranks, global batch 8"""
     from edge_tune import api
     from edge_tune.config import build
     from edge_tune.render import Renderer
@@ -145,7 +157,7 @@ def train(
                  grad_accum=grad_accum, grad_checkpoint=grad_checkpoint, memory_gib=memory_gib,
                  precision=precision,
                  seed=seed, val=str(val) if val else None, val_split=val_split,
-                 save_every=save_every, verify=verify)
+                 save_every=save_every, verify=verify, nproc=nproc, nnodes=nnodes, rdzv=rdzv)
     if resume is not None:
         given = [k for k, v in flags.items() if v is not None] + (["config"] if config else [])
         if given:

@@ -82,7 +82,10 @@ class Server:
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 -- closed in stop()
         self.proc = subprocess.Popen([python, "-m", "edge_tune", "serve", "--port",
                                       str(self.port), *args], stdout=self.log,
-                                     stderr=subprocess.STDOUT, text=True, env=env)
+                                     stderr=subprocess.STDOUT, text=True, env=env,
+                                     # not the repo: `python -m` puts the working directory
+                                     # first on sys.path, which would shadow an installed copy
+                                     cwd=tempfile.gettempdir())
 
     @property
     def pid(self) -> int:
