@@ -73,6 +73,10 @@ def log_text(log: RichLog) -> str:
     return "\n".join(line.text for line in log.lines)
 
 
+def failed(log: RichLog) -> bool:
+    return any(line.text.startswith("error:") for line in log.lines)
+
+
 # --- hardware --------------------------------------------------------------------------------
 
 def test_hardware_shows_the_doctor_report_and_takes_a_backend_override(tmp_path):
@@ -204,16 +208,16 @@ def test_train_cancel_resume_verify_export_chat_delete(tmp_path):
         actions = adapters.query_one("#actions", RichLog)
         if hasattr(app.core, "verify"):
             await pilot.press("v")
-            await until(pilot, lambda: "verify:" in log_text(actions) or
-                        "error" in log_text(actions), 900, "verify")
+            await until(pilot, lambda: "verify:" in log_text(actions) or failed(actions), 900,
+                        "verify")
             assert "verify: ok" in log_text(actions), log_text(actions)
             assert "adapter effect error" in log_text(actions)
         before = (run_dir / "adapter.gguf").stat().st_mtime_ns
         await pilot.press("e")
         await until(pilot, lambda: type(pilot.app.screen).__name__ == "ExportChoice", 5)
         await pilot.press("down", "enter")  # GGUF LoRA adapter (f16)
-        await until(pilot, lambda: "export done" in log_text(actions) or
-                    "error" in log_text(actions), 300, "export")
+        await until(pilot, lambda: "export done" in log_text(actions) or failed(actions), 300,
+                    "export")
         assert "export done" in log_text(actions), log_text(actions)
         assert (run_dir / "adapter.gguf").stat().st_mtime_ns != before
         shot(pilot, "adapters")
