@@ -252,3 +252,26 @@ def test_not_enough_disk(peft_dir, default_gguf, tmp_path, monkeypatch):
     with pytest.raises(EdgeTuneError, match="not enough disk space"):
         merge_dir(default_gguf, peft_dir, tmp_path / "x.gguf", quant="Q8_0")
     assert not any(tmp_path.iterdir())
+
+
+def test_merge_peak_memory_under_twice_the_f32_size(peft_dir, default_gguf, tmp_path):
+    """Streamed: a fresh process merging and quantizing the default model stays well under
+    2x the F32 file's size in peak RSS (the whole F32 model is never in memory)."""
+    import json
+    import subprocess
+    import sys
+
+    import gguf
+
+    out = tmp_path / "m.gguf"
+    code = ("import json, resource\nfrom edge_tune import api\n"
+            f"api.export({str(peft_dir)!r}, base={str(default_gguf)!r}, out={str(out)!r}, "
+            "merge=True, quant='Q8_0')\n"
+            "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    rss = json.loads(proc.stdout.strip().splitlines()[-1])
+    f32_size = sum(int(np.prod(t.shape)) * 4 for t in gguf.GGUFReader(str(default_gguf)).tensors)
+    print(f"peak RSS {rss / 2**20:.0f} MiB, F32 size {f32_size / 2**20:.0f} MiB")
+    assert rss < 2 * f32_size
