@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -49,6 +50,9 @@ class TrainConfig:
     threads: int = 0  # 0 = physical cores
     memory_gib: Optional[float] = None  # the planner's memory budget; None = what is free now
     verify: bool = True  # after training: llama.cpp vs torch+PEFT on held-back prompts
+    nproc: int = 1  # training processes per node (torchrun, torch.distributed: gloo on CPU)
+    nnodes: int = 1  # machines; more than one needs rdzv
+    rdzv: Optional[str] = None  # HOST:PORT of the rendezvous (torchrun --rdzv-endpoint)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -74,6 +78,10 @@ _CHECKS = {
     "eval_every": (lambda v: v >= 0, "an integer >= 0"),
     "save_every": (lambda v: v >= 0, "an integer >= 0"),
     "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "nproc": (lambda v: 1 <= v <= 1024, "an integer >= 1"),
+    "nnodes": (lambda v: 1 <= v <= 1024, "an integer >= 1"),
+    "rdzv": (lambda v: v is None or re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", v) is not None,
+             "HOST:PORT"),
     "target_modules": (lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
                        "a non-empty list of module names"),
 }
@@ -131,6 +139,9 @@ def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
             raise EdgeTuneError(f"{key}: {getattr(cfg, key)!r} is not valid (expected {expected})")
     if cfg.val and cfg.val_split:
         raise EdgeTuneError("give either --val FILE or --val-split, not both")
+    if cfg.nnodes > 1 and not cfg.rdzv:
+        raise EdgeTuneError(f"nnodes: {cfg.nnodes} machines need --rdzv HOST:PORT (the "
+                            "rendezvous every node reaches, e.g. the first node's address)")
     if not cfg.data:
         raise EdgeTuneError("no training data: pass --data FILE (or data = ... in --config)")
     return cfg

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,35 @@ from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Done, EventSink, Failed, Log, from_json
 
 GRACE_SECONDS = 20  # after SIGTERM the worker writes its checkpoint (~1 s), then exits
+
+
+def world_size(cfg: dict) -> int:
+    return max(1, cfg.get("nproc") or 1) * max(1, cfg.get("nnodes") or 1)
+
+
+def worker_command(job_file: Path, cfg: dict) -> list[str]:
+    """The training subprocess: the worker itself, or torchrun starting one worker per rank
+    (each reads RANK/WORLD_SIZE from its environment). Pure."""
+    worker = ["-m", "edge_tune.backends.worker", str(job_file)]
+    if world_size(cfg) == 1:
+        return [sys.executable, *worker]
+    nodes = max(1, cfg.get("nnodes") or 1)
+    # One node: --standalone picks a free local port. Several: a c10d rendezvous at rdzv.
+    where = (["--standalone"] if nodes == 1 and not cfg.get("rdzv") else
+             ["--rdzv-backend", "c10d", "--rdzv-endpoint", cfg["rdzv"], "--rdzv-id", "edge-tune"])
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+            str(cfg.get("nproc") or 1), "--nnodes", str(nodes), *where, "--max-restarts", "0",
+            *worker]
+
+
+_TORCHRUN_FAILURE = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.DOTALL)
+
+
+def failed_rank(log_text: str) -> Optional[tuple[int, int]]:
+    """(rank, exit code) of the root cause in torchrun's failure summary, if any. Pure."""
+    at = log_text.rfind("Root Cause")
+    m = _TORCHRUN_FAILURE.search(log_text[at:]) if at >= 0 else None
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 class TrainingProcess:
@@ -31,8 +61,9 @@ class TrainingProcess:
         self._log = open(self.log_path, "a" if job.get("resume_from") else "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                    HF_HUB_DISABLE_TELEMETRY="1")
+        self.distributed = world_size(job["config"]) > 1
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_tune.backends.worker", str(job_file)],
+            worker_command(job_file, job["config"]),
             stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
             start_new_session=True,  # its own process group: cancel() reaches its children
         )
@@ -66,7 +97,7 @@ class TrainingProcess:
                 if isinstance(event, Done):
                     result = event.result
                 elif isinstance(event, Failed):
-                    failure = event
+                    failure = failure or event  # the first: a peer's cancel follows a crash
                 else:
                     self.on_event(event)
             code = self.proc.wait()
@@ -81,6 +112,8 @@ class TrainingProcess:
             raise EdgeTuneError("training cancelled" + (
                 f"; resume with `edge-tune train --resume {self.run_dir}`" if resumable
                 else ""), 130)
+        if self.distributed and code != 0:
+            self._raise_distributed_failure(failure, code)
         if failure is not None:
             raise EdgeTuneError(failure.message, failure.exit_code)
         if code != 0 or result is None:
@@ -88,3 +121,20 @@ class TrainingProcess:
             raise EdgeTuneError(f"training process exited with code {code}: {tail[0][:200]} "
                                 f"(full log: {self.log_path})", 1)
         return result
+
+    def _raise_distributed_failure(self, failure: Optional[Failed], code: int) -> None:
+        """One line naming the rank that stopped the job. A rank that raised says why itself
+        ("rank N: ..."); one that died without a word (killed, out of memory) is named by
+        torchrun's summary, and rank 0's own complaint (its peer is gone, or torchrun's
+        SIGTERM) would only mislead."""
+        resume = (f"; resume with `edge-tune train --resume {self.run_dir}`"
+                  if (self.run_dir / "checkpoint" / "state.json").is_file() else "")
+        if failure is not None and failure.message.startswith("rank "):
+            raise EdgeTuneError(failure.message + resume, failure.exit_code)
+        rank = failed_rank(self.log_path.read_text(errors="replace"))
+        if failure is not None and failure.exit_code != 130 and (rank is None or rank[0] == 0):
+            raise EdgeTuneError(failure.message + resume, failure.exit_code)
+        who = (f"rank {rank[0]} exited with code {rank[1]}" if rank else
+               f"a training process failed (torchrun exit code {code})")
+        raise EdgeTuneError(f"distributed training stopped: {who}{resume} "
+                            f"(full log: {self.log_path})", 1)

@@ -232,6 +232,41 @@ def eval_steps(total: int, every: int) -> set[int]:
     return set(range(every, total + 1, every)) | {total}
 
 
+class Distributed:
+    """This process's place under torchrun (one process: rank 0 of 1, nothing to sync).
+
+    LoRA gradients are few and small, so each step sums them across ranks with one
+    ``all_reduce`` per tensor and divides by the world size: the exact mean gradient of the
+    global batch (DDP's bucketing buys nothing here), applied before clipping on every rank,
+    so all ranks take the same update and keep the same weights."""
+
+    def __init__(self) -> None:
+        import os
+
+        import torch.distributed as td
+
+        on = td.is_available() and td.is_initialized()
+        self.world = td.get_world_size() if on else 1
+        self.rank = td.get_rank() if on else 0
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if on else 1
+
+    def average_grads(self, params, loss: float, tokens: int) -> tuple[float, int]:
+        """Mean gradients and loss, summed tokens over all ranks."""
+        if self.world == 1:
+            return loss, tokens
+        import torch
+        import torch.distributed as td
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            td.all_reduce(p.grad, op=td.ReduceOp.SUM)
+            p.grad.div_(self.world)
+        totals = torch.tensor([loss, float(tokens)], dtype=torch.float64)
+        td.all_reduce(totals, op=td.ReduceOp.SUM)
+        return float(totals[0]) / self.world, int(totals[1])
+
+
 def train(job: dict, emit: Callable) -> dict:
     """Train a LoRA adapter; save it in PEFT format to ``job["adapter_dir"]``.
 
@@ -240,7 +275,9 @@ def train(job: dict, emit: Callable) -> dict:
     import torch
 
     cfg = job["config"]
-    threads = cfg["threads"] or job["physical_cores"]
+    dist = Distributed()
+    # Ranks on one node share its cores: torch's default (all cores each) oversubscribes.
+    threads = cfg["threads"] or max(1, job["physical_cores"] // dist.local_world)
     torch.set_num_threads(threads)
     torch.manual_seed(cfg["seed"])
     rng = random.Random(cfg["seed"])
@@ -255,8 +292,11 @@ def train(job: dict, emit: Callable) -> dict:
 
     examples: list[Example] = job["examples"]
     lengths = [len(e.input_ids) for e in examples]
-    accum = max(1, cfg.get("grad_accum") or 1)  # micro-batches per optimizer step
-    steps_per_epoch = math.ceil(len(examples) / (cfg["batch_size"] * accum))
+    accum = max(1, cfg.get("grad_accum") or 1)  # micro-batches per optimizer step, per rank
+    # Every rank builds the same seeded batch order; an optimizer step consumes accum x world
+    # micro-batches of it, rank r taking its share: the global batch of one process's run.
+    micro_batches = accum * dist.world
+    steps_per_epoch = math.ceil(len(examples) / (cfg["batch_size"] * micro_batches))
     total = cfg["max_steps"] or max(1, round(cfg["epochs"] * steps_per_epoch))
 
     val_examples: list[Example] = job.get("val_examples") or []
@@ -293,14 +333,14 @@ def train(job: dict, emit: Callable) -> dict:
     try:
         for step in range(first, total):
             with stop.guard():
-                while len(batches) < accum:  # batches are taken from the end: new epoch first
+                while len(batches) < micro_batches:  # taken from the end: new epoch first
                     batches = length_grouped_batches(lengths, cfg["batch_size"], rng) + batches
             lr = lr_at(step, total, cfg["lr"], min(cfg["warmup_steps"], total // 10))
             for g in opt.param_groups:
                 g["lr"] = lr
             step_loss, n_tokens = 0.0, 0
             for micro in range(accum):
-                batch = [examples[i] for i in batches[-1 - micro]]
+                batch = [examples[i] for i in batches[-1 - dist.rank * accum - micro]]
                 if cfg.get("pack"):
                     ids, labels, mask, positions, n_micro = collate_packed(
                         batch, job["pad_id"], cfg["seq_len"])
@@ -312,27 +352,30 @@ def train(job: dict, emit: Callable) -> dict:
                 loss.backward()
                 step_loss += loss.item()
                 n_tokens += n_micro
+            step_loss, n_tokens = dist.average_grads(params, step_loss, n_tokens)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             with stop.guard():  # SIGTERM waits for the update to complete
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                del batches[-accum:]
+                del batches[-micro_batches:]
                 tokens_done += n_tokens
                 losses.append(step_loss)
                 done = step + 1
 
             elapsed = time.perf_counter() - start
-            emit(Metric(step=step + 1, total_steps=total, loss=losses[-1],
-                        tokens_per_second=tokens_done / elapsed,
-                        eta_seconds=elapsed / (step + 1) * (total - step - 1), learning_rate=lr,
-                        epoch=(step + 1) / steps_per_epoch))
-            if step + 1 in evals:
+            if dist.rank == 0:  # rank 0 reports for all (its token counts are the global ones)
+                emit(Metric(step=step + 1, total_steps=total, loss=losses[-1],
+                            tokens_per_second=tokens_done / elapsed,
+                            eta_seconds=elapsed / (step + 1) * (total - step - 1),
+                            learning_rate=lr, epoch=(step + 1) / steps_per_epoch))
+            if step + 1 in evals and dist.rank == 0:  # the others go on to the next step's sync
                 t_eval = time.perf_counter()
                 val_loss = evaluate(model, val_examples, cfg["batch_size"], job["pad_id"], bf16)
                 start += time.perf_counter() - t_eval  # tok/s counts training time only
                 emit(Metric(step=step + 1, total_steps=total, loss=val_loss, split="val",
                             epoch=(step + 1) / steps_per_epoch))
-            if save_every and (step + 1) % save_every == 0 and step + 1 < total:
+            if save_every and (step + 1) % save_every == 0 and step + 1 < total \
+                    and dist.rank == 0:
                 with stop.guard():
                     save_checkpoint(step + 1)
     except BaseException as exc:
@@ -341,13 +384,16 @@ def train(job: dict, emit: Callable) -> dict:
         if not (stop.requested or isinstance(exc, KeyboardInterrupt)):
             raise
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the save
+        if dist.rank != 0:  # rank 0 writes the run directory (all ranks hold the same weights)
+            raise checkpoint.Cancelled() from None
         save_checkpoint(done)
         emit(Log(f"checkpoint saved at step {done}/{total}; resume with "
                  f"`edge-tune train --resume {job['run_dir']}`"))
         raise checkpoint.Cancelled() from None
 
     out = Path(job["adapter_dir"])
-    model.save_pretrained(str(out), safe_serialization=True)
+    if dist.rank == 0:
+        model.save_pretrained(str(out), safe_serialization=True)
     tail = losses[-max(1, min(10, len(losses) // 5)):]
     return {
         "steps": total,
@@ -358,4 +404,6 @@ def train(job: dict, emit: Callable) -> dict:
         "train_seconds": time.perf_counter() - start,
         "precision": "bf16" if bf16 else "fp32",
         "trainable_parameters": n_train,
+        "losses": [round(x, 6) for x in losses],  # per optimizer step (the loss curve)
+        "world_size": dist.world,
     }

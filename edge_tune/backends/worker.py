@@ -18,7 +18,11 @@ from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Done, Failed, Log, Progress, to_json
 
 
-def _event_stream():
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))  # set by torchrun; absent for one process
+
+
+def _event_stream(rank: int = 0):
     # Keep a private handle on the real stdout, then point fd 1 at stderr so that C libraries
     # and print() cannot corrupt the event stream.
     out = os.fdopen(os.dup(1), "w", buffering=1)
@@ -26,10 +30,27 @@ def _event_stream():
     sys.stdout = sys.stderr
 
     def emit(event) -> None:
+        if rank != 0 and not isinstance(event, Failed):
+            # Under torchrun every rank shares the stream: only rank 0 reports progress;
+            # the others' events go to train.log, except their failure (one short line).
+            print(to_json(event), file=sys.stderr, flush=True)
+            return
+        if rank != 0:
+            event = Failed(f"rank {rank}: {event.message}", event.exit_code)
         out.write(to_json(event) + "\n")
         out.flush()
 
     return emit
+
+
+def _join_process_group() -> int:
+    """Under torchrun (WORLD_SIZE > 1): join the gloo process group; returns the world size."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    return world
 
 
 def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on_all=False,
@@ -88,6 +109,12 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB else
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
 def run(job: dict, emit) -> dict:
     from edge_tune.backends.registry import load_entry, preload
 
@@ -97,14 +124,30 @@ def run(job: dict, emit) -> dict:
 
     ref = ModelRef(**{k: (Path(v) if k in ("gguf", "hf_dir") and v else v)
                       for k, v in job["model_ref"].items()})
+    world, rank = _join_process_group(), _rank()
+    if world > 1 and rank != 0:
+        _barrier()  # rank 0 makes the cached HF copy first; the others then only read it
     job["hf_dir"] = str(hf_dir_for(ref, emit, job.get("base_sha256")))
+    if world > 1 and rank == 0:
+        _barrier()
     job["examples"], job["pad_id"], tokenizer_info = prepare_examples(job, emit)
     val = f", {len(job['val_examples'])} validation examples" if job["val_examples"] else ""
     emit(Log(f"{len(job['examples'])} training examples{val}"))
     train = load_entry(job["backend"])
-    with atomic_path(Path(job["run_dir"]) / "adapter") as tmp:
-        job["adapter_dir"] = str(tmp)
-        result = train(job, emit)
+    if rank != 0:  # only rank 0 writes the run directory
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="edge-tune-rank-") as tmp:
+            job["adapter_dir"] = tmp
+            result = train(job, emit)
+    else:
+        with atomic_path(Path(job["run_dir"]) / "adapter") as tmp:
+            job["adapter_dir"] = str(tmp)
+            result = train(job, emit)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return {**result, "examples": len(job["examples"]), "hf_dir": job["hf_dir"],
             "peak_rss_bytes": peak_rss_bytes(),
             "tokenizer": tokenizer_info}
@@ -113,7 +156,7 @@ def run(job: dict, emit) -> dict:
 def main(argv: list[str]) -> int:
     from edge_tune.backends.checkpoint import Interrupt
 
-    emit = _event_stream()
+    emit = _event_stream(_rank())
     interrupt = Interrupt().install()  # cancel = SIGTERM: the backend saves a checkpoint
     try:
         job = json.loads(Path(argv[0]).read_text())
