@@ -28,8 +28,12 @@ from pathlib import Path
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 _PRE = "import json, resource, time\nt0 = time.perf_counter()\n"
-_POST = ("\nprint(json.dumps({'seconds': time.perf_counter() - t0, "
-         "'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))\n")
+# Peak RSS: VmHWM of this process's own memory map (ru_maxrss would also carry the parent's
+# peak across fork+exec on Linux); ru_maxrss where /proc is missing.
+_POST = ("\ntry:\n    rss = int([ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')]"
+         "[0].split()[1]) * 1024\nexcept OSError:\n"
+         "    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+         "print(json.dumps({'seconds': time.perf_counter() - t0, 'rss': rss}))\n")
 
 JOBS = {
     "adapter": "from edge_tune import api\napi.export({peft!r}, base={base!r}, out={out!r})",
