@@ -218,9 +218,9 @@ def read_index(folder: Path) -> dict:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise EdgeTuneError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise EdgeTuneError(f"{path}: 'format' is {data.get('format') if isinstance(data, dict) else None!r}; "
-                            f"expected {FORMAT!r}")
+    found = data.get("format") if isinstance(data, dict) else None
+    if found != FORMAT:
+        raise EdgeTuneError(f"{path}: 'format' is {found!r}; expected {FORMAT!r}")
     return data
 
 
@@ -251,7 +251,6 @@ def verify(folder: Path, data: dict) -> None:
 def load_bundle(path: Path, on_event: EventSink = ignore):
     """A verified bundle as a :class:`edge_tune.api.ServePlan`."""
     from edge_tune.api import ServePlan
-    from edge_tune.fsutil import sha256_file
 
     path = Path(path)
     if not path.exists():
@@ -262,5 +261,4 @@ def load_bundle(path: Path, on_event: EventSink = ignore):
     on_event(Log(f"{path}: {len(data['files'])} files verified (sha256)", "debug"))
     adapters = {name: folder / a["file"] for name, a in data.get("adapters", {}).items()}
     base = folder / data["base"]
-    return ServePlan(base, adapters, base_sha256=data["files"][data["base"]] or
-                     sha256_file(base))
+    return ServePlan(base, adapters, base_sha256=data["files"][data["base"]])
