@@ -187,3 +187,19 @@ def test_bundle_runs_in_a_fresh_venv_with_only_the_run_extra(bundle_dir, adapter
         assert status == 200
         assert resp["choices"][0]["message"]["content"] == cli_answer(
             PROMPTS[0], adapters["pirate"], MAX_TOKENS)
+
+
+@pytest.mark.slow
+def test_merged_bundle_answers_like_the_adapter(adapters, tmp_path):
+    """--merged: one model file with the adapter folded in (F16, so a short run's small
+    weight deltas survive), served as 'base'; it answers as base + adapter does."""
+    out = tmp_path / "merged"
+    proc = run_cli("bundle", str(adapters["pirate"]), "-o", str(out), "--merged")
+    assert proc.returncode == 0, proc.stderr
+    index = json.loads((out / "bundle.json").read_text())
+    assert index["merged"] == "serve-pirate" and index["adapters"] == {}
+    chat = run_cli("chat", "--bundle", str(out), "--prompt", PROMPTS[0], "--temperature", "0",
+                   "--max-tokens", "12")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.startswith("Arr")
+    assert cli_answer(PROMPTS[0], adapters["pirate"], 12).startswith("Arr")
