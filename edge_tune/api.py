@@ -1090,7 +1090,7 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
         raise EdgeTuneError("--merged: merges one run into the base; name exactly one RUN")
     items, base_path, base_sha = [], None, None
     for arg in runs:
-        name, path = bundle_mod.split_run_arg(arg)
+        name, path = bundle_mod.split_run_arg(str(arg))  # the TUI passes Paths
         target = resolve_chat(Path(path), base)
         if base_path is None:
             base_path, base_sha = target.base, sha256_file(target.base)
@@ -1107,7 +1107,7 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
     with tempfile.TemporaryDirectory() as work:
         if merged:
             name, _, man = items[0]
-            result = export(Path(bundle_mod.split_run_arg(runs[0])[1]), base=base_path,
+            result = export(Path(bundle_mod.split_run_arg(str(runs[0]))[1]), base=base_path,
                             out=Path(work) / f"{name}-merged.gguf", merge=True, quant=quant,
                             on_event=on_event)
             plan = bundle_mod.plan_bundle(Path(result["path"]), [], template, merged=name)
