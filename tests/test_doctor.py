@@ -39,13 +39,16 @@ def test_doctor_table():
 def test_reasons_for_no():
     plain = {a.name: a for a in registry.availability(hw())}
     assert "NVIDIA GPU" in plain["unsloth"].reason
-    assert "Apple Silicon" in plain["mlx"].reason
+    # mlx off Apple Silicon: usable on request when installed (the test extra installs its CPU
+    # build), never picked by auto; the reason says why either way.
+    assert not plain["mlx"].auto or not plain["mlx"].available
+    assert "CPU" in plain["mlx"].reason or "not Apple Silicon" in plain["mlx"].reason
     gpu = {a.name: a for a in registry.availability(
         hw(cuda_gpus=[CudaGpu("H100", 80.0, "9.0", True)]))}
     assert "NVIDIA" not in gpu["unsloth"].reason and not gpu["unsloth"].available
     mac = {a.name: a for a in registry.availability(
         hw(arch="arm64", apple=AppleSilicon("Apple M3", 16.0, True)))}
-    assert "Apple Silicon" not in mac["mlx"].reason
+    assert "Apple Silicon" not in mac["mlx"].reason and mac["mlx"].auto
 
 
 def test_choose():
@@ -54,4 +57,7 @@ def test_choose():
     with pytest.raises(EdgeTuneError, match="unknown"):
         registry.choose("tpu", hw())
     with pytest.raises(EdgeTuneError, match="not available here"):
-        registry.choose("mlx", hw())
+        registry.choose("unsloth", hw())
+    if registry.availability(hw())[1].available:  # mlx installed: on request only, off a Mac
+        assert registry.choose("mlx", hw()) == ("mlx", "requested with --backend")
+        assert registry.choose("auto", hw())[0] == "cpu"
