@@ -86,6 +86,7 @@ class TrainingProcess:
     def wait(self) -> dict:
         result: Optional[dict] = None
         failure: Optional[Failed] = None
+        failures: list[Failed] = []  # under torchrun: one per rank that said why it stopped
         try:
             assert self.proc.stdout is not None
             for line in self.proc.stdout:
@@ -98,6 +99,7 @@ class TrainingProcess:
                     result = event.result
                 elif isinstance(event, Failed):
                     failure = failure or event  # the first: a peer's cancel follows a crash
+                    failures.append(event)
                 else:
                     self.on_event(event)
             code = self.proc.wait()
@@ -113,7 +115,7 @@ class TrainingProcess:
                 f"; resume with `edge-tune train --resume {self.run_dir}`" if resumable
                 else ""), 130)
         if self.distributed and code != 0:
-            self._raise_distributed_failure(failure, code)
+            self._raise_distributed_failure(failures, code)
         if failure is not None:
             raise EdgeTuneError(failure.message, failure.exit_code)
         if code != 0 or result is None:
@@ -122,18 +124,22 @@ class TrainingProcess:
                                 f"(full log: {self.log_path})", 1)
         return result
 
-    def _raise_distributed_failure(self, failure: Optional[Failed], code: int) -> None:
+    def _raise_distributed_failure(self, failures: list[Failed], code: int) -> None:
         """One line naming the rank that stopped the job. A rank that raised says why itself
         ("rank N: ..."); one that died without a word (killed, out of memory) is named by
         torchrun's summary, and rank 0's own complaint (its peer is gone, or torchrun's
         SIGTERM) would only mislead."""
         resume = (f"; resume with `edge-tune train --resume {self.run_dir}`"
                   if (self.run_dir / "checkpoint" / "state.json").is_file() else "")
-        if failure is not None and failure.message.startswith("rank "):
-            raise EdgeTuneError(failure.message + resume, failure.exit_code)
         rank = failed_rank(self.log_path.read_text(errors="replace"))
-        if failure is not None and failure.exit_code != 130 and (rank is None or rank[0] == 0):
-            raise EdgeTuneError(failure.message + resume, failure.exit_code)
+        said = [f for f in failures if f.exit_code != 130]  # 130: stopped by torchrun
+        own = [f for f in said if not f.message.startswith("rank ")]  # rank 0's
+        peers = [f for f in said if f.message.startswith("rank ")]
+        # Rank 0's reason when it is the root cause (bad data fails every rank alike), else
+        # the reason of the rank that went first.
+        for f in (own + peers) if rank is None or rank[0] == 0 else (
+                [f for f in peers if f.message.startswith(f"rank {rank[0]}:")]):
+            raise EdgeTuneError(f.message + resume, f.exit_code)
         who = (f"rank {rank[0]} exited with code {rank[1]}" if rank else
                f"a training process failed (torchrun exit code {code})")
         raise EdgeTuneError(f"distributed training stopped: {who}{resume} "
