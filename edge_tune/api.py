@@ -166,6 +166,9 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     models.check_spec(cfg.model)  # bad input fails fast, before any download or heavy work
     hw = probe()
     backend, why = registry.choose(cfg.backend, hw)  # an unusable backend: one line, first
+    if resume is not None and backend != "cpu":  # only the cpu backend writes checkpoints
+        raise EdgeTuneError(f"--resume {resume}: resuming is supported for the cpu backend "
+                            f"only; this run uses {backend}: start it again")
     if (cfg.nproc > 1 or cfg.nnodes > 1) and backend != "cpu":
         raise EdgeTuneError(f"--nproc/--nnodes: multi-process training runs on the cpu backend "
                             f"(torch.distributed, gloo) only, not {backend}; add --backend cpu")
