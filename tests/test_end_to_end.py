@@ -25,7 +25,7 @@ def run_dir(tmp_path_factory, demo_jsonl, hf_dir):
 
 def test_run_directory_contents(run_dir, demo_jsonl, default_gguf):
     assert {p.name for p in run_dir.iterdir()} == {"adapter", "adapter.gguf", "manifest.json",
-                                                   "train.log"}
+                                                   "train.log", "train_config.json"}
     man = json.loads((run_dir / "manifest.json").read_text())
     assert man["base"]["gguf"] == str(default_gguf)
     assert man["base"]["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
