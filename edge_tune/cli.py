@@ -85,8 +85,9 @@ def train(
                                            "truncate | drop [default: truncate]; counted and "
                                            "reported either way."),
     pack: Optional[bool] = typer.Option(None, "--pack/--no-pack", help="Pack each batch into "
-                                        "rows of --seq-len tokens, attention kept inside each "
-                                        "example [default: off; batches are length-grouped]."),
+                                        "as few rows of --seq-len tokens as fit, attention kept "
+                                        "inside each example; --no-pack pads length-grouped "
+                                        "batches instead [default: pack]."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="'default' (embedded "
                                         "SmolLM2-135M), a .gguf file, an HF model directory, "
                                         "or a hub ID."),

@@ -38,7 +38,7 @@ class TrainConfig:
     format: str = "auto"  # auto | openai | sharegpt | alpaca | completion | text
     skip_invalid: bool = False  # skip bad records (reported) instead of stopping
     train_on: str = "assistant"  # assistant | all: which tokens carry the loss
-    pack: bool = False  # pack each batch into seq_len rows (block-diagonal attention)
+    pack: bool = True  # cpu: pack each batch into few seq_len rows (block-diagonal attention)
     overflow: str = "truncate"  # truncate | drop: examples longer than seq_len
     val: Optional[str] = None  # a separate validation file
     val_split: float = 0.0  # or hold out this share of --data

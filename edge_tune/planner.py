@@ -205,7 +205,11 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
     # Quantized backends keep embeddings and norms in 16-bit.
     weights = (shape.params - embed_params) * weight_bytes + embed_params * \
         (2.0 if four_bit else weight_bytes)
-    block = _block_activation_bytes(shape, tokens, batch, length, width)
+    att_batch, att_len = batch, length
+    if cfg.get("pack") and backend == "cpu":  # packed rows: fewer, longer sequences
+        att_len = min(cfg["seq_len"], tokens)
+        att_batch = math.ceil(tokens / att_len)
+    block = _block_activation_bytes(shape, tokens, att_batch, att_len, width)
     if cfg.get("grad_checkpoint") or backend == "unsloth":
         activations = shape.layers * tokens * shape.hidden * width + 2 * block
     else:
@@ -222,7 +226,7 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
     file_bytes = shape.file_bytes or 4 * shape.params
     load_peak = parts["framework"] + file_bytes + weights if backend != "unsloth" else 0.0
     flops = 4.0 * (shape.params + n_lora) * tokens + \
-        4.0 * shape.layers * batch * length * length * shape.q_dim
+        4.0 * shape.layers * att_batch * att_len * att_len * shape.q_dim
     return Estimate(backend=backend, precision=precision, parts=parts,
                     load_peak=load_peak, peak=max(train_peak, load_peak),
                     tokens_per_step=tokens * cfg.get("grad_accum", 1),
