@@ -7,7 +7,6 @@ exactly what the runtime that serves it expects.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -44,22 +43,6 @@ def ftype(name: str) -> int:
                        else f"LLAMA_FTYPE_MOSTLY_{name}"))
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """llama.cpp logs every tensor to fd 2; hide that unless EDGE_TUNE_DEBUG is set."""
-    if os.environ.get("EDGE_TUNE_DEBUG"):
-        yield
-        return
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> Path:
     """Quantize the (F32/F16) GGUF ``src`` into ``dst`` with llama.cpp. ``dst`` is written by
     llama.cpp directly: callers pass a temporary path and rename it on success."""
@@ -72,7 +55,9 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> Pa
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype(name)
     params.nthread = threads or os.cpu_count() or 1
-    with _quiet_stderr():
+    from edge_tune.engine import quiet_stderr
+
+    with quiet_stderr():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0 or not Path(dst).is_file():
         Path(dst).unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from edge_tune.errors import EdgeTuneError
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """llama.cpp prints load logs straight to fd 2; hide them unless EDGE_TUNE_DEBUG is set."""
     if os.environ.get("EDGE_TUNE_DEBUG"):
         yield
@@ -164,7 +164,7 @@ class Engine:
         # thread stalls the rest (measured here: 2 threads 4-13x slower than 1 under load).
         threads = threads or _env_threads() or psutil.cpu_count(logical=False) or 1
         try:
-            with _quiet_stderr(), _model_params(_want_extra_bufts()):
+            with quiet_stderr(), _model_params(_want_extra_bufts()):
                 self.llm = Llama(model_path=str(self.base_path), n_ctx=n_ctx, n_threads=threads,
                                  n_threads_batch=threads, logits_all=logits_all, seed=seed,
                                  verbose=False, **({"type_k": 0, "type_v": 0} if exact else {}))
@@ -185,7 +185,7 @@ class Engine:
         if name in self._adapters:
             return name
         self.adapter_meta[name] = validate_adapter_file(path, self.base)
-        with _quiet_stderr():
+        with quiet_stderr():
             ptr = llama_cpp.llama_adapter_lora_init(self.llm.model, str(path).encode())
         if not ptr:  # a NULL pointer object, not None
             raise EdgeTuneError(f"{path}: llama.cpp refused to load this adapter")

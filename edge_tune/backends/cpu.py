@@ -52,10 +52,12 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def collate(examples: list[Example], pad_id: int):
+def collate(examples: list[Example], pad_id: int, multiple: int = 1):
+    """(ids, labels, attention mask), right-padded to the longest example rounded up to
+    ``multiple``; padding carries no loss."""
     import torch
 
-    width = max(len(e.input_ids) for e in examples)
+    width = multiple * math.ceil(max(len(e.input_ids) for e in examples) / multiple)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

@@ -32,7 +32,7 @@ import random
 import time
 from collections.abc import Callable
 
-from edge_tune.backends.cpu import eval_steps, length_grouped_batches, lr_at
+from edge_tune.backends.cpu import collate, eval_steps, length_grouped_batches, lr_at
 from edge_tune.data.template import IGNORE, Example
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Log, Metric, Progress
@@ -155,18 +155,7 @@ def epoch_order(lengths: list[int], batch_size: int, rng: random.Random) -> list
 def pad_batch(examples: list[Example], pad_id: int, multiple: int = PAD_MULTIPLE) -> dict:
     """input_ids / attention_mask / labels, right-padded to the longest example rounded up to
     ``multiple``; padding carries no loss."""
-    import torch
-
-    width = max(len(e.input_ids) for e in examples)
-    width = multiple * math.ceil(width / multiple)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
+    ids, labels, mask = collate(examples, pad_id, multiple)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
