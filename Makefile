@@ -17,9 +17,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# fetch-converter: llama.cpp's HF->GGUF converter, from the same llama-cpp-python release, into
+# the user cache now (install time), so convert-base needs no network later.
 $(VENV)/.installed-$(EXTRAS): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install "$(TORCH)"
 	$(BIN)/pip install -e ".[$(EXTRAS)]"
+	$(if $(findstring run,$(EXTRAS)),$(BIN)/edge-tune fetch-converter)
 	touch $@
 
 install: $(VENV)/.installed-$(EXTRAS)

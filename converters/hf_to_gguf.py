@@ -9,9 +9,10 @@ architectures. Writing our own would re-implement all of that and drift from the
 
 Taken from the *same* llama-cpp-python release that is installed (its sdist vendors llama.cpp
 with the converter and gguf-py), so converter and runtime agree on every key. It is extracted
-at run time into the cache (~1 MB of Python, once per version; nothing is committed here); the
-sdist comes through pip, so a pip cache or a local index works offline. It runs in a
-subprocess with its own gguf-py ahead of the installed one.
+into the cache at install time (``edge-tune fetch-converter``, run by ``make install``; ~1 MB
+of Python per version, nothing committed here), so converting is offline; the sdist comes
+through pip (a pip cache or a local index work) or from a local file (``--sdist``). It runs
+in a subprocess with its own gguf-py ahead of the installed one.
 """
 
 from __future__ import annotations
@@ -45,13 +46,44 @@ def llama_cpp_version() -> str:
                             "'edge-tune[run]'") from None
 
 
-def converter_dir(on_event: EventSink = ignore) -> Path:
-    """The extracted converter for the installed llama-cpp-python (fetched once)."""
-    from edge_tune.fsutil import atomic_path, cache_dir
+def _target(version: str) -> Path:
+    from edge_tune.fsutil import cache_dir
 
+    return cache_dir() / "llama.cpp-convert" / version
+
+
+def converter_dir(on_event: EventSink = ignore, fetch: bool = False) -> Path:
+    """The extracted converter for the installed llama-cpp-python. Offline by default: it is
+    put in the cache at install time (``edge-tune fetch-converter``, which ``make install``
+    runs); ``fetch=True`` (a hub ID was given, so the network is in use anyway) fetches it here
+    when it is missing."""
     version = llama_cpp_version()
-    target = cache_dir() / "llama.cpp-convert" / version
+    target = _target(version)
     if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    if not fetch:
+        raise EdgeTuneError(f"llama.cpp's converter for llama-cpp-python {version} is not "
+                            "installed: run `edge-tune fetch-converter` once (pip downloads "
+                            "that release's sdist; `--sdist FILE` takes a local copy)")
+    return fetch_converter(on_event=on_event)
+
+
+def fetch_converter(sdist: Path | None = None, on_event: EventSink = ignore) -> Path:
+    """Extract convert_hf_to_gguf.py and its gguf-py from the installed llama-cpp-python's
+    sdist (``sdist``, or downloaded with pip) into the cache; returns the directory."""
+    version = llama_cpp_version()
+    target = _target(version)
+    if sdist is not None:
+        sdist = Path(sdist)
+        if not sdist.is_file():
+            raise EdgeTuneError(f"{sdist}: no such file")
+        m = re.fullmatch(r"llama[-_]cpp[-_]python-(.+)\.tar\.gz", sdist.name)
+        if not m or m.group(1) != version:
+            raise EdgeTuneError(f"{sdist}: expected the sdist of the installed llama-cpp-python "
+                                f"(llama_cpp_python-{version}.tar.gz), so converter and runtime "
+                                "agree")
+        _extract(sdist, target)
+        on_event(Log(f"llama.cpp's converter extracted from {sdist.name} into {target}"))
         return target
     on_event(Log(f"fetching llama.cpp's converter from the llama-cpp-python {version} sdist "
                  "(pip; once)"))
@@ -65,15 +97,26 @@ def converter_dir(on_event: EventSink = ignore) -> Path:
             last = (proc.stderr.strip().splitlines() or ["no sdist downloaded"])[-1]
             raise EdgeTuneError(f"could not download the llama-cpp-python {version} sdist "
                                 f"with pip: {last}", 3)
-        with tarfile.open(sdists[0]) as tar, atomic_path(target) as out:
+        _extract(sdists[0], target)
+    on_event(Log(f"llama.cpp's converter is in {target}"))
+    return target
+
+
+def _extract(sdist: Path, target: Path) -> None:
+    """The converter, its conversion/ modules, gguf-py and the licence; atomically."""
+    from edge_tune.fsutil import atomic_path
+
+    try:
+        with tarfile.open(sdist) as tar, atomic_path(target) as out:
             members = [m for m in tar.getmembers() if m.isfile() and _KEEP.match(m.name)]
             for m in members:
                 m.name = m.name.split("/vendor/llama.cpp/", 1)[1]
             tar.extractall(out, members=members, filter="data")
             if not (out / "convert_hf_to_gguf.py").is_file():
-                raise EdgeTuneError(f"{sdists[0].name}: has no vendor/llama.cpp/"
-                                    "convert_hf_to_gguf.py", 3)
-    return target
+                raise EdgeTuneError(f"{sdist.name}: has no vendor/llama.cpp/"
+                                    "convert_hf_to_gguf.py")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise EdgeTuneError(f"{sdist}: not a readable sdist ({exc})") from None
 
 
 def check_safetensors(path: Path) -> int:
@@ -146,8 +189,10 @@ def _error_line(output: str) -> str:
     return (lines[-1] if lines else "no output")[:300]
 
 
-def convert(hf_dir: Path, out: Path, outtype: str = "f16", on_event: EventSink = ignore) -> Path:
-    """Write ``out`` (atomically) from the HF model in ``hf_dir``."""
+def convert(hf_dir: Path, out: Path, outtype: str = "f16", on_event: EventSink = ignore,
+            fetch: bool = False) -> Path:
+    """Write ``out`` (atomically) from the HF model in ``hf_dir`` (``fetch``: see
+    :func:`converter_dir`)."""
     from edge_tune.converters import quantize as quant_mod
     from edge_tune.converters.merge import check_disk
 
@@ -161,7 +206,7 @@ def convert(hf_dir: Path, out: Path, outtype: str = "f16", on_event: EventSink =
     # f32 of a bf16 checkpoint doubles it; a quantized type needs its f32 intermediate too.
     check_disk(out.parent, config["_weight_bytes"] * (2 if kind == "f32" or quant else 1),
                str(out))
-    conv_dir = converter_dir(on_event)
+    conv_dir = converter_dir(on_event, fetch)
     check_architecture(config, conv_dir, hf_dir)  # fails in one line, before any progress
     script = conv_dir / "convert_hf_to_gguf.py"
     on_event(Progress("convert", 0, None, "", f"converting {hf_dir.name} (llama.cpp "

@@ -4,10 +4,16 @@ Jinja templates are programs; a general translation is impossible. What Ollama n
 text each role is wrapped in, so the template is *measured*, not parsed: it is rendered with
 sentinel contents for a few conversations and the role prefixes/suffixes, the generation
 prompt and any default system block are read off the differences. The Go template built from
-those parts is then checked against the Jinja template on a multi-turn conversation. Two
-shapes are known: role blocks (ChatML, Llama-3, ...) and role blocks whose system prompt opens
-the first user turn (Gemma); anything else (Mistral folds it into the *last* user turn) is
+those parts is then checked against the Jinja template on a multi-turn conversation. Three
+shapes are known: role blocks (ChatML, Llama-3, ...), role blocks whose system prompt opens
+the first user turn (Gemma), and role blocks whose system prompt opens the user turn that is
+the last message (Mistral v0.3: so only an inference prompt carries it); anything else is
 reported as untranslatable instead of being guessed at.
+
+Trimming: Llama-3, Gemma and Mistral ``| trim`` message contents. Ollama's Go templates cannot
+(text/template has no string functions and Ollama adds only ``json``), so the roles whose
+contents the template trims are measured too and reported: the Go template renders the same
+text for contents without surrounding whitespace, which is what chat front ends send.
 
 BOS is left out (rendered as ""): llama.cpp and Ollama add it from the GGUF's tokenizer flags.
 Pure: no I/O (jinja2 is only used to render).
@@ -15,7 +21,7 @@ Pure: no I/O (jinja2 is only used to render).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 S, U1, A1, U2, A2 = "SYSPROBE", "USERPROBE1", "ASSTPROBE1", "USERPROBE2", "ASSTPROBE2"
 
@@ -31,19 +37,31 @@ class RoleBlocks:
     user: tuple[str, str]
     assistant: tuple[str, str]
     generation: str  # the generation prompt
-    fold_sep: str | None = None  # Gemma: system text + fold_sep opens the first user turn
+    fold_sep: str | None = None  # system text + fold_sep opens a user turn (Gemma, Mistral)
+    fold_last: bool = False  # ... the last message (Mistral), not the first user turn (Gemma)
+    trims: frozenset = frozenset()  # roles whose contents the Jinja template strips
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """What the Go template renders, in Python (used for the self-check)."""
+    def folds_into(self, i: int, messages: list[dict]) -> bool:
+        """Whether message ``i`` opens with the system prompt."""
+        if self.fold_sep is None or not messages or messages[0]["role"] != "system":
+            return False
+        target = len(messages) - 1 if self.fold_last else 1
+        return i == target and messages[i]["role"] == "user"
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True,
+               trim: bool = True) -> str:
+        """What the Jinja template renders, in Python; ``trim=False``: what the Go template
+        renders (it cannot strip contents)."""
         has_system = bool(messages) and messages[0]["role"] == "system"
         out = "" if has_system else self.head
+        strip = (lambda role, text: text.strip() if trim and role in self.trims else text)
         for i, m in enumerate(messages):
             if self.fold_sep is not None and m["role"] == "system":
                 continue
             pre, post = getattr(self, m["role"])
-            if self.fold_sep is not None and i == 1 and has_system:
-                pre += messages[0]["content"] + self.fold_sep
-            out += pre + m["content"] + post
+            if self.folds_into(i, messages):
+                pre += strip("system", messages[0]["content"]) + self.fold_sep
+            out += pre + strip(m["role"], m["content"]) + post
         return out + (self.generation if add_generation_prompt else "")
 
 
@@ -100,23 +118,38 @@ def measure(render) -> RoleBlocks:
     if not r1.endswith(tail):
         raise Untranslatable("the first user turn is rendered differently from later ones")
     head = r1[: -len(tail)]
-    fold_sep = None
-    if rs.endswith(tail):
-        system = _split(rs[: -len(tail)], S, "system content")
-    elif not head and rs.startswith(user[0] + S) and rs.endswith(U1 + user[1]):
-        # The system prompt opens the first user turn (Gemma).
-        fold_sep = rs[len(user[0] + S): -len(U1 + user[1])]
-        system = ("", "")
-    else:
-        raise Untranslatable("the system prompt is placed in a way other than its own turn or "
-                             "the start of the first user turn")
-    blocks = RoleBlocks(head, system, user, assistant, generation, fold_sep)
     probe = [msg("system", "Be brief."), msg("user", "Hi!"), msg("assistant", "Hello."),
              msg("user", "What is 2+2?"), msg("assistant", "4"), msg("user", "Thanks")]
-    for conv in (probe, probe[1:]):
-        if blocks.render(conv) != render(conv, True):
-            raise Untranslatable("the template is not a plain sequence of role blocks")
-    return blocks
+    if rs.endswith(tail):
+        candidates = [RoleBlocks(head, _split(rs[: -len(tail)], S, "system content"), user,
+                                 assistant, generation)]
+    elif not head and rs.startswith(user[0] + S) and rs.endswith(U1 + user[1]):
+        # The system prompt opens a user turn: the first (Gemma) or the last message's
+        # (Mistral); a one-turn probe cannot tell which, the multi-turn check does.
+        sep = rs[len(user[0] + S): -len(U1 + user[1])]
+        candidates = [RoleBlocks(head, ("", ""), user, assistant, generation, sep, last)
+                      for last in (False, True)]
+    else:
+        raise Untranslatable("the system prompt is placed in a way other than its own turn or "
+                             "the start of a user turn")
+    for blocks in candidates:
+        if all(blocks.render(conv) == render(conv, True) for conv in (probe, probe[1:])):
+            return replace(blocks, trims=_trimmed_roles(blocks, render, probe))
+    raise Untranslatable("the template is not a plain sequence of role blocks")
+
+
+def _trimmed_roles(blocks: RoleBlocks, render, probe: list[dict]) -> frozenset:
+    """The roles whose contents the template strips: pad one role's contents with whitespace
+    and see whether the rendering keeps it."""
+    trims = set()
+    for role in ("system", "user", "assistant"):
+        padded = [dict(m, content=f" \n{m['content']}\n ") if m["role"] == role else m
+                  for m in probe]
+        got = render(padded, True)
+        if got != blocks.render(padded) and \
+                got == replace(blocks, trims=frozenset({role})).render(padded):
+            trims.add(role)
+    return frozenset(trims)
 
 
 def _literal(text: str) -> str:
@@ -135,11 +168,13 @@ def go_template(blocks: RoleBlocks) -> str:
     out += "{{ range $i, $m := .Messages }}"
     roles = ("user", "assistant") if blocks.fold_sep is not None else \
         ("system", "user", "assistant")
+    # Mistral: "is $i the last message" is "does slicing from $i leave one".
+    target = "(eq (len (slice $.Messages $i)) 1)" if blocks.fold_last else "(eq $i 1)"
     for i, role in enumerate(roles):
         pre, post = getattr(blocks, role)
         out += f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{L(pre)}'
         if role == "user" and blocks.fold_sep is not None:
-            out += ('{{ if and (eq $i 1) (eq (index $.Messages 0).Role "system") }}'
+            out += (f'{{{{ if and {target} (eq (index $.Messages 0).Role "system") }}}}'
                     f"{{{{ (index $.Messages 0).Content }}}}{L(blocks.fold_sep)}{{{{ end }}}}")
         out += f"{{{{ .Content }}}}{L(post)}"
     out += "{{ end }}{{ end }}" + L(blocks.generation)
@@ -169,10 +204,21 @@ def _quote(text: str) -> str:
     return f'"""{text}"""'
 
 
+def trim_note(blocks: RoleBlocks | None) -> str | None:
+    """What a Modelfile reader should know when the Jinja template strips contents."""
+    if blocks is None or not blocks.trims:
+        return None
+    roles = ", ".join(r for r in ("system", "user", "assistant") if r in blocks.trims)
+    return (f"the chat template strips whitespace around {roles} messages; Ollama templates "
+            "cannot, so send them without leading/trailing whitespace")
+
+
 def modelfile(from_: str, adapter: str | None, template: str | None, stops: list[str],
-              system: str | None = None, note: str = "") -> str:
+              system: str | None = None, note: str = "", notes: tuple[str, ...] = ()) -> str:
     """The Modelfile text; paths are written as given (relative to the Modelfile)."""
-    lines = [f"# {note}" if note else "# written by edge-tune", f"FROM {from_}"]
+    lines = [f"# {note}" if note else "# written by edge-tune"]
+    lines += [f"# note: {n}" for n in notes]
+    lines.append(f"FROM {from_}")
     if adapter:
         lines.append(f"ADAPTER {adapter}")
     if template is not None:

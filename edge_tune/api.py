@@ -296,7 +296,8 @@ def _converted_base(base: dict, on_event: EventSink) -> Optional[Path]:
         if not out.is_file():
             on_event(Log(f"no GGUF base for this model: converting {source or hf_dir} with "
                          f"llama.cpp's converter (once; cached as {out})"))
-            hf_to_gguf.convert(hf_dir, out, "f16", on_event)
+            hf_to_gguf.convert(hf_dir, out, "f16", on_event,
+                               fetch=bool(source or base.get("hub_id")))
             write_text_atomic(out.with_name(out.name + ".sha256"), sha256_file(out))
     except EdgeTuneError as exc:
         on_event(Log(f"no GGUF base for this model ({exc}); run `edge-tune convert-base`, then "
@@ -728,6 +729,9 @@ def _write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Opt
         except ollama.Untranslatable as exc:
             on_event(Log(f"--ollama: chat template not translated ({exc}); the Modelfile has no "
                          "TEMPLATE, so Ollama falls back to its own detection", "warning"))
+    trim_note = ollama.trim_note(blocks)
+    if trim_note:
+        on_event(Log(f"--ollama: {trim_note}", "warning"))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     from_name = _place_beside(Path(model_gguf), directory)
@@ -735,7 +739,7 @@ def _write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Opt
     text = ollama.modelfile(f"./{from_name}", f"./{adapter_name}" if adapter_name else None, go,
                             ollama.stop_words(blocks, eos), system,
                             note="written by edge-tune export --ollama; run: ollama create NAME "
-                                 "-f Modelfile")
+                                 "-f Modelfile", notes=(trim_note,) if trim_note else ())
     path = directory / "Modelfile"
     write_text_atomic(path, text)
     on_event(Log(f"wrote {path} (FROM {from_name}" + (f", ADAPTER {adapter_name}" if adapter_name
@@ -756,12 +760,25 @@ def convert_base(model: str, out: Optional[Path] = None, outtype: str = "f16",
     if kind in ("gguf", "default"):
         raise EdgeTuneError(f"{model}: already a GGUF model; convert-base takes an HF model "
                             "directory or hub ID")
-    hf_dir = models.hf_dir_for(models.resolve(model, on_event), on_event)
+    ref = models.resolve(model, on_event)
+    hf_dir = models.hf_dir_for(ref, on_event)
     if out is None:
         out = Path(f"{Path(str(hf_dir)).name}-{outtype.lower()}.gguf")
-    path = hf_to_gguf.convert(Path(hf_dir), Path(out), outtype, on_event)
+    # A hub ID already means network: then a missing converter is fetched too.
+    path = hf_to_gguf.convert(Path(hf_dir), Path(out), outtype, on_event,
+                              fetch=ref.hub_id is not None)
     on_event(Log(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB)"))
     on_event(Done("convert-base", {"path": str(path)}))
+    return path
+
+
+def fetch_converter(sdist: Optional[Path] = None, on_event: EventSink = ignore) -> Path:
+    """Put llama.cpp's converter (from the installed llama-cpp-python's sdist) in the cache, so
+    convert-base runs offline. ``sdist``: a local copy instead of pip."""
+    from edge_tune.converters import hf_to_gguf
+
+    path = hf_to_gguf.fetch_converter(sdist, on_event)
+    on_event(Done("fetch-converter", {"path": str(path)}))
     return path
 
 

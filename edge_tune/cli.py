@@ -287,13 +287,33 @@ def convert_base(
     special tokens, chat template).
 
     Uses llama.cpp's own convert_hf_to_gguf.py from the installed llama-cpp-python's sdist, so
-    converter and runtime agree (fetched once through pip into the cache)."""
+    converter and runtime agree. It runs offline from the cache, where `make install` (or
+    `edge-tune fetch-converter`) put it; with a hub ID it is fetched if missing."""
     from edge_tune import api
     from edge_tune.render import Renderer
 
     with Renderer(err) as render:
         path = api.convert_base(model, out=output, outtype=outtype, on_event=render)
     out.print(f"base GGUF: [bold]{path}[/]  (train on it: edge-tune train --model {path})")
+
+
+@app.command("fetch-converter")
+def fetch_converter(
+    sdist: Optional[Path] = typer.Option(None, "--sdist", help="A local llama_cpp_python-"
+                                         "VERSION.tar.gz (the installed version) instead of "
+                                         "pip."),
+) -> None:
+    """Put llama.cpp's convert_hf_to_gguf.py in the cache, once per llama-cpp-python version
+    (install time; `make install` runs it), so convert-base needs no network.
+
+    Taken from the installed llama-cpp-python's own sdist (pip download, or --sdist), so the
+    converter matches the runtime that serves its files."""
+    from edge_tune import api
+    from edge_tune.render import Renderer
+
+    with Renderer(err) as render:
+        path = api.fetch_converter(sdist, on_event=render)
+    out.print(f"converter: [bold]{path}[/]")
 
 
 # --- verify ----------------------------------------------------------------------------------

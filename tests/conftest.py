@@ -55,8 +55,9 @@ def assert_one_line_error(proc, *needles) -> None:
         assert needle in lines[0], lines[0]
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
-    """Run ``edge-tune ARGS`` in a subprocess, as a user would."""
-    env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 1800,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``edge-tune ARGS`` in a subprocess, as a user would (``env``: extra variables)."""
+    env = dict(os.environ, COLUMNS="200", NO_COLOR="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "edge_tune", *args], capture_output=True,
                           text=True, cwd=cwd, timeout=timeout, env=env)

@@ -31,6 +31,15 @@ CORPUS = [
 TEXT = "The quick pirate jumps over the treasure: 42 dozen jugs!"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def converter() -> Path:
+    """llama.cpp's converter, in the cache where `make install` puts it (fetched here when a
+    bare `pytest` runs before it)."""
+    from edge_tune.converters import hf_to_gguf
+
+    return hf_to_gguf.converter_dir(fetch=True)
+
+
 def _sentencepiece(dst: Path, specials: list[str], ids: dict) -> None:
     import sentencepiece as spm
 
@@ -191,3 +200,56 @@ def test_unknown_architecture_is_one_line(hf_dir, tmp_path):
     proc = run_cli("convert-base", str(model_dir), "-o", str(out))
     assert_one_line_error(proc, "NoSuchModelForCausalLM", "not supported by llama.cpp's converter")
     assert not out.exists()
+
+
+def test_convert_base_is_offline_without_the_converter(hf_dir, tmp_path):
+    """No converter in the cache and a local model: one line naming the command that installs
+    it, no download attempted (the cache stays empty), no output."""
+    model_dir = build_tiny("qwen2", tmp_path / "m", hf_dir)
+    cache = tmp_path / "cache"
+    out = tmp_path / "x.gguf"
+    proc = run_cli("convert-base", str(model_dir), "-o", str(out),
+                   env={"EDGE_TUNE_CACHE": str(cache), "PIP_INDEX_URL": "http://127.0.0.1:9/"})
+    assert_one_line_error(proc, "edge-tune fetch-converter", "not installed")
+    assert not out.exists() and not (cache / "llama.cpp-convert").exists()
+
+
+def test_fetch_converter_from_a_local_sdist(hf_dir, converter, tmp_path):
+    """fetch-converter --sdist: the converter tree out of a llama-cpp-python sdist (built here
+    from the cached tree, with the sdist's layout), then convert-base works from that cache;
+    an sdist of another version is refused in one line."""
+    import tarfile
+
+    from edge_tune.converters.hf_to_gguf import llama_cpp_version
+
+    version = llama_cpp_version()
+    sdist = tmp_path / f"llama_cpp_python-{version}.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(converter, arcname=f"llama_cpp_python-{version}/vendor/llama.cpp")
+        tar.add(Path(__file__), arcname=f"llama_cpp_python-{version}/llama_cpp/other.py")
+    cache = tmp_path / "cache"
+    env = {"EDGE_TUNE_CACHE": str(cache)}
+    proc = run_cli("fetch-converter", "--sdist", str(sdist), env=env)
+    assert proc.returncode == 0, proc.stderr
+    got = cache / "llama.cpp-convert" / version
+    assert (got / "convert_hf_to_gguf.py").read_bytes() == \
+        (converter / "convert_hf_to_gguf.py").read_bytes()
+    assert (got / "gguf-py" / "gguf" / "gguf_writer.py").is_file()
+    assert not list(got.rglob("other.py"))  # only the converter's files are kept
+    model_dir = build_tiny("qwen2", tmp_path / "m", hf_dir)
+    out = tmp_path / "q.gguf"
+    proc = run_cli("convert-base", str(model_dir), "-o", str(out), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_size > 0
+
+    other = tmp_path / "llama_cpp_python-0.0.1.tar.gz"
+    other.write_bytes(sdist.read_bytes())
+    assert_one_line_error(run_cli("fetch-converter", "--sdist", str(other), env=env),
+                          "llama_cpp_python-0.0.1.tar.gz", f"llama_cpp_python-{version}.tar.gz")
+    broken = tmp_path / "b" / sdist.name
+    broken.parent.mkdir()
+    broken.write_bytes(sdist.read_bytes()[:1000])
+    shutil.rmtree(got)
+    assert_one_line_error(run_cli("fetch-converter", "--sdist", str(broken), env=env),
+                          "not a readable sdist")
+    assert not got.exists()

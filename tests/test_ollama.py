@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import run_cli
 from edge_tune.converters import ollama
-from test_template_families import CHATML, GEMMA, LLAMA3
+from test_template_families import CHATML, GEMMA, LLAMA3, MISTRAL
 
 # --- a tiny Go text/template interpreter (the emitted subset) ----------------------------
 
@@ -113,6 +113,10 @@ def _eval(expr: str, dot, root, env=None):
         return value
     if fn == "index":
         return ev(args[0])[ev(args[1])]
+    if fn == "len":
+        return len(ev(args[0]))
+    if fn == "slice":
+        return ev(args[0])[ev(args[1]):]
     raise AssertionError(f"unsupported Go template expression: {expr!r}")
 
 
@@ -154,8 +158,11 @@ CONVERSATION = [
 ]
 
 
-@pytest.mark.parametrize("name,template", [("chatml-smollm2", CHATML), ("llama3", LLAMA3),
-                                           ("gemma", GEMMA)])
+FAMILIES = [("chatml-smollm2", CHATML), ("llama3", LLAMA3), ("gemma", GEMMA),
+            ("mistral", MISTRAL)]
+
+
+@pytest.mark.parametrize("name,template", FAMILIES)
 @pytest.mark.parametrize("with_system", [True, False])
 def test_go_template_renders_like_jinja(name, template, with_system):
     conv = CONVERSATION if with_system else CONVERSATION[1:]
@@ -163,6 +170,29 @@ def test_go_template_renders_like_jinja(name, template, with_system):
     want = ollama.jinja_renderer(template)(conv, True)
     assert go_render(go, conv) == want
     assert "Dig deep!" in want and "{{braces}}" in want
+    # An inference prompt (ends with a user turn) and a conversation ending with an answer.
+    for part in (conv[:-2], conv[:-1]):
+        assert go_render(go, part) == ollama.jinja_renderer(template)(part, True)
+
+
+@pytest.mark.parametrize("name,template,trimmed", [
+    ("chatml-smollm2", CHATML, set()), ("llama3", LLAMA3, {"system", "user", "assistant"}),
+    ("gemma", GEMMA, {"user", "assistant"}), ("mistral", MISTRAL, {"assistant"})])
+def test_trimming_is_measured_and_reported(name, template, trimmed):
+    """Go templates cannot strip; which roles the Jinja template strips is measured exactly,
+    the Python model of the template (trim=True) matches Jinja on padded contents, and the Go
+    template renders what that model renders without stripping."""
+    go, blocks = ollama.translate(template)
+    assert set(blocks.trims) == trimmed
+    padded = [dict(m, content=f"  {m['content']}\n") for m in CONVERSATION]
+    assert blocks.render(padded) == ollama.jinja_renderer(template)(padded, True)
+    assert go_render(go, padded) == blocks.render(padded, trim=False)
+    note = ollama.trim_note(blocks)
+    assert (note is None) == (not trimmed)
+    if note:
+        text = ollama.modelfile("./b.gguf", None, go, [], notes=(note,))
+        assert text.splitlines()[1] == f"# note: {note}"
+        assert all(role in note for role in trimmed)
 
 
 def test_default_models_own_template(default_gguf):
@@ -182,11 +212,26 @@ def test_gemma_folds_the_system_prompt_into_the_first_user_turn():
     assert ollama.stop_words(blocks, "<eos>") == ["<end_of_turn>", "<eos>"]
 
 
-def test_mistral_folding_into_the_last_user_turn_is_reported_not_guessed():
-    from test_template_families import MISTRAL
+def test_mistral_folds_the_system_prompt_into_the_last_user_turn():
+    go, blocks = ollama.translate(MISTRAL, "</s>")
+    assert blocks.fold_sep == "\n\n" and blocks.fold_last
+    assert blocks.user == ("[INST] ", "[/INST]") and blocks.assistant == (" ", "</s>")
+    text = go_render(go, CONVERSATION)
+    assert ollama.stop_words(blocks, "</s>") == ["</s>"]
+    assert text.count("You answer like a pirate.") == 1
+    assert text.endswith("[INST] You answer like a pirate.\n\nThanks![/INST]")
+    # Ending with an answer, the system prompt is in no turn at all (as in the Jinja template).
+    assert "pirate" not in go_render(go, CONVERSATION[:-1])
 
+
+def test_a_template_that_places_the_system_prompt_elsewhere_is_refused():
+    """System prompt appended to the first user turn: neither shape; reported, not guessed."""
+    odd = ("{% for m in messages %}{% if m.role == 'user' %}<u>{{ m.content }}"
+           "{% if loop.index0 == 1 and messages[0].role == 'system' %} ({{ messages[0].content }})"
+           "{% endif %}</u>{% elif m.role == 'assistant' %}<a>{{ m.content }}</a>{% endif %}"
+           "{% endfor %}{% if add_generation_prompt %}<a>{% endif %}")
     with pytest.raises(ollama.Untranslatable):
-        ollama.translate(MISTRAL)
+        ollama.translate(odd)
 
 
 def test_modelfile_text():
