@@ -47,6 +47,9 @@ def failed_rank(log_text: str) -> Optional[tuple[int, int]]:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+RECORDS_FILE = ".records.jsonl"
+
+
 class TrainingProcess:
     """One training subprocess. ``wait()`` relays events and returns the Done result."""
 
@@ -54,6 +57,13 @@ class TrainingProcess:
         self.run_dir = Path(run_dir)
         self.on_event = on_event
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.distributed = world_size(job["config"]) > 1
+        if self.distributed:
+            # Records as JSON lines beside the job: each rank streams the file and keeps only
+            # the lines of its shard (edge_tune.data.sharding), instead of parsing them all.
+            records = self.run_dir / RECORDS_FILE
+            records.write_text("".join(json.dumps(r) + "\n" for r in job["records"]))
+            job = {**job, "records": None, "records_file": str(records)}
         job_file = self.run_dir / ".job.json"
         job_file.write_text(json.dumps(job))
         self.log_path = self.run_dir / "train.log"
@@ -61,7 +71,6 @@ class TrainingProcess:
         self._log = open(self.log_path, "a" if job.get("resume_from") else "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                    HF_HUB_DISABLE_TELEMETRY="1")
-        self.distributed = world_size(job["config"]) > 1
         self.proc = subprocess.Popen(
             worker_command(job_file, job["config"]),
             stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
@@ -109,6 +118,7 @@ class TrainingProcess:
         finally:
             self._log.close()
             (self.run_dir / ".job.json").unlink(missing_ok=True)
+            (self.run_dir / RECORDS_FILE).unlink(missing_ok=True)
         if self._cancelled.is_set():
             resumable = (self.run_dir / "checkpoint" / "state.json").is_file()
             raise EdgeTuneError("training cancelled" + (

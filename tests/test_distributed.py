@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def _train(tiny: Path, data: Path, out: Path, *extra: str) -> dict:
     proc = run_cli("train", "--data", str(data), "--model", str(tiny), *COMMON, "--out",
                    str(out), *extra, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / "manifest.json").read_text())
+    return {**json.loads((out / "manifest.json").read_text()), "stderr": proc.stderr}
 
 
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tiny, demo_jsonl,
@@ -62,6 +63,13 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tiny, demo_
     # Only rank 0 wrote the run directory: no stray adapters or temporary folders.
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
         p.name for p in (tmp_path / "one").iterdir())
+    # Each rank read and tokenized its shard only; the shards make up the whole data.
+    # (Rank 0 reports to the user, rank 1 into train.log.)
+    log = two["stderr"] + (tmp_path / "two" / "train.log").read_text()
+    shards = [int(m) for m in re.findall(r"(\d+) training examples in rank \d's shard", log)]
+    assert len(shards) == 2 and sum(shards) == one["result"]["examples"] == \
+        two["result"]["examples"]
+    assert max(shards) < one["result"]["examples"]
 
 
 def _rank_process(parent_pid: int, rank: str):
@@ -138,3 +146,56 @@ def test_bad_distributed_flags_are_one_line_errors(flags, needle, demo_jsonl):
 
     proc = run_cli("train", "--data", str(demo_jsonl), *flags)
     assert_one_line_error(proc, needle)
+
+
+def test_a_resumed_two_rank_run_matches_an_uninterrupted_run(tiny, demo_jsonl, tmp_path):
+    """Rank 1 dies after a checkpoint; `train --resume` relaunches both ranks from it. The data
+    order is a pure function of the step, so the finished adapter and loss curve equal an
+    uninterrupted run with the same global batch (here: one process, two micro-batches)."""
+    import torch
+    from safetensors.torch import load_file
+
+    steps = ("--max-steps", "150", "--batch-size", "2", "--seq-len", "128", "--seed", "5",
+             "--precision", "fp32", "--no-verify", "--lr", "1e-3")
+    ref = tmp_path / "ref"
+    proc = run_cli("train", "--data", str(demo_jsonl), "--model", str(tiny), *steps, "--out",
+                   str(ref), "--grad-accum", "2", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    out = tmp_path / "run"
+    env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_tune", "train", "--data", str(demo_jsonl), "--model",
+         str(tiny), *steps, "--save-every", "2", "--nproc", "2", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "checkpoint" / "state.json").is_file():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
+            time.sleep(0.05)
+        victim = _rank_process(proc.pid, "1")
+        assert victim is not None
+        victim.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert 2 <= state["step"] < 150, state["step"]
+
+    resumed = run_cli("train", "--resume", str(out), timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from the checkpoint at step {state['step']}/150" in \
+        (out / "train.log").read_text()
+    a = json.loads((ref / "manifest.json").read_text())["result"]
+    b = json.loads((out / "manifest.json").read_text())["result"]
+    assert b["world_size"] == 2 and len(b["losses"]) == 150
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-4)
+    assert b["tokens"] == a["tokens"]
+    wa = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-3, atol=1e-5)
+    assert not (out / "checkpoint").exists()

@@ -159,11 +159,3 @@ def restore(ckpt_dir: Path, model, optimizer) -> dict:
     optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
     return state
 
-
-def rng_state_to_json(state: tuple) -> list:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def rng_state_from_json(data: list) -> tuple:
-    return (data[0], tuple(data[1]), data[2])

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge_tune.backends import checkpoint
+from edge_tune.data import sharding
 from edge_tune.data.template import IGNORE, Example
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Log, Metric, Progress
@@ -252,6 +253,17 @@ class Distributed:
         self.rank = td.get_rank() if on else 0
         self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if on else 1
 
+    def sum_int(self, value: int) -> int:
+        """``value`` summed over all ranks."""
+        if self.world == 1:
+            return value
+        import torch
+        import torch.distributed as td
+
+        total = torch.tensor([value], dtype=torch.int64)
+        td.all_reduce(total, op=td.ReduceOp.SUM)
+        return int(total[0])
+
     def average_grads(self, params, loss: float, tokens: int) -> tuple[float, int]:
         """Mean gradients and loss, summed tokens over all ranks."""
         if self.world == 1:
@@ -282,7 +294,6 @@ def train(job: dict, emit: Callable) -> dict:
     threads = cfg["threads"] or max(1, job["physical_cores"] // dist.local_world)
     torch.set_num_threads(threads)
     torch.manual_seed(cfg["seed"])
-    rng = random.Random(cfg["seed"])
     bf16 = use_bf16(cfg["precision"], job["cpu_has_bf16"])
 
     emit(Progress("load", 0, None, "", "loading base model"))
@@ -293,12 +304,23 @@ def train(job: dict, emit: Callable) -> dict:
              f"LoRA parameters; {'bf16' if bf16 else 'fp32'} compute on {threads} threads"))
 
     examples: list[Example] = job["examples"]
-    lengths = [len(e.input_ids) for e in examples]
     accum = max(1, cfg.get("grad_accum") or 1)  # micro-batches per optimizer step, per rank
-    # Every rank builds the same seeded batch order; an optimizer step consumes accum x world
-    # micro-batches of it, rank r taking its share: the global batch of one process's run.
-    micro_batches = accum * dist.world
-    steps_per_epoch = math.ceil(len(examples) / (cfg["batch_size"] * micro_batches))
+    # A step takes one micro-batch from each of accum x world slots; this rank holds the
+    # examples of its own slots only (its shard), each slot with an order that depends on
+    # (seed, slot, step) alone: the global batch of one process's run, whatever the world.
+    slots = accum * dist.world
+    index = job.get("example_index") or list(range(len(examples)))
+    orders = []
+    for slot in sharding.rank_slots(dist.rank, accum):
+        members = [k for k, i in enumerate(index) if sharding.slot_of(i, slots) == slot]
+        if not members:
+            raise EdgeTuneError(f"too few training examples for {slots} micro-batches per step "
+                                f"(slot {slot} is empty): lower --grad-accum or --nproc")
+        order = sharding.SlotOrder([len(examples[k].input_ids) for k in members],
+                                   cfg["batch_size"], cfg["seed"], slot, length_grouped_batches)
+        orders.append((members, order))
+    n_examples = dist.sum_int(len(examples))
+    steps_per_epoch = sharding.steps_per_epoch(n_examples, cfg["batch_size"], slots)
     total = cfg["max_steps"] or max(1, round(cfg["epochs"] * steps_per_epoch))
 
     val_examples: list[Example] = job.get("val_examples") or []
@@ -308,41 +330,36 @@ def train(job: dict, emit: Callable) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
     model.train()
-    batches: list[list[int]] = []
     tokens_done, losses, start, first = 0, [], time.perf_counter(), 0
     if job.get("resume_from"):
         state = checkpoint.restore(Path(job["resume_from"]), model, opt)
-        if state["total"] != total:
+        if (state["total"], state.get("slots")) != (total, slots):
             raise EdgeTuneError(f"{job['resume_from']}: the checkpoint is for {state['total']} "
-                                f"steps, this run has {total}; the data or config changed")
-        first, batches, tokens_done, losses = (state["step"], state["batches"],
-                                               state["tokens"], state["losses"])
+                                f"steps of {state.get('slots')} micro-batches, this run has "
+                                f"{total} of {slots}; the data or config changed")
+        first, tokens_done, losses = state["step"], state["tokens"], state["losses"]
         val_loss = state.get("val_loss")
-        rng.setstate(checkpoint.rng_state_from_json(state["rng"]))
         start -= state["train_seconds"]
         emit(Log(f"resumed from the checkpoint at step {first}/{total}"))
     stop = job.get("interrupt") or checkpoint.Interrupt()  # installed by the worker
     save_every = cfg.get("save_every") or 0
 
     def save_checkpoint(done: int) -> None:
-        # Batches left = the data order; the LR schedule is a pure function of the step.
+        # The data order and the LR schedule are pure functions of the step.
         checkpoint.save(Path(job["run_dir"]), model, opt, {
-            "step": done, "total": total, "batches": batches, "tokens": tokens_done,
-            "losses": losses, "val_loss": val_loss, "train_seconds": time.perf_counter() - start,
-            "rng": checkpoint.rng_state_to_json(rng.getstate())})
+            "step": done, "total": total, "slots": slots, "tokens": tokens_done,
+            "losses": losses, "val_loss": val_loss,
+            "train_seconds": time.perf_counter() - start})
 
     done = first
     try:
         for step in range(first, total):
-            with stop.guard():
-                while len(batches) < micro_batches:  # taken from the end: new epoch first
-                    batches = length_grouped_batches(lengths, cfg["batch_size"], rng) + batches
             lr = lr_at(step, total, cfg["lr"], min(cfg["warmup_steps"], total // 10))
             for g in opt.param_groups:
                 g["lr"] = lr
             step_loss, n_tokens = 0.0, 0
-            for micro in range(accum):
-                batch = [examples[i] for i in batches[-1 - dist.rank * accum - micro]]
+            for members, order in orders:
+                batch = [examples[members[k]] for k in order.batch(step)]
                 if cfg.get("pack"):
                     ids, labels, mask, positions, n_micro = collate_packed(
                         batch, job["pad_id"], cfg["seq_len"])
@@ -359,7 +376,6 @@ def train(job: dict, emit: Callable) -> dict:
             with stop.guard():  # SIGTERM waits for the update to complete
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                del batches[-micro_batches:]
                 tokens_done += n_tokens
                 losses.append(step_loss)
                 done = step + 1
@@ -408,4 +424,5 @@ def train(job: dict, emit: Callable) -> dict:
         "trainable_parameters": n_train,
         "losses": [round(x, 6) for x in losses],  # per optimizer step (the loss curve)
         "world_size": dist.world,
+        "examples": n_examples,  # over all ranks' shards
     }

@@ -54,9 +54,10 @@ def _join_process_group() -> int:
 
 
 def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on_all=False,
-                     overflow: str = "truncate"):
+                     overflow: str = "truncate", kept: list | None = None):
     """Examples cut to ``seq_len`` (or dropped, with ``overflow="drop"``); ones with nothing
-    left to learn are dropped too. Both are counted and reported."""
+    left to learn are dropped too. Both are counted and reported. ``kept``: gets the position
+    in ``records`` of each example returned."""
     from edge_tune.data.template import Example, encode_record
 
     examples, truncated = [], 0
@@ -69,6 +70,8 @@ def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on
         ex = Example(full.input_ids[:seq_len], full.labels[:seq_len])
         if ex.n_trained:
             examples.append(ex)
+            if kept is not None:
+                kept.append(i)
         if i % 50 == 0 or i == len(records) - 1:
             emit(Progress(f"tokenize-{name}", i + 1, len(records), "records",
                           f"tokenizing {name} data"))
@@ -81,20 +84,46 @@ def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on
     return examples
 
 
-def prepare_examples(job: dict, emit):
-    """Tokenize train (and validation) records with the model's chat template."""
+def read_shard(job: dict, rank: int, world: int) -> list[int]:
+    """Put this rank's training records in ``job["records"]``; returns their indices in the
+    training data. One process keeps them all; under torchrun a rank reads only the lines of
+    its slots from the records file (see :mod:`edge_tune.data.sharding`)."""
+    from edge_tune.data import sharding
+
+    if world == 1 and job.get("records") is not None:
+        return list(range(len(job["records"])))
+    accum = max(1, job["config"].get("grad_accum") or 1)
+    slots, owned = accum * world, sharding.rank_slots(rank, accum)
+    records, indices = [], []
+    with open(job["records_file"], encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if sharding.slot_of(i, slots) in owned:
+                records.append(json.loads(line))
+                indices.append(i)
+    job["records"] = records
+    return indices
+
+
+def prepare_examples(job: dict, emit, rank: int = 0, world: int = 1):
+    """Tokenize this rank's training records (and, on rank 0, the validation records) with
+    the model's chat template. Sets ``job["example_index"]``: each example's record index."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(job["hf_dir"])
     seq_len = job["config"]["seq_len"]
     on_all = job["config"].get("train_on") == "all"
     overflow = job["config"].get("overflow", "truncate")
+    indices, kept = read_shard(job, rank, world), []
     examples = tokenize_records(tok, job["records"], seq_len, emit, "training", on_all,
-                                overflow)
+                                overflow, kept)
+    job["example_index"] = [indices[k] for k in kept]
     if not examples:
-        raise EdgeTuneError("no example has an assistant token within seq_len; raise --seq-len")
+        shard = f" in rank {rank}'s shard" if world > 1 else ""
+        raise EdgeTuneError(f"no example{shard} has an assistant token within seq_len; raise "
+                            "--seq-len" + (" or use fewer processes" if world > 1 else ""))
+    # Only rank 0 validates.
     job["val_examples"] = tokenize_records(tok, job.get("val_records") or [], seq_len, emit,
-                                           "validation", on_all, overflow)
+                                           "validation", on_all, overflow) if rank == 0 else []
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     info = {"chat_template": tok.chat_template,
             "stop_tokens": [t for t in {tok.eos_token} if t]}
@@ -130,9 +159,10 @@ def run(job: dict, emit) -> dict:
     job["hf_dir"] = str(hf_dir_for(ref, emit, job.get("base_sha256")))
     if world > 1 and rank == 0:
         _barrier()
-    job["examples"], job["pad_id"], tokenizer_info = prepare_examples(job, emit)
+    job["examples"], job["pad_id"], tokenizer_info = prepare_examples(job, emit, rank, world)
     val = f", {len(job['val_examples'])} validation examples" if job["val_examples"] else ""
-    emit(Log(f"{len(job['examples'])} training examples{val}"))
+    shard = f" in rank {rank}'s shard" if world > 1 else ""
+    emit(Log(f"{len(job['examples'])} training examples{shard}{val}"))
     train = load_entry(job["backend"])
     if rank != 0:  # only rank 0 writes the run directory
         import tempfile
@@ -148,7 +178,7 @@ def run(job: dict, emit) -> dict:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    return {**result, "examples": len(job["examples"]), "hf_dir": job["hf_dir"],
+    return {"examples": len(job["examples"]), **result, "hf_dir": job["hf_dir"],
             "peak_rss_bytes": peak_rss_bytes(),
             "tokenizer": tokenizer_info}
 
