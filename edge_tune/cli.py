@@ -413,17 +413,9 @@ def chat(
         label = target.adapter.name if target.adapter else "base"
         err.print(f"[dim]chatting with {target.base.name} + {label}; Ctrl-D or /exit to "
                   "quit, /reset to clear the history[/]")
-        while True:
-            try:
-                line = input("you> ")
-            except EOFError:
-                break
-            if line.strip() in ("/exit", "/quit"):
-                break
-            if line.strip() == "/reset":
+        for line in _prompts():
+            if line is None:
                 history = history[:1] if system else []
-                continue
-            if not line.strip():
                 continue
             history.append({"role": "user", "content": line})
             reply = []
@@ -484,20 +476,29 @@ def _chat_plan(planned, prompt: Optional[str], system: Optional[str], **kw) -> N
             return
         err.print(f"[dim]chatting with {plan.base.name} as {' | '.join(s[0] for s in sides)}; "
                   "Ctrl-D or /exit to quit, /reset to clear the history[/]")
-        while True:
-            try:
-                line = input("you> ")
-            except EOFError:
-                break
-            if line.strip() in ("/exit", "/quit"):
-                break
-            if line.strip() == "/reset":
+        for line in _prompts():
+            if line is None:
                 histories = [h[:1] if system else [] for h in histories]
-                continue
-            if line.strip():
+            else:
                 answer(line)
     finally:
         engine.close()
+
+
+def _prompts():
+    """The interactive chat's input: each non-empty line, None for /reset; ends at Ctrl-D or
+    /exit (/quit)."""
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            yield None
+        elif line.strip():
+            yield line
 
 
 def _label(sides, name) -> str:
