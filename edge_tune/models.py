@@ -201,6 +201,7 @@ def dequantized_copy(gguf_path: Path, on_event: EventSink = ignore,
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_hf()
     kw = dict(gguf_file=gguf_path.name)
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
@@ -220,3 +221,17 @@ def dequantized_copy(gguf_path: Path, on_event: EventSink = ignore,
             json.dumps({"gguf": str(gguf_path), "sha256": digest}, indent=2))
     on_event(Progress("dequantize", 1, 1, "", "dequantized"))
     return target
+
+
+def quiet_hf() -> None:
+    """Silence transformers' own progress bars, info logs and deprecation warnings in the
+    front-end process: edge-tune shows its own progress, and a library's FutureWarning tells a
+    user nothing they can act on. Errors still arrive as exceptions."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for lib in ("transformers", "peft"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=rf"{lib}(\.|$)")

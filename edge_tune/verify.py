@@ -120,6 +120,9 @@ def torch_side(hf_dir: Path, peft_dir: Path, samples: list[Sample], max_new: int
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from edge_tune.models import quiet_hf
+
+    quiet_hf()
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     model = PeftModel.from_pretrained(model, str(peft_dir)).eval()
     base, tuned, greedy = [], [], []
