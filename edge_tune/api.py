@@ -169,9 +169,12 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     if resume is not None and backend != "cpu":  # only the cpu backend writes checkpoints
         raise EdgeTuneError(f"--resume {resume}: resuming is supported for the cpu backend "
                             f"only; this run uses {backend}: start it again")
-    if (cfg.nproc > 1 or cfg.nnodes > 1) and backend != "cpu":
-        raise EdgeTuneError(f"--nproc/--nnodes: multi-process training runs on the cpu backend "
-                            f"(torch.distributed, gloo) only, not {backend}; add --backend cpu")
+    if (cfg.nproc > 1 or cfg.nnodes > 1) and backend not in ("cpu", "unsloth"):
+        raise EdgeTuneError(f"--nproc/--nnodes: multi-process training runs on the cpu (gloo) "
+                            f"and unsloth (NCCL) backends, not {backend}")
+    if backend == "unsloth" and cfg.nproc > len(hw.cuda_gpus):
+        raise EdgeTuneError(f"--nproc {cfg.nproc}: the unsloth backend runs one process per GPU "
+                            f"and this node has {len(hw.cuda_gpus)}")
     data_sha256 = sha256_file(data_path) if data_path.is_file() else None
     if saved is not None and saved.get("data_sha256") != data_sha256:
         raise EdgeTuneError(f"--resume {resume}: {cfg.data} changed since the run started; "
@@ -442,18 +445,17 @@ def _plan(cfg: TrainConfig, ref: models.ModelRef, backend: str, hw, train_record
     shape = model_shape(ref)
     if shape is None:
         return None
-    if cfg.memory_gib:
-        budget = cfg.memory_gib * planner.GIB
-    elif backend == "unsloth" and hw.cuda_gpus:
-        gpu = hw.cuda_gpus[0]
-        free = getattr(gpu, "vram_free_gib", None) or gpu.vram_gib
-        budget = free * planner.GIB
-    else:
-        budget = psutil.virtual_memory().available * 0.9  # leave room for the rest of the box
-    # The planner is per process: with --nproc N each rank holds a full copy of the model on
-    # this node, so each gets 1/N of the memory and of the cores.
     nproc = max(1, getattr(cfg, "nproc", 1))
-    budget /= nproc
+    if backend == "unsloth" and hw.cuda_gpus:
+        # One rank per GPU: each plans against its own card (the smallest of those used).
+        free = min((getattr(g, "vram_free_gib", None) or g.vram_gib)
+                   for g in hw.cuda_gpus[:nproc])
+        budget = cfg.memory_gib * planner.GIB if cfg.memory_gib else free * planner.GIB
+    else:
+        # The planner is per process: with --nproc N each rank holds a full copy of the model
+        # on this node, so each gets 1/N of the memory (leaving room for the rest of the box).
+        budget = (cfg.memory_gib * planner.GIB if cfg.memory_gib
+                  else psutil.virtual_memory().available * 0.9) / nproc
     machine = planner.Machine(budget_bytes=budget,
                               physical_cores=max(1, hw.physical_cores // nproc),
                               cpu_bf16=hw.has_bf16_cpu, apple=hw.apple is not None,

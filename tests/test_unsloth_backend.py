@@ -113,18 +113,6 @@ def test_lr_schedule_is_the_cpu_backends():
     assert seen[-1] == pytest.approx(0.1 * peak, rel=0.02)
 
 
-def test_epoch_order_is_a_seeded_length_grouped_permutation():
-    lengths = [random.Random(i).randint(5, 300) for i in range(100)]
-    a = uq.epoch_order(lengths, 4, random.Random(3))
-    assert sorted(a) == list(range(100))
-    assert a == uq.epoch_order(lengths, 4, random.Random(3))
-    assert a != uq.epoch_order(lengths, 4, random.Random(4))
-    # Neighbours have similar lengths: the padding of 4-example batches is small.
-    pad = sum(max(lengths[i] for i in a[k:k + 4]) * len(a[k:k + 4]) - sum(lengths[i] for i in a[k:k + 4])
-              for k in range(0, 100, 4))
-    assert pad < 0.1 * sum(lengths)
-
-
 def test_pad_batch():
     batch = uq.pad_batch([Example([5, 6, 7], [IGNORE, 6, 7]), Example([1] * 10, [1] * 10)], 0)
     assert batch["input_ids"].shape == (2, 16)  # 10 rounded up to a multiple of 8
@@ -182,6 +170,34 @@ def test_fit_trains_with_edge_tune_events_on_cpu():
     assert result["steps"] == 12 and result["val_loss"] == vals[-1].loss
     assert set(result) >= {"final_loss", "tokens_per_second", "train_seconds", "precision",
                            "trainable_parameters"}
+
+
+def test_fit_under_torchrun_matches_one_process_with_the_same_global_batch(tmp_path):
+    """The Trainer loop as 2 gloo ranks (each reading half the data, DDP all-reducing the LoRA
+    gradients) against one process with two micro-batches per step: the same examples at every
+    step, so the same losses and LoRA weights. On CUDA the same code runs over NCCL."""
+    import torch
+    from safetensors.torch import load_file
+
+    script = str(Path(__file__).parent / "unsloth_fit_ranks.py")
+    one, two = tmp_path / "one", tmp_path / "two"
+    for cmd in ([sys.executable, script, str(one), "2"],
+                [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                 "--standalone", script, str(two), "1"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a = json.loads((one / "result.json").read_text())
+    b = json.loads((two / "result.json").read_text())
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    assert (a["shard"], b["shard"], a["examples"], b["examples"]) == (24, 12, 24, 24)
+    assert len(a["losses"]) == len(b["losses"]) == 10
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-4)
+    assert a["losses"][-1] < 0.7 * a["losses"][0]  # it trained
+    assert b["tokens"] == a["tokens"]  # summed over both ranks
+    wa, wb = load_file(str(one / "lora.safetensors")), load_file(str(two / "lora.safetensors"))
+    assert wa.keys() == wb.keys() and wa
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-6)
 
 
 # --- hygiene, hardware, refusal ---------------------------------------------------------------

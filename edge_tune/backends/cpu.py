@@ -281,6 +281,26 @@ class Distributed:
         return float(totals[0]) / self.world, int(totals[1])
 
 
+def slot_orders(job: dict, accum: int, dist: "Distributed") -> list[Callable[[int], list[int]]]:
+    """For each micro-batch of a step this rank computes (its slots, see
+    :mod:`edge_tune.data.sharding`): step -> positions in ``job["examples"]`` (this rank's
+    shard; ``job["example_index"]`` holds their record indices)."""
+    examples = job["examples"]
+    cfg = job["config"]
+    slots = accum * dist.world
+    index = job.get("example_index") or list(range(len(examples)))
+    orders = []
+    for slot in sharding.rank_slots(dist.rank, accum):
+        members = [k for k, i in enumerate(index) if sharding.slot_of(i, slots) == slot]
+        if not members:
+            raise EdgeTuneError(f"too few training examples for {slots} micro-batches per step "
+                                f"(slot {slot} is empty): lower --grad-accum or --nproc")
+        order = sharding.SlotOrder([len(examples[k].input_ids) for k in members],
+                                   cfg["batch_size"], cfg["seed"], slot, length_grouped_batches)
+        orders.append(lambda step, m=members, o=order: [m[k] for k in o.batch(step)])
+    return orders
+
+
 def train(job: dict, emit: Callable) -> dict:
     """Train a LoRA adapter; save it in PEFT format to ``job["adapter_dir"]``.
 
@@ -309,16 +329,7 @@ def train(job: dict, emit: Callable) -> dict:
     # examples of its own slots only (its shard), each slot with an order that depends on
     # (seed, slot, step) alone: the global batch of one process's run, whatever the world.
     slots = accum * dist.world
-    index = job.get("example_index") or list(range(len(examples)))
-    orders = []
-    for slot in sharding.rank_slots(dist.rank, accum):
-        members = [k for k, i in enumerate(index) if sharding.slot_of(i, slots) == slot]
-        if not members:
-            raise EdgeTuneError(f"too few training examples for {slots} micro-batches per step "
-                                f"(slot {slot} is empty): lower --grad-accum or --nproc")
-        order = sharding.SlotOrder([len(examples[k].input_ids) for k in members],
-                                   cfg["batch_size"], cfg["seed"], slot, length_grouped_batches)
-        orders.append((members, order))
+    orders = slot_orders(job, accum, dist)
     n_examples = dist.sum_int(len(examples))
     steps_per_epoch = sharding.steps_per_epoch(n_examples, cfg["batch_size"], slots)
     total = cfg["max_steps"] or max(1, round(cfg["epochs"] * steps_per_epoch))
@@ -358,8 +369,8 @@ def train(job: dict, emit: Callable) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             step_loss, n_tokens = 0.0, 0
-            for members, order in orders:
-                batch = [examples[members[k]] for k in order.batch(step)]
+            for batch_at in orders:
+                batch = [examples[k] for k in batch_at(step)]
                 if cfg.get("pack"):
                     ids, labels, mask, positions, n_micro = collate_packed(
                         batch, job["pad_id"], cfg["seq_len"])

@@ -12,8 +12,10 @@ Everything around it is edge-tune's, the same as on the CPU backend:
 * hyperparameters mean the same: ``rank``/``alpha`` (scale alpha/rank), ``lr`` with the CPU
   backend's schedule (``cpu.lr_at``: linear warm-up, cosine to 10%), AdamW with weight decay 0,
   gradient clipping at 1.0, ``batch_size`` examples per micro-batch times ``grad_accum``
-  micro-batches per step, ``max_steps``/``epochs``, ``seq_len``, ``seed``, length-grouped
-  batches (``cpu.length_grouped_batches``);
+  micro-batches per step, ``max_steps``/``epochs``, ``seq_len``, ``seed``, and the same data
+  order (``cpu.slot_orders``: length-grouped micro-batches, one per slot of the global batch);
+* under torchrun (``--nproc``) it is DDP over NCCL: each rank loads the 4-bit base on its own
+  GPU (LOCAL_RANK), reads its shard, and the Trainer all-reduces the LoRA gradients;
 * progress goes out as the same ``Metric`` events (train loss per step, tokens/s, ETA, and
   validation loss per trained token after ``cpu.eval_steps``);
 * the PEFT adapter lands in ``job["adapter_dir"]``; ``api.train`` writes ``adapter.gguf`` and
@@ -27,12 +29,12 @@ heavy library at load time; the argument mappings are pure functions that CPU-on
 
 from __future__ import annotations
 
-import math
-import random
+import os
 import time
 from collections.abc import Callable
 
-from edge_tune.backends.cpu import collate, eval_steps, length_grouped_batches, lr_at
+from edge_tune.backends.cpu import Distributed, collate, eval_steps, lr_at, slot_orders
+from edge_tune.data import sharding
 from edge_tune.data.template import IGNORE, Example
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Log, Metric, Progress
@@ -47,10 +49,10 @@ def grad_accum(cfg: dict) -> int:
     return max(1, cfg.get("grad_accum") or 1)
 
 
-def step_counts(cfg: dict, n_examples: int) -> tuple[int, int, int]:
+def step_counts(cfg: dict, n_examples: int, world: int = 1) -> tuple[int, int, int]:
     """(total optimizer steps, steps per epoch, warm-up steps), as the CPU backend counts
     them: ``max_steps`` wins over ``epochs``; warm-up is capped at a tenth of the run. Pure."""
-    per_epoch = math.ceil(n_examples / (cfg["batch_size"] * grad_accum(cfg)))
+    per_epoch = sharding.steps_per_epoch(n_examples, cfg["batch_size"], grad_accum(cfg) * world)
     total = cfg["max_steps"] or max(1, round(cfg["epochs"] * per_epoch))
     return total, per_epoch, min(cfg["warmup_steps"], total // 10)
 
@@ -135,18 +137,15 @@ def training_args_kwargs(cfg: dict, total_steps: int, output_dir: str,
         "remove_unused_columns": False,  # the collator builds the model's inputs itself
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
+        # DDP under torchrun: every LoRA parameter gets a gradient each step, so no search
+        # for unused ones (which also clashes with gradient checkpointing).
+        "ddp_find_unused_parameters": False,
     }
 
 
 def lr_factor(total: int, warmup: int) -> Callable[[int], float]:
     """The ``LambdaLR`` multiplier that reproduces ``cpu.lr_at`` (step is 0-based). Pure."""
     return lambda step: lr_at(step, total, 1.0, warmup)
-
-
-def epoch_order(lengths: list[int], batch_size: int, rng: random.Random) -> list[int]:
-    """One epoch's example order: ``cpu.length_grouped_batches`` flattened (the DataLoader
-    cuts it back into batches of ``batch_size``). Pure."""
-    return [i for batch in length_grouped_batches(lengths, batch_size, rng) for i in batch]
 
 
 # --- the Trainer side (torch/transformers imported inside) ------------------------------------
@@ -195,6 +194,7 @@ def fit(model, job: dict, emit: Callable, precision: str = "none",
     import tempfile
 
     import torch
+    from torch.utils.data import DataLoader
     from transformers import (
         PrinterCallback,
         Trainer,
@@ -206,27 +206,34 @@ def fit(model, job: dict, emit: Callable, precision: str = "none",
     examples: list[Example] = job["examples"]
     val_examples: list[Example] = job.get("val_examples") or []
     pad_id = job["pad_id"]
-    total, per_epoch, warmup = step_counts(cfg, len(examples))
+    # Under torchrun (DDP: NCCL on CUDA, gloo on CPU) this rank holds its shard only and
+    # trains its slots' micro-batches, the cpu backend's data order (edge_tune.data.sharding).
+    dist = Distributed()
+    orders = slot_orders(job, grad_accum(cfg), dist)
+    total, per_epoch, warmup = step_counts(cfg, dist.sum_int(len(examples)), dist.world)
     evals = eval_steps(total, cfg.get("eval_every", 0)) if val_examples else set()
-    lengths = [len(e.input_ids) for e in examples]
-    rng = random.Random(cfg["seed"])
     clock = {"start": time.perf_counter(), "paused": 0.0, "tokens": 0}
     losses: list[float] = []
     val_box: dict = {"loss": None}
     stop = job.get("interrupt")  # SIGTERM raises Cancelled wherever it lands (no checkpoint)
 
-    class LengthGrouped:
-        """The train sampler: a fresh length-grouped shuffle each epoch."""
+    class SlotBatches:
+        """This rank's micro-batches in step order, one per slot it owns."""
 
         def __len__(self) -> int:
-            return len(examples)
+            return total * len(orders)
 
         def __iter__(self):
-            return iter(epoch_order(lengths, cfg["batch_size"], rng))
+            for step in range(total):
+                for batch_at in orders:
+                    yield batch_at(step)
 
     class EdgeTrainer(Trainer):
-        def _get_train_sampler(self, *args, **kwargs):
-            return LengthGrouped()
+        def get_train_dataloader(self):
+            # Not through accelerate's prepare: that would shard the batches across ranks
+            # again, and each rank already reads only its own shard.
+            return DataLoader(examples, batch_sampler=SlotBatches(),
+                              collate_fn=self.data_collator, num_workers=0)
 
         def create_scheduler(self, num_training_steps, optimizer=None):
             if self.lr_scheduler is None:
@@ -246,10 +253,11 @@ def fit(model, job: dict, emit: Callable, precision: str = "none",
             if not logs or "loss" not in logs:  # the end-of-run summary has no "loss"
                 return
             step = state.global_step
-            losses.append(float(logs["loss"]))
+            losses.append(float(logs["loss"]))  # the Trainer's mean over all ranks
             elapsed = time.perf_counter() - clock["start"] - clock["paused"]
+            clock["all_tokens"] = dist.sum_int(clock["tokens"])  # every rank logs each step
             emit(Metric(step=step, total_steps=total, loss=losses[-1],
-                        tokens_per_second=clock["tokens"] / max(elapsed, 1e-9),
+                        tokens_per_second=clock["all_tokens"] / max(elapsed, 1e-9),
                         eta_seconds=elapsed / step * (total - step),
                         learning_rate=lr_at(step - 1, total, cfg["lr"], warmup),
                         epoch=step / per_epoch))
@@ -264,7 +272,10 @@ def fit(model, job: dict, emit: Callable, precision: str = "none",
                 control.should_training_stop = True
 
     with tempfile.TemporaryDirectory(prefix="edge-tune-trainer-") as scratch:
-        args = TrainingArguments(**training_args_kwargs(cfg, total, scratch, precision))
+        kw = training_args_kwargs(cfg, total, scratch, precision)
+        if not torch.cuda.is_available():  # CPU tests (DDP over gloo instead of NCCL)
+            kw.update(use_cpu=True, **({"ddp_backend": "gloo"} if dist.world > 1 else {}))
+        args = TrainingArguments(**kw)
         trainer = EdgeTrainer(model=model, args=args, train_dataset=examples,
                               data_collator=lambda batch: pad_batch(batch, pad_id),
                               callbacks=[Events()])
@@ -279,11 +290,14 @@ def fit(model, job: dict, emit: Callable, precision: str = "none",
         "steps": total,
         "final_loss": sum(tail) / len(tail),
         "val_loss": val_box["loss"],
-        "tokens": clock["tokens"],
-        "tokens_per_second": clock["tokens"] / max(train_seconds, 1e-9),
+        "tokens": clock.get("all_tokens", clock["tokens"]),
+        "tokens_per_second": clock.get("all_tokens", clock["tokens"]) / max(train_seconds, 1e-9),
         "train_seconds": train_seconds,
         "precision": precision,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "losses": [round(x, 6) for x in losses],
+        "world_size": dist.world,
+        "examples": dist.sum_int(len(examples)),
     }
 
 
@@ -305,6 +319,9 @@ def train(job: dict, emit: Callable) -> dict:
                             "(check CUDA_VISIBLE_DEVICES and the driver with nvidia-smi)")
     bf16_ok = bool(is_bfloat16_supported())
     load_kw = from_pretrained_kwargs(cfg, job["hf_dir"], bf16_ok)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one GPU per rank (the worker set it)
+        load_kw["device_map"] = {"": local_rank}
     dtype_name = load_kw["dtype"]
     load_kw["dtype"] = getattr(torch, dtype_name) if dtype_name else None
     precision = mixed_precision(dtype_name, bf16_ok)
@@ -314,7 +331,7 @@ def train(job: dict, emit: Callable) -> dict:
     torch.manual_seed(cfg["seed"])
     model, _tokenizer = FastLanguageModel.from_pretrained(**load_kw)
     model = FastLanguageModel.get_peft_model(model, **peft_kwargs(cfg))
-    gpu = torch.cuda.get_device_name(0)
+    gpu = torch.cuda.get_device_name(local_rank)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     emit(Log(f"model loaded in {time.perf_counter() - t0:.1f}s on {gpu}; "
              f"{n_train / 1e6:.2f}M trainable LoRA parameters; 4-bit NF4 base, "

@@ -43,13 +43,19 @@ def _event_stream(rank: int = 0):
     return emit
 
 
-def _join_process_group() -> int:
-    """Under torchrun (WORLD_SIZE > 1): join the gloo process group; returns the world size."""
+def _join_process_group(backend: str = "cpu") -> int:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL with one GPU per rank
+    for the unsloth backend, gloo on CPU; returns the world size."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
+        import torch
         import torch.distributed as dist
 
-        dist.init_process_group("gloo")
+        if backend == "unsloth":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
     return world
 
 
@@ -153,7 +159,7 @@ def run(job: dict, emit) -> dict:
 
     ref = ModelRef(**{k: (Path(v) if k in ("gguf", "hf_dir") and v else v)
                       for k, v in job["model_ref"].items()})
-    world, rank = _join_process_group(), _rank()
+    world, rank = _join_process_group(job["backend"]), _rank()
     if world > 1 and rank != 0:
         _barrier()  # rank 0 makes the cached HF copy first; the others then only read it
     job["hf_dir"] = str(hf_dir_for(ref, emit, job.get("base_sha256")))
