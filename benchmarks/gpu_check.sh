@@ -9,7 +9,9 @@
 #    exports adapter.gguf and runs its short parity check), exports again, chats, and runs
 #    the full parity check (`edge-tune verify`);
 # 4. benchmarks/hf_peft_cuda.py: Unsloth vs HF Trainer + PEFT (bf16 LoRA, bnb 4-bit QLoRA)
-#    on the same run: tokens/s and peak VRAM, with ratios (target >= 1.8x at <= 0.6x).
+#    on the same run: tokens/s and peak VRAM, with ratios (target >= 1.8x at <= 0.6x);
+# 5. with 2 or more GPUs: --nproc 1 vs --nproc N (DDP over NCCL, same global batch), the
+#    scaling figure.
 #
 # Any failing step stops the script with its exit status. Settings (environment):
 #   VENV=.venv-gpu  STEPS=60  OUT=runs/gpu-check  REPEATS=3
@@ -93,5 +95,26 @@ step "parity check: edge-tune verify"
 step "Unsloth vs HF Trainer + PEFT (bf16 LoRA, bnb 4-bit), same run, $REPEATS interleaved rounds"
 "$PY" benchmarks/hf_peft_cuda.py --steps "$STEPS" --repeats "$REPEATS" \
     --json "$OUT/hf_peft_cuda.json"
+
+NGPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+if [ "$NGPU" -ge 2 ]; then
+    step "scaling: --nproc 1 vs --nproc $NGPU (DDP over NCCL), same global batch"
+    for N in 1 "$NGPU"; do
+        rm -rf "$OUT-nproc$N"
+        "$ET" train --data edge_tune/assets/demo.jsonl --backend unsloth --max-steps "$STEPS" \
+            --batch-size 4 --grad-accum $((NGPU / N)) --nproc "$N" --no-verify \
+            --out "$OUT-nproc$N"
+    done
+    "$PY" - "$OUT" "$NGPU" <<'EOF'
+import json, sys
+out, n = sys.argv[1], sys.argv[2]
+one = json.load(open(f"{out}-nproc1/manifest.json"))["result"]
+many = json.load(open(f"{out}-nproc{n}/manifest.json"))["result"]
+print("1 GPU: %.0f tok/s; %s GPUs: %.0f tok/s (%.2fx); final loss %.4f vs %.4f" % (
+    one["tokens_per_second"], n, many["tokens_per_second"],
+    many["tokens_per_second"] / one["tokens_per_second"], one["final_loss"],
+    many["final_loss"]))
+EOF
+fi
 
 step "done on $GPU: numbers above and in $OUT/hf_peft_cuda.json"
