@@ -132,9 +132,10 @@ def train(
                                           "(its directory) from its checkpoint, with its own "
                                           "settings, to the same total steps."),
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Training processes on this "
-                                        "machine, launched by torchrun (torch.distributed, "
-                                        "gloo on CPU); the global batch is batch-size x "
-                                        "grad-accum x processes [default: 1]."),
+                                        "machine, launched by torchrun (torch.distributed: "
+                                        "gloo on CPU, NCCL with one GPU each for unsloth), "
+                                        "each reading its shard; the global batch is "
+                                        "batch-size x grad-accum x processes [default: 1]."),
     nnodes: Optional[int] = typer.Option(None, "--nnodes", help="Machines taking part (run "
                                          "the same command on each) [default: 1]."),
     rdzv: Optional[str] = typer.Option(None, "--rdzv", metavar="HOST:PORT", help="With "

@@ -50,7 +50,7 @@ class TrainConfig:
     threads: int = 0  # 0 = physical cores
     memory_gib: Optional[float] = None  # the planner's memory budget; None = what is free now
     verify: bool = True  # after training: llama.cpp vs torch+PEFT on held-back prompts
-    nproc: int = 1  # training processes per node (torchrun, torch.distributed: gloo on CPU)
+    nproc: int = 1  # processes per node (torchrun: gloo on CPU, NCCL per GPU for unsloth)
     nnodes: int = 1  # machines; more than one needs rdzv
     rdzv: Optional[str] = None  # HOST:PORT of the rendezvous (torchrun --rdzv-endpoint)
 
