@@ -1,5 +1,5 @@
 """What a resumable checkpoint costs: writing RUN/checkpoint (LoRA weights + AdamW state +
-RNG/data order, safetensors + JSON) against one training step, on the embedded model.
+step and losses, safetensors + JSON) against one training step, on the embedded model.
 
 Default settings: LoRA r=16 on all seven projections, batch 8 of demo examples. The two are
 interleaved (step, save, step, save, ...) because the machine is shared and its speed drifts;
