@@ -79,23 +79,28 @@ def run_edgetune(job: dict) -> dict:
     from edge_tune.events import Metric
 
     tokens, ends, losses = [], [], []
-    collate = cpu.collate
+    collate, collate_packed = cpu.collate, cpu.collate_packed
 
     def counting_collate(examples, pad_id):  # the loop looks collate up at call time
         ids, labels, mask = collate(examples, pad_id)
         tokens.append((int(mask.sum()), mask.numel()))
         return ids, labels, mask
 
+    def counting_packed(examples, pad_id, capacity):  # --pack, the default
+        ids, labels, mask, positions, n = collate_packed(examples, pad_id, capacity)
+        tokens.append((n, ids.numel()))
+        return ids, labels, mask, positions, n
+
     def emit(event):  # called once per optimizer step, after the step
         if isinstance(event, Metric):
             ends.append(stamp())
             losses.append(event.loss)
 
-    cpu.collate = counting_collate
+    cpu.collate, cpu.collate_packed = counting_collate, counting_packed
     a = job["args"]
     cfg = TrainConfig(data=job["data"], max_steps=a["steps"], batch_size=a["batch_size"],
                       rank=a["rank"], alpha=a["alpha"], seq_len=a["seq_len"], lr=a["lr"],
-                      seed=a["seed"], warmup_steps=a["lr_warmup"])
+                      seed=a["seed"], warmup_steps=a["lr_warmup"], pack=not a["no_pack"])
     with tempfile.TemporaryDirectory() as adapter_dir:
         result = cpu.train({"config": cfg.to_dict(), "hf_dir": job["hf_dir"],
                             "examples": [Example(*e) for e in job["examples"]],
@@ -196,6 +201,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     p.add_argument("--sides", default="edgetune,hf,hf-bf16")
+    p.add_argument("--no-pack", action="store_true",
+                   help="edge-tune side with length-grouped padded batches instead of packing")
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the median "
                    "tok/s of each side is reported (this VM's speed drifts 10-20%%)")
     p.add_argument("--side", help=argparse.SUPPRESS)

@@ -372,8 +372,11 @@ def train(job: dict, emit: Callable) -> dict:
             for batch_at in orders:
                 batch = [examples[k] for k in batch_at(step)]
                 if cfg.get("pack"):
+                    # Rows no wider than the batch's longest example: packing then only joins
+                    # examples that fit beside each other, and never widens the attention
+                    # (quadratic in the row) beyond what padding would compute.
                     ids, labels, mask, positions, n_micro = collate_packed(
-                        batch, job["pad_id"], cfg["seq_len"])
+                        batch, job["pad_id"], max(len(e.input_ids) for e in batch))
                 else:
                     (ids, labels, mask), positions = collate(batch, job["pad_id"]), None
                     n_micro = int(mask.sum())
