@@ -206,8 +206,8 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
     weights = (shape.params - embed_params) * weight_bytes + embed_params * \
         (2.0 if four_bit else weight_bytes)
     att_batch, att_len = batch, length
-    if cfg.get("pack") and backend == "cpu":  # packed rows: fewer, longer sequences
-        att_len = min(cfg["seq_len"], tokens)
+    if cfg.get("pack") and backend == "cpu":  # packed rows, no wider than the longest example
+        att_len = min(length, tokens)
         att_batch = math.ceil(tokens / att_len)
     block = _block_activation_bytes(shape, tokens, att_batch, att_len, width)
     if cfg.get("grad_checkpoint") or backend == "unsloth":
