@@ -166,19 +166,20 @@ def lora_params(shape: ModelShape, rank: int, targets: list[str]) -> int:
 
 
 def _block_activation_bytes(shape: ModelShape, tokens: int, batch: int, length: int,
-                            width: int) -> float:
+                            width: int, probs_bytes: int) -> float:
     """Bytes one Llama block keeps for backward (eager attention, autocast at ``width`` bytes).
 
     Counted per token: two RMS norms each keep their fp32 input (4h) and their output (h);
     the q/k/v input is shared (h); q and k after rope (h + kv); k and v repeated to all heads
     for grouped-query attention (2h); the attention output / o_proj input (h); the residual
     (h); the MLP keeps the gate and up outputs, SiLU(gate) and the down input (4 x ffn).
-    Per sequence: softmax keeps its fp32 probabilities and their cast copy (4 + width bytes
-    per head per position pair).
+    Per sequence: ``probs_bytes`` per head per position pair for the attention probabilities
+    (transformers' eager attention keeps fp32 ones and their cast copy, 4 + width bytes; the
+    cpu backend's own attention keeps one copy, width bytes: backends/attention.py).
     """
     h, f, kv = shape.hidden, shape.ffn, shape.kv_dim
     per_token = 2 * 4 * h + width * (2 * h + h + (h + kv) + 2 * h + h + h + 4 * f)
-    attention = batch * shape.heads * length * length * (4 + width)
+    attention = batch * shape.heads * length * length * probs_bytes
     return tokens * per_token * ACTIVATION_OVERHEAD + attention
 
 
@@ -209,7 +210,8 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
     if cfg.get("pack") and backend == "cpu":  # packed rows, no wider than the longest example
         att_len = min(length, tokens)
         att_batch = math.ceil(tokens / att_len)
-    block = _block_activation_bytes(shape, tokens, att_batch, att_len, width)
+    probs_bytes = width if backend == "cpu" else 4 + width
+    block = _block_activation_bytes(shape, tokens, att_batch, att_len, width, probs_bytes)
     if cfg.get("grad_checkpoint") or backend == "unsloth":
         activations = shape.layers * tokens * shape.hidden * width + 2 * block
     else:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edge_tune.backends import checkpoint
+from edge_tune.backends import attention, checkpoint
 from edge_tune.data import sharding
 from edge_tune.data.template import IGNORE, Example
 from edge_tune.errors import EdgeTuneError
@@ -138,13 +138,15 @@ def build_model(hf_dir: Path, cfg: dict, bf16: bool):
     """The base model with LoRA layers: frozen base in bf16 (or fp32), trainable LoRA in fp32."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    model_type = AutoConfig.from_pretrained(str(hf_dir)).model_type
     model = AutoModelForCausalLM.from_pretrained(
         str(hf_dir), dtype=torch.bfloat16 if bf16 else torch.float32,
         # Eager attention: on CPU, SDPA's flash-attention backward is ~30% of a training
-        # step on short chat sequences; plain matmuls are faster here.
-        attn_implementation="eager")
+        # step on short chat sequences; plain matmuls are faster here. edge-tune's variant
+        # keeps one copy of the probabilities instead of two (attention.py).
+        attn_implementation=attention.implementation(model_type))
     model.config.use_cache = False
     if cfg.get("grad_checkpoint"):
         # Keep only each block's input; recompute the block in backward (non-reentrant, so the
