@@ -166,9 +166,9 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     models.check_spec(cfg.model)  # bad input fails fast, before any download or heavy work
     hw = probe()
     backend, why = registry.choose(cfg.backend, hw)  # an unusable backend: one line, first
-    if resume is not None and backend != "cpu":  # only the cpu backend writes checkpoints
-        raise EdgeTuneError(f"--resume {resume}: resuming is supported for the cpu backend "
-                            f"only; this run uses {backend}: start it again")
+    if resume is not None and backend not in ("cpu", "unsloth"):  # mlx writes no checkpoints
+        raise EdgeTuneError(f"--resume {resume}: resuming is supported for the cpu and unsloth "
+                            f"backends; this run uses {backend}: start it again")
     if (cfg.nproc > 1 or cfg.nnodes > 1) and backend not in ("cpu", "unsloth"):
         raise EdgeTuneError(f"--nproc/--nnodes: multi-process training runs on the cpu (gloo) "
                             f"and unsloth (NCCL) backends, not {backend}")

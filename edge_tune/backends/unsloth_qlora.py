@@ -19,7 +19,10 @@ Everything around it is edge-tune's, the same as on the CPU backend:
 * progress goes out as the same ``Metric`` events (train loss per step, tokens/s, ETA, and
   validation loss per trained token after ``cpu.eval_steps``);
 * the PEFT adapter lands in ``job["adapter_dir"]``; ``api.train`` writes ``adapter.gguf`` and
-  the manifest, as for every backend.
+  the manifest, as for every backend;
+* checkpoints are the CPU backend's (``edge_tune.backends.checkpoint``: safetensors + JSON, never
+  the Trainer's own pickled ones): every ``save_every`` steps and on cancel (SIGTERM), and
+  ``--resume`` continues at the saved step with the same data order, schedule and counters.
 
 Unsloth patches transformers, peft and trl when it is imported, so it must be imported before
 them, and only inside the training subprocess: the registry lists it as this backend's
@@ -29,10 +32,14 @@ heavy library at load time; the argument mappings are pure functions that CPU-on
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+from edge_tune.backends import checkpoint
 from edge_tune.backends.cpu import Distributed, collate, eval_steps, lr_at, slot_orders
 from edge_tune.data import sharding
 from edge_tune.data.template import IGNORE, Example
@@ -143,9 +150,20 @@ def training_args_kwargs(cfg: dict, total_steps: int, output_dir: str,
     }
 
 
-def lr_factor(total: int, warmup: int) -> Callable[[int], float]:
-    """The ``LambdaLR`` multiplier that reproduces ``cpu.lr_at`` (step is 0-based). Pure."""
-    return lambda step: lr_at(step, total, 1.0, warmup)
+def lr_factor(total: int, warmup: int, first: int = 0) -> Callable[[int], float]:
+    """The ``LambdaLR`` multiplier that reproduces ``cpu.lr_at`` (step is 0-based). A run
+    resumed at step ``first`` counts the scheduler's steps from there: the schedule goes on
+    where it stopped instead of warming up again. Pure."""
+    return lambda step: lr_at(first + step, total, 1.0, warmup)
+
+
+def check_checkpoint(state: dict, total: int, slots: int, where: str) -> None:
+    """A checkpoint continues only the run it was written by: the same step count and the same
+    micro-batch slots per step (the data order depends on both). Pure."""
+    if (state["total"], state.get("slots")) != (total, slots):
+        raise EdgeTuneError(f"{where}: the checkpoint is for {state['total']} steps of "
+                            f"{state.get('slots')} micro-batches, this run has {total} of "
+                            f"{slots}; the data or config changed")
 
 
 # --- the Trainer side (torch/transformers imported inside) ------------------------------------
@@ -184,13 +202,25 @@ def evaluate(model, examples: list[Example], batch_size: int, pad_id: int,
     return total / max(1, count)
 
 
+def new_optimizer(model, cfg: dict):
+    """AdamW over the LoRA parameters, made as the CPU backend makes it (one group, the
+    Trainer's arguments above): edge-tune's checkpoints hold its state."""
+    import torch
+
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
+                             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+
 def fit(model, job: dict, emit: Callable, precision: str = "none",
         autocast_dtype=None) -> dict:
     """Train the LoRA parameters of ``model`` (a PEFT model) on ``job["examples"]`` with
     transformers' Trainer and edge-tune's schedule, sampling, metrics and events.
 
     ``precision``: the Trainer's mixed precision, 'bf16', 'fp16' or 'none' (CPU tests).
-    Returns the same result keys as the CPU backend (without saving anything)."""
+    Checkpoints (``edge_tune.backends.checkpoint``, the CPU backend's format) go to
+    ``job["run_dir"]`` every ``save_every`` steps and when ``job["interrupt"]`` sees SIGTERM,
+    which then raises :class:`checkpoint.Cancelled`; ``job["resume_from"]`` continues one.
+    Returns the same result keys as the CPU backend (the adapter is the caller's to save)."""
     import tempfile
 
     import torch
@@ -210,21 +240,54 @@ def fit(model, job: dict, emit: Callable, precision: str = "none",
     # trains its slots' micro-batches, the cpu backend's data order (edge_tune.data.sharding).
     dist = Distributed()
     orders = slot_orders(job, grad_accum(cfg), dist)
+    slots = grad_accum(cfg) * dist.world
     total, per_epoch, warmup = step_counts(cfg, dist.sum_int(len(examples)), dist.world)
     evals = eval_steps(total, cfg.get("eval_every", 0)) if val_examples else set()
-    clock = {"start": time.perf_counter(), "paused": 0.0, "tokens": 0}
-    losses: list[float] = []
-    val_box: dict = {"loss": None}
-    stop = job.get("interrupt")  # SIGTERM raises Cancelled wherever it lands (no checkpoint)
+    stop = job.get("interrupt") or checkpoint.Interrupt()  # the worker's handles SIGTERM
+    run_dir = job.get("run_dir")
+    save_every = (cfg.get("save_every") or 0) if run_dir else 0
+    resume_from = job.get("resume_from")
+    # The run so far, as of its last completed step (a checkpoint's when resuming): the data
+    # order and the schedule are functions of the step, so nothing else is needed.
+    done = {"step": 0, "tokens": 0, "losses": [], "val_loss": None, "seconds": 0.0}
+    if resume_from:
+        state = checkpoint.read_state(Path(resume_from).parent)
+        if state is None:
+            raise EdgeTuneError(f"{resume_from}: no checkpoint to resume from")
+        check_checkpoint(state, total, slots, resume_from)
+        done.update(step=state["step"], tokens=state["tokens"], losses=list(state["losses"]),
+                    val_loss=state.get("val_loss"), seconds=state["train_seconds"])
+    first, base_tokens, losses = done["step"], done["tokens"], done["losses"]
+    clock = {"start": time.perf_counter() - done["seconds"], "paused": 0.0, "tokens": 0}
+    # Holds stop.guard() from the optimizer step until that step is recorded: a SIGTERM in
+    # between waits, so a checkpoint never has half an update (weights, moments, counters).
+    updating = contextlib.ExitStack()
+
+    def elapsed() -> float:
+        return time.perf_counter() - clock["start"] - clock["paused"]
+
+    def restore(optimizer, scaler=None) -> None:
+        state = checkpoint.restore(Path(resume_from), model, optimizer)
+        if scaler is not None and state.get("grad_scaler"):  # fp16: keep the loss scale
+            scaler.load_state_dict(state["grad_scaler"])
+        emit(Log(f"resumed from the checkpoint at step {first}/{total}"))
+
+    def save_checkpoint() -> None:
+        state = {"step": done["step"], "total": total, "slots": slots, "tokens": done["tokens"],
+                 "losses": losses, "val_loss": done["val_loss"], "train_seconds": elapsed()}
+        scaler = trainer.accelerator.scaler
+        if scaler is not None and scaler.is_enabled():
+            state["grad_scaler"] = scaler.state_dict()
+        checkpoint.save(Path(run_dir), model, trainer.optimizer, state)
 
     class SlotBatches:
-        """This rank's micro-batches in step order, one per slot it owns."""
+        """This rank's micro-batches in step order from step ``first``, one per slot it owns."""
 
         def __len__(self) -> int:
-            return total * len(orders)
+            return (total - first) * len(orders)
 
         def __iter__(self):
-            for step in range(total):
+            for step in range(first, total):
                 for batch_at in orders:
                     yield batch_at(step)
 
@@ -235,10 +298,26 @@ def fit(model, job: dict, emit: Callable, precision: str = "none",
             return DataLoader(examples, batch_sampler=SlotBatches(),
                               collate_fn=self.data_collator, num_workers=0)
 
+        def create_optimizer(self, model_=None):
+            # The checkpoint's state goes in here, before accelerate wraps the optimizer (and
+            # never through the Trainer's resume_from_checkpoint: that one pickles).
+            if self.optimizer is None:
+                self.optimizer = new_optimizer(model, cfg)
+                # The update itself is guarded whichever training loop calls it (Unsloth
+                # patches the Trainer's); on_pre_optimizer_step also covers the GradScaler's.
+                self.optimizer.register_step_pre_hook(
+                    lambda *_: updating.enter_context(stop.guard()))
+                if resume_from:
+                    restore(self.optimizer, self.accelerator.scaler)
+            return self.optimizer
+
         def create_scheduler(self, num_training_steps, optimizer=None):
             if self.lr_scheduler is None:
+                optimizer = optimizer or self.optimizer
+                for group in optimizer.param_groups:  # the schedule's base is the peak lr
+                    group["initial_lr"] = cfg["lr"]
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer or self.optimizer, lr_factor(total, warmup))
+                    optimizer, lr_factor(total, warmup, first))
             return self.lr_scheduler
 
         def training_step(self, model_, inputs, *args, **kwargs):
@@ -247,51 +326,75 @@ def fit(model, job: dict, emit: Callable, precision: str = "none",
 
     class Events(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            clock["start"] = time.perf_counter()
+            clock["start"] = time.perf_counter() - done["seconds"]
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            updating.enter_context(stop.guard())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:  # the end-of-run summary has no "loss"
                 return
-            step = state.global_step
+            step = first + state.global_step
             losses.append(float(logs["loss"]))  # the Trainer's mean over all ranks
-            elapsed = time.perf_counter() - clock["start"] - clock["paused"]
-            clock["all_tokens"] = dist.sum_int(clock["tokens"])  # every rank logs each step
+            # every rank logs each step
+            done.update(step=step, tokens=base_tokens + dist.sum_int(clock["tokens"]))
+            seconds = elapsed()
             emit(Metric(step=step, total_steps=total, loss=losses[-1],
-                        tokens_per_second=clock["all_tokens"] / max(elapsed, 1e-9),
-                        eta_seconds=elapsed / step * (total - step),
+                        tokens_per_second=done["tokens"] / max(seconds, 1e-9),
+                        eta_seconds=seconds / step * (total - step),
                         learning_rate=lr_at(step - 1, total, cfg["lr"], warmup),
                         epoch=step / per_epoch))
+            updating.close()  # the step is recorded: a SIGTERM that waited raises Cancelled
             if step in evals:
                 t_eval = time.perf_counter()
-                val_box["loss"] = evaluate(kwargs["model"], val_examples, cfg["batch_size"],
-                                           pad_id, autocast_dtype)
+                done["val_loss"] = evaluate(kwargs["model"], val_examples, cfg["batch_size"],
+                                            pad_id, autocast_dtype)
                 clock["paused"] += time.perf_counter() - t_eval  # tok/s: training time only
-                emit(Metric(step=step, total_steps=total, loss=val_box["loss"], split="val",
+                emit(Metric(step=step, total_steps=total, loss=done["val_loss"], split="val",
                             epoch=step / per_epoch))
-            if stop is not None and stop.requested:
-                control.should_training_stop = True
+            if save_every and step % save_every == 0 and step < total and dist.rank == 0:
+                with stop.guard():
+                    save_checkpoint()
 
-    with tempfile.TemporaryDirectory(prefix="edge-tune-trainer-") as scratch:
-        kw = training_args_kwargs(cfg, total, scratch, precision)
-        if not torch.cuda.is_available():  # CPU tests (DDP over gloo instead of NCCL)
-            kw.update(use_cpu=True, **({"ddp_backend": "gloo"} if dist.world > 1 else {}))
-        args = TrainingArguments(**kw)
-        trainer = EdgeTrainer(model=model, args=args, train_dataset=examples,
-                              data_collator=lambda batch: pad_batch(batch, pad_id),
-                              callbacks=[Events()])
-        trainer.remove_callback(PrinterCallback)  # progress goes out as events instead
-        emit(Log(f"training {total} steps: batch {cfg['batch_size']} x {grad_accum(cfg)} "
-                 f"accumulated, lr {cfg['lr']} (warm-up {warmup}, cosine to 10%), "
-                 f"{precision} compute"))
-        trainer.train()
-    train_seconds = time.perf_counter() - clock["start"] - clock["paused"]
+    if first >= total:  # cancelled after its last update: only the weights are left to load
+        restore(new_optimizer(model, cfg))
+    else:
+        with tempfile.TemporaryDirectory(prefix="edge-tune-trainer-") as scratch:
+            kw = training_args_kwargs(cfg, total - first, scratch, precision)
+            if not torch.cuda.is_available():  # CPU tests (DDP over gloo instead of NCCL)
+                kw.update(use_cpu=True, **({"ddp_backend": "gloo"} if dist.world > 1 else {}))
+            args = TrainingArguments(**kw)
+            trainer = EdgeTrainer(model=model, args=args, train_dataset=examples,
+                                  data_collator=lambda batch: pad_batch(batch, pad_id),
+                                  callbacks=[Events()])
+            trainer.remove_callback(PrinterCallback)  # progress goes out as events instead
+            emit(Log(f"training {total} steps: batch {cfg['batch_size']} x {grad_accum(cfg)} "
+                     f"accumulated, lr {cfg['lr']} (warm-up {warmup}, cosine to 10%), "
+                     f"{precision} compute"))
+            try:
+                trainer.train()
+            except BaseException as exc:
+                # SIGTERM (or Ctrl-C) may surface wrapped by a library; either way the weights
+                # are those after step done["step"]: the update is guarded, and the forward and
+                # backward passes of a step cut short change none.
+                if not (stop.requested or isinstance(exc, KeyboardInterrupt)):
+                    raise
+                updating.pop_all()  # an update cut short by an error, if any, is not resumed
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the save
+                if done["step"] < total:  # (after the last step the run is simply complete)
+                    if dist.rank == 0 and run_dir:  # rank 0 writes (all ranks hold the same)
+                        save_checkpoint()
+                        emit(Log(f"checkpoint saved at step {done['step']}/{total}; resume "
+                                 f"with `edge-tune train --resume {run_dir}`"))
+                    raise checkpoint.Cancelled() from None
+    train_seconds = elapsed()
     tail = losses[-max(1, min(10, len(losses) // 5)):] or [float("nan")]
     return {
         "steps": total,
         "final_loss": sum(tail) / len(tail),
-        "val_loss": val_box["loss"],
-        "tokens": clock.get("all_tokens", clock["tokens"]),
-        "tokens_per_second": clock.get("all_tokens", clock["tokens"]) / max(train_seconds, 1e-9),
+        "val_loss": done["val_loss"],
+        "tokens": done["tokens"],
+        "tokens_per_second": done["tokens"] / max(train_seconds, 1e-9),
         "train_seconds": train_seconds,
         "precision": precision,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -311,9 +414,6 @@ def train(job: dict, emit: Callable) -> dict:
     from unsloth import FastLanguageModel, is_bfloat16_supported
 
     cfg = job["config"]
-    if job.get("resume_from"):
-        raise EdgeTuneError("--resume: the unsloth backend does not resume from checkpoints "
-                            "yet; start the run again")
     if not torch.cuda.is_available():
         raise EdgeTuneError("--backend unsloth: torch sees no CUDA device "
                             "(check CUDA_VISIBLE_DEVICES and the driver with nvidia-smi)")
