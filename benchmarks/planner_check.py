@@ -30,6 +30,7 @@ CONFIGS = [
     ("default", 64, 2, 1024, []),
     ("default", 16, 4, 512, ["--precision", "fp32"]),
     ("default", 16, 8, 512, ["--grad-checkpoint"]),
+    ("default", 16, 4, 1024, ["--grad-checkpoint"]),
 ]
 
 
@@ -61,11 +62,14 @@ def model_path(name: str, work: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only the first three configurations")
+    p.add_argument("--only", type=int, nargs="*", help="only these rows (0-based)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="planner-check-"))
     data = long_text_data(work / "long.jsonl")
     rows = []
     for i, (name, rank, batch, seq, extra) in enumerate(CONFIGS[:3] if args.quick else CONFIGS):
+        if args.only is not None and i not in args.only:
+            continue
         out = work / f"run{i}"
         cmd = [sys.executable, "-m", "edge_tune", "train", "--model", model_path(name, work),
                "--backend", "cpu", "--data", str(data), "--train-on", "all", "--max-steps", "2",

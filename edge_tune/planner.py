@@ -36,6 +36,12 @@ FRAMEWORK_BYTES = {"cpu": 0.62 * GIB, "mlx": 0.5 * GIB, "unsloth": 1.0 * GIB}
 # Fitted with FRAMEWORK_BYTES on the first four rows of benchmarks/planner_check.py; the
 # other rows are out of sample.
 ACTIVATION_OVERHEAD = 1.7
+# Measured: with gradient checkpointing on the cpu backend, peak RSS holds about five blocks'
+# activations beyond the kept block inputs, not the two that are live at once (the recomputed
+# block and its gradients): each block's recompute-and-free churns glibc's heap, which keeps
+# the freed blocks (README, Speed). Fitted on planner_check's "b8 L512 --grad-checkpoint" row;
+# its "b4 L1024 --grad-checkpoint" row is out of sample.
+CPU_CHECKPOINT_BLOCKS = 5
 # Measured training throughput, as effective FLOP/s per physical core (CPU backends) or as a
 # share of the GPU's dense bf16 peak (Unsloth). FLOPs per token = 4 x parameters (forward and
 # the input-gradient half of backward; frozen weights need no weight gradients).
@@ -213,7 +219,8 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
     probs_bytes = width if backend == "cpu" else 4 + width
     block = _block_activation_bytes(shape, tokens, att_batch, att_len, width, probs_bytes)
     if cfg.get("grad_checkpoint") or backend == "unsloth":
-        activations = shape.layers * tokens * shape.hidden * width + 2 * block
+        in_flight = CPU_CHECKPOINT_BLOCKS if backend == "cpu" else 2
+        activations = shape.layers * tokens * shape.hidden * width + in_flight * block
     else:
         activations = shape.layers * block + block  # + the gradients of one block in flight
     rows = min(LOSS_CHUNK, tokens)
