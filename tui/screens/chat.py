@@ -60,6 +60,9 @@ class ChatScreen(BaseScreen):
         self.engine_key = None
         self.stop_flag = False
         self.busy = False
+        # Answers finished (ok, stopped or failed): a count only grows, so a caller can wait
+        # for "one more" without having to catch the short-lived busy state.
+        self.answered = 0
         self.picked = False
 
     def body(self):
@@ -216,6 +219,7 @@ class ChatScreen(BaseScreen):
             self.app.call_from_thread(self.show_error, exc, status)
         finally:
             self.busy = False
+            self.answered += 1
         # the adapter's answer continues the conversation (the last column answered)
         self.history.append({"role": "assistant", "content": reply})
 

@@ -56,6 +56,7 @@ class TrainScreen(BaseScreen):
         super().__init__()
         self._cancel: threading.Event | None = None
         self.running = False
+        self.finished_runs = 0  # grows by one when a run ends (done, cancelled or failed)
         self.last_metric: Metric | None = None
         self._plan_timer = None
 
@@ -272,6 +273,7 @@ class TrainScreen(BaseScreen):
 
     def _finished(self, result, exc: BaseException | None) -> None:
         self.running = False
+        self.finished_runs += 1
         self.refresh_bindings()
         log = self.query_one("#log", RichLog)
         stats = self.query_one("#stats", Static)
