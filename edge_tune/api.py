@@ -265,6 +265,8 @@ def _base_record(ref: models.ModelRef, hf_dir: str, sha256: Optional[str]) -> di
         info = from_gguf(ref.gguf)
         rec.update(gguf=str(ref.gguf), sha256=sha256, arch=info.arch,
                    name=info.metadata.get("name", ""), gguf_source="given")
+        if ref.ollama:  # read from Ollama's store: a Modelfile can name it (FROM NAME)
+            rec["ollama"] = ref.ollama
     else:
         from edge_tune.converters.base_info import from_hf_dir
 
@@ -736,9 +738,14 @@ def _write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Opt
         on_event(Log(f"--ollama: {trim_note}", "warning"))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    from_name = _place_beside(Path(model_gguf), directory)
+    # A run's base read from Ollama's store is named, not copied: Ollama already has it.
+    base_rec = (man or {}).get("base") or {}
+    from_ollama = base_rec.get("ollama") if adapter_gguf and base_rec.get("gguf") and \
+        Path(base_rec["gguf"]) == Path(model_gguf) else None
+    from_name = from_ollama or _place_beside(Path(model_gguf), directory)
     adapter_name = _place_beside(Path(adapter_gguf), directory) if adapter_gguf else None
-    text = ollama.modelfile(f"./{from_name}", f"./{adapter_name}" if adapter_name else None, go,
+    text = ollama.modelfile(from_ollama or f"./{from_name}",
+                            f"./{adapter_name}" if adapter_name else None, go,
                             ollama.stop_words(blocks, eos), system,
                             note="written by edge-tune export --ollama; run: ollama create NAME "
                                  "-f Modelfile", notes=(trim_note,) if trim_note else ())

@@ -107,7 +107,7 @@ def _load_tokenizer(model: str, on_event: EventSink):
     try:
         from transformers import AutoTokenizer
 
-        if ref.hub_id:  # only the tokenizer files, not the weights
+        if ref.hub_id and ref.hf_dir is None:  # only the tokenizer files, not the weights
             on_event(Log(f"loading the tokenizer of {ref.hub_id} from the Hugging Face hub"))
             return AutoTokenizer.from_pretrained(ref.hub_id)
         return AutoTokenizer.from_pretrained(str(models.hf_dir_for(ref, on_event)))
