@@ -42,13 +42,24 @@ def summary_table(r: dict) -> Table:
     t.add_row("format", fmt)
     t.add_row("records", f"{r['records']}" + (f" ({r['skipped']} skipped)" if r["skipped"]
                                               else ""))
+    n_ex = r.get("examples", r["records"])
+    if n_ex != r["records"]:
+        t.add_row("examples", f"{n_ex} (one per assistant turn where the chat template "
+                              "rewrites earlier turns)")
+    tools = r.get("tools") or {}
+    if any(tools.values()):
+        t.add_row("tool use", f"{tools['records_with_tools']} records with tools, "
+                              f"{tools['tool_calls']} tool calls (trained), "
+                              f"{tools['tool_results']} tool results (context)")
+    if tools.get("context_turns"):
+        t.add_row("weight 0", f"{tools['context_turns']} assistant turns are context only")
     t.add_row("model", r["model"])
     L = r["lengths"]
     t.add_row("tokens / example", f"min {L['min']}  median {L['median']}  p95 {L['p95']}  "
                                   f"max {L['max']}  (mean {L['mean']})")
     t.add_row("tokens", f"{r['tokens_total']:,} in all, {r['tokens_trained']:,} trained "
                         f"({100 * r['trained_share']:.1f}%)")
-    n, trunc = r["records"], r["truncated"]
+    n, trunc = r.get("examples", r["records"]), r["truncated"]
     cut = f"{trunc} of {n} examples truncated ({_pct(trunc, n)})"
     if trunc:
         cut += (f"; {r['tokens_trained_within_seq_len']:,} of {r['tokens_trained']:,} "
@@ -120,8 +131,13 @@ def render_inspect(report: dict, console: Console) -> None:
     marks = console.color_system is None  # no styles: bracket the trained spans instead
     where = f"{ex['source']}:{ex['line']}" if ex.get("source") else f"record {ex['line']}"
     console.print()
+    parts = [ex] + list(ex.get("more") or [])
     console.print(Text(f"first example ({where}), as the model sees it:", style="bold"))
+    if ex.get("tools"):
+        console.print(Text(f"tools given to the template: {', '.join(ex['tools'])}"))
     console.print(legend(marks))
-    console.rule(style="dim")
-    console.print(example_text(ex, marks), highlight=False, markup=False, soft_wrap=True)
+    for k, part in enumerate(parts, 1):
+        title = f"example {k} of {len(parts)} of this record" if len(parts) > 1 else ""
+        console.rule(title, style="dim")
+        console.print(example_text(part, marks), highlight=False, markup=False, soft_wrap=True)
     console.rule(style="dim")

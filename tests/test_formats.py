@@ -171,10 +171,12 @@ def test_openai_tool_calls_pass_through(tmp_path):
                 {"role": "assistant", "content": "It be 3.", "weight": 1}]
     path = write_jsonl(tmp_path / "t.jsonl", [{"messages": messages}])
     got = read_records(path).records[0].messages
-    assert got[1] == {"role": "assistant", "content": None, "tool_calls": [call]}
+    # OpenAI's JSON-string arguments become the object HF chat templates expect.
+    parsed = {**call, "function": {"name": "sum", "arguments": {}}}
+    assert got[1] == {"role": "assistant", "content": None, "tool_calls": [parsed]}
     assert got[2] == {"role": "tool", "content": "3", "tool_call_id": "c1", "name": "sum"}
-    assert got[3] == {"role": "assistant", "content": None, "tool_calls": [call]}
-    assert got[4] == {"role": "assistant", "content": "It be 3."}  # unknown keys dropped
+    assert got[3] == {"role": "assistant", "content": None, "tool_calls": [parsed]}
+    assert got[4] == {"role": "assistant", "content": "It be 3."}  # weight 1: the default
 
 
 @pytest.mark.parametrize("message,contains", [
@@ -218,7 +220,7 @@ def test_json_file_holding_json_lines_and_bom_and_crlf(tmp_path):
 
 def test_read_jsonl_keeps_its_contract(tmp_path):
     path = write_jsonl(tmp_path / "d.data", [SAMPLES["openai"][0]])  # any suffix, as before
-    assert read_jsonl(path)[0] == Record(CHAT, 1, source=str(path))
+    assert read_jsonl(path)[0] == Record(CHAT, 1, source=str(path), where=f"{path}:1")
     other = write_jsonl(tmp_path / "a.jsonl", [SAMPLES["alpaca"][0]])  # openai only, as before
     assert_error(f"{other}:1: ", "missing field 'messages'", read_jsonl, other)
 

@@ -60,29 +60,49 @@ def _join_process_group(backend: str = "cpu") -> int:
 
 
 def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on_all=False,
-                     overflow: str = "truncate", kept: list | None = None):
+                     overflow: str = "truncate", kept: list | None = None,
+                     skip_invalid: bool = False, system_mode: str = "keep"):
     """Examples cut to ``seq_len`` (or dropped, with ``overflow="drop"``); ones with nothing
-    left to learn are dropped too. Both are counted and reported. ``kept``: gets the position
-    in ``records`` of each example returned."""
-    from edge_tune.data.template import Example, encode_record
+    left to learn are dropped too. Both are counted and reported. A record may give several
+    examples (one per assistant turn, for templates that rewrite earlier turns). ``kept``:
+    gets the position in ``records`` of each example returned. A record the chat template
+    cannot train stops with its ``FILE:LINE``, or with ``skip_invalid`` is skipped and listed."""
+    from edge_tune.data.template import Example, RecordError, encode_examples
 
-    examples, truncated = [], 0
+    examples, truncated, n_examples, bad = [], 0, 0, []
     for i, record in enumerate(records):
-        full = encode_record(tok, record.get("messages"), record.get("text"), train_on_all)
-        too_long = len(full.input_ids) > seq_len
-        truncated += too_long
-        if too_long and overflow == "drop":
-            continue
-        ex = Example(full.input_ids[:seq_len], full.labels[:seq_len])
-        if ex.n_trained:
-            examples.append(ex)
-            if kept is not None:
-                kept.append(i)
+        try:
+            encoded = encode_examples(tok, record.get("messages"), record.get("text"),
+                                      tools=record.get("tools"), train_on_all=train_on_all,
+                                      system_mode=system_mode, where=record.get("where", ""))
+        except RecordError as exc:
+            if not skip_invalid:
+                raise
+            bad.append(str(exc))
+            encoded = []
+        for full in encoded:
+            n_examples += 1
+            too_long = len(full.input_ids) > seq_len
+            truncated += too_long
+            if too_long and overflow == "drop":
+                continue
+            ex = Example(full.input_ids[:seq_len], full.labels[:seq_len])
+            if ex.n_trained:
+                examples.append(ex)
+                if kept is not None:
+                    kept.append(i)
         if i % 50 == 0 or i == len(records) - 1:
             emit(Progress(f"tokenize-{name}", i + 1, len(records), "records",
                           f"tokenizing {name} data"))
+    if bad and not n_examples:
+        raise EdgeTuneError(f"{name} data: every record was invalid for the chat template; "
+                            f"first: {bad[0]}")
+    if bad:
+        emit(Log(f"{name} data: skipped {len(bad)} records the chat template cannot train "
+                 f"(--skip-invalid): {'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}",
+                 "warning"))
     if truncated:
-        dropped = len(records) - len(examples)
+        dropped = n_examples - len(examples)
         what = "dropped (--overflow drop)" if overflow == "drop" else \
             f"truncated ({dropped} of them lost every trained token and were dropped)"
         emit(Log(f"{name} data: {truncated} examples were longer than seq_len={seq_len} and were "
@@ -116,12 +136,16 @@ def prepare_examples(job: dict, emit, rank: int = 0, world: int = 1):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(job["hf_dir"])
+    if job.get("chat_template"):  # --chat-template: replaces the model's own, if any
+        tok.chat_template = job["chat_template"]
     seq_len = job["config"]["seq_len"]
     on_all = job["config"].get("train_on") == "all"
     overflow = job["config"].get("overflow", "truncate")
+    per_record = {"skip_invalid": bool(job["config"].get("skip_invalid")),
+                  "system_mode": job["config"].get("system_mode") or "keep"}
     indices, kept = read_shard(job, rank, world), []
     examples = tokenize_records(tok, job["records"], seq_len, emit, "training", on_all,
-                                overflow, kept)
+                                overflow, kept, **per_record)
     job["example_index"] = [indices[k] for k in kept]
     if not examples:
         shard = f" in rank {rank}'s shard" if world > 1 else ""
@@ -129,7 +153,8 @@ def prepare_examples(job: dict, emit, rank: int = 0, world: int = 1):
                             "--seq-len" + (" or use fewer processes" if world > 1 else ""))
     # Only rank 0 validates.
     job["val_examples"] = tokenize_records(tok, job.get("val_records") or [], seq_len, emit,
-                                           "validation", on_all, overflow) if rank == 0 else []
+                                           "validation", on_all, overflow,
+                                           **per_record) if rank == 0 else []
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     info = {"chat_template": tok.chat_template,
             "stop_tokens": [t for t in {tok.eos_token} if t]}

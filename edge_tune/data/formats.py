@@ -4,10 +4,18 @@ bad one. The normalisers here are pure; :mod:`edge_tune.data.readers` does the f
 Shapes (one per file, detected from its first valid record unless ``fmt`` is given):
 OpenAI chat, ShareGPT, Alpaca, prompt/completion (all become OpenAI-style ``messages``) and
 plain text (kept as ``text``). Errors are one line: ``FILE:LINE: what is wrong (expected)``.
+
+OpenAI chat records may carry what OpenAI's fine-tuning format and Hugging Face chat templates
+use for tool calling: a record-level ``tools`` list of function schemas, assistant
+``tool_calls`` (``content`` may then be null or absent), ``tool`` messages with
+``tool_call_id``/``name``, an assistant ``reasoning_content``, and a per-message ``weight``
+(0: context only, 1: trained; only on assistant messages). Tool-call ``arguments`` given as a
+JSON string (OpenAI's form) are parsed into an object, which is what HF templates expect.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -16,7 +24,7 @@ from edge_tune.data.readers import Row, Source, file_source, json_kind, open_sou
 from edge_tune.errors import EdgeTuneError
 
 ROLES = ("system", "user", "assistant", "tool")
-PASS_THROUGH = ("tool_calls", "tool_call_id", "name")  # OpenAI tool-use keys, kept as they are
+PASS_THROUGH = ("tool_calls", "tool_call_id", "name", "reasoning_content")  # kept, checked
 FROM_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
               "system": "system"}
 
@@ -43,6 +51,19 @@ class Record:
     line: int  # 1-based line in the source file (record index for .json/.parquet/hub)
     text: Optional[str] = None  # set for a plain-text record only
     source: str = ""  # the file (or hub ID) it came from: a directory holds several
+    tools: Optional[list[dict]] = None  # an OpenAI record's function schemas (for the template)
+    where: str = ""  # "FILE:LINE" (or "FILE:#N"): the start of every message about the record
+
+
+def job_record(record: Record) -> dict:
+    """A record as the training job carries it (JSON-safe): ``messages`` (with ``tools`` when
+    it has any) or ``text``, and ``where`` for per-record errors at tokenization."""
+    out = {"text": record.text} if record.messages is None else {"messages": record.messages}
+    if record.tools:
+        out["tools"] = record.tools
+    if record.where:
+        out["where"] = record.where
+    return out
 
 
 @dataclass
@@ -103,7 +124,81 @@ def _turns(obj: dict, key: str, where: str, fmt: str) -> list:
 def _need_assistant(messages: list[dict], where: str) -> list[dict]:
     if not any(m["role"] == "assistant" for m in messages):
         raise EdgeTuneError(f"{where}: conversation has no assistant turn (nothing to learn)")
+    if all(m.get("weight") == 0 for m in messages if m["role"] == "assistant"):
+        raise EdgeTuneError(f"{where}: every assistant message has weight 0 (nothing to learn)")
     return messages
+
+
+def _json_object(value, at: str, what: str):
+    """A JSON object given as itself or as a string holding one (OpenAI's tool-call
+    arguments; tool columns of CSV/Parquet files)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise EdgeTuneError(f"{at}: {what} is not valid JSON ({exc.msg} at column "
+                                f"{exc.colno}; expected a JSON object)") from None
+    return value
+
+
+def _tool_calls(calls, role: str, at: str) -> list[dict]:
+    """OpenAI tool calls, each as ``{"type": "function", "id"?, "function": {"name",
+    "arguments": object}}`` (a flat ``{"name", "arguments"}`` is wrapped)."""
+    if role != "assistant" or not isinstance(calls, list) or not calls \
+            or not all(isinstance(c, dict) for c in calls):
+        raise EdgeTuneError(f"{at}: 'tool_calls' must be a non-empty list of objects on an "
+                            f"assistant message (got {json_kind(calls)} on {role})")
+    out = []
+    for j, call in enumerate(calls):
+        here = f"{at}: tool_calls[{j}]"
+        fn = call.get("function", call)
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise EdgeTuneError(f"{here}: missing function name (expected {{\"type\": "
+                                f"\"function\", \"function\": {{\"name\": ..., "
+                                f"\"arguments\": ...}}}})")
+        args = _json_object(fn.get("arguments", {}), here, "'arguments'")
+        if not isinstance(args, dict):
+            raise EdgeTuneError(f"{here}: 'arguments' must be a JSON object (or a string "
+                                f"holding one), got {json_kind(args)}")
+        new = {"type": call.get("type", "function"),
+               "function": {**fn, "name": fn["name"], "arguments": args}}
+        if "id" in call:
+            new["id"] = call["id"]
+        out.append(new)
+    return out
+
+
+def _weight(m: dict, role: str, at: str) -> dict:
+    """``{"weight": 0}`` for a context-only assistant turn, ``{}`` when it is trained."""
+    if "weight" not in m:
+        return {}
+    w = m["weight"]
+    if role != "assistant":
+        raise EdgeTuneError(f"{at}: 'weight' is only for assistant messages (got it on {role})")
+    if isinstance(w, bool) or w not in (0, 1):
+        raise EdgeTuneError(f"{at}: 'weight' must be 0 (context, not trained) or 1 (trained), "
+                            f"got {_show(w)}")
+    return {"weight": 0} if w == 0 else {}
+
+
+def record_tools(obj: dict, where: str) -> Optional[list[dict]]:
+    """An OpenAI record's ``tools`` (function schemas for the chat template), or None. Each
+    must be an object naming its function: ``{"type": "function", "function": {"name": ...,
+    "description": ..., "parameters": ...}}`` (or the flat ``{"name": ...}``)."""
+    tools = obj.get("tools")
+    if tools is None:
+        return None
+    tools = _json_object(tools, where, "'tools'")
+    if not isinstance(tools, list):
+        raise EdgeTuneError(f"{where}: 'tools' must be a list of function schemas, got "
+                            f"{json_kind(tools)}")
+    for j, tool in enumerate(tools):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise EdgeTuneError(f"{where}: tools[{j}]: expected a function schema "
+                                '({"type": "function", "function": {"name": ..., '
+                                '"parameters": ...}})')
+    return tools or None
 
 
 # ---- one normaliser per format ---------------------------------------------------------------
@@ -121,16 +216,15 @@ def _openai_message(m, at: str) -> dict:
                             f"{', '.join(ROLES)})")
     extra = {k: m[k] for k in PASS_THROUGH if m.get(k) is not None}
     calls = extra.get("tool_calls")
-    if calls is not None and (role != "assistant" or not isinstance(calls, list) or not calls
-                              or not all(isinstance(c, dict) for c in calls)):
-        raise EdgeTuneError(f"{at}: 'tool_calls' must be a non-empty list of objects on an "
-                            f"assistant message (got {json_kind(calls)} on {role})")
-    for key in ("tool_call_id", "name"):
+    if calls is not None:
+        extra["tool_calls"] = _tool_calls(calls, role, at)
+    for key in ("tool_call_id", "name", "reasoning_content"):
         if key in extra and not isinstance(extra[key], str):
             raise EdgeTuneError(f"{at}: {key!r} must be a string, got {json_kind(extra[key])}")
     # A tool-calling assistant turn may carry no text: the calls are what it says.
     content = _field(m, "content", at, '{"role": ..., "content": ...}', optional=bool(calls))
-    return {"role": role, "content": m.get("content") if calls else content, **extra}
+    return {"role": role, "content": m.get("content") if calls else content, **extra,
+            **_weight(m, role, at)}
 
 
 def check_messages(obj, where: str) -> list[dict]:
@@ -249,11 +343,13 @@ def _read_source(source: Source, fmt: str, skip_invalid: bool, result: ReadResul
                 # merely looks like another format cannot make the whole file mismatched.
                 row_fmt = _detect(row)
                 normalised = normalise(row.value, row_fmt, row.where)
+                record = _record(normalised, row, source.name, row_fmt)
                 file_fmt, decided_at = row_fmt, row.where
             else:
                 _check_same_format(row, file_fmt, decided_at)
                 normalised = normalise(row.value, file_fmt, row.where)
-            result.records.append(_record(normalised, row, source.name))
+                record = _record(normalised, row, source.name, file_fmt)
+            result.records.append(record)
         except EdgeTuneError as exc:
             if not skip_invalid:
                 raise
@@ -285,7 +381,8 @@ def _check_same_format(row: Row, file_fmt: str, decided_at: str) -> None:
                             f"expected {SHAPES[file_fmt]})")
 
 
-def _record(normalised: Union[list[dict], str], row: Row, source: str) -> Record:
+def _record(normalised: Union[list[dict], str], row: Row, source: str, fmt: str) -> Record:
     if isinstance(normalised, str):
-        return Record(None, row.line, text=normalised, source=source)
-    return Record(normalised, row.line, source=source)
+        return Record(None, row.line, text=normalised, source=source, where=row.where)
+    tools = record_tools(row.value, row.where) if fmt == "openai" else None
+    return Record(normalised, row.line, source=source, tools=tools, where=row.where)

@@ -1,10 +1,12 @@
 """``edge-tune data inspect``: what a data file looks like to the trainer, before training.
 
 :func:`inspect_data` reads the file exactly as ``train`` does, tokenizes every record with the
-model's own tokenizer and chat template (the same :func:`~edge_tune.data.template.encode` the
-trainer uses), and returns plain, JSON-safe data: the format, the record count, token-length
+model's own tokenizer and chat template (the same
+:func:`~edge_tune.data.template.encode_examples` the trainer uses), and returns plain, JSON-safe data: the format, the record count, token-length
 statistics and a histogram, the share of tokens that carry loss, how many examples ``--seq-len``
-would cut, and the first example rendered with its trained character spans.
+would cut, the tool-calling data it holds (records with ``tools``, tool calls, tool results,
+``weight: 0`` turns), and the first example rendered with its trained character spans (a
+record trains as one example per assistant turn when the template rewrites earlier turns).
 
 The statistics helpers (:func:`length_stats`, :func:`histogram`, :func:`merge_spans`) are pure.
 transformers is imported inside :func:`inspect_data` only.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Optional
 
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import EventSink, Log, Progress, ignore
@@ -119,9 +122,23 @@ def _load_tokenizer(model: str, on_event: EventSink):
                             f"({type(exc).__name__}: {first})", 3 if ref.hub_id else 2)
 
 
-def _first_example(tok, record, seq_len: int) -> dict:
+def _shown(tok, rendered, seq_len: int) -> dict:
+    """One example as shown: rendered text, trained character spans, where ``seq_len`` cuts it
+    (None when it fits)."""
+    from edge_tune.data.template import tokenize_spans
+
+    # The very tokenization and labels training uses, so the highlight is what is trained.
+    _, offsets, inside = tokenize_spans(tok, rendered.text, rendered.spans)
+    trained = [span for span, flag in zip(offsets, inside) if flag]
+    cut = offsets[seq_len - 1][1] if len(offsets) > seq_len else None
+    return {"text": rendered.text, "spans": merge_spans(trained), "cut": cut}
+
+
+def _first_example(tok, record, seq_len: int, system_mode: str = "keep",
+                   train_on_all: bool = False) -> dict:
     """The first record as the model sees it: rendered text, trained character spans, and
-    where ``seq_len`` cuts it (None when it fits)."""
+    where ``seq_len`` cuts it (None when it fits). A record that trains as several examples
+    (one per assistant turn) gives the first here and the rest under ``more``."""
     if record.messages is None:
         text = record.text
         enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
@@ -131,58 +148,107 @@ def _first_example(tok, record, seq_len: int) -> dict:
             offsets = enc["offset_mapping"]
             cut = offsets[seq_len - 1][1] if seq_len <= len(offsets) else len(text)
         return {"text": text, "spans": [[0, len(text)]] if text else [], "cut": cut}
-    from edge_tune.data.template import assistant_spans, tokenize_spans
+    from edge_tune.data.template import render_examples
 
-    text, spans = assistant_spans(tok, record.messages)
-    # The very tokenization and labels encode() uses, so the highlight is what is trained.
-    _, offsets, inside = tokenize_spans(tok, text, spans)
-    trained = [span for span, flag in zip(offsets, inside) if flag]
-    cut = offsets[seq_len - 1][1] if len(offsets) > seq_len else None
-    return {"text": text, "spans": merge_spans(trained), "cut": cut}
+    parts = [_shown(tok, r, seq_len) for r in render_examples(
+        tok, record.messages, record.tools, system_mode=system_mode, where=record.where,
+        train_on_all=train_on_all)]
+    return {**parts[0], "more": parts[1:], "tools": tool_names(record.tools),
+            "tool_calls": sum(len(m.get("tool_calls") or []) for m in record.messages)}
+
+
+def tool_names(tools) -> list[str]:
+    """The function names of a record's ``tools`` schemas."""
+    return [(t.get("function") if isinstance(t.get("function"), dict) else t).get("name")
+            for t in tools or []]
+
+
+def tool_counts(records) -> dict:
+    """How much tool-calling data there is: records with ``tools`` schemas, assistant tool
+    calls, ``tool`` results (context, never trained) and assistant turns with ``weight: 0``
+    (context, not trained)."""
+    msgs = [m for r in records for m in (r.messages or [])]
+    return {"records_with_tools": sum(1 for r in records if r.tools),
+            "tool_calls": sum(len(m.get("tool_calls") or []) for m in msgs),
+            "tool_results": sum(1 for m in msgs if m["role"] == "tool"),
+            "context_turns": sum(1 for m in msgs
+                                 if m["role"] == "assistant" and m.get("weight") == 0)}
 
 
 def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "auto",
-                 on_event: EventSink = ignore) -> dict:
+                 on_event: EventSink = ignore, chat_template: Optional[str] = None,
+                 skip_invalid: bool = False, system_mode: str = "keep") -> dict:
     """Read and tokenize a data file as ``train`` would; returns a JSON-safe report (see the
-    module docstring). Raises EdgeTuneError for bad data, a bad ``--model`` or ``--seq-len``."""
+    module docstring). ``chat_template``: ``--chat-template NAME|FILE``, used instead of the
+    model's own. Raises EdgeTuneError for bad data (a record the template cannot train:
+    ``FILE:LINE: ...``, unless ``skip_invalid``), a bad ``--model`` or ``--seq-len``."""
     from edge_tune import models
     from edge_tune.data.formats import read_records
-    from edge_tune.data.template import encode_record
 
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise EdgeTuneError(f"--seq-len {seq_len}: must be a whole number of tokens >= 1")
     models.check_spec(model)  # bad input fails fast, before any heavy work
-    data = read_records(path, fmt=fmt)
-    tok = _load_tokenizer(model, on_event)
-    if any(r.messages is not None for r in data.records) and not tok.chat_template:
-        raise EdgeTuneError(f"--model {model}: its tokenizer has no chat template, so "
-                            "conversations cannot be rendered (use plain text data or a chat "
-                            "model)")
+    template = None
+    if chat_template:
+        from edge_tune.templates import resolve_template
 
-    lengths, trained, kept = [], [], []
+        template = resolve_template(chat_template)
+    data = read_records(path, fmt=fmt, skip_invalid=skip_invalid)
+    tok = _load_tokenizer(model, on_event)
+    if template is not None:
+        tok.chat_template = template
+    return inspect_records(tok, data, str(path), model, seq_len, on_event,
+                           skip_invalid=skip_invalid, system_mode=system_mode)
+
+
+def inspect_records(tok, data, path: str, model: str, seq_len: int,
+                    on_event: EventSink = ignore, skip_invalid: bool = False,
+                    system_mode: str = "keep", train_on_all: bool = False) -> dict:
+    """The report for records already read (a :class:`~edge_tune.data.formats.ReadResult`),
+    with a tokenizer whose ``chat_template`` is the one training uses."""
+    from edge_tune.data.template import NO_TEMPLATE, RecordError, encode_examples
+
+    if any(r.messages is not None for r in data.records) and not tok.chat_template:
+        raise EdgeTuneError(f"--model {model}: {NO_TEMPLATE}")
+    lengths, trained, kept, good, bad = [], [], [], [], []
     n = len(data.records)
     for i, record in enumerate(data.records):
-        ex = encode_record(tok, record.messages, record.text)
-        lengths.append(len(ex.input_ids))
-        trained.append(ex.n_trained)
-        kept.append(sum(1 for x in ex.labels[:seq_len] if x != -100))
+        try:
+            examples = encode_examples(tok, record.messages, record.text, tools=record.tools,
+                                       train_on_all=train_on_all, system_mode=system_mode,
+                                       where=record.where)
+        except RecordError as exc:
+            if not skip_invalid:
+                raise
+            bad.append((record.line, str(exc)))
+            continue
+        good.append(record)
+        for ex in examples:
+            lengths.append(len(ex.input_ids))
+            trained.append(ex.n_trained)
+            kept.append(sum(1 for x in ex.labels[:seq_len] if x != -100))
         if i % 50 == 0 or i == n - 1:
             on_event(Progress("tokenize", i + 1, n, "records", "tokenizing"))
+    if not good:
+        raise EdgeTuneError(f"{path}: every record was invalid; first: {bad[0][1]}")
 
     report = {
-        "path": str(path),
+        "path": path,
         "model": model,
         "format": data.format,
         "formats": dict(data.formats),
-        "records": n,
-        "skipped": len(data.skipped),
+        "records": len(good),
+        "examples": len(lengths),
+        "skipped": len(data.skipped) + len(bad),
+        "skipped_lines": [line for line, _ in list(data.skipped) + bad][:20],
+        "tools": tool_counts(good),
         **summarize(lengths, trained, seq_len, kept),
     }
-    first = data.records[0]
+    first = good[0]
     report["first_example"] = {"source": first.source, "line": first.line,
-                               **_first_example(tok, first, seq_len)}
+                               **_first_example(tok, first, seq_len, system_mode, train_on_all)}
     return report
 
 
-__all__ = ["histogram", "inspect_data", "length_stats", "merge_spans", "percentile",
-           "summarize"]
+__all__ = ["histogram", "inspect_data", "inspect_records", "length_stats", "merge_spans",
+           "percentile", "summarize", "tool_counts"]
