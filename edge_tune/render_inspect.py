@@ -49,7 +49,7 @@ def summary_table(r: dict) -> Table:
     tools = r.get("tools") or {}
     if any(tools.values()):
         t.add_row("tool use", f"{tools['records_with_tools']} records with tools, "
-                              f"{tools['tool_calls']} tool calls (trained), "
+                              f"{tools['tool_calls']} tool calls, "
                               f"{tools['tool_results']} tool results (context)")
     if tools.get("context_turns"):
         t.add_row("weight 0", f"{tools['context_turns']} assistant turns are context only")

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from conftest import assert_one_line_error, run_cli
 from edge_tune.data.inspect import histogram, length_stats, merge_spans, percentile, summarize
+from edge_tune.errors import EdgeTuneError
 from edge_tune.render_inspect import bar, example_text, render_inspect
 
 
@@ -211,3 +212,66 @@ def test_malformed_line(tmp_path):
 ])
 def test_bad_flags(demo_jsonl, flags, needle):
     assert_one_line_error(run_cli("data", "inspect", str(demo_jsonl), *flags), needle)
+
+
+# ---- templates that rewrite history, tool data, no template (tiny in-memory tokenizers) -------
+
+def test_a_record_that_trains_per_turn_shows_each_example(tmp_path):
+    from chat_tokenizer import byte_tokenizer
+    from edge_tune.data.formats import read_records
+    from edge_tune.data.inspect import inspect_records
+    from edge_tune.templates import BUILTIN
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A1"},
+             {"role": "user", "content": "Go"}, {"role": "assistant", "content": "A2",
+                                                 "weight": 1},
+             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "A3",
+                                                  "weight": 0}]
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"messages": turns}) + "\n")
+    report = inspect_records(byte_tokenizer(BUILTIN["qwen3"], "qwen3"), read_records(data),
+                             str(data), "tiny-qwen3", 512)
+    assert report["records"] == 1 and report["examples"] == 2  # A3 (weight 0) is context
+    assert report["tools"]["context_turns"] == 1
+    ex = report["first_example"]
+    shown = [ex] + ex["more"]
+    assert [[p["text"][a:b] for a, b in p["spans"]] for p in shown] == [
+        ["<think>\n\n</think>\n\nA1<|im_end|>\n"], ["<think>\n\n</think>\n\nA2<|im_end|>\n"]]
+    console = Console(width=120, record=True, color_system=None, file=io.StringIO())
+    render_inspect(report, console)
+    text = console.export_text()
+    assert "example 1 of 2 of this record" in text and "example 2 of 2" in text
+    assert "2 (one per assistant turn" in text and "1 assistant turns are context only" in text
+
+
+def test_no_chat_template_names_the_option(tmp_path):
+    from chat_tokenizer import byte_tokenizer
+    from edge_tune.data.formats import read_records
+    from edge_tune.data.inspect import inspect_records
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"},
+                                             {"role": "assistant", "content": "b"}]}) + "\n")
+    with pytest.raises(EdgeTuneError, match=r"^--model base: the model has no chat template.*"
+                       r"--chat-template NAME\|FILE"):
+        inspect_records(byte_tokenizer(None), read_records(data), str(data), "base", 512)
+
+
+def test_template_faults_stop_inspect_with_the_line_or_are_skipped(tmp_path):
+    from chat_tokenizer import byte_tokenizer
+    from edge_tune.data.formats import read_records
+    from edge_tune.data.inspect import inspect_records
+    from edge_tune.templates import BUILTIN
+
+    ok = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    bad = {"messages": [{"role": "system", "content": "s"}, *ok["messages"]]}
+    data = tmp_path / "d.jsonl"
+    data.write_text(f"{json.dumps(ok)}\n{json.dumps(bad)}\n")
+    tok = byte_tokenizer(BUILTIN["gemma2"], "gemma2")
+    with pytest.raises(EdgeTuneError, match=rf"^{data}:2: the template says: System role not "
+                       "supported"):
+        inspect_records(tok, read_records(data), str(data), "m", 512)
+    r = inspect_records(tok, read_records(data), str(data), "m", 512, skip_invalid=True)
+    assert r["records"] == 1 and r["skipped"] == 1 and r["skipped_lines"] == [2]
+    folded = inspect_records(tok, read_records(data), str(data), "m", 512, system_mode="fold")
+    assert folded["records"] == 2 and folded["skipped"] == 0
