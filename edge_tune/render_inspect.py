@@ -127,17 +127,22 @@ def legend(marks: bool = False) -> Text:
 def render_inspect(report: dict, console: Console) -> None:
     console.print(summary_table(report))
     console.print(histogram_table(report))
-    ex = report["first_example"]
+    _example(report["first_example"], "first example", console)
+    if report.get("first_tool_example"):
+        _example(report["first_tool_example"], "first example with tool use", console)
+
+
+def _example(ex: dict, title: str, console: Console) -> None:
     marks = console.color_system is None  # no styles: bracket the trained spans instead
     where = f"{ex['source']}:{ex['line']}" if ex.get("source") else f"record {ex['line']}"
     console.print()
     parts = [ex] + list(ex.get("more") or [])
-    console.print(Text(f"first example ({where}), as the model sees it:", style="bold"))
+    console.print(Text(f"{title} ({where}), as the model sees it:", style="bold"))
     if ex.get("tools"):
         console.print(Text(f"tools given to the template: {', '.join(ex['tools'])}"))
     console.print(legend(marks))
     for k, part in enumerate(parts, 1):
-        title = f"example {k} of {len(parts)} of this record" if len(parts) > 1 else ""
-        console.rule(title, style="dim")
+        label = f"example {k} of {len(parts)} of this record" if len(parts) > 1 else ""
+        console.rule(label, style="dim")
         console.print(example_text(part, marks), highlight=False, markup=False, soft_wrap=True)
     console.rule(style="dim")

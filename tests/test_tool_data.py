@@ -220,3 +220,21 @@ def test_data_inspect_shows_tools_and_counts(data):
     assert "1 records with tools, 1 tool calls, 1 tool results (context)" in text
     assert "tools given to the template: get_weather" in text
     assert '\u27e6<tool_call>\n{"name": "get_weather"' in text
+
+
+def test_data_inspect_also_shows_the_first_record_that_uses_tools(tmp_path):
+    from rich.console import Console
+
+    from edge_tune.data.inspect import inspect_records
+    from edge_tune.render_inspect import render_inspect
+
+    plain = {"messages": [CONVERSATION[0], CONVERSATION[3]]}
+    path = write(tmp_path / "mixed.jsonl", [plain, plain, RECORD])
+    tok = byte_tokenizer(BUILTIN["llama3"], "llama3")
+    report = inspect_records(tok, read_records(path), path, "tiny-llama3", 512)
+    assert report["first_example"]["line"] == 1 and report["first_tool_example"]["line"] == 3
+    console = Console(width=200, record=True, color_system=None, file=io.StringIO())
+    render_inspect(report, console)
+    text = console.export_text()
+    assert f"first example with tool use ({path}:3)" in text
+    assert '\u27e6{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>\u27e7' in text

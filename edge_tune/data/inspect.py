@@ -247,7 +247,18 @@ def inspect_records(tok, data, path: str, model: str, seq_len: int,
     first = good[0]
     report["first_example"] = {"source": first.source, "line": first.line,
                                **_first_example(tok, first, seq_len, system_mode, train_on_all)}
+    # Tool calling is what is most often mis-rendered: show the first record that uses it too.
+    tooled = next((r for r in good if _uses_tools(r)), None)
+    if tooled is not None and tooled is not first:
+        report["first_tool_example"] = {
+            "source": tooled.source, "line": tooled.line,
+            **_first_example(tok, tooled, seq_len, system_mode, train_on_all)}
     return report
+
+
+def _uses_tools(record) -> bool:
+    return bool(record.tools) or any(m.get("tool_calls") or m["role"] == "tool"
+                                     for m in record.messages or [])
 
 
 __all__ = ["histogram", "inspect_data", "inspect_records", "length_stats", "merge_spans",
