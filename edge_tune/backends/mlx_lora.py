@@ -83,6 +83,7 @@ def train(job: dict, emit: Callable) -> dict:
     from mlx_lm.tuner.trainer import train as mlx_train
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    from edge_tune.backends.mlx_config import mlx_load_kwargs
     from edge_tune.converters import mlx_to_peft
     from edge_tune.fsutil import atomic_path
 
@@ -91,7 +92,8 @@ def train(job: dict, emit: Callable) -> dict:
     np.random.seed(cfg["seed"])
     emit(Progress("load", 0, None, "", "loading base model (mlx)"))
     t0 = time.perf_counter()
-    model, _ = mlx_load(job["hf_dir"])
+    # transformers 5 configs keep RoPE where mlx-lm does not look: translate (mlx_config)
+    model, _ = mlx_load(job["hf_dir"], **mlx_load_kwargs(job["hf_dir"], cfg["seq_len"]))
     model.freeze()
     block_modules = [name for name, _ in model.layers[0].named_modules() if name]
     keys = lora_keys(block_modules, cfg["target_modules"])

@@ -1,0 +1,207 @@
+"""The HF config of a GGUF model, as llama.cpp computes with it (what transformers' loader misses).
+
+transformers rebuilds a config from GGUF metadata through a fixed key map per architecture
+(``transformers.integrations.ggml.GGUF_CONFIG_MAPPING``) and takes its own defaults for the
+rest. llama.cpp computes with more than that map carries, so the dequantized model that torch
+(and mlx) train on could differ from the model llama.cpp runs. Each fix below is a field whose
+transformers value differs from llama.cpp's, checked by logit parity on tiny models of each
+family (tests/test_family_parity.py):
+
+* ``head_dim`` from ``{arch}.attention.key_length``: transformers assumes hidden / heads, which
+  is wrong for e.g. Qwen3-0.6B/4B (loading fails: the weights do not fit).
+* Llama-3.1/3.2 RoPE scaling: the converter stores it as per-frequency divisors,
+  ``rope_freqs.weight``; transformers ignores the tensor. It is turned back into
+  ``rope_type: llama3`` (factor, low/high frequency factors, original context), accepted only
+  if those parameters reproduce the stored divisors exactly.
+* ``{arch}.rope.scaling.type`` linear / yarn with its factor and original context.
+* Gemma 2: attention and final logit soft-capping (transformers keeps its 50 / 30);
+  ``query_pre_attn_scalar``: llama.cpp scales queries by 1/sqrt(head_dim), or
+  1/sqrt(hidden / heads) for the 27B model (46 blocks).
+* Gemma 3: the sliding layers' RoPE base ``rope.freq_base_swa``; RoPE scaling on the global
+  layers only; ``query_pre_attn_scalar`` as Gemma 2 (27B: 62 blocks); final soft-capping.
+* Phi-3: ``sliding_window`` (0 means none) and LongRoPE factors (``rope_factors_long/short``).
+
+Configs are transformers 5 dicts: RoPE lives in ``rope_parameters`` (per layer type for
+Gemma 3). Pure functions over plain values, plus :func:`read_gguf_metadata`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+SMALL_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+# Llama 3.x's published scaling parameters (low/high frequency factors, original context);
+# the factor itself is read off the divisors.
+LLAMA3_CANDIDATES = [(1.0, 4.0, 8192)]
+# Block counts at which llama.cpp scales queries by 1/sqrt(hidden/heads) instead of
+# 1/sqrt(head_dim) (Gemma 2 27B, Gemma 3 27B).
+HIDDEN_OVER_HEADS_SCALE = {"gemma2": 46, "gemma3": 62}
+
+
+def read_gguf_metadata(path: Path) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """(key -> value for every metadata field but the token lists, small tensors by name:
+    the RoPE factor tensors in :data:`SMALL_TENSORS` as float lists). Reads the header only."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(path))
+    kv = {k: f.contents() for k, f in reader.fields.items()
+          if not k.startswith(("tokenizer.ggml.", "GGUF."))}
+    small = {t.name: [float(x) for x in np.asarray(t.data, dtype=np.float32).ravel()]
+             for t in reader.tensors if t.name in SMALL_TENSORS}
+    return kv, small
+
+
+def llama3_scaling(divisors: list[float], rope_theta: float, head_dim: int) -> dict | None:
+    """The ``llama3`` RoPE scaling parameters that give exactly these per-frequency divisors
+    (llama.cpp's ``rope_freqs``, computed as in its converter), or None if none do. Pure."""
+    factor = max(divisors)
+    for low, high, context in LLAMA3_CANDIDATES:
+        want = []
+        for i in range(len(divisors)):
+            wavelen = 2 * math.pi * rope_theta ** (2 * i / head_dim)
+            if wavelen < context / high:
+                want.append(1.0)
+            elif wavelen > context / low:
+                want.append(factor)
+            else:
+                smooth = (context / wavelen - low) / (high - low)
+                want.append(1 / ((1 - smooth) / factor + smooth))
+        if all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(want, divisors)):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                    "high_freq_factor": high, "original_max_position_embeddings": context}
+    return None
+
+
+def _scaling(kv: dict, arch: str) -> dict:
+    """``{arch}.rope.scaling.*`` as transformers' rope parameters ({} when none)."""
+    kind = kv.get(f"{arch}.rope.scaling.type")
+    factor = kv.get(f"{arch}.rope.scaling.factor")
+    if kind == "linear" and factor:
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn" and factor:
+        out = {"rope_type": "yarn", "factor": float(factor)}
+        ctx = kv.get(f"{arch}.rope.scaling.original_context_length")
+        if ctx:
+            out["original_max_position_embeddings"] = int(ctx)
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                          ("yarn_ext_factor", "extrapolation_factor")):
+            if (v := kv.get(f"{arch}.rope.scaling.{key}")) is not None:
+                out[name] = float(v)
+        return out
+    return {}
+
+
+class UnsupportedRope(ValueError):
+    """The GGUF's RoPE factors match no scaling transformers can express."""
+
+
+def fix_config(config: dict, kv: dict, small: dict[str, list[float]]) -> dict:
+    """``config`` (transformers' own parse of the GGUF, ``to_dict()`` form) with the fields
+    llama.cpp computes differently set as llama.cpp does. Returns a new dict. Raises
+    :class:`UnsupportedRope` for RoPE factors transformers cannot express. Pure."""
+    cfg = dict(config)
+    arch = kv.get("general.architecture", "")
+    n_layer = int(kv.get(f"{arch}.block_count", cfg.get("num_hidden_layers", 0)))
+    hidden = cfg.get("hidden_size")
+    heads = cfg.get("num_attention_heads")
+    if (key_length := kv.get(f"{arch}.attention.key_length")) is not None:
+        cfg["head_dim"] = int(key_length)
+    head_dim = cfg.get("head_dim") or (hidden // heads if hidden and heads else None)
+    rope = dict(cfg.get("rope_parameters") or {})
+
+    if arch == "gemma3":
+        full = dict(rope.get("full_attention") or {"rope_type": "default"})
+        local = dict(rope.get("sliding_attention") or {"rope_type": "default"})
+        if (base := kv.get(f"{arch}.rope.freq_base")) is not None:
+            full["rope_theta"] = float(base)
+        # llama.cpp's default for the sliding layers when the GGUF does not say
+        local["rope_theta"] = float(kv.get(f"{arch}.rope.freq_base_swa", 10000.0))
+        full.update(_scaling(kv, arch))
+        cfg["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+        # llama.cpp's fixed pattern: every 6th block is global
+        cfg["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                              for i in range(n_layer)]
+        cfg["final_logit_softcapping"] = kv.get(f"{arch}.final_logit_softcapping")
+    elif rope or kv.get(f"{arch}.rope.freq_base") is not None:
+        if (base := kv.get(f"{arch}.rope.freq_base")) is not None:
+            rope["rope_theta"] = float(base)
+        rope.update(_scaling(kv, arch))
+        if "rope_freqs.weight" in small:
+            found = llama3_scaling(small["rope_freqs.weight"], rope.get("rope_theta", 10000.0),
+                                   head_dim)
+            if found is None:
+                raise UnsupportedRope("rope_freqs.weight: per-frequency RoPE factors that no "
+                                      "llama3 scaling reproduces")
+            if found["factor"] != 1.0:
+                rope.update(found)
+        if "rope_factors_long.weight" in small:  # Phi-3 LongRoPE
+            rope.update({"rope_type": "longrope",
+                         "long_factor": small["rope_factors_long.weight"],
+                         "short_factor": small.get("rope_factors_short.weight",
+                                                   small["rope_factors_long.weight"])})
+            if (ctx := kv.get(f"{arch}.rope.scaling.original_context_length")) is not None:
+                cfg["original_max_position_embeddings"] = int(ctx)
+        cfg["rope_parameters"] = rope
+
+    if arch in ("gemma2", "gemma3") and head_dim:
+        scale_by_width = n_layer == HIDDEN_OVER_HEADS_SCALE[arch]
+        cfg["query_pre_attn_scalar"] = hidden // heads if scale_by_width else head_dim
+    if arch == "gemma2":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if (v := kv.get(f"{arch}.{key}")) is not None:
+                cfg[key] = float(v)
+    if arch == "phi3" and (window := kv.get(f"{arch}.attention.sliding_window")) is not None:
+        cfg["sliding_window"] = int(window) or None
+    return cfg
+
+
+# Bumped whenever fix_config changes what it writes: cached dequantized copies made with an
+# older version get their config.json rewritten (the weights do not depend on it).
+CONFIG_FIXES = 1
+
+
+def hf_config(gguf_path: Path):
+    """transformers' config for ``gguf_path`` with :func:`fix_config` applied (a
+    ``PretrainedConfig``; pass it as ``config=`` when loading the GGUF). Raises
+    EdgeTuneError for RoPE factors transformers cannot express."""
+    from transformers import AutoConfig
+
+    from edge_tune.errors import EdgeTuneError
+
+    gguf_path = Path(gguf_path)
+    base = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    kv, small = read_gguf_metadata(gguf_path)
+    try:
+        fixed = fix_config(base.to_dict(), kv, small)
+    except UnsupportedRope as exc:
+        raise EdgeTuneError(f"{gguf_path}: {exc} (transformers cannot train this model as "
+                            "llama.cpp runs it)") from None
+    return type(base).from_dict(fixed)
+
+
+def refresh_cached_config(hf_dir: Path, gguf_path: Path) -> None:
+    """Rewrite ``hf_dir/config.json`` (a dequantized copy of ``gguf_path``) if it was made
+    before the current :data:`CONFIG_FIXES`; atomically."""
+    import json
+
+    from edge_tune.fsutil import atomic_path
+
+    source_path = Path(hf_dir) / "edge_tune_source.json"
+    try:
+        source = json.loads(source_path.read_text())
+    except (OSError, ValueError):
+        source = {}
+    if source.get("config_fixes") == CONFIG_FIXES or not Path(gguf_path).is_file():
+        return
+    old = json.loads((Path(hf_dir) / "config.json").read_text())
+    new = hf_config(gguf_path).to_dict()
+    new.pop("quantization_config", None)
+    new["architectures"] = old.get("architectures")
+    new["torch_dtype"] = old.get("torch_dtype", "float32")
+    with atomic_path(Path(hf_dir) / "config.json") as tmp:
+        tmp.write_text(json.dumps(new, indent=2))
+    with atomic_path(source_path) as tmp:
+        tmp.write_text(json.dumps({**source, "config_fixes": CONFIG_FIXES}, indent=2))

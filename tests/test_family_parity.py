@@ -1,0 +1,175 @@
+"""One base, three engines, the same numbers: torch, mlx and llama.cpp on each model family.
+
+Start from the GGUF alone, as a user who downloaded it: the torch model is edge-tune's
+dequantized HF copy (``models.dequantized_copy``, what the cpu backend trains), mlx loads that
+copy exactly as the mlx backend does (``mlx_config.mlx_load_kwargs``), llama.cpp runs the F32
+GGUF. On the same tokens (a chat rendered with the family's own template), the logits agree
+to a relative error (max |a - b| / max |b|) of at most 1e-3 between each pair. This is what
+catches config translation faults: RoPE base and scaling, head size, soft-caps, query scale,
+sliding windows (tests/tiny_families.py makes every one of them non-default).
+
+mlx-lm's gemma2 and phi3 models have no sliding window: mlx is compared on the positions up to
+the window (``mlx_exact_length``) and shown to differ past it on gemma2 (its tiny window is 16).
+
+The real embedded default model (SmolLM2-135M, Q4_1) is compared the same way, torch and mlx on
+its dequantized copy and llama.cpp on an F32 copy of the GGUF, on a short sequence (mlx on a
+CPU is slow).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tiny_families import FAMILIES, NAMES, family_gguf
+
+pytest.importorskip("mlx_lm")
+pytest.importorskip("llama_cpp")
+
+TOL = 1e-3
+MESSAGES = [{"role": "user", "content": "Hello there! How can I help you today? The quick "
+                                        "brown fox."},
+            {"role": "assistant", "content": "The answer is 42. def add(a, b): return a + b"}]
+
+
+def rel_err(got, want) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def torch_logits(hf_dir, ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double().numpy()
+
+
+def mlx_logits(hf_dir, ids, translate: bool = True):
+    """mlx-lm's logits, loaded as the mlx backend loads the model (``translate=False``: as
+    stock ``mlx_lm.load`` does)."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from edge_tune.backends.mlx_config import mlx_load_kwargs
+
+    model, _ = load(str(hf_dir), **(mlx_load_kwargs(hf_dir) if translate else {}))
+    return np.array(model(mx.array([ids]))[0].astype(mx.float32), dtype=np.float64)
+
+
+def llama_logits(gguf, ids):
+    from edge_tune.engine import Engine
+
+    with Engine(gguf, n_ctx=max(64, len(ids) + 8), logits_all=True, exact=True) as eng:
+        return eng.logits(ids).astype(np.float64)
+
+
+def three_engines(gguf_for_llama, hf_dir, ids):
+    """{"torch-llama.cpp": err, "mlx-torch": err, "mlx-llama.cpp": err} and mlx's exact
+    length, errors over the positions mlx computes exactly."""
+    from edge_tune.backends.mlx_config import mlx_exact_length
+
+    lt, ll = torch_logits(hf_dir, ids), llama_logits(gguf_for_llama, ids)
+    lm = mlx_logits(hf_dir, ids)
+    k = mlx_exact_length(json.loads((hf_dir / "config.json").read_text())) or len(ids)
+    errs = {"torch-llama.cpp": rel_err(lt, ll), "mlx-torch": rel_err(lm[:k], lt[:k]),
+            "mlx-llama.cpp": rel_err(lm[:k], ll[:k])}
+    return errs, k, lm, lt
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_base_three_engines(name, capsys):
+    from transformers import AutoTokenizer
+
+    from edge_tune import models
+
+    gguf = family_gguf(name)  # F32 already: llama.cpp runs the very file
+    hf_dir = models.dequantized_copy(gguf)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    text = tok.apply_chat_template(MESSAGES, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 32  # past the tiny sliding windows (16)
+    errs, k, lm, lt = three_engines(gguf, hf_dir, ids)
+    with capsys.disabled():
+        print(f"\n{name}: {len(ids)} tokens, mlx exact for {k}: "
+              + ", ".join(f"{p} {e:.1e}" for p, e in errs.items()))
+    assert max(errs.values()) <= TOL, errs
+    if k < len(ids):  # mlx attends past the window, torch and llama.cpp do not
+        assert rel_err(lm, lt) > 10 * TOL
+
+
+def test_the_family_configs_are_what_llama_cpp_computes_with():
+    """The quirks each tiny family exists for reach the dequantized copy (transformers' GGUF
+    loader alone drops them: edge_tune/gguf_config.py)."""
+    from edge_tune import models
+
+    def cfg(name):
+        return json.loads((models.dequantized_copy(family_gguf(name)) / "config.json")
+                          .read_text())
+
+    llama = cfg("llama")["rope_parameters"]
+    assert llama["rope_type"] == "llama3" and llama["factor"] == 32.0
+    assert llama["rope_theta"] == 500000.0
+    assert cfg("qwen3")["head_dim"] == 32
+    g2 = cfg("gemma2")
+    assert (g2["attn_logit_softcapping"], g2["final_logit_softcapping"],
+            g2["query_pre_attn_scalar"]) == (7.5, 4.0, 16)
+    g3 = cfg("gemma3")
+    assert g3["rope_parameters"]["full_attention"] == {"rope_type": "linear", "factor": 8.0,
+                                                        "rope_theta": 1000000.0}
+    assert g3["rope_parameters"]["sliding_attention"]["rope_theta"] == 10000.0
+    assert g3["layer_types"].count("full_attention") == 1
+    assert cfg("phi3")["sliding_window"] == 2047
+
+
+def test_base_gguf_is_the_same_model_without_a_template():
+    import gguf
+
+    with_t, base = (gguf.GGUFReader(family_gguf("gemma3", template=t)) for t in (True, False))
+    assert "tokenizer.chat_template" in with_t.fields
+    assert "tokenizer.chat_template" not in base.fields
+    assert set(with_t.fields) - set(base.fields) == {"tokenizer.chat_template"}
+    assert [(t.name, t.data.tobytes()) for t in with_t.tensors] == \
+        [(t.name, t.data.tobytes()) for t in base.tensors]
+
+
+def test_stock_mlx_load_reads_no_rope_base_from_transformers_5_configs():
+    """The fault mlx_config fixes, reproduced: stock ``mlx_lm.load`` of a config written by
+    transformers 5 (RoPE base 1e6 under ``rope_parameters``) runs RoPE base 10000."""
+    from transformers import AutoTokenizer
+
+    from edge_tune import models
+
+    hf_dir = models.dequantized_copy(family_gguf("mistral"))
+    assert "rope_theta" not in json.loads((hf_dir / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    ids = tok(tok.apply_chat_template(MESSAGES, tokenize=False),
+              add_special_tokens=False)["input_ids"]
+    stock, ours = mlx_logits(hf_dir, ids, translate=False), mlx_logits(hf_dir, ids)
+    if rel_err(stock, ours) <= TOL:
+        pytest.skip("this mlx-lm reads rope_parameters itself: mlx_config may be simplified")
+    assert rel_err(stock, torch_logits(hf_dir, ids)) > 0.1
+
+
+def test_real_default_model_three_engines(default_gguf, hf_dir, f32_base, capsys):
+    """SmolLM2-135M (RoPE base 100000): torch and mlx on the dequantized copy, llama.cpp on an
+    F32 copy of the GGUF; 16 tokens. Stock mlx (RoPE base 10000) is ~10 % off."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    ids = tok(tok.apply_chat_template(MESSAGES[:1], tokenize=False, add_generation_prompt=True),
+              add_special_tokens=False)["input_ids"][-16:]
+    errs, _, lm, _ = three_engines(f32_base, hf_dir, ids)
+    stock = rel_err(mlx_logits(hf_dir, ids, translate=False), lm)
+    with capsys.disabled():
+        print(f"\ndefault model: {len(ids)} tokens: "
+              + ", ".join(f"{p} {e:.1e}" for p, e in errs.items())
+              + f"; stock mlx_lm.load vs ours {stock:.1e}")
+    assert max(errs.values()) <= TOL, errs
+
+
+def test_every_family_has_a_builtin_template():
+    from edge_tune.templates import BUILTIN
+
+    assert all(f.template in BUILTIN for f in FAMILIES.values())
