@@ -146,8 +146,11 @@ def mlx_side(hf_dir: Path, mlx_adapter: Path, samples: list[Sample], max_new: in
     import numpy as np
     from mlx_lm import load
 
-    base_model, _ = load(str(hf_dir))
-    tuned_model, _ = load(str(hf_dir), adapter_path=str(mlx_adapter))
+    from edge_tune.backends.mlx_config import mlx_load_kwargs
+
+    kw = mlx_load_kwargs(hf_dir)  # loaded exactly as the mlx backend loads it
+    base_model, _ = load(str(hf_dir), **kw)
+    tuned_model, _ = load(str(hf_dir), adapter_path=str(mlx_adapter), **kw)
 
     def logits(model, ids):
         return np.array(model(mx.array([ids]))[0].astype(mx.float32), dtype=np.float64)
