@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from edge_tune import manifest as manifest_mod
-from edge_tune import models
+from edge_tune import models, template_choice
 from edge_tune.backends import registry
 from edge_tune.config import TrainConfig
 from edge_tune.data.formats import read_records
@@ -62,7 +62,9 @@ def _read_data(path: str, cfg: TrainConfig, on_event: EventSink):
 
 
 def _job_record(record) -> dict:
-    return {"text": record.text} if record.messages is None else {"messages": record.messages}
+    from edge_tune.data.formats import job_record
+
+    return job_record(record)  # with the record's tools and FILE:LINE (per-record errors)
 
 
 def split_validation(records: list, share: float, seed: int,
@@ -164,6 +166,7 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     assert cfg is not None
     data_path = Path(cfg.data)
     models.check_spec(cfg.model)  # bad input fails fast, before any download or heavy work
+    chosen = template_choice.given(cfg.chat_template)
     hw = probe()
     backend, why = registry.choose(cfg.backend, hw)  # an unusable backend: one line, first
     if resume is not None and backend not in ("cpu", "unsloth"):  # mlx writes no checkpoints
@@ -185,6 +188,7 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         [_job_record(r) for r in records], cfg.val_split, cfg.seed,
         [_job_record(r) for r in _read_data(cfg.val, cfg, on_event).records] if cfg.val else None)
     ref = models.resolve(cfg.model, on_event)
+    template_choice.require_for_conversations(train_records + val_records, ref, chosen)
     base_sha256 = sha256_file(ref.gguf) if ref.gguf else None  # once: worker and manifest
     on_event(Log(f"backend: {backend} ({why})"))
     run_plan = None
@@ -214,6 +218,7 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         "physical_cores": hw.physical_cores,
         "cpu_has_bf16": hw.has_bf16_cpu,
         "resume_from": str(ckpt) if resume is not None and ckpt.is_dir() else None,
+        "chat_template": chosen.text if chosen else None,  # replaces the tokenizer's own
     }
     proc = TrainingProcess(job, run_dir, on_event)
     if cancel is not None:
@@ -225,7 +230,7 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
 
         threading.Thread(target=watch, daemon=True).start()
     result = proc.wait()
-    tokenizer_info = result.pop("tokenizer", {})
+    tokenizer_info = _template_record(result.pop("tokenizer", {}), chosen)
     base = _base_record(ref, result.pop("hf_dir"), base_sha256)
     adapter_info: dict = {"peft": "adapter"}
     if result.get("mlx_adapter"):
@@ -255,6 +260,20 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
             _verify_hook(run_dir, None, on_event)  # llama.cpp runs what was trained, or exit 1
     on_event(Done("train", {"run_dir": str(run_dir)}))
     return TrainResult(run_dir, man)
+
+
+def _template_record(tokenizer_info: dict, chosen) -> dict:
+    """The manifest's template fields: the text the data was rendered with, its built-in
+    name, where it came from, and the stop tokens (the template's end of turn included)."""
+    from edge_tune.templates import EOS, template_name
+
+    info = dict(tokenizer_info)
+    name = template_name(info.get("chat_template") or "")
+    info.update(chat_template_name=name,
+                chat_template_source="--chat-template" if chosen else "model")
+    if name and EOS[name] not in info.get("stop_tokens", []):
+        info["stop_tokens"] = [*info.get("stop_tokens", []), EOS[name]]
+    return info
 
 
 def _base_record(ref: models.ModelRef, hf_dir: str, sha256: Optional[str]) -> dict:
@@ -318,11 +337,24 @@ def _converted_base(base: dict, on_event: EventSink) -> Optional[Path]:
 
 
 def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "auto",
-                 on_event: EventSink = ignore) -> dict:
-    """``edge-tune data inspect``'s report (see :mod:`edge_tune.data.inspect`)."""
+                 on_event: EventSink = ignore, chat_template: Optional[str] = None,
+                 system_mode: Optional[str] = None) -> dict:
+    """``edge-tune data inspect``'s report (see :mod:`edge_tune.data.inspect`). Conversations
+    on a model with no chat template and no ``chat_template`` are refused before the model's
+    tokenizer is loaded (for a GGUF that is a dequantized copy of the whole model)."""
     from edge_tune.data.inspect import inspect_data as _inspect
 
-    return _inspect(path, model=model, seq_len=seq_len, fmt=fmt, on_event=on_event)
+    models.check_spec(model)
+    chosen = template_choice.given(chat_template)
+    if chosen is None:
+        try:
+            records = read_records(path, fmt=fmt, skip_invalid=True).records
+        except EdgeTuneError:
+            records = []  # no valid record at all: the report's own reading says which line
+        template_choice.require_for_conversations(records, models.resolve(model, on_event),
+                                                  None)
+    return _inspect(path, model=model, seq_len=seq_len, fmt=fmt, on_event=on_event,
+                    chat_template=chat_template, system_mode=_system_mode(system_mode) or "keep")
 
 
 def bad_records(path, fmt: str = "auto") -> list[dict]:
@@ -488,16 +520,19 @@ def plan(cfg: TrainConfig, on_event: EventSink = ignore) -> dict:
     """What ``train`` would do: backend, predicted peak memory and time, settings changed to
     fit. Reads the data and model metadata only; loads no model."""
     models.check_spec(cfg.model)
+    chosen = template_choice.given(cfg.chat_template)
     records = [_job_record(r) for r in _read_data(cfg.data, cfg, on_event).records]
     train_records, _ = split_validation(records, cfg.val_split, cfg.seed)
     ref = models.resolve(cfg.model, on_event)
+    template_choice.require_for_conversations(records, ref, chosen)
     hw = probe()
     backend, why = registry.choose(cfg.backend, hw)
     p = _plan(cfg, ref, backend, hw, train_records)
     if p is None:
         raise EdgeTuneError(f"--model {cfg.model}: cannot read this model's shape to plan")
     return {"backend": backend, "backend_reason": why, "model": ref.spec,
-            "records": len(train_records), **p.to_dict(), "summary": planner_describe(p)}
+            "records": len(train_records), **p.to_dict(), "summary": planner_describe(p),
+            "chat_template": (chosen.name or cfg.chat_template) if chosen else None}
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -563,20 +598,27 @@ def _base_info_for_export(peft_dir: Path, man: Optional[dict], base: Optional[Pa
 def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = None,
            outtype: str = "f32", on_event: EventSink = ignore, _base_sha256: Optional[str] = None,
            merge: bool = False, quant: Optional[str] = None, ollama: Optional[Path] = None,
-           verify: bool = False, system: Optional[str] = None, vllm: Optional[Path] = None):
+           verify: bool = False, system: Optional[str] = None, vllm: Optional[Path] = None,
+           chat_template: Optional[str] = None):
     """Convert a PEFT adapter (or a run's adapter) to a GGUF LoRA adapter; with ``merge``,
     write one GGUF with the adapter merged into the base (``quant``: F16 default, Q4_K_M,
     ...). ``verify`` checks llama.cpp against the training framework afterwards (runs only);
-    ``ollama`` writes a Modelfile into that directory (``system``: its SYSTEM prompt)."""
+    ``ollama`` writes a Modelfile into that directory (``system``: its SYSTEM prompt).
+    ``chat_template`` (``--chat-template``; default: the run's) goes into the Modelfile's
+    TEMPLATE and, with ``merge``, into a merged GGUF whose base has none."""
     from edge_tune.converters import peft_to_gguf
 
+    if chat_template is not None and ollama is None and not merge:
+        raise EdgeTuneError("--chat-template: applies to --ollama (the Modelfile's TEMPLATE) "
+                            "and --merge; an adapter GGUF carries no template")
     peft_dir, man = _adapter_dirs(Path(adapter))
+    template = template_choice.choose(chat_template, man)
     if vllm is not None:  # vLLM serves the PEFT directory itself: no GGUF involved
         return _export_vllm(Path(adapter), peft_dir, man, base, Path(vllm), on_event)
     if merge:  # merge reads the base itself: parsing a GGUF's vocabulary twice costs seconds
         return _export_merged(Path(adapter), peft_dir, man, _merge_base(man, base), out,
                               quant or "F16", on_event, verify=verify, ollama=ollama,
-                              system=system)
+                              system=system, template=template)
     info, base_gguf = _base_info_for_export(peft_dir, man, base)
     if quant is not None:
         raise EdgeTuneError("--quant applies to merged exports only: add --merge (an adapter "
@@ -594,7 +636,7 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
     if verify and man is not None:
         _verify_hook(Path(adapter), base, on_event, adapter_gguf=Path(out))
     if ollama is not None:
-        _write_ollama(Path(ollama), base_gguf, Path(out), system, man, on_event)
+        _write_ollama(Path(ollama), base_gguf, Path(out), system, man, on_event, template)
     on_event(Done("export", {"path": str(out)}))
     return plan
 
@@ -647,7 +689,8 @@ def _merge_base(man: Optional[dict], base: Optional[Path]) -> Optional[Path]:
 
 def _export_merged(adapter: Path, peft_dir: Path, man: Optional[dict], base_gguf: Optional[Path],
                    out: Optional[Path], quant: str, on_event: EventSink, verify: bool,
-                   ollama: Optional[Path], system: Optional[str] = None) -> dict:
+                   ollama: Optional[Path], system: Optional[str] = None,
+                   template: Optional["template_choice.ChatTemplate"] = None) -> dict:
     """Merge into an F32 GGUF first (exact; what verify checks), then let llama.cpp's own
     quantizer make the requested type from it."""
     import tempfile
@@ -667,6 +710,14 @@ def _export_merged(adapter: Path, peft_dir: Path, man: Optional[dict], base_gguf
     config, tensors = read_peft_dir(peft_dir)
     meta = {"edge_tune.merged_adapter": peft_dir.name,
             "edge_tune.base_sha256": sha256_file(base_gguf)}
+    if template is not None:
+        own = template_choice.gguf_chat_template(base_gguf)
+        if own is None:  # the merged model then chats as it was trained, with no flag
+            meta["tokenizer.chat_template"] = template.text
+        elif own != template.text:
+            on_event(Log(f"--merge: {out or 'the merged model'} keeps the base's own chat "
+                         f"template; chat with it using --chat-template "
+                         f"{template.name or 'FILE'} (the run's)", "warning"))
     out.parent.mkdir(parents=True, exist_ok=True)
     report = None
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as work:
@@ -686,7 +737,7 @@ def _export_merged(adapter: Path, peft_dir: Path, man: Optional[dict], base_gguf
         if verify and man is not None:
             report = _verify_hook(adapter, base_gguf, on_event, merged=out, merged_f32=f32)
     if ollama is not None:
-        _write_ollama(Path(ollama), out, None, system, man, on_event)
+        _write_ollama(Path(ollama), out, None, system, man, on_event, template)
     result = {**summary, "path": str(out), "quant": name, "bytes": size, "verify": report}
     on_event(Done("export", {"path": str(out)}))
     return result
@@ -711,9 +762,11 @@ def _place_beside(src: Path, directory: Path) -> str:
 
 
 def _write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Optional[Path],
-                  system: Optional[str], man: Optional[dict], on_event: EventSink) -> Path:
-    """DIR/Modelfile (FROM model, ADAPTER adapter, TEMPLATE from the chat template, stop
-    words, SYSTEM), with the files it names placed beside it."""
+                  system: Optional[str], man: Optional[dict], on_event: EventSink,
+                  chosen: Optional["template_choice.ChatTemplate"] = None) -> Path:
+    """DIR/Modelfile (FROM model, ADAPTER adapter, TEMPLATE from the chat template: ``chosen``
+    (--chat-template or the run's), else the model's own; stop words, SYSTEM), with the files
+    it names placed beside it."""
     from edge_tune.converters import ollama
     from edge_tune.converters.base_info import field_value, open_gguf
     from edge_tune.fsutil import write_text_atomic
@@ -721,7 +774,7 @@ def _write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Opt
     if model_gguf is None:
         raise EdgeTuneError("--ollama needs a GGUF base model (pass --base BASE.gguf)")
     reader = open_gguf(Path(model_gguf))
-    template = field_value(reader, "tokenizer.chat_template")
+    template = chosen.text if chosen else field_value(reader, "tokenizer.chat_template")
     tokens = field_value(reader, "tokenizer.ggml.tokens") or []
     eos_id = field_value(reader, "tokenizer.ggml.eos_token_id")
     eos = tokens[eos_id] if eos_id is not None and eos_id < len(tokens) else None
@@ -882,10 +935,27 @@ class ChatTarget:
     base: Path
     adapter: Optional[Path]
     manifest: Optional[dict]
+    # --chat-template, else the run's; None: the base GGUF's own (or none at all)
+    chat_template: Optional["template_choice.ChatTemplate"] = None
+    system_mode: str = "keep"  # --system-mode, else the run's
+
+    @property
+    def stop_tokens(self) -> tuple:
+        return tuple((self.manifest or {}).get("stop_tokens") or ())
 
 
-def resolve_chat(adapter: Optional[Path], base: Optional[str]) -> ChatTarget:
-    """Work out base GGUF + adapter GGUF from a run dir / adapter file / --base."""
+def _system_mode(value: Optional[str]) -> Optional[str]:
+    if value is not None and value not in ("keep", "fold"):
+        raise EdgeTuneError(f"--system-mode {value!r}: expected keep (the system message as "
+                            "the template renders it) or fold (into the first user turn)")
+    return value
+
+
+def resolve_chat(adapter: Optional[Path], base: Optional[str],
+                 chat_template: Optional[str] = None,
+                 system_mode: Optional[str] = None) -> ChatTarget:
+    """Work out base GGUF + adapter GGUF from a run dir / adapter file / --base, and the chat
+    template and system mode (``--chat-template`` / ``--system-mode``, else the run's)."""
     man = None
     adapter_gguf = None
     if adapter is not None:
@@ -916,14 +986,19 @@ def resolve_chat(adapter: Optional[Path], base: Optional[str]) -> ChatTarget:
             base_path = models.default_gguf()  # run copied to another machine: refetch
     else:
         base_path = models.default_gguf()
-    return ChatTarget(base_path, adapter_gguf, man)
+    mode = _system_mode(system_mode) or (man or {}).get("hyperparameters", {}).get(
+        "system_mode") or "keep"
+    return ChatTarget(base_path, adapter_gguf, man, template_choice.choose(chat_template, man),
+                      mode)
 
 
 def open_engine(target: ChatTarget, on_event: EventSink = ignore, **engine_kw):
     """Load the base in llama.cpp and activate the (validated) adapter, if any."""
     from edge_tune.engine import Engine
 
-    engine = Engine(target.base, **engine_kw)
+    engine = Engine(target.base, chat_template=target.chat_template.text if
+                    target.chat_template else None, stop_tokens=target.stop_tokens,
+                    system_mode=target.system_mode, **engine_kw)
     if target.adapter is not None:
         try:
             engine.add_adapter(target.adapter, "adapter")
@@ -959,36 +1034,69 @@ class ServePlan:
     base: Path
     adapters: dict  # name -> adapter .gguf Path
     base_sha256: Optional[str] = None  # known already (a bundle): skips hashing the base
+    # model name ("base" or an adapter's) -> Jinja text; a name without one uses the base's,
+    # and a base without one uses the GGUF's own tokenizer.chat_template
+    templates: dict = dataclasses.field(default_factory=dict)
+    stop_tokens: dict = dataclasses.field(default_factory=dict)  # name -> a run's stop tokens
+    system_modes: dict = dataclasses.field(default_factory=dict)  # name -> "keep" | "fold"
+
+    def override(self, chat_template: Optional[str], system_mode: Optional[str]) -> None:
+        """``--chat-template`` / ``--system-mode`` given: every model uses them."""
+        forced = template_choice.given(chat_template)
+        for name in ["base", *self.adapters]:
+            if forced is not None:
+                self.templates[name] = forced.text
+            if system_mode is not None:
+                self.system_modes[name] = _system_mode(system_mode)
+
+    def add(self, name: str, target: ChatTarget) -> None:
+        """Serve ``target``'s adapter as ``name``, with the run's chat template."""
+        self.adapters[name] = target.adapter
+        self.system_modes[name] = target.system_mode
+        if target.chat_template is not None:
+            self.templates[name] = target.chat_template.text
+        if target.stop_tokens:
+            self.stop_tokens[name] = target.stop_tokens
 
 
-def plan_serving(adapter_specs: list[str], base: Optional[str] = None) -> ServePlan:
+def plan_serving(adapter_specs: list[str], base: Optional[str] = None,
+                 chat_template: Optional[str] = None,
+                 system_mode: Optional[str] = None) -> ServePlan:
     """``NAME=PATH`` specs (PATH: run dir or adapter .gguf) -> base + adapters. The base is
-    ``--base``, else the first run's base, else the embedded default model."""
+    ``--base``, else the first run's base, else the embedded default model. Each adapter is
+    served with its run's chat template; ``chat_template`` (``--chat-template``) replaces
+    every model's, and ``system_mode`` (``--system-mode``) every model's."""
     from edge_tune.server import parse_adapter_spec
 
-    adapters: dict = {}
-    base_path: Optional[Path] = None
+    plan = ServePlan(None, {})  # type: ignore[arg-type] -- the base is settled below
     if base is not None:
-        base_path = resolve_chat(None, base).base
+        plan.base = resolve_chat(None, base).base
+    plan.override(chat_template, system_mode)
     for spec in adapter_specs:
         name, path = parse_adapter_spec(spec)
-        if name in adapters:
+        if name in plan.adapters:
             raise EdgeTuneError(f"--adapter {spec}: the name {name!r} is used twice")
-        target = resolve_chat(Path(path), base)
-        adapters[name] = target.adapter
-        base_path = base_path or target.base
-    return ServePlan(base_path or models.default_gguf(), adapters)
+        target = resolve_chat(Path(path), base, chat_template, system_mode)
+        plan.add(name, target)
+        plan.base = plan.base or target.base
+    plan.base = plan.base or models.default_gguf()
+    return plan
 
 
 def open_serving(plan: ServePlan, on_event: EventSink = ignore, **engine_kw):
-    """Load the base once and every adapter once, each validated against the base first."""
+    """Load the base once and every adapter once, each validated against the base first,
+    with each model's chat template (see :class:`ServePlan`)."""
     from edge_tune.engine import Engine
 
-    engine = Engine(plan.base, **engine_kw)
+    engine = Engine(plan.base, chat_template=plan.templates.get("base"),
+                    stop_tokens=plan.stop_tokens.get("base", ()),
+                    system_mode=plan.system_modes.get("base", "keep"), **engine_kw)
     try:
         base_sha = plan.base_sha256
         for name, path in plan.adapters.items():
             engine.add_adapter(path, name)
+            engine.set_chat_template(plan.templates.get(name), name,
+                                     plan.stop_tokens.get(name, ()), plan.system_modes.get(name))
             trained_on = engine.adapter_meta[name].get("edge_tune.base_sha256")
             if trained_on:
                 base_sha = base_sha or sha256_file(plan.base)
@@ -1041,6 +1149,11 @@ def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
     engine = open_serving(plan, on_event, n_ctx=n_ctx, threads=threads)
     scheduler = Scheduler(engine, max_queue=max_queue)
     names = ["base", *plan.adapters]
+    untemplated = [n for n in names if engine.template_of(None if n == "base" else n) is None]
+    if untemplated:
+        on_event(Log(f"{plan.base.name} has no chat template: /v1/chat/completions answers "
+                     f"HTTP 400 for {', '.join(untemplated)} (/v1/completions works); "
+                     f"{template_choice.no_template_hint()}", "warning"))
     try:
         app = build_app(scheduler, names, api_key)
         shown = f"[{host}]" if ":" in host else host
@@ -1056,9 +1169,11 @@ def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
 
 
 def chat_plan(adapter: Optional[str], base: Optional[str], bundle: Optional[Path] = None,
-              compare: Optional[str] = None) -> tuple[ServePlan, list]:
+              compare: Optional[str] = None, chat_template: Optional[str] = None,
+              system_mode: Optional[str] = None) -> tuple[ServePlan, list]:
     """For ``chat --bundle`` / ``chat --compare``: what to load, and the sides to answer
-    with, as [(label, adapter name in the plan or None for the base)] (one or two)."""
+    with, as [(label, adapter name in the plan or None for the base)] (one or two). Each side
+    keeps its run's chat template; ``chat_template``/``system_mode`` replace every side's."""
     def side(spec: Optional[str], plan: ServePlan, slot: str):
         if spec is None or spec == "base":
             return ("base", None)
@@ -1067,12 +1182,15 @@ def chat_plan(adapter: Optional[str], base: Optional[str], bundle: Optional[Path
                 raise EdgeTuneError(f"--adapter {spec}: the bundle has no such adapter; it has "
                                     + ", ".join(["base", *bundle_plan.adapters]))
             plan.adapters[spec] = bundle_plan.adapters[spec]
+            for table in ("templates", "stop_tokens", "system_modes"):
+                if spec in getattr(bundle_plan, table):
+                    getattr(plan, table)[spec] = getattr(bundle_plan, table)[spec]
             return (spec, spec)
-        target = resolve_chat(Path(spec), base if base else None)
+        target = resolve_chat(Path(spec), base if base else None, chat_template, system_mode)
         label = Path(spec).name
         if any(path == target.adapter for path in plan.adapters.values()):
             raise EdgeTuneError(f"--compare {spec}: the same adapter on both sides")
-        plan.adapters[slot] = target.adapter
+        plan.add(slot, target)
         if plan.base is None:
             plan.base = target.base
         return (label, slot)
@@ -1084,6 +1202,9 @@ def chat_plan(adapter: Optional[str], base: Optional[str], bundle: Optional[Path
 
         bundle_plan = load_bundle(bundle)
         plan = ServePlan(bundle_plan.base, {}, bundle_plan.base_sha256)
+        for table in ("templates", "stop_tokens", "system_modes"):
+            if "base" in getattr(bundle_plan, table):
+                getattr(plan, table)["base"] = getattr(bundle_plan, table)["base"]
     else:
         plan = ServePlan(resolve_chat(None, base).base if base else None, {})
     sides = [side(adapter, plan, "left")]
@@ -1097,6 +1218,7 @@ def chat_plan(adapter: Optional[str], base: Optional[str], bundle: Optional[Path
         sides.append(other)
     if plan.base is None:
         plan.base = models.default_gguf()
+    plan.override(chat_template, system_mode)
     return plan, sides
 
 
@@ -1104,23 +1226,26 @@ def chat_plan(adapter: Optional[str], base: Optional[str], bundle: Optional[Path
 
 
 def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool = False,
-           quant: Optional[str] = None, on_event: EventSink = ignore) -> Path:
+           quant: Optional[str] = None, on_event: EventSink = ignore,
+           chat_template: Optional[str] = None) -> Path:
     """Pack a base and the adapters of ``runs`` (``RUN`` or ``NAME=RUN``) into a folder or
-    .tar.gz for an edge box; with ``merged``, one run merged into the base instead."""
+    .tar.gz for an edge box; with ``merged``, one run merged into the base instead. Each
+    adapter is served with its run's chat template; ``chat_template`` replaces them all."""
     import tempfile
 
     from edge_tune import bundle as bundle_mod
-    from edge_tune.converters.base_info import from_gguf, open_gguf
+    from edge_tune.converters.base_info import from_gguf
     from edge_tune.converters.validate import validate_adapter_file
 
     if not runs:
         raise EdgeTuneError("bundle: name at least one run directory or adapter .gguf")
     if merged and len(runs) != 1:
         raise EdgeTuneError("--merged: merges one run into the base; name exactly one RUN")
-    items, base_path, base_sha = [], None, None
+    items, base_path, base_sha, templates = [], None, None, {}
+    forced = template_choice.given(chat_template)
     for arg in runs:
         name, path = bundle_mod.split_run_arg(str(arg))  # the TUI passes Paths
-        target = resolve_chat(Path(path), base)
+        target = resolve_chat(Path(path), base, chat_template)
         if base_path is None:
             base_path, base_sha = target.base, sha256_file(target.base)
         elif target.base != base_path and sha256_file(target.base) != base_sha:
@@ -1128,14 +1253,16 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
                                 f"{base_path}; a bundle carries one base")
         items.append((name or bundle_mod.default_name(Path(path)), target.adapter,
                       target.manifest))
+        if target.chat_template is not None:
+            templates[items[-1][0]] = target.chat_template.text
     info = from_gguf(base_path)
     for _, adapter_gguf, _ in items:
         validate_adapter_file(adapter_gguf, info)  # refuse now, not on the edge box
-    field = open_gguf(base_path).fields.get("tokenizer.chat_template")
-    template = field.contents() if field is not None else None
+    template = forced.text if forced else template_choice.gguf_chat_template(base_path)
     with tempfile.TemporaryDirectory() as work:
         if merged:
             name, _, man = items[0]
+            template = templates.get(name) or template  # the merged model is the run's
             result = export(Path(bundle_mod.split_run_arg(str(runs[0]))[1]), base=base_path,
                             out=Path(work) / f"{name}-merged.gguf", merge=True, quant=quant,
                             on_event=on_event)
@@ -1145,5 +1272,5 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
         else:
             if quant is not None:
                 raise EdgeTuneError("--quant applies to --merged bundles only")
-            plan = bundle_mod.plan_bundle(base_path, items, template)
+            plan = bundle_mod.plan_bundle(base_path, items, template, templates=templates)
         return bundle_mod.write_bundle(plan, Path(out), on_event)

@@ -8,7 +8,9 @@ Layout::
       base/<base>.gguf     the base model llama.cpp loads (or a merged model, --merged)
       adapters/<name>.gguf one GGUF LoRA per run
       manifests/<name>.json the run's manifest (data, hyperparameters, versions)
-      chat_template.jinja  the base's chat template, for reference (the GGUF carries it)
+      chat_template.jinja  the chat template the base is served with (--chat-template, else
+                           the base GGUF's own)
+      templates/<name>.jinja an adapter's chat template where it differs (its run's)
       serve.sh             launcher: edge-tune serve --bundle <this folder> "$@"
       README.md            what is inside and how to run it
 
@@ -47,6 +49,7 @@ class BundlePlan:
     manifests: dict[str, dict] = field(default_factory=dict)
     chat_template: str | None = None
     merged: str | None = None  # the run merged into the base, with --merged
+    templates: dict[str, str] = field(default_factory=dict)  # adapter -> its own template
 
     @property
     def entries(self) -> list[Entry]:
@@ -69,8 +72,11 @@ def split_run_arg(arg: str) -> tuple[str | None, str]:
 
 
 def plan_bundle(base: Path, adapters: list[tuple[str, Path, dict | None]],
-                chat_template: str | None = None, merged: str | None = None) -> BundlePlan:
-    """What goes where: ``adapters`` is [(name, adapter .gguf, run manifest or None)]. Pure."""
+                chat_template: str | None = None, merged: str | None = None,
+                templates: dict[str, str] | None = None) -> BundlePlan:
+    """What goes where: ``adapters`` is [(name, adapter .gguf, run manifest or None)];
+    ``chat_template`` is the base's, ``templates`` each adapter's (those equal to the base's
+    are not stored twice). Pure."""
     from edge_tune.server import check_model_name
 
     seen: set[str] = set()
@@ -85,8 +91,10 @@ def plan_bundle(base: Path, adapters: list[tuple[str, Path, dict | None]],
         entries[name] = Entry(Path(path), f"adapters/{name}.gguf")
         if man is not None:
             manifests[name] = man
+    own = {name: text for name, text in (templates or {}).items()
+           if name in entries and text != chat_template}
     return BundlePlan(Entry(Path(base), f"base/{Path(base).name}"), entries, manifests,
-                      chat_template, merged)
+                      chat_template, merged, own)
 
 
 def index(plan: BundlePlan, checksums: dict[str, str], version: str) -> dict:
@@ -96,8 +104,11 @@ def index(plan: BundlePlan, checksums: dict[str, str], version: str) -> dict:
         "created_by": f"edge-tune {version}",
         "base": plan.base.dest,
         "merged": plan.merged,
+        "chat_template": "chat_template.jinja" if plan.chat_template else None,
         "adapters": {name: {"file": e.dest,
                             "manifest": f"manifests/{name}.json" if name in plan.manifests
+                            else None,
+                            "chat_template": f"templates/{name}.jinja" if name in plan.templates
                             else None}
                      for name, e in plan.adapters.items()},
         "files": dict(sorted(checksums.items())),
@@ -166,7 +177,10 @@ def write_bundle(plan: BundlePlan, out: Path, on_event: EventSink = ignore) -> P
             (root / "manifests").mkdir(exist_ok=True)
             (root / f"manifests/{name}.json").write_text(json.dumps(man, indent=2) + "\n")
         if plan.chat_template:
-            (root / "chat_template.jinja").write_text(plan.chat_template)
+            (root / "chat_template.jinja").write_text(plan.chat_template, encoding="utf-8")
+        for name, text in plan.templates.items():
+            (root / "templates").mkdir(exist_ok=True)
+            (root / f"templates/{name}.jinja").write_text(text, encoding="utf-8")
         (root / "serve.sh").write_text(launcher_script())
         (root / "serve.sh").chmod(0o755)
         (root / "README.md").write_text(readme(plan))
@@ -229,7 +243,10 @@ def verify(folder: Path, data: dict) -> None:
     from edge_tune.fsutil import sha256_file
 
     files = data.get("files") or {}
-    needed = [data.get("base")] + [a.get("file") for a in (data.get("adapters") or {}).values()]
+    adapters = (data.get("adapters") or {}).values()
+    needed = [data.get("base")] + [a.get("file") for a in adapters] + \
+        [rel for rel in [data.get("chat_template"), *(a.get("chat_template") for a in adapters)]
+         if rel]
     for rel in needed:
         if rel not in files:
             raise EdgeTuneError(f"{folder / BUNDLE_FILE}: {rel!r} has no checksum; the bundle "
@@ -261,4 +278,31 @@ def load_bundle(path: Path, on_event: EventSink = ignore):
     on_event(Log(f"{path}: {len(data['files'])} files verified (sha256)", "debug"))
     adapters = {name: folder / a["file"] for name, a in data.get("adapters", {}).items()}
     base = folder / data["base"]
-    return ServePlan(base, adapters, base_sha256=data["files"][data["base"]])
+    plan = ServePlan(base, adapters, base_sha256=data["files"][data["base"]])
+    # The base's template: chat_template.jinja (older bundles hold the GGUF's own there).
+    base_template = folder / (data.get("chat_template") or "chat_template.jinja")
+    if base_template.is_file() and base_template.relative_to(folder).as_posix() in data["files"]:
+        plan.templates["base"] = base_template.read_text(encoding="utf-8")
+    for name, a in data.get("adapters", {}).items():
+        if a.get("chat_template"):  # checksummed with every other listed file
+            plan.templates[name] = (folder / a["chat_template"]).read_text(encoding="utf-8")
+        man = _read_manifest(folder, a.get("manifest"))
+        if man.get("stop_tokens"):
+            plan.stop_tokens[name] = tuple(man["stop_tokens"])
+        plan.system_modes[name] = man.get("hyperparameters", {}).get("system_mode") or "keep"
+    if data.get("merged"):  # the merged model answers as its run does
+        man = _read_manifest(folder, f"manifests/{data['merged']}.json")
+        plan.system_modes["base"] = man.get("hyperparameters", {}).get("system_mode") or "keep"
+        if man.get("stop_tokens"):
+            plan.stop_tokens["base"] = tuple(man["stop_tokens"])
+    return plan
+
+
+def _read_manifest(folder: Path, rel: str | None) -> dict:
+    if not rel or not (folder / rel).is_file():
+        return {}
+    try:
+        data = json.loads((folder / rel).read_text())
+    except json.JSONDecodeError as exc:
+        raise EdgeTuneError(f"{folder / rel}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    return data if isinstance(data, dict) else {}

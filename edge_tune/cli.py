@@ -7,6 +7,7 @@ problems, 130 when cancelled) — never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -50,6 +51,16 @@ def _open_tui(runs: Path) -> None:
     from edge_tune.tui import run
 
     run(runs_root=str(runs))
+
+
+# --- options several commands share ----------------------------------------------------------
+
+TEMPLATE_HELP = ("Chat template to render conversations with instead of the model's own: a "
+                 "built-in name (chatml, llama3, qwen2, qwen3, gemma, gemma2, phi3, mistral) "
+                 "or a Jinja file. A run stores the one it trained with; chat, serve, verify, "
+                 "bundle and export use it without being told again.")
+SYSTEM_MODE_HELP = ("keep (system messages as the template renders them) | fold (into the "
+                    "first user turn, for templates that reject the system role).")
 
 
 # --- doctor ----------------------------------------------------------------------------------
@@ -140,6 +151,11 @@ def train(
                                          "the same command on each) [default: 1]."),
     rdzv: Optional[str] = typer.Option(None, "--rdzv", metavar="HOST:PORT", help="With "
                                        "--nnodes: the rendezvous address all nodes reach."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", metavar="NAME|FILE",
+                                                help=TEMPLATE_HELP + " Needed for chat data on "
+                                                "a model without a template."),
+    system_mode: Optional[str] = typer.Option(None, "--system-mode", metavar="keep|fold",
+                                              help=SYSTEM_MODE_HELP + " [default: keep]"),
 ) -> None:
     """Train a LoRA adapter; writes RUN/adapter (PEFT), RUN/adapter.gguf, RUN/manifest.json.
 
@@ -159,7 +175,8 @@ def train(
                  grad_accum=grad_accum, grad_checkpoint=grad_checkpoint, memory_gib=memory_gib,
                  precision=precision,
                  seed=seed, val=str(val) if val else None, val_split=val_split,
-                 save_every=save_every, verify=verify, nproc=nproc, nnodes=nnodes, rdzv=rdzv)
+                 save_every=save_every, verify=verify, nproc=nproc, nnodes=nnodes, rdzv=rdzv,
+                 chat_template=chat_template, system_mode=system_mode)
     if resume is not None:
         given = [k for k, v in flags.items() if v is not None] + (["config"] if config else [])
         if given:
@@ -253,6 +270,11 @@ def export(
     vllm: Optional[Path] = typer.Option(None, "--vllm", help="Instead of GGUF: copy the PEFT "
                                         "adapter to DIR/NAME for vLLM, write DIR/serve.sh and "
                                         "print the `vllm serve ... --enable-lora` command."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", metavar="NAME|FILE",
+                                                help="With --ollama / --merge: the template "
+                                                "for the Modelfile's TEMPLATE (and a merged "
+                                                "GGUF whose base has none) [default: the "
+                                                "run's]."),
 ) -> None:
     """Convert a PEFT LoRA adapter to a GGUF LoRA adapter for llama.cpp, or (--merge) write a
     merged, optionally quantized GGUF.
@@ -268,7 +290,7 @@ def export(
     with Renderer(err) as render:
         result = api.export(adapter, base=base, out=output, outtype=outtype, on_event=render,
                             merge=merge, quant=quant, ollama=ollama, verify=verify,
-                            system=system, vllm=vllm)
+                            system=system, vllm=vllm, chat_template=chat_template)
     if vllm is not None:
         print(result["command"])  # plain stdout: `$(edge-tune export RUN --vllm DIR)` runs it
 
@@ -385,8 +407,18 @@ def chat(
     bundle: Optional[Path] = typer.Option(None, help="Chat with a bundle made by `edge-tune "
                                           "bundle`; --adapter then names one of its adapters "
                                           "(checksums verified)."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", metavar="NAME|FILE",
+                                                help="Render the chat with this template "
+                                                "(built-in name or Jinja file) [default: the "
+                                                "run's, else the base GGUF's]."),
+    system_mode: Optional[str] = typer.Option(None, "--system-mode", metavar="keep|fold",
+                                              help=SYSTEM_MODE_HELP + " [default: the run's, "
+                                              "else keep]"),
 ) -> None:
     """Chat with the base model plus an adapter, through llama.cpp (streamed).
+
+    The chat template is the run's (the one it trained with), else the base GGUF's; a model
+    with neither answers as a plain text completion of the prompt (and says so).
 
     \b
       edge-tune chat --adapter runs/demo --prompt "What do bees make?"
@@ -397,19 +429,29 @@ def chat(
     from edge_tune.render import Renderer
 
     if bundle is not None or compare is not None:
-        _chat_plan(api.chat_plan(str(adapter) if adapter else None, base, bundle, compare),
+        _chat_plan(api.chat_plan(str(adapter) if adapter else None, base, bundle, compare,
+                                 chat_template, system_mode),
                    prompt, system, temperature=temperature, max_tokens=max_tokens)
         return
-    target = api.resolve_chat(adapter, base)
+    target = api.resolve_chat(adapter, base, chat_template, system_mode)
     engine = api.open_engine(target, Renderer(err))
-    kw = dict(temperature=temperature, max_tokens=max_tokens)
+    kw = dict(temperature=temperature, max_tokens=max_tokens, plain_fallback=True)
     try:
+        _say_if_plain(engine, target.base.name)
         history = [{"role": "system", "content": system}] if system else []
         if prompt is not None:
-            for piece in engine.chat_stream(history + [{"role": "user", "content": prompt}], **kw):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            pieces = []
+            with _template_fault_hint(history):
+                for piece in engine.chat_stream(history + [{"role": "user", "content": prompt}],
+                                                **kw):
+                    pieces.append(piece)
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
             sys.stdout.write("\n")
+            if not "".join(pieces).strip():
+                raise EdgeTuneError("the answer is empty: the model ended it at once (try "
+                                    "another prompt, a higher --temperature, or check the chat "
+                                    "template with --chat-template)", 1)
             return
         label = target.adapter.name if target.adapter else "base"
         err.print(f"[dim]chatting with {target.base.name} + {label}; Ctrl-D or /exit to "
@@ -422,16 +464,54 @@ def chat(
             reply = []
             sys.stdout.write("bot> ")
             try:
-                for piece in engine.chat_stream(history, **kw):
-                    reply.append(piece)
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
+                with _template_fault_hint(history):
+                    for piece in engine.chat_stream(history, **kw):
+                        reply.append(piece)
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
             except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
                 sys.stdout.write(" [stopped]")
+            except EdgeTuneError as exc:  # the template refused this turn: say so, go on
+                sys.stdout.write("\n")
+                err.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False,
+                          soft_wrap=True)
+                history.pop()
+                continue
             sys.stdout.write("\n")
             history.append({"role": "assistant", "content": "".join(reply)})
     finally:
         engine.close()
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _say_if_plain(engine, base_name: str, force: bool = False) -> None:
+    """One notice line when the model has no chat template: answers are plain completions."""
+    if force or engine.chat_template is None:
+        from edge_tune.template_choice import no_template_hint
+
+        err.print(f"note: {base_name} has no chat template (nor the run): answering as a plain "
+                  f"text completion of the prompt; to chat, {no_template_hint()}",
+                  highlight=False, soft_wrap=True, markup=False)
+
+
+@contextlib.contextmanager
+def _template_fault_hint(messages: list[dict]):
+    """Add the --system-mode hint to a chat template's refusal when a system message was
+    sent (templates without a system role refuse it)."""
+    from edge_tune.engine import ChatTemplateError
+
+    try:
+        yield
+    except ChatTemplateError as exc:
+        if not any(m.get("role") == "system" for m in messages):
+            raise
+        raise ChatTemplateError(f"{exc} (to put the system text into the first user turn: "
+                                "--system-mode fold)") from None
 
 
 def _chat_plan(planned, prompt: Optional[str], system: Optional[str], **kw) -> None:
@@ -444,6 +524,10 @@ def _chat_plan(planned, prompt: Optional[str], system: Optional[str], **kw) -> N
     plan, sides = planned
     engine = api.open_serving(plan, Renderer(err))
     histories = [[{"role": "system", "content": system}] if system else [] for _ in sides]
+    kw = dict(kw, plain_fallback=True)
+    for label, name in sides:
+        if engine.template_of(name) is None:
+            _say_if_plain(engine, f"{plan.base.name} ({label})", force=True)
 
     def answer(text: str) -> list[str]:
         replies = []
@@ -453,13 +537,15 @@ def _chat_plan(planned, prompt: Optional[str], system: Optional[str], **kw) -> N
                 engine.activate(name)
             if len(sides) == 1:  # one side: stream it, as plain chat does
                 pieces = []
-                for piece in engine.chat_stream(history, **kw):
-                    pieces.append(piece)
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
+                with _template_fault_hint(history):
+                    for piece in engine.chat_stream(history, **kw):
+                        pieces.append(piece)
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
                 sys.stdout.write("\n")
             else:
-                with err.status(f"[dim]{_label(sides, name)} is answering...[/]"):
+                with err.status(f"[dim]{_label(sides, name)} is answering...[/]"), \
+                        _template_fault_hint(history):
                     pieces = list(engine.chat_stream(history, **kw))
             history.append({"role": "assistant", "content": "".join(pieces)})
             replies.append("".join(pieces))
@@ -528,11 +614,20 @@ def serve(
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for llama.cpp "
                                           "(default: EDGE_TUNE_THREADS, else physical cores); "
                                           "on a box busy with other work, fewer is faster."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", metavar="NAME|FILE",
+                                                help="Render every model's chats with this "
+                                                "template (built-in name or Jinja file) "
+                                                "[default: each run's, else the base GGUF's]."),
+    system_mode: Optional[str] = typer.Option(None, "--system-mode", metavar="keep|fold",
+                                              help=SYSTEM_MODE_HELP + " [default: each run's, "
+                                              "else keep]"),
 ) -> None:
     """Serve the base and its adapters over an OpenAI-compatible API.
 
     One base model in memory, every adapter loaded once and switched per request by the
     `model` field (`base` = no adapter). Requests queue for the one llama.cpp context.
+    Each adapter's chats use its run's chat template; a chat the template refuses is HTTP
+    400 with the template's message, and so is a chat with a model that has no template.
 
     \b
       edge-tune serve --adapter pirate=runs/demo --adapter legal=legal.gguf
@@ -550,8 +645,9 @@ def serve(
         from edge_tune.bundle import load_bundle
 
         plan = load_bundle(bundle)
+        plan.override(chat_template, system_mode)
     else:
-        plan = api.plan_serving(adapter, base)
+        plan = api.plan_serving(adapter, base, chat_template, system_mode)
     render = Renderer(err)
     api.serve(plan, host=host, port=port, api_key=api_key, n_ctx=ctx, max_queue=max_queue,
               threads=threads, on_event=render)
@@ -571,11 +667,16 @@ def bundle(
                                 "adapters."),
     quant: Optional[str] = typer.Option(None, help="With --merged: quantize the merged model "
                                         "(Q4_K_M, Q8_0, ...)."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", metavar="NAME|FILE",
+                                                help="The template the bundle serves every "
+                                                "model with (built-in name or Jinja file) "
+                                                "[default: each run's, else the base GGUF's]."),
 ) -> None:
     """Pack a base model and adapters into a folder (or .tar.gz) for an edge box.
 
     The bundle holds the base GGUF, one GGUF LoRA per run, the runs' manifests, the chat
-    template, a serve.sh launcher, a README, and bundle.json with every file's sha256
+    templates they are served with, a serve.sh launcher, a README, and bundle.json with every
+    file's sha256
     (verified on load). On the box, `pip install "edge-tune[run]"` (no torch), then:
 
     \b
@@ -586,7 +687,8 @@ def bundle(
     from edge_tune.render import Renderer
 
     with Renderer(err) as render:
-        api.bundle(runs, output, base=base, merged=merged, quant=quant, on_event=render)
+        api.bundle(runs, output, base=base, merged=merged, quant=quant, on_event=render,
+                   chat_template=chat_template)
 
 
 # --- demo ------------------------------------------------------------------------------------
@@ -621,12 +723,16 @@ def data_inspect(
     data_format: str = typer.Option("auto", "--format", help="auto | openai | sharegpt | "
                                     "alpaca | completion | text."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", metavar="NAME|FILE",
+                                                help=TEMPLATE_HELP),
+    system_mode: Optional[str] = typer.Option(None, "--system-mode", metavar="keep|fold",
+                                              help=SYSTEM_MODE_HELP + " [default: keep]"),
 ) -> None:
     """Show a data file as training sees it: format, records, token lengths, trained share.
 
     Also how many examples --seq-len truncates, and the first example with the trained
     characters highlighted."""
-    from edge_tune.data.inspect import inspect_data
+    from edge_tune import api
     from edge_tune.render import Renderer
 
     try:  # parsed here, not by typer, so a bad value is one `error:` line like the rest
@@ -634,8 +740,9 @@ def data_inspect(
     except ValueError:
         raise EdgeTuneError(f"--seq-len {seq_len!r}: expected a whole number of tokens") from None
     with Renderer(err, quiet=as_json) as render:
-        report = inspect_data(file, model=model, seq_len=n_tokens, fmt=data_format,
-                              on_event=render)
+        report = api.inspect_data(file, model=model, seq_len=n_tokens, fmt=data_format,
+                                  on_event=render, chat_template=chat_template,
+                                  system_mode=system_mode)
     if as_json:
         out.print_json(json.dumps(report))
     else:

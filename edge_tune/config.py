@@ -53,6 +53,12 @@ class TrainConfig:
     nproc: int = 1  # processes per node (torchrun: gloo on CPU, NCCL per GPU for unsloth)
     nnodes: int = 1  # machines; more than one needs rdzv
     rdzv: Optional[str] = None  # HOST:PORT of the rendezvous (torchrun --rdzv-endpoint)
+    # A built-in template name (edge_tune.templates.BUILTIN) or a Jinja file, used instead of
+    # the model's own; stored in the run and used by chat/serve/export without being given again
+    chat_template: Optional[str] = None
+    # keep | fold: fold = system text goes into the first user turn (templates without a
+    # system role); stored in the run, so chat and serve fold it the same way
+    system_mode: str = "keep"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,6 +81,7 @@ _CHECKS = {
                "auto, openai, sharegpt, alpaca, completion or text"),
     "train_on": (lambda v: v in ("assistant", "all"), "assistant or all"),
     "overflow": (lambda v: v in ("truncate", "drop"), "truncate or drop"),
+    "system_mode": (lambda v: v in ("keep", "fold"), "keep or fold"),
     "eval_every": (lambda v: v >= 0, "an integer >= 0"),
     "save_every": (lambda v: v >= 0, "an integer >= 0"),
     "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),

@@ -84,6 +84,47 @@ class ContextOverflow(EdgeTuneError):
     """The prompt does not fit the context window."""
 
 
+class ChatTemplateError(EdgeTuneError):
+    """The chat template refused the conversation (its own ``raise_exception``, or a render
+    error): the request's fault, not the engine's."""
+
+
+class NoChatTemplate(EdgeTuneError):
+    """A conversation was asked of a model that has no chat template."""
+
+
+def plain_prompt(messages: list[dict]) -> str:
+    """The text of a conversation for a model with no chat template, for a plain completion:
+    each message's content on its own line(s), ending with a newline so that the answer
+    starts on a line of its own (without it a model may take the question as a finished
+    text and end at once). Pure."""
+    return "".join(str(m["content"]).strip() + "\n" for m in messages if m.get("content"))
+
+
+class _TemplateFormatter:
+    """llama-cpp-python's :class:`Jinja2ChatFormatter` (the environment transformers uses),
+    with the stop tokens edge-tune found for the template, and a template's own exception
+    turned into :class:`ChatTemplateError` (llama-cpp-python raises a bare ValueError)."""
+
+    def __init__(self, text: str, eos: str, bos: str, stop_ids: set[int],
+                 stop_texts: list[str]) -> None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self._jinja = Jinja2ChatFormatter(text, eos, bos, stop_token_ids=sorted(stop_ids))
+        self._stop = stop_texts
+
+    def __call__(self, **kw):
+        import jinja2
+
+        try:
+            result = self._jinja(**kw)
+        except (jinja2.TemplateError, ValueError, TypeError) as exc:
+            said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ChatTemplateError(f"the chat template says: {said}") from None
+        result.stop = list(self._stop)
+        return result
+
+
 @dataclass
 class Piece:
     """A piece of streamed text; the last one of an answer has ``finish_reason`` set."""
@@ -148,8 +189,15 @@ class _TokenCounter:
 
 class Engine:
     def __init__(self, base_gguf: Path, n_ctx: int = 4096, threads: Optional[int] = None,
-                 logits_all: bool = False, seed: int = 0, exact: bool = False) -> None:
-        """``exact``: keep the KV cache in F32 (default F16) for bit-careful comparisons."""
+                 logits_all: bool = False, seed: int = 0, exact: bool = False,
+                 chat_template: Optional[str] = None, stop_tokens: tuple = (),
+                 system_mode: str = "keep") -> None:
+        """``exact``: keep the KV cache in F32 (default F16) for bit-careful comparisons.
+        ``chat_template``: Jinja text used for conversations instead of the GGUF's own
+        ``tokenizer.chat_template`` (:meth:`set_chat_template` sets one per adapter);
+        ``stop_tokens``: token texts that also end an answer (e.g. a run's); ``system_mode``
+        "fold" puts a system message into the first user turn before rendering (templates
+        without a system role; see :func:`edge_tune.data.template.fold_system`)."""
         self.base_path = Path(base_gguf)
         self.base: BaseInfo = from_gguf(self.base_path)  # refuses truncated/corrupt files
         try:
@@ -174,6 +222,80 @@ class Engine:
         self._adapters: dict[str, object] = {}
         self.adapter_meta: dict[str, dict] = {}
         self.active: Optional[str] = None
+        own = self.llm.metadata.get("tokenizer.chat_template") or None
+        self._templates: dict[Optional[str], Optional[str]] = {None: chat_template or own}
+        self._stop_tokens = tuple(stop_tokens)
+        self._handlers: dict[str, object] = {}
+        self._fold: dict[Optional[str], bool] = {None: system_mode == "fold"}
+
+    # --- chat templates -------------------------------------------------------------------
+    def set_chat_template(self, text: Optional[str], adapter: Optional[str] = None,
+                          stop_tokens: tuple = (), system_mode: Optional[str] = None) -> None:
+        """Use ``text`` (and ``system_mode``) for conversations while ``adapter`` is active
+        (None: the base, and every adapter without its own)."""
+        if text:
+            self._templates[adapter] = text
+        if system_mode is not None:
+            self._fold[adapter] = system_mode == "fold"
+        self._stop_tokens = tuple(dict.fromkeys(self._stop_tokens + tuple(stop_tokens)))
+
+    def template_of(self, adapter: Optional[str]) -> Optional[str]:
+        """The template conversations are rendered with while ``adapter`` is active (None:
+        the base); None when there is none at all."""
+        return self._templates.get(adapter) or self._templates[None]
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        """The template conversations are rendered with now (None: the model has none)."""
+        return self.template_of(self.active)
+
+    def _token_text(self, token: int) -> str:
+        return self.llm._model.token_get_text(token) if token >= 0 else ""
+
+    def _turn_end_tokens(self, text: str, eos: str, bos: str) -> set[int]:
+        """The token a template closes an assistant turn with (ChatML's ``<|im_end|>``,
+        Llama-3's ``<|eot_id|>``...), found by rendering a probe answer: llama.cpp stops only
+        at the vocabulary's end-of-generation tokens, and a template given for a base model
+        may end turns with another special token. Empty when the probe cannot be rendered."""
+        import jinja2
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        probe = "\u2063edge-tune-probe\u2063"
+        try:
+            rendered = Jinja2ChatFormatter(text, eos, bos, add_generation_prompt=False)(
+                messages=[{"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": probe}]).prompt
+        except (jinja2.TemplateError, ValueError, TypeError):
+            return set()
+        rest = rendered.partition(probe)[2].lstrip()
+        if not rest:
+            return set()
+        first = self.llm.tokenize(rest.encode(), add_bos=False, special=True)[:1]
+        vocab = self.llm._model.vocab
+        return {t for t in first if llama_cpp.llama_vocab_is_eog(vocab, t)
+                or llama_cpp.llama_vocab_is_control(vocab, t)}
+
+    def _chat_handler(self, text: str):
+        """A llama-cpp-python chat handler for ``text`` (built once per template)."""
+        handler = self._handlers.get(text)
+        if handler is None:
+            from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
+
+            eos, bos = self._token_text(self.llm.token_eos()), \
+                self._token_text(self.llm.token_bos())
+            ids = {self.llm.token_eos()} | self._turn_end_tokens(text, eos, bos)
+            for word in self._stop_tokens:
+                found = self.llm.tokenize(word.encode(), add_bos=False, special=True)
+                if len(found) == 1:
+                    ids.add(found[0])
+            ids.discard(-1)
+            texts = list(dict.fromkeys(t for t in [eos, *(self._token_text(i) for i in ids),
+                                                   *self._stop_tokens] if t))
+            handler = chat_formatter_to_chat_completion_handler(
+                _TemplateFormatter(text, eos, bos, ids, texts))
+            self._handlers[text] = handler
+        return handler
 
     # --- adapters -----------------------------------------------------------------------
     def add_adapter(self, path: Path, name: Optional[str] = None) -> str:
@@ -212,26 +334,46 @@ class Engine:
 
     # --- inference ------------------------------------------------------------------------
     def chat_stream(self, messages: list[dict], temperature: float = 0.7,
-                    max_tokens: int = 256, seed: Optional[int] = None) -> Iterator[str]:
-        """Stream the assistant's reply, using the base GGUF's own chat template."""
-        for piece in self.generate(messages=messages, temperature=temperature,
-                                   max_tokens=max_tokens, seed=seed):
+                    max_tokens: int = 256, seed: Optional[int] = None,
+                    plain_fallback: bool = False) -> Iterator[str]:
+        """Stream the assistant's reply, rendered with :attr:`chat_template`. A model with
+        no template raises :class:`NoChatTemplate`, or with ``plain_fallback`` answers as a
+        plain completion of :func:`plain_prompt` (the caller says so to the user)."""
+        if plain_fallback and self.chat_template is None:
+            pieces = self.generate(prompt=plain_prompt(messages), temperature=temperature,
+                                   max_tokens=max_tokens, seed=seed)
+        else:
+            pieces = self.generate(messages=messages, temperature=temperature,
+                                   max_tokens=max_tokens, seed=seed)
+        for piece in pieces:
             if piece.text:
                 yield piece.text
 
     def generate(self, *, messages: list[dict] | None = None, prompt: str | None = None,
                  temperature: float = 0.7, max_tokens: int = 256, seed: int | None = None,
                  **sampling) -> Iterator[Piece]:
-        """The one generation path for the CLI and the server: a chat (``messages``, the base
-        GGUF's own template) or a plain text completion (``prompt``), streamed as pieces.
+        """The one generation path for the CLI and the server: a chat (``messages``, rendered
+        with :attr:`chat_template`) or a plain text completion (``prompt``), streamed as pieces.
 
         Every answer starts from a reset context, so no request reuses KV entries computed for
         another one (or under another adapter); with ``temperature=0`` the answer is greedy and
         the same whoever asks. The last piece carries ``finish_reason`` ("stop" or "length")
         and token counts. ``sampling``: top_p, stop, presence/frequency_penalty... as
         llama-cpp-python names them. A prompt longer than the context raises
-        :class:`ContextOverflow` before any piece.
+        :class:`ContextOverflow` before any piece; a conversation the template refuses raises
+        :class:`ChatTemplateError`, one on a model without a template :class:`NoChatTemplate`.
         """
+        if messages is not None:
+            template = self.chat_template
+            if template is None:
+                raise NoChatTemplate(f"{self.base_path.name} has no chat template; "
+                                     "give --chat-template NAME|FILE, or ask for a plain text "
+                                     "completion")
+            self.llm.chat_handler = self._chat_handler(template)
+            if self._fold.get(self.active, self._fold[None]):
+                from edge_tune.data.template import fold_system
+
+                messages = fold_system(messages)
         self.llm.reset()
         counter = _TokenCounter.install(self.llm)
         kw = dict(temperature=temperature, max_tokens=max_tokens, stream=True, seed=seed,

@@ -30,7 +30,11 @@ def library_versions() -> dict[str, str]:
 
 def build(*, config: dict, backend: str, backend_reason: str, base: dict, data: dict,
           result: dict, tokenizer: dict, adapter: dict, plan: Optional[dict] = None) -> dict:
-    """Assemble the manifest. Pure."""
+    """Assemble the manifest. Pure.
+
+    ``tokenizer``: ``chat_template`` (the Jinja text the data was rendered with; chat, serve,
+    verify, bundles and Modelfiles use it), ``chat_template_name`` (its built-in name, if it is
+    one), ``chat_template_source`` ("--chat-template" or "model") and ``stop_tokens``."""
     return {
         "format": "edge-tune-run/1",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -38,6 +42,8 @@ def build(*, config: dict, backend: str, backend_reason: str, base: dict, data: 
         "backend_reason": backend_reason,
         "base": base,
         "chat_template": tokenizer.get("chat_template"),
+        "chat_template_name": tokenizer.get("chat_template_name"),
+        "chat_template_source": tokenizer.get("chat_template_source"),
         "stop_tokens": tokenizer.get("stop_tokens", []),
         "hyperparameters": config,
         "data": data,

@@ -94,18 +94,26 @@ def held_back_records(man: dict, n: int) -> list:
     return records[:n]
 
 
-def build_samples(tok, records: list, max_len: int) -> list[Sample]:
-    from edge_tune.data.template import encode_record
+def build_samples(tok, records: list, max_len: int, system_mode: str = "keep") -> list[Sample]:
+    """Token ids of each record as training encoded it (``system_mode`` and the record's
+    ``tools`` included) and the prompt of its last trained turn; records the template cannot
+    train (skipped by ``--skip-invalid``) are left out."""
+    from edge_tune.data.template import (RecordError, encode_rendered, encode_text,
+                                         render_examples)
 
     samples = []
     for r in records:
-        ids = encode_record(tok, r.messages, r.text).input_ids[:max_len]
         if r.messages is not None:
-            upto = max(i for i, m in enumerate(r.messages) if m["role"] == "assistant")
-            text = tok.apply_chat_template(r.messages[:upto], tokenize=False,
-                                           add_generation_prompt=True)
+            try:
+                rendered = render_examples(tok, r.messages, getattr(r, "tools", None),
+                                           system_mode=system_mode)[-1]
+            except RecordError:
+                continue
+            ids = encode_rendered(tok, rendered).input_ids[:max_len]
+            text = rendered.text[:rendered.spans[-1][0]]
             prompt = tok(text, add_special_tokens=False)["input_ids"]
         else:
+            ids = encode_text(tok, r.text or "").input_ids[:max_len]
             prompt = ids[: min(16, len(ids))]
             text = tok.decode(prompt)
         samples.append(Sample(ids, prompt[:max_len], text))
@@ -242,7 +250,10 @@ def verify_run(run_dir: Path, man: dict, peft_dir: Path, base_gguf: Path, hf_dir
     if (merged is None) == (adapter_gguf is None):
         raise ValueError("give exactly one of adapter_gguf / merged")
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    samples = build_samples(tok, held_back_records(man, n_prompts), max_len)
+    if man.get("chat_template"):  # the prompts as the run rendered them (--chat-template too)
+        tok.chat_template = man["chat_template"]
+    samples = build_samples(tok, held_back_records(man, n_prompts), max_len,
+                            man.get("hyperparameters", {}).get("system_mode") or "keep")
     if not samples:
         raise EdgeTuneError(f"verify {run_dir}: no held-back examples to check with")
     steps = 4

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from edge_tune.engine import ContextOverflow, Piece
+from edge_tune.engine import ChatTemplateError, ContextOverflow, NoChatTemplate, Piece
 from edge_tune.errors import EdgeTuneError
 from edge_tune.server.openai_shapes import GenRequest, RequestError
 
@@ -103,6 +103,17 @@ class Scheduler:
                 job.post("error", RequestError(400, f"{exc}; shorten the prompt or start the "
                                                     "server with a larger --ctx",
                                                code="context_length_exceeded"))
+            except ChatTemplateError as exc:  # the conversation's fault, not the server's
+                self.stats.failed += 1
+                job.post("error", RequestError(400, str(exc), param="messages",
+                                               code="invalid_chat_template"))
+            except NoChatTemplate:
+                self.stats.failed += 1
+                job.post("error", RequestError(
+                    400, f"the model '{job.request.model}' has no chat template, so it cannot "
+                         "take messages: send a prompt to /v1/completions, or restart the "
+                         "server with --chat-template NAME|FILE", param="messages",
+                    code="no_chat_template"))
             except EdgeTuneError as exc:
                 self.stats.failed += 1
                 job.post("error", RequestError(500, str(exc), type="server_error"))

@@ -1,0 +1,188 @@
+"""Which chat template a command uses, and reading a model's own template cheaply.
+
+Order, for every command that renders a conversation: ``--chat-template NAME|FILE`` (see
+:mod:`edge_tune.templates`), else the template the run was trained with (its manifest), else the
+model's own (GGUF ``tokenizer.chat_template``, or an HF directory's ``tokenizer_config.json`` /
+``chat_template.jinja``), else none. Without one, conversations cannot be trained on (refused
+before any model is loaded) and ``chat`` answers as a plain text completion.
+
+Reading the template must not cost a model load: a GGUF's key-value header is scanned directly
+(the format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md), skipping the vocabulary
+arrays without building Python objects for them; gguf-py's ``GGUFReader`` would parse every
+tensor record and every vocabulary entry (seconds for a large vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from edge_tune.errors import EdgeTuneError
+
+OPTION = "--chat-template NAME|FILE"
+
+# GGUF value types -> byte size of a scalar (8 = string, 9 = array are variable).
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chosen template: its Jinja ``text``, its built-in ``name`` when it is one, and where
+    it came from (``source``: "--chat-template", "run" or "model")."""
+
+    text: str
+    name: Optional[str]
+    source: str
+
+
+def builtin_names() -> str:
+    from edge_tune.templates import BUILTIN
+
+    return ", ".join(BUILTIN)
+
+
+def no_template_hint() -> str:
+    """The one phrase every "this model has no chat template" message ends with."""
+    return f"give {OPTION} (built-in: {builtin_names()}; or a Jinja file)"
+
+
+def given(spec: Optional[str]) -> Optional[ChatTemplate]:
+    """``--chat-template SPEC`` resolved (None when not given); one-line error for a bad one."""
+    if spec is None or spec == "":
+        return None
+    from edge_tune.templates import resolve_template, template_name
+
+    text = resolve_template(spec)
+    return ChatTemplate(text, template_name(text), "--chat-template")
+
+
+def of_text(text: Optional[str], source: str) -> Optional[ChatTemplate]:
+    if not text:
+        return None
+    from edge_tune.templates import template_name
+
+    return ChatTemplate(text, template_name(text), source)
+
+
+def choose(spec: Optional[str], manifest: Optional[dict]) -> Optional[ChatTemplate]:
+    """The flag's template, else the run's (its manifest), else None: the model's own (read
+    by whoever loads the model)."""
+    flag = given(spec)
+    if flag is not None:
+        return flag
+    return of_text((manifest or {}).get("chat_template"), "run")
+
+
+# --- the model's own template, read cheaply ----------------------------------------------------
+
+def gguf_metadata(path: Path, keys: set[str]) -> dict:
+    """The values of the scalar or string ``keys`` in a GGUF file's header (missing keys are
+    left out). Reads only the key-value section; raises EdgeTuneError for a file that is not
+    a whole GGUF."""
+    path = Path(path)
+    found: dict = {}
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if m[:4] != b"GGUF":
+                raise EdgeTuneError(f"{path}: not a GGUF file (expected the GGUF magic bytes)")
+            version, = struct.unpack_from("<I", m, 4)
+            if version < 2:
+                raise EdgeTuneError(f"{path}: GGUF version {version} is too old (expected 2+)")
+            n_kv, = struct.unpack_from("<Q", m, 16)
+            pos = 24
+
+            def string(at: int) -> tuple[bytes, int]:
+                n, = struct.unpack_from("<Q", m, at)
+                return m[at + 8: at + 8 + n], at + 8 + n
+
+            def skip(kind: int, at: int) -> int:
+                if kind == _STRING:
+                    return at + 8 + struct.unpack_from("<Q", m, at)[0]
+                if kind == _ARRAY:
+                    sub, n = struct.unpack_from("<IQ", m, at)
+                    at += 12
+                    if sub in _SCALAR_SIZE:
+                        return at + n * _SCALAR_SIZE[sub]
+                    for _ in range(n):
+                        at = skip(sub, at)
+                    return at
+                return at + _SCALAR_SIZE[kind]
+
+            for _ in range(n_kv):
+                key, pos = string(pos)
+                kind, = struct.unpack_from("<I", m, pos)
+                pos += 4
+                name = key.decode("utf-8", "replace")
+                if name in keys and kind == _STRING:
+                    raw, _ = string(pos)
+                    found[name] = raw.decode("utf-8", "replace")
+                elif name in keys and kind in _SCALAR_SIZE:
+                    fmt = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
+                           10: "Q", 11: "q", 12: "d"}[kind]
+                    found[name] = struct.unpack_from("<" + fmt, m, pos)[0]
+                pos = skip(kind, pos)
+                if len(found) == len(keys):
+                    break
+    except (struct.error, KeyError, ValueError, IndexError) as exc:
+        raise EdgeTuneError(f"{path}: truncated or corrupt GGUF file ({type(exc).__name__} in "
+                            "its header)") from None
+    except OSError as exc:
+        raise EdgeTuneError(f"{path}: cannot be read ({exc.strerror})") from None
+    return found
+
+
+def gguf_chat_template(path: Path) -> Optional[str]:
+    """A GGUF's ``tokenizer.chat_template`` (None when it has none)."""
+    return gguf_metadata(path, {"tokenizer.chat_template"}).get("tokenizer.chat_template") or None
+
+
+def hf_chat_template(hf_dir: Path) -> Optional[str]:
+    """An HF model directory's chat template, where transformers looks for it:
+    ``chat_template.jinja`` (transformers >= 4.43 saves it there), else
+    ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named templates of
+    which "default" is used)."""
+    hf_dir = Path(hf_dir)
+    jinja = hf_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8") or None
+    try:
+        config = json.loads((hf_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value
+                      if isinstance(t, dict) and t.get("name") == "default"), None)
+    return value if isinstance(value, str) and value else None
+
+
+def model_chat_template(ref) -> tuple[bool, Optional[str]]:
+    """(known, template) of a resolved ``--model`` (a :class:`edge_tune.models.ModelRef`):
+    known is False for a hub ID not on disk yet, whose files are fetched only when training
+    starts."""
+    if ref.gguf is not None:
+        return True, gguf_chat_template(ref.gguf)
+    if ref.hf_dir is not None:
+        return True, hf_chat_template(ref.hf_dir)
+    return False, None
+
+
+def require_for_conversations(records, ref, chosen: Optional[ChatTemplate]) -> None:
+    """Refuse conversation data on a model with no chat template when none is given, before
+    any model is loaded. ``records``: objects or dicts with ``messages`` (None for text)."""
+    if chosen is not None:
+        return
+    def has_messages(r) -> bool:
+        return (r.get("messages") if isinstance(r, dict) else getattr(r, "messages", None)) \
+            is not None
+    if not any(has_messages(r) for r in records):
+        return  # plain text (continued pre-training) needs no template
+    known, template = model_chat_template(ref)
+    if known and not template:
+        raise EdgeTuneError(f"--model {ref.spec}: this model has no chat template, and the data "
+                            f"holds conversations; {no_template_hint()}")
