@@ -1,6 +1,15 @@
 """Merge a PEFT LoRA adapter into a GGUF base: one GGUF with the base's metadata, tokenizer and
 chat template, and weights ``W + scale·B·A`` (DoRA: ``m/‖W + scale·B·A‖ · (W + scale·B·A)``).
 
+The merged file computes what PEFT computes with the adapter *unmerged*:
+
+* ``modules_to_save`` copies replace their base tensors; a LoRA ``bias`` (``lora_bias``) adds
+  ``scale · bias`` to the layer's bias (created where llama.cpp reads an optional one);
+* on a tied base (no ``output.weight``), a change to the embedding or to the output layer
+  unties them: ``output.weight`` is written as the base's ``token_embd`` and each change goes
+  to its own side only. (``merge_and_unload()`` on a tied HF model changes both sides: that is
+  not what the adapter computed while it was trained.)
+
 Streamed tensor by tensor: the base is memory-mapped, each tensor is dequantized with gguf-py's
 own code, the delta added, and the result written before the next is read, so peak memory is
 about one tensor plus the adapter, not the model.
@@ -16,17 +25,14 @@ from __future__ import annotations
 
 import errno
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from edge_tune.converters.base_info import BaseInfo, field_value, from_gguf, open_gguf
-from edge_tune.converters.names import (
-    gguf_tensor_name,
-    needs_rope_permute,
-    split_peft_key,
-)
-from edge_tune.converters.peft_to_gguf import _module_scale
+from edge_tune.converters.names import gguf_tensor_name, needs_rope_permute
+from edge_tune.converters.lora_graph import merge_can_untie, untie_route
+from edge_tune.converters.peft_to_gguf import PEFT_MERGE_ROUTE, _module_scale
 
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import EventSink, Progress, ignore
@@ -58,33 +64,55 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return rope_permute_rows(w, n_head)
 
 
+@dataclass
+class MergePlan:
+    """Everything a merge changes, by GGUF tensor name (numpy orientation, HF row order)."""
+
+    deltas: dict[str, Delta]
+    replace: dict[str, np.ndarray] = field(default_factory=dict)  # modules_to_save copies
+    bias_add: dict[str, np.ndarray] = field(default_factory=dict)  # scale · lora_B.bias
+    untie: bool = False  # write output.weight = the base's token_embd (then apply its changes)
+    new_biases: dict[str, int] = field(default_factory=dict)  # bias tensors to create: rows
+
+    def targets(self) -> set[str]:
+        return set(self.deltas) | set(self.replace) | set(self.bias_add)
+
+
+# Archs whose llama.cpp loader reads attention/FFN biases when a file has them
+# (src/models/llama.cpp: TENSOR_NOT_REQUIRED), so a merge may add them.
+OPTIONAL_BIAS_ARCHS = frozenset({"llama", "granite"})
+# Archs whose HF -> GGUF conversion stores RMSNorm weights as 1 + w (Gemma's norm is x·(1+w)).
+NORM_PLUS_ONE_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
+
+
+def _gguf_name(module: str, info: BaseInfo, where: str) -> str:
+    name = gguf_tensor_name(module, info.arch, info.n_blocks)
+    if name is None:
+        raise EdgeTuneError(f"{where}: module {module!r} has no GGUF tensor for arch "
+                            f"{info.arch!r} (an adapter for another architecture?)")
+    return name
+
+
+def _heads(info: BaseInfo, name: str) -> int:
+    which = needs_rope_permute(info.arch, name)
+    return (info.n_head if which == "q" else info.n_head_kv) if which else 0
+
+
 def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
-         where: str = "adapter") -> dict[str, Delta]:
-    """GGUF tensor name -> Delta for every adapted module. Pure; refuses what cannot merge."""
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise EdgeTuneError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA")
-    if config.get("lora_bias"):
-        raise EdgeTuneError(f"{where}: lora_bias=true is not supported by merge")
-    if config.get("modules_to_save") or any("modules_to_save" in k for k in tensors):
-        raise EdgeTuneError(f"{where}: modules_to_save ({config.get('modules_to_save')}) is "
-                            "not supported by merge yet; retrain without it")
-    modules: dict[str, dict[str, np.ndarray]] = {}
-    for key, arr in tensors.items():
-        split = split_peft_key(key)
-        if split is None:
-            raise EdgeTuneError(f"{where}: tensor {key!r} is not a LoRA A/B/magnitude weight")
-        modules.setdefault(split[0], {})[split[1]] = np.asarray(arr, dtype=np.float32)
-    if not modules:
-        raise EdgeTuneError(f"{where}: no LoRA tensors found")
-    out: dict[str, Delta] = {}
-    for module, parts in sorted(modules.items()):
-        name = gguf_tensor_name(module, base.arch, base.n_blocks)
-        if name is None:
-            raise EdgeTuneError(f"{where}: module {module!r} has no GGUF tensor for arch "
-                                f"{base.arch!r} (an adapter for another architecture?)")
-        if name == "output.weight" and base.tied_embeddings:
-            raise EdgeTuneError(f"{where}: LoRA on lm_head cannot be merged into this base: its "
-                                "embeddings are tied (no output.weight)")
+         where: str = "adapter") -> MergePlan:
+    """What merging this PEFT adapter into ``base`` writes. Pure; refuses what cannot merge.
+
+    Matches PEFT with the adapter *unmerged*: on a tied base a change to the embedding or the
+    output layer unties them (PEFT's embedding LoRA and its modules_to_save copy of
+    embed_tokens act on the input only; a LoRA/copy of lm_head on the output only).
+    """
+    from edge_tune.converters.peft_to_gguf import check_base_layers, parse_adapter
+
+    adapter = parse_adapter(config, tensors, where)
+    check_base_layers(adapter, base, where)
+    out = MergePlan(deltas={})
+    for module, parts in sorted(adapter.loras.items()):
+        name = _gguf_name(module, base, where)
         embedding = "lora_embedding_A" in parts
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else \
             ("lora_A", "lora_B")
@@ -96,13 +124,42 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
                                 f"{list(b.shape)} do not multiply")
         magnitude = parts.get("lora_magnitude_vector")
         if magnitude is not None and embedding:
-            raise EdgeTuneError(f"{where}: DoRA on an embedding ({module}) is not supported")
-        which = needs_rope_permute(base.arch, name)
-        heads = (base.n_head if which == "q" else base.n_head_kv) if which else 0
-        out[name] = Delta(a=a, b=b, scale=_module_scale(config, module, a.shape[0]),
-                          embedding=embedding,
-                          magnitude=None if magnitude is None else magnitude.reshape(-1),
-                          permute_heads=heads)
+            raise EdgeTuneError(f"{where}: DoRA on an embedding ({module}) is not supported; "
+                                f"{PEFT_MERGE_ROUTE}")
+        scale = _module_scale(config, module, a.shape[0])
+        out.deltas[name] = Delta(a=a, b=b, scale=scale, embedding=embedding,
+                                 magnitude=None if magnitude is None else magnitude.reshape(-1),
+                                 permute_heads=_heads(base, name))
+        if module in adapter.lora_bias:
+            bias = adapter.lora_bias[module].reshape(-1).astype(np.float64) * scale
+            out.bias_add[name[: -len(".weight")] + ".bias"] = bias
+    for module, leaves in sorted(adapter.saved.items()):
+        name = _gguf_name(module, base, where)
+        for leaf, arr in leaves.items():
+            target = name if leaf == "weight" else name[: -len(".weight")] + ".bias"
+            if arr.ndim == 1 and base.arch in NORM_PLUS_ONE_ARCHS and "norm" in target:
+                arr = arr + 1.0
+            heads = _heads(base, name)
+            out.replace[target] = permute_rows(arr, heads) if heads else arr
+    if {"token_embd.weight", "output.weight"} & out.targets() and base.tied_embeddings:
+        if not merge_can_untie(base.arch):
+            raise EdgeTuneError(f"{where}: the adapter changes the embedding or output layer of "
+                                f"a tied base; {untie_route(base.arch)}")
+        out.untie = True
+    tensors_ = dict(base.tensors or {})
+    if out.untie:
+        tensors_["output.weight"] = tensors_.get("token_embd.weight", ())
+    for name in sorted(out.targets()):
+        if name in tensors_:
+            continue
+        if name.endswith(".bias") and base.arch in OPTIONAL_BIAS_ARCHS and \
+                name[: -len(".bias")] + ".weight" in tensors_:
+            out.new_biases[name] = int(tensors_[name[: -len(".bias")] + ".weight"][1])
+            continue
+        what = "a bias" if name.endswith(".bias") else "this tensor"
+        raise EdgeTuneError(f"{where}: adapter targets {name!r}, which the base model does not "
+                            f"have, and llama.cpp's {base.arch} graph does not read {what} "
+                            f"from a merged file either; {PEFT_MERGE_ROUTE}")
     return out
 
 
@@ -124,6 +181,33 @@ def apply(w: np.ndarray, d: Delta, name: str = "") -> np.ndarray:
             m = permute_rows(m, d.permute_heads)
         merged *= (m / np.linalg.norm(merged, axis=1))[:, None]
     return merged.astype(np.float32)
+
+
+def merged_tensor(name: str, w: np.ndarray, p: MergePlan) -> np.ndarray:
+    """Base tensor ``w`` (numpy orientation) after the plan: copy, delta, bias."""
+    if name in p.replace:
+        new = p.replace[name]
+        if new.shape != w.shape:
+            raise EdgeTuneError(f"adapter does not fit the base model: the modules_to_save copy "
+                                f"for {name!r} is {list(new.shape)}, the base tensor "
+                                f"{list(w.shape)}")
+        w = new.astype(np.float32)
+    if name in p.deltas:
+        w = apply(w, p.deltas[name], name)
+    if name in p.bias_add:
+        add = p.bias_add[name]
+        if add.shape != w.shape:
+            raise EdgeTuneError(f"adapter does not fit the base model: LoRA bias for {name!r} "
+                                f"has {add.shape[0]} rows, the base {w.shape[0]}")
+        heads = _bias_heads(name, p)
+        w = (w.astype(np.float64) + (permute_rows(add, heads) if heads else add)).astype(
+            np.float32)
+    return w
+
+
+def _bias_heads(bias_name: str, p: MergePlan) -> int:
+    d = p.deltas.get(bias_name[: -len(".bias")] + ".weight")
+    return d.permute_heads if d is not None else 0
 
 
 def check_base_complete(info: BaseInfo, path: Path) -> None:
@@ -191,39 +275,56 @@ def merge(base_gguf: Path, config: dict, tensors: dict[str, np.ndarray], out_pat
     reader = open_gguf(base_gguf)
     info = from_gguf(base_gguf, reader)
     check_base_complete(info, base_gguf)
-    deltas = plan(config, tensors, info, where)
+    p = plan(config, tensors, info, where)
     by_name = {t.name: t for t in reader.tensors}
-    for name, d in deltas.items():
-        if name not in by_name:
+    shapes = {name: _numpy_shape(t) for name, t in by_name.items()}
+    if p.untie:
+        shapes["output.weight"] = shapes["token_embd.weight"]
+    for name, d in p.deltas.items():
+        if name not in shapes:
             raise EdgeTuneError(f"{where}: adapter targets {name!r}, which the base model "
                                 f"{base_gguf.name} does not have")
-        want = _numpy_shape(by_name[name])
+        want = shapes[name]
         got = (d.a.shape[1], d.b.shape[0]) if d.embedding else (d.b.shape[0], d.a.shape[1])
         if got != want:
             raise EdgeTuneError(f"{where}: adapter does not fit the base model: {name!r} is "
                                 f"{list(want)} in the base, the adapter's delta {list(got)}")
+    for name, arr in p.replace.items():
+        if shapes.get(name) != arr.shape:
+            raise EdgeTuneError(f"{where}: adapter does not fit the base model: the "
+                                f"modules_to_save copy for {name!r} is {list(arr.shape)}, the "
+                                f"base's {list(shapes.get(name, ()))} (a resized vocabulary? "
+                                f"{PEFT_MERGE_ROUTE})")
+    # What is written, in order: (name, numpy shape, base tensor it starts from or None).
+    layout: list[tuple[str, tuple[int, ...], object]] = []
+    for t in reader.tensors:
+        layout.append((t.name, shapes[t.name], t))
+        if p.untie and t.name == "token_embd.weight":
+            layout.append(("output.weight", shapes[t.name], t))
+    layout += [(name, (rows,), None) for name, rows in sorted(p.new_biases.items())]
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    check_disk(out_path.parent, estimate_bytes(reader, outtype), str(out_path))
+    check_disk(out_path.parent, estimate_bytes(reader, outtype) +
+               (int(np.prod(shapes["token_embd.weight"])) * 4 if p.untie else 0), str(out_path))
     arch = field_value(reader, "general.architecture")
-    total = len(reader.tensors)
+    total = len(layout)
     try:
         with atomic_path(out_path) as tmp:
             w = gguf.GGUFWriter(str(tmp), arch)
             _copy_metadata(reader, w, outtype)
             for key, value in (extra_metadata or {}).items():
                 w.add_string(key, str(value))
-            for t in reader.tensors:
-                shape = _numpy_shape(t)
+            for name, shape, _ in layout:
                 dt = np.dtype(out_dtype(outtype, shape))
-                w.add_tensor_info(t.name, shape, dt, int(np.prod(shape)) * dt.itemsize)
+                w.add_tensor_info(name, shape, dt, int(np.prod(shape)) * dt.itemsize)
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            for i, t in enumerate(reader.tensors):
-                shape = _numpy_shape(t)
-                arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
-                if t.name in deltas:
-                    arr = apply(arr, deltas[t.name], t.name)
+            for i, (name, shape, src) in enumerate(layout):
+                if src is None:
+                    arr = np.zeros(shape, np.float32)
+                else:
+                    arr = gguf.quants.dequantize(src.data, src.tensor_type).reshape(shape)
+                arr = merged_tensor(name, arr, p)
                 w.write_tensor_data(np.ascontiguousarray(arr, dtype=out_dtype(outtype, shape)))
                 on_event(Progress("merge", i + 1, total, "tensors", f"merging ({outtype})"))
             w.close()
@@ -232,6 +333,7 @@ def merge(base_gguf: Path, config: dict, tensors: dict[str, np.ndarray], out_pat
             raise EdgeTuneError(f"{out_path.parent}: disk full while writing {out_path.name}; "
                                 "nothing was written") from None
         raise
-    return {"path": str(out_path), "merged": len(deltas), "tensors": total, "outtype": outtype,
-            "dora": any(d.magnitude is not None for d in deltas.values()),
+    return {"path": str(out_path), "merged": len(p.targets()), "tensors": total,
+            "outtype": outtype, "untied": p.untie, "replaced": sorted(p.replace),
+            "dora": any(d.magnitude is not None for d in p.deltas.values()),
             "f32_bytes": estimate_bytes(reader, "F32")}

@@ -9,7 +9,14 @@ mapped onto that one formula:
 * rsLoRA:     scale = lora_alpha / sqrt(r)  -> alpha_gguf = lora_alpha * sqrt(r)
 * rank_pattern / alpha_pattern: per-module scales differ; the ratio to the file-wide scale is
   folded into that module's B.
-DoRA, ``modules_to_save`` and LoRA on a tied lm_head have no GGUF LoRA form and are refused.
+
+What the config says about *where* LoRA goes (``target_modules`` list or regex string,
+``layers_to_transform`` / ``layers_pattern``) needs no handling: the saved tensors name their
+modules. ``fan_in_fan_out`` only says how a GPT-2 ``Conv1D`` stores its weight; PEFT's A
+(r x in) and B (out x r) and its forward are the same either way. DoRA, ``modules_to_save``,
+LoRA ``bias`` and an output/embedding LoRA on a tied base have no GGUF LoRA form that llama.cpp
+computes like PEFT: they are refused here with the route that works (``--merge``, see
+:mod:`.merge`, which handles each of them).
 """
 
 from __future__ import annotations
@@ -17,13 +24,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from edge_tune.converters.base_info import BaseInfo, writing_gguf
+from edge_tune.converters.lora_graph import MERGE_ROUTE, untie_route
 from edge_tune.converters.names import (
     gguf_tensor_name, needs_rope_permute, rope_permute_rows, split_peft_key,
 )
@@ -31,6 +39,10 @@ from edge_tune.converters.validate import check_tensors
 from edge_tune.errors import EdgeTuneError
 
 OUTTYPES = ("f32", "f16", "q8_0")
+
+# The route for adapters that are not LoRA at all (IA3, LoHa, prefix tuning, ...).
+PEFT_MERGE_ROUTE = ("merge it in PEFT (`model.merge_and_unload().save_pretrained(DIR)`) and "
+                    "convert that model with `edge-tune convert-base DIR`")
 
 
 @dataclass
@@ -40,8 +52,70 @@ class Plan:
     rank: int
 
 
+@dataclass
+class PeftAdapter:
+    """A PEFT adapter's tensors sorted by what they are (HF module names, HF orientation)."""
+
+    loras: dict[str, dict[str, np.ndarray]]  # module -> {lora_A, lora_B, lora_embedding_A, ...}
+    # PEFT's save_embedding_layers: the base weight of a targeted embedding/lm_head, saved in
+    # case the vocabulary was resized. module -> weight.
+    base_layers: dict[str, np.ndarray] = field(default_factory=dict)
+    saved: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # modules_to_save:
+    # module -> {"weight": full copy, "bias": ...}
+    lora_bias: dict[str, np.ndarray] = field(default_factory=dict)  # module -> lora_B.bias
+
+
+_LORA_BIAS = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_B(?:\.default)?\.bias$")
+_BASE_LAYER = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.base_layer\.weight$")
+_SAVED = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.modules_to_save)?"
+                    r"(?:\.default)?\.(?P<leaf>weight|bias)$")
+
+
+def _saved_module(module: str, modules_to_save) -> bool:
+    # PEFT wraps a module when its name ends with one of the listed names.
+    return any(module == m or module.endswith("." + m) for m in (modules_to_save or []))
+
+
+def parse_adapter(config: dict, tensors: dict[str, np.ndarray],
+                  where: str = "adapter") -> PeftAdapter:
+    """Sort PEFT's saved tensors into LoRA pairs, modules_to_save copies and LoRA biases.
+    Refuses anything else, and adapters that are not LoRA. Pure."""
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise EdgeTuneError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA, so it "
+                            f"has no GGUF LoRA form; {PEFT_MERGE_ROUTE}")
+    out = PeftAdapter(loras={})
+    to_save = config.get("modules_to_save") or []
+    if isinstance(to_save, str):
+        to_save = [to_save]
+    for key, arr in tensors.items():
+        arr = np.asarray(arr, dtype=np.float32)
+        split = split_peft_key(key)
+        if split is not None:
+            out.loras.setdefault(split[0], {})[split[1]] = arr
+            continue
+        m = _BASE_LAYER.match(key)
+        if m:
+            out.base_layers[m.group("module")] = arr
+            continue
+        m = _LORA_BIAS.match(key)
+        if m:
+            out.lora_bias[m.group("module")] = arr
+            continue
+        m = _SAVED.match(key)
+        if m and ("modules_to_save" in key or _saved_module(m.group("module"), to_save)):
+            out.saved.setdefault(m.group("module"), {})[m.group("leaf")] = arr
+            continue
+        raise EdgeTuneError(f"{where}: tensor {key!r} is not a LoRA A/B weight (expected "
+                            "'<module>.lora_A.weight' / '.lora_B.weight', or a modules_to_save "
+                            "copy listed in adapter_config.json)")
+    if not out.loras and not out.saved:
+        raise EdgeTuneError(f"{where}: no LoRA tensors found")
+    return out
+
+
 def _pattern_value(patterns: dict, module: str, default):
-    # PEFT matches pattern keys as regexes against the end of the module name.
+    # PEFT (tuners_utils get_pattern_key) matches keys as regexes against the end of the
+    # module name, at a dot boundary.
     for pattern, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", module):
             return value
@@ -53,33 +127,43 @@ def _module_scale(config: dict, module: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def refuse_unsupported(config: dict, keys: list[str], where: str) -> None:
-    if config.get("peft_type", "LORA").upper() != "LORA":
-        raise EdgeTuneError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA; "
-                            "only LoRA adapters convert to GGUF")
-    if config.get("use_dora") or any("lora_magnitude_vector" in k for k in keys):
+def check_base_layers(adapter: PeftAdapter, base: BaseInfo, where: str) -> None:
+    """PEFT saves a targeted embedding's base weight (``save_embedding_layers``) and loads it
+    back over the model's: fine when it is the base's own shape, a resized vocabulary if not."""
+
+    for module, arr in adapter.base_layers.items():
+        name = gguf_tensor_name(module, base.arch, base.n_blocks)
+        have = (base.tensors or {}).get(name if name != "output.weight" or not
+                                        base.tied_embeddings else "token_embd.weight")
+        if name is None or arr.ndim != 2 or (have is not None and
+                                             tuple(reversed(have)) != arr.shape):
+            raise EdgeTuneError(
+                f"{where}: the adapter carries its own {module} weight {list(arr.shape)} "
+                f"that does not fit the base ({list(reversed(have)) if have else 'no tensor'}): "
+                f"a resized vocabulary; {PEFT_MERGE_ROUTE}")
+
+
+def refuse_unsupported(config: dict, adapter: PeftAdapter, where: str) -> None:
+    """What has no GGUF LoRA form at all: each is refused with the route that works."""
+    if config.get("use_dora") or any("lora_magnitude_vector" in p
+                                     for p in adapter.loras.values()):
         raise EdgeTuneError(f"{where}: DoRA adapters have no GGUF LoRA form (llama.cpp has no "
-                            "magnitude vectors); merge the adapter into the base model instead")
-    if config.get("modules_to_save") or any("modules_to_save" in k for k in keys):
-        raise EdgeTuneError(f"{where}: modules_to_save (full copies of "
-                            f"{config.get('modules_to_save')}) has no GGUF LoRA form; "
-                            "merge the adapter into the base model instead")
-    if config.get("lora_bias"):
-        raise EdgeTuneError(f"{where}: lora_bias=true has no GGUF LoRA form")
+                            f"magnitude vectors); {MERGE_ROUTE}")
+    if adapter.saved or config.get("modules_to_save"):
+        names = sorted(adapter.saved) or config.get("modules_to_save")
+        raise EdgeTuneError(f"{where}: modules_to_save (full copies of {names}) has no GGUF "
+                            f"LoRA form; {MERGE_ROUTE}")
+    if adapter.lora_bias or config.get("lora_bias"):
+        raise EdgeTuneError(f"{where}: lora_bias=true (a bias on LoRA B) has no GGUF LoRA form; "
+                            f"{MERGE_ROUTE}")
 
 
 def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
          where: str = "adapter") -> Plan:
-    refuse_unsupported(config, list(tensors), where)
-    modules: dict[str, dict[str, np.ndarray]] = {}
-    for key, arr in tensors.items():
-        split = split_peft_key(key)
-        if split is None:
-            raise EdgeTuneError(f"{where}: tensor {key!r} is not a LoRA A/B weight")
-        module, part = split
-        modules.setdefault(module, {})[part] = np.asarray(arr, dtype=np.float32)
-    if not modules:
-        raise EdgeTuneError(f"{where}: no LoRA tensors found")
+    adapter = parse_adapter(config, tensors, where)
+    refuse_unsupported(config, adapter, where)
+    check_base_layers(adapter, base, where)
+    modules = adapter.loras
 
     ranks = {m: (p.get("lora_A", p.get("lora_embedding_A"))).shape[0] for m, p in modules.items()
              if ("lora_A" in p or "lora_embedding_A" in p)}
@@ -94,8 +178,9 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
             raise EdgeTuneError(f"{where}: module {module!r} has no GGUF tensor for arch "
                                 f"{base.arch!r}")
         if name == "output.weight" and base.tied_embeddings:
-            raise EdgeTuneError(f"{where}: LoRA on lm_head cannot run on this base: its "
-                                "embeddings are tied (no output.weight); retrain without lm_head")
+            raise EdgeTuneError(f"{where}: LoRA on lm_head cannot run on this base as a GGUF "
+                                f"adapter: its embeddings are tied (no output.weight); "
+                                f"{untie_route(base.arch)}")
         if "lora_embedding_A" in parts:
             a_key, b_key = "lora_embedding_A", "lora_embedding_B"
         else:
@@ -103,6 +188,9 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
         if a_key not in parts or b_key not in parts:
             raise EdgeTuneError(f"{where}: module {module!r} lacks {a_key} or {b_key}")
         a, b = parts[a_key], parts[b_key]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise EdgeTuneError(f"{where}: module {module!r}: {a_key} {list(a.shape)} and "
+                                f"{b_key} {list(b.shape)} do not multiply")
         rank = a.shape[0]
         # Fold any per-module deviation from the file-wide scale into B.
         factor = _module_scale(config, module, rank) * rank / alpha
@@ -115,7 +203,7 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
         problems = check_tensors({name + ".lora_a": tuple(reversed(a.shape)),
                                   name + ".lora_b": tuple(reversed(b.shape))}, base)
         if problems:
-            raise EdgeTuneError(f"{where}: adapter does not fit the base model: {problems[0]}")
+            raise EdgeTuneError(f"{where}: {problems[0]}")
         which = needs_rope_permute(base.arch, name)
         if which:
             b = rope_permute_rows(b, base.n_head if which == "q" else base.n_head_kv)
@@ -124,7 +212,7 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
 
     problems = check_tensors({n: tuple(reversed(a.shape)) for n, a in out}, base)
     if problems:
-        raise EdgeTuneError(f"{where}: adapter does not fit the base model: {problems[0]}")
+        raise EdgeTuneError(f"{where}: {problems[0]}")
     return Plan(alpha=float(alpha), tensors=out, rank=ref_rank)
 
 

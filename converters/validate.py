@@ -1,27 +1,49 @@
 """Check a GGUF LoRA adapter against its base *before* llama.cpp sees it.
 
-llama-cpp-python does not detect a failed adapter load: the first inference segfaults. So
-every check llama.cpp makes at load time (llama-adapter.cpp) is repeated here, in Python, with
-a message that names the tensor and the expected shape.
+llama-cpp-python does not detect a failed adapter load: the first inference segfaults. And some
+adapters load fine and then abort inside ggml at the first token, or run and compute something
+other than what PEFT computes. So every check llama.cpp's loader makes (``llama-adapter.cpp``)
+is repeated here, and so is what its graph does with each pair (:mod:`.lora_graph`), with a
+one-line message that names the tensor, what was expected and the route that works.
+
+This is the one check ``export``, ``chat``, ``serve``, ``bundle`` and ``verify`` share: the GGUF
+writer plans through :func:`check_tensors`, and the engine calls :func:`validate_adapter_file`
+for every adapter file it loads.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Optional
 
 from edge_tune.converters.base_info import BaseInfo, field_value, open_gguf
+from edge_tune.converters.lora_graph import (
+    MERGE_ROUTE, TENSOR_TYPES, graph_problem, untie_route,
+)
 from edge_tune.errors import EdgeTuneError
 
 
-def check_tensors(tensors: dict[str, tuple[int, ...]], base: BaseInfo) -> list[str]:
-    """Problems with adapter tensors (ggml ``ne`` shapes) against the base. Pure."""
+def check_tensors(tensors: dict[str, tuple[int, ...]], base: BaseInfo,
+                  types: Optional[dict[str, str]] = None) -> list[str]:
+    """Problems with adapter tensors (ggml ``ne`` shapes; ``types``: ggml type names) against
+    the base, as llama.cpp's loader and graph would meet them. Pure."""
     problems: list[str] = []
     pairs: dict[str, dict[str, tuple[int, ...]]] = {}
     for name, shape in tensors.items():
         if name.endswith((".lora_a", ".lora_b")):
             pairs.setdefault(name[:-7], {})[name[-1]] = shape
-        elif not name.endswith("_norm.weight"):  # llama.cpp skips norm vectors
-            problems.append(f"tensor {name!r}: name must end in .lora_a or .lora_b")
+        elif name.endswith("_norm.weight"):
+            # llama.cpp's loader skips these: the adapter's norms would silently not apply.
+            problems.append(f"tensor {name!r}: llama.cpp ignores norm vectors in an adapter, so "
+                            f"it would not compute what was trained; {MERGE_ROUTE}")
+        else:
+            problems.append(f"tensor {name!r}: name must end in .lora_a or .lora_b (llama.cpp "
+                            "refuses any other tensor in an adapter)")
+        kind = (types or {}).get(name)
+        if kind is not None and kind not in TENSOR_TYPES:
+            problems.append(f"tensor {name!r}: type {kind} (expected one of "
+                            f"{', '.join(sorted(TENSOR_TYPES))})")
     for target, ab in sorted(pairs.items()):
         if set(ab) != {"a", "b"}:
             missing = "lora_b" if "a" in ab else "lora_a"
@@ -29,33 +51,74 @@ def check_tensors(tensors: dict[str, tuple[int, ...]], base: BaseInfo) -> list[s
             continue
         a, b = ab["a"], ab["b"]
         if base.tensors is not None and target not in base.tensors:
-            problems.append(f"tensor {target!r} does not exist in the base model")
+            if target == "output.weight" and base.tied_embeddings:
+                problems.append("tensor 'output.weight': a LoRA on the output layer (lm_head) "
+                                "cannot run on this base: it has no output.weight (its "
+                                f"embeddings are tied); {untie_route(base.arch)}")
+            else:
+                problems.append(f"tensor {target!r} does not exist in the base model (an "
+                                "adapter for another model?)")
             continue
-        if len(a) != 2 or len(b) != 2:
-            problems.append(f"tensor {target!r}: lora_a/lora_b must be 2-D")
+        graph = graph_problem(target, base.arch, base.tied_embeddings)
+        if graph:
+            problems.append(graph)
             continue
-        if base.tensors is None:
+        if len(a) != 2 or len(b) != 2 or min(a + b) < 1:
+            problems.append(f"tensor {target!r}: lora_a {list(a)} / lora_b {list(b)} must be "
+                            "non-empty 2-D matrices")
             continue
-        base_shape = base.tensors[target]
         if target.endswith("token_embd.weight"):
-            # For embeddings A and B are flipped (llm_build_inp_embd).
-            ok = base_shape[0] == b[1] and base_shape[1] == a[1]
-            want = f"lora_a [r, {base_shape[1]}] and lora_b [r, {base_shape[0]}]"
+            # llama.cpp flips A and B for embeddings (build_inp_embd): B · get_rows(A, tokens).
+            want_a = (None, base.tensors[target][1]) if base.tensors is not None else (None, None)
+            want_b = (None, base.tensors[target][0]) if base.tensors is not None else (None, None)
+            ok = a[0] == b[0] and (base.tensors is None or (a[1] == want_a[1] and
+                                                             b[1] == want_b[1]))
+            want = f"lora_a [r, {want_a[1]}] and lora_b [r, {want_b[1]}]"
         else:
-            ok = base_shape[0] == a[0] and base_shape[1] == b[1] and a[1] == b[0]
-            want = f"lora_a [{base_shape[0]}, r] and lora_b [r, {base_shape[1]}]"
+            ok = a[1] == b[0]
+            if base.tensors is not None:
+                base_shape = base.tensors[target]
+                ok = ok and base_shape[0] == a[0] and base_shape[1] == b[1]
+                want = f"lora_a [{base_shape[0]}, r] and lora_b [r, {base_shape[1]}]"
+            else:
+                want = "lora_a [n_in, r] and lora_b [r, n_out]"
         if not ok:
-            problems.append(f"tensor {target!r}: shapes lora_a {list(a)}, lora_b {list(b)} do "
-                            f"not fit base shape {list(base_shape)} (expected {want})")
+            got = f"shapes lora_a {list(a)}, lora_b {list(b)}"
+            where = f" do not fit base shape {list(base.tensors[target])}" \
+                if base.tensors is not None else " do not multiply"
+            problems.append(f"tensor {target!r}: adapter does not fit the base model: {got}"
+                            f"{where} (expected {want}, ggml order)")
     if not pairs:
-        problems.append("no LoRA tensors")
+        problems.append("no LoRA tensors (expected <base tensor>.lora_a/.lora_b pairs)")
     return problems
 
 
-def validate_adapter_file(path: Path, base: BaseInfo) -> dict:
-    """Raise EdgeTuneError unless ``path`` is a GGUF LoRA llama.cpp will load onto ``base``.
+def check_alpha(reader) -> Optional[str]:
+    """Why ``adapter.lora.alpha`` would crash llama.cpp or scale differently, or None."""
+    import gguf
 
-    Returns the adapter's KV metadata (alpha, edge_tune.* provenance keys).
+    alpha = reader.fields.get(gguf.Keys.Adapter.LORA_ALPHA)
+    # Any type other than FLOAT32 aborts the whole process inside ggml (gguf_get_val_f32).
+    if alpha is None or alpha.types != [gguf.GGUFValueType.FLOAT32]:
+        kind = "missing" if alpha is None else f"of type {alpha.types[0].name}"
+        return f"adapter.lora.alpha is {kind} (expected a FLOAT32 value)"
+    value = float(alpha.contents())
+    if not math.isfinite(value):
+        return f"adapter.lora.alpha is {value} (expected a finite number)"
+    if value == 0.0:
+        # llama-adapter.h get_scale: alpha 0 means "no alpha", scale 1 (not an effect of 0).
+        return ("adapter.lora.alpha is 0, which llama.cpp reads as 'no alpha' and applies at "
+                "scale 1 (expected the LoRA alpha, e.g. 2x the rank)")
+    return None
+
+
+def validate_adapter_file(path: Path, base: BaseInfo) -> dict:
+    """Raise EdgeTuneError unless ``path`` is a GGUF LoRA that llama.cpp loads onto ``base`` and
+    runs computing what the adapter was trained to compute.
+
+    Returns the adapter's KV metadata (alpha, edge_tune.* provenance keys, and
+    ``made_by``: ``"edge-tune"`` or ``"llama.cpp"`` (its convert_lora_to_gguf.py) or
+    ``"unknown"``).
     """
     import gguf
 
@@ -68,14 +131,31 @@ def validate_adapter_file(path: Path, base: BaseInfo) -> dict:
     if arch != base.arch:
         raise EdgeTuneError(f"{path}: adapter architecture {arch!r} does not match the base "
                             f"model's {base.arch!r}")
-    alpha = reader.fields.get("adapter.lora.alpha")
-    # Any type other than FLOAT32 aborts the whole process inside ggml.
-    if alpha is None or alpha.types != [gguf.GGUFValueType.FLOAT32]:
-        raise EdgeTuneError(f"{path}: adapter.lora.alpha must be a FLOAT32 value")
+    alpha_problem = check_alpha(reader)
+    if alpha_problem:
+        raise EdgeTuneError(f"{path}: {alpha_problem}")
+    if "adapter.alora.invocation_tokens" in reader.fields:
+        raise EdgeTuneError(f"{path}: an aLoRA (activated LoRA) adapter: edge-tune runs plain "
+                            "LoRA adapters only (expected no adapter.alora.* keys)")
     tensors = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
-    problems = check_tensors(tensors, base)
+    types = {t.name: gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors}
+    problems = check_tensors(tensors, base, types)
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise EdgeTuneError(f"{path}: adapter does not fit the base model: {problems[0]}{more}")
-    return {k: field_value(reader, k) for k in reader.fields
+        raise EdgeTuneError(f"{path}: {problems[0]}{more}")
+    meta = {k: field_value(reader, k) for k in reader.fields
             if k.startswith(("adapter.", "edge_tune.", "general.name"))}
+    meta["made_by"] = made_by(reader)
+    return meta
+
+
+def made_by(reader) -> str:
+    """Who wrote an adapter GGUF: edge-tune records its base; llama.cpp's converter does not
+    (it writes ``general.type=adapter`` plus its own ``general.*`` naming keys)."""
+    keys = set(reader.fields)
+    if any(k.startswith("edge_tune.") for k in keys):
+        return "edge-tune"
+    if {"general.quantization_version", "general.file_type"} & keys or \
+            any(k.startswith("general.base_model") for k in keys):
+        return "llama.cpp"
+    return "unknown"
