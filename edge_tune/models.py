@@ -88,6 +88,14 @@ def check_spec(spec: str) -> str:
                 "ollama:NAME[:TAG]")
     if kind == "ollama":
         ollama_store.find(spec)
+    if kind == "hub":
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(spec)
+        except ValueError as exc:
+            raise EdgeTuneError(f"--model {spec}: not a valid hub ID ({str(exc).rstrip('.')}; "
+                                f"{expected})") from None
     if kind == "hub" and hub_offline() and hub_cache_snapshot(spec, complete=False) is None:
         raise EdgeTuneError(f"--model {spec}: not in the local Hugging Face cache (looked for "
                             f"{hub_cache_repo_dir(spec)}) and HF_HUB_OFFLINE is set, so it "

@@ -157,6 +157,35 @@ def test_find_returns_the_weights_blob_and_its_digest(store, tiny):
     assert ollama_store.find("ollama:user/tiny2:q8", env).gguf == found.gguf
 
 
+def test_a_cached_hub_id_is_a_model_only_with_all_its_weights(tmp_path, monkeypatch, hf_home):
+    """A cache holding only a tokenizer (what `data inspect` on a hub ID downloads), or a
+    sharded checkpoint with a shard missing, is not a model to train on."""
+    from huggingface_hub import constants
+
+    from edge_tune import models
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "tokenizer.json").write_text("{}")
+    (src / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 8)
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    tok_only = _hf_cache_put(tmp_path, "org/tok-only", {n: src / n for n in
+                                                        ("config.json", "tokenizer.json")})
+    _hf_cache_put(tmp_path, "org/sharded", {f.name: f for f in src.iterdir()})
+    assert models.hub_cache_snapshot("org/tok-only") is None
+    assert models.hub_cache_snapshot("org/tok-only", complete=False) == tok_only
+    assert models.hub_cache_snapshot("org/sharded") is None
+    assert models.hub_cache_snapshot("org/absent", complete=False) is None
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    ref = models.resolve(HUB_ID)
+    assert ref.hub_id == HUB_ID and (ref.hf_dir / "model.safetensors").is_file()
+    with pytest.raises(EdgeTuneError, match="not a valid hub ID"):
+        models.check_spec("org/na..me")
+
+
 # --- through the CLI, offline ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
