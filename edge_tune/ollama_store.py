@@ -137,16 +137,18 @@ def find(spec: str, env: Optional[Mapping[str, str]] = None) -> OllamaModel:
     """Resolve ``ollama:NAME[:TAG]`` in the local store without reading the weights. Raises
     EdgeTuneError (one line, exit 2) for a bad name, a model that is not there, a manifest that
     is not valid, a missing or truncated blob, or weights that are not a single GGUF."""
+    env = os.environ if env is None else env
     name = parse_name(spec)
     root = models_dir(env)
-    where = "$OLLAMA_MODELS" if (env if env is not None else os.environ).get("OLLAMA_MODELS") \
-        else "the default store; set OLLAMA_MODELS if Ollama keeps models elsewhere"
+    source = "$OLLAMA_MODELS" if env.get("OLLAMA_MODELS") else \
+        "the default; set OLLAMA_MODELS if Ollama keeps its models elsewhere"
     if not (root / "manifests").is_dir():
-        raise EdgeTuneError(f"--model {spec}: no Ollama model store at {root} ({where})")
+        raise EdgeTuneError(f"--model {spec}: no Ollama model store at {root} ({source})")
     path = _manifest_file(root, name)
     if not path.is_file():
-        raise EdgeTuneError(f"--model {spec}: {name.display} is not in Ollama's local store (no "
-                            f"manifest {path}; {where}; `ollama pull {name.display}` fetches it)")
+        raise EdgeTuneError(f"--model {spec}: {name.display} is not in Ollama's local store at "
+                            f"{root} ({source}): no manifest {path}; `ollama pull "
+                            f"{name.display}` fetches it")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

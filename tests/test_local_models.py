@@ -157,6 +157,19 @@ def test_find_returns_the_weights_blob_and_its_digest(store, tiny):
     assert ollama_store.find("ollama:user/tiny2:q8", env).gguf == found.gguf
 
 
+def test_find_refuses_what_it_cannot_train_on(store, tmp_path):
+    with pytest.raises(EdgeTuneError, match="no Ollama model store at"):
+        ollama_store.find("ollama:tiny", {"OLLAMA_MODELS": str(tmp_path)})
+    root = tmp_path / "models"  # a model created with an ADAPTER: its base is another model
+    weights = {"mediaType": ollama_store.MEDIA_MODEL,
+               **_ollama_blob(root, src=ollama_store.find("ollama:tiny", {
+                   "OLLAMA_MODELS": str(store)}).gguf)}
+    adapter = {"mediaType": ollama_store.MEDIA_ADAPTER, **_ollama_blob(root, b"GGUF lora")}
+    _ollama_manifest(root, "tuned", [weights, adapter])
+    with pytest.raises(EdgeTuneError, match="carries a LoRA adapter layer"):
+        ollama_store.find("ollama:tuned", {"OLLAMA_MODELS": str(root)})
+
+
 def test_a_cached_hub_id_is_a_model_only_with_all_its_weights(tmp_path, monkeypatch, hf_home):
     """A cache holding only a tokenizer (what `data inspect` on a hub ID downloads), or a
     sharded checkpoint with a shard missing, is not a model to train on."""
