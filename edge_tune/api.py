@@ -357,6 +357,16 @@ def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "a
                     chat_template=chat_template, system_mode=_system_mode(system_mode) or "keep")
 
 
+def model_template(model: str) -> dict:
+    """Whether ``--model`` brings its own chat template, read from the GGUF header or the HF
+    directory's files (no model load): ``{"known", "has", "name", "builtin"}``; ``known`` is
+    False for a hub ID not on disk. ``name``: the built-in name it equals, if any."""
+    known, text = template_choice.model_chat_template(models.resolve(model))
+    found = template_choice.of_text(text, "model")
+    return {"known": known, "has": found is not None, "name": found.name if found else None,
+            "builtin": template_choice.builtin_names()}
+
+
 def bad_records(path, fmt: str = "auto") -> list[dict]:
     """Every invalid record of a data file, ``[{"line", "message"}]`` (``train`` stops at the
     first one; ``--skip-invalid`` skips them all)."""

@@ -195,6 +195,7 @@ def taught_run(bare, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # trains a run (about 2 minutes on 2 busy cores)
 def test_run_stores_the_template_it_trained_with(taught_run):
     man = json.loads((taught_run / "manifest.json").read_text())
     assert man["chat_template"] == BUILTIN["chatml"]
@@ -204,6 +205,7 @@ def test_run_stores_the_template_it_trained_with(taught_run):
     assert man["hyperparameters"]["chat_template"] == "chatml"
 
 
+@pytest.mark.slow  # trains a run (about 2 minutes on 2 busy cores)
 def test_chat_with_the_run_uses_its_template_and_knows_the_fact(taught_run, bare):
     proc = run_cli("chat", "--adapter", str(taught_run), "--prompt", FACT_Q, "--temperature",
                    "0", "--max-tokens", "12")
@@ -216,6 +218,7 @@ def test_chat_with_the_run_uses_its_template_and_knows_the_fact(taught_run, bare
     assert base.returncode == 0 and "Zebra42" not in base.stdout, base.stdout
 
 
+@pytest.mark.slow  # trains a run (about 2 minutes on 2 busy cores)
 def test_bundle_and_modelfile_carry_the_runs_template(taught_run, tmp_path):
     out = tmp_path / "bundle"
     proc = run_cli("bundle", f"door={taught_run}", "-o", str(out))
@@ -232,3 +235,48 @@ def test_bundle_and_modelfile_carry_the_runs_template(taught_run, tmp_path):
     modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
     assert "TEMPLATE" in modelfile and "<|im_start|>" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+# --- the TUI's model screen ----------------------------------------------------------------------
+
+def test_tui_model_screen_says_when_a_model_has_no_template(bare, tmp_path):
+    """Real core: choosing a template-less GGUF shows the note; a template typed in goes to
+    the training config."""
+    import asyncio
+
+    pytest.importorskip("textual")
+    from textual.widgets import Input, Label, Select
+
+    from edge_tune.tui.app import EdgeTuneApp
+
+    seen = {}
+
+    async def scenario(pilot) -> None:
+        await pilot.press("f2")
+        screen = pilot.app.screen
+        screen.query_one("#base-kind", Select).value = "gguf"
+        await pilot.pause()
+        box = screen.query_one("#base-path", Input)
+        box.focus()
+        await pilot.press(*str(bare))
+        note = screen.query_one("#template-note", Label)
+        end = time.monotonic() + 30
+        while "has none" not in str(note.render()) and time.monotonic() < end:
+            await pilot.pause(0.1)
+        seen["note"] = str(note.render())
+        screen.query_one("#chat-template", Input).focus()
+        await pilot.press(*"chatml")
+        await pilot.press("f3")
+        await pilot.pause()
+        seen["config"] = pilot.app.screen.config()
+
+    async def main() -> None:
+        app = EdgeTuneApp(runs_root=tmp_path / "runs")
+        app.session.data = str(_chat_data(tmp_path / "chat.jsonl"))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await scenario(pilot)
+
+    asyncio.run(main())
+    assert "model has none" in seen["note"], seen["note"]
+    assert seen["config"].chat_template == "chatml"
+    assert seen["config"].model == str(bare)

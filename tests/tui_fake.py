@@ -66,8 +66,12 @@ class FakeCore:
     def doctor(self) -> dict:
         return json.loads((HERE / "doctor_report.json").read_text())
 
-    def inspect_data(self, path, model="default", seq_len=512, fmt="auto", on_event=None):
+    def inspect_data(self, path, model="default", seq_len=512, fmt="auto", on_event=None,
+                     **kw):
         return json.loads((HERE / "inspect_report.json").read_text())
+
+    def model_template(self, model):
+        return {"known": True, "has": True, "name": "chatml", "builtin": "chatml, llama3"}
 
     def bad_records(self, path, fmt="auto"):
         return []

@@ -28,6 +28,7 @@ class Session:
     data: str = ""
     data_format: str = "auto"
     seq_len: int = 512
+    chat_template: str | None = None  # --chat-template: a built-in name or a .jinja file
     report: dict | None = None  # the last data inspection
     run_dir: str | None = None  # the run last trained (or resumed) here
     chat_adapter: str | None = None  # preselected on the Chat screen

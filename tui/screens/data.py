@@ -1,6 +1,7 @@
-"""Model & data: pick the base model and a data file, and see it as training will
-(``edge-tune data inspect``): format, counts, length histogram, the first example with its
-trained characters highlighted, and the bad records with their line numbers."""
+"""Model & data: pick the base model, its chat template and a data file, and see it as
+training will (``edge-tune data inspect``): format, counts, length histogram, the first example
+with its trained characters highlighted, and the bad records with their line numbers. The
+screen says when the chosen model has no chat template of its own (``--chat-template``)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ class DataScreen(BaseScreen):
     DEFAULT_CSS = """
     DataScreen .row { height: 1; margin: 0 1; }
     #base-kind { width: 36; }
+    #chat-template { width: 24; }
+    #template-note { width: 1fr; }
     #seq-len { width: 8; }
     #format { width: 16; }
     #status { height: 1; margin: 0 1; color: $text-muted; }
@@ -50,6 +53,12 @@ class DataScreen(BaseScreen):
             yield Select(BASE_KINDS, value="default", allow_blank=False, compact=True,
                          id="base-kind")
             yield Input(placeholder="", compact=True, id="base-path", disabled=True)
+        with Horizontal(classes="row"):
+            yield Label("template", classes="label")
+            yield Input(placeholder="the model's own", compact=True, id="chat-template",
+                        tooltip="chat template: the model's own, a built-in name (chatml, "
+                        "llama3, qwen2, qwen3, gemma, gemma2, phi3, mistral) or a .jinja file")
+            yield Label("", classes="hint", id="template-note")
         with Horizontal(classes="row"):
             yield Label("data file", classes="label")
             yield Input(placeholder="path to .jsonl/.json/.csv/.parquet/.txt - ctrl+o browse, "
@@ -70,6 +79,8 @@ class DataScreen(BaseScreen):
     def on_mount(self) -> None:
         self.query_one("#data-path", Input).value = self.session.data
         self.query_one("#seq-len", Input).value = str(self.session.seq_len)
+        self.query_one("#chat-template", Input).value = self.session.chat_template or ""
+        self._note_template(self.session.model)
 
     # --- choosing ---------------------------------------------------------------------------
     def on_select_changed(self, event: Select.Changed) -> None:
@@ -81,9 +92,36 @@ class DataScreen(BaseScreen):
             if kind != "default":
                 box.focus()
         self._sync()
+        self._note_template(self.session.model)
 
     def on_input_changed(self, event: Input.Changed) -> None:
+        before = self.session.model
         self._sync()
+        if event.input.id == "base-path" and self.session.model != before:
+            self._note_template(self.session.model)
+
+    # --- the chat template ------------------------------------------------------------------
+    @work(thread=True, exclusive=True, exit_on_error=False, group="template")
+    def _note_template(self, model: str) -> None:
+        """Say next to the template box whether ``model`` brings a chat template (a GGUF's
+        header or an HF directory's files are read; nothing is loaded)."""
+        ask = getattr(self.core, "model_template", None)
+        if ask is None:
+            return
+        try:
+            info = ask(model)
+        except Exception:  # noqa: BLE001 - a half-typed path: no note
+            info = None
+        self.app.call_from_thread(self._show_template_note, info)
+
+    def _show_template_note(self, info: dict | None) -> None:
+        note = self.query_one("#template-note", Label)
+        if info is None or info.get("known") is False:
+            note.update("")
+        elif info.get("has"):
+            note.update(Text(f" model has its own ({info.get('name') or 'custom'})", "dim"))
+        else:  # the names are in the tooltip: the row is one line at 80 columns
+            note.update(Text(" model has none: give one (e.g. chatml)", "yellow"))
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.action_inspect()
@@ -95,6 +133,8 @@ class DataScreen(BaseScreen):
         self.session.model = "default" if kind == "default" else (path or "default")
         self.session.data = self.query_one("#data-path", Input).value.strip()
         self.session.data_format = str(self.query_one("#format", Select).value)
+        self.session.chat_template = self.query_one("#chat-template", Input).value.strip() \
+            or None
         try:
             self.session.seq_len = int(self.query_one("#seq-len", Input).value)
         except ValueError:
@@ -140,10 +180,11 @@ class DataScreen(BaseScreen):
         self.query_one("#out", Static).update("")
         self.query_one("#bad", Static).update("")
         self._inspect(self.session.data, self.session.model, self.session.seq_len,
-                      self.session.data_format)
+                      self.session.data_format, self.session.chat_template)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="inspect")
-    def _inspect(self, path: str, model: str, seq_len: int, fmt: str) -> None:
+    def _inspect(self, path: str, model: str, seq_len: int, fmt: str,
+                 chat_template: str | None = None) -> None:
         def on_event(event) -> None:
             if isinstance(event, Progress):
                 done = f" {event.completed:.0f}/{event.total:.0f}" if event.total else ""
@@ -151,8 +192,9 @@ class DataScreen(BaseScreen):
                                           f"{event.description or event.task}{done}")
 
         try:
+            extra = {"chat_template": chat_template} if chat_template else {}
             report = self.core.inspect_data(path, model=model, seq_len=seq_len, fmt=fmt,
-                                            on_event=on_event)
+                                            on_event=on_event, **extra)
         except Exception as exc:  # noqa: BLE001 - shown in the UI, never a crash
             self.app.call_from_thread(self._failed, exc, path, fmt)
             return

@@ -118,7 +118,7 @@ class TrainScreen(BaseScreen):
         return build(None, data=self.session.data or None, model=self.session.model,
                      backend=self.session.backend, format=self.session.data_format,
                      skip_invalid=self.query_one("#skip-invalid", Checkbox).value, out=out,
-                     **values)
+                     chat_template=self.session.chat_template, **values)
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "seq-len":
