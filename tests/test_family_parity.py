@@ -173,3 +173,100 @@ def test_every_family_has_a_builtin_template():
     from edge_tune.templates import BUILTIN
 
     assert all(f.template in BUILTIN for f in FAMILIES.values())
+
+
+@pytest.mark.slow
+def test_default_model_mlx_run_passes_verify(tmp_path):
+    """`train --backend mlx` on the real default model, verified by train itself (mlx against
+    llama.cpp, exit 1 when out of tolerance): with mlx-lm's default RoPE base every such run
+    failed. As small as it goes: 4 short chats, 2 steps, rank 4, seq-len 64 (mlx on a CPU is
+    slow: minutes)."""
+    from conftest import run_cli
+
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+        for q, a in [("What do bees make?", "Honey, matey."), ("Capital of France?",
+                     "Paris, matey."), ("Two plus two?", "Four, matey."),
+                     ("Sky colour?", "Blue, matey.")]))
+    proc = run_cli("train", "--backend", "mlx", "--data", str(data), "--max-steps", "2",
+                   "--batch-size", "1", "--seq-len", "64", "--rank", "4",
+                   "--out", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    out = " ".join((proc.stdout + proc.stderr).split())
+    assert "verify: adapter effect error" in out and "(ok)" in out, out
+
+
+# --- the translations, as pure functions ---------------------------------------------------
+
+def _llama3_divisors(factor, theta, head_dim, low=1.0, high=4.0, ctx=8192):
+    import math
+
+    out = []
+    for i in range(head_dim // 2):
+        wavelen = 2 * math.pi * theta ** (2 * i / head_dim)
+        if wavelen < ctx / high:
+            out.append(1.0)
+        elif wavelen > ctx / low:
+            out.append(factor)
+        else:
+            s = (ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - s) / factor + s))
+    return out
+
+
+def test_llama3_rope_scaling_is_recovered_from_rope_freqs_or_refused():
+    from edge_tune.gguf_config import UnsupportedRope, fix_config, llama3_scaling
+
+    divisors = _llama3_divisors(8.0, 500000.0, 128)  # Llama 3.1 8B
+    assert llama3_scaling(divisors, 500000.0, 128) == {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
+    odd = _llama3_divisors(8.0, 500000.0, 128, high=2.0)
+    assert llama3_scaling(odd, 500000.0, 128) is None
+    kv = {"general.architecture": "llama", "llama.rope.freq_base": 500000.0,
+          "llama.attention.key_length": 128}
+    base = {"hidden_size": 4096, "num_attention_heads": 32,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
+    fixed = fix_config(base, kv, {"rope_freqs.weight": divisors})
+    assert fixed["rope_parameters"]["rope_type"] == "llama3" and base["rope_parameters"][
+        "rope_type"] == "default"  # a new dict
+    with pytest.raises(UnsupportedRope):
+        fix_config(base, kv, {"rope_freqs.weight": odd})
+
+
+def test_mlx_model_config_puts_rope_where_mlx_lm_reads_it():
+    from edge_tune.backends.mlx_config import NotExpressible, mlx_exact_length, mlx_model_config
+
+    assert mlx_model_config({"rope_parameters": {"rope_theta": 100000.0,
+                                                 "rope_type": "default"}}) == {
+        "rope_theta": 100000.0, "rope_scaling": None}
+    llama3 = {"rope_type": "llama3", "factor": 32.0, "rope_theta": 500000.0}
+    assert mlx_model_config({"rope_parameters": llama3})["rope_scaling"] == {
+        "rope_type": "llama3", "type": "llama3", "factor": 32.0}
+    layer_types = ["sliding_attention"] * 5 + ["full_attention"]
+    g3 = {"model_type": "gemma3_text", "layer_types": layer_types, "rope_parameters": {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+    assert mlx_model_config(g3) == {
+        "rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window_pattern": 6,
+        "rope_scaling": {"rope_type": "linear", "type": "linear", "factor": 8.0}}
+    with pytest.raises(NotExpressible):
+        mlx_model_config({**g3, "layer_types": ["full_attention"] + layer_types[1:]})
+    assert mlx_exact_length({"model_type": "gemma2", "sliding_window": 4096}) == 4096
+    assert mlx_exact_length({"model_type": "gemma3_text", "sliding_window": 512}) is None
+    assert mlx_exact_length({"model_type": "qwen2", "sliding_window": 32768,
+                             "use_sliding_window": False}) is None
+
+
+def test_mlx_refuses_a_seq_len_past_a_window_it_does_not_apply(tmp_path):
+    from edge_tune.backends.mlx_config import mlx_load_kwargs
+    from edge_tune.errors import EdgeTuneError
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "gemma2", "sliding_window": 4096,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}))
+    assert mlx_load_kwargs(tmp_path, 4096)["model_config"]["rope_theta"] == 10000.0
+    with pytest.raises(EdgeTuneError, match=r"^--seq-len 8192: mlx-lm's gemma2 model has no "
+                                            r"sliding window.*--backend cpu\)$"):
+        mlx_load_kwargs(tmp_path, 8192)
