@@ -20,6 +20,8 @@ family (tests/test_family_parity.py):
 * Gemma 3: the sliding layers' RoPE base ``rope.freq_base_swa``; RoPE scaling on the global
   layers only; ``query_pre_attn_scalar`` as Gemma 2 (27B: 62 blocks); final soft-capping.
 * Phi-3: ``sliding_window`` (0 means none) and LongRoPE factors (``rope_factors_long/short``).
+* Mistral (a GGUF named "mistral" loads as transformers' Mistral): no sliding window, as
+  llama.cpp runs it with its llama architecture.
 
 Configs are transformers 5 dicts: RoPE lives in ``rope_parameters`` (per layer type for
 Gemma 3). Pure functions over plain values, plus :func:`read_gguf_metadata`.
@@ -155,12 +157,14 @@ def fix_config(config: dict, kv: dict, small: dict[str, list[float]]) -> dict:
                 cfg[key] = float(v)
     if arch == "phi3" and (window := kv.get(f"{arch}.attention.sliding_window")) is not None:
         cfg["sliding_window"] = int(window) or None
+    if cfg.get("model_type") == "mistral":  # llama.cpp runs Mistral as "llama": no window
+        cfg["sliding_window"] = None
     return cfg
 
 
 # Bumped whenever fix_config changes what it writes: cached dequantized copies made with an
 # older version get their config.json rewritten (the weights do not depend on it).
-CONFIG_FIXES = 1
+CONFIG_FIXES = 2
 
 
 def hf_config(gguf_path: Path):
