@@ -32,7 +32,7 @@ from edge_tune.events import EventSink, Log, Progress, ignore
 
 # What llama.cpp's converter writes itself; other types go through llama.cpp's quantizer.
 CONVERTER_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-_KEEP = re.compile(r"^[^/]+/vendor/llama\.cpp/(convert_hf_to_gguf\.py|LICENSE|"
+_KEEP = re.compile(r"^[^/]+/vendor/llama\.cpp/(convert_(hf|lora)_to_gguf\.py|LICENSE|"
                    r"conversion/[^/]+\.py|gguf-py/gguf/.+\.(py|typed))$")
 
 

@@ -66,7 +66,8 @@ def hf_twin(gguf_path: Path):
                       num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
                       rms_norm_eps=float(field_value(reader, "llama.attention.layer_norm_rms_epsilon")),
                       rope_theta=float(field_value(reader, "llama.rope.freq_base")),
-                      max_position_embeddings=2048, tie_word_embeddings=tied)
+                      max_position_embeddings=2048, tie_word_embeddings=tied,
+                      architectures=["LlamaForCausalLM"])
     sd = {"model.embed_tokens.weight": t["token_embd.weight"],
           "model.norm.weight": t["output_norm.weight"]}
     if not tied:
