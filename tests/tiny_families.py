@@ -38,6 +38,12 @@ vocabulary; a tokenizer trained here is never in its table. Those are converted 
 script with that one lookup answered (``PRE``: "llama-bpe", "qwen2" — the regexes these
 tokenizers are built with), everything else unchanged.
 
+Tokenization: on plain text, llama.cpp (from the GGUF), the dequantized copy's tokenizer and
+the original agree for every family. Around special tokens, SentencePiece families with a dummy
+prefix (mistral, phi3) differ as their real models do: llama.cpp puts "▁" before the text after
+every special token ("[INST] Hi" -> [INST] "▁▁" "H" "i"), HF's Mistral tokenizer does not;
+the dequantized phi3 tokenizer agrees with llama.cpp, the original does not.
+
 All files live in one temporary directory per test session (built on first use, ~3-8 s per
 family on 2 cores, then cached). ``family_gguf(name, template=False)`` is the same GGUF with
 no ``tokenizer.chat_template`` (a "base" GGUF, as most base models ship).
@@ -251,6 +257,16 @@ def build_tokenizer(name: str, dst: Path):
                 AddedToken(t, special=True, normalized=False) for t in fam.added]})
     tok.chat_template = BUILTIN[fam.template]
     tok.save_pretrained(dst)
+    # transformers 5 keeps added tokens in tokenizer.json only; hub checkpoints (written by
+    # transformers 4) also list them in tokenizer_config.json, where llama.cpp's SentencePiece
+    # conversion reads which pieces are special (Gemma's turn markers: control tokens).
+    cfg_path = Path(dst) / "tokenizer_config.json"
+    doc = json.loads(cfg_path.read_text())
+    doc["added_tokens_decoder"] = {
+        str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
+                 "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special}
+        for i, t in sorted(tok.added_tokens_decoder.items())}
+    cfg_path.write_text(json.dumps(doc, indent=2, ensure_ascii=False))
     return tok
 
 
