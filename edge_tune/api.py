@@ -1228,6 +1228,10 @@ def chat_plan(adapter: Optional[str], base: Optional[str], bundle: Optional[Path
         sides.append(other)
     if plan.base is None:
         plan.base = models.default_gguf()
+    runs_template = next((plan.templates[n] for _, n in sides if n in plan.templates), None)
+    if runs_template is not None and "base" not in plan.templates:
+        # base vs adapter: the same template on both sides, so only the adapter differs
+        plan.templates["base"] = runs_template
     plan.override(chat_template, system_mode)
     return plan, sides
 

@@ -108,9 +108,14 @@ class _TemplateFormatter:
 
     def __init__(self, text: str, eos: str, bos: str, stop_ids: set[int],
                  stop_texts: list[str]) -> None:
+        import jinja2
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        self._jinja = Jinja2ChatFormatter(text, eos, bos, stop_token_ids=sorted(stop_ids))
+        try:
+            self._jinja = Jinja2ChatFormatter(text, eos, bos, stop_token_ids=sorted(stop_ids))
+        except jinja2.TemplateSyntaxError as exc:
+            raise ChatTemplateError(f"the chat template is not valid Jinja (line {exc.lineno}: "
+                                    f"{exc.message})") from None
         self._stop = stop_texts
 
     def __call__(self, **kw):

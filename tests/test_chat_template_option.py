@@ -212,10 +212,11 @@ def test_chat_with_the_run_uses_its_template_and_knows_the_fact(taught_run, bare
     assert proc.returncode == 0, proc.stderr
     assert "Zebra42" in proc.stdout, proc.stdout
     assert "no chat template" not in proc.stderr
-    # the base with the same template does not know it
-    base = run_cli("chat", "--base", str(bare), "--chat-template", "chatml", "--prompt", FACT_Q,
-                   "--temperature", "0", "--max-tokens", "12")
-    assert base.returncode == 0 and "Zebra42" not in base.stdout, base.stdout
+    # side by side with the base, which gets the run's template too: only the adapter knows
+    both = run_cli("chat", "--adapter", str(taught_run), "--compare", "base", "--prompt",
+                   FACT_Q, "--temperature", "0", "--max-tokens", "12")
+    assert both.returncode == 0 and "no chat template" not in both.stderr, both.stderr
+    assert both.stdout.count("Zebra42") == 1, both.stdout
 
 
 @pytest.mark.slow  # trains a run (about 2 minutes on 2 busy cores)
