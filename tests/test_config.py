@@ -58,3 +58,14 @@ def test_eval_steps():
 
     assert eval_steps(30, 0) == {6, 12, 18, 24, 30}
     assert eval_steps(10, 4) == {4, 8, 10}
+
+
+def test_chat_template_and_system_mode_keys(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('[train]\ndata = "d.jsonl"\nchat-template = "chatml"\nsystem_mode = "fold"\n')
+    cfg = build(toml)
+    assert (cfg.chat_template, cfg.system_mode) == ("chatml", "fold")
+    assert build(toml, chat_template="llama3").chat_template == "llama3"  # flags win
+    assert build(None, data="d.jsonl").chat_template is None
+    with pytest.raises(EdgeTuneError, match="system_mode: 'merge' is not valid"):
+        build(None, data="d.jsonl", system_mode="merge")
