@@ -141,7 +141,14 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
                 arr = arr + 1.0
             heads = _heads(base, name)
             out.replace[target] = permute_rows(arr, heads) if heads else arr
-    if {"token_embd.weight", "output.weight"} & out.targets() and base.tied_embeddings:
+    if config.get("ensure_weight_tying") and base.tied_embeddings:
+        # PEFT kept lm_head tied to embed_tokens, adapter included: the tied tensor changes once.
+        for table in (out.deltas, out.replace, out.bias_add):
+            if "output.weight" in table and "token_embd.weight" not in table:
+                raise EdgeTuneError(f"{where}: ensure_weight_tying with an lm_head-only change "
+                                    f"is not supported by merge; {PEFT_MERGE_ROUTE}")
+            table.pop("output.weight", None)
+    elif {"token_embd.weight", "output.weight"} & out.targets() and base.tied_embeddings:
         if not merge_can_untie(base.arch):
             raise EdgeTuneError(f"{where}: the adapter changes the embedding or output layer of "
                                 f"a tied base; {untie_route(base.arch)}")

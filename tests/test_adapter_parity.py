@@ -113,6 +113,8 @@ def test_gguf_adapter_matches_peft(case, base_kind, kw, cfg_edit, bases, engines
 # Shapes with no GGUF LoRA form that llama.cpp computes like PEFT: refused, then merged.
 MERGE_SHAPES = [
     ("embedding_on_tied", "tied", dict(target_modules=["embed_tokens", "q_proj"]), "tied"),
+    ("embedding_on_tied_weight_tying", "tied",
+     dict(target_modules=["embed_tokens", "q_proj"], ensure_weight_tying=True), "tied"),
     ("lm_head_on_tied", "tied", dict(target_modules=["lm_head", "o_proj"]), "tied"),
     ("modules_to_save_tied", "tied", dict(target_modules=["q_proj"],
                                           modules_to_save=["embed_tokens", "lm_head"]),
