@@ -14,17 +14,22 @@ qwen2      Qwen2.5-0.5B-Instruct  q/k/v bias, RoPE base 1e6, tied; byte-level BP
                                   NFC); tools in the system turn
 qwen3      Qwen3-0.6B             q/k RMS norms, heads x head_dim != hidden, RoPE base 1e6,
                                   tied; the reasoning template
-gemma2     gemma-2-2b-it          attention and final logit soft-capping, sliding window on
-                                  every other layer, norms stored as w-1, embeddings scaled by
+gemma2     gemma-2-2b-it          attention and final logit soft-capping, sliding window (128)
+                                  on every other layer, norms stored as w-1, embeddings scaled by
                                   sqrt(hidden), tied; SentencePiece (no dummy prefix); the
                                   template refuses a system message
-gemma3     gemma-3-4b-it          q/k norms, 5 sliding : 1 global layers (6 blocks), local RoPE
+gemma3     gemma-3-4b-it          q/k norms, 5 sliding : 1 global layers (6 blocks, window 16),
+                                  local RoPE
                                   base 10000 vs global 1e6 with linear scaling 8, tied
 phi3       Phi-3-mini-4k-instruct fused qkv_proj and gate_up_proj, untied, vocabulary padded
                                   past the tokenizer; SentencePiece + added tokens
 mistral    Mistral-7B-Instruct-0.3 RoPE base 1e6, no sliding window, untied; SentencePiece
                                   with [INST]-style control tokens
 =========  =====================  ==========================================================
+
+The gemma2 window (128) is longer than the test chats' --seq-len: mlx-lm's gemma2 has no
+sliding window, so mlx trains it exactly only up to the window (``mlx_exact_length``), as with
+a real Gemma 2 (window 4096).
 
 Sizes: hidden 64, 2 blocks (gemma3: 6, the smallest with one global layer in its fixed 5:1
 pattern), 4 query heads. Weights are random but larger than HF's init (std 0.15, norms
@@ -142,7 +147,7 @@ FAMILIES: dict[str, Family] = {
     "gemma2": Family(
         dict(BASE, architectures=["Gemma2ForCausalLM"], model_type="gemma2",
              hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
-             rope_theta=10000.0, query_pre_attn_scalar=16, sliding_window=16,
+             rope_theta=10000.0, query_pre_attn_scalar=16, sliding_window=128,
              attn_logit_softcapping=7.5, final_logit_softcapping=4.0, rms_norm_eps=1e-6,
              tie_word_embeddings=True),
         "spm", "gemma2", GEMMA_SPECIALS, "<bos>", "<eos>", pad="<pad>", unk="<unk>",
