@@ -153,6 +153,21 @@ def test_chat_template_exception_is_one_line_exit_2(gemma2_tiny, bare):
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
 
 
+def test_interactive_chat_reports_a_refused_turn_and_goes_on(gemma2_tiny):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_tune", "chat", "--base", str(gemma2_tiny), "--system",
+         "Be brief.", "--temperature", "0", "--max-tokens", "4"],
+        input="hi\n/exit\n", capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, NO_COLOR="1", COLUMNS="200"))
+    assert proc.returncode == 0, proc.stderr
+    assert "error: the chat template says: System role not supported" in proc.stderr
+    assert "Traceback" not in proc.stderr and "bot> " in proc.stdout
+
+
 def test_serve_template_exception_is_http_400(gemma2_tiny, bare):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     with running_server("--base", str(gemma2_tiny)) as srv:
