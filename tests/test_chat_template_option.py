@@ -137,6 +137,19 @@ def test_chat_without_a_template_is_a_plain_completion_not_an_empty_answer(bare_
     assert given.stdout.strip() and given.stdout == own.stdout
 
 
+def test_an_empty_answer_is_an_error_not_silence(default_gguf, tmp_path):
+    # A template with no turn markers: the question reads as a finished text, and this model
+    # ends at once (measured). The answer is empty: exit 1 with one line, never a quiet 0.
+    bare_turns = tmp_path / "contents-only.jinja"
+    bare_turns.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    proc = run_cli("chat", "--base", str(default_gguf), "--chat-template", str(bare_turns),
+                   "--prompt", "What is the capital of France?", "--temperature", "0",
+                   "--max-tokens", "12")
+    assert proc.returncode == 1 and not proc.stdout.strip(), proc.stdout
+    assert proc.stderr.startswith("error: the answer is empty") and \
+        len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
 # --- a template's own exception --------------------------------------------------------------
 
 def test_chat_template_exception_is_one_line_exit_2(gemma2_tiny, bare):
