@@ -3,8 +3,8 @@ refused in one line or run.
 
 Over 200 adapters (wrong names, shapes, transposed or missing halves, embedding/output LoRA on
 tied and untied bases, fused and ignored tensors, odd alpha types, extra tensors, bad headers,
-truncated files) on two tiny F32 llama bases (tied, untied); one more family base is added when
-``tiny_families`` is there. Each case says what llama.cpp does with it (``ok`` = runs and
+truncated files) on two tiny F32 llama bases (tied, untied), and cases built from each
+``tiny_families`` base's own tensors (llama, qwen2, qwen3, gemma2, gemma3, phi3, mistral). Each case says what llama.cpp does with it (``ok`` = runs and
 computes the LoRA; anything else is a refusal), and the shared check must agree:
 
 1. in-process, ``validate_adapter_file`` accepts exactly the ``ok`` cases and refuses every
@@ -182,6 +182,56 @@ def cases(tied: bool, vocab: int) -> list[Case]:
     return out
 
 
+def _rand_pair(target: str, shape: tuple, r: int = 4, seed: int = 0) -> dict:
+    """A LoRA pair for base tensor ``target`` of ggml shape ``shape`` (numpy orientation)."""
+    rng = np.random.default_rng(seed)
+    n_in, n_out = shape[0], shape[1]
+    if target == "token_embd.weight":  # llama.cpp's flipped layout
+        return {target + ".lora_a": rng.normal(size=(n_out, r)).astype(np.float32) * 0.3,
+                target + ".lora_b": rng.normal(size=(n_in, r)).astype(np.float32) * 0.3}
+    return {target + ".lora_a": rng.normal(size=(r, n_in)).astype(np.float32) * 0.3,
+            target + ".lora_b": rng.normal(size=(n_out, r)).astype(np.float32) * 0.3}
+
+
+def family_cases(info) -> list[Case]:
+    """Cases built from a family base's own tensors: every projection it has (phi3: fused
+    attn_qkv and 2 x n_ff ffn_up), embedding/output per its tying, tensors its graph ignores
+    (q/k norms, biases), tensors it does not have, broken halves and shapes."""
+    from edge_tune.converters.lora_graph import MATMUL_KINDS
+
+    t, arch, out = info.tensors, info.arch, []
+    mats = sorted(n for n in t if n.startswith("blk.0.") and n.endswith(".weight")
+                  and n.split(".")[2] in MATMUL_KINDS)
+    for name in mats + (["output.weight"] if "output.weight" in t else []):
+        out.append(Case(f"{arch}-ok-{name}", True, _rand_pair(name, t[name]), arch=arch))
+    out.append(Case(f"{arch}-ok-all", True, {k: v for n in mats for k, v in
+                                           _rand_pair(n, t[n], 8).items()}, arch=arch))
+    out.append(Case(f"{arch}-embd", not info.tied_embeddings,
+                    _rand_pair("token_embd.weight", t["token_embd.weight"]), arch=arch))
+    ignored = [n for n in t if n.startswith("blk.0.") and (n.endswith(".bias") or "norm" in n)]
+    for name in ignored:
+        shape = (t[name][0], 1)
+        out.append(Case(f"{arch}-ignored-{name}", False, _rand_pair(name, shape, 1), arch=arch))
+    other = "blk.0.attn_q.weight" if "blk.0.attn_qkv.weight" in t else "blk.0.attn_qkv.weight"
+    out.append(Case(f"{arch}-absent-{other}", False, _rand_pair(other, (64, 192)), arch=arch))
+    q = mats[0]
+    good = _rand_pair(q, t[q])
+    a, b = good[q + ".lora_a"], good[q + ".lora_b"]
+    out += [Case(f"{arch}-a-transposed", False, {q + ".lora_a": a.T.copy(), q + ".lora_b": b},
+                 arch=arch),
+            Case(f"{arch}-b-transposed", False, {q + ".lora_a": a, q + ".lora_b": b.T.copy()},
+                 arch=arch),
+            Case(f"{arch}-rank-mismatch", False, {q + ".lora_a": a, q + ".lora_b": b[:, :2]},
+                 arch=arch),
+            Case(f"{arch}-missing-b", False, {q + ".lora_a": a}, arch=arch),
+            Case(f"{arch}-alpha-u32", False, good, alpha=("u32", 16), arch=arch),
+            Case(f"{arch}-wrong-arch", False, good, arch="llama" if arch != "llama" else "qwen2"),
+            Case(f"{arch}-norm-vector", False, {**good, "blk.0.attn_norm.weight":
+                                                np.ones(t["blk.0.attn_norm.weight"][0],
+                                                        np.float32)}, arch=arch)]
+    return out
+
+
 def write_case(case: Case, path: Path) -> Path:
     import gguf
 
@@ -254,6 +304,13 @@ def table(default_gguf, tmp_path_factory):
                                                                      frac)))
         rows.append((Case("base-as-adapter", False), path))
         out[name] = (path, info, rows)
+    from tiny_families import NAMES, family_gguf
+
+    for name in NAMES:
+        path = family_gguf(name)
+        info = from_gguf(path)
+        out[name] = (path, info, [(c, write_case(c, d / f"{name}-{i:03d}.gguf"))
+                                  for i, c in enumerate(family_cases(info))])
     return out
 
 
