@@ -159,3 +159,37 @@ def made_by(reader) -> str:
             any(k.startswith("general.base_model") for k in keys):
         return "llama.cpp"
     return "unknown"
+
+
+def verify_gguf_only(run: Path, base_gguf: Optional[Path] = None) -> None:
+    """``edge-tune verify ADAPTER.gguf``: a GGUF adapter alone carries no trained adapter to
+    compare with. Raises EdgeTuneError (exit 2) saying what the file allows to check (the
+    shared check against the base: done) and what it does not; a failing file fails with the
+    shared check's own message. Nothing happens for anything but a ``.gguf`` file."""
+    if Path(run).suffix.lower() == ".gguf" and Path(run).is_file():
+        raise EdgeTuneError(what_verify_can_check(Path(run), base_gguf))
+
+
+def what_verify_can_check(path: Path, base_gguf: Optional[Path] = None) -> str:
+    """One line: what verify checked in a GGUF adapter on its own, and what it cannot."""
+    from edge_tune.converters.base_info import from_gguf
+
+    if base_gguf is None:
+        from edge_tune.models import default_gguf
+
+        base_gguf = default_gguf()
+    meta = validate_adapter_file(Path(path), from_gguf(base_gguf))
+    pairs = sum(1 for _ in open_gguf(path).tensors) // 2
+    who = {"edge-tune": "edge-tune", "llama.cpp": "llama.cpp's convert_lora_to_gguf.py"}.get(
+        meta["made_by"], "an unknown tool")
+    not_checked = "its numbers against the trained adapter"
+    if meta["made_by"] == "llama.cpp":
+        not_checked += (" (that converter writes PEFT's lora_alpha as is: rsLoRA and "
+                        "alpha_pattern adapters come out at the wrong scale)")
+    if not meta.get("edge_tune.base_sha256"):
+        not_checked += "; which base it was trained on (the file does not record it)"
+    return (f"{path}: made by {who}; checked: it loads and runs on {Path(base_gguf).name} "
+            f"({pairs} LoRA pairs: names, shapes, alpha, what llama.cpp's graph does with "
+            f"each); not checked: {not_checked}. For the numbers, verify the run directory, "
+            "or export the PEFT adapter with `edge-tune export ADAPTER_DIR --base BASE` and "
+            "compare there")

@@ -868,6 +868,8 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
     from edge_tune import verify as verify_mod
 
     run = Path(run)
+    from edge_tune.converters.validate import verify_gguf_only
+    verify_gguf_only(run, base)  # an adapter .gguf alone: what can and cannot be checked
     peft_dir, man = _adapter_dirs(run)
     if man is None:
         raise EdgeTuneError(f"{run}: verify needs an edge-tune run directory (its manifest.json "

@@ -133,3 +133,13 @@ def test_llama_cpp_made_adapter_chats_and_serves(made):
             {"Content-Type": "application/json"})
         assert status == 200, body
         assert body["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_verify_says_what_it_can_check_in_an_adapter_file(made):
+    m = made["plain"]
+    proc = run_cli("verify", str(m["gguf"]), "--base", str(m["base"]), timeout=300)
+    assert_one_line_error(proc, "llama.cpp's convert_lora_to_gguf.py", "checked: it loads and "
+                          "runs on", "not checked", "wrong scale", "does not record")
+    m = made["embedding_tied"]
+    proc = run_cli("verify", str(m["gguf"]), "--base", str(m["base"]), timeout=300)
+    assert_one_line_error(proc, "token_embd.weight", "--merge")
