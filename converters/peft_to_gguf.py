@@ -83,6 +83,18 @@ def parse_adapter(config: dict, tensors: dict[str, np.ndarray],
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise EdgeTuneError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA, so it "
                             f"has no GGUF LoRA form; {PEFT_MERGE_ROUTE}")
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(("pissa", "olora", "corda", "loftq")):
+        # These initializations move part of W into A/B and train on the residual W' = W - BA:
+        # the adapter only computes what was trained on that residual base.
+        raise EdgeTuneError(f"{where}: init_lora_weights={config['init_lora_weights']!r}: the "
+                            "adapter was trained on a modified base (W minus its initial "
+                            "B·A), which the GGUF base is not; save it again with PEFT's "
+                            "save_pretrained(..., path_initial_model_for_weight_conversion=...) "
+                            "to get a plain LoRA, then export that")
+    if config.get("layer_replication"):
+        raise EdgeTuneError(f"{where}: layer_replication changes the model's block structure; "
+                            f"{PEFT_MERGE_ROUTE}")
     out = PeftAdapter(loras={})
     to_save = config.get("modules_to_save") or []
     if isinstance(to_save, str):
@@ -105,6 +117,14 @@ def parse_adapter(config: dict, tensors: dict[str, np.ndarray],
         if m and ("modules_to_save" in key or _saved_module(m.group("module"), to_save)):
             out.saved.setdefault(m.group("module"), {})[m.group("leaf")] = arr
             continue
+        if m and m.group("leaf") == "bias" and config.get("bias", "none") != "none":
+            # PEFT's bias="all"/"lora_only": the base layers' own biases were trained too.
+            module = m.group("module").removesuffix(".base_layer")  # under a LoRA wrapper
+            out.saved.setdefault(module, {})["bias"] = arr
+            continue
+        if "trainable_tokens" in key:
+            raise EdgeTuneError(f"{where}: trainable_token_indices (retrained embedding rows, "
+                                f"{key!r}) has no GGUF LoRA form; {PEFT_MERGE_ROUTE}")
         raise EdgeTuneError(f"{where}: tensor {key!r} is not a LoRA A/B weight (expected "
                             "'<module>.lora_A.weight' / '.lora_B.weight', or a modules_to_save "
                             "copy listed in adapter_config.json)")
@@ -149,6 +169,10 @@ def refuse_unsupported(config: dict, adapter: PeftAdapter, where: str) -> None:
                                      for p in adapter.loras.values()):
         raise EdgeTuneError(f"{where}: DoRA adapters have no GGUF LoRA form (llama.cpp has no "
                             f"magnitude vectors); {MERGE_ROUTE}")
+    if config.get("bias", "none") != "none" and any(
+            list(leaves) == ["bias"] for leaves in adapter.saved.values()):
+        raise EdgeTuneError(f"{where}: bias={config['bias']!r} (the base layers' biases were "
+                            f"trained too) has no GGUF LoRA form; {MERGE_ROUTE}")
     if adapter.saved or config.get("modules_to_save"):
         names = sorted(adapter.saved) or config.get("modules_to_save")
         raise EdgeTuneError(f"{where}: modules_to_save (full copies of {names}) has no GGUF "

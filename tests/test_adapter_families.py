@@ -153,3 +153,27 @@ def test_phi3_fused_tensors_are_one_gguf_tensor_each(fam, tmp_path):
 def test_print_results():
     for k, v in sorted(RESULTS.items()):
         print(f"{k}: {v:.2e}")
+
+
+def test_trained_base_biases_merge_like_peft(fam, tmp_path):
+    """PEFT's ``bias="lora_only"`` trains the adapted layers' own biases (qwen2 has q/k/v
+    biases): no GGUF LoRA form, refused naming --merge; the merge matches PEFT."""
+    import torch
+
+    from edge_tune.engine import Engine
+
+    gguf, model, _ = fam("qwen2")
+    m = copy.deepcopy(model)
+    with torch.no_grad():  # PEFT saves the biases as trained: move them off the base's
+        for name, p in m.named_parameters():
+            if name.endswith(("q_proj.bias", "v_proj.bias")):
+                p.add_(0.3 * torch.randn_like(p))
+    tuned, _ = peft_adapter(m, tmp_path / "peft", tokens=TOKENS,
+                            target_modules=["q_proj", "v_proj"], bias="lora_only")
+    with pytest.raises(EdgeTuneError, match=r"bias='lora_only'.*--merge"):
+        _export(tmp_path / "peft", gguf, tmp_path / "a.gguf")
+    with Engine(_export(tmp_path / "peft", gguf, tmp_path / "m.gguf", merge=True), n_ctx=64,
+                logits_all=True, exact=True) as merged:
+        err = rel(merged.logits(TOKENS), tuned)
+    RESULTS["qwen2/bias=lora_only merged"] = err
+    assert err <= 1e-3
