@@ -98,29 +98,71 @@ def _after(longer: str, shorter: str, what: str) -> str:
     return longer[len(shorter):]
 
 
-def measure(render) -> RoleBlocks:
-    """Read the role blocks off a ``render(messages, add_generation_prompt)`` function."""
+def _without_closing_eos(render, eos_token: str):
+    """``render`` without the EOS some templates append to a conversation rendered with no
+    generation prompt (Phi-3: ``{% else %}{{ eos_token }}``). Inference prompts always end in
+    the generation prompt, so that EOS is never part of what Ollama renders."""
+    def wrapped(messages: list[dict], add_generation_prompt: bool = False) -> str:
+        out = render(messages, add_generation_prompt)
+        if not add_generation_prompt and out.endswith(eos_token):
+            out = out[: -len(eos_token)]
+        return out
+
+    return wrapped
+
+
+def measure(render, eos_token: str = "") -> RoleBlocks:
+    """Read the role blocks off a ``render(messages, add_generation_prompt)`` function.
+
+    Besides plain role blocks this reads three quirks of real templates: an EOS closing a
+    rendering without generation prompt (Phi-3), no system role at all (Gemma 2 raises: the
+    system prompt is folded into the first user turn, as ``--system-mode fold`` does), and an
+    assistant turn rendered differently once a user turn follows it (Qwen3 drops the empty
+    ``<think></think>`` it adds to the last answer): the blocks are then read from answers in
+    history, which is where an inference prompt has them."""
     msg = lambda role, content: {"role": role, "content": content}
     from jinja2.exceptions import TemplateError
 
+    def probe(messages, gen):
+        try:
+            return render(messages, gen)
+        except TemplateError as exc:
+            raise Untranslatable(f"the template refused a probe conversation ({exc})") from None
+
+    if eos_token:
+        r1, g1 = probe([msg("user", U1)], False), probe([msg("user", U1)], True)
+        if not g1.startswith(r1) and r1.endswith(eos_token) and \
+                g1.startswith(r1[: -len(eos_token)]):
+            render = _without_closing_eos(render, eos_token)
+    r1 = probe([msg("user", U1)], False)
+    r2 = probe([msg("user", U1), msg("assistant", A1)], False)
+    r3 = probe([msg("user", U1), msg("assistant", A1), msg("user", U2)], False)
+    g1 = probe([msg("user", U1)], True)
     try:
-        r1 = render([msg("user", U1)], False)
-        r2 = render([msg("user", U1), msg("assistant", A1)], False)
-        r3 = render([msg("user", U1), msg("assistant", A1), msg("user", U2)], False)
-        g1 = render([msg("user", U1)], True)
         rs = render([msg("system", S), msg("user", U1)], False)
-    except TemplateError as exc:
-        raise Untranslatable(f"the template refused a probe conversation ({exc})") from None
+    except TemplateError:
+        rs = None  # no system role: folded into the first user turn below
     generation = _after(g1, r1, "the generation prompt")
-    assistant = _split(_after(r2, r1, "an assistant turn"), A1, "assistant content")
-    user = _split(_after(r3, r2, "a user turn"), U2, "user content")
+    turn_then_user = _after(r3, r1, "a user turn")
+    pre, rest = _split(turn_then_user, A1, "assistant content")
+    post = _split(_after(r2, r1, "an assistant turn"), A1, "assistant content")[1]
+    if not rest.startswith(post):
+        raise Untranslatable("cannot tell where an assistant turn ends")
+    assistant = (pre, post)
+    user = _split(rest[len(post):], U2, "user content")
     tail = user[0] + U1 + user[1]
     if not r1.endswith(tail):
         raise Untranslatable("the first user turn is rendered differently from later ones")
     head = r1[: -len(tail)]
-    probe = [msg("system", "Be brief."), msg("user", "Hi!"), msg("assistant", "Hello."),
+    check = [msg("system", "Be brief."), msg("user", "Hi!"), msg("assistant", "Hello."),
              msg("user", "What is 2+2?"), msg("assistant", "4"), msg("user", "Thanks")]
-    if rs.endswith(tail):
+    jinja = render
+    if rs is None:
+        from edge_tune.data.template import fold_system
+
+        candidates = [RoleBlocks(head, ("", ""), user, assistant, generation, "\n\n")]
+        jinja = lambda conv, gen: render(fold_system(conv), gen)  # noqa: E731
+    elif rs.endswith(tail):
         candidates = [RoleBlocks(head, _split(rs[: -len(tail)], S, "system content"), user,
                                  assistant, generation)]
     elif not head and rs.startswith(user[0] + S) and rs.endswith(U1 + user[1]):
@@ -133,8 +175,8 @@ def measure(render) -> RoleBlocks:
         raise Untranslatable("the system prompt is placed in a way other than its own turn or "
                              "the start of a user turn")
     for blocks in candidates:
-        if all(blocks.render(conv) == render(conv, True) for conv in (probe, probe[1:])):
-            return replace(blocks, trims=_trimmed_roles(blocks, render, probe))
+        if all(blocks.render(conv) == jinja(conv, True) for conv in (check, check[1:])):
+            return replace(blocks, trims=_trimmed_roles(blocks, jinja, check))
     raise Untranslatable("the template is not a plain sequence of role blocks")
 
 
@@ -183,7 +225,7 @@ def go_template(blocks: RoleBlocks) -> str:
 
 def translate(template: str, eos_token: str = "") -> tuple[str, RoleBlocks]:
     """(Go template, role blocks) for a Jinja chat template; raises Untranslatable."""
-    blocks = measure(jinja_renderer(template, eos_token))
+    blocks = measure(jinja_renderer(template, eos_token), eos_token)
     return go_template(blocks), blocks
 
 

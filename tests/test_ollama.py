@@ -272,3 +272,21 @@ def test_export_ollama_writes_modelfile_beside_its_files(default_gguf, tmp_path)
     jinja = gguf.GGUFReader(str(default_gguf)).fields["tokenizer.chat_template"].contents()
     assert go_render(template, CONVERSATION) == ollama.jinja_renderer(jinja)(CONVERSATION, True)
     assert 'PARAMETER stop "<|im_end|>"' in text
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3", "gemma2", "phi3", "llama3", "gemma",
+                                  "mistral", "chatml"])
+def test_every_builtin_template_translates(name):
+    """Each built-in family's template becomes a Go template that renders every inference
+    prompt (the conversation ending in a user turn) exactly as the Jinja one. Phi-3 closes a
+    rendering without generation prompt with EOS; Qwen3 renders the last answer with an empty
+    think block, earlier ones without; Gemma 2 refuses a system message, so it is folded into
+    the first user turn (--system-mode fold)."""
+    from edge_tune.data.template import fold_system
+    from edge_tune.templates import BUILTIN, EOS
+
+    go, blocks = ollama.translate(BUILTIN[name], EOS.get(name, ""))
+    jinja = ollama.jinja_renderer(BUILTIN[name], EOS.get(name, ""))
+    for conv in (CONVERSATION[1:], CONVERSATION, CONVERSATION[:-2], CONVERSATION[1:2]):
+        want = jinja(fold_system(conv) if name == "gemma2" else conv, True)
+        assert go_render(go, conv) == blocks.render(conv, trim=False) == want, (name, conv)
