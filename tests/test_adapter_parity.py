@@ -165,9 +165,36 @@ def test_merge_of_gguf_shapes_matches_peft(bases, engines, twins, tmp_path):
     with Engine(merged, n_ctx=64, logits_all=True, exact=True) as eng:
         err = rel(eng.logits(TOKENS), tuned)
     RESULTS["merge/embedding_untied_rslora"] = err
+    print(f"embedding+projections rsLoRA on untied, merged: logits error {err:.2e}")
     assert err <= 1e-3
 
 
 def test_print_results():
     for k, v in sorted(RESULTS.items()):
         print(f"{k}: {v:.2e}")
+
+
+def test_parity_catches_a_merge_that_keeps_the_tie(bases, engines, twins, tmp_path,
+                                                   monkeypatch):
+    """The untying is needed: a merge that adds the embedding delta to the shared tensor (what
+    `merge_and_unload()` does to a tied HF model) moves the output layer too."""
+    from edge_tune.converters import merge as merge_mod
+    from edge_tune.engine import Engine
+
+    tuned, base = peft_adapter(twins("tied"), tmp_path / "peft",
+                               target_modules=["embed_tokens", "q_proj"])
+    real_plan = merge_mod.plan
+
+    def keep_tie(*a, **k):
+        p = real_plan(*a, **k)
+        p.untie = False
+        return p
+
+    monkeypatch.setattr(merge_mod, "plan", keep_tie)
+    merged = export(tmp_path / "peft", bases["tied"], tmp_path, merge=True)
+    with Engine(merged, n_ctx=64, logits_all=True, exact=True) as eng:
+        got = eng.logits(TOKENS)
+    effect = rel(got - llama_logits(engines["tied"]), tuned - base)
+    top1 = float(np.mean(got.argmax(-1) == tuned.argmax(-1)))
+    print(f"merge keeping the tie: adapter effect {effect:.0%} off, top-1 {top1:.0%}")
+    assert effect > 0.2
