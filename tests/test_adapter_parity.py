@@ -198,3 +198,26 @@ def test_parity_catches_a_merge_that_keeps_the_tie(bases, engines, twins, tmp_pa
     top1 = float(np.mean(got.argmax(-1) == tuned.argmax(-1)))
     print(f"merge keeping the tie: adapter effect {effect:.0%} off, top-1 {top1:.0%}")
     assert effect > 0.2
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(target_modules=["embed_tokens", "q_proj"]), "token_embd.weight"),
+    (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "modules_to_save"),
+], ids=["embedding-on-tied", "modules_to_save"])
+def test_issue_cases_through_the_cli(kw, needle, bases, twins, tmp_path):
+    """As the issue tried them: `export` refuses in one line naming --merge (nothing written);
+    `export --merge` then works; `chat` on the merged model answers."""
+    from conftest import assert_one_line_error, run_cli
+
+    peft_adapter(twins("tied"), tmp_path / "peft", **kw)
+    base = str(bases["tied"])
+    proc = run_cli("export", str(tmp_path / "peft"), "--base", base, "-o",
+                   str(tmp_path / "a.gguf"), timeout=300)
+    assert_one_line_error(proc, needle, MERGE)
+    assert not (tmp_path / "a.gguf").exists()
+    proc = run_cli("export", str(tmp_path / "peft"), "--base", base, "--merge", "-o",
+                   str(tmp_path / "m.gguf"), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("chat", "--base", str(tmp_path / "m.gguf"), "--prompt", "hi",
+                   "--max-tokens", "2", "--temperature", "0", timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
