@@ -152,6 +152,7 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     (``cfg`` must be None) and training continues from its checkpoint to the same total
     steps."""
     from edge_tune.backends.checkpoint import CHECKPOINT
+    from edge_tune.backends.job import TrainJob
     from edge_tune.runner import TrainingProcess
 
     saved = None
@@ -169,13 +170,13 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     chosen = template_choice.given(cfg.chat_template)
     hw = probe()
     backend, why = registry.choose(cfg.backend, hw)  # an unusable backend: one line, first
-    if resume is not None and backend not in ("cpu", "unsloth"):  # mlx writes no checkpoints
+    if resume is not None and not registry.capabilities(backend).resumable:
         raise EdgeTuneError(f"--resume {resume}: resuming is supported for the cpu and unsloth "
                             f"backends; this run uses {backend}: start it again")
-    if (cfg.nproc > 1 or cfg.nnodes > 1) and backend not in ("cpu", "unsloth"):
+    if (cfg.nproc > 1 or cfg.nnodes > 1) and not registry.capabilities(backend).multi_process:
         raise EdgeTuneError(f"--nproc/--nnodes: multi-process training runs on the cpu (gloo) "
                             f"and unsloth (NCCL) backends, not {backend}")
-    if backend == "unsloth" and cfg.nproc > len(hw.cuda_gpus):
+    if registry.capabilities(backend).device == "cuda" and cfg.nproc > len(hw.cuda_gpus):
         raise EdgeTuneError(f"--nproc {cfg.nproc}: the unsloth backend runs one process per GPU "
                             f"and this node has {len(hw.cuda_gpus)}")
     data_sha256 = sha256_file(data_path) if data_path.is_file() else None
@@ -206,7 +207,7 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     else:
         run_dir = Path(resume)
     ckpt = run_dir / CHECKPOINT
-    job = {
+    job = TrainJob.from_dict({  # the wire contract: a key it does not have is an error
         "config": cfg.to_dict(),
         "backend": backend,
         "model_ref": {"spec": ref.spec, "gguf": str(ref.gguf) if ref.gguf else None,
@@ -219,7 +220,7 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         "cpu_has_bf16": hw.has_bf16_cpu,
         "resume_from": str(ckpt) if resume is not None and ckpt.is_dir() else None,
         "chat_template": chosen.text if chosen else None,  # replaces the tokenizer's own
-    }
+    })
     proc = TrainingProcess(job, run_dir, on_event)
     if cancel is not None:
         def watch() -> None:
@@ -490,7 +491,7 @@ def _plan(cfg: TrainConfig, ref: models.ModelRef, backend: str, hw, train_record
     if shape is None:
         return None
     nproc = max(1, getattr(cfg, "nproc", 1))
-    if backend == "unsloth" and hw.cuda_gpus:
+    if registry.capabilities(backend).device == "cuda" and hw.cuda_gpus:
         # One rank per GPU: each plans against its own card (the smallest of those used).
         free = min((getattr(g, "vram_free_gib", None) or g.vram_gib)
                    for g in hw.cuda_gpus[:nproc])

@@ -30,6 +30,7 @@ class TrainConfig:
     lr: float = 1e-3
     rank: int = 16
     alpha: float = 32.0
+    rslora: bool = False  # rank-stabilized LoRA: the update is scaled by alpha/sqrt(rank)
     batch_size: int = 8
     grad_accum: int = 1  # micro-batches per optimizer step (the planner raises it to fit)
     grad_checkpoint: bool = False  # recompute each block in backward: less memory, ~1/3 slower

@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from edge_tune.backends.registry import capabilities
+
 GIB = 1024 ** 3
 LOSS_CHUNK = 128  # matches edge_tune.backends.cpu.LOSS_CHUNK
 
@@ -213,7 +215,7 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
     weights = (shape.params - embed_params) * weight_bytes + embed_params * \
         (2.0 if four_bit else weight_bytes)
     att_batch, att_len = batch, length
-    if cfg.get("pack") and backend == "cpu":  # packed rows, no wider than the longest example
+    if cfg.get("pack") and capabilities(backend).packs_batches:  # rows <= the longest example
         att_len = min(length, tokens)
         att_batch = math.ceil(tokens / att_len)
     probs_bytes = width if backend == "cpu" else 4 + width

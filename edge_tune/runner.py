@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+from edge_tune.backends.job import TrainJob
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Done, EventSink, Failed, Log, from_json
 
@@ -51,28 +53,33 @@ RECORDS_FILE = ".records.jsonl"
 
 
 class TrainingProcess:
-    """One training subprocess. ``wait()`` relays events and returns the Done result."""
+    """One training subprocess. ``wait()`` relays events and returns the Done result.
 
-    def __init__(self, job: dict, run_dir: Path, on_event: EventSink) -> None:
+    ``job``: a :class:`TrainJob`, or its wire fields as a dict (checked by
+    ``TrainJob.from_dict``: an unknown or missing key is an error)."""
+
+    def __init__(self, job: TrainJob | dict, run_dir: Path, on_event: EventSink) -> None:
+        job = job if isinstance(job, TrainJob) else TrainJob.from_dict(job)
         self.run_dir = Path(run_dir)
         self.on_event = on_event
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.distributed = world_size(job["config"]) > 1
+        config = job.config.to_dict()
+        self.distributed = world_size(config) > 1
         if self.distributed:
             # Records as JSON lines beside the job: each rank streams the file and keeps only
             # the lines of its shard (edge_tune.data.sharding), instead of parsing them all.
             records = self.run_dir / RECORDS_FILE
-            records.write_text("".join(json.dumps(r) + "\n" for r in job["records"]))
-            job = {**job, "records": None, "records_file": str(records)}
+            records.write_text("".join(json.dumps(r) + "\n" for r in job.records))
+            job = dataclasses.replace(job, records=None, records_file=str(records))
         job_file = self.run_dir / ".job.json"
-        job_file.write_text(json.dumps(job))
+        job_file.write_text(job.to_json())
         self.log_path = self.run_dir / "train.log"
         # A resumed run appends to the log of the run it continues.
-        self._log = open(self.log_path, "a" if job.get("resume_from") else "w")
+        self._log = open(self.log_path, "a" if job.resume_from else "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                    HF_HUB_DISABLE_TELEMETRY="1")
         self.proc = subprocess.Popen(
-            worker_command(job_file, job["config"]),
+            worker_command(job_file, config),
             stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
             start_new_session=True,  # its own process group: cancel() reaches its children
         )

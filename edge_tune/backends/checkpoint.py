@@ -9,7 +9,7 @@ A checkpoint is a directory ``RUN/checkpoint/`` written all-or-nothing:
   Python RNG state and the batches left in the current epoch (the data order), the running
   counters (tokens, losses, training seconds), and the validation loss so far.
 
-The learning-rate schedule is a pure function of the step (``cpu.lr_at``), so the step is its
+The learning-rate schedule is a pure function of the step (``loop.lr_at``), so the step is its
 whole state. torch and safetensors are imported inside functions.
 """
 
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 from edge_tune.errors import EdgeTuneError
+from edge_tune.events import Log
 from edge_tune.fsutil import atomic_path
 
 CHECKPOINT = "checkpoint"
@@ -59,6 +61,42 @@ class Interrupt:
             self._depth -= 1
         if self.requested and not self._depth:
             raise Cancelled()
+
+
+@contextmanager
+def saved_on_cancel(stop: Interrupt, save: Callable[[], Optional[tuple[int, int]]],
+                    emit: Callable, run_dir, finished: Callable[[], bool] = lambda: False
+                    ) -> Iterator[None]:
+    """Around a training loop: a cancel (SIGTERM seen by ``stop``, which a library may surface
+    wrapped in an exception of its own, or Ctrl-C) writes a checkpoint and raises
+    :class:`Cancelled`; any other exception passes through unchanged.
+
+    ``save()`` writes the checkpoint and returns (step, total steps), or returns None where
+    this process writes nothing (only rank 0 writes the run directory). ``finished()``: True
+    when the last update is already done, the run then completes instead. A second SIGTERM
+    is ignored from the first one on, so it cannot cut the save short."""
+    try:
+        yield
+    except BaseException as exc:
+        if not (stop.requested or isinstance(exc, KeyboardInterrupt)):
+            raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if finished():
+            return
+        saved = save()
+        if saved is not None:
+            emit(Log(f"checkpoint saved at step {saved[0]}/{saved[1]}; resume with "
+                     f"`edge-tune train --resume {run_dir}`"))
+        raise Cancelled() from None
+
+
+def check_matches(state: dict, total: int, slots: int, where: str) -> None:
+    """A checkpoint continues only the run it was written by: the same step count and the same
+    micro-batch slots per step (the data order depends on both). Pure."""
+    if (state["total"], state.get("slots")) != (total, slots):
+        raise EdgeTuneError(f"{where}: the checkpoint is for {state['total']} steps of "
+                            f"{state.get('slots')} micro-batches, this run has {total} of "
+                            f"{slots}; the data or config changed")
 
 
 # --- optimizer state <-> safetensors + JSON ---------------------------------------------------

@@ -17,40 +17,26 @@ Runs inside the training subprocess (``edge_tune.backends.worker``); talks only 
 from __future__ import annotations
 
 import math
-import random
-import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
 from edge_tune.backends import attention, checkpoint
-from edge_tune.data import sharding
+from edge_tune.backends.job import TrainJob, as_config
+from edge_tune.backends.loop import (  # noqa: F401 (length_grouped_batches, lr_at: re-exported)
+    Distributed,
+    eval_steps,
+    final_loss,
+    grad_accum,
+    length_grouped_batches,
+    lr_at,
+    slot_orders,
+    step_counts,
+)
+from edge_tune.config import TrainConfig
 from edge_tune.data.template import IGNORE, Example
-from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Log, Metric, Progress
-
-
-def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random,
-                           window: int = 64) -> list[list[int]]:
-    """Shuffle, then sort by length inside windows of ``window`` batches: little padding,
-    still random order. Pure."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    span = batch_size * window
-    batches = []
-    for i in range(0, len(order), span):
-        chunk = sorted(order[i:i + span], key=lambda j: lengths[j])
-        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak. ``step`` is 0-based. Pure."""
-    if warmup and step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def collate(examples: list[Example], pad_id: int, multiple: int = 1):
@@ -134,12 +120,14 @@ def use_bf16(precision: str, cpu_has_bf16: bool) -> bool:
     return precision == "bf16" or (precision == "auto" and cpu_has_bf16)
 
 
-def build_model(hf_dir: Path, cfg: dict, bf16: bool):
-    """The base model with LoRA layers: frozen base in bf16 (or fp32), trainable LoRA in fp32."""
+def build_model(hf_dir: Path, cfg: TrainConfig | Mapping, bf16: bool):
+    """The base model with LoRA layers: frozen base in bf16 (or fp32), trainable LoRA in fp32.
+    ``cfg``: the run's settings (a mapping may give only rank, alpha, target_modules...)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    cfg = as_config(cfg)
     model_type = AutoConfig.from_pretrained(str(hf_dir)).model_type
     model = AutoModelForCausalLM.from_pretrained(
         str(hf_dir), dtype=torch.bfloat16 if bf16 else torch.float32,
@@ -148,12 +136,13 @@ def build_model(hf_dir: Path, cfg: dict, bf16: bool):
         # keeps one copy of the probabilities instead of two (attention.py).
         attn_implementation=attention.implementation(model_type))
     model.config.use_cache = False
-    if cfg.get("grad_checkpoint"):
+    if cfg.grad_checkpoint:
         # Keep only each block's input; recompute the block in backward (non-reentrant, so the
         # frozen embeddings need no requires_grad trick).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=0.0,
-                      target_modules=cfg["target_modules"], task_type="CAUSAL_LM")
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
+                      target_modules=cfg.target_modules, use_rslora=cfg.rslora,
+                      task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     for p in model.parameters():
         if p.requires_grad:
@@ -230,157 +219,90 @@ def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, bf16:
     return total / max(1, count)
 
 
-def eval_steps(total: int, every: int) -> set[int]:
-    """1-based steps after which validation runs: every ``every`` steps (0 = ~5 times), and
-    always after the last step. Pure."""
-    every = every or max(1, math.ceil(total / 5))
-    return set(range(every, total + 1, every)) | {total}
+def train(job: TrainJob | Mapping, emit: Callable) -> dict:
+    """Train a LoRA adapter; save it in PEFT format to ``job.adapter_dir``.
 
-
-class Distributed:
-    """This process's place under torchrun (one process: rank 0 of 1, nothing to sync).
-
-    LoRA gradients are few and small, so each step sums them across ranks with one
-    ``all_reduce`` per tensor and divides by the world size: the exact mean gradient of the
-    global batch (DDP's bucketing buys nothing here), applied before clipping on every rank,
-    so all ranks take the same update and keep the same weights."""
-
-    def __init__(self) -> None:
-        import os
-
-        import torch.distributed as td
-
-        on = td.is_available() and td.is_initialized()
-        self.world = td.get_world_size() if on else 1
-        self.rank = td.get_rank() if on else 0
-        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if on else 1
-
-    def sum_int(self, value: int) -> int:
-        """``value`` summed over all ranks."""
-        if self.world == 1:
-            return value
-        import torch
-        import torch.distributed as td
-
-        total = torch.tensor([value], dtype=torch.int64)
-        td.all_reduce(total, op=td.ReduceOp.SUM)
-        return int(total[0])
-
-    def average_grads(self, params, loss: float, tokens: int) -> tuple[float, int]:
-        """Mean gradients and loss, summed tokens over all ranks."""
-        if self.world == 1:
-            return loss, tokens
-        import torch
-        import torch.distributed as td
-
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            td.all_reduce(p.grad, op=td.ReduceOp.SUM)
-            p.grad.div_(self.world)
-        totals = torch.tensor([loss, float(tokens)], dtype=torch.float64)
-        td.all_reduce(totals, op=td.ReduceOp.SUM)
-        return float(totals[0]) / self.world, int(totals[1])
-
-
-def slot_orders(job: dict, accum: int, dist: "Distributed") -> list[Callable[[int], list[int]]]:
-    """For each micro-batch of a step this rank computes (its slots, see
-    :mod:`edge_tune.data.sharding`): step -> positions in ``job["examples"]`` (this rank's
-    shard; ``job["example_index"]`` holds their record indices)."""
-    examples = job["examples"]
-    cfg = job["config"]
-    slots = accum * dist.world
-    index = job.get("example_index") or list(range(len(examples)))
-    orders = []
-    for slot in sharding.rank_slots(dist.rank, accum):
-        members = [k for k, i in enumerate(index) if sharding.slot_of(i, slots) == slot]
-        if not members:
-            raise EdgeTuneError(f"too few training examples for {slots} micro-batches per step "
-                                f"(slot {slot} is empty): lower --grad-accum or --nproc")
-        order = sharding.SlotOrder([len(examples[k].input_ids) for k in members],
-                                   cfg["batch_size"], cfg["seed"], slot, length_grouped_batches)
-        orders.append(lambda step, m=members, o=order: [m[k] for k in o.batch(step)])
-    return orders
-
-
-def train(job: dict, emit: Callable) -> dict:
-    """Train a LoRA adapter; save it in PEFT format to ``job["adapter_dir"]``.
-
-    ``job``: config (dict), hf_dir, examples (tokenized), pad_id, physical_cores, cpu_has_bf16.
+    Reads of ``job``: config, hf_dir, examples (tokenized), example_index, val_examples,
+    pad_id, physical_cores, cpu_has_bf16, run_dir, resume_from, interrupt.
     """
     import torch
 
-    cfg = job["config"]
+    job = TrainJob.of(job)
+    cfg = job.config
     dist = Distributed()
     # Ranks on one node share its cores: torch's default (all cores each) oversubscribes.
-    threads = cfg["threads"] or max(1, job["physical_cores"] // dist.local_world)
+    threads = cfg.threads or max(1, job.physical_cores // dist.local_world)
     torch.set_num_threads(threads)
-    torch.manual_seed(cfg["seed"])
-    bf16 = use_bf16(cfg["precision"], job["cpu_has_bf16"])
+    torch.manual_seed(cfg.seed)
+    bf16 = use_bf16(cfg.precision, job.cpu_has_bf16)
 
     emit(Progress("load", 0, None, "", "loading base model"))
     t0 = time.perf_counter()
-    model = build_model(Path(job["hf_dir"]), cfg, bf16)
+    model = build_model(Path(job.hf_dir), cfg, bf16)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     emit(Log(f"model loaded in {time.perf_counter() - t0:.1f}s; {n_train / 1e6:.2f}M trainable "
              f"LoRA parameters; {'bf16' if bf16 else 'fp32'} compute on {threads} threads"))
 
-    examples: list[Example] = job["examples"]
-    accum = max(1, cfg.get("grad_accum") or 1)  # micro-batches per optimizer step, per rank
+    examples: list[Example] = job.examples
+    accum = grad_accum(cfg)  # micro-batches per optimizer step, per rank
     # A step takes one micro-batch from each of accum x world slots; this rank holds the
     # examples of its own slots only (its shard), each slot with an order that depends on
     # (seed, slot, step) alone: the global batch of one process's run, whatever the world.
     slots = accum * dist.world
     orders = slot_orders(job, accum, dist)
     n_examples = dist.sum_int(len(examples))
-    steps_per_epoch = sharding.steps_per_epoch(n_examples, cfg["batch_size"], slots)
-    total = cfg["max_steps"] or max(1, round(cfg["epochs"] * steps_per_epoch))
+    total, steps_per_epoch, warmup = step_counts(cfg, n_examples, dist.world)
 
-    val_examples: list[Example] = job.get("val_examples") or []
-    evals = eval_steps(total, cfg.get("eval_every", 0)) if val_examples else set()
+    val_examples: list[Example] = job.val_examples
+    evals = eval_steps(total, cfg.eval_every) if val_examples else set()
     val_loss = None
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model.train()
     tokens_done, losses, start, first = 0, [], time.perf_counter(), 0
-    if job.get("resume_from"):
-        state = checkpoint.restore(Path(job["resume_from"]), model, opt)
-        if (state["total"], state.get("slots")) != (total, slots):
-            raise EdgeTuneError(f"{job['resume_from']}: the checkpoint is for {state['total']} "
-                                f"steps of {state.get('slots')} micro-batches, this run has "
-                                f"{total} of {slots}; the data or config changed")
+    if job.resume_from:
+        state = checkpoint.restore(Path(job.resume_from), model, opt)
+        checkpoint.check_matches(state, total, slots, job.resume_from)
         first, tokens_done, losses = state["step"], state["tokens"], state["losses"]
         val_loss = state.get("val_loss")
         start -= state["train_seconds"]
         emit(Log(f"resumed from the checkpoint at step {first}/{total}"))
-    stop = job.get("interrupt") or checkpoint.Interrupt()  # installed by the worker
-    save_every = cfg.get("save_every") or 0
+    stop = job.interrupt or checkpoint.Interrupt()  # installed by the worker
+    save_every = cfg.save_every or 0
 
     def save_checkpoint(done: int) -> None:
         # The data order and the LR schedule are pure functions of the step.
-        checkpoint.save(Path(job["run_dir"]), model, opt, {
+        checkpoint.save(Path(job.run_dir), model, opt, {
             "step": done, "total": total, "slots": slots, "tokens": tokens_done,
             "losses": losses, "val_loss": val_loss,
             "train_seconds": time.perf_counter() - start})
 
+    def save_on_cancel():
+        # The weights are those after step ``done``: the update is guarded, and forward and
+        # backward change none. Rank 0 writes the run directory (all ranks hold the same).
+        if dist.rank != 0:
+            return None
+        save_checkpoint(done)
+        return done, total
+
     done = first
-    try:
+    with checkpoint.saved_on_cancel(stop, save_on_cancel, emit, job.run_dir):
         for step in range(first, total):
-            lr = lr_at(step, total, cfg["lr"], min(cfg["warmup_steps"], total // 10))
+            lr = lr_at(step, total, cfg.lr, warmup)
             for g in opt.param_groups:
                 g["lr"] = lr
             step_loss, n_tokens = 0.0, 0
             for batch_at in orders:
                 batch = [examples[k] for k in batch_at(step)]
-                if cfg.get("pack"):
+                if cfg.pack:
                     # Rows no wider than the batch's longest example: packing then only joins
                     # examples that fit beside each other, and never widens the attention
                     # (quadratic in the row) beyond what padding would compute.
                     ids, labels, mask, positions, n_micro = collate_packed(
-                        batch, job["pad_id"], max(len(e.input_ids) for e in batch))
+                        batch, job.pad_id, max(len(e.input_ids) for e in batch))
                 else:
-                    (ids, labels, mask), positions = collate(batch, job["pad_id"]), None
+                    (ids, labels, mask), positions = collate(batch, job.pad_id), None
                     n_micro = int(mask.sum())
                 with compute_precision(model, bf16):
                     loss = response_loss(model, ids, labels, mask, positions) / accum
@@ -404,7 +326,7 @@ def train(job: dict, emit: Callable) -> dict:
                             learning_rate=lr, epoch=(step + 1) / steps_per_epoch))
             if step + 1 in evals and dist.rank == 0:  # the others go on to the next step's sync
                 t_eval = time.perf_counter()
-                val_loss = evaluate(model, val_examples, cfg["batch_size"], job["pad_id"], bf16)
+                val_loss = evaluate(model, val_examples, cfg.batch_size, job.pad_id, bf16)
                 start += time.perf_counter() - t_eval  # tok/s counts training time only
                 emit(Metric(step=step + 1, total_steps=total, loss=val_loss, split="val",
                             epoch=(step + 1) / steps_per_epoch))
@@ -412,26 +334,13 @@ def train(job: dict, emit: Callable) -> dict:
                     and dist.rank == 0:
                 with stop.guard():
                     save_checkpoint(step + 1)
-    except BaseException as exc:
-        # SIGTERM (or Ctrl-C) may surface wrapped by a library; either way the weights are
-        # those after step ``done``: the update is guarded and forward/backward change none.
-        if not (stop.requested or isinstance(exc, KeyboardInterrupt)):
-            raise
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the save
-        if dist.rank != 0:  # rank 0 writes the run directory (all ranks hold the same weights)
-            raise checkpoint.Cancelled() from None
-        save_checkpoint(done)
-        emit(Log(f"checkpoint saved at step {done}/{total}; resume with "
-                 f"`edge-tune train --resume {job['run_dir']}`"))
-        raise checkpoint.Cancelled() from None
 
-    out = Path(job["adapter_dir"])
+    out = Path(job.adapter_dir)
     if dist.rank == 0:
         model.save_pretrained(str(out), safe_serialization=True)
-    tail = losses[-max(1, min(10, len(losses) // 5)):]
     return {
         "steps": total,
-        "final_loss": sum(tail) / len(tail),
+        "final_loss": final_loss(losses),
         "val_loss": val_loss,
         "tokens": tokens_done,
         "tokens_per_second": tokens_done / (time.perf_counter() - start),

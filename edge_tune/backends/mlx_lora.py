@@ -24,10 +24,19 @@ import json
 import math
 import random
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
-from edge_tune.backends.cpu import eval_steps, length_grouped_batches
+from edge_tune.backends.job import TrainJob
+from edge_tune.backends.loop import (
+    eval_steps,
+    final_loss,
+    grad_accum,
+    length_grouped_batches,
+    lr_at,
+    step_counts,
+)
 from edge_tune.data.template import IGNORE, Example
 from edge_tune.events import Log, Metric, Progress
 
@@ -40,12 +49,15 @@ def lora_keys(module_names: list[str], targets: list[str]) -> list[str]:
 
 
 def mlx_lora_config(rank: int, alpha: float, keys: list[str], n_layers: int,
-                    model: str) -> dict:
-    """mlx-lm's adapter_config.json for these hyperparameters. Pure."""
+                    model: str, rslora: bool = False) -> dict:
+    """mlx-lm's adapter_config.json for these hyperparameters. mlx-lm's ``scale`` is the
+    multiplier itself: alpha/rank, or alpha/sqrt(rank) for rsLoRA (PEFT's rule). Pure."""
     return {
         "fine_tune_type": "lora",
         "num_layers": n_layers,
-        "lora_parameters": {"rank": rank, "scale": alpha / rank, "dropout": 0.0,
+        "lora_parameters": {"rank": rank,
+                            "scale": alpha / math.sqrt(rank) if rslora else alpha / rank,
+                            "dropout": 0.0,
                             "keys": keys},
         "model": model,
     }
@@ -70,7 +82,10 @@ def batch_arrays(examples: list[Example], pad_id: int, limit: int):
     return tokens, mask
 
 
-def train(job: dict, emit: Callable) -> dict:
+def train(job: TrainJob | Mapping, emit: Callable) -> dict:
+    """Train a LoRA adapter with mlx-lm; the native adapter goes to ``RUN/mlx``, a PEFT copy
+    to ``job.adapter_dir``. Reads of ``job``: config, hf_dir, examples, val_examples, pad_id,
+    run_dir."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -87,42 +102,37 @@ def train(job: dict, emit: Callable) -> dict:
     from edge_tune.converters import mlx_to_peft
     from edge_tune.fsutil import atomic_path
 
-    cfg = job["config"]
-    mx.random.seed(cfg["seed"])
-    np.random.seed(cfg["seed"])
+    job = TrainJob.of(job)
+    cfg = job.config
+    mx.random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     emit(Progress("load", 0, None, "", "loading base model (mlx)"))
     t0 = time.perf_counter()
     # transformers 5 configs keep RoPE where mlx-lm does not look: translate (mlx_config)
-    model, _ = mlx_load(job["hf_dir"], **mlx_load_kwargs(job["hf_dir"], cfg["seq_len"]))
+    model, _ = mlx_load(job.hf_dir, **mlx_load_kwargs(job.hf_dir, cfg.seq_len))
     model.freeze()
     block_modules = [name for name, _ in model.layers[0].named_modules() if name]
-    keys = lora_keys(block_modules, cfg["target_modules"])
+    keys = lora_keys(block_modules, cfg.target_modules)
     if not keys:
         from edge_tune.errors import EdgeTuneError
 
-        raise EdgeTuneError(f"--target-modules {','.join(cfg['target_modules'])}: none of "
+        raise EdgeTuneError(f"--target-modules {','.join(cfg.target_modules)}: none of "
                             "these modules exists in the model's blocks")
     n_layers = len(model.layers)
-    native_cfg = mlx_lora_config(cfg["rank"], cfg["alpha"], keys, n_layers, job["hf_dir"])
+    native_cfg = mlx_lora_config(cfg.rank, cfg.alpha, keys, n_layers, job.hf_dir, cfg.rslora)
     linear_to_lora_layers(model, n_layers, native_cfg["lora_parameters"])
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     emit(Log(f"model loaded in {time.perf_counter() - t0:.1f}s; {n_train / 1e6:.2f}M trainable "
              f"LoRA parameters; mlx on {mx.default_device()}"))
 
-    examples: list[Example] = job["examples"]
-    val_examples: list[Example] = job.get("val_examples") or []
-    accum = max(1, cfg.get("grad_accum") or 1)  # micro-batches per optimizer step
-    steps_per_epoch = math.ceil(len(examples) / (cfg["batch_size"] * accum))
-    total = cfg["max_steps"] or max(1, round(cfg["epochs"] * steps_per_epoch))
-    warmup = min(cfg["warmup_steps"], total // 10)
-    peak, pad_id, limit = cfg["lr"], job["pad_id"], cfg["seq_len"]
+    examples: list[Example] = job.examples
+    val_examples: list[Example] = job.val_examples
+    accum = grad_accum(cfg)  # micro-batches per optimizer step
+    total, steps_per_epoch, warmup = step_counts(cfg, len(examples))
+    peak, pad_id, limit = cfg.lr, job.pad_id, cfg.seq_len
 
-    def schedule(step):  # edge_tune.backends.cpu.lr_at, in mlx ops (step is 0-based)
-        s = step.astype(mx.float32)
-        warm = peak * (s + 1) / warmup if warmup else mx.array(peak)
-        progress = mx.minimum(1.0, mx.maximum(s - warmup, 0.0) / max(1, total - warmup))
-        cosine = peak * (0.1 + 0.45 * (1 + mx.cos(math.pi * progress)))
-        return mx.where(s < warmup, warm, cosine)
+    def schedule(step):  # the shared schedule in mlx ops, traced inside mlx-lm's compiled step
+        return lr_at(step.astype(mx.float32), total, peak, warmup, ops=mx)
 
     class ClippedAdamW(optim.AdamW):
         def update(self, model_, gradients):  # the CPU backend clips at 1.0 too
@@ -131,7 +141,7 @@ def train(job: dict, emit: Callable) -> dict:
 
     # torch's AdamW corrects the moments' start-up bias; mlx's does only when asked.
     opt = ClippedAdamW(learning_rate=schedule, weight_decay=0.0, bias_correction=True)
-    rng = random.Random(cfg["seed"])
+    rng = random.Random(cfg.seed)
     seen = {"tokens": 0}
 
     def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None,
@@ -162,10 +172,10 @@ def train(job: dict, emit: Callable) -> dict:
 
     losses: list[float] = []
 
-    evals = eval_steps(total, cfg.get("eval_every", 0)) if val_examples else set()
+    evals = eval_steps(total, cfg.eval_every) if val_examples else set()
 
     def validate() -> float:
-        return mlx_evaluate(model, val_examples, cfg["batch_size"], -1, limit, loss=masked_loss,
+        return mlx_evaluate(model, val_examples, cfg.batch_size, -1, limit, loss=masked_loss,
                             iterate_batches=iterate_batches)
 
     class Events(TrainingCallback):
@@ -188,13 +198,13 @@ def train(job: dict, emit: Callable) -> dict:
                 emit(Metric(step=step, total_steps=total, loss=val_loss_box["value"],
                             split="val", epoch=step / steps_per_epoch))
 
-    run_dir = Path(job["run_dir"])
+    run_dir = Path(job.run_dir)
     with atomic_path(run_dir / "mlx") as native:
         native.mkdir()
         args = TrainingArgs(
-            batch_size=cfg["batch_size"], iters=total * accum, val_batches=-1,
+            batch_size=cfg.batch_size, iters=total * accum, val_batches=-1,
             steps_per_report=accum, grad_accumulation_steps=accum,
-            grad_checkpoint=bool(cfg.get("grad_checkpoint")),
+            grad_checkpoint=cfg.grad_checkpoint,
             steps_per_eval=total + 1, steps_per_save=total + 1, max_seq_length=limit,
             adapter_file=str(native / mlx_to_peft.WEIGHTS))
         clock["start"] = time.perf_counter()
@@ -202,11 +212,10 @@ def train(job: dict, emit: Callable) -> dict:
                   iterate_batches=iterate_batches, training_callback=Events())
         train_seconds = time.perf_counter() - clock["start"] - clock["paused"]
         (native / mlx_to_peft.CONFIG).write_text(json.dumps(native_cfg, indent=2))
-        mlx_to_peft.convert(native, Path(job["adapter_dir"]), base_model=job["hf_dir"])
-    tail = losses[-max(1, min(10, len(losses) // 5)):] or [float("nan")]
+        mlx_to_peft.convert(native, Path(job.adapter_dir), base_model=job.hf_dir)
     return {
         "steps": total,
-        "final_loss": sum(tail) / len(tail),
+        "final_loss": final_loss(losses),
         "val_loss": val_loss_box["value"],
         "tokens": seen["tokens"],
         "tokens_per_second": seen["tokens"] / max(train_seconds, 1e-9),

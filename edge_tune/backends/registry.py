@@ -1,25 +1,52 @@
-"""Training backends by name, with availability and the reason for every "no".
+"""Training backends by name: what each can do, its availability and the reason for every "no".
 
-A backend is a ``"module:function"`` string, imported only when training starts (inside the
-training subprocess), so listing backends never imports torch, mlx or unsloth.
+A backend is a ``"module:function"`` string (a :class:`TrainFn`), imported only when training
+starts (inside the training subprocess), so listing backends never imports torch, mlx or
+unsloth. What a backend can do is declared here (:class:`Capabilities`); the core asks
+:func:`capabilities` instead of checking backend names.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
 from edge_tune.errors import EdgeTuneError
 from edge_tune.hardware import Hardware, missing_modules, torch_cuda_version
+
+if TYPE_CHECKING:
+    from edge_tune.backends.job import TrainJob
+
+
+class TrainFn(Protocol):
+    """A backend's training entry point, called in the training subprocess with the job
+    the worker prepared (examples tokenized, ``adapter_dir`` set). It saves a PEFT adapter in
+    ``job.adapter_dir``, reports through ``emit`` (``edge_tune.events``), raises
+    ``checkpoint.Cancelled`` on cancel, and returns the result: steps, final_loss, val_loss,
+    tokens, tokens_per_second, train_seconds, precision, trainable_parameters (and what else
+    the backend measures)."""
+
+    def __call__(self, job: TrainJob, emit: Callable[[object], None]) -> dict: ...
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    resumable: bool  # writes checkpoints that `train --resume` continues
+    multi_process: bool  # runs under torchrun (--nproc / --nnodes)
+    # Where it computes: "cuda" (one GPU per rank, NCCL), "apple" (Metal; mlx[cpu] runs it on
+    # the CPU elsewhere) or "cpu" (gloo between ranks).
+    device: str
+    packs_batches: bool  # honours --pack: several examples share a row (block-diagonal mask)
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
     summary: str
-    entry: Optional[str]  # "module:function" training entry point; None = not built yet
+    entry: Optional[str]  # "module:function" training entry point (a TrainFn); None = not built
     check: Callable[[Hardware], Optional[str]]  # returns the reason it is unavailable, or None
+    can: Capabilities  # what it can do: the core asks this, never the name
     # Why `auto` passes over a backend that works here but is the wrong choice (or None).
     auto_skip: Callable[[Hardware], Optional[str]] = lambda hw: None
     # Modules the training subprocess imports before anything else (libraries that patch
@@ -85,10 +112,15 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         Backend("unsloth", "Unsloth 4-bit QLoRA on an NVIDIA CUDA GPU",
                 "edge_tune.backends.unsloth_qlora:train", _check_unsloth,
+                Capabilities(resumable=True, multi_process=True, device="cuda",
+                             packs_batches=False),
                 preload=("unsloth",)),
         Backend("mlx", "mlx-lm LoRA on Apple Silicon", "edge_tune.backends.mlx_lora:train",
-                _check_mlx, _skip_mlx),
-        Backend("cpu", "torch + PEFT LoRA on the CPU", "edge_tune.backends.cpu:train", _check_cpu),
+                _check_mlx, Capabilities(resumable=False, multi_process=False, device="apple",
+                                         packs_batches=False), _skip_mlx),
+        Backend("cpu", "torch + PEFT LoRA on the CPU", "edge_tune.backends.cpu:train", _check_cpu,
+                Capabilities(resumable=True, multi_process=True, device="cpu",
+                             packs_batches=True)),
     )
 }
 # The order `auto` tries them in: fastest hardware first.
@@ -125,13 +157,28 @@ def choose(requested: str, hw: Hardware) -> tuple[str, str]:
     return requested, "requested with --backend"
 
 
+def capabilities(name: str) -> Capabilities:
+    """What backend ``name`` can do (EdgeTuneError for an unknown name)."""
+    if name not in BACKENDS:
+        raise EdgeTuneError(f"backend {name!r}: unknown (expected {', '.join(AUTO_ORDER)})")
+    return BACKENDS[name].can
+
+
+def having(capability: str) -> tuple[str, ...]:
+    """The backends (in ``auto`` order) with a true boolean ``capability``, e.g.
+    ``having("resumable")``: for messages that name them."""
+    if capability not in {f.name for f in fields(Capabilities)}:
+        raise AttributeError(f"no backend capability {capability!r}")
+    return tuple(n for n in AUTO_ORDER if getattr(BACKENDS[n].can, capability) is True)
+
+
 def preload(name: str) -> None:
     """Import a backend's ``preload`` modules (first thing in the training subprocess)."""
     for module in BACKENDS[name].preload:
         importlib.import_module(module)
 
 
-def load_entry(name: str) -> Callable:
+def load_entry(name: str) -> TrainFn:
     """Import a backend's training function (called inside the training subprocess)."""
     entry = BACKENDS[name].entry
     if entry is None:

@@ -6,19 +6,19 @@ offloaded to CPU memory): less VRAM and more tokens/s than plain transformers + 
 
 Everything around it is edge-tune's, the same as on the CPU backend:
 
-* the examples are the worker's pre-tokenized ``job["examples"]`` (input_ids + labels with
+* the examples are the worker's pre-tokenized ``job.examples`` (input_ids + labels with
   -100 outside the assistant turns), fed to transformers' ``Trainer`` (Unsloth's supported
   path) through a padding collator, so the loss is on exactly the same tokens;
-* hyperparameters mean the same: ``rank``/``alpha`` (scale alpha/rank), ``lr`` with the CPU
-  backend's schedule (``cpu.lr_at``: linear warm-up, cosine to 10%), AdamW with weight decay 0,
-  gradient clipping at 1.0, ``batch_size`` examples per micro-batch times ``grad_accum``
+* hyperparameters mean the same: ``rank``/``alpha``/``rslora`` (scale alpha/rank, or
+  alpha/sqrt(rank) for rsLoRA), ``lr`` with the CPU backend's schedule (``loop.lr_at``:
+  linear warm-up, cosine to 10%), AdamW with weight decay 0, gradient clipping at 1.0, ``batch_size`` examples per micro-batch times ``grad_accum``
   micro-batches per step, ``max_steps``/``epochs``, ``seq_len``, ``seed``, and the same data
-  order (``cpu.slot_orders``: length-grouped micro-batches, one per slot of the global batch);
+  order (``loop.slot_orders``: length-grouped micro-batches, one per slot of the global batch);
 * under torchrun (``--nproc``) it is DDP over NCCL: each rank loads the 4-bit base on its own
   GPU (LOCAL_RANK), reads its shard, and the Trainer all-reduces the LoRA gradients;
 * progress goes out as the same ``Metric`` events (train loss per step, tokens/s, ETA, and
-  validation loss per trained token after ``cpu.eval_steps``);
-* the PEFT adapter lands in ``job["adapter_dir"]``; ``api.train`` writes ``adapter.gguf`` and
+  validation loss per trained token after ``loop.eval_steps``);
+* the PEFT adapter lands in ``job.adapter_dir``; ``api.train`` writes ``adapter.gguf`` and
   the manifest, as for every backend;
 * checkpoints are the CPU backend's (``edge_tune.backends.checkpoint``: safetensors + JSON, never
   the Trainer's own pickled ones): every ``save_every`` steps and on cancel (SIGTERM), and
@@ -34,14 +34,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from edge_tune.backends import checkpoint
-from edge_tune.backends.cpu import Distributed, collate, eval_steps, lr_at, slot_orders
-from edge_tune.data import sharding
+from edge_tune.backends.cpu import collate
+from edge_tune.backends.job import TrainJob, as_config
+from edge_tune.backends.loop import (  # noqa: F401 (grad_accum, step_counts: re-exported)
+    Distributed,
+    eval_steps,
+    final_loss,
+    grad_accum,
+    lr_at,
+    slot_orders,
+    step_counts,
+)
+from edge_tune.config import TrainConfig
 from edge_tune.data.template import IGNORE, Example
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Log, Metric, Progress
@@ -49,19 +58,9 @@ from edge_tune.events import Log, Metric, Progress
 PAD_MULTIPLE = 8  # pad widths to a multiple of 8: tensor cores want aligned shapes
 
 
-# --- pure mappings: edge-tune's TrainConfig dict -> Unsloth / transformers arguments -----------
-
-
-def grad_accum(cfg: dict) -> int:
-    return max(1, cfg.get("grad_accum") or 1)
-
-
-def step_counts(cfg: dict, n_examples: int, world: int = 1) -> tuple[int, int, int]:
-    """(total optimizer steps, steps per epoch, warm-up steps), as the CPU backend counts
-    them: ``max_steps`` wins over ``epochs``; warm-up is capped at a tenth of the run. Pure."""
-    per_epoch = sharding.steps_per_epoch(n_examples, cfg["batch_size"], grad_accum(cfg) * world)
-    total = cfg["max_steps"] or max(1, round(cfg["epochs"] * per_epoch))
-    return total, per_epoch, min(cfg["warmup_steps"], total // 10)
+# --- pure mappings: edge-tune's TrainConfig -> Unsloth / transformers arguments ----------------
+# (a mapping of settings is taken too, see ``job.as_config``; the step counts are
+# ``loop.step_counts``, shared with the other backends)
 
 
 def compute_dtype(precision: str, bf16_supported: bool) -> str | None:
@@ -85,48 +84,52 @@ def mixed_precision(dtype: str | None, bf16_supported: bool) -> str:
     return "bf16" if dtype == "bfloat16" else "fp16"
 
 
-def from_pretrained_kwargs(cfg: dict, model_ref: str, bf16_supported: bool = True) -> dict:
+def from_pretrained_kwargs(cfg: TrainConfig | Mapping, model_ref: str,
+                           bf16_supported: bool = True) -> dict:
     """``FastLanguageModel.from_pretrained`` arguments. ``model_ref`` is the worker's local HF
     directory (a hub model is downloaded there first): Unsloth given a hub *name* may swap in
     its own pre-quantized repo, and the adapter must be trained on the weights the GGUF base
     is made from. Pure."""
+    cfg = as_config(cfg)
     return {
         "model_name": str(model_ref),
-        "max_seq_length": cfg["seq_len"],
+        "max_seq_length": cfg.seq_len,
         "load_in_4bit": True,
-        "dtype": compute_dtype(cfg.get("precision", "auto"), bf16_supported),
+        "dtype": compute_dtype(cfg.precision, bf16_supported),
         "trust_remote_code": False,
     }
 
 
-def peft_kwargs(cfg: dict) -> dict:
+def peft_kwargs(cfg: TrainConfig | Mapping) -> dict:
     """``FastLanguageModel.get_peft_model`` arguments. Dropout 0 and no bias keep Unsloth on
     its fused LoRA kernels (and are what the CPU backend trains with). Pure."""
+    cfg = as_config(cfg)
     return {
-        "r": cfg["rank"],
-        "lora_alpha": cfg["alpha"],
-        "target_modules": list(cfg["target_modules"]),
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "target_modules": list(cfg.target_modules),
         "lora_dropout": 0.0,
         "bias": "none",
         "use_gradient_checkpointing": "unsloth",
-        "random_state": cfg["seed"],
-        "use_rslora": bool(cfg.get("rslora", False)),
+        "random_state": cfg.seed,
+        "use_rslora": cfg.rslora,
     }
 
 
-def training_args_kwargs(cfg: dict, total_steps: int, output_dir: str,
+def training_args_kwargs(cfg: TrainConfig | Mapping, total_steps: int, output_dir: str,
                          precision: str) -> dict:
     """``transformers.TrainingArguments`` for one run. The learning-rate schedule is not here:
-    :class:`EdgeTrainer` replaces the Trainer's with ``cpu.lr_at`` (the Trainer's own warm-up
+    :class:`EdgeTrainer` replaces the Trainer's with ``loop.lr_at`` (the Trainer's own warm-up
     starts at lr 0, one step behind the CPU backend's). Nothing is saved, evaluated or
     reported by the Trainer itself: the adapter is saved once at the end, validation and
     progress go through edge-tune's events. Pure."""
+    cfg = as_config(cfg)
     return {
         "output_dir": output_dir,
-        "per_device_train_batch_size": cfg["batch_size"],
+        "per_device_train_batch_size": cfg.batch_size,
         "gradient_accumulation_steps": grad_accum(cfg),
         "max_steps": total_steps,
-        "learning_rate": cfg["lr"],
+        "learning_rate": cfg.lr,
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
         "optim": "adamw_torch",
@@ -139,8 +142,8 @@ def training_args_kwargs(cfg: dict, total_steps: int, output_dir: str,
         "save_strategy": "no",
         "eval_strategy": "no",
         "report_to": "none",
-        "seed": cfg["seed"],
-        "data_seed": cfg["seed"],
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
         "remove_unused_columns": False,  # the collator builds the model's inputs itself
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
@@ -151,19 +154,13 @@ def training_args_kwargs(cfg: dict, total_steps: int, output_dir: str,
 
 
 def lr_factor(total: int, warmup: int, first: int = 0) -> Callable[[int], float]:
-    """The ``LambdaLR`` multiplier that reproduces ``cpu.lr_at`` (step is 0-based). A run
+    """The ``LambdaLR`` multiplier that reproduces ``loop.lr_at`` (step is 0-based). A run
     resumed at step ``first`` counts the scheduler's steps from there: the schedule goes on
     where it stopped instead of warming up again. Pure."""
     return lambda step: lr_at(first + step, total, 1.0, warmup)
 
 
-def check_checkpoint(state: dict, total: int, slots: int, where: str) -> None:
-    """A checkpoint continues only the run it was written by: the same step count and the same
-    micro-batch slots per step (the data order depends on both). Pure."""
-    if (state["total"], state.get("slots")) != (total, slots):
-        raise EdgeTuneError(f"{where}: the checkpoint is for {state['total']} steps of "
-                            f"{state.get('slots')} micro-batches, this run has {total} of "
-                            f"{slots}; the data or config changed")
+check_checkpoint = checkpoint.check_matches  # the same rule as every backend's
 
 
 # --- the Trainer side (torch/transformers imported inside) ------------------------------------
@@ -202,24 +199,25 @@ def evaluate(model, examples: list[Example], batch_size: int, pad_id: int,
     return total / max(1, count)
 
 
-def new_optimizer(model, cfg: dict):
+def new_optimizer(model, cfg: TrainConfig | Mapping):
     """AdamW over the LoRA parameters, made as the CPU backend makes it (one group, the
     Trainer's arguments above): edge-tune's checkpoints hold its state."""
     import torch
 
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
+    lr = as_config(cfg).lr
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                              betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
 
-def fit(model, job: dict, emit: Callable, precision: str = "none",
+def fit(model, job: TrainJob | Mapping, emit: Callable, precision: str = "none",
         autocast_dtype=None) -> dict:
-    """Train the LoRA parameters of ``model`` (a PEFT model) on ``job["examples"]`` with
+    """Train the LoRA parameters of ``model`` (a PEFT model) on ``job.examples`` with
     transformers' Trainer and edge-tune's schedule, sampling, metrics and events.
 
     ``precision``: the Trainer's mixed precision, 'bf16', 'fp16' or 'none' (CPU tests).
     Checkpoints (``edge_tune.backends.checkpoint``, the CPU backend's format) go to
-    ``job["run_dir"]`` every ``save_every`` steps and when ``job["interrupt"]`` sees SIGTERM,
-    which then raises :class:`checkpoint.Cancelled`; ``job["resume_from"]`` continues one.
+    ``job.run_dir`` every ``save_every`` steps and when ``job.interrupt`` sees SIGTERM,
+    which then raises :class:`checkpoint.Cancelled`; ``job.resume_from`` continues one.
     Returns the same result keys as the CPU backend (the adapter is the caller's to save)."""
     import tempfile
 
@@ -232,21 +230,22 @@ def fit(model, job: dict, emit: Callable, precision: str = "none",
         TrainingArguments,
     )
 
-    cfg = job["config"]
-    examples: list[Example] = job["examples"]
-    val_examples: list[Example] = job.get("val_examples") or []
-    pad_id = job["pad_id"]
+    job = TrainJob.of(job)
+    cfg = job.config
+    examples: list[Example] = job.examples
+    val_examples: list[Example] = job.val_examples
+    pad_id = job.pad_id
     # Under torchrun (DDP: NCCL on CUDA, gloo on CPU) this rank holds its shard only and
     # trains its slots' micro-batches, the cpu backend's data order (edge_tune.data.sharding).
     dist = Distributed()
     orders = slot_orders(job, grad_accum(cfg), dist)
     slots = grad_accum(cfg) * dist.world
     total, per_epoch, warmup = step_counts(cfg, dist.sum_int(len(examples)), dist.world)
-    evals = eval_steps(total, cfg.get("eval_every", 0)) if val_examples else set()
-    stop = job.get("interrupt") or checkpoint.Interrupt()  # the worker's handles SIGTERM
-    run_dir = job.get("run_dir")
-    save_every = (cfg.get("save_every") or 0) if run_dir else 0
-    resume_from = job.get("resume_from")
+    evals = eval_steps(total, cfg.eval_every) if val_examples else set()
+    stop = job.interrupt or checkpoint.Interrupt()  # the worker's handles SIGTERM
+    run_dir = job.run_dir
+    save_every = (cfg.save_every or 0) if run_dir else 0
+    resume_from = job.resume_from
     # The run so far, as of its last completed step (a checkpoint's when resuming): the data
     # order and the schedule are functions of the step, so nothing else is needed.
     done = {"step": 0, "tokens": 0, "losses": [], "val_loss": None, "seconds": 0.0}
@@ -279,6 +278,15 @@ def fit(model, job: dict, emit: Callable, precision: str = "none",
         if scaler is not None and scaler.is_enabled():
             state["grad_scaler"] = scaler.state_dict()
         checkpoint.save(Path(run_dir), model, trainer.optimizer, state)
+
+    def save_on_cancel():
+        # The weights are those after step done["step"]: the update is guarded, and the
+        # forward and backward passes of a step cut short change none.
+        updating.pop_all()  # an update cut short by an error, if any, is not resumed
+        if dist.rank == 0 and run_dir:  # rank 0 writes (all ranks hold the same)
+            save_checkpoint()
+            return done["step"], total
+        return None
 
     class SlotBatches:
         """This rank's micro-batches in step order from step ``first``, one per slot it owns."""
@@ -315,7 +323,7 @@ def fit(model, job: dict, emit: Callable, precision: str = "none",
             if self.lr_scheduler is None:
                 optimizer = optimizer or self.optimizer
                 for group in optimizer.param_groups:  # the schedule's base is the peak lr
-                    group["initial_lr"] = cfg["lr"]
+                    group["initial_lr"] = cfg.lr
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
                     optimizer, lr_factor(total, warmup, first))
             return self.lr_scheduler
@@ -342,12 +350,12 @@ def fit(model, job: dict, emit: Callable, precision: str = "none",
             emit(Metric(step=step, total_steps=total, loss=losses[-1],
                         tokens_per_second=done["tokens"] / max(seconds, 1e-9),
                         eta_seconds=seconds / step * (total - step),
-                        learning_rate=lr_at(step - 1, total, cfg["lr"], warmup),
+                        learning_rate=lr_at(step - 1, total, cfg.lr, warmup),
                         epoch=step / per_epoch))
             updating.close()  # the step is recorded: a SIGTERM that waited raises Cancelled
             if step in evals:
                 t_eval = time.perf_counter()
-                done["val_loss"] = evaluate(kwargs["model"], val_examples, cfg["batch_size"],
+                done["val_loss"] = evaluate(kwargs["model"], val_examples, cfg.batch_size,
                                             pad_id, autocast_dtype)
                 clock["paused"] += time.perf_counter() - t_eval  # tok/s: training time only
                 emit(Metric(step=step, total_steps=total, loss=done["val_loss"], split="val",
@@ -368,30 +376,16 @@ def fit(model, job: dict, emit: Callable, precision: str = "none",
                                   data_collator=lambda batch: pad_batch(batch, pad_id),
                                   callbacks=[Events()])
             trainer.remove_callback(PrinterCallback)  # progress goes out as events instead
-            emit(Log(f"training {total} steps: batch {cfg['batch_size']} x {grad_accum(cfg)} "
-                     f"accumulated, lr {cfg['lr']} (warm-up {warmup}, cosine to 10%), "
+            emit(Log(f"training {total} steps: batch {cfg.batch_size} x {grad_accum(cfg)} "
+                     f"accumulated, lr {cfg.lr} (warm-up {warmup}, cosine to 10%), "
                      f"{precision} compute"))
-            try:
+            with checkpoint.saved_on_cancel(stop, save_on_cancel, emit, run_dir,
+                                            finished=lambda: done["step"] >= total):
                 trainer.train()
-            except BaseException as exc:
-                # SIGTERM (or Ctrl-C) may surface wrapped by a library; either way the weights
-                # are those after step done["step"]: the update is guarded, and the forward and
-                # backward passes of a step cut short change none.
-                if not (stop.requested or isinstance(exc, KeyboardInterrupt)):
-                    raise
-                updating.pop_all()  # an update cut short by an error, if any, is not resumed
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the save
-                if done["step"] < total:  # (after the last step the run is simply complete)
-                    if dist.rank == 0 and run_dir:  # rank 0 writes (all ranks hold the same)
-                        save_checkpoint()
-                        emit(Log(f"checkpoint saved at step {done['step']}/{total}; resume "
-                                 f"with `edge-tune train --resume {run_dir}`"))
-                    raise checkpoint.Cancelled() from None
     train_seconds = elapsed()
-    tail = losses[-max(1, min(10, len(losses) // 5)):] or [float("nan")]
     return {
         "steps": total,
-        "final_loss": sum(tail) / len(tail),
+        "final_loss": final_loss(losses),
         "val_loss": done["val_loss"],
         "tokens": done["tokens"],
         "tokens_per_second": done["tokens"] / max(train_seconds, 1e-9),
@@ -404,21 +398,22 @@ def fit(model, job: dict, emit: Callable, precision: str = "none",
     }
 
 
-def train(job: dict, emit: Callable) -> dict:
+def train(job: TrainJob | Mapping, emit: Callable) -> dict:
     """Load the base in 4-bit with Unsloth, add LoRA, train, save the PEFT adapter to
-    ``job["adapter_dir"]``. Runs inside the training subprocess."""
+    ``job.adapter_dir``. Runs inside the training subprocess."""
     # Unsloth must be imported before transformers/peft/trl (it patches them): the worker
     # imports it first of all (the registry's ``preload``); here it is only looked up.
     import torch
     import unsloth  # noqa: F401
     from unsloth import FastLanguageModel, is_bfloat16_supported
 
-    cfg = job["config"]
+    job = TrainJob.of(job)
+    cfg = job.config
     if not torch.cuda.is_available():
         raise EdgeTuneError("--backend unsloth: torch sees no CUDA device "
                             "(check CUDA_VISIBLE_DEVICES and the driver with nvidia-smi)")
     bf16_ok = bool(is_bfloat16_supported())
-    load_kw = from_pretrained_kwargs(cfg, job["hf_dir"], bf16_ok)
+    load_kw = from_pretrained_kwargs(cfg, job.hf_dir, bf16_ok)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one GPU per rank (the worker set it)
         load_kw["device_map"] = {"": local_rank}
@@ -428,7 +423,7 @@ def train(job: dict, emit: Callable) -> dict:
 
     emit(Progress("load", 0, None, "", "loading base model in 4-bit (unsloth)"))
     t0 = time.perf_counter()
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(cfg.seed)
     model, _tokenizer = FastLanguageModel.from_pretrained(**load_kw)
     model = FastLanguageModel.get_peft_model(model, **peft_kwargs(cfg))
     gpu = torch.cuda.get_device_name(local_rank)
@@ -439,6 +434,6 @@ def train(job: dict, emit: Callable) -> dict:
 
     result = fit(model, job, emit, precision,
                  torch.bfloat16 if precision == "bf16" else torch.float16)
-    model.save_pretrained(job["adapter_dir"], safe_serialization=True)
+    model.save_pretrained(job.adapter_dir, safe_serialization=True)
     return {**result, "precision": f"nf4+{precision}", "gpu": gpu,
             "peak_vram_bytes": int(torch.cuda.max_memory_allocated())}

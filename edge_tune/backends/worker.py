@@ -12,8 +12,10 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 
+from edge_tune.backends.job import TrainJob
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Done, Failed, Log, Progress, to_json
 
@@ -45,13 +47,15 @@ def _event_stream(rank: int = 0):
 
 def _join_process_group(backend: str = "cpu") -> int:
     """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL with one GPU per rank
-    for the unsloth backend, gloo on CPU; returns the world size."""
+    for a CUDA backend, gloo on CPU; returns the world size."""
+    from edge_tune.backends.registry import capabilities
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         import torch
         import torch.distributed as dist
 
-        if backend == "unsloth":
+        if capabilities(backend).device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl")
         else:
@@ -110,51 +114,53 @@ def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on
     return examples
 
 
-def read_shard(job: dict, rank: int, world: int) -> list[int]:
-    """Put this rank's training records in ``job["records"]``; returns their indices in the
+def read_shard(job: TrainJob, rank: int, world: int) -> list[int]:
+    """Put this rank's training records in ``job.records``; returns their indices in the
     training data. One process keeps them all; under torchrun a rank reads only the lines of
     its slots from the records file (see :mod:`edge_tune.data.sharding`)."""
+    from edge_tune.backends.loop import grad_accum
     from edge_tune.data import sharding
 
-    if world == 1 and job.get("records") is not None:
-        return list(range(len(job["records"])))
-    accum = max(1, job["config"].get("grad_accum") or 1)
+    if world == 1 and job.records is not None:
+        return list(range(len(job.records)))
+    accum = grad_accum(job.config)
     slots, owned = accum * world, sharding.rank_slots(rank, accum)
     records, indices = [], []
-    with open(job["records_file"], encoding="utf-8") as f:
+    with open(job.records_file, encoding="utf-8") as f:
         for i, line in enumerate(f):
             if sharding.slot_of(i, slots) in owned:
                 records.append(json.loads(line))
                 indices.append(i)
-    job["records"] = records
+    job.records = records
     return indices
 
 
-def prepare_examples(job: dict, emit, rank: int = 0, world: int = 1):
+def prepare_examples(job: TrainJob, emit, rank: int = 0, world: int = 1):
     """Tokenize this rank's training records (and, on rank 0, the validation records) with
-    the model's chat template. Sets ``job["example_index"]``: each example's record index."""
+    the model's chat template. Sets ``job.example_index`` (each example's record index) and
+    ``job.val_examples``; returns (examples, pad id, tokenizer info)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(job["hf_dir"])
-    if job.get("chat_template"):  # --chat-template: replaces the model's own, if any
-        tok.chat_template = job["chat_template"]
-    seq_len = job["config"]["seq_len"]
-    on_all = job["config"].get("train_on") == "all"
-    overflow = job["config"].get("overflow", "truncate")
-    per_record = {"skip_invalid": bool(job["config"].get("skip_invalid")),
-                  "system_mode": job["config"].get("system_mode") or "keep"}
+    cfg = job.config
+    tok = AutoTokenizer.from_pretrained(job.hf_dir)
+    if job.chat_template:  # --chat-template: replaces the model's own, if any
+        tok.chat_template = job.chat_template
+    seq_len = cfg.seq_len
+    on_all = cfg.train_on == "all"
+    overflow = cfg.overflow
+    per_record = {"skip_invalid": cfg.skip_invalid, "system_mode": cfg.system_mode or "keep"}
     indices, kept = read_shard(job, rank, world), []
-    examples = tokenize_records(tok, job["records"], seq_len, emit, "training", on_all,
+    examples = tokenize_records(tok, job.records, seq_len, emit, "training", on_all,
                                 overflow, kept, **per_record)
-    job["example_index"] = [indices[k] for k in kept]
+    job.example_index = [indices[k] for k in kept]
     if not examples:
         shard = f" in rank {rank}'s shard" if world > 1 else ""
         raise EdgeTuneError(f"no example{shard} has an assistant token within seq_len; raise "
                             "--seq-len" + (" or use fewer processes" if world > 1 else ""))
     # Only rank 0 validates.
-    job["val_examples"] = tokenize_records(tok, job.get("val_records") or [], seq_len, emit,
-                                           "validation", on_all, overflow,
-                                           **per_record) if rank == 0 else []
+    job.val_examples = tokenize_records(tok, job.val_records or [], seq_len, emit,
+                                        "validation", on_all, overflow,
+                                        **per_record) if rank == 0 else []
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     info = {"chat_template": tok.chat_template,
             "stop_tokens": [t for t in {tok.eos_token} if t]}
@@ -175,41 +181,42 @@ def _barrier() -> None:
     dist.barrier()
 
 
-def run(job: dict, emit) -> dict:
+def run(job: TrainJob | Mapping, emit) -> dict:
+    """Prepare the job's data and run its backend (see :class:`registry.TrainFn`); returns
+    the Done result. ``job``: as read from the job file (a mapping: see ``TrainJob.of``)."""
     from edge_tune.backends.registry import load_entry, preload
 
-    preload(job["backend"])  # before anything imports transformers (Unsloth patches it)
+    job = TrainJob.of(job)
+    preload(job.backend)  # before anything imports transformers (Unsloth patches it)
     from edge_tune.fsutil import atomic_path
-    from edge_tune.models import ModelRef, hf_dir_for
+    from edge_tune.models import hf_dir_for
 
-    ref = ModelRef(**{k: (Path(v) if k in ("gguf", "hf_dir") and v else v)
-                      for k, v in job["model_ref"].items()})
-    world, rank = _join_process_group(job["backend"]), _rank()
+    world, rank = _join_process_group(job.backend), _rank()
     if world > 1 and rank != 0:
         _barrier()  # rank 0 makes the cached HF copy first; the others then only read it
-    job["hf_dir"] = str(hf_dir_for(ref, emit, job.get("base_sha256")))
+    job.hf_dir = str(hf_dir_for(job.model_ref, emit, job.base_sha256))
     if world > 1 and rank == 0:
         _barrier()
-    job["examples"], job["pad_id"], tokenizer_info = prepare_examples(job, emit, rank, world)
-    val = f", {len(job['val_examples'])} validation examples" if job["val_examples"] else ""
+    job.examples, job.pad_id, tokenizer_info = prepare_examples(job, emit, rank, world)
+    val = f", {len(job.val_examples)} validation examples" if job.val_examples else ""
     shard = f" in rank {rank}'s shard" if world > 1 else ""
-    emit(Log(f"{len(job['examples'])} training examples{shard}{val}"))
-    train = load_entry(job["backend"])
+    emit(Log(f"{len(job.examples)} training examples{shard}{val}"))
+    train = load_entry(job.backend)
     if rank != 0:  # only rank 0 writes the run directory
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="edge-tune-rank-") as tmp:
-            job["adapter_dir"] = tmp
+            job.adapter_dir = tmp
             result = train(job, emit)
     else:
-        with atomic_path(Path(job["run_dir"]) / "adapter") as tmp:
-            job["adapter_dir"] = str(tmp)
+        with atomic_path(Path(job.run_dir) / "adapter") as tmp:
+            job.adapter_dir = str(tmp)
             result = train(job, emit)
     if world > 1:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    return {"examples": len(job["examples"]), **result, "hf_dir": job["hf_dir"],
+    return {"examples": len(job.examples), **result, "hf_dir": job.hf_dir,
             "peak_rss_bytes": peak_rss_bytes(),
             "tokenizer": tokenizer_info}
 
@@ -220,8 +227,8 @@ def main(argv: list[str]) -> int:
     emit = _event_stream(_rank())
     interrupt = Interrupt().install()  # cancel = SIGTERM: the backend saves a checkpoint
     try:
-        job = json.loads(Path(argv[0]).read_text())
-        job["interrupt"] = interrupt
+        job = TrainJob.from_json(Path(argv[0]).read_text(), argv[0])
+        job.interrupt = interrupt
         result = run(job, emit)
     except EdgeTuneError as exc:
         emit(Failed(str(exc), exc.exit_code))

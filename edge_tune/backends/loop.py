@@ -1,0 +1,156 @@
+"""The pieces every backend's training loop shares, so that a setting means the same on each:
+the step count, the learning-rate schedule, the length-grouped data order, validation steps,
+and gradient averaging across torchrun ranks.
+
+Pure except :class:`Distributed` (torch, imported inside). The schedule is written once for
+Python floats and for traced array code (mlx, whose optimizer evaluates it inside a compiled
+step).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from edge_tune.backends.job import TrainJob, as_config
+from edge_tune.config import TrainConfig
+from edge_tune.data import sharding
+from edge_tune.errors import EdgeTuneError
+
+# --- how long a run is ---------------------------------------------------------------------------
+
+
+def grad_accum(cfg: TrainConfig | Mapping) -> int:
+    """Micro-batches per optimizer step (per rank)."""
+    return max(1, as_config(cfg).grad_accum or 1)
+
+
+def step_counts(cfg: TrainConfig | Mapping, n_examples: int,
+                world: int = 1) -> tuple[int, int, int]:
+    """(total optimizer steps, steps per epoch, warm-up steps) for ``n_examples`` over all
+    ranks: ``max_steps`` wins over ``epochs``; warm-up is capped at a tenth of the run. Pure."""
+    cfg = as_config(cfg)
+    per_epoch = sharding.steps_per_epoch(n_examples, cfg.batch_size, grad_accum(cfg) * world)
+    total = cfg.max_steps or max(1, round(cfg.epochs * per_epoch))
+    return total, per_epoch, min(cfg.warmup_steps, total // 10)
+
+
+def eval_steps(total: int, every: int) -> set[int]:
+    """1-based steps after which validation runs: every ``every`` steps (0 = ~5 times), and
+    always after the last step. Pure."""
+    every = every or max(1, math.ceil(total / 5))
+    return set(range(every, total + 1, every)) | {total}
+
+
+# --- the learning-rate schedule --------------------------------------------------------------
+
+PYTHON_OPS = SimpleNamespace(minimum=min, maximum=max, cos=math.cos,
+                             where=lambda cond, a, b: a if cond else b)
+
+
+def lr_at(step: Any, total: int, peak: float, warmup: int, ops: Any = PYTHON_OPS) -> Any:
+    """Linear warm-up, then cosine decay to 10% of the peak. ``step`` is 0-based: a Python
+    number (the default ``ops``), or a float array with ``ops`` its module (e.g. ``mlx.core``:
+    ``minimum``, ``maximum``, ``cos``, ``where``). Pure."""
+    warm = peak * (step + 1) / warmup if warmup else peak
+    progress = ops.minimum(1.0, ops.maximum(step - warmup, 0.0) / max(1, total - warmup))
+    cosine = peak * (0.1 + 0.9 * 0.5 * (1 + ops.cos(math.pi * progress)))
+    return ops.where(step < warmup, warm, cosine)
+
+
+# --- the data order ----------------------------------------------------------------------------
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random,
+                           window: int = 64) -> list[list[int]]:
+    """Shuffle, then sort by length inside windows of ``window`` batches: little padding,
+    still random order. Pure."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    span = batch_size * window
+    batches = []
+    for i in range(0, len(order), span):
+        chunk = sorted(order[i:i + span], key=lambda j: lengths[j])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def slot_orders(job: TrainJob | Mapping, accum: int,
+                dist: Distributed) -> list[Callable[[int], list[int]]]:
+    """For each micro-batch of a step this rank computes (its slots, see
+    :mod:`edge_tune.data.sharding`): step -> positions in ``job.examples`` (this rank's
+    shard; ``job.example_index`` holds their record indices)."""
+    job = TrainJob.of(job)
+    examples, cfg = job.examples, job.config
+    slots = accum * dist.world
+    index = job.example_index or list(range(len(examples)))
+    orders = []
+    for slot in sharding.rank_slots(dist.rank, accum):
+        members = [k for k, i in enumerate(index) if sharding.slot_of(i, slots) == slot]
+        if not members:
+            raise EdgeTuneError(f"too few training examples for {slots} micro-batches per step "
+                                f"(slot {slot} is empty): lower --grad-accum or --nproc")
+        order = sharding.SlotOrder([len(examples[k].input_ids) for k in members],
+                                   cfg.batch_size, cfg.seed, slot, length_grouped_batches)
+        orders.append(lambda step, m=members, o=order: [m[k] for k in o.batch(step)])
+    return orders
+
+
+# --- several processes -------------------------------------------------------------------------
+
+
+class Distributed:
+    """This process's place under torchrun (one process: rank 0 of 1, nothing to sync).
+
+    LoRA gradients are few and small, so each step sums them across ranks with one
+    ``all_reduce`` per tensor and divides by the world size: the exact mean gradient of the
+    global batch (DDP's bucketing buys nothing here), applied before clipping on every rank,
+    so all ranks take the same update and keep the same weights."""
+
+    def __init__(self) -> None:
+        import os
+
+        import torch.distributed as td
+
+        on = td.is_available() and td.is_initialized()
+        self.world = td.get_world_size() if on else 1
+        self.rank = td.get_rank() if on else 0
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if on else 1
+
+    def sum_int(self, value: int) -> int:
+        """``value`` summed over all ranks."""
+        if self.world == 1:
+            return value
+        import torch
+        import torch.distributed as td
+
+        total = torch.tensor([value], dtype=torch.int64)
+        td.all_reduce(total, op=td.ReduceOp.SUM)
+        return int(total[0])
+
+    def average_grads(self, params, loss: float, tokens: int) -> tuple[float, int]:
+        """Mean gradients and loss, summed tokens over all ranks."""
+        if self.world == 1:
+            return loss, tokens
+        import torch
+        import torch.distributed as td
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            td.all_reduce(p.grad, op=td.ReduceOp.SUM)
+            p.grad.div_(self.world)
+        totals = torch.tensor([loss, float(tokens)], dtype=torch.float64)
+        td.all_reduce(totals, op=td.ReduceOp.SUM)
+        return float(totals[0]) / self.world, int(totals[1])
+
+
+def final_loss(losses: list[float]) -> float:
+    """The run's reported loss: the mean of the last fifth of the steps (1 to 10 of them);
+    NaN when no step was logged."""
+    tail = losses[-max(1, min(10, len(losses) // 5)):] or [float("nan")]
+    return sum(tail) / len(tail)
