@@ -29,11 +29,11 @@ from typing import Optional
 MATMUL_KINDS = frozenset({"attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv",
                           "ffn_gate", "ffn_up", "ffn_down"})
 
-# Architectures whose graphs were read for this table (src/models/<arch>.cpp): every tensor in
-# MATMUL_KINDS that the base carries goes through build_lora_mm, the output layer too; phi3
-# fuses q/k/v into attn_qkv and gate/up into ffn_up (2 x n_ff rows, gate first, as HF's
-# gate_up_proj), so PEFT's qkv_proj / gate_up_proj LoRA maps one to one.
-CHECKED_ARCHS = frozenset({"llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "granite"})
+# The graphs read for these rules: llama (also Mistral's and Granite's checkpoints), qwen2,
+# qwen3, gemma2, gemma3, phi3. Each multiplies every MATMUL_KINDS tensor its base carries, and
+# the output layer, through build_lora_mm; phi3 fuses q/k/v into attn_qkv and gate/up into
+# ffn_up (2 x n_ff rows, gate first, as HF's gate_up_proj), so PEFT's qkv_proj / gate_up_proj
+# LoRA maps one to one. Other architectures get the same rules, unverified.
 
 # Architectures whose output layer is token_embd even when a file carries output.weight.
 ALWAYS_TIED_ARCHS = frozenset({"gemma", "gemma2", "cohere2", "command-r", "openelm", "plm"})

@@ -67,30 +67,35 @@ def check_tensors(tensors: dict[str, tuple[int, ...]], base: BaseInfo,
             problems.append(f"tensor {target!r}: lora_a {list(a)} / lora_b {list(b)} must be "
                             "non-empty 2-D matrices")
             continue
-        if target.endswith("token_embd.weight"):
-            # llama.cpp flips A and B for embeddings (build_inp_embd): B · get_rows(A, tokens).
-            want_a = (None, base.tensors[target][1]) if base.tensors is not None else (None, None)
-            want_b = (None, base.tensors[target][0]) if base.tensors is not None else (None, None)
-            ok = a[0] == b[0] and (base.tensors is None or (a[1] == want_a[1] and
-                                                             b[1] == want_b[1]))
-            want = f"lora_a [r, {want_a[1]}] and lora_b [r, {want_b[1]}]"
-        else:
-            ok = a[1] == b[0]
-            if base.tensors is not None:
-                base_shape = base.tensors[target]
-                ok = ok and base_shape[0] == a[0] and base_shape[1] == b[1]
-                want = f"lora_a [{base_shape[0]}, r] and lora_b [r, {base_shape[1]}]"
-            else:
-                want = "lora_a [n_in, r] and lora_b [r, n_out]"
-        if not ok:
-            got = f"shapes lora_a {list(a)}, lora_b {list(b)}"
-            where = f" do not fit base shape {list(base.tensors[target])}" \
-                if base.tensors is not None else " do not multiply"
-            problems.append(f"tensor {target!r}: adapter does not fit the base model: {got}"
-                            f"{where} (expected {want}, ggml order)")
+        shape_problem = _pair_shape_problem(target, a, b, (base.tensors or {}).get(target))
+        if shape_problem:
+            problems.append(shape_problem)
     if not pairs:
         problems.append("no LoRA tensors (expected <base tensor>.lora_a/.lora_b pairs)")
     return problems
+
+
+def _pair_shape_problem(target: str, a: tuple, b: tuple,
+                        base_shape: Optional[tuple]) -> Optional[str]:
+    """The loader's shape rule for one pair (ggml ``ne`` order), plus the rank rule it leaves
+    to the graph for embeddings; ``base_shape`` None: only that A and B multiply."""
+    if target == "token_embd.weight":
+        # Flipped (build_inp_embd: B · get_rows(A, tokens)): A [r, vocab], B [r, n_embd]. The
+        # loader does not compare the ranks; a mismatch aborts at the first token.
+        ok = a[0] == b[0] and (base_shape is None or (a[1] == base_shape[1] and
+                                                        b[1] == base_shape[0]))
+        want = ("lora_a [r, vocab] and lora_b [r, n_embd]" if base_shape is None else
+                f"lora_a [r, {base_shape[1]}] and lora_b [r, {base_shape[0]}]")
+    else:  # build_lora_mm: B · (A · x): A [n_in, r], B [r, n_out]
+        ok = a[1] == b[0] and (base_shape is None or (a[0] == base_shape[0] and
+                                                        b[1] == base_shape[1]))
+        want = ("lora_a [n_in, r] and lora_b [r, n_out]" if base_shape is None else
+                f"lora_a [{base_shape[0]}, r] and lora_b [r, {base_shape[1]}]")
+    if ok:
+        return None
+    fit = f"do not fit base shape {list(base_shape)}" if base_shape else "do not multiply"
+    return (f"tensor {target!r}: adapter does not fit the base model: shapes lora_a {list(a)}, "
+            f"lora_b {list(b)} {fit} (expected {want}, ggml order)")
 
 
 def check_alpha(reader) -> Optional[str]:

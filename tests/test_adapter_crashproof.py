@@ -21,7 +21,6 @@ computes the LoRA; anything else is a refusal), and the shared check must agree:
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from dataclasses import dataclass, field

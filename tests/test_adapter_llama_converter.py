@@ -13,7 +13,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from adapter_helpers import TOKENS, hf_twin, peft_adapter, rel, untied_copy
 from conftest import assert_one_line_error, run_cli
