@@ -84,7 +84,13 @@ def parse_adapter(config: dict, tensors: dict[str, np.ndarray],
         raise EdgeTuneError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA, so it "
                             f"has no GGUF LoRA form; {PEFT_MERGE_ROUTE}")
     init = str(config.get("init_lora_weights", True)).lower()
-    if init.startswith(("pissa", "olora", "corda", "loftq")):
+    if init == "loftq":
+        raise EdgeTuneError(f"{where}: init_lora_weights='loftq': the adapter corrects the "
+                            "quantization error of the 4-bit base it was trained on, not the "
+                            "GGUF base; merge it in PEFT on that quantized base "
+                            "(`merge_and_unload()`) and convert the result with "
+                            "`edge-tune convert-base DIR`")
+    if init.startswith(("pissa", "olora", "corda")):
         # These initializations move part of W into A/B and train on the residual W' = W - BA:
         # the adapter only computes what was trained on that residual base.
         raise EdgeTuneError(f"{where}: init_lora_weights={config['init_lora_weights']!r}: the "

@@ -170,3 +170,38 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
         peft_to_gguf.write_gguf(plan, "llama", out)
     assert out.read_bytes() == b"previous good file"
     assert [p.name for p in tmp_path.iterdir()] == ["adapter.gguf"]
+
+
+@pytest.mark.parametrize("config,needle", [
+    ({"init_lora_weights": "pissa_niter_4"}, "path_initial_model_for_weight_conversion"),
+    ({"init_lora_weights": "olora"}, "path_initial_model_for_weight_conversion"),
+    ({"init_lora_weights": "loftq"}, "convert-base"),
+    ({"layer_replication": [[0, 2], [1, 2]]}, "convert-base"),
+    ({"peft_type": "LOHA"}, "convert-base"),
+    ({"lora_bias": True}, "--merge"),
+    ({"use_dora": True}, "--merge"),
+])
+def test_refusals_name_a_route(config, needle):
+    tensors = peft_tensors({"model.layers.0.self_attn.q_proj": (DIM, DIM)})
+    with pytest.raises(EdgeTuneError, match=needle):
+        peft_to_gguf.plan({**CFG, **config}, tensors, tiny_base())
+
+
+def test_trainable_tokens_and_resized_vocab_are_refused_with_a_route():
+    tensors = peft_tensors({"model.layers.0.self_attn.q_proj": (DIM, DIM)})
+    tokens = {**tensors, "base_model.model.model.embed_tokens.token_adapter."
+                         "trainable_tokens_delta": np.ones((2, DIM), np.float32)}
+    with pytest.raises(EdgeTuneError, match="trainable_token_indices.*convert-base"):
+        peft_to_gguf.plan(CFG, tokens, tiny_base())
+    resized = {**peft_tensors({"model.layers.0.self_attn.q_proj": (DIM, DIM)}),
+               "base_model.model.model.embed_tokens.base_layer.weight":
+                   np.ones((101, DIM), np.float32)}
+    with pytest.raises(EdgeTuneError, match="resized vocabulary.*convert-base"):
+        peft_to_gguf.plan(CFG, resized, tiny_base(tied=False))
+
+
+def test_fan_in_fan_out_changes_nothing():
+    tensors = peft_tensors({"model.layers.0.mlp.down_proj": (FFN, DIM)})
+    a = dict(peft_to_gguf.plan(CFG, tensors, tiny_base()).tensors)
+    b = dict(peft_to_gguf.plan({**CFG, "fan_in_fan_out": True}, tensors, tiny_base()).tensors)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
