@@ -177,4 +177,5 @@ def test_trained_base_biases_merge_like_peft(fam, tmp_path):
                 logits_all=True, exact=True) as merged:
         err = rel(merged.logits(TOKENS), tuned)
     RESULTS["qwen2/bias=lora_only merged"] = err
+    print(f"qwen2 bias=lora_only merged: logits error {err:.2e}")
     assert err <= 1e-3
