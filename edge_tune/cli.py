@@ -449,9 +449,10 @@ def chat(
                     sys.stdout.flush()
             sys.stdout.write("\n")
             if not "".join(pieces).strip():
-                raise EdgeTuneError("the answer is empty: the model ended it at once (try "
-                                    "another prompt, a higher --temperature, or check the chat "
-                                    "template with --chat-template)", 1)
+                raise EdgeTuneError("the answer is empty: the model produced no text (it ended "
+                                    "at once, or gave only whitespace or incomplete characters; "
+                                    "try another prompt, a higher --temperature, or check the "
+                                    "chat template with --chat-template)", 1)
             return
         label = target.adapter.name if target.adapter else "base"
         err.print(f"[dim]chatting with {target.base.name} + {label}; Ctrl-D or /exit to "

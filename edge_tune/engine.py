@@ -161,6 +161,12 @@ class _TokenCounter:
     for the duration of one answer (an instance attribute shadows the class method; the
     wrapper returns the sampled token unchanged). On the first sample the context holds
     exactly the prompt; an end-of-generation token is not counted as completion.
+
+    It also enforces ``limit`` (max_tokens): llama-cpp-python's streaming loop skips its own
+    max_tokens check while the text ends in an incomplete UTF-8 sequence, so a model that
+    keeps sampling lead bytes (seen with a tiny Gemma 3 and an adapter) generated until the
+    context was full and llama_decode failed. Past the limit the wrapper answers an
+    end-of-generation token, which stops the loop; ``cut`` says the answer was cut there.
     """
 
     def __init__(self, llm) -> None:
@@ -168,15 +174,23 @@ class _TokenCounter:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self._sampled = 0
+        self.cut = False
 
     @classmethod
-    def install(cls, llm) -> _TokenCounter:
+    def install(cls, llm, limit: Optional[int] = None) -> _TokenCounter:
         import llama_cpp
 
         counter = cls(llm)
         original = type(llm).sample
+        vocab = llm._model.vocab
+        stop = llama_cpp.llama_vocab_eos(vocab)
+        if stop < 0:
+            stop = llama_cpp.llama_vocab_eot(vocab)
 
         def sample(*args, **kwargs):
+            if limit is not None and counter.completion_tokens >= limit and stop >= 0:
+                counter.cut = True
+                return stop
             token = original(llm, *args, **kwargs)
             if counter._sampled == 0:
                 counter.prompt_tokens = llm.n_tokens
@@ -380,7 +394,8 @@ class Engine:
 
                 messages = fold_system(messages)
         self.llm.reset()
-        counter = _TokenCounter.install(self.llm)
+        counter = _TokenCounter.install(self.llm, max_tokens if max_tokens and max_tokens > 0
+                                        else None)
         kw = dict(temperature=temperature, max_tokens=max_tokens, stream=True, seed=seed,
                   **sampling)
         try:
@@ -393,6 +408,8 @@ class Engine:
                 chunks = ((c["choices"][0].get("text") or "", c["choices"][0].get("finish_reason"))
                           for c in stream)
             for text, finish in _overflow_as_error(chunks):
+                if finish and counter.cut:
+                    finish = "length"
                 if text or finish:
                     yield Piece(text, finish, counter.prompt_tokens, counter.completion_tokens)
         finally:

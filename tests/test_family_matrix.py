@@ -74,9 +74,16 @@ def test_whole_path(family, data_file, tmp_path):
     man = json.loads((run / "manifest.json").read_text())
     assert man["adapter"]["gguf"] == "adapter.gguf"
 
-    answer = _ok(run_cli("chat", "--adapter", str(run), "--prompt", "Name a fruit.",
-                         "--temperature", "0", "--max-tokens", "6"))
-    assert answer.strip(), "an answer"
+    chat = run_cli("chat", "--adapter", str(run), "--prompt", "Name a fruit.",
+                   "--temperature", "0", "--max-tokens", "6")
+    # A random model may answer nothing printable: that is one line and exit 1, never an
+    # empty answer with exit 0 (and never a hang: max_tokens holds).
+    if chat.returncode == 1:
+        assert chat.stderr.startswith("error: the answer is empty"), chat.stderr
+        answer = ""
+    else:
+        answer = _ok(chat)
+        assert answer.strip(), "an answer"
 
     from serve_helpers import running_server
 
