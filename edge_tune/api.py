@@ -171,13 +171,14 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     hw = probe()
     backend, why = registry.choose(cfg.backend, hw)  # an unusable backend: one line, first
     if resume is not None and not registry.capabilities(backend).resumable:
-        raise EdgeTuneError(f"--resume {resume}: resuming is supported for the cpu and unsloth "
+        raise EdgeTuneError(f"--resume {resume}: resuming is supported for the "
+                            f"{' and '.join(registry.having('resumable'))} "
                             f"backends; this run uses {backend}: start it again")
     if (cfg.nproc > 1 or cfg.nnodes > 1) and not registry.capabilities(backend).multi_process:
         raise EdgeTuneError(f"--nproc/--nnodes: multi-process training runs on the cpu (gloo) "
                             f"and unsloth (NCCL) backends, not {backend}")
     if registry.capabilities(backend).device == "cuda" and cfg.nproc > len(hw.cuda_gpus):
-        raise EdgeTuneError(f"--nproc {cfg.nproc}: the unsloth backend runs one process per GPU "
+        raise EdgeTuneError(f"--nproc {cfg.nproc}: the {backend} backend runs one process per GPU "
                             f"and this node has {len(hw.cuda_gpus)}")
     data_sha256 = sha256_file(data_path) if data_path.is_file() else None
     if saved is not None and saved.get("data_sha256") != data_sha256:

@@ -11,9 +11,10 @@ Everything around it is edge-tune's, the same as on the CPU backend:
   path) through a padding collator, so the loss is on exactly the same tokens;
 * hyperparameters mean the same: ``rank``/``alpha``/``rslora`` (scale alpha/rank, or
   alpha/sqrt(rank) for rsLoRA), ``lr`` with the CPU backend's schedule (``loop.lr_at``:
-  linear warm-up, cosine to 10%), AdamW with weight decay 0, gradient clipping at 1.0, ``batch_size`` examples per micro-batch times ``grad_accum``
-  micro-batches per step, ``max_steps``/``epochs``, ``seq_len``, ``seed``, and the same data
-  order (``loop.slot_orders``: length-grouped micro-batches, one per slot of the global batch);
+  linear warm-up, cosine to 10%), AdamW with weight decay 0, gradient clipping at 1.0,
+  ``batch_size`` examples per micro-batch times ``grad_accum`` micro-batches per step,
+  ``max_steps``/``epochs``, ``seq_len``, ``seed``, and the same data order
+  (``loop.slot_orders``: length-grouped micro-batches, one per slot of the global batch);
 * under torchrun (``--nproc``) it is DDP over NCCL: each rank loads the 4-bit base on its own
   GPU (LOCAL_RANK), reads its shard, and the Trainer all-reduces the LoRA gradients;
 * progress goes out as the same ``Metric`` events (train loss per step, tokens/s, ETA, and
