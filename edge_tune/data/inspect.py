@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from typing import Optional
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, EdgeTuneError, NetworkError
 from edge_tune.events import EventSink, Log, Progress, ignore
 
 # ---- pure helpers ------------------------------------------------------------------------------
@@ -118,8 +118,9 @@ def _load_tokenizer(model: str, on_event: EventSink):
         raise
     except Exception as exc:  # noqa: BLE001 - a broken directory, no network: one line for the user
         first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise EdgeTuneError(f"--model {model}: could not load its tokenizer "
-                            f"({type(exc).__name__}: {first})", 3 if ref.hub_id else 2)
+        kind = NetworkError if ref.hub_id else DataError
+        raise kind(f"--model {model}: could not load its tokenizer "
+                   f"({type(exc).__name__}: {first})")
 
 
 def _shown(tok, rendered, seq_len: int) -> dict:

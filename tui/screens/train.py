@@ -15,6 +15,7 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.widgets import Checkbox, Input, Label, RichLog, Static
 
+from edge_tune.errors import Cancelled
 from edge_tune.events import Done, Log, Metric, Progress
 
 # (field id, label, TrainConfig key); values are typed in as text and validated by the core
@@ -285,7 +286,7 @@ class TrainScreen(BaseScreen):
             stats.update(Text(msg, style="green"))
             log.write(Text(msg + " (F4 adapters, F5 chat)", style="bold green"))
             self.notify(msg, title="training finished")
-        elif getattr(exc, "exit_code", None) == 130:
+        elif isinstance(exc, Cancelled):
             msg = f"cancelled: {error_text(exc)}; ctrl+r resumes"
             stats.update(Text(msg, style="yellow"))
             log.write(Text(msg, style="yellow"))
