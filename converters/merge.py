@@ -153,15 +153,15 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
             raise EdgeTuneError(f"{where}: the adapter changes the embedding or output layer of "
                                 f"a tied base; {untie_route(base.arch)}")
         out.untie = True
-    tensors_ = dict(base.tensors or {})
+    have = dict(base.tensors or {})
     if out.untie:
-        tensors_["output.weight"] = tensors_.get("token_embd.weight", ())
+        have["output.weight"] = have.get("token_embd.weight", ())
     for name in sorted(out.targets()):
-        if name in tensors_:
+        if name in have:
             continue
         if name.endswith(".bias") and base.arch in OPTIONAL_BIAS_ARCHS and \
-                name[: -len(".bias")] + ".weight" in tensors_:
-            out.new_biases[name] = int(tensors_[name[: -len(".bias")] + ".weight"][1])
+                name[: -len(".bias")] + ".weight" in have:
+            out.new_biases[name] = int(have[name[: -len(".bias")] + ".weight"][1])
             continue
         what = "a bias" if name.endswith(".bias") else "this tensor"
         raise EdgeTuneError(f"{where}: adapter targets {name!r}, which the base model does not "
