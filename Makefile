@@ -1,6 +1,7 @@
 # edge-tune: two commands on a fresh machine.
 #   make demo   install, fetch the embedded model, train, export, compare base vs tuned
 #   make test   install with test extras, run the whole suite
+#   make lint   ruff and the import rules (lint-imports)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -39,8 +40,11 @@ test-fast: install
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py
 
-lint:
+# ruff (pyflakes-level errors) and import-linter's contracts (pyproject.toml [tool.importlinter];
+# run over the installed layout by tests/import_contracts.py). `make test` checks both too.
+lint: install
 	$(BIN)/python -m ruff check edge_tune converters tui tests benchmarks
+	$(BIN)/python tests/import_contracts.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

@@ -24,6 +24,10 @@ from edge_tune.errors import CheckFailed, EdgeTuneError
 from edge_tune.events import Done, EventSink, Log, Progress, ignore
 from edge_tune.fsutil import sha256_file, write_text_atomic
 from edge_tune.hardware import probe
+# Re-exported here, their home is elsewhere: callers of edge_tune.api keep working.
+from edge_tune.data.split import split_validation
+from edge_tune.server.plan import ServePlan
+from edge_tune.template_choice import system_mode_option as _system_mode
 
 # --- doctor ----------------------------------------------------------------------------------
 
@@ -65,24 +69,6 @@ def _job_record(record) -> dict:
     from edge_tune.data.formats import job_record
 
     return job_record(record)  # with the record's tools and FILE:LINE (per-record errors)
-
-
-def split_validation(records: list, share: float, seed: int,
-                     val: Optional[list] = None) -> tuple[list, list]:
-    """(train, validation) records: a given validation set, or a seeded random share. Pure."""
-    import random
-
-    if val is not None or not share:
-        return records, val or []
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(records) * share))
-    if n_val >= len(records):
-        raise EdgeTuneError(f"--val-split {share}: leaves no training records out of "
-                            f"{len(records)}")
-    held = set(order[:n_val])
-    return ([r for i, r in enumerate(records) if i not in held],
-            [r for i, r in enumerate(records) if i in held])
 
 
 @dataclass
@@ -958,13 +944,6 @@ class ChatTarget:
         return tuple((self.manifest or {}).get("stop_tokens") or ())
 
 
-def _system_mode(value: Optional[str]) -> Optional[str]:
-    if value is not None and value not in ("keep", "fold"):
-        raise EdgeTuneError(f"--system-mode {value!r}: expected keep (the system message as "
-                            "the template renders it) or fold (into the first user turn)")
-    return value
-
-
 def resolve_chat(adapter: Optional[Path], base: Optional[str],
                  chat_template: Optional[str] = None,
                  system_mode: Optional[str] = None) -> ChatTarget:
@@ -1039,38 +1018,6 @@ def chat_once(target: ChatTarget, prompt: str, system: Optional[str] = None,
 
 
 # --- serve -----------------------------------------------------------------------------------
-
-
-@dataclass
-class ServePlan:
-    """What a server (or a side-by-side chat) loads: one base, named adapters."""
-
-    base: Path
-    adapters: dict  # name -> adapter .gguf Path
-    base_sha256: Optional[str] = None  # known already (a bundle): skips hashing the base
-    # model name ("base" or an adapter's) -> Jinja text; a name without one uses the base's,
-    # and a base without one uses the GGUF's own tokenizer.chat_template
-    templates: dict = dataclasses.field(default_factory=dict)
-    stop_tokens: dict = dataclasses.field(default_factory=dict)  # name -> a run's stop tokens
-    system_modes: dict = dataclasses.field(default_factory=dict)  # name -> "keep" | "fold"
-
-    def override(self, chat_template: Optional[str], system_mode: Optional[str]) -> None:
-        """``--chat-template`` / ``--system-mode`` given: every model uses them."""
-        forced = template_choice.given(chat_template)
-        for name in ["base", *self.adapters]:
-            if forced is not None:
-                self.templates[name] = forced.text
-            if system_mode is not None:
-                self.system_modes[name] = _system_mode(system_mode)
-
-    def add(self, name: str, target: ChatTarget) -> None:
-        """Serve ``target``'s adapter as ``name``, with the run's chat template."""
-        self.adapters[name] = target.adapter
-        self.system_modes[name] = target.system_mode
-        if target.chat_template is not None:
-            self.templates[name] = target.chat_template.text
-        if target.stop_tokens:
-            self.stop_tokens[name] = target.stop_tokens
 
 
 def plan_serving(adapter_specs: list[str], base: Optional[str] = None,

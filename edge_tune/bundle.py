@@ -266,8 +266,8 @@ def verify(folder: Path, data: dict) -> None:
 
 
 def load_bundle(path: Path, on_event: EventSink = ignore):
-    """A verified bundle as a :class:`edge_tune.api.ServePlan`."""
-    from edge_tune.api import ServePlan
+    """A verified bundle as a :class:`edge_tune.server.plan.ServePlan`."""
+    from edge_tune.server.plan import ServePlan
 
     path = Path(path)
     if not path.exists():

@@ -703,7 +703,7 @@ def demo(
 ) -> None:
     """The whole job on the embedded model: doctor, train on the bundled pirate dataset,
     export to GGUF, and compare base vs tuned answers on held-back prompts."""
-    from edge_tune.demo import run_demo
+    from edge_tune.render_demo import run_demo
 
     run_demo(out_dir, epochs=epochs, max_steps=max_steps, console=out)
 

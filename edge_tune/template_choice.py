@@ -51,6 +51,14 @@ def no_template_hint() -> str:
     return f"give {OPTION} (built-in: {builtin_names()}; or a Jinja file)"
 
 
+def system_mode_option(value: Optional[str]) -> Optional[str]:
+    """``--system-mode``: None (not given), "keep" or "fold"; anything else is EdgeTuneError."""
+    if value is not None and value not in ("keep", "fold"):
+        raise EdgeTuneError(f"--system-mode {value!r}: expected keep (the system message as "
+                            "the template renders it) or fold (into the first user turn)")
+    return value
+
+
 def given(spec: Optional[str]) -> Optional[ChatTemplate]:
     """``--chat-template SPEC`` resolved (None when not given); one-line error for a bad one."""
     if spec is None or spec == "":

@@ -79,7 +79,7 @@ def judge(effect_rel_err: float, top1: float, kl: float, tol: dict = TOLERANCE) 
 def held_back_records(man: dict, n: int) -> list:
     """Up to ``n`` records the adapter was not trained on: the validation file, else the same
     seeded validation split training made, else (no validation data) the training data."""
-    from edge_tune.api import split_validation
+    from edge_tune.data.split import split_validation
     from edge_tune.data.formats import read_records
 
     data, hp = man.get("data", {}), man.get("hyperparameters", {})
