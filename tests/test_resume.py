@@ -1,6 +1,7 @@
 """Resumable training: cancel leaves a checkpoint, resume continues it to the same adapter.
 
-Real runs of the embedded model on the CPU (tiny: batch 2, seq-len 64, 8 steps).
+Real runs on the CPU of a tiny random Llama with the embedded model's tokenizer (batch 2,
+seq-len 64, 8 steps): what is checked is the checkpoint and the resumed schedule, not the model.
 """
 
 from __future__ import annotations
@@ -16,13 +17,19 @@ from edge_tune.config import build
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Metric
 from tests.conftest import assert_one_line_error, run_cli
+from tests.tiny_models import tiny_llama_gguf
 
 pytestmark = pytest.mark.slow
 STEPS = 8
 
 
-def _cfg(data, out, **kw):
-    return build(None, data=str(data), out=str(out), max_steps=STEPS, batch_size=2, seq_len=64,
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, default_gguf):
+    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", default_gguf)
+
+
+def _cfg(data, out, model, **kw):
+    return build(None, data=str(data), out=str(out), model=str(model), max_steps=STEPS, batch_size=2, seq_len=64,
                  lr=2e-3, rank=4, alpha=8, seed=3, val_split=0.05, verify=False, **kw)
 
 
@@ -33,14 +40,14 @@ def _adapter(run_dir):
 
 
 @pytest.fixture(scope="module")
-def straight(demo_jsonl, tmp_path_factory):
+def straight(demo_jsonl, tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
-    api.train(_cfg(demo_jsonl, out, save_every=0))
+    api.train(_cfg(demo_jsonl, out, tiny, save_every=0))
     return out
 
 
 def test_cancel_leaves_a_checkpoint_and_resume_matches_a_straight_run(demo_jsonl, straight,
-                                                                      tmp_path):
+                                                                      tiny, tmp_path):
     import torch
 
     from edge_tune.backends.checkpoint import read_state
@@ -52,15 +59,16 @@ def test_cancel_leaves_a_checkpoint_and_resume_matches_a_straight_run(demo_jsonl
     def on_event(event):
         if isinstance(event, Metric) and event.split == "train" and event.step == 3:
             # --save-every 2: the checkpoint of step 2 was written before step 3 began
-            for _ in range(20):  # the directory is swapped in by a rename: retry a moment
-                if (state := read_state(out)) is not None:
-                    break
+            # the directory is swapped in by a rename: retry until it is there (the bound only
+            # stops a hang; on a busy machine the swap may take a while)
+            end = time.monotonic() + 120
+            while (state := read_state(out)) is None and time.monotonic() < end:
                 time.sleep(0.05)
             periodic.append((state or {}).get("step"))
             cancel.set()
 
     with pytest.raises(EdgeTuneError) as info:
-        api.train(_cfg(demo_jsonl, out, save_every=2), on_event, cancel=cancel)
+        api.train(_cfg(demo_jsonl, out, tiny, save_every=2), on_event, cancel=cancel)
     assert info.value.exit_code == 130
     assert "--resume" in str(info.value)
     assert periodic and periodic[0] and periodic[0] % 2 == 0, periodic
