@@ -57,8 +57,8 @@ def _open_tui(runs: Path) -> None:
 # --- options several commands share ----------------------------------------------------------
 
 TEMPLATE_HELP = ("Chat template to render conversations with instead of the model's own: a "
-                 "built-in name (chatml, llama3, qwen2, qwen3, gemma, gemma2, phi3, mistral) "
-                 "or a Jinja file. A run stores the one it trained with; chat, serve, verify, "
+                 "built-in name (chatml, smollm2, llama3, qwen2, qwen3, gemma, gemma2, phi3, "
+                 "mistral) or a Jinja file. A run stores the one it trained with; chat, serve, verify, "
                  "bundle and export use it without being told again.")
 SYSTEM_MODE_HELP = ("keep (system messages as the template renders them) | fold (into the "
                     "first user turn, for templates that reject the system role).")

@@ -14,9 +14,16 @@ from pathlib import Path
 
 from edge_tune.errors import EdgeTuneError
 
-# HuggingFaceTB/SmolLM2-*-Instruct, verbatim (the embedded default model's template): ChatML with
-# a default system prompt; no tool format.
+# Plain ChatML (OpenAI's markup as most ChatML fine-tunes ship it, e.g. OpenHermes-2.5): every
+# message as <|im_start|>role\ncontent<|im_end|>\n; no default system message; no tool format.
 CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+# HuggingFaceTB/SmolLM2-*-Instruct, verbatim (the embedded default model's template): ChatML with
+# a default system prompt naming SmolLM; no tool format.
+SMOLLM2 = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
     "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
@@ -438,6 +445,7 @@ MISTRAL = r"""{%- if messages[0]["role"] == "system" %}
 
 BUILTIN: dict[str, str] = {
     "chatml": CHATML,
+    "smollm2": SMOLLM2,
     "llama3": LLAMA3,
     "qwen2": QWEN2,
     "qwen3": QWEN3,
@@ -450,6 +458,7 @@ BUILTIN: dict[str, str] = {
 
 EOS: dict[str, str] = {
     "chatml": "<|im_end|>",
+    "smollm2": "<|im_end|>",
     "llama3": "<|eot_id|>",
     "qwen2": "<|im_end|>",
     "qwen3": "<|im_end|>",

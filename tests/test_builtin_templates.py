@@ -18,7 +18,8 @@ from edge_tune.errors import EdgeTuneError
 from edge_tune.templates import BUILTIN, EOS, resolve_template, template_name
 
 SPECIALS = {  # bos_token / eos_token of each family's tokenizer
-    "chatml": ("<|im_start|>", "<|im_end|>"), "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
+    "chatml": ("<|im_start|>", "<|im_end|>"), "smollm2": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
     "qwen2": ("", "<|im_end|>"), "qwen3": ("", "<|im_end|>"), "gemma": ("<bos>", "<eos>"),
     "gemma2": ("<bos>", "<eos>"), "phi3": ("<s>", "<|endoftext|>"), "mistral": ("<s>", "</s>"),
 }
@@ -47,7 +48,13 @@ CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " He
         {"role": "user", "content": "Bye"}]
 
 EXPECTED = {  # (with system, without system) for CHAT + generation prompt
-    "chatml": (
+    "chatml": (  # plain: no default system message
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n Hello! <|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+        "<|im_start|>assistant\n",
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n Hello! <|im_end|>\n"
+        "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"),
+    "smollm2": (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
         "<|im_start|>assistant\n Hello! <|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
         "<|im_start|>assistant\n",
@@ -189,9 +196,16 @@ def test_resolve_and_name(tmp_path):
     assert resolve_template(str(f)) == "{{ messages[0]['content'] }}"
     assert template_name("{{ messages[0]['content'] }}") is None
     with pytest.raises(EdgeTuneError, match=r"^--chat-template nope: not a built-in name "
-                                            r"\(chatml, llama3, .*\) or a file$"):
+                                            r"\(chatml, smollm2, llama3, .*\) or a file$"):
         resolve_template("nope")
     bad = tmp_path / "bad.jinja"
     bad.write_text("ok\n{% if %}", encoding="utf-8")
     with pytest.raises(EdgeTuneError, match=r"bad\.jinja:2: not a valid Jinja template"):
         resolve_template(str(bad))
+
+
+def test_smollm2_is_the_default_models_own_and_chatml_has_no_persona(default_gguf):
+    from edge_tune.template_choice import gguf_chat_template
+
+    assert template_name(gguf_chat_template(default_gguf)) == "smollm2"
+    assert "SmolLM" not in render("chatml", CHAT) and "SmolLM" in render("smollm2", CHAT)

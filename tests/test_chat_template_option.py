@@ -131,7 +131,7 @@ def test_chat_without_a_template_is_a_plain_completion_not_an_empty_answer(bare_
     # given the template the model shipped with, it answers exactly as the original GGUF
     args = ("--prompt", "What is the capital of France?", "--temperature", "0",
             "--max-tokens", "12")
-    given = run_cli("chat", "--base", str(bare_default), "--chat-template", "chatml", *args)
+    given = run_cli("chat", "--base", str(bare_default), "--chat-template", "smollm2", *args)
     own = run_cli("chat", "--base", str(default_gguf), *args)
     assert given.returncode == 0 and not given.stderr, given.stderr
     assert given.stdout.strip() and given.stdout == own.stdout

@@ -57,7 +57,8 @@ class DataScreen(BaseScreen):
             yield Label("template", classes="label")
             yield Input(placeholder="the model's own", compact=True, id="chat-template",
                         tooltip="chat template: the model's own, a built-in name (chatml, "
-                        "llama3, qwen2, qwen3, gemma, gemma2, phi3, mistral) or a .jinja file")
+                        "smollm2, llama3, qwen2, qwen3, gemma, gemma2, phi3, mistral) or a "
+                        ".jinja file")
             yield Label("", classes="hint", id="template-note")
         with Horizontal(classes="row"):
             yield Label("data file", classes="label")
