@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
+import signal
+import subprocess
+import sys
 
 from conftest import REPO, assert_one_line_error, run_cli
 
@@ -131,3 +135,21 @@ def test_cli_failed_check_exits_1(default_gguf, tmp_path):
     assert proc.returncode == ExitCode.FAILED == CheckFailed("x").exit_code, proc.stderr
     assert proc.stderr.startswith("error: the answer is empty") and \
         len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_cli_cancel_exits_130(default_gguf):
+    """Ctrl-C while the interactive chat waits for a prompt: exit 130, no traceback (what
+    Cancelled also exits with, e.g. a training run stopped from the TUI)."""
+    proc = subprocess.Popen([sys.executable, "-m", "edge_tune", "chat", "--base",
+                             str(default_gguf)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, COLUMNS="200", NO_COLOR="1"))
+    try:
+        first = proc.stderr.readline()  # printed right before the prompt is read
+        assert first.startswith("chatting with"), first + proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == ExitCode.CANCELLED == Cancelled("x").exit_code, rest
+    assert "Traceback" not in rest and "error" not in rest, rest
