@@ -11,8 +11,8 @@ family (tests/test_family_parity.py):
   is wrong for e.g. Qwen3-0.6B/4B (loading fails: the weights do not fit).
 * Llama-3.1/3.2 RoPE scaling: the converter stores it as per-frequency divisors,
   ``rope_freqs.weight``; transformers ignores the tensor. It is turned back into
-  ``rope_type: llama3`` (factor, low/high frequency factors, original context), accepted only
-  if those parameters reproduce the stored divisors exactly.
+  ``rope_type: llama3`` (factor, low/high frequency factors, original context), solved from
+  the divisors and accepted only if those parameters reproduce them exactly.
 * ``{arch}.rope.scaling.type`` linear / yarn with its factor and original context.
 * Gemma 2: attention and final logit soft-capping (transformers keeps its 50 / 30);
   ``query_pre_attn_scalar``: llama.cpp scales queries by 1/sqrt(head_dim), or
@@ -34,9 +34,6 @@ from pathlib import Path
 from typing import Any
 
 SMALL_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
-# Llama 3.x's published scaling parameters (low/high frequency factors, original context);
-# the factor itself is read off the divisors.
-LLAMA3_CANDIDATES = [(1.0, 4.0, 8192)]
 # Block counts at which llama.cpp scales queries by 1/sqrt(hidden/heads) instead of
 # 1/sqrt(head_dim) (Gemma 2 27B, Gemma 3 27B).
 HIDDEN_OVER_HEADS_SCALE = {"gemma2": 46, "gemma3": 62}
@@ -56,24 +53,86 @@ def read_gguf_metadata(path: Path) -> tuple[dict[str, Any], dict[str, list[float
     return kv, small
 
 
-def llama3_scaling(divisors: list[float], rope_theta: float, head_dim: int) -> dict | None:
-    """The ``llama3`` RoPE scaling parameters that give exactly these per-frequency divisors
-    (llama.cpp's ``rope_freqs``, computed as in its converter), or None if none do. Pure."""
+def llama3_divisors(factor: float, low: float, high: float, context: int, rope_theta: float,
+                    head_dim: int) -> list[float]:
+    """Per-frequency RoPE divisors (``head_dim // 2`` floats, frequency i has wavelength
+    2π·theta^(2i/head_dim) positions) of transformers' ``rope_type: llama3`` with these
+    parameters: 1 below wavelength ``context / high``, ``factor`` above ``context / low``,
+    1 / ((1 - s) / factor + s) between, with s = (context / wavelength - low) / (high - low).
+    The same formula as llama.cpp's converter (``rope_freqs``) and transformers'
+    ``_compute_llama3_parameters``. Pure."""
+    out = []
+    for i in range(head_dim // 2):
+        wavelen = 2 * math.pi * rope_theta ** (2 * i / head_dim)
+        if wavelen < context / high:
+            out.append(1.0)
+        elif wavelen > context / low:
+            out.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+def _ramp_lines(x: list[float], ramp: list[float]) -> list[tuple[float, float]]:
+    """Candidate (alpha, beta) with ramp ≈ alpha·x - beta: the least-squares line through the
+    frequencies strictly inside the ramp, and lines through the transition points (where the
+    ramp leaves 0 and reaches 1) for when fewer than two frequencies lie inside it."""
+    inside = [(xi, si) for xi, si in zip(x, ramp) if 1e-6 < si < 1 - 1e-6]
+    at_factor = [xi for xi, si in zip(x, ramp) if si <= 1e-6]
+    at_one = [xi for xi, si in zip(x, ramp) if si >= 1 - 1e-6]
+    points = []
+    if len(inside) >= 2:
+        n = len(inside)
+        mx = sum(p[0] for p in inside) / n
+        my = sum(p[1] for p in inside) / n
+        sxx = sum((p[0] - mx) ** 2 for p in inside)
+        if sxx > 0:
+            alpha = sum((p[0] - mx) * (p[1] - my) for p in inside) / sxx
+            points.append(((mx, my), (mx + 1.0, my + alpha)))
+    last_factor = (max(at_factor), 0.0) if at_factor else None
+    first_one = (min(at_one), 1.0) if at_one else ((2 * max(x), 1.0) if x else None)
+    anchors = [p for p in (last_factor, first_one) if p is not None] + inside[:1]
+    points += [(a, b) for i, a in enumerate(anchors) for b in anchors[i + 1:]]
+    lines = []
+    for (x0, s0), (x1, s1) in points:
+        if x1 != x0 and (alpha := (s1 - s0) / (x1 - x0)) > 0:
+            lines.append((alpha, alpha * x0 - s0))
+    return lines
+
+
+def llama3_scaling(divisors: list[float], rope_theta: float, head_dim: int,
+                   context: int | None = None) -> dict | None:
+    """The ``llama3`` RoPE scaling parameters (transformers' ``rope_parameters``) that give
+    these per-frequency divisors (llama.cpp's ``rope_freqs``, see :func:`llama3_divisors`) to
+    a relative 1e-5, or None if no llama3 parameters do. Pure.
+
+    Solved, not guessed: ``factor`` is the largest divisor; in the ramp, 1/divisor =
+    (1 - s)/factor + s with s = alpha/wavelength - beta, alpha = context/(high - low) and
+    beta = low/(high - low): a line in 1/wavelength, fitted by least squares over the
+    frequencies inside the ramp (or through the transition points when fewer than two lie
+    inside). Only alpha and beta are determined: every (context, low, high) with the same
+    alpha and beta gives identical divisors, so ``context`` is the GGUF's original context
+    length when it has one, else 8192 (Llama 3.x's), and low/high follow from it.
+    """
     factor = max(divisors)
-    for low, high, context in LLAMA3_CANDIDATES:
-        want = []
-        for i in range(len(divisors)):
-            wavelen = 2 * math.pi * rope_theta ** (2 * i / head_dim)
-            if wavelen < context / high:
-                want.append(1.0)
-            elif wavelen > context / low:
-                want.append(factor)
-            else:
-                smooth = (context / wavelen - low) / (high - low)
-                want.append(1 / ((1 - smooth) / factor + smooth))
-        if all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(want, divisors)):
-            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                    "high_freq_factor": high, "original_max_position_embeddings": context}
+    context = int(context or 8192)
+    if factor <= 1.0:
+        return {"rope_type": "llama3", "factor": 1.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": context}
+    x = [1 / (2 * math.pi * rope_theta ** (2 * i / head_dim)) for i in range(len(divisors))]
+    ramp = [(1 / d - 1 / factor) / (1 - 1 / factor) for d in divisors]
+    for alpha, beta in _ramp_lines(x, ramp):
+        low, high = beta * context / alpha, (1 + beta) * context / alpha
+        # 6 significant digits recover the published values (1, 4) when they reproduce
+        for f, lo, hi in ((float(f"{factor:.6g}"), float(f"{low:.6g}"), float(f"{high:.6g}")),
+                          (factor, low, high)):
+            if lo <= 0 or hi <= lo:
+                continue
+            want = llama3_divisors(f, lo, hi, context, rope_theta, head_dim)
+            if all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(want, divisors)):
+                return {"rope_type": "llama3", "factor": f, "low_freq_factor": lo,
+                        "high_freq_factor": hi, "original_max_position_embeddings": context}
     return None
 
 
@@ -133,10 +192,14 @@ def fix_config(config: dict, kv: dict, small: dict[str, list[float]]) -> dict:
         rope.update(_scaling(kv, arch))
         if "rope_freqs.weight" in small:
             found = llama3_scaling(small["rope_freqs.weight"], rope.get("rope_theta", 10000.0),
-                                   head_dim)
+                                   head_dim,
+                                   kv.get(f"{arch}.rope.scaling.original_context_length"))
             if found is None:
-                raise UnsupportedRope("rope_freqs.weight: per-frequency RoPE factors that no "
-                                      "llama3 scaling reproduces")
+                raise UnsupportedRope(
+                    "rope_freqs.weight: per-frequency RoPE divisors that follow no llama3 curve "
+                    "(1 at high frequencies, one factor at low frequencies, a 1/wavelength ramp "
+                    "between), the only per-frequency scaling edge-tune can turn into a "
+                    "transformers config")
             if found["factor"] != 1.0:
                 rope.update(found)
         if "rope_factors_long.weight" in small:  # Phi-3 LongRoPE
@@ -181,8 +244,8 @@ def hf_config(gguf_path: Path):
     try:
         fixed = fix_config(base.to_dict(), kv, small)
     except UnsupportedRope as exc:
-        raise EdgeTuneError(f"{gguf_path}: {exc} (transformers cannot train this model as "
-                            "llama.cpp runs it)") from None
+        raise EdgeTuneError(f"{gguf_path}: {exc} (so it cannot be trained as llama.cpp runs "
+                            "it)") from None
     return type(base).from_dict(fixed)
 
 

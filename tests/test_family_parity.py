@@ -224,7 +224,8 @@ def test_llama3_rope_scaling_is_recovered_from_rope_freqs_or_refused():
     assert llama3_scaling(divisors, 500000.0, 128) == {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192}
-    odd = _llama3_divisors(8.0, 500000.0, 128, high=2.0)
+    # a ramp that is not linear in 1/wavelength: no llama3 parameters give it
+    odd = [d if d in (1.0, 8.0) else d ** 1.5 / 8.0 ** 0.5 for d in divisors]
     assert llama3_scaling(odd, 500000.0, 128) is None
     kv = {"general.architecture": "llama", "llama.rope.freq_base": 500000.0,
           "llama.attention.key_length": 128}
@@ -233,8 +234,40 @@ def test_llama3_rope_scaling_is_recovered_from_rope_freqs_or_refused():
     fixed = fix_config(base, kv, {"rope_freqs.weight": divisors})
     assert fixed["rope_parameters"]["rope_type"] == "llama3" and base["rope_parameters"][
         "rope_type"] == "default"  # a new dict
-    with pytest.raises(UnsupportedRope):
+    with pytest.raises(UnsupportedRope, match="follow no llama3 curve"):
         fix_config(base, kv, {"rope_freqs.weight": odd})
+
+
+@pytest.mark.parametrize("factor,low,high,ctx,theta,head_dim", [
+    (8.0, 1.0, 4.0, 8192, 500000.0, 128), (32.0, 1.0, 4.0, 8192, 500000.0, 64),
+    (16.0, 2.0, 8.0, 2048, 500000.0, 128), (8.0, 1.0, 2.0, 2048, 500000.0, 128),
+    (8.0, 1.0, 4.0, 256, 500000.0, 16), (4.0, 0.5, 3.0, 4096, 10000.0, 64)])
+def test_llama3_rope_scaling_round_trips_any_low_high_and_context(factor, low, high, ctx, theta,
+                                                                   head_dim):
+    """divisors (as llama.cpp's converter computes them) -> solved parameters -> the same
+    divisors; with the GGUF's original context and a ramp that two frequencies sample, the
+    published low/high come back too."""
+    import numpy as np
+
+    from edge_tune.gguf_config import fix_config, llama3_scaling
+
+    # the GGUF stores F32 divisors
+    divisors = [float(d) for d in np.float32(_llama3_divisors(factor, theta, head_dim, low,
+                                                               high, ctx))]
+    found = llama3_scaling(divisors, theta, head_dim)  # no original context in the GGUF
+    again = _llama3_divisors(found["factor"], theta, head_dim, found["low_freq_factor"],
+                             found["high_freq_factor"], found["original_max_position_embeddings"])
+    assert np.allclose(again, divisors, rtol=1e-6, atol=0), (found, again, divisors)
+    kv = {"general.architecture": "llama", "llama.rope.freq_base": theta,
+          "llama.attention.key_length": head_dim,
+          "llama.rope.scaling.original_context_length": ctx}
+    rope = fix_config({"hidden_size": 4 * head_dim, "num_attention_heads": 4}, kv,
+                      {"rope_freqs.weight": divisors})["rope_parameters"]
+    assert rope["original_max_position_embeddings"] == ctx
+    if sum(1.0 < d < factor for d in divisors) < 2:
+        return  # the ramp is not sampled twice: other low/high give the same divisors
+    assert (rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]) == pytest.approx(
+        (factor, low, high), rel=1e-5)
 
 
 def test_mlx_model_config_puts_rope_where_mlx_lm_reads_it():
