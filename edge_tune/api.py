@@ -306,6 +306,7 @@ def _converted_base(base: dict, on_event: EventSink) -> Optional[Path]:
             else Path(base["hf_dir"])
         out = cache_dir() / "gguf" / f"{models.hf_content_key(hf_dir)[:16]}-f16.gguf"
         if not out.is_file():
+            _check_llama_cpp_computes_as_hf(hf_dir)
             on_event(Log(f"no GGUF base for this model: converting {source or hf_dir} with "
                          f"llama.cpp's converter (once; cached as {out})"))
             hf_to_gguf.convert(hf_dir, out, "f16", on_event,
@@ -824,12 +825,26 @@ def convert_base(model: str, out: Optional[Path] = None, outtype: str = "f16",
     hf_dir = models.hf_dir_for(ref, on_event)
     if out is None:
         out = Path(f"{Path(str(hf_dir)).name}-{outtype.lower()}.gguf")
+    _check_llama_cpp_computes_as_hf(Path(hf_dir))
     # A hub ID already means network: then a missing converter is fetched too.
     path = hf_to_gguf.convert(Path(hf_dir), Path(out), outtype, on_event,
                               fetch=ref.hub_id is not None)
     on_event(Log(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB)"))
     on_event(Done("convert-base", {"path": str(path)}))
     return path
+
+
+def _check_llama_cpp_computes_as_hf(hf_dir: Path) -> None:
+    """Raise EdgeTuneError when llama.cpp would run the converted GGUF differently from the HF
+    model in ``hf_dir`` (see :func:`edge_tune.gguf_config.query_scale_problem`)."""
+    from edge_tune.gguf_config import query_scale_problem
+
+    try:
+        config = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the converter's own checks say what is wrong with it
+    if problem := query_scale_problem(config.get("text_config") or config):
+        raise EdgeTuneError(f"{hf_dir / 'config.json'}: {problem}")
 
 
 def fetch_converter(sdist: Optional[Path] = None, on_event: EventSink = ignore) -> Path:

@@ -136,6 +136,31 @@ def llama3_scaling(divisors: list[float], rope_theta: float, head_dim: int,
     return None
 
 
+def query_scale_problem(config: dict) -> str | None:
+    """Why llama.cpp would scale a Gemma 2 model's queries differently from transformers, or
+    None. ``config``: an HF ``config.json`` dict. transformers scales queries by
+    1/sqrt(``query_pre_attn_scalar``); llama.cpp's gemma2 graph by 1/sqrt(head_dim), or
+    1/sqrt(hidden_size / num_attention_heads) at 46 blocks (its 27B type; llama.cpp
+    src/llama-model.cpp ``f_attention_scale``), and its converter writes no key for another
+    value. Real Gemma 2 checkpoints agree; a custom config may not. Pure."""
+    if config.get("model_type") != "gemma2":
+        return None
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if not hidden or not heads:
+        return None
+    head_dim = config.get("head_dim") or hidden // heads
+    scalar = config.get("query_pre_attn_scalar", 256)  # transformers' Gemma2Config default
+    if config.get("num_hidden_layers") == HIDDEN_OVER_HEADS_SCALE["gemma2"]:
+        used, why = hidden // heads, f"hidden_size/num_attention_heads ({hidden // heads})"
+    else:
+        used, why = head_dim, f"head_dim ({head_dim})"
+    if scalar == used:
+        return None
+    return (f"query_pre_attn_scalar: {scalar:g} is not what llama.cpp's gemma2 graph scales "
+            f"queries by (1/sqrt of {why}; a GGUF has no key for another value), so the GGUF "
+            f"would compute differently from this model (expected {used})")
+
+
 def _scaling(kv: dict, arch: str) -> dict:
     """``{arch}.rope.scaling.*`` as transformers' rope parameters ({} when none)."""
     kind = kv.get(f"{arch}.rope.scaling.type")
