@@ -335,13 +335,13 @@ def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "a
 
     models.check_spec(model)
     chosen = template_choice.given(chat_template)
+    records = []  # a given template needs no records: only its tokens are checked
     if chosen is None:
         try:
             records = read_records(path, fmt=fmt, skip_invalid=True).records
         except EdgeTuneError:
-            records = []  # no valid record at all: the report's own reading says which line
-        template_choice.require_for_conversations(records, models.resolve(model, on_event),
-                                                  None)
+            pass  # no valid record at all: the report's own reading says which line
+    template_choice.require_for_conversations(records, models.resolve(model, on_event), chosen)
     return _inspect(path, model=model, seq_len=seq_len, fmt=fmt, on_event=on_event,
                     chat_template=chat_template, system_mode=_system_mode(system_mode) or "keep")
 

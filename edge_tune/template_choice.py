@@ -19,7 +19,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from edge_tune.errors import EdgeTuneError
 
@@ -88,6 +88,38 @@ def choose(spec: Optional[str], manifest: Optional[dict]) -> Optional[ChatTempla
 
 # --- the model's own template, read cheaply ----------------------------------------------------
 
+def gguf_kv(m) -> Iterator[tuple[str, int, int]]:
+    """Walk a mapped GGUF file's key-value header: yields (key, value type, byte offset of the
+    value) for each key, in file order. Raises struct.error/KeyError/IndexError on a truncated
+    or corrupt header (the caller turns them into one line)."""
+    if m[:4] != b"GGUF":
+        raise ValueError("magic")
+    n_kv, = struct.unpack_from("<Q", m, 16)
+    pos = 24
+    for _ in range(n_kv):
+        n, = struct.unpack_from("<Q", m, pos)
+        key = m[pos + 8: pos + 8 + n].decode("utf-8", "replace")
+        kind, = struct.unpack_from("<I", m, pos + 8 + n)
+        pos += 12 + n
+        yield key, kind, pos
+        pos = gguf_skip(m, kind, pos)
+
+
+def gguf_skip(m, kind: int, at: int) -> int:
+    """The offset just past a GGUF value of type ``kind`` stored at ``at``."""
+    if kind == _STRING:
+        return at + 8 + struct.unpack_from("<Q", m, at)[0]
+    if kind == _ARRAY:
+        sub, n = struct.unpack_from("<IQ", m, at)
+        at += 12
+        if sub in _SCALAR_SIZE:
+            return at + n * _SCALAR_SIZE[sub]
+        for _ in range(n):
+            at = gguf_skip(m, sub, at)
+        return at
+    return at + _SCALAR_SIZE[kind]
+
+
 def gguf_metadata(path: Path, keys: set[str]) -> dict:
     """The values of the scalar or string ``keys`` in a GGUF file's header (missing keys are
     left out). Reads only the key-value section; raises EdgeTuneError for a file that is not
@@ -101,39 +133,14 @@ def gguf_metadata(path: Path, keys: set[str]) -> dict:
             version, = struct.unpack_from("<I", m, 4)
             if version < 2:
                 raise EdgeTuneError(f"{path}: GGUF version {version} is too old (expected 2+)")
-            n_kv, = struct.unpack_from("<Q", m, 16)
-            pos = 24
-
-            def string(at: int) -> tuple[bytes, int]:
-                n, = struct.unpack_from("<Q", m, at)
-                return m[at + 8: at + 8 + n], at + 8 + n
-
-            def skip(kind: int, at: int) -> int:
-                if kind == _STRING:
-                    return at + 8 + struct.unpack_from("<Q", m, at)[0]
-                if kind == _ARRAY:
-                    sub, n = struct.unpack_from("<IQ", m, at)
-                    at += 12
-                    if sub in _SCALAR_SIZE:
-                        return at + n * _SCALAR_SIZE[sub]
-                    for _ in range(n):
-                        at = skip(sub, at)
-                    return at
-                return at + _SCALAR_SIZE[kind]
-
-            for _ in range(n_kv):
-                key, pos = string(pos)
-                kind, = struct.unpack_from("<I", m, pos)
-                pos += 4
-                name = key.decode("utf-8", "replace")
+            for name, kind, pos in gguf_kv(m):
                 if name in keys and kind == _STRING:
-                    raw, _ = string(pos)
-                    found[name] = raw.decode("utf-8", "replace")
+                    n, = struct.unpack_from("<Q", m, pos)
+                    found[name] = m[pos + 8: pos + 8 + n].decode("utf-8", "replace")
                 elif name in keys and kind in _SCALAR_SIZE:
                     fmt = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
                            10: "Q", 11: "q", 12: "d"}[kind]
                     found[name] = struct.unpack_from("<" + fmt, m, pos)[0]
-                pos = skip(kind, pos)
                 if len(found) == len(keys):
                     break
     except (struct.error, KeyError, ValueError, IndexError) as exc:
@@ -182,8 +189,13 @@ def model_chat_template(ref) -> tuple[bool, Optional[str]]:
 
 def require_for_conversations(records, ref, chosen: Optional[ChatTemplate]) -> None:
     """Refuse conversation data on a model with no chat template when none is given, before
-    any model is loaded. ``records``: objects or dicts with ``messages`` (None for text)."""
+    any model is loaded; refuse a given template whose turn markers are not tokens of the
+    model (:func:`edge_tune.template_vocab.require_template_tokens`). ``records``: objects or
+    dicts with ``messages`` (None for text)."""
     if chosen is not None:
+        from edge_tune.template_vocab import require_template_tokens
+
+        require_template_tokens(chosen, ref)
         return
     def has_messages(r) -> bool:
         return (r.get("messages") if isinstance(r, dict) else getattr(r, "messages", None)) \

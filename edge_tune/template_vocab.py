@@ -1,0 +1,125 @@
+"""Does a chat template fit a model's vocabulary? Checked before any model is loaded.
+
+A template given with ``--chat-template`` marks turns with special tokens (ChatML's
+``<|im_start|>``/``<|im_end|>``, Llama-3's ``<|eot_id|>``...). On a model whose vocabulary lacks
+them the markers are trained as several text pieces and generation never meets a stop token, so
+such a template is refused in one line. The markers are found by rendering a probe conversation
+(with empty ``bos_token``/``eos_token``: those are the model's own by definition): every
+``<|...|>`` marker, and the marker that closes the assistant turn (the text the engine takes
+its turn-end stop token from, see ``edge_tune.engine``). The vocabulary is read cheaply: a
+GGUF's ``tokenizer.ggml.tokens`` array is searched in place (no Python list of the
+vocabulary); an HF directory's ``tokenizer.json`` (its ``model.vocab`` and ``added_tokens``).
+Pure module: no heavy imports.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import re
+import struct
+from pathlib import Path
+from typing import Optional
+
+from edge_tune.errors import EdgeTuneError
+
+_PROBE = "\u2063edge-tune-probe\u2063"
+_PIPE_MARKER = re.compile(r"<\|[^<>|\s]+\|>")
+_TURN_END = re.compile(r"<\|[^<>|\s]+\|>|<[A-Za-z_/][^<>\s]*>")
+
+
+def template_markers(text: str) -> list[str]:
+    """The special-token markers template ``text`` writes around a user/assistant exchange: the
+    one closing the assistant turn first, then the others in order (empty when the probe cannot be rendered: the template then speaks for itself)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        rendered = env.from_string(text).render(
+            messages=[{"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": _PROBE}],
+            add_generation_prompt=False, bos_token="", eos_token="")
+    except Exception:  # noqa: BLE001 - any failure: no markers to check, rendering reports it
+        return []
+    end = _TURN_END.match(rendered.partition(_PROBE)[2].lstrip())
+    found = ([end.group(0)] if end else []) + _PIPE_MARKER.findall(rendered)
+    return list(dict.fromkeys(found))
+
+
+def gguf_has_tokens(path: Path, texts: list[str]) -> Optional[set[str]]:
+    """Which of ``texts`` are whole entries of a GGUF's ``tokenizer.ggml.tokens`` (None when
+    the file has no such array). Each entry is stored as a u64 length then its bytes, so a
+    token is present when that exact byte string occurs in the array's span."""
+    from edge_tune.template_choice import _STRING, gguf_kv, gguf_skip
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            for key, kind, pos in gguf_kv(m):
+                if key != "tokenizer.ggml.tokens":
+                    continue
+                sub, = struct.unpack_from("<I", m, pos)
+                if sub != _STRING:
+                    return None
+                end = gguf_skip(m, kind, pos)
+                return {t for t in texts
+                        if m.find(struct.pack("<Q", len(t.encode())) + t.encode(), pos,
+                                  end) >= 0}
+    except (struct.error, KeyError, ValueError, IndexError):
+        raise EdgeTuneError(f"{path}: truncated or corrupt GGUF file (in its header)") from None
+    except OSError as exc:
+        raise EdgeTuneError(f"{path}: cannot be read ({exc.strerror})") from None
+    return None
+
+
+def hf_has_tokens(hf_dir: Path, texts: list[str]) -> Optional[set[str]]:
+    """Which of ``texts`` are tokens of an HF directory's ``tokenizer.json`` (None without
+    one, e.g. a SentencePiece-only tokenizer)."""
+    try:
+        data = json.loads((Path(hf_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+        vocab = data.get("model", {}).get("vocab") or {}
+        pieces = set(vocab) if isinstance(vocab, dict) else {v[0] for v in vocab}
+        pieces |= {t.get("content") for t in data.get("added_tokens") or []}
+    except (OSError, ValueError, AttributeError, TypeError, IndexError):
+        return None
+    return {t for t in texts if t in pieces}
+
+
+def require_template_tokens(chosen, ref) -> None:
+    """Refuse ``--chat-template`` (``chosen``, a :class:`edge_tune.template_choice.ChatTemplate`)
+    when a marker it writes is not a single token of ``--model`` (``ref``, a resolved
+    :class:`edge_tune.models.ModelRef`); EdgeTuneError names the marker and the built-ins that
+    fit. Nothing is checked when the vocabulary cannot be read without a download or load."""
+    if chosen is None or chosen.source != "--chat-template":
+        return
+    markers = template_markers(chosen.text)
+    if not markers:
+        return
+    def has(texts: list[str]) -> Optional[set[str]]:
+        if ref.gguf is not None:
+            return gguf_has_tokens(ref.gguf, texts)
+        if ref.hf_dir is not None:
+            return hf_has_tokens(ref.hf_dir, texts)
+        return None
+    from edge_tune.templates import BUILTIN
+
+    candidates = {name: template_markers(text) for name, text in BUILTIN.items()}
+    present = has(list(dict.fromkeys(markers + [t for ms in candidates.values() for t in ms])))
+    if present is None:
+        return
+    missing = [t for t in markers if t not in present]
+    if not missing:
+        return
+    fitting = [name for name, ms in candidates.items() if ms and all(t in present for t in ms)]
+    hint = (f"use one whose markers it has: {', '.join(fitting)}" if fitting
+            else "no built-in fits; give a Jinja file using this model's own special tokens")
+    name = chosen.name or "FILE"
+    raise EdgeTuneError(f"--chat-template {name}: {missing[0]!r} is not a token of the "
+                        f"vocabulary of --model {ref.spec} (the template's turn markers would "
+                        f"be trained as text and generation would not stop; {hint})")

@@ -1,0 +1,56 @@
+"""`--chat-template` whose turn markers are not tokens of the model: refused in one line before
+any model is loaded (a tiny random Llama carrying SmolLM2's ChatML vocabulary)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import assert_one_line_error, run_cli
+from tiny_models import tiny_llama_gguf
+
+from edge_tune.template_vocab import hf_has_tokens, template_markers
+from edge_tune.templates import BUILTIN
+
+
+@pytest.fixture(scope="module")
+def tiny(default_gguf, tmp_path_factory):
+    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", default_gguf)
+
+
+def test_markers_of_the_builtins():
+    assert template_markers(BUILTIN["llama3"])[0] == "<|eot_id|>"
+    assert template_markers(BUILTIN["chatml"]) == ["<|im_end|>", "<|im_start|>"]
+    assert template_markers(BUILTIN["gemma2"]) == ["<end_of_turn>"]
+    assert template_markers("{{ raise_exception('no') }}") == []
+
+
+def test_foreign_template_is_refused_before_loading(tiny, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "yo"}]}) + "\n")
+    start = time.monotonic()
+    proc = run_cli("data", "inspect", str(data), "--model", str(tiny), "--chat-template",
+                   "llama3")
+    assert_one_line_error(proc, "--chat-template llama3: '<|eot_id|>' is not a token",
+                          "chatml, smollm2, qwen2, qwen3)")
+    own = tmp_path / "gemma-like.jinja"
+    own.write_text("{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}"
+                   "<end_of_turn>\n{% endfor %}")
+    proc = run_cli("train", "--data", str(data), "--model", str(tiny), "--chat-template",
+                   str(own), "--out", str(tmp_path / "run"), "--backend", "cpu")
+    proc.stderr = proc.stderr.split("\n", 1)[1]  # train first reports what it read
+    assert_one_line_error(proc, "--chat-template FILE: '<end_of_turn>' is not a token")
+    assert not (tmp_path / "run").exists()
+    proc = run_cli("data", "inspect", str(data), "--model", str(tiny), "--chat-template",
+                   "chatml")
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_hf_tokenizer_vocabulary(tmp_path):
+    (tmp_path / "tokenizer.json").write_text(json.dumps(
+        {"model": {"vocab": {"a": 0, "<|im_end|>": 1}}, "added_tokens": [{"content": "<x>"}]}))
+    assert hf_has_tokens(tmp_path, ["<|im_end|>", "<x>", "<|eot_id|>"]) == {"<|im_end|>", "<x>"}
+    assert hf_has_tokens(tmp_path / "none", ["a"]) is None
