@@ -148,6 +148,15 @@ def validate_adapter_file(path: Path, base: BaseInfo) -> dict:
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise EdgeTuneError(f"{path}: {problems[0]}{more}")
+    import numpy as np
+
+    # llama.cpp loads NaN/inf weights without a word, then every logit is NaN: the answer is
+    # empty. Adapters are small, so every value is checked (quantized types dequantized).
+    for t in reader.tensors:
+        if not np.isfinite(gguf.quants.dequantize(t.data, t.tensor_type)).all():
+            raise EdgeTuneError(f"{path}: tensor {t.name!r} has NaN or infinite values "
+                                "(expected finite LoRA weights; a run that diverged leaves "
+                                "these: retrain with a lower --lr)")
     meta = {k: field_value(reader, k) for k in reader.fields
             if k.startswith(("adapter.", "edge_tune.", "general.name"))}
     meta["made_by"] = made_by(reader)
