@@ -109,6 +109,8 @@ def build_samples(tok, records: list, max_len: int, system_mode: str = "keep") -
                                            system_mode=system_mode)[-1]
             except RecordError:
                 continue
+            if not rendered.spans:
+                continue  # context only (every assistant turn at weight 0): nothing trained
             ids = encode_rendered(tok, rendered).input_ids[:max_len]
             text = rendered.text[:rendered.spans[-1][0]]
             prompt = tok(text, add_special_tokens=False)["input_ids"]

@@ -8,7 +8,9 @@
   trained in the context the model sees when it generates it (one example per turn; the
   trained token ids are written out below); a template that cannot place a turn at all is a
   per-record error with its line.
-- ``weight: 0`` (OpenAI fine-tuning format): the turn is context; anything but 0/1 is an error.
+- ``weight: 0`` (OpenAI fine-tuning format): the turn is context; anything but 0/1 is an error;
+  a record with every assistant turn at weight 0 is dropped and counted, as any example with
+  no trained token.
 
 The records go through the real path: ``read_records`` -> the job records ``train`` sends to
 its worker -> the worker's ``tokenize_records``. Tokenizers are byte-level (id = byte value,
@@ -255,8 +257,12 @@ def test_bad_weight_is_a_record_error_naming_the_field(tmp_path, message, contai
     assert len(read_records(path, skip_invalid=True).records) == 1
 
 
-def test_every_turn_weight_zero_is_nothing_to_learn(tmp_path):
-    path = write(tmp_path / "w.jsonl", [{"messages": [HI[0], {**HI[1], "weight": 0}]}])
-    with pytest.raises(EdgeTuneError, match=rf"^{path}:1: every assistant message has "
-                       "weight 0"):
-        read_records(path)
+def test_every_turn_weight_zero_is_dropped_and_counted(tmp_path):
+    """A record whose every assistant turn has weight 0 is valid (OpenAI's format allows it):
+    it is context only, so its one example has no trained token and is dropped and counted."""
+    path = write(tmp_path / "w.jsonl", [{"messages": [HI[0], {**HI[1], "weight": 0}]},
+                                        {"messages": HI}])
+    assert len(read_records(path).records) == 2
+    examples, logs = tokenize(byte_tokenizer(BUILTIN["chatml"], "chatml"), job_records(path))
+    assert len(examples) == 1 and trained_ids(examples[0]) == ids("Arr<|im_end|>\n")
+    assert any("dropped 1 examples with no trained token" in line for line in logs), logs

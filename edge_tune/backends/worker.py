@@ -73,7 +73,7 @@ def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on
     cannot train stops with its ``FILE:LINE``, or with ``skip_invalid`` is skipped and listed."""
     from edge_tune.data.template import Example, RecordError, encode_examples
 
-    examples, truncated, n_examples, bad = [], 0, 0, []
+    examples, truncated, n_examples, bad, untrained = [], 0, 0, [], 0
     for i, record in enumerate(records):
         try:
             encoded = encode_examples(tok, record.get("messages"), record.get("text"),
@@ -85,6 +85,9 @@ def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on
             bad.append(str(exc))
             encoded = []
         for full in encoded:
+            if not full.n_trained:  # every assistant turn at weight 0
+                untrained += 1
+                continue
             n_examples += 1
             too_long = len(full.input_ids) > seq_len
             truncated += too_long
@@ -105,6 +108,9 @@ def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on
         emit(Log(f"{name} data: skipped {len(bad)} records the chat template cannot train "
                  f"(--skip-invalid): {'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}",
                  "warning"))
+    if untrained:
+        emit(Log(f"{name} data: dropped {untrained} examples with no trained token (every "
+                 "assistant turn at weight 0)", "warning"))
     if truncated:
         dropped = n_examples - len(examples)
         what = "dropped (--overflow drop)" if overflow == "drop" else \
@@ -161,10 +167,30 @@ def prepare_examples(job: TrainJob, emit, rank: int = 0, world: int = 1):
     job.val_examples = tokenize_records(tok, job.val_records or [], seq_len, emit,
                                         "validation", on_all, overflow,
                                         **per_record) if rank == 0 else []
+    check_token_ids(tok, examples + job.val_examples, Path(job.hf_dir))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     info = {"chat_template": tok.chat_template,
             "stop_tokens": [t for t in {tok.eos_token} if t]}
     return examples, int(pad or 0), info
+
+
+def check_token_ids(tok, examples: list, hf_dir: Path) -> None:
+    """Raise EdgeTuneError when a token id in ``examples`` has no row in the model's embedding
+    (``vocab_size`` in ``hf_dir/config.json``): the tokenizer has more tokens than the model,
+    and training would stop at the first such id with an IndexError."""
+    try:
+        config = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the model loader says what is wrong with it
+    vocab = (config.get("text_config") or config).get("vocab_size")
+    top = max((max(e.input_ids) for e in examples if e.input_ids), default=-1)
+    if not isinstance(vocab, int) or top < vocab:
+        return
+    raise EdgeTuneError(
+        f"{hf_dir / 'config.json'}: vocab_size: {vocab} is smaller than the tokenizer: the "
+        f"data has token id {top} ({tok.convert_ids_to_tokens(top)!r}) and the tokenizer "
+        f"has {len(tok)} tokens (expected every token id below vocab_size: a tokenizer "
+        "that matches the model's embedding)")
 
 
 def peak_rss_bytes() -> int:

@@ -124,9 +124,7 @@ def _turns(obj: dict, key: str, where: str, fmt: str) -> list:
 def _need_assistant(messages: list[dict], where: str) -> list[dict]:
     if not any(m["role"] == "assistant" for m in messages):
         raise EdgeTuneError(f"{where}: conversation has no assistant turn (nothing to learn)")
-    if all(m.get("weight") == 0 for m in messages if m["role"] == "assistant"):
-        raise EdgeTuneError(f"{where}: every assistant message has weight 0 (nothing to learn)")
-    return messages
+    return messages  # every assistant turn at weight 0: kept, an example with nothing trained
 
 
 def _json_object(value, at: str, what: str):

@@ -167,9 +167,6 @@ def render_examples(tokenizer, messages: list[dict], tools: Optional[list[dict]]
     check_system_mode(system_mode)
     msgs = fold_system(messages) if system_mode == "fold" else list(messages)
     trained = [m.get("role") == "assistant" and m.get("weight", 1) != 0 for m in msgs]
-    if not any(trained) and not train_on_all:
-        raise RecordError(_at(where, "conversation has no assistant turn to learn (every "
-                                     "assistant message has weight 0)"))
     msgs = _for_template(msgs)
     full = render(tokenizer, msgs, False, tools, where)
     missing = [n for n in _names(tools) if n not in full]
@@ -194,6 +191,8 @@ def render_examples(tokenizer, messages: list[dict], tools: Optional[list[dict]]
                                          f"(assistant turn {nth} calls {lost[0]!r} but renders "
                                          f"as {_short(turn)}; {TOOLS_HINT})"))
         turns.append((i, before, upto))
+    if not any(trained) and not train_on_all:
+        return [Rendered(full, [])]  # all context (weight 0): the trainer drops and counts it
     if all(full.startswith(upto) for _, _, upto in turns):
         return [Rendered(full, [(len(b), len(u)) for i, b, u in turns
                                 if trained[i] or train_on_all])]
