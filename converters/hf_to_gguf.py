@@ -27,7 +27,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import EdgeTuneError, NetworkError
 from edge_tune.events import EventSink, Log, Progress, ignore
 
 # What llama.cpp's converter writes itself; other types go through llama.cpp's quantizer.
@@ -95,8 +95,8 @@ def fetch_converter(sdist: Path | None = None, on_event: EventSink = ignore) -> 
         sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if proc.returncode != 0 or not sdists:
             last = (proc.stderr.strip().splitlines() or ["no sdist downloaded"])[-1]
-            raise EdgeTuneError(f"could not download the llama-cpp-python {version} sdist "
-                                f"with pip: {last}", 3)
+            raise NetworkError(f"could not download the llama-cpp-python {version} sdist "
+                               f"with pip: {last}")
         _extract(sdists[0], target)
     on_event(Log(f"llama.cpp's converter is in {target}"))
     return target
