@@ -187,6 +187,7 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
             on_event(Log(planner_describe(run_plan)))
             cfg = dataclasses.replace(cfg, **{k: run_plan.config[k] for k in PLANNED})
     if resume is None:
+        existed = Path(cfg.out).exists() if cfg.out else False
         run_dir = _prepare_run_dir(cfg.out)
         shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # a stale one from a reused dir
         write_text_atomic(run_dir / RUN_CONFIG, json.dumps(
@@ -217,7 +218,17 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
             proc.cancel()
 
         threading.Thread(target=watch, daemon=True).start()
-    result = proc.wait()
+    try:
+        result = proc.wait()
+    except EdgeTuneError as exc:
+        from edge_tune.errors import ExitCode
+
+        # The worker refused its input (data, tokenizer, model) before training: the run
+        # never started, so the folder made for it goes (a crash keeps it: the message names
+        # train.log; a reused --out folder stays).
+        if resume is None and not existed and exc.exit_code == ExitCode.BAD_INPUT:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     tokenizer_info = _template_record(result.pop("tokenizer", {}), chosen)
     base = _base_record(ref, result.pop("hf_dir"), base_sha256)
     adapter_info: dict = {"peft": "adapter"}
