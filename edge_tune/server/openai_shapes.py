@@ -61,13 +61,40 @@ class GenRequest:
         return None if self.model == BASE_MODEL else self.model
 
 
-# Every field OpenAI documents that this server either honours or can safely ignore.
+# Every field OpenAI documents that this server honours, can safely ignore, or refuses with a
+# 400 naming it (_refuse_unsupported).
 _IGNORED = {"user", "n", "logprobs", "top_logprobs", "response_format", "tools",
             "tool_choice", "parallel_tool_calls", "store", "metadata", "service_tier",
             "best_of", "echo", "suffix", "logit_bias", "modalities", "reasoning_effort",
             "functions", "function_call", "max_completion_tokens", "stream_options"}
 _SAMPLING = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "stop",
              "presence_penalty", "frequency_penalty", "stream")
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """400 for fields whose meaning this server cannot honour, rather than answering as if they
+    were not sent: tool calling (not implemented yet, issue 18), a response format other than
+    plain text, and log probabilities. Their "off" values (``tools: []``, ``tool_choice:
+    "none"``, ``response_format: {"type": "text"}``, ``logprobs: false``) are accepted."""
+    refused = {
+        "tools": "tool calling is not supported by this server yet",
+        "functions": "function calling is not supported by this server yet",
+        "tool_choice": "tool calling is not supported by this server yet",
+        "function_call": "function calling is not supported by this server yet",
+        "response_format": "only plain text answers are supported (response_format "
+                           "{\"type\": \"text\"})",
+        "logprobs": "log probabilities are not supported by this server",
+        "top_logprobs": "log probabilities are not supported by this server",
+    }
+    off = {"tools": ([],), "functions": ([],), "tool_choice": ("none",),
+           "function_call": ("none",), "response_format": ({"type": "text"},),
+           "logprobs": (False, 0), "top_logprobs": (0,)}
+    for key, why in refused.items():
+        value = body.get(key)
+        if value is not None and not any(value == v and type(value) is type(v)
+                                         for v in off[key]):
+            raise RequestError(400, f"'{key}': {why}; send the request without it",
+                               param=key)
 
 
 def _number(body: dict, key: str, lo: float, hi: float, integer: bool = False):
@@ -128,6 +155,7 @@ def parse_request(kind: str, body: Any, known_models: list[str]) -> GenRequest:
                            param=unknown[0])
     if body.get("n") not in (None, 1):
         raise RequestError(400, "'n': only n=1 is supported", param="n")
+    _refuse_unsupported(body)
     req = GenRequest(kind=kind, model=model, stream=bool(body.get("stream", False)))
     if kind == "chat":
         req.messages = _messages(body)
