@@ -112,8 +112,9 @@ def llama3_scaling(divisors: list[float], rope_theta: float, head_dim: int,
     beta = low/(high - low): a line in 1/wavelength, fitted by least squares over the
     frequencies inside the ramp (or through the transition points when fewer than two lie
     inside). Only alpha and beta are determined: every (context, low, high) with the same
-    alpha and beta gives identical divisors, so ``context`` is the GGUF's original context
-    length when it has one, else 8192 (Llama 3.x's), and low/high follow from it.
+    alpha and beta gives identical divisors, so ``context`` is the caller's (the GGUF's
+    original context length, else :func:`fix_config` takes max_position_embeddings / factor
+    for models of at most 8192 positions), else 8192 (Llama 3.x's); low/high follow from it.
     """
     factor = max(divisors)
     context = int(context or 8192)
@@ -122,7 +123,8 @@ def llama3_scaling(divisors: list[float], rope_theta: float, head_dim: int,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": context}
     x = [1 / (2 * math.pi * rope_theta ** (2 * i / head_dim)) for i in range(len(divisors))]
     ramp = [(1 / d - 1 / factor) / (1 - 1 / factor) for d in divisors]
-    for alpha, beta in _ramp_lines(x, ramp):
+    # Llama 3.x's own low/high first: a coarsely sampled ramp fits them among others
+    for alpha, beta in [(context / 3, 1 / 3)] + _ramp_lines(x, ramp):
         low, high = beta * context / alpha, (1 + beta) * context / alpha
         # 6 significant digits recover the published values (1, 4) when they reproduce
         for f, lo, hi in ((float(f"{factor:.6g}"), float(f"{low:.6g}"), float(f"{high:.6g}")),
@@ -216,9 +218,13 @@ def fix_config(config: dict, kv: dict, small: dict[str, list[float]]) -> dict:
             rope["rope_theta"] = float(base)
         rope.update(_scaling(kv, arch))
         if "rope_freqs.weight" in small:
-            found = llama3_scaling(small["rope_freqs.weight"], rope.get("rope_theta", 10000.0),
-                                   head_dim,
-                                   kv.get(f"{arch}.rope.scaling.original_context_length"))
+            divisors = small["rope_freqs.weight"]
+            context = kv.get(f"{arch}.rope.scaling.original_context_length")
+            longest = cfg.get("max_position_embeddings")
+            if context is None and longest and longest <= 8192:
+                # transformers warns unless the original context is below the model's
+                context = max(1, int(longest // max(divisors)))
+            found = llama3_scaling(divisors, rope.get("rope_theta", 10000.0), head_dim, context)
             if found is None:
                 raise UnsupportedRope(
                     "rope_freqs.weight: per-frequency RoPE divisors that follow no llama3 curve "
