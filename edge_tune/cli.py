@@ -254,7 +254,9 @@ def export(
                                         "the run's base."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .gguf "
                                           "[default: RUN/adapter.gguf]."),
-    outtype: str = typer.Option("f32", help="Adapter GGUF type: f32 | f16 | q8_0."),
+    outtype: Optional[str] = typer.Option(None, help="Tensor type of the adapter GGUF: f32 | "
+                                          "f16 | q8_0 [default: f32]; with --merge, the same "
+                                          "as -q."),
     merge: bool = typer.Option(False, "--merge", help="Write ONE GGUF with the adapter merged "
                                "into the base weights (W + scale*B*A; rsLoRA and DoRA too) "
                                "instead of an adapter file [default: RUN/merged-QUANT.gguf]."),
@@ -288,8 +290,14 @@ def export(
     from edge_tune import api
     from edge_tune.render import Renderer
 
+    if merge and outtype is not None:  # --outtype f32 --merge means a merged F32 GGUF
+        if quant is not None and quant.upper() != outtype.upper():
+            raise UsageError(f"--outtype {outtype} and -q {quant}: with --merge both set the "
+                             "merged GGUF's type; give one")
+        quant = outtype.upper()
     with Renderer(err) as render:
-        result = api.export(adapter, base=base, out=output, outtype=outtype, on_event=render,
+        result = api.export(adapter, base=base, out=output, outtype=outtype or "f32",
+                            on_event=render,
                             merge=merge, quant=quant, ollama=ollama, verify=verify,
                             system=system, vllm=vllm, chat_template=chat_template)
     if vllm is not None:
