@@ -9,6 +9,7 @@ instant. A user-facing failure is one line on stderr and the exit code of its ki
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -162,9 +163,9 @@ def train(
 
     Ctrl-C stops training and leaves RUN/checkpoint; `--resume RUN` continues it.
 
-    Examples:\n
-      edge-tune train --data chats.jsonl                     # one process\n
-      edge-tune train --data chats.jsonl --nproc 2 --batch-size 4   # 2 ranks, global batch 8"""
+    Examples:
+      edge-tune train --data chats.jsonl                            # one process
+      edge-tune train --data chats.jsonl --nproc 2 --batch-size 4   # batch 8"""
     from edge_tune import api
     from edge_tune.config import build
     from edge_tune.render import Renderer
@@ -282,11 +283,11 @@ def export(
     """Convert a PEFT LoRA adapter to a GGUF LoRA adapter for llama.cpp, or (--merge) write a
     merged, optionally quantized GGUF.
 
-    Examples:\n
-      edge-tune export runs/demo                       # RUN/adapter.gguf\n
-      edge-tune export runs/demo --merge -q Q4_K_M     # RUN/merged-q4_k_m.gguf\n
-      edge-tune export runs/demo --merge --ollama out/ # plus out/Modelfile\n
-      edge-tune export runs/demo --vllm out/vllm       # PEFT dir + `vllm serve` line"""
+    Examples:
+      edge-tune export runs/demo                        # RUN/adapter.gguf
+      edge-tune export runs/demo --merge -q Q4_K_M      # RUN/merged-q4_k_m.gguf
+      edge-tune export runs/demo --merge --ollama out/  # plus out/Modelfile
+      edge-tune export runs/demo --vllm out/vllm        # PEFT dir, `vllm serve`"""
     from edge_tune import api
     from edge_tune.render import Renderer
 
@@ -431,7 +432,7 @@ def chat(
 
     \b
       edge-tune chat --adapter runs/demo --prompt "What do bees make?"
-      edge-tune chat --adapter runs/demo --compare base --prompt "What do bees make?"
+      edge-tune chat --adapter runs/demo --compare base --prompt "Hi"
       edge-tune chat --bundle my-bundle --adapter pirate
     """
     from edge_tune import api
@@ -775,9 +776,43 @@ def tui(runs: Path = typer.Option(Path("runs"), "--runs", help="Where runs are l
     _open_tui(runs)
 
 
+def _reflowed(text: str) -> str:
+    """Help prose as the rich help renderer should get it: the renderer keeps a docstring's
+    hard line breaks, so each paragraph's prose is joined into one line, while indented lines
+    (examples) and a click ``\\b`` block stay line by line; ``[`` is escaped so that
+    "[default: ...]" is not taken for markup and dropped."""
+    from rich.markup import escape
+
+    out = []
+    for para in inspect.cleandoc(text).split("\n\n"):
+        lines = para.split("\n")
+        verbatim = lines[0].strip() == "\b"
+        kept: list[str] = []
+        for line in lines[1:] if verbatim else lines:
+            if verbatim or line.startswith(" ") or not kept or kept[-1].startswith(" "):
+                kept.append(line)
+            else:
+                kept[-1] += " " + line.strip()
+        out.append(escape("\n".join(kept)))
+    return "\n\n".join(out)
+
+
+def _tidy_help(command) -> None:
+    """Reflow and escape the help of a click command, its parameters and its subcommands."""
+    if command.help:
+        command.help = _reflowed(command.help)
+    for param in command.params:
+        if getattr(param, "help", None):
+            param.help = _reflowed(param.help)
+    for sub in getattr(command, "commands", {}).values():
+        _tidy_help(sub)
+
+
 def main() -> None:
     try:
-        app()
+        command = typer.main.get_command(app)
+        _tidy_help(command)
+        command()
     except EdgeTuneError as exc:
         from rich.markup import escape  # a message may hold [brackets]: print them as-is
 
