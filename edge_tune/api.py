@@ -7,7 +7,6 @@ returns plain data. Heavy libraries are imported inside the functions that need 
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 import shutil
 import threading
@@ -19,7 +18,6 @@ from edge_tune import manifest as manifest_mod
 from edge_tune import models, template_choice
 from edge_tune.backends import registry
 from edge_tune.config import TrainConfig
-from edge_tune.data.formats import read_records
 from edge_tune.errors import CheckFailed, EdgeTuneError
 from edge_tune.events import Done, EventSink, Log, Progress, ignore
 from edge_tune.fsutil import sha256_file, write_text_atomic
@@ -28,105 +26,43 @@ from edge_tune.hardware import probe
 from edge_tune.data.split import split_validation
 from edge_tune.server.plan import ServePlan
 from edge_tune.template_choice import system_mode_option as _system_mode
+from edge_tune.commands.convert import \
+    check_llama_cpp_computes_as_hf as _check_llama_cpp_computes_as_hf
+from edge_tune.commands.convert import convert_base, fetch_converter
+from edge_tune.commands.doctor import doctor
+from edge_tune.commands.inspect import bad_records, inspect_data, model_template
+from edge_tune.commands import plan as _plan_command
+from edge_tune.commands.plan import PLANNED, model_shape, planner_describe
+from edge_tune.commands.plan import check_plan as _check_plan
+from edge_tune.commands.plan import fit_plan as _plan
+from edge_tune.commands.plan import job_record as _job_record
+from edge_tune.commands.plan import read_data as _read_data
+from edge_tune.runs import RUN_CONFIG, default_run_dir, delete_run, list_runs, load_run_config
+from edge_tune.runs import prepare_run_dir as _prepare_run_dir
+from edge_tune.runs import resume_state
 
-# --- doctor ----------------------------------------------------------------------------------
+plan = _plan_command.plan  # an assignment: the command's own locals named plan stay legal
 
-
-def doctor() -> dict:
-    """Hardware facts, every backend's availability (with the reason for each "no"), and
-    what ``--backend auto`` picks."""
-    from edge_tune.fsutil import cache_dir
-
-    hw = probe(cache_dir())
-    table = registry.availability(hw)
-    try:
-        pick, why = registry.choose("auto", hw)
-    except EdgeTuneError as exc:
-        pick, why = None, str(exc)
-    return {
-        "hardware": hw.to_dict(),
-        "backends": [vars(a) for a in table],
-        "auto": {"backend": pick, "reason": why},
-        "cpu_bf16": hw.has_bf16_cpu,
-    }
-
+__all__ = [
+    # commands
+    "doctor", "plan", "train", "inspect_data", "model_template", "bad_records", "export",
+    "convert_base", "fetch_converter", "verify", "resolve_chat", "open_engine", "chat_once",
+    "chat_plan", "plan_serving", "open_serving", "serve", "bundle",
+    # runs on disk
+    "RUN_CONFIG", "default_run_dir", "load_run_config", "resume_state", "list_runs",
+    "delete_run",
+    # data shapes and helpers front ends, tests and benchmarks use
+    "TrainResult", "ChatTarget", "ServePlan", "PLANNED", "planner_describe", "model_shape",
+    "split_validation", "probe", "manifest_mod", "_job_record", "_converted_base",
+]
 
 # --- train -----------------------------------------------------------------------------------
-
-
-def _read_data(path: str, cfg: TrainConfig, on_event: EventSink):
-    result = read_records(path, fmt=cfg.format, skip_invalid=cfg.skip_invalid)
-    if result.skipped:
-        lines = ", ".join(str(n) for n, _ in result.skipped[:20])
-        more = " ..." if len(result.skipped) > 20 else ""
-        on_event(Log(f"{path}: skipped {len(result.skipped)} invalid records (lines {lines}{more});"
-                     f" first: {result.skipped[0][1]}", "warning"))
-    on_event(Log(f"{path}: {len(result.records)} records, format {result.format}"))
-    return result
-
-
-def _job_record(record) -> dict:
-    from edge_tune.data.formats import job_record
-
-    return job_record(record)  # with the record's tools and FILE:LINE (per-record errors)
 
 
 @dataclass
 class TrainResult:
     run_dir: Path
     manifest: dict
-
-
-def default_run_dir() -> Path:
-    return Path("runs") / _dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
-
-
-def _prepare_run_dir(out: Optional[str]) -> Path:
-    run_dir = Path(out) if out else default_run_dir()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise EdgeTuneError(f"--out {run_dir}: exists and is not a directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and \
-            not (run_dir / manifest_mod.MANIFEST).exists() and \
-            not (run_dir / RUN_CONFIG).exists():  # a cancelled run: starting again is fine
-        raise EdgeTuneError(f"--out {run_dir}: directory is not empty and is not an edge-tune "
-                            "run; choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-RUN_CONFIG = "train_config.json"  # the run's settings, written when it starts (for --resume)
-
-
-def load_run_config(run_dir: Path) -> tuple[TrainConfig, dict]:
-    """(config, saved record) of a run started by :func:`train`; for ``--resume``."""
-    from edge_tune.config import build
-
-    path = Path(run_dir) / RUN_CONFIG
-    if not path.is_file():
-        raise EdgeTuneError(f"--resume {run_dir}: not a run directory that can be resumed "
-                            f"(no {RUN_CONFIG})")
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EdgeTuneError(f"{path}: unreadable ({exc})") from None
-    values = dict(saved["config"], out=str(run_dir))
-    return build(None, **{k: v for k, v in values.items() if v is not None}), saved
-
-
-def resume_state(run_dir: Path) -> Optional[dict]:
-    """Where a cancelled run stands: ``{"step", "total", "checkpoint"}``, or None when it
-    cannot be resumed (finished, or never started)."""
-    from edge_tune.backends.checkpoint import read_state
-
-    run_dir = Path(run_dir)
-    if not (run_dir / RUN_CONFIG).is_file():
-        return None
-    state = read_state(run_dir)
-    if state is None:
-        if (run_dir / manifest_mod.MANIFEST).is_file():
-            return None
-        return {"step": 0, "total": None, "checkpoint": False}  # cancelled before step 1
-    return {"step": state["step"], "total": state["total"], "checkpoint": True}
 
 
 def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
@@ -336,214 +272,7 @@ def _converted_base(base: dict, on_event: EventSink) -> Optional[Path]:
 # --- data inspection and runs on disk (for the TUI) --------------------------------------------
 
 
-def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "auto",
-                 on_event: EventSink = ignore, chat_template: Optional[str] = None,
-                 system_mode: Optional[str] = None) -> dict:
-    """``edge-tune data inspect``'s report (see :mod:`edge_tune.data.inspect`). Conversations
-    on a model with no chat template and no ``chat_template`` are refused before the model's
-    tokenizer is loaded (for a GGUF that is a dequantized copy of the whole model)."""
-    from edge_tune.data.inspect import inspect_data as _inspect
-
-    models.check_spec(model)
-    chosen = template_choice.given(chat_template)
-    records = []  # a given template needs no records: only its tokens are checked
-    if chosen is None:
-        try:
-            records = read_records(path, fmt=fmt, skip_invalid=True).records
-        except EdgeTuneError:
-            pass  # no valid record at all: the report's own reading says which line
-    template_choice.require_for_conversations(records, models.resolve(model, on_event), chosen)
-    return _inspect(path, model=model, seq_len=seq_len, fmt=fmt, on_event=on_event,
-                    chat_template=chat_template, system_mode=_system_mode(system_mode) or "keep")
-
-
-def model_template(model: str) -> dict:
-    """Whether ``--model`` brings its own chat template, read from the GGUF header or the HF
-    directory's files (no model load): ``{"known", "has", "name", "builtin"}``; ``known`` is
-    False for a hub ID not on disk. ``name``: the built-in name it equals, if any."""
-    known, text = template_choice.model_chat_template(models.resolve(model))
-    found = template_choice.of_text(text, "model")
-    return {"known": known, "has": found is not None, "name": found.name if found else None,
-            "builtin": template_choice.builtin_names()}
-
-
-def bad_records(path, fmt: str = "auto") -> list[dict]:
-    """Every invalid record of a data file, ``[{"line", "message"}]`` (``train`` stops at the
-    first one; ``--skip-invalid`` skips them all)."""
-    try:
-        result = read_records(path, fmt=fmt, skip_invalid=True)
-    except EdgeTuneError as exc:  # nothing valid at all: the error names the first bad one
-        return [{"line": None, "message": str(exc)}]
-    return [{"line": line, "message": message} for line, message in result.skipped]
-
-
-def _run_summary(run_dir: Path) -> Optional[dict]:
-    from edge_tune.backends.checkpoint import read_state
-
-    man = manifest_mod.read(run_dir)
-    saved_path = run_dir / RUN_CONFIG
-    if man is None and not saved_path.is_file():
-        return None
-    row: dict = {"path": str(run_dir), "name": run_dir.name}
-    if man is not None:
-        res = man.get("result", {})
-        gguf = man.get("adapter", {}).get("gguf")
-        row.update(status="done", created=man.get("created"), step=res.get("steps"),
-                   total=res.get("steps"), final_loss=res.get("final_loss"),
-                   val_loss=res.get("val_loss"), tokens_per_second=res.get("tokens_per_second"),
-                   train_seconds=res.get("train_seconds"),
-                   base=man.get("base", {}).get("name") or man.get("base", {}).get("spec"),
-                   data=man.get("data", {}).get("path"),
-                   adapter_gguf=str(run_dir / gguf) if gguf and (run_dir / gguf).is_file()
-                   else None, hyperparameters=man.get("hyperparameters", {}))
-        return row
-    try:
-        saved = json.loads(saved_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        saved = {}
-    state = read_state(run_dir)
-    losses = (state or {}).get("losses") or []
-    row.update(status="cancelled", created=None, step=(state or {}).get("step", 0),
-               total=(state or {}).get("total"), final_loss=losses[-1] if losses else None,
-               val_loss=(state or {}).get("val_loss"), tokens_per_second=None,
-               train_seconds=(state or {}).get("train_seconds"), base=None,
-               data=saved.get("config", {}).get("data"), adapter_gguf=None,
-               hyperparameters=saved.get("config", {}))
-    return row
-
-
-def list_runs(root: Path = Path("runs")) -> list[dict]:
-    """The runs under ``root`` (finished and cancelled), newest first, with their metrics
-    from ``manifest.json`` (or the checkpoint of a cancelled run)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    rows = [r for d in root.iterdir() if d.is_dir() for r in [_run_summary(d)] if r]
-    return sorted(rows, key=lambda r: (r.get("created") or "", r["name"]), reverse=True)
-
-
-def delete_run(run_dir: Path) -> None:
-    """Remove a run directory; refuses anything that is not an edge-tune run."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir() or _run_summary(run_dir) is None:
-        raise EdgeTuneError(f"{run_dir}: not an edge-tune run directory; not deleting it")
-    shutil.rmtree(run_dir)
-
-
 # --- plan ------------------------------------------------------------------------------------
-
-PLANNED = ("batch_size", "grad_accum", "seq_len", "grad_checkpoint")  # what the planner may change
-
-
-def planner_describe(p) -> str:
-    from edge_tune.planner import describe
-
-    return describe(p)
-
-
-def model_shape(ref: models.ModelRef):
-    """The planner's view of a model (its shape), from GGUF metadata or config.json."""
-    from edge_tune import planner
-
-    if ref.gguf is not None:
-        from edge_tune.converters.base_info import field_value, open_gguf
-
-        reader = open_gguf(ref.gguf)
-        arch = field_value(reader, "general.architecture")
-        fields = {k: field_value(reader, k) for k in reader.fields if k.startswith(arch + ".")}
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        vocab = fields.get(f"{arch}.vocab_size") or (len(tokens.data) if tokens else 0)
-        tied = all(t.name != "output.weight" for t in reader.tensors)
-        try:
-            return planner.shape_from_gguf_fields(arch, fields, int(vocab), tied)
-        except (KeyError, TypeError, ValueError):
-            return None
-    if ref.hf_dir is not None and (Path(ref.hf_dir) / "config.json").is_file():
-        config = json.loads((Path(ref.hf_dir) / "config.json").read_text())
-        size = sum(f.stat().st_size for f in Path(ref.hf_dir).glob("*.safetensors"))
-        try:
-            return planner.shape_from_hf_config(config.get("text_config", config), size)
-        except (KeyError, TypeError, ValueError):
-            return None
-    return None
-
-
-def _longest_tokens(records: list[dict]) -> int:
-    """A cautious guess of the longest example in tokens without tokenizing: ~3 characters per
-    token plus the chat template's markers. Pure."""
-    longest = 0
-    for r in records:
-        msgs = r.get("messages") or []
-        chars = len(r.get("text") or "") + sum(len(str(m.get("content") or "")) for m in msgs)
-        longest = max(longest, chars // 3 + 8 * len(msgs) + 8)
-    return longest
-
-
-def _plan(cfg: TrainConfig, ref: models.ModelRef, backend: str, hw, train_records: list):
-    import math
-
-    import psutil
-
-    from edge_tune import planner
-
-    shape = model_shape(ref)
-    if shape is None:
-        return None
-    nproc = max(1, getattr(cfg, "nproc", 1))
-    if registry.capabilities(backend).device == "cuda" and hw.cuda_gpus:
-        # One rank per GPU: each plans against its own card (the smallest of those used).
-        free = min((getattr(g, "vram_free_gib", None) or g.vram_gib)
-                   for g in hw.cuda_gpus[:nproc])
-        budget = cfg.memory_gib * planner.GIB if cfg.memory_gib else free * planner.GIB
-    else:
-        # The planner is per process: with --nproc N each rank holds a full copy of the model
-        # on this node, so each gets 1/N of the memory (leaving room for the rest of the box).
-        budget = (cfg.memory_gib * planner.GIB if cfg.memory_gib
-                  else psutil.virtual_memory().available * 0.9) / nproc
-    machine = planner.Machine(budget_bytes=budget,
-                              physical_cores=max(1, hw.physical_cores // nproc),
-                              cpu_bf16=hw.has_bf16_cpu, apple=hw.apple is not None,
-                              gpu_name=hw.cuda_gpus[0].name if hw.cuda_gpus else "")
-    per_step = cfg.batch_size * cfg.grad_accum * nproc * max(1, getattr(cfg, "nnodes", 1))
-    steps = cfg.max_steps or max(1, round(cfg.epochs * math.ceil(len(train_records) / per_step)))
-    return planner.fit(shape, backend, cfg.to_dict(), machine, steps,
-                       _longest_tokens(train_records) or None)
-
-
-def _check_plan(p) -> None:
-    from edge_tune.planner import GIB
-
-    if p.fits:
-        return
-    e = p.estimate
-    have = f"but {p.budget_bytes / GIB:.2f} GiB is available"
-    if e.load_peak > p.budget_bytes:
-        raise EdgeTuneError(f"loading this model for training needs ~{e.load_peak / GIB:.2f} GiB "
-                            f"{have}; free memory, raise --memory-gib or use a smaller model")
-    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in e.parts.items())
-    raise EdgeTuneError(f"this run needs ~{e.peak / GIB:.2f} GiB ({parts} GiB) even at batch "
-                        f"size 1 with gradient checkpointing and seq-len {p.config['seq_len']}, "
-                        f"{have}; free memory or use a smaller model")
-
-
-def plan(cfg: TrainConfig, on_event: EventSink = ignore) -> dict:
-    """What ``train`` would do: backend, predicted peak memory and time, settings changed to
-    fit. Reads the data and model metadata only; loads no model."""
-    models.check_spec(cfg.model)
-    chosen = template_choice.given(cfg.chat_template)
-    records = [_job_record(r) for r in _read_data(cfg.data, cfg, on_event).records]
-    train_records, _ = split_validation(records, cfg.val_split, cfg.seed)
-    ref = models.resolve(cfg.model, on_event)
-    template_choice.require_for_conversations(records, ref, chosen)
-    hw = probe()
-    backend, why = registry.choose(cfg.backend, hw)
-    p = _plan(cfg, ref, backend, hw, train_records)
-    if p is None:
-        raise EdgeTuneError(f"--model {cfg.model}: cannot read this model's shape to plan")
-    return {"backend": backend, "backend_reason": why, "model": ref.spec,
-            "records": len(train_records), **p.to_dict(), "summary": planner_describe(p),
-            "chat_template": (chosen.name or cfg.chat_template) if chosen else None}
-
 
 # --- export ----------------------------------------------------------------------------------
 
@@ -820,52 +549,6 @@ def _write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Opt
 
 
 # --- convert-base ----------------------------------------------------------------------------
-
-
-def convert_base(model: str, out: Optional[Path] = None, outtype: str = "f16",
-                 on_event: EventSink = ignore) -> Path:
-    """HF model directory or hub ID -> GGUF base, with llama.cpp's own converter (taken from the
-    installed llama-cpp-python's sdist; see :mod:`edge_tune.converters.hf_to_gguf`)."""
-    from edge_tune.converters import hf_to_gguf
-
-    kind = models.check_spec(model)
-    if kind in ("gguf", "default"):
-        raise EdgeTuneError(f"{model}: already a GGUF model; convert-base takes an HF model "
-                            "directory or hub ID")
-    ref = models.resolve(model, on_event)
-    hf_dir = models.hf_dir_for(ref, on_event)
-    if out is None:
-        out = Path(f"{Path(str(hf_dir)).name}-{outtype.lower()}.gguf")
-    _check_llama_cpp_computes_as_hf(Path(hf_dir))
-    # A hub ID already means network: then a missing converter is fetched too.
-    path = hf_to_gguf.convert(Path(hf_dir), Path(out), outtype, on_event,
-                              fetch=ref.hub_id is not None)
-    on_event(Log(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB)"))
-    on_event(Done("convert-base", {"path": str(path)}))
-    return path
-
-
-def _check_llama_cpp_computes_as_hf(hf_dir: Path) -> None:
-    """Raise EdgeTuneError when llama.cpp would run the converted GGUF differently from the HF
-    model in ``hf_dir`` (see :func:`edge_tune.gguf_config.query_scale_problem`)."""
-    from edge_tune.gguf_config import query_scale_problem
-
-    try:
-        config = json.loads((hf_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return  # the converter's own checks say what is wrong with it
-    if problem := query_scale_problem(config.get("text_config") or config):
-        raise EdgeTuneError(f"{hf_dir / 'config.json'}: {problem}")
-
-
-def fetch_converter(sdist: Optional[Path] = None, on_event: EventSink = ignore) -> Path:
-    """Put llama.cpp's converter (from the installed llama-cpp-python's sdist) in the cache, so
-    convert-base runs offline. ``sdist``: a local copy instead of pip."""
-    from edge_tune.converters import hf_to_gguf
-
-    path = hf_to_gguf.fetch_converter(sdist, on_event)
-    on_event(Done("fetch-converter", {"path": str(path)}))
-    return path
 
 
 # --- verify ----------------------------------------------------------------------------------

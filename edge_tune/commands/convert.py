@@ -1,0 +1,58 @@
+"""``convert-base`` and ``fetch-converter``: HF weights -> GGUF base with llama.cpp's own
+converter (see :mod:`edge_tune.converters.hf_to_gguf`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from edge_tune import models
+from edge_tune.errors import EdgeTuneError
+from edge_tune.events import Done, EventSink, Log, ignore
+
+
+def convert_base(model: str, out: Optional[Path] = None, outtype: str = "f16",
+                 on_event: EventSink = ignore) -> Path:
+    """HF model directory or hub ID -> GGUF base, with llama.cpp's own converter (taken from the
+    installed llama-cpp-python's sdist; see :mod:`edge_tune.converters.hf_to_gguf`)."""
+    from edge_tune.converters import hf_to_gguf
+
+    kind = models.check_spec(model)
+    if kind in ("gguf", "default"):
+        raise EdgeTuneError(f"{model}: already a GGUF model; convert-base takes an HF model "
+                            "directory or hub ID")
+    ref = models.resolve(model, on_event)
+    hf_dir = models.hf_dir_for(ref, on_event)
+    if out is None:
+        out = Path(f"{Path(str(hf_dir)).name}-{outtype.lower()}.gguf")
+    check_llama_cpp_computes_as_hf(Path(hf_dir))
+    # A hub ID already means network: then a missing converter is fetched too.
+    path = hf_to_gguf.convert(Path(hf_dir), Path(out), outtype, on_event,
+                              fetch=ref.hub_id is not None)
+    on_event(Log(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB)"))
+    on_event(Done("convert-base", {"path": str(path)}))
+    return path
+
+
+def check_llama_cpp_computes_as_hf(hf_dir: Path) -> None:
+    """Raise EdgeTuneError when llama.cpp would run the converted GGUF differently from the HF
+    model in ``hf_dir`` (see :func:`edge_tune.gguf_config.query_scale_problem`)."""
+    from edge_tune.gguf_config import query_scale_problem
+
+    try:
+        config = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the converter's own checks say what is wrong with it
+    if problem := query_scale_problem(config.get("text_config") or config):
+        raise EdgeTuneError(f"{hf_dir / 'config.json'}: {problem}")
+
+
+def fetch_converter(sdist: Optional[Path] = None, on_event: EventSink = ignore) -> Path:
+    """Put llama.cpp's converter (from the installed llama-cpp-python's sdist) in the cache, so
+    convert-base runs offline. ``sdist``: a local copy instead of pip."""
+    from edge_tune.converters import hf_to_gguf
+
+    path = hf_to_gguf.fetch_converter(sdist, on_event)
+    on_event(Done("fetch-converter", {"path": str(path)}))
+    return path

@@ -1,0 +1,151 @@
+"""``plan``: what ``train`` would do (backend, peak memory, time, settings changed to fit),
+from the data and the model's metadata only; also the data reading ``train`` shares."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edge_tune import models, template_choice
+from edge_tune.backends import registry
+from edge_tune.config import TrainConfig
+from edge_tune.data.formats import read_records
+from edge_tune.data.split import split_validation
+from edge_tune.errors import EdgeTuneError
+from edge_tune.events import EventSink, Log, ignore
+from edge_tune.hardware import probe
+
+PLANNED = ("batch_size", "grad_accum", "seq_len", "grad_checkpoint")  # what the planner may change
+
+
+def read_data(path: str, cfg: TrainConfig, on_event: EventSink):
+    """The records of a data file (``cfg.format``, ``cfg.skip_invalid``), with what was read
+    and skipped reported as events."""
+    result = read_records(path, fmt=cfg.format, skip_invalid=cfg.skip_invalid)
+    if result.skipped:
+        lines = ", ".join(str(n) for n, _ in result.skipped[:20])
+        more = " ..." if len(result.skipped) > 20 else ""
+        on_event(Log(f"{path}: skipped {len(result.skipped)} invalid records (lines {lines}{more});"
+                     f" first: {result.skipped[0][1]}", "warning"))
+    on_event(Log(f"{path}: {len(result.records)} records, format {result.format}"))
+    return result
+
+
+def job_record(record) -> dict:
+    """A record as the training job carries it."""
+    from edge_tune.data.formats import job_record
+
+    return job_record(record)  # with the record's tools and FILE:LINE (per-record errors)
+
+
+def planner_describe(p) -> str:
+    from edge_tune.planner import describe
+
+    return describe(p)
+
+
+def model_shape(ref: models.ModelRef):
+    """The planner's view of a model (its shape), from GGUF metadata or config.json."""
+    from edge_tune import planner
+
+    if ref.gguf is not None:
+        from edge_tune.converters.base_info import field_value, open_gguf
+
+        reader = open_gguf(ref.gguf)
+        arch = field_value(reader, "general.architecture")
+        fields = {k: field_value(reader, k) for k in reader.fields if k.startswith(arch + ".")}
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        vocab = fields.get(f"{arch}.vocab_size") or (len(tokens.data) if tokens else 0)
+        tied = all(t.name != "output.weight" for t in reader.tensors)
+        try:
+            return planner.shape_from_gguf_fields(arch, fields, int(vocab), tied)
+        except (KeyError, TypeError, ValueError):
+            return None
+    if ref.hf_dir is not None and (Path(ref.hf_dir) / "config.json").is_file():
+        config = json.loads((Path(ref.hf_dir) / "config.json").read_text())
+        size = sum(f.stat().st_size for f in Path(ref.hf_dir).glob("*.safetensors"))
+        try:
+            return planner.shape_from_hf_config(config.get("text_config", config), size)
+        except (KeyError, TypeError, ValueError):
+            return None
+    return None
+
+
+def _longest_tokens(records: list[dict]) -> int:
+    """A cautious guess of the longest example in tokens without tokenizing: ~3 characters per
+    token plus the chat template's markers. Pure."""
+    longest = 0
+    for r in records:
+        msgs = r.get("messages") or []
+        chars = len(r.get("text") or "") + sum(len(str(m.get("content") or "")) for m in msgs)
+        longest = max(longest, chars // 3 + 8 * len(msgs) + 8)
+    return longest
+
+
+def fit_plan(cfg: TrainConfig, ref: models.ModelRef, backend: str, hw, train_records: list):
+    """The planner's plan for this run on this machine (``planner.fit``), or None when the
+    model's shape cannot be read."""
+    import math
+
+    import psutil
+
+    from edge_tune import planner
+
+    shape = model_shape(ref)
+    if shape is None:
+        return None
+    nproc = max(1, getattr(cfg, "nproc", 1))
+    if registry.capabilities(backend).device == "cuda" and hw.cuda_gpus:
+        # One rank per GPU: each plans against its own card (the smallest of those used).
+        free = min((getattr(g, "vram_free_gib", None) or g.vram_gib)
+                   for g in hw.cuda_gpus[:nproc])
+        budget = cfg.memory_gib * planner.GIB if cfg.memory_gib else free * planner.GIB
+    else:
+        # The planner is per process: with --nproc N each rank holds a full copy of the model
+        # on this node, so each gets 1/N of the memory (leaving room for the rest of the box).
+        budget = (cfg.memory_gib * planner.GIB if cfg.memory_gib
+                  else psutil.virtual_memory().available * 0.9) / nproc
+    machine = planner.Machine(budget_bytes=budget,
+                              physical_cores=max(1, hw.physical_cores // nproc),
+                              cpu_bf16=hw.has_bf16_cpu, apple=hw.apple is not None,
+                              gpu_name=hw.cuda_gpus[0].name if hw.cuda_gpus else "")
+    per_step = cfg.batch_size * cfg.grad_accum * nproc * max(1, getattr(cfg, "nnodes", 1))
+    steps = cfg.max_steps or max(1, round(cfg.epochs * math.ceil(len(train_records) / per_step)))
+    return planner.fit(shape, backend, cfg.to_dict(), machine, steps,
+                       _longest_tokens(train_records) or None)
+
+
+def check_plan(p) -> None:
+    """Raise EdgeTuneError when the plan does not fit in memory even at its smallest."""
+    from edge_tune.planner import GIB
+
+    if p.fits:
+        return
+    e = p.estimate
+    have = f"but {p.budget_bytes / GIB:.2f} GiB is available"
+    if e.load_peak > p.budget_bytes:
+        raise EdgeTuneError(f"loading this model for training needs ~{e.load_peak / GIB:.2f} GiB "
+                            f"{have}; free memory, raise --memory-gib or use a smaller model")
+    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in e.parts.items())
+    raise EdgeTuneError(f"this run needs ~{e.peak / GIB:.2f} GiB ({parts} GiB) even at batch "
+                        f"size 1 with gradient checkpointing and seq-len {p.config['seq_len']}, "
+                        f"{have}; free memory or use a smaller model")
+
+
+def plan(cfg: TrainConfig, on_event: EventSink = ignore) -> dict:
+    """What ``train`` would do: backend, predicted peak memory and time, settings changed to
+    fit. Reads the data and model metadata only; loads no model."""
+    models.check_spec(cfg.model)
+    chosen = template_choice.given(cfg.chat_template)
+    records = [job_record(r) for r in read_data(cfg.data, cfg, on_event).records]
+    train_records, _ = split_validation(records, cfg.val_split, cfg.seed)
+    ref = models.resolve(cfg.model, on_event)
+    template_choice.require_for_conversations(records, ref, chosen)
+    hw = probe()
+    backend, why = registry.choose(cfg.backend, hw)
+    p = fit_plan(cfg, ref, backend, hw, train_records)
+    if p is None:
+        raise EdgeTuneError(f"--model {cfg.model}: cannot read this model's shape to plan")
+    return {"backend": backend, "backend_reason": why, "model": ref.spec,
+            "records": len(train_records), **p.to_dict(), "summary": planner_describe(p),
+            "chat_template": (chosen.name or cfg.chat_template) if chosen else None}

@@ -1,0 +1,128 @@
+"""Run directories on disk: where a new run goes, what a run holds, and what can be done with
+one (list, delete, resume).
+
+A run directory holds ``train_config.json`` (:data:`RUN_CONFIG`, written when training starts)
+and, once finished, ``manifest.json`` (:mod:`edge_tune.manifest`); a cancelled run keeps its
+checkpoint (:mod:`edge_tune.backends.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from edge_tune import manifest as manifest_mod
+from edge_tune.config import TrainConfig
+from edge_tune.errors import EdgeTuneError
+
+RUN_CONFIG = "train_config.json"  # the run's settings, written when it starts (for --resume)
+
+
+def default_run_dir() -> Path:
+    """``runs/run-YYYYmmdd-HHMMSS`` (local time), relative to the working directory."""
+    return Path("runs") / _dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+
+
+def prepare_run_dir(out: Optional[str]) -> Path:
+    """Create the directory a new run writes into (``--out``, else :func:`default_run_dir`).
+    Raises EdgeTuneError for a file, or a non-empty directory that is not an edge-tune run."""
+    run_dir = Path(out) if out else default_run_dir()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EdgeTuneError(f"--out {run_dir}: exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and \
+            not (run_dir / manifest_mod.MANIFEST).exists() and \
+            not (run_dir / RUN_CONFIG).exists():  # a cancelled run: starting again is fine
+        raise EdgeTuneError(f"--out {run_dir}: directory is not empty and is not an edge-tune "
+                            "run; choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def load_run_config(run_dir: Path) -> tuple[TrainConfig, dict]:
+    """(config, saved record) of a run started by ``train``; for ``--resume``."""
+    from edge_tune.config import build
+
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise EdgeTuneError(f"--resume {run_dir}: not a run directory that can be resumed "
+                            f"(no {RUN_CONFIG})")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EdgeTuneError(f"{path}: unreadable ({exc})") from None
+    values = dict(saved["config"], out=str(run_dir))
+    return build(None, **{k: v for k, v in values.items() if v is not None}), saved
+
+
+def resume_state(run_dir: Path) -> Optional[dict]:
+    """Where a cancelled run stands: ``{"step", "total", "checkpoint"}``, or None when it
+    cannot be resumed (finished, or never started)."""
+    from edge_tune.backends.checkpoint import read_state
+
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_CONFIG).is_file():
+        return None
+    state = read_state(run_dir)
+    if state is None:
+        if (run_dir / manifest_mod.MANIFEST).is_file():
+            return None
+        return {"step": 0, "total": None, "checkpoint": False}  # cancelled before step 1
+    return {"step": state["step"], "total": state["total"], "checkpoint": True}
+
+
+def run_summary(run_dir: Path) -> Optional[dict]:
+    """One row of :func:`list_runs` (status ``done`` or ``cancelled``), or None when
+    ``run_dir`` is not an edge-tune run."""
+    from edge_tune.backends.checkpoint import read_state
+
+    man = manifest_mod.read(run_dir)
+    saved_path = run_dir / RUN_CONFIG
+    if man is None and not saved_path.is_file():
+        return None
+    row: dict = {"path": str(run_dir), "name": run_dir.name}
+    if man is not None:
+        res = man.get("result", {})
+        gguf = man.get("adapter", {}).get("gguf")
+        row.update(status="done", created=man.get("created"), step=res.get("steps"),
+                   total=res.get("steps"), final_loss=res.get("final_loss"),
+                   val_loss=res.get("val_loss"), tokens_per_second=res.get("tokens_per_second"),
+                   train_seconds=res.get("train_seconds"),
+                   base=man.get("base", {}).get("name") or man.get("base", {}).get("spec"),
+                   data=man.get("data", {}).get("path"),
+                   adapter_gguf=str(run_dir / gguf) if gguf and (run_dir / gguf).is_file()
+                   else None, hyperparameters=man.get("hyperparameters", {}))
+        return row
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        saved = {}
+    state = read_state(run_dir)
+    losses = (state or {}).get("losses") or []
+    row.update(status="cancelled", created=None, step=(state or {}).get("step", 0),
+               total=(state or {}).get("total"), final_loss=losses[-1] if losses else None,
+               val_loss=(state or {}).get("val_loss"), tokens_per_second=None,
+               train_seconds=(state or {}).get("train_seconds"), base=None,
+               data=saved.get("config", {}).get("data"), adapter_gguf=None,
+               hyperparameters=saved.get("config", {}))
+    return row
+
+
+def list_runs(root: Path = Path("runs")) -> list[dict]:
+    """The runs under ``root`` (finished and cancelled), newest first, with their metrics
+    from ``manifest.json`` (or the checkpoint of a cancelled run)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    rows = [r for d in root.iterdir() if d.is_dir() for r in [run_summary(d)] if r]
+    return sorted(rows, key=lambda r: (r.get("created") or "", r["name"]), reverse=True)
+
+
+def delete_run(run_dir: Path) -> None:
+    """Remove a run directory; refuses anything that is not an edge-tune run."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or run_summary(run_dir) is None:
+        raise EdgeTuneError(f"{run_dir}: not an edge-tune run directory; not deleting it")
+    shutil.rmtree(run_dir)
