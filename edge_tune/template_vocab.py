@@ -121,5 +121,5 @@ def require_template_tokens(chosen, ref) -> None:
             else "no built-in fits; give a Jinja file using this model's own special tokens")
     name = chosen.name or "FILE"
     raise EdgeTuneError(f"--chat-template {name}: {missing[0]!r} is not a token of the "
-                        f"vocabulary of --model {ref.spec} (the template's turn markers would "
-                        f"be trained as text and generation would not stop; {hint})")
+                        f"vocabulary of {ref.spec} (the template's turn markers would be "
+                        f"trained or read as text, and generation would not stop; {hint})")

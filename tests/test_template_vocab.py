@@ -43,6 +43,8 @@ def test_foreign_template_is_refused_before_loading(tiny, tmp_path):
     proc.stderr = proc.stderr.split("\n", 1)[1]  # train first reports what it read
     assert_one_line_error(proc, "--chat-template FILE: '<end_of_turn>' is not a token")
     assert not (tmp_path / "run").exists()
+    proc = run_cli("chat", "--base", str(tiny), "--chat-template", "phi3", "--prompt", "hi")
+    assert_one_line_error(proc, "--chat-template phi3: '<|end|>' is not a token")
     proc = run_cli("data", "inspect", str(data), "--model", str(tiny), "--chat-template",
                    "chatml")
     assert proc.returncode == 0, proc.stderr
