@@ -130,7 +130,7 @@ def _unsloth_only_here(monkeypatch, **caps):
     unsloth = BACKENDS["unsloth"]
     monkeypatch.setitem(BACKENDS, "unsloth", replace(
         unsloth, check=lambda hw: None, can=replace(unsloth.can, **caps)))
-    monkeypatch.setattr(api, "probe", lambda: _hardware())
+    monkeypatch.setattr("edge_tune.commands.train.probe", lambda: _hardware())
 
 
 def _hardware():

@@ -223,7 +223,7 @@ def test_api_resumes_an_unsloth_run(tmp_path, demo_jsonl, monkeypatch):
         {"format": checkpoint.FORMAT, "step": 2, "total": 4, "slots": 1}))
     (run / "train.log").write_text("the cancelled attempt\n")
     hw = dataclasses.replace(api.probe(), cuda_gpus=[CudaGpu("A GPU", 16.0, "8.0", True)])
-    monkeypatch.setattr(api, "probe", lambda *a, **k: hw)
+    monkeypatch.setattr("edge_tune.commands.train.probe", lambda *a, **k: hw)
     monkeypatch.setattr(registry, "choose", lambda requested, hw: ("unsloth", "a GPU"))
 
     with pytest.raises(EdgeTuneError) as info:

@@ -1,0 +1,65 @@
+"""``bundle``: a base and the adapters of some runs (or one run merged) packed into a folder
+or .tar.gz for an edge box; the layout is :mod:`edge_tune.bundle`'s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from edge_tune import template_choice
+from edge_tune.adapters import resolve_chat
+from edge_tune.commands.export import export
+from edge_tune.errors import EdgeTuneError
+from edge_tune.events import EventSink, ignore
+from edge_tune.fsutil import sha256_file
+
+
+def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool = False,
+           quant: Optional[str] = None, on_event: EventSink = ignore,
+           chat_template: Optional[str] = None) -> Path:
+    """Pack a base and the adapters of ``runs`` (``RUN`` or ``NAME=RUN``) into a folder or
+    .tar.gz for an edge box; with ``merged``, one run merged into the base instead. Each
+    adapter is served with its run's chat template; ``chat_template`` replaces them all."""
+    import tempfile
+
+    from edge_tune import bundle as bundle_mod
+    from edge_tune.converters.base_info import from_gguf
+    from edge_tune.converters.validate import validate_adapter_file
+
+    if not runs:
+        raise EdgeTuneError("bundle: name at least one run directory or adapter .gguf")
+    if merged and len(runs) != 1:
+        raise EdgeTuneError("--merged: merges one run into the base; name exactly one RUN")
+    items, base_path, base_sha, templates = [], None, None, {}
+    forced = template_choice.given(chat_template)
+    for arg in runs:
+        name, path = bundle_mod.split_run_arg(str(arg))  # the TUI passes Paths
+        target = resolve_chat(Path(path), base, chat_template)
+        if base_path is None:
+            base_path, base_sha = target.base, sha256_file(target.base)
+        elif target.base != base_path and sha256_file(target.base) != base_sha:
+            raise EdgeTuneError(f"bundle: {path} was trained on {target.base}, not on "
+                                f"{base_path}; a bundle carries one base")
+        items.append((name or bundle_mod.default_name(Path(path)), target.adapter,
+                      target.manifest))
+        if target.chat_template is not None:
+            templates[items[-1][0]] = target.chat_template.text
+    info = from_gguf(base_path)
+    for _, adapter_gguf, _ in items:
+        validate_adapter_file(adapter_gguf, info)  # refuse now, not on the edge box
+    template = forced.text if forced else template_choice.gguf_chat_template(base_path)
+    with tempfile.TemporaryDirectory() as work:
+        if merged:
+            name, _, man = items[0]
+            template = templates.get(name) or template  # the merged model is the run's
+            result = export(Path(bundle_mod.split_run_arg(str(runs[0]))[1]), base=base_path,
+                            out=Path(work) / f"{name}-merged.gguf", merge=True, quant=quant,
+                            on_event=on_event)
+            plan = bundle_mod.plan_bundle(Path(result["path"]), [], template, merged=name)
+            if man is not None:
+                plan.manifests[name] = man
+        else:
+            if quant is not None:
+                raise EdgeTuneError("--quant applies to --merged bundles only")
+            plan = bundle_mod.plan_bundle(base_path, items, template, templates=templates)
+        return bundle_mod.write_bundle(plan, Path(out), on_event)

@@ -1,0 +1,195 @@
+"""``export``: a run's (or a PEFT / mlx-lm) adapter as a GGUF LoRA, merged into its base
+(optionally quantized by llama.cpp), as an Ollama Modelfile, or as a vLLM adapter with its
+``vllm serve`` line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from edge_tune import template_choice
+from edge_tune.adapters import conversion_base, merge_base, peft_adapter, vllm_base
+from edge_tune.commands.verify import verify_hook
+from edge_tune.errors import EdgeTuneError
+from edge_tune.events import Done, EventSink, Log, Progress, ignore
+from edge_tune.fsutil import sha256_file
+
+
+def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = None,
+           outtype: str = "f32", on_event: EventSink = ignore, _base_sha256: Optional[str] = None,
+           merge: bool = False, quant: Optional[str] = None, ollama: Optional[Path] = None,
+           verify: bool = False, system: Optional[str] = None, vllm: Optional[Path] = None,
+           chat_template: Optional[str] = None):
+    """Convert a PEFT adapter (or a run's adapter) to a GGUF LoRA adapter; with ``merge``,
+    write one GGUF with the adapter merged into the base (``quant``: F16 default, Q4_K_M,
+    ...). ``verify`` checks llama.cpp against the training framework afterwards (runs only);
+    ``ollama`` writes a Modelfile into that directory (``system``: its SYSTEM prompt).
+    ``chat_template`` (``--chat-template``; default: the run's) goes into the Modelfile's
+    TEMPLATE and, with ``merge``, into a merged GGUF whose base has none."""
+    from edge_tune.converters import peft_to_gguf
+
+    if chat_template is not None and ollama is None and not merge:
+        raise EdgeTuneError("--chat-template: applies to --ollama (the Modelfile's TEMPLATE) "
+                            "and --merge; an adapter GGUF carries no template")
+    peft_dir, man = peft_adapter(Path(adapter))
+    template = template_choice.choose(chat_template, man)
+    if vllm is not None:  # vLLM serves the PEFT directory itself: no GGUF involved
+        return _export_vllm(Path(adapter), peft_dir, man, base, Path(vllm), on_event)
+    if merge:  # merge reads the base itself: parsing a GGUF's vocabulary twice costs seconds
+        return _export_merged(Path(adapter), peft_dir, man, merge_base(man, base), out,
+                              quant or "F16", on_event, verify=verify, ollama=ollama,
+                              system=system, template=template)
+    info, base_gguf = conversion_base(peft_dir, man, base)
+    if quant is not None:
+        raise EdgeTuneError("--quant applies to merged exports only: add --merge (an adapter "
+                            "GGUF takes --outtype f32|f16|q8_0)")
+    if out is None:
+        out = (Path(adapter) / "adapter.gguf") if man is not None else \
+            Path(adapter).with_name(Path(adapter).name + ".gguf")
+    meta = {"general.name": f"edge-tune LoRA ({Path(adapter).name})"}
+    if base_gguf is not None:
+        meta["edge_tune.base_sha256"] = _base_sha256 or sha256_file(base_gguf)
+        meta["edge_tune.base_name"] = Path(base_gguf).name
+    plan = peft_to_gguf.convert(peft_dir, info, Path(out), outtype, meta)
+    on_event(Log(f"wrote {out} ({len(plan.tensors) // 2} LoRA pairs, rank {plan.rank}, "
+                 f"alpha {plan.alpha:g}, {outtype})"))
+    if verify and man is not None:
+        verify_hook(Path(adapter), base, on_event, adapter_gguf=Path(out))
+    if ollama is not None:
+        _write_ollama(Path(ollama), base_gguf, Path(out), system, man, on_event, template)
+    on_event(Done("export", {"path": str(out)}))
+    return plan
+
+
+def _export_vllm(adapter: Path, peft_dir: Path, man: Optional[dict], base: Optional[Path],
+                 directory: Path, on_event: EventSink) -> dict:
+    from edge_tune.converters import vllm_export
+
+    name = vllm_export.adapter_name(adapter.resolve().name)
+    result = vllm_export.export(peft_dir, directory, name, vllm_base(peft_dir, man, base))
+    on_event(Log(f"wrote {result['adapter_dir']} and {result['script']} (max LoRA rank "
+                 f"{result['max_lora_rank']} for rank {result['rank']})"))
+    on_event(Done("export", {"path": result["adapter_dir"], **result}))
+    return result
+
+
+def _export_merged(adapter: Path, peft_dir: Path, man: Optional[dict], base_gguf: Optional[Path],
+                   out: Optional[Path], quant: str, on_event: EventSink, verify: bool,
+                   ollama: Optional[Path], system: Optional[str] = None,
+                   template: Optional["template_choice.ChatTemplate"] = None) -> dict:
+    """Merge into an F32 GGUF first (exact; what verify checks), then let llama.cpp's own
+    quantizer make the requested type from it."""
+    import tempfile
+
+    from edge_tune.converters import merge as merge_mod
+    from edge_tune.converters import quantize as quant_mod
+    from edge_tune.converters.peft_to_gguf import read_peft_dir
+    from edge_tune.fsutil import atomic_path
+
+    name = quant_mod.normalize(quant)
+    if base_gguf is None:
+        raise EdgeTuneError(f"{adapter}: --merge needs a GGUF base: pass --base BASE.gguf "
+                            "(make one from an HF model with `edge-tune convert-base`)")
+    if out is None:
+        out = (adapter if man is not None else peft_dir.parent) / f"merged-{name.lower()}.gguf"
+    out = Path(out)
+    config, tensors = read_peft_dir(peft_dir)
+    meta = {"edge_tune.merged_adapter": peft_dir.name,
+            "edge_tune.base_sha256": sha256_file(base_gguf)}
+    if template is not None:
+        own = template_choice.gguf_chat_template(base_gguf)
+        if own is None:  # the merged model then chats as it was trained, with no flag
+            meta["tokenizer.chat_template"] = template.text
+        elif own != template.text:
+            on_event(Log(f"--merge: {out or 'the merged model'} keeps the base's own chat "
+                         f"template; chat with it using --chat-template "
+                         f"{template.name or 'FILE'} (the run's)", "warning"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = None
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as work:
+        f32 = out if name == "F32" else Path(work) / "merged-f32.gguf"
+        summary = merge_mod.merge(base_gguf, config, tensors, f32, "F32", where=str(peft_dir),
+                                  on_event=on_event, extra_metadata=meta)
+        if name != "F32":
+            merge_mod.check_disk(out.parent, int(summary["f32_bytes"] *
+                                 quant_mod.BITS_PER_WEIGHT[name] // 32), str(out))
+            on_event(Progress("quantize", 0, None, "", f"quantizing to {name} (llama.cpp)"))
+            with atomic_path(out) as tmp:
+                quant_mod.quantize(f32, tmp, name)
+            on_event(Progress("quantize", 1, 1, "", f"quantized to {name}"))
+        size = out.stat().st_size
+        on_event(Log(f"wrote {out} ({summary['merged']} merged tensors"
+                     f"{', DoRA' if summary['dora'] else ''}, {name}, {size / 2**20:.0f} MiB)"))
+        if verify and man is not None:
+            report = verify_hook(adapter, base_gguf, on_event, merged=out, merged_f32=f32)
+    if ollama is not None:
+        _write_ollama(Path(ollama), out, None, system, man, on_event, template)
+    result = {**summary, "path": str(out), "quant": name, "bytes": size, "verify": report}
+    on_event(Done("export", {"path": str(out)}))
+    return result
+
+
+def _place_beside(src: Path, directory: Path) -> str:
+    """Put ``src`` in ``directory`` (hard link, else copy) and return its name there."""
+    import os
+    import shutil
+
+    from edge_tune.fsutil import atomic_path
+
+    dst = directory / src.name
+    if dst.exists() and dst.resolve() == src.resolve():
+        return src.name
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+    return src.name
+
+
+def _write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Optional[Path],
+                  system: Optional[str], man: Optional[dict], on_event: EventSink,
+                  chosen: Optional["template_choice.ChatTemplate"] = None) -> Path:
+    """DIR/Modelfile (FROM model, ADAPTER adapter, TEMPLATE from the chat template: ``chosen``
+    (--chat-template or the run's), else the model's own; stop words, SYSTEM), with the files
+    it names placed beside it."""
+    from edge_tune.converters import ollama
+    from edge_tune.converters.base_info import field_value, open_gguf
+    from edge_tune.fsutil import write_text_atomic
+
+    if model_gguf is None:
+        raise EdgeTuneError("--ollama needs a GGUF base model (pass --base BASE.gguf)")
+    reader = open_gguf(Path(model_gguf))
+    template = chosen.text if chosen else field_value(reader, "tokenizer.chat_template")
+    tokens = field_value(reader, "tokenizer.ggml.tokens") or []
+    eos_id = field_value(reader, "tokenizer.ggml.eos_token_id")
+    eos = tokens[eos_id] if eos_id is not None and eos_id < len(tokens) else None
+    del reader
+    go, blocks = None, None
+    if template:
+        try:
+            go, blocks = ollama.translate(template, eos or "")
+        except ollama.Untranslatable as exc:
+            on_event(Log(f"--ollama: chat template not translated ({exc}); the Modelfile has no "
+                         "TEMPLATE, so Ollama falls back to its own detection", "warning"))
+    trim_note = ollama.trim_note(blocks)
+    if trim_note:
+        on_event(Log(f"--ollama: {trim_note}", "warning"))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # A run's base read from Ollama's store is named, not copied: Ollama already has it.
+    base_rec = (man or {}).get("base") or {}
+    from_ollama = base_rec.get("ollama") if adapter_gguf and base_rec.get("gguf") and \
+        Path(base_rec["gguf"]) == Path(model_gguf) else None
+    from_name = from_ollama or _place_beside(Path(model_gguf), directory)
+    adapter_name = _place_beside(Path(adapter_gguf), directory) if adapter_gguf else None
+    text = ollama.modelfile(from_ollama or f"./{from_name}",
+                            f"./{adapter_name}" if adapter_name else None, go,
+                            ollama.stop_words(blocks, eos), system,
+                            note="written by edge-tune export --ollama; run: ollama create NAME "
+                                 "-f Modelfile", notes=(trim_note,) if trim_note else ())
+    path = directory / "Modelfile"
+    write_text_atomic(path, text)
+    on_event(Log(f"wrote {path} (FROM {from_name}" + (f", ADAPTER {adapter_name}" if adapter_name
+                                                       else "") + ")"))
+    return path

@@ -1,0 +1,239 @@
+"""``train``: a LoRA adapter trained in a subprocess (:mod:`edge_tune.runner`), exported
+to GGUF, recorded in the run's manifest and checked by llama.cpp."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from edge_tune import manifest as manifest_mod
+from edge_tune import models, template_choice
+from edge_tune.backends import registry
+from edge_tune.commands.convert import check_llama_cpp_computes_as_hf
+from edge_tune.commands.export import export
+from edge_tune.commands.plan import (PLANNED, check_plan, fit_plan, job_record,
+                                     planner_describe, read_data)
+from edge_tune.commands.verify import verify_hook
+from edge_tune.config import TrainConfig
+from edge_tune.data.split import split_validation
+from edge_tune.errors import EdgeTuneError
+from edge_tune.events import Done, EventSink, Log, ignore
+from edge_tune.fsutil import sha256_file, write_text_atomic
+from edge_tune.hardware import probe
+from edge_tune.runs import RUN_CONFIG, load_run_config, prepare_run_dir, resume_state
+
+
+@dataclass
+class TrainResult:
+    """A finished run: its directory and its manifest (as written to manifest.json)."""
+    run_dir: Path
+    manifest: dict
+
+
+def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
+          cancel: Optional[threading.Event] = None,
+          resume: Optional[Path] = None) -> TrainResult:
+    """Train a LoRA adapter in a subprocess, export it to GGUF, write the manifest.
+
+    ``resume``: a run directory whose training was cancelled; its saved config is used
+    (``cfg`` must be None) and training continues from its checkpoint to the same total
+    steps."""
+    from edge_tune.backends.checkpoint import CHECKPOINT
+    from edge_tune.backends.job import TrainJob
+    from edge_tune.runner import TrainingProcess
+
+    saved = None
+    if resume is not None:
+        if cfg is not None:
+            raise EdgeTuneError("--resume continues a run with its own settings; give no other "
+                                "training options")
+        if resume_state(resume) is None:
+            raise EdgeTuneError(f"--resume {resume}: nothing to resume (the run finished or "
+                                f"has no {RUN_CONFIG})")
+        cfg, saved = load_run_config(resume)
+    assert cfg is not None
+    data_path = Path(cfg.data)
+    models.check_spec(cfg.model)  # bad input fails fast, before any download or heavy work
+    chosen = template_choice.given(cfg.chat_template)
+    hw = probe()
+    backend, why = registry.choose(cfg.backend, hw)  # an unusable backend: one line, first
+    if resume is not None and not registry.capabilities(backend).resumable:
+        raise EdgeTuneError(f"--resume {resume}: resuming is supported for the "
+                            f"{' and '.join(registry.having('resumable'))} "
+                            f"backends; this run uses {backend}: start it again")
+    if (cfg.nproc > 1 or cfg.nnodes > 1) and not registry.capabilities(backend).multi_process:
+        raise EdgeTuneError(f"--nproc/--nnodes: multi-process training runs on the cpu (gloo) "
+                            f"and unsloth (NCCL) backends, not {backend}")
+    if registry.capabilities(backend).device == "cuda" and cfg.nproc > len(hw.cuda_gpus):
+        raise EdgeTuneError(f"--nproc {cfg.nproc}: the {backend} backend runs one process per GPU "
+                            f"and this node has {len(hw.cuda_gpus)}")
+    data_sha256 = sha256_file(data_path) if data_path.is_file() else None
+    if saved is not None and saved.get("data_sha256") != data_sha256:
+        raise EdgeTuneError(f"--resume {resume}: {cfg.data} changed since the run started; "
+                            "start a new run instead")
+    data = read_data(cfg.data, cfg, on_event)
+    records = data.records
+    train_records, val_records = split_validation(
+        [job_record(r) for r in records], cfg.val_split, cfg.seed,
+        [job_record(r) for r in read_data(cfg.val, cfg, on_event).records] if cfg.val else None)
+    ref = models.resolve(cfg.model, on_event)
+    template_choice.require_for_conversations(train_records + val_records, ref, chosen)
+    base_sha256 = sha256_file(ref.gguf) if ref.gguf else None  # once: worker and manifest
+    on_event(Log(f"backend: {backend} ({why})"))
+    run_plan = None
+    if resume is None:  # a resumed run keeps the settings it was planned with
+        run_plan = fit_plan(cfg, ref, backend, hw, train_records)
+        if run_plan is not None:
+            check_plan(run_plan)
+            on_event(Log(planner_describe(run_plan)))
+            cfg = dataclasses.replace(cfg, **{k: run_plan.config[k] for k in PLANNED})
+    if resume is None:
+        existed = Path(cfg.out).exists() if cfg.out else False
+        run_dir = prepare_run_dir(cfg.out)
+        shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # a stale one from a reused dir
+        write_text_atomic(run_dir / RUN_CONFIG, json.dumps(
+            {"config": cfg.to_dict(), "data_sha256": data_sha256}, indent=2) + "\n")
+    else:
+        run_dir = Path(resume)
+    ckpt = run_dir / CHECKPOINT
+    job = TrainJob.from_dict({  # the wire contract: a key it does not have is an error
+        "config": cfg.to_dict(),
+        "backend": backend,
+        "model_ref": {"spec": ref.spec, "gguf": str(ref.gguf) if ref.gguf else None,
+                      "hf_dir": str(ref.hf_dir) if ref.hf_dir else None, "hub_id": ref.hub_id},
+        "base_sha256": base_sha256,
+        "records": train_records,
+        "val_records": val_records,
+        "run_dir": str(run_dir),
+        "physical_cores": hw.physical_cores,
+        "cpu_has_bf16": hw.has_bf16_cpu,
+        "resume_from": str(ckpt) if resume is not None and ckpt.is_dir() else None,
+        "chat_template": chosen.text if chosen else None,  # replaces the tokenizer's own
+    })
+    proc = TrainingProcess(job, run_dir, on_event)
+    if cancel is not None:
+        def watch() -> None:
+            while not cancel.wait(0.2):
+                if proc.proc.poll() is not None:
+                    return
+            proc.cancel()
+
+        threading.Thread(target=watch, daemon=True).start()
+    try:
+        result = proc.wait()
+    except EdgeTuneError as exc:
+        from edge_tune.errors import ExitCode
+
+        # The worker refused its input (data, tokenizer, model) before training: the run
+        # never started, so the folder made for it goes (a crash keeps it: the message names
+        # train.log; a reused --out folder stays).
+        if resume is None and not existed and exc.exit_code == ExitCode.BAD_INPUT:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    tokenizer_info = _template_record(result.pop("tokenizer", {}), chosen)
+    base = _base_record(ref, result.pop("hf_dir"), base_sha256)
+    adapter_info: dict = {"peft": "adapter"}
+    if result.get("mlx_adapter"):
+        adapter_info["mlx"] = result.pop("mlx_adapter")  # the native mlx-lm adapter dir
+    base_gguf = ref.gguf or _converted_base(base, on_event)  # HF weights: convert-base, cached
+    if base_gguf is not None:
+        plan = export(run_dir / "adapter", base=base_gguf, out=run_dir / "adapter.gguf",
+                      on_event=on_event, _base_sha256=base["sha256"])
+        adapter_info.update(gguf="adapter.gguf", alpha=plan.alpha, rank=plan.rank)
+    man = manifest_mod.build(
+        config=cfg.to_dict(), backend=backend, backend_reason=why, base=base,
+        data={"path": str(data_path.resolve()), "format": data.format,
+              "sha256": data_sha256,
+              "skipped": len(data.skipped),
+              "records": len(records), "examples": result.get("examples"),
+              "val": str(Path(cfg.val).resolve()) if cfg.val else None,
+              "val_records": len(val_records)},
+        result=result, tokenizer=tokenizer_info, adapter=adapter_info,
+        plan=run_plan.to_dict() if run_plan is not None else None)
+    manifest_mod.write(run_dir, man)
+    shutil.rmtree(ckpt, ignore_errors=True)  # finished: the adapter is the result
+    if getattr(cfg, "verify", True) and base_gguf is not None:
+        if _prequantized(Path(base["hf_dir"])):  # verify's torch side cannot load bnb weights
+            on_event(Log("verify: skipped (trained on pre-quantized 4-bit weights); run "
+                         f"`edge-tune verify {run_dir} --base {base_gguf}`", "warning"))
+        else:
+            verify_hook(run_dir, None, on_event)  # llama.cpp runs what was trained, or exit 1
+    on_event(Done("train", {"run_dir": str(run_dir)}))
+    return TrainResult(run_dir, man)
+
+
+def _template_record(tokenizer_info: dict, chosen) -> dict:
+    """The manifest's template fields: the text the data was rendered with, its built-in
+    name, where it came from, and the stop tokens (the template's end of turn included)."""
+    from edge_tune.templates import EOS, template_name
+
+    info = dict(tokenizer_info)
+    name = template_name(info.get("chat_template") or "")
+    info.update(chat_template_name=name,
+                chat_template_source="--chat-template" if chosen else "model")
+    if name and EOS[name] not in info.get("stop_tokens", []):
+        info["stop_tokens"] = [*info.get("stop_tokens", []), EOS[name]]
+    return info
+
+
+def _base_record(ref: models.ModelRef, hf_dir: str, sha256: Optional[str]) -> dict:
+    rec: dict = {"spec": ref.spec, "hf_dir": hf_dir}
+    if ref.gguf is not None:
+        from edge_tune.converters.base_info import from_gguf
+
+        info = from_gguf(ref.gguf)
+        rec.update(gguf=str(ref.gguf), sha256=sha256, arch=info.arch,
+                   name=info.metadata.get("name", ""), gguf_source="given")
+        if ref.ollama:  # read from Ollama's store: a Modelfile can name it (FROM NAME)
+            rec["ollama"] = ref.ollama
+    else:
+        from edge_tune.converters.base_info import from_hf_dir
+
+        rec.update(gguf=None, sha256=None, arch=from_hf_dir(Path(hf_dir)).arch,
+                   hub_id=ref.hub_id)
+        if ref.hub_id and models.unquantized_hub_id(ref.hub_id):
+            rec["unquantized_hub_id"] = models.unquantized_hub_id(ref.hub_id)
+    return rec
+
+
+def _prequantized(hf_dir: Path) -> bool:
+    try:
+        return "quantization_config" in json.loads((hf_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _converted_base(base: dict, on_event: EventSink) -> Optional[Path]:
+    """A GGUF base for a model given as HF weights: made once with convert-base's converter
+    (f16) into the cache, keyed by the weights' content, and recorded in ``base`` (the
+    manifest's record). A pre-quantized ``unsloth/*-bnb-4bit`` model is converted from the
+    unquantized repo it maps to. None, with a warning, when conversion fails: the adapter
+    stays, and ``edge-tune export RUN --base BASE.gguf`` still works."""
+    from edge_tune.converters import hf_to_gguf
+    from edge_tune.fsutil import cache_dir
+
+    source = base.get("unquantized_hub_id")
+    try:
+        hf_dir = models.hf_dir_for(models.resolve(source, on_event), on_event) if source \
+            else Path(base["hf_dir"])
+        out = cache_dir() / "gguf" / f"{models.hf_content_key(hf_dir)[:16]}-f16.gguf"
+        if not out.is_file():
+            check_llama_cpp_computes_as_hf(hf_dir)
+            on_event(Log(f"no GGUF base for this model: converting {source or hf_dir} with "
+                         f"llama.cpp's converter (once; cached as {out})"))
+            hf_to_gguf.convert(hf_dir, out, "f16", on_event,
+                               fetch=bool(source or base.get("hub_id")))
+            write_text_atomic(out.with_name(out.name + ".sha256"), sha256_file(out))
+    except EdgeTuneError as exc:
+        on_event(Log(f"no GGUF base for this model ({exc}); run `edge-tune convert-base`, then "
+                     "`edge-tune export RUN --base BASE.gguf` to get adapter.gguf", "warning"))
+        return None
+    digest = out.with_name(out.name + ".sha256")
+    base.update(gguf=str(out), gguf_source="converted", gguf_from=source or str(hf_dir),
+                sha256=digest.read_text().strip() if digest.is_file() else sha256_file(out))
+    return out

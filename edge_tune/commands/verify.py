@@ -1,0 +1,95 @@
+"""``verify``: llama.cpp against torch+PEFT (or mlx) on a run's held-back prompts (the
+comparison itself is :mod:`edge_tune.verify`), and the short check ``train`` and ``export``
+run by default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from edge_tune import models
+from edge_tune.adapters import conversion_base, peft_adapter
+from edge_tune.errors import CheckFailed, EdgeTuneError
+from edge_tune.events import Done, EventSink, Log, ignore
+
+
+def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None,
+           on_event: EventSink = ignore, n_prompts: int = 3, max_new: int = 12,
+           _merged_f32: Optional[Path] = None, _adapter_gguf: Optional[Path] = None) -> dict:
+    """torch+PEFT vs llama.cpp on the run's held-back prompts (see :mod:`edge_tune.verify`).
+    ``merged``: check a merged export instead of the run's adapter GGUF. Returns the report;
+    ``report["ok"]`` says whether it is within tolerance."""
+    import tempfile
+
+    from edge_tune import verify as verify_mod
+
+    run = Path(run)
+    from edge_tune.converters.validate import verify_gguf_only
+    verify_gguf_only(run, base)  # an adapter .gguf alone: what can and cannot be checked
+    peft_dir, man = peft_adapter(run)
+    if man is None:
+        raise EdgeTuneError(f"{run}: verify needs an edge-tune run directory (its manifest.json "
+                            "names the data and the base)")
+    mlx_adapter = _mlx_side_for(run, man)
+    _, base_gguf = conversion_base(peft_dir, man, base)
+    if base_gguf is None:
+        raise EdgeTuneError(f"{run}: verify runs llama.cpp and needs a GGUF base: pass --base")
+    man_hf = man.get("base", {}).get("hf_dir")
+    if man_hf and Path(man_hf, "config.json").is_file() and \
+            (base is None or not man.get("base", {}).get("gguf")):
+        hf_dir = Path(man_hf)
+    else:
+        hf_dir = models.dequantized_copy(Path(base_gguf), on_event)
+    kw = dict(n_prompts=n_prompts, max_new=max_new, on_event=on_event, mlx_adapter=mlx_adapter)
+    if merged is None:
+        gg = _adapter_gguf or (run / man["adapter"]["gguf"] if man.get("adapter", {}).get("gguf")
+                               else None)
+        if gg is None or not Path(gg).is_file():
+            raise EdgeTuneError(f"{run}: no adapter.gguf to verify; run `edge-tune export {run}`")
+        report = verify_mod.verify_run(run, man, peft_dir, Path(base_gguf), hf_dir,
+                                       adapter_gguf=Path(gg), **kw)
+    elif _merged_f32 is not None:
+        report = verify_mod.verify_run(run, man, peft_dir, Path(base_gguf), hf_dir,
+                                       merged=Path(merged), merged_f32=_merged_f32, **kw)
+    else:  # the exact check needs the F32 merge: remake it (seconds for small models)
+        from edge_tune.converters import merge as merge_mod
+        from edge_tune.converters.peft_to_gguf import read_peft_dir
+
+        merge_mod.open_gguf(Path(merged))  # a corrupt file fails here, in one line
+        config, tensors = read_peft_dir(peft_dir)
+        with tempfile.TemporaryDirectory(prefix="edge-tune-verify-") as work:
+            f32 = Path(work) / "merged-f32.gguf"
+            merge_mod.merge(Path(base_gguf), config, tensors, f32, "F32", str(peft_dir),
+                            on_event)
+            report = verify_mod.verify_run(run, man, peft_dir, Path(base_gguf), hf_dir,
+                                           merged=Path(merged), merged_f32=f32, **kw)
+    result = report.to_dict()
+    on_event(Done("verify", {"ok": result["ok"]}))
+    return result
+
+
+def _mlx_side_for(run: Path, man: dict) -> Optional[Path]:
+    """An mlx run is checked against mlx itself (its native adapter) where mlx is installed;
+    elsewhere against torch+PEFT with the run's PEFT copy."""
+    from edge_tune.hardware import missing_modules
+
+    native = man.get("adapter", {}).get("mlx")
+    if man.get("backend") != "mlx" or not native or missing_modules("mlx", "mlx_lm"):
+        return None
+    return run / native
+
+
+def verify_hook(run: Path, base: Optional[Path], on_event: EventSink,
+                merged: Optional[Path] = None, merged_f32: Optional[Path] = None,
+                adapter_gguf: Optional[Path] = None) -> dict:
+    """The short check ``train`` and ``export`` run by default: two prompts, a few tokens.
+    Out of tolerance is an error (exit 1) after the files are written."""
+    report = verify(run, base=base, merged=merged, on_event=on_event, n_prompts=2, max_new=8,
+                    _merged_f32=merged_f32, _adapter_gguf=adapter_gguf)
+    summary = (f"verify: adapter effect error {report['effect_rel_err']:.2e}, top-1 "
+               f"{report['top1_agreement']:.0%}, mean KL {report['mean_kl']:.4f} on "
+               f"{report['n_prompts']} held-back prompts")
+    if not report["ok"]:
+        raise CheckFailed(f"{summary}: out of tolerance: {'; '.join(report['failures'])}")
+    on_event(Log(summary + " (ok)"))
+    return report
