@@ -4,7 +4,7 @@ refused in one line or run.
 Over 200 adapters (wrong names, shapes, transposed or missing halves, embedding/output LoRA on
 tied and untied bases, fused and ignored tensors, odd alpha types, extra tensors, bad headers,
 truncated files) on two tiny F32 llama bases (tied, untied), and cases built from the own
-tensors of three ``tiny_families`` bases (qwen2, gemma2, phi3). Each case says what llama.cpp does with it (``ok`` = runs and
+tensors of every ``tiny_families`` base (all seven families). Each case says what llama.cpp does with it (``ok`` = runs and
 computes the LoRA; anything else is a refusal), and the shared check must agree:
 
 1. in-process, ``validate_adapter_file`` accepts exactly the ``ok`` cases and refuses every
@@ -303,11 +303,11 @@ def table(default_gguf, tmp_path_factory):
                                                                      frac)))
         rows.append((Case("base-as-adapter", False), path))
         out[name] = (path, info, rows)
-    from tiny_families import family_gguf
+    from tiny_families import NAMES, family_gguf
 
-    # One family per graph fact beyond the llama bases: biases (qwen2), output always the
-    # embedding (gemma2), fused attn_qkv / ffn_up (phi3). All seven: test_adapter_families.
-    for name in ("qwen2", "gemma2", "phi3"):
+    # Every family's own graph: biases (qwen2), q/k norms (qwen3, gemma3), output always the
+    # embedding (gemma2), fused attn_qkv / ffn_up (phi3), untied RoPE-permuted (llama, mistral).
+    for name in NAMES:
         path = family_gguf(name)
         info = from_gguf(path)
         out[name] = (path, info, [(c, write_case(c, d / f"{name}-{i:03d}.gguf"))
