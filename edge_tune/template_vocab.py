@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from edge_tune.errors import EdgeTuneError
+from edge_tune.gguf_header import STRING, gguf_kv, gguf_skip
 
 _PROBE = "\u2063edge-tune-probe\u2063"
 _PIPE_MARKER = re.compile(r"<\|[^<>|\s]+\|>")
@@ -56,8 +57,6 @@ def gguf_has_tokens(path: Path, texts: list[str]) -> Optional[set[str]]:
     """Which of ``texts`` are whole entries of a GGUF's ``tokenizer.ggml.tokens`` (None when
     the file has no such array). Each entry is stored as a u64 length then its bytes, so a
     token is present when that exact byte string occurs in the array's span."""
-    from edge_tune.template_choice import _STRING, gguf_kv, gguf_skip
-
     path = Path(path)
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
@@ -65,7 +64,7 @@ def gguf_has_tokens(path: Path, texts: list[str]) -> Optional[set[str]]:
                 if key != "tokenizer.ggml.tokens":
                     continue
                 sub, = struct.unpack_from("<I", m, pos)
-                if sub != _STRING:
+                if sub != STRING:
                     return None
                 end = gguf_skip(m, kind, pos)
                 return {t for t in texts
