@@ -7,11 +7,19 @@ The models are tests/tiny_families.py's: tiny random weights with each family's 
 quirks, tokenizer kind and chat template, converted by llama.cpp's own converter. What this
 proves is the plumbing and the numbers (verify compares llama.cpp with torch+PEFT on every
 run), not that a tiny random model learns anything. The README's support table is this file.
+
+data inspect, train and export run through ``edge_tune.cli.main`` (the console script's entry
+point) in this process: each would otherwise be a new interpreter importing torch again, per
+family. chat and serve run as processes of their own, so the two answers compared come from
+two separate llama.cpp processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,6 +55,31 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """``edge-tune ARGS`` in this process, through ``edge_tune.cli.main`` (exit code, stdout,
+    stderr), printed as ``run_cli`` has it printed (200 columns, no colour)."""
+    from edge_tune import cli as cli_module
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    consoles = (cli_module.out, cli_module.err)
+    saved = sys.argv, [(c.width, c.no_color) for c in consoles]
+    sys.argv = ["edge-tune", *args]
+    for c in consoles:
+        c.width, c.no_color = 200, True
+    code = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            cli_module.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        sys.argv = saved[0]
+        for c, (width, no_color) in zip(consoles, saved[1]):
+            c.width, c.no_color = width, no_color
+    return subprocess.CompletedProcess(["edge-tune", *args], code, stdout.getvalue(),
+                                       stderr.getvalue())
+
+
 def _ok(proc) -> str:
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr
@@ -62,13 +95,13 @@ def _verified(proc) -> None:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_whole_path(family, data_file, tmp_path):
     gguf = family_gguf(family)
-    report = json.loads(_ok(run_cli("data", "inspect", str(data_file), "--model", str(gguf),
-                                    "--seq-len", "64", "--json")))
+    report = json.loads(_ok(cli("data", "inspect", str(data_file), "--model", str(gguf),
+                                "--seq-len", "64", "--json")))
     assert report["records"] == len(DATA) and report["tokens_trained"] > 0
 
     run = tmp_path / "run"
-    trained = run_cli("train", "--data", str(data_file), "--model", str(gguf), "--backend",
-                      "cpu", *TRAIN, "--out", str(run))
+    trained = cli("train", "--data", str(data_file), "--model", str(gguf), "--backend", "cpu",
+                  *TRAIN, "--out", str(run))
     _ok(trained)
     _verified(trained)
     man = json.loads((run / "manifest.json").read_text())
@@ -99,8 +132,8 @@ def test_whole_path(family, data_file, tmp_path):
         assert reply.choices[0].message.content.strip() == answer.strip()
 
     merged = tmp_path / "merged-q8_0.gguf"
-    exported = run_cli("export", str(run), "--merge", "-q", "Q8_0", "-o", str(merged),
-                       "--ollama", str(tmp_path / "ollama"))
+    exported = cli("export", str(run), "--merge", "-q", "Q8_0", "-o", str(merged),
+                   "--ollama", str(tmp_path / "ollama"))
     _ok(exported)
     _verified(exported)  # the merged file, checked the same way
     modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
@@ -111,7 +144,7 @@ def test_whole_path(family, data_file, tmp_path):
 def test_mlx_train_verifies(family, data_file, tmp_path):
     pytest.importorskip("mlx_lm")
     run = tmp_path / "run"
-    trained = run_cli("train", "--data", str(data_file), "--model", str(family_gguf(family)),
-                      "--backend", "mlx", *TRAIN, "--out", str(run))
+    trained = cli("train", "--data", str(data_file), "--model", str(family_gguf(family)),
+                  "--backend", "mlx", *TRAIN, "--out", str(run))
     _ok(trained)
     _verified(trained)
