@@ -275,7 +275,7 @@ def test_export_ollama_writes_modelfile_beside_its_files(default_gguf, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["qwen2", "qwen3", "gemma2", "phi3", "llama3", "gemma",
-                                  "mistral", "chatml"])
+                                  "mistral", "chatml", "smollm2"])
 def test_every_builtin_template_translates(name):
     """Each built-in family's template becomes a Go template that renders every inference
     prompt (the conversation ending in a user turn) exactly as the Jinja one. Phi-3 closes a
