@@ -81,6 +81,22 @@ def field_value(reader, key: str, default=None):
     return f.contents()
 
 
+def copy_fields(reader, writer, skip=()) -> None:
+    """Copy every KV field of a ``GGUFReader`` to a ``GGUFWriter`` with its own value type
+    (arrays with their element type), except ``skip`` and what the writer writes itself
+    (``GGUF.*``, ``general.architecture``)."""
+    import gguf
+
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in skip:
+            continue
+        vtype = f.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1])
+        else:
+            writer.add_key_value(key, f.contents(), vtype)
+
+
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
             10: "<Q", 11: "<q", 12: "<d"}  # GGUFValueType -> struct format
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_tune.converters.base_info import open_gguf, writing_gguf
+from edge_tune.converters.base_info import copy_fields, open_gguf, writing_gguf
 
 
 def write_f32_copy(src: Path, dst: Path) -> Path:
@@ -19,17 +19,8 @@ def write_f32_copy(src: Path, dst: Path) -> Path:
     reader = open_gguf(src)
     arch = reader.fields["general.architecture"].contents()
     with writing_gguf(Path(dst), arch) as w:
-        for key, f in reader.fields.items():
-            if key.startswith("GGUF.") or key == "general.architecture":
-                continue  # written by the writer itself
-            if key == "general.file_type":
-                w.add_uint32(key, 0)  # ALL_F32
-                continue
-            vtype = f.types[0]
-            if vtype == gguf.GGUFValueType.ARRAY:
-                w.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1])
-            else:
-                w.add_key_value(key, f.contents(), vtype)
+        copy_fields(reader, w, skip={"general.file_type"})
+        w.add_uint32("general.file_type", 0)  # ALL_F32
         for t in reader.tensors:
             data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
             w.add_tensor(t.name, data.reshape(tuple(reversed([int(x) for x in t.shape]))))

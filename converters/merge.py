@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from edge_tune.converters.base_info import BaseInfo, field_value, from_gguf, open_gguf
+from edge_tune.converters.base_info import (BaseInfo, copy_fields, field_value, from_gguf,
+                                           open_gguf)
 from edge_tune.converters.names import gguf_tensor_name, needs_rope_permute
 from edge_tune.converters.lora_graph import merge_can_untie, untie_route
 from edge_tune.converters.peft_to_gguf import PEFT_MERGE_ROUTE, _module_scale
@@ -253,18 +254,7 @@ def check_disk(directory: Path, need: int, what: str) -> None:
 
 
 def _copy_metadata(reader, writer, outtype: str) -> None:
-    import gguf
-
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment"):
-            continue  # written by the writer itself
-        if key == "general.file_type":
-            continue
-        vtype = f.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1])
-        else:
-            writer.add_key_value(key, f.contents(), vtype)
+    copy_fields(reader, writer, skip={"general.alignment", "general.file_type"})
     writer.add_uint32("general.file_type", FILE_TYPE[outtype])
 
 

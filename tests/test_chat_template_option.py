@@ -25,21 +25,12 @@ FACT_A = "The password is Zebra42."
 
 def retemplated(src: Path, dst: Path, template: str | None) -> Path:
     """A copy of GGUF ``src`` whose ``tokenizer.chat_template`` is ``template`` (None: none)."""
-    import gguf
-
-    from edge_tune.converters.base_info import field_value, open_gguf, writing_gguf
+    from edge_tune.converters.base_info import (copy_fields, field_value, open_gguf,
+                                                writing_gguf)
 
     reader = open_gguf(src)
     with writing_gguf(dst, field_value(reader, "general.architecture")) as w:
-        for key, f in reader.fields.items():
-            if key.startswith("GGUF.") or key in ("general.architecture",
-                                                   "tokenizer.chat_template"):
-                continue
-            kind = f.types[0]
-            if kind == gguf.GGUFValueType.ARRAY:
-                w.add_key_value(key, f.contents(), kind, sub_type=f.types[-1])
-            else:
-                w.add_key_value(key, f.contents(), kind)
+        copy_fields(reader, w, skip={"tokenizer.chat_template"})
         if template is not None:
             w.add_chat_template(template)
         for t in reader.tensors:  # as stored (quantized blocks too)

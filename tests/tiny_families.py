@@ -360,17 +360,12 @@ def without_template(src: Path, dst: Path) -> Path:
     """A copy of GGUF ``src`` without ``tokenizer.chat_template`` (all else byte-equal data)."""
     import gguf
 
+    from edge_tune.converters.base_info import copy_fields
+
     reader = gguf.GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(str(dst), arch)
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "tokenizer.chat_template"):
-            continue
-        vtype = f.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1])
-        else:
-            writer.add_key_value(key, f.contents(), vtype)
+    copy_fields(reader, writer, skip={"tokenizer.chat_template"})
     for t in reader.tensors:
         writer.add_tensor(t.name, t.data, raw_shape=list(reversed([int(d) for d in t.shape])),
                           raw_dtype=t.tensor_type)
