@@ -32,11 +32,10 @@ class BaseInfo:
         return None if self.tensors is None else name in self.tensors
 
 
-def open_gguf(path: Path):
-    """GGUFReader with a one-line error for anything that is not a whole GGUF file."""
-    import gguf
-
-    path = Path(path)
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator:
+    """Refuse what is not a GGUF file, then turn any parse error inside the block into one
+    line (gguf and struct raise ValueError/IndexError/struct.error/... on truncated files)."""
     if not path.is_file():
         raise EdgeTuneError(f"{path}: no such file")
     try:
@@ -44,16 +43,25 @@ def open_gguf(path: Path):
             magic = f.read(4)
         if magic != b"GGUF":
             raise EdgeTuneError(f"{path}: not a GGUF file (expected the GGUF magic bytes)")
+        yield
+    except EdgeTuneError:
+        raise
+    except Exception as exc:
+        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise EdgeTuneError(f"{path}: truncated or corrupt GGUF file ({detail})") from None
+
+
+def open_gguf(path: Path):
+    """GGUFReader with a one-line error for anything that is not a whole GGUF file."""
+    import gguf
+
+    path = Path(path)
+    with _reading(path):
         reader = gguf.GGUFReader(str(path), "r")
         size = path.stat().st_size
         for t in reader.tensors:
             if t.data_offset + t.n_bytes > size:
                 raise ValueError(f"tensor {t.name} extends past the end of the file")
-    except EdgeTuneError:
-        raise
-    except Exception as exc:  # gguf raises ValueError/IndexError/... on truncated files
-        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise EdgeTuneError(f"{path}: truncated or corrupt GGUF file ({detail})") from None
     return reader
 
 
@@ -207,19 +215,8 @@ def read_header(path: Path) -> _Header:
     """A fast, read-only view of a GGUF's KV scalars and tensor shapes; one-line errors like
     :func:`open_gguf`."""
     path = Path(path)
-    if not path.is_file():
-        raise EdgeTuneError(f"{path}: no such file")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise EdgeTuneError(f"{path}: not a GGUF file (expected the GGUF magic bytes)")
+    with _reading(path):
         return _Header(path)
-    except EdgeTuneError:
-        raise
-    except Exception as exc:  # struct.error, ValueError, UnicodeDecodeError on a bad file
-        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise EdgeTuneError(f"{path}: truncated or corrupt GGUF file ({detail})") from None
 
 
 def from_gguf(path: Path, reader=None) -> BaseInfo:
