@@ -84,7 +84,7 @@ def bench_switch(base: Path, adapter: Path, rounds: int) -> dict:
 
 
 def _merged_model(run: Path, base: Path, work: Path) -> Path | None:
-    from edge_tune.converters.base_info import open_gguf
+    from edge_tune.converters.formats.base_info import open_gguf
 
     from edge_tune import api
 

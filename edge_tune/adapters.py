@@ -47,7 +47,7 @@ def peft_adapter(adapter: Path) -> tuple[Path, Optional[dict]]:
     man = manifest_mod.read(adapter) if adapter.is_dir() else None
     if man is not None:
         return adapter / man.get("adapter", {}).get("peft", "adapter"), man
-    from edge_tune.converters import mlx_to_peft
+    from edge_tune.converters.formats import mlx_to_peft
 
     if mlx_to_peft.is_mlx_adapter_dir(adapter):
         return _peft_copy_of_mlx(adapter), None
@@ -61,7 +61,7 @@ def peft_adapter(adapter: Path) -> tuple[Path, Optional[dict]]:
 def _peft_copy_of_mlx(mlx_dir: Path) -> Path:
     """A PEFT copy of an mlx-lm adapter (any, including stock ``mlx_lm lora`` output), kept in
     the cache by content hash so the user's directory is left as it was."""
-    from edge_tune.converters import mlx_to_peft
+    from edge_tune.converters.formats import mlx_to_peft
     from edge_tune.fsutil import cache_dir
 
     digest = sha256_file(mlx_dir / mlx_to_peft.WEIGHTS)[:16]
@@ -73,10 +73,10 @@ def _peft_copy_of_mlx(mlx_dir: Path) -> Path:
 
 
 def conversion_base(peft_dir: Path, man: Optional[dict], base: Optional[Path]):
-    """(:class:`~edge_tune.converters.base_info.BaseInfo`, GGUF path or None) of the base a
+    """(:class:`~edge_tune.converters.formats.base_info.BaseInfo`, GGUF path or None) of the base a
     PEFT adapter is converted against: ``--base`` (GGUF or HF dir), else the run's GGUF,
     else the HF directory its adapter config names."""
-    from edge_tune.converters import base_info
+    from edge_tune.converters.formats import base_info
 
     if base is not None:
         ref = models.resolve(str(base))

@@ -2,7 +2,7 @@
 
 Why adapters are validated here first: llama-cpp-python does not notice a failed adapter load,
 and the first inference then segfaults. Every adapter is checked against the base in Python
-(:mod:`edge_tune.converters.validate`), and the pointer llama.cpp returns is checked too.
+(:mod:`edge_tune.converters.formats.validate`), and the pointer llama.cpp returns is checked too.
 Several adapters can be loaded on one base; :meth:`Engine.activate` switches between them.
 """
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from edge_tune.converters.base_info import BaseInfo, from_gguf
-from edge_tune.converters.validate import validate_adapter_file
+from edge_tune.converters.formats.base_info import BaseInfo, from_gguf
+from edge_tune.converters.formats.validate import validate_adapter_file
 from edge_tune.errors import EdgeTuneError
 
 

@@ -230,7 +230,7 @@ def compare(torch_base, torch_tuned, f32_base, f32_tuned, real_tuned) -> tuple[f
 
 def f32_copy(base_gguf: Path, sha256: str | None, on_event: EventSink = ignore) -> Path:
     """An F32 copy of ``base_gguf`` in the cache (made once)."""
-    from edge_tune.converters.gguf_f32 import write_f32_copy
+    from edge_tune.converters.formats.gguf_f32 import write_f32_copy
     from edge_tune.fsutil import cache_dir, sha256_file
 
     digest = sha256 or sha256_file(base_gguf)

@@ -20,7 +20,7 @@ def untied_copy(src: Path, dst: Path, seed: int = 7) -> Path:
     """``src`` (a tied F32 GGUF) with an ``output.weight`` of its own."""
     import gguf
 
-    from edge_tune.converters.base_info import open_gguf, writing_gguf
+    from edge_tune.converters.formats.base_info import open_gguf, writing_gguf
 
     reader = open_gguf(src)
     with writing_gguf(dst, "llama") as w:
@@ -50,7 +50,7 @@ def hf_twin(gguf_path: Path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from edge_tune.converters.base_info import field_value, open_gguf
+    from edge_tune.converters.formats.base_info import field_value, open_gguf
 
     reader = open_gguf(gguf_path)
     t = {x.name: np.asarray(x.data).reshape(tuple(reversed([int(d) for d in x.shape])))

@@ -32,7 +32,7 @@ def hf_dir(default_gguf) -> Path:
 
 @pytest.fixture(scope="session")
 def f32_base(default_gguf, tmp_path_factory) -> Path:
-    from edge_tune.converters.gguf_f32 import write_f32_copy
+    from edge_tune.converters.formats.gguf_f32 import write_f32_copy
 
     return write_f32_copy(default_gguf, tmp_path_factory.mktemp("f32") / "smollm2-f32.gguf")
 

@@ -11,7 +11,7 @@ def write_adapter(path: Path, arch: str, tensors: dict[str, np.ndarray], alpha=1
                   alpha_as_float32: bool = True) -> Path:
     import gguf
 
-    from edge_tune.converters.base_info import writing_gguf
+    from edge_tune.converters.formats.base_info import writing_gguf
 
     with writing_gguf(path, arch) as w:
         w.add_type(gguf.GGUFType.ADAPTER)

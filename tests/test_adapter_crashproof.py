@@ -196,7 +196,7 @@ def family_cases(info) -> list[Case]:
     """Cases built from a family base's own tensors: every projection it has (phi3: fused
     attn_qkv and 2 x n_ff ffn_up), embedding/output per its tying, tensors its graph ignores
     (q/k norms, biases), tensors it does not have, broken halves and shapes."""
-    from edge_tune.converters.lora_graph import MATMUL_KINDS
+    from edge_tune.converters.formats.lora_graph import MATMUL_KINDS
 
     t, arch, out = info.tensors, info.arch, []
     mats = sorted(n for n in t if n.startswith("blk.0.") and n.endswith(".weight")
@@ -234,7 +234,7 @@ def family_cases(info) -> list[Case]:
 def write_case(case: Case, path: Path) -> Path:
     import gguf
 
-    from edge_tune.converters.base_info import writing_gguf
+    from edge_tune.converters.formats.base_info import writing_gguf
 
     if case.raw is not None:
         path.write_bytes(case.raw)
@@ -285,7 +285,7 @@ def table(default_gguf, tmp_path_factory):
     """{base name: (base path, [(Case, adapter path)])}."""
     from tiny_models import tiny_llama_gguf
 
-    from edge_tune.converters.base_info import from_gguf
+    from edge_tune.converters.formats.base_info import from_gguf
 
     d = tmp_path_factory.mktemp("crash")
     tied = tiny_llama_gguf(d / "tied.gguf", default_gguf)
@@ -322,7 +322,7 @@ def test_table_has_over_200_cases(table):
 
 
 def test_validator_accepts_exactly_what_llama_cpp_computes(table):
-    from edge_tune.converters.validate import validate_adapter_file
+    from edge_tune.converters.formats.validate import validate_adapter_file
 
     wrong = []
     for base_name, (_, info, rows) in table.items():

@@ -34,7 +34,7 @@ def made(default_gguf, tmp_path_factory):
     concurrently: each run imports torch)."""
     from tiny_models import tiny_llama_gguf
 
-    from edge_tune.converters import hf_to_gguf
+    from edge_tune.converters.integrations import hf_to_gguf
 
     conv = hf_to_gguf.converter_dir() / "convert_lora_to_gguf.py"
     if not conv.is_file():  # a cache from before the converter kept this script

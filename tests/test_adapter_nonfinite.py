@@ -31,8 +31,8 @@ def _corrupted(tensors: dict, name: str, value: float, gtype: str) -> dict:
     ("F32", "lora_a", np.nan), ("F16", "lora_b", np.inf), ("Q8_0", "lora_a", np.nan),
     ("BF16", "lora_b", -np.inf)])
 def test_validator_refuses_non_finite_tensor_naming_it(base, tmp_path, gtype, part, value):
-    from edge_tune.converters.base_info import from_gguf
-    from edge_tune.converters.validate import validate_adapter_file
+    from edge_tune.converters.formats.base_info import from_gguf
+    from edge_tune.converters.formats.validate import validate_adapter_file
 
     info = from_gguf(base)
     good = pair("attn_v", 0, r=32)

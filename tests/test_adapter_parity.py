@@ -178,7 +178,7 @@ def test_parity_catches_a_merge_that_keeps_the_tie(bases, engines, twins, tmp_pa
                                                    monkeypatch):
     """The untying is needed: a merge that adds the embedding delta to the shared tensor (what
     `merge_and_unload()` does to a tied HF model) moves the output layer too."""
-    from edge_tune.converters import merge as merge_mod
+    from edge_tune.converters.formats import merge as merge_mod
     from edge_tune.engine import Engine
 
     tuned, base = peft_adapter(twins("tied"), tmp_path / "peft",

@@ -25,7 +25,7 @@ FACT_A = "The password is Zebra42."
 
 def retemplated(src: Path, dst: Path, template: str | None) -> Path:
     """A copy of GGUF ``src`` whose ``tokenizer.chat_template`` is ``template`` (None: none)."""
-    from edge_tune.converters.base_info import (copy_fields, field_value, open_gguf,
+    from edge_tune.converters.formats.base_info import (copy_fields, field_value, open_gguf,
                                                 writing_gguf)
 
     reader = open_gguf(src)

@@ -35,7 +35,7 @@ TEXT = "The quick pirate jumps over the treasure: 42 dozen jugs!"
 def converter() -> Path:
     """llama.cpp's converter, in the cache where `make install` puts it (fetched here when a
     bare `pytest` runs before it)."""
-    from edge_tune.converters import hf_to_gguf
+    from edge_tune.converters.integrations import hf_to_gguf
 
     return hf_to_gguf.converter_dir(fetch=True)
 
@@ -220,7 +220,7 @@ def test_fetch_converter_from_a_local_sdist(hf_dir, converter, tmp_path):
     an sdist of another version is refused in one line."""
     import tarfile
 
-    from edge_tune.converters.hf_to_gguf import llama_cpp_version
+    from edge_tune.converters.integrations.hf_to_gguf import llama_cpp_version
 
     version = llama_cpp_version()
     sdist = tmp_path / f"llama_cpp_python-{version}.tar.gz"

@@ -69,7 +69,7 @@ def _rel_err(got, want):
 
 @pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
 def test_llama_cpp_matches_peft(engine, base_model, f32_base, tmp_path, rslora):
-    from edge_tune.converters import base_info, peft_to_gguf
+    from edge_tune.converters.formats import base_info, peft_to_gguf
 
     tokens = engine.tokenize(TEXT)
     want = _peft_delta(base_model, tokens, tmp_path / "peft", use_rslora=rslora)
@@ -85,7 +85,7 @@ def test_llama_cpp_matches_peft(engine, base_model, f32_base, tmp_path, rslora):
 
 def test_parity_check_catches_a_missing_qk_permutation(engine, base_model, f32_base, tmp_path,
                                                         monkeypatch):
-    from edge_tune.converters import base_info, names, peft_to_gguf
+    from edge_tune.converters.formats import base_info, names, peft_to_gguf
 
     tokens = engine.tokenize(TEXT)
     want = _peft_delta(base_model, tokens, tmp_path / "peft")

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from edge_tune.converters import peft_to_gguf
-from edge_tune.converters.base_info import BaseInfo
-from edge_tune.converters.names import rope_permute_rows, split_peft_key
+from edge_tune.converters.formats import peft_to_gguf
+from edge_tune.converters.formats.base_info import BaseInfo
+from edge_tune.converters.formats.names import rope_permute_rows, split_peft_key
 from edge_tune.errors import EdgeTuneError
 
 N_HEAD, N_KV, DIM, KV_DIM, FFN = 4, 2, 32, 16, 48
@@ -141,7 +141,7 @@ def test_shape_mismatch_is_refused():
 def test_outtypes_write_valid_adapters(tmp_path, outtype):
     import gguf
 
-    from edge_tune.converters.validate import validate_adapter_file
+    from edge_tune.converters.formats.validate import validate_adapter_file
 
     tensors = peft_tensors({"model.layers.0.self_attn.q_proj": (DIM, DIM)}, r=32)
     plan = peft_to_gguf.plan(CFG, tensors, tiny_base())

@@ -12,15 +12,15 @@ MODULES = ["edge_tune", "edge_tune.api", "edge_tune.cli", "edge_tune.engine",
            "edge_tune.manifest", "edge_tune.demo", "edge_tune.data.formats",
            "edge_tune.data.template", "edge_tune.backends.registry", "edge_tune.backends.cpu",
            "edge_tune.backends.worker", "edge_tune.backends.unsloth_qlora", "edge_tune.backends.attention",
-           "edge_tune.converters.peft_to_gguf",
-           "edge_tune.converters.validate", "edge_tune.converters.gguf_f32",
-           "edge_tune.converters.merge", "edge_tune.converters.quantize",
-           "edge_tune.converters.ollama", "edge_tune.converters.hf_to_gguf", "edge_tune.verify", "edge_tune.tui",
+           "edge_tune.converters.formats.peft_to_gguf",
+           "edge_tune.converters.formats.validate", "edge_tune.converters.formats.gguf_f32",
+           "edge_tune.converters.formats.merge", "edge_tune.converters.integrations.quantize",
+           "edge_tune.converters.integrations.ollama", "edge_tune.converters.integrations.hf_to_gguf", "edge_tune.verify", "edge_tune.tui",
            "edge_tune.data.inspect", "edge_tune.render_inspect", "edge_tune.backends.checkpoint",
            "edge_tune.server", "edge_tune.server.app", "edge_tune.server.scheduler",
            "edge_tune.server.openai_shapes", "edge_tune.bundle", "edge_tune.planner",
            "edge_tune.render_plan", "edge_tune.backends.mlx_lora",
-           "edge_tune.converters.mlx_to_peft", "edge_tune.converters.vllm_export"]
+           "edge_tune.converters.formats.mlx_to_peft", "edge_tune.converters.integrations.vllm_export"]
 
 
 def _loaded_after(code: str) -> list[str]:

@@ -264,7 +264,7 @@ def test_train_on_an_ollama_model_then_export_a_modelfile_from_it(env, store, ti
     """Offline: train on ollama:tiny; the run records the Ollama name and its adapter is for
     that blob; llama.cpp runs them; `export --ollama` writes FROM tiny:latest (Ollama already
     has the weights) plus the ADAPTER."""
-    from edge_tune.converters.base_info import field_value, open_gguf
+    from edge_tune.converters.formats.base_info import field_value, open_gguf
 
     run = tmp_path / "run"
     proc = run_cli("train", "--data", str(demo_jsonl), "--model", "ollama:tiny",

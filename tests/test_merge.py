@@ -80,7 +80,7 @@ def merge_dir(default_gguf, peft_dir, out, quant="F32"):
 @pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
 def test_merged_f32_equals_base_plus_adapter(base_model, tokens, default_gguf, f32_base,
                                              tmp_path, rslora):
-    from edge_tune.converters import base_info, peft_to_gguf
+    from edge_tune.converters.formats import base_info, peft_to_gguf
 
     make_adapter(base_model, tokens, tmp_path / "peft", use_rslora=rslora)
     peft_to_gguf.convert(tmp_path / "peft", base_info.from_gguf(f32_base), tmp_path / "a.gguf")
@@ -98,7 +98,7 @@ def test_merged_f32_equals_base_plus_adapter(base_model, tokens, default_gguf, f
 
 def test_merge_without_qk_permutation_is_caught(base_model, tokens, default_gguf, f32_base,
                                                 tmp_path, monkeypatch):
-    from edge_tune.converters import base_info, merge, peft_to_gguf
+    from edge_tune.converters.formats import base_info, merge, peft_to_gguf
 
     make_adapter(base_model, tokens, tmp_path / "peft")
     peft_to_gguf.convert(tmp_path / "peft", base_info.from_gguf(f32_base), tmp_path / "a.gguf")
@@ -219,7 +219,7 @@ def test_adapter_of_another_shape(default_gguf, tmp_path):
 
 def test_base_with_missing_tensor(peft_dir, default_gguf, tmp_path):
     import gguf
-    from edge_tune.converters.base_info import writing_gguf
+    from edge_tune.converters.formats.base_info import writing_gguf
 
     (tmp_path / "in").mkdir()
     holed = tmp_path / "in" / "holed.gguf"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
 
-from edge_tune.converters.mlx_to_peft import is_mlx_adapter_dir, to_peft
+from edge_tune.converters.formats.mlx_to_peft import is_mlx_adapter_dir, to_peft
 from edge_tune.errors import EdgeTuneError
 
 RANK, IN, OUT = 4, 12, 10

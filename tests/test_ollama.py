@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import run_cli
-from edge_tune.converters import ollama
+from edge_tune.converters.integrations import ollama
 from test_template_families import CHATML, GEMMA, LLAMA3, MISTRAL
 
 # --- a tiny Go text/template interpreter (the emitted subset) ----------------------------

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_tune.converters.base_info import from_gguf, open_gguf
-from edge_tune.converters.validate import validate_adapter_file
+from edge_tune.converters.formats.base_info import from_gguf, open_gguf
+from edge_tune.converters.formats.validate import validate_adapter_file
 from edge_tune.errors import EdgeTuneError
 from gguf_helpers import q_pair, write_adapter
 

@@ -73,7 +73,7 @@ def test_verify_fails_on_a_tampered_alpha(run_dir, tmp_path):
 def test_verify_tells_rslora_converted_right_from_as_plain_lora(run_dir, tmp_path):
     """The same weights declared rsLoRA (scale alpha/sqrt(r)): the right conversion passes,
     the one that ignores use_rslora fails."""
-    from edge_tune.converters import base_info, peft_to_gguf
+    from edge_tune.converters.formats import base_info, peft_to_gguf
 
     run = _copy_run(run_dir, tmp_path)
     cfg_path = run / "adapter" / "adapter_config.json"

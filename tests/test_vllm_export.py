@@ -29,7 +29,7 @@ def tiny_run(tmp_path_factory, default_gguf, demo_jsonl) -> Path:
 
 
 def test_max_lora_rank_is_the_smallest_allowed_value():
-    from edge_tune.converters.vllm_export import max_lora_rank
+    from edge_tune.converters.integrations.vllm_export import max_lora_rank
 
     from edge_tune.errors import EdgeTuneError
 
@@ -40,7 +40,7 @@ def test_max_lora_rank_is_the_smallest_allowed_value():
 
 
 def test_vllm_config_refuses_what_vllm_cannot_serve():
-    from edge_tune.converters.vllm_export import vllm_config
+    from edge_tune.converters.integrations.vllm_export import vllm_config
 
     from edge_tune.errors import EdgeTuneError
 

@@ -36,7 +36,7 @@ pattern), 4 query heads. Weights are random but larger than HF's init (std 0.15,
 1 ± 0.1, biases ± 0.1), so attention is far from uniform and a wrong RoPE base, window,
 soft-cap or norm shows in the logits.
 
-Conversion: ``edge_tune.converters.hf_to_gguf.convert`` (the cached llama.cpp converter, F32).
+Conversion: ``edge_tune.converters.integrations.hf_to_gguf.convert`` (the cached llama.cpp converter, F32).
 For the three byte-level BPE families the converter identifies the pre-tokenizer by hashing
 the token ids of a fixed text, which only works for tokenizers it knows by their exact
 vocabulary; a tokenizer trained here is never in its table. Those are converted by the same
@@ -343,7 +343,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def convert(name: str, hf_dir: Path, out: Path) -> Path:
     """llama.cpp's converter, F32 (see the module docstring for the BPE families)."""
-    from edge_tune.converters.hf_to_gguf import convert as hf_to_gguf, converter_dir
+    from edge_tune.converters.integrations.hf_to_gguf import convert as hf_to_gguf, converter_dir
 
     if name not in PRE:
         return hf_to_gguf(hf_dir, out, "f32")
@@ -360,7 +360,7 @@ def without_template(src: Path, dst: Path) -> Path:
     """A copy of GGUF ``src`` without ``tokenizer.chat_template`` (all else byte-equal data)."""
     import gguf
 
-    from edge_tune.converters.base_info import copy_fields
+    from edge_tune.converters.formats.base_info import copy_fields
 
     reader = gguf.GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()

@@ -19,7 +19,7 @@ def tiny_llama_gguf(dst: Path, tokenizer_from: Path, seed: int = 0, **shape) -> 
     """Write a random F32 Llama GGUF at ``dst`` carrying ``tokenizer_from``'s tokenizer."""
     import gguf
 
-    from edge_tune.converters.base_info import open_gguf, writing_gguf
+    from edge_tune.converters.formats.base_info import open_gguf, writing_gguf
 
     s = {**SHAPE, **shape}
     hidden, heads, kv_heads = s["hidden"], s["heads"], s["kv_heads"]

@@ -99,7 +99,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from edge_tune.backends.mlx_config import mlx_load_kwargs
-    from edge_tune.converters import mlx_to_peft
+    from edge_tune.converters.formats import mlx_to_peft
     from edge_tune.fsutil import atomic_path
 
     job = TrainJob.of(job)

@@ -23,8 +23,8 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
     import tempfile
 
     from edge_tune import bundle as bundle_mod
-    from edge_tune.converters.base_info import from_gguf
-    from edge_tune.converters.validate import validate_adapter_file
+    from edge_tune.converters.formats.base_info import from_gguf
+    from edge_tune.converters.formats.validate import validate_adapter_file
 
     if not runs:
         raise EdgeTuneError("bundle: name at least one run directory or adapter .gguf")

@@ -1,5 +1,5 @@
 """``convert-base`` and ``fetch-converter``: HF weights -> GGUF base with llama.cpp's own
-converter (see :mod:`edge_tune.converters.hf_to_gguf`)."""
+converter (see :mod:`edge_tune.converters.integrations.hf_to_gguf`)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from edge_tune.events import Done, EventSink, Log, ignore
 def convert_base(model: str, out: Optional[Path] = None, outtype: str = "f16",
                  on_event: EventSink = ignore) -> Path:
     """HF model directory or hub ID -> GGUF base, with llama.cpp's own converter (taken from the
-    installed llama-cpp-python's sdist; see :mod:`edge_tune.converters.hf_to_gguf`)."""
-    from edge_tune.converters import hf_to_gguf
+    installed llama-cpp-python's sdist; see :mod:`edge_tune.converters.integrations.hf_to_gguf`)."""
+    from edge_tune.converters.integrations import hf_to_gguf
 
     kind = models.check_spec(model)
     if kind in ("gguf", "default"):
@@ -51,7 +51,7 @@ def check_llama_cpp_computes_as_hf(hf_dir: Path) -> None:
 def fetch_converter(sdist: Optional[Path] = None, on_event: EventSink = ignore) -> Path:
     """Put llama.cpp's converter (from the installed llama-cpp-python's sdist) in the cache, so
     convert-base runs offline. ``sdist``: a local copy instead of pip."""
-    from edge_tune.converters import hf_to_gguf
+    from edge_tune.converters.integrations import hf_to_gguf
 
     path = hf_to_gguf.fetch_converter(sdist, on_event)
     on_event(Done("fetch-converter", {"path": str(path)}))

@@ -26,7 +26,7 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
     ``ollama`` writes a Modelfile into that directory (``system``: its SYSTEM prompt).
     ``chat_template`` (``--chat-template``; default: the run's) goes into the Modelfile's
     TEMPLATE and, with ``merge``, into a merged GGUF whose base has none."""
-    from edge_tune.converters import peft_to_gguf
+    from edge_tune.converters.formats import peft_to_gguf
 
     if chat_template is not None and ollama is None and not merge:
         raise EdgeTuneError("--chat-template: applies to --ollama (the Modelfile's TEMPLATE) "
@@ -63,7 +63,7 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
 
 def _export_vllm(adapter: Path, peft_dir: Path, man: Optional[dict], base: Optional[Path],
                  directory: Path, on_event: EventSink) -> dict:
-    from edge_tune.converters import vllm_export
+    from edge_tune.converters.integrations import vllm_export
 
     name = vllm_export.adapter_name(adapter.resolve().name)
     result = vllm_export.export(peft_dir, directory, name, vllm_base(peft_dir, man, base))
@@ -81,9 +81,9 @@ def _export_merged(adapter: Path, peft_dir: Path, man: Optional[dict], base_gguf
     quantizer make the requested type from it."""
     import tempfile
 
-    from edge_tune.converters import merge as merge_mod
-    from edge_tune.converters import quantize as quant_mod
-    from edge_tune.converters.peft_to_gguf import read_peft_dir
+    from edge_tune.converters.formats import merge as merge_mod
+    from edge_tune.converters.integrations import quantize as quant_mod
+    from edge_tune.converters.formats.peft_to_gguf import read_peft_dir
     from edge_tune.fsutil import atomic_path
 
     name = quant_mod.normalize(quant)
@@ -153,8 +153,8 @@ def _write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Opt
     """DIR/Modelfile (FROM model, ADAPTER adapter, TEMPLATE from the chat template: ``chosen``
     (--chat-template or the run's), else the model's own; stop words, SYSTEM), with the files
     it names placed beside it."""
-    from edge_tune.converters import ollama
-    from edge_tune.converters.base_info import field_value, open_gguf
+    from edge_tune.converters.integrations import ollama
+    from edge_tune.converters.formats.base_info import field_value, open_gguf
     from edge_tune.fsutil import write_text_atomic
 
     if model_gguf is None:

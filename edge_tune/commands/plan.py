@@ -49,7 +49,7 @@ def model_shape(ref: models.ModelRef):
     from edge_tune import planner
 
     if ref.gguf is not None:
-        from edge_tune.converters.base_info import field_value, open_gguf
+        from edge_tune.converters.formats.base_info import field_value, open_gguf
 
         reader = open_gguf(ref.gguf)
         arch = field_value(reader, "general.architecture")

@@ -184,7 +184,7 @@ def _template_record(tokenizer_info: dict, chosen) -> dict:
 def _base_record(ref: models.ModelRef, hf_dir: str, sha256: Optional[str]) -> dict:
     rec: dict = {"spec": ref.spec, "hf_dir": hf_dir}
     if ref.gguf is not None:
-        from edge_tune.converters.base_info import from_gguf
+        from edge_tune.converters.formats.base_info import from_gguf
 
         info = from_gguf(ref.gguf)
         rec.update(gguf=str(ref.gguf), sha256=sha256, arch=info.arch,
@@ -192,7 +192,7 @@ def _base_record(ref: models.ModelRef, hf_dir: str, sha256: Optional[str]) -> di
         if ref.ollama:  # read from Ollama's store: a Modelfile can name it (FROM NAME)
             rec["ollama"] = ref.ollama
     else:
-        from edge_tune.converters.base_info import from_hf_dir
+        from edge_tune.converters.formats.base_info import from_hf_dir
 
         rec.update(gguf=None, sha256=None, arch=from_hf_dir(Path(hf_dir)).arch,
                    hub_id=ref.hub_id)
@@ -214,7 +214,7 @@ def _converted_base(base: dict, on_event: EventSink) -> Optional[Path]:
     manifest's record). A pre-quantized ``unsloth/*-bnb-4bit`` model is converted from the
     unquantized repo it maps to. None, with a warning, when conversion fails: the adapter
     stays, and ``edge-tune export RUN --base BASE.gguf`` still works."""
-    from edge_tune.converters import hf_to_gguf
+    from edge_tune.converters.integrations import hf_to_gguf
     from edge_tune.fsutil import cache_dir
 
     source = base.get("unquantized_hub_id")

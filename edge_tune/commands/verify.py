@@ -24,7 +24,7 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
     from edge_tune import verify as verify_mod
 
     run = Path(run)
-    from edge_tune.converters.validate import verify_gguf_only
+    from edge_tune.converters.formats.validate import verify_gguf_only
     verify_gguf_only(run, base)  # an adapter .gguf alone: what can and cannot be checked
     peft_dir, man = peft_adapter(run)
     if man is None:
@@ -52,8 +52,8 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
         report = verify_mod.verify_run(run, man, peft_dir, Path(base_gguf), hf_dir,
                                        merged=Path(merged), merged_f32=_merged_f32, **kw)
     else:  # the exact check needs the F32 merge: remake it (seconds for small models)
-        from edge_tune.converters import merge as merge_mod
-        from edge_tune.converters.peft_to_gguf import read_peft_dir
+        from edge_tune.converters.formats import merge as merge_mod
+        from edge_tune.converters.formats.peft_to_gguf import read_peft_dir
 
         merge_mod.open_gguf(Path(merged))  # a corrupt file fails here, in one line
         config, tensors = read_peft_dir(peft_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_tune.converters.base_info import copy_fields, open_gguf, writing_gguf
+from edge_tune.converters.formats.base_info import copy_fields, open_gguf, writing_gguf
 
 
 def write_f32_copy(src: Path, dst: Path) -> Path:

@@ -193,8 +193,8 @@ def convert(hf_dir: Path, out: Path, outtype: str = "f16", on_event: EventSink =
             fetch: bool = False) -> Path:
     """Write ``out`` (atomically) from the HF model in ``hf_dir`` (``fetch``: see
     :func:`converter_dir`)."""
-    from edge_tune.converters import quantize as quant_mod
-    from edge_tune.converters.merge import check_disk
+    from edge_tune.converters.integrations import quantize as quant_mod
+    from edge_tune.converters.formats.merge import check_disk
 
     from edge_tune.fsutil import atomic_path
 

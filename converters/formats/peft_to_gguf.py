@@ -30,12 +30,12 @@ from typing import Optional
 
 import numpy as np
 
-from edge_tune.converters.base_info import BaseInfo, writing_gguf
-from edge_tune.converters.lora_graph import MERGE_ROUTE, untie_route
-from edge_tune.converters.names import (
+from edge_tune.converters.formats.base_info import BaseInfo, writing_gguf
+from edge_tune.converters.formats.lora_graph import MERGE_ROUTE, untie_route
+from edge_tune.converters.formats.names import (
     gguf_tensor_name, needs_rope_permute, rope_permute_rows, split_peft_key,
 )
-from edge_tune.converters.validate import check_tensors
+from edge_tune.converters.formats.validate import check_tensors
 from edge_tune.errors import EdgeTuneError
 
 OUTTYPES = ("f32", "f16", "q8_0")

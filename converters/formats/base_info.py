@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from edge_tune.errors import EdgeTuneError
-from edge_tune.converters.lora_graph import ALWAYS_TIED_ARCHS
-from edge_tune.converters.names import gguf_arch
+from edge_tune.converters.formats.lora_graph import ALWAYS_TIED_ARCHS
+from edge_tune.converters.formats.names import gguf_arch
 
 
 @dataclass

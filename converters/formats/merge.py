@@ -16,7 +16,7 @@ about one tensor plus the adapter, not the model.
 
 Layouts: the base GGUF of a llama-family model holds q/k rows in llama.cpp's rope order, while
 PEFT's deltas are in HF order. The delta's rows are permuted exactly as
-:func:`edge_tune.converters.names.rope_permute_rows` permutes LoRA B for a GGUF adapter (it is
+:func:`edge_tune.converters.formats.names.rope_permute_rows` permutes LoRA B for a GGUF adapter (it is
 the same linear map on rows, so permuting B or B·A is the same thing). Everything else about
 scales (rsLoRA, rank/alpha patterns) is PEFT's own rule, shared with ``peft_to_gguf``.
 """
@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from edge_tune.converters.base_info import (BaseInfo, copy_fields, field_value, from_gguf,
+from edge_tune.converters.formats.base_info import (BaseInfo, copy_fields, field_value, from_gguf,
                                            open_gguf)
-from edge_tune.converters.names import gguf_tensor_name, needs_rope_permute
-from edge_tune.converters.lora_graph import merge_can_untie, untie_route
-from edge_tune.converters.peft_to_gguf import PEFT_MERGE_ROUTE, _module_scale
+from edge_tune.converters.formats.names import gguf_tensor_name, needs_rope_permute
+from edge_tune.converters.formats.lora_graph import merge_can_untie, untie_route
+from edge_tune.converters.formats.peft_to_gguf import PEFT_MERGE_ROUTE, _module_scale
 
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import EventSink, Progress, ignore
@@ -60,7 +60,7 @@ class Delta:
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF q/k row order -> llama.cpp's (the base GGUF's). Same map as ``rope_permute_rows``,
     which works on any array with rows first (a vector of magnitudes too)."""
-    from edge_tune.converters.names import rope_permute_rows
+    from edge_tune.converters.formats.names import rope_permute_rows
 
     return rope_permute_rows(w, n_head)
 
@@ -107,7 +107,7 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
     output layer unties them (PEFT's embedding LoRA and its modules_to_save copy of
     embed_tokens act on the input only; a LoRA/copy of lm_head on the output only).
     """
-    from edge_tune.converters.peft_to_gguf import check_base_layers, parse_adapter
+    from edge_tune.converters.formats.peft_to_gguf import check_base_layers, parse_adapter
 
     adapter = parse_adapter(config, tensors, where)
     check_base_layers(adapter, base, where)

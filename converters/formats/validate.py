@@ -17,8 +17,8 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from edge_tune.converters.base_info import BaseInfo, field_value, open_gguf
-from edge_tune.converters.lora_graph import (
+from edge_tune.converters.formats.base_info import BaseInfo, field_value, open_gguf
+from edge_tune.converters.formats.lora_graph import (
     MERGE_ROUTE, TENSOR_TYPES, graph_problem, untie_route,
 )
 from edge_tune.errors import EdgeTuneError
@@ -186,7 +186,7 @@ def verify_gguf_only(run: Path, base_gguf: Optional[Path] = None) -> None:
 
 def what_verify_can_check(path: Path, base_gguf: Optional[Path] = None) -> str:
     """One line: what verify checked in a GGUF adapter on its own, and what it cannot."""
-    from edge_tune.converters.base_info import from_gguf
+    from edge_tune.converters.formats.base_info import from_gguf
 
     if base_gguf is None:
         from edge_tune.models import default_gguf
