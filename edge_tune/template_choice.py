@@ -7,7 +7,7 @@ model's own (GGUF ``tokenizer.chat_template``, or an HF directory's ``tokenizer_
 before any model is loaded) and ``chat`` answers as a plain text completion.
 
 Reading the template must not cost a model load: a GGUF's key-value header is scanned in place
-(:mod:`edge_tune.gguf_header`).
+(:mod:`edge_tune.converters.formats.gguf_header`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from edge_tune.errors import EdgeTuneError
-from edge_tune.gguf_header import gguf_metadata
+from edge_tune.converters.formats.gguf_header import gguf_metadata
 
 OPTION = "--chat-template NAME|FILE"
 
@@ -70,13 +70,14 @@ def of_text(text: Optional[str], source: str) -> Optional[ChatTemplate]:
     return ChatTemplate(text, template_name(text), source)
 
 
-def choose(spec: Optional[str], manifest: Optional[dict]) -> Optional[ChatTemplate]:
+def choose(spec: Optional[str], manifest) -> Optional[ChatTemplate]:
     """The flag's template, else the run's (its manifest), else None: the model's own (read
-    by whoever loads the model)."""
+    by whoever loads the model). ``manifest``: the run's :class:`~edge_tune.manifest.Manifest`
+    or None."""
     flag = given(spec)
     if flag is not None:
         return flag
-    return of_text((manifest or {}).get("chat_template"), "run")
+    return of_text(manifest.chat_template if manifest is not None else None, "run")
 
 
 # --- the model's own template, read cheaply ----------------------------------------------------

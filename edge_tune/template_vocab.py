@@ -15,14 +15,13 @@ Pure module: no heavy imports.
 from __future__ import annotations
 
 import json
-import mmap
 import re
 import struct
 from pathlib import Path
 from typing import Optional
 
 from edge_tune.errors import EdgeTuneError
-from edge_tune.gguf_header import STRING, gguf_kv, gguf_skip
+from edge_tune.converters.formats.gguf_header import STRING, gguf_kv, gguf_skip, mapped
 
 _PROBE = "\u2063edge-tune-probe\u2063"
 _PIPE_MARKER = re.compile(r"<\|[^<>|\s]+\|>")
@@ -57,25 +56,17 @@ def gguf_has_tokens(path: Path, texts: list[str]) -> Optional[set[str]]:
     """Which of ``texts`` are whole entries of a GGUF's ``tokenizer.ggml.tokens`` (None when
     the file has no such array). Each entry is stored as a u64 length then its bytes, so a
     token is present when that exact byte string occurs in the array's span."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            for key, kind, pos in gguf_kv(m):
-                if key != "tokenizer.ggml.tokens":
-                    continue
-                sub, = struct.unpack_from("<I", m, pos)
-                if sub != STRING:
-                    return None
-                end = gguf_skip(m, kind, pos)
-                return {t for t in texts
-                        if m.find(struct.pack("<Q", len(t.encode())) + t.encode(), pos,
-                                  end) >= 0}
-    except (struct.error, KeyError, ValueError, IndexError):
-        raise EdgeTuneError(f"{path}: truncated or corrupt GGUF file (in its header)") from None
-    except OSError as exc:
-        raise EdgeTuneError(f"{path}: cannot be read ({exc.strerror})") from None
+    with mapped(Path(path)) as m:
+        for key, kind, pos in gguf_kv(m):
+            if key != "tokenizer.ggml.tokens":
+                continue
+            sub, = struct.unpack_from("<I", m, pos)
+            if sub != STRING:
+                return None
+            end = gguf_skip(m, kind, pos)
+            return {t for t in texts
+                    if m.find(struct.pack("<Q", len(t.encode())) + t.encode(), pos, end) >= 0}
     return None
-
 
 def hf_has_tokens(hf_dir: Path, texts: list[str]) -> Optional[set[str]]:
     """Which of ``texts`` are tokens of an HF directory's ``tokenizer.json`` (None without
