@@ -19,13 +19,14 @@ from edge_tune import manifest as manifest_mod
 from edge_tune import models, template_choice
 from edge_tune.errors import EdgeTuneError
 from edge_tune.fsutil import sha256_file
+from edge_tune.manifest import Manifest
 from edge_tune.template_choice import system_mode_option
 
 
-def run_base_gguf(man: Optional[dict]) -> Optional[Path]:
+def run_base_gguf(man: Optional[Manifest]) -> Optional[Path]:
     """The GGUF base a run's manifest records, or None (no manifest, or trained on HF
     weights that were not converted)."""
-    gg = (man or {}).get("base", {}).get("gguf")
+    gg = man.base.gguf if man is not None else None
     return Path(gg) if gg else None
 
 
@@ -38,7 +39,7 @@ def named_base(peft_dir: Path) -> Optional[str]:
     return cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
 
 
-def peft_adapter(adapter: Path) -> tuple[Path, Optional[dict]]:
+def peft_adapter(adapter: Path) -> tuple[Path, Optional[Manifest]]:
     """(PEFT adapter dir, run manifest or None) for a run directory, a PEFT directory or an
     mlx-lm adapter directory. Raises EdgeTuneError for anything else."""
     adapter = Path(adapter)
@@ -46,7 +47,7 @@ def peft_adapter(adapter: Path) -> tuple[Path, Optional[dict]]:
         raise EdgeTuneError(f"{adapter}: no such adapter directory")
     man = manifest_mod.read(adapter) if adapter.is_dir() else None
     if man is not None:
-        return adapter / man.get("adapter", {}).get("peft", "adapter"), man
+        return adapter / man.adapter.peft, man
     from edge_tune.converters.formats import mlx_to_peft
 
     if mlx_to_peft.is_mlx_adapter_dir(adapter):
@@ -72,7 +73,7 @@ def _peft_copy_of_mlx(mlx_dir: Path) -> Path:
     return target
 
 
-def conversion_base(peft_dir: Path, man: Optional[dict], base: Optional[Path]):
+def conversion_base(peft_dir: Path, man: Optional[Manifest], base: Optional[Path]):
     """(:class:`~edge_tune.converters.formats.base_info.BaseInfo`, GGUF path or None) of the base a
     PEFT adapter is converted against: ``--base`` (GGUF or HF dir), else the run's GGUF,
     else the HF directory its adapter config names."""
@@ -95,7 +96,7 @@ def conversion_base(peft_dir: Path, man: Optional[dict], base: Optional[Path]):
                         "pass --base BASE.gguf")
 
 
-def merge_base(man: Optional[dict], base: Optional[Path]) -> Optional[Path]:
+def merge_base(man: Optional[Manifest], base: Optional[Path]) -> Optional[Path]:
     """The GGUF base a merge starts from: --base, else the run's base (None: neither)."""
     if base is not None:
         ref = models.resolve(str(base))
@@ -106,7 +107,7 @@ def merge_base(man: Optional[dict], base: Optional[Path]) -> Optional[Path]:
     return run_base_gguf(man)
 
 
-def vllm_base(peft_dir: Path, man: Optional[dict], base: Optional[Path]) -> str:
+def vllm_base(peft_dir: Path, man: Optional[Manifest], base: Optional[Path]) -> str:
     """What ``vllm serve`` loads: a hub ID or an HF directory (vLLM's LoRA needs HF weights)."""
     if base is not None:
         ref = models.resolve(str(base))
@@ -114,9 +115,9 @@ def vllm_base(peft_dir: Path, man: Optional[dict], base: Optional[Path]) -> str:
             raise EdgeTuneError(f"--base {base}: vLLM serves LoRA adapters on HF weights; pass "
                                 "an HF model directory or hub ID")
         return ref.hub_id or str(ref.hf_dir)
-    rec = (man or {}).get("base") or {}
-    if rec.get("hub_id") or rec.get("hf_dir"):
-        return rec.get("hub_id") or rec["hf_dir"]
+    rec = man.base if man is not None else manifest_mod.Base()
+    if rec.hub_id or rec.hf_dir:
+        return rec.hub_id or rec.hf_dir
     guess = named_base(peft_dir)
     if guess:
         return str(guess)
@@ -130,14 +131,14 @@ class ChatTarget:
     manifest (or None), the chat template and the system mode."""
     base: Path
     adapter: Optional[Path]
-    manifest: Optional[dict]
+    manifest: Optional[Manifest]
     # --chat-template, else the run's; None: the base GGUF's own (or none at all)
     chat_template: Optional["template_choice.ChatTemplate"] = None
     system_mode: str = "keep"  # --system-mode, else the run's
 
     @property
     def stop_tokens(self) -> tuple:
-        return tuple((self.manifest or {}).get("stop_tokens") or ())
+        return tuple(self.manifest.stop_tokens) if self.manifest is not None else ()
 
 
 def resolve_chat(adapter: Optional[Path], base: Optional[str],
@@ -154,7 +155,7 @@ def resolve_chat(adapter: Optional[Path], base: Optional[str],
             if man is None:
                 raise EdgeTuneError(f"--adapter {adapter}: not an edge-tune run directory (no "
                                     "manifest.json); pass the adapter .gguf or export it first")
-            gg = man.get("adapter", {}).get("gguf")
+            gg = man.adapter.gguf
             if not gg:
                 raise EdgeTuneError(f"--adapter {adapter}: the run has no adapter.gguf; run "
                                     f"`edge-tune export {adapter} --base BASE.gguf`")
@@ -171,12 +172,12 @@ def resolve_chat(adapter: Optional[Path], base: Optional[str],
         base_path = ref.gguf
     elif run_base_gguf(man) is not None:
         base_path = run_base_gguf(man)
-        if not base_path.exists() and man["base"].get("sha256") == models.DEFAULT_SHA256:
+        if not base_path.exists() and man.base.sha256 == models.DEFAULT_SHA256:
             base_path = models.default_gguf()  # run copied to another machine: refetch
     else:
         base_path = models.default_gguf()
-    mode = system_mode_option(system_mode) or (man or {}).get("hyperparameters", {}).get(
-        "system_mode") or "keep"
+    mode = system_mode_option(system_mode) or (
+        man.hyperparameters.system_mode if man is not None else None) or "keep"
     chosen = template_choice.choose(chat_template, man)
     from edge_tune.template_vocab import require_template_tokens
 

@@ -287,22 +287,21 @@ def load_bundle(path: Path, on_event: EventSink = ignore):
         if a.get("chat_template"):  # checksummed with every other listed file
             plan.templates[name] = (folder / a["chat_template"]).read_text(encoding="utf-8")
         man = _read_manifest(folder, a.get("manifest"))
-        if man.get("stop_tokens"):
-            plan.stop_tokens[name] = tuple(man["stop_tokens"])
-        plan.system_modes[name] = man.get("hyperparameters", {}).get("system_mode") or "keep"
+        if man.stop_tokens:
+            plan.stop_tokens[name] = tuple(man.stop_tokens)
+        plan.system_modes[name] = man.hyperparameters.system_mode or "keep"
     if data.get("merged"):  # the merged model answers as its run does
         man = _read_manifest(folder, f"manifests/{data['merged']}.json")
-        plan.system_modes["base"] = man.get("hyperparameters", {}).get("system_mode") or "keep"
-        if man.get("stop_tokens"):
-            plan.stop_tokens["base"] = tuple(man["stop_tokens"])
+        plan.system_modes["base"] = man.hyperparameters.system_mode or "keep"
+        if man.stop_tokens:
+            plan.stop_tokens["base"] = tuple(man.stop_tokens)
     return plan
 
 
-def _read_manifest(folder: Path, rel: str | None) -> dict:
+def _read_manifest(folder: Path, rel: str | None):
+    """A bundled run's manifest (an empty one when the bundle holds none)."""
+    from edge_tune.manifest import Manifest
+
     if not rel or not (folder / rel).is_file():
-        return {}
-    try:
-        data = json.loads((folder / rel).read_text())
-    except json.JSONDecodeError as exc:
-        raise EdgeTuneError(f"{folder / rel}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-    return data if isinstance(data, dict) else {}
+        return Manifest()
+    return Manifest.load(folder / rel)

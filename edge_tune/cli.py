@@ -189,10 +189,10 @@ def train(
         cfg = build(config, **flags)
     with Renderer(err) as render:
         result = api.train(cfg, render, resume=resume)
-    r = result.manifest["result"]
-    val_text = f", validation loss {r['val_loss']:.3f}" if r.get("val_loss") is not None else ""
-    out.print(f"[green]done[/] in {r['train_seconds']:.0f}s: {r['steps']} steps, final loss "
-              f"{r['final_loss']:.3f}{val_text}, {r['tokens_per_second']:.0f} tok/s")
+    r = result.manifest.result
+    val_text = f", validation loss {r.val_loss:.3f}" if r.val_loss is not None else ""
+    out.print(f"[green]done[/] in {r.train_seconds:.0f}s: {r.steps} steps, final loss "
+              f"{r.final_loss:.3f}{val_text}, {r.tokens_per_second:.0f} tok/s")
     out.print(f"run directory: [bold]{result.run_dir}[/]  (chat: edge-tune chat --adapter "
               f"{result.run_dir})")
 

@@ -27,13 +27,13 @@ def run_demo(out_dir: Path, epochs: float = 2.0, max_steps: Optional[int] = None
                 max_steps=max_steps)
     with Renderer(Console(stderr=True)) as render:
         result = api.train(cfg, render)
-    r = result.manifest["result"]
-    console.print(f"trained {r['steps']} steps in {r['train_seconds']:.0f}s "
-                  f"({r['tokens_per_second']:.0f} tok/s), final loss {r['final_loss']:.3f}")
+    r = result.manifest.result
+    console.print(f"trained {r.steps} steps in {r.train_seconds:.0f}s "
+                  f"({r.tokens_per_second:.0f} tok/s), final loss {r.final_loss:.3f}")
     console.rule("3. export")
     console.print(f"GGUF adapter: {result.run_dir / 'adapter.gguf'} (alpha "
-                  f"{result.manifest['adapter'].get('alpha')}, rank "
-                  f"{result.manifest['adapter'].get('rank')})")
+                  f"{result.manifest.adapter.alpha}, rank "
+                  f"{result.manifest.adapter.rank})")
     console.rule("4. base vs tuned, through llama.cpp, on prompts held back from training")
     rows = compare(result.run_dir, held_back_prompts())
     table = Table(show_lines=True)

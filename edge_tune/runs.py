@@ -84,16 +84,16 @@ def run_summary(run_dir: Path) -> Optional[dict]:
         return None
     row: dict = {"path": str(run_dir), "name": run_dir.name}
     if man is not None:
-        res = man.get("result", {})
-        gguf = man.get("adapter", {}).get("gguf")
-        row.update(status="done", created=man.get("created"), step=res.get("steps"),
-                   total=res.get("steps"), final_loss=res.get("final_loss"),
-                   val_loss=res.get("val_loss"), tokens_per_second=res.get("tokens_per_second"),
-                   train_seconds=res.get("train_seconds"),
-                   base=man.get("base", {}).get("name") or man.get("base", {}).get("spec"),
-                   data=man.get("data", {}).get("path"),
+        res = man.result
+        gguf = man.adapter.gguf
+        row.update(status="done", created=man.created, step=res.steps,
+                   total=res.steps, final_loss=res.final_loss,
+                   val_loss=res.val_loss, tokens_per_second=res.tokens_per_second,
+                   train_seconds=res.train_seconds,
+                   base=man.base.name or man.base.spec,
+                   data=man.data.path,
                    adapter_gguf=str(run_dir / gguf) if gguf and (run_dir / gguf).is_file()
-                   else None, hyperparameters=man.get("hyperparameters", {}))
+                   else None, hyperparameters=man.hyperparameters.to_dict())
         return row
     try:
         saved = json.loads(saved_path.read_text())

@@ -76,21 +76,21 @@ def judge(effect_rel_err: float, top1: float, kl: float, tol: dict = TOLERANCE) 
 
 # --- held-back prompts --------------------------------------------------------------------------
 
-def held_back_records(man: dict, n: int) -> list:
+def held_back_records(man: Manifest, n: int) -> list:
     """Up to ``n`` records the adapter was not trained on: the validation file, else the same
     seeded validation split training made, else (no validation data) the training data."""
     from edge_tune.data.split import split_validation
     from edge_tune.data.formats import read_records
 
-    data, hp = man.get("data", {}), man.get("hyperparameters", {})
-    fmt, skip = hp.get("format", "auto"), bool(hp.get("skip_invalid", False))
-    path = data.get("val") or data.get("path")
+    data, hp = man.data, man.hyperparameters
+    fmt, skip = hp.format or "auto", bool(hp.skip_invalid)
+    path = data.val or data.path
     if not path or not Path(path).exists():
         raise EdgeTuneError(f"verify: the run's data file {path!r} is gone; it is needed for "
                             "held-back prompts")
     records = read_records(path, fmt=fmt, skip_invalid=skip).records
-    if not data.get("val") and hp.get("val_split"):
-        _, records = split_validation(records, hp["val_split"], hp.get("seed", 0))
+    if not data.val and hp.val_split:
+        _, records = split_validation(records, hp.val_split, hp.seed or 0)
     return records[:n]
 
 
@@ -241,7 +241,7 @@ def f32_copy(base_gguf: Path, sha256: str | None, on_event: EventSink = ignore) 
     return target
 
 
-def verify_run(run_dir: Path, man: dict, peft_dir: Path, base_gguf: Path, hf_dir: Path,
+def verify_run(run_dir: Path, man: Manifest, peft_dir: Path, base_gguf: Path, hf_dir: Path,
                adapter_gguf: Path | None = None, merged: Path | None = None,
                merged_f32: Path | None = None, n_prompts: int = 3, max_len: int = 64,
                max_new: int = 12, on_event: EventSink = ignore,
@@ -252,10 +252,10 @@ def verify_run(run_dir: Path, man: dict, peft_dir: Path, base_gguf: Path, hf_dir
     if (merged is None) == (adapter_gguf is None):
         raise ValueError("give exactly one of adapter_gguf / merged")
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    if man.get("chat_template"):  # the prompts as the run rendered them (--chat-template too)
-        tok.chat_template = man["chat_template"]
+    if man.chat_template:  # the prompts as the run rendered them (--chat-template too)
+        tok.chat_template = man.chat_template
     samples = build_samples(tok, held_back_records(man, n_prompts), max_len,
-                            man.get("hyperparameters", {}).get("system_mode") or "keep")
+                            man.hyperparameters.system_mode or "keep")
     if not samples:
         raise EdgeTuneError(f"verify {run_dir}: no held-back examples to check with")
     steps = 4
@@ -267,7 +267,7 @@ def verify_run(run_dir: Path, man: dict, peft_dir: Path, base_gguf: Path, hf_dir
         progress(0, "verify: torch + PEFT")
         t_base, t_tuned, t_greedy = torch_side(hf_dir, peft_dir, samples, max_new)
     progress(1, "verify: llama.cpp, F32 base and tuned")
-    f32 = f32_copy(base_gguf, man.get("base", {}).get("sha256"), on_event)
+    f32 = f32_copy(base_gguf, man.base.sha256, on_event)
     if merged is not None:
         f_base = llama_side(f32, samples)[0]
         progress(2, "verify: llama.cpp, F32 merged")

@@ -85,7 +85,7 @@ def test_cancel_leaves_a_checkpoint_and_resume_matches_a_straight_run(demo_jsonl
     assert train_steps == list(range(state["step"] + 1, STEPS + 1))  # continued, not restarted
     assert not (out / "checkpoint").exists()  # finished: no checkpoint left behind
     assert api.resume_state(out) is None
-    assert result.manifest["result"]["steps"] == STEPS
+    assert result.manifest.result.steps == STEPS
 
     a, b = _adapter(straight), _adapter(out)
     assert a.keys() == b.keys()
@@ -96,8 +96,8 @@ def test_cancel_leaves_a_checkpoint_and_resume_matches_a_straight_run(demo_jsonl
         assert diff <= 1e-4 * max(1.0, scale), (name, diff, scale)
     # and the LoRA weights really moved away from where they started (B starts at zero)
     assert any(torch.count_nonzero(t) for n, t in b.items() if "lora_B" in n)
-    straight_loss = api.manifest_mod.read(straight)["result"]["final_loss"]
-    assert result.manifest["result"]["final_loss"] == pytest.approx(straight_loss, rel=1e-3)
+    straight_loss = api.manifest_mod.read(straight).result.final_loss
+    assert result.manifest.result.final_loss == pytest.approx(straight_loss, rel=1e-3)
 
 
 def test_optimizer_state_round_trips_through_safetensors_and_json():

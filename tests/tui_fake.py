@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Done, Log, Metric, Progress
+from edge_tune.manifest import Manifest
 
 HERE = Path(__file__).parent / "tui_fixtures"
 RUNS = [
@@ -40,7 +41,7 @@ def fake_plan(cfg) -> dict:
 @dataclass
 class FakeResult:
     run_dir: Path
-    manifest: dict
+    manifest: Manifest
 
 
 ANSWERS = {None: "The capital of Japan is Tokyo.",
@@ -96,8 +97,8 @@ class FakeCore:
             if step % 5 == 0:
                 on_event(Metric(step=step, total_steps=total, loss=loss + 0.12, split="val"))
         on_event(Done("train", {"run_dir": "runs/pirate-r16"}))
-        return FakeResult(Path("runs/pirate-r16"), {"result": {
-            "steps": total, "final_loss": 0.553, "tokens_per_second": 251.0}})
+        return FakeResult(Path("runs/pirate-r16"), Manifest.from_dict({"result": {
+            "steps": total, "final_loss": 0.553, "tokens_per_second": 251.0}}))
 
     def export(self, adapter, on_event=None, **kw):
         on_event(Log(f"wrote {adapter}/adapter.gguf (210 LoRA pairs, rank 16, alpha 32)"))

@@ -41,7 +41,7 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
             raise EdgeTuneError(f"bundle: {path} was trained on {target.base}, not on "
                                 f"{base_path}; a bundle carries one base")
         items.append((name or bundle_mod.default_name(Path(path)), target.adapter,
-                      target.manifest))
+                      target.manifest.to_dict() if target.manifest is not None else None))
         if target.chat_template is not None:
             templates[items[-1][0]] = target.chat_template.text
     info = from_gguf(base_path)

@@ -13,6 +13,7 @@ from edge_tune.commands.verify import verify_hook
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Done, EventSink, Log, Progress, ignore
 from edge_tune.fsutil import sha256_file
+from edge_tune.manifest import Manifest
 
 
 def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = None,
@@ -61,7 +62,7 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
     return plan
 
 
-def _export_vllm(adapter: Path, peft_dir: Path, man: Optional[dict], base: Optional[Path],
+def _export_vllm(adapter: Path, peft_dir: Path, man: Optional[Manifest], base: Optional[Path],
                  directory: Path, on_event: EventSink) -> dict:
     from edge_tune.converters.integrations import vllm_export
 
@@ -73,8 +74,8 @@ def _export_vllm(adapter: Path, peft_dir: Path, man: Optional[dict], base: Optio
     return result
 
 
-def _export_merged(adapter: Path, peft_dir: Path, man: Optional[dict], base_gguf: Optional[Path],
-                   out: Optional[Path], quant: str, on_event: EventSink, verify: bool,
+def _export_merged(adapter: Path, peft_dir: Path, man: Optional[Manifest],
+                   base_gguf: Optional[Path], out: Optional[Path], quant: str, on_event: EventSink, verify: bool,
                    ollama: Optional[Path], system: Optional[str] = None,
                    template: Optional["template_choice.ChatTemplate"] = None) -> dict:
     """Merge into an F32 GGUF first (exact; what verify checks), then let llama.cpp's own
@@ -148,7 +149,7 @@ def _place_beside(src: Path, directory: Path) -> str:
 
 
 def _write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Optional[Path],
-                  system: Optional[str], man: Optional[dict], on_event: EventSink,
+                  system: Optional[str], man: Optional[Manifest], on_event: EventSink,
                   chosen: Optional["template_choice.ChatTemplate"] = None) -> Path:
     """DIR/Modelfile (FROM model, ADAPTER adapter, TEMPLATE from the chat template: ``chosen``
     (--chat-template or the run's), else the model's own; stop words, SYSTEM), with the files
@@ -178,9 +179,9 @@ def _write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Opt
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # A run's base read from Ollama's store is named, not copied: Ollama already has it.
-    base_rec = (man or {}).get("base") or {}
-    from_ollama = base_rec.get("ollama") if adapter_gguf and base_rec.get("gguf") and \
-        Path(base_rec["gguf"]) == Path(model_gguf) else None
+    base_rec = man.base if man is not None else None
+    from_ollama = base_rec.ollama if adapter_gguf and base_rec and base_rec.gguf and \
+        Path(base_rec.gguf) == Path(model_gguf) else None
     from_name = from_ollama or _place_beside(Path(model_gguf), directory)
     adapter_name = _place_beside(Path(adapter_gguf), directory) if adapter_gguf else None
     text = ollama.modelfile(from_ollama or f"./{from_name}",

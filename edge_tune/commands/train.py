@@ -32,7 +32,7 @@ from edge_tune.runs import RUN_CONFIG, load_run_config, prepare_run_dir, resume_
 class TrainResult:
     """A finished run: its directory and its manifest (as written to manifest.json)."""
     run_dir: Path
-    manifest: dict
+    manifest: manifest_mod.Manifest
 
 
 def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,

@@ -34,16 +34,15 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
     _, base_gguf = conversion_base(peft_dir, man, base)
     if base_gguf is None:
         raise EdgeTuneError(f"{run}: verify runs llama.cpp and needs a GGUF base: pass --base")
-    man_hf = man.get("base", {}).get("hf_dir")
+    man_hf = man.base.hf_dir
     if man_hf and Path(man_hf, "config.json").is_file() and \
-            (base is None or not man.get("base", {}).get("gguf")):
+            (base is None or not man.base.gguf):
         hf_dir = Path(man_hf)
     else:
         hf_dir = models.dequantized_copy(Path(base_gguf), on_event)
     kw = dict(n_prompts=n_prompts, max_new=max_new, on_event=on_event, mlx_adapter=mlx_adapter)
     if merged is None:
-        gg = _adapter_gguf or (run / man["adapter"]["gguf"] if man.get("adapter", {}).get("gguf")
-                               else None)
+        gg = _adapter_gguf or (run / man.adapter.gguf if man.adapter.gguf else None)
         if gg is None or not Path(gg).is_file():
             raise EdgeTuneError(f"{run}: no adapter.gguf to verify; run `edge-tune export {run}`")
         report = verify_mod.verify_run(run, man, peft_dir, Path(base_gguf), hf_dir,
@@ -68,13 +67,13 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
     return result
 
 
-def _mlx_side_for(run: Path, man: dict) -> Optional[Path]:
+def _mlx_side_for(run: Path, man) -> Optional[Path]:
     """An mlx run is checked against mlx itself (its native adapter) where mlx is installed;
     elsewhere against torch+PEFT with the run's PEFT copy."""
     from edge_tune.hardware import missing_modules
 
-    native = man.get("adapter", {}).get("mlx")
-    if man.get("backend") != "mlx" or not native or missing_modules("mlx", "mlx_lm"):
+    native = man.adapter.mlx
+    if man.backend != "mlx" or not native or missing_modules("mlx", "mlx_lm"):
         return None
     return run / native
 

@@ -279,10 +279,10 @@ class TrainScreen(BaseScreen):
         log = self.query_one("#log", RichLog)
         stats = self.query_one("#stats", Static)
         if exc is None:
-            r = result.manifest["result"]
+            r = result.manifest.result
             self.session.chat_adapter = str(result.run_dir)
-            msg = (f"done: {r['steps']} steps, final loss {r['final_loss']:.3f}, "
-                   f"{r['tokens_per_second']:.0f} tok/s -> {result.run_dir}")
+            msg = (f"done: {r.steps} steps, final loss {r.final_loss:.3f}, "
+                   f"{r.tokens_per_second:.0f} tok/s -> {result.run_dir}")
             stats.update(Text(msg, style="green"))
             log.write(Text(msg + " (F4 adapters, F5 chat)", style="bold green"))
             self.notify(msg, title="training finished")
