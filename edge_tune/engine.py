@@ -18,22 +18,7 @@ from typing import Iterator, Optional
 from edge_tune.converters.formats.base_info import BaseInfo, from_gguf
 from edge_tune.converters.formats.validate import validate_adapter_file
 from edge_tune.errors import EdgeTuneError
-
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """llama.cpp prints load logs straight to fd 2; hide them unless EDGE_TUNE_DEBUG is set."""
-    if os.environ.get("EDGE_TUNE_DEBUG"):
-        yield
-        return
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+from edge_tune.native_log import quiet_stderr
 
 
 def _want_extra_bufts() -> bool:

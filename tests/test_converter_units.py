@@ -205,3 +205,20 @@ def test_fan_in_fan_out_changes_nothing():
     a = dict(peft_to_gguf.plan(CFG, tensors, tiny_base()).tensors)
     b = dict(peft_to_gguf.plan({**CFG, "fan_in_fan_out": True}, tensors, tiny_base()).tensors)
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_safetensors_are_read_without_torch_exactly(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "adapter_model.safetensors"
+    ref = {"a": torch.randn(3, 4).bfloat16(), "b": torch.randn(2), "c": torch.randn(5).half()}
+    save_file(ref, str(path))
+    got = peft_to_gguf._load_safetensors(path)
+    for name, tensor in ref.items():
+        assert got[name].dtype == np.float32
+        assert np.array_equal(got[name], tensor.float().numpy()), name
+    path.write_bytes(path.read_bytes()[:-4])  # cut: the last tensor's data is short
+    for load in (peft_to_gguf._load_safetensors, peft_to_gguf._load_safetensors_bytes):
+        with pytest.raises(EdgeTuneError, match="unreadable safetensors"):
+            load(path)

@@ -272,12 +272,42 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
         with safe_open(str(path), framework="numpy") as f:
             return {k: f.get_tensor(k).astype(np.float32) for k in f.keys()}
     except TypeError:
-        pass  # bf16 has no numpy dtype: go through torch
+        pass  # bf16 has no numpy dtype: read the bytes (below)
     except Exception as exc:
         raise EdgeTuneError(f"{path}: unreadable safetensors file ({exc})") from None
-    from safetensors.torch import load_file
+    return _load_safetensors_bytes(path)
 
-    return {k: v.float().numpy() for k, v in load_file(str(path)).items()}
+
+# safetensors dtype -> numpy dtype of its bytes; BF16 is read as the top 16 bits of a float32.
+_BYTE_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def _load_safetensors_bytes(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as float32, bf16 included, without torch. The format
+    (https://huggingface.co/docs/safetensors): an 8-byte little-endian header length, a JSON
+    header (name -> dtype, shape, data_offsets from the end of the header), then the data."""
+    try:
+        raw = Path(path).read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            dtype = np.dtype(_BYTE_DTYPES[info["dtype"]])
+            if 8 + n + end > len(raw) or end - begin != math.prod(info["shape"]) * dtype.itemsize:
+                raise ValueError(f"tensor {name}: data_offsets do not fit its shape or the file")
+            data = np.frombuffer(raw, dtype, (end - begin) // dtype.itemsize, 8 + n + begin)
+            if info["dtype"] == "BF16":
+                data = (data.astype("<u4") << 16).view("<f4")
+            out[name] = data.astype(np.float32).reshape(info["shape"])
+        return out
+    except KeyError as exc:
+        raise EdgeTuneError(f"{path}: unreadable safetensors file (dtype or field {exc} not "
+                            f"supported; expected {', '.join(_BYTE_DTYPES)} tensors)") from None
+    except (ValueError, TypeError) as exc:
+        raise EdgeTuneError(f"{path}: unreadable safetensors file ({exc})") from None
 
 
 def write_gguf(plan_: Plan, arch: str, out_path: Path, outtype: str = "f32",

@@ -175,23 +175,13 @@ def made_by(reader) -> str:
     return "unknown"
 
 
-def verify_gguf_only(run: Path, base_gguf: Optional[Path] = None) -> None:
-    """``edge-tune verify ADAPTER.gguf``: a GGUF adapter alone carries no trained adapter to
-    compare with. Raises EdgeTuneError (exit 2) saying what the file allows to check (the
-    shared check against the base: done) and what it does not; a failing file fails with the
-    shared check's own message. Nothing happens for anything but a ``.gguf`` file."""
-    if Path(run).suffix.lower() == ".gguf" and Path(run).is_file():
-        raise EdgeTuneError(what_verify_can_check(Path(run), base_gguf))
-
-
-def what_verify_can_check(path: Path, base_gguf: Optional[Path] = None) -> str:
-    """One line: what verify checked in a GGUF adapter on its own, and what it cannot."""
+def what_verify_can_check(path: Path, base_gguf: Path) -> str:
+    """``edge-tune verify ADAPTER.gguf``, one line: a GGUF adapter alone carries no trained
+    adapter to compare with, so this says what the shared check against ``base_gguf`` checked
+    (it passed) and what it cannot check. A failing file raises the shared check's own
+    EdgeTuneError (:func:`validate_adapter_file`)."""
     from edge_tune.converters.formats.base_info import from_gguf
 
-    if base_gguf is None:
-        from edge_tune.models import default_gguf
-
-        base_gguf = default_gguf()
     meta = validate_adapter_file(Path(path), from_gguf(base_gguf))
     pairs = sum(1 for _ in open_gguf(path).tensors) // 2
     who = {"edge-tune": "edge-tune", "llama.cpp": "llama.cpp's convert_lora_to_gguf.py"}.get(

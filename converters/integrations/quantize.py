@@ -55,7 +55,7 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> Pa
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype(name)
     params.nthread = threads or os.cpu_count() or 1
-    from edge_tune.engine import quiet_stderr
+    from edge_tune.native_log import quiet_stderr
 
     with quiet_stderr():
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)

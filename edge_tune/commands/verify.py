@@ -24,8 +24,10 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
     from edge_tune import verify as verify_mod
 
     run = Path(run)
-    from edge_tune.converters.formats.validate import verify_gguf_only
-    verify_gguf_only(run, base)  # an adapter .gguf alone: what can and cannot be checked
+    if run.suffix.lower() == ".gguf" and run.is_file():  # an adapter .gguf alone
+        from edge_tune.converters.formats.validate import what_verify_can_check
+
+        raise EdgeTuneError(what_verify_can_check(run, base or models.default_gguf()))
     peft_dir, man = peft_adapter(run)
     if man is None:
         raise EdgeTuneError(f"{run}: verify needs an edge-tune run directory (its manifest.json "
