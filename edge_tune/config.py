@@ -16,6 +16,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+ALL_LINEAR = "all-linear"  # target_modules: every linear layer of the blocks
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -31,6 +33,8 @@ class TrainConfig:
     rank: int = 16
     alpha: float = 32.0
     rslora: bool = False  # rank-stabilized LoRA: the update is scaled by alpha/sqrt(rank)
+    dora: bool = False  # weight-decomposed LoRA (magnitude + direction); exports through --merge
+    lora_dropout: float = 0.0  # dropout on the LoRA branch's input while training
     batch_size: int = 8
     grad_accum: int = 1  # micro-batches per optimizer step (the planner raises it to fit)
     grad_checkpoint: bool = False  # recompute each block in backward: less memory, ~1/3 slower
@@ -45,6 +49,8 @@ class TrainConfig:
     val_split: float = 0.0  # or hold out this share of --data
     eval_every: int = 0  # steps between validation passes; 0 = about 5 over the run
     save_every: int = 50  # steps between checkpoints (RUN/checkpoint); 0 = only on cancel
+    # module names inside a block (q_proj, ...), or ["all-linear"]: every linear layer of the
+    # blocks (the output layer excluded); checked against the model before its weights load
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     warmup_steps: int = 5
     precision: str = "auto"  # auto | bf16 | fp32
@@ -60,6 +66,9 @@ class TrainConfig:
     # keep | fold: fold = system text goes into the first user turn (templates without a
     # system role); stored in the run, so chat and serve fold it the same way
     system_mode: str = "keep"
+    # tensorboard | wandb | mlflow | none: where the parent also writes the run's metrics
+    # (tensorboard: RUN/tb event files; wandb offline unless WANDB_MODE says otherwise)
+    report_to: str = "tensorboard"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,8 +99,11 @@ _CHECKS = {
     "nnodes": (lambda v: 1 <= v <= 1024, "an integer >= 1"),
     "rdzv": (lambda v: v is None or re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", v) is not None,
              "HOST:PORT"),
-    "target_modules": (lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
-                       "a non-empty list of module names"),
+    "target_modules": (lambda v: isinstance(v, list) and v and all(
+        isinstance(x, str) and re.fullmatch(r"[\w.\-]+", x) for x in v) and (
+        ALL_LINEAR not in v or len(v) == 1), "a non-empty list of module names, or all-linear"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a probability from 0 to below 1"),
+    "report_to": (lambda v: v in REPORT_TO, " | ".join(REPORT_TO)),
 }
 
 
@@ -101,6 +113,12 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     try:
         if value is None:
             return None
+        if "list" in kind:
+            # --target-modules q_proj,v_proj (or a TOML string): a comma-separated list
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+                raise ValueError
+            return [x.strip() for x in items if x.strip()]
         if "int" in kind and "list" not in kind:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError

@@ -167,10 +167,23 @@ class Plan:
                               "quantize_4bit") if k in self.config}}
 
 
-def lora_params(shape: ModelShape, rank: int, targets: list[str]) -> int:
+def _targeted(shape: ModelShape, targets: list[str]) -> dict[str, tuple[int, int]]:
     dims = shape.module_dims()
-    per_block = sum(rank * (i + o) for name, (i, o) in dims.items() if name in set(targets))
+    return dims if "all-linear" in targets else {k: v for k, v in dims.items() if k in targets}
+
+
+def lora_params(shape: ModelShape, rank: int, targets: list[str], dora: bool = False) -> int:
+    """Trainable parameters: A and B of each targeted projection (DoRA adds a magnitude per
+    output row)."""
+    dims = _targeted(shape, targets)
+    per_block = sum(rank * (i + o) + (o if dora else 0) for i, o in dims.values())
     return per_block * shape.layers
+
+
+def dora_flops(shape: ModelShape, rank: int, targets: list[str]) -> float:
+    """DoRA's extra work per micro-batch: each forward forms W + scale*B*A (rank x in x out
+    multiply-adds) to take its row norms, and backward goes through it again."""
+    return 3 * 2.0 * rank * shape.layers * sum(i * o for i, o in _targeted(shape, targets).values())
 
 
 def _block_activation_bytes(shape: ModelShape, tokens: int, batch: int, length: int,
@@ -198,7 +211,7 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
     length = min(cfg["seq_len"], longest or cfg["seq_len"])
     batch = cfg["batch_size"]
     tokens = batch * length
-    n_lora = lora_params(shape, cfg["rank"], cfg["target_modules"])
+    n_lora = lora_params(shape, cfg["rank"], cfg["target_modules"], cfg.get("dora", False))
     four_bit = backend == "unsloth" and cfg.get("quantize_4bit", True)
     if backend == "unsloth":
         precision = "nf4" if four_bit else "bf16"
@@ -237,7 +250,8 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
     file_bytes = shape.file_bytes or 4 * shape.params
     load_peak = parts["framework"] + file_bytes + weights if backend != "unsloth" else 0.0
     flops = 4.0 * (shape.params + n_lora) * tokens + \
-        4.0 * shape.layers * att_batch * att_len * att_len * shape.q_dim
+        4.0 * shape.layers * att_batch * att_len * att_len * shape.q_dim + \
+        (dora_flops(shape, cfg["rank"], cfg["target_modules"]) if cfg.get("dora") else 0.0)
     return Estimate(backend=backend, precision=precision, parts=parts,
                     load_peak=load_peak, peak=max(train_peak, load_peak),
                     tokens_per_step=tokens * cfg.get("grad_accum", 1),

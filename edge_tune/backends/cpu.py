@@ -34,7 +34,7 @@ from edge_tune.backends.loop import (  # noqa: F401 (length_grouped_batches, lr_
     slot_orders,
     step_counts,
 )
-from edge_tune.config import TrainConfig
+from edge_tune.config import ALL_LINEAR, TrainConfig
 from edge_tune.data.template import IGNORE, Example
 from edge_tune.events import Log, Metric, Progress
 
@@ -120,6 +120,16 @@ def use_bf16(precision: str, cpu_has_bf16: bool) -> bool:
     return precision == "bf16" or (precision == "auto" and cpu_has_bf16)
 
 
+def peft_lora_kwargs(cfg: TrainConfig | Mapping) -> dict:
+    """``peft.LoraConfig`` arguments for the run's LoRA variant (rank, alpha, rsLoRA, DoRA,
+    dropout, target modules; ``all-linear`` is PEFT's own keyword). Pure."""
+    cfg = as_config(cfg)
+    targets = cfg.target_modules
+    return {"r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.lora_dropout,
+            "target_modules": targets[0] if targets == [ALL_LINEAR] else list(targets),
+            "use_rslora": cfg.rslora, "use_dora": cfg.dora}
+
+
 def build_model(hf_dir: Path, cfg: TrainConfig | Mapping, bf16: bool):
     """The base model with LoRA layers: frozen base in bf16 (or fp32), trainable LoRA in fp32.
     ``cfg``: the run's settings (a mapping may give only rank, alpha, target_modules...)."""
@@ -140,9 +150,7 @@ def build_model(hf_dir: Path, cfg: TrainConfig | Mapping, bf16: bool):
         # Keep only each block's input; recompute the block in backward (non-reentrant, so the
         # frozen embeddings need no requires_grad trick).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
-                      target_modules=cfg.target_modules, use_rslora=cfg.rslora,
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(**peft_lora_kwargs(cfg), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     for p in model.parameters():
         if p.requires_grad:

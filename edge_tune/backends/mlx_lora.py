@@ -49,18 +49,31 @@ def lora_keys(module_names: list[str], targets: list[str]) -> list[str]:
 
 
 def mlx_lora_config(rank: int, alpha: float, keys: list[str], n_layers: int,
-                    model: str, rslora: bool = False) -> dict:
-    """mlx-lm's adapter_config.json for these hyperparameters. mlx-lm's ``scale`` is the
-    multiplier itself: alpha/rank, or alpha/sqrt(rank) for rsLoRA (PEFT's rule). Pure."""
+                    model: str, rslora: bool = False, dora: bool = False,
+                    dropout: float = 0.0) -> dict:
+    """mlx-lm's adapter_config.json for these hyperparameters. mlx-lm has no rsLoRA switch,
+    but its ``scale`` is the multiplier itself, so rsLoRA is exact as scale = alpha/sqrt(rank)
+    (PEFT's rule; plain LoRA: alpha/rank). DoRA is mlx-lm's ``fine_tune_type`` "dora";
+    ``dropout`` is mlx-lm's LoRA input dropout, as PEFT's. Pure."""
     return {
-        "fine_tune_type": "lora",
+        "fine_tune_type": "dora" if dora else "lora",
         "num_layers": n_layers,
         "lora_parameters": {"rank": rank,
                             "scale": alpha / math.sqrt(rank) if rslora else alpha / rank,
-                            "dropout": 0.0,
+                            "dropout": dropout,
                             "keys": keys},
         "model": model,
     }
+
+
+def mark_rslora(peft_dir: Path, alpha: float) -> None:
+    """Say rsLoRA in the PEFT copy's adapter_config.json: ``use_rslora`` with the run's alpha
+    (mlx_to_peft writes the same scale as a plain alpha = scale * rank; PEFT's alpha/sqrt(r)
+    with the run's alpha is that scale)."""
+    path = peft_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(use_rslora=True, lora_alpha=alpha)
+    path.write_text(json.dumps(config, indent=2))
 
 
 def padded_width(longest: int, limit: int) -> int:
@@ -119,8 +132,9 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
         raise EdgeTuneError(f"--target-modules {','.join(cfg.target_modules)}: none of "
                             "these modules exists in the model's blocks")
     n_layers = len(model.layers)
-    native_cfg = mlx_lora_config(cfg.rank, cfg.alpha, keys, n_layers, job.hf_dir, cfg.rslora)
-    linear_to_lora_layers(model, n_layers, native_cfg["lora_parameters"])
+    native_cfg = mlx_lora_config(cfg.rank, cfg.alpha, keys, n_layers, job.hf_dir, cfg.rslora,
+                                 cfg.dora, cfg.lora_dropout)
+    linear_to_lora_layers(model, n_layers, native_cfg["lora_parameters"], use_dora=cfg.dora)
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     emit(Log(f"model loaded in {time.perf_counter() - t0:.1f}s; {n_train / 1e6:.2f}M trainable "
              f"LoRA parameters; mlx on {mx.default_device()}"))
@@ -213,6 +227,8 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
         train_seconds = time.perf_counter() - clock["start"] - clock["paused"]
         (native / mlx_to_peft.CONFIG).write_text(json.dumps(native_cfg, indent=2))
         mlx_to_peft.convert(native, Path(job.adapter_dir), base_model=job.hf_dir)
+        if cfg.rslora:
+            mark_rslora(Path(job.adapter_dir), cfg.alpha)
     return {
         "steps": total,
         "final_loss": final_loss(losses),

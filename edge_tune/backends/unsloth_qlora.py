@@ -51,7 +51,7 @@ from edge_tune.backends.loop import (  # noqa: F401 (grad_accum, step_counts: re
     slot_orders,
     step_counts,
 )
-from edge_tune.config import TrainConfig
+from edge_tune.config import ALL_LINEAR, TrainConfig
 from edge_tune.data.template import IGNORE, Example
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Log, Metric, Progress
@@ -102,18 +102,21 @@ def from_pretrained_kwargs(cfg: TrainConfig | Mapping, model_ref: str,
 
 
 def peft_kwargs(cfg: TrainConfig | Mapping) -> dict:
-    """``FastLanguageModel.get_peft_model`` arguments. Dropout 0 and no bias keep Unsloth on
-    its fused LoRA kernels (and are what the CPU backend trains with). Pure."""
+    """``FastLanguageModel.get_peft_model`` arguments: the LoRA variant as on the CPU backend
+    (rsLoRA, DoRA, dropout, target modules; ``use_dora`` goes through to PEFT's LoraConfig).
+    Dropout 0 and no bias (the defaults) keep Unsloth on its fused LoRA kernels. Pure."""
     cfg = as_config(cfg)
+    targets = cfg.target_modules
     return {
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
-        "target_modules": list(cfg.target_modules),
-        "lora_dropout": 0.0,
+        "target_modules": targets[0] if targets == [ALL_LINEAR] else list(targets),
+        "lora_dropout": cfg.lora_dropout,
         "bias": "none",
         "use_gradient_checkpointing": "unsloth",
         "random_state": cfg.seed,
         "use_rslora": cfg.rslora,
+        "use_dora": cfg.dora,
     }
 
 

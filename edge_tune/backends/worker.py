@@ -210,6 +210,9 @@ def _barrier() -> None:
 def run(job: TrainJob | Mapping, emit) -> dict:
     """Prepare the job's data and run its backend (see :class:`registry.TrainFn`); returns
     the Done result. ``job``: as read from the job file (a mapping: see ``TrainJob.of``)."""
+    import dataclasses
+
+    from edge_tune.backends import lora_targets
     from edge_tune.backends.registry import load_entry, preload
 
     job = TrainJob.of(job)
@@ -223,6 +226,9 @@ def run(job: TrainJob | Mapping, emit) -> dict:
     job.hf_dir = str(hf_dir_for(job.model_ref, emit, job.base_sha256))
     if world > 1 and rank == 0:
         _barrier()
+    # --target-modules against the model's own layer names, before any weight loads
+    job.config = dataclasses.replace(job.config, target_modules=lora_targets.for_model(
+        Path(job.hf_dir), job.config.target_modules))
     job.examples, job.pad_id, tokenizer_info = prepare_examples(job, emit, rank, world)
     val = f", {len(job.val_examples)} validation examples" if job.val_examples else ""
     shard = f" in rank {rank}'s shard" if world > 1 else ""
