@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from edge_tune import manifest as manifest_mod
-from edge_tune import models, template_choice
+from edge_tune import models, template_choice, tracking
 from edge_tune.backends import registry
 from edge_tune.commands.convert import check_llama_cpp_computes_as_hf
 from edge_tune.commands.export import export
@@ -60,6 +60,7 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     data_path = Path(cfg.data)
     models.check_spec(cfg.model)  # bad input fails fast, before any download or heavy work
     chosen = template_choice.given(cfg.chat_template)
+    tracking.check(cfg.report_to)  # a tracker that is not installed: one line, first
     hw = probe()
     backend, why = registry.choose(cfg.backend, hw)  # an unusable backend: one line, first
     if resume is not None and not registry.capabilities(backend).resumable:
@@ -85,6 +86,11 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     template_choice.require_for_conversations(train_records + val_records, ref, chosen)
     base_sha256 = sha256_file(ref.gguf) if ref.gguf else None  # once: worker and manifest
     on_event(Log(f"backend: {backend} ({why})"))
+    if cfg.dora:
+        on_event(Log("--dora: a DoRA adapter has no GGUF LoRA form (llama.cpp has no magnitude "
+                     "vectors): this run writes no adapter.gguf; export it with `edge-tune "
+                     "export RUN --merge` (one GGUF with the adapter merged, verified)",
+                     "warning"))
     run_plan = None
     if resume is None:  # a resumed run keeps the settings it was planned with
         run_plan = fit_plan(cfg, ref, backend, hw, train_records)
@@ -115,7 +121,8 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         "resume_from": str(ckpt) if resume is not None and ckpt.is_dir() else None,
         "chat_template": chosen.text if chosen else None,  # replaces the tokenizer's own
     })
-    proc = TrainingProcess(job, run_dir, on_event)
+    tracker = tracking.Tracker(cfg.report_to, run_dir, cfg.to_dict(), on_event)
+    proc = TrainingProcess(job, run_dir, tracker.sink(on_event))
     if cancel is not None:
         def watch() -> None:
             while not cancel.wait(0.2):
@@ -124,6 +131,7 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
             proc.cancel()
 
         threading.Thread(target=watch, daemon=True).start()
+    result: dict = {}
     try:
         result = proc.wait()
     except EdgeTuneError as exc:
@@ -135,13 +143,15 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         if resume is None and not existed and exc.exit_code == ExitCode.BAD_INPUT:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    finally:  # loss.png and the tracker's files, cancelled or not
+        tracker.close(result.get("losses"))
     tokenizer_info = _template_record(result.pop("tokenizer", {}), chosen)
     base = _base_record(ref, result.pop("hf_dir"), base_sha256)
     adapter_info: dict = {"peft": "adapter"}
     if result.get("mlx_adapter"):
         adapter_info["mlx"] = result.pop("mlx_adapter")  # the native mlx-lm adapter dir
     base_gguf = ref.gguf or _converted_base(base, on_event)  # HF weights: convert-base, cached
-    if base_gguf is not None:
+    if base_gguf is not None and not cfg.dora:
         plan = export(run_dir / "adapter", base=base_gguf, out=run_dir / "adapter.gguf",
                       on_event=on_event, _base_sha256=base["sha256"])
         adapter_info.update(gguf="adapter.gguf", alpha=plan.alpha, rank=plan.rank)
@@ -157,7 +167,10 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         plan=run_plan.to_dict() if run_plan is not None else None)
     manifest_mod.write(run_dir, man)
     shutil.rmtree(ckpt, ignore_errors=True)  # finished: the adapter is the result
-    if getattr(cfg, "verify", True) and base_gguf is not None:
+    if cfg.dora and base_gguf is not None:
+        on_event(Log(f"DoRA: no adapter.gguf; `edge-tune export {run_dir} --merge` writes the "
+                     "merged GGUF and verifies it", "warning"))
+    elif getattr(cfg, "verify", True) and base_gguf is not None:
         if _prequantized(Path(base["hf_dir"])):  # verify's torch side cannot load bnb weights
             on_event(Log("verify: skipped (trained on pre-quantized 4-bit weights); run "
                          f"`edge-tune verify {run_dir} --base {base_gguf}`", "warning"))
