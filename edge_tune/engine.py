@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -123,6 +124,7 @@ class Piece:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV entries were reused, not evaluated
 
 
 def _overflow_as_error(chunks):
@@ -147,6 +149,9 @@ class _TokenCounter:
     wrapper returns the sampled token unchanged). On the first sample the context holds
     exactly the prompt; an end-of-generation token is not counted as completion.
 
+    ``cached_tokens``: the prompt tokens llama-cpp-python took from the KV cache (its
+    ``generate`` keeps the longest common prefix; the first ``eval`` starts after it).
+
     It also enforces ``limit`` (max_tokens): llama-cpp-python's streaming loop skips its own
     max_tokens check while the text ends in an incomplete UTF-8 sequence, so a model that
     keeps sampling lead bytes (seen with a tiny Gemma 3 and an adapter) generated until the
@@ -158,7 +163,9 @@ class _TokenCounter:
         self.llm = llm
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0
         self._sampled = 0
+        self._evals = 0
         self.cut = False
 
     @classmethod
@@ -184,19 +191,62 @@ class _TokenCounter:
                 counter.completion_tokens += 1
             return token
 
+        original_eval = type(llm).eval
+
+        def eval_(tokens):
+            if counter._evals == 0:
+                counter.cached_tokens = llm.n_tokens
+            counter._evals += 1
+            return original_eval(llm, tokens)
+
         llm.sample = sample
+        llm.eval = eval_
         return counter
 
     def uninstall(self) -> None:
         self.llm.__dict__.pop("sample", None)
+        self.llm.__dict__.pop("eval", None)
+
+
+MIN_NEW_TOKENS = 2  # rows of a prompt evaluated even when the cache holds all of it
+
+
+def _batched_suffix(llm) -> None:
+    """Make the next ``llm.generate`` reuse at most ``len(prompt) - MIN_NEW_TOKENS`` cached
+    tokens (an instance attribute shadowing the method; the caller pops it).
+
+    Why: llama-cpp-python re-evaluates a single token when the whole prompt is cached, and
+    ggml computes a lone row with other kernels than a batch (llamafile's sgemm needs two
+    rows), so its logits round differently from a fresh context's and a greedy answer can
+    change (seen on a tiny F32 model). Two rows take the batch kernels, whose rows do not
+    depend on how many there are (checked: any split of a prompt gives the same logits)."""
+    original = type(llm).generate
+
+    def generate(tokens, *args, **kwargs):
+        tokens = list(tokens)
+        keep = 0
+        for cached, new in zip(llm._input_ids, tokens[:max(len(tokens) - MIN_NEW_TOKENS, 0)]):
+            if cached != new:
+                break
+            keep += 1
+        if llm.n_tokens > keep:
+            llm.n_tokens = keep
+            llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+        return original(llm, tokens, *args, **kwargs)
+
+    llm.generate = generate
 
 
 class Engine:
     def __init__(self, base_gguf: Path, n_ctx: int = 4096, threads: Optional[int] = None,
                  logits_all: bool = False, seed: int = 0, exact: bool = False,
                  chat_template: Optional[str] = None, stop_tokens: tuple = (),
-                 system_mode: str = "keep") -> None:
+                 system_mode: str = "keep", prompt_cache: bool = True) -> None:
         """``exact``: keep the KV cache in F32 (default F16) for bit-careful comparisons.
+        ``prompt_cache``: reuse the KV entries of the longest common prefix of the previous
+        prompt (per adapter set, see :meth:`activate_mix`) instead of starting each answer
+        from an empty context; greedy answers are the same either way (tests/
+        test_server_batching.py measures it).
         ``chat_template``: Jinja text used for conversations instead of the GGUF's own
         ``tokenizer.chat_template`` (:meth:`set_chat_template` sets one per adapter);
         ``stop_tokens``: token texts that also end an answer (e.g. a run's); ``system_mode``
@@ -226,6 +276,10 @@ class Engine:
         self._adapters: dict[str, object] = {}
         self.adapter_meta: dict[str, dict] = {}
         self.active: Optional[str] = None
+        self.active_mix: tuple = ()  # ((name, scale), ...) applied to the context now
+        self.prompt_cache = prompt_cache
+        # adapter set -> the context's state (KV entries + tokens) saved when it was left
+        self._saved: OrderedDict[tuple, object] = OrderedDict()
         own = self.llm.metadata.get("tokenizer.chat_template") or None
         self._templates: dict[Optional[str], Optional[str]] = {None: chat_template or own}
         self._stop_tokens = tuple(stop_tokens)
@@ -318,23 +372,64 @@ class Engine:
         self._adapters[name] = ptr
         return name
 
-    def activate(self, name: Optional[str], scale: float = 1.0) -> None:
-        """Make ``name`` the only active adapter (None = the plain base)."""
+    SAVED_STATES = 4  # adapter sets whose prompt cache survives a switch (LRU)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload adapter ``name`` (its saved prompt caches go with it). The active set must
+        not contain it (:meth:`activate_mix` another set first)."""
         import llama_cpp
 
-        if name is not None and name not in self._adapters:
+        if any(n == name for n, _ in self.active_mix):
+            raise EdgeTuneError(f"adapter {name!r} is active; activate another set first")
+        ptr = self._adapters.pop(name, None)
+        if ptr is None:
             raise EdgeTuneError(f"adapter {name!r} is not loaded")
-        if name is None:
-            rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+        self.adapter_meta.pop(name, None)
+        for key in [k for k in self._saved if any(n == name for n, _ in k)]:
+            del self._saved[key]
+        llama_cpp.llama_adapter_lora_free(ptr)
+
+    def activate(self, name: Optional[str], scale: float = 1.0) -> None:
+        """Make ``name`` the only active adapter, at ``scale`` (None = the plain base)."""
+        self.activate_mix([] if name is None else [(name, scale)])
+
+    def activate_mix(self, mix) -> None:
+        """Apply several adapters at once: ``mix`` is ``[(name, scale), ...]`` (empty: the
+        plain base), passed to llama.cpp's ``llama_set_adapters_lora`` (llama.h), which adds
+        each adapter's ``scale * alpha / rank * B A x``. The first adapter's chat template is
+        used. KV entries are valid only under the set they were computed with: with the
+        prompt cache on, the context's state is saved under the set being left and the new
+        set's saved state (if any) is restored (llama_state_get_data / set_data)."""
+        import llama_cpp
+
+        mix = tuple((str(n), float(s)) for n, s in mix)
+        for name, _ in mix:
+            if name not in self._adapters:
+                raise EdgeTuneError(f"adapter {name!r} is not loaded")
+        if mix == self.active_mix and self.prompt_cache:
+            return
+        if mix:
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * len(mix))(
+                *(self._adapters[n] for n, _ in mix))
+            scales = (ctypes.c_float * len(mix))(*(s for _, s in mix))
+            rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, arr, len(mix), scales)
         else:
-            arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
-            scales = (ctypes.c_float * 1)(scale)
-            rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, arr, 1, scales)
+            rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
         if rc != 0:
-            raise EdgeTuneError(f"llama.cpp could not activate adapter {name!r} (code {rc})")
-        # The prompt cache holds tokens computed under the previous adapter: drop it.
-        self.llm.reset()
-        self.active = name
+            raise EdgeTuneError(f"llama.cpp could not activate adapters {mix!r} (code {rc})")
+        if self.prompt_cache and self.llm.n_tokens > 0:
+            self._saved[self.active_mix] = self.llm.save_state()
+            self._saved.move_to_end(self.active_mix)
+            while len(self._saved) > self.SAVED_STATES:
+                self._saved.popitem(last=False)
+        state = self._saved.pop(mix, None) if self.prompt_cache else None
+        if state is not None:
+            self.llm.load_state(state)
+        else:  # KV entries of the previous set must not be reused under this one
+            self.llm.reset()
+            self.llm._ctx.kv_cache_clear()
+        self.active_mix = mix
+        self.active = mix[0][0] if mix else None
 
     # --- inference ------------------------------------------------------------------------
     def chat_stream(self, messages: list[dict], temperature: float = 0.7,
@@ -359,9 +454,11 @@ class Engine:
         """The one generation path for the CLI and the server: a chat (``messages``, rendered
         with :attr:`chat_template`) or a plain text completion (``prompt``), streamed as pieces.
 
-        Every answer starts from a reset context, so no request reuses KV entries computed for
-        another one (or under another adapter); with ``temperature=0`` the answer is greedy and
-        the same whoever asks. The last piece carries ``finish_reason`` ("stop" or "length")
+        With :attr:`prompt_cache` the KV entries of the longest common prefix with the
+        previous prompt under the same adapter set are reused (llama-cpp-python's
+        ``Llama.generate``), so turn N of a conversation evaluates only its new tokens;
+        otherwise every answer starts from an empty context. With ``temperature=0`` the
+        answer is greedy and the same whoever asks, cached prefix or not. The last piece carries ``finish_reason`` ("stop" or "length")
         and token counts. ``sampling``: top_p, stop, presence/frequency_penalty... as
         llama-cpp-python names them. A prompt longer than the context raises
         :class:`ContextOverflow` before any piece; a conversation the template refuses raises
@@ -378,7 +475,10 @@ class Engine:
                 from edge_tune.data.template import fold_system
 
                 messages = fold_system(messages)
-        self.llm.reset()
+        if not self.prompt_cache:
+            self.llm.reset()
+        if self.prompt_cache:
+            _batched_suffix(self.llm)
         counter = _TokenCounter.install(self.llm, max_tokens if max_tokens and max_tokens > 0
                                         else None)
         kw = dict(temperature=temperature, max_tokens=max_tokens, stream=True, seed=seed,
@@ -396,9 +496,26 @@ class Engine:
                 if finish and counter.cut:
                     finish = "length"
                 if text or finish:
-                    yield Piece(text, finish, counter.prompt_tokens, counter.completion_tokens)
+                    yield Piece(text, finish, counter.prompt_tokens, counter.completion_tokens,
+                                counter.cached_tokens)
         finally:
             counter.uninstall()
+            self.llm.__dict__.pop("generate", None)
+            if self.prompt_cache:
+                self._keep_prompt_only(counter.prompt_tokens)
+
+    def _keep_prompt_only(self, prompt_tokens: int) -> None:
+        """Drop the KV entries of the answer, keep the prompt's.
+
+        Why: ggml computes a lone token (the answer, decoded one at a time) with other
+        kernels than a batch of tokens (llamafile's sgemm takes over at two rows, for F16
+        attention, F32 adapters, Q8_0 weights), and the rounding differs. A fresh context
+        evaluates the previous answer as part of the next prompt, in a batch; reusing the
+        decoded entries changed one greedy answer in 16 on the default model. Re-evaluating
+        the answer with the new prompt costs a batch of at most max_tokens rows."""
+        if prompt_tokens and self.llm.n_tokens > prompt_tokens:
+            self.llm.n_tokens = prompt_tokens
+            self.llm._ctx.kv_cache_seq_rm(-1, prompt_tokens, -1)
 
     def chat(self, messages: list[dict], **kw) -> str:
         return "".join(self.chat_stream(messages, **kw))

@@ -2,8 +2,9 @@
 
 Why a single thread: a llama.cpp context is not thread-safe, and there is only one. Keeping
 every engine call on one thread (not merely behind a lock) also keeps adapter switches
-ordered: the worker activates the job's adapter, resets the context and generates, so no
-request ever sees KV entries computed for another request or under another adapter.
+ordered: the worker activates the job's adapter set (the engine keeps each set's prompt
+cache apart, see :meth:`Engine.activate_mix`) and generates, reusing only KV entries of a
+common prompt prefix computed under that same set.
 
 The asyncio side talks to the worker through thread-safe hand-offs: each job carries an
 asyncio queue that the worker fills with ``loop.call_soon_threadsafe``, and a cancel flag
@@ -33,6 +34,8 @@ class Stats:
     failed: int = 0
     tokens_generated: int = 0
     adapter_switches: int = 0
+    prompt_tokens: int = 0  # prompt tokens of every answer, cached or not
+    prompt_tokens_cached: int = 0  # of those, taken from the prompt cache (not evaluated)
     busy: bool = False
 
 
@@ -126,8 +129,9 @@ class Scheduler:
 
     def _run(self, job: Job) -> None:
         req = job.request
-        if self.engine.active != req.adapter:
-            self.engine.activate(req.adapter)
+        mix = adapter_mix(req)
+        if self.engine.active_mix != mix:
+            self.engine.activate_mix(mix)
             self.stats.adapter_switches += 1
         pieces = self.engine.generate(messages=req.messages, prompt=req.prompt,
                                       temperature=req.temperature, max_tokens=req.max_tokens,
@@ -145,8 +149,20 @@ class Scheduler:
             pieces.close()
             if last is not None:
                 self.stats.tokens_generated += last.completion_tokens
+                self.stats.prompt_tokens += last.prompt_tokens
+                self.stats.prompt_tokens_cached += last.cached_tokens
         self.stats.served += 1
         job.post("done", last or Piece("", "stop"))
+
+
+def adapter_mix(req: GenRequest) -> tuple:
+    """The adapter set a request runs under, as :meth:`Engine.activate_mix` takes it:
+    ``((name, scale), ...)``; the request's own ``adapters`` mix when it gives one, else its
+    ``model``'s adapter at scale 1 (``base``: none)."""
+    mix = getattr(req, "adapters", None)
+    if mix:
+        return tuple((str(n), float(s)) for n, s in mix)
+    return () if req.adapter is None else ((req.adapter, 1.0),)
 
 
 def wait_idle(scheduler: Scheduler, timeout: float = 10.0) -> bool:
