@@ -112,3 +112,122 @@ def test_a_removed_adapter_takes_its_cache_along(tiny):
         assert not any(name == "a" for key in engine._saved for name, _ in key)
     finally:
         engine.close()
+
+
+# --- the server: prompt cache, adapter mixes, adapters added and removed while serving ---------
+
+def _cold_answer(tiny, mix, messages, extra: dict | None = None) -> str:
+    """What `chat --prompt` computes: a fresh engine, context reset, greedy."""
+    from edge_tune.engine import Engine
+
+    with Engine(tiny["base"], n_ctx=1024, threads=1, prompt_cache=False) as engine:
+        for name, path in {"a": tiny["a"], "b": tiny["b"], **(extra or {})}.items():
+            engine.add_adapter(path, name)
+        return _answer(engine, mix, messages)[0]
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    from serve_helpers import one_llama_thread, running_server
+
+    with one_llama_thread(), running_server("--base", str(tiny["base"]), "--adapter",
+                                            f"a={tiny['a']}", "--adapter",
+                                            f"b={tiny['b']}", "--ctx", "1024") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                         timeout=300)
+
+
+def _chat(client, messages, model="base", **kw):
+    resp = client.chat.completions.create(model=model, messages=messages, temperature=0,
+                                          max_tokens=16, **kw)
+    return resp.choices[0].message.content, resp.usage
+
+
+def test_turn_n_evaluates_only_the_new_tokens(server, client, tiny):
+    messages, previous = [], 0
+    for question in CONVERSATION[:3]:
+        messages.append({"role": "user", "content": question})
+        before = server.health()
+        answer, usage = _chat(client, messages, "a")
+        after = server.health()
+        assert after["prompt_tokens"] - before["prompt_tokens"] == usage.prompt_tokens
+        assert after["prompt_tokens_cached"] - before["prompt_tokens_cached"] == previous
+        assert answer == _cold_answer(tiny, (("a", 1.0),), messages)
+        previous = usage.prompt_tokens
+        messages.append({"role": "assistant", "content": answer})
+    assert previous > 0
+
+
+def test_a_mixed_request_equals_the_engine_with_those_scales(client, tiny):
+    messages = [{"role": "user", "content": CONVERSATION[0]}]
+    mix = [{"name": "a", "scale": 0.7}, {"name": "b", "scale": 0.3}]
+    got, _ = _chat(client, messages, extra_body={"adapters": mix})
+    assert got == _cold_answer(tiny, (("a", 0.7), ("b", 0.3)), messages)
+    assert got not in {_chat(client, messages, m)[0] for m in ("base", "a", "b")}
+
+
+def test_bad_mixes_are_400_or_404(client):
+    import openai
+
+    messages = [{"role": "user", "content": "hi"}]
+    for mix, error in [([{"name": "a", "scale": "x"}], openai.BadRequestError),
+                       ([{"name": "a"}, {"name": "a"}], openai.BadRequestError),
+                       ([{"name": "base"}], openai.BadRequestError),
+                       ("a", openai.BadRequestError),
+                       ([{"name": "nope"}], openai.NotFoundError)]:
+        with pytest.raises(error):
+            _chat(client, messages, extra_body={"adapters": mix})
+
+
+def test_adapters_added_and_removed_while_serving(server, client, tiny, tmp_path):
+    from serve_helpers import http_json
+
+    def post(body: dict):
+        import json
+
+        return http_json("POST", server.url + "/v1/adapters", json.dumps(body).encode(),
+                         {"Content-Type": "application/json"})
+
+    messages = [{"role": "user", "content": CONVERSATION[1]}]
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(tiny["a"].read_bytes()[:5000])
+    status, body = post({"name": "broken", "path": str(corrupt)})
+    assert status == 400 and body["error"]["code"] == "invalid_adapter", body
+    assert [m.id for m in client.models.list()] == ["base", "a", "b"]
+    assert _chat(client, messages, "a")[0] == _cold_answer(tiny, (("a", 1.0),), messages)
+
+    c = _tiny_adapter(tmp_path / "c.gguf", 3)
+    assert post({"name": "c", "path": str(c)})[0] == 201
+    assert post({"name": "c", "path": str(c)})[0] == 400  # the name is taken
+    assert [m.id for m in client.models.list()] == ["base", "a", "b", "c"]
+    got = _chat(client, messages, "c")[0]
+    assert got == _cold_answer(tiny, (("c", 1.0),), messages, {"c": c})
+
+    status, _ = http_json("DELETE", server.url + "/v1/adapters/c")
+    assert status == 200
+    assert http_json("DELETE", server.url + "/v1/adapters/c")[0] == 404
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        _chat(client, messages, "c")
+    assert _chat(client, messages, "b")[0] == _cold_answer(tiny, (("b", 1.0),), messages)
+
+
+def test_admin_routes_refused_without_a_key_off_loopback():
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from edge_tune.server.adapter_admin import admin_routes
+
+    app = Starlette(routes=admin_routes(None, ["base"], None, api_key=None, loopback=False))
+    with TestClient(app) as http:
+        resp = http.post("/v1/adapters", json={"name": "x", "path": "/etc/passwd"})
+        assert resp.status_code == 403 and resp.json()["error"]["code"] == "admin_disabled"
+        assert http.delete("/v1/adapters/x").status_code == 403

@@ -25,9 +25,14 @@ class ServePlan:
     templates: dict = dataclasses.field(default_factory=dict)
     stop_tokens: dict = dataclasses.field(default_factory=dict)  # name -> a run's stop tokens
     system_modes: dict = dataclasses.field(default_factory=dict)  # name -> "keep" | "fold"
+    # --chat-template / --system-mode as given: adapters added while serving use them too
+    chat_template_option: Optional[str] = None
+    system_mode_option: Optional[str] = None
 
     def override(self, chat_template: Optional[str], system_mode: Optional[str]) -> None:
         """``--chat-template`` / ``--system-mode`` given: every model uses them."""
+        self.chat_template_option = chat_template or self.chat_template_option
+        self.system_mode_option = system_mode or self.system_mode_option
         forced = template_choice.given(chat_template)
         for name in ["base", *self.adapters]:
             if forced is not None:

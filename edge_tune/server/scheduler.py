@@ -80,6 +80,27 @@ class Scheduler:
         self._jobs.put(job)
         return job
 
+    async def call(self, fn):
+        """Run ``fn(engine)`` on the worker thread, between two jobs, and return its result
+        (or raise its exception): how adapters are added and removed while serving. Not
+        bounded by ``max_queue``."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def settle(result, exc):
+            if not done.done():
+                done.set_exception(exc) if exc is not None else done.set_result(result)
+
+        def run():
+            try:
+                result, exc = fn(self.engine), None
+            except Exception as err:  # noqa: BLE001 -- handed to the caller
+                result, exc = None, err
+            loop.call_soon_threadsafe(settle, result, exc)
+
+        self._jobs.put(run)
+        return await done
+
     def close(self) -> None:
         """Stop the worker after the current job; the engine is closed by its owner."""
         self._stopping = True
@@ -92,6 +113,9 @@ class Scheduler:
             job = self._jobs.get()
             if job is None or self._stopping:
                 return
+            if callable(job):  # an engine call from Scheduler.call
+                job()
+                continue
             if job.cancelled.is_set():  # gave up while queued: costs nothing
                 self.stats.cancelled += 1
                 continue
@@ -130,6 +154,10 @@ class Scheduler:
     def _run(self, job: Job) -> None:
         req = job.request
         mix = adapter_mix(req)
+        gone = [name for name, _ in mix if name not in self.engine.adapter_meta]
+        if gone:  # removed while the request waited
+            raise RequestError(404, f"The model '{gone[0]}' does not exist (it was removed)",
+                               param="model", code="model_not_found")
         if self.engine.active_mix != mix:
             self.engine.activate_mix(mix)
             self.stats.adapter_switches += 1
