@@ -4,6 +4,10 @@ Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` and
 ``POST /v1/completions`` (both streamed as server-sent events with ``"stream": true``).
 The ``model`` field picks the adapter (``base`` = none); adapter files are fixed when the
 server starts, so no request can name a file. Every error is OpenAI's JSON error object.
+
+Structured output reaches llama.cpp through the engine's sampling arguments (llama-cpp-python
+names): ``grammar`` (a ``LlamaGrammar``: response_format, forced tool calls), ``tools`` (to
+the chat template), ``logits_processor`` (the logprob recorder), ``stop``.
 """
 
 from __future__ import annotations
@@ -13,12 +17,17 @@ import hmac
 import json
 import time
 
+from edge_tune.server import grammar as grammars
 from edge_tune.server import openai_shapes as shapes
+from edge_tune.server import tools as tooling
 from edge_tune.server.openai_shapes import RequestError
 
 
-def build_app(scheduler, model_names: list[str], api_key: str | None = None):
-    """The ASGI app. ``model_names`` lists ``base`` and every loaded adapter's name."""
+def build_app(scheduler, model_names: list[str], api_key: str | None = None,
+              admin: dict | None = None):
+    """The ASGI app. ``model_names`` lists ``base`` and every loaded adapter's name.
+    ``admin``: ``{"plan": ServePlan, "loopback": bool}`` adds the adapter admin routes
+    (:mod:`edge_tune.server.adapter_admin`)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
@@ -37,7 +46,9 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None):
         return JSONResponse({"status": "ok", "queued": scheduler.queued, "busy": s.busy,
                              "served": s.served, "cancelled": s.cancelled, "failed": s.failed,
                              "tokens_generated": s.tokens_generated,
-                             "adapter_switches": s.adapter_switches})
+                             "adapter_switches": s.adapter_switches,
+                             "prompt_tokens": s.prompt_tokens,
+                             "prompt_tokens_cached": s.prompt_tokens_cached})
 
     async def models(request: Request) -> JSONResponse:
         return JSONResponse(shapes.model_list(model_names, started))
@@ -51,10 +62,11 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None):
     async def generate(request: Request, kind: str):
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, nesting too deep
             return error(RequestError(400, "the request body is not valid JSON"))
         try:
             req = shapes.parse_request(kind, body, model_names)
+            extra = _prepare(req, scheduler.engine)
             job = scheduler.submit(req)
         except RequestError as exc:
             return error(exc)
@@ -68,7 +80,8 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None):
                 return error(first[1])
             if req.stream:
                 watcher.cancel()  # from here StreamingResponse watches the connection
-                return StreamingResponse(_sse(req, job, first), media_type="text/event-stream",
+                return StreamingResponse(_sse(req, job, first, extra),
+                                         media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
             text, event = [], first
             while event[0] == "piece":
@@ -77,9 +90,13 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None):
             if event[0] == "error":
                 return error(event[1])
             last = event[1]
+            answer = "".join(text)
+            content, calls = extra.calls(answer)
+            logprobs = None if extra.recorder is None else \
+                extra.recorder.finish(last.finish_reason, answer)
             return JSONResponse(shapes.completion(
-                req, shapes.new_id(kind), "".join(text), last.finish_reason,
-                shapes.usage(last.prompt_tokens, last.completion_tokens)))
+                req, shapes.new_id(kind), content, last.finish_reason,
+                shapes.usage(last.prompt_tokens, last.completion_tokens), calls, logprobs))
         finally:
             if not req.stream:
                 job.cancel()  # no-op when finished; stops the worker if we were cancelled
@@ -97,6 +114,11 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None):
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
     ]
+    if admin is not None:
+        from edge_tune.server.adapter_admin import admin_routes
+
+        routes += admin_routes(scheduler, model_names, admin["plan"], api_key,
+                               admin["loopback"])
     middleware = [Middleware(_BearerAuth, api_key=api_key)] if api_key else []
     return Starlette(routes=routes, middleware=middleware,
                      exception_handlers={HTTPException: not_found})
@@ -111,26 +133,128 @@ async def _cancel_on_disconnect(request, job) -> None:
             return
 
 
-async def _sse(req, job, first):
+class _Extra:
+    """What a request needs besides the text: the template's call syntax (tools) and the
+    logprob recorder."""
+
+    def __init__(self, req, syntax=None, recorder=None) -> None:
+        self.req = req
+        self.syntax = syntax
+        self.recorder = recorder
+
+    @property
+    def names(self) -> list[str]:
+        return [t["function"]["name"] for t in self.req.tools or []]
+
+    def calls(self, answer: str) -> tuple[str | None, list]:
+        """(content, tool_calls) of a whole answer."""
+        if self.syntax is None:
+            return answer, []
+        content, calls = tooling.parse_calls(answer, self.syntax, self.names)
+        return content, calls if self.req.parallel_tool_calls else calls[:1]
+
+    def stream(self):
+        return None if self.syntax is None else tooling.CallStream(self.syntax, self.names)
+
+
+def _prepare(req, engine) -> _Extra:
+    """Turn a request's tools, response_format and logprobs into sampling arguments for the
+    engine (see the module docstring). 400 for tools on a template that renders none, or a
+    schema llama.cpp cannot enforce."""
+    syntax, gbnf, field = None, None, "response_format"
+    if req.tools:
+        template = engine.template_of(req.adapter)
+        syntax = tooling.syntax_of(template)
+        if syntax is None:
+            raise RequestError(400, f"'tools': the chat template of '{req.model}' renders no "
+                                    "tool calls this server can parse; restart the server "
+                                    "with --chat-template qwen2|qwen3|llama3 (or a template "
+                                    "file with Hermes <tool_call> or Llama-3 JSON calls)",
+                               param="tools", code="tools_not_supported")
+        req.sampling["tools"] = req.tools
+        if req.tool_mode in ("required", "named"):
+            names = [req.tool_name] if req.tool_mode == "named" else \
+                [t["function"]["name"] for t in req.tools]
+            gbnf, field = grammars.tool_call_grammar(req.tools, names, syntax), "tools"
+    if gbnf is None and req.response_format is not None:
+        gbnf = grammars.response_format_grammar(req.response_format)
+    if gbnf is not None:
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        grammars.check(gbnf, engine.llm._model.vocab, field)
+        req.sampling["grammar"] = LlamaGrammar.from_string(gbnf, verbose=False)
+    recorder = None
+    if req.logprobs is not None:
+        from llama_cpp import LogitsProcessorList
+
+        from edge_tune.server.logprobs import LogprobRecorder, token_piece
+
+        llm = engine.llm
+        vocab = llm._model.vocab
+        recorder = LogprobRecorder(
+            req.logprobs, lambda t, special: token_piece(vocab, t, special),
+            lambda text: llm.tokenize(text, add_bos=False, special=False))
+        req.sampling["logits_processor"] = LogitsProcessorList([recorder])
+    return _Extra(req, syntax, recorder)
+
+
+async def _sse(req, job, first, extra: _Extra):
     """OpenAI's server-sent events: one chunk per piece, a final chunk with finish_reason,
     an optional usage chunk, then ``[DONE]``. Closing this generator (the client left)
-    cancels the job, and the worker stops generating at the next token."""
+    cancels the job, and the worker stops generating at the next token. With tools, text
+    that may start a call is held back and sent as ``tool_calls`` once the answer is
+    complete; logprobs go with the chunk of the tokens they describe."""
     rid = shapes.new_id(req.kind)
+    calls = extra.stream()
+    rec = extra.recorder
+    state = {"n": 0, "lp": 0, "offset": 0}
 
     def line(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+    def piece_chunk(text, finish=None, tool_calls=None, logprobs=None):
+        out = line(shapes.chunk(req, rid, text, finish, first=state["n"] == 0,
+                                tool_calls=tool_calls, logprobs=logprobs,
+                                offset=state["offset"]))
+        state["n"] += 1
+        for t in logprobs or []:
+            state["offset"] += len(t.bytes.decode("utf-8", errors="ignore"))
+        return out
+
+    def new_logprobs():
+        if rec is None:
+            return None
+        got = rec.take(state["lp"])
+        state["lp"] += len(got)
+        return got
+
     try:
-        event, n = first, 0
+        event, answer = first, []
         while event[0] == "piece":
-            yield line(shapes.chunk(req, rid, event[1].text, first=n == 0))
-            n += 1
+            text = event[1].text
+            answer.append(text)
+            sent = calls.feed(text) if calls is not None else text
+            got = new_logprobs()
+            if sent or got:
+                yield piece_chunk(sent, logprobs=got)
             event = await job.events.get()
         if event[0] == "error":  # the stream has started: report in-band, as OpenAI does
             yield line(event[1].body())
             return
         last = event[1]
-        yield line(shapes.chunk(req, rid, None, last.finish_reason, first=n == 0))
+        finish = last.finish_reason
+        if calls is not None:
+            rest, found = calls.finish()
+            found = found if req.parallel_tool_calls else found[:1]
+            if rest or found:
+                yield piece_chunk(rest, tool_calls=found)
+            finish = "tool_calls" if found else finish
+        if rec is not None:
+            tail = rec.finish(last.finish_reason, "".join(answer))[state["lp"]:]
+            state["lp"] += len(tail)
+            if tail:
+                yield piece_chunk(None, logprobs=tail)
+        yield piece_chunk(None, finish)
         if req.include_usage:
             yield line(shapes.chunk(req, rid, None, use=shapes.usage(
                 last.prompt_tokens, last.completion_tokens)))

@@ -55,46 +55,74 @@ class GenRequest:
     seed: int | None = None
     sampling: dict = field(default_factory=dict)  # top_p, stop, penalties (llama-cpp names)
     include_usage: bool = False
+    tools: list[dict] | None = None  # OpenAI function tools, normalised (tools.parse_tools)
+    tool_mode: str = "none"  # "auto" | "none" | "required" | "named"
+    tool_name: str | None = None  # the function tool_choice names
+    parallel_tool_calls: bool = True
+    response_format: dict | None = None  # json_object / json_schema; None: plain text
+    logprobs: int | None = None  # alternatives per token (0-20); None: no logprobs
+    adapters: tuple = ()  # ((name, scale), ...): the request's own mix (adapter_admin)
 
     @property
     def adapter(self) -> str | None:
         return None if self.model == BASE_MODEL else self.model
 
 
-# Every field OpenAI documents that this server honours, can safely ignore, or refuses with a
-# 400 naming it (_refuse_unsupported).
-_IGNORED = {"user", "n", "logprobs", "top_logprobs", "response_format", "tools",
-            "tool_choice", "parallel_tool_calls", "store", "metadata", "service_tier",
-            "best_of", "echo", "suffix", "logit_bias", "modalities", "reasoning_effort",
-            "functions", "function_call", "max_completion_tokens", "stream_options"}
+# Accepted, with no effect on the answer.
+_NO_EFFECT = {"user", "metadata", "store", "service_tier", "stream_options",
+              "prompt_cache_key", "safety_identifier"}
 _SAMPLING = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "stop",
              "presence_penalty", "frequency_penalty", "stream")
+_CHAT_ONLY = {"messages", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+              "functions", "function_call", "logprobs", "top_logprobs", "modalities",
+              "reasoning_effort", "prediction", "audio", "web_search_options"}
+_TEXT_ONLY = {"prompt", "logprobs", "best_of", "echo", "suffix"}
+_BOTH = {"model", "n", "logit_bias", "adapters"}  # adapters: edge-tune's mix (adapter_admin)
+# Fields that would change the answer and that this server cannot honour: refused with a 400
+# naming them unless they hold their "off" value (compared with its type: 1 is not True).
+_REFUSED = {
+    "n": ((1,), "only n=1 is supported"),
+    "best_of": ((1,), "only best_of=1 is supported"),
+    "echo": ((False,), "echoing the prompt is not supported"),
+    "suffix": (("",), "insertion (suffix) is not supported"),
+    "logit_bias": (({},), "logit_bias is not supported"),
+    "modalities": ((["text"],), "only text output is supported"),
+    "reasoning_effort": ((), "reasoning_effort is not supported"),
+    "prediction": ((), "predicted outputs are not supported"),
+    "audio": ((), "audio output is not supported"),
+    "web_search_options": ((), "web search is not supported"),
+}
 
 
 def _refuse_unsupported(body: dict) -> None:
-    """400 for fields whose meaning this server cannot honour, rather than answering as if they
-    were not sent: tool calling (not implemented yet, issue 18), a response format other than
-    plain text, and log probabilities. Their "off" values (``tools: []``, ``tool_choice:
-    "none"``, ``response_format: {"type": "text"}``, ``logprobs: false``) are accepted."""
-    refused = {
-        "tools": "tool calling is not supported by this server yet",
-        "functions": "function calling is not supported by this server yet",
-        "tool_choice": "tool calling is not supported by this server yet",
-        "function_call": "function calling is not supported by this server yet",
-        "response_format": "only plain text answers are supported (response_format "
-                           "{\"type\": \"text\"})",
-        "logprobs": "log probabilities are not supported by this server",
-        "top_logprobs": "log probabilities are not supported by this server",
-    }
-    off = {"tools": ([],), "functions": ([],), "tool_choice": ("none",),
-           "function_call": ("none",), "response_format": ({"type": "text"},),
-           "logprobs": (False, 0), "top_logprobs": (0,)}
-    for key, why in refused.items():
+    """400 for fields whose meaning this server cannot honour, rather than answering as if
+    they were not sent; their "off" values are accepted."""
+    for key, (off, why) in _REFUSED.items():
         value = body.get(key)
-        if value is not None and not any(value == v and type(value) is type(v)
-                                         for v in off[key]):
-            raise RequestError(400, f"'{key}': {why}; send the request without it",
-                               param=key)
+        if value is not None and not any(value == v and type(value) is type(v) for v in off):
+            raise RequestError(400, f"'{key}': {why}; send the request without it", param=key)
+
+
+def _bad_text(body: Any) -> str | None:
+    """The path of the first string (key or value) in ``body`` that is not valid Unicode
+    text (a lone surrogate such as ``"\\ud800"``, which JSON escapes allow), else None.
+    Iterative: a body may be nested deeper than Python's recursion limit."""
+    stack = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                where = f"{path}.{k}" if path else str(k)
+                stack.append((k, where))
+                stack.append((v, where))
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
+    return None
 
 
 def _number(body: dict, key: str, lo: float, hi: float, integer: bool = False):
@@ -105,11 +133,13 @@ def _number(body: dict, key: str, lo: float, hi: float, integer: bool = False):
     if isinstance(value, bool) or not ok or not lo <= value <= hi:
         kind = "an integer" if integer else "a number"
         raise RequestError(400, f"'{key}': expected {kind} from {lo:g} to {hi:g}, got "
-                                f"{value!r}", param=key)
+                                f"{value!r}"[:300], param=key)
     return value
 
 
 def _messages(body: dict) -> list[dict]:
+    from edge_tune.server.tools import history_message
+
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise RequestError(400, "'messages': expected a non-empty list of {role, content}",
@@ -122,9 +152,9 @@ def _messages(body: dict) -> list[dict]:
                                     "user, assistant, developer or tool", param=f"messages[{i}]")
         content = m.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
-            parts = [p.get("text", "") for p in content
-                     if isinstance(p, dict) and p.get("type") == "text"]
-            if len(parts) != len(content):
+            parts = [p.get("text") for p in content
+                     if isinstance(p, dict) and p.get("type") in ("text", "refusal")]
+            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
                 raise RequestError(400, f"'messages[{i}].content': only text parts are "
                                         "supported", param=f"messages[{i}].content")
             content = "".join(parts)
@@ -134,8 +164,62 @@ def _messages(body: dict) -> list[dict]:
             raise RequestError(400, f"'messages[{i}].content': expected a string",
                                param=f"messages[{i}].content")
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        if role == "assistant" and m.get("tool_calls") not in (None, []):
+            msg = history_message({**msg, "tool_calls": m["tool_calls"]}, f"messages[{i}]")
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if isinstance(m.get(key), str):
+                    msg[key] = m[key]
+        out.append(msg)
     return out
+
+
+def _chat_fields(body: dict, req: GenRequest) -> None:
+    """tools / tool_choice (and the legacy functions / function_call), response_format and
+    logprobs of a chat request."""
+    from edge_tune.server.tools import parse_tool_choice, parse_tools
+
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if body.get("functions") is not None:  # the legacy spelling of the same thing
+        if tools is not None:
+            raise RequestError(400, "'functions': give either 'tools' or 'functions'",
+                               param="functions")
+        fns = body["functions"]
+        tools = [{"type": "function", "function": f} for f in fns] \
+            if isinstance(fns, list) else fns
+    if body.get("function_call") is not None and choice is None:
+        call = body["function_call"]
+        choice = {"type": "function", "function": call} if isinstance(call, dict) else call
+    req.tools = parse_tools(tools)
+    req.tool_mode, req.tool_name = parse_tool_choice(choice, req.tools)
+    if req.tool_mode == "none":  # the model is not to call: it is not shown the tools
+        req.tools = None
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise RequestError(400, "'parallel_tool_calls': expected true or false",
+                           param="parallel_tool_calls")
+    req.parallel_tool_calls = parallel is not False
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object",
+                                                                "json_schema"):
+            raise RequestError(400, "'response_format': expected {\"type\": \"text\" | "
+                                    "\"json_object\" | \"json_schema\"}",
+                               param="response_format")
+        req.response_format = None if fmt["type"] == "text" else fmt
+    if req.response_format is not None and req.tool_mode in ("required", "named"):
+        raise RequestError(400, "'response_format': cannot be combined with a tool_choice "
+                                "that forces a call", param="response_format")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise RequestError(400, "'logprobs': expected true or false", param="logprobs")
+    top = _number(body, "top_logprobs", 0, 20, integer=True)
+    if top and not logprobs:
+        raise RequestError(400, "'top_logprobs': needs \"logprobs\": true",
+                           param="top_logprobs")
+    if logprobs:
+        req.logprobs = int(top or 0)
 
 
 def parse_request(kind: str, body: Any, known_models: list[str]) -> GenRequest:
@@ -143,22 +227,32 @@ def parse_request(kind: str, body: Any, known_models: list[str]) -> GenRequest:
     body. Raises :class:`RequestError` (400 bad body, 404 unknown model)."""
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
+    bad = _bad_text(body)
+    if bad is not None:
+        raise RequestError(400, f"'{bad}': not valid Unicode text (a lone surrogate "
+                                "escape such as \\ud800)"[:300], param=bad[:200])
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise RequestError(400, "'model': required; one of " + ", ".join(known_models),
                            param="model")
     if model not in known_models:
-        raise unknown_model(model, known_models)
-    unknown = sorted(set(body) - _IGNORED - set(_SAMPLING) - {"model", "messages", "prompt"})
+        raise unknown_model(model[:200], known_models)
+    known = _NO_EFFECT | set(_SAMPLING) | _BOTH | (_CHAT_ONLY if kind == "chat" else _TEXT_ONLY)
+    unknown = sorted(set(body) - known)
     if unknown:
-        raise RequestError(400, f"unrecognized request argument: {unknown[0]!r}",
-                           param=unknown[0])
-    if body.get("n") not in (None, 1):
-        raise RequestError(400, "'n': only n=1 is supported", param="n")
+        raise RequestError(400, f"unrecognized request argument: {unknown[0][:100]!r}",
+                           param=unknown[0][:100])
     _refuse_unsupported(body)
-    req = GenRequest(kind=kind, model=model, stream=bool(body.get("stream", False)))
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(400, "'stream': expected true or false", param="stream")
+    req = GenRequest(kind=kind, model=model, stream=stream)
+    from edge_tune.server.adapter_admin import parse_adapter_mix
+
+    req.adapters = parse_adapter_mix(body.get("adapters"), known_models)
     if kind == "chat":
         req.messages = _messages(body)
+        _chat_fields(body, req)
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -166,6 +260,8 @@ def parse_request(kind: str, body: Any, known_models: list[str]) -> GenRequest:
         if not isinstance(prompt, str):
             raise RequestError(400, "'prompt': expected a string", param="prompt")
         req.prompt = prompt
+        top = _number(body, "logprobs", 0, 5, integer=True)
+        req.logprobs = None if top is None else int(top)
     temp = _number(body, "temperature", 0, 2)
     if temp is not None:
         req.temperature = float(temp)
@@ -188,7 +284,8 @@ def parse_request(kind: str, body: Any, known_models: list[str]) -> GenRequest:
                 not all(isinstance(s, str) and s for s in stop):
             raise RequestError(400, "'stop': expected a string or a list of up to 4 strings",
                                param="stop")
-        req.sampling["stop"] = stop
+        if stop:
+            req.sampling["stop"] = stop
     opts = body.get("stream_options")
     req.include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
     return req
@@ -205,23 +302,54 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(req: GenRequest, rid: str, text: str, finish: str, use: dict) -> dict:
-    """The whole (non-streamed) answer."""
+def chat_logprobs(tokens: list) -> dict:
+    """OpenAI's chat ``logprobs`` for :class:`~edge_tune.server.logprobs.TokenLogprob`s."""
+    return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.bytes),
+                         "top_logprobs": [{"token": a, "logprob": lp, "bytes": list(b)}
+                                          for a, b, lp in t.top]} for t in tokens],
+            "refusal": None}
+
+
+def text_logprobs(tokens: list, offset: int = 0) -> dict:
+    """The legacy completions ``logprobs``: parallel lists; ``offset``: where the first
+    token's text starts in the answer."""
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.bytes.decode("utf-8", errors="ignore"))
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{a: lp for a, _, lp in t.top} for t in tokens],
+            "text_offset": offsets}
+
+
+def completion(req: GenRequest, rid: str, text: str | None, finish: str, use: dict,
+               tool_calls: list | None = None, logprobs: list | None = None) -> dict:
+    """The whole (non-streamed) answer; ``tool_calls`` (chat): the calls parsed from it
+    (``text``: what is left as content, may be None); ``logprobs``: TokenLogprob list."""
     created = int(time.time())
     if req.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None, "finish_reason": finish}
+        message: dict = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        choice = {"index": 0, "message": message,
+                  "logprobs": None if logprobs is None else chat_logprobs(logprobs),
+                  "finish_reason": "tool_calls" if tool_calls else finish}
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text or "",
+                  "logprobs": None if logprobs is None else text_logprobs(logprobs),
+                  "finish_reason": finish}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": req.model,
             "choices": [choice], "usage": use}
 
 
 def chunk(req: GenRequest, rid: str, text: str | None, finish: str | None = None,
-          first: bool = False, use: dict | None = None) -> dict:
-    """One streamed chunk; ``use`` alone (no choice) is the final usage chunk."""
+          first: bool = False, use: dict | None = None, tool_calls: list | None = None,
+          logprobs: list | None = None, offset: int = 0) -> dict:
+    """One streamed chunk; ``use`` alone (no choice) is the final usage chunk.
+    ``tool_calls``: whole calls, sent as deltas with their index; ``logprobs``: the
+    TokenLogprobs of this chunk (``offset``: text offset of the first, completions)."""
     created = int(time.time())
     if req.kind == "chat":
         delta: dict = {}
@@ -229,10 +357,14 @@ def chunk(req: GenRequest, rid: str, text: str | None, finish: str | None = None
             delta["role"] = "assistant"
         if text:
             delta["content"] = text
-        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        if tool_calls:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
+        lp = chat_logprobs(logprobs) if logprobs else None
+        choices = [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]
         obj = "chat.completion.chunk"
     else:
-        choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
+        lp = text_logprobs(logprobs, offset) if logprobs else None
+        choices = [{"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}]
         obj = "text_completion"
     out = {"id": rid, "object": obj, "created": created, "model": req.model,
            "choices": [] if use is not None else choices}

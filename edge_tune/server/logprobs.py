@@ -1,0 +1,117 @@
+"""Log probabilities of the sampled tokens, recorded while llama.cpp samples.
+
+llama-cpp-python computes logprobs only for a model loaded with ``logits_all=True`` (a
+``n_ctx x n_vocab`` float array, ~800 MB for a 49k vocabulary at 4096 tokens). Instead,
+:class:`LogprobRecorder` is a llama-cpp-python *logits processor*: the sampler chain calls it
+first at every step with the step's raw logits (the model's distribution, before penalties,
+grammar and temperature, as OpenAI reports it) and the tokens so far. The token sampled at
+step *t* is the last input token at step *t+1*. The last step's token is never evaluated, so it is found from the answer's text:
+when the answer was cut at ``max_tokens``, it is the token that spells the text not yet
+covered (the most likely one when several, or none, do); otherwise it was an
+end-of-generation token or the one that completed a stop string, not part of the answer.
+Token text is shown with special tokens spelled out; ``bytes`` is what the token adds to the
+answer (empty for a control token, which the answer's text leaves out).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass
+class TokenLogprob:
+    """One answer token: its text and bytes, its logprob, and the ``top`` alternatives
+    (best first) as (text, bytes, logprob)."""
+
+    text: str
+    bytes: bytes
+    logprob: float
+    top: list
+
+
+class LogprobRecorder:
+    """A logits processor (``(input_ids, logits) -> logits``, logits unchanged) that records
+    the log-softmax of each step. ``top``: how many alternatives to keep per token (0-20);
+    ``token_bytes(id, special)``: a token's bytes, control tokens spelled out or empty;
+    ``tokenize(bytes)``: text -> token ids (no special tokens parsed)."""
+
+    def __init__(self, top: int, token_bytes: Callable[[int, bool], bytes],
+                 tokenize: Callable[[bytes], list[int]]) -> None:
+        self.top = top
+        self.token_bytes = token_bytes
+        self.tokenize = tokenize
+        self._pending = None  # (step, log-softmax vector) of the step not yet resolved
+        self._done: list[TokenLogprob] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, input_ids, logits):
+        import numpy as np
+
+        if self._pending is not None:
+            self._resolve(int(input_ids[-1]))
+        x = np.asarray(logits, dtype=np.float64)
+        m = x.max()
+        lse = m + np.log(np.exp(x - m).sum())
+        self._pending = x - lse
+        return logits
+
+    def _resolve(self, token: int) -> None:
+        import numpy as np
+
+        lp = self._pending
+        self._pending = None
+        top = []
+        if self.top:
+            best = np.argpartition(-lp, min(self.top, len(lp) - 1))[: self.top]
+            best = best[np.argsort(-lp[best], kind="stable")]
+            top = [self._entry(int(i), float(lp[i])) for i in best]
+        text = self.token_bytes(token, True).decode("utf-8", errors="replace")
+        with self._lock:
+            self._done.append(TokenLogprob(text, self.token_bytes(token, False),
+                                           float(lp[token]), top))
+
+    def _entry(self, token: int, logprob: float):
+        raw = self.token_bytes(token, True)
+        return raw.decode("utf-8", errors="replace"), raw, logprob
+
+    def take(self, start: int) -> list[TokenLogprob]:
+        """The tokens resolved so far from index ``start`` on (for streaming)."""
+        with self._lock:
+            return self._done[start:]
+
+    def finish(self, finish_reason: str | None, answer: str) -> list[TokenLogprob]:
+        """Every token of the answer (``answer``: its whole text), once generation ended."""
+        if self._pending is not None:
+            if finish_reason == "length":
+                self._resolve(self._last_token(answer))
+            self._pending = None
+        with self._lock:
+            return list(self._done)
+
+    def _last_token(self, answer: str) -> int:
+        # the answer's text drops bytes that are not valid UTF-8: compare text, not bytes
+        covered = b"".join(t.bytes for t in self._done).decode("utf-8", errors="ignore")
+        rest = answer[len(covered):].encode("utf-8") if answer.startswith(covered) else b""
+        lp = self._pending
+        found = self.tokenize(rest) if rest else []
+        if len(found) == 1:
+            return found[0]
+        return int(lp.argmax())
+
+
+def token_piece(vocab, token: int, special: bool) -> bytes:
+    """A token's bytes as llama.cpp writes them into text (``llama_token_to_piece``, no
+    leading-space stripping); ``special``: control tokens spelled out, else empty."""
+    import ctypes
+
+    import llama_cpp
+
+    size = 64
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, special)
+        if n >= 0:
+            return buf.raw[:n]
+        size = -n

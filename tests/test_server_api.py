@@ -1,0 +1,262 @@
+"""The server's OpenAI API surface, for real: `edge-tune serve` on tiny random models of real
+families (tests/tiny_families.py: Qwen2.5's template with Hermes tool calls, Llama 3's with
+JSON calls, SmolLM2-style ChatML with none), the official `openai` client.
+
+A random tiny model does not call tools or write JSON by itself: these tests force the
+shape with llama.cpp grammars (response_format, tool_choice required/named), and test the
+parser of the model's calls on hand-written answers."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from serve_helpers import one_llama_thread, running_server
+from tiny_families import family_gguf
+
+from edge_tune.server.openai_shapes import RequestError, parse_request
+from edge_tune.server.tools import HERMES, LLAMA3, CallStream, parse_calls, syntax_of
+from edge_tune.templates import BUILTIN
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {
+        "zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"],
+        "additionalProperties": False}}}
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "enum": ["ada", "alan"]},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "tags": {"type": "array", "items": {"type": "string", "enum": ["x", "y"]}, "maxItems": 2}},
+    "required": ["name", "age", "tags"], "additionalProperties": False}
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """qwen2 (tools in its template) and llama (Llama-3 JSON calls), one server each."""
+    with one_llama_thread(), \
+            running_server("--base", str(family_gguf("qwen2")), "--ctx", "1024") as qwen, \
+            running_server("--base", str(family_gguf("llama")), "--ctx", "2048") as llama:
+        yield {"qwen2": qwen, "llama": llama}
+
+
+def _client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
+                         timeout=120)
+
+
+@pytest.fixture(scope="module")
+def qwen(servers):
+    return _client(servers["qwen2"])
+
+
+def _validate(obj, schema: dict) -> None:
+    """The JSON Schema keywords these tests use (jsonschema is not a dependency)."""
+    kind = schema.get("type")
+    if kind == "object":
+        assert isinstance(obj, dict), obj
+        props = schema.get("properties", {})
+        assert set(schema.get("required", [])) <= set(obj), obj
+        if schema.get("additionalProperties") is False:
+            assert set(obj) <= set(props), obj
+        for key, value in obj.items():
+            if key in props:
+                _validate(value, props[key])
+    elif kind == "array":
+        assert isinstance(obj, list) and len(obj) <= schema.get("maxItems", len(obj)), obj
+        for item in obj:
+            _validate(item, schema["items"])
+    elif kind == "integer":
+        assert isinstance(obj, int) and not isinstance(obj, bool), obj
+        assert schema.get("minimum", obj) <= obj <= schema.get("maximum", obj), obj
+    elif kind == "string":
+        assert isinstance(obj, str), obj
+    if "enum" in schema:
+        assert obj in schema["enum"], obj
+
+
+def test_json_schema_answer_parses_and_validates(qwen):
+    for stream in (False, True):
+        kw = dict(model="base", messages=USER, temperature=0, max_tokens=80,
+                  response_format={"type": "json_schema", "json_schema": {
+                      "name": "person", "schema": SCHEMA, "strict": True}})
+        if stream:
+            text = "".join(c.choices[0].delta.content or ""
+                           for c in qwen.chat.completions.create(stream=True, **kw)
+                           if c.choices)
+        else:
+            resp = qwen.chat.completions.create(**kw)
+            assert resp.choices[0].finish_reason == "stop"
+            text = resp.choices[0].message.content
+        _validate(json.loads(text), SCHEMA)
+
+
+def test_json_object_answer_is_json(qwen):
+    resp = qwen.chat.completions.create(model="base", messages=USER, temperature=0.8, seed=3,
+                                        max_tokens=200,
+                                        response_format={"type": "json_object"})
+    if resp.choices[0].finish_reason == "stop":  # a random model may write a long string
+        assert isinstance(json.loads(resp.choices[0].message.content), dict)
+    else:
+        assert resp.choices[0].message.content.lstrip().startswith("{")
+
+
+def test_a_schema_llama_cpp_cannot_enforce_is_400(qwen):
+    with pytest.raises(openai.BadRequestError) as info:
+        qwen.chat.completions.create(model="base", messages=USER, max_tokens=4,
+                                     response_format={"type": "json_schema", "json_schema": {
+                                         "name": "x", "schema": {"$ref": "http://e.x/s"}}})
+    assert info.value.body["param"] == "response_format.json_schema.schema"
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_forced_tool_call_comes_back_as_tool_calls(servers, family):
+    client = _client(servers[family])
+    for choice, name in [("required", None), ({"type": "function", "function": {
+            "name": "get_time"}}, "get_time")]:
+        resp = client.chat.completions.create(model="base", messages=USER, tools=[WEATHER, TIME],
+                                              tool_choice=choice, temperature=0, max_tokens=200)
+        c = resp.choices[0]
+        assert c.finish_reason == "tool_calls", c
+        (call,) = c.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name in (name or "get_weather get_time").split()
+        args = json.loads(call.function.arguments)
+        tool = WEATHER if call.function.name == "get_weather" else TIME
+        _validate(args, tool["function"]["parameters"])
+
+
+def test_streamed_tool_call_deltas(qwen):
+    chunks = list(qwen.chat.completions.create(
+        model="base", messages=USER, tools=[WEATHER], tool_choice="required", temperature=0,
+        max_tokens=200, stream=True))
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert deltas and deltas[0].index == 0 and deltas[0].function.name == "get_weather"
+    args = "".join(d.function.arguments or "" for d in deltas)
+    _validate(json.loads(args), WEATHER["function"]["parameters"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+
+
+def test_tool_history_is_rendered(qwen):
+    """An assistant turn with tool_calls and a tool result go through the template."""
+    history = [*USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    resp = qwen.chat.completions.create(model="base", messages=history, tools=[WEATHER],
+                                        temperature=0, max_tokens=4)
+    assert resp.usage.prompt_tokens > 0 and resp.choices[0].finish_reason
+
+
+def test_tools_on_a_template_without_tools_is_400(servers, tmp_path):
+    """SmolLM2-style ChatML (no tool format) given as --chat-template."""
+    client = _client(servers["qwen2"])
+    assert syntax_of(BUILTIN["chatml"]) is None
+    assert syntax_of(BUILTIN["qwen2"]) is HERMES and syntax_of(BUILTIN["llama3"]) is LLAMA3
+    with running_server("--base", str(family_gguf("qwen2")), "--ctx", "512",
+                        "--chat-template", "chatml") as srv:
+        with pytest.raises(openai.BadRequestError) as info:
+            _client(srv).chat.completions.create(model="base", messages=USER, tools=[WEATHER],
+                                                 max_tokens=4)
+        assert info.value.body["param"] == "tools"
+    assert client.models.list().data[0].id == "base"
+
+
+def test_call_parser_on_hand_written_answers():
+    names = ["get_weather", "get_time"]
+    content, calls = parse_calls('Let me check.\n<tool_call>\n{"name": "get_weather", '
+                                 '"arguments": {"city": "Rome", "days": 2}}\n</tool_call>\n'
+                                 '<tool_call>\n{"name": "get_time", "arguments": {"zone": '
+                                 '"UTC"}}\n</tool_call>', HERMES, names)
+    assert content == "Let me check."
+    assert [c["function"]["name"] for c in calls] == names
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Rome", "days": 2}
+    content, calls = parse_calls('<|python_tag|>{"name": "get_time", "parameters": '
+                                 '{"zone": "CET"}}', LLAMA3, names)
+    assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"zone": "CET"}
+    for text, syntax in [("<tool_call>\n{broken json\n</tool_call>", HERMES),
+                         ('{"name": "rm_rf", "parameters": {}}', LLAMA3),
+                         ("Plain answer.", LLAMA3)]:
+        assert parse_calls(text, syntax, names) == (text, [])
+    stream = CallStream(HERMES, names)
+    sent = [stream.feed(p) for p in ["Sure", ". <tool", "_call>\n{\"name\": \"get_time\", ",
+                                     "\"arguments\": {\"zone\": \"UTC\"}}\n</tool_call>"]]
+    assert "".join(sent) == "Sure. "
+    rest, calls = stream.finish()
+    assert rest is None and calls[0]["function"]["name"] == "get_time"
+
+
+def test_logprobs_shapes_and_greedy_top(qwen):
+    resp = qwen.chat.completions.create(model="base", messages=USER, temperature=0,
+                                        max_tokens=6, logprobs=True, top_logprobs=3)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    first = content[0]
+    assert first.top_logprobs[0].token == first.token  # greedy: the most likely token
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert [a.logprob for a in t.top_logprobs] == sorted(
+            (a.logprob for a in t.top_logprobs), reverse=True)
+        assert t.logprob <= t.top_logprobs[0].logprob + 1e-9
+    answer = b"".join(bytes(t.bytes) for t in content).decode("utf-8", errors="ignore")
+    assert answer == resp.choices[0].message.content
+    streamed = [t for c in qwen.chat.completions.create(
+        model="base", messages=USER, temperature=0, max_tokens=6, logprobs=True,
+        top_logprobs=3, stream=True) if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 5)) for t in streamed] == \
+        [(t.token, round(t.logprob, 5)) for t in content]
+    text = qwen.completions.create(model="base", prompt="1, 2, 3,", temperature=0, max_tokens=4,
+                                   logprobs=2)
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert lp.text_offset[0] == 0 and all(len(d) <= 3 for d in lp.top_logprobs)
+
+
+def test_stop_strings(qwen):
+    whole = qwen.completions.create(model="base", prompt="1, 2, 3,", temperature=0,
+                                    max_tokens=12).choices[0].text
+    assert len(whole) > 3
+    stop = whole[2:4]
+    cut = qwen.completions.create(model="base", prompt="1, 2, 3,", temperature=0, max_tokens=12,
+                                  stop=[stop, "\u2603"])
+    assert cut.choices[0].text == whole[:whole.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_unsupported_fields_are_400_and_no_effect_fields_accepted(qwen):
+    for kw, param in [({"n": 2}, "n"), ({"logit_bias": {"5": 10}}, "logit_bias"),
+                      ({"modalities": ["audio"]}, "modalities"),
+                      ({"reasoning_effort": "high"}, "reasoning_effort"),
+                      ({"top_logprobs": 2}, "top_logprobs"),
+                      ({"tool_choice": "required"}, "tool_choice"),
+                      ({"stop": ["a", "b", "c", "d", "e"]}, "stop")]:
+        with pytest.raises(openai.BadRequestError) as info:
+            qwen.chat.completions.create(model="base", messages=USER, max_tokens=2, **kw)
+        assert info.value.body["param"] == param, (kw, info.value.body)
+    with pytest.raises(openai.BadRequestError) as info:
+        qwen.completions.create(model="base", prompt="x", max_tokens=2, echo=True)
+    assert info.value.body["param"] == "echo"
+    resp = qwen.chat.completions.create(
+        model="base", messages=USER, max_tokens=2, user="u1", metadata={"k": "v"}, store=False,
+        service_tier="auto", parallel_tool_calls=False, n=1, logprobs=False,
+        response_format={"type": "text"}, tool_choice="none")
+    assert resp.choices[0].message.content is not None
+
+
+def test_lone_surrogate_is_400_naming_the_field(servers):
+    from serve_helpers import http_json
+
+    body = '{"model": "base", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    status, err = http_json("POST", servers["qwen2"].url + "/v1/chat/completions",
+                            body.encode(), {"Content-Type": "application/json"})
+    assert status == 400 and err["error"]["param"] == "messages[0].content", err
+    with pytest.raises(RequestError):
+        parse_request("chat", json.loads(body), ["base"])
