@@ -1,0 +1,130 @@
+"""Run tracking: TensorBoard event files in RUN/tb, RUN/loss.png, --report-to none.
+
+Real runs on a tiny random Llama (hidden 64, 2 blocks); the event files are read back with
+TensorBoard's own EventAccumulator, the PNG by its header.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+from tiny_models import tiny_llama_gguf
+
+pytest.importorskip("tensorboard")
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def tiny(default_gguf, tmp_path_factory) -> Path:
+    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf", default_gguf)
+
+
+@pytest.fixture(scope="module")
+def data(demo_jsonl, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "chats.jsonl"
+    path.write_text("".join(demo_jsonl.read_text().splitlines(keepends=True)[:12]))
+    return path
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's signature and IHDR chunk (PNG spec, section 11.2.2)."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", head
+    return struct.unpack(">II", head[16:24])
+
+
+def scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list(tb_dir.glob("events.out.tfevents.*"))
+    assert len(files) == 1, files
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _train(tiny: Path, data: Path, out: Path, cancel=None, on_event=None, **flags):
+    from edge_tune import api
+    from edge_tune.config import build
+
+    cfg = build(None, data=str(data), model=str(tiny), backend="cpu", out=str(out),
+                batch_size=4, seq_len=64, lr=1e-2, verify=False, **flags)
+    return api.train(cfg, on_event or (lambda e: None), cancel=cancel)
+
+
+def test_tensorboard_events_and_loss_png(tiny, data, tmp_path):
+    run = _train(tiny, data, tmp_path / "run", max_steps=4, val_split=0.25,
+                 eval_every=2).run_dir
+    seen = scalars(run / "tb")
+    assert [s for s, _ in seen["train/loss"]] == [1, 2, 3, 4]
+    assert [s for s, _ in seen["val/loss"]] == [2, 4]
+    assert {"train/learning_rate", "train/tokens_per_second"} <= set(seen)
+    losses = api_losses(run)
+    assert [v for _, v in seen["train/loss"]] == pytest.approx(losses, rel=1e-5)
+    assert png_size(run / "loss.png") == (800, 480)
+    assert (run / "loss.png").stat().st_size > 5000  # axes, two curves and a legend drawn
+
+
+def api_losses(run: Path) -> list[float]:
+    import json
+
+    return json.loads((run / "manifest.json").read_text())["result"]["losses"]
+
+
+def test_report_to_none_and_loss_png_on_cancel(tiny, data, tmp_path):
+    from edge_tune.errors import Cancelled
+    from edge_tune.events import Metric
+
+    cancel = threading.Event()
+
+    def on_event(event) -> None:
+        if isinstance(event, Metric) and event.step >= 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        _train(tiny, data, tmp_path / "run", cancel=cancel, on_event=on_event, max_steps=400,
+               report_to="none")
+    run = tmp_path / "run"
+    assert not (run / "tb").exists() and not list(run.rglob("events.out.tfevents.*"))
+    assert (run / "checkpoint").is_dir()  # cancelled, resumable
+    assert png_size(run / "loss.png") == (800, 480)
+
+
+def test_tracker_without_training(tmp_path):
+    """The tracker alone: metrics in, events out, picture at close; nothing for no metrics."""
+    from edge_tune import tracking
+    from edge_tune.events import Log, Metric
+
+    seen: list = []
+    tracker = tracking.Tracker("tensorboard", tmp_path, {"rank": 8}, seen.append)
+    sink = tracker.sink(seen.append)
+    sink(Log("hello"))
+    for step in range(1, 4):
+        sink(Metric(step=step, total_steps=3, loss=3.0 - step, learning_rate=1e-3))
+    sink(Metric(step=3, total_steps=3, loss=1.5, split="val"))
+    tracker.close()
+    assert len(seen) == 5  # every event still reaches the front end
+    got = scalars(tmp_path / tracking.TB_DIR)
+    assert got["train/loss"] == [(1, 2.0), (2, 1.0), (3, 0.0)] and got["val/loss"] == [(3, 1.5)]
+    assert png_size(tmp_path / tracking.LOSS_PNG) == (800, 480)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    tracking.Tracker("tensorboard", empty, {}, seen.append).close()
+    assert list(empty.iterdir()) == []
+
+
+def test_missing_tracker_package_is_one_line():
+    from edge_tune import tracking
+    from edge_tune.errors import UsageError
+    from edge_tune.hardware import missing_modules
+
+    for name in ("wandb", "mlflow"):
+        if missing_modules(name):
+            with pytest.raises(UsageError, match=f"pip install {name}"):
+                tracking.check(name)
+    tracking.check("none")
+    tracking.check("tensorboard")
