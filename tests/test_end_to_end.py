@@ -14,29 +14,28 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, demo_jsonl, hf_dir):
-    out = tmp_path_factory.mktemp("run") / "pirate"
-    proc = run_cli("train", "--data", str(demo_jsonl), "--out", str(out), "--max-steps", "30",
-                   "--seed", "0", "--val-split", "0.1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def run_dir(default_model_run):
+    """The session's one real training run (conftest.default_model_run): 10 steps."""
+    out, proc = default_model_run
     assert "done in" in proc.stdout and "validation loss" in proc.stdout
     return out
 
 
 def test_run_directory_contents(run_dir, demo_jsonl, default_gguf):
     assert {p.name for p in run_dir.iterdir()} == {"adapter", "adapter.gguf", "manifest.json",
-                                                   "train.log", "train_config.json"}
+                                                   "train.log", "train_config.json", "tb",
+                                                   "loss.png"}
     man = json.loads((run_dir / "manifest.json").read_text())
     assert man["base"]["gguf"] == str(default_gguf)
     assert man["base"]["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     assert man["base"]["arch"] == "llama"
     assert "<|im_start|>" in man["chat_template"]
     assert man["stop_tokens"] == ["<|im_end|>"]
-    assert man["hyperparameters"]["rank"] == 16 and man["hyperparameters"]["max_steps"] == 30
+    assert man["hyperparameters"]["rank"] == 16 and man["hyperparameters"]["max_steps"] == STEPS
     assert len(man["data"]["sha256"]) == 64 and man["data"]["records"] == 200
     assert man["data"]["val_records"] == 20 and man["result"]["examples"] == 180
     assert 0 < man["result"]["val_loss"] < 3.0
-    assert man["result"]["steps"] == 30 and 0 < man["result"]["final_loss"] < 2.5
+    assert man["result"]["steps"] == STEPS and 0 < man["result"]["final_loss"] < 2.5
     assert {"torch", "transformers", "peft", "gguf", "edge-tune"} <= set(man["versions"])
     assert man["adapter"] == {"peft": "adapter", "gguf": "adapter.gguf", "alpha": 32.0, "rank": 16}
 
