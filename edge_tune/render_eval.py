@@ -1,0 +1,82 @@
+"""Render `edge-tune eval` (and nothing else): base and tuned side by side, the drift figure,
+and a few answers."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.table import Table
+
+ROWS = (("exact", "exact match"), ("contains", "contains reference"), ("rouge_l", "ROUGE-L F"),
+        ("json_valid", "valid JSON"))
+SHOWN_ANSWERS = 4
+
+
+def _num(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else "nan"
+    return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
+
+
+def _change(base, tuned, lower_is_better: bool) -> str:
+    if base is None or tuned is None or not (math.isfinite(base) and math.isfinite(tuned)):
+        return ""
+    delta = tuned - base
+    if abs(delta) < 1e-12:
+        return "[dim]=[/]"
+    better = (delta < 0) == lower_is_better
+    return f"[{'green' if better else 'red'}]{delta:+.3f}[/]"
+
+
+def _short(text: str, limit: int = 70) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def render_eval(report: dict, console: Console) -> None:
+    """``report``: :meth:`edge_tune.commands.eval.EvalResult.to_dict`."""
+    console.print(f"[bold]eval[/] {report['run']}: tuned = {report['tuned']}, base = "
+                  f"{report['base']}", highlight=False)
+    console.print(f"held-out: {report['data']} ({report['n_examples']} examples, "
+                  f"{report['n_tokens']} trained tokens; {report['n_answers']} answers, greedy, "
+                  f"≤{report['max_tokens']} tokens)", highlight=False)
+    t = Table(title_justify="left", title="base vs tuned (llama.cpp)")
+    t.add_column("metric", style="bold")
+    for col in ("base", "tuned", "change"):
+        t.add_column(col, justify="right")
+    loss, ppl = report["loss"], report["perplexity"]
+    t.add_row("held-out loss (nats/token)", _num(loss["base"]), _num(loss["tuned"]),
+              _change(loss["base"], loss["tuned"], True))
+    t.add_row("perplexity", _num(ppl["base"], 2), _num(ppl["tuned"], 2), "")
+    base_s, tuned_s = report["scores"]["base"], report["scores"]["tuned"]
+    for key, label in ROWS:
+        if base_s.get(key) is None and tuned_s.get(key) is None:
+            continue
+        t.add_row(label, _num(base_s[key]), _num(tuned_s[key]),
+                  _change(base_s[key], tuned_s[key], False))
+    console.print(t)
+    if report.get("training_val_loss") is not None:
+        console.print(f"[dim](training measured validation loss {report['training_val_loss']:.3f}"
+                      " in torch)[/]", highlight=False)
+    d = report["drift"]
+    console.print(f"[bold]drift[/] on {d['n_prompts']} general prompts: mean KL(base‖tuned) "
+                  f"[bold]{d['mean_kl']:.4f}[/] nats/token over the base's greedy answers "
+                  f"({d['n_positions']} positions); [bold]{d['changed_share']:.0%}[/] of greedy "
+                  "answers changed", highlight=False)
+    if report["answers"]:
+        a = Table(title=f"answers (first {min(SHOWN_ANSWERS, len(report['answers']))} of "
+                        f"{len(report['answers'])})", title_justify="left", show_lines=True)
+        a.add_column("prompt", max_width=28)
+        a.add_column("reference", max_width=40)
+        a.add_column("base", max_width=40)
+        a.add_column("tuned", max_width=40)
+        for row in report["answers"][:SHOWN_ANSWERS]:
+            a.add_row(_short(row["prompt"]), _short(row["reference"]),
+                      f"{_short(row['base'])}\n[dim]ROUGE-L "
+                      f"{row['base_scores']['rouge_l']:.2f}[/]",
+                      f"{_short(row['tuned'])}\n[dim]ROUGE-L "
+                      f"{row['tuned_scores']['rouge_l']:.2f}[/]")
+        console.print(a)
