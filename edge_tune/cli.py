@@ -8,7 +8,6 @@ instant. A user-facing failure is one line on stderr and the exit code of its ki
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import sys
@@ -18,7 +17,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from edge_tune.errors import CheckFailed, EdgeTuneError, ExitCode, UsageError
+from edge_tune.errors import EdgeTuneError, ExitCode, UsageError
 
 app = typer.Typer(
     name="edge-tune",
@@ -439,57 +438,43 @@ def chat(
     from edge_tune.render import Renderer
 
     if bundle is not None or compare is not None:
-        _chat_plan(api.chat_plan(str(adapter) if adapter else None, base, bundle, compare,
-                                 chat_template, system_mode),
-                   prompt, system, temperature=temperature, max_tokens=max_tokens)
-        return
-    target = api.resolve_chat(adapter, base, chat_template, system_mode)
-    engine = api.open_engine(target, Renderer(err))
-    kw = dict(temperature=temperature, max_tokens=max_tokens, plain_fallback=True)
+        plan, sides = api.chat_plan(str(adapter) if adapter else None, base, bundle, compare,
+                                    chat_template, system_mode)
+        engine = api.open_serving(plan, Renderer(err))
+        base_name = plan.base.name
+        title = f"{base_name} as {' | '.join(label for label, _ in sides)}"
+    else:
+        target = api.resolve_chat(adapter, base, chat_template, system_mode)
+        engine = api.open_engine(target, Renderer(err))
+        base_name, sides = target.base.name, None
+        title = f"{base_name} + {target.adapter.name if target.adapter else 'base'}"
     try:
-        _say_if_plain(engine, target.base.name)
-        history = [{"role": "system", "content": system}] if system else []
+        from edge_tune.chat_session import ChatSession
+
+        session = ChatSession(engine, sides, system=system, temperature=temperature,
+                              max_tokens=max_tokens)
+        for label in session.plain_sides():
+            _say_plain(base_name if len(session.sides) == 1 else f"{base_name} ({label})")
         if prompt is not None:
-            pieces = []
-            with _template_fault_hint(history):
-                for piece in engine.chat_stream(history + [{"role": "user", "content": prompt}],
-                                                **kw):
-                    pieces.append(piece)
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-            sys.stdout.write("\n")
-            if not "".join(pieces).strip():
-                raise CheckFailed("the answer is empty: the model produced no text (it ended "
-                                  "at once, or gave only whitespace or incomplete characters; "
-                                  "try another prompt, a higher --temperature, or check the "
-                                  "chat template with --chat-template)")
+            _say(session, prompt, check_empty=True)
             return
-        label = target.adapter.name if target.adapter else "base"
-        err.print(f"[dim]chatting with {target.base.name} + {label}; Ctrl-D or /exit to "
-                  "quit, /reset to clear the history[/]")
+        from edge_tune.chat_session import HELP, command_of
+
+        err.print(f"[dim]chatting with {title}; {HELP}[/]")
         for line in _prompts():
-            if line is None:
-                history = history[:1] if system else []
+            command = command_of(line)
+            if command == "exit":
+                return
+            if command == "reset":
+                session.reset()
                 continue
-            history.append({"role": "user", "content": line})
-            reply = []
-            sys.stdout.write("bot> ")
+            if len(session.sides) == 1:
+                sys.stdout.write("bot> ")
             try:
-                with _template_fault_hint(history):
-                    for piece in engine.chat_stream(history, **kw):
-                        reply.append(piece)
-                        sys.stdout.write(piece)
-                        sys.stdout.flush()
-            except KeyboardInterrupt:  # Ctrl-C stops this answer, not the session
-                sys.stdout.write(" [stopped]")
+                _say(session, line)
             except EdgeTuneError as exc:  # the template refused this turn: say so, go on
-                sys.stdout.write("\n")
                 err.print(f"[bold red]error:[/] {_escape(str(exc))}", highlight=False,
                           soft_wrap=True)
-                history.pop()
-                continue
-            sys.stdout.write("\n")
-            history.append({"role": "assistant", "content": "".join(reply)})
     finally:
         engine.close()
 
@@ -500,107 +485,68 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
-def _say_if_plain(engine, base_name: str, force: bool = False) -> None:
-    """One notice line when the model has no chat template: answers are plain completions."""
-    if force or engine.chat_template is None:
-        from edge_tune.template_choice import no_template_hint
+def _say_plain(model: str) -> None:
+    """One notice line when a model has no chat template: answers are plain completions."""
+    from edge_tune.template_choice import no_template_hint
 
-        err.print(f"note: {base_name} has no chat template (nor the run): answering as a plain "
-                  f"text completion of the prompt; to chat, {no_template_hint()}",
-                  highlight=False, soft_wrap=True, markup=False)
+    err.print(f"note: {model} has no chat template (nor the run): answering as a plain "
+              f"text completion of the prompt; to chat, {no_template_hint()}",
+              highlight=False, soft_wrap=True, markup=False)
 
 
-@contextlib.contextmanager
-def _template_fault_hint(messages: list[dict]):
-    """Add the --system-mode hint to a chat template's refusal when a system message was
-    sent (templates without a system role refuse it)."""
-    from edge_tune.engine import ChatTemplateError
+def _say(session, text: str, check_empty: bool = False) -> None:
+    """One message to the session, rendered: one side streams to stdout; two are shown side by
+    side when both have answered. Ctrl-C stops the answer (what was said stays), not the chat;
+    ``check_empty``: an empty answer is an error (``--prompt``)."""
+    from edge_tune.chat_session import Answer, Token, require_text
 
+    answers: list = []
+    stream = session.ask(text)
     try:
-        yield
-    except ChatTemplateError as exc:
-        if not any(m.get("role") == "system" for m in messages):
+        if len(session.sides) == 1:
+            for event in stream:
+                if isinstance(event, Token):
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+                else:
+                    answers.append(event)
+        else:
+            for side in session.sides:
+                with err.status(f"[dim]{side.label} is answering...[/]"):
+                    answers.append(next(e for e in stream if isinstance(e, Answer)))
+    except KeyboardInterrupt:
+        stream.close()
+        if check_empty:  # --prompt: Ctrl-C ends the command
             raise
-        raise ChatTemplateError(f"{exc} (to put the system text into the first user turn: "
-                                "--system-mode fold)") from None
+        sys.stdout.write(" [stopped]\n")
+        return
+    except EdgeTuneError:
+        if len(session.sides) == 1 and not check_empty:
+            sys.stdout.write("\n")  # the error goes on a line of its own
+        raise
+    if len(session.sides) == 1:
+        sys.stdout.write("\n")
+    else:
+        from rich.table import Table
 
-
-def _chat_plan(planned, prompt: Optional[str], system: Optional[str], **kw) -> None:
-    """chat --bundle / --compare: one engine, one or two sides; two are shown side by side."""
-    from rich.table import Table
-
-    from edge_tune import api
-    from edge_tune.render import Renderer
-
-    plan, sides = planned
-    engine = api.open_serving(plan, Renderer(err))
-    histories = [[{"role": "system", "content": system}] if system else [] for _ in sides]
-    kw = dict(kw, plain_fallback=True)
-    for label, name in sides:
-        if engine.template_of(name) is None:
-            _say_if_plain(engine, f"{plan.base.name} ({label})", force=True)
-
-    def answer(text: str) -> list[str]:
-        replies = []
-        for (_, name), history in zip(sides, histories):
-            history.append({"role": "user", "content": text})
-            if engine.active != name:
-                engine.activate(name)
-            if len(sides) == 1:  # one side: stream it, as plain chat does
-                pieces = []
-                with _template_fault_hint(history):
-                    for piece in engine.chat_stream(history, **kw):
-                        pieces.append(piece)
-                        sys.stdout.write(piece)
-                        sys.stdout.flush()
-                sys.stdout.write("\n")
-            else:
-                with err.status(f"[dim]{_label(sides, name)} is answering...[/]"), \
-                        _template_fault_hint(history):
-                    pieces = list(engine.chat_stream(history, **kw))
-            history.append({"role": "assistant", "content": "".join(pieces)})
-            replies.append("".join(pieces))
-        if len(sides) == 2:
-            table = Table(show_lines=False, expand=True)
-            for label, _ in sides:
-                table.add_column(label, ratio=1, overflow="fold")
-            table.add_row(*replies)
-            out.print(table)
-        return replies
-
-    try:
-        if prompt is not None:
-            answer(prompt)
-            return
-        err.print(f"[dim]chatting with {plan.base.name} as {' | '.join(s[0] for s in sides)}; "
-                  "Ctrl-D or /exit to quit, /reset to clear the history[/]")
-        for line in _prompts():
-            if line is None:
-                histories = [h[:1] if system else [] for h in histories]
-            else:
-                answer(line)
-    finally:
-        engine.close()
+        table = Table(show_lines=False, expand=True)
+        for side in session.sides:
+            table.add_column(side.label, ratio=1, overflow="fold")
+        table.add_row(*(a.text for a in answers))
+        out.print(table)
+    if check_empty and len(answers) == 1:
+        require_text(answers[0])
 
 
 def _prompts():
-    """The interactive chat's input: each non-empty line, None for /reset; ends at Ctrl-D or
-    /exit (/quit)."""
+    """The interactive chat's input: each non-empty line (commands included); ends at Ctrl-D."""
     while True:
         try:
             line = input("you> ")
         except EOFError:
             return
-        if line.strip() in ("/exit", "/quit"):
-            return
-        if line.strip() == "/reset":
-            yield None
-        elif line.strip():
+        if line.strip():
             yield line
-
-
-def _label(sides, name) -> str:
-    return next(label for label, n in sides if n == name)
 
 
 # --- serve -----------------------------------------------------------------------------------

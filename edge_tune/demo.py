@@ -19,19 +19,20 @@ def held_back_prompts() -> list[str]:
 
 
 def compare(run_dir: Path, prompts: list[str], max_tokens: int = 60) -> list[tuple[str, str, str]]:
-    """(prompt, base answer, tuned answer) for each prompt, greedy, one llama.cpp load."""
-    from edge_tune import api
+    """(prompt, base answer, tuned answer) for each prompt, greedy, one llama.cpp load; each
+    prompt is a new conversation of :class:`~edge_tune.chat_session.ChatSession` with the base
+    and the adapter side by side."""
+    from edge_tune.adapters import resolve_chat
+    from edge_tune.chat_session import ChatSession
+    from edge_tune.commands.chat import open_engine
 
-    target = api.resolve_chat(run_dir, None)
-    engine = api.open_engine(target)
+    engine = open_engine(resolve_chat(run_dir, None))
     rows = []
     try:
         for p in prompts:
-            msgs = [{"role": "user", "content": p}]
-            engine.activate(None)
-            base = engine.chat(msgs, temperature=0.0, max_tokens=max_tokens)
-            engine.activate("adapter")
-            tuned = engine.chat(msgs, temperature=0.0, max_tokens=max_tokens)
+            session = ChatSession(engine, [("base", None), ("tuned", "adapter")],
+                                  temperature=0.0, max_tokens=max_tokens)
+            base, tuned = session.answer(p)
             rows.append((p, base.strip(), tuned.strip()))
     finally:
         engine.close()

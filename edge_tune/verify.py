@@ -22,6 +22,7 @@ from pathlib import Path
 
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import EventSink, Log, Progress, ignore
+from edge_tune.manifest import Manifest
 
 # What "within tolerance" means. The effect error is float rounding when the conversion is
 # right (~1e-4) and O(1) when a scale or layout is wrong; KL/top-1 absorb quantization noise.

@@ -55,7 +55,11 @@ class FakeEngine:
     def activate(self, name) -> None:
         self.active = name
 
-    def chat_stream(self, messages, temperature=0.7, max_tokens=256, seed=None):
+    def template_of(self, adapter):
+        return "{{ messages }}"
+
+    def chat_stream(self, messages, temperature=0.7, max_tokens=256, seed=None,
+                    plain_fallback=False):
         for word in ANSWERS[self.active].split(" "):
             yield word + " "
 

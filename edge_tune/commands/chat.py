@@ -8,6 +8,7 @@ from typing import Iterator, Optional
 
 from edge_tune import models
 from edge_tune.adapters import ChatTarget, resolve_chat
+from edge_tune.chat_session import ChatSession, Token
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import EventSink, Log, ignore
 from edge_tune.fsutil import sha256_file
@@ -37,12 +38,13 @@ def open_engine(target: ChatTarget, on_event: EventSink = ignore, **engine_kw):
 
 def chat_once(target: ChatTarget, prompt: str, system: Optional[str] = None,
               temperature: float = 0.7, max_tokens: int = 256) -> Iterator[str]:
-    """One answer to ``prompt``, streamed as text pieces; the engine is closed afterwards."""
-    messages = ([{"role": "system", "content": system}] if system else []) + \
-        [{"role": "user", "content": prompt}]
+    """One answer to ``prompt``, streamed as text pieces (a :class:`ChatSession` of one
+    message); the engine is closed afterwards."""
     engine = open_engine(target)
     try:
-        yield from engine.chat_stream(messages, temperature=temperature, max_tokens=max_tokens)
+        session = ChatSession(engine, system=system, temperature=temperature,
+                              max_tokens=max_tokens)
+        yield from (e.text for e in session.ask(prompt) if isinstance(e, Token))
     finally:
         engine.close()
 

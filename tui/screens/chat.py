@@ -1,11 +1,14 @@
 """Chat: streamed answers from the base model plus an adapter (llama.cpp), a compare mode that
-shows the base's and the adapter's answers side by side, a system prompt and a temperature."""
+shows the base's and the adapter's answers side by side, a system prompt and a temperature.
+The conversation itself is :class:`edge_tune.chat_session.ChatSession` (as in ``edge-tune
+chat``); this screen renders its events."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import ClassVar
 
+from edge_tune.chat_session import Answer, ChatSession, Token, command_of
 from edge_tune.tui.widgets import BaseScreen, error_text
 from rich.text import Text
 from textual import work
@@ -55,10 +58,9 @@ class ChatScreen(BaseScreen):
 
     def __init__(self) -> None:
         super().__init__()
-        self.history: list[dict] = []
+        self.chat: ChatSession | None = None  # the conversation; kept across adapter changes
         self.engine = None
         self.engine_key = None
-        self.stop_flag = False
         self.busy = False
         # Answers finished (ok, stopped or failed): a count only grows, so a caller can wait
         # for "one more" without having to catch the short-lived busy state.
@@ -132,13 +134,15 @@ class ChatScreen(BaseScreen):
         self.query_one("#adapter", Select).focus()
 
     def action_reset(self) -> None:
-        self.history = []
+        if self.chat is not None:
+            self.chat.reset()
         for t in self.query(Transcript):
             t.remove_children()
         self.query_one("#chat-status", Static).update("new conversation")
 
     def action_stop(self) -> None:
-        self.stop_flag = True
+        if self.chat is not None:
+            self.chat.stop()
 
     # --- talking ------------------------------------------------------------------------
     def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -147,6 +151,10 @@ class ChatScreen(BaseScreen):
             return
         text = event.value.strip()
         if not text or self.busy:
+            return
+        if command_of(text) is not None:  # /reset (and /exit: a new conversation too)
+            event.input.value = ""
+            self.action_reset()
             return
         try:
             temperature = float(self.query_one("#temperature", Input).value or 0.7)
@@ -160,19 +168,16 @@ class ChatScreen(BaseScreen):
         adapter = self.query_one("#adapter", Select).value
         adapter = None if adapter == BASE_ONLY else str(adapter)
         compare = self.query_one("#compare", Checkbox).value and adapter is not None
-        system = self.query_one("#system", Input).value.strip()
-        messages = ([{"role": "system", "content": system}] if system else []) + \
-            self.history + [{"role": "user", "content": text}]
-        columns = [("base", self.query_one("#left", Transcript), None),
-                   ("tuned", self.query_one("#right", Transcript), adapter)] if compare else \
-            [("bot", self.query_one("#left", Transcript), adapter)]
-        targets = []
-        for who, column, name in columns:
+        system = self.query_one("#system", Input).value.strip() or None
+        name = "adapter" if adapter else None  # the adapter's name in the engine
+        sides = [("base", None), ("tuned", name)] if compare else [("bot", name)]
+        columns = [self.query_one("#left", Transcript), self.query_one("#right", Transcript)]
+        lines = []
+        for (who, _), column in zip(sides, columns):
             column.add("you", text, "you")
-            targets.append((column.add(who), name))
-        self.history.append({"role": "user", "content": text})
-        self.busy, self.stop_flag = True, False
-        self._answer(messages, adapter, targets, temperature)
+            lines.append(column.add(who))
+        self.busy = True
+        self._answer(text, adapter, sides, lines, system, temperature)
 
     def _engine(self, adapter: str | None):
         """One llama.cpp engine with the base and (if any) the adapter loaded; compare mode
@@ -193,35 +198,37 @@ class ChatScreen(BaseScreen):
             finally:
                 self.engine = None
 
+    def _session(self, engine, sides) -> ChatSession:
+        """The conversation, continued on ``engine`` with ``sides`` (a new adapter or the
+        compare switch keeps what was said)."""
+        if self.chat is None or self.chat.engine is not engine or \
+                self.chat.side_names != sides:
+            self.chat = ChatSession(engine, sides, max_tokens=256,
+                                    history=self.chat.history if self.chat else ())
+        return self.chat
+
     @work(thread=True, exclusive=True, exit_on_error=False, group="chat")
-    def _answer(self, messages, adapter, targets, temperature: float) -> None:
+    def _answer(self, text: str, adapter, sides, lines, system, temperature: float) -> None:
         status = self.query_one("#chat-status", Static)
-        reply = ""
         try:
             self.app.call_from_thread(status.update, "loading the model ...")
-            engine = self._engine(adapter)
-            for line, name in targets:
-                if adapter is not None:
-                    engine.activate("adapter" if name else None)
-                self.app.call_from_thread(status.update, "answering ... (escape stops)")
-                reply = ""
-                for piece in engine.chat_stream(messages, temperature=temperature,
-                                                max_tokens=256):
-                    reply += piece
-                    self.app.call_from_thread(Transcript.extend, line, piece)
-                    if self.stop_flag:
-                        self.app.call_from_thread(Transcript.extend, line, " [stopped]")
-                        break
-            if adapter is not None:
-                engine.activate("adapter")
+            chat = self._session(self._engine(adapter), sides)
+            chat.system, chat.temperature = system, temperature
+            plain = chat.plain_sides()
+            self.app.call_from_thread(status.update, "answering ... (escape stops)" + (
+                f"; {', '.join(plain)}: no chat template, a plain text completion"
+                if plain else ""))
+            for event in chat.ask(text):
+                if isinstance(event, Token):
+                    self.app.call_from_thread(Transcript.extend, lines[event.side], event.text)
+                elif isinstance(event, Answer) and event.stopped:
+                    self.app.call_from_thread(Transcript.extend, lines[event.side], " [stopped]")
             self.app.call_from_thread(status.update, "")
         except Exception as exc:  # noqa: BLE001 - shown in the UI, never a crash
             self.app.call_from_thread(self.show_error, exc, status)
         finally:
             self.busy = False
             self.answered += 1
-        # the adapter's answer continues the conversation (the last column answered)
-        self.history.append({"role": "assistant", "content": reply})
 
     def on_unmount(self) -> None:
         self._close_engine()

@@ -1,0 +1,196 @@
+"""One conversation with a loaded model, for every front end: the CLI's ``chat``, the TUI's chat
+screen and the demo. Headless: it keeps the history and streams each reply as events
+(:class:`Token` pieces, then one :class:`Answer` per side); front ends only render them.
+
+A session has one or two *sides*: (label, adapter name in the engine or None for the base).
+Two sides answer every message one after the other (``chat --compare``, the TUI's compare
+mode), each continuing its own conversation. The session calls the engine through its public
+``chat_stream`` only, so whatever the engine does for a conversation (prompt caching, the
+system-mode fold, stop tokens) applies here too.
+
+Rules every front end gets from here:
+- a model with no chat template answers as a plain text completion (``plain_fallback``; the
+  front end says so once, see :meth:`ChatSession.plain_sides`);
+- a turn the chat template refuses (:class:`~edge_tune.engine.ChatTemplateError`) is not kept
+  in the history, and the error says how to fold a system message in when one was sent;
+- an answer stopped (:meth:`ChatSession.stop`, Ctrl-C, the consumer closing the stream) keeps
+  what was said so far;
+- ``/exit`` (``/quit``) and ``/reset`` are the chat's commands (:func:`command_of`);
+- an empty answer is an error where one answer is all the user asked for
+  (:func:`require_text`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+from edge_tune.errors import CheckFailed, EdgeTuneError
+
+COMMANDS = {"/exit": "exit", "/quit": "exit", "/reset": "reset"}
+HELP = "Ctrl-D or /exit to quit, /reset to clear the history"
+EMPTY_ANSWER = ("the answer is empty: the model produced no text (it ended at once, or gave "
+                "only whitespace or incomplete characters; try another prompt, a higher "
+                "--temperature, or check the chat template with --chat-template)")
+
+
+def command_of(line: str) -> Optional[str]:
+    """``"exit"`` or ``"reset"`` when ``line`` is a chat command, else None (a message)."""
+    return COMMANDS.get(line.strip())
+
+
+@dataclass
+class Side:
+    """Who answers: ``label`` as shown, ``adapter`` the engine's adapter name (None: the
+    base), and the conversation so far (user and assistant messages, no system message)."""
+
+    label: str
+    adapter: Optional[str]
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Token:
+    """A piece of side ``side``'s reply, as it streams."""
+
+    side: int
+    text: str
+
+
+@dataclass
+class Answer:
+    """Side ``side``'s whole reply (``stopped``: cut short by :meth:`ChatSession.stop`)."""
+
+    side: int
+    text: str
+    stopped: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.text.strip()
+
+
+Event = Union[Token, Answer]
+
+
+def require_text(answer: Answer) -> None:
+    """CheckFailed (exit 1) for an empty answer: where one answer is all the user asked for
+    (``chat --prompt``), silence would look like success."""
+    if answer.empty and not answer.stopped:
+        raise CheckFailed(EMPTY_ANSWER)
+
+
+class ChatSession:
+    """The conversation with ``engine`` (an :class:`edge_tune.engine.Engine` with the
+    adapters the sides name loaded).
+
+    ``sides``: [(label, adapter name or None)], one or two; default one side, ``"bot"``, with
+    whatever the engine has active. ``system``, ``temperature`` (0 = greedy) and
+    ``max_tokens`` apply to every later message and may be changed between messages.
+    ``history``: a conversation to continue (every side starts from it)."""
+
+    def __init__(self, engine, sides: Optional[Sequence[tuple[str, Optional[str]]]] = None, *,
+                 system: Optional[str] = None, temperature: float = 0.7,
+                 max_tokens: int = 256, plain_fallback: bool = True,
+                 history: Sequence[dict] = ()) -> None:
+        self.engine = engine
+        pairs = list(sides) if sides else [("bot", engine.active)]
+        if not 1 <= len(pairs) <= 2:
+            raise ValueError("a chat session has one or two sides")
+        self.sides = [Side(label, adapter, [dict(m) for m in history])
+                      for label, adapter in pairs]
+        self.system = system
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.plain_fallback = plain_fallback
+        self._stop = threading.Event()
+
+    @property
+    def side_names(self) -> list[tuple[str, Optional[str]]]:
+        return [(s.label, s.adapter) for s in self.sides]
+
+    @property
+    def history(self) -> list[dict]:
+        """The conversation that continues: the last side's (the adapter's, side by side)."""
+        return self.sides[-1].history
+
+    def messages(self, side: int = 0) -> list[dict]:
+        """What the model is sent for side ``side``'s next reply, before the new message."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.sides[side].history
+
+    def plain_sides(self) -> list[str]:
+        """Labels of the sides whose model has no chat template: with ``plain_fallback`` they
+        answer as plain text completions of the conversation (tell the user once)."""
+        return [s.label for s in self.sides if self.engine.template_of(s.adapter) is None]
+
+    def reset(self) -> None:
+        """Start a new conversation (the system prompt stays)."""
+        for side in self.sides:
+            side.history.clear()
+
+    def stop(self) -> None:
+        """Cut the reply now streaming short (any thread); the next message clears it."""
+        self._stop.set()
+
+    def ask(self, text: str) -> Iterator[Event]:
+        """Send ``text``: every side answers in turn, streamed as :class:`Token` events, each
+        side ending with its :class:`Answer`. Raises what the engine raises
+        (:class:`~edge_tune.engine.ChatTemplateError` for a turn the template refuses, the
+        turn then not kept)."""
+        self._stop.clear()
+        for index in range(len(self.sides)):
+            yield from self._reply(index, text)
+
+    def answer(self, text: str) -> list[str]:
+        """Send ``text`` and return every side's whole reply (no streaming)."""
+        return [e.text for e in self.ask(text) if isinstance(e, Answer)]
+
+    def _reply(self, index: int, text: str) -> Iterator[Event]:
+        side = self.sides[index]
+        turn = {"role": "user", "content": text}
+        messages = self.messages(index) + [turn]
+        pieces: list[str] = []
+        if self._stop.is_set():  # stopped while an earlier side answered: this one says nothing
+            side.history += [turn, {"role": "assistant", "content": ""}]
+            yield Answer(index, "", stopped=True)
+            return
+        if self.engine.active != side.adapter:
+            self.engine.activate(side.adapter)
+        stopped = False
+        try:
+            with _system_mode_hint(messages), contextlib.closing(self.engine.chat_stream(
+                    messages, temperature=self.temperature, max_tokens=self.max_tokens,
+                    plain_fallback=self.plain_fallback)) as stream:
+                for piece in stream:
+                    pieces.append(piece)
+                    yield Token(index, piece)
+                    if self._stop.is_set():
+                        stopped = True
+                        break
+        except EdgeTuneError:
+            raise  # refused (template, context): nothing was said, the turn is not kept
+        except BaseException:
+            # interrupted (Ctrl-C, the consumer closed the stream): what was said stays
+            side.history += [turn, {"role": "assistant", "content": "".join(pieces)}]
+            raise
+        reply = "".join(pieces)
+        side.history += [turn, {"role": "assistant", "content": reply}]
+        yield Answer(index, reply, stopped)
+
+
+@contextlib.contextmanager
+def _system_mode_hint(messages: list[dict]):
+    """Add the system-mode hint to a chat template's refusal when a system message was sent
+    (templates without a system role refuse it)."""
+    from edge_tune.engine import ChatTemplateError
+
+    try:
+        yield
+    except ChatTemplateError as exc:
+        if not any(m.get("role") == "system" for m in messages):
+            raise
+        raise ChatTemplateError(f"{exc} (to put the system text into the first user turn: "
+                                "--system-mode fold)") from None
