@@ -71,7 +71,7 @@ def test_peft_kwargs():
     kw = uq.peft_kwargs(cfg)
     assert kw == {"r": 8, "lora_alpha": 16.0, "target_modules": ["q_proj", "v_proj"],
                   "lora_dropout": 0.0, "bias": "none", "use_gradient_checkpointing": "unsloth",
-                  "random_state": 7, "use_rslora": False}
+                  "random_state": 7, "use_rslora": False, "use_dora": False}
     assert kw["target_modules"] is not cfg["target_modules"]  # a copy: Unsloth may edit it
     assert uq.peft_kwargs({**cfg, "rslora": True})["use_rslora"] is True
     # Everything but Unsloth's own two arguments is a PEFT LoraConfig field, meaning the same.
