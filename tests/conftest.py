@@ -44,6 +44,27 @@ def demo_jsonl() -> Path:
     return demo_data()
 
 
+#: The one real training run of the default model that the session shares (see
+#: ``default_model_run``): few steps of the bundled pirate data already make every answer
+#: start "Arr, matey!". Packed rows of 256 tokens hold every demo chat whole (the longest is
+#: 130 tokens) with less padding than the default 512.
+DEFAULT_RUN_STEPS = 10
+DEFAULT_RUN_ARGS = ("--max-steps", str(DEFAULT_RUN_STEPS), "--seq-len", "256", "--seed", "0",
+                    "--val-split", "0.1")
+
+
+@pytest.fixture(scope="session")
+def default_model_run(tmp_path_factory, demo_jsonl,
+                      hf_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    """(run directory, the finished process) of ``edge-tune train`` on the real default model
+    and the bundled demo data, as a user runs it (a subprocess, train's own verify included).
+    Trained once per session; tests that change the run copy it first."""
+    out = tmp_path_factory.mktemp("default-run") / "pirate"
+    proc = run_cli("train", "--data", str(demo_jsonl), "--out", str(out), *DEFAULT_RUN_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
 def assert_one_line_error(proc, *needles) -> None:
     """Exit code 2, exactly one stderr line ``error: ...`` holding every needle, no traceback."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)

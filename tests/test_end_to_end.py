@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from conftest import DEFAULT_RUN_STEPS as STEPS
 from conftest import run_cli
 from edge_tune.errors import EdgeTuneError
 

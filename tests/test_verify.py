@@ -14,17 +14,10 @@ from gguf_helpers import write_adapter
 
 
 @pytest.fixture(scope="session")
-def run_dir(tmp_path_factory, demo_jsonl):
-    """One short real training run; ``train`` verifies it by default."""
-    work = tmp_path_factory.mktemp("verify")
-    lines = demo_jsonl.read_text().splitlines()
-    (work / "train.jsonl").write_text("\n".join(lines[:-4]) + "\n")
-    (work / "val.jsonl").write_text("\n".join(lines[-4:]) + "\n")  # held back: verify's prompts
-    out = work / "run"
-    proc = run_cli("train", "--data", str(work / "train.jsonl"), "--val", str(work / "val.jsonl"),
-                   "--max-steps", "6", "--lr", "3e-3", "--seq-len", "128", "--batch-size", "4",
-                   "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
+def run_dir(default_model_run):
+    """The session's one real training run (conftest.default_model_run); ``train`` verified it
+    on its held-back validation records."""
+    out, proc = default_model_run
     assert "verify: adapter effect error" in proc.stderr and "(ok)" in proc.stderr, proc.stderr
     return out
 
