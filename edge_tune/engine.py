@@ -389,6 +389,28 @@ class Engine:
             del self._saved[key]
         llama_cpp.llama_adapter_lora_free(ptr)
 
+    def _save_prompt(self) -> tuple:
+        """The cached prompt: its KV entries (``llama_state_seq_get_data``, sequence 0, the
+        one llama-cpp-python uses) and its tokens."""
+        import llama_cpp
+
+        ctx = self.llm.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        return buf, written, self.llm.input_ids[:self.llm.n_tokens].copy()
+
+    def _restore_prompt(self, buf, written: int, tokens) -> None:
+        """Put a :meth:`_save_prompt` back into the (cleared) context; on failure the
+        context stays empty, which is only slower."""
+        import llama_cpp
+
+        if llama_cpp.llama_state_seq_set_data(self.llm.ctx, buf, written, 0) != written:
+            self.llm._ctx.kv_cache_clear()
+            return
+        self.llm.input_ids[:len(tokens)] = tokens
+        self.llm.n_tokens = len(tokens)
+
     def activate(self, name: Optional[str], scale: float = 1.0) -> None:
         """Make ``name`` the only active adapter, at ``scale`` (None = the plain base)."""
         self.activate_mix([] if name is None else [(name, scale)])
@@ -398,8 +420,8 @@ class Engine:
         plain base), passed to llama.cpp's ``llama_set_adapters_lora`` (llama.h), which adds
         each adapter's ``scale * alpha / rank * B A x``. The first adapter's chat template is
         used. KV entries are valid only under the set they were computed with: with the
-        prompt cache on, the context's state is saved under the set being left and the new
-        set's saved state (if any) is restored (llama_state_get_data / set_data)."""
+        prompt cache on, the cached prompt is saved under the set being left and the new
+        set's saved prompt (if any) is restored (llama_state_seq_get_data / set_data)."""
         import llama_cpp
 
         mix = tuple((str(n), float(s)) for n, s in mix)
@@ -418,16 +440,16 @@ class Engine:
         if rc != 0:
             raise EdgeTuneError(f"llama.cpp could not activate adapters {mix!r} (code {rc})")
         if self.prompt_cache and self.llm.n_tokens > 0:
-            self._saved[self.active_mix] = self.llm.save_state()
+            self._saved[self.active_mix] = self._save_prompt()
             self._saved.move_to_end(self.active_mix)
             while len(self._saved) > self.SAVED_STATES:
                 self._saved.popitem(last=False)
-        state = self._saved.pop(mix, None) if self.prompt_cache else None
-        if state is not None:
-            self.llm.load_state(state)
-        else:  # KV entries of the previous set must not be reused under this one
-            self.llm.reset()
-            self.llm._ctx.kv_cache_clear()
+        # KV entries of the previous set must not be reused under this one
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
+        saved = self._saved.pop(mix, None) if self.prompt_cache else None
+        if saved is not None:
+            self._restore_prompt(*saved)
         self.active_mix = mix
         self.active = mix[0][0] if mix else None
 
