@@ -11,8 +11,9 @@ step (1-based).
   absent); without the ``tensorboard`` package a warning says what to install, and training
   goes on.
 * ``wandb``: offline by default (``RUN/wandb``, ``wandb sync`` uploads it later); set
-  ``WANDB_MODE=online`` to stream. ``mlflow``: a file store in ``RUN/mlruns`` unless
-  ``MLFLOW_TRACKING_URI`` is set. Asked for without its package: one line naming the
+  ``WANDB_MODE=online`` to stream. ``mlflow``: MLflow's SQLite store ``RUN/mlflow.db``
+  unless ``MLFLOW_TRACKING_URI`` is set. A tracker that fails to start or write is a
+  warning: training goes on. Asked for without its package: one line naming the
   ``pip install``, before anything runs (:func:`check`).
 * ``none``: no tracker.
 
@@ -81,10 +82,22 @@ class Tracker:
             try:
                 self._writer = self._open()
             except ImportError as exc:
-                self._failed = True
-                self.on_event(Log(f"--report-to {self.report_to}: not written ({exc}; pip "
-                                  f"install {self.report_to})", "warning"))
+                self._give_up(f"{exc}; pip install {self.report_to}")
                 return
+            except Exception as exc:  # the tracker's own store or setup: training goes on
+                self._give_up(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                return
+        try:
+            self._write(m)
+        except Exception as exc:
+            self._give_up(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+
+    def _give_up(self, why: str) -> None:
+        self._failed = True
+        self.on_event(Log(f"--report-to {self.report_to}: metrics not written ({why})",
+                          "warning"))
+
+    def _write(self, m: Metric) -> None:
         scalars = {f"{m.split}/loss": m.loss}
         if m.split == "train":
             scalars.update({"train/learning_rate": m.learning_rate,
@@ -115,8 +128,8 @@ class Tracker:
             return "wandb", run
         import mlflow
 
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri((self.run_dir / "mlruns").resolve().as_uri())
+        if not os.environ.get("MLFLOW_TRACKING_URI"):  # MLflow's local store: SQLite
+            mlflow.set_tracking_uri(f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}")
         mlflow.start_run(run_name=self.run_dir.name)
         mlflow.log_params({k: str(v)[:250] for k, v in self.config.items()})
         return "mlflow", mlflow
