@@ -157,6 +157,23 @@ def train(
                                                 "a model without a template."),
     system_mode: Optional[str] = typer.Option(None, "--system-mode", metavar="keep|fold",
                                               help=SYSTEM_MODE_HELP + " [default: keep]"),
+    rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", help="Rank-stabilized "
+                                          "LoRA: scale the update by alpha/sqrt(r) [default: "
+                                          "off]."),
+    dora: Optional[bool] = typer.Option(None, "--dora/--no-dora", help="Weight-decomposed LoRA "
+                                        "(magnitude + direction); exports through --merge "
+                                        "[default: off]."),
+    lora_dropout: Optional[float] = typer.Option(None, metavar="P", help="Dropout on the LoRA "
+                                                 "branch's input while training, 0 <= P < 1 "
+                                                 "[default: 0]."),
+    target_modules: Optional[str] = typer.Option(None, metavar="NAMES", help="Modules to adapt "
+                                                 "inside each "
+                                                 "block, comma-separated (q_proj,v_proj), or "
+                                                 "all-linear [default: the seven projections]."),
+    report_to: Optional[str] = typer.Option(None, help="tensorboard | wandb | mlflow | none: "
+                                            "where the run's metrics also go (tensorboard: "
+                                            "RUN/tb; wandb offline) [default: tensorboard]; "
+                                            "RUN/loss.png is always written."),
 ) -> None:
     """Train a LoRA adapter; writes RUN/adapter (PEFT), RUN/adapter.gguf, RUN/manifest.json.
 
@@ -177,7 +194,9 @@ def train(
                  precision=precision,
                  seed=seed, val=str(val) if val else None, val_split=val_split,
                  save_every=save_every, verify=verify, nproc=nproc, nnodes=nnodes, rdzv=rdzv,
-                 chat_template=chat_template, system_mode=system_mode)
+                 chat_template=chat_template, system_mode=system_mode, rslora=rslora,
+                 dora=dora, lora_dropout=lora_dropout, target_modules=target_modules,
+                 report_to=report_to)
     if resume is not None:
         given = [k for k, v in flags.items() if v is not None] + (["config"] if config else [])
         if given:
@@ -198,7 +217,7 @@ def train(
 
 # --- plan ------------------------------------------------------------------------------------
 
-_NOT_PLAN_OPTIONS = ("verify", "save_every", "resume")
+_NOT_PLAN_OPTIONS = ("verify", "save_every", "resume", "report_to")
 
 
 def _plan(as_json: bool = False, **options) -> None:
