@@ -15,6 +15,7 @@ from edge_tune.commands.chat import chat_once, chat_plan, open_engine
 from edge_tune.commands.convert import convert_base, fetch_converter
 from edge_tune.commands.doctor import doctor
 from edge_tune.commands.export import export
+from edge_tune.commands.eval import EvalResult, evaluate
 from edge_tune.commands.inspect import bad_records, inspect_data, model_template
 from edge_tune.commands.plan import PLANNED, model_shape, plan, planner_describe
 from edge_tune.commands.plan import job_record as _job_record
@@ -31,12 +32,12 @@ from edge_tune.server.plan import ServePlan
 __all__ = [
     # commands
     "doctor", "plan", "train", "inspect_data", "model_template", "bad_records", "export",
-    "convert_base", "fetch_converter", "verify", "resolve_chat", "open_engine", "chat_once",
+    "convert_base", "fetch_converter", "verify", "evaluate", "resolve_chat", "open_engine", "chat_once",
     "chat_plan", "plan_serving", "open_serving", "serve", "bundle",
     # runs on disk
     "RUN_CONFIG", "default_run_dir", "load_run_config", "resume_state", "list_runs",
     "delete_run",
     # data shapes and helpers that front ends, tests and benchmarks use
-    "TrainResult", "ChatTarget", "ServePlan", "PLANNED", "planner_describe", "model_shape",
+    "TrainResult", "EvalResult", "ChatTarget", "ServePlan", "PLANNED", "planner_describe", "model_shape",
     "split_validation", "probe", "manifest_mod", "_job_record", "_converted_base",
 ]

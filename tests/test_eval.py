@@ -11,15 +11,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 
 from edge_tune import eval_scores as es
 from tests.conftest import assert_one_line_error, run_cli
 
-HERE = Path(__file__).parent
-DEMO_HELDOUT = HERE / "eval_demo_heldout.jsonl"  # demo_prompts.json with pirate references
 TWO_GENERAL = ["What is the capital of France?", "List the first five prime numbers."]
 
 
@@ -170,29 +167,60 @@ def test_bad_input_is_one_line_exit_2(tiny_run, tmp_path):
     assert_one_line_error(run_cli("eval", str(no_val)), "held no data back", "--data FILE")
 
 
+def test_tui_adapters_screen_evaluates_the_selected_run(tiny_run, monkeypatch):
+    """The Adapters screen's "a" key runs eval on the selected run and shows the summary."""
+    pytest.importorskip("textual")
+    import asyncio
+
+    from textual.widgets import DataTable, RichLog
+
+    from edge_tune.commands import eval as eval_mod
+    from edge_tune.tui.app import EdgeTuneApp
+    from tests.test_tui_pilot import log_text, until
+
+    monkeypatch.setattr(eval_mod, "drift_prompts", lambda: TWO_GENERAL[:1])
+    app = EdgeTuneApp(runs_root=tiny_run.parent)
+
+    async def scenario(pilot):
+        await pilot.press("f4")
+        table = pilot.app.screen.query_one("#runs", DataTable)
+        await until(pilot, lambda: table.row_count == 1, 60, "runs table")
+        actions = pilot.app.screen.query_one("#actions", RichLog)
+        await pilot.press("a")
+        await until(pilot, lambda: "drift:" in log_text(actions) or "error:" in
+                    log_text(actions), 600, "eval")
+        shown = log_text(actions)
+        assert "held-out examples: loss" in shown and "ROUGE-L" in shown, shown
+        assert "mean KL(base||tuned)" in shown and "1 general prompts" in shown, shown
+
+    async def main():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await scenario(pilot)
+
+    asyncio.run(main())
+
+
 # --- the demo run (default model) ----------------------------------------------------------------
 
 @pytest.mark.slow
-def test_eval_on_the_demo_run_tuned_beats_base_and_drift_is_printed():
-    """The pirate adapter (default model, bundled demo data) on the demo's held-back prompts:
-    the tuned model's answers are closer to the pirate references than the base's, its loss
-    on them is lower, and the drift figure is printed."""
-    from tests.serve_helpers import trained_adapters
-
-    run = trained_adapters()["pirate"]
-    proc = run_cli("eval", str(run), "--data", str(DEMO_HELDOUT), "--max-tokens", "32",
-                   "--json")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(proc.stdout)
-    assert r["n_records"] == 5 and r["n_answers"] == 5
-    assert r["loss"]["tuned"] < r["loss"]["base"] - 0.3
-    assert r["scores"]["tuned"]["rouge_l"] > r["scores"]["base"]["rouge_l"] + 0.1
-    assert sum(a["tuned"].startswith("Arr") for a in r["answers"]) >= 4
-    assert r["drift"]["n_prompts"] == 20 and r["drift"]["mean_kl"] > 0
+def test_eval_on_the_demo_run_tuned_beats_base_and_drift_is_printed(default_model_run):
+    """The session's demo run (default model taught to answer like a pirate) on the demo
+    records its --val-split held back: the tuned model's loss on them is lower, its answers are
+    closer to the references than the base's, and the drift figure is printed."""
     from rich.console import Console
 
     from edge_tune.render_eval import render_eval
 
+    run, _ = default_model_run
+    proc = run_cli("eval", str(run), "-n", "8", "--max-tokens", "24", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout)
+    assert r["n_records"] == r["n_answers"] == 8 and "--val-split 0.1" in r["data"]
+    assert r["loss"]["tuned"] < r["loss"]["base"] - 0.3
+    assert r["scores"]["tuned"]["rouge_l"] > r["scores"]["base"]["rouge_l"] + 0.05
+    assert sum(a["tuned"].startswith("Arr") for a in r["answers"]) >= 6
+    assert sum(a["base"].startswith("Arr") for a in r["answers"]) == 0
+    assert r["drift"]["n_prompts"] == 20 and r["drift"]["mean_kl"] > 0
     console = Console(record=True, width=160)
     render_eval(r, console)
     shown = console.export_text()

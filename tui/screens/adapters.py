@@ -1,6 +1,6 @@
 """Adapters: the runs on disk with their metrics (manifest.json), and what to do with one:
 export (GGUF adapter, merged GGUF + quantization, Ollama), verify (torch vs llama.cpp, with its
-numbers), bundle, resume a cancelled run, chat with it, delete it (after a confirmation)."""
+numbers), eval (base vs tuned: held-out loss, scored answers, drift), bundle, resume a cancelled run, chat with it, delete it (after a confirmation)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class ExportChoice(ModalScreen["dict | None"]):
 class AdaptersScreen(BaseScreen):
     SCREEN_NAME = "adapters"
     BINDINGS: ClassVar[list] = [Binding("e", "export", "Export"), Binding("v", "verify", "Verify"),
-                Binding("b", "bundle", "Bundle"), Binding("c", "chat", "Chat"),
+                Binding("a", "evaluate", "Eval"), Binding("b", "bundle", "Bundle"), Binding("c", "chat", "Chat"),
                 Binding("t", "resume", "Resume"), Binding("d", "delete", "Delete"),
                 Binding("r", "refresh", "Refresh")]
     DEFAULT_CSS = """
@@ -190,6 +190,14 @@ class AdaptersScreen(BaseScreen):
         if run is not None and not self.busy:
             self._run_action("verify", run, {})
 
+    def action_evaluate(self) -> None:
+        if not hasattr(self.core, "evaluate"):
+            self.notify("eval is not available in this version", severity="warning")
+            return
+        run = self._need()
+        if run is not None and not self.busy:
+            self._run_action("evaluate", run, {})
+
     def action_bundle(self) -> None:
         if not hasattr(self.core, "bundle"):
             self.notify("bundle is not available yet in this version", severity="warning")
@@ -278,8 +286,25 @@ class AdaptersScreen(BaseScreen):
                 "held-back prompts", style="bold green" if ok else "bold red"))
             for failure in result.get("failures") or []:
                 log.write(Text(f"  {failure}", style="red"))
+        elif what == "evaluate":  # edge_tune.commands.eval.EvalResult
+            for line in eval_lines(result.to_dict()):
+                log.write(Text(line))
         elif what == "bundle":
             log.write(Text(f"bundle written: {result}", style="green"))
         else:
             log.write(Text(f"{what} done", style="green"))
         self.action_refresh()
+
+
+def eval_lines(report: dict) -> list[str]:
+    """`edge-tune eval`'s report in three lines: loss, answer scores, drift (base -> tuned)."""
+    loss, base, tuned = report["loss"], report["scores"]["base"], report["scores"]["tuned"]
+    drift = report["drift"]
+    return [f"eval on {report['n_examples']} held-out examples: loss {loss['base']:.3f} -> "
+            f"{loss['tuned']:.3f} (base -> tuned)",
+            f"  answers: ROUGE-L {base['rouge_l'] or 0:.3f} -> {tuned['rouge_l'] or 0:.3f}, "
+            f"exact {base['exact'] or 0:.0%} -> {tuned['exact'] or 0:.0%}, contains "
+            f"{base['contains'] or 0:.0%} -> {tuned['contains'] or 0:.0%}",
+            f"  drift: mean KL(base||tuned) {drift['mean_kl']:.4f} nats/token on "
+            f"{drift['n_prompts']} general prompts, {drift['changed_share']:.0%} of answers "
+            "changed (full report: edge-tune eval RUN)"]
