@@ -416,6 +416,43 @@ def verify(
         raise typer.Exit(ExitCode.FAILED)
 
 
+# --- eval ------------------------------------------------------------------------------------
+
+@app.command("eval")
+def eval_(
+    run: Path = typer.Argument(..., help="A run directory (or its adapter.gguf): its manifest "
+                               "names the base, chat template and held-out data."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Held-out examples (any format "
+                                        "train reads) [default: the run's validation data]."),
+    merged: Optional[Path] = typer.Option(None, "--merged", help="Evaluate this merged GGUF "
+                                          "(from `export --merge`) instead of base + "
+                                          "adapter.gguf."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Max tokens per generated answer."),
+    prompts: int = typer.Option(32, "--prompts", "-n", help="At most this many held-out "
+                                "records."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable report."),
+) -> None:
+    """Did the fine-tune get better at its task, and did it break anything else? Base and
+    tuned side by side in llama.cpp (what ships).
+
+    Reports held-out loss and perplexity per trained token, greedy answers scored against the
+    references (exact match, contains, ROUGE-L, valid JSON where the reference is JSON), and
+    drift: mean KL(base || tuned) over the base's greedy answers to general prompts shipped
+    with edge-tune, and the share of those answers that changed. See docs/eval.md."""
+    from edge_tune import api
+    from edge_tune.render import Renderer
+
+    with Renderer(err, quiet=as_json) as render:
+        report = api.evaluate(run, data=data, merged=merged, max_tokens=max_tokens,
+                          n_prompts=prompts, on_event=render).to_dict()
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        from edge_tune.render_eval import render_eval
+
+        render_eval(report, out)
+
+
 # --- chat ------------------------------------------------------------------------------------
 
 @app.command()
