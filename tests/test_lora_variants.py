@@ -201,7 +201,10 @@ def test_target_resolution():
               "model.layers.0.mlp.gate_up_proj.weight": [128, 32],
               "model.layers.0.mlp.down_proj.weight": [32, 64],
               "model.layers.0.input_layernorm.weight": [32],
-              "model.embed_tokens.weight": [100, 32], "lm_head.weight": [100, 32]}
+              "model.embed_tokens.weight": [100, 32], "lm_head.weight": [100, 32],
+              # a model saved with PEFT's layers still wrapped
+              "model.layers.1.mlp.down_proj.base_layer.weight": [32, 64],
+              "model.layers.1.mlp.down_proj.lora_A.default.weight": [8, 64]}
     names = linear_names(shapes)
     assert names == ["down_proj", "gate_up_proj", "qkv_proj"]
     assert resolve(["all-linear"], names) == names

@@ -26,8 +26,12 @@ def linear_names(shapes: dict[str, list[int]]) -> list[str]:
     names = set()
     for tensor, shape in shapes.items():
         m = _BLOCK.search(tensor)
-        if m and len(shape) == 2:
-            names.add(m.group(1).rsplit(".", 1)[-1])
+        if not m or len(shape) != 2:
+            continue
+        parts = m.group(1).split(".")
+        if any(p.startswith("lora_") for p in parts):  # a PEFT-wrapped save: its own layers
+            continue
+        names.add([p for p in parts if p != "base_layer"][-1])
     return sorted(names)
 
 
