@@ -1,4 +1,5 @@
 """Adapter and model format converters (installed as ``edge_tune.converters``).
 
-Pure format code on numpy and the ``gguf`` package: no torch at module level.
+:mod:`.formats` is the pure format layer (numpy, ``gguf``, safetensors); :mod:`.integrations`
+holds what calls another tool (llama.cpp's quantizer and converter script, Ollama, vLLM).
 """

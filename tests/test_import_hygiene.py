@@ -20,7 +20,8 @@ MODULES = ["edge_tune", "edge_tune.api", "edge_tune.cli", "edge_tune.engine",
            "edge_tune.server", "edge_tune.server.app", "edge_tune.server.scheduler",
            "edge_tune.server.openai_shapes", "edge_tune.bundle", "edge_tune.planner",
            "edge_tune.render_plan", "edge_tune.backends.mlx_lora",
-           "edge_tune.converters.formats.mlx_to_peft", "edge_tune.converters.integrations.vllm_export"]
+           "edge_tune.converters.formats.mlx_to_peft", "edge_tune.converters.integrations.vllm_export",
+           "edge_tune.converters.formats.gguf_header", "edge_tune.native_log"]
 
 
 def _loaded_after(code: str) -> list[str]:
