@@ -133,6 +133,22 @@ def test_eval_on_a_tiny_run_measures_what_training_measured(tiny_run):
     assert [p["prompt"] for p in d["prompts"]] == TWO_GENERAL
 
 
+def test_a_merged_export_evaluates_like_base_plus_adapter(tiny_run, tmp_path):
+    """``--merged``: the F32 merge of the adapter is the same model as base + adapter, so the
+    numbers are the same (up to float rounding)."""
+    from edge_tune import api
+    from edge_tune.commands.eval import evaluate
+
+    merged = tmp_path / "merged-f32.gguf"
+    api.export(tiny_run, merge=True, quant="F32", out=merged)
+    kw = dict(n_prompts=2, max_tokens=3, drift_set=TWO_GENERAL[:1])
+    adapter, whole = evaluate(tiny_run, **kw), evaluate(tiny_run, merged=merged, **kw)
+    assert whole.tuned == str(merged) and adapter.tuned.endswith("adapter.gguf")
+    assert whole.loss["base"] == adapter.loss["base"]
+    assert whole.loss["tuned"] == pytest.approx(adapter.loss["tuned"], rel=1e-3)
+    assert whole.drift["mean_kl"] == pytest.approx(adapter.drift["mean_kl"], rel=0.05, abs=1e-4)
+
+
 def test_eval_json_shape_through_the_cli(tiny_run, monkeypatch):
     from typer.testing import CliRunner
 

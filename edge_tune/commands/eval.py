@@ -381,5 +381,9 @@ def _measure(base: _Side, tuned: _Side, tok, examples: list, items: list, max_to
         rows.append({"prompt": item.prompt[-1]["content"] if item.prompt else "",
                      "reference": item.reference, "base": a_base, "tuned": a_tuned,
                      "base_scores": s_base.to_dict(), "tuned_scores": s_tuned.to_dict()})
+    skipped = len(items) - len(rows)
+    if skipped:
+        on_event(Log(f"eval: {skipped} of {len(items)} held-out prompts were not answered (longer "
+                     "than the context, or refused by the chat template)", "warning"))
     drift_result = drift(base, tuned, tok, general, max_tokens, system_mode, on_event)
     return {"nll": nll, "scores": scores, "answers": rows, "drift": drift_result}
