@@ -275,8 +275,8 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
     as the tuned model instead of base + adapter; ``data``: held-out examples (any format
     ``train`` reads) instead of the run's validation data; ``n_prompts``: at most this many
     held-out records; ``max_tokens``: per generated answer; ``drift_set``: general prompts
-    for the drift check instead of the shipped ones (:func:`drift_prompts`). Raises UsageError/DataError
-    (exit 2) for bad input."""
+    for the drift check instead of the shipped ones (:func:`drift_prompts`). Raises
+    UsageError/DataError (exit 2) for bad input."""
     from edge_tune.backends.worker import tokenize_records
     from edge_tune.commands.chat import open_engine
     from edge_tune.data.formats import job_record
