@@ -19,6 +19,7 @@ import time
 
 from edge_tune.server import grammar as grammars
 from edge_tune.server import openai_shapes as shapes
+from edge_tune.server.adapter_admin import admin_routes, parse_adapter_mix
 from edge_tune.server import tools as tooling
 from edge_tune.server.openai_shapes import RequestError
 
@@ -37,9 +38,16 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None,
 
     started = int(time.time())
 
+    class SafeJSON(JSONResponse):
+        """JSON that always encodes: an error may quote request text, and ASCII escapes
+        keep a stray surrogate from turning a 400 into a failed response."""
+
+        def render(self, content) -> bytes:
+            return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
     def error(exc: RequestError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return SafeJSON(exc.body(), status_code=exc.status, headers=headers)
 
     async def health(request: Request) -> JSONResponse:
         s = scheduler.stats
@@ -66,6 +74,7 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None,
             return error(RequestError(400, "the request body is not valid JSON"))
         try:
             req = shapes.parse_request(kind, body, model_names)
+            req.adapters = parse_adapter_mix(body.get("adapters"), model_names)
             extra = _prepare(req, scheduler.engine)
             job = scheduler.submit(req)
         except RequestError as exc:
@@ -115,8 +124,6 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None,
         Route("/v1/completions", completions, methods=["POST"]),
     ]
     if admin is not None:
-        from edge_tune.server.adapter_admin import admin_routes
-
         routes += admin_routes(scheduler, model_names, admin["plan"], api_key,
                                admin["loopback"])
     middleware = [Middleware(_BearerAuth, api_key=api_key)] if api_key else []
@@ -163,7 +170,8 @@ def _prepare(req, engine) -> _Extra:
     schema llama.cpp cannot enforce."""
     syntax, gbnf, field = None, None, "response_format"
     if req.tools:
-        template = engine.template_of(req.adapter)
+        # the template of the request's adapter (of a mix: its first, as the engine uses)
+        template = engine.template_of(req.adapters[0][0] if req.adapters else req.adapter)
         syntax = tooling.syntax_of(template)
         if syntax is None:
             raise RequestError(400, f"'tools': the chat template of '{req.model}' renders no "

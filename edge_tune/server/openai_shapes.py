@@ -61,7 +61,8 @@ class GenRequest:
     parallel_tool_calls: bool = True
     response_format: dict | None = None  # json_object / json_schema; None: plain text
     logprobs: int | None = None  # alternatives per token (0-20); None: no logprobs
-    adapters: tuple = ()  # ((name, scale), ...): the request's own mix (adapter_admin)
+    adapters: tuple = ()  # ((name, scale), ...): the request's own mix, set by the app
+    # from the "adapters" field (adapter_admin.parse_adapter_mix)
 
     @property
     def adapter(self) -> str | None:
@@ -117,7 +118,8 @@ def _bad_text(body: Any) -> str | None:
                 return path or "body"
         elif isinstance(value, dict):
             for k, v in value.items():
-                where = f"{path}.{k}" if path else str(k)
+                shown = str(k).encode("utf-8", "backslashreplace").decode("utf-8")
+                where = f"{path}.{shown}" if path else shown
                 stack.append((k, where))
                 stack.append((v, where))
         elif isinstance(value, list):
@@ -247,9 +249,6 @@ def parse_request(kind: str, body: Any, known_models: list[str]) -> GenRequest:
     if not isinstance(stream, bool):
         raise RequestError(400, "'stream': expected true or false", param="stream")
     req = GenRequest(kind=kind, model=model, stream=stream)
-    from edge_tune.server.adapter_admin import parse_adapter_mix
-
-    req.adapters = parse_adapter_mix(body.get("adapters"), known_models)
     if kind == "chat":
         req.messages = _messages(body)
         _chat_fields(body, req)
@@ -257,8 +256,8 @@ def parse_request(kind: str, body: Any, known_models: list[str]) -> GenRequest:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise RequestError(400, "'prompt': expected a string", param="prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError(400, "'prompt': expected a non-empty string", param="prompt")
         req.prompt = prompt
         top = _number(body, "logprobs", 0, 5, integer=True)
         req.logprobs = None if top is None else int(top)
