@@ -170,6 +170,13 @@ def train(
                                                  "inside each "
                                                  "block, comma-separated (q_proj,v_proj), or "
                                                  "all-linear [default: the seven projections]."),
+    method: Optional[str] = typer.Option(None, "--method", metavar="sft|dpo|orpo", help="sft "
+                                         "(supervised), or preference tuning on prompt/chosen/"
+                                         "rejected pairs: dpo or orpo (cpu backend) "
+                                         "[default: sft]."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="DPO's beta (how far from the "
+                                         "base the adapter may move) or ORPO's lambda (weight "
+                                         "of the odds-ratio term) [default: 0.1]."),
     report_to: Optional[str] = typer.Option(None, help="tensorboard | wandb | mlflow | none: "
                                             "where the run's metrics also go (tensorboard: "
                                             "RUN/tb; wandb offline) [default: tensorboard]; "
@@ -196,7 +203,7 @@ def train(
                  save_every=save_every, verify=verify, nproc=nproc, nnodes=nnodes, rdzv=rdzv,
                  chat_template=chat_template, system_mode=system_mode, rslora=rslora,
                  dora=dora, lora_dropout=lora_dropout, target_modules=target_modules,
-                 report_to=report_to)
+                 report_to=report_to, method=method, beta=beta)
     if resume is not None:
         given = [k for k, v in flags.items() if v is not None] + (["config"] if config else [])
         if given:

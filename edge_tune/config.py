@@ -69,6 +69,10 @@ class TrainConfig:
     # tensorboard | wandb | mlflow | none: where the parent also writes the run's metrics
     # (tensorboard: RUN/tb event files; wandb offline unless WANDB_MODE says otherwise)
     report_to: str = "tensorboard"
+    # sft | dpo | orpo: supervised fine-tuning, or preference tuning on prompt/chosen/rejected
+    # pairs (DPO: Rafailov et al. 2023; ORPO: Hong et al. 2024; cpu backend)
+    method: str = "sft"
+    beta: float = 0.1  # DPO's beta (strength of the KL to the reference), ORPO's lambda
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -87,8 +91,12 @@ _CHECKS = {
     "precision": (lambda v: v in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
     "threads": (lambda v: v >= 0, "an integer >= 0"),
     "val_split": (lambda v: 0 <= v < 1, "a fraction from 0 to below 1"),
-    "format": (lambda v: v in ("auto", "openai", "sharegpt", "alpaca", "completion", "text"),
-               "auto, openai, sharegpt, alpaca, completion or text"),
+    "format": (lambda v: v in ("auto", "openai", "sharegpt", "alpaca", "completion", "text",
+                               "preference", "openai_preference"),
+               "auto, openai, sharegpt, alpaca, completion, text, preference or "
+               "openai_preference"),
+    "method": (lambda v: v in ("sft", "dpo", "orpo"), "sft, dpo or orpo"),
+    "beta": (lambda v: 0 < v <= 100, "a number > 0"),
     "train_on": (lambda v: v in ("assistant", "all"), "assistant or all"),
     "overflow": (lambda v: v in ("truncate", "drop"), "truncate or drop"),
     "system_mode": (lambda v: v in ("keep", "fold"), "keep or fold"),

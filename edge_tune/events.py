@@ -43,6 +43,10 @@ class Metric:
     learning_rate: float = 0.0
     epoch: float = 0.0
     split: str = "train"  # train | val
+    # preference runs (DPO/ORPO): mean implicit reward of chosen minus rejected answers, and
+    # the share of pairs where the chosen one's is higher; None for SFT
+    reward_margin: Optional[float] = None
+    reward_accuracy: Optional[float] = None
 
 
 @dataclass

@@ -209,7 +209,10 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
     """Peak memory and time per step of one run. ``longest``: the longest example in tokens
     (None = assume examples fill ``seq_len``). Pure."""
     length = min(cfg["seq_len"], longest or cfg["seq_len"])
-    batch = cfg["batch_size"]
+    method = cfg.get("method", "sft")
+    # DPO/ORPO: a chosen and a rejected sequence per example, not packed; DPO adds a forward
+    # pass of the reference (the base: adapter off, no gradients)
+    batch = cfg["batch_size"] * (1 if method == "sft" else 2)
     tokens = batch * length
     n_lora = lora_params(shape, cfg["rank"], cfg["target_modules"], cfg.get("dora", False))
     four_bit = backend == "unsloth" and cfg.get("quantize_4bit", True)
@@ -228,7 +231,7 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
     weights = (shape.params - embed_params) * weight_bytes + embed_params * \
         (2.0 if four_bit else weight_bytes)
     att_batch, att_len = batch, length
-    if cfg.get("pack") and capabilities(backend).packs_batches:  # rows <= the longest example
+    if cfg.get("pack") and capabilities(backend).packs_batches and method == "sft":  # rows <= the longest example
         att_len = min(length, tokens)
         att_batch = math.ceil(tokens / att_len)
     probs_bytes = width if backend == "cpu" else 4 + width
@@ -251,7 +254,8 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
     load_peak = parts["framework"] + file_bytes + weights if backend != "unsloth" else 0.0
     flops = 4.0 * (shape.params + n_lora) * tokens + \
         4.0 * shape.layers * att_batch * att_len * att_len * shape.q_dim + \
-        (dora_flops(shape, cfg["rank"], cfg["target_modules"]) if cfg.get("dora") else 0.0)
+        (dora_flops(shape, cfg["rank"], cfg["target_modules"]) if cfg.get("dora") else 0.0) + \
+        (2.0 * shape.params * tokens if method == "dpo" else 0.0)
     return Estimate(backend=backend, precision=precision, parts=parts,
                     load_peak=load_peak, peak=max(train_peak, load_peak),
                     tokens_per_step=tokens * cfg.get("grad_accum", 1),

@@ -159,6 +159,7 @@ def build_model(hf_dir: Path, cfg: TrainConfig | Mapping, bf16: bool):
 
 
 LOSS_CHUNK = 128  # positions per slice of the vocabulary projection
+REWARD_FIELDS = ("reward_margin", "reward_accuracy")  # Metric fields of a preference run
 
 
 def _chunk_loss_sum(head, hidden, targets, cap):
@@ -208,6 +209,32 @@ def compute_precision(model, bf16: bool):
     stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16))
     stack.enter_context(disable_input_dtype_casting(model, active=bf16))
     return stack
+
+
+def pair_rows(batch: list, pad_id: int):
+    """A batch of preference pairs as one padded batch: chosen sequences, then rejected."""
+    return collate([e.chosen for e in batch] + [e.rejected for e in batch], pad_id)
+
+
+def evaluate_pairs(model, examples: list, batch_size: int, pad_id: int, bf16: bool,
+                   cfg: TrainConfig) -> tuple[float, float, float]:
+    """(mean preference loss, reward margin, reward accuracy) over pairs, no gradients."""
+    import torch
+
+    from edge_tune.backends.preference_loss import pair_loss
+
+    totals, n = [0.0, 0.0, 0.0], 0
+    model.eval()
+    with torch.no_grad(), compute_precision(model, bf16):
+        for k in range(0, len(examples), batch_size):
+            batch = examples[k:k + batch_size]
+            out = pair_loss(model, *pair_rows(batch, pad_id), cfg.method, cfg.beta)
+            values = (float(out.loss), *out.stats())
+            totals = [t + v * len(batch) for t, v in zip(totals, values)]
+            n += len(batch)
+    model.train()
+    loss, margin, accuracy = (t / max(1, n) for t in totals)
+    return loss, margin, accuracy
 
 
 def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, bf16: bool) -> float:
@@ -265,6 +292,12 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
     evals = eval_steps(total, cfg.eval_every) if val_examples else set()
     val_loss = None
 
+    preference = cfg.method != "sft"
+    if preference:
+        from edge_tune.backends.preference_loss import pair_loss
+
+        emit(Log(f"{cfg.method.upper()} on preference pairs, beta {cfg.beta}"
+                 + ("; reference = the base (adapter off)" if cfg.method == "dpo" else "")))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model.train()
@@ -300,9 +333,18 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
             lr = lr_at(step, total, cfg.lr, warmup)
             for g in opt.param_groups:
                 g["lr"] = lr
-            step_loss, n_tokens = 0.0, 0
+            step_loss, n_tokens, rewards = 0.0, 0, [0.0, 0.0]
             for batch_at in orders:
                 batch = [examples[k] for k in batch_at(step)]
+                if preference:  # DPO/ORPO: chosen and rejected sequences in one batch
+                    ids, labels, mask = pair_rows(batch, job.pad_id)
+                    with compute_precision(model, bf16):
+                        out = pair_loss(model, ids, labels, mask, cfg.method, cfg.beta)
+                    (out.loss / accum).backward()
+                    step_loss += out.loss.item() / accum
+                    rewards = [r + v / accum for r, v in zip(rewards, out.stats())]
+                    n_tokens += int(mask.sum())
+                    continue
                 if cfg.pack:
                     # Rows no wider than the batch's longest example: packing then only joins
                     # examples that fit beside each other, and never widens the attention
@@ -331,13 +373,20 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
                 emit(Metric(step=step + 1, total_steps=total, loss=losses[-1],
                             tokens_per_second=tokens_done / elapsed,
                             eta_seconds=elapsed / (step + 1) * (total - step - 1),
-                            learning_rate=lr, epoch=(step + 1) / steps_per_epoch))
+                            learning_rate=lr, epoch=(step + 1) / steps_per_epoch,
+                            **(dict(zip(REWARD_FIELDS, rewards)) if preference else {})))
             if step + 1 in evals and dist.rank == 0:  # the others go on to the next step's sync
                 t_eval = time.perf_counter()
-                val_loss = evaluate(model, val_examples, cfg.batch_size, job.pad_id, bf16)
+                val_rewards = {}
+                if preference:
+                    val_loss, *val_stats = evaluate_pairs(model, val_examples, cfg.batch_size,
+                                                          job.pad_id, bf16, cfg)
+                    val_rewards = dict(zip(REWARD_FIELDS, val_stats))
+                else:
+                    val_loss = evaluate(model, val_examples, cfg.batch_size, job.pad_id, bf16)
                 start += time.perf_counter() - t_eval  # tok/s counts training time only
                 emit(Metric(step=step + 1, total_steps=total, loss=val_loss, split="val",
-                            epoch=(step + 1) / steps_per_epoch))
+                            epoch=(step + 1) / steps_per_epoch, **val_rewards))
             if save_every and (step + 1) % save_every == 0 and step + 1 < total \
                     and dist.rank == 0:
                 with stop.guard():

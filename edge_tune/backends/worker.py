@@ -71,14 +71,20 @@ def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on
     examples (one per assistant turn, for templates that rewrite earlier turns). ``kept``:
     gets the position in ``records`` of each example returned. A record the chat template
     cannot train stops with its ``FILE:LINE``, or with ``skip_invalid`` is skipped and listed."""
+    from edge_tune.data.preference import PairExample, encode_pair
     from edge_tune.data.template import Example, RecordError, encode_examples
 
     examples, truncated, n_examples, bad, untrained = [], 0, 0, [], 0
     for i, record in enumerate(records):
         try:
-            encoded = encode_examples(tok, record.get("messages"), record.get("text"),
-                                      tools=record.get("tools"), train_on_all=train_on_all,
-                                      system_mode=system_mode, where=record.get("where", ""))
+            if "rejected" in record:  # a preference pair (DPO/ORPO): both sides, answers trained
+                encoded = [encode_pair(tok, record["messages"], record["rejected"],
+                                       tools=record.get("tools"), system_mode=system_mode,
+                                       where=record.get("where", ""))]
+            else:
+                encoded = encode_examples(tok, record.get("messages"), record.get("text"),
+                                          tools=record.get("tools"), train_on_all=train_on_all,
+                                          system_mode=system_mode, where=record.get("where", ""))
         except RecordError as exc:
             if not skip_invalid:
                 raise
@@ -89,11 +95,13 @@ def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on
                 untrained += 1
                 continue
             n_examples += 1
-            too_long = len(full.input_ids) > seq_len
+            pair = isinstance(full, PairExample)
+            too_long = (full.longest if pair else len(full.input_ids)) > seq_len
             truncated += too_long
             if too_long and overflow == "drop":
                 continue
-            ex = Example(full.input_ids[:seq_len], full.labels[:seq_len])
+            ex = full.cut(seq_len) if pair else Example(full.input_ids[:seq_len],
+                                                        full.labels[:seq_len])
             if ex.n_trained:
                 examples.append(ex)
                 if kept is not None:

@@ -20,8 +20,9 @@ from edge_tune.commands.plan import (PLANNED, check_plan, fit_plan, job_record,
                                      planner_describe, read_data)
 from edge_tune.commands.verify import verify_hook
 from edge_tune.config import TrainConfig
+from edge_tune.data.preference import check_method
 from edge_tune.data.split import split_validation
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import Done, EventSink, Log, ignore
 from edge_tune.fsutil import sha256_file, write_text_atomic
 from edge_tune.hardware import probe
@@ -77,7 +78,11 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     if saved is not None and saved.get("data_sha256") != data_sha256:
         raise EdgeTuneError(f"--resume {resume}: {cfg.data} changed since the run started; "
                             "start a new run instead")
+    if cfg.method != "sft" and backend != "cpu":
+        raise UsageError(f"--method {cfg.method}: preference tuning runs on the cpu backend "
+                         f"for now, not {backend}: add --backend cpu")
     data = read_data(cfg.data, cfg, on_event)
+    check_method(cfg.method, data.format, cfg.data)
     records = data.records
     train_records, val_records = split_validation(
         [job_record(r) for r in records], cfg.val_split, cfg.seed,

@@ -3,7 +3,8 @@ bad one. The normalisers here are pure; :mod:`edge_tune.data.readers` does the f
 
 Shapes (one per file, detected from its first valid record unless ``fmt`` is given):
 OpenAI chat, ShareGPT, Alpaca, prompt/completion (all become OpenAI-style ``messages``) and
-plain text (kept as ``text``). Errors are one line: ``FILE:LINE: what is wrong (expected)``.
+plain text (kept as ``text``); preference pairs for DPO/ORPO (:mod:`edge_tune.data.preference`:
+TRL's prompt/chosen/rejected and OpenAI's preference format). Errors are one line: ``FILE:LINE: what is wrong (expected)``.
 
 OpenAI chat records may carry what OpenAI's fine-tuning format and Hugging Face chat templates
 use for tool calling: a record-level ``tools`` list of function schemas, assistant
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+from edge_tune.data import preference
 from edge_tune.data.readers import Row, Source, file_source, json_kind, open_sources
 from edge_tune.errors import EdgeTuneError
 
@@ -35,12 +37,14 @@ SHAPES = {
     "alpaca": '{"instruction": ..., "input"?: ..., "output": ...}',
     "completion": '{"prompt": ..., "completion": ...}',
     "text": '{"text": ...}',
+    **preference.SHAPES,
 }
 LABELS = {"openai": "OpenAI chat", "sharegpt": "ShareGPT", "alpaca": "Alpaca",
-          "completion": "prompt/completion", "text": "plain text"}
+          "completion": "prompt/completion", "text": "plain text", **preference.LABELS}
 # A record is of the first format (in this order) that has any of its keys: a record with
 # "output" but no "instruction" is an Alpaca record missing a field, not an unknown shape.
-SIGNATURES = {"openai": ("messages",), "sharegpt": ("conversations",),
+# Preference records come first: TRL's carry a "prompt" too.
+SIGNATURES = {**preference.SIGNATURES, "openai": ("messages",), "sharegpt": ("conversations",),
               "alpaca": ("instruction", "output"), "completion": ("prompt", "completion"),
               "text": ("text",)}
 
@@ -53,6 +57,8 @@ class Record:
     source: str = ""  # the file (or hub ID) it came from: a directory holds several
     tools: Optional[list[dict]] = None  # an OpenAI record's function schemas (for the template)
     where: str = ""  # "FILE:LINE" (or "FILE:#N"): the start of every message about the record
+    # a preference record: ``messages`` is prompt + chosen answer, this prompt + rejected one
+    rejected: Optional[list[dict]] = None
 
 
 def job_record(record: Record) -> dict:
@@ -61,6 +67,8 @@ def job_record(record: Record) -> dict:
     out = {"text": record.text} if record.messages is None else {"messages": record.messages}
     if record.tools:
         out["tools"] = record.tools
+    if record.rejected is not None:
+        out["rejected"] = record.rejected
     if record.where:
         out["where"] = record.where
     return out
@@ -274,7 +282,7 @@ def _text(obj: dict, where: str) -> str:
 
 
 NORMALISERS = {"openai": check_messages, "sharegpt": _sharegpt, "alpaca": _alpaca,
-               "completion": _completion, "text": _text}
+               "completion": _completion, "text": _text, **preference.NORMALISERS}
 
 
 def detect_format(obj) -> Optional[str]:
@@ -286,8 +294,9 @@ def detect_format(obj) -> Optional[str]:
     return None
 
 
-def normalise(obj, fmt: str, where: str) -> Union[list[dict], str]:
-    """One record of format ``fmt`` as chat messages (a string for "text"), or a one-line
+def normalise(obj, fmt: str, where: str) -> Union[list[dict], str, preference.Pair]:
+    """One record of format ``fmt`` as chat messages (a string for "text", a pair of
+    conversations for the preference formats), or a one-line
     EdgeTuneError that starts with ``where``."""
     return NORMALISERS[fmt](_object(obj, where), where)
 
@@ -379,7 +388,11 @@ def _check_same_format(row: Row, file_fmt: str, decided_at: str) -> None:
                             f"expected {SHAPES[file_fmt]})")
 
 
-def _record(normalised: Union[list[dict], str], row: Row, source: str, fmt: str) -> Record:
+def _record(normalised: Union[list[dict], str, preference.Pair], row: Row, source: str,
+            fmt: str) -> Record:
+    if isinstance(normalised, tuple):  # (prompt + chosen, prompt + rejected)
+        return Record(normalised[0], row.line, source=source, where=row.where,
+                      rejected=normalised[1])
     if isinstance(normalised, str):
         return Record(None, row.line, text=normalised, source=source, where=row.where)
     tools = record_tools(row.value, row.where) if fmt == "openai" else None

@@ -1,0 +1,172 @@
+"""Preference records (a prompt, a chosen and a rejected answer) for DPO and ORPO training.
+
+Two shapes, detected like the SFT formats in :mod:`edge_tune.data.formats`:
+
+* ``preference`` — TRL's preference format (https://huggingface.co/docs/trl/dataset_formats):
+  ``{"prompt": ..., "chosen": ..., "rejected": ...}`` where each value is text (the prompt is
+  then one user turn, each answer one assistant turn) or a list of chat messages
+  (conversational). Without ``prompt`` (TRL's "implicit prompt"), ``chosen`` and ``rejected``
+  are whole conversations and their shared leading messages are the prompt.
+* ``openai_preference`` — OpenAI's preference fine-tuning format
+  (https://platform.openai.com/docs/guides/direct-preference-optimization):
+  ``{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}],
+  "non_preferred_output": [...]}``.
+
+Both become a pair of conversations, ``prompt + chosen`` and ``prompt + rejected``, sharing the
+prompt. Assistant turns inside the prompt are context (``weight: 0``): only the answers carry
+the loss. Pure; errors are one line ``FILE:LINE: what is wrong (expected)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from edge_tune.data.readers import json_kind
+from edge_tune.data.template import Example, encode_examples
+from edge_tune.errors import EdgeTuneError, UsageError
+
+PREFERENCE_FORMATS = ("preference", "openai_preference")
+SHAPES = {
+    "preference": '{"prompt": ..., "chosen": ..., "rejected": ...} (text or message lists)',
+    "openai_preference": '{"input": {"messages": [...]}, "preferred_output": [{"role": '
+                         '"assistant", ...}], "non_preferred_output": [...]}',
+}
+LABELS = {"preference": "preference (prompt/chosen/rejected)",
+          "openai_preference": "OpenAI preference"}
+SIGNATURES = {"openai_preference": ("preferred_output", "non_preferred_output"),
+              "preference": ("chosen", "rejected")}
+
+Pair = tuple[list[dict], list[dict]]  # (prompt + chosen, prompt + rejected) messages
+
+
+def _messages(value, key: str, where: str, fmt: str) -> list[dict]:
+    from edge_tune.data.formats import _openai_message
+
+    if not isinstance(value, list) or not value:
+        got = "an empty list" if isinstance(value, list) else json_kind(value)
+        raise EdgeTuneError(f"{where}: {key!r} must be text or a non-empty list of messages, "
+                            f"got {got} (expected {SHAPES[fmt]})")
+    return [_openai_message(m, f"{where}: {key}[{i}]") for i, m in enumerate(value)]
+
+
+def _side(obj: dict, key: str, where: str, fmt: str, role: str) -> list[dict]:
+    """One value as messages: a string is one ``role`` turn, a list is checked messages."""
+    if key not in obj or obj[key] is None:
+        raise EdgeTuneError(f"{where}: missing field {key!r} (expected {SHAPES[fmt]})")
+    value = obj[key]
+    if isinstance(value, str):
+        if not value.strip():
+            raise EdgeTuneError(f"{where}: {key!r} is empty")
+        return [{"role": role, "content": value}]
+    return _messages(value, key, where, fmt)
+
+
+def _answer(turns: list[dict], key: str, where: str, fmt: str) -> list[dict]:
+    if turns[-1]["role"] != "assistant":
+        raise EdgeTuneError(f"{where}: {key!r} must end with an assistant message (got "
+                            f"{turns[-1]['role']}; expected {SHAPES[fmt]})")
+    return turns
+
+
+def _context(prompt: list[dict]) -> list[dict]:
+    # Earlier assistant turns are the conversation so far, not the answer being compared.
+    return [{**m, "weight": 0} if m["role"] == "assistant" else m for m in prompt]
+
+
+def _pair(prompt: list[dict], chosen: list[dict], rejected: list[dict], where: str) -> Pair:
+    if chosen == rejected:
+        raise EdgeTuneError(f"{where}: 'chosen' and 'rejected' are the same answer (expected "
+                            "two different answers to compare)")
+    prompt = _context(prompt)
+    return prompt + chosen, prompt + rejected
+
+
+def trl_pair(obj: dict, where: str) -> Pair:
+    """A TRL preference record as (prompt + chosen, prompt + rejected) messages."""
+    fmt = "preference"
+    chosen = _answer(_side(obj, "chosen", where, fmt, "assistant"), "chosen", where, fmt)
+    rejected = _answer(_side(obj, "rejected", where, fmt, "assistant"), "rejected", where, fmt)
+    if obj.get("prompt") is not None:
+        return _pair(_side(obj, "prompt", where, fmt, "user"), chosen, rejected, where)
+    # Implicit prompt: the leading messages both conversations share.
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0 or chosen[:n] != rejected[:n]:
+        raise EdgeTuneError(f"{where}: missing field 'prompt' (and 'chosen' and 'rejected' "
+                            f"share no leading messages to take it from; expected {SHAPES[fmt]})")
+    return _pair(chosen[:n], chosen[n:], rejected[n:], where)
+
+
+def openai_pair(obj: dict, where: str) -> Pair:
+    """An OpenAI preference record as (prompt + chosen, prompt + rejected) messages."""
+    fmt = "openai_preference"
+    box = obj.get("input")
+    if not isinstance(box, dict) or "messages" not in box:
+        raise EdgeTuneError(f"{where}: 'input' must be an object with 'messages' (got "
+                            f"{json_kind(box)}; expected {SHAPES[fmt]})")
+    prompt = _messages(box["messages"], "input.messages", where, fmt)
+    chosen = _answer(_messages(obj.get("preferred_output"), "preferred_output", where, fmt),
+                     "preferred_output", where, fmt)
+    rejected = _answer(_messages(obj.get("non_preferred_output"), "non_preferred_output",
+                                 where, fmt), "non_preferred_output", where, fmt)
+    return _pair(prompt, chosen, rejected, where)
+
+
+NORMALISERS = {"preference": trl_pair, "openai_preference": openai_pair}
+
+
+def check_method(method: str, data_format: str, path: str) -> None:
+    """One line when the data does not fit the training method: DPO/ORPO need preference
+    records, SFT needs the other formats."""
+    wants_pairs = method != "sft"
+    if data_format == "mixed":
+        return  # a directory: each record is checked when it is tokenized
+    if wants_pairs and data_format not in PREFERENCE_FORMATS:
+        raise UsageError(f"{path}: --method {method} needs preference data, got "
+                            f"{data_format} records (expected {SHAPES['preference']} or "
+                            f"{SHAPES['openai_preference']})")
+    if not wants_pairs and data_format in PREFERENCE_FORMATS:
+        raise UsageError(f"{path}: this is preference data ({LABELS[data_format]}); train "
+                            "it with --method dpo or --method orpo (expected chat or text "
+                            "records for --method sft)")
+
+
+@dataclass
+class PairExample(Example):
+    """A tokenized preference pair: ``input_ids``/``labels`` are prompt + chosen answer,
+    ``rejected_*`` prompt + rejected answer; labels on the answer tokens only."""
+    rejected_ids: list[int] = field(default_factory=list)
+    rejected_labels: list[int] = field(default_factory=list)
+
+    @property
+    def n_trained(self) -> int:
+        """Trained tokens of the side with fewer: a pair needs both answers."""
+        return min(Example.n_trained.fget(self), self.rejected.n_trained)
+
+    @property
+    def rejected(self) -> Example:
+        return Example(self.rejected_ids, self.rejected_labels)
+
+    @property
+    def chosen(self) -> Example:
+        return Example(self.input_ids, self.labels)
+
+    @property
+    def longest(self) -> int:
+        return max(len(self.input_ids), len(self.rejected_ids))
+
+    def cut(self, seq_len: int) -> PairExample:
+        return PairExample(self.input_ids[:seq_len], self.labels[:seq_len],
+                           self.rejected_ids[:seq_len], self.rejected_labels[:seq_len])
+
+
+def encode_pair(tokenizer, chosen: list[dict], rejected: list[dict],
+                tools: Optional[list[dict]] = None, **kw) -> PairExample:
+    """Both conversations of a pair rendered with the chat template and tokenized exactly as
+    SFT examples are (:func:`~edge_tune.data.template.encode_examples`: the answer's tokens,
+    end of turn included, carry the labels). ``kw``: ``system_mode``, ``where``."""
+    good = encode_examples(tokenizer, chosen, tools=tools, **kw)[-1]
+    bad = encode_examples(tokenizer, rejected, tools=tools, **kw)[-1]
+    return PairExample(good.input_ids, good.labels, bad.input_ids, bad.labels)
