@@ -10,7 +10,6 @@ from edge_tune import models, template_choice
 from edge_tune.adapters import resolve_chat
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Done, EventSink, Log, ignore
-from edge_tune.fsutil import sha256_file
 from edge_tune.server.plan import ServePlan
 
 
@@ -42,6 +41,7 @@ def open_serving(plan: ServePlan, on_event: EventSink = ignore, **engine_kw):
     """Load the base once and every adapter once, each validated against the base first,
     with each model's chat template (see :class:`ServePlan`)."""
     from edge_tune.engine import Engine
+    from edge_tune.server.adapter_admin import load_adapter
 
     engine = Engine(plan.base, chat_template=plan.templates.get("base"),
                     stop_tokens=plan.stop_tokens.get("base", ()),
@@ -53,55 +53,6 @@ def open_serving(plan: ServePlan, on_event: EventSink = ignore, **engine_kw):
         engine.close()
         raise
     return engine
-
-
-def load_adapter(engine, plan: ServePlan, name: str, path, on_event: EventSink = ignore) -> None:
-    """Validate and load adapter ``path`` (resolved as :meth:`ServePlan.add` did) as
-    ``name``, with its chat template; warn when it was trained on another base file. The
-    one way adapters are loaded, at start-up and by the admin route while serving."""
-    engine.add_adapter(path, name)
-    engine.set_chat_template(plan.templates.get(name), name, plan.stop_tokens.get(name, ()),
-                             plan.system_modes.get(name))
-    trained_on = engine.adapter_meta[name].get("edge_tune.base_sha256")
-    if trained_on:
-        plan.base_sha256 = plan.base_sha256 or sha256_file(plan.base)
-        if trained_on != plan.base_sha256:
-            on_event(Log(f"{path} ({name}) was trained on a different base file than "
-                         f"{plan.base} (sha256 differs); its answers may be off", "warning"))
-
-
-def add_served_adapter(engine, plan: ServePlan, name: str, path: str,
-                       on_event: EventSink = ignore) -> None:
-    """Serve one more adapter while running (``POST /v1/adapters``): the name checked and
-    the path resolved exactly as ``--adapter NAME=PATH`` is (with the server's
-    ``--chat-template`` / ``--system-mode``), then :func:`load_adapter`. Call on the
-    engine's thread. Raises :class:`EdgeTuneError`, with nothing changed."""
-    from edge_tune.server import parse_adapter_spec
-
-    parse_adapter_spec(f"{name}={path}")
-    if name in plan.adapters:
-        raise EdgeTuneError(f"adapter name {name!r} is already served; DELETE it first")
-    chat_template, system_mode = plan.chat_template_option, plan.system_mode_option
-    target = resolve_chat(Path(path), str(plan.base), chat_template, system_mode)
-    trial = ServePlan(plan.base, {}, plan.base_sha256)
-    trial.override(chat_template, system_mode)
-    trial.add(name, target)
-    load_adapter(engine, trial, name, target.adapter, on_event)
-    plan.base_sha256 = trial.base_sha256
-    for field in ("adapters", "templates", "stop_tokens", "system_modes"):
-        getattr(plan, field).update(getattr(trial, field))
-
-
-def remove_served_adapter(engine, plan: ServePlan, name: str) -> None:
-    """Stop serving adapter ``name`` (``DELETE /v1/adapters/NAME``); call on the engine's
-    thread. Raises :class:`EdgeTuneError` for a name that is not served."""
-    if name not in plan.adapters:
-        raise EdgeTuneError(f"adapter {name!r} is not served")
-    if any(n == name for n, _ in engine.active_mix):
-        engine.activate_mix(())
-    engine.remove_adapter(name)
-    for field in ("adapters", "templates", "stop_tokens", "system_modes"):
-        getattr(plan, field).pop(name, None)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -7,7 +7,7 @@
   adapter of ``model``, and the first adapter's chat template is used.
 - ``POST /v1/adapters`` ``{"name": NAME, "path": PATH}`` loads PATH (a run directory or an
   adapter .gguf on the server's disk) as model NAME, checked exactly as ``--adapter NAME=PATH``
-  at start-up (:func:`edge_tune.commands.serve.add_served_adapter`); a bad one is HTTP 400
+  at start-up (:func:`add_served_adapter`); a bad one is HTTP 400
   and nothing changes. ``DELETE /v1/adapters/NAME`` stops serving it (requests still queued
   for it get 404). Both need the API key; a server started without ``--api-key`` allows them
   only when it listens on loopback (anyone who can reach it could otherwise make it read
@@ -19,9 +19,14 @@ Starlette is imported inside functions, so importing this module stays light.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
+from edge_tune.errors import EdgeTuneError
+from edge_tune.events import EventSink, Log, ignore
+from edge_tune.fsutil import sha256_file
 from edge_tune.server.openai_shapes import RequestError, unknown_model
+from edge_tune.server.plan import ServePlan
 
 MAX_MIX = 8  # adapters in one request's mix
 MAX_SCALE = 8.0  # |scale| accepted per adapter
@@ -60,6 +65,56 @@ def parse_adapter_mix(value: Any, known_models: list[str]) -> tuple:
     return tuple(mix)
 
 
+def load_adapter(engine, plan: ServePlan, name: str, path, on_event: EventSink = ignore) -> None:
+    """Validate and load adapter ``path`` (resolved as :meth:`ServePlan.add` did) as
+    ``name``, with its chat template; warn when it was trained on another base file. The
+    one way adapters are loaded, at start-up and by the admin route while serving."""
+    engine.add_adapter(path, name)
+    engine.set_chat_template(plan.templates.get(name), name, plan.stop_tokens.get(name, ()),
+                             plan.system_modes.get(name))
+    trained_on = engine.adapter_meta[name].get("edge_tune.base_sha256")
+    if trained_on:
+        plan.base_sha256 = plan.base_sha256 or sha256_file(plan.base)
+        if trained_on != plan.base_sha256:
+            on_event(Log(f"{path} ({name}) was trained on a different base file than "
+                         f"{plan.base} (sha256 differs); its answers may be off", "warning"))
+
+
+def add_served_adapter(engine, plan: ServePlan, name: str, path: str,
+                       on_event: EventSink = ignore) -> None:
+    """Serve one more adapter while running (``POST /v1/adapters``): the name checked and
+    the path resolved exactly as ``--adapter NAME=PATH`` is (with the server's
+    ``--chat-template`` / ``--system-mode``), then :func:`load_adapter`. Call on the
+    engine's thread. Raises :class:`EdgeTuneError`, with nothing changed."""
+    from edge_tune.adapters import resolve_chat
+    from edge_tune.server import parse_adapter_spec
+
+    parse_adapter_spec(f"{name}={path}")
+    if name in plan.adapters:
+        raise EdgeTuneError(f"adapter name {name!r} is already served; DELETE it first")
+    chat_template, system_mode = plan.chat_template_option, plan.system_mode_option
+    target = resolve_chat(Path(path), str(plan.base), chat_template, system_mode)
+    trial = ServePlan(plan.base, {}, plan.base_sha256)
+    trial.override(chat_template, system_mode)
+    trial.add(name, target)
+    load_adapter(engine, trial, name, target.adapter, on_event)
+    plan.base_sha256 = trial.base_sha256
+    for field in ("adapters", "templates", "stop_tokens", "system_modes"):
+        getattr(plan, field).update(getattr(trial, field))
+
+
+def remove_served_adapter(engine, plan: ServePlan, name: str) -> None:
+    """Stop serving adapter ``name`` (``DELETE /v1/adapters/NAME``); call on the engine's
+    thread. Raises :class:`EdgeTuneError` for a name that is not served."""
+    if name not in plan.adapters:
+        raise EdgeTuneError(f"adapter {name!r} is not served")
+    if any(n == name for n, _ in engine.active_mix):
+        engine.activate_mix(())
+    engine.remove_adapter(name)
+    for field in ("adapters", "templates", "stop_tokens", "system_modes"):
+        getattr(plan, field).pop(name, None)
+
+
 def admin_routes(scheduler, model_names: list[str], plan, api_key: str | None,
                  loopback: bool) -> list:
     """``POST /v1/adapters`` and ``DELETE /v1/adapters/{name}``. ``model_names`` is the
@@ -68,9 +123,6 @@ def admin_routes(scheduler, model_names: list[str], plan, api_key: str | None,
     middleware (every route but /health)."""
     from starlette.responses import JSONResponse
     from starlette.routing import Route
-
-    from edge_tune.commands.serve import add_served_adapter, remove_served_adapter
-    from edge_tune.errors import EdgeTuneError
 
     def refused() -> JSONResponse | None:
         if api_key or loopback:
