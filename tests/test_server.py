@@ -123,23 +123,23 @@ def test_bad_body_is_400(client, server):
 
 
 def test_fields_it_cannot_honour_are_400_naming_them(client):
-    """Tool calling (issue 18), a non-text response format and log probabilities are refused,
-    not silently dropped; their "off" values are fine."""
+    """Tools on a template without a tool format (the default model's ChatML), n > 1,
+    logit_bias and echo are refused, not silently dropped; their "off" values are fine.
+    (What is honoured: tests/test_server_api.py.)"""
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}
     for kw, param in [({"tools": [tool]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
-                      ({"response_format": {"type": "json_object"}}, "response_format"),
-                      ({"logprobs": True}, "logprobs")]:
+                      ({"n": 2}, "n"), ({"logit_bias": {"1": 5}}, "logit_bias")]:
         with pytest.raises(openai.BadRequestError) as info:
             _chat(client, "base", "hi", **kw)
         err = info.value.body
         assert err["param"] == param and err["type"] == "invalid_request_error", err
         assert err["message"].startswith(f"'{param}': "), err
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model="base", prompt="1, 2,", max_tokens=2, logprobs=2)
-    assert info.value.body["param"] == "logprobs"
+        client.completions.create(model="base", prompt="1, 2,", max_tokens=2, echo=True)
+    assert info.value.body["param"] == "echo"
     ok = _chat(client, "base", "hi", tools=[], tool_choice="none", logprobs=False,
-               response_format={"type": "text"})
+               response_format={"type": "text"}, n=1)
     assert ok.choices[0].message.content is not None
 
 
