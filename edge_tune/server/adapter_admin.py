@@ -25,7 +25,7 @@ from typing import Any
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import EventSink, Log, ignore
 from edge_tune.fsutil import sha256_file
-from edge_tune.server.openai_shapes import RequestError, unknown_model
+from edge_tune.server.errors import RequestError, unknown_model
 from edge_tune.server.plan import ServePlan
 
 MAX_MIX = 8  # adapters in one request's mix

@@ -8,14 +8,14 @@ once by llama.cpp (:func:`check`) before a request is queued: llama-cpp-python a
 sampler without checking it, and a grammar llama.cpp refuses would reach the sampler chain as
 a NULL pointer.
 
-Errors are :class:`~edge_tune.server.openai_shapes.RequestError` (HTTP 400) naming the field.
+Errors are :class:`~edge_tune.server.errors.RequestError` (HTTP 400) naming the field.
 """
 
 from __future__ import annotations
 
 import json
 
-from edge_tune.server.openai_shapes import RequestError
+from edge_tune.server.errors import RequestError
 
 
 # JSON Schema keywords that constrain values but that llama.cpp's converter does not turn into

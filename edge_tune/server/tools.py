@@ -23,7 +23,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from edge_tune.server.openai_shapes import RequestError
+from edge_tune.server.errors import RequestError
 
 _PROBE = "edge_tune_probe_fn"
 _PROBE_ARGS = {"edge_tune_probe_arg": 7}

@@ -1,0 +1,31 @@
+"""The error every request check raises, and OpenAI's JSON error shape
+(``{"error": {"message", "type", "param", "code"}}``). Pure; shared by the request parser and
+its helpers (tools, grammars, adapter mixes) without import cycles."""
+
+from __future__ import annotations
+
+
+class RequestError(Exception):
+    """A request the server refuses; rendered as OpenAI's JSON error shape."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def unknown_model(name: str, known: list[str]) -> RequestError:
+    return RequestError(404, f"The model '{name}' does not exist; this server has: "
+                             f"{', '.join(known)}", param="model", code="model_not_found")
