@@ -4,6 +4,7 @@ switched per request by the ``model`` field.
 - :mod:`.openai_shapes`: request validation and response/error shapes (pure).
 - :mod:`.scheduler`: the FIFO queue and the one thread that owns the llama.cpp context.
 - :mod:`.app`: the Starlette routes; :func:`edge_tune.api.serve` runs them under uvicorn.
+- :mod:`.adapter_admin`: per-request adapter mixes, adapters added and removed while serving.
 
 Starlette and uvicorn are imported inside functions, so importing this package stays light.
 """
