@@ -59,8 +59,8 @@ def render_eval(report: dict, console: Console) -> None:
                   _change(base_s[key], tuned_s[key], False))
     console.print(t)
     if report.get("training_val_loss") is not None:
-        console.print(f"[dim](training measured validation loss {report['training_val_loss']:.3f}"
-                      " in torch)[/]", highlight=False)
+        console.print(f"[dim](training's own validation loss, torch, all held-out examples: "
+                      f"{report['training_val_loss']:.3f})[/]", highlight=False)
     d = report["drift"]
     console.print(f"[bold]drift[/] on {d['n_prompts']} general prompts: mean KL(base‖tuned) "
                   f"[bold]{d['mean_kl']:.4f}[/] nats/token over the base's greedy answers "

@@ -63,7 +63,8 @@ class EvalResult:
     n_answers: int
     max_tokens: int
     drift: dict  # mean_kl, changed_share, n_prompts, n_positions, prompts: [...]
-    training_val_loss: Optional[float] = None  # what training measured (torch), for reference
+    # the validation loss training measured (torch, every held-out example; None with --data)
+    training_val_loss: Optional[float] = None
     answers: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -337,7 +338,8 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
         perplexity={k: eval_scores.perplexity(v) for k, v in loss.items()},
         scores={k: eval_scores.mean_scores(v) for k, v in result["scores"].items()},
         n_answers=len(result["answers"]), max_tokens=max_tokens, drift=result["drift"],
-        training_val_loss=man.result.val_loss, answers=result["answers"])
+        training_val_loss=man.result.val_loss if data is None else None,
+        answers=result["answers"])
     on_event(Done("eval", {"loss": out.loss, "drift_kl": out.drift["mean_kl"]}))
     return out
 
