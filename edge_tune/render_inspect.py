@@ -43,7 +43,10 @@ def summary_table(r: dict) -> Table:
     t.add_row("records", f"{r['records']}" + (f" ({r['skipped']} skipped)" if r["skipped"]
                                               else ""))
     n_ex = r.get("examples", r["records"])
-    if n_ex != r["records"]:
+    if r.get("pairs"):
+        t.add_row("pairs", f"{r['pairs']} preference pairs (DPO/ORPO): a chosen and a rejected "
+                           "answer each, so twice as many sequences")
+    elif n_ex != r["records"]:
         t.add_row("examples", f"{n_ex} (one per assistant turn where the chat template "
                               "rewrites earlier turns)")
     tools = r.get("tools") or {}
@@ -141,8 +144,13 @@ def _example(ex: dict, title: str, console: Console) -> None:
     if ex.get("tools"):
         console.print(Text(f"tools given to the template: {', '.join(ex['tools'])}"))
     console.print(legend(marks))
-    for k, part in enumerate(parts, 1):
-        label = f"example {k} of {len(parts)} of this record" if len(parts) > 1 else ""
+    if ex.get("rejected"):  # a preference pair: both sides, the answers are what is trained
+        parts = [("chosen: its answer's log-probability is pushed up", ex),
+                 ("rejected: its answer's log-probability is pushed down", ex["rejected"])]
+    else:
+        parts = [(f"example {k} of {len(parts)} of this record" if len(parts) > 1 else "", part)
+                 for k, part in enumerate(parts, 1)]
+    for label, part in parts:
         console.rule(label, style="dim")
         console.print(example_text(part, marks), highlight=False, markup=False, soft_wrap=True)
     console.rule(style="dim")

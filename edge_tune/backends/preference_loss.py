@@ -48,14 +48,21 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                           (beta * (policy_rejected - ref_rejected)).detach())
 
 
+def log1mexp(x):
+    """``log(1 − exp(x))`` for x < 0 without cancellation (branch at −ln 2, as TRL)."""
+    import torch
+
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)),
+                       torch.log(-torch.expm1(x)))
+
+
 def orpo_loss(mean_chosen, mean_rejected, nll_chosen, lam: float) -> PreferenceLoss:
     """ORPO's loss from mean answer log-probabilities (per token) and the chosen answers'
     NLL (mean over their tokens)."""
     import torch
     import torch.nn.functional as F
 
-    log_odds = (mean_chosen - mean_rejected) - (
-        torch.log1p(-torch.exp(mean_chosen)) - torch.log1p(-torch.exp(mean_rejected)))
+    log_odds = (mean_chosen - mean_rejected) - (log1mexp(mean_chosen) - log1mexp(mean_rejected))
     ratio = F.logsigmoid(log_odds)
     return PreferenceLoss(nll_chosen - lam * ratio.mean(), (lam * mean_chosen).detach(),
                           (lam * mean_rejected).detach())

@@ -81,8 +81,11 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     if cfg.method != "sft" and backend != "cpu":
         raise UsageError(f"--method {cfg.method}: preference tuning runs on the cpu backend "
                          f"for now, not {backend}: add --backend cpu")
-    data = read_data(cfg.data, cfg, on_event)
+    said: list = []  # what reading says waits until the data is known to fit --method
+    data = read_data(cfg.data, cfg, said.append)
     check_method(cfg.method, data.format, cfg.data)
+    for event in said:
+        on_event(event)
     records = data.records
     train_records, val_records = split_validation(
         [job_record(r) for r in records], cfg.val_split, cfg.seed,

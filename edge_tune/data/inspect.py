@@ -6,7 +6,9 @@ model's own tokenizer and chat template (the same
 statistics and a histogram, the share of tokens that carry loss, how many examples ``--seq-len``
 would cut, the tool-calling data it holds (records with ``tools``, tool calls, tool results,
 ``weight: 0`` turns), and the first example rendered with its trained character spans (a
-record trains as one example per assistant turn when the template rewrites earlier turns).
+record trains as one example per assistant turn when the template rewrites earlier turns). A
+preference record (DPO/ORPO) counts as two sequences, and its first example shows both sides:
+the chosen answer (pushed up) and the rejected one (pushed down).
 
 The statistics helpers (:func:`length_stats`, :func:`histogram`, :func:`merge_spans`) are pure.
 transformers is imported inside :func:`inspect_data` only.
@@ -154,8 +156,14 @@ def _first_example(tok, record, seq_len: int, system_mode: str = "keep",
     parts = [_shown(tok, r, seq_len) for r in render_examples(
         tok, record.messages, record.tools, system_mode=system_mode, where=record.where,
         train_on_all=train_on_all)]
-    return {**parts[0], "more": parts[1:], "tools": tool_names(record.tools),
-            "tool_calls": sum(len(m.get("tool_calls") or []) for m in record.messages)}
+    out = {**parts[0], "more": parts[1:], "tools": tool_names(record.tools),
+           "tool_calls": sum(len(m.get("tool_calls") or []) for m in record.messages)}
+    if record.rejected is not None:  # a preference pair: the chosen side above, and this one
+        out.update(parts[-1], more=[])
+        out["rejected"] = _shown(tok, render_examples(
+            tok, record.rejected, record.tools, system_mode=system_mode,
+            where=record.where)[-1], seq_len)
+    return out
 
 
 def tool_names(tools) -> list[str]:
@@ -207,6 +215,7 @@ def inspect_records(tok, data, path: str, model: str, seq_len: int,
                     system_mode: str = "keep", train_on_all: bool = False) -> dict:
     """The report for records already read (a :class:`~edge_tune.data.formats.ReadResult`),
     with a tokenizer whose ``chat_template`` is the one training uses."""
+    from edge_tune.data.preference import encode_pair
     from edge_tune.data.template import NO_TEMPLATE, RecordError, encode_examples
 
     if any(r.messages is not None for r in data.records) and not tok.chat_template:
@@ -215,9 +224,14 @@ def inspect_records(tok, data, path: str, model: str, seq_len: int,
     n = len(data.records)
     for i, record in enumerate(data.records):
         try:
-            examples = encode_examples(tok, record.messages, record.text, tools=record.tools,
-                                       train_on_all=train_on_all, system_mode=system_mode,
-                                       where=record.where)
+            if record.rejected is not None:  # a preference pair trains two sequences
+                pair = encode_pair(tok, record.messages, record.rejected, tools=record.tools,
+                                   system_mode=system_mode, where=record.where)
+                examples = [pair.chosen, pair.rejected]
+            else:
+                examples = encode_examples(tok, record.messages, record.text,
+                                           tools=record.tools, train_on_all=train_on_all,
+                                           system_mode=system_mode, where=record.where)
         except RecordError as exc:
             if not skip_invalid:
                 raise
@@ -243,6 +257,8 @@ def inspect_records(tok, data, path: str, model: str, seq_len: int,
         "skipped": len(data.skipped) + len(bad),
         "skipped_lines": [line for line, _ in list(data.skipped) + bad][:20],
         "tools": tool_counts(good),
+        # preference records (DPO/ORPO): each is a chosen and a rejected sequence
+        "pairs": sum(1 for r in good if r.rejected is not None),
         **summarize(lengths, trained, seq_len, kept),
     }
     first = good[0]
