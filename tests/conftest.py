@@ -15,6 +15,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# torch and llama.cpp share out their work with OpenMP (libgomp). By default a thread that
+# reaches a barrier first spins for its partner; when anything else runs on the machine (the
+# other engineers' tests, a CPU hog) the partner is often descheduled, and the spinning takes
+# the very core it needs: training steps and token generation then slow down many times over.
+# PASSIVE makes waiting threads sleep. Set before any test loads torch or llama.cpp; every
+# subprocess the tests start inherits it. An explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
