@@ -218,8 +218,8 @@ def _batched_suffix(llm) -> None:
     Why: llama-cpp-python re-evaluates a single token when the whole prompt is cached, and
     ggml computes a lone row with other kernels than a batch (llamafile's sgemm needs two
     rows), so its logits round differently from a fresh context's and a greedy answer can
-    change (seen on a tiny F32 model). Two rows take the batch kernels, whose rows do not
-    depend on how many there are (checked: any split of a prompt gives the same logits)."""
+    change. Two rows take the batch kernels, whose rows do not depend on how many there are
+    (checked for many splits of a prompt: docs/serving.md)."""
     original = type(llm).generate
 
     def generate(tokens, *args, **kwargs):
@@ -278,7 +278,7 @@ class Engine:
         self.active: Optional[str] = None
         self.active_mix: tuple = ()  # ((name, scale), ...) applied to the context now
         self.prompt_cache = prompt_cache
-        # adapter set -> the context's state (KV entries + tokens) saved when it was left
+        # adapter set -> its cached prompt (KV entries + tokens), saved when it was left
         self._saved: OrderedDict[tuple, object] = OrderedDict()
         own = self.llm.metadata.get("tokenizer.chat_template") or None
         self._templates: dict[Optional[str], Optional[str]] = {None: chat_template or own}
@@ -480,7 +480,8 @@ class Engine:
         previous prompt under the same adapter set are reused (llama-cpp-python's
         ``Llama.generate``), so turn N of a conversation evaluates only its new tokens;
         otherwise every answer starts from an empty context. With ``temperature=0`` the
-        answer is greedy and the same whoever asks, cached prefix or not. The last piece carries ``finish_reason`` ("stop" or "length")
+        answer is greedy and the same whoever asks, cached prefix or not.
+        The last piece carries ``finish_reason`` ("stop" or "length")
         and token counts. ``sampling``: top_p, stop, presence/frequency_penalty... as
         llama-cpp-python names them. A prompt longer than the context raises
         :class:`ContextOverflow` before any piece; a conversation the template refuses raises
@@ -497,10 +498,10 @@ class Engine:
                 from edge_tune.data.template import fold_system
 
                 messages = fold_system(messages)
-        if not self.prompt_cache:
-            self.llm.reset()
         if self.prompt_cache:
             _batched_suffix(self.llm)
+        else:
+            self.llm.reset()
         counter = _TokenCounter.install(self.llm, max_tokens if max_tokens and max_tokens > 0
                                         else None)
         kw = dict(temperature=temperature, max_tokens=max_tokens, stream=True, seed=seed,
@@ -532,9 +533,10 @@ class Engine:
         Why: ggml computes a lone token (the answer, decoded one at a time) with other
         kernels than a batch of tokens (llamafile's sgemm takes over at two rows, for F16
         attention, F32 adapters, Q8_0 weights), and the rounding differs. A fresh context
-        evaluates the previous answer as part of the next prompt, in a batch; reusing the
-        decoded entries changed one greedy answer in 16 on the default model. Re-evaluating
-        the answer with the new prompt costs a batch of at most max_tokens rows."""
+        evaluates the previous answer as part of the next prompt, in a batch, so reusing the
+        decoded entries can change a greedy answer (measured: docs/serving.md).
+        Re-evaluating the answer with the new prompt costs a batch of at most max_tokens
+        rows."""
         if prompt_tokens and self.llm.n_tokens > prompt_tokens:
             self.llm.n_tokens = prompt_tokens
             self.llm._ctx.kv_cache_seq_rm(-1, prompt_tokens, -1)
