@@ -273,3 +273,40 @@ def test_planner_counts_two_sequences_and_the_reference_pass():
     assert dpo.tokens_per_step == orpo.tokens_per_step == 2 * sft.tokens_per_step
     assert dpo.seconds_per_step > orpo.seconds_per_step > sft.seconds_per_step
     assert dpo.parts["activations"] > sft.parts["activations"]
+
+
+# ---- the real default model -----------------------------------------------------------------
+
+#: A few steps of DPO on the bundled set: every chosen answer starts "Arr, matey!", no rejected
+#: one does (the same answer in plain words).
+REAL_ARGS = ("--max-steps", "8", "--batch-size", "4", "--seq-len", "128", "--seed", "0",
+             "--backend", "cpu", "--report-to", "none")
+HELD_PAIRS = 10
+
+
+@pytest.mark.slow
+def test_real_dpo_run_prefers_the_chosen_style_on_held_back_pairs(tmp_path, hf_dir):
+    from edge_tune.preference_margin import preference_margins
+
+    out = tmp_path / "dpo"
+    proc = run_cli("train", "--data", str(_asset("pref_demo.jsonl")), "--method", "dpo",
+                   "--out", str(out), *REAL_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "verify:" in proc.stderr and "(ok)" in proc.stderr  # llama.cpp computes as trained
+    held = _asset("pref_demo_heldout.jsonl")
+    margins = preference_margins(out, held, HELD_PAIRS)
+    print(f"held-out margin (nats): base {margins.base_mean:.2f} -> tuned "
+          f"{margins.tuned_mean:.2f}; grew on {margins.improved:.0%}, tuned accuracy "
+          f"{margins.tuned_accuracy:.0%}")
+    assert margins.tuned_mean > margins.base_mean + 5
+    assert margins.improved >= 0.9 and margins.tuned_accuracy >= 0.8
+    # chat shows it: held-back questions answered in the preferred (pirate) style
+    questions = [r.messages[0]["content"] for r in read_records(held).records[:3]]
+    answers = []
+    for question in questions:
+        chat = run_cli("chat", "--adapter", str(out), "--prompt", question, "--temperature",
+                       "0", "--max-tokens", "24")
+        assert chat.returncode == 0, chat.stderr[-2000:]
+        answers.append(chat.stdout.strip())
+    print(answers)
+    assert sum(a.lower().startswith("arr") for a in answers) >= 2, answers
