@@ -106,6 +106,29 @@ def test_bundled_preference_set_is_read_whole():
     assert not any(r.rejected[-1]["content"].startswith("Arr") for r in train.records)
 
 
+def test_data_inspect_shows_both_sides_and_what_is_trained(tmp_path, tiny):
+    from edge_tune.data.inspect import inspect_data
+
+    path = _write(tmp_path / "p.jsonl", PAIR_CHAT, PAIR_TEXT)
+    report = inspect_data(path, model=str(tiny), seq_len=256)
+    assert report["format"] == "preference" and report["pairs"] == report["records"] == 2
+    assert report["examples"] == 4  # a chosen and a rejected sequence per pair
+    first = report["first_example"]
+    trained = ["".join(side["text"][a:b] for a, b in side["spans"])
+               for side in (first, first["rejected"])]
+    # only the compared answers (and their end of turn) carry the loss: not the prompt,
+    # not the earlier assistant turn "Hi."
+    assert trained[0].startswith("Arr, red as a sunset!") and "Hi." not in trained[0]
+    assert trained[1].startswith("Red.") and "Name a colour" not in trained[1]
+    assert first["text"][:first["spans"][0][0]] == first["rejected"]["text"][
+        :first["rejected"]["spans"][0][0]]  # the same prompt on both sides
+    proc = run_cli("data", "inspect", str(path), "--model", str(tiny))
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("preference pairs", "chosen: its answer", "rejected: its answer",
+                   "\u27e6Arr, red as a sunset!", "\u27e6Red."):
+        assert needle in proc.stdout, proc.stdout
+
+
 # ---- the losses on hand-computed values ---------------------------------------------------
 
 def _logsigmoid(x: float) -> float:
@@ -239,7 +262,7 @@ def test_a_cancelled_dpo_run_resumes_to_the_same_adapter(dpo_run, tiny, tmp_path
     state = api.resume_state(out)
     assert state is not None and 3 <= state["step"] < STEPS
     result, metrics, logs = _train(None, resume=out)
-    assert result.manifest.hyperparameters.method == "dpo"
+    assert result.manifest.hyperparameters.to_dict()["method"] == "dpo"
     assert [m.step for m in metrics if m.split == "train"][0] == state["step"] + 1
     a = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
