@@ -59,7 +59,6 @@ def log1mexp(x):
 def orpo_loss(mean_chosen, mean_rejected, nll_chosen, lam: float) -> PreferenceLoss:
     """ORPO's loss from mean answer log-probabilities (per token) and the chosen answers'
     NLL (mean over their tokens)."""
-    import torch
     import torch.nn.functional as F
 
     log_odds = (mean_chosen - mean_rejected) - (log1mexp(mean_chosen) - log1mexp(mean_rejected))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Optional, Union
 
@@ -282,7 +283,9 @@ def _text(obj: dict, where: str) -> str:
 
 
 NORMALISERS = {"openai": check_messages, "sharegpt": _sharegpt, "alpaca": _alpaca,
-               "completion": _completion, "text": _text, **preference.NORMALISERS}
+               "completion": _completion, "text": _text,
+               **{fmt: partial(pair, check=_openai_message)
+                  for fmt, pair in preference.NORMALISERS.items()}}
 
 
 def detect_format(obj) -> Optional[str]:

@@ -20,7 +20,7 @@ the loss. Pure; errors are one line ``FILE:LINE: what is wrong (expected)``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from edge_tune.data.readers import json_kind
 from edge_tune.data.template import Example, encode_examples
@@ -40,17 +40,15 @@ SIGNATURES = {"openai_preference": ("preferred_output", "non_preferred_output"),
 Pair = tuple[list[dict], list[dict]]  # (prompt + chosen, prompt + rejected) messages
 
 
-def _messages(value, key: str, where: str, fmt: str) -> list[dict]:
-    from edge_tune.data.formats import _openai_message
-
+def _messages(value, key: str, where: str, fmt: str, check: Callable) -> list[dict]:
     if not isinstance(value, list) or not value:
         got = "an empty list" if isinstance(value, list) else json_kind(value)
         raise EdgeTuneError(f"{where}: {key!r} must be text or a non-empty list of messages, "
                             f"got {got} (expected {SHAPES[fmt]})")
-    return [_openai_message(m, f"{where}: {key}[{i}]") for i, m in enumerate(value)]
+    return [check(m, f"{where}: {key}[{i}]") for i, m in enumerate(value)]
 
 
-def _side(obj: dict, key: str, where: str, fmt: str, role: str) -> list[dict]:
+def _side(obj: dict, key: str, where: str, fmt: str, role: str, check: Callable) -> list[dict]:
     """One value as messages: a string is one ``role`` turn, a list is checked messages."""
     if key not in obj or obj[key] is None:
         raise EdgeTuneError(f"{where}: missing field {key!r} (expected {SHAPES[fmt]})")
@@ -59,7 +57,7 @@ def _side(obj: dict, key: str, where: str, fmt: str, role: str) -> list[dict]:
         if not value.strip():
             raise EdgeTuneError(f"{where}: {key!r} is empty")
         return [{"role": role, "content": value}]
-    return _messages(value, key, where, fmt)
+    return _messages(value, key, where, fmt, check)
 
 
 def _answer(turns: list[dict], key: str, where: str, fmt: str) -> list[dict]:
@@ -82,13 +80,15 @@ def _pair(prompt: list[dict], chosen: list[dict], rejected: list[dict], where: s
     return prompt + chosen, prompt + rejected
 
 
-def trl_pair(obj: dict, where: str) -> Pair:
-    """A TRL preference record as (prompt + chosen, prompt + rejected) messages."""
+def trl_pair(obj: dict, where: str, check: Callable) -> Pair:
+    """A TRL preference record as (prompt + chosen, prompt + rejected) messages; ``check``
+    validates one chat message (``formats._openai_message``)."""
     fmt = "preference"
-    chosen = _answer(_side(obj, "chosen", where, fmt, "assistant"), "chosen", where, fmt)
-    rejected = _answer(_side(obj, "rejected", where, fmt, "assistant"), "rejected", where, fmt)
+    chosen = _answer(_side(obj, "chosen", where, fmt, "assistant", check), "chosen", where, fmt)
+    rejected = _answer(_side(obj, "rejected", where, fmt, "assistant", check), "rejected",
+                       where, fmt)
     if obj.get("prompt") is not None:
-        return _pair(_side(obj, "prompt", where, fmt, "user"), chosen, rejected, where)
+        return _pair(_side(obj, "prompt", where, fmt, "user", check), chosen, rejected, where)
     # Implicit prompt: the leading messages both conversations share.
     n = 0
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -99,22 +99,22 @@ def trl_pair(obj: dict, where: str) -> Pair:
     return _pair(chosen[:n], chosen[n:], rejected[n:], where)
 
 
-def openai_pair(obj: dict, where: str) -> Pair:
+def openai_pair(obj: dict, where: str, check: Callable) -> Pair:
     """An OpenAI preference record as (prompt + chosen, prompt + rejected) messages."""
     fmt = "openai_preference"
     box = obj.get("input")
     if not isinstance(box, dict) or "messages" not in box:
         raise EdgeTuneError(f"{where}: 'input' must be an object with 'messages' (got "
                             f"{json_kind(box)}; expected {SHAPES[fmt]})")
-    prompt = _messages(box["messages"], "input.messages", where, fmt)
-    chosen = _answer(_messages(obj.get("preferred_output"), "preferred_output", where, fmt),
-                     "preferred_output", where, fmt)
+    prompt = _messages(box["messages"], "input.messages", where, fmt, check)
+    chosen = _answer(_messages(obj.get("preferred_output"), "preferred_output", where, fmt,
+                               check), "preferred_output", where, fmt)
     rejected = _answer(_messages(obj.get("non_preferred_output"), "non_preferred_output",
-                                 where, fmt), "non_preferred_output", where, fmt)
+                                 where, fmt, check), "non_preferred_output", where, fmt)
     return _pair(prompt, chosen, rejected, where)
 
 
-NORMALISERS = {"preference": trl_pair, "openai_preference": openai_pair}
+NORMALISERS = {"preference": trl_pair, "openai_preference": openai_pair}  # + a message check
 
 
 def check_method(method: str, data_format: str, path: str) -> None:
