@@ -12,6 +12,13 @@ from edge_tune.events import Done, Event, Failed, Log, Metric
 from edge_tune.events import Progress as ProgressEvent
 
 
+def _rewards(m: Metric) -> str:
+    """A preference run's reward margin and accuracy ("" for SFT)."""
+    if m.reward_margin is None:
+        return ""
+    return f"  margin {m.reward_margin:+.3f}  acc {100 * (m.reward_accuracy or 0):.0f}%"
+
+
 def _fmt_eta(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 60}:{seconds % 60:02d}"
@@ -63,12 +70,13 @@ class Renderer:
                                  description=event.description or event.task, status=status)
         elif isinstance(event, Metric) and event.split == "val":
             self.progress.console.print(f"step {event.step}/{event.total_steps}  validation loss "
-                                        f"{event.loss:.3f}", highlight=False)
+                                        f"{event.loss:.3f}{_rewards(event)}", highlight=False)
         elif isinstance(event, Metric):
             self.last_metric = event
             tid = self._task("train", "training", event.total_steps)
-            status = (f"step {event.step}/{event.total_steps}  loss {event.loss:.3f}  "
-                      f"{event.tokens_per_second:.0f} tok/s  ETA {_fmt_eta(event.eta_seconds)}")
+            status = (f"step {event.step}/{event.total_steps}  loss {event.loss:.3f}"
+                      f"{_rewards(event)}  {event.tokens_per_second:.0f} tok/s  "
+                      f"ETA {_fmt_eta(event.eta_seconds)}")
             self.progress.update(tid, completed=event.step, total=event.total_steps,
                                  status=status)
             # Keep a scroll-back record every ~10% when the output is not a terminal.

@@ -308,11 +308,15 @@ HELD_PAIRS = 10
 
 
 @pytest.mark.slow
-def test_real_dpo_run_prefers_the_chosen_style_on_held_back_pairs(tmp_path, hf_dir):
+@pytest.mark.parametrize("method, accuracy", [("dpo", 0.8), ("orpo", 0.0)])
+def test_real_run_prefers_the_chosen_style_on_held_back_pairs(tmp_path, hf_dir, method,
+                                                              accuracy):
+    """``accuracy``: the share of held-back pairs the tuned model must rank right (ORPO's
+    margin grows as much on every pair, from far below zero, but stays near zero in 8 steps)."""
     from edge_tune.preference_margin import preference_margins
 
-    out = tmp_path / "dpo"
-    proc = run_cli("train", "--data", str(_asset("pref_demo.jsonl")), "--method", "dpo",
+    out = tmp_path / method
+    proc = run_cli("train", "--data", str(_asset("pref_demo.jsonl")), "--method", method,
                    "--out", str(out), *REAL_ARGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "verify:" in proc.stderr and "(ok)" in proc.stderr  # llama.cpp computes as trained
@@ -322,7 +326,7 @@ def test_real_dpo_run_prefers_the_chosen_style_on_held_back_pairs(tmp_path, hf_d
           f"{margins.tuned_mean:.2f}; grew on {margins.improved:.0%}, tuned accuracy "
           f"{margins.tuned_accuracy:.0%}")
     assert margins.tuned_mean > margins.base_mean + 5
-    assert margins.improved >= 0.9 and margins.tuned_accuracy >= 0.8
+    assert margins.improved >= 0.9 and margins.tuned_accuracy >= accuracy
     # chat shows it: held-back questions answered in the preferred (pirate) style
     questions = [r.messages[0]["content"] for r in read_records(held).records[:3]]
     answers = []
