@@ -102,6 +102,9 @@ class Tracker:
         if m.split == "train":
             scalars.update({"train/learning_rate": m.learning_rate,
                             "train/tokens_per_second": m.tokens_per_second})
+        if m.reward_margin is not None:  # a preference run (DPO/ORPO)
+            scalars.update({f"{m.split}/reward_margin": m.reward_margin,
+                            f"{m.split}/reward_accuracy": m.reward_accuracy})
         kind, writer = self._writer
         if kind == "tensorboard":
             for tag, value in scalars.items():
