@@ -337,3 +337,21 @@ def test_real_run_prefers_the_chosen_style_on_held_back_pairs(tmp_path, hf_dir, 
         answers.append(chat.stdout.strip())
     print(answers)
     assert sum(a.lower().startswith("arr") for a in answers) >= 2, answers
+
+
+def test_the_tracker_records_reward_margin_and_accuracy(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from edge_tune import tracking
+
+    tracker = tracking.Tracker("tensorboard", tmp_path, {}, lambda e: None)
+    sink = tracker.sink(lambda e: None)
+    sink(Metric(1, 2, 0.6, reward_margin=0.1, reward_accuracy=0.5))
+    sink(Metric(2, 2, 0.5, split="val", reward_margin=0.2, reward_accuracy=1.0))
+    tracker.close([0.6, 0.5])
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"train/reward_margin", "train/reward_accuracy", "val/reward_margin",
+            "val/reward_accuracy"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("val/reward_margin")[0].value == pytest.approx(0.2)
