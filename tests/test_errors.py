@@ -137,12 +137,20 @@ def test_cli_failed_check_exits_1(default_gguf, tmp_path):
         len(proc.stderr.splitlines()) == 1, proc.stderr
 
 
+def _as_a_shell_starts_it() -> None:
+    """SIGINT delivered and handled by default, as in a process a shell starts: a child
+    inherits its parent's blocked and ignored signals, and the pytest process may hold either
+    after earlier tests (threads of in-process libraries)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_cli_cancel_exits_130(default_gguf):
     """Ctrl-C while the interactive chat waits for a prompt: exit 130, no traceback (what
     Cancelled also exits with, e.g. a training run stopped from the TUI)."""
     proc = subprocess.Popen([sys.executable, "-m", "edge_tune", "chat", "--base",
                              str(default_gguf)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_as_a_shell_starts_it,
                             env=dict(os.environ, COLUMNS="200", NO_COLOR="1"))
     try:
         first = proc.stderr.readline()  # printed right before the prompt is read
