@@ -6,6 +6,8 @@ the dequantized copy is cached in the user cache, so only the first run pays ~1 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -90,3 +92,28 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 1800,
     env = dict(os.environ, COLUMNS="200", NO_COLOR="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "edge_tune", *args], capture_output=True,
                           text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """``edge-tune ARGS`` in this process, through ``edge_tune.cli.main`` (exit code, stdout,
+    stderr), printed as ``run_cli`` has it printed (200 columns, no colour)."""
+    from edge_tune import cli as cli_module
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    consoles = (cli_module.out, cli_module.err)
+    saved = sys.argv, [(c.width, c.no_color) for c in consoles]
+    sys.argv = ["edge-tune", *args]
+    for c in consoles:
+        c.width, c.no_color = 200, True
+    code = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            cli_module.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        sys.argv = saved[0]
+        for c, (width, no_color) in zip(consoles, saved[1]):
+            c.width, c.no_color = width, no_color
+    return subprocess.CompletedProcess(["edge-tune", *args], code, stdout.getvalue(),
+                                       stderr.getvalue())

@@ -16,16 +16,14 @@ two separate llama.cpp processes.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import run_cli
+from conftest import run_cli_in_process as cli
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_families import FAMILIES, family_gguf  # noqa: E402
@@ -53,31 +51,6 @@ def data_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "chats.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in DATA))
     return path
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    """``edge-tune ARGS`` in this process, through ``edge_tune.cli.main`` (exit code, stdout,
-    stderr), printed as ``run_cli`` has it printed (200 columns, no colour)."""
-    from edge_tune import cli as cli_module
-
-    stdout, stderr = io.StringIO(), io.StringIO()
-    consoles = (cli_module.out, cli_module.err)
-    saved = sys.argv, [(c.width, c.no_color) for c in consoles]
-    sys.argv = ["edge-tune", *args]
-    for c in consoles:
-        c.width, c.no_color = 200, True
-    code = 0
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            cli_module.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    finally:
-        sys.argv = saved[0]
-        for c, (width, no_color) in zip(consoles, saved[1]):
-            c.width, c.no_color = width, no_color
-    return subprocess.CompletedProcess(["edge-tune", *args], code, stdout.getvalue(),
-                                       stderr.getvalue())
 
 
 def _ok(proc) -> str:

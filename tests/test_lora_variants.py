@@ -10,44 +10,17 @@ mapping is checked here, and its Trainer loop runs a DoRA + rsLoRA PEFT model on
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error
+from conftest import run_cli_in_process as cli
 from tiny_models import tiny_llama_gguf
 
 TRAIN = ("--max-steps", "2", "--batch-size", "4", "--seq-len", "64", "--lr", "1e-2",
          "--report-to", "none")
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    """``edge-tune ARGS`` through ``edge_tune.cli.main`` in this process (200 columns)."""
-    from edge_tune import cli as cli_module
-
-    stdout, stderr = io.StringIO(), io.StringIO()
-    consoles = (cli_module.out, cli_module.err)
-    saved = sys.argv, [(c.width, c.no_color) for c in consoles]
-    sys.argv = ["edge-tune", *args]
-    for c in consoles:
-        c.width, c.no_color = 200, True
-    code = 0
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            cli_module.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    finally:
-        sys.argv = saved[0]
-        for c, (width, no_color) in zip(consoles, saved[1]):
-            c.width, c.no_color = width, no_color
-    return subprocess.CompletedProcess(["edge-tune", *args], code, stdout.getvalue(),
-                                       stderr.getvalue())
 
 
 def _verified(proc) -> str:
