@@ -33,7 +33,7 @@ from edge_tune.converters.formats.base_info import (BaseInfo, copy_fields, field
                                            open_gguf)
 from edge_tune.converters.formats.names import gguf_tensor_name, needs_rope_permute
 from edge_tune.converters.formats.lora_graph import merge_can_untie, untie_route
-from edge_tune.converters.formats.peft_to_gguf import PEFT_MERGE_ROUTE, _module_scale
+from edge_tune.converters.formats.peft_to_gguf import PEFT_MERGE_ROUTE, _module_scale, lora_pair
 
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import EventSink, Progress, ignore
@@ -114,15 +114,7 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
     out = MergePlan(deltas={})
     for module, parts in sorted(adapter.loras.items()):
         name = _gguf_name(module, base, where)
-        embedding = "lora_embedding_A" in parts
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else \
-            ("lora_A", "lora_B")
-        if a_key not in parts or b_key not in parts:
-            raise EdgeTuneError(f"{where}: module {module!r} lacks {a_key} or {b_key}")
-        a, b = parts[a_key], parts[b_key]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise EdgeTuneError(f"{where}: module {module!r}: A {list(a.shape)} and B "
-                                f"{list(b.shape)} do not multiply")
+        embedding, a, b = lora_pair(parts, module, where)
         magnitude = parts.get("lora_magnitude_vector")
         if magnitude is not None and embedding:
             raise EdgeTuneError(f"{where}: DoRA on an embedding ({module}) is not supported; "

@@ -211,22 +211,13 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
             raise EdgeTuneError(f"{where}: LoRA on lm_head cannot run on this base as a GGUF "
                                 f"adapter: its embeddings are tied (no output.weight); "
                                 f"{untie_route(base.arch)}")
-        if "lora_embedding_A" in parts:
-            a_key, b_key = "lora_embedding_A", "lora_embedding_B"
-        else:
-            a_key, b_key = "lora_A", "lora_B"
-        if a_key not in parts or b_key not in parts:
-            raise EdgeTuneError(f"{where}: module {module!r} lacks {a_key} or {b_key}")
-        a, b = parts[a_key], parts[b_key]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise EdgeTuneError(f"{where}: module {module!r}: {a_key} {list(a.shape)} and "
-                                f"{b_key} {list(b.shape)} do not multiply")
+        embedding, a, b = lora_pair(parts, module, where)
         rank = a.shape[0]
         # Fold any per-module deviation from the file-wide scale into B.
         factor = _module_scale(config, module, rank) * rank / alpha
         if not math.isclose(factor, 1.0, rel_tol=1e-9):
             b = b * np.float32(factor)
-        if a_key == "lora_embedding_A":
+        if embedding:
             # llama.cpp flips A and B for token_embd: lora_a = A^T, lora_b = B.
             a = a.T
         # Shapes first: the q/k permutation below assumes the base's head layout.
@@ -244,6 +235,23 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
     if problems:
         raise EdgeTuneError(f"{where}: {problems[0]}")
     return Plan(alpha=float(alpha), tensors=out, rank=ref_rank)
+
+
+def lora_pair(parts: dict[str, np.ndarray], module: str,
+              where: str) -> tuple[bool, np.ndarray, np.ndarray]:
+    """A module's LoRA halves as PEFT stores them: ``(embedding, A, B)``, A (r, in) and B
+    (out, r) (``lora_embedding_A``/``_B`` for an embedding). Raises EdgeTuneError when a half
+    is missing or the two do not multiply."""
+    embedding = "lora_embedding_A" in parts
+    a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else \
+        ("lora_A", "lora_B")
+    if a_key not in parts or b_key not in parts:
+        raise EdgeTuneError(f"{where}: module {module!r} lacks {a_key} or {b_key}")
+    a, b = parts[a_key], parts[b_key]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise EdgeTuneError(f"{where}: module {module!r}: {a_key} {list(a.shape)} and "
+                            f"{b_key} {list(b.shape)} do not multiply")
+    return embedding, a, b
 
 
 def read_peft_dir(adapter_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
