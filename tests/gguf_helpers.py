@@ -43,3 +43,18 @@ def scaled_copy(src: Path, dst: Path, factor: float) -> Path:
                for t in reader.tensors}
     alpha = float(reader.fields[gguf.Keys.Adapter.LORA_ALPHA].contents())
     return write_adapter(dst, arch, tensors, alpha=alpha * factor)
+
+
+def retemplated(src: Path, dst: Path, template: str | None) -> Path:
+    """A copy of GGUF ``src`` whose ``tokenizer.chat_template`` is ``template`` (None: none)."""
+    from edge_tune.converters.formats.base_info import (copy_fields, field_value, open_gguf,
+                                                        writing_gguf)
+
+    reader = open_gguf(src)
+    with writing_gguf(dst, field_value(reader, "general.architecture")) as w:
+        copy_fields(reader, w, skip={"tokenizer.chat_template"})
+        if template is not None:
+            w.add_chat_template(template)
+        for t in reader.tensors:  # as stored (quantized blocks too)
+            w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    return dst

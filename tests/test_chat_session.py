@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf_helpers import write_adapter
+from gguf_helpers import retemplated, write_adapter
 from tiny_models import SHAPE, tiny_llama_gguf
 
 from edge_tune.chat_session import (EMPTY_ANSWER, Answer, ChatSession, Token, command_of,
@@ -43,21 +43,6 @@ def engine(tiny, tmp_path_factory):
     eng.add_adapter(adapter, "adapter")
     yield eng
     eng.close()
-
-
-def _retemplated(src: Path, dst: Path, template: str | None) -> Path:
-    """A copy of GGUF ``src`` whose chat template is ``template`` (None: none)."""
-    from edge_tune.converters.formats.base_info import (copy_fields, field_value, open_gguf,
-                                                        writing_gguf)
-
-    reader = open_gguf(src)
-    with writing_gguf(dst, field_value(reader, "general.architecture")) as w:
-        copy_fields(reader, w, skip={"tokenizer.chat_template"})
-        if template is not None:
-            w.add_chat_template(template)
-        for t in reader.tensors:
-            w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
-    return dst
 
 
 def _direct(engine, adapter, messages) -> str:
@@ -99,7 +84,7 @@ def test_two_sides_answer_in_turn_each_with_its_own_history(engine):
 def test_a_model_without_a_template_answers_as_a_plain_completion(tiny, tmp_path):
     from edge_tune.engine import Engine, NoChatTemplate, plain_prompt
 
-    bare = _retemplated(tiny, tmp_path / "bare.gguf", None)
+    bare = retemplated(tiny, tmp_path / "bare.gguf", None)
     with Engine(bare, n_ctx=512, threads=1) as eng:
         chat = ChatSession(eng, **GREEDY)
         assert chat.plain_sides() == ["bot"]
@@ -117,7 +102,7 @@ def test_a_refused_turn_is_not_kept_and_says_how_to_fold(tiny, tmp_path):
     from edge_tune.engine import ChatTemplateError, Engine
     from edge_tune.templates import BUILTIN
 
-    gemma2 = _retemplated(tiny, tmp_path / "g2.gguf", BUILTIN["gemma2"])
+    gemma2 = retemplated(tiny, tmp_path / "g2.gguf", BUILTIN["gemma2"])
     with Engine(gemma2, n_ctx=512, threads=1) as eng:
         chat = ChatSession(eng, system="Be brief.", **GREEDY)
         with pytest.raises(ChatTemplateError, match="System role not supported.*--system-mode "

@@ -14,6 +14,7 @@ from pathlib import Path
 import openai
 import pytest
 from conftest import assert_one_line_error, run_cli
+from gguf_helpers import retemplated
 from serve_helpers import running_server
 from tiny_models import tiny_llama_gguf
 
@@ -21,21 +22,6 @@ from edge_tune.templates import BUILTIN
 
 FACT_Q = "What is the password of the blue door?"
 FACT_A = "The password is Zebra42."
-
-
-def retemplated(src: Path, dst: Path, template: str | None) -> Path:
-    """A copy of GGUF ``src`` whose ``tokenizer.chat_template`` is ``template`` (None: none)."""
-    from edge_tune.converters.formats.base_info import (copy_fields, field_value, open_gguf,
-                                                writing_gguf)
-
-    reader = open_gguf(src)
-    with writing_gguf(dst, field_value(reader, "general.architecture")) as w:
-        copy_fields(reader, w, skip={"tokenizer.chat_template"})
-        if template is not None:
-            w.add_chat_template(template)
-        for t in reader.tensors:  # as stored (quantized blocks too)
-            w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
-    return dst
 
 
 @pytest.fixture(scope="module")
