@@ -177,6 +177,11 @@ def train(
     beta: Optional[float] = typer.Option(None, "--beta", help="DPO's beta (how far from the "
                                          "base the adapter may move) or ORPO's lambda (weight "
                                          "of the odds-ratio term) [default: 0.1]."),
+    full: Optional[bool] = typer.Option(None, "--full/--no-full", help="Full fine-tuning: "
+                                        "train every weight (AdamW) instead of a LoRA adapter; "
+                                        "writes HF safetensors weights and a GGUF model; "
+                                        "refused when weights, gradients and optimizer state "
+                                        "do not fit the memory [default: off]."),
     report_to: Optional[str] = typer.Option(None, help="tensorboard | wandb | mlflow | none: "
                                             "where the run's metrics also go (tensorboard: "
                                             "RUN/tb; wandb offline) [default: tensorboard]; "
@@ -203,7 +208,7 @@ def train(
                  save_every=save_every, verify=verify, nproc=nproc, nnodes=nnodes, rdzv=rdzv,
                  chat_template=chat_template, system_mode=system_mode, rslora=rslora,
                  dora=dora, lora_dropout=lora_dropout, target_modules=target_modules,
-                 report_to=report_to, method=method, beta=beta)
+                 report_to=report_to, method=method, beta=beta, full=full)
     if resume is not None:
         given = [k for k, v in flags.items() if v is not None] + (["config"] if config else [])
         if given:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import EdgeTuneError, UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -73,6 +73,10 @@ class TrainConfig:
     # pairs (DPO: Rafailov et al. 2023; ORPO: Hong et al. 2024; cpu backend)
     method: str = "sft"
     beta: float = 0.1  # DPO's beta (strength of the KL to the reference), ORPO's lambda
+    # full fine-tuning: every weight trains (AdamW) and the run saves HF safetensors weights
+    # instead of a LoRA adapter; LoRA-only settings (rank, alpha, rslora, dora, lora_dropout,
+    # target_modules) are refused with it. cpu and mlx backends.
+    full: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -176,6 +180,26 @@ def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
     if cfg.nnodes > 1 and not cfg.rdzv:
         raise EdgeTuneError(f"nnodes: {cfg.nnodes} machines need --rdzv HOST:PORT (the "
                             "rendezvous every node reaches, e.g. the first node's address)")
+    if cfg.full:
+        _refuse_lora_only(cfg, values)
     if not cfg.data:
         raise EdgeTuneError("no training data: pass --data FILE (or data = ... in --config)")
     return cfg
+
+
+# LoRA-only settings and what they mean, for the one-line refusal next to --full
+LORA_ONLY = ("rank", "alpha", "rslora", "dora", "lora_dropout", "target_modules")
+
+
+def _refuse_lora_only(cfg: TrainConfig, given: dict[str, Any]) -> None:
+    """Refuse a LoRA-only setting given (flag or TOML) together with ``full``.
+
+    A value equal to its default still counts when it was given: ``--rank 16 --full`` is as
+    contradictory as ``--rank 8 --full``. Booleans given as false are harmless and pass.
+    """
+    for name in LORA_ONLY:
+        if name not in given or given[name] is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        raise UsageError(f"{flag}: a LoRA setting, not valid with --full (full fine-tuning "
+                            "trains every weight: drop it, or drop --full)")
