@@ -2,9 +2,11 @@
 screen and the demo. Headless: it keeps the history and streams each reply as events
 (:class:`Token` pieces, then one :class:`Answer` per side); front ends only render them.
 
-A session has one or two *sides*: (label, adapter name in the engine or None for the base).
-Two sides answer every message one after the other (``chat --compare``, the TUI's compare
-mode), each continuing its own conversation. The session calls the engine through its public
+A session has one or two *sides*: (label, adapters) where adapters is an adapter name in the
+engine, None for the base, or a mix ``[(name, scale), ...]`` applied together (llama.cpp's
+``llama_set_adapters_lora``, the same as the server's per-request ``adapters`` field; the
+first adapter's chat template is used). Two sides answer every message one after the other
+(``chat --compare``, the TUI's compare mode), each continuing its own conversation. The session calls the engine through its public
 ``chat_stream`` only, so whatever the engine does for a conversation (prompt caching, the
 system-mode fold, stop tokens) applies here too.
 
@@ -41,14 +43,41 @@ def command_of(line: str) -> Optional[str]:
     return COMMANDS.get(line.strip())
 
 
+# What a side answers with: an adapter name in the engine, None (the base), or a mix
+# ((name, scale), ...) applied together.
+Adapters = Union[None, str, Sequence[tuple[str, float]]]
+
+
+def mix_of(adapters: Adapters) -> tuple:
+    """``adapters`` as :meth:`edge_tune.engine.Engine.activate_mix` takes them:
+    ``((name, scale), ...)``; None -> ``()`` (the base), a name -> that adapter at scale 1."""
+    if adapters is None:
+        return ()
+    if isinstance(adapters, str):
+        return ((adapters, 1.0),)
+    return tuple((str(name), float(scale)) for name, scale in adapters)
+
+
 @dataclass
 class Side:
-    """Who answers: ``label`` as shown, ``adapter`` the engine's adapter name (None: the
-    base), and the conversation so far (user and assistant messages, no system message)."""
+    """Who answers: ``label`` as shown, ``adapter`` the engine's adapter name, None (the
+    base) or a mix ``((name, scale), ...)``, and the conversation so far (user and assistant
+    messages, no system message)."""
 
     label: str
-    adapter: Optional[str]
+    adapter: Adapters
     history: list[dict] = field(default_factory=list)
+
+    @property
+    def mix(self) -> tuple:
+        """The adapter set this side answers under (see :func:`mix_of`)."""
+        return mix_of(self.adapter)
+
+    @property
+    def template_owner(self) -> Optional[str]:
+        """The adapter whose chat template this side's conversation is rendered with (the
+        first of a mix, as the engine and the server do); None: the base's."""
+        return self.mix[0][0] if self.mix else None
 
 
 @dataclass
@@ -86,17 +115,17 @@ class ChatSession:
     """The conversation with ``engine`` (an :class:`edge_tune.engine.Engine` with the
     adapters the sides name loaded).
 
-    ``sides``: [(label, adapter name or None)], one or two; default one side, ``"bot"``, with
-    whatever the engine has active. ``system``, ``temperature`` (0 = greedy) and
+    ``sides``: [(label, adapter name, None or a mix [(name, scale), ...])], one or two;
+    default one side, ``"bot"``, with whatever adapter set the engine has active. ``system``, ``temperature`` (0 = greedy) and
     ``max_tokens`` apply to every later message and may be changed between messages.
     ``history``: a conversation to continue (every side starts from it)."""
 
-    def __init__(self, engine, sides: Optional[Sequence[tuple[str, Optional[str]]]] = None, *,
+    def __init__(self, engine, sides: Optional[Sequence[tuple[str, Adapters]]] = None, *,
                  system: Optional[str] = None, temperature: float = 0.7,
                  max_tokens: int = 256, plain_fallback: bool = True,
                  history: Sequence[dict] = ()) -> None:
         self.engine = engine
-        pairs = list(sides) if sides else [("bot", engine.active)]
+        pairs = list(sides) if sides else [("bot", engine.active_mix)]
         if not 1 <= len(pairs) <= 2:
             raise ValueError("a chat session has one or two sides")
         self.sides = [Side(label, adapter, [dict(m) for m in history])
@@ -108,7 +137,7 @@ class ChatSession:
         self._stop = threading.Event()
 
     @property
-    def side_names(self) -> list[tuple[str, Optional[str]]]:
+    def side_names(self) -> list[tuple[str, Adapters]]:
         return [(s.label, s.adapter) for s in self.sides]
 
     @property
@@ -124,7 +153,8 @@ class ChatSession:
     def plain_sides(self) -> list[str]:
         """Labels of the sides whose model has no chat template: with ``plain_fallback`` they
         answer as plain text completions of the conversation (tell the user once)."""
-        return [s.label for s in self.sides if self.engine.template_of(s.adapter) is None]
+        return [s.label for s in self.sides
+                if self.engine.template_of(s.template_owner) is None]
 
     def reset(self) -> None:
         """Start a new conversation (the system prompt stays)."""
@@ -157,8 +187,8 @@ class ChatSession:
             side.history += [turn, {"role": "assistant", "content": ""}]
             yield Answer(index, "", stopped=True)
             return
-        if self.engine.active != side.adapter:
-            self.engine.activate(side.adapter)
+        if self.engine.active_mix != side.mix:
+            self.engine.activate_mix(side.mix)
         stopped = False
         try:
             with _system_mode_hint(messages), contextlib.closing(self.engine.chat_stream(

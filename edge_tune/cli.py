@@ -469,10 +469,15 @@ def eval_(
 
 @app.command()
 def chat(
-    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="A run directory or "
-                                           "an adapter .gguf; none = the plain base."),
-    base: Optional[str] = typer.Option(None, help="Base GGUF (default: the run's base, else "
-                                       "the embedded model)."),
+    adapter: list[str] = typer.Option([], "--adapter", "-a", metavar="PATH[=SCALE]",
+                                      help="A run directory or an adapter .gguf; none = the "
+                                      "plain base. Repeat to mix adapters, each at its SCALE "
+                                      "(default 1), as the server's 'adapters' field does."),
+    adapter_scale: Optional[float] = typer.Option(None, "--adapter-scale", metavar="SCALE",
+                                                  help="Scale of the one --adapter (-8 to 8; "
+                                                  "0 = the base, 1 = as trained)."),
+    base: Optional[str] = typer.Option(None, help="Base GGUF (default: the first run's base, "
+                                       "else the embedded model)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer once and exit."),
     system: Optional[str] = typer.Option(None, help="System prompt."),
     temperature: float = typer.Option(0.7, help="0 = greedy."),
@@ -500,18 +505,23 @@ def chat(
     \b
       edge-tune chat --adapter runs/demo --prompt "What do bees make?"
       edge-tune chat --adapter runs/demo --compare base --prompt "Hi"
+      edge-tune chat --adapter runs/demo --adapter-scale 0.5
+      edge-tune chat --adapter runs/pirate=0.7 --adapter runs/legal=0.3
       edge-tune chat --bundle my-bundle --adapter pirate
     """
     from edge_tune import api
     from edge_tune.render import Renderer
 
-    if bundle is not None or compare is not None:
-        plan, sides = api.chat_plan(str(adapter) if adapter else None, base, bundle, compare,
-                                    chat_template, system_mode)
+    mix = api.parse_adapter_options(adapter, adapter_scale)
+    if bundle is not None or compare is not None or len(mix) > 1 or \
+            any(scale != 1.0 for _, scale in mix):
+        plan, sides = api.chat_plan(mix or None, base, bundle, compare, chat_template,
+                                    system_mode)
         engine = api.open_serving(plan, Renderer(err))
         base_name = plan.base.name
         title = f"{base_name} as {' | '.join(label for label, _ in sides)}"
     else:
+        adapter = Path(mix[0][0]) if mix else None
         target = api.resolve_chat(adapter, base, chat_template, system_mode)
         engine = api.open_engine(target, Renderer(err))
         base_name, sides = target.base.name, None

@@ -7,10 +7,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-from gguf_helpers import retemplated, write_adapter
-from tiny_models import SHAPE, tiny_llama_gguf
+from gguf_helpers import retemplated
+from tiny_models import tiny_adapter, tiny_llama_gguf
 
 from edge_tune.chat_session import (EMPTY_ANSWER, Answer, ChatSession, Token, command_of,
                                     require_text)
@@ -27,20 +26,14 @@ def tiny(default_gguf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(tiny, tmp_path_factory):
-    """The tiny model (SmolLM2's ChatML template) with a strong random adapter on attn_q/v."""
+    """The tiny model (SmolLM2's ChatML template) with two strong random adapters on
+    attn_q/v ("adapter", "other")."""
     from edge_tune.engine import Engine
 
-    rng = np.random.default_rng(1)
-    h = SHAPE["hidden"]
-    kv = SHAPE["kv_heads"] * h // SHAPE["heads"]
-    pairs = {}
-    for b in range(SHAPE["blocks"]):
-        for name, out in (("attn_q", h), ("attn_v", kv)):
-            pairs[f"blk.{b}.{name}.weight.lora_a"] = rng.normal(size=(4, h))
-            pairs[f"blk.{b}.{name}.weight.lora_b"] = rng.normal(size=(out, 4))
-    adapter = write_adapter(tmp_path_factory.mktemp("a") / "a.gguf", "llama", pairs, alpha=64.0)
+    adapters = tmp_path_factory.mktemp("a")
     eng = Engine(tiny, n_ctx=512, threads=1)
-    eng.add_adapter(adapter, "adapter")
+    eng.add_adapter(tiny_adapter(adapters / "a.gguf", seed=1), "adapter")
+    eng.add_adapter(tiny_adapter(adapters / "b.gguf", seed=2), "other")
     yield eng
     eng.close()
 
@@ -79,6 +72,24 @@ def test_two_sides_answer_in_turn_each_with_its_own_history(engine):
     assert chat.history is chat.sides[-1].history  # the adapter's conversation continues
     moved = ChatSession(engine, [("bot", "adapter")], history=chat.history, **GREEDY)
     assert moved.history == chat.history and moved.history is not chat.history
+
+
+def test_a_side_can_answer_with_a_mix_of_adapters(engine):
+    """A side that names ((name, scale), ...) answers as the engine does under that adapter
+    set (llama_set_adapters_lora), and switching sides switches sets."""
+    mix = (("adapter", 0.7), ("other", 0.3))
+    chat = ChatSession(engine, [("mix", mix), ("half", [("adapter", 0.5)])], **GREEDY)
+    mixed, half = chat.answer("Name a color.")
+    ask = [{"role": "user", "content": "Name a color."}]
+    engine.activate_mix(mix)
+    assert mixed == engine.chat(ask, **GREEDY)
+    engine.activate("adapter", 0.5)
+    assert half == engine.chat(ask, **GREEDY)
+    assert len({mixed, half, _direct(engine, "adapter", ask), _direct(engine, "other", ask)}) \
+        == 4  # every set answers differently: the scales really apply
+    assert chat.sides[0].template_owner == "adapter" and chat.plain_sides() == []
+    engine.activate_mix(mix)
+    assert ChatSession(engine, **GREEDY).side_names == [("bot", mix)]  # what is active
 
 
 def test_a_model_without_a_template_answers_as_a_plain_completion(tiny, tmp_path):

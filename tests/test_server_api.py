@@ -12,8 +12,10 @@ import json
 
 import openai
 import pytest
+from conftest import assert_one_line_error, run_cli_in_process
 from serve_helpers import one_llama_thread, running_server
 from tiny_families import family_gguf
+from tiny_models import tiny_adapter, tiny_llama_gguf
 
 from edge_tune.server.openai_shapes import RequestError, parse_request
 from edge_tune.server.tools import HERMES, LLAMA3, CallStream, parse_calls, syntax_of
@@ -260,3 +262,60 @@ def test_lone_surrogate_is_400_naming_the_field(servers):
     assert status == 400 and err["error"]["param"] == "messages[0].content", err
     with pytest.raises(RequestError):
         parse_request("chat", json.loads(body), ["base"])
+
+
+@pytest.fixture(scope="module")
+def tiny_mix(default_gguf, tmp_path_factory):
+    """A tiny random Llama (SmolLM2's tokenizer and ChatML template) and two strong random
+    adapters, served as "a" and "b"."""
+    root = tmp_path_factory.mktemp("mix")
+    files = {"base": tiny_llama_gguf(root / "tiny.gguf", default_gguf),
+             "a": tiny_adapter(root / "a.gguf", seed=1),
+             "b": tiny_adapter(root / "b.gguf", seed=2)}
+    with one_llama_thread(), running_server("--base", str(files["base"]), "--ctx", "512",
+                                            "--adapter", f"a={files['a']}",
+                                            "--adapter", f"b={files['b']}") as srv:
+        yield files, _client(srv)
+
+
+def test_a_mixed_chat_equals_the_servers_mix(tiny_mix):
+    """`chat --adapter A=0.7 --adapter B=0.3 --prompt` answers as the server does for the
+    request field "adapters": [{a, 0.7}, {b, 0.3}] (greedy), and unlike a or b alone."""
+    files, client = tiny_mix
+    ask = dict(model="base", messages=USER, temperature=0, max_tokens=8)
+
+    def served(mix):
+        return client.chat.completions.create(**ask, extra_body={"adapters": [
+            {"name": n, "scale": s} for n, s in mix]}).choices[0].message.content
+
+    mixed = served([("a", 0.7), ("b", 0.3)])
+    assert mixed not in (served([("a", 1)]), served([("b", 1)]))
+    with one_llama_thread():
+        for options in [("--adapter", f"{files['a']}=0.7", "--adapter", f"{files['b']}=0.3"),
+                        ("--adapter", str(files["a"]), "--adapter-scale", "0.5")]:
+            proc = run_cli_in_process("chat", "--base", str(files["base"]), *options,
+                                      "--prompt", USER[0]["content"], "--temperature", "0",
+                                      "--max-tokens", "8")
+            assert proc.returncode == 0, proc.stderr
+            want = mixed if "0.7" in options[1] else served([("a", 0.5)])
+            assert proc.stdout == want + "\n"
+
+
+@pytest.mark.parametrize("options, needle", [
+    (["--adapter", "A=2e9"], "out of range"),
+    (["--adapter", "A=nan"], "out of range"),
+    (["--adapter", "A=lots"], "'lots' is not a number"),
+    (["--adapter", "A", "--adapter-scale", "-9"], "--adapter-scale: scale -9 is out of range"),
+    (["--adapter", "A=0.5", "--adapter", "B", "--adapter-scale", "0.5"], "scales one"),
+    (["--adapter-scale", "0.5"], "scales one"),
+    (["--adapter", "A=0.5", "--adapter", "A=0.2"], "twice in the mix"),
+    (["--adapter", "NOPE=0.5", "--adapter", "A"], "NOPE: no such file"),
+    (["--adapter", "=0.5"], "no adapter before '='"),
+])
+def test_bad_adapter_scales_and_names_are_one_line_errors(tiny_mix, options, needle):
+    files = tiny_mix[0]
+    args = [o.replace("A", str(files["a"])).replace("B", str(files["b"])) if o != "NOPE=0.5"
+            else str(files["a"].parent / "nope.gguf") + "=0.5" for o in options]
+    needle = needle.replace("NOPE", str(files["a"].parent / "nope.gguf"))
+    proc = run_cli_in_process("chat", "--base", str(files["base"]), *args, "--prompt", "hi")
+    assert_one_line_error(proc, needle)

@@ -67,3 +67,19 @@ def tiny_llama_gguf(dst: Path, tokenizer_from: Path, seed: int = 0, **shape) -> 
             w.add_tensor(p + "ffn_up.weight", rand(s["ffn"], hidden))
             w.add_tensor(p + "ffn_down.weight", rand(hidden, s["ffn"]))
     return Path(dst)
+
+
+def tiny_adapter(dst: Path, seed: int = 1, alpha: float = 64.0) -> Path:
+    """A strong random GGUF LoRA (rank 4, on attn_q and attn_v of every block) for a
+    :func:`tiny_llama_gguf` model: it visibly changes greedy answers."""
+    from gguf_helpers import write_adapter
+
+    rng = np.random.default_rng(seed)
+    h = SHAPE["hidden"]
+    kv = SHAPE["kv_heads"] * h // SHAPE["heads"]
+    pairs = {}
+    for b in range(SHAPE["blocks"]):
+        for name, out in (("attn_q", h), ("attn_v", kv)):
+            pairs[f"blk.{b}.{name}.weight.lora_a"] = rng.normal(size=(4, h))
+            pairs[f"blk.{b}.{name}.weight.lora_b"] = rng.normal(size=(out, 4))
+    return write_adapter(Path(dst), "llama", pairs, alpha=alpha)

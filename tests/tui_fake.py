@@ -55,6 +55,13 @@ class FakeEngine:
     def activate(self, name) -> None:
         self.active = name
 
+    @property
+    def active_mix(self) -> tuple:
+        return () if self.active is None else ((self.active, 1.0),)
+
+    def activate_mix(self, mix) -> None:
+        self.active = mix[0][0] if mix else None
+
     def template_of(self, adapter):
         return "{{ messages }}"
 

@@ -1,15 +1,17 @@
-"""``chat``: a base GGUF (and an adapter) in llama.cpp, and what ``chat --bundle`` /
-``chat --compare`` load and answer with."""
+"""``chat``: a base GGUF (and an adapter, or a mix of adapters at chosen scales) in
+llama.cpp, and what ``chat --bundle`` / ``chat --compare`` / ``chat --adapter A=0.7 --adapter
+B=0.3`` load and answer with."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence, Union
 
-from edge_tune import models
+from edge_tune import chat_session, models
 from edge_tune.adapters import ChatTarget, resolve_chat
 from edge_tune.chat_session import ChatSession, Token
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import EventSink, Log, ignore
 from edge_tune.fsutil import sha256_file
 from edge_tune.server.plan import ServePlan
@@ -49,12 +51,76 @@ def chat_once(target: ChatTarget, prompt: str, system: Optional[str] = None,
         engine.close()
 
 
-def chat_plan(adapter: Optional[str], base: Optional[str], bundle: Optional[Path] = None,
-              compare: Optional[str] = None, chat_template: Optional[str] = None,
+# The server's bounds for a request's ``adapters`` mix (edge_tune.server.adapter_admin).
+MAX_MIX = 8
+MAX_SCALE = 8.0
+
+
+def _scale_text(scale: float) -> str:
+    return f"{scale:g}"
+
+
+def parse_adapter_options(specs: Sequence[str],
+                          scale: Optional[float] = None) -> list[tuple[str, float]]:
+    """``chat --adapter PATH[=SCALE]... [--adapter-scale S]`` -> [(PATH, scale)], the mix
+    the chat answers with (the same semantics as the server's ``adapters`` request field:
+    each adapter adds ``scale * alpha / rank * B A x``). ``PATH=SCALE``: a spec that is not
+    an existing path and ends in ``=NUMBER``; ``--adapter-scale`` is the scale of a single
+    ``--adapter``. Scales are finite numbers in [-8, 8]; at most 8 adapters, each once.
+    Raises :class:`UsageError` (one line naming the option)."""
+    out: list[tuple[str, float]] = []
+    for spec in specs:
+        path, value = spec, None
+        if "=" in spec and not Path(spec).exists():
+            path, _, value = spec.rpartition("=")
+        if value is not None:
+            try:
+                number = float(value)
+            except ValueError:
+                raise UsageError(f"--adapter {spec}: the scale {value!r} is not a number "
+                                 f"(expected PATH=SCALE, SCALE from {-MAX_SCALE:g} to "
+                                 f"{MAX_SCALE:g})") from None
+        else:
+            number = 1.0
+        if not path:
+            raise UsageError(f"--adapter {spec}: no adapter before '=' (expected PATH=SCALE)")
+        out.append((path, number))
+    if scale is not None:
+        if len(specs) != 1 or "=" in specs[0] and not Path(specs[0]).exists():
+            raise UsageError("--adapter-scale: scales one --adapter; to mix several give each "
+                             "its own scale: --adapter A=0.7 --adapter B=0.3")
+        out = [(out[0][0], float(scale))]
+    if len(out) > MAX_MIX:
+        raise UsageError(f"--adapter: at most {MAX_MIX} adapters in one mix, got {len(out)}")
+    for path, number in out:
+        if not math.isfinite(number) or abs(number) > MAX_SCALE:
+            flag = "--adapter-scale" if scale is not None else f"--adapter {path}"
+            raise UsageError(f"{flag}: scale {_scale_text(number)} is out of range (expected "
+                             f"a number from {-MAX_SCALE:g} to {MAX_SCALE:g})")
+    seen = [Path(p).resolve() for p, _ in out]
+    for i, path in enumerate(seen):
+        if path in seen[:i]:
+            raise UsageError(f"--adapter {out[i][0]}: the same adapter twice in the mix")
+    return out
+
+
+def mix_label(labels: Sequence[tuple[str, float]]) -> str:
+    """How a mix is shown: ``pirate``, ``pirate×0.7``, ``pirate×0.7 + legal×0.3``."""
+    if len(labels) == 1 and labels[0][1] == 1.0:
+        return labels[0][0]
+    return " + ".join(f"{label}×{_scale_text(scale)}" for label, scale in labels)
+
+
+def chat_plan(adapter: Union[None, str, Sequence[tuple[str, float]]], base: Optional[str],
+              bundle: Optional[Path] = None, compare: Optional[str] = None,
+              chat_template: Optional[str] = None,
               system_mode: Optional[str] = None) -> tuple[ServePlan, list]:
-    """For ``chat --bundle`` / ``chat --compare``: what to load, and the sides to answer
-    with, as [(label, adapter name in the plan or None for the base)] (one or two). Each side
-    keeps its run's chat template; ``chat_template``/``system_mode`` replace every side's."""
+    """What ``chat`` loads and the sides it answers with, as [(label, adapter name in the
+    plan, None for the base, or a mix ((name, scale), ...))] (one or two). ``adapter``: a
+    run dir / adapter .gguf (a bundle's adapter name with ``bundle``), or a mix
+    [(spec, scale), ...] from :func:`parse_adapter_options`; ``compare``: the second side.
+    Each adapter keeps its run's chat template (a mix uses its first adapter's, as the
+    server does); ``chat_template``/``system_mode`` replace every side's."""
     def side(spec: Optional[str], plan: ServePlan, slot: str):
         if spec is None or spec == "base":
             return ("base", None)
@@ -69,8 +135,9 @@ def chat_plan(adapter: Optional[str], base: Optional[str], bundle: Optional[Path
             return (spec, spec)
         target = resolve_chat(Path(spec), base if base else None, chat_template, system_mode)
         label = Path(spec).name
-        if any(path == target.adapter for path in plan.adapters.values()):
-            raise EdgeTuneError(f"--compare {spec}: the same adapter on both sides")
+        loaded = next((n for n, path in plan.adapters.items() if path == target.adapter), None)
+        if loaded is not None:  # the compare side shares an adapter with the mix
+            return (label, loaded)
         plan.add(slot, target)
         if plan.base is None:
             plan.base = target.base
@@ -88,18 +155,30 @@ def chat_plan(adapter: Optional[str], base: Optional[str], bundle: Optional[Path
                 getattr(plan, table)["base"] = getattr(bundle_plan, table)["base"]
     else:
         plan = ServePlan(resolve_chat(None, base).base if base else None, {})
-    sides = [side(adapter, plan, "left")]
+    if adapter is None or isinstance(adapter, str):
+        sides = [side(adapter, plan, "left")]
+    else:
+        parts = [(side(spec, plan, f"left{i}" if i else "left"), scale)
+                 for i, (spec, scale) in enumerate(adapter)]
+        if len({name for (_, name), _ in parts}) < len(parts):
+            raise UsageError("--adapter: the same adapter twice in the mix")
+        mix = tuple((name, scale) for (_, name), scale in parts)
+        plain = len(mix) == 1 and mix[0][1] == 1.0
+        sides = [(mix_label([(label, scale) for (label, _), scale in parts]),
+                  mix[0][0] if plain else mix)]
     if compare is not None:
         other = side(compare, plan, "right")
-        if other[1] == sides[0][1]:
-            raise EdgeTuneError(f"--compare {compare}: the same model on both sides; compare "
-                                "an adapter with 'base' or with another adapter")
+        if chat_session.mix_of(other[1]) == chat_session.mix_of(sides[0][1]):
+            what = "model" if other[1] is None else "adapter"
+            raise EdgeTuneError(f"--compare {compare}: the same {what} on both sides; "
+                                "compare an adapter with 'base' or with another adapter")
         if other[0] == sides[0][0]:
             other = (other[0] + " (2)", other[1])
         sides.append(other)
     if plan.base is None:
         plan.base = models.default_gguf()
-    runs_template = next((plan.templates[n] for _, n in sides if n in plan.templates), None)
+    owners = [chat_session.Side(label, adapters).template_owner for label, adapters in sides]
+    runs_template = next((plan.templates[n] for n in owners if n in plan.templates), None)
     if runs_template is not None and "base" not in plan.templates:
         # base vs adapter: the same template on both sides, so only the adapter differs
         plan.templates["base"] = runs_template
