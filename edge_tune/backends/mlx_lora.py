@@ -108,6 +108,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.trainer import TrainingArgs
     from mlx_lm.tuner.trainer import evaluate as mlx_evaluate
+    from mlx_lm.tuner.trainer import grad_checkpoint
     from mlx_lm.tuner.trainer import train as mlx_train
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
@@ -221,10 +222,22 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
             grad_checkpoint=cfg.grad_checkpoint,
             steps_per_eval=total + 1, steps_per_save=total + 1, max_seq_length=limit,
             adapter_file=str(native / mlx_to_peft.WEIGHTS))
-        clock["start"] = time.perf_counter()
-        mlx_train(model, opt, examples, None, args, loss=masked_loss,
-                  iterate_batches=iterate_batches, training_callback=Events())
-        train_seconds = time.perf_counter() - clock["start"] - clock["paused"]
+        if cfg.method != "sft":  # DPO/ORPO: mlx-lm has no preference trainer (mlx_preference)
+            from edge_tune.backends import mlx_preference
+
+            if cfg.grad_checkpoint:
+                grad_checkpoint(model.layers[0])
+            done = mlx_preference.fit(model, opt, job, emit, total, steps_per_epoch, warmup,
+                                      accum, evals)
+            losses, seen["tokens"] = done["losses"], done["tokens"]
+            val_loss_box["value"], train_seconds = done["val_loss"], done["train_seconds"]
+            mx.save_safetensors(str(native / mlx_to_peft.WEIGHTS),
+                                dict(tree_flatten(model.trainable_parameters())))
+        else:
+            clock["start"] = time.perf_counter()
+            mlx_train(model, opt, examples, None, args, loss=masked_loss,
+                      iterate_batches=iterate_batches, training_callback=Events())
+            train_seconds = time.perf_counter() - clock["start"] - clock["paused"]
         (native / mlx_to_peft.CONFIG).write_text(json.dumps(native_cfg, indent=2))
         mlx_to_peft.convert(native, Path(job.adapter_dir), base_model=job.hf_dir)
         if cfg.rslora:
@@ -232,6 +245,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
     return {
         "steps": total,
         "final_loss": final_loss(losses),
+        "losses": [round(x, 6) for x in losses],  # per optimizer step (the loss curve)
         "val_loss": val_loss_box["value"],
         "tokens": seen["tokens"],
         "tokens_per_second": seen["tokens"] / max(train_seconds, 1e-9),
