@@ -155,6 +155,8 @@ def resolve_chat(adapter: Optional[Path], base: Optional[str],
             if man is None:
                 raise EdgeTuneError(f"--adapter {adapter}: not an edge-tune run directory (no "
                                     "manifest.json); pass the adapter .gguf or export it first")
+            if man.full:  # a full fine-tuning run is a model: chat with it as the base
+                return _full_run_target(adapter, man, base, chat_template, system_mode)
             gg = man.adapter.gguf
             if not gg:
                 raise EdgeTuneError(f"--adapter {adapter}: the run has no adapter.gguf; run "
@@ -183,3 +185,22 @@ def resolve_chat(adapter: Optional[Path], base: Optional[str],
 
     require_template_tokens(chosen, models.ModelRef(str(base_path), gguf=Path(base_path)))
     return ChatTarget(base_path, adapter_gguf, man, chosen, mode)
+
+
+def _full_run_target(run: Path, man: Manifest, base: Optional[str],
+                     chat_template: Optional[str], system_mode: Optional[str]) -> ChatTarget:
+    """A full fine-tuning run as a chat target: its model GGUF is the base, with no adapter
+    (as a merged export); the run's chat template and system mode as for any run."""
+    if base is not None:
+        raise EdgeTuneError(f"--base {base}: {run} is a full fine-tuning run, a whole model of "
+                            "its own; drop --base")
+    gg = man.model.gguf if man.model is not None else None
+    if not gg or not (run / gg).is_file():
+        raise EdgeTuneError(f"--adapter {run}: the full run has no model GGUF; run `edge-tune "
+                            f"export {run}`")
+    mode = system_mode_option(system_mode) or man.hyperparameters.system_mode or "keep"
+    chosen = template_choice.choose(chat_template, man)
+    from edge_tune.template_vocab import require_template_tokens
+
+    require_template_tokens(chosen, models.ModelRef(str(run / gg), gguf=run / gg))
+    return ChatTarget(run / gg, None, man, chosen, mode)

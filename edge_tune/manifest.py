@@ -173,6 +173,17 @@ class Adapter(_Record):
 
 
 @dataclass(kw_only=True)
+class FullModel(_Record):
+    """A full fine-tuning run's model, relative to the run directory: the trained HF weights
+    (``hf``: config.json + model.safetensors + tokenizer) and the GGUF made from them by
+    llama.cpp's converter (``gguf``, of type ``quant``)."""
+
+    hf: str = "model"
+    gguf: Optional[str] = None
+    quant: Optional[str] = None
+
+
+@dataclass(kw_only=True)
 class Hyperparameters(_Record):
     """The training config (:class:`edge_tune.config.TrainConfig` as a dict); the fields
     read after training are typed, the rest stay in ``extra``."""
@@ -197,6 +208,9 @@ class Manifest(_Record):
     created: Optional[str] = None
     backend: Optional[str] = None
     backend_reason: Optional[str] = None
+    # "lora" (an adapter on the base) or "full" (every weight trained: ``model`` holds the
+    # result and ``adapter`` is empty); runs written before the key existed are LoRA runs
+    kind: Optional[str] = None
     base: Base = field(default_factory=Base)
     chat_template: Optional[str] = None
     chat_template_name: Optional[str] = None
@@ -206,9 +220,15 @@ class Manifest(_Record):
     data: Data = field(default_factory=Data)
     result: Result = field(default_factory=Result)
     adapter: Adapter = field(default_factory=Adapter)
+    model: Optional[FullModel] = None
     plan: Optional[dict] = None
     versions: dict = field(default_factory=dict)
     _ALWAYS: ClassVar[tuple] = ("format",)
+
+    @property
+    def full(self) -> bool:
+        """True for a full fine-tuning run (its result is a model, not an adapter)."""
+        return self.kind == "full"
 
     @classmethod
     def load(cls, path: Path) -> "Manifest":
@@ -260,7 +280,8 @@ def library_versions() -> dict[str, str]:
 
 
 def build(*, config: dict, backend: str, backend_reason: str, base: dict, data: dict,
-          result: dict, tokenizer: dict, adapter: dict, plan: Optional[dict] = None) -> Manifest:
+          result: dict, tokenizer: dict, adapter: dict, plan: Optional[dict] = None,
+          kind: str = "lora", model: Optional[dict] = None) -> Manifest:
     """Assemble the manifest. Pure but for the clock and the installed versions.
 
     ``tokenizer``: ``chat_template`` (the Jinja text the data was rendered with),
@@ -271,6 +292,7 @@ def build(*, config: dict, backend: str, backend_reason: str, base: dict, data: 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "backend": backend,
         "backend_reason": backend_reason,
+        "kind": kind,
         "base": base,
         "chat_template": tokenizer.get("chat_template"),
         "chat_template_name": tokenizer.get("chat_template_name"),
@@ -280,6 +302,7 @@ def build(*, config: dict, backend: str, backend_reason: str, base: dict, data: 
         "data": data,
         "result": result,
         "adapter": adapter,
+        **({"model": model} if model is not None else {}),
         "plan": plan,
         "versions": library_versions(),
     }, "the new manifest")

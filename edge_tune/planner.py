@@ -6,7 +6,9 @@ torch/mlx/unsloth, and is easy to test. The memory model counts what each backen
 * the framework itself (Python + torch/mlx + transformers after import);
 * frozen weights at their precision (bf16 where the CPU does bf16, fp32 otherwise; 4-bit NF4
   for Unsloth QLoRA) and, while loading, the fp32 safetensors file mapped into memory;
-* LoRA weights, their gradients and AdamW's two moments (fp32: 16 bytes per parameter);
+* LoRA weights, their gradients and AdamW's two moments (fp32: 16 bytes per parameter); a
+  full fine-tune (``full``) has them for every weight instead (plus a bf16 copy under
+  bf16 autocast), and computes weight gradients too (6 FLOPs per weight and token, not 4);
 * activations kept for the backward pass: per token per block a fixed number of hidden- and
   FFN-sized tensors, plus the attention probabilities (B x heads x L x L, eager attention),
   or only each block's input with gradient checkpointing;
@@ -125,6 +127,8 @@ class Estimate:
     tokens_per_step: int
     seconds_per_step: float
     total_steps: int
+    output_bytes: dict = field(default_factory=dict)  # what the run writes (see output_bytes)
+    trained_params: int = 0  # weights the optimizer updates (LoRA's, or all of them)
 
     @property
     def total_seconds(self) -> float:
@@ -132,13 +136,15 @@ class Estimate:
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "precision": self.precision,
+                "trained_parameters": self.trained_params,
                 "parts_gib": {k: round(v / GIB, 3) for k, v in self.parts.items()},
                 "load_peak_gib": round(self.load_peak / GIB, 3),
                 "peak_gib": round(self.peak / GIB, 3),
                 "tokens_per_step": self.tokens_per_step,
                 "seconds_per_step": round(self.seconds_per_step, 3),
                 "total_steps": self.total_steps,
-                "total_seconds": round(self.total_seconds, 1)}
+                "total_seconds": round(self.total_seconds, 1),
+                "output_gib": {k: round(v / GIB, 4) for k, v in self.output_bytes.items()}}
 
 
 @dataclass
@@ -214,7 +220,9 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
     # pass of the reference (the base: adapter off, no gradients)
     batch = cfg["batch_size"] * (1 if method == "sft" else 2)
     tokens = batch * length
-    n_lora = lora_params(shape, cfg["rank"], cfg["target_modules"], cfg.get("dora", False))
+    full = bool(cfg.get("full"))
+    n_lora = 0 if full else lora_params(shape, cfg["rank"], cfg["target_modules"],
+                                        cfg.get("dora", False))
     four_bit = backend == "unsloth" and cfg.get("quantize_4bit", True)
     if backend == "unsloth":
         precision = "nf4" if four_bit else "bf16"
@@ -230,6 +238,12 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
     # Quantized backends keep embeddings and norms in 16-bit.
     weights = (shape.params - embed_params) * weight_bytes + embed_params * \
         (2.0 if four_bit else weight_bytes)
+    n_trained = n_lora
+    if full:
+        # Every weight trains: an fp32 master copy, its fp32 gradient and AdamW's two fp32
+        # moments; under bf16 autocast torch also caches a bf16 copy of each weight it casts.
+        n_trained = shape.params
+        weights = 4.0 * shape.params + (2.0 * shape.params if weight_bytes == 2.0 else 0.0)
     att_batch, att_len = batch, length
     if cfg.get("pack") and capabilities(backend).packs_batches and method == "sft":  # rows <= the longest example
         att_len = min(length, tokens)
@@ -245,23 +259,36 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
     parts = {
         "framework": FRAMEWORK_BYTES.get(backend, FRAMEWORK_BYTES["cpu"]),
         "weights": weights,
-        "lora + optimizer": 16.0 * n_lora,
+        "adapter weights": 4.0 * n_lora,  # LoRA's A and B in fp32 (none in a full run)
+        "gradients": 4.0 * n_trained,
+        "optimizer state": 8.0 * n_trained,  # AdamW: two fp32 moments per trained weight
         "activations": activations,
         "loss": 3 * rows * shape.vocab * 4 + tokens * shape.hidden * 4,
     }
     train_peak = sum(parts.values())
     file_bytes = shape.file_bytes or 4 * shape.params
     load_peak = parts["framework"] + file_bytes + weights if backend != "unsloth" else 0.0
-    flops = 4.0 * (shape.params + n_lora) * tokens + \
+    # forward 2, input gradients 2, and (full) weight gradients 2 FLOPs per weight and token
+    flops = (6.0 * shape.params if full else 4.0 * (shape.params + n_lora)) * tokens + \
         4.0 * shape.layers * att_batch * att_len * att_len * shape.q_dim + \
         (dora_flops(shape, cfg["rank"], cfg["target_modules"]) if cfg.get("dora") else 0.0) + \
         (2.0 * shape.params * tokens if method == "dpo" else 0.0)
     return Estimate(backend=backend, precision=precision, parts=parts,
                     load_peak=load_peak, peak=max(train_peak, load_peak),
+                    output_bytes=output_bytes(shape, n_lora, full), trained_params=n_trained,
                     tokens_per_step=tokens * cfg.get("grad_accum", 1),
                     seconds_per_step=cfg.get("grad_accum", 1) * flops / _flops_per_second(
                         backend, precision, machine, bool(cfg.get("grad_checkpoint"))),
                     total_steps=total_steps)
+
+
+def output_bytes(shape: ModelShape, n_lora: int, full: bool) -> dict[str, float]:
+    """Bytes a run writes. LoRA: the PEFT adapter (safetensors, fp32) and ``adapter.gguf``
+    (F32), run on the base. Full: the trained HF weights (safetensors, fp32) and
+    ``model.gguf`` (F16), a whole model. Pure."""
+    if full:
+        return {"training format": 4.0 * shape.params, "gguf": 2.0 * shape.params}
+    return {"training format": 4.0 * n_lora, "gguf": 4.0 * n_lora}
 
 
 def _flops_per_second(backend: str, precision: str, machine: Machine, checkpointing: bool) -> float:

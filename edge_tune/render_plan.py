@@ -7,6 +7,9 @@ from rich.table import Table
 
 
 def render_plan(report: dict, console: Console) -> None:
+    if "compare" in report:
+        render_comparison(report, console)
+        return
     est = report["estimate"]
     t = Table(title=f"plan: {report['model']} on {report['backend']} ({est['precision']}), "
                     f"{report['records']} training records", title_justify="left")
@@ -30,3 +33,51 @@ def render_plan(report: dict, console: Console) -> None:
         console.print("[green]fits[/]" + (" as given" if not report["changes"] else ""))
     else:
         console.print("[red]does not fit[/] even at batch size 1: `train` would refuse")
+
+
+def _size(gib: float) -> str:
+    return f"{gib * 1024:.1f} MiB" if gib < 1 else f"{gib:.2f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def render_comparison(report: dict, console: Console) -> None:
+    """``plan --full``: the LoRA and the full fine-tuning plan for the same data, side by
+    side (memory at the peak by part, time, what the run writes)."""
+    lora, full = report["compare"]["lora"], report["compare"]["full"]
+    t = Table(title=f"plan: {report['model']} on {report['backend']}, "
+                    f"{report['records']} training records: LoRA vs full fine-tuning",
+              title_justify="left")
+    t.add_column("", style="bold")
+    t.add_column(f"LoRA (r={report.get('lora_rank', 16)})", justify="right")
+    t.add_column("full", justify="right")
+    t.add_row("trained parameters", f"{lora['trained_parameters'] / 1e6:.2f}M",
+              f"{full['trained_parameters'] / 1e6:.2f}M")
+    for part in full["parts_gib"]:
+        t.add_row(f"memory: {part}", _size(lora["parts_gib"].get(part, 0.0)),
+                  _size(full["parts_gib"][part]))
+    t.add_row("[bold]memory: peak (training)[/]", f"[bold]{_size(lora['peak_gib'])}[/]",
+              f"[bold]{_size(full['peak_gib'])}[/]")
+    t.add_row("memory: peak while loading", _size(lora["load_peak_gib"]),
+              _size(full["load_peak_gib"]))
+    t.add_row("time per step", f"{lora['seconds_per_step']:.2f} s",
+              f"{full['seconds_per_step']:.2f} s")
+    t.add_row("time, whole run", _duration(lora["total_seconds"]),
+              _duration(full["total_seconds"]))
+    t.add_row("output: training format", _size(lora["output_gib"]["training format"]),
+              _size(full["output_gib"]["training format"]))
+    t.add_row("output: GGUF", _size(lora["output_gib"]["gguf"]) + " adapter",
+              _size(full["output_gib"]["gguf"]) + " model (F16)")
+    t.add_row("fits the budget", "yes" if lora["fits"] else "[red]no[/]",
+              "yes" if full["fits"] else "[red]no[/]")
+    console.print(t)
+    console.print(f"budget (free memory): {report['budget_gib']:.2f} GiB; times are a rough "
+                  "guide from measured throughput")
+    for name, side in (("LoRA", lora), ("full", full)):
+        for change in side["changes"]:
+            console.print(f"[yellow]{name}, changed to fit:[/] {change}")
+    if not full["fits"]:
+        console.print("[red]full fine-tuning does not fit[/]: `train --full` would refuse; "
+                      "LoRA " + ("fits" if lora["fits"] else "does not fit either"))

@@ -150,6 +150,30 @@ def torch_side(hf_dir: Path, peft_dir: Path, samples: list[Sample], max_new: int
     return base, tuned, greedy
 
 
+def torch_side_full(hf_dir: Path, model_dir: Path, samples: list[Sample], max_new: int):
+    """The same as :func:`torch_side` for a full fine-tuning run: the base is the original HF
+    model, the tuned one the run's trained weights (``model_dir``), both in fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edge_tune.models import quiet_hf
+
+    quiet_hf()
+    base, tuned, greedy = [], [], []
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        base = [model(torch.tensor([s.ids])).logits[0].double().numpy() for s in samples]
+        del model
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        for s in samples:
+            tuned.append(model(torch.tensor([s.ids])).logits[0].double().numpy())
+            out = model.generate(torch.tensor([s.prompt_ids]), max_new_tokens=max_new,
+                                 do_sample=False, attention_mask=torch.ones(1, len(s.prompt_ids),
+                                                                           dtype=torch.long))
+            greedy.append(out[0, len(s.prompt_ids):].tolist())
+    return base, tuned, greedy
+
+
 def mlx_side(hf_dir: Path, mlx_adapter: Path, samples: list[Sample], max_new: int):
     """The same as :func:`torch_side` from mlx-lm with the run's native mlx adapter, so an
     mlx run is checked against what it was trained with (and the mlx -> GGUF conversion)."""
@@ -246,8 +270,10 @@ def verify_run(run_dir: Path, man: Manifest, peft_dir: Path, base_gguf: Path, hf
                adapter_gguf: Path | None = None, merged: Path | None = None,
                merged_f32: Path | None = None, n_prompts: int = 3, max_len: int = 64,
                max_new: int = 12, on_event: EventSink = ignore,
-               mlx_adapter: Path | None = None) -> Report:
-    """Compare torch+PEFT with llama.cpp for this run (adapter GGUF, or a merged export)."""
+               mlx_adapter: Path | None = None, full_model: Path | None = None) -> Report:
+    """Compare torch+PEFT with llama.cpp for this run (adapter GGUF, or a merged export).
+    ``full_model``: a full fine-tuning run's HF weights; torch then runs them against the
+    base (``hf_dir``), and ``merged``/``merged_f32`` are the GGUF made from them."""
     from transformers import AutoTokenizer
 
     if (merged is None) == (adapter_gguf is None):
@@ -261,7 +287,10 @@ def verify_run(run_dir: Path, man: Manifest, peft_dir: Path, base_gguf: Path, hf
         raise EdgeTuneError(f"verify {run_dir}: no held-back examples to check with")
     steps = 4
     progress = lambda i, what: on_event(Progress("verify", i, steps, "", what))
-    if mlx_adapter is not None:
+    if full_model is not None:
+        progress(0, "verify: torch, base and fully fine-tuned weights")
+        t_base, t_tuned, t_greedy = torch_side_full(hf_dir, full_model, samples, max_new)
+    elif mlx_adapter is not None:
         progress(0, "verify: mlx")
         t_base, t_tuned, t_greedy = mlx_side(hf_dir, mlx_adapter, samples, max_new)
     else:
@@ -286,6 +315,7 @@ def verify_run(run_dir: Path, man: Manifest, peft_dir: Path, base_gguf: Path, hf
               for s, a, b in zip(samples, t_greedy, r_greedy)]
     report = Report(effect_rel_err=err, top1=top1, kl=kl, n_prompts=len(samples),
                     n_positions=n_pos, checked="merged" if merged is not None else "adapter",
-                    greedy=greedy, framework="mlx" if mlx_adapter is not None else "torch+PEFT")
+                    greedy=greedy, framework="mlx" if mlx_adapter is not None else
+                    "torch" if full_model is not None else "torch+PEFT")
     report.failures = [f.replace("torch+PEFT", report.framework) for f in judge(err, top1, kl)]
     return report

@@ -19,6 +19,7 @@ WRITTEN = {
     "created": "2026-11-30T09:12:01+00:00",
     "backend": "cpu",
     "backend_reason": "the only backend available on this machine",
+    "kind": "lora",
     "base": {"spec": "tiny-hf", "hf_dir": "/m/tiny", "gguf": "/c/gguf/0a1b-f16.gguf",
              "sha256": None, "arch": "llama", "hub_id": None, "gguf_source": "converted",
              "gguf_from": "/m/tiny"},

@@ -132,7 +132,9 @@ def peft_lora_kwargs(cfg: TrainConfig | Mapping) -> dict:
 
 def build_model(hf_dir: Path, cfg: TrainConfig | Mapping, bf16: bool):
     """The base model with LoRA layers: frozen base in bf16 (or fp32), trainable LoRA in fp32.
-    ``cfg``: the run's settings (a mapping may give only rank, alpha, target_modules...)."""
+    ``cfg``: the run's settings (a mapping may give only rank, alpha, target_modules...).
+    With ``cfg.full``: the plain model, every weight trainable and kept in fp32 (AdamW's
+    master copy; bf16 compute comes from autocast), no LoRA layers."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -140,7 +142,7 @@ def build_model(hf_dir: Path, cfg: TrainConfig | Mapping, bf16: bool):
     cfg = as_config(cfg)
     model_type = AutoConfig.from_pretrained(str(hf_dir)).model_type
     model = AutoModelForCausalLM.from_pretrained(
-        str(hf_dir), dtype=torch.bfloat16 if bf16 else torch.float32,
+        str(hf_dir), dtype=torch.bfloat16 if bf16 and not cfg.full else torch.float32,
         # Eager attention: on CPU, SDPA's flash-attention backward is ~30% of a training
         # step on short chat sequences; plain matmuls are faster here. edge-tune's variant
         # keeps one copy of the probabilities instead of two (attention.py).
@@ -150,6 +152,9 @@ def build_model(hf_dir: Path, cfg: TrainConfig | Mapping, bf16: bool):
         # Keep only each block's input; recompute the block in backward (non-reentrant, so the
         # frozen embeddings need no requires_grad trick).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.full:
+        model.requires_grad_(True)
+        return model
     lora = LoraConfig(**peft_lora_kwargs(cfg), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     for p in model.parameters():
@@ -171,6 +176,11 @@ def _chunk_loss_sum(head, hidden, targets, cap):
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
+def causal_lm_of(model):
+    """The transformers model inside a PEFT model, or ``model`` itself (a full run)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def response_loss(model, ids, labels, mask, position_ids=None):
     """Mean cross-entropy over trained positions only.
 
@@ -181,7 +191,7 @@ def response_loss(model, ids, labels, mask, position_ids=None):
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    causal_lm = model.get_base_model()
+    causal_lm = causal_lm_of(model)
     decoder = getattr(causal_lm, causal_lm.base_model_prefix)
     hidden = decoder(input_ids=ids, attention_mask=mask,
                      position_ids=position_ids).last_hidden_state
@@ -207,7 +217,8 @@ def compute_precision(model, bf16: bool):
 
     stack = contextlib.ExitStack()
     stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16))
-    stack.enter_context(disable_input_dtype_casting(model, active=bf16))
+    if hasattr(model, "get_base_model"):  # a full run has no LoRA layers
+        stack.enter_context(disable_input_dtype_casting(model, active=bf16))
     return stack
 
 
@@ -254,6 +265,38 @@ def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, bf16:
     return total / max(1, count)
 
 
+# Files of an HF model directory that are not its weights or config: copied verbatim into a
+# full run's model, so llama.cpp's converter sees the tokenizer exactly as the base had it.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                    "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def save_full_model(model, base_dir: Path, out: Path, chat_template: str | None) -> None:
+    """Write a full run's weights as an HF model directory ``out``: ``config.json`` and
+    ``model.safetensors`` (fp32, the trained values; tied embeddings stored once) from
+    ``save_pretrained``, the base's tokenizer files copied, and ``chat_template``
+    (``--chat-template``'s text) as the model's only template when one was given."""
+    import shutil
+
+    model.config.use_cache = True  # training turned the KV cache off; inference wants it
+    model.save_pretrained(str(out), safe_serialization=True)
+    for name in _TOKENIZER_FILES:
+        if (base_dir / name).is_file():
+            shutil.copy2(base_dir / name, out / name)
+    if chat_template:
+        import json
+
+        # llama.cpp's converter (gguf-py SpecialVocab) and transformers both prefer a template
+        # inside tokenizer_config.json over chat_template.jinja: the run's must be the only one
+        config_path = out / "tokenizer_config.json"
+        if config_path.is_file():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config.pop("chat_template", None)
+            config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+
+
 def train(job: TrainJob | Mapping, emit: Callable) -> dict:
     """Train a LoRA adapter; save it in PEFT format to ``job.adapter_dir``.
 
@@ -275,8 +318,9 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
     t0 = time.perf_counter()
     model = build_model(Path(job.hf_dir), cfg, bf16)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    what = "parameters (full fine-tuning, fp32 weights)" if cfg.full else "LoRA parameters"
     emit(Log(f"model loaded in {time.perf_counter() - t0:.1f}s; {n_train / 1e6:.2f}M trainable "
-             f"LoRA parameters; {'bf16' if bf16 else 'fp32'} compute on {threads} threads"))
+             f"{what}; {'bf16' if bf16 else 'fp32'} compute on {threads} threads"))
 
     examples: list[Example] = job.examples
     accum = grad_accum(cfg)  # micro-batches per optimizer step, per rank
@@ -393,7 +437,9 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
                     save_checkpoint(step + 1)
 
     out = Path(job.adapter_dir)
-    if dist.rank == 0:
+    if dist.rank == 0 and cfg.full:
+        save_full_model(model, Path(job.hf_dir), out, job.chat_template)
+    elif dist.rank == 0:
         model.save_pretrained(str(out), safe_serialization=True)
     return {
         "steps": total,

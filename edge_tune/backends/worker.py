@@ -235,7 +235,7 @@ def run(job: TrainJob | Mapping, emit) -> dict:
     if world > 1 and rank == 0:
         _barrier()
     # --target-modules against the model's own layer names, before any weight loads
-    job.config = dataclasses.replace(job.config, target_modules=lora_targets.for_model(
+    job.config = job.config if job.config.full else dataclasses.replace(job.config, target_modules=lora_targets.for_model(
         Path(job.hf_dir), job.config.target_modules))
     job.examples, job.pad_id, tokenizer_info = prepare_examples(job, emit, rank, world)
     val = f", {len(job.val_examples)} validation examples" if job.val_examples else ""
@@ -249,7 +249,8 @@ def run(job: TrainJob | Mapping, emit) -> dict:
             job.adapter_dir = tmp
             result = train(job, emit)
     else:
-        with atomic_path(Path(job.run_dir) / "adapter") as tmp:
+        # a full run saves the whole model (HF weights) where a LoRA run saves its adapter
+        with atomic_path(Path(job.run_dir) / ("model" if job.config.full else "adapter")) as tmp:
             job.adapter_dir = str(tmp)
             result = train(job, emit)
     if world > 1:

@@ -35,6 +35,12 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
     for arg in runs:
         name, path = bundle_mod.split_run_arg(str(arg))  # the TUI passes Paths
         target = resolve_chat(Path(path), base, chat_template)
+        if target.manifest is not None and target.manifest.full:
+            if len(runs) != 1:
+                raise EdgeTuneError(f"bundle: {path} is a full fine-tuning run, a whole model: "
+                                    "bundle it alone (a bundle carries one base)")
+            return _bundle_full(Path(path), name or bundle_mod.default_name(Path(path)),
+                                target, Path(out), quant, forced, on_event)
         if base_path is None:
             base_path, base_sha = target.base, sha256_file(target.base)
         elif target.base != base_path and sha256_file(target.base) != base_sha:
@@ -63,3 +69,24 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
                 raise EdgeTuneError("--quant applies to --merged bundles only")
             plan = bundle_mod.plan_bundle(base_path, items, template, templates=templates)
         return bundle_mod.write_bundle(plan, Path(out), on_event)
+
+
+def _bundle_full(run: Path, name: str, target, out: Path, quant: Optional[str], forced,
+                 on_event: EventSink) -> Path:
+    """A full fine-tuning run's model as the bundle's base, like a merged run (``quant``:
+    converted again from the run's weights at that type)."""
+    import tempfile
+
+    from edge_tune import bundle as bundle_mod
+    from edge_tune.commands.export import export_full
+
+    template = (forced or target.chat_template)
+    text = template.text if template else template_choice.gguf_chat_template(target.base)
+    with tempfile.TemporaryDirectory() as work:
+        model = target.base
+        if quant is not None:
+            model = Path(export_full(run, target.manifest, Path(work) / f"{name}-{quant}.gguf",
+                                     quant, on_event)["path"])
+        plan = bundle_mod.plan_bundle(model, [], text, merged=name)
+        plan.manifests[name] = target.manifest.to_dict()
+        return bundle_mod.write_bundle(plan, out, on_event)

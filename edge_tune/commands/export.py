@@ -32,6 +32,15 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
     if chat_template is not None and ollama is None and not merge:
         raise EdgeTuneError("--chat-template: applies to --ollama (the Modelfile's TEMPLATE) "
                             "and --merge; an adapter GGUF carries no template")
+    full_run = _full_run(Path(adapter))
+    if full_run is not None:  # a full fine-tuning run: its model, converted (no adapter)
+        if base is not None or vllm is not None or outtype is not None and outtype != "f32":
+            flag = "--base" if base is not None else "--vllm" if vllm is not None else "--outtype"
+            raise EdgeTuneError(f"{flag}: {adapter} is a full fine-tuning run: it exports a "
+                                "model GGUF (quantize it with -q), not an adapter")
+        return export_full(Path(adapter), full_run, out, quant or "F16", on_event,
+                           verify=verify, ollama=ollama, system=system,
+                           template=template_choice.choose(chat_template, full_run))
     peft_dir, man = peft_adapter(Path(adapter))
     template = template_choice.choose(chat_template, man)
     if vllm is not None:  # vLLM serves the PEFT directory itself: no GGUF involved
@@ -60,6 +69,57 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
         _write_ollama(Path(ollama), base_gguf, Path(out), system, man, on_event, template)
     on_event(Done("export", {"path": str(out)}))
     return plan
+
+
+def _full_run(path: Path) -> Optional[Manifest]:
+    """The manifest of ``path`` when it is a full fine-tuning run directory, else None."""
+    from edge_tune import manifest as manifest_mod
+
+    man = manifest_mod.read(path) if path.is_dir() else None
+    return man if man is not None and man.full else None
+
+
+def export_full(run: Path, man: Manifest, out: Optional[Path], quant: str,
+                on_event: EventSink = ignore, verify: bool = False,
+                ollama: Optional[Path] = None, system: Optional[str] = None,
+                template: Optional["template_choice.ChatTemplate"] = None) -> dict:
+    """A full run's HF weights (``RUN/model``) as one GGUF model: llama.cpp's converter
+    writes F32 (exact; what verify checks against torch), then llama.cpp's quantizer makes
+    ``quant`` (F16 default, Q8_0, Q4_K_M, ...) from it. Default output:
+    ``RUN/model-<quant>.gguf``. Returns {path, quant, bytes, verify}."""
+    import tempfile
+
+    from edge_tune.converters.formats.merge import check_disk
+    from edge_tune.converters.integrations import hf_to_gguf
+    from edge_tune.converters.integrations import quantize as quant_mod
+    from edge_tune.fsutil import atomic_path
+
+    name = quant_mod.normalize(quant)
+    model_dir = run / (man.model.hf if man.model is not None else "model")
+    if not (model_dir / "config.json").is_file():
+        raise EdgeTuneError(f"{model_dir}: the full run's model is missing (expected its HF "
+                            "weights: config.json and model.safetensors)")
+    out = Path(out) if out is not None else run / f"model-{name.lower()}.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = None
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as work:
+        f32 = out if name == "F32" else Path(work) / "model-f32.gguf"
+        hf_to_gguf.convert(model_dir, f32, "f32", on_event)
+        if name != "F32":
+            check_disk(out.parent, int(f32.stat().st_size * quant_mod.BITS_PER_WEIGHT[name]
+                                       // 32), str(out))
+            on_event(Progress("quantize", 0, None, "", f"quantizing to {name} (llama.cpp)"))
+            with atomic_path(out) as tmp:
+                quant_mod.quantize(f32, tmp, name)
+            on_event(Progress("quantize", 1, 1, "", f"quantized to {name}"))
+        size = out.stat().st_size
+        on_event(Log(f"wrote {out} (full fine-tuned model, {name}, {size / 2**20:.1f} MiB)"))
+        if verify:
+            report = verify_hook(run, None, on_event, merged=out, merged_f32=f32)
+    if ollama is not None:
+        _write_ollama(Path(ollama), out, None, system, man, on_event, template)
+    on_event(Done("export", {"path": str(out)}))
+    return {"path": str(out), "quant": name, "bytes": size, "verify": report}
 
 
 def _export_vllm(adapter: Path, peft_dir: Path, man: Optional[Manifest], base: Optional[Path],

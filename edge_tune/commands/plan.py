@@ -123,6 +123,13 @@ def check_plan(p) -> None:
         return
     e = p.estimate
     have = f"but {p.budget_bytes / GIB:.2f} GiB is available"
+    if p.config.get("full"):
+        fixed = ", ".join(f"{k} {e.parts[k] / GIB:.2f}" for k in
+                          ("weights", "gradients", "optimizer state"))
+        raise EdgeTuneError(f"--full: full fine-tuning needs ~{e.peak / GIB:.2f} GiB ({fixed} "
+                            f"GiB, and activations) even at its smallest settings, {have}; "
+                            "train a LoRA adapter instead (drop --full), raise --memory-gib "
+                            "or use a smaller model")
     if e.load_peak > p.budget_bytes:
         raise EdgeTuneError(f"loading this model for training needs ~{e.load_peak / GIB:.2f} GiB "
                             f"{have}; free memory, raise --memory-gib or use a smaller model")
@@ -146,6 +153,24 @@ def plan(cfg: TrainConfig, on_event: EventSink = ignore) -> dict:
     p = fit_plan(cfg, ref, backend, hw, train_records)
     if p is None:
         raise EdgeTuneError(f"--model {cfg.model}: cannot read this model's shape to plan")
-    return {"backend": backend, "backend_reason": why, "model": ref.spec,
-            "records": len(train_records), **p.to_dict(), "summary": planner_describe(p),
-            "chat_template": (chosen.name or cfg.chat_template) if chosen else None}
+    report = {"backend": backend, "backend_reason": why, "model": ref.spec,
+              "records": len(train_records), **p.to_dict(), "summary": planner_describe(p),
+              "chat_template": (chosen.name or cfg.chat_template) if chosen else None}
+    if cfg.full:  # the trade-off side by side: the same data as a LoRA run (default settings)
+        import dataclasses
+
+        lora = fit_plan(dataclasses.replace(cfg, full=False), ref, backend, hw, train_records)
+        report["compare"] = {"lora": _side(lora), "full": _side(p)}
+        report["lora_rank"] = cfg.rank
+    return report
+
+
+def _side(p) -> dict:
+    """One column of ``plan --full``'s comparison: memory, time and output of a plan."""
+    d = p.to_dict()
+    e = d["estimate"]
+    return {"fits": d["fits"], "trained_parameters": e["trained_parameters"],
+            "parts_gib": e["parts_gib"], "peak_gib": e["peak_gib"],
+            "load_peak_gib": e["load_peak_gib"], "seconds_per_step": e["seconds_per_step"],
+            "total_seconds": e["total_seconds"], "output_gib": e["output_gib"],
+            "settings": d["settings"], "changes": d["changes"]}

@@ -1,5 +1,6 @@
-"""``train``: a LoRA adapter trained in a subprocess (:mod:`edge_tune.runner`), exported
-to GGUF, recorded in the run's manifest and checked by llama.cpp."""
+"""``train``: a LoRA adapter (or a full fine-tune) trained in a subprocess
+(:mod:`edge_tune.runner`), exported to GGUF, recorded in the run's manifest and checked by
+llama.cpp."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ from edge_tune.hardware import probe
 from edge_tune.runs import RUN_CONFIG, load_run_config, prepare_run_dir, resume_state
 
 
+FULL_BACKENDS = ("cpu", "mlx")  # the backends that train every weight with --full
+FULL_MODEL_GGUF = "model.gguf"  # a full run's model as llama.cpp runs it (F16)
+
+
 @dataclass
 class TrainResult:
     """A finished run: its directory and its manifest (as written to manifest.json)."""
@@ -39,7 +44,8 @@ class TrainResult:
 def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
           cancel: Optional[threading.Event] = None,
           resume: Optional[Path] = None) -> TrainResult:
-    """Train a LoRA adapter in a subprocess, export it to GGUF, write the manifest.
+    """Train a LoRA adapter (or, with ``cfg.full``, every weight) in a subprocess, export it
+    to GGUF (an adapter, or the whole model), write the manifest and verify with llama.cpp.
 
     ``resume``: a run directory whose training was cancelled; its saved config is used
     (``cfg`` must be None) and training continues from its checkpoint to the same total
@@ -81,6 +87,9 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     if cfg.method != "sft" and backend != "cpu":
         raise UsageError(f"--method {cfg.method}: preference tuning runs on the cpu backend "
                          f"for now, not {backend}: add --backend cpu")
+    if cfg.full and backend not in FULL_BACKENDS:
+        raise UsageError(f"--full: full fine-tuning runs on the {' and '.join(FULL_BACKENDS)} "
+                         f"backends, not {backend}: add --backend cpu")
     said: list = []  # what reading says waits until the data is known to fit --method
     data = read_data(cfg.data, cfg, said.append)
     check_method(cfg.method, data.format, cfg.data)
@@ -155,11 +164,18 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         tracker.close(result.get("losses"))
     tokenizer_info = _template_record(result.pop("tokenizer", {}), chosen)
     base = _base_record(ref, result.pop("hf_dir"), base_sha256)
-    adapter_info: dict = {"peft": "adapter"}
+    adapter_info: dict = {} if cfg.full else {"peft": "adapter"}
     if result.get("mlx_adapter"):
         adapter_info["mlx"] = result.pop("mlx_adapter")  # the native mlx-lm adapter dir
     base_gguf = ref.gguf or _converted_base(base, on_event)  # HF weights: convert-base, cached
-    if base_gguf is not None and not cfg.dora:
+    model_info = None
+    if cfg.full:  # the trained weights, converted by llama.cpp's converter (verified below)
+        from edge_tune.commands.export import export_full
+
+        shipped = export_full(run_dir, manifest_mod.Manifest(kind="full"),
+                              run_dir / FULL_MODEL_GGUF, "F16", on_event)
+        model_info = {"hf": "model", "gguf": FULL_MODEL_GGUF, "quant": shipped["quant"]}
+    elif base_gguf is not None and not cfg.dora:
         plan = export(run_dir / "adapter", base=base_gguf, out=run_dir / "adapter.gguf",
                       on_event=on_event, _base_sha256=base["sha256"])
         adapter_info.update(gguf="adapter.gguf", alpha=plan.alpha, rank=plan.rank)
@@ -172,10 +188,15 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
               "val": str(Path(cfg.val).resolve()) if cfg.val else None,
               "val_records": len(val_records)},
         result=result, tokenizer=tokenizer_info, adapter=adapter_info,
-        plan=run_plan.to_dict() if run_plan is not None else None)
+        plan=run_plan.to_dict() if run_plan is not None else None,
+        kind="full" if cfg.full else "lora", model=model_info)
     manifest_mod.write(run_dir, man)
     shutil.rmtree(ckpt, ignore_errors=True)  # finished: the adapter is the result
-    if cfg.dora and base_gguf is not None:
+    if cfg.full:
+        if getattr(cfg, "verify", True) and base_gguf is not None:
+            # converts to F32 again (the exact check needs it; seconds for small models)
+            verify_hook(run_dir, None, on_event, merged=run_dir / FULL_MODEL_GGUF)
+    elif cfg.dora and base_gguf is not None:
         on_event(Log(f"DoRA: no adapter.gguf; `edge-tune export {run_dir} --merge` writes the "
                      "merged GGUF and verifies it", "warning"))
     elif getattr(cfg, "verify", True) and base_gguf is not None:

@@ -28,6 +28,8 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
         from edge_tune.converters.formats.validate import what_verify_can_check
 
         raise EdgeTuneError(what_verify_can_check(run, base or models.default_gguf()))
+    if run.is_dir() and (full := _full_run(run)) is not None:
+        return _verify_full(run, full, base, merged, on_event, n_prompts, max_new, _merged_f32)
     peft_dir, man = peft_adapter(run)
     if man is None:
         raise EdgeTuneError(f"{run}: verify needs an edge-tune run directory (its manifest.json "
@@ -69,6 +71,48 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
     return result
 
 
+def _full_run(run: Path):
+    from edge_tune import manifest as manifest_mod
+
+    man = manifest_mod.read(run)
+    return man if man is not None and man.full else None
+
+
+def _verify_full(run: Path, man, base: Optional[Path], merged: Optional[Path],
+                 on_event: EventSink, n_prompts: int, max_new: int,
+                 merged_f32: Optional[Path]) -> dict:
+    """A full fine-tuning run: torch on the base and on the trained weights against llama.cpp
+    on the base GGUF's F32 copy and on the model GGUF (``merged``, default the run's), with
+    the exact comparison on an F32 conversion of the trained weights (made here unless
+    given)."""
+    import tempfile
+
+    from edge_tune import verify as verify_mod
+    from edge_tune.adapters import run_base_gguf
+    from edge_tune.converters.integrations import hf_to_gguf
+
+    base_gguf = Path(base) if base is not None else run_base_gguf(man)
+    if base_gguf is None:
+        raise EdgeTuneError(f"{run}: verify compares against the base in llama.cpp and needs "
+                            "a GGUF base: pass --base BASE.gguf")
+    model_dir = run / (man.model.hf if man.model is not None else "model")
+    shipped = Path(merged) if merged is not None else         run / (man.model.gguf if man.model is not None and man.model.gguf else "model.gguf")
+    if not shipped.is_file():
+        raise EdgeTuneError(f"{shipped}: no model GGUF to verify; run `edge-tune export {run}`")
+    man_hf = man.base.hf_dir
+    hf_dir = Path(man_hf) if man_hf and Path(man_hf, "config.json").is_file() and base is None \
+        else models.dequantized_copy(Path(base_gguf), on_event)
+    kw = dict(n_prompts=n_prompts, max_new=max_new, on_event=on_event, full_model=model_dir)
+    with tempfile.TemporaryDirectory(prefix="edge-tune-verify-") as work:
+        if merged_f32 is None:
+            merged_f32 = hf_to_gguf.convert(model_dir, Path(work) / "model-f32.gguf", "f32")
+        report = verify_mod.verify_run(run, man, model_dir, base_gguf, hf_dir, merged=shipped,
+                                       merged_f32=merged_f32, **kw)
+    result = report.to_dict()
+    on_event(Done("verify", {"ok": result["ok"]}))
+    return result
+
+
 def _mlx_side_for(run: Path, man) -> Optional[Path]:
     """An mlx run is checked against mlx itself (its native adapter) where mlx is installed;
     elsewhere against torch+PEFT with the run's PEFT copy."""
@@ -87,7 +131,8 @@ def verify_hook(run: Path, base: Optional[Path], on_event: EventSink,
     Out of tolerance is an error (exit 1) after the files are written."""
     report = verify(run, base=base, merged=merged, on_event=on_event, n_prompts=2, max_new=8,
                     _merged_f32=merged_f32, _adapter_gguf=adapter_gguf)
-    summary = (f"verify: adapter effect error {report['effect_rel_err']:.2e}, top-1 "
+    summary = (f"verify: {'fine-tuning' if report['framework'] == 'torch' else 'adapter'} "
+               f"effect error {report['effect_rel_err']:.2e}, top-1 "
                f"{report['top1_agreement']:.0%}, mean KL {report['mean_kl']:.4f} on "
                f"{report['n_prompts']} held-back prompts")
     if not report["ok"]:
