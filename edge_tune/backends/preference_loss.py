@@ -86,16 +86,16 @@ def sequence_logps(model, ids, labels, mask):
     hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    rows = torch.arange(ids.shape[0])[:, None].expand_as(targets)[keep]
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(targets)[keep]
     hidden, targets = hidden[:, :-1][keep], targets[keep]
     head = causal_lm.get_output_embeddings()
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
     parts = [checkpoint(_chunk_logps, head, hidden[i:i + LOSS_CHUNK], targets[i:i + LOSS_CHUNK],
                         cap, use_reentrant=False) for i in range(0, len(targets), LOSS_CHUNK)]
     token_logps = torch.cat(parts) if parts else hidden.new_zeros((0,), dtype=torch.float32)
-    sums = torch.zeros(ids.shape[0], dtype=torch.float32).index_add(0, rows, token_logps)
-    counts = torch.zeros(ids.shape[0], dtype=torch.float32).index_add(
-        0, rows, torch.ones_like(token_logps))
+    zeros = torch.zeros(ids.shape[0], dtype=torch.float32, device=ids.device)  # CPU or GPU
+    sums = zeros.index_add(0, rows, token_logps)
+    counts = zeros.index_add(0, rows, torch.ones_like(token_logps))
     return sums, counts
 
 

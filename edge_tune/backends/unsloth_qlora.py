@@ -167,6 +167,96 @@ def lr_factor(total: int, warmup: int, first: int = 0) -> Callable[[int], float]
 check_checkpoint = checkpoint.check_matches  # the same rule as every backend's
 
 
+# --- preference tuning: TRL's DPOTrainer / ORPOTrainer (Unsloth's PatchDPOTrainer) -------------
+
+#: ``--method`` -> (module, config class, trainer class) in TRL 1.x (ORPO lives in
+#: ``trl.experimental`` since TRL 0.2x).
+TRL_TRAINERS = {"dpo": ("trl", "DPOConfig", "DPOTrainer"),
+                "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer")}
+#: Metric field -> the key TRL's DPO and ORPO trainers log it under (mean over the step).
+REWARD_LOGS = {"reward_margin": "rewards/margins", "reward_accuracy": "rewards/accuracies"}
+
+
+def preference_args_kwargs(cfg: TrainConfig | Mapping, total_steps: int, output_dir: str,
+                           precision: str) -> dict:
+    """``DPOConfig`` / ``ORPOConfig`` arguments: :func:`training_args_kwargs` plus the
+    method's. ``beta`` is DPO's β or ORPO's λ (TRL names both ``beta``, as edge-tune's
+    ``--beta``); ``max_length`` the run's ``--seq-len`` (the examples are already cut to it);
+    dropout stays as ``--lora-dropout`` says (TRL turns it off by default). DPO keeps TRL's
+    default sigmoid loss with the reference computed in each step (not precomputed). Pure."""
+    cfg = as_config(cfg)
+    if cfg.method not in TRL_TRAINERS:
+        raise EdgeTuneError(f"--method {cfg.method}: no TRL trainer for it (expected dpo or orpo)")
+    kw = training_args_kwargs(cfg, total_steps, output_dir, precision)
+    kw.update(beta=cfg.beta, max_length=cfg.seq_len, disable_dropout=False)
+    if cfg.method == "dpo":
+        kw.update(precompute_ref_log_probs=False)
+    return kw
+
+
+def pair_batch(pairs: list, pad_id: int, method: str, multiple: int = PAD_MULTIPLE) -> dict:
+    """A batch of ``PairExample`` in the input format of TRL's trainer for ``method``, with
+    the loss on edge-tune's trained tokens (the answer, end of turn included):
+
+    * DPO (``DataCollatorForPreference``'s output): ``input_ids``, ``attention_mask`` and
+      ``completion_mask`` (1 where the token is trained), chosen rows then rejected rows;
+    * ORPO (``DPODataCollatorWithPadding``'s output): ``chosen_input_ids``,
+      ``chosen_attention_mask``, ``chosen_labels`` (-100 outside the answer) and the same
+      for ``rejected_``.
+
+    Right-padded to a multiple of ``multiple``."""
+    if method == "dpo":
+        ids, labels, mask = collate([p.chosen for p in pairs] + [p.rejected for p in pairs],
+                                    pad_id, multiple)
+        return {"input_ids": ids, "attention_mask": mask,
+                "completion_mask": (labels != IGNORE).long()}
+    batch = {}
+    for side in ("chosen", "rejected"):
+        ids, labels, mask = collate([getattr(p, side) for p in pairs], pad_id, multiple)
+        batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask,
+                      f"{side}_labels": labels})
+    return batch
+
+
+def batch_tokens(inputs: Mapping) -> int:
+    """Tokens (padding excluded) in a collated batch of any of the formats above."""
+    return sum(int(v.sum()) for k, v in inputs.items() if k.endswith("attention_mask"))
+
+
+def reward_fields(logs: Mapping) -> dict:
+    """``Metric`` reward fields from one of TRL's log records (empty for SFT). Pure."""
+    return {field: float(logs[key]) for field, key in REWARD_LOGS.items() if key in logs}
+
+
+def pretokenized(trainer_class):
+    """``trainer_class`` without its own tokenization: TRL's DPO and ORPO trainers tokenize
+    text columns when built; edge-tune's batches are already tokens (:func:`pair_batch`)."""
+
+    class Pretokenized(trainer_class):
+        def _prepare_dataset(self, dataset, *args, **kwargs):  # DPOTrainer
+            return dataset
+
+        def tokenize_row(self, feature, model=None):  # ORPOTrainer
+            return feature
+
+    return Pretokenized
+
+
+def trl_trainer(method: str):
+    """(config class, trainer class) of TRL for ``method``, Unsloth's patches applied where
+    Unsloth is loaded (``PatchDPOTrainer`` covers DPO and ORPO)."""
+    import importlib
+    import sys
+
+    if "unsloth" in sys.modules:
+        from unsloth import PatchDPOTrainer
+
+        PatchDPOTrainer()
+    module, config, trainer = TRL_TRAINERS[method]
+    mod = importlib.import_module(module)
+    return getattr(mod, config), getattr(mod, trainer)
+
+
 # --- the Trainer side (torch/transformers imported inside) ------------------------------------
 
 
@@ -213,10 +303,44 @@ def new_optimizer(model, cfg: TrainConfig | Mapping):
                              betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
 
+def evaluate_pairs(model, pairs: list, batch_size: int, pad_id: int, method: str, beta: float,
+                   autocast_dtype=None) -> tuple[float, float, float]:
+    """(mean loss, reward margin, reward accuracy) over preference pairs, weighted by pairs:
+    the CPU backend's validation metric (``preference_loss.pair_loss``), no gradients."""
+    import contextlib
+
+    import torch
+
+    from edge_tune.backends.preference_loss import pair_loss
+
+    device = next(model.parameters()).device
+    totals, n = [0.0, 0.0, 0.0], 0
+    was_training = model.training
+    model.eval()
+    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with torch.no_grad(), amp:
+        for k in range(0, len(pairs), batch_size):
+            batch = pairs[k:k + batch_size]
+            ids, labels, mask = collate([p.chosen for p in batch] + [p.rejected for p in batch],
+                                        pad_id)
+            out = pair_loss(model, ids.to(device), labels.to(device), mask.to(device), method,
+                            beta)
+            values = (float(out.loss), *out.stats())
+            totals = [t + v * len(batch) for t, v in zip(totals, values)]
+            n += len(batch)
+    model.train(was_training)
+    loss, margin, accuracy = (t / max(1, n) for t in totals)
+    return loss, margin, accuracy
+
+
 def fit(model, job: TrainJob | Mapping, emit: Callable, precision: str = "none",
-        autocast_dtype=None) -> dict:
+        autocast_dtype=None, tokenizer=None) -> dict:
     """Train the LoRA parameters of ``model`` (a PEFT model) on ``job.examples`` with
-    transformers' Trainer and edge-tune's schedule, sampling, metrics and events.
+    transformers' Trainer and edge-tune's schedule, sampling, metrics and events. With
+    ``--method dpo|orpo`` the Trainer is TRL's ``DPOTrainer`` / ``ORPOTrainer`` (``tokenizer``
+    is its ``processing_class``; the batches are still edge-tune's, :func:`pair_batch`), and
+    the metrics carry the reward margin and accuracy TRL logs.
 
     ``precision``: the Trainer's mixed precision, 'bf16', 'fp16' or 'none' (CPU tests).
     Checkpoints (``edge_tune.backends.checkpoint``, the CPU backend's format) go to
@@ -239,6 +363,11 @@ def fit(model, job: TrainJob | Mapping, emit: Callable, precision: str = "none",
     examples: list[Example] = job.examples
     val_examples: list[Example] = job.val_examples
     pad_id = job.pad_id
+    preference = cfg.method != "sft"
+    if preference:  # TRL's trainer for the method; the rest of the loop is the same
+        args_class, trainer_base = trl_trainer(cfg.method)
+    else:
+        args_class, trainer_base = TrainingArguments, Trainer
     # Under torchrun (DDP: NCCL on CUDA, gloo on CPU) this rank holds its shard only and
     # trains its slots' micro-batches, the cpu backend's data order (edge_tune.data.sharding).
     dist = Distributed()
@@ -303,7 +432,7 @@ def fit(model, job: TrainJob | Mapping, emit: Callable, precision: str = "none",
                 for batch_at in orders:
                     yield batch_at(step)
 
-    class EdgeTrainer(Trainer):
+    class EdgeTrainer(pretokenized(trainer_base)):
         def get_train_dataloader(self):
             # Not through accelerate's prepare: that would shard the batches across ranks
             # again, and each rank already reads only its own shard.
@@ -333,7 +462,7 @@ def fit(model, job: TrainJob | Mapping, emit: Callable, precision: str = "none",
             return self.lr_scheduler
 
         def training_step(self, model_, inputs, *args, **kwargs):
-            clock["tokens"] += int(inputs["attention_mask"].sum())
+            clock["tokens"] += batch_tokens(inputs)
             return super().training_step(model_, inputs, *args, **kwargs)
 
     class Events(TrainerCallback):
@@ -355,15 +484,22 @@ def fit(model, job: TrainJob | Mapping, emit: Callable, precision: str = "none",
                         tokens_per_second=done["tokens"] / max(seconds, 1e-9),
                         eta_seconds=seconds / step * (total - step),
                         learning_rate=lr_at(step - 1, total, cfg.lr, warmup),
-                        epoch=step / per_epoch))
+                        epoch=step / per_epoch, **reward_fields(logs)))
             updating.close()  # the step is recorded: a SIGTERM that waited raises Cancelled
             if step in evals:
                 t_eval = time.perf_counter()
-                done["val_loss"] = evaluate(kwargs["model"], val_examples, cfg.batch_size,
-                                            pad_id, autocast_dtype)
+                val_rewards = {}
+                if preference:
+                    done["val_loss"], *stats = evaluate_pairs(
+                        kwargs["model"], val_examples, cfg.batch_size, pad_id, cfg.method,
+                        cfg.beta, autocast_dtype)
+                    val_rewards = dict(zip(REWARD_LOGS, stats))
+                else:
+                    done["val_loss"] = evaluate(kwargs["model"], val_examples, cfg.batch_size,
+                                                pad_id, autocast_dtype)
                 clock["paused"] += time.perf_counter() - t_eval  # tok/s: training time only
                 emit(Metric(step=step, total_steps=total, loss=done["val_loss"], split="val",
-                            epoch=step / per_epoch))
+                            epoch=step / per_epoch, **val_rewards))
             if save_every and step % save_every == 0 and step < total and dist.rank == 0:
                 with stop.guard():
                     save_checkpoint()
@@ -372,14 +508,28 @@ def fit(model, job: TrainJob | Mapping, emit: Callable, precision: str = "none",
         restore(new_optimizer(model, cfg))
     else:
         with tempfile.TemporaryDirectory(prefix="edge-tune-trainer-") as scratch:
-            kw = training_args_kwargs(cfg, total - first, scratch, precision)
+            kw = (preference_args_kwargs if preference else training_args_kwargs)(
+                cfg, total - first, scratch, precision)
             if not torch.cuda.is_available():  # CPU tests (DDP over gloo instead of NCCL)
                 kw.update(use_cpu=True, **({"ddp_backend": "gloo"} if dist.world > 1 else {}))
-            args = TrainingArguments(**kw)
-            trainer = EdgeTrainer(model=model, args=args, train_dataset=examples,
-                                  data_collator=lambda batch: pad_batch(batch, pad_id),
-                                  callbacks=[Events()])
+            args = args_class(**kw)
+            extra: dict = {"train_dataset": examples}
+            if preference:
+                from datasets import Dataset
+
+                # TRL's trainers want a datasets.Dataset; the batches come from
+                # get_train_dataloader, so the rows only need to exist.
+                extra = {"train_dataset": Dataset.from_dict({"pair": list(range(len(examples)))}),
+                         "processing_class": tokenizer}
+            trainer = EdgeTrainer(
+                model=model, args=args, callbacks=[Events()],
+                data_collator=(lambda batch: pair_batch(batch, pad_id, cfg.method)) if preference
+                else (lambda batch: pad_batch(batch, pad_id)), **extra)
             trainer.remove_callback(PrinterCallback)  # progress goes out as events instead
+            if preference:
+                ref = "; reference = the base (TRL: a frozen copy of the fresh adapter)"
+                emit(Log(f"{cfg.method.upper()} with TRL's {trainer_base.__name__}, beta "
+                         f"{cfg.beta}" + (ref if cfg.method == "dpo" else "")))
             emit(Log(f"training {total} steps: batch {cfg.batch_size} x {grad_accum(cfg)} "
                      f"accumulated, lr {cfg.lr} (warm-up {warmup}, cosine to 10%), "
                      f"{precision} compute"))
@@ -395,7 +545,8 @@ def fit(model, job: TrainJob | Mapping, emit: Callable, precision: str = "none",
         "tokens_per_second": done["tokens"] / max(train_seconds, 1e-9),
         "train_seconds": train_seconds,
         "precision": precision,
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_parameters": sum(p.numel() for n, p in model.named_parameters()
+                                    if p.requires_grad and ".ref." not in n),
         "losses": [round(x, 6) for x in losses],
         "world_size": dist.world,
         "examples": dist.sum_int(len(examples)),
@@ -437,7 +588,9 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
              f"{precision} compute"))
 
     result = fit(model, job, emit, precision,
-                 torch.bfloat16 if precision == "bf16" else torch.float16)
-    model.save_pretrained(job.adapter_dir, safe_serialization=True)
+                 torch.bfloat16 if precision == "bf16" else torch.float16, _tokenizer)
+    # TRL's DPOTrainer may add a frozen "ref" copy of the fresh adapter: save the trained one
+    model.save_pretrained(job.adapter_dir, safe_serialization=True,
+                          selected_adapters=["default"])
     return {**result, "precision": f"nf4+{precision}", "gpu": gpu,
             "peak_vram_bytes": int(torch.cuda.max_memory_allocated())}
