@@ -84,9 +84,6 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     if saved is not None and saved.get("data_sha256") != data_sha256:
         raise EdgeTuneError(f"--resume {resume}: {cfg.data} changed since the run started; "
                             "start a new run instead")
-    if cfg.method != "sft" and backend != "cpu":
-        raise UsageError(f"--method {cfg.method}: preference tuning runs on the cpu backend "
-                         f"for now, not {backend}: add --backend cpu")
     if cfg.full and backend not in FULL_BACKENDS:
         raise UsageError(f"--full: full fine-tuning runs on the {' and '.join(FULL_BACKENDS)} "
                          f"backends, not {backend}: add --backend cpu")
