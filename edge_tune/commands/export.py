@@ -82,11 +82,18 @@ def _full_run(path: Path) -> Optional[Manifest]:
 def export_full(run: Path, man: Manifest, out: Optional[Path], quant: str,
                 on_event: EventSink = ignore, verify: bool = False,
                 ollama: Optional[Path] = None, system: Optional[str] = None,
-                template: Optional["template_choice.ChatTemplate"] = None) -> dict:
+                template: Optional["template_choice.ChatTemplate"] = None,
+                vocab_from: Optional[Path] = None) -> dict:
     """A full run's HF weights (``RUN/model``) as one GGUF model: llama.cpp's converter
     writes F32 (exact; what verify checks against torch), then llama.cpp's quantizer makes
     ``quant`` (F16 default, Q8_0, Q4_K_M, ...) from it. Default output:
-    ``RUN/model-<quant>.gguf``. Returns {path, quant, bytes, verify}."""
+    ``RUN/model-<quant>.gguf``. Returns {path, quant, bytes, verify}.
+
+    ``vocab_from``: the base GGUF the run was trained from (default: the manifest's, when it
+    was given as a GGUF). Its tokenizer was rebuilt by transformers for training, and
+    llama.cpp's converter does not turn that rebuilt copy back into the same vocabulary
+    (token types, special tokens, pre-tokenizer), so the model keeps the base's own
+    ``tokenizer.*`` metadata (the converted chat template excepted)."""
     import tempfile
 
     from edge_tune.converters.formats.merge import check_disk
@@ -102,9 +109,17 @@ def export_full(run: Path, man: Manifest, out: Optional[Path], quant: str,
     out = Path(out) if out is not None else run / f"model-{name.lower()}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = None
+    if vocab_from is None and man.base.gguf and man.base.gguf_source == "given":
+        vocab_from = Path(man.base.gguf)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as work:
         f32 = out if name == "F32" else Path(work) / "model-f32.gguf"
-        hf_to_gguf.convert(model_dir, f32, "f32", on_event)
+        if vocab_from is not None and Path(vocab_from).is_file():
+            converted = hf_to_gguf.convert(model_dir, Path(work) / "converted.gguf", "f32",
+                                           on_event)
+            _with_vocabulary_of(Path(vocab_from), converted, f32)
+            converted.unlink()
+        else:
+            hf_to_gguf.convert(model_dir, f32, "f32", on_event)
         if name != "F32":
             check_disk(out.parent, int(f32.stat().st_size * quant_mod.BITS_PER_WEIGHT[name]
                                        // 32), str(out))
@@ -120,6 +135,33 @@ def export_full(run: Path, man: Manifest, out: Optional[Path], quant: str,
         _write_ollama(Path(ollama), out, None, system, man, on_event, template)
     on_event(Done("export", {"path": str(out)}))
     return {"path": str(out), "quant": name, "bytes": size, "verify": report}
+
+
+def _with_vocabulary_of(base: Path, converted: Path, dst: Path) -> None:
+    """Write ``dst``: ``converted`` with the ``tokenizer.*`` fields of ``base`` (its chat
+    template kept where it has one). Raises EdgeTuneError when the vocabularies differ in
+    size (not the same tokenizer)."""
+    import gguf
+    import numpy as np
+
+    from edge_tune.converters.formats.base_info import (copy_fields, field_value, open_gguf,
+                                                         writing_gguf)
+
+    src, vocab = open_gguf(converted), open_gguf(base)
+    n_src = len(field_value(src, "tokenizer.ggml.tokens") or [])
+    n_base = len(field_value(vocab, "tokenizer.ggml.tokens") or [])
+    if n_src != n_base:
+        raise EdgeTuneError(f"{converted}: {n_src} tokens, but the base {base} has {n_base} "
+                            "(expected the base's own vocabulary)")
+    own = {k for k in src.fields if k.startswith("tokenizer.")}
+    keep = {"tokenizer.chat_template"} & own
+    with writing_gguf(dst, field_value(src, "general.architecture")) as w:
+        copy_fields(src, w, skip=own - keep)
+        copy_fields(vocab, w, skip={k for k in vocab.fields
+                                    if not k.startswith("tokenizer.") or k in keep})
+        for t in src.tensors:  # F32 from the converter: dequantize() returns them as they are
+            data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+            w.add_tensor(t.name, data.reshape(tuple(reversed([int(x) for x in t.shape]))))
 
 
 def _export_vllm(adapter: Path, peft_dir: Path, man: Optional[Manifest], base: Optional[Path],

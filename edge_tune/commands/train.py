@@ -170,7 +170,7 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         from edge_tune.commands.export import export_full
 
         shipped = export_full(run_dir, manifest_mod.Manifest(kind="full"),
-                              run_dir / FULL_MODEL_GGUF, "F16", on_event)
+                              run_dir / FULL_MODEL_GGUF, "F16", on_event, vocab_from=ref.gguf)
         model_info = {"hf": "model", "gguf": FULL_MODEL_GGUF, "quant": shipped["quant"]}
     elif base_gguf is not None and not cfg.dora:
         plan = export(run_dir / "adapter", base=base_gguf, out=run_dir / "adapter.gguf",
