@@ -277,10 +277,16 @@ def save_full_model(model, base_dir: Path, out: Path, chat_template: str | None)
     ``model.safetensors`` (fp32, the trained values; tied embeddings stored once) from
     ``save_pretrained``, the base's tokenizer files copied, and ``chat_template``
     (``--chat-template``'s text) as the model's only template when one was given."""
-    import shutil
-
     model.config.use_cache = True  # training turned the KV cache off; inference wants it
     model.save_pretrained(str(out), safe_serialization=True)
+    copy_tokenizer(base_dir, out, chat_template)
+
+
+def copy_tokenizer(base_dir: Path, out: Path, chat_template: str | None) -> None:
+    """The base's tokenizer files into a full run's model directory ``out``, and
+    ``chat_template`` as its only template when one was given (shared by the mlx backend)."""
+    import shutil
+
     for name in _TOKENIZER_FILES:
         if (base_dir / name).is_file():
             shutil.copy2(base_dir / name, out / name)
