@@ -241,8 +241,13 @@ class Engine:
     def __init__(self, base_gguf: Path, n_ctx: int = 4096, threads: Optional[int] = None,
                  logits_all: bool = False, seed: int = 0, exact: bool = False,
                  chat_template: Optional[str] = None, stop_tokens: tuple = (),
-                 system_mode: str = "keep", prompt_cache: bool = True) -> None:
+                 system_mode: str = "keep", prompt_cache: bool = True,
+                 parallel: int = 1) -> None:
         """``exact``: keep the KV cache in F32 (default F16) for bit-careful comparisons.
+        ``parallel``: sequences the context holds (the server's batch), ``n_ctx`` tokens
+        each (a KV stream per sequence, at least two), all decoded by the rule of
+        :mod:`edge_tune.server.batch_rows`, so a greedy answer is the same bits alone or
+        batched.
         ``prompt_cache``: reuse the KV entries of the longest common prefix of the previous
         prompt (per adapter set, see :meth:`activate_mix`) instead of starting each answer
         from an empty context; greedy answers are the same either way (tests/
@@ -255,7 +260,7 @@ class Engine:
         self.base_path = Path(base_gguf)
         self.base: BaseInfo = from_gguf(self.base_path)  # refuses truncated/corrupt files
         try:
-            from llama_cpp import Llama
+            import llama_cpp  # noqa: F401
         except ImportError:
             raise EdgeTuneError("llama-cpp-python is not installed: pip install "
                                 "'edge-tune[run]'") from None
@@ -266,10 +271,13 @@ class Engine:
         # thread stalls the rest (measured here: 2 threads 4-13x slower than 1 under load).
         threads = threads or _env_threads() or psutil.cpu_count(logical=False) or 1
         try:
+            from edge_tune.server.batch_rows import seq_llama
+
             with quiet_stderr(), _model_params(_want_extra_bufts()):
-                self.llm = Llama(model_path=str(self.base_path), n_ctx=n_ctx, n_threads=threads,
-                                 n_threads_batch=threads, logits_all=logits_all, seed=seed,
-                                 verbose=False, **({"type_k": 0, "type_v": 0} if exact else {}))
+                self.llm = seq_llama(parallel, n_ctx, model_path=str(self.base_path),
+                                     n_threads=threads, n_threads_batch=threads,
+                                     logits_all=logits_all, seed=seed, verbose=False,
+                                     **({"type_k": 0, "type_v": 0} if exact else {}))
         except ValueError as exc:
             raise EdgeTuneError(f"{self.base_path}: llama.cpp could not load this model "
                                 f"({exc})") from None
@@ -278,6 +286,7 @@ class Engine:
         self.active: Optional[str] = None
         self.active_mix: tuple = ()  # ((name, scale), ...) applied to the context now
         self.prompt_cache = prompt_cache
+        self.parallel = max(1, parallel)
         # adapter set -> its cached prompt (KV entries + tokens), saved when it was left
         self._saved: OrderedDict[tuple, object] = OrderedDict()
         own = self.llm.metadata.get("tokenizer.chat_template") or None
@@ -422,14 +431,36 @@ class Engine:
         used. KV entries are valid only under the set they were computed with: with the
         prompt cache on, the cached prompt is saved under the set being left and the new
         set's saved prompt (if any) is restored (llama_state_seq_get_data / set_data)."""
-        import llama_cpp
-
         mix = tuple((str(n), float(s)) for n, s in mix)
         for name, _ in mix:
             if name not in self._adapters:
                 raise EdgeTuneError(f"adapter {name!r} is not loaded")
         if mix == self.active_mix and self.prompt_cache:
             return
+        left = self.active_mix
+        self.apply_mix(mix)
+        if self.prompt_cache and self.llm.n_tokens > 0:
+            self._saved[left] = self._save_prompt()
+            self._saved.move_to_end(left)
+            while len(self._saved) > self.SAVED_STATES:
+                self._saved.popitem(last=False)
+        # KV entries of the previous set must not be reused under this one
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
+        saved = self._saved.pop(mix, None) if self.prompt_cache else None
+        if saved is not None:
+            self._restore_prompt(*saved)
+
+    def apply_mix(self, mix) -> None:
+        """Set the adapters of the context to ``mix`` (as :meth:`activate_mix` takes it)
+        and nothing else: the KV entries of every sequence stay (the server's batcher keeps
+        each sequence's adapter set itself)."""
+        import llama_cpp
+
+        mix = tuple((str(n), float(s)) for n, s in mix)
+        for name, _ in mix:
+            if name not in self._adapters:
+                raise EdgeTuneError(f"adapter {name!r} is not loaded")
         if mix:
             arr = (llama_cpp.llama_adapter_lora_p_ctypes * len(mix))(
                 *(self._adapters[n] for n, _ in mix))
@@ -439,17 +470,6 @@ class Engine:
             rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
         if rc != 0:
             raise EdgeTuneError(f"llama.cpp could not activate adapters {mix!r} (code {rc})")
-        if self.prompt_cache and self.llm.n_tokens > 0:
-            self._saved[self.active_mix] = self._save_prompt()
-            self._saved.move_to_end(self.active_mix)
-            while len(self._saved) > self.SAVED_STATES:
-                self._saved.popitem(last=False)
-        # KV entries of the previous set must not be reused under this one
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
-        saved = self._saved.pop(mix, None) if self.prompt_cache else None
-        if saved is not None:
-            self._restore_prompt(*saved)
         self.active_mix = mix
         self.active = mix[0][0] if mix else None
 
@@ -472,7 +492,7 @@ class Engine:
 
     def generate(self, *, messages: list[dict] | None = None, prompt: str | None = None,
                  temperature: float = 0.7, max_tokens: int = 256, seed: int | None = None,
-                 **sampling) -> Iterator[Piece]:
+                 sequence=None, mix: tuple | None = None, **sampling) -> Iterator[Piece]:
         """The one generation path for the CLI and the server: a chat (``messages``, rendered
         with :attr:`chat_template`) or a plain text completion (``prompt``), streamed as pieces.
 
@@ -486,33 +506,38 @@ class Engine:
         llama-cpp-python names them. A prompt longer than the context raises
         :class:`ContextOverflow` before any piece; a conversation the template refuses raises
         :class:`ChatTemplateError`, one on a model without a template :class:`NoChatTemplate`.
+        ``sequence``: another sequence of the context (the server's batch, a
+        :meth:`SeqLlama.view`) generating under ``mix`` (its adapter set, applied by the
+        caller); default: sequence 0 under :attr:`active_mix`.
         """
+        llm = self.llm if sequence is None else sequence
+        first = (mix[0][0] if mix else None) if sequence is not None else self.active
         if messages is not None:
-            template = self.chat_template
+            template = self.template_of(first)
             if template is None:
                 raise NoChatTemplate(f"{self.base_path.name} has no chat template; "
                                      "give --chat-template NAME|FILE, or ask for a plain text "
                                      "completion")
-            self.llm.chat_handler = self._chat_handler(template)
-            if self._fold.get(self.active, self._fold[None]):
+            llm.chat_handler = self._chat_handler(template)
+            if self._fold.get(first, self._fold[None]):
                 from edge_tune.data.template import fold_system
 
                 messages = fold_system(messages)
         if self.prompt_cache:
-            _batched_suffix(self.llm)
+            _batched_suffix(llm)
         else:
-            self.llm.reset()
-        counter = _TokenCounter.install(self.llm, max_tokens if max_tokens and max_tokens > 0
+            llm.reset()
+        counter = _TokenCounter.install(llm, max_tokens if max_tokens and max_tokens > 0
                                         else None)
         kw = dict(temperature=temperature, max_tokens=max_tokens, stream=True, seed=seed,
                   **sampling)
         try:
             if messages is not None:
-                stream = self.llm.create_chat_completion(messages=messages, **kw)
+                stream = llm.create_chat_completion(messages=messages, **kw)
                 chunks = ((c["choices"][0]["delta"].get("content") or "",
                            c["choices"][0].get("finish_reason")) for c in stream)
             else:
-                stream = self.llm.create_completion(prompt=prompt or "", **kw)
+                stream = llm.create_completion(prompt=prompt or "", **kw)
                 chunks = ((c["choices"][0].get("text") or "", c["choices"][0].get("finish_reason"))
                           for c in stream)
             for text, finish in _overflow_as_error(chunks):
@@ -523,23 +548,9 @@ class Engine:
                                 counter.cached_tokens)
         finally:
             counter.uninstall()
-            self.llm.__dict__.pop("generate", None)
-            if self.prompt_cache:
-                self._keep_prompt_only(counter.prompt_tokens)
-
-    def _keep_prompt_only(self, prompt_tokens: int) -> None:
-        """Drop the KV entries of the answer, keep the prompt's.
-
-        Why: ggml computes a lone token (the answer, decoded one at a time) with other
-        kernels than a batch of tokens (llamafile's sgemm takes over at two rows, for F16
-        attention, F32 adapters, Q8_0 weights), and the rounding differs. A fresh context
-        evaluates the previous answer as part of the next prompt, in a batch, so reusing the
-        decoded entries can change a greedy answer (measured: docs/serving.md).
-        Re-evaluating the answer with the new prompt costs a batch of at most max_tokens
-        rows."""
-        if prompt_tokens and self.llm.n_tokens > prompt_tokens:
-            self.llm.n_tokens = prompt_tokens
-            self.llm._ctx.kv_cache_seq_rm(-1, prompt_tokens, -1)
+            llm.__dict__.pop("generate", None)
+            # the answer's KV entries stay: decoded by the rule of batch_rows, they are the
+            # same bits a prompt evaluation would give, so turn N evaluates only what is new
 
     def chat(self, messages: list[dict], **kw) -> str:
         return "".join(self.chat_stream(messages, **kw))
@@ -558,6 +569,8 @@ class Engine:
 
         with contextlib.suppress(Exception):
             llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+        with contextlib.suppress(Exception):
+            self.llm.batch.close()
         for ptr in self._adapters.values():
             with contextlib.suppress(Exception):
                 llama_cpp.llama_adapter_lora_free(ptr)

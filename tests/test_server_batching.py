@@ -74,7 +74,7 @@ def test_prompt_cache_reuses_the_prefix_per_adapter_set_and_changes_no_answer(ti
                 got, last = _answer(warm, mix, messages)
                 want, _ = _answer(cold, mix, messages)
                 assert got == want, (mix, question)
-                assert last.cached_tokens == last_prompt[mix], (mix, question)
+                assert last.cached_tokens >= last_prompt[mix], (mix, question)
                 last_prompt[mix] = last.prompt_tokens
                 history[mix] = messages + [{"role": "assistant", "content": got}]
                 answers.add(got)
@@ -158,7 +158,9 @@ def test_turn_n_evaluates_only_the_new_tokens(server, client, tiny):
         answer, usage = _chat(client, messages, "a")
         after = server.health()
         assert after["prompt_tokens"] - before["prompt_tokens"] == usage.prompt_tokens
-        assert after["prompt_tokens_cached"] - before["prompt_tokens_cached"] == previous
+        cached = after["prompt_tokens_cached"] - before["prompt_tokens_cached"]
+        # the previous prompt and (decoded exactly, see batch_rows) the previous answer
+        assert cached > previous if previous else cached == 0
         assert answer == _cold_answer(tiny, (("a", 1.0),), messages)
         previous = usage.prompt_tokens
         messages.append({"role": "assistant", "content": answer})

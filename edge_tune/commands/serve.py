@@ -74,8 +74,10 @@ def _check_port_free(host: str, port: int) -> None:
 
 def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
           api_key: Optional[str] = None, n_ctx: int = 4096, max_queue: int = 64,
-          threads: Optional[int] = None, on_event: EventSink = ignore) -> None:
-    """Run the OpenAI-compatible server until interrupted (blocks)."""
+          threads: Optional[int] = None, on_event: EventSink = ignore,
+          parallel: int = 8) -> None:
+    """Run the OpenAI-compatible server until interrupted (blocks). ``parallel``: requests
+    decoded together (continuous batching); they share one KV buffer of ``n_ctx`` cells."""
     try:
         import uvicorn
 
@@ -91,7 +93,7 @@ def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         on_event(Log(f"listening on {host} without --api-key: anyone who can reach this "
                      "port can use the models", "warning"))
-    engine = open_serving(plan, on_event, n_ctx=n_ctx, threads=threads)
+    engine = open_serving(plan, on_event, n_ctx=n_ctx, threads=threads, parallel=parallel)
     scheduler = Scheduler(engine, max_queue=max_queue)
     names = ["base", *plan.adapters]
     untemplated = [n for n in names if engine.template_of(None if n == "base" else n) is None]

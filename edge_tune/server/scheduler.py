@@ -1,21 +1,21 @@
-"""One worker thread owns the llama.cpp engine; requests wait their turn in a FIFO queue.
+"""The request queue and the thread that owns the llama.cpp context.
 
-Why a single thread: a llama.cpp context is not thread-safe, and there is only one. Keeping
-every engine call on one thread (not merely behind a lock) also keeps adapter switches
-ordered: the worker activates the job's adapter set (the engine keeps each set's prompt
-cache apart, see :meth:`Engine.activate_mix`) and generates, reusing only KV entries of a
-common prompt prefix computed under that same set.
+A llama.cpp context is not thread-safe and there is only one, so one worker thread does
+every decode and every engine call; requests on the same adapter set are decoded together
+(continuous batching, :mod:`.batch_loop`), sets take turns, and each sequence generates on
+a thread of its own that only samples and waits (the decode rule of :mod:`.batch_rows`
+makes a greedy answer the same bits alone or batched, so it equals ``chat --prompt``).
 
-The asyncio side talks to the worker through thread-safe hand-offs: each job carries an
-asyncio queue that the worker fills with ``loop.call_soon_threadsafe``, and a cancel flag
-the web side sets when the client goes away; the worker checks it between tokens, closes
-the generation, and moves on to the next job.
+The asyncio side talks to the threads through thread-safe hand-offs: each job carries an
+asyncio queue that its sequence thread fills with ``loop.call_soon_threadsafe``, and a
+cancel flag the web side sets when the client goes away; the sequence stops at its next
+token (or, waiting for a step, is dropped), and its slot serves the next request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
+import collections
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,6 +36,8 @@ class Stats:
     adapter_switches: int = 0
     prompt_tokens: int = 0  # prompt tokens of every answer, cached or not
     prompt_tokens_cached: int = 0  # of those, taken from the prompt cache (not evaluated)
+    decode_steps: int = 0  # llama_decode calls of the batcher
+    max_batch: int = 0  # most sequences decoded together in one step
     busy: bool = False
 
 
@@ -55,35 +57,44 @@ class Job:
 
 
 class Scheduler:
-    """Serialises generation on one engine. Events a job receives, in order:
+    """Continuous batching on one engine. Events a job receives, in order:
     ``("piece", Piece)``... then ``("done", Piece)`` or ``("error", RequestError)``."""
 
     def __init__(self, engine, max_queue: int = 64) -> None:
+        from edge_tune.server.batch_loop import Batcher
+
         self.engine = engine
         self.max_queue = max_queue
         self.stats = Stats()
-        self._jobs: queue.Queue = queue.Queue()
+        self._cv = threading.Condition()
+        self._waiting: collections.deque = collections.deque()
+        self._calls: collections.deque = collections.deque()
+        self._batcher = Batcher(engine, self._cv)
+        self._stopping = False
         self._thread = threading.Thread(target=self._work, name="edge-tune-engine",
                                         daemon=True)
-        self._stopping = False
         self._thread.start()
 
     @property
     def queued(self) -> int:
-        return self._jobs.qsize()
+        return len(self._waiting)
 
     def submit(self, request: GenRequest) -> Job:
-        if self._jobs.qsize() >= self.max_queue:
-            raise RequestError(503, f"the server is busy ({self.max_queue} requests queued); "
-                                    "retry later", type="server_error", code="queue_full")
-        job = Job(request, asyncio.get_running_loop())
-        self._jobs.put(job)
+        with self._cv:
+            if len(self._waiting) >= self.max_queue:
+                raise RequestError(503, f"the server is busy ({self.max_queue} requests "
+                                        "queued); retry later", type="server_error",
+                                   code="queue_full")
+            job = Job(request, asyncio.get_running_loop())
+            self._waiting.append(job)
+            self.stats.busy = True
+            self._cv.notify_all()
         return job
 
     async def call(self, fn):
-        """Run ``fn(engine)`` on the worker thread, between two jobs, and return its result
-        (or raise its exception): how adapters are added and removed while serving. Not
-        bounded by ``max_queue``."""
+        """Run ``fn(engine)`` on the worker thread once no sequence is generating (new
+        requests wait meanwhile), and return its result (or raise its exception): how
+        adapters are added and removed while serving. Not bounded by ``max_queue``."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
@@ -98,89 +109,154 @@ class Scheduler:
                 result, exc = None, err
             loop.call_soon_threadsafe(settle, result, exc)
 
-        self._jobs.put(run)
+        with self._cv:
+            self._calls.append(run)
+            self._cv.notify_all()
         return await done
 
     def close(self) -> None:
-        """Stop the worker after the current job; the engine is closed by its owner."""
-        self._stopping = True
-        self._jobs.put(None)
+        """Stop: sequences end at their next step; the engine is closed by its owner."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
         self._thread.join(timeout=30)
+        for seq in list(self._batcher.live):
+            if seq.thread is not None:
+                seq.thread.join(timeout=30)
 
     # --- the worker thread -----------------------------------------------------------------
     def _work(self) -> None:
+        batch = self._batcher
         while True:
-            job = self._jobs.get()
-            if job is None or self._stopping:
-                return
-            if callable(job):  # an engine call from Scheduler.call
-                job()
+            with self._cv:
+                while True:
+                    batch.drop_cancelled(self._stopping)
+                    if self._stopping and not batch.live:
+                        return
+                    if self._calls and not batch.live:
+                        call = self._calls.popleft()
+                        break
+                    chosen = []
+                    if not self._stopping:
+                        self._admit()
+                    if not batch.sampling:
+                        chosen = batch.pick()
+                        self.stats.adapter_switches = batch.switches
+                    if chosen:
+                        call = None
+                        self.stats.decode_steps += 1
+                        self.stats.max_batch = max(self.stats.max_batch, len(chosen))
+                        break
+                    self.stats.busy = bool(batch.live or self._waiting)
+                    self._cv.wait()
+            if call is not None:
+                call()
+                with self._cv:
+                    batch.forget_all()
                 continue
+            batch.decode(chosen)
+            with self._cv:
+                batch.deliver(chosen)
+
+    def _admit(self) -> None:
+        """Give waiting jobs free slots (FIFO), unless an engine call waits for the batch
+        to drain."""
+        while self._waiting and not self._calls:
+            job = self._waiting[0]
             if job.cancelled.is_set():  # gave up while queued: costs nothing
+                self._waiting.popleft()
                 self.stats.cancelled += 1
                 continue
-            self.stats.busy = True
-            try:
-                self._run(job)
-            except RequestError as exc:
-                self.stats.failed += 1
-                job.post("error", exc)
-            except ContextOverflow as exc:
-                self.stats.failed += 1
-                job.post("error", RequestError(400, f"{exc}; shorten the prompt or start the "
-                                                    "server with a larger --ctx",
-                                               code="context_length_exceeded"))
-            except ChatTemplateError as exc:  # the conversation's fault, not the server's
-                self.stats.failed += 1
-                job.post("error", RequestError(400, str(exc), param="messages",
-                                               code="invalid_chat_template"))
-            except NoChatTemplate:
+            mix = adapter_mix(job.request)
+            gone = [name for name, _ in mix if name not in self.engine.adapter_meta]
+            if gone:  # removed while the request waited
+                self._waiting.popleft()
                 self.stats.failed += 1
                 job.post("error", RequestError(
-                    400, f"the model '{job.request.model}' has no chat template, so it cannot "
-                         "take messages: send a prompt to /v1/completions, or restart the "
-                         "server with --chat-template NAME|FILE", param="messages",
-                    code="no_chat_template"))
-            except EdgeTuneError as exc:
-                self.stats.failed += 1
-                job.post("error", RequestError(500, str(exc), type="server_error"))
-            except Exception as exc:  # noqa: BLE001 -- a bug: tell this client, serve the rest
-                self.stats.failed += 1
-                job.post("error", RequestError(500, f"internal error: {exc!r}",
-                                               type="server_error"))
-            finally:
-                self.stats.busy = False
+                    404, f"The model '{gone[0]}' does not exist (it was removed)",
+                    param="model", code="model_not_found"))
+                continue
+            slot = self._batcher.free_slot(mix)
+            if slot is None:
+                return
+            self._waiting.popleft()
+            self.stats.busy = True
+            self._batcher.admit(job, mix, slot, self._sequence)
 
-    def _run(self, job: Job) -> None:
-        req = job.request
-        mix = adapter_mix(req)
-        gone = [name for name, _ in mix if name not in self.engine.adapter_meta]
-        if gone:  # removed while the request waited
-            raise RequestError(404, f"The model '{gone[0]}' does not exist (it was removed)",
-                               param="model", code="model_not_found")
-        if self.engine.active_mix != mix:
-            self.engine.activate_mix(mix)
-            self.stats.adapter_switches += 1
-        pieces = self.engine.generate(messages=req.messages, prompt=req.prompt,
-                                      temperature=req.temperature, max_tokens=req.max_tokens,
-                                      seed=req.seed, **req.sampling)
+    def _sequence(self, seq) -> None:
+        """A sequence's thread: generate, post the pieces, report the end."""
+        ok = False
+        try:
+            ok = self._answer(seq.job, lambda: self.engine.generate(
+                messages=seq.job.request.messages, prompt=seq.job.request.prompt,
+                temperature=seq.job.request.temperature,
+                max_tokens=seq.job.request.max_tokens, seed=seq.job.request.seed,
+                sequence=seq.slot.view, mix=seq.mix, **seq.job.request.sampling))
+        finally:
+            self._batcher.finished(seq, ok)
+
+    def _answer(self, job: Job, start) -> bool:
+        """Run one generation for ``job``; every failure becomes the job's error event.
+        True when the answer was complete."""
+        from edge_tune.server.batch_loop import Cancelled
+
+        try:
+            return self._run(job, start)
+        except Cancelled:
+            self._count(cancelled=1)
+        except RequestError as exc:
+            self._count(failed=1)
+            job.post("error", exc)
+        except ContextOverflow as exc:
+            self._count(failed=1)
+            job.post("error", RequestError(400, f"{exc}; shorten the prompt or start the "
+                                                "server with a larger --ctx",
+                                           code="context_length_exceeded"))
+        except ChatTemplateError as exc:  # the conversation's fault, not the server's
+            self._count(failed=1)
+            job.post("error", RequestError(400, str(exc), param="messages",
+                                           code="invalid_chat_template"))
+        except NoChatTemplate:
+            self._count(failed=1)
+            job.post("error", RequestError(
+                400, f"the model '{job.request.model}' has no chat template, so it cannot "
+                     "take messages: send a prompt to /v1/completions, or restart the "
+                     "server with --chat-template NAME|FILE", param="messages",
+                code="no_chat_template"))
+        except EdgeTuneError as exc:
+            self._count(failed=1)
+            job.post("error", RequestError(500, str(exc), type="server_error"))
+        except Exception as exc:  # noqa: BLE001 -- a bug: tell this client, serve the rest
+            self._count(failed=1)
+            job.post("error", RequestError(500, f"internal error: {exc!r}",
+                                           type="server_error"))
+        return False
+
+    def _count(self, **deltas) -> None:
+        with self._cv:
+            for name, value in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + value)
+
+    def _run(self, job: Job, start) -> bool:
+        pieces = start()
         last = None
         try:
             for piece in pieces:
                 if job.cancelled.is_set() or self._stopping:  # client left / shutting down
-                    self.stats.cancelled += 1
-                    return
+                    self._count(cancelled=1)
+                    return False
                 last = piece
                 if piece.finish_reason is None:
                     job.post("piece", piece)
         finally:
             pieces.close()
             if last is not None:
-                self.stats.tokens_generated += last.completion_tokens
-                self.stats.prompt_tokens += last.prompt_tokens
-                self.stats.prompt_tokens_cached += last.cached_tokens
-        self.stats.served += 1
+                self._count(tokens_generated=last.completion_tokens,
+                            prompt_tokens=last.prompt_tokens,
+                            prompt_tokens_cached=last.cached_tokens)
+        self._count(served=1)
         job.post("done", last or Piece("", "stop"))
+        return True
 
 
 def adapter_mix(req: GenRequest) -> tuple:

@@ -1,0 +1,266 @@
+"""Several sequences in one llama.cpp context, decoded so that batching changes no bit.
+
+The rule (measured on the default Q4_1 model with and without an adapter, and on a tiny F32
+model: docs/serving.md "Concurrency and batching"): with **flash attention**, **one KV
+stream per sequence** (``kv_unified = false``), and **at least two output rows in every**
+``llama_decode``, a row's logits and KV entries are the same bits whatever else the batch
+holds: a lone token, a prompt, or eight sequences at once; so a decoded answer's KV entries
+equal those a prompt evaluation would give, and are kept as prompt cache. Why each part:
+without flash attention a lone query row takes other attention kernels than a block of
+rows; in one shared KV buffer a sequence's entries start at varying cells, which shifts the
+tiles flash attention sums over; with one output row the output layer (and the last block,
+which llama.cpp computes for output rows only) takes ggml's one-row kernels, which round
+differently from llamafile's sgemm on F32/F16 weights.
+
+So a decode is either a *step* (one token for each of several sequences) or a *prompt
+chunk* (tokens of one sequence, its last two rows as outputs). llama.cpp splits a batch
+over per-sequence streams into micro-batches of consecutive sequence ids with equal token
+counts; a step therefore covers a consecutive range of sequence ids, and a *filler* row
+(appended to a stream's end and removed after) fills each gap, or joins a lone row.
+
+:func:`seq_llama` makes a ``llama_cpp.Llama`` whose ``eval``/``sample`` follow that rule for
+one sequence id; llama-cpp-python's own generation loop (chat templates, grammars, logits
+processors, stop strings, penalties) runs on top unchanged. A decoder callable does the
+decoding: :class:`DirectDecoder` at once (``chat``), or the server's batcher
+(:mod:`edge_tune.server.batch_loop`), which gathers the steps of many sequences into one
+``llama_decode``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+
+from edge_tune.errors import EdgeTuneError
+
+CHUNK = 510  # rows of one prompt chunk: n_ubatch (512) with room to spare
+
+
+class KVFull(EdgeTuneError):
+    """llama_decode found no room in the KV buffer for the batch."""
+
+
+@dataclass
+class Rows:
+    """What one sequence asks of a decode: ``tokens`` at positions ``n_past``...; with
+    ``all_logits`` every row's logits are kept (``Llama(logits_all=True)``)."""
+
+    seq: int
+    n_past: int
+    tokens: list
+    all_logits: bool = False
+    first: int = -1  # batch index of the first row, set by Batch.decode
+
+
+@contextlib.contextmanager
+def context_params(n_seq_max: int, flash_attn: bool = True):
+    """``Llama()`` builds its llama_context_params internally; start it from defaults with
+    ``n_seq_max`` sequences, one KV stream each, and flash attention."""
+    import llama_cpp.llama_cpp as low
+
+    original = low.llama_context_default_params
+
+    def patched():
+        params = original()
+        params.n_seq_max = n_seq_max
+        params.kv_unified = False
+        params.flash_attn_type = (low.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else low.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        return params
+
+    low.llama_context_default_params = patched
+    try:
+        yield
+    finally:
+        low.llama_context_default_params = original
+
+
+class Batch:
+    """One ``llama_batch``, reused for every decode of a context of ``streams`` sequences."""
+
+    def __init__(self, ctx, streams: int) -> None:
+        import llama_cpp
+
+        self.ctx = ctx
+        self.streams = streams
+        self.batch = llama_cpp.llama_batch_init(max(CHUNK, streams) + 2, 0, 1)
+        self.memory = llama_cpp.llama_get_memory(ctx)
+
+    def decode(self, entries: list[Rows]) -> None:
+        """Decode a prompt chunk (one entry) or a step (entries of one token each, distinct
+        sequences); sets each entry's ``first``. Raises :class:`KVFull` when the KV buffer
+        has no room (nothing decoded), EdgeTuneError on any other failure."""
+        import llama_cpp
+
+        mem = self.memory
+        for entry in entries:  # a sequence's entries past n_past are stale: a new answer
+            llama_cpp.llama_memory_seq_rm(mem, entry.seq, entry.n_past, -1)
+        if len(entries) > 1 and any(len(e.tokens) != 1 for e in entries):
+            raise EdgeTuneError("internal: a step decodes one token per sequence")
+        rows = []  # (token, pos, seq, logits)
+        for entry in entries:
+            entry.first = len(rows)
+            n = len(entry.tokens)
+            for k, token in enumerate(entry.tokens):
+                out = entry.all_logits or k >= n - 2 or len(entries) > 1
+                rows.append((token, entry.n_past + k, entry.seq, out))
+        fillers = self._fillers(entries)
+        for seq, pos in fillers:
+            rows.append((rows[-1][0], pos, seq, True))
+        b = self.batch
+        for i, (token, pos, seq, out) in enumerate(rows):
+            b.token[i], b.pos[i], b.n_seq_id[i] = token, pos, 1
+            b.seq_id[i][0], b.logits[i] = seq, 1 if out else 0
+        b.n_tokens = len(rows)
+        try:
+            rc = llama_cpp.llama_decode(self.ctx, b)
+        finally:
+            for seq, pos in fillers:
+                llama_cpp.llama_memory_seq_rm(mem, seq, pos, -1)
+        if rc == 1:
+            raise KVFull("the KV cache is full")
+        if rc != 0:
+            raise EdgeTuneError(f"llama_decode failed (code {rc})")
+
+    def _fillers(self, entries: list[Rows]) -> list[tuple[int, int]]:
+        """(sequence, position) of the filler rows a decode needs (see the module)."""
+        import llama_cpp
+
+        if len(entries) == 1 and len(entries[0].tokens) > 1:
+            return []  # a prompt chunk: its last two rows are the outputs
+        seqs = {e.seq for e in entries}
+        lo, hi = min(seqs), max(seqs)
+        need = [s for s in range(lo, hi + 1) if s not in seqs]
+        if lo == hi:
+            need = [hi + 1 if hi + 1 < self.streams else lo - 1]
+        return [(s, llama_cpp.llama_memory_seq_pos_max(self.memory, s) + 1) for s in need]
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+
+
+class DirectDecoder:
+    """Decodes one sequence's tokens at once, in chunks: the single-request path."""
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+        self.sample_lock = threading.Lock()
+
+    def __call__(self, view, tokens: list) -> int:
+        last = -1
+        for chunk in chunks(tokens):
+            entry = Rows(view.seq_id, view.n_tokens + chunk[0], chunk[1], view._logits_all)
+            self.batch.decode([entry])
+            view.keep_logits(entry)
+            last = entry.first + len(entry.tokens) - 1
+        return last
+
+
+def chunks(tokens: list) -> list[tuple[int, list]]:
+    """(offset, tokens) pieces of at most CHUNK tokens."""
+    return [(i, tokens[i:i + CHUNK]) for i in range(0, len(tokens), CHUNK)]
+
+
+class _SeqContext:
+    """llama-cpp-python's LlamaContext, with its KV removals bound to one sequence (it
+    removes from ``-1`` = sequence 0, llama-cpp-python's only one)."""
+
+    def __init__(self, inner, seq: int, deferred: bool = False) -> None:
+        self._inner = inner
+        self._seq = seq
+        self._deferred = deferred
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def kv_cache_seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
+        """Drop the sequence's entries from ``p0`` on (llama-cpp-python's prefix reuse).
+        ``deferred`` (a view on a batcher): only the decoding thread touches the KV
+        buffer, and :meth:`Batch.decode` drops everything past ``n_past`` anyway."""
+        import llama_cpp
+
+        if self._deferred:
+            return True
+        return llama_cpp.llama_memory_seq_rm(self._inner.memory, self._seq, p0, p1)
+
+    def kv_cache_clear(self) -> None:
+        self.kv_cache_seq_rm(self._seq, 0, -1)
+
+
+_CLASS: dict = {}
+
+
+def _seq_llama_class():
+    """``Llama`` with a sequence id, built once (llama_cpp is imported lazily)."""
+    if "cls" in _CLASS:
+        return _CLASS["cls"]
+    import numpy as np
+    from llama_cpp import Llama
+
+    class SeqLlama(Llama):
+        """A Llama decoding sequence ``seq_id`` through ``decoder`` (see the module)."""
+
+        seq_id = 0
+        decoder = None
+        _last_row = -1
+
+        def eval(self, tokens) -> None:
+            tokens = list(tokens)
+            self._last_row = self.decoder(self, tokens)
+            self.input_ids[self.n_tokens:self.n_tokens + len(tokens)] = tokens
+            self.n_tokens += len(tokens)
+            self._requires_eval = False
+
+        def keep_logits(self, entry: Rows) -> None:
+            """After a decode (on the decoding thread): with ``logits_all``, copy the
+            entry's rows into ``scores``."""
+            if not self._logits_all:
+                return
+            import llama_cpp
+
+            for k in range(len(entry.tokens)):
+                row = llama_cpp.llama_get_logits_ith(self.ctx, entry.first + k)
+                self.scores[entry.n_past + k, :] = np.ctypeslib.as_array(
+                    row, shape=(self._n_vocab,))
+
+        def sample(self, *args, **kwargs) -> int:
+            # the logits of this sequence's last row in the latest decode
+            kwargs["idx"] = self.n_tokens + self._last_row
+            with self.decoder.sample_lock:
+                return Llama.sample(self, *args, **kwargs)
+
+        def view(self, seq_id: int, decoder) -> "SeqLlama":
+            """Another sequence of the same model and context: its own tokens, sampler and
+            KV entries; closing it frees nothing (the model and context are the owner's)."""
+            other = object.__new__(type(self))
+            other.__dict__.update(self.__dict__)
+            other.seq_id, other.decoder = seq_id, decoder
+            other._stack = contextlib.ExitStack()  # Llama.__del__ closes _stack: not ours
+            other._ctx = _SeqContext(getattr(self._ctx, "_inner", self._ctx), seq_id, True)
+            other.input_ids = np.ndarray((self._n_ctx,), dtype=np.intc)
+            other.n_tokens, other._sampler, other._requires_eval = 0, None, True
+            other.chat_handler = None
+            return other
+
+    _CLASS["cls"] = SeqLlama
+    return SeqLlama
+
+
+def seq_llama(sequences: int, n_ctx: int, flash_attn: bool = True, **llama_kw):
+    """A ``Llama`` (sequence 0) on a context of ``max(2, sequences)`` sequences (a lone
+    sequence needs a neighbour for its filler rows) of ``n_ctx`` tokens each, decoding at
+    once (:class:`DirectDecoder`). ``.batch`` is the context's :class:`Batch`."""
+    cls = _seq_llama_class()
+    streams = max(2, sequences)
+    with context_params(streams, flash_attn):
+        llm = cls(n_ctx=n_ctx * streams, n_batch=512, n_ubatch=512, **llama_kw)
+    llm._n_ctx = n_ctx  # what one sequence may hold: llama-cpp-python's length checks
+    llm._ctx = _SeqContext(llm._ctx, 0)
+    llm.batch = Batch(llm.ctx, streams)
+    llm.decoder = DirectDecoder(llm.batch)
+    return llm
