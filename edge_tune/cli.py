@@ -497,7 +497,7 @@ def chat(
                                               help=SYSTEM_MODE_HELP + " [default: the run's, "
                                               "else keep]"),
 ) -> None:
-    """Chat with the base model plus an adapter, through llama.cpp (streamed).
+    """Chat with the base model plus an adapter (or a mix), through llama.cpp (streamed).
 
     The chat template is the run's (the one it trained with), else the base GGUF's; a model
     with neither answers as a plain text completion of the prompt (and says so).

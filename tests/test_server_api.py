@@ -9,6 +9,7 @@ parser of the model's calls on hand-written answers."""
 from __future__ import annotations
 
 import json
+import re
 
 import openai
 import pytest
@@ -18,7 +19,8 @@ from tiny_families import family_gguf
 from tiny_models import tiny_adapter, tiny_llama_gguf
 
 from edge_tune.server.openai_shapes import RequestError, parse_request
-from edge_tune.server.tools import HERMES, LLAMA3, CallStream, parse_calls, syntax_of
+from edge_tune.server.tools import (HERMES, LLAMA3, MISTRAL, CallStream, fit_call_ids,
+                                    parse_calls, syntax_of)
 from edge_tune.templates import BUILTIN
 
 WEATHER = {"type": "function", "function": {
@@ -41,11 +43,13 @@ USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def servers():
-    """qwen2 (tools in its template) and llama (Llama-3 JSON calls), one server each."""
+    """qwen2 (tools in its template), llama (Llama-3 JSON calls) and mistral (Mistral v0.3's
+    template: [TOOL_CALLS], a control token), one server each."""
     with one_llama_thread(), \
             running_server("--base", str(family_gguf("qwen2")), "--ctx", "1024") as qwen, \
-            running_server("--base", str(family_gguf("llama")), "--ctx", "2048") as llama:
-        yield {"qwen2": qwen, "llama": llama}
+            running_server("--base", str(family_gguf("llama")), "--ctx", "2048") as llama, \
+            running_server("--base", str(family_gguf("mistral")), "--ctx", "1024") as mistral:
+        yield {"qwen2": qwen, "llama": llama, "mistral": mistral}
 
 
 def _client(server) -> openai.OpenAI:
@@ -109,6 +113,30 @@ def test_json_object_answer_is_json(qwen):
         assert resp.choices[0].message.content.lstrip().startswith("{")
 
 
+def test_text_completions_honour_response_format(qwen):
+    """/v1/completions takes response_format too (as llama-server does), streamed or not."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    kw = dict(model="base", prompt="A person, as JSON:", temperature=0, max_tokens=80,
+              extra_body={"response_format": fmt})
+    whole = qwen.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "stop"
+    _validate(json.loads(whole.text), SCHEMA)
+    streamed = "".join(c.choices[0].text for c in qwen.completions.create(stream=True, **kw)
+                       if c.choices)
+    assert streamed == whole.text
+    with pytest.raises(openai.BadRequestError) as info:
+        qwen.completions.create(model="base", prompt="x", max_tokens=4, extra_body={
+            "response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "number", "multipleOf": 3}}}})
+    assert info.value.body["param"] == "response_format.json_schema.schema"
+
+
+def test_integer_bounds_are_printed_as_integers(qwen):
+    with pytest.raises(openai.BadRequestError) as info:
+        qwen.completions.create(model="base", prompt="x", max_tokens=2_000_000)
+    assert "expected an integer from 1 to 1048576, got 2000000" in info.value.body["message"]
+
+
 def test_a_schema_llama_cpp_cannot_enforce_is_400(qwen):
     with pytest.raises(openai.BadRequestError) as info:
         qwen.chat.completions.create(model="base", messages=USER, max_tokens=4,
@@ -117,7 +145,7 @@ def test_a_schema_llama_cpp_cannot_enforce_is_400(qwen):
     assert info.value.body["param"] == "response_format.json_schema.schema"
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "mistral"])
 def test_forced_tool_call_comes_back_as_tool_calls(servers, family):
     client = _client(servers[family])
     for choice, name in [("required", None), ({"type": "function", "function": {
@@ -127,15 +155,17 @@ def test_forced_tool_call_comes_back_as_tool_calls(servers, family):
         c = resp.choices[0]
         assert c.finish_reason == "tool_calls", c
         (call,) = c.message.tool_calls
-        assert call.type == "function" and call.id.startswith("call_")
+        assert call.type == "function" and (re.fullmatch(r"[0-9a-f]{9}", call.id) if
+                                            family == "mistral" else call.id.startswith("call_"))
         assert call.function.name in (name or "get_weather get_time").split()
         args = json.loads(call.function.arguments)
         tool = WEATHER if call.function.name == "get_weather" else TIME
         _validate(args, tool["function"]["parameters"])
 
 
-def test_streamed_tool_call_deltas(qwen):
-    chunks = list(qwen.chat.completions.create(
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_streamed_tool_call_deltas(servers, family):
+    chunks = list(_client(servers[family]).chat.completions.create(
         model="base", messages=USER, tools=[WEATHER], tool_choice="required", temperature=0,
         max_tokens=200, stream=True))
     deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
@@ -146,14 +176,17 @@ def test_streamed_tool_call_deltas(qwen):
     assert not any(c.choices[0].delta.content for c in chunks if c.choices)
 
 
-def test_tool_history_is_rendered(qwen):
-    """An assistant turn with tool_calls and a tool result go through the template."""
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_tool_history_is_rendered(servers, family):
+    """An assistant turn with tool_calls and a tool result go through the template (an
+    OpenAI-style id too, which Mistral's template refuses unless made 9 characters)."""
     history = [*USER, {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function",
+        {"id": "call_5f3a9e1c2b7d4e6f8a0b1c2d", "type": "function",
          "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
-    resp = qwen.chat.completions.create(model="base", messages=history, tools=[WEATHER],
-                                        temperature=0, max_tokens=4)
+        {"role": "tool", "tool_call_id": "call_5f3a9e1c2b7d4e6f8a0b1c2d",
+         "content": "sunny, 21 C"}]
+    resp = _client(servers[family]).chat.completions.create(
+        model="base", messages=history, tools=[WEATHER], temperature=0, max_tokens=4)
     assert resp.usage.prompt_tokens > 0 and resp.choices[0].finish_reason
 
 
@@ -162,6 +195,7 @@ def test_tools_on_a_template_without_tools_is_400(servers, tmp_path):
     client = _client(servers["qwen2"])
     assert syntax_of(BUILTIN["chatml"]) is None
     assert syntax_of(BUILTIN["qwen2"]) is HERMES and syntax_of(BUILTIN["llama3"]) is LLAMA3
+    assert syntax_of(BUILTIN["mistral"]) is MISTRAL
     with running_server("--base", str(family_gguf("qwen2")), "--ctx", "512",
                         "--chat-template", "chatml") as srv:
         with pytest.raises(openai.BadRequestError) as info:
@@ -193,6 +227,37 @@ def test_call_parser_on_hand_written_answers():
     assert "".join(sent) == "Sure. "
     rest, calls = stream.finish()
     assert rest is None and calls[0]["function"]["name"] == "get_time"
+
+
+def test_mistral_calls_with_and_without_the_control_token():
+    """Mistral writes ``[TOOL_CALLS] [...]``; llama.cpp leaves the control token out of the
+    answer's text, so a bare list of calls is calls too; ids are 9 characters."""
+    names = ["get_weather", "get_time"]
+    two = ('[{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}, '
+           '{"name": "get_time", "arguments": {"zone": "CET"}}]')
+    for text, content in [("[TOOL_CALLS] " + two, None), (" " + two, None),
+                          ("Checking.[TOOL_CALLS]" + two, "Checking.")]:
+        got, calls = parse_calls(text, MISTRAL, names)
+        assert got == content and [c["function"]["name"] for c in calls] == names, text
+        assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo", "days": 3}
+        assert all(re.fullmatch(r"[0-9a-f]{9}", c["id"]) for c in calls)
+    for text in ['[{"name": "rm_rf", "arguments": {}}]', "[1, 2, 3]", "[TOOL_CALLS] [{",
+                 "Plain answer [with brackets]."]:
+        assert parse_calls(text, MISTRAL, names) == (text, []), text
+    for pieces, sent, rest, n in [(["Sure", ". [TOOL", "_CALLS] [", two[1:]], "Sure. ", None, 2),
+                                  ([" [", two[1:]], "", None, 2),
+                                  ([" [1, 2]", " then"], "", " [1, 2] then", 0),
+                                  (["Fine [", "TOOL_CALLS]" + two], "Fine ", None, 2)]:
+        stream = CallStream(MISTRAL, names)
+        assert "".join(stream.feed(p) for p in pieces) == sent, pieces
+        got, calls = stream.finish()
+        assert (got, len(calls)) == (rest, n), pieces
+    history = [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_ab-cd", "type": "function", "function": {"name": "f", "arguments": {}}}]},
+        {"role": "tool", "tool_call_id": "call_ab-cd", "content": "1"}]
+    fitted = fit_call_ids(history, MISTRAL)
+    assert fitted[0]["tool_calls"][0]["id"] == fitted[1]["tool_call_id"] == "0callabcd"
+    assert fit_call_ids(history, HERMES) is history
 
 
 def test_logprobs_shapes_and_greedy_top(qwen):

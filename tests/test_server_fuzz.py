@@ -96,7 +96,8 @@ chat_fields = {
             "schema": small_schema, "strict": st.booleans()}) | json_values})),
 }
 text_fields = {**fields, "logprobs": mostly(st.integers(-1, 6)),
-               "echo": mostly(st.just(False)), "suffix": mostly(st.just(""))}
+               "echo": mostly(st.just(False)), "suffix": mostly(st.just("")),
+               "response_format": chat_fields["response_format"]}
 model = mostly(st.just("base"), text | json_values)
 extra_keys = st.just({}) | st.dictionaries(text, json_values, max_size=2)
 

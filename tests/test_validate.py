@@ -26,6 +26,7 @@ def test_good_adapter_passes(tmp_path, base):
     ("shape", "do not fit base shape"),
     ("missing_b", "lora_b is missing"),
     ("unknown_tensor", "does not exist in the base model"),
+    ("two_unknown", r"does not exist in the base model .*\(and 1 more problem\)$"),
     ("bad_suffix", "must end in .lora_a or .lora_b"),
     ("alpha_type", "FLOAT32"),
 ])
@@ -39,6 +40,8 @@ def test_bad_adapters_are_refused(tmp_path, base, case, message):
         tensors = {k: v for k, v in tensors.items() if k.endswith("lora_a")}
     elif case == "unknown_tensor":
         tensors = q_pair(block=99)
+    elif case == "two_unknown":
+        tensors = {**q_pair(block=98), **q_pair(block=99)}
     elif case == "bad_suffix":
         tensors = {**tensors, "blk.0.attn_q.weight.lora_c": np.zeros((4, 4))}
     elif case == "alpha_type":

@@ -146,7 +146,8 @@ def validate_adapter_file(path: Path, base: BaseInfo) -> dict:
     types = {t.name: gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors}
     problems = check_tensors(tensors, base, types)
     if problems:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        extra = len(problems) - 1
+        more = f" (and {extra} more problem{'s' if extra > 1 else ''})" if extra else ""
         raise EdgeTuneError(f"{path}: {problems[0]}{more}")
     import numpy as np
 

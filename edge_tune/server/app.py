@@ -56,7 +56,8 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None,
                              "tokens_generated": s.tokens_generated,
                              "adapter_switches": s.adapter_switches,
                              "prompt_tokens": s.prompt_tokens,
-                             "prompt_tokens_cached": s.prompt_tokens_cached})
+                             "prompt_tokens_cached": s.prompt_tokens_cached,
+                             "max_batch": s.max_batch})
 
     async def models(request: Request) -> JSONResponse:
         return JSONResponse(shapes.model_list(model_names, started))
@@ -169,15 +170,19 @@ def _prepare(req, engine) -> _Extra:
     engine (see the module docstring). 400 for tools on a template that renders none, or a
     schema llama.cpp cannot enforce."""
     syntax, gbnf, field = None, None, "response_format"
+    # the template of the request's adapter (of a mix: its first, as the engine uses)
+    template = engine.template_of(req.adapters[0][0] if req.adapters else req.adapter)
+    if req.messages and any(m.get("tool_calls") or m["role"] == "tool"
+                            for m in req.messages):
+        req.messages = tooling.fit_call_ids(req.messages, tooling.syntax_of(template))
     if req.tools:
-        # the template of the request's adapter (of a mix: its first, as the engine uses)
-        template = engine.template_of(req.adapters[0][0] if req.adapters else req.adapter)
         syntax = tooling.syntax_of(template)
         if syntax is None:
             raise RequestError(400, f"'tools': the chat template of '{req.model}' renders no "
                                     "tool calls this server can parse; restart the server "
-                                    "with --chat-template qwen2|qwen3|llama3 (or a template "
-                                    "file with Hermes <tool_call> or Llama-3 JSON calls)",
+                                    "with --chat-template qwen2|qwen3|llama3|mistral (or a "
+                                    "template file with Hermes <tool_call>, Llama-3 JSON or "
+                                    "Mistral [TOOL_CALLS] calls)",
                                param="tools", code="tools_not_supported")
         req.sampling["tools"] = req.tools
         if req.tool_mode in ("required", "named"):

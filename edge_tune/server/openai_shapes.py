@@ -51,11 +51,12 @@ _NO_EFFECT = {"user", "metadata", "store", "service_tier", "stream_options",
               "prompt_cache_key", "safety_identifier"}
 _SAMPLING = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "stop",
              "presence_penalty", "frequency_penalty", "stream")
-_CHAT_ONLY = {"messages", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+_CHAT_ONLY = {"messages", "tools", "tool_choice", "parallel_tool_calls",
               "functions", "function_call", "logprobs", "top_logprobs", "modalities",
               "reasoning_effort", "prediction", "audio", "web_search_options"}
 _TEXT_ONLY = {"prompt", "logprobs", "best_of", "echo", "suffix"}
-_BOTH = {"model", "n", "logit_bias", "adapters"}  # adapters: edge-tune's mix (adapter_admin)
+# adapters: edge-tune's mix (adapter_admin); response_format on completions: as llama-server
+_BOTH = {"model", "n", "logit_bias", "adapters", "response_format"}
 # Fields that would change the answer and that this server cannot honour: refused with a 400
 # naming them unless they hold their "off" value (compared with its type: 1 is not True).
 _REFUSED = {
@@ -104,6 +105,14 @@ def _bad_text(body: Any) -> str | None:
     return None
 
 
+def shown(number: float) -> str:
+    """A bound as people write it: integers in full (1048576, not 1.04858e+06), other
+    numbers short (0.5, 1e-06)."""
+    if isinstance(number, int) or float(number).is_integer():
+        return str(int(number))
+    return f"{number:g}"
+
+
 def _number(body: dict, key: str, lo: float, hi: float, integer: bool = False):
     value = body.get(key)
     if value is None:
@@ -111,8 +120,8 @@ def _number(body: dict, key: str, lo: float, hi: float, integer: bool = False):
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok or not lo <= value <= hi:
         kind = "an integer" if integer else "a number"
-        raise RequestError(400, f"'{key}': expected {kind} from {lo:g} to {hi:g}, got "
-                                f"{value!r}"[:300], param=key)
+        raise RequestError(400, f"'{key}': expected {kind} from {shown(lo)} to {shown(hi)}, "
+                                f"got {value!r}"[:300], param=key)
     return value
 
 
@@ -154,6 +163,19 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
+def _response_format(body: dict) -> dict | None:
+    """``response_format`` (chat and text completions): None for plain text, else the
+    json_object / json_schema object (its schema is checked by grammar.py)."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object",
+                                                            "json_schema"):
+        raise RequestError(400, "'response_format': expected {\"type\": \"text\" | "
+                                "\"json_object\" | \"json_schema\"}", param="response_format")
+    return None if fmt["type"] == "text" else fmt
+
+
 def _chat_fields(body: dict, req: GenRequest) -> None:
     """tools / tool_choice (and the legacy functions / function_call), response_format and
     logprobs of a chat request."""
@@ -179,14 +201,6 @@ def _chat_fields(body: dict, req: GenRequest) -> None:
         raise RequestError(400, "'parallel_tool_calls': expected true or false",
                            param="parallel_tool_calls")
     req.parallel_tool_calls = parallel is not False
-    fmt = body.get("response_format")
-    if fmt is not None:
-        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object",
-                                                                "json_schema"):
-            raise RequestError(400, "'response_format': expected {\"type\": \"text\" | "
-                                    "\"json_object\" | \"json_schema\"}",
-                               param="response_format")
-        req.response_format = None if fmt["type"] == "text" else fmt
     if req.response_format is not None and req.tool_mode in ("required", "named"):
         raise RequestError(400, "'response_format': cannot be combined with a tool_choice "
                                 "that forces a call", param="response_format")
@@ -226,6 +240,7 @@ def parse_request(kind: str, body: Any, known_models: list[str]) -> GenRequest:
     if not isinstance(stream, bool):
         raise RequestError(400, "'stream': expected true or false", param="stream")
     req = GenRequest(kind=kind, model=model, stream=stream)
+    req.response_format = _response_format(body)
     if kind == "chat":
         req.messages = _messages(body)
         _chat_fields(body, req)

@@ -8,7 +8,14 @@ with ``tool_calls``, and what their models are trained to write):
 - ``hermes`` (Qwen2.5, Qwen3, Hermes, SmolLM3...): ``<tool_call>\\n{"name": N, "arguments":
   {...}}\\n</tool_call>``, one block per call;
 - ``llama3`` (Llama 3.1-3.3 JSON tool calling): one JSON object ``{"name": N,
-  "parameters": {...}}`` as the whole answer, optionally after ``<|python_tag|>``.
+  "parameters": {...}}`` as the whole answer, optionally after ``<|python_tag|>``;
+- ``mistral`` (Mistral 7B Instruct v0.3, Mistral Nemo/Small, the ``[TOOL_CALLS]`` control
+  token): ``[TOOL_CALLS] [{"name": N, "arguments": {...}}, ...]``, every call in one JSON
+  list, after any text; the templates require call ids of exactly 9 letters or digits.
+
+A call syntax's marker may be a control token (``<|python_tag|>``, ``[TOOL_CALLS]``), which
+llama.cpp leaves out of the answer's text; so an answer that is nothing but calls is parsed
+as calls with its marker or without.
 
 The syntax is found by rendering a probe call with the template itself, so a template file
 given with ``--chat-template`` is recognised by what it renders, not by its name. Pure
@@ -27,20 +34,30 @@ from edge_tune.server.errors import RequestError
 
 _PROBE = "edge_tune_probe_fn"
 _PROBE_ARGS = {"edge_tune_probe_arg": 7}
+_PROBE_ID = "c0a1b2c3d"  # 9 letters and digits: Mistral's templates refuse other ids
 
 
 @dataclass(frozen=True)
 class CallSyntax:
-    """How a model writes a call: ``open`` + ``{"name": N, ARGS_KEY: {...}}`` + ``close``."""
+    """How a model writes one call: ``open`` + ``{"name": N, ARGS_KEY: {...}}`` + ``close``.
+    ``marker``: text that starts the calls anywhere in an answer ("": none); ``leading``:
+    first characters of an answer that may be nothing but calls, its marker dropped;
+    ``id_length``: the length of call ids the template accepts (0: any)."""
 
     name: str
     open: str
     close: str
     args_key: str
+    marker: str = ""
+    leading: str = ""
+    id_length: int = 0
 
 
-HERMES = CallSyntax("hermes", "<tool_call>\n", "\n</tool_call>", "arguments")
-LLAMA3 = CallSyntax("llama3", "", "", "parameters")
+HERMES = CallSyntax("hermes", "<tool_call>\n", "\n</tool_call>", "arguments",
+                    marker="<tool_call>")
+LLAMA3 = CallSyntax("llama3", "", "", "parameters", leading="{<")
+MISTRAL = CallSyntax("mistral", "[TOOL_CALLS] [", "]", "arguments", marker="[TOOL_CALLS]",
+                     leading="[", id_length=9)
 
 
 def _render(template: str, messages: list[dict], tools: list[dict] | None,
@@ -63,7 +80,7 @@ def syntax_of(template: str | None) -> CallSyntax | None:
         "name": _PROBE, "description": "probe",
         "parameters": {"type": "object", "properties": {"edge_tune_probe_arg": {
             "type": "integer"}}}}}
-    call = {"id": "call_0", "type": "function",
+    call = {"id": _PROBE_ID, "type": "function",
             "function": {"name": _PROBE, "arguments": _PROBE_ARGS}}
     user = [{"role": "user", "content": "hi"}]
     try:
@@ -75,6 +92,8 @@ def syntax_of(template: str | None) -> CallSyntax | None:
         return None
     if f"<tool_call>\n{{\"name\": \"{_PROBE}\"" in turn:
         return HERMES
+    if re.search(r'\[TOOL_CALLS\]\s*\[\{"name": "' + _PROBE + r'", "arguments": ', turn):
+        return MISTRAL
     if re.search(r'\{"name": "' + _PROBE + r'", "parameters": ', turn):
         return LLAMA3
     return None
@@ -180,10 +199,36 @@ def history_message(message: dict, where: str) -> dict:
     return {**message, "tool_calls": out}
 
 
+def fit_call_ids(messages: list[dict], syntax: CallSyntax | None) -> list[dict]:
+    """``messages`` with their call ids (assistant ``tool_calls[].id``, tool messages'
+    ``tool_call_id``) made what ``syntax``'s template accepts: for Mistral, 9 letters or
+    digits, the last 9 of the id (as vLLM does), left-padded with 0; the same id always
+    maps to the same one, so a call and its result still match."""
+    if syntax is None or not syntax.id_length:
+        return messages
+    n = syntax.id_length
+
+    def fit(value) -> str:
+        return re.sub(r"[^A-Za-z0-9]", "", str(value))[-n:].rjust(n, "0")
+
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            m = {**m, "tool_calls": [{**c, "id": fit(c["id"])} for c in m["tool_calls"]]}
+        if m.get("role") == "tool" and "tool_call_id" in m:
+            m = {**m, "tool_call_id": fit(m["tool_call_id"])}
+        out.append(m)
+    return out
+
+
 # --- the answer --------------------------------------------------------------------------
 
-def _call(name: str, args: dict) -> dict:
-    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+def _call(name: str, args: dict, syntax: CallSyntax) -> dict:
+    # ids are opaque to OpenAI clients, which send them back in the history: make them ones
+    # the template accepts
+    rid = uuid.uuid4().hex[:syntax.id_length] if syntax.id_length else \
+        "call_" + uuid.uuid4().hex[:24]
+    return {"id": rid, "type": "function",
             "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
 
 
@@ -196,7 +241,7 @@ def _as_call(obj, syntax: CallSyntax, names: set[str]) -> dict | None:
             args = json.loads(args)
         except ValueError:
             return None
-    return _call(obj["name"], args) if isinstance(args, dict) else None
+    return _call(obj["name"], args, syntax) if isinstance(args, dict) else None
 
 
 _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
@@ -222,6 +267,8 @@ def parse_calls(text: str, syntax: CallSyntax, names: list[str]) -> tuple[str | 
         rest.append(text[last:])
         content = "".join(rest).strip() if calls else text
         return (content or None), calls
+    if syntax is MISTRAL:
+        return _parse_mistral(text, known)
     body = text.strip()
     body = body[len("<|python_tag|>"):].lstrip() if body.startswith("<|python_tag|>") else body
     try:
@@ -230,6 +277,22 @@ def parse_calls(text: str, syntax: CallSyntax, names: list[str]) -> tuple[str | 
         return (text or None), []
     call = _as_call(obj, syntax, known) if not body[end:].strip() else None
     return ((None, [call]) if call else ((text or None), []))
+
+
+def _parse_mistral(text: str, known: set[str]) -> tuple[str | None, list]:
+    """``TEXT [TOOL_CALLS] [CALL, ...]``, or ``[CALL, ...]`` alone (the control token left out
+    of the text); one call object without its list is taken too."""
+    head, tag, tail = text.partition(MISTRAL.marker)
+    body = (tail if tag else text).strip()
+    try:
+        obj, end = json.JSONDecoder().raw_decode(body)
+    except ValueError:
+        return (text or None), []
+    items = obj if isinstance(obj, list) else [obj]
+    calls = [_as_call(item, MISTRAL, known) for item in items]
+    if body[end:].strip() or not calls or None in calls:
+        return (text or None), []
+    return ((head.strip() if tag else "") or None), calls
 
 
 class CallStream:
@@ -249,28 +312,21 @@ class CallStream:
             self._held += text
             return ""
         pending = self._held + text
-        if self.syntax is HERMES:
-            start = pending.find("<tool_call>")
-            if start >= 0:
-                self._holding, self._held = True, pending[start:]
-                return self._sent(pending[:start])
-            keep = next((k for k in range(min(len(pending), 10), 0, -1)
-                         if "<tool_call>".startswith(pending[-k:])), 0)
-            self._held = pending[len(pending) - keep:]
-            return self._sent(pending[:len(pending) - keep])
-        # llama3: a call is the whole answer, so it can only start the answer
-        if self._sent_any:
-            self._held = ""
-            return pending
-        stripped = pending.lstrip()
-        if not stripped:
-            self._held = pending
-            return ""
-        if stripped[0] in "{<":
-            self._holding, self._held = True, pending
-            return ""
-        self._held = ""
-        return self._sent(pending)
+        marker, leading = self.syntax.marker, self.syntax.leading
+        start = pending.find(marker) if marker else -1
+        if start >= 0:  # the calls start here
+            self._holding, self._held = True, pending[start:]
+            return self._sent(pending[:start])
+        if leading and not self._sent_any:  # the answer may be nothing but calls
+            stripped = pending.lstrip()
+            if not stripped or stripped[0] in leading:
+                self._holding, self._held = bool(stripped), pending
+                return ""
+        # hold back what may be the start of the marker
+        keep = next((k for k in range(min(len(pending), len(marker) - 1), 0, -1)
+                     if marker.startswith(pending[-k:])), 0)
+        self._held = pending[len(pending) - keep:]
+        return self._sent(pending[:len(pending) - keep])
 
     def _sent(self, text: str) -> str:
         self._sent_any = self._sent_any or bool(text)
