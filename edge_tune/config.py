@@ -197,6 +197,9 @@ def _refuse_lora_only(cfg: TrainConfig, given: dict[str, Any]) -> None:
     A value equal to its default still counts when it was given: ``--rank 16 --full`` is as
     contradictory as ``--rank 8 --full``. Booleans given as false are harmless and pass.
     """
+    if cfg.method != "sft":
+        raise UsageError(f"--method {cfg.method}: preference tuning trains a LoRA adapter (the "
+                         "reference is the base with it switched off), not with --full")
     for name in LORA_ONLY:
         if name not in given or given[name] is False:
             continue

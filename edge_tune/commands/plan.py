@@ -11,7 +11,7 @@ from edge_tune.backends import registry
 from edge_tune.config import TrainConfig
 from edge_tune.data.formats import read_records
 from edge_tune.data.split import split_validation
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import EventSink, Log, ignore
 from edge_tune.hardware import probe
 
@@ -124,12 +124,13 @@ def check_plan(p) -> None:
     e = p.estimate
     have = f"but {p.budget_bytes / GIB:.2f} GiB is available"
     if p.config.get("full"):
-        fixed = ", ".join(f"{k} {e.parts[k] / GIB:.2f}" for k in
-                          ("weights", "gradients", "optimizer state"))
-        raise EdgeTuneError(f"--full: full fine-tuning needs ~{e.peak / GIB:.2f} GiB ({fixed} "
-                            f"GiB, and activations) even at its smallest settings, {have}; "
-                            "train a LoRA adapter instead (drop --full), raise --memory-gib "
-                            "or use a smaller model")
+        state = ("weights", "gradients", "optimizer state")
+        fixed = ", ".join(f"{k} {e.parts[k] / GIB:.2f}" for k in state)
+        need = sum(e.parts[k] for k in state) / GIB
+        raise UsageError(f"--full: full fine-tuning needs {need:.2f} GiB for weights, "
+                         f"gradients and optimizer state alone ({fixed} GiB), ~{e.peak / GIB:.2f}"
+                         f" GiB at the peak, {have}; train a LoRA adapter instead (drop --full),"
+                         " raise --memory-gib or use a smaller model")
     if e.load_peak > p.budget_bytes:
         raise EdgeTuneError(f"loading this model for training needs ~{e.load_peak / GIB:.2f} GiB "
                             f"{have}; free memory, raise --memory-gib or use a smaller model")
