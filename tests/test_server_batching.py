@@ -233,3 +233,157 @@ def test_admin_routes_refused_without_a_key_off_loopback():
         resp = http.post("/v1/adapters", json={"name": "x", "path": "/etc/passwd"})
         assert resp.status_code == 403 and resp.json()["error"]["code"] == "admin_disabled"
         assert http.delete("/v1/adapters/x").status_code == 403
+
+
+# --- continuous batching on the default model: batched answers equal single answers ------------
+
+BATCH_TOKENS = 16
+MIX = (("pirate", 0.7), ("anti", 0.3))
+
+
+@pytest.fixture(scope="module")
+def batching(tmp_path_factory):
+    """The server on the default model with two real adapters (8 sequences of 512 tokens),
+    and the single-request engine the references come from: the same plan, one sequence,
+    no prompt cache (what `chat --prompt` runs)."""
+    from serve_helpers import one_llama_thread, running_server, trained_adapters
+
+    from edge_tune.api import open_serving, plan_serving
+
+    adapters = trained_adapters()
+    specs = [f"pirate={adapters['pirate']}", f"anti={adapters['anti']}"]
+    with one_llama_thread(), running_server(*[a for s in specs for a in ("--adapter", s)],
+                                            "--ctx", "512") as srv:
+        engine = open_serving(plan_serving(specs), n_ctx=512, threads=1, prompt_cache=False)
+        try:
+            yield srv, engine
+        finally:
+            engine.close()
+
+
+def _single(engine, mix, *, prompt=None, messages=None, max_tokens=BATCH_TOKENS) -> str:
+    engine.activate_mix(mix)
+    return "".join(p.text for p in engine.generate(messages=messages, prompt=prompt,
+                                                   temperature=0, max_tokens=max_tokens))
+
+
+def _openai(srv):
+    import openai
+
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0,
+                         timeout=600)
+
+
+def test_concurrent_greedy_answers_equal_single_answers(batching):
+    """Eight concurrent clients (base, an adapter, the other, a 0.7/0.3 mix; two prompts
+    each) decoded in batches: every answer equals the single-request engine's, token for
+    token, and the server did decode several sequences in one step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_helpers import PROMPTS
+
+    srv, engine = batching
+    client = _openai(srv)
+    models = {"base": (), "pirate": (("pirate", 1.0),), "anti": (("anti", 1.0),), "mix": MIX}
+    jobs = [(m, p) for p in PROMPTS[:2] for m in models]
+
+    def ask(job):
+        model, prompt = job
+        extra = {"adapters": [{"name": n, "scale": s} for n, s in MIX]} if model == "mix" \
+            else None
+        resp = client.chat.completions.create(
+            model="base" if model == "mix" else model, temperature=0, max_tokens=BATCH_TOKENS,
+            messages=[{"role": "user", "content": prompt}], extra_body=extra)
+        return resp.choices[0].message.content
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = dict(zip(jobs, pool.map(ask, jobs)))
+    for (model, prompt), answer in got.items():
+        want = _single(engine, models[model], messages=[{"role": "user", "content": prompt}])
+        assert answer == want, (model, prompt)
+    assert len({got[(m, PROMPTS[0])] for m in models}) == len(models)  # cross-talk shows
+    assert srv.health()["max_batch"] >= 2
+
+
+def _stream_completion(srv, prompt: str, max_tokens: int):
+    """A streamed /v1/completions request: (connection, response) with status 200."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=600)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"model": "base", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+         "stream": True}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    return conn, resp
+
+
+def _read_text(resp, chunks: int | None = None) -> str:
+    """Concatenated text of the next ``chunks`` content chunks (None: to the end)."""
+    import json
+
+    text, seen = [], 0
+    while chunks is None or seen < chunks:
+        line = resp.readline()
+        if not line or line.strip() == b"data: [DONE]":
+            break
+        if line.startswith(b"data: {"):
+            choice = json.loads(line[6:])["choices"]
+            if choice and choice[0].get("text"):
+                text.append(choice[0]["text"])
+                seen += 1
+    return "".join(text)
+
+
+COUNT = "1, 2, 3, 4, 5,"  # a completion that never ends by itself
+
+
+def test_a_request_joins_a_running_decode(batching):
+    """A long streamed answer is running; a second request arrives, joins it between two
+    steps and is answered while the first is still generating; both equal their single
+    answers."""
+    srv, engine = batching
+    before = srv.health()
+    conn, resp = _stream_completion(srv, COUNT, 48)
+    try:
+        head = _read_text(resp, 1)
+        messages = [{"role": "user", "content": "Name a fruit."}]
+        joined = _openai(srv).chat.completions.create(
+            model="base", messages=messages, temperature=0,
+            max_tokens=6).choices[0].message.content
+        during = srv.health()
+        rest = _read_text(resp)
+    finally:
+        conn.close()
+    assert during["served"] - before["served"] == 1  # the joiner, not the long answer
+    assert joined == _single(engine, (), messages=messages, max_tokens=6)
+    assert head + rest == _single(engine, (), prompt=COUNT, max_tokens=48)
+
+
+def test_a_cancelled_sequence_leaves_the_batch(batching):
+    """Two long answers decode together; one client hangs up: its sequence stops (counted
+    as cancelled) and the other answer is unchanged."""
+    import time
+
+    srv, engine = batching
+    before = srv.health()
+    gone_conn, gone = _stream_completion(srv, COUNT, 200)
+    kept_conn, kept = _stream_completion(srv, "The days of the week are", 32)
+    try:
+        _read_text(gone, 2)
+        gone_conn.sock.shutdown(2)
+        gone_conn.close()
+        text = _read_text(kept)
+    finally:
+        kept_conn.close()
+    assert text == _single(engine, (), prompt="The days of the week are", max_tokens=32)
+    end = time.monotonic() + 120
+    while time.monotonic() < end:  # the state is polled, not waited for
+        now = srv.health()
+        if now["cancelled"] > before["cancelled"] and not now["busy"]:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the cancelled sequence kept decoding: {now}")
+    assert now["tokens_generated"] - before["tokens_generated"] < 150, now
