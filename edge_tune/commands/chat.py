@@ -14,6 +14,7 @@ from edge_tune.chat_session import ChatSession, Token
 from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import EventSink, Log, ignore
 from edge_tune.fsutil import sha256_file
+from edge_tune.server.adapter_admin import MAX_MIX, MAX_SCALE  # the server's bounds
 from edge_tune.server.plan import ServePlan
 
 
@@ -49,11 +50,6 @@ def chat_once(target: ChatTarget, prompt: str, system: Optional[str] = None,
         yield from (e.text for e in session.ask(prompt) if isinstance(e, Token))
     finally:
         engine.close()
-
-
-# The server's bounds for a request's ``adapters`` mix (edge_tune.server.adapter_admin).
-MAX_MIX = 8
-MAX_SCALE = 8.0
 
 
 def _scale_text(scale: float) -> str:
