@@ -167,6 +167,8 @@ def resolve_chat(adapter: Optional[Path], base: Optional[str],
             man = manifest_mod.read(adapter.parent)
         else:
             raise EdgeTuneError(f"--adapter {adapter}: no such file or directory")
+    if base is not None and adapter is None and (full := _full_run(Path(base))) is not None:
+        return _full_run_target(Path(base), full, None, chat_template, system_mode)
     if base is not None:
         ref = models.resolve(base)
         if ref.gguf is None:
@@ -185,6 +187,12 @@ def resolve_chat(adapter: Optional[Path], base: Optional[str],
 
     require_template_tokens(chosen, models.ModelRef(str(base_path), gguf=Path(base_path)))
     return ChatTarget(base_path, adapter_gguf, man, chosen, mode)
+
+
+def _full_run(path: Path) -> Optional[Manifest]:
+    """The manifest of a full fine-tuning run directory ``path``, else None."""
+    man = manifest_mod.read(path) if path.is_dir() else None
+    return man if man is not None and man.full else None
 
 
 def _full_run_target(run: Path, man: Manifest, base: Optional[str],

@@ -103,6 +103,20 @@ def test_the_full_model_verifies_exports_chats_and_bundles(full_run, tmp_path):
                    "--temperature", "0", "--max-tokens", "8")
     assert "Tokyo." in _ok(chat)
 
+    # serve takes it as the base (like a merged GGUF); as an adapter it is refused in one line
+    import openai
+    from serve_helpers import running_server
+
+    with running_server("--base", str(run)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
+                               timeout=120)
+        reply = client.chat.completions.create(
+            model="base", messages=[{"role": "user", "content": "Name a fruit."}],
+            temperature=0, max_tokens=8)
+    assert "An apple." in reply.choices[0].message.content
+    assert_one_line_error(cli("serve", "--adapter", f"tuned={run}"), "full fine-tuning run",
+                          f"--base {run}")
+
     bundle = tmp_path / "bundle"
     _ok(cli("bundle", str(run), "-o", str(bundle)))
     index = json.loads((bundle / "bundle.json").read_text())

@@ -31,6 +31,9 @@ def plan_serving(adapter_specs: list[str], base: Optional[str] = None,
         if name in plan.adapters:
             raise EdgeTuneError(f"--adapter {spec}: the name {name!r} is used twice")
         target = resolve_chat(Path(path), base, chat_template, system_mode)
+        if target.adapter is None:  # a full fine-tuning run is a model: served as the base
+            raise EdgeTuneError(f"--adapter {spec}: {path} is a full fine-tuning run, a model "
+                                f"of its own (no adapter): serve it with --base {path}")
         plan.add(name, target)
         plan.base = plan.base or target.base
     plan.base = plan.base or models.default_gguf()
@@ -75,9 +78,9 @@ def _check_port_free(host: str, port: int) -> None:
 def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
           api_key: Optional[str] = None, n_ctx: int = 4096, max_queue: int = 64,
           threads: Optional[int] = None, on_event: EventSink = ignore,
-          parallel: int = 8) -> None:
+          parallel: int = 4) -> None:
     """Run the OpenAI-compatible server until interrupted (blocks). ``parallel``: requests
-    decoded together (continuous batching); they share one KV buffer of ``n_ctx`` cells."""
+    decoded together (continuous batching), each with ``n_ctx`` tokens of KV cache."""
     try:
         import uvicorn
 
