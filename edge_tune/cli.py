@@ -188,12 +188,14 @@ def train(
                                             "RUN/loss.png is always written."),
 ) -> None:
     """Train a LoRA adapter; writes RUN/adapter (PEFT), RUN/adapter.gguf, RUN/manifest.json.
+    With --full, every weight trains: RUN/model (HF safetensors) and RUN/model.gguf instead.
 
     Ctrl-C stops training and leaves RUN/checkpoint; `--resume RUN` continues it.
 
     Examples:
       edge-tune train --data chats.jsonl                            # one process
-      edge-tune train --data chats.jsonl --nproc 2 --batch-size 4   # batch 8"""
+      edge-tune train --data chats.jsonl --nproc 2 --batch-size 4   # batch 8
+      edge-tune train --data chats.jsonl --full --lr 2e-5           # all weights"""
     from edge_tune import api
     from edge_tune.config import build
     from edge_tune.render import Renderer
@@ -311,13 +313,15 @@ def export(
                                                 "run's]."),
 ) -> None:
     """Convert a PEFT LoRA adapter to a GGUF LoRA adapter for llama.cpp, or (--merge) write a
-    merged, optionally quantized GGUF.
+    merged, optionally quantized GGUF. A full fine-tuning run (train --full) exports its
+    model: RUN/model-QUANT.gguf (-q, default F16).
 
     Examples:
       edge-tune export runs/demo                        # RUN/adapter.gguf
       edge-tune export runs/demo --merge -q Q4_K_M      # RUN/merged-q4_k_m.gguf
       edge-tune export runs/demo --merge --ollama out/  # plus out/Modelfile
-      edge-tune export runs/demo --vllm out/vllm        # PEFT dir, `vllm serve`"""
+      edge-tune export runs/demo --vllm out/vllm        # PEFT dir, `vllm serve`
+      edge-tune export runs/full -q Q8_0                # a full run: RUN/model-q8_0.gguf"""
     from edge_tune import api
     from edge_tune.render import Renderer
 
