@@ -7,7 +7,8 @@ Both servers load the embedded default model (SmolLM2-135M Q4_1) and the two ada
 server tests use (tests/serve_helpers.py: a pirate adapter trained for 8 steps, and the same
 adapter with its alpha negated). llama-server runs with ``--parallel CLIENTS`` slots (its
 continuous batching) and picks the adapter per request with its ``lora`` field; edge-tune
-picks it with ``model``. Each server runs in its own process with the same thread count.
+runs with ``--parallel CLIENTS`` and picks it with ``model``. Both give each sequence 1024
+tokens of context. Each server runs in its own process with the same thread count.
 
 Per round and side: CLIENTS concurrent clients send REQUESTS greedy chat requests cycling
 base / a / b over four prompts, ``max_tokens`` tokens each, streamed; then one conversation of
@@ -104,9 +105,10 @@ class Side:
 class EdgeTune(Side):
     name = "edge-tune serve"
 
-    def __init__(self, adapters: dict, threads: int, max_queue: int) -> None:
+    def __init__(self, adapters: dict, threads: int, max_queue: int, parallel: int) -> None:
         self.args = ["--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}",
-                     "--threads", str(threads), "--max-queue", str(max_queue)]
+                     "--threads", str(threads), "--max-queue", str(max_queue),
+                     "--parallel", str(parallel), "--ctx", "1024"]
 
     def start(self) -> None:
         from serve_helpers import Server
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     fixtures = trained_adapters()
     adapters = {"a": fixtures["pirate"] / "adapter.gguf", "b": fixtures["anti"]}
     base = models.default_gguf()
-    sides = [EdgeTune(adapters, args.threads, max(64, args.requests)),
+    sides = [EdgeTune(adapters, args.threads, max(64, args.requests), args.clients),
              LlamaServer(base, adapters, args.threads, args.clients)]
     stats: dict = {s.name: [] for s in sides}
     answers: dict = {s.name: {} for s in sides}

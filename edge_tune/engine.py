@@ -215,11 +215,10 @@ def _batched_suffix(llm) -> None:
     """Make the next ``llm.generate`` reuse at most ``len(prompt) - MIN_NEW_TOKENS`` cached
     tokens (an instance attribute shadowing the method; the caller pops it).
 
-    Why: llama-cpp-python re-evaluates a single token when the whole prompt is cached, and
-    ggml computes a lone row with other kernels than a batch (llamafile's sgemm needs two
-    rows), so its logits round differently from a fresh context's and a greedy answer can
-    change. Two rows take the batch kernels, whose rows do not depend on how many there are
-    (checked for many splits of a prompt: docs/serving.md)."""
+    Why: llama-cpp-python re-evaluates one token when the whole prompt is cached; the logits
+    to sample from must come from a decode, and two rows make the prompt chunk carry its two
+    output rows itself (the rule of :mod:`edge_tune.server.batch_rows`) instead of a filler
+    row in another sequence."""
     original = type(llm).generate
 
     def generate(tokens, *args, **kwargs):

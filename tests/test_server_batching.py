@@ -253,7 +253,7 @@ def batching(tmp_path_factory):
     adapters = trained_adapters()
     specs = [f"pirate={adapters['pirate']}", f"anti={adapters['anti']}"]
     with one_llama_thread(), running_server(*[a for s in specs for a in ("--adapter", s)],
-                                            "--ctx", "512") as srv:
+                                            "--ctx", "512", "--parallel", "8") as srv:
         engine = open_serving(plan_serving(specs), n_ctx=512, threads=1, prompt_cache=False)
         try:
             yield srv, engine
