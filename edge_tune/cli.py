@@ -650,6 +650,9 @@ def serve(
                                           "EDGE_TUNE_API_KEY, which ps cannot show)."),
     ctx: int = typer.Option(4096, "--ctx", help="Context window in tokens (prompt + answer)."),
     max_queue: int = typer.Option(64, help="Requests that may wait; more get HTTP 503."),
+    parallel: int = typer.Option(4, min=1, max=64, help="Requests decoded together "
+                                 "(continuous batching); each has its own --ctx tokens of "
+                                 "KV cache."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for llama.cpp "
                                           "(default: EDGE_TUNE_THREADS, else physical cores); "
                                           "on a box busy with other work, fewer is faster."),
@@ -664,7 +667,7 @@ def serve(
     """Serve the base and its adapters over an OpenAI-compatible API.
 
     One base model in memory, every adapter loaded once and switched per request by the
-    `model` field (`base` = no adapter). Requests queue for the one llama.cpp context.
+    `model` field (`base` = no adapter). Concurrent requests decode together (--parallel).
     Each adapter's chats use its run's chat template; a chat the template refuses is HTTP
     400 with the template's message, and so is a chat with a model that has no template.
 
@@ -689,7 +692,7 @@ def serve(
         plan = api.plan_serving(adapter, base, chat_template, system_mode)
     render = Renderer(err)
     api.serve(plan, host=host, port=port, api_key=api_key, n_ctx=ctx, max_queue=max_queue,
-              threads=threads, on_event=render)
+              threads=threads, on_event=render, parallel=parallel)
 
 
 # --- bundle ----------------------------------------------------------------------------------
