@@ -65,7 +65,7 @@ class Renderer:
             if event.unit == "B" and event.total:
                 status = f"{event.completed / 2**20:.0f}/{event.total / 2**20:.0f} MiB"
             elif event.total:
-                status = f"{event.completed:g}/{event.total:g} {event.unit}".strip()
+                status = f"{_count(event.completed)}/{_count(event.total)} {event.unit}".strip()
             self.progress.update(tid, completed=event.completed, total=event.total,
                                  description=event.description or event.task, status=status)
         elif isinstance(event, Metric) and event.split == "val":
@@ -90,3 +90,9 @@ class Renderer:
                 task = self.progress.tasks[tid]
                 if task.total is None:
                     self.progress.update(tid, total=1, completed=1)
+
+
+def _count(value: float) -> str:
+    """A progress count: whole numbers in full (1,048,576, not 1.04858e+06), others as %g."""
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:g}"
+
