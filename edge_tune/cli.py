@@ -109,7 +109,8 @@ def train(
     epochs: Optional[float] = typer.Option(None, help="Passes over the data [default: 2]."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps "
                                             "(overrides --epochs)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate [default: 1e-3]."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate [default: 1e-3; 2e-5 "
+                                       "with --full]."),
     rank: Optional[int] = typer.Option(None, help="LoRA rank r [default: 16]."),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha; scale = alpha/r "
                                           "[default: 32]."),

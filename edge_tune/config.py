@@ -18,6 +18,7 @@ else:  # pragma: no cover
 
 ALL_LINEAR = "all-linear"  # target_modules: every linear layer of the blocks
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
+FULL_LR = 2e-5  # --full's default learning rate (LoRA's: TrainConfig.lr)
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -182,6 +183,8 @@ def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
                             "rendezvous every node reaches, e.g. the first node's address)")
     if cfg.full:
         _refuse_lora_only(cfg, values)
+        if "lr" not in values:  # LoRA's 1e-3 would wreck a model when every weight moves
+            cfg.lr = FULL_LR
     if not cfg.data:
         raise EdgeTuneError("no training data: pass --data FILE (or data = ... in --config)")
     return cfg

@@ -148,6 +148,14 @@ def test_plan_full_shows_lora_and_full_side_by_side_on_the_default_model(demo_js
     assert "LoRA (r=16)" in table and "full" in table and "optimizer state" in table
 
 
+def test_full_lowers_the_default_learning_rate_only():
+    from edge_tune.config import FULL_LR, build
+
+    assert build(data="x.jsonl", full=True).lr == FULL_LR
+    assert build(data="x.jsonl", full=True, lr=1e-4).lr == 1e-4  # given: kept
+    assert build(data="x.jsonl").lr == 1e-3
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["--rank", "8"], "--rank"),
     (["--dora"], "--dora"),
