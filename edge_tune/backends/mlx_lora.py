@@ -14,12 +14,16 @@ supplies what mlx-lm's stock data path cannot express:
 
 The run directory gets the native mlx-lm adapter (``mlx/adapters.safetensors`` and
 ``mlx/adapter_config.json``, loadable with ``mlx_lm.load(..., adapter_path=RUN/mlx)``) and a
-PEFT copy (``adapter/``), from which the worker's caller writes ``adapter.gguf``.
+PEFT copy (``adapter/``), from which the worker's caller writes ``adapter.gguf``. With
+``--full`` every weight trains (no LoRA layers) and the run gets ``model/``: the weights in the
+HF layout (:func:`save_full_model`), which ``train`` converts to ``model.gguf`` as for the cpu
+backend. ``--method dpo|orpo`` trains on preference pairs (:mod:`mlx_preference`).
 Runs inside the training subprocess (``edge_tune.backends.worker``); mlx is imported here only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -38,9 +42,11 @@ from edge_tune.backends.loop import (
     step_counts,
 )
 from edge_tune.data.template import IGNORE, Example
+from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import Log, Metric, Progress
 
 PAD_TO = 32  # widths rounded up so mx.compile sees few distinct shapes (as mlx-lm does)
+FULL_WEIGHTS = "model.safetensors"  # a full run's weights, HF names (RUN/model/)
 
 
 def lora_keys(module_names: list[str], targets: list[str]) -> list[str]:
@@ -74,6 +80,36 @@ def mark_rslora(peft_dir: Path, alpha: float) -> None:
     config = json.loads(path.read_text())
     config.update(use_rslora=True, lora_alpha=alpha)
     path.write_text(json.dumps(config, indent=2))
+
+
+def check_full(method: str) -> None:
+    """``--full`` with ``--method dpo`` is refused: DPO's reference is the base with the
+    adapter switched off, and a full run has no adapter (it would need a second copy of the
+    model). SFT and ORPO (no reference) train fully."""
+    if method == "dpo":
+        raise UsageError("--full --method dpo: DPO's reference is the base with the adapter "
+                            "switched off, and a full run has no adapter (expected --method "
+                            "orpo or sft with --full, or DPO without --full)")
+
+
+def save_full_model(model, base_dir: Path, out: Path, chat_template: str | None) -> None:
+    """A full run's mlx weights as an HF model directory ``out`` (the cpu backend's layout,
+    which ``export`` converts with llama.cpp's converter): ``model.safetensors`` with every
+    parameter under mlx-lm's names, which are the HF ones (tied embeddings stored once), the
+    base's ``config.json``, and its tokenizer files with ``chat_template`` as the only template
+    when one was given (``cpu.copy_tokenizer``)."""
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from edge_tune.backends.cpu import copy_tokenizer
+
+    # transformers reads a safetensors file only with a known "format" in its metadata
+    mx.save_safetensors(str(out / FULL_WEIGHTS), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    shutil.copy2(base_dir / "config.json", out / "config.json")
+    copy_tokenizer(base_dir, out, chat_template)
 
 
 def padded_width(longest: int, limit: int) -> int:
@@ -124,21 +160,28 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
     t0 = time.perf_counter()
     # transformers 5 configs keep RoPE where mlx-lm does not look: translate (mlx_config)
     model, _ = mlx_load(job.hf_dir, **mlx_load_kwargs(job.hf_dir, cfg.seq_len))
-    model.freeze()
-    block_modules = [name for name, _ in model.layers[0].named_modules() if name]
-    keys = lora_keys(block_modules, cfg.target_modules)
-    if not keys:
-        from edge_tune.errors import EdgeTuneError
-
-        raise EdgeTuneError(f"--target-modules {','.join(cfg.target_modules)}: none of "
-                            "these modules exists in the model's blocks")
-    n_layers = len(model.layers)
-    native_cfg = mlx_lora_config(cfg.rank, cfg.alpha, keys, n_layers, job.hf_dir, cfg.rslora,
-                                 cfg.dora, cfg.lora_dropout)
-    linear_to_lora_layers(model, n_layers, native_cfg["lora_parameters"], use_dora=cfg.dora)
+    full = bool(getattr(cfg, "full", False))
+    if full:
+        check_full(cfg.method)
+        # every weight, as the cpu backend's --full (mlx-lm's fine_tune_type "full" trains the
+        # blocks only, not the embeddings and the final norm)
+        model.unfreeze()
+        native_cfg = None
+    else:
+        model.freeze()
+        block_modules = [name for name, _ in model.layers[0].named_modules() if name]
+        keys = lora_keys(block_modules, cfg.target_modules)
+        if not keys:
+            raise EdgeTuneError(f"--target-modules {','.join(cfg.target_modules)}: none of "
+                                "these modules exists in the model's blocks")
+        n_layers = len(model.layers)
+        native_cfg = mlx_lora_config(cfg.rank, cfg.alpha, keys, n_layers, job.hf_dir,
+                                     cfg.rslora, cfg.dora, cfg.lora_dropout)
+        linear_to_lora_layers(model, n_layers, native_cfg["lora_parameters"], use_dora=cfg.dora)
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    what = "parameters (full fine-tuning, fp32 weights)" if full else "LoRA parameters"
     emit(Log(f"model loaded in {time.perf_counter() - t0:.1f}s; {n_train / 1e6:.2f}M trainable "
-             f"LoRA parameters; mlx on {mx.default_device()}"))
+             f"{what}; mlx on {mx.default_device()}"))
 
     examples: list[Example] = job.examples
     val_examples: list[Example] = job.val_examples
@@ -213,15 +256,21 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
                 emit(Metric(step=step, total_steps=total, loss=val_loss_box["value"],
                             split="val", epoch=step / steps_per_epoch))
 
-    run_dir = Path(job.run_dir)
-    with atomic_path(run_dir / "mlx") as native:
-        native.mkdir()
+    run_dir, out = Path(job.run_dir), Path(job.adapter_dir)
+    with contextlib.ExitStack() as stack:
+        if full:  # the whole model, in the HF layout, where a LoRA run's PEFT copy goes
+            out.mkdir(exist_ok=True)  # the worker's temporary path, renamed when done
+            weights = out / FULL_WEIGHTS
+        else:  # the native mlx-lm adapter, then its PEFT copy
+            native = stack.enter_context(atomic_path(run_dir / "mlx"))
+            native.mkdir()
+            weights = native / mlx_to_peft.WEIGHTS
         args = TrainingArgs(
             batch_size=cfg.batch_size, iters=total * accum, val_batches=-1,
             steps_per_report=accum, grad_accumulation_steps=accum,
             grad_checkpoint=cfg.grad_checkpoint,
             steps_per_eval=total + 1, steps_per_save=total + 1, max_seq_length=limit,
-            adapter_file=str(native / mlx_to_peft.WEIGHTS))
+            adapter_file=str(weights))
         if cfg.method != "sft":  # DPO/ORPO: mlx-lm has no preference trainer (mlx_preference)
             from edge_tune.backends import mlx_preference
 
@@ -231,17 +280,19 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
                                       accum, evals)
             losses, seen["tokens"] = done["losses"], done["tokens"]
             val_loss_box["value"], train_seconds = done["val_loss"], done["train_seconds"]
-            mx.save_safetensors(str(native / mlx_to_peft.WEIGHTS),
-                                dict(tree_flatten(model.trainable_parameters())))
+            mx.save_safetensors(str(weights), dict(tree_flatten(model.trainable_parameters())))
         else:
             clock["start"] = time.perf_counter()
             mlx_train(model, opt, examples, None, args, loss=masked_loss,
                       iterate_batches=iterate_batches, training_callback=Events())
             train_seconds = time.perf_counter() - clock["start"] - clock["paused"]
-        (native / mlx_to_peft.CONFIG).write_text(json.dumps(native_cfg, indent=2))
-        mlx_to_peft.convert(native, Path(job.adapter_dir), base_model=job.hf_dir)
-        if cfg.rslora:
-            mark_rslora(Path(job.adapter_dir), cfg.alpha)
+        if full:
+            save_full_model(model, Path(job.hf_dir), out, job.chat_template)
+        else:
+            (native / mlx_to_peft.CONFIG).write_text(json.dumps(native_cfg, indent=2))
+            mlx_to_peft.convert(native, out, base_model=job.hf_dir)
+            if cfg.rslora:
+                mark_rslora(out, cfg.alpha)
     return {
         "steps": total,
         "final_loss": final_loss(losses),
@@ -252,5 +303,5 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
         "train_seconds": train_seconds,
         "precision": "fp32",
         "trainable_parameters": int(n_train),
-        "mlx_adapter": "mlx",
+        "mlx_adapter": None if full else "mlx",
     }
