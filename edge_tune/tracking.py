@@ -47,6 +47,11 @@ def check(report_to: str) -> None:
     if package and not _installed(package):
         raise UsageError(f"--report-to {report_to}: the {package} package is not installed "
                          f"(pip install {package}; or --report-to tensorboard|none)")
+    if report_to == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI") and not (
+            _installed("sqlalchemy") and _installed("alembic")):  # mlflow-skinny has neither
+        raise UsageError("--report-to mlflow: MLflow's SQLite store (RUN/mlflow.db) needs "
+                         "sqlalchemy and alembic (pip install mlflow, or pip install "
+                         "sqlalchemy alembic; or set MLFLOW_TRACKING_URI)")
 
 
 class Tracker:
@@ -126,8 +131,11 @@ class Tracker:
             import wandb
 
             os.environ.setdefault("WANDB_MODE", "offline")
+            # silent, console "off": wandb neither prints its banners nor wraps this
+            # process's stdout/stderr (the CLI's progress and the TUI own them)
             run = wandb.init(project="edge-tune", name=self.run_dir.name,
-                             dir=str(self.run_dir), config=self.config)
+                             dir=str(self.run_dir), config=self.config,
+                             settings=wandb.Settings(silent=True, console="off"))
             return "wandb", run
         import mlflow
 

@@ -128,3 +128,99 @@ def test_missing_tracker_package_is_one_line():
                 tracking.check(name)
     tracking.check("none")
     tracking.check("tensorboard")
+
+
+# --- wandb and mlflow, offline, read back ------------------------------------------------------
+
+def _feed(tracker) -> list:
+    """Three train steps and a validation point of a preference run through ``tracker``."""
+    from edge_tune.events import Metric
+
+    seen: list = []
+    sink = tracker.sink(seen.append)
+    for step in range(1, 4):
+        sink(Metric(step=step, total_steps=3, loss=3.0 - step, learning_rate=1e-3,
+                    tokens_per_second=10.0, reward_margin=0.1 * step, reward_accuracy=0.5))
+    sink(Metric(step=3, total_steps=3, loss=1.5, split="val", reward_margin=0.4,
+                reward_accuracy=1.0))
+    tracker.close()
+    assert len(seen) == 4 and not [e for e in seen if getattr(e, "level", "") == "warning"]
+    return seen
+
+
+def wandb_records(path: Path) -> list[bytes]:
+    """The records of a W&B transaction log (``run-*.wandb``): a 7-byte header (":W&B", a
+    uint16 magic, a version byte), then LevelDB's log format (32 KiB blocks of chunks with a
+    7-byte header: CRC32, uint16 length, type FULL=1/FIRST=2/MIDDLE=3/LAST=4;
+    https://github.com/google/leveldb/blob/main/doc/log_format.md). wandb >= 0.30 ships no
+    Python reader (its Go core writes the file)."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:8]
+    pos, block, parts, out = 7, 32768, [], []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is zero padding
+            pos += left
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        if kind == 0:
+            break
+        parts.append(data[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):
+            out.append(b"".join(parts))
+            parts = []
+    return out
+
+
+def test_wandb_offline_run_in_the_run_dir_has_the_logged_loss(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install wandb)")
+    import json
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    from edge_tune import tracking
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # edge-tune's default: offline
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))  # dir= wins over it
+    _feed(tracking.Tracker("wandb", tmp_path, {"rank": 8, "method": "dpo"}, lambda e: None))
+    logs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1, list(tmp_path.rglob("*"))
+    history, config = [], {}
+    for data in wandb_records(logs[0]):
+        record = pb.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            # an item names its key by ``key`` or, for some ("_step"), by ``nested_key``
+            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                            for i in record.history.item})
+        elif kind == "run":
+            config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+    assert [(h["_step"], h["train/loss"]) for h in history] == [(1, 2.0), (2, 1.0), (3, 0.0)]
+    assert history[-1]["val/loss"] == 1.5 and history[-1]["val/reward_accuracy"] == 1.0
+    assert history[1]["train/reward_margin"] == pytest.approx(0.2)
+    assert config["rank"] == 8 and config["method"] == "dpo"
+    assert png_size(tmp_path / tracking.LOSS_PNG) == (800, 480)
+
+
+def test_mlflow_store_in_the_run_dir_has_the_logged_loss(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow is not installed (pip install mlflow)")
+    pytest.importorskip("sqlalchemy", reason="MLflow's SQLite store needs sqlalchemy")
+    from mlflow.tracking import MlflowClient
+
+    from edge_tune import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # edge-tune's default store
+    _feed(tracking.Tracker("mlflow", tmp_path, {"rank": 8, "method": "dpo"}, lambda e: None))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.run_name == tmp_path.name
+    assert runs[0].info.status == "FINISHED" and runs[0].data.params["rank"] == "8"
+    run_id = runs[0].info.run_id
+    loss = [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(loss) == [(1, 2.0), (2, 1.0), (3, 0.0)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val/loss")] == [
+        (3, 1.5)]
+    margin = client.get_metric_history(run_id, "train/reward_margin")
+    assert sorted(m.value for m in margin) == pytest.approx([0.1, 0.2, 0.3])
