@@ -286,6 +286,7 @@ class Engine:
         self.active_mix: tuple = ()  # ((name, scale), ...) applied to the context now
         self.prompt_cache = prompt_cache
         self.parallel = max(1, parallel)
+        self._check_lone_rows(())
         # adapter set -> its cached prompt (KV entries + tokens), saved when it was left
         self._saved: OrderedDict[tuple, object] = OrderedDict()
         own = self.llm.metadata.get("tokenizer.chat_template") or None
@@ -378,7 +379,29 @@ class Engine:
         if not ptr:  # a NULL pointer object, not None
             raise EdgeTuneError(f"{path}: llama.cpp refused to load this adapter")
         self._adapters[name] = ptr
+        self._check_lone_rows(((name, 1.0),))
         return name
+
+    def _check_lone_rows(self, mix: tuple) -> None:
+        """Decide whether a lone decoded row needs a filler row for exact answers (see
+        :mod:`edge_tune.server.batch_rows`): measured on the base, then once per adapter
+        loaded; one set that needs it turns fillers on for all. A filler doubles the work
+        of a lone request's decode steps, so it is used only where the kernels differ."""
+        batch = self.llm.batch
+        if mix and not batch.lone_exact:
+            return
+        probe = self.tokenize("The quick brown fox jumps over the lazy dog, twice.")[:12]
+        if len(probe) < 3:
+            batch.lone_exact = False
+            return
+        previous = self.active_mix
+        if mix:
+            self.apply_mix(mix)
+        try:
+            batch.lone_exact = batch.lone_row_exact(probe, self.llm._n_vocab)
+        finally:
+            if mix:
+                self.apply_mix(previous)
 
     SAVED_STATES = 4  # adapter sets whose prompt cache survives a switch (LRU)
 

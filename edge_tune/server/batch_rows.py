@@ -56,7 +56,8 @@ class Rows:
 @contextlib.contextmanager
 def context_params(n_seq_max: int, flash_attn: bool = True):
     """``Llama()`` builds its llama_context_params internally; start it from defaults with
-    ``n_seq_max`` sequences, one KV stream each, and flash attention."""
+    ``n_seq_max`` sequences, one KV stream each (its ``flash_attn`` argument sets the
+    rest)."""
     import llama_cpp.llama_cpp as low
 
     original = low.llama_context_default_params
@@ -86,6 +87,8 @@ class Batch:
         self.streams = streams
         self.batch = llama_cpp.llama_batch_init(max(CHUNK, streams) + 2, 0, 1)
         self.memory = llama_cpp.llama_get_memory(ctx)
+        # a lone output row needs no filler: set by lone_row_exact() for the weights in use
+        self.lone_exact = False
 
     def decode(self, entries: list[Rows]) -> None:
         """Decode a prompt chunk (one entry) or a step (entries of one token each, distinct
@@ -129,12 +132,49 @@ class Batch:
 
         if len(entries) == 1 and len(entries[0].tokens) > 1:
             return []  # a prompt chunk: its last two rows are the outputs
+        if len(entries) == 1 and self.lone_exact:
+            return []
         seqs = {e.seq for e in entries}
         lo, hi = min(seqs), max(seqs)
         need = [s for s in range(lo, hi + 1) if s not in seqs]
         if lo == hi:
             need = [hi + 1 if hi + 1 < self.streams else lo - 1]
         return [(s, llama_cpp.llama_memory_seq_pos_max(self.memory, s) + 1) for s in need]
+
+    def lone_row_exact(self, tokens: list, n_vocab: int) -> bool:
+        """Whether a lone row gives the same logits as the same tokens in one block, for
+        the weights and adapters applied now: ``tokens`` (a dozen) are evaluated in the
+        last stream both ways and compared bit for bit (that stream's entries are dropped).
+        The kernels either differ at every position or at none (docs/serving.md)."""
+        import llama_cpp
+        import numpy as np
+
+        seq, mem = self.streams - 1, self.memory
+        block = Rows(seq, 0, list(tokens), all_logits=True)
+        llama_cpp.llama_memory_seq_rm(mem, seq, 0, -1)
+        try:
+            self.decode([block])
+            want = [self._logits(block.first + k, n_vocab) for k in range(len(tokens))]
+            llama_cpp.llama_memory_seq_rm(mem, seq, 0, -1)
+            lone, self.lone_exact = self.lone_exact, True
+            try:
+                self.decode([Rows(seq, 0, list(tokens[:2]), all_logits=True)])
+                for k in range(2, len(tokens)):
+                    self.decode([Rows(seq, k, [tokens[k]])])
+                    if not np.array_equal(self._logits(0, n_vocab), want[k]):
+                        return False
+            finally:
+                self.lone_exact = lone
+            return True
+        finally:
+            llama_cpp.llama_memory_seq_rm(mem, seq, 0, -1)
+
+    def _logits(self, row: int, n_vocab: int):
+        import llama_cpp
+        import numpy as np
+
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row),
+                                     shape=(n_vocab,)).copy()
 
     def close(self) -> None:
         import llama_cpp
@@ -258,7 +298,8 @@ def seq_llama(sequences: int, n_ctx: int, flash_attn: bool = True, **llama_kw):
     cls = _seq_llama_class()
     streams = max(2, sequences)
     with context_params(streams, flash_attn):
-        llm = cls(n_ctx=n_ctx * streams, n_batch=512, n_ubatch=512, **llama_kw)
+        llm = cls(n_ctx=n_ctx * streams, n_batch=512, n_ubatch=512, flash_attn=flash_attn,
+                  **llama_kw)
     llm._n_ctx = n_ctx  # what one sequence may hold: llama-cpp-python's length checks
     llm._ctx = _SeqContext(llm._ctx, 0)
     llm.batch = Batch(llm.ctx, streams)
