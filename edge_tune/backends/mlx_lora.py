@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge_tune.backends.job import TrainJob
+from edge_tune.backends.mlx_batches import batch_arrays
 from edge_tune.backends.loop import (
     eval_steps,
     final_loss,
@@ -41,11 +42,10 @@ from edge_tune.backends.loop import (
     lr_at,
     step_counts,
 )
-from edge_tune.data.template import IGNORE, Example
+from edge_tune.data.template import Example
 from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import Log, Metric, Progress
 
-PAD_TO = 32  # widths rounded up so mx.compile sees few distinct shapes (as mlx-lm does)
 FULL_WEIGHTS = "model.safetensors"  # a full run's weights, HF names (RUN/model/)
 
 
@@ -110,25 +110,6 @@ def save_full_model(model, base_dir: Path, out: Path, chat_template: str | None)
                         metadata={"format": "mlx"})
     shutil.copy2(base_dir / "config.json", out / "config.json")
     copy_tokenizer(base_dir, out, chat_template)
-
-
-def padded_width(longest: int, limit: int) -> int:
-    return min(limit, PAD_TO * math.ceil(longest / PAD_TO))
-
-
-def batch_arrays(examples: list[Example], pad_id: int, limit: int):
-    """(tokens, mask) numpy arrays: tokens (B, W); mask (B, W-1) = 1 where the next token is
-    trained, i.e. ``labels[t+1] != IGNORE`` exactly as the CPU backend's loss. Pure."""
-    import numpy as np
-
-    width = padded_width(max(len(e.input_ids) for e in examples), limit)
-    tokens = np.full((len(examples), width), pad_id, dtype=np.int32)
-    mask = np.zeros((len(examples), width - 1), dtype=np.float32)
-    for i, e in enumerate(examples):
-        n = min(len(e.input_ids), width)
-        tokens[i, :n] = e.input_ids[:n]
-        mask[i, : n - 1] = [lab != IGNORE for lab in e.labels[1:n]]
-    return tokens, mask
 
 
 def train(job: TrainJob | Mapping, emit: Callable) -> dict:

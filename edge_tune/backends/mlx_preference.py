@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from edge_tune.backends.loop import final_loss, length_grouped_batches, lr_at
+from edge_tune.backends.mlx_batches import pair_arrays
 from edge_tune.events import Log, Metric
 
 REWARD_FIELDS = ("reward_margin", "reward_accuracy")  # as the CPU backend's Metric fields
@@ -44,14 +45,6 @@ class PairLoss:
         higher): what the CPU backend's ``PreferenceLoss.stats`` reports."""
         margin = self.chosen_rewards - self.rejected_rewards
         return float(margin.mean()), float((margin > 0).astype(margin.dtype).mean())
-
-
-def pair_arrays(pairs: list, pad_id: int, limit: int):
-    """(tokens, mask) numpy arrays of a batch of ``PairExample``: the chosen sequences, then
-    the rejected ones, padded together (``mlx_lora.batch_arrays``)."""
-    from edge_tune.backends.mlx_lora import batch_arrays
-
-    return batch_arrays([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, limit)
 
 
 def sequence_logps(model, tokens, mask):
