@@ -32,6 +32,14 @@ def _clock(seconds: float) -> str:
         else f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def _rewards(m: Metric) -> str:
+    """A preference run's (DPO/ORPO) reward margin and accuracy, as the CLI shows them; ""
+    for SFT."""
+    if m.reward_margin is None:
+        return ""
+    return f" (margin {m.reward_margin:+.2f}, acc {100 * (m.reward_accuracy or 0):.0f}%)"
+
+
 class TrainScreen(BaseScreen):
     SCREEN_NAME = "train"
     BINDINGS: ClassVar[list] = [Binding("ctrl+s", "start", "Start", priority=True),
@@ -59,6 +67,7 @@ class TrainScreen(BaseScreen):
         self.running = False
         self.finished_runs = 0  # grows by one when a run ends (done, cancelled or failed)
         self.last_metric: Metric | None = None
+        self.last_val: Metric | None = None  # the latest validation point
         self._plan_timer = None
 
     def body(self):
@@ -191,7 +200,7 @@ class TrainScreen(BaseScreen):
             self.show_error(exc, self.query_one("#stats", Static))
             return
         self.session.run_dir = cfg.out
-        self.query_one("#chart", LossChart).clear_points()
+        self.action_clear()
         self.query_one("#log", RichLog).write(f"starting a run in {cfg.out}")
         self._launch(cfg, None)
 
@@ -227,6 +236,7 @@ class TrainScreen(BaseScreen):
 
     def action_clear(self) -> None:
         self.query_one("#chart", LossChart).clear_points()
+        self.last_val = None  # the validation shown goes with the chart's points
 
     def _launch(self, cfg, resume: str | None) -> None:
         self._cancel = threading.Event()
@@ -256,13 +266,17 @@ class TrainScreen(BaseScreen):
             chart.add(event.split, event.step, event.loss, event.total_steps)
             if event.split == "train":
                 self.last_metric = event
-            m = self.last_metric
+            else:
+                self.last_val = event
+                if event.reward_margin is not None:  # in full, whatever the width
+                    log.write(f"validation at step {event.step}: loss {event.loss:.3f}"
+                              f"{_rewards(event)}")
+            m, v = self.last_metric, self.last_val
             if m is not None:
-                val = chart.points.get("val")
-                val_text = f"  val {val[-1][1]:.3f}" if val else ""
-                stats.update(f"step {m.step}/{m.total_steps}  loss {m.loss:.3f}{val_text}  "
-                             f"{m.tokens_per_second:.0f} tok/s  ETA {_clock(m.eta_seconds)}  "
-                             f"lr {m.learning_rate:.2g}")
+                val_text = f"  val {v.loss:.3f}{_rewards(v)}" if v is not None else ""
+                stats.update(f"step {m.step}/{m.total_steps}  loss {m.loss:.3f}{_rewards(m)}"
+                             f"{val_text}  {m.tokens_per_second:.0f} tok/s  "
+                             f"ETA {_clock(m.eta_seconds)}  lr {m.learning_rate:.2g}")
         elif isinstance(event, Progress):
             done = f" {event.completed:.0f}/{event.total:.0f}" if event.total else ""
             stats.update(f"{event.description or event.task}{done}")
