@@ -221,6 +221,8 @@ def test_fit_trains_dpo_with_trls_trainer_on_cpu():
     assert vals[-1].reward_accuracy == 1.0
     # tokens: both sides of every pair, each step sees three pairs
     assert result["tokens"] == sum(len(p.input_ids) + len(p.rejected_ids) for p in data) * 3
-    # TRL's frozen reference copy is not counted as trained
+    # TRL's reference copy is frozen, and not counted as trained
+    ref = [p for n, p in model.named_parameters() if ".ref." in n]
+    assert ref and not any(p.requires_grad for p in ref)
     lora = sum(p.numel() for n, p in model.named_parameters() if ".default." in n)
     assert result["trainable_parameters"] == lora
