@@ -201,7 +201,7 @@ def test_trl_orpo_loss_is_the_odds_ratio_term_plus_nll_of_the_whole_chosen_seque
     assert got == pytest.approx(float(want.loss), rel=1e-5)
 
 
-def test_fit_trains_dpo_with_trls_trainer_on_cpu():
+def test_fit_trains_dpo_with_trls_trainer_on_cpu(tmp_path):
     pytest.importorskip("trl", reason=NEEDS_TRL)
     events = []
     data = pairs(6)
@@ -226,3 +226,8 @@ def test_fit_trains_dpo_with_trls_trainer_on_cpu():
     assert ref and not any(p.requires_grad for p in ref)
     lora = sum(p.numel() for n, p in model.named_parameters() if ".default." in n)
     assert result["trainable_parameters"] == lora
+    # what train() saves: the trained adapter alone, as for SFT (no "ref/" beside it)
+    model.save_pretrained(str(tmp_path / "adapter"), safe_serialization=True,
+                          selected_adapters=["default"])
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors"]
