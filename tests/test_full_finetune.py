@@ -85,12 +85,13 @@ def _numel(shape) -> int:
     return n
 
 
-def test_the_full_model_verifies_exports_chats_and_bundles(full_run, tmp_path):
+def test_the_full_model_verifies_exports_chats_and_bundles(full_run, data_file, tmp_path):
     run, _ = full_run
     report = json.loads(_ok(cli("verify", str(run), "--json")))
     # llama.cpp on the F32 export against torch on the trained weights, the same tokens
     assert report["ok"] and report["framework"] == "torch" and report["checked"] == "merged"
-    assert report["effect_rel_err"] < 1e-3 and report["top1_agreement"] == 1.0
+    # float rounding only (1e-6 to 1e-3 here): a wrong layout or scale would be O(1)
+    assert report["effect_rel_err"] < 1e-2 and report["top1_agreement"] == 1.0
     assert all(g["torch"] == g["llama_cpp"] for g in report["greedy"]), report["greedy"]
 
     exported = cli("export", str(run), "-q", "Q8_0")
@@ -116,6 +117,13 @@ def test_the_full_model_verifies_exports_chats_and_bundles(full_run, tmp_path):
     assert "An apple." in reply.choices[0].message.content
     assert_one_line_error(cli("serve", "--adapter", f"tuned={run}"), "full fine-tuning run",
                           f"--base {run}")
+
+    # eval: the full model against its base, on what ships (llama.cpp)
+    report = json.loads(_ok(cli("eval", str(run), "--data", str(data_file), "--max-tokens",
+                                "8", "--json")))
+    assert report["tuned"].endswith("model.gguf") and report["loss"]["tuned"] < 0.1
+    assert report["scores"]["tuned"]["exact"] == 1.0 > report["scores"]["base"]["exact"]
+    assert report["drift"]["n_prompts"] > 0
 
     bundle = tmp_path / "bundle"
     _ok(cli("bundle", str(run), "-o", str(bundle)))

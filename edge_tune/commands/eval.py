@@ -252,6 +252,8 @@ def _targets(run: Path, merged: Optional[Path]):
     if man is None:
         raise UsageError(f"{run}: not an edge-tune run directory (no manifest.json); eval reads "
                          "its base, chat template and held-out data from it")
+    if merged is None and man.full and man.model is not None and man.model.gguf:
+        merged = run / man.model.gguf  # a full fine-tuning run: its model against the base
     if merged is None:
         target = resolve_chat(run, None)
         return target, target.adapter
@@ -287,6 +289,7 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
     if n_prompts < 1:
         raise UsageError(f"--prompts {n_prompts}: expected an integer >= 1")
     target, tuned_path = _targets(Path(run), merged)
+    merged = tuned_path if target.adapter is None else merged  # a full run's model too
     man = target.manifest
     hp = man.hyperparameters.to_dict()
     records, source = held_out_records(man, data)
