@@ -22,17 +22,6 @@ def tiny(tmp_path_factory, default_gguf):
     return tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", default_gguf)
 
 
-def test_full_dpo_is_refused_in_one_line():
-    from edge_tune.backends.mlx_lora import check_full
-    from edge_tune.errors import UsageError
-
-    check_full("sft")
-    check_full("orpo")  # no reference pass: a full run can do it
-    with pytest.raises(UsageError, match="--full --method dpo") as exc:
-        check_full("dpo")
-    assert "\n" not in str(exc.value)
-
-
 @pytest.mark.slow
 def test_mlx_full_run_writes_hf_weights_that_export_and_verify(tiny, demo_jsonl, tmp_path):
     import mlx.core as mx

@@ -43,7 +43,7 @@ from edge_tune.backends.loop import (
     step_counts,
 )
 from edge_tune.data.template import Example
-from edge_tune.errors import EdgeTuneError, UsageError
+from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Log, Metric, Progress
 
 FULL_WEIGHTS = "model.safetensors"  # a full run's weights, HF names (RUN/model/)
@@ -80,16 +80,6 @@ def mark_rslora(peft_dir: Path, alpha: float) -> None:
     config = json.loads(path.read_text())
     config.update(use_rslora=True, lora_alpha=alpha)
     path.write_text(json.dumps(config, indent=2))
-
-
-def check_full(method: str) -> None:
-    """``--full`` with ``--method dpo`` is refused: DPO's reference is the base with the
-    adapter switched off, and a full run has no adapter (it would need a second copy of the
-    model). SFT and ORPO (no reference) train fully."""
-    if method == "dpo":
-        raise UsageError("--full --method dpo: DPO's reference is the base with the adapter "
-                            "switched off, and a full run has no adapter (expected --method "
-                            "orpo or sft with --full, or DPO without --full)")
 
 
 def save_full_model(model, base_dir: Path, out: Path, chat_template: str | None) -> None:
@@ -142,8 +132,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
     # transformers 5 configs keep RoPE where mlx-lm does not look: translate (mlx_config)
     model, _ = mlx_load(job.hf_dir, **mlx_load_kwargs(job.hf_dir, cfg.seq_len))
     full = bool(getattr(cfg, "full", False))
-    if full:
-        check_full(cfg.method)
+    if full:  # SFT only: the config refuses --full with --method dpo|orpo
         # every weight, as the cpu backend's --full (mlx-lm's fine_tune_type "full" trains the
         # blocks only, not the embeddings and the final norm)
         model.unfreeze()
