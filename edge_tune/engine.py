@@ -215,10 +215,11 @@ def _batched_suffix(llm) -> None:
     """Make the next ``llm.generate`` reuse at most ``len(prompt) - MIN_NEW_TOKENS`` cached
     tokens (an instance attribute shadowing the method; the caller pops it).
 
-    Why: llama-cpp-python re-evaluates one token when the whole prompt is cached; the logits
-    to sample from must come from a decode, and two rows make the prompt chunk carry its two
-    output rows itself (the rule of :mod:`edge_tune.server.batch_rows`) instead of a filler
-    row in another sequence."""
+    Why: llama-cpp-python re-evaluates a single token when the whole prompt is cached, and
+    ggml computes a lone row with other kernels than a block (llamafile's sgemm needs two
+    rows), so its logits would round differently from a fresh context's. Two rows take the
+    block kernels, whose rows do not depend on how a prompt is split (checked for many
+    splits: docs/serving.md)."""
     original = type(llm).generate
 
     def generate(tokens, *args, **kwargs):
@@ -236,6 +237,22 @@ def _batched_suffix(llm) -> None:
     llm.generate = generate
 
 
+def _keep_prompt_only(llm, prompt_tokens: int) -> None:
+    """Drop the KV entries of the answer, keep the prompt's; ``llm.answer_end`` says where
+    the answer's tokens (still in ``input_ids``) end, for a later re-evaluation.
+
+    Why: ggml computes a decoded row (the answer, one token per sequence and step) with
+    other kernels than a block of prompt rows, and the rounding differs (measured:
+    docs/serving.md), so a fresh context, which evaluates the previous answer as part of
+    the next prompt, could answer differently from one that reused the decoded entries.
+    The server re-evaluates the answer as a prompt block while it is idle
+    (:mod:`edge_tune.server.batch_loop`); otherwise it goes with the next prompt."""
+    llm.answer_end = llm.n_tokens
+    if prompt_tokens and llm.n_tokens > prompt_tokens:
+        llm.n_tokens = prompt_tokens
+        llm._ctx.kv_cache_seq_rm(-1, prompt_tokens, -1)
+
+
 class Engine:
     def __init__(self, base_gguf: Path, n_ctx: int = 4096, threads: Optional[int] = None,
                  logits_all: bool = False, seed: int = 0, exact: bool = False,
@@ -245,7 +262,7 @@ class Engine:
         """``exact``: keep the KV cache in F32 (default F16) for bit-careful comparisons.
         ``parallel``: sequences the context holds (the server's batch), ``n_ctx`` tokens
         each (a KV stream per sequence, at least two), all decoded by the rule of
-        :mod:`edge_tune.server.batch_rows`, so a greedy answer is the same bits alone or
+        :mod:`edge_tune.server.batch_rows`, so a greedy answer is the same alone or
         batched.
         ``prompt_cache``: reuse the KV entries of the longest common prefix of the previous
         prompt (per adapter set, see :meth:`activate_mix`) instead of starting each answer
@@ -286,7 +303,6 @@ class Engine:
         self.active_mix: tuple = ()  # ((name, scale), ...) applied to the context now
         self.prompt_cache = prompt_cache
         self.parallel = max(1, parallel)
-        self._check_lone_rows(())
         # adapter set -> its cached prompt (KV entries + tokens), saved when it was left
         self._saved: OrderedDict[tuple, object] = OrderedDict()
         own = self.llm.metadata.get("tokenizer.chat_template") or None
@@ -379,29 +395,7 @@ class Engine:
         if not ptr:  # a NULL pointer object, not None
             raise EdgeTuneError(f"{path}: llama.cpp refused to load this adapter")
         self._adapters[name] = ptr
-        self._check_lone_rows(((name, 1.0),))
         return name
-
-    def _check_lone_rows(self, mix: tuple) -> None:
-        """Decide whether a lone decoded row needs a filler row for exact answers (see
-        :mod:`edge_tune.server.batch_rows`): measured on the base, then once per adapter
-        loaded; one set that needs it turns fillers on for all. A filler doubles the work
-        of a lone request's decode steps, so it is used only where the kernels differ."""
-        batch = self.llm.batch
-        if mix and not batch.lone_exact:
-            return
-        probe = self.tokenize("The quick brown fox jumps over the lazy dog, twice.")[:12]
-        if len(probe) < 3:
-            batch.lone_exact = False
-            return
-        previous = self.active_mix
-        if mix:
-            self.apply_mix(mix)
-        try:
-            batch.lone_exact = batch.lone_row_exact(probe, self.llm._n_vocab)
-        finally:
-            if mix:
-                self.apply_mix(previous)
 
     SAVED_STATES = 4  # adapter sets whose prompt cache survives a switch (LRU)
 
@@ -571,8 +565,8 @@ class Engine:
         finally:
             counter.uninstall()
             llm.__dict__.pop("generate", None)
-            # the answer's KV entries stay: decoded by the rule of batch_rows, they are the
-            # same bits a prompt evaluation would give, so turn N evaluates only what is new
+            if self.prompt_cache:
+                _keep_prompt_only(llm, counter.prompt_tokens)
 
     def chat(self, messages: list[dict], **kw) -> str:
         return "".join(self.chat_stream(messages, **kw))

@@ -23,6 +23,7 @@ from edge_tune.errors import EdgeTuneError
 from edge_tune.server.batch_rows import KVFull, Rows, chunks
 
 TURN_STEPS = 16  # decode steps an adapter set keeps the context while another set waits
+PREFILL_ROWS = 32  # answer tokens re-evaluated per idle decode: a request waits at most that
 
 
 class Cancelled(EdgeTuneError):
@@ -100,6 +101,7 @@ class Batcher:
         slot = max(same, key=lambda s: s.used) if same else min(idle, key=lambda s: s.used)
         if slot.mix != mix:
             slot.view.n_tokens, slot.mix = 0, mix  # its entries go at the first decode
+        slot.view.answer_end = 0  # an unfinished re-evaluation goes with the new prompt
         return slot
 
     def admit(self, job, mix: tuple, slot: Slot, run) -> Sequence:
@@ -183,6 +185,31 @@ class Batcher:
             if seq.error is None:
                 seq.rows, seq.state = None, "running"
         self.cv.notify_all()
+
+    def prefill(self) -> bool:
+        """Re-evaluate, as a prompt block, up to PREFILL_ROWS tokens of an idle slot's last
+        answer (its decoded KV entries were dropped: see ``engine._keep_prompt_only``), so
+        that the conversation's next turn evaluates only what is new. Called only when no
+        request is running or waiting, WITHOUT cv; False when there is nothing to do."""
+        pending = [s for s in self.slots if s.sequence is None and s.mix is not None
+                   and getattr(s.view, "answer_end", 0) > s.view.n_tokens > 0]
+        if not pending:
+            return False
+        slot = max(pending, key=lambda s: s.used)
+        view = slot.view
+        start = view.n_tokens if view.answer_end - view.n_tokens > 1 else view.n_tokens - 1
+        end = min(view.answer_end, start + PREFILL_ROWS)
+        if self.engine.active_mix != slot.mix:
+            self.engine.apply_mix(slot.mix)
+            self.switches += 1
+        try:
+            self.engine.llm.batch.decode([Rows(slot.seq_id, start,
+                                               view.input_ids[start:end].tolist())])
+        except EdgeTuneError:
+            view.answer_end = 0
+            return True
+        view.n_tokens = end
+        return True
 
     def evict_idle(self) -> None:
         """Drop the caches of idle slots (their KV entries), oldest first."""

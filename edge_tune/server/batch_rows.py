@@ -1,22 +1,18 @@
-"""Several sequences in one llama.cpp context, decoded so that batching changes no bit.
+"""Several sequences in one llama.cpp context, decoded so that batching changes no answer.
 
-The rule (measured on the default Q4_1 model with and without an adapter, and on a tiny F32
-model: docs/serving.md "Concurrency and batching"): with **flash attention**, **one KV
-stream per sequence** (``kv_unified = false``), and **at least two output rows in every**
-``llama_decode``, a row's logits and KV entries are the same bits whatever else the batch
-holds: a lone token, a prompt, or eight sequences at once; so a decoded answer's KV entries
-equal those a prompt evaluation would give, and are kept as prompt cache. Why each part:
-without flash attention a lone query row takes other attention kernels than a block of
-rows; in one shared KV buffer a sequence's entries start at varying cells, which shifts the
-tiles flash attention sums over; with one output row the output layer (and the last block,
-which llama.cpp computes for output rows only) takes ggml's one-row kernels, which round
-differently from llamafile's sgemm on F32/F16 weights.
-
-So a decode is either a *step* (one token for each of several sequences) or a *prompt
-chunk* (tokens of one sequence, its last two rows as outputs). llama.cpp splits a batch
-over per-sequence streams into micro-batches of consecutive sequence ids with equal token
-counts; a step therefore covers a consecutive range of sequence ids, and a *filler* row
-(appended to a stream's end and removed after) fills each gap, or joins a lone row.
+The rule (measured on the default Q4_1 model with and without adapters: docs/serving.md
+"Concurrency and batching"): **one KV stream per sequence** (``kv_unified = false``), and
+every decode either a *step* of **at least two rows**, one token per sequence, or a *prompt
+chunk* of one sequence alone (at least two rows, its last two as outputs). ggml computes a
+lone row with other kernels than two or more (llamafile's sgemm takes over at two rows, for
+F16 attention, F32 adapter matrices and F32/F16 weights) and they round differently, so a
+lone sequence's step gets a *filler* row (appended to a neighbouring stream's end, with
+logits, and removed after). llama.cpp splits a batch over per-sequence streams into
+micro-batches of consecutive sequence ids with equal token counts; a step therefore covers
+a consecutive range of sequence ids, with a filler row in each gap. A decoded row still
+differs from the same token in a prompt block, so an answer's KV entries are not reused as
+they are (``engine._keep_prompt_only``). Flash attention stays off: with it, prompt blocks
+split differently gave different entries.
 
 :func:`seq_llama` makes a ``llama_cpp.Llama`` whose ``eval``/``sample`` follow that rule for
 one sequence id; llama-cpp-python's own generation loop (chat templates, grammars, logits
@@ -54,10 +50,9 @@ class Rows:
 
 
 @contextlib.contextmanager
-def context_params(n_seq_max: int, flash_attn: bool = True):
+def context_params(n_seq_max: int, flash_attn: bool = False):
     """``Llama()`` builds its llama_context_params internally; start it from defaults with
-    ``n_seq_max`` sequences, one KV stream each (its ``flash_attn`` argument sets the
-    rest)."""
+    ``n_seq_max`` sequences, one KV stream each (its ``flash_attn`` argument sets that)."""
     import llama_cpp.llama_cpp as low
 
     original = low.llama_context_default_params
@@ -87,8 +82,6 @@ class Batch:
         self.streams = streams
         self.batch = llama_cpp.llama_batch_init(max(CHUNK, streams) + 2, 0, 1)
         self.memory = llama_cpp.llama_get_memory(ctx)
-        # a lone output row needs no filler: set by lone_row_exact() for the weights in use
-        self.lone_exact = False
 
     def decode(self, entries: list[Rows]) -> None:
         """Decode a prompt chunk (one entry) or a step (entries of one token each, distinct
@@ -132,49 +125,12 @@ class Batch:
 
         if len(entries) == 1 and len(entries[0].tokens) > 1:
             return []  # a prompt chunk: its last two rows are the outputs
-        if len(entries) == 1 and self.lone_exact:
-            return []
         seqs = {e.seq for e in entries}
         lo, hi = min(seqs), max(seqs)
         need = [s for s in range(lo, hi + 1) if s not in seqs]
         if lo == hi:
             need = [hi + 1 if hi + 1 < self.streams else lo - 1]
         return [(s, llama_cpp.llama_memory_seq_pos_max(self.memory, s) + 1) for s in need]
-
-    def lone_row_exact(self, tokens: list, n_vocab: int) -> bool:
-        """Whether a lone row gives the same logits as the same tokens in one block, for
-        the weights and adapters applied now: ``tokens`` (a dozen) are evaluated in the
-        last stream both ways and compared bit for bit (that stream's entries are dropped).
-        The kernels either differ at every position or at none (docs/serving.md)."""
-        import llama_cpp
-        import numpy as np
-
-        seq, mem = self.streams - 1, self.memory
-        block = Rows(seq, 0, list(tokens), all_logits=True)
-        llama_cpp.llama_memory_seq_rm(mem, seq, 0, -1)
-        try:
-            self.decode([block])
-            want = [self._logits(block.first + k, n_vocab) for k in range(len(tokens))]
-            llama_cpp.llama_memory_seq_rm(mem, seq, 0, -1)
-            lone, self.lone_exact = self.lone_exact, True
-            try:
-                self.decode([Rows(seq, 0, list(tokens[:2]), all_logits=True)])
-                for k in range(2, len(tokens)):
-                    self.decode([Rows(seq, k, [tokens[k]])])
-                    if not np.array_equal(self._logits(0, n_vocab), want[k]):
-                        return False
-            finally:
-                self.lone_exact = lone
-            return True
-        finally:
-            llama_cpp.llama_memory_seq_rm(mem, seq, 0, -1)
-
-    def _logits(self, row: int, n_vocab: int):
-        import llama_cpp
-        import numpy as np
-
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, row),
-                                     shape=(n_vocab,)).copy()
 
     def close(self) -> None:
         import llama_cpp
@@ -291,7 +247,7 @@ def _seq_llama_class():
     return SeqLlama
 
 
-def seq_llama(sequences: int, n_ctx: int, flash_attn: bool = True, **llama_kw):
+def seq_llama(sequences: int, n_ctx: int, flash_attn: bool = False, **llama_kw):
     """A ``Llama`` (sequence 0) on a context of ``max(2, sequences)`` sequences (a lone
     sequence needs a neighbour for its filler rows) of ``n_ctx`` tokens each, decoding at
     once (:class:`DirectDecoder`). ``.batch`` is the context's :class:`Batch`."""

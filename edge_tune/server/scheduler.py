@@ -147,6 +147,15 @@ class Scheduler:
                         self.stats.decode_steps += 1
                         self.stats.max_batch = max(self.stats.max_batch, len(chosen))
                         break
+                    if not (batch.live or self._waiting or self._calls or self._stopping):
+                        self.stats.busy = True
+                        self._cv.release()
+                        try:  # idle: the last answers' KV entries, as prompt blocks
+                            more = batch.prefill()
+                        finally:
+                            self._cv.acquire()
+                        if more:
+                            continue
                     self.stats.busy = bool(batch.live or self._waiting)
                     self._cv.wait()
             if call is not None:
