@@ -56,9 +56,11 @@ def pairs(tiny_hf):
     return [encode_pair(tok, r.messages, r.rejected) for r in records]
 
 
-@pytest.fixture(scope="module")
-def both(tiny_hf, tmp_path_factory):
-    """(mlx model with a random non-zero LoRA adapter, the same model in torch + PEFT)."""
+@pytest.fixture(scope="module", params=["lora", "dora"])
+def both(request, tiny_hf, tmp_path_factory):
+    """(mlx model with a random non-zero LoRA or DoRA adapter, the same model in torch +
+    PEFT). DoRA's magnitudes are moved too: its layers with B = 0 or scale 0 are then not the
+    base, so only switching the adapter off gives the reference."""
     import mlx.core as mx
     import torch
     from mlx.utils import tree_flatten, tree_unflatten
@@ -74,12 +76,15 @@ def both(tiny_hf, tmp_path_factory):
     model, _ = load(str(tiny_hf), **mlx_load_kwargs(tiny_hf))
     model.freeze()
     keys = lora_keys([n for n, _ in model.layers[0].named_modules() if n], TARGETS)
-    native = mlx_lora_config(4, 8.0, keys, len(model.layers), str(tiny_hf))
-    linear_to_lora_layers(model, len(model.layers), native["lora_parameters"])
+    dora = request.param == "dora"
+    native = mlx_lora_config(4, 8.0, keys, len(model.layers), str(tiny_hf), dora=dora)
+    linear_to_lora_layers(model, len(model.layers), native["lora_parameters"], use_dora=dora)
     mx.random.seed(1)
-    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.05)
-                                 for k, v in tree_flatten(model.trainable_parameters())
-                                 if k.endswith("lora_b")]))  # B = 0 would make DPO trivial
+    moved = [(k, mx.random.normal(v.shape) * 0.05)  # B = 0 would make DPO trivial
+             for k, v in tree_flatten(model.trainable_parameters()) if k.endswith("lora_b")]
+    moved += [(k, v * (1 + 0.1 * mx.random.normal(v.shape)))  # DoRA's magnitudes
+              for k, v in tree_flatten(model.trainable_parameters()) if k.endswith(".m")]
+    model.update(tree_unflatten(moved))
     model.eval()
     mlx_dir, peft_dir = (tmp_path_factory.mktemp(n) for n in ("mlx", "peft"))
     mx.save_safetensors(str(mlx_dir / mlx_to_peft.WEIGHTS),
