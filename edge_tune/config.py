@@ -195,17 +195,16 @@ LORA_ONLY = ("rank", "alpha", "rslora", "dora", "lora_dropout", "target_modules"
 
 
 def _refuse_lora_only(cfg: TrainConfig, given: dict[str, Any]) -> None:
-    """Refuse a LoRA-only setting given (flag or TOML) together with ``full``.
-
-    A value equal to its default still counts when it was given: ``--rank 16 --full`` is as
-    contradictory as ``--rank 8 --full``. Booleans given as false are harmless and pass.
-    """
+    """Refuse, with ``full``, preference tuning and a LoRA-only setting given (flag or TOML)
+    with a value other than its default (a saved run's config, read back for ``--resume``,
+    lists every setting, LoRA's at their defaults)."""
     if cfg.method != "sft":
         raise UsageError(f"--method {cfg.method}: preference tuning trains a LoRA adapter (the "
                          "reference is the base with it switched off), not with --full")
+    defaults = TrainConfig()
     for name in LORA_ONLY:
-        if name not in given or given[name] is False:
+        if name not in given or given[name] == getattr(defaults, name):
             continue
         flag = "--" + name.replace("_", "-")
         raise UsageError(f"{flag}: a LoRA setting, not valid with --full (full fine-tuning "
-                            "trains every weight: drop it, or drop --full)")
+                         "trains every weight: drop it, or drop --full)")

@@ -184,3 +184,32 @@ def test_a_full_run_that_cannot_fit_is_refused_before_loading(demo_jsonl, tmp_pa
     assert last.startswith("error: --full: full fine-tuning needs"), last
     assert "gradients" in last and "optimizer state" in last and "drop --full" in last
     assert not (tmp_path / "run").exists()
+
+
+def test_a_cancelled_full_run_resumes_to_the_end(data_file, tmp_path):
+    import threading
+
+    from edge_tune import api
+    from edge_tune.config import build
+    from edge_tune.errors import EdgeTuneError
+    from edge_tune.events import Metric
+
+    out, cancel = tmp_path / "run", threading.Event()
+    cfg = build(None, data=str(data_file), out=str(out), model=str(family_gguf("mistral")),
+                full=True, max_steps=6, batch_size=2, seq_len=64, lr=3e-3, verify=False,
+                report_to="none")
+
+    def on_event(event):
+        if isinstance(event, Metric) and event.split == "train" and event.step == 2:
+            cancel.set()
+
+    with pytest.raises(EdgeTuneError) as info:
+        api.train(cfg, on_event, cancel=cancel)
+    assert info.value.exit_code == 130 and "--resume" in str(info.value)
+    state = api.resume_state(out)
+    assert state is not None and 2 <= state["step"] < 6  # every weight and AdamW's moments
+    resumed: list[Metric] = []
+    result = api.train(None, lambda e: isinstance(e, Metric) and resumed.append(e), resume=out)
+    assert [m.step for m in resumed if m.split == "train"] == list(range(state["step"] + 1, 7))
+    assert result.manifest.kind == "full" and (out / "model.gguf").is_file()
+    assert not (out / "checkpoint").exists()
