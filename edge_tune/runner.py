@@ -18,6 +18,14 @@ from edge_tune.errors import Cancelled, CheckFailed, ExitCode, error_for_exit_co
 from edge_tune.events import Done, EventSink, Failed, Log, from_json
 
 GRACE_SECONDS = 20  # after SIGTERM the worker writes its checkpoint (~1 s), then exits
+# A full run's checkpoint holds every weight and two AdamW moments (1.5 GB for a 135M model):
+# on a busy disk that takes longer than an adapter's, and a kill mid-write loses it.
+FULL_GRACE_SECONDS = 180
+
+
+def grace_seconds(cfg: dict) -> int:
+    """Seconds ``cancel`` waits for the worker to save its checkpoint before SIGKILL."""
+    return FULL_GRACE_SECONDS if cfg.get("full") else GRACE_SECONDS
 
 
 def world_size(cfg: dict) -> int:
@@ -65,6 +73,7 @@ class TrainingProcess:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config = job.config.to_dict()
         self.distributed = world_size(config) > 1
+        self.grace = grace_seconds(config)
         if self.distributed:
             # Records as JSON lines beside the job: each rank streams the file and keeps only
             # the lines of its shard (edge_tune.data.sharding), instead of parsing them all.
@@ -93,7 +102,7 @@ class TrainingProcess:
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=GRACE_SECONDS)
+            self.proc.wait(timeout=self.grace)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
