@@ -286,7 +286,12 @@ def build(*, config: dict, backend: str, backend_reason: str, base: dict, data: 
 
     ``tokenizer``: ``chat_template`` (the Jinja text the data was rendered with),
     ``chat_template_name`` (its built-in name, if it is one), ``chat_template_source``
-    ("--chat-template" or "model") and ``stop_tokens``."""
+    ("--chat-template" or "model") and ``stop_tokens``. ``result["target_modules"]``, the
+    module names LoRA went on (the default and ``all-linear`` resolved against the model),
+    replaces the requested ``config["target_modules"]``."""
+    result = dict(result)
+    if targeted := result.pop("target_modules", None):
+        config = {**config, "target_modules": list(targeted)}
     return Manifest.from_json({
         "format": FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -181,7 +181,8 @@ def test_target_resolution():
     names = linear_names(shapes)
     assert names == ["down_proj", "gate_up_proj", "qkv_proj"]
     assert resolve(["all-linear"], names) == names
-    assert resolve(DEFAULT_TARGETS, names) == ["down_proj"]  # the default keeps what exists
+    # the default: every projection, by this model's names
+    assert resolve(DEFAULT_TARGETS, names) == ["qkv_proj", "gate_up_proj", "down_proj"]
     assert resolve(["qkv_proj"], names) == ["qkv_proj"]
     with pytest.raises(UsageError, match="q_proj: no such linear module.*gate_up_proj"):
         resolve(["q_proj"], names)

@@ -235,8 +235,10 @@ def run(job: TrainJob | Mapping, emit) -> dict:
     if world > 1 and rank == 0:
         _barrier()
     # --target-modules against the model's own layer names, before any weight loads
-    job.config = job.config if job.config.full else dataclasses.replace(job.config, target_modules=lora_targets.for_model(
-        Path(job.hf_dir), job.config.target_modules))
+    if not job.config.full:
+        targets = lora_targets.for_model(Path(job.hf_dir), job.config.target_modules)
+        job.config = dataclasses.replace(job.config, target_modules=targets)
+        emit(Log(lora_targets.summary(lora_targets.weight_shapes(Path(job.hf_dir)), targets)))
     job.examples, job.pad_id, tokenizer_info = prepare_examples(job, emit, rank, world)
     val = f", {len(job.val_examples)} validation examples" if job.val_examples else ""
     shard = f" in rank {rank}'s shard" if world > 1 else ""
@@ -257,7 +259,8 @@ def run(job: TrainJob | Mapping, emit) -> dict:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    return {"examples": len(job.examples), **result, "hf_dir": job.hf_dir,
+    targeted = {} if job.config.full else {"target_modules": list(job.config.target_modules)}
+    return {"examples": len(job.examples), **result, "hf_dir": job.hf_dir, **targeted,
             "peak_rss_bytes": peak_rss_bytes(),
             "tokenizer": tokenizer_info}
 
