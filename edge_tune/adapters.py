@@ -47,16 +47,37 @@ def peft_adapter(adapter: Path) -> tuple[Path, Optional[Manifest]]:
         raise EdgeTuneError(f"{adapter}: no such adapter directory")
     man = manifest_mod.read(adapter) if adapter.is_dir() else None
     if man is not None:
-        return adapter / man.adapter.peft, man
+        return _readable_peft(adapter / man.adapter.peft), man
     from edge_tune.converters.formats import mlx_to_peft
 
     if mlx_to_peft.is_mlx_adapter_dir(adapter):
         return _peft_copy_of_mlx(adapter), None
     if (adapter / "adapter_config.json").is_file():
-        return adapter, None
+        return _readable_peft(adapter), None
     raise EdgeTuneError(f"{adapter}: neither an edge-tune run directory (manifest.json), a "
                         "PEFT adapter directory (adapter_config.json) nor an mlx-lm adapter "
                         "directory (adapters.safetensors)")
+
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def _readable_peft(peft_dir: Path) -> Path:
+    """``peft_dir``, once its weights file's safetensors header reads and covers the file (a
+    truncated or overwritten copy fails here in one line, before torch or PEFT loads it).
+    A missing file is left to the loaders, which say what they expected instead."""
+    weights = Path(peft_dir) / PEFT_WEIGHTS
+    if weights.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(weights), framework="numpy"):
+                pass
+        except Exception as exc:  # noqa: BLE001 -- SafetensorError, OSError: all unreadable
+            detail = " ".join(str(exc).split()) or type(exc).__name__
+            raise EdgeTuneError(f"{weights}: unreadable safetensors file ({detail}; expected "
+                                "the adapter weights whole, as training saved them)") from None
+    return Path(peft_dir)
 
 
 def _peft_copy_of_mlx(mlx_dir: Path) -> Path:
@@ -167,7 +188,12 @@ def resolve_chat(adapter: Optional[Path], base: Optional[str],
             man = manifest_mod.read(adapter.parent)
         else:
             raise EdgeTuneError(f"--adapter {adapter}: no such file or directory")
-    if base is not None and adapter is None and (full := _full_run(Path(base))) is not None:
+    if base is not None and (full := _full_run(Path(base))) is not None:
+        if adapter is not None:
+            raise EdgeTuneError(f"--base {base}: a full fine-tuning run is a whole model of "
+                                f"its own, not a base for --adapter {adapter}; use the run "
+                                f"alone (--base {base}), or the adapter on its own base "
+                                "(drop --base)")
         return _full_run_target(Path(base), full, None, chat_template, system_mode)
     if base is not None:
         ref = models.resolve(base)

@@ -146,6 +146,27 @@ def readme(plan: BundlePlan) -> str:
 
 # --- writing -----------------------------------------------------------------------------------
 
+def check_output(out: Path) -> None:
+    """Refuse an output path that cannot be written (``-o /proc/x``, a read-only folder)
+    before any work, in one line; creates nothing. Raises :class:`EdgeTuneError`."""
+    import os
+    import tempfile
+
+    out = Path(out)
+    if not out.name or out.name in (".", ".."):
+        raise EdgeTuneError(f"-o {out}: expected a bundle folder or .tar.gz name")
+    existing = out.absolute().parent
+    while not existing.exists():  # the folders atomic_path would create start here
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, os.strerror(20))
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.", dir=existing))
+    except OSError as exc:
+        raise EdgeTuneError(f"-o {out}: cannot write into {existing} ({exc.strerror or exc}); "
+                            "choose another output") from None
+
+
 def write_bundle(plan: BundlePlan, out: Path, on_event: EventSink = ignore) -> Path:
     """Copy everything into ``out`` (a folder, or a .tar.gz when the name ends so)."""
     import shutil
@@ -156,6 +177,7 @@ def write_bundle(plan: BundlePlan, out: Path, on_event: EventSink = ignore) -> P
     from edge_tune.fsutil import atomic_path, sha256_file
 
     out = Path(out)
+    check_output(out)
     as_tar = out.name.endswith((".tar.gz", ".tgz"))
     if out.exists() and not as_tar and (not out.is_dir() or any(out.iterdir())) \
             and not (out / BUNDLE_FILE).is_file():

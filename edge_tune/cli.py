@@ -840,11 +840,37 @@ def _tidy_help(command) -> None:
         _tidy_help(sub)
 
 
+def _usage_line(exc: typer.TyperException) -> str:
+    """A usage error of the command line parser as one line: the message and where the help
+    is, e.g. "No such option: --dat (did you mean --data?) (see edge-tune train --help)"."""
+    possibilities = getattr(exc, "possibilities", None)
+    if type(exc).__name__ == "NoSuchOption" and possibilities:
+        from difflib import get_close_matches
+
+        best = get_close_matches(exc.option_name, possibilities, n=1) or sorted(possibilities)
+        message = f"{exc.message} (did you mean {best[0]}?)"
+    else:
+        message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    return f"{message} (see {ctx.command_path} --help)" if ctx is not None else message
+
+
 def main() -> None:
     try:
         command = typer.main.get_command(app)
         _tidy_help(command)
-        command()
+        # Not standalone: the parser would print a usage error as a box of several lines.
+        code = command.main(standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(N) from a command
+            raise SystemExit(code)
+    except typer.TyperException as exc:  # the parser's usage errors (typer's vendored click)
+        if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help
+            err.print(f"[bold red]error:[/] {_escape(_usage_line(exc))}", highlight=False,
+                      soft_wrap=True)
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:  # end of input inside a parser prompt
+        err.print("[yellow]cancelled[/]")
+        raise SystemExit(ExitCode.CANCELLED) from None
     except EdgeTuneError as exc:
         from rich.markup import escape  # a message may hold [brackets]: print them as-is
 

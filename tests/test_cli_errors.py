@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, run_cli_in_process
 from gguf_helpers import q_pair, write_adapter
 
 
@@ -83,3 +84,116 @@ def test_truncated_adapter_and_base(tmp_path, default_gguf):
 def test_export_of_something_that_is_not_an_adapter(tmp_path):
     assert_one_line_error(run_cli("export", str(tmp_path)), "neither an edge-tune run")
     assert_one_line_error(run_cli("export", str(tmp_path / "nope")), "no such adapter")
+
+
+# --- runs built in seconds: a tiny random base, a LoRA run on it, a full run of it -------------
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory, default_gguf) -> dict:
+    """{"base": tiny GGUF, "lora": run dir with adapter.gguf, "full": full fine-tuning run dir
+    (its model GGUF is the tiny base), "peft": run dir whose PEFT weights are cut short}:
+    real files as `train` lays them out, without training."""
+    import shutil
+
+    from tiny_models import tiny_adapter, tiny_llama_gguf
+
+    root = tmp_path_factory.mktemp("tiny-runs")
+    base = tiny_llama_gguf(root / "tiny.gguf", default_gguf)
+    runs = {"base": base}
+    for kind in ("lora", "full", "peft"):
+        run = root / kind
+        run.mkdir()
+        man = {"format": "edge-tune-run/1", "kind": "full" if kind == "full" else "lora",
+               "base": {"gguf": str(base)}, "adapter": {"peft": "adapter"}}
+        if kind == "full":
+            shutil.copyfile(base, run / "model.gguf")
+            man["model"] = {"hf": "model", "gguf": "model.gguf"}
+        else:
+            tiny_adapter(run / "adapter.gguf")
+            man["adapter"]["gguf"] = "adapter.gguf"
+        if kind == "peft":
+            (run / "adapter").mkdir()
+            (run / "adapter" / "adapter_config.json").write_text(json.dumps(
+                {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                 "target_modules": ["q_proj"]}))
+            # a header that promises 4096 bytes of JSON, then the file ends
+            (run / "adapter" / "adapter_model.safetensors").write_bytes(
+                (4096).to_bytes(8, "little") + b'{"a": ')
+        (run / "manifest.json").write_text(json.dumps(man))
+        runs[kind] = run
+    return runs
+
+
+def test_full_run_in_a_chat_mix_or_compare_is_refused(tiny_runs):
+    lora, full = str(tiny_runs["lora"]), str(tiny_runs["full"])
+    proc = run_cli_in_process("chat", "--adapter", f"{full}=0.5", "--adapter", f"{lora}=0.5",
+                              "--prompt", "hi")
+    assert_one_line_error(proc, f"--adapter {full}:", "full fine-tuning run", "mixed")
+    proc = run_cli_in_process("chat", "--adapter", lora, "--compare", full, "--prompt", "hi")
+    assert_one_line_error(proc, f"--compare {full}:", "full fine-tuning run")
+
+
+def test_full_run_as_base_of_an_adapter_names_base(tiny_runs):
+    full = str(tiny_runs["full"])
+    proc = run_cli_in_process("chat", "--base", full, "--adapter", str(tiny_runs["lora"]),
+                              "--prompt", "hi")
+    assert_one_line_error(proc, f"--base {full}:", "full fine-tuning run", "drop --base")
+
+
+def test_verify_refuses_cut_peft_weights_before_loading(tiny_runs):
+    proc = run_cli_in_process("verify", str(tiny_runs["peft"]))
+    assert_one_line_error(proc, "adapter_model.safetensors: unreadable safetensors file")
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1"])
+def test_serve_port_out_of_range_blames_port(tiny_runs, port):
+    proc = run_cli_in_process("serve", "--base", str(tiny_runs["base"]), "--port", port)
+    assert_one_line_error(proc, f"--port {port}: expected a TCP port from 1 to 65535")
+    assert "serving" not in proc.stdout + proc.stderr
+
+
+def test_bundle_to_an_unwritable_output_names_it(tiny_runs, tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    out = not_a_folder / "bundle"
+    proc = run_cli_in_process("bundle", str(tiny_runs["lora"]), "-o", str(out))
+    assert_one_line_error(proc, f"-o {out}: cannot write into {not_a_folder}")
+    if Path("/proc").is_dir():  # a folder nothing can be created in
+        assert_one_line_error(run_cli_in_process("bundle", str(tiny_runs["lora"]), "-o",
+                                                 "/proc/x"), "-o /proc/x: cannot write")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (("train", "--dat", "x"), ["No such option: --dat (did you mean --data?)",
+                               "train --help)"]),
+    (("train", "--lr", "abc"), ["Invalid value for '--lr'", "train --help)"]),
+    (("data", "inspect", "f", "--skip-invalid"), ["No such option: --skip-invalid",
+                                                  "data inspect --help)"]),
+    (("bundle",), ["Missing argument 'RUN...'"]),
+    (("nosuch",), ["No such command 'nosuch'"]),
+])
+def test_usage_errors_are_one_line(args, needles):
+    assert_one_line_error(run_cli_in_process(*args), *needles)
+
+
+def test_help_still_shows_and_exits_zero():
+    proc = run_cli_in_process("train", "--help")
+    assert proc.returncode == 0 and "Usage:" in proc.stdout and "--data" in proc.stdout
+    assert proc.stderr == ""
+
+
+@pytest.mark.parametrize("record,needle", [
+    ({"messages": [{"role": "assistant", "content": "I start."}]}, "messages[0]"),
+    ({"conversations": [{"from": "gpt", "value": "I start."}]}, "conversations[0]"),
+])
+def test_record_that_starts_with_the_assistant(tmp_path, record, needle):
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant",
+                                                             "content": "b"}]}
+    data = tmp_path / "chats.jsonl"
+    if "conversations" in record:
+        good = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt",
+                                                                     "value": "b"}]}
+    data.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    proc = run_cli_in_process("data", "inspect", str(data))
+    assert_one_line_error(proc, "chats.jsonl:2:", needle, "starts with an assistant turn",
+                          "expected a user or system message")

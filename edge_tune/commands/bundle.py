@@ -28,6 +28,7 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
 
     if not runs:
         raise EdgeTuneError("bundle: name at least one run directory or adapter .gguf")
+    bundle_mod.check_output(Path(out))  # before a merge spends minutes
     if merged and len(runs) != 1:
         raise EdgeTuneError("--merged: merges one run into the base; name exactly one RUN")
     items, base_path, base_sha, templates = [], None, None, {}

@@ -117,7 +117,7 @@ def chat_plan(adapter: Union[None, str, Sequence[tuple[str, float]]], base: Opti
     [(spec, scale), ...] from :func:`parse_adapter_options`; ``compare``: the second side.
     Each adapter keeps its run's chat template (a mix uses its first adapter's, as the
     server does); ``chat_template``/``system_mode`` replace every side's."""
-    def side(spec: Optional[str], plan: ServePlan, slot: str):
+    def side(spec: Optional[str], plan: ServePlan, slot: str, flag: str = "--adapter"):
         if spec is None or spec == "base":
             return ("base", None)
         if bundle is not None:
@@ -130,6 +130,10 @@ def chat_plan(adapter: Union[None, str, Sequence[tuple[str, float]]], base: Opti
                     getattr(plan, table)[spec] = getattr(bundle_plan, table)[spec]
             return (spec, spec)
         target = resolve_chat(Path(spec), base if base else None, chat_template, system_mode)
+        if target.adapter is None:  # a full fine-tuning run: a model, not an adapter
+            raise UsageError(f"{flag} {spec}: a full fine-tuning run is a model of its own (no "
+                             "adapter), so it cannot be mixed, scaled or compared in one chat; "
+                             f"chat with it alone: --adapter {spec}")
         label = Path(spec).name
         loaded = next((n for n, path in plan.adapters.items() if path == target.adapter), None)
         if loaded is not None:  # the compare side shares an adapter with the mix
@@ -163,7 +167,7 @@ def chat_plan(adapter: Union[None, str, Sequence[tuple[str, float]]], base: Opti
         sides = [(mix_label([(label, scale) for (label, _), scale in parts]),
                   mix[0][0] if plain else mix)]
     if compare is not None:
-        other = side(compare, plan, "right")
+        other = side(compare, plan, "right", "--compare")
         if chat_session.mix_of(other[1]) == chat_session.mix_of(sides[0][1]):
             what = "model" if other[1] is None else "adapter"
             raise EdgeTuneError(f"--compare {compare}: the same {what} on both sides; "

@@ -8,7 +8,7 @@ from typing import Optional
 
 from edge_tune import models, template_choice
 from edge_tune.adapters import resolve_chat
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import Done, EventSink, Log, ignore
 from edge_tune.server.plan import ServePlan
 
@@ -61,6 +61,8 @@ def open_serving(plan: ServePlan, on_event: EventSink = ignore, **engine_kw):
 def _check_port_free(host: str, port: int) -> None:
     import socket
 
+    if not 1 <= port <= 65535:  # checked first: the resolver and bind() fail obscurely
+        raise UsageError(f"--port {port}: expected a TCP port from 1 to 65535")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:

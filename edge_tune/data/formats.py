@@ -130,9 +130,13 @@ def _turns(obj: dict, key: str, where: str, fmt: str) -> list:
     return turns
 
 
-def _need_assistant(messages: list[dict], where: str) -> list[dict]:
+def _need_assistant(messages: list[dict], where: str, key: str = "messages") -> list[dict]:
     if not any(m["role"] == "assistant" for m in messages):
         raise EdgeTuneError(f"{where}: conversation has no assistant turn (nothing to learn)")
+    if messages[0]["role"] == "assistant":  # its prompt would be an empty conversation
+        raise EdgeTuneError(f"{where}: {key}[0]: the conversation starts with an assistant "
+                            "turn (expected a user or system message before the first "
+                            "assistant answer: the prompt it answers)")
     return messages  # every assistant turn at weight 0: kept, an example with nothing trained
 
 
@@ -258,7 +262,7 @@ def _sharegpt(obj: dict, where: str) -> list[dict]:
             raise EdgeTuneError(f"{at}: unknown 'from' value {_show(frm)} (expected one of "
                                 f"{', '.join(FROM_ROLES)})")
         out.append({"role": role, "content": _field(turn, "value", at, shape)})
-    return _need_assistant(out, where)
+    return _need_assistant(out, where, "conversations")
 
 
 def _alpaca(obj: dict, where: str) -> list[dict]:
