@@ -38,6 +38,13 @@ def test_the_default_is_every_projection_by_the_models_names():
     assert resolve([ALL_LINEAR], MIXTRAL) == MIXTRAL  # PEFT's all-linear: the router too
     assert resolve(["qkv_proj"], PHI3) == ["qkv_proj"]
 
+    from edge_tune.backends import unsloth_qlora
+    from edge_tune.config import TrainConfig
+
+    # every backend gets the resolved names (the worker resolves them before it loads)
+    phi3 = resolve(DEFAULT_TARGETS, PHI3)
+    assert unsloth_qlora.peft_kwargs(TrainConfig(target_modules=phi3))["target_modules"] == phi3
+
 
 def test_the_summary_counts_each_layer():
     shapes = {f"model.layers.{i}.{m}.weight": [8, 8] for i in range(2)
