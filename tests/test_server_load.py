@@ -1,6 +1,7 @@
 """Load on the real server (loopback only, bounded): 200 requests from 16 concurrent clients
-across the base and two adapters. No errors, no cross-talk (every answer equals that model's
-single-request answer), and no memory growth."""
+across the base and two adapters, continuous batching on (8 sequences per decode at most).
+No errors, no cross-talk (every answer equals that model's single-request answer), several
+sequences decoded together, and no memory growth."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def _one_llama_thread():
 def test_200_requests_16_clients_three_models(tmp_path_factory):
     adapters = trained_adapters()
     with running_server("--adapter", f"pirate={adapters['pirate']}",
-                        "--adapter", f"anti={adapters['anti']}") as server:
+                        "--adapter", f"anti={adapters['anti']}", "--parallel", "8",
+                        "--ctx", "1024") as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
                                timeout=900)
         proc = psutil.Process(server.pid)
@@ -73,6 +75,7 @@ def test_200_requests_16_clients_three_models(tmp_path_factory):
         after = server.health()
         assert after["served"] - before["served"] == REQUESTS and after["failed"] == 0
         assert after["adapter_switches"] > before["adapter_switches"]
+        assert after["max_batch"] >= 2  # batched, not one at a time
         rss_after = proc.memory_info().rss
         print(f"\n{REQUESTS} requests, {CLIENTS} clients: {elapsed:.1f}s "
               f"({REQUESTS / elapsed:.2f} req/s); RSS after first request "

@@ -8,8 +8,9 @@ lone row with other kernels than two or more (llamafile's sgemm takes over at tw
 F16 attention, F32 adapter matrices and F32/F16 weights) and they round differently, so a
 lone sequence's step gets a *filler* row (appended to a neighbouring stream's end, with
 logits, and removed after). llama.cpp splits a batch over per-sequence streams into
-micro-batches of consecutive sequence ids with equal token counts; a step therefore covers
-a consecutive range of sequence ids, with a filler row in each gap. A decoded row still
+micro-batches of consecutive, increasing sequence ids with equal token counts; a step
+therefore covers a consecutive range of sequence ids, in order, with a filler row in each
+gap (rows out of order are split off into micro-batches of one row). A decoded row still
 differs from the same token in a prompt block, so an answer's KV entries are not reused as
 they are (``engine._keep_prompt_only``). Flash attention stays off: with it, prompt blocks
 split differently gave different entries.
@@ -94,16 +95,19 @@ class Batch:
             llama_cpp.llama_memory_seq_rm(mem, entry.seq, entry.n_past, -1)
         if len(entries) > 1 and any(len(e.tokens) != 1 for e in entries):
             raise EdgeTuneError("internal: a step decodes one token per sequence")
-        rows = []  # (token, pos, seq, logits)
-        for entry in entries:
-            entry.first = len(rows)
-            n = len(entry.tokens)
-            for k, token in enumerate(entry.tokens):
-                out = entry.all_logits or k >= n - 2 or len(entries) > 1
-                rows.append((token, entry.n_past + k, entry.seq, out))
         fillers = self._fillers(entries)
-        for seq, pos in fillers:
-            rows.append((rows[-1][0], pos, seq, True))
+        filler_token = entries[0].tokens[-1]
+        parts = [(e.seq, e) for e in entries] + [(seq, pos) for seq, pos in fillers]
+        rows = []  # (token, pos, seq, logits), by sequence id: llama.cpp's split takes
+        for seq, part in sorted(parts, key=lambda p: p[0]):  # increasing ids only
+            if not isinstance(part, Rows):
+                rows.append((filler_token, part, seq, True))
+                continue
+            part.first = len(rows)
+            n = len(part.tokens)
+            for k, token in enumerate(part.tokens):
+                out = part.all_logits or k >= n - 2 or len(entries) > 1
+                rows.append((token, part.n_past + k, seq, out))
         b = self.batch
         for i, (token, pos, seq, out) in enumerate(rows):
             b.token[i], b.pos[i], b.n_seq_id[i] = token, pos, 1
