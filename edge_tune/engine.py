@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,15 +128,20 @@ class Piece:
     cached_tokens: int = 0  # prompt tokens whose KV entries were reused, not evaluated
 
 
-def _overflow_as_error(chunks):
-    """llama-cpp-python raises a bare ValueError for a prompt over the context; name it."""
+def _overflow_as_error(chunks, n_ctx: int):
+    """llama-cpp-python raises a bare ValueError for a prompt over the context; name it.
+    ``n_ctx``: the tokens one sequence may hold (its message gives the whole context's size,
+    all sequences together)."""
     try:
         first = next(chunks)
     except StopIteration:
         return
     except ValueError as exc:
         if "exceed context window" in str(exc):
-            raise ContextOverflow(str(exc)) from None
+            n = re.search(r"\((\d+)\)", str(exc))
+            raise ContextOverflow(f"the prompt is {n.group(1) if n else 'too many'} tokens; "
+                                  f"the context window holds {n_ctx} tokens (prompt + "
+                                  "answer)") from None
         raise
     yield first
     yield from chunks
@@ -556,7 +562,7 @@ class Engine:
                 stream = llm.create_completion(prompt=prompt or "", **kw)
                 chunks = ((c["choices"][0].get("text") or "", c["choices"][0].get("finish_reason"))
                           for c in stream)
-            for text, finish in _overflow_as_error(chunks):
+            for text, finish in _overflow_as_error(chunks, llm._n_ctx):
                 if finish and counter.cut:
                     finish = "length"
                 if text or finish:

@@ -90,38 +90,9 @@ def test_export_of_something_that_is_not_an_adapter(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory, default_gguf) -> dict:
-    """{"base": tiny GGUF, "lora": run dir with adapter.gguf, "full": full fine-tuning run dir
-    (its model GGUF is the tiny base), "peft": run dir whose PEFT weights are cut short}:
-    real files as `train` lays them out, without training."""
-    import shutil
+    from tiny_runs import make_tiny_runs
 
-    from tiny_models import tiny_adapter, tiny_llama_gguf
-
-    root = tmp_path_factory.mktemp("tiny-runs")
-    base = tiny_llama_gguf(root / "tiny.gguf", default_gguf)
-    runs = {"base": base}
-    for kind in ("lora", "full", "peft"):
-        run = root / kind
-        run.mkdir()
-        man = {"format": "edge-tune-run/1", "kind": "full" if kind == "full" else "lora",
-               "base": {"gguf": str(base)}, "adapter": {"peft": "adapter"}}
-        if kind == "full":
-            shutil.copyfile(base, run / "model.gguf")
-            man["model"] = {"hf": "model", "gguf": "model.gguf"}
-        else:
-            tiny_adapter(run / "adapter.gguf")
-            man["adapter"]["gguf"] = "adapter.gguf"
-        if kind == "peft":
-            (run / "adapter").mkdir()
-            (run / "adapter" / "adapter_config.json").write_text(json.dumps(
-                {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
-                 "target_modules": ["q_proj"]}))
-            # a header that promises 4096 bytes of JSON, then the file ends
-            (run / "adapter" / "adapter_model.safetensors").write_bytes(
-                (4096).to_bytes(8, "little") + b'{"a": ')
-        (run / "manifest.json").write_text(json.dumps(man))
-        runs[kind] = run
-    return runs
+    return make_tiny_runs(tmp_path_factory.mktemp("tiny-runs"), default_gguf)
 
 
 def test_full_run_in_a_chat_mix_or_compare_is_refused(tiny_runs):

@@ -25,11 +25,18 @@ from typing import Any
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import EventSink, Log, ignore
 from edge_tune.fsutil import sha256_file
-from edge_tune.server.errors import RequestError, unknown_model
+from edge_tune.server.errors import RequestError
 from edge_tune.server.plan import ServePlan
 
 MAX_MIX = 8  # adapters in one request's mix
 MAX_SCALE = 8.0  # |scale| accepted per adapter
+
+
+def _not_served(name: str, model_names: list[str]) -> str:
+    """"no adapter 'x' is served; the adapters are: a, b" (``model_names``: base first)."""
+    served = [m for m in model_names if m != "base"]
+    return f"no adapter {name[:200]!r} is served; " + (
+        f"the adapters are: {', '.join(served)}" if served else "this server has none")
 
 
 def parse_adapter_mix(value: Any, known_models: list[str]) -> tuple:
@@ -48,11 +55,12 @@ def parse_adapter_mix(value: Any, known_models: list[str]) -> tuple:
             raise RequestError(400, f"'{where}': expected {{\"name\": ADAPTER, \"scale\": "
                                     "NUMBER}", param=where)
         name, scale = item["name"], item.get("scale", 1.0)
-        if name == "base" or name not in known_models:
-            if name == "base":
-                raise RequestError(400, f"'{where}.name': 'base' is the model without "
-                                        "adapters; leave it out of the mix", param=where)
-            raise unknown_model(name[:200], [m for m in known_models if m != "base"])
+        if name == "base":
+            raise RequestError(400, f"'{where}.name': 'base' is the model without "
+                                    "adapters; leave it out of the mix", param=where)
+        if name not in known_models:
+            raise RequestError(404, f"'{where}.name': {_not_served(name, known_models)}",
+                               param=where, code="model_not_found")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
                 not math.isfinite(scale) or abs(scale) > MAX_SCALE:
             raise RequestError(400, f"'{where}.scale': expected a number from {-MAX_SCALE:g} "
@@ -86,14 +94,23 @@ def add_served_adapter(engine, plan: ServePlan, name: str, path: str,
     the path resolved exactly as ``--adapter NAME=PATH`` is (with the server's
     ``--chat-template`` / ``--system-mode``), then :func:`load_adapter`. Call on the
     engine's thread. Raises :class:`EdgeTuneError`, with nothing changed."""
+    from edge_tune import manifest as manifest_mod
     from edge_tune.adapters import resolve_chat
-    from edge_tune.server import parse_adapter_spec
+    from edge_tune.server import check_model_name
 
-    parse_adapter_spec(f"{name}={path}")
+    check_model_name(name, "'name'")
     if name in plan.adapters:
-        raise EdgeTuneError(f"adapter name {name!r} is already served; DELETE it first")
+        raise EdgeTuneError(f"'name': {name!r} is already served; DELETE /v1/adapters/{name} "
+                            "first")
+    man = manifest_mod.read(Path(path)) if Path(path).is_dir() else None
+    if man is not None and man.full:
+        raise EdgeTuneError(f"'path' {path}: a full fine-tuning run is a model of its own (no "
+                            "adapter); serve it as the base of a server of its own")
     chat_template, system_mode = plan.chat_template_option, plan.system_mode_option
-    target = resolve_chat(Path(path), str(plan.base), chat_template, system_mode)
+    try:
+        target = resolve_chat(Path(path), str(plan.base), chat_template, system_mode)
+    except EdgeTuneError as exc:  # the resolver speaks the command line's flags
+        raise EdgeTuneError(_in_api_terms(str(exc), path)) from None
     trial = ServePlan(plan.base, {}, plan.base_sha256)
     trial.override(chat_template, system_mode)
     trial.add(name, target)
@@ -101,6 +118,16 @@ def add_served_adapter(engine, plan: ServePlan, name: str, path: str,
     plan.base_sha256 = trial.base_sha256
     for field in ("adapters", "templates", "stop_tokens", "system_modes"):
         getattr(plan, field).update(getattr(trial, field))
+
+
+def _in_api_terms(message: str, path: str) -> str:
+    """A resolver message about ``path`` (it names the command line's ``--adapter PATH``) in
+    the admin route's words: the request field ``'path'``."""
+    for shown in dict.fromkeys((path, str(Path(path)))):  # as given, and as Path prints it
+        flag = f"--adapter {shown}:"
+        if message.startswith(flag):
+            return f"'path' {path}:" + message[len(flag):]
+    return message
 
 
 def remove_served_adapter(engine, plan: ServePlan, name: str) -> None:
@@ -147,8 +174,9 @@ def admin_routes(scheduler, model_names: list[str], plan, api_key: str | None,
         try:
             await scheduler.call(lambda engine: add_served_adapter(engine, plan, name, path))
         except EdgeTuneError as exc:
-            err = RequestError(400, str(exc).splitlines()[0][:500], param="path",
-                               code="invalid_adapter")
+            message = str(exc).splitlines()[0][:500]
+            err = RequestError(400, message, code="invalid_adapter",
+                               param="name" if message.startswith("'name'") else "path")
             return JSONResponse(err.body(), status_code=400)
         if name not in model_names:
             model_names.append(name)
@@ -158,11 +186,16 @@ def admin_routes(scheduler, model_names: list[str], plan, api_key: str | None,
         if (no := refused()) is not None:
             return no
         name = request.path_params["name"]
-        if name == "base" or name not in model_names:
-            err = unknown_model(name[:200], model_names)
+        if name == "base":
+            err = RequestError(400, "'base' is the model itself, not an adapter: it cannot be "
+                                    "removed (DELETE /v1/adapters/NAME removes a served "
+                                    "adapter)", param="name", code="base_not_removable")
+            return JSONResponse(err.body(), status_code=400)
+        if name not in model_names:
+            err = RequestError(404, _not_served(name, model_names), param="name",
+                               code="model_not_found")
             return JSONResponse(err.body(), status_code=404)
-        if name in model_names:
-            model_names.remove(name)  # new requests for it get 404 from here on
+        model_names.remove(name)  # new requests for it get 404 from here on
         try:
             await scheduler.call(lambda engine: remove_served_adapter(engine, plan, name))
         except EdgeTuneError as exc:
