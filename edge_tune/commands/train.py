@@ -23,7 +23,7 @@ from edge_tune.commands.verify import verify_hook
 from edge_tune.config import TrainConfig
 from edge_tune.data.preference import check_method
 from edge_tune.data.split import split_validation
-from edge_tune.errors import EdgeTuneError, UsageError
+from edge_tune.errors import CheckFailed, DataError, EdgeTuneError, UsageError
 from edge_tune.events import Done, EventSink, Log, ignore
 from edge_tune.fsutil import sha256_file, write_text_atomic
 from edge_tune.hardware import probe
@@ -98,6 +98,9 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         [job_record(r) for r in read_data(cfg.val, cfg, on_event).records] if cfg.val else None)
     ref = models.resolve(cfg.model, on_event)
     template_choice.require_for_conversations(train_records + val_records, ref, chosen)
+    if ref.gguf is None and ref.hf_dir is not None and \
+            not models.unquantized_hub_id(ref.hub_id or "") and not _prequantized(ref.hf_dir):
+        _refuse_unless_llama_cpp_runs(ref, on_event)  # before the training time is spent
     base_sha256 = sha256_file(ref.gguf) if ref.gguf else None  # once: worker and manifest
     on_event(Log(f"backend: {backend} ({why})"))
     if cfg.dora:
@@ -164,7 +167,11 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     adapter_info: dict = {} if cfg.full else {"peft": "adapter"}
     if result.get("mlx_adapter"):
         adapter_info["mlx"] = result.pop("mlx_adapter")  # the native mlx-lm adapter dir
-    base_gguf = ref.gguf or _converted_base(base, on_event)  # HF weights: convert-base, cached
+    not_runnable = None  # why llama.cpp cannot run this model (its converter's reason)
+    try:
+        base_gguf = ref.gguf or _converted_base(base, on_event)  # HF weights: cached convert
+    except EdgeTuneError as exc:
+        base_gguf, not_runnable = None, exc.message
     model_info = None
     if cfg.full:  # the trained weights, converted by llama.cpp's converter (verified below)
         from edge_tune.commands.export import export_full
@@ -202,6 +209,11 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
                          f"`edge-tune verify {run_dir} --base {base_gguf}`", "warning"))
         else:
             verify_hook(run_dir, None, on_event)  # llama.cpp runs what was trained, or exit 1
+    if not_runnable is not None:  # the run's result cannot be used where edge-tune runs it
+        trained = run_dir / ("model" if cfg.full else "adapter")
+        raise CheckFailed(f"{run_dir}: trained ({'weights' if cfg.full else 'PEFT adapter'} in "
+                          f"{trained}), but llama.cpp cannot run this model, so there is no "
+                          f"GGUF to chat with: {not_runnable}")
     on_event(Done("train", {"run_dir": str(run_dir)}))
     return TrainResult(run_dir, man)
 
@@ -247,31 +259,45 @@ def _prequantized(hf_dir: Path) -> bool:
         return False
 
 
-def _converted_base(base: dict, on_event: EventSink) -> Optional[Path]:
-    """A GGUF base for a model given as HF weights: made once with convert-base's converter
-    (f16) into the cache, keyed by the weights' content, and recorded in ``base`` (the
-    manifest's record). A pre-quantized ``unsloth/*-bnb-4bit`` model is converted from the
-    unquantized repo it maps to. None, with a warning, when conversion fails: the adapter
-    stays, and ``edge-tune export RUN --base BASE.gguf`` still works."""
+def _refuse_unless_llama_cpp_runs(ref: models.ModelRef, on_event: EventSink) -> None:
+    """Convert a local HF model for llama.cpp now (cached; training's end reuses the file), so
+    a model llama.cpp's converter rejects is refused before training, in one line (DataError)
+    naming the converter's reason, not after it with an adapter nothing here can run."""
+    assert ref.hf_dir is not None
+    try:
+        _cached_gguf_base(ref.hf_dir, None, bool(ref.hub_id), on_event)
+    except EdgeTuneError as exc:
+        raise DataError(f"--model {ref.spec}: llama.cpp cannot run this model, so an adapter "
+                        f"trained on it could not be chatted with, served or verified here "
+                        f"(nothing trained): {exc.message}") from None
+
+
+def _cached_gguf_base(hf_dir: Path, source: Optional[str], fetch: bool,
+                      on_event: EventSink) -> Path:
+    """The f16 GGUF of ``hf_dir`` made by llama.cpp's converter, once, in the cache (keyed by
+    the weights' content). Raises EdgeTuneError (one line) when the converter rejects it."""
     from edge_tune.converters.integrations import hf_to_gguf
     from edge_tune.fsutil import cache_dir
 
+    out = cache_dir() / "gguf" / f"{models.hf_content_key(hf_dir)[:16]}-f16.gguf"
+    if not out.is_file():
+        check_llama_cpp_computes_as_hf(hf_dir)
+        on_event(Log(f"no GGUF base for this model: converting {source or hf_dir} with "
+                     f"llama.cpp's converter (once; cached as {out})"))
+        hf_to_gguf.convert(hf_dir, out, "f16", on_event, fetch=fetch)
+        write_text_atomic(out.with_name(out.name + ".sha256"), sha256_file(out))
+    return out
+
+
+def _converted_base(base: dict, on_event: EventSink) -> Path:
+    """A GGUF base for a model given as HF weights (:func:`_cached_gguf_base`), recorded in
+    ``base`` (the manifest's record). A pre-quantized ``unsloth/*-bnb-4bit`` model is converted
+    from the unquantized repo it maps to. Raises EdgeTuneError with the converter's reason when
+    llama.cpp cannot run the model."""
     source = base.get("unquantized_hub_id")
-    try:
-        hf_dir = models.hf_dir_for(models.resolve(source, on_event), on_event) if source \
-            else Path(base["hf_dir"])
-        out = cache_dir() / "gguf" / f"{models.hf_content_key(hf_dir)[:16]}-f16.gguf"
-        if not out.is_file():
-            check_llama_cpp_computes_as_hf(hf_dir)
-            on_event(Log(f"no GGUF base for this model: converting {source or hf_dir} with "
-                         f"llama.cpp's converter (once; cached as {out})"))
-            hf_to_gguf.convert(hf_dir, out, "f16", on_event,
-                               fetch=bool(source or base.get("hub_id")))
-            write_text_atomic(out.with_name(out.name + ".sha256"), sha256_file(out))
-    except EdgeTuneError as exc:
-        on_event(Log(f"no GGUF base for this model ({exc}); run `edge-tune convert-base`, then "
-                     "`edge-tune export RUN --base BASE.gguf` to get adapter.gguf", "warning"))
-        return None
+    hf_dir = models.hf_dir_for(models.resolve(source, on_event), on_event) if source \
+        else Path(base["hf_dir"])
+    out = _cached_gguf_base(hf_dir, source, bool(source or base.get("hub_id")), on_event)
     digest = out.with_name(out.name + ".sha256")
     base.update(gguf=str(out), gguf_source="converted", gguf_from=source or str(hf_dir),
                 sha256=digest.read_text().strip() if digest.is_file() else sha256_file(out))
