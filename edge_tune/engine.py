@@ -309,6 +309,11 @@ class Engine:
         self.active_mix: tuple = ()  # ((name, scale), ...) applied to the context now
         self.prompt_cache = prompt_cache
         self.parallel = max(1, parallel)
+        # ggml computes F32/F16 matrices with other kernels for one row than for several;
+        # quantized ones (and no adapter) not: measured, docs/serving.md
+        file_type = self.llm.metadata.get("general.file_type")
+        self._float_weights = not str(file_type or "").isdigit() or int(file_type) in (0, 1, 32)
+        self.llm.batch.lone_ok = not self._float_weights
         # adapter set -> its cached prompt (KV entries + tokens), saved when it was left
         self._saved: OrderedDict[tuple, object] = OrderedDict()
         own = self.llm.metadata.get("tokenizer.chat_template") or None
@@ -492,6 +497,8 @@ class Engine:
             rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
         if rc != 0:
             raise EdgeTuneError(f"llama.cpp could not activate adapters {mix!r} (code {rc})")
+        # an adapter's F32 matrices take other kernels for a lone row: every step 2 rows
+        self.llm.batch.lone_ok = not mix and not self._float_weights
         self.active_mix = mix
         self.active = mix[0][0] if mix else None
 

@@ -7,7 +7,8 @@ chunk* of one sequence alone (at least two rows, its last two as outputs). ggml 
 lone row with other kernels than two or more (llamafile's sgemm takes over at two rows, for
 F16 attention, F32 adapter matrices and F32/F16 weights) and they round differently, so a
 lone sequence's step gets a *filler* row (appended to a neighbouring stream's end, with
-logits, and removed after). llama.cpp splits a batch over per-sequence streams into
+logits, and removed after) whenever an adapter is active or the model has float weights
+(``Batch.lone_ok``: measured, a quantized base alone needs none). llama.cpp splits a batch over per-sequence streams into
 micro-batches of consecutive, increasing sequence ids with equal token counts; a step
 therefore covers a consecutive range of sequence ids, in order, with a filler row in each
 gap (rows out of order are split off into micro-batches of one row). A decoded row still
@@ -83,6 +84,9 @@ class Batch:
         self.streams = streams
         self.batch = llama_cpp.llama_batch_init(max(CHUNK, streams) + 2, 0, 1)
         self.memory = llama_cpp.llama_get_memory(ctx)
+        # a lone row may go without a filler: quantized weights, no adapter (the engine
+        # sets it; measured in docs/serving.md)
+        self.lone_ok = False
 
     def decode(self, entries: list[Rows]) -> None:
         """Decode a prompt chunk (one entry) or a step (entries of one token each, distinct
@@ -129,6 +133,8 @@ class Batch:
 
         if len(entries) == 1 and len(entries[0].tokens) > 1:
             return []  # a prompt chunk: its last two rows are the outputs
+        if len(entries) == 1 and self.lone_ok:
+            return []
         seqs = {e.seq for e in entries}
         lo, hi = min(seqs), max(seqs)
         need = [s for s in range(lo, hi + 1) if s not in seqs]
