@@ -268,7 +268,7 @@ class Engine:
         """``exact``: keep the KV cache in F32 (default F16) for bit-careful comparisons.
         ``parallel``: sequences the context holds (the server's batch), ``n_ctx`` tokens
         each (a KV stream per sequence, at least two), all decoded by the rule of
-        :mod:`edge_tune.server.batch_rows`, so a greedy answer is the same alone or
+        :mod:`edge_tune.batch_rows`, so a greedy answer is the same alone or
         batched.
         ``prompt_cache``: reuse the KV entries of the longest common prefix of the previous
         prompt (per adapter set, see :meth:`activate_mix`) instead of starting each answer
@@ -293,7 +293,7 @@ class Engine:
         # thread stalls the rest (measured here: 2 threads 4-13x slower than 1 under load).
         threads = threads or _env_threads() or psutil.cpu_count(logical=False) or 1
         try:
-            from edge_tune.server.batch_rows import seq_llama
+            from edge_tune.batch_rows import seq_llama
 
             with quiet_stderr(), _model_params(_want_extra_bufts()):
                 self.llm = seq_llama(parallel, n_ctx, model_path=str(self.base_path),

@@ -6,8 +6,8 @@ that runs the engine's ordinary generation loop (llama-cpp-python's, with the re
 sampling, grammar, logits processors and stop strings) on the slot's sequence
 (:meth:`SeqLlama.view`). When that loop evaluates tokens, its thread *parks* them here and
 waits; the decoding thread gathers the parked rows of every sequence under the current
-adapter set into one ``llama_decode`` (the rule of :mod:`.batch_rows` keeps each row's bits
-independent of the batch), hands each sequence the index of its logits, and waits until
+adapter set into one ``llama_decode`` (the rule of :mod:`edge_tune.batch_rows` keeps each
+row's bits independent of the batch), hands each sequence the index of its logits, and waits until
 every sequence has sampled and parked again (or finished) before the next step.
 New requests join between steps. All rows of a decode share one adapter set (llama.cpp
 applies adapters per context), so sets take turns, :data:`TURN_STEPS` steps at a time while
@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass, field
 
 from edge_tune.errors import EdgeTuneError
-from edge_tune.server.batch_rows import KVFull, Rows, chunks
+from edge_tune.batch_rows import KVFull, Rows, chunks
 
 TURN_STEPS = 16  # decode steps an adapter set keeps the context while another set waits
 PREFILL_ROWS = 32  # answer tokens re-evaluated per idle decode: a request waits at most that

@@ -3,8 +3,9 @@
 A llama.cpp context is not thread-safe and there is only one, so one worker thread does
 every decode and every engine call; requests on the same adapter set are decoded together
 (continuous batching, :mod:`.batch_loop`), sets take turns, and each sequence generates on
-a thread of its own that only samples and waits (the decode rule of :mod:`.batch_rows`
-makes a greedy answer the same bits alone or batched, so it equals ``chat --prompt``).
+a thread of its own that only samples and waits (the decode rule of
+:mod:`edge_tune.batch_rows` makes a greedy answer the same alone or batched, so it equals
+``chat --prompt``).
 
 The asyncio side talks to the threads through thread-safe hand-offs: each job carries an
 asyncio queue that its sequence thread fills with ``loop.call_soon_threadsafe``, and a
