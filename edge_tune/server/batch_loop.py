@@ -54,15 +54,18 @@ class Sequence:
     rows: Rows | None = None
     error: Exception | None = None
     thread: threading.Thread | None = field(default=None, repr=False)
+    wake: threading.Condition | None = field(default=None, repr=False)  # its own: waking
+    # only the sequences a decode served keeps a step from waking every thread
 
 
 class Batcher:
     """The decode side of continuous batching over one engine. ``cv`` guards every field;
     the owner (the scheduler's worker thread) calls :meth:`step` in a loop."""
 
-    def __init__(self, engine, cv: threading.Condition) -> None:
+    def __init__(self, engine, cv: threading.Condition, lock) -> None:
         self.engine = engine
-        self.cv = cv
+        self.cv = cv  # the decoding thread waits on it; ``lock`` is its lock
+        self.lock = lock
         self.sample_lock = threading.Lock()  # llama_get_logits_ith is not thread-safe
         self.slots = [Slot(i, engine.llm.view(i, self)) for i in range(engine.parallel)]
         self.live: list[Sequence] = []
@@ -83,7 +86,7 @@ class Batcher:
                 seq.rows, seq.state = rows, "parked"
                 self.cv.notify_all()
                 while seq.rows is not None and seq.error is None:
-                    self.cv.wait()
+                    seq.wake.wait()
                 if seq.error is not None:
                     raise seq.error
             last = rows.first + len(rows.tokens) - 1
@@ -107,7 +110,7 @@ class Batcher:
     def admit(self, job, mix: tuple, slot: Slot, run) -> Sequence:
         """Start ``run(sequence)`` on a thread of its own for ``job`` in ``slot``."""
         self._order += 1
-        seq = Sequence(job, slot, mix, self._order)
+        seq = Sequence(job, slot, mix, self._order, wake=threading.Condition(self.lock))
         slot.sequence = seq
         slot.view.sequence = seq
         self.live.append(seq)
@@ -132,7 +135,7 @@ class Batcher:
         for seq in self.live:
             if seq.state == "parked" and (stopping or seq.job.cancelled.is_set()):
                 seq.error = Cancelled("cancelled")
-                self.cv.notify_all()
+                seq.wake.notify_all()
 
     @property
     def sampling(self) -> bool:
@@ -184,7 +187,7 @@ class Batcher:
         for seq in chosen:
             if seq.error is None:
                 seq.rows, seq.state = None, "running"
-        self.cv.notify_all()
+            seq.wake.notify_all()
 
     def prefill(self) -> bool:
         """Re-evaluate, as a prompt block, up to PREFILL_ROWS tokens of an idle slot's last

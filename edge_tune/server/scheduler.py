@@ -67,10 +67,11 @@ class Scheduler:
         self.engine = engine
         self.max_queue = max_queue
         self.stats = Stats()
-        self._cv = threading.Condition()
+        lock = threading.RLock()
+        self._cv = threading.Condition(lock)
         self._waiting: collections.deque = collections.deque()
         self._calls: collections.deque = collections.deque()
-        self._batcher = Batcher(engine, self._cv)
+        self._batcher = Batcher(engine, self._cv, lock)
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="edge-tune-engine",
                                         daemon=True)
