@@ -9,10 +9,15 @@ are compared:
   rsLoRA), a missing q/k permutation or a wrong tensor shows up as a large relative error.
 * **tuned distributions on the real base** — top-1 agreement and mean KL(torch ‖ llama.cpp)
   of the tuned model on the base users actually run (quantized), so quantization's cost is seen.
+  llama.cpp's top token agrees when torch gives it a log-probability within ``TIE_NATS`` of
+  torch's top one (a near-tie, relative to the distribution: on a flat one nothing else is).
 * **greedy outputs side by side** (informational: near-ties may flip the text either way).
 
-A merged export is checked the same way: its F32 merge stands in for "F32 base + adapter", the
-merged (quantized) file for "real base + adapter".
+A merged export is checked the same way: the file itself for "real base + adapter" and, when
+it is F32, for "F32 base + adapter" too (a quantized one: its F32 merge, remade from the run).
+The file must also carry the run's adapter effect: **file effect** is the least-squares
+coefficient of the file's logit change over the F32 base on torch's effect (1: the run's
+effect; ~0: a file without it, or another run's; quantization noise is nearly orthogonal).
 """
 
 from __future__ import annotations
@@ -20,14 +25,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, EdgeTuneError
 from edge_tune.events import EventSink, Log, Progress, ignore
 from edge_tune.manifest import Manifest
 
 # What "within tolerance" means. The effect error is float rounding when the conversion is
 # right (~1e-4) and O(1) when a scale or layout is wrong; KL/top-1 absorb quantization noise.
-TOLERANCE = {"effect_rel_err": 0.03, "top1_min": 0.85, "kl_max": 0.1}
-TIE = 0.01  # probabilities this close to the top one count as a tie for top-1 agreement
+TOLERANCE = {"effect_rel_err": 0.03, "top1_min": 0.85, "kl_max": 0.1,
+             "file_effect_min": 0.5, "file_effect_max": 1.5}
+# A token whose log-probability is this close (in nats) to the top one's, in torch's own
+# distribution, counts as a tie for top-1 agreement: a near-tie flipped by rounding or by
+# quantization noise is not a disagreement. Relative, so a flat distribution ties nothing more.
+TIE_NATS = 0.2
 
 
 @dataclass
@@ -49,6 +58,7 @@ class Report:
     tolerance: dict = field(default_factory=lambda: dict(TOLERANCE))
     failures: list[str] = field(default_factory=list)
     framework: str = "torch+PEFT"  # what llama.cpp is compared with: torch+PEFT or mlx
+    file_effect: float | None = None  # merged only: the run's effect found in the file
 
     @property
     def ok(self) -> bool:
@@ -58,13 +68,23 @@ class Report:
         return {"ok": self.ok, "checked": self.checked, "effect_rel_err": self.effect_rel_err,
                 "top1_agreement": self.top1, "mean_kl": self.kl, "n_prompts": self.n_prompts,
                 "n_positions": self.n_positions, "tolerance": self.tolerance,
-                "failures": self.failures, "greedy": self.greedy, "framework": self.framework}
+                "failures": self.failures, "greedy": self.greedy, "framework": self.framework,
+                "file_effect": self.file_effect}
 
 
-def judge(effect_rel_err: float, top1: float, kl: float, tol: dict = TOLERANCE) -> list[str]:
-    """Why the numbers are out of tolerance (empty: they are not). Pure."""
+def judge(effect_rel_err: float, top1: float, kl: float, tol: dict = TOLERANCE,
+          file_effect: float | None = None, exact_on_file: bool = False) -> list[str]:
+    """Why the numbers are out of tolerance (empty: they are not); ``file_effect`` is judged
+    when given (a merged file). ``exact_on_file``: the effect error was measured on that file
+    (F32), so with a foreign file it says nothing about a conversion. Pure."""
     out = []
-    if not effect_rel_err <= tol["effect_rel_err"]:
+    foreign = file_effect is not None and not \
+        tol["file_effect_min"] <= file_effect <= tol["file_effect_max"]
+    if foreign:
+        out.append(f"the merged file carries {file_effect:.0%} of this run's effect on the logits "
+                   f"(expected {tol['file_effect_min']:.0%}-{tol['file_effect_max']:.0%}): it "
+                   "is not a merge of this run")
+    if not effect_rel_err <= tol["effect_rel_err"] and not (foreign and exact_on_file):
         out.append(f"adapter effect differs by {effect_rel_err:.1%} between torch+PEFT and "
                    f"llama.cpp on the F32 base (limit {tol['effect_rel_err']:.0%}): the "
                    "conversion is wrong (alpha/rsLoRA scale, q/k layout, or tensors)")
@@ -73,6 +93,37 @@ def judge(effect_rel_err: float, top1: float, kl: float, tol: dict = TOLERANCE) 
     if not kl <= tol["kl_max"]:
         out.append(f"mean KL {kl:.3f} > {tol['kl_max']}")
     return out
+
+
+def check_same_model(merged: Path, base_gguf: Path) -> None:
+    """Refuse, before llama.cpp loads anything, a ``--merged`` file that cannot be a merge of a
+    run on ``base_gguf``: another architecture, vocabulary size, or a tensor of another shape
+    (tensors only one file has are let through: a merge may add an untied ``output.weight`` or
+    LoRA biases, a converter may leave out all-zero biases). Reads both GGUF headers only.
+    Raises DataError (one line)."""
+    from edge_tune.converters.formats.gguf_header import read_header
+
+    got, want = read_header(merged), read_header(base_gguf)
+    where = f"--merged {merged}"
+    expected = f"expected a merge of this run, whose base is {base_gguf}"
+
+    def field(h, key):
+        f = h.fields.get(key)
+        return None if f is None else f.contents()
+
+    arch = field(got, "general.architecture"), field(want, "general.architecture")
+    if arch[0] != arch[1]:
+        raise DataError(f"{where}: architecture {arch[0]}, the run's base is {arch[1]} "
+                        f"({expected})")
+    vocab = (field(got, "tokenizer.ggml.tokens"), field(want, "tokenizer.ggml.tokens"))
+    if vocab[0] is not None and vocab[1] is not None and int(vocab[0]) != int(vocab[1]):
+        raise DataError(f"{where}: vocabulary of {int(vocab[0])} tokens, the run's base has "
+                        f"{int(vocab[1])} ({expected})")
+    shapes = {t.name: list(t.shape) for t in got.tensors}
+    for t in want.tensors:
+        if t.name in shapes and shapes[t.name] != list(t.shape):
+            raise DataError(f"{where}: tensor {t.name!r} is {shapes[t.name]}, "
+                            f"{list(t.shape)} in the run's base ({expected})")
 
 
 # --- held-back prompts --------------------------------------------------------------------------
@@ -229,7 +280,8 @@ def llama_side(model: Path, samples: list[Sample], adapter: Path | None = None,
 
 def compare(torch_base, torch_tuned, f32_base, f32_tuned, real_tuned) -> tuple[float, float,
                                                                                  float, int]:
-    """(effect relative error, top-1 agreement, mean KL(torch‖llama.cpp), positions). Pure."""
+    """(effect relative error, top-1 agreement, mean KL(torch‖llama.cpp), positions). Pure.
+    Each argument: one (positions, vocabulary) logits array per sample."""
     import numpy as np
 
     want = np.concatenate([t - b for t, b in zip(torch_tuned, torch_base)])
@@ -242,13 +294,22 @@ def compare(torch_base, torch_tuned, f32_base, f32_tuned, real_tuned) -> tuple[f
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
     lp, lq = log_softmax(p_logits), log_softmax(q_logits)
-    # Top-1 agrees when llama.cpp's choice is torch's, or within TIE of it in torch's own
-    # probabilities: a near-tie flipped by float rounding is not a disagreement.
-    p = np.exp(lp)
-    picked = np.take_along_axis(p, q_logits.argmax(-1)[:, None], axis=-1)[:, 0]
-    top1 = float(np.mean(picked >= p.max(-1) - TIE))
+    picked = np.take_along_axis(lp, q_logits.argmax(-1)[:, None], axis=-1)[:, 0]
+    top1 = float(np.mean(picked >= lp.max(-1) - TIE_NATS))
     kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
     return err, top1, kl, int(p_logits.shape[0])
+
+
+def file_effect(torch_base, torch_tuned, f32_base, file_tuned) -> float:
+    """How much of torch's adapter effect (tuned − base logits) the file's logits carry over
+    the F32 base: the least-squares coefficient <file − base, effect> / <effect, effect>.
+    1 for this run's merge (quantization noise is nearly orthogonal to the effect), ~0 for a
+    file without the adapter or with another run's. Pure."""
+    import numpy as np
+
+    want = np.concatenate([t - b for t, b in zip(torch_tuned, torch_base)])
+    got = np.concatenate([t - b for t, b in zip(file_tuned, f32_base)])
+    return float(np.sum(got * want) / max(np.sum(want * want), 1e-24))
 
 
 # --- the whole check ------------------------------------------------------------------------
@@ -272,7 +333,8 @@ def verify_run(run_dir: Path, man: Manifest, peft_dir: Path, base_gguf: Path, hf
                max_new: int = 12, on_event: EventSink = ignore,
                mlx_adapter: Path | None = None, full_model: Path | None = None) -> Report:
     """Compare torch+PEFT with llama.cpp for this run (adapter GGUF, or a merged export).
-    ``full_model``: a full fine-tuning run's HF weights; torch then runs them against the
+    ``merged_f32``: the F32 merge for the exact check when ``merged`` is quantized (None: the
+    merged file is F32 and is read for both). ``full_model``: a full fine-tuning run's HF weights; torch then runs them against the
     base (``hf_dir``), and ``merged``/``merged_f32`` are the GGUF made from them."""
     from transformers import AutoTokenizer
 
@@ -298,24 +360,33 @@ def verify_run(run_dir: Path, man: Manifest, peft_dir: Path, base_gguf: Path, hf
         t_base, t_tuned, t_greedy = torch_side(hf_dir, peft_dir, samples, max_new)
     progress(1, "verify: llama.cpp, F32 base and tuned")
     f32 = f32_copy(base_gguf, man.base.sha256, on_event)
+    r_tuned = None
     if merged is not None:
         f_base = llama_side(f32, samples)[0]
         progress(2, "verify: llama.cpp, F32 merged")
-        f_tuned = llama_side(merged_f32 or merged, samples)[0]
+        if merged_f32 is None:  # the file is F32 itself: it is what the exact check reads
+            f_tuned, r_greedy, _ = llama_side(merged, samples, None, max_new)
+            r_tuned = f_tuned
+        else:
+            f_tuned = llama_side(merged_f32, samples)[0]
         real = merged
     else:
         f_tuned, _, f_base = llama_side(f32, samples, adapter_gguf, base_too=True)
         real = base_gguf
     progress(3, f"verify: llama.cpp, {Path(real).name}")
-    r_tuned, r_greedy, _ = llama_side(real, samples, adapter_gguf, max_new)
+    if r_tuned is None:
+        r_tuned, r_greedy, _ = llama_side(real, samples, adapter_gguf, max_new)
     progress(4, "verified")
     err, top1, kl, n_pos = compare(t_base, t_tuned, f_base, f_tuned, r_tuned)
+    in_file = file_effect(t_base, t_tuned, f_base, r_tuned) if merged is not None else None
     greedy = [{"prompt": s.prompt_text, "torch": tok.decode(a, skip_special_tokens=True),
                "llama_cpp": tok.decode(b, skip_special_tokens=True)}
               for s, a, b in zip(samples, t_greedy, r_greedy)]
     report = Report(effect_rel_err=err, top1=top1, kl=kl, n_prompts=len(samples),
                     n_positions=n_pos, checked="merged" if merged is not None else "adapter",
                     greedy=greedy, framework="mlx" if mlx_adapter is not None else
-                    "torch" if full_model is not None else "torch+PEFT")
-    report.failures = [f.replace("torch+PEFT", report.framework) for f in judge(err, top1, kl)]
+                    "torch" if full_model is not None else "torch+PEFT", file_effect=in_file)
+    report.failures = [f.replace("torch+PEFT", report.framework)
+                       for f in judge(err, top1, kl, file_effect=in_file,
+                                      exact_on_file=merged is not None and merged_f32 is None)]
     return report

@@ -38,6 +38,8 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
     _, base_gguf = conversion_base(peft_dir, man, base)
     if base_gguf is None:
         raise EdgeTuneError(f"{run}: verify runs llama.cpp and needs a GGUF base: pass --base")
+    if merged is not None:  # another model's file: one line, before llama.cpp decodes it
+        verify_mod.check_same_model(Path(merged), Path(base_gguf))
     man_hf = man.base.hf_dir
     if man_hf and Path(man_hf, "config.json").is_file() and \
             (base is None or not man.base.gguf):
@@ -51,14 +53,13 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
             raise EdgeTuneError(f"{run}: no adapter.gguf to verify; run `edge-tune export {run}`")
         report = verify_mod.verify_run(run, man, peft_dir, Path(base_gguf), hf_dir,
                                        adapter_gguf=Path(gg), **kw)
-    elif _merged_f32 is not None:
+    elif _merged_f32 is not None or _is_f32(Path(merged)):
         report = verify_mod.verify_run(run, man, peft_dir, Path(base_gguf), hf_dir,
                                        merged=Path(merged), merged_f32=_merged_f32, **kw)
-    else:  # the exact check needs the F32 merge: remake it (seconds for small models)
+    else:  # quantized: the exact check needs the F32 merge; remake it (seconds, small models)
         from edge_tune.converters.formats import merge as merge_mod
         from edge_tune.converters.formats.peft_to_gguf import read_peft_dir
 
-        merge_mod.open_gguf(Path(merged))  # a corrupt file fails here, in one line
         config, tensors = read_peft_dir(peft_dir)
         with tempfile.TemporaryDirectory(prefix="edge-tune-verify-") as work:
             f32 = Path(work) / "merged-f32.gguf"
@@ -69,6 +70,13 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
     result = report.to_dict()
     on_event(Done("verify", {"ok": result["ok"]}))
     return result
+
+
+def _is_f32(gguf_file: Path) -> bool:
+    """Whether a GGUF's tensors are all F32 (``general.file_type`` 0, llama_ftype ALL_F32)."""
+    from edge_tune.converters.formats.gguf_header import gguf_metadata
+
+    return gguf_metadata(gguf_file, {"general.file_type"}).get("general.file_type") == 0
 
 
 def _full_run(run: Path):
@@ -99,12 +107,13 @@ def _verify_full(run: Path, man, base: Optional[Path], merged: Optional[Path],
     shipped = Path(merged) if merged is not None else         run / (man.model.gguf if man.model is not None and man.model.gguf else "model.gguf")
     if not shipped.is_file():
         raise EdgeTuneError(f"{shipped}: no model GGUF to verify; run `edge-tune export {run}`")
+    verify_mod.check_same_model(shipped, base_gguf)
     man_hf = man.base.hf_dir
     hf_dir = Path(man_hf) if man_hf and Path(man_hf, "config.json").is_file() and base is None \
         else models.dequantized_copy(Path(base_gguf), on_event)
     kw = dict(n_prompts=n_prompts, max_new=max_new, on_event=on_event, full_model=model_dir)
     with tempfile.TemporaryDirectory(prefix="edge-tune-verify-") as work:
-        if merged_f32 is None:
+        if merged_f32 is None and not _is_f32(shipped):  # an F32 file is read for both
             merged_f32 = hf_to_gguf.convert(model_dir, Path(work) / "model-f32.gguf", "f32")
         report = verify_mod.verify_run(run, man, model_dir, base_gguf, hf_dir, merged=shipped,
                                        merged_f32=merged_f32, **kw)
@@ -131,8 +140,10 @@ def verify_hook(run: Path, base: Optional[Path], on_event: EventSink,
     Out of tolerance is an error (exit 1) after the files are written."""
     report = verify(run, base=base, merged=merged, on_event=on_event, n_prompts=2, max_new=8,
                     _merged_f32=merged_f32, _adapter_gguf=adapter_gguf)
+    in_file = report.get("file_effect")
     summary = (f"verify: {'fine-tuning' if report['framework'] == 'torch' else 'adapter'} "
-               f"effect error {report['effect_rel_err']:.2e}, top-1 "
+               f"effect error {report['effect_rel_err']:.2e}, "
+               f"{'' if in_file is None else f'file effect {in_file:.2f}, '}top-1 "
                f"{report['top1_agreement']:.0%}, mean KL {report['mean_kl']:.4f} on "
                f"{report['n_prompts']} held-back prompts")
     if not report["ok"]:
