@@ -57,8 +57,9 @@ threads over the timed steps), and the matmul bound of each round. On a machine 
 other work, compare sides within one run only: the rounds are interleaved so that drift hits
 every side, and the median round of each side is reported.
 
-Run time on 2 busy cores with the defaults: about 8 minutes; ``--quick`` (8 steps, 1 round)
-about 3.
+Run time: ``--quick`` (8 steps, 1 round) took 17-18 minutes on 2 cores of which other work
+kept 1.3-1.6 busy; the defaults are 3x that work. From the per-side speeds measured on a quiet
+machine, about 3 and 6 minutes when the cores are free (not measured yet).
 """
 
 from __future__ import annotations
@@ -337,7 +338,7 @@ def main() -> None:
                    help="edge-tune side with length-grouped padded batches instead of packing")
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the median "
                    "tok/s of each side is reported (this VM's speed drifts 10-20%%)")
-    p.add_argument("--quick", action="store_true", help="8 steps, 1 round (about 3 minutes)")
+    p.add_argument("--quick", action="store_true", help="8 steps, 1 round")
     p.add_argument("--no-bound", action="store_true", help="skip the matmul bound")
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--job", help=argparse.SUPPRESS)
