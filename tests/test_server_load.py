@@ -1,7 +1,7 @@
 """Load on the real server (loopback only, bounded): 200 requests from 16 concurrent clients
 across the base and two adapters, continuous batching on (8 sequences per decode at most).
 No errors, no cross-talk (every answer equals that model's single-request answer), several
-sequences decoded together, and no memory growth."""
+sequences decoded together, and no memory growth over the second half of the run."""
 
 from __future__ import annotations
 
@@ -67,9 +67,13 @@ def test_200_requests_16_clients_three_models(tmp_path_factory):
             except openai.OpenAIError as exc:
                 return job, None, exc
 
+        # Two halves: a leak grows with every request, so the second half must not add to
+        # what the first left (warm-up growth, thread arenas, cached prompts, lands in it).
         t0 = time.monotonic()
         with ThreadPoolExecutor(CLIENTS) as pool:
-            results = list(pool.map(run, jobs))
+            results = list(pool.map(run, jobs[:REQUESTS // 2]))
+            rss_mid = proc.memory_info().rss
+            results += list(pool.map(run, jobs[REQUESTS // 2:]))
         elapsed = time.monotonic() - t0
 
         errors = [(job, exc) for job, _, exc in results if exc is not None]
@@ -83,5 +87,7 @@ def test_200_requests_16_clients_three_models(tmp_path_factory):
         rss_after = proc.memory_info().rss
         print(f"\n{REQUESTS} requests, {CLIENTS} clients: {elapsed:.1f}s "
               f"({REQUESTS / elapsed:.2f} req/s); RSS after a first concurrent round "
-              f"{rss_first / 2**20:.0f} MiB, after the run {rss_after / 2**20:.0f} MiB")
-        assert rss_after <= rss_first * 1.10, (rss_first, rss_after)
+              f"{rss_first / 2**20:.0f} MiB, half-way {rss_mid / 2**20:.0f} MiB, after the "
+              f"run {rss_after / 2**20:.0f} MiB")
+        assert rss_after <= rss_mid * 1.05, (rss_first, rss_mid, rss_after)
+        assert rss_after <= rss_first * 1.25, (rss_first, rss_mid, rss_after)
