@@ -57,9 +57,9 @@ threads over the timed steps), and the matmul bound of each round. On a machine 
 other work, compare sides within one run only: the rounds are interleaved so that drift hits
 every side, and the median round of each side is reported.
 
-Run time: ``--quick`` (8 steps, 1 round) took 17-18 minutes on 2 cores of which other work
-kept 1.3-1.6 busy; the defaults are 3x that work. From the per-side speeds measured on a quiet
-machine, about 3 and 6 minutes when the cores are free (not measured yet).
+Run time on 2 cores: ``--quick`` (8 steps, 1 round) 5.5 minutes on a quiet machine (most of it
+TRL's side), 17-18 minutes with other work on 1.3-1.6 of the cores; the defaults (12 steps, 2
+rounds) are about 3x that.
 """
 
 from __future__ import annotations
