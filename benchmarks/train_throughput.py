@@ -31,7 +31,8 @@ cores). Everything else is each side's own default:
   ``peft_config`` (TRL loads fp32 weights and autocasts), prompt-completion data (prompt = the
   conversation up to its last assistant message, completion = that message), so the loss is on
   the answer only (TRL's ``completion_only_loss`` default for such data); ``max_length`` =
-  ``--seq-len``, no packing, TRL's defaults otherwise (SDPA attention, its fused log-prob loss).
+  ``--seq-len``, no packing, TRL's defaults otherwise (SDPA attention, its fused log-prob loss,
+  ``gradient_checkpointing=True``: compare it with ``edgetune-gc`` too).
 
 Sides a user would pick instead are compared with edge-tune; the ratios printed first are
 against TRL. The project's memory target: edge-tune's peak RSS <= 0.6x the lowest peak RSS of
