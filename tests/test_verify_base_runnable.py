@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from conftest import run_cli
+from conftest import run_cli_in_process as cli
 
 
 def _qwen2_with_smollm2_tokenizer(dst: Path, hf_dir: Path) -> Path:
@@ -36,8 +36,8 @@ def test_train_refuses_a_model_llama_cpp_cannot_convert_before_training(hf_dir, 
                                                                          tmp_path):
     model = _qwen2_with_smollm2_tokenizer(tmp_path / "qwen2-smollm2-tok", hf_dir)
     out = tmp_path / "run"
-    proc = run_cli("train", "--data", str(demo_jsonl), "--model", str(model), "--out",
-                   str(out), "--max-steps", "1")
+    proc = cli("train", "--data", str(demo_jsonl), "--model", str(model), "--out", str(out),
+               "--max-steps", "1")
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     last = proc.stderr.strip().splitlines()[-1]
