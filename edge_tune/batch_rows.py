@@ -257,6 +257,14 @@ def _seq_llama_class():
     return SeqLlama
 
 
+def streams_for(parallel: int) -> int:
+    """KV streams (sequence ids) of a context that runs ``parallel`` sequences at once:
+    two for one (a lone sequence's filler row goes on a neighbour), else twice
+    ``parallel``, so that the server can give the sequences of one adapter set
+    neighbouring ids (each gap in a step's range of ids costs a filler row)."""
+    return 2 if parallel <= 1 else 2 * parallel
+
+
 def seq_llama(sequences: int, n_ctx: int, flash_attn: bool = False, **llama_kw):
     """A ``Llama`` (sequence 0) on a context of ``max(2, sequences)`` sequences (a lone
     sequence needs a neighbour for its filler rows) of ``n_ctx`` tokens each, decoding at

@@ -293,10 +293,10 @@ class Engine:
         # thread stalls the rest (measured here: 2 threads 4-13x slower than 1 under load).
         threads = threads or _env_threads() or psutil.cpu_count(logical=False) or 1
         try:
-            from edge_tune.batch_rows import seq_llama
+            from edge_tune.batch_rows import seq_llama, streams_for
 
             with quiet_stderr(), _model_params(_want_extra_bufts()):
-                self.llm = seq_llama(parallel, n_ctx, model_path=str(self.base_path),
+                self.llm = seq_llama(streams_for(parallel), n_ctx, model_path=str(self.base_path),
                                      n_threads=threads, n_threads_batch=threads,
                                      logits_all=logits_all, seed=seed, verbose=False,
                                      **({"type_k": 0, "type_v": 0} if exact else {}))

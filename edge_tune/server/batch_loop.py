@@ -67,7 +67,11 @@ class Batcher:
         self.cv = cv  # the decoding thread waits on it; ``lock`` is its lock
         self.lock = lock
         self.sample_lock = threading.Lock()  # llama_get_logits_ith is not thread-safe
-        self.slots = [Slot(i, engine.llm.view(i, self)) for i in range(engine.parallel)]
+        # more slots than requests run at once (``engine.parallel``): the spare ones let a
+        # request sit next to the others of its adapter set (see :meth:`free_slot`)
+        self.slots = [Slot(i, engine.llm.view(i, self))
+                      for i in range(engine.llm.batch.streams)]
+        self.limit = engine.parallel
         self.live: list[Sequence] = []
         self.steps = 0
         self.turn_steps = 0
@@ -94,12 +98,26 @@ class Batcher:
 
     # --- the decoding thread's side (holding cv unless said) ---------------------------------
     def free_slot(self, mix: tuple) -> Slot | None:
-        """A slot for a request under ``mix``: an idle one whose cache was computed under
-        ``mix`` (the most recent), else the least recently used idle one (its cache is
-        dropped). None when every slot is in use."""
-        idle = [s for s in self.slots if s.sequence is None]
-        if not idle:
+        """A slot for a request under ``mix``, None when ``engine.parallel`` requests run.
+        Of the idle slots, the one that adds the fewest filler rows to ``mix``'s steps (a
+        step spans the consecutive sequence ids from its lowest to its highest, a filler
+        in each gap: :mod:`edge_tune.batch_rows`); among those, one whose cache was
+        computed under ``mix`` (the most recent), else the least recently used (its cache
+        is dropped)."""
+        busy = [s for s in self.slots if s.sequence is not None]
+        if len(busy) >= self.limit:
             return None
+        idle = [s for s in self.slots if s.sequence is None]
+        ids = [s.seq_id for s in busy if s.sequence.mix == mix]
+
+        def gaps(slot: Slot) -> int:
+            if not ids:
+                return 0
+            lo, hi = min(ids + [slot.seq_id]), max(ids + [slot.seq_id])
+            return hi - lo - len(ids)
+
+        fewest = min(gaps(s) for s in idle)
+        idle = [s for s in idle if gaps(s) == fewest]
         same = [s for s in idle if s.mix == mix]
         slot = max(same, key=lambda s: s.used) if same else min(idle, key=lambda s: s.used)
         if slot.mix != mix:
