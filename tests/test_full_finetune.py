@@ -5,8 +5,8 @@ chats and bundles like a merged export; ``plan --full`` shows LoRA and full side
 The tiny model is tests/tiny_families.py's Mistral: random weights with the real config quirks
 that a full export must carry (an untied output layer, RoPE base 1e6, grouped-query
 attention), its SentencePiece tokenizer and chat template, from the F32 GGUF alone as a user
-has it. train, export, verify, plan and bundle run in this process (``edge_tune.cli.main``);
-chat runs as a process of its own.
+has it. train, export, verify, plan, bundle and chat run in this process
+(``edge_tune.cli.main``); serve runs as a process of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error
 from conftest import run_cli_in_process as cli
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -100,8 +100,8 @@ def test_the_full_model_verifies_exports_chats_and_bundles(full_run, data_file, 
     assert "verify: fine-tuning effect error" in exported.stderr and "(ok)" in exported.stderr
 
     # chat takes the run like a merged model: its GGUF is the base, no adapter
-    chat = run_cli("chat", "--adapter", str(run), "--prompt", "What is the capital of Japan?",
-                   "--temperature", "0", "--max-tokens", "8")
+    chat = cli("chat", "--adapter", str(run), "--prompt", "What is the capital of Japan?",
+               "--temperature", "0", "--max-tokens", "8")
     assert "Tokyo." in _ok(chat)
 
     # serve takes it as the base (like a merged GGUF); as an adapter it is refused in one line
