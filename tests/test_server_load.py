@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 MODELS = ["base", "pirate", "anti"]
 REQUESTS = 200
 CLIENTS = 16
+LEAK_BUDGET = 64 * 2**20  # bytes of RSS the second half of the run may add
 MAX_TOKENS = 8  # short answers keep the run to minutes on 2 cores; cross-talk shows at once
 
 
@@ -89,5 +90,7 @@ def test_200_requests_16_clients_three_models(tmp_path_factory):
               f"({REQUESTS / elapsed:.2f} req/s); RSS after a first concurrent round "
               f"{rss_first / 2**20:.0f} MiB, half-way {rss_mid / 2**20:.0f} MiB, after the "
               f"run {rss_after / 2**20:.0f} MiB")
-        assert rss_after <= rss_mid * 1.05, (rss_first, rss_mid, rss_after)
+        # 64 MiB over 100 requests: a leak of 0.64 MiB a request (a kept answer's logits, a
+        # saved KV state) shows; allocator noise (up to ~30 MiB seen) does not.
+        assert rss_after - rss_mid <= LEAK_BUDGET, (rss_first, rss_mid, rss_after)
         assert rss_after <= rss_first * 1.25, (rss_first, rss_mid, rss_after)
