@@ -12,18 +12,14 @@ import math
 import random
 
 import pytest
+from test_unsloth_backend import config, tiny_peft_llama
 
 from edge_tune.backends import unsloth_qlora as uq
-from edge_tune.config import TrainConfig
 from edge_tune.data.preference import PairExample
 from edge_tune.data.template import IGNORE
 from edge_tune.errors import EdgeTuneError
 
 NEEDS_TRL = "trl is not installed (pip install 'edge-tune[cuda]' brings it)"
-
-
-def config(**kw) -> dict:
-    return TrainConfig(data="x.jsonl", **kw).to_dict()
 
 
 def pairs(n: int = 6, seed: int = 0) -> list[PairExample]:
@@ -49,22 +45,6 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
         pad_token="t0", eos_token="t2")
-
-
-def tiny_peft_llama(seed: int = 0):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, max_position_embeddings=128,
-                                         initializer_range=0.3))
-    kw = uq.peft_kwargs(config(rank=8, alpha=16.0))
-    return get_peft_model(model, LoraConfig(
-        task_type="CAUSAL_LM", **{k: v for k, v in kw.items()
-                                  if k not in ("use_gradient_checkpointing", "random_state")}))
 
 
 # --- pure mappings ------------------------------------------------------------------------------
