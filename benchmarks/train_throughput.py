@@ -33,6 +33,8 @@ cores). Everything else is each side's own default:
   the answer only (TRL's ``completion_only_loss`` default for such data); ``max_length`` =
   ``--seq-len``, no packing, TRL's defaults otherwise (SDPA attention, its fused log-prob loss,
   ``gradient_checkpointing=True``: compare it with ``edgetune-gc`` too).
+* ``trl-nogc`` (not run unless named in ``--sides``): the same with
+  ``gradient_checkpointing=False``, the one TRL default that costs speed on CPU.
 
 Sides a user would pick instead are compared with edge-tune; the ratios printed first are
 against TRL. The project's memory target: edge-tune's peak RSS <= 0.6x the lowest peak RSS of
@@ -76,6 +78,7 @@ import time
 
 SIDES = {"edgetune": "edge-tune loop", "edgetune-gc": "edge-tune --grad-checkpoint",
          "trl": "TRL SFTTrainer+PEFT (bf16=True)",
+         "trl-nogc": "TRL SFTTrainer, no grad ckpt",
          "hf": "HF Trainer+PEFT (fp32)", "hf-bf16": "HF Trainer+PEFT (bf16=True)"}
 ALTERNATIVES = ("trl", "hf-bf16", "hf")  # what a user would pick instead, most likely first
 MEMORY_TARGET = 0.6  # edge-tune's peak RSS / the lowest of the alternatives'
@@ -221,7 +224,7 @@ def run_hf(job: dict, bf16: bool) -> dict:
             "precision": "bf16 autocast" if bf16 else "fp32"}
 
 
-def run_trl(job: dict) -> dict:
+def run_trl(job: dict, gradient_checkpointing: bool = True) -> dict:
     """TRL's SFTTrainer as its documentation shows it: model path, ``peft_config``, a
     prompt-completion dataset it tokenizes with the model's chat template."""
     import torch
@@ -234,7 +237,8 @@ def run_trl(job: dict) -> dict:
     data = Dataset.from_list([{"prompt": m[:-1], "completion": m[-1:]} for m in job["chats"]])
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(**trainer_args(a, out, bf16=True, max_length=a["seq_len"],
-                                        packing=False))
+                                        packing=False,
+                                        gradient_checkpointing=gradient_checkpointing))
         trainer = counting(SFTTrainer, tokens, losses)(
             model=job["hf_dir"], args=args, train_dataset=data, peft_config=lora_config(a),
             callbacks=[timer_callback(ends)])
@@ -249,8 +253,8 @@ def child(side: str, job_path: str) -> None:
         job = json.load(f)
     if side.startswith("edgetune"):
         result = run_edgetune(job, grad_checkpoint=side == "edgetune-gc")
-    elif side == "trl":
-        result = run_trl(job)
+    elif side.startswith("trl"):
+        result = run_trl(job, gradient_checkpointing=side == "trl")
     else:
         result = run_hf(job, bf16=side == "hf-bf16")
     result["peak_rss_gib"] = peak_rss_gib()
