@@ -34,7 +34,7 @@ cores). Everything else is each side's own default:
   ``--seq-len``, no packing, TRL's defaults otherwise (SDPA attention, its fused log-prob loss,
   ``gradient_checkpointing=True``: compare it with ``edgetune-gc`` too).
 * ``trl-nogc`` (not run unless named in ``--sides``): the same with
-  ``gradient_checkpointing=False``, the one TRL default that costs speed on CPU.
+  ``gradient_checkpointing=False``: TRL's default recomputes each block in backward.
 
 Sides a user would pick instead are compared with edge-tune; the ratios printed first are
 against TRL. The project's memory target: edge-tune's peak RSS <= 0.6x the lowest peak RSS of
