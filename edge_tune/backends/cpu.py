@@ -31,6 +31,7 @@ from edge_tune.backends.loop import (  # noqa: F401 (length_grouped_batches, lr_
     grad_accum,
     length_grouped_batches,
     lr_at,
+    pair_means,
     slot_orders,
     step_counts,
 )
@@ -234,18 +235,15 @@ def evaluate_pairs(model, examples: list, batch_size: int, pad_id: int, bf16: bo
 
     from edge_tune.backends.preference_loss import pair_loss
 
-    totals, n = [0.0, 0.0, 0.0], 0
+    batches = []
     model.eval()
     with torch.no_grad(), compute_precision(model, bf16):
         for k in range(0, len(examples), batch_size):
             batch = examples[k:k + batch_size]
             out = pair_loss(model, *pair_rows(batch, pad_id), cfg.method, cfg.beta)
-            values = (float(out.loss), *out.stats())
-            totals = [t + v * len(batch) for t, v in zip(totals, values)]
-            n += len(batch)
+            batches.append((len(batch), (float(out.loss), *out.stats())))
     model.train()
-    loss, margin, accuracy = (t / max(1, n) for t in totals)
-    return loss, margin, accuracy
+    return pair_means(batches)
 
 
 def evaluate(model, examples: list[Example], batch_size: int, pad_id: int, bf16: bool) -> float:

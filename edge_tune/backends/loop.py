@@ -154,3 +154,14 @@ def final_loss(losses: list[float]) -> float:
     NaN when no step was logged."""
     tail = losses[-max(1, min(10, len(losses) // 5)):] or [float("nan")]
     return sum(tail) / len(tail)
+
+
+def pair_means(batches: list[tuple[int, tuple[float, ...]]]) -> tuple[float, float, float]:
+    """(loss, reward margin, reward accuracy) over preference pairs: the means of per-batch
+    values, each weighted by its batch's number of pairs. ``batches``: (pairs, (loss,
+    margin, accuracy)) per batch; zeros when there are none."""
+    n = sum(count for count, _ in batches)
+    loss, margin, accuracy = (sum(count * values[i] for count, values in batches) / max(1, n)
+                              for i in range(3))
+    return loss, margin, accuracy
+

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from edge_tune.backends.loop import final_loss, length_grouped_batches, lr_at
+from edge_tune.backends.loop import final_loss, length_grouped_batches, lr_at, pair_means
 from edge_tune.backends.mlx_batches import pair_arrays
 from edge_tune.events import Log, Metric
 
@@ -140,18 +140,15 @@ def evaluate_pairs(model, pairs: list, batch_size: int, pad_id: int, limit: int,
     CPU backend's ``evaluate_pairs``); no gradients."""
     import mlx.core as mx
 
-    totals, n = [0.0, 0.0, 0.0], 0
+    batches = []
     model.eval()
     for k in range(0, len(pairs), batch_size):
         batch = pairs[k:k + batch_size]
         tokens, mask = (mx.array(a) for a in pair_arrays(batch, pad_id, limit))
         out = pair_loss(model, tokens, mask, method, beta)
-        values = (float(out.loss), *out.stats())
-        totals = [t + v * len(batch) for t, v in zip(totals, values)]
-        n += len(batch)
+        batches.append((len(batch), (float(out.loss), *out.stats())))
     model.train()
-    loss, margin, accuracy = (t / max(1, n) for t in totals)
-    return loss, margin, accuracy
+    return pair_means(batches)
 
 
 def fit(model, optimizer, job, emit: Callable, total: int, steps_per_epoch: int,
