@@ -277,8 +277,8 @@ def test_method_and_data_must_match_in_one_line(tmp_path, demo_jsonl):
     assert_one_line_error(proc, "--method dpo needs preference data", "prompt")
     proc = run_cli("train", "--data", str(pref), "--backend", "cpu")
     assert_one_line_error(proc, "p.jsonl", "preference data", "--method dpo")
-    proc = run_cli("train", "--data", str(pref), "--method", "orpo", "--backend", "mlx")
-    assert_one_line_error(proc, "--method orpo", "--backend cpu")
+    proc = run_cli("train", "--data", str(pref), "--method", "orpo", "--full")
+    assert_one_line_error(proc, "--method orpo", "not with --full")
     proc = run_cli("train", "--data", str(pref), "--method", "kto")
     assert_one_line_error(proc, "method", "sft, dpo or orpo")
 
