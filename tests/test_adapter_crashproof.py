@@ -438,7 +438,7 @@ def test_serve_refuses_a_bad_adapter_at_start_and_serves_good_ones(table):
     base, good = _case(table, "tied", "ok-all-projections-r8")
     _, bad = _case(table, "tied", "embd")
     proc = run_cli("serve", "--base", str(base), "--adapter", f"good={good}",
-                   "--adapter", f"bad={bad}", "--port", "0", timeout=300)
+                   "--adapter", f"bad={bad}", "--port", "8765", timeout=300)
     assert_one_line_error(proc, "token_embd.weight", "--merge")
     with running_server("--base", str(base), "--adapter", f"good={good}") as server:
         for model in ("good", "base", "good"):

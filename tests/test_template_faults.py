@@ -84,7 +84,7 @@ def test_gemma_roles_must_alternate_names_the_line(tmp_path):
 
 def test_skip_invalid_skips_and_lists_template_faults(tmp_path):
     tok = byte_tokenizer(BUILTIN["gemma"], "gemma")
-    bad = {"messages": [{"role": "assistant", "content": "x"}, *HI]}
+    bad = {"messages": [{"role": "user", "content": "x"}, *HI]}  # two user turns in a row
     path = write(tmp_path / "d.jsonl", [{"messages": HI}, bad, {"messages": HI}])
     examples, logs = tokenize(tok, job_records(path), skip_invalid=True)
     assert len(examples) == 2

@@ -1,6 +1,8 @@
 """A tokenizer with more tokens than the model has embedding rows (``vocab_size``): training
 used to stop at the first such id with a raw IndexError (exit 1) and leave a run folder behind.
-The worker checks the tokenized data against config.json first: one line, exit 2, no folder."""
+Such a model is refused before training (llama.cpp's converter rejects it too; the worker's
+check of the tokenized data against config.json covers a GGUF base): one line, exit 2, no
+folder."""
 
 from __future__ import annotations
 
@@ -30,5 +32,5 @@ def test_train_refuses_token_ids_beyond_vocab_size_and_leaves_no_run(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stderr.count("error: ") == 1
     proc.stderr = proc.stderr.splitlines()[-1]  # train reports its progress up to the refusal
     assert_one_line_error(proc, "config.json: vocab_size", f"{vocab} is smaller",
-                          f"token id {len(tok) - 1} ('<zz_extra>')", f"{len(tok)} tokens")
+                          f"{len(tok)} tokens", "matches the model's embedding")
     assert not run.exists()

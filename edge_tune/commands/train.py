@@ -267,9 +267,31 @@ def _refuse_unless_llama_cpp_runs(ref: models.ModelRef, on_event: EventSink) -> 
     try:
         _cached_gguf_base(ref.hf_dir, None, bool(ref.hub_id), on_event)
     except EdgeTuneError as exc:
+        mismatch = _tokenizer_beyond_vocab(ref.hf_dir)
+        if mismatch:
+            raise DataError(mismatch) from None
         raise DataError(f"--model {ref.spec}: llama.cpp cannot run this model, so an adapter "
                         f"trained on it could not be chatted with, served or verified here "
                         f"(nothing trained): {exc.message}") from None
+
+
+def _tokenizer_beyond_vocab(hf_dir: Path) -> Optional[str]:
+    """Why llama.cpp's converter rejected ``hf_dir`` when its tokenizer has more tokens than
+    the model's embedding has rows (the converter only asserts), else None."""
+    try:
+        config = json.loads((hf_dir / "config.json").read_text())
+        from transformers import AutoTokenizer
+
+        size = len(AutoTokenizer.from_pretrained(str(hf_dir)))
+    except Exception:  # noqa: BLE001 - no better reason than the converter's own
+        return None
+    vocab = (config.get("text_config") or config).get("vocab_size")
+    if not isinstance(vocab, int) or size <= vocab:
+        return None
+    return (f"{hf_dir / 'config.json'}: vocab_size: {vocab} is smaller than the tokenizer, "
+            f"which has {size} tokens (expected a tokenizer that matches the model's "
+            "embedding: llama.cpp's converter refuses this model, and a token id past "
+            "vocab_size would stop training)")
 
 
 def _cached_gguf_base(hf_dir: Path, source: Optional[str], fetch: bool,
