@@ -19,7 +19,7 @@ from edge_tune.data.preference import PairExample
 from edge_tune.data.template import IGNORE
 from edge_tune.errors import EdgeTuneError
 
-NEEDS_TRL = "trl is not installed (pip install 'edge-tune[cuda]' brings it)"
+NEEDS_TRL = "trl is not installed (the test and cuda extras bring it)"
 
 
 def pairs(n: int = 6, seed: int = 0) -> list[PairExample]:
