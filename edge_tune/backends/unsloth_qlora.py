@@ -48,6 +48,7 @@ from edge_tune.backends.loop import (  # noqa: F401 (grad_accum, step_counts: re
     final_loss,
     grad_accum,
     lr_at,
+    pair_means,
     slot_orders,
     step_counts,
 )
@@ -314,7 +315,7 @@ def evaluate_pairs(model, pairs: list, batch_size: int, pad_id: int, method: str
     from edge_tune.backends.preference_loss import pair_loss
 
     device = next(model.parameters()).device
-    totals, n = [0.0, 0.0, 0.0], 0
+    batches = []
     was_training = model.training
     model.eval()
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
@@ -326,12 +327,9 @@ def evaluate_pairs(model, pairs: list, batch_size: int, pad_id: int, method: str
                                         pad_id)
             out = pair_loss(model, ids.to(device), labels.to(device), mask.to(device), method,
                             beta)
-            values = (float(out.loss), *out.stats())
-            totals = [t + v * len(batch) for t, v in zip(totals, values)]
-            n += len(batch)
+            batches.append((len(batch), (float(out.loss), *out.stats())))
     model.train(was_training)
-    loss, margin, accuracy = (t / max(1, n) for t in totals)
-    return loss, margin, accuracy
+    return pair_means(batches)
 
 
 def fit(model, job: TrainJob | Mapping, emit: Callable, precision: str = "none",
