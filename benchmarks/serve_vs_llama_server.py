@@ -97,6 +97,10 @@ class Side:
     def body(self, model: str, messages: list, max_tokens: int) -> dict:
         raise NotImplementedError
 
+    def counters(self) -> str:
+        """What the server says about its decoding, for the round's line."""
+        return ""
+
     @property
     def url(self) -> str:
         return self.base_url + "/v1/chat/completions"
@@ -123,6 +127,11 @@ class EdgeTune(Side):
     def body(self, model, messages, max_tokens):
         return {"model": model, "messages": messages, "temperature": 0,
                 "max_tokens": max_tokens}
+
+    def counters(self) -> str:
+        h = self.server.health()
+        return (f"  [{h['decode_steps']} steps, {h['decode_rows']} rows of which "
+                f"{h['filler_rows']} fillers, {h['adapter_switches']} adapter switches]")
 
 
 class LlamaServer(Side):
@@ -178,6 +187,7 @@ def run_round(side: Side, prompts: list, requests: int, clients: int, max_tokens
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(one, jobs))
     wall = time.perf_counter() - t0
+    counters = side.counters()
     for job, text, _, _ in results:
         answers.setdefault(job, set()).add(text)
     history: list = []
@@ -187,7 +197,8 @@ def run_round(side: Side, prompts: list, requests: int, clients: int, max_tokens
         text, ttft, _, _ = _post_stream(side.url, side.body("a", history, max_tokens))
         history.append({"role": "assistant", "content": text})
     return {"tok/s": sum(r[3] for r in results) / wall,
-            "latency": statistics.median(r[2] for r in results), "ttft6": ttft}
+            "latency": statistics.median(r[2] for r in results), "ttft6": ttft,
+            "counters": counters}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
                 side.stop()
             stats[side.name].append(got)
             print(f"  round {r + 1} {side.name:16s} {got['tok/s']:6.1f} tok/s  median "
-                  f"latency {got['latency']:.2f} s  turn-6 TTFT {got['ttft6']:.3f} s",
+                  f"latency {got['latency']:.2f} s  turn-6 TTFT {got['ttft6']:.3f} s"
+                  f"{got.pop('counters')}",
                   flush=True)
     print(f"\n| | {' | '.join(s.name for s in sides)} |\n|---|---|---|")
     med = {name: {k: statistics.median(x[k] for x in runs) for k in runs[0]}

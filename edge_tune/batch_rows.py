@@ -1,20 +1,25 @@
 """Several sequences in one llama.cpp context, decoded so that batching changes no answer.
 
 The rule (measured on the default Q4_1 model with and without adapters: docs/serving.md
-"Concurrency and batching"): **one KV stream per sequence** (``kv_unified = false``), and
-every decode either a *step* of **at least two rows**, one token per sequence, or a *prompt
-chunk* of one sequence alone (at least two rows, its last two as outputs). ggml computes a
-lone row with other kernels than two or more (llamafile's sgemm takes over at two rows, for
-F16 attention, F32 adapter matrices and F32/F16 weights) and they round differently, so a
-lone sequence's step gets a *filler* row (appended to a neighbouring stream's end, with
-logits, and removed after) whenever an adapter is active or the model has float weights
-(``Batch.lone_ok``: measured, a quantized base alone needs none). llama.cpp splits a batch over per-sequence streams into
-micro-batches of consecutive, increasing sequence ids with equal token counts; a step
-therefore covers a consecutive range of sequence ids, in order, with a filler row in each
-gap (rows out of order are split off into micro-batches of one row). A decoded row still
-differs from the same token in a prompt block, so an answer's KV entries are not reused as
-they are (``engine._keep_prompt_only``). Flash attention stays off: with it, prompt blocks
-split differently gave different entries.
+"Why it is exact"): **one KV stream per sequence** (``kv_unified = false``), **flash
+attention with a BF16 KV cache** (:func:`kv_cache_params`), and every decode either a
+*step* of **at least two rows**, one token per sequence, or a *prompt chunk* of one
+sequence alone (at least two rows, its last two as outputs).
+
+Why each part: ggml's CPU flash attention computes every query row on its own, over its
+own stream's cells in order, unless the cache is F16/F32 (then blocks of 64 rows or more
+take a tiled kernel and a lone row over 512 cells a split one); with BF16 a decoded row's
+entries equal the same token's inside any prompt block, so an answer's KV entries serve the
+next turn as they are. Without flash attention the attention matrices go through
+llamafile's sgemm for blocks and ggml's dot products for a decoded row, which round
+differently. The weights: llamafile's sgemm takes over at two rows for F32 adapter matrices,
+Q8_0/F16/F32 weights, so a lone sequence's step gets a *filler* row (appended to a
+neighbouring stream's end, with logits, and removed after) whenever an adapter is active or
+the model has float weights (``Batch.lone_ok``: measured, a quantized base alone needs
+none). llama.cpp splits a batch over per-sequence streams into micro-batches of
+consecutive, increasing sequence ids with equal token counts; a step therefore covers a
+consecutive range of sequence ids, in order, with a filler row in each gap (rows out of
+order are split off into micro-batches of one row).
 
 :func:`seq_llama` makes a ``llama_cpp.Llama`` whose ``eval``/``sample`` follow that rule for
 one sequence id; llama-cpp-python's own generation loop (chat templates, grammars, logits
@@ -33,6 +38,19 @@ from dataclasses import dataclass
 from edge_tune.errors import EdgeTuneError
 
 CHUNK = 510  # rows of one prompt chunk: n_ubatch (512) with room to spare
+
+
+GGML_TYPE_F32, GGML_TYPE_BF16 = 0, 30  # ggml.h
+
+
+def kv_cache_params(exact: bool = False) -> dict:
+    """``Llama()`` keyword arguments for the KV cache: BF16 with flash attention (the rule
+    above: decoded rows equal block rows), or with ``exact`` F32 without flash attention
+    (precise block logits for comparisons with torch; decoded rows then differ from block
+    rows, so an exact engine does not reuse an answer's entries)."""
+    if exact:
+        return {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32, "flash_attn": False}
+    return {"type_k": GGML_TYPE_BF16, "type_v": GGML_TYPE_BF16, "flash_attn": True}
 
 
 class KVFull(EdgeTuneError):
@@ -87,6 +105,8 @@ class Batch:
         # a lone row may go without a filler: quantized weights, no adapter (the engine
         # sets it; measured in docs/serving.md)
         self.lone_ok = False
+        self.rows = 0  # rows decoded, fillers included
+        self.filler_rows = 0
 
     def decode(self, entries: list[Rows]) -> None:
         """Decode a prompt chunk (one entry) or a step (entries of one token each, distinct
@@ -102,10 +122,13 @@ class Batch:
         fillers = self._fillers(entries)
         filler_token = entries[0].tokens[-1]
         parts = [(e.seq, e) for e in entries] + [(seq, pos) for seq, pos in fillers]
+        # a filler beside one real row is an output too: llama.cpp computes the last layer
+        # and the output matrix only for output rows, and those must be two or more
+        filler_out = len(entries) < 2
         rows = []  # (token, pos, seq, logits), by sequence id: llama.cpp's split takes
         for seq, part in sorted(parts, key=lambda p: p[0]):  # increasing ids only
             if not isinstance(part, Rows):
-                rows.append((filler_token, part, seq, True))
+                rows.append((filler_token, part, seq, filler_out))
                 continue
             part.first = len(rows)
             n = len(part.tokens)
@@ -117,6 +140,8 @@ class Batch:
             b.token[i], b.pos[i], b.n_seq_id[i] = token, pos, 1
             b.seq_id[i][0], b.logits[i] = seq, 1 if out else 0
         b.n_tokens = len(rows)
+        self.rows += len(rows)
+        self.filler_rows += len(fillers)
         try:
             rc = llama_cpp.llama_decode(self.ctx, b)
         finally:

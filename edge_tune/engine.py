@@ -244,16 +244,10 @@ def _batched_suffix(llm) -> None:
 
 
 def _keep_prompt_only(llm, prompt_tokens: int) -> None:
-    """Drop the KV entries of the answer, keep the prompt's; ``llm.answer_end`` says where
-    the answer's tokens (still in ``input_ids``) end, for a later re-evaluation.
-
-    Why: ggml computes a decoded row (the answer, one token per sequence and step) with
-    other kernels than a block of prompt rows, and the rounding differs (measured:
-    docs/serving.md), so a fresh context, which evaluates the previous answer as part of
-    the next prompt, could answer differently from one that reused the decoded entries.
-    The server re-evaluates the answer as a prompt block while it is idle
-    (:mod:`edge_tune.server.batch_loop`); otherwise it goes with the next prompt."""
-    llm.answer_end = llm.n_tokens
+    """Drop the KV entries of the answer, keep the prompt's: for an ``exact`` engine (F32
+    KV cache, flash attention off), where ggml computes a decoded row's attention with
+    other kernels than a block's (:mod:`edge_tune.batch_rows`), so reusing the decoded
+    entries could change the next turn's answer. The answer goes with the next prompt."""
     if prompt_tokens and llm.n_tokens > prompt_tokens:
         llm.n_tokens = prompt_tokens
         llm._ctx.kv_cache_seq_rm(-1, prompt_tokens, -1)
@@ -265,7 +259,9 @@ class Engine:
                  chat_template: Optional[str] = None, stop_tokens: tuple = (),
                  system_mode: str = "keep", prompt_cache: bool = True,
                  parallel: int = 1) -> None:
-        """``exact``: keep the KV cache in F32 (default F16) for bit-careful comparisons.
+        """``exact``: keep the KV cache in F32 with flash attention off, for bit-careful
+        comparisons with torch (default: BF16 with flash attention, the batching rule's
+        setting, :func:`edge_tune.batch_rows.kv_cache_params`).
         ``parallel``: sequences the context holds (the server's batch), ``n_ctx`` tokens
         each (a KV stream per sequence, at least two), all decoded by the rule of
         :mod:`edge_tune.batch_rows`, so a greedy answer is the same alone or
@@ -293,13 +289,13 @@ class Engine:
         # thread stalls the rest (measured here: 2 threads 4-13x slower than 1 under load).
         threads = threads or _env_threads() or psutil.cpu_count(logical=False) or 1
         try:
-            from edge_tune.batch_rows import seq_llama, streams_for
+            from edge_tune.batch_rows import kv_cache_params, seq_llama, streams_for
 
             with quiet_stderr(), _model_params(_want_extra_bufts()):
                 self.llm = seq_llama(streams_for(parallel), n_ctx, model_path=str(self.base_path),
                                      n_threads=threads, n_threads_batch=threads,
                                      logits_all=logits_all, seed=seed, verbose=False,
-                                     **({"type_k": 0, "type_v": 0} if exact else {}))
+                                     **kv_cache_params(exact))
         except ValueError as exc:
             raise EdgeTuneError(f"{self.base_path}: llama.cpp could not load this model "
                                 f"({exc})") from None
@@ -308,6 +304,8 @@ class Engine:
         self.active: Optional[str] = None
         self.active_mix: tuple = ()  # ((name, scale), ...) applied to the context now
         self.prompt_cache = prompt_cache
+        # decoded rows equal block rows, so an answer's KV entries serve the next turn
+        self._answers_reusable = not exact
         self.parallel = max(1, parallel)
         # ggml computes F32/F16 matrices with other kernels for one row than for several;
         # quantized ones (and no adapter) not: measured, docs/serving.md
@@ -527,8 +525,8 @@ class Engine:
 
         With :attr:`prompt_cache` the KV entries of the longest common prefix with the
         previous prompt under the same adapter set are reused (llama-cpp-python's
-        ``Llama.generate``), so turn N of a conversation evaluates only its new tokens;
-        otherwise every answer starts from an empty context. With ``temperature=0`` the
+        ``Llama.generate``), the previous answer's included, so turn N of a conversation
+        evaluates only its new tokens; otherwise every answer starts from an empty context. With ``temperature=0`` the
         answer is greedy and the same whoever asks, cached prefix or not.
         The last piece carries ``finish_reason`` ("stop" or "length")
         and token counts. ``sampling``: top_p, stop, presence/frequency_penalty... as
@@ -578,7 +576,7 @@ class Engine:
         finally:
             counter.uninstall()
             llm.__dict__.pop("generate", None)
-            if self.prompt_cache:
+            if self.prompt_cache and not self._answers_reusable:
                 _keep_prompt_only(llm, counter.prompt_tokens)
 
     def chat(self, messages: list[dict], **kw) -> str:

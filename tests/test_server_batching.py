@@ -151,6 +151,8 @@ def _chat(client, messages, model="base", **kw):
 
 
 def test_turn_n_evaluates_only_the_new_tokens(server, client, tiny):
+    """Asked at once after the previous answer: its decoded KV entries are reused as they
+    are (decoded rows equal block rows, batch_rows), and the answer is still the cold one."""
     messages, previous = [], 0
     for question in CONVERSATION[:3]:
         messages.append({"role": "user", "content": question})
@@ -159,22 +161,12 @@ def test_turn_n_evaluates_only_the_new_tokens(server, client, tiny):
         after = server.health()
         assert after["prompt_tokens"] - before["prompt_tokens"] == usage.prompt_tokens
         cached = after["prompt_tokens_cached"] - before["prompt_tokens_cached"]
-        # the previous prompt and the previous answer, re-evaluated while the server idled
-        assert cached > previous if previous else cached == 0
+        # the previous prompt and the previous answer's tokens (all but the last sampled)
+        assert cached >= previous if previous else cached == 0, (cached, previous)
         assert answer == _cold_answer(tiny, (("a", 1.0),), messages)
-        previous = usage.prompt_tokens
-        _until_idle(server)  # the answer is re-evaluated as a prompt block while idle
+        previous = usage.prompt_tokens + usage.completion_tokens - 1
         messages.append({"role": "assistant", "content": answer})
     assert previous > 0
-
-
-def _until_idle(server, timeout: float = 120) -> None:
-    import time
-
-    end = time.monotonic() + timeout
-    while server.health()["busy"]:  # polled, never a fixed wait
-        assert time.monotonic() < end, "the server stayed busy"
-        time.sleep(0.02)
 
 
 def test_a_mixed_request_equals_the_engine_with_those_scales(client, tiny):

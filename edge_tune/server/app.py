@@ -57,7 +57,8 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None,
                              "adapter_switches": s.adapter_switches,
                              "prompt_tokens": s.prompt_tokens,
                              "prompt_tokens_cached": s.prompt_tokens_cached,
-                             "max_batch": s.max_batch})
+                             "max_batch": s.max_batch, "decode_steps": s.decode_steps,
+                             "decode_rows": s.decode_rows, "filler_rows": s.filler_rows})
 
     async def models(request: Request) -> JSONResponse:
         return JSONResponse(shapes.model_list(model_names, started))

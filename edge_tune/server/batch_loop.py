@@ -16,6 +16,7 @@ another set has work, and a sequence waiting for its turn keeps its KV entries.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -23,7 +24,6 @@ from edge_tune.errors import EdgeTuneError
 from edge_tune.batch_rows import KVFull, Rows, chunks
 
 TURN_STEPS = 16  # decode steps an adapter set keeps the context while another set waits
-PREFILL_ROWS = 32  # answer tokens re-evaluated per idle decode: a request waits at most that
 
 
 class Cancelled(EdgeTuneError):
@@ -39,6 +39,7 @@ class Slot:
     mix: tuple | None = None  # adapter set its KV entries were computed under
     used: int = 0  # step of its last use, for least-recently-used reuse
     sequence: "Sequence | None" = None  # the request using it now
+    key: tuple = ()  # request_key of the request whose prompt its KV entries hold
 
 
 @dataclass
@@ -97,13 +98,16 @@ class Batcher:
         return last
 
     # --- the decoding thread's side (holding cv unless said) ---------------------------------
-    def free_slot(self, mix: tuple) -> Slot | None:
+    def free_slot(self, mix: tuple, key: tuple = ()) -> Slot | None:
         """A slot for a request under ``mix``, None when ``engine.parallel`` requests run.
-        Of the idle slots, the one that adds the fewest filler rows to ``mix``'s steps (a
-        step spans the consecutive sequence ids from its lowest to its highest, a filler
-        in each gap: :mod:`edge_tune.batch_rows`); among those, one whose cache was
-        computed under ``mix`` (the most recent), else the least recently used (its cache
-        is dropped)."""
+        ``key`` is what the request asks (:func:`request_key`): an idle slot whose cache
+        was computed under ``mix`` for a request sharing leading items with it (the same
+        conversation, a turn earlier) is taken first, the longest shared prefix winning,
+        since its KV entries save the most evaluation. Otherwise, of the idle slots, the one
+        that adds the fewest filler rows to ``mix``'s steps (a step spans the consecutive
+        sequence ids from its lowest to its highest, a filler in each gap:
+        :mod:`edge_tune.batch_rows`); among those, one computed under ``mix`` (the most
+        recent), else the least recently used (its cache is dropped)."""
         busy = [s for s in self.slots if s.sequence is not None]
         if len(busy) >= self.limit:
             return None
@@ -116,13 +120,20 @@ class Batcher:
             lo, hi = min(ids + [slot.seq_id]), max(ids + [slot.seq_id])
             return hi - lo - len(ids)
 
-        fewest = min(gaps(s) for s in idle)
-        idle = [s for s in idle if gaps(s) == fewest]
-        same = [s for s in idle if s.mix == mix]
-        slot = max(same, key=lambda s: s.used) if same else min(idle, key=lambda s: s.used)
+        shared = {s.seq_id: _shared_prefix(s.key, key) for s in idle if s.mix == mix}
+        best = max(shared.values(), default=0)
+        if best > 0:
+            slot = max((s for s in idle if shared.get(s.seq_id) == best),
+                       key=lambda s: (-gaps(s), s.used))
+        else:
+            fewest = min(gaps(s) for s in idle)
+            idle = [s for s in idle if gaps(s) == fewest]
+            same = [s for s in idle if s.mix == mix]
+            slot = (max(same, key=lambda s: s.used) if same
+                    else min(idle, key=lambda s: s.used))
         if slot.mix != mix:
             slot.view.n_tokens, slot.mix = 0, mix  # its entries go at the first decode
-        slot.view.answer_end = 0  # an unfinished re-evaluation goes with the new prompt
+        slot.key = key
         return slot
 
     def admit(self, job, mix: tuple, slot: Slot, run) -> Sequence:
@@ -207,31 +218,6 @@ class Batcher:
                 seq.rows, seq.state = None, "running"
             seq.wake.notify_all()
 
-    def prefill(self) -> bool:
-        """Re-evaluate, as a prompt block, up to PREFILL_ROWS tokens of an idle slot's last
-        answer (its decoded KV entries were dropped: see ``engine._keep_prompt_only``), so
-        that the conversation's next turn evaluates only what is new. Called only when no
-        request is running or waiting, WITHOUT cv; False when there is nothing to do."""
-        pending = [s for s in self.slots if s.sequence is None and s.mix is not None
-                   and getattr(s.view, "answer_end", 0) > s.view.n_tokens > 0]
-        if not pending:
-            return False
-        slot = max(pending, key=lambda s: s.used)
-        view = slot.view
-        start = view.n_tokens if view.answer_end - view.n_tokens > 1 else view.n_tokens - 1
-        end = min(view.answer_end, start + PREFILL_ROWS)
-        if self.engine.active_mix != slot.mix:
-            self.engine.apply_mix(slot.mix)
-            self.switches += 1
-        try:
-            self.engine.llm.batch.decode([Rows(slot.seq_id, start,
-                                               view.input_ids[start:end].tolist())])
-        except EdgeTuneError:
-            view.answer_end = 0
-            return True
-        view.n_tokens = end
-        return True
-
     def evict_idle(self) -> None:
         """Drop the caches of idle slots (their KV entries), oldest first."""
         import llama_cpp
@@ -245,3 +231,23 @@ class Batcher:
     def forget_all(self) -> None:
         """After an engine call that may have cleared the KV buffer (no sequence live)."""
         self.evict_idle()
+
+
+def request_key(messages: list | None, prompt: str | None) -> tuple:
+    """What a request asks, for matching it to a slot's cache: its messages as
+    ``(role, content)`` items, or its prompt text."""
+    if messages is not None:
+        return tuple((str(m.get("role")), repr(m.get("content"))) for m in messages)
+    return ("prompt", prompt or "")
+
+
+def _shared_prefix(a: tuple, b: tuple) -> int:
+    """Leading items ``a`` and ``b`` share; for two prompts, leading characters."""
+    if a[:1] == ("prompt",) and b[:1] == ("prompt",):
+        return len(os.path.commonprefix([a[1], b[1]]))
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -39,6 +39,8 @@ class Stats:
     prompt_tokens_cached: int = 0  # of those, taken from the prompt cache (not evaluated)
     decode_steps: int = 0  # llama_decode calls of the batcher
     max_batch: int = 0  # most sequences decoded together in one step
+    decode_rows: int = 0  # rows of those steps, filler rows included
+    filler_rows: int = 0  # rows decoded only to keep the batching rule (batch_rows)
     busy: bool = False
 
 
@@ -149,15 +151,6 @@ class Scheduler:
                         self.stats.decode_steps += 1
                         self.stats.max_batch = max(self.stats.max_batch, len(chosen))
                         break
-                    if not (batch.live or self._waiting or self._calls or self._stopping):
-                        self.stats.busy = True
-                        self._cv.release()
-                        try:  # idle: the last answers' KV entries, as prompt blocks
-                            more = batch.prefill()
-                        finally:
-                            self._cv.acquire()
-                        if more:
-                            continue
                     self.stats.busy = bool(batch.live or self._waiting)
                     self._cv.wait()
             if call is not None:
@@ -168,10 +161,14 @@ class Scheduler:
             batch.decode(chosen)
             with self._cv:
                 batch.deliver(chosen)
+                rows = self.engine.llm.batch
+                self.stats.decode_rows, self.stats.filler_rows = rows.rows, rows.filler_rows
 
     def _admit(self) -> None:
         """Give waiting jobs free slots (FIFO), unless an engine call waits for the batch
         to drain."""
+        from edge_tune.server.batch_loop import request_key
+
         while self._waiting and not self._calls:
             job = self._waiting[0]
             if job.cancelled.is_set():  # gave up while queued: costs nothing
@@ -187,7 +184,8 @@ class Scheduler:
                     404, f"The model '{gone[0]}' does not exist (it was removed)",
                     param="model", code="model_not_found"))
                 continue
-            slot = self._batcher.free_slot(mix)
+            slot = self._batcher.free_slot(mix, request_key(job.request.messages,
+                                                            job.request.prompt))
             if slot is None:
                 return
             self._waiting.popleft()
