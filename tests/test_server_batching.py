@@ -169,6 +169,23 @@ def test_turn_n_evaluates_only_the_new_tokens(server, client, tiny):
     assert previous > 0
 
 
+def test_interleaved_conversations_each_find_their_own_cache(server, client):
+    """Two conversations on one adapter, turns alternating: each turn goes to the slot that
+    holds its own conversation (the most leading messages shared), not the most recent."""
+    talks = {"x": [], "y": []}
+    previous = {"x": 0, "y": 0}
+    for question in CONVERSATION[:3]:
+        for name in ("x", "y"):
+            messages = talks[name]
+            messages.append({"role": "user", "content": f"{name}: {question}"})
+            before = server.health()
+            answer, usage = _chat(client, messages, "a")
+            cached = server.health()["prompt_tokens_cached"] - before["prompt_tokens_cached"]
+            assert cached >= previous[name], (name, cached, previous[name])
+            previous[name] = usage.prompt_tokens + usage.completion_tokens - 1
+            messages.append({"role": "assistant", "content": answer})
+
+
 def test_a_mixed_request_equals_the_engine_with_those_scales(client, tiny):
     messages = [{"role": "user", "content": CONVERSATION[0]}]
     mix = [{"name": "a", "scale": 0.7}, {"name": "b", "scale": 0.3}]

@@ -100,14 +100,13 @@ class Batcher:
     # --- the decoding thread's side (holding cv unless said) ---------------------------------
     def free_slot(self, mix: tuple, key: tuple = ()) -> Slot | None:
         """A slot for a request under ``mix``, None when ``engine.parallel`` requests run.
-        ``key`` is what the request asks (:func:`request_key`): an idle slot whose cache
-        was computed under ``mix`` for a request sharing leading items with it (the same
-        conversation, a turn earlier) is taken first, the longest shared prefix winning,
-        since its KV entries save the most evaluation. Otherwise, of the idle slots, the one
-        that adds the fewest filler rows to ``mix``'s steps (a step spans the consecutive
-        sequence ids from its lowest to its highest, a filler in each gap:
-        :mod:`edge_tune.batch_rows`); among those, one computed under ``mix`` (the most
-        recent), else the least recently used (its cache is dropped)."""
+        Of the idle slots, the ones that add the fewest filler rows to ``mix``'s steps (a
+        step spans the consecutive sequence ids from its lowest to its highest, a filler in
+        each gap: :mod:`edge_tune.batch_rows`); among those, one whose cache was computed
+        under ``mix``, for the request sharing the most leading items with ``key``
+        (:func:`request_key`: the same conversation a turn earlier, or the same system
+        prompt), then the most recent; else the least recently used (its cache is
+        dropped)."""
         busy = [s for s in self.slots if s.sequence is not None]
         if len(busy) >= self.limit:
             return None
@@ -120,17 +119,14 @@ class Batcher:
             lo, hi = min(ids + [slot.seq_id]), max(ids + [slot.seq_id])
             return hi - lo - len(ids)
 
+        fewest = min(gaps(s) for s in idle)
+        idle = [s for s in idle if gaps(s) == fewest]
         shared = {s.seq_id: _shared_prefix(s.key, key) for s in idle if s.mix == mix}
-        best = max(shared.values(), default=0)
-        if best > 0:
-            slot = max((s for s in idle if shared.get(s.seq_id) == best),
-                       key=lambda s: (-gaps(s), s.used))
-        else:
-            fewest = min(gaps(s) for s in idle)
-            idle = [s for s in idle if gaps(s) == fewest]
-            same = [s for s in idle if s.mix == mix]
-            slot = (max(same, key=lambda s: s.used) if same
-                    else min(idle, key=lambda s: s.used))
+        same = [s for s in idle if shared.get(s.seq_id, 0) > 0]
+        if same:
+            slot = max(same, key=lambda s: (shared[s.seq_id], s.used))
+        else:  # the least recently used: the caches of recent conversations stay
+            slot = min(idle, key=lambda s: s.used)
         if slot.mix != mix:
             slot.view.n_tokens, slot.mix = 0, mix  # its entries go at the first decode
         slot.key = key
