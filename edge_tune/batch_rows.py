@@ -3,8 +3,9 @@
 The rule (measured on the default Q4_1 model with and without adapters: docs/serving.md
 "Why it is exact"): **one KV stream per sequence** (``kv_unified = false``), **flash
 attention with a BF16 KV cache** (:func:`kv_cache_params`), and every decode either a
-*step* of **at least two rows**, one token per sequence, or a *prompt chunk* of one
-sequence alone (at least two rows, its last two as outputs).
+*step*, one token per sequence, of **at least two rows** unless one row is known to compute
+as several (below), or a *prompt chunk* of one sequence alone (at least two rows, its last
+two as outputs).
 
 Why each part: ggml's CPU flash attention computes every query row on its own, over its
 own stream's cells in order, unless the cache is F16/F32 (then blocks of 64 rows or more
@@ -12,13 +13,15 @@ take a tiled kernel and a lone row over 512 cells a split one); with BF16 a deco
 entries equal the same token's inside any prompt block, so an answer's KV entries serve the
 next turn as they are. Without flash attention the attention matrices go through
 llamafile's sgemm for blocks and ggml's dot products for a decoded row, which round
-differently. The weights: llamafile's sgemm takes over at two rows for F32 adapter matrices,
-Q8_0/F16/F32 weights, so a lone sequence's step gets a *filler* row (appended to a
-neighbouring stream's end, with logits, and removed after) whenever an adapter is active or
-the model has float weights (``Batch.lone_ok``: measured, a quantized base alone needs
-none). llama.cpp splits a batch over per-sequence streams into micro-batches of
-consecutive, increasing sequence ids with equal token counts; a step therefore covers a
-consecutive range of sequence ids, in order, with a filler row in each gap (rows out of
+differently. The weights: llamafile's sgemm takes over at two rows for F32 adapter matrices
+and F16/F32 weights, so a lone sequence's step gets a *filler* row (appended to a
+neighbouring stream's end, with logits: llama.cpp computes the last layer only for output
+rows, and removed after) unless a lone row is known to compute as it would beside others
+(``Batch.lone_ok``, measured per adapter set by :func:`lone_rows_agree`: on x86 it does for
+quantized weights with the engine's Q8_0 adapter copies, :mod:`edge_tune.serving_adapter`).
+llama.cpp splits a batch over per-sequence streams into micro-batches of consecutive,
+increasing sequence ids with equal token counts; without ``lone_ok`` a step therefore covers
+a consecutive range of sequence ids, in order, with a filler row in each gap (rows out of
 order are split off into micro-batches of one row).
 
 :func:`seq_llama` makes a ``llama_cpp.Llama`` whose ``eval``/``sample`` follow that rule for
@@ -51,6 +54,65 @@ def kv_cache_params(exact: bool = False) -> dict:
     if exact:
         return {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32, "flash_attn": False}
     return {"type_k": GGML_TYPE_BF16, "type_v": GGML_TYPE_BF16, "flash_attn": True}
+
+
+def lone_rows_agree(model, threads: int, adapters: list, cache: dict) -> bool:
+    """Whether a lone decoded row gives the same logits, bit for bit, as the same row beside
+    another sequence's, on this machine, for ``model`` under ``adapters``
+    (``llama_adapter_lora`` pointers, scale 1) with the KV cache settings ``cache``
+    (:func:`kv_cache_params`). When it does, a lone sequence needs no filler row.
+
+    Measured rather than assumed: whether ggml's one-row and several-row kernels agree
+    depends on the tensor types (Q8_0 and Q4_1 do on x86, F32 does not) and on the CPU's
+    instruction set. Three steps after an 8-token prompt, on a context of its own (two
+    streams of 256 cells)."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = 512, 16, 16, 2
+    params.kv_unified = False
+    params.n_threads = params.n_threads_batch = threads
+    params.type_k, params.type_v = cache["type_k"], cache["type_v"]
+    params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if cache["flash_attn"]
+                              else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    if not ctx:
+        return False
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    batch = Batch(ctx, 2)
+    try:
+        if adapters:
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * len(adapters))(*adapters)
+            ones = (ctypes.c_float * len(adapters))(*([1.0] * len(adapters)))
+            if llama_cpp.llama_set_adapters_lora(ctx, arr, len(adapters), ones) != 0:
+                return False
+        tokens = [(7 * i + 11) % n_vocab for i in range(11)]
+
+        def steps(beside: bool) -> list:
+            llama_cpp.llama_memory_clear(batch.memory, True)
+            batch.decode([Rows(0, 0, tokens[:8])])
+            if beside:
+                batch.decode([Rows(1, 0, tokens[3:11])])
+            out = []
+            for k in range(3):
+                entries = [Rows(0, 8 + k, [tokens[8 + k]])]
+                if beside:
+                    entries.append(Rows(1, 8 + k, [tokens[k]]))
+                batch.decode(entries)
+                row = llama_cpp.llama_get_logits_ith(ctx, entries[0].first)
+                out.append(np.ctypeslib.as_array(row, shape=(n_vocab,)).copy())
+            return out
+
+        batch.lone_ok = True
+        return all(np.array_equal(a, b) for a, b in zip(steps(False), steps(True)))
+    except EdgeTuneError:
+        return False
+    finally:
+        batch.close()
+        llama_cpp.llama_free(ctx)
 
 
 class KVFull(EdgeTuneError):
@@ -158,7 +220,7 @@ class Batch:
 
         if len(entries) == 1 and len(entries[0].tokens) > 1:
             return []  # a prompt chunk: its last two rows are the outputs
-        if len(entries) == 1 and self.lone_ok:
+        if self.lone_ok:  # one row computes as several: gaps (1-row micro-batches) too
             return []
         seqs = {e.seq for e in entries}
         lo, hi = min(seqs), max(seqs)

@@ -253,6 +253,15 @@ def _keep_prompt_only(llm, prompt_tokens: int) -> None:
         llm._ctx.kv_cache_seq_rm(-1, prompt_tokens, -1)
 
 
+def _matrix_kinds(path: Path) -> frozenset:
+    """(tensor name suffix, GGML type, row width) of an adapter file's matrices: what decides
+    which of ggml's kernels multiply by them (a header read)."""
+    from edge_tune.converters.formats.gguf_header import read_header
+
+    return frozenset((t.name.rsplit(".", 1)[-1], int(t.tensor_type), int(t.shape[0]))
+                     for t in read_header(path).tensors)
+
+
 class Engine:
     def __init__(self, base_gguf: Path, n_ctx: int = 4096, threads: Optional[int] = None,
                  logits_all: bool = False, seed: int = 0, exact: bool = False,
@@ -307,11 +316,15 @@ class Engine:
         # decoded rows equal block rows, so an answer's KV entries serve the next turn
         self._answers_reusable = not exact
         self.parallel = max(1, parallel)
-        # ggml computes F32/F16 matrices with other kernels for one row than for several;
-        # quantized ones (and no adapter) not: measured, docs/serving.md
+        # ggml computes F32/F16 matrices with other kernels for one row than for several,
+        # quantized ones (Q4_1, Q8_0 on x86) not: whether a lone row needs a filler
         file_type = self.llm.metadata.get("general.file_type")
         self._float_weights = not str(file_type or "").isdigit() or int(file_type) in (0, 1, 32)
-        self.llm.batch.lone_ok = not self._float_weights
+        self._exact = exact
+        self._threads = threads
+        self._lone_ok: dict[frozenset, bool] = {}
+        self._kernels: dict[str, frozenset] = {}  # adapter -> its matrices' (type, width)
+        self.llm.batch.lone_ok = self._lone_rows_ok(())
         # adapter set -> its cached prompt (KV entries + tokens), saved when it was left
         self._saved: OrderedDict[tuple, object] = OrderedDict()
         own = self.llm.metadata.get("tokenizer.chat_template") or None
@@ -391,7 +404,9 @@ class Engine:
 
     # --- adapters -----------------------------------------------------------------------
     def add_adapter(self, path: Path, name: Optional[str] = None) -> str:
-        """Validate and load an adapter GGUF; returns its name (default: the path)."""
+        """Validate and load an adapter GGUF; returns its name (default: the path). On a
+        quantized base (not ``exact``) its Q8_0 serving copy is what llama.cpp loads
+        (:mod:`edge_tune.serving_adapter`)."""
         import llama_cpp
 
         path = Path(path)
@@ -399,8 +414,18 @@ class Engine:
         if name in self._adapters:
             return name
         self.adapter_meta[name] = validate_adapter_file(path, self.base)
+        load = path
+        if not self._exact and not self._float_weights:
+            from edge_tune.serving_adapter import serving_copy
+
+            try:
+                load = serving_copy(path)
+            except (OSError, ValueError) as exc:
+                raise EdgeTuneError(f"{path}: could not make its Q8_0 serving copy "
+                                    f"({exc})") from None
         with quiet_stderr():
-            ptr = llama_cpp.llama_adapter_lora_init(self.llm.model, str(path).encode())
+            ptr = llama_cpp.llama_adapter_lora_init(self.llm.model, str(load).encode())
+        self._kernels[name] = _matrix_kinds(load)
         if not ptr:  # a NULL pointer object, not None
             raise EdgeTuneError(f"{path}: llama.cpp refused to load this adapter")
         self._adapters[name] = ptr
@@ -421,6 +446,7 @@ class Engine:
         self.adapter_meta.pop(name, None)
         for key in [k for k in self._saved if any(n == name for n, _ in k)]:
             del self._saved[key]
+        self._kernels.pop(name, None)
         llama_cpp.llama_adapter_lora_free(ptr)
 
     def _save_prompt(self) -> tuple:
@@ -495,10 +521,28 @@ class Engine:
             rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
         if rc != 0:
             raise EdgeTuneError(f"llama.cpp could not activate adapters {mix!r} (code {rc})")
-        # an adapter's F32 matrices take other kernels for a lone row: every step 2 rows
-        self.llm.batch.lone_ok = not mix and not self._float_weights
+        self.llm.batch.lone_ok = self._lone_rows_ok(tuple(n for n, _ in mix))
         self.active_mix = mix
         self.active = mix[0][0] if mix else None
+
+    def _lone_rows_ok(self, names: tuple) -> bool:
+        """Whether a lone sequence may decode without a filler row under the adapters
+        ``names`` (any scales). Measured on this machine once per kind of adapter set:
+        which ggml kernels run depends on the matrices' types and widths, not on their
+        values, so sets alike in those share the answer."""
+        if self._float_weights or (names and self._exact):
+            return False  # float matrices change kernels at two rows (exact: F32 adapters)
+        if not names:
+            return True  # quantized weights alone: measured, docs/serving.md
+        key = frozenset().union(*(self._kernels[n] for n in names))
+        if key not in self._lone_ok:
+            from edge_tune.batch_rows import kv_cache_params, lone_rows_agree
+
+            with quiet_stderr():
+                self._lone_ok[key] = lone_rows_agree(
+                    self.llm.model, self._threads, [self._adapters[n] for n in names],
+                    kv_cache_params(self._exact))
+        return self._lone_ok[key]
 
     # --- inference ------------------------------------------------------------------------
     def chat_stream(self, messages: list[dict], temperature: float = 0.7,

@@ -134,10 +134,11 @@ class Field:
 
 
 class TensorInfo:
-    """A tensor's name and ggml shape (``ne`` order: innermost dimension first)."""
+    """A tensor's name, ggml shape (``ne`` order: innermost dimension first) and GGML type
+    (``tensor_type``, an int as in ggml.h)."""
 
-    def __init__(self, name: str, shape: list[int]):
-        self.name, self.shape = name, shape
+    def __init__(self, name: str, shape: list[int], tensor_type: int = 0):
+        self.name, self.shape, self.tensor_type = name, shape, tensor_type
 
 
 class GGUFHeader:
@@ -175,7 +176,7 @@ class GGUFHeader:
                 count *= d
             if start + offset + count // block * nbytes > len(m):
                 raise ValueError(f"tensor {name} extends past the end of the file")
-            self.tensors.append(TensorInfo(name, dims))
+            self.tensors.append(TensorInfo(name, dims, ttype))
 
 
 def read_header(path: Path) -> GGUFHeader:
