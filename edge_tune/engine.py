@@ -425,9 +425,9 @@ class Engine:
                                     f"({exc})") from None
         with quiet_stderr():
             ptr = llama_cpp.llama_adapter_lora_init(self.llm.model, str(load).encode())
-        self._kernels[name] = _matrix_kinds(load)
         if not ptr:  # a NULL pointer object, not None
             raise EdgeTuneError(f"{path}: llama.cpp refused to load this adapter")
+        self._kernels[name] = _matrix_kinds(load)
         self._adapters[name] = ptr
         return name
 
