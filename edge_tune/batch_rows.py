@@ -166,9 +166,22 @@ class Batch:
         self.memory = llama_cpp.llama_get_memory(ctx)
         # a lone row may go without a filler: quantized weights, no adapter (the engine
         # sets it; measured in docs/serving.md)
-        self.lone_ok = False
+        self._lone_ok: bool | None = False
+        self.lone_check = None  # decides ``lone_ok`` when it is None (the engine sets both)
         self.rows = 0  # rows decoded, fillers included
         self.filler_rows = 0
+
+    @property
+    def lone_ok(self) -> bool:
+        """A lone sequence's step needs no filler row; None until decided, by
+        ``lone_check()`` at the first step that asks."""
+        if self._lone_ok is None:
+            self._lone_ok = bool(self.lone_check()) if self.lone_check else False
+        return self._lone_ok
+
+    @lone_ok.setter
+    def lone_ok(self, value: bool | None) -> None:
+        self._lone_ok = value
 
     def decode(self, entries: list[Rows]) -> None:
         """Decode a prompt chunk (one entry) or a step (entries of one token each, distinct

@@ -253,6 +253,9 @@ def _keep_prompt_only(llm, prompt_tokens: int) -> None:
         llm._ctx.kv_cache_seq_rm(-1, prompt_tokens, -1)
 
 
+_LONE_ROWS: dict[tuple, bool] = {}  # see Engine._decide_lone_rows
+
+
 def _matrix_kinds(path: Path) -> frozenset:
     """(tensor name suffix, GGML type, row width) of an adapter file's matrices: what decides
     which of ggml's kernels multiply by them (a header read)."""
@@ -317,14 +320,13 @@ class Engine:
         self._answers_reusable = not exact
         self.parallel = max(1, parallel)
         # ggml computes F32/F16 matrices with other kernels for one row than for several,
-        # quantized ones (Q4_1, Q8_0 on x86) not: whether a lone row needs a filler
+        # quantized ones (Q4_1, Q8_0 on x86) not: whether a lone row needs a filler row
         file_type = self.llm.metadata.get("general.file_type")
         self._float_weights = not str(file_type or "").isdigit() or int(file_type) in (0, 1, 32)
         self._exact = exact
         self._threads = threads
-        self._lone_ok: dict[frozenset, bool] = {}
         self._kernels: dict[str, frozenset] = {}  # adapter -> its matrices' (type, width)
-        self.llm.batch.lone_ok = self._lone_rows_ok(())
+        self._decide_lone_rows(())
         # adapter set -> its cached prompt (KV entries + tokens), saved when it was left
         self._saved: OrderedDict[tuple, object] = OrderedDict()
         own = self.llm.metadata.get("tokenizer.chat_template") or None
@@ -420,13 +422,20 @@ class Engine:
 
             try:
                 load = serving_copy(path)
-            except (OSError, ValueError) as exc:
-                raise EdgeTuneError(f"{path}: could not make its Q8_0 serving copy "
-                                    f"({exc})") from None
+            except OSError as exc:
+                raise EdgeTuneError(f"{path}: could not make its Q8_0 serving copy in "
+                                    f"edge-tune's cache ({exc.strerror or exc})") from None
         with quiet_stderr():
             ptr = llama_cpp.llama_adapter_lora_init(self.llm.model, str(load).encode())
+        if not ptr and load != path:  # the cached copy went bad after its check: remake it
+            from edge_tune.serving_adapter import serving_copy
+
+            load = serving_copy(path, fresh=True)
+            with quiet_stderr():
+                ptr = llama_cpp.llama_adapter_lora_init(self.llm.model, str(load).encode())
         if not ptr:  # a NULL pointer object, not None
-            raise EdgeTuneError(f"{path}: llama.cpp refused to load this adapter")
+            where = "" if load == path else f" (its Q8_0 serving copy {load})"
+            raise EdgeTuneError(f"{path}: llama.cpp refused to load this adapter{where}")
         self._kernels[name] = _matrix_kinds(load)
         self._adapters[name] = ptr
         return name
@@ -521,28 +530,35 @@ class Engine:
             rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
         if rc != 0:
             raise EdgeTuneError(f"llama.cpp could not activate adapters {mix!r} (code {rc})")
-        self.llm.batch.lone_ok = self._lone_rows_ok(tuple(n for n, _ in mix))
+        self._decide_lone_rows(tuple(n for n, _ in mix))
         self.active_mix = mix
         self.active = mix[0][0] if mix else None
 
-    def _lone_rows_ok(self, names: tuple) -> bool:
+    def _decide_lone_rows(self, names: tuple) -> None:
         """Whether a lone sequence may decode without a filler row under the adapters
-        ``names`` (any scales). Measured on this machine once per kind of adapter set:
-        which ggml kernels run depends on the matrices' types and widths, not on their
-        values, so sets alike in those share the answer."""
+        ``names`` (any scales) is decided at the first step that asks
+        (:attr:`Batch.lone_ok`): measured on this machine (``lone_rows_agree``), once per
+        process for each base file and kind of adapter set, since which ggml kernels run
+        depends on the matrices' types and widths, not on their values."""
+        batch = self.llm.batch
         if self._float_weights or (names and self._exact):
-            return False  # float matrices change kernels at two rows (exact: F32 adapters)
-        if not names:
-            return True  # quantized weights alone: measured, docs/serving.md
-        key = frozenset().union(*(self._kernels[n] for n in names))
-        if key not in self._lone_ok:
-            from edge_tune.batch_rows import kv_cache_params, lone_rows_agree
+            batch.lone_ok = False  # float matrices change kernels at two rows
+            return
+        stat = self.base_path.stat()
+        key = (str(self.base_path), stat.st_size, stat.st_mtime_ns, self._exact,
+               frozenset().union(*(self._kernels[n] for n in names)))
+        adapters = [self._adapters[n] for n in names]
 
-            with quiet_stderr():
-                self._lone_ok[key] = lone_rows_agree(
-                    self.llm.model, self._threads, [self._adapters[n] for n in names],
-                    kv_cache_params(self._exact))
-        return self._lone_ok[key]
+        def check() -> bool:
+            if key not in _LONE_ROWS:
+                from edge_tune.batch_rows import kv_cache_params, lone_rows_agree
+
+                with quiet_stderr():
+                    _LONE_ROWS[key] = lone_rows_agree(self.llm.model, self._threads, adapters,
+                                                      kv_cache_params(self._exact))
+            return _LONE_ROWS[key]
+
+        batch.lone_ok, batch.lone_check = _LONE_ROWS.get(key), check
 
     # --- inference ------------------------------------------------------------------------
     def chat_stream(self, messages: list[dict], temperature: float = 0.7,

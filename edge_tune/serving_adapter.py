@@ -14,12 +14,18 @@ import hashlib
 from pathlib import Path
 
 
-def serving_copy(path: Path) -> Path:
+FORMAT = "q8_0-v2"  # in the cached copy's name: a change of the conversion makes new copies
+
+
+def serving_copy(path: Path, fresh: bool = False) -> Path:
     """The Q8_0 copy of adapter ``path``, kept in edge-tune's cache under the SHA-256 of the
     file (made on first use: a second for the default model's 18.6 MiB adapter); ``path``
-    itself when none of its pairs can be stored in Q8_0. Raises ValueError for a file that
-    is not a whole GGUF."""
+    itself when some pair cannot be stored in Q8_0. A cached copy that is not a whole GGUF
+    (or any copy, with ``fresh``) is made again. Raises EdgeTuneError (one line) for an
+    adapter that is not a whole GGUF."""
+    from edge_tune.converters.formats.base_info import open_gguf
     from edge_tune.converters.formats.lora_q8 import write_q8_copy
+    from edge_tune.errors import EdgeTuneError
     from edge_tune.fsutil import cache_dir
 
     path = Path(path)
@@ -28,12 +34,16 @@ def serving_copy(path: Path) -> Path:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     root = cache_dir() / "serving-adapters"
-    copy = root / f"{digest.hexdigest()[:32]}.q8_0.gguf"
-    none = root / f"{digest.hexdigest()[:32]}.none"  # nothing to convert: remembered
-    if copy.is_file():
-        return copy
-    if none.is_file():
+    stem = f"{digest.hexdigest()[:32]}.{FORMAT}"
+    copy, none = root / f"{stem}.gguf", root / f"{stem}.none"  # .none: nothing to convert
+    if none.is_file() and not fresh:
         return path
+    if copy.is_file() and not fresh:
+        try:
+            open_gguf(copy)
+            return copy
+        except (EdgeTuneError, ValueError, OSError):
+            pass  # damaged since it was written: made again below
     root.mkdir(parents=True, exist_ok=True)
     if write_q8_copy(path, copy) == 0:
         none.touch()
