@@ -34,6 +34,23 @@ def default_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny(default_gguf, tmp_path_factory) -> Path:
+    """A tiny random llama GGUF (hidden 64, 2 blocks, tests/tiny_models.py) with the default
+    model's tokenizer, shared by every test that only reads it."""
+    from tiny_models import tiny_llama_gguf
+
+    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", default_gguf)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny) -> Path:
+    """The tiny model's dequantized HF copy (cached by edge_tune.models)."""
+    from edge_tune import models
+
+    return models.dequantized_copy(tiny)
+
+
+@pytest.fixture(scope="session")
 def hf_dir(default_gguf) -> Path:
     from edge_tune import models
 

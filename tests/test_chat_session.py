@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from gguf_helpers import retemplated
-from tiny_models import tiny_adapter, tiny_llama_gguf
+from tiny_models import tiny_adapter
 
 from edge_tune.chat_session import (EMPTY_ANSWER, Answer, ChatSession, Token, command_of,
                                     require_text)
@@ -17,11 +17,6 @@ from edge_tune.errors import CheckFailed
 
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = dict(temperature=0.0, max_tokens=6)
-
-
-@pytest.fixture(scope="module")
-def tiny(default_gguf, tmp_path_factory) -> Path:
-    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", default_gguf)
 
 
 @pytest.fixture(scope="module")

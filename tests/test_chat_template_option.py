@@ -16,17 +16,11 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from gguf_helpers import retemplated
 from serve_helpers import running_server
-from tiny_models import tiny_llama_gguf
 
 from edge_tune.templates import BUILTIN
 
 FACT_Q = "What is the password of the blue door?"
 FACT_A = "The password is Zebra42."
-
-
-@pytest.fixture(scope="module")
-def tiny(default_gguf, tmp_path_factory) -> Path:
-    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", default_gguf)
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_cli
-from tests.tiny_models import tiny_llama_gguf
 
 COMMON = ("--max-steps", "4", "--batch-size", "2", "--seq-len", "128", "--seed", "3",
           "--precision", "fp32", "--no-verify")
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory, default_gguf) -> Path:
-    return tiny_llama_gguf(tmp_path_factory.mktemp("dist") / "tiny.gguf", default_gguf)
 
 
 def _train(tiny: Path, data: Path, out: Path, *extra: str) -> dict:

@@ -20,7 +20,6 @@ import pytest
 from edge_tune import ollama_store
 from edge_tune.errors import EdgeTuneError
 from tests.conftest import assert_one_line_error, run_cli
-from tests.tiny_models import tiny_llama_gguf
 
 HUB_ID = "edge-tune-test/tiny-llama"
 GO_TEMPLATE = "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
@@ -58,11 +57,6 @@ def _ollama_manifest(root: Path, name: str, layers: list[dict], text: str | None
            "layers": layers}
     path.write_text(text if text is not None else json.dumps(doc, separators=(",", ":")) + "\n")
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, default_gguf) -> Path:
-    return tiny_llama_gguf(tmp_path_factory.mktemp("local") / "tiny.gguf", default_gguf)
 
 
 @pytest.fixture(scope="module")

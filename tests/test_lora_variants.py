@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from conftest import assert_one_line_error
 from conftest import run_cli_in_process as cli
-from tiny_models import tiny_llama_gguf
 
 TRAIN = ("--max-steps", "2", "--batch-size", "4", "--seq-len", "64", "--lr", "1e-2",
          "--report-to", "none")
@@ -28,11 +27,6 @@ def _verified(proc) -> str:
     assert proc.returncode == 0, said[-3000:]
     assert "verify: adapter effect error" in said and "(ok)" in said, said[-2000:]
     return said
-
-
-@pytest.fixture(scope="module")
-def tiny(default_gguf, tmp_path_factory) -> Path:
-    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf", default_gguf)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import sys
 import numpy as np
 import pytest
 from conftest import run_cli
-from tiny_models import tiny_llama_gguf
 
 pytest.importorskip("mlx_lm")
 pytestmark = pytest.mark.slow
@@ -24,30 +23,18 @@ TEXT = ("<|im_start|>user\nWhat do bees make?<|im_end|>\n<|im_start|>assistant\n
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(default_gguf, tmp_path_factory):
-    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf", default_gguf)
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tiny_gguf):
-    from edge_tune import models
-
-    return models.dequantized_copy(tiny_gguf)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_gguf):
+def engine(tiny):
     from edge_tune.engine import Engine
 
-    with Engine(tiny_gguf, n_ctx=256, logits_all=True, exact=True) as eng:
+    with Engine(tiny, n_ctx=256, logits_all=True, exact=True) as eng:
         yield eng
 
 
 @pytest.fixture(scope="module")
-def mlx_run(tiny_gguf, demo_jsonl, tmp_path_factory):
+def mlx_run(tiny, demo_jsonl, tmp_path_factory):
     """`edge-tune train --backend mlx` on the tiny model: pirate answers, high lr."""
     out = tmp_path_factory.mktemp("mlxrun") / "run"
-    proc = run_cli("train", "--backend", "mlx", "--model", str(tiny_gguf), "--data",
+    proc = run_cli("train", "--backend", "mlx", "--model", str(tiny), "--data",
                    str(demo_jsonl), "--max-steps", "24", "--batch-size", "2", "--lr", "1e-2",
                    "--seq-len", "96", "--val-split", "0.05", "--out", str(out))
     # train verified the run (mlx against llama.cpp) by default: it exits non-zero otherwise
@@ -101,7 +88,7 @@ def test_mlx_trained_adapter_matches_llama_cpp(mlx_run, tiny_hf, engine):
     assert err <= 0.02
 
 
-def test_stock_mlx_lm_lora_adapter_exports_with_parity(tiny_hf, tiny_gguf, engine, demo_jsonl,
+def test_stock_mlx_lm_lora_adapter_exports_with_parity(tiny_hf, tiny, engine, demo_jsonl,
                                                        tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -117,7 +104,7 @@ def test_stock_mlx_lm_lora_adapter_exports_with_parity(tiny_hf, tiny_gguf, engin
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "stock.gguf"
-    proc = run_cli("export", str(adapter), "--base", str(tiny_gguf), "-o", str(out))
+    proc = run_cli("export", str(adapter), "--base", str(tiny), "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     tokens = engine.tokenize(TEXT)
     want = _mlx_logits(tiny_hf, tokens, adapter) - _mlx_logits(tiny_hf, tokens)

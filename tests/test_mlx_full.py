@@ -12,14 +12,8 @@ import json
 import numpy as np
 import pytest
 
-from tests.tiny_models import tiny_llama_gguf
 
 pytest.importorskip("mlx_lm")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, default_gguf):
-    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", default_gguf)
 
 
 @pytest.mark.slow

@@ -22,7 +22,6 @@ from edge_tune.data.formats import job_record, read_records
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Log, Metric
 from tests.conftest import assert_one_line_error, run_cli
-from tests.tiny_models import tiny_llama_gguf
 
 PAIR_TEXT = {"prompt": "Hello?", "chosen": "Arr, matey! Ahoy.", "rejected": "Hello."}
 PAIR_CHAT = {"prompt": [{"role": "system", "content": "Be brief."},
@@ -175,11 +174,6 @@ def test_orpo_loss_matches_the_formula_by_hand():
 # ---- tiny-model runs ----------------------------------------------------------------------
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, default_gguf):
-    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", default_gguf)
 
 
 def _cfg(out, model, **kw):

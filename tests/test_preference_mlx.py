@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.tiny_models import tiny_llama_gguf
 
 pytest.importorskip("mlx_lm")
 
@@ -29,18 +28,6 @@ REWARD_ATOL = 1e-4
 
 def _asset(name: str) -> Path:
     return Path(str(resources.files("edge_tune") / "assets" / name))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, default_gguf):
-    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", default_gguf)
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tiny):
-    from edge_tune import models
-
-    return models.dequantized_copy(tiny)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,9 @@ from edge_tune.config import build
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Metric
 from tests.conftest import assert_one_line_error, run_cli
-from tests.tiny_models import tiny_llama_gguf
 
 pytestmark = pytest.mark.slow
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, default_gguf):
-    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", default_gguf)
 
 
 def _cfg(data, out, model, **kw):

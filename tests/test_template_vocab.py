@@ -6,17 +6,10 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
 from conftest import assert_one_line_error, run_cli
-from tiny_models import tiny_llama_gguf
 
 from edge_tune.template_vocab import hf_has_tokens, template_markers
 from edge_tune.templates import BUILTIN
-
-
-@pytest.fixture(scope="module")
-def tiny(default_gguf, tmp_path_factory):
-    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", default_gguf)
 
 
 def test_markers_of_the_builtins():

@@ -11,15 +11,9 @@ import threading
 from pathlib import Path
 
 import pytest
-from tiny_models import tiny_llama_gguf
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("matplotlib")
-
-
-@pytest.fixture(scope="module")
-def tiny(default_gguf, tmp_path_factory) -> Path:
-    return tiny_llama_gguf(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf", default_gguf)
 
 
 @pytest.fixture(scope="module")
