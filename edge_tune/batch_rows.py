@@ -71,13 +71,10 @@ def lone_rows_agree(model, threads: int, adapters: list, cache: dict) -> bool:
     import llama_cpp
     import numpy as np
 
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = 512, 16, 16, 2
-    params.kv_unified = False
+    params = _streams(llama_cpp.llama_context_default_params(), 2, cache["flash_attn"])
+    params.n_ctx, params.n_batch, params.n_ubatch = 512, 16, 16
     params.n_threads = params.n_threads_batch = threads
     params.type_k, params.type_v = cache["type_k"], cache["type_v"]
-    params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if cache["flash_attn"]
-                              else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
     ctx = llama_cpp.llama_init_from_model(model, params)
     if not ctx:
         return False
@@ -131,6 +128,18 @@ class Rows:
     first: int = -1  # batch index of the first row, set by Batch.decode
 
 
+def _streams(params, n_seq_max: int, flash_attn: bool):
+    """``params`` (llama_context_params) set for ``n_seq_max`` sequences, one KV stream
+    each, flash attention on or off."""
+    import llama_cpp
+
+    params.n_seq_max = n_seq_max
+    params.kv_unified = False
+    params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                              else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    return params
+
+
 @contextlib.contextmanager
 def context_params(n_seq_max: int, flash_attn: bool = False):
     """``Llama()`` builds its llama_context_params internally; start it from defaults with
@@ -140,12 +149,7 @@ def context_params(n_seq_max: int, flash_attn: bool = False):
     original = low.llama_context_default_params
 
     def patched():
-        params = original()
-        params.n_seq_max = n_seq_max
-        params.kv_unified = False
-        params.flash_attn_type = (low.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                                  else low.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        return params
+        return _streams(original(), n_seq_max, flash_attn)
 
     low.llama_context_default_params = patched
     try:
@@ -164,8 +168,8 @@ class Batch:
         self.streams = streams
         self.batch = llama_cpp.llama_batch_init(max(CHUNK, streams) + 2, 0, 1)
         self.memory = llama_cpp.llama_get_memory(ctx)
-        # a lone row may go without a filler: quantized weights, no adapter (the engine
-        # sets it; measured in docs/serving.md)
+        # whether a lone row may go without a filler: set by the engine, or measured when
+        # first asked (``lone_check``: Engine._decide_lone_rows)
         self._lone_ok: bool | None = False
         self.lone_check = None  # decides ``lone_ok`` when it is None (the engine sets both)
         self.rows = 0  # rows decoded, fillers included

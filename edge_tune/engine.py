@@ -316,14 +316,14 @@ class Engine:
         self.active: Optional[str] = None
         self.active_mix: tuple = ()  # ((name, scale), ...) applied to the context now
         self.prompt_cache = prompt_cache
-        # decoded rows equal block rows, so an answer's KV entries serve the next turn
-        self._answers_reusable = not exact
         self.parallel = max(1, parallel)
-        # ggml computes F32/F16 matrices with other kernels for one row than for several,
-        # quantized ones (Q4_1, Q8_0 on x86) not: whether a lone row needs a filler row
+        # exact: F32 cache without flash attention, where decoded rows differ from block
+        # rows, so answers' KV entries are not reused (_keep_prompt_only)
+        self._exact = exact
+        # float matrices take other ggml kernels for one row than for several (a lone
+        # row then needs a filler); quantized ones measured: _decide_lone_rows
         file_type = self.llm.metadata.get("general.file_type")
         self._float_weights = not str(file_type or "").isdigit() or int(file_type) in (0, 1, 32)
-        self._exact = exact
         self._threads = threads
         self._kernels: dict[str, frozenset] = {}  # adapter -> its matrices' (type, width)
         self._decide_lone_rows(())
@@ -586,8 +586,9 @@ class Engine:
         With :attr:`prompt_cache` the KV entries of the longest common prefix with the
         previous prompt under the same adapter set are reused (llama-cpp-python's
         ``Llama.generate``), the previous answer's included, so turn N of a conversation
-        evaluates only its new tokens; otherwise every answer starts from an empty context. With ``temperature=0`` the
-        answer is greedy and the same whoever asks, cached prefix or not.
+        evaluates only its new tokens; otherwise every answer starts from an empty context.
+        With ``temperature=0`` the answer is greedy and the same whoever asks, cached prefix
+        or not.
         The last piece carries ``finish_reason`` ("stop" or "length")
         and token counts. ``sampling``: top_p, stop, presence/frequency_penalty... as
         llama-cpp-python names them. A prompt longer than the context raises
@@ -636,7 +637,7 @@ class Engine:
         finally:
             counter.uninstall()
             llm.__dict__.pop("generate", None)
-            if self.prompt_cache and not self._answers_reusable:
+            if self.prompt_cache and self._exact:
                 _keep_prompt_only(llm, counter.prompt_tokens)
 
     def chat(self, messages: list[dict], **kw) -> str:

@@ -10,7 +10,6 @@ adapter's by about as much as an F16 KV cache moves them from an F32 one (docs/s
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 
@@ -23,26 +22,22 @@ def serving_copy(path: Path, fresh: bool = False) -> Path:
     itself when some pair cannot be stored in Q8_0. A cached copy that is not a whole GGUF
     (or any copy, with ``fresh``) is made again. Raises EdgeTuneError (one line) for an
     adapter that is not a whole GGUF."""
-    from edge_tune.converters.formats.base_info import open_gguf
+    from edge_tune.converters.formats.gguf_header import read_header
     from edge_tune.converters.formats.lora_q8 import write_q8_copy
     from edge_tune.errors import EdgeTuneError
-    from edge_tune.fsutil import cache_dir
+    from edge_tune.fsutil import cache_dir, sha256_file
 
     path = Path(path)
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
     root = cache_dir() / "serving-adapters"
-    stem = f"{digest.hexdigest()[:32]}.{FORMAT}"
+    stem = f"{sha256_file(path)[:32]}.{FORMAT}"
     copy, none = root / f"{stem}.gguf", root / f"{stem}.none"  # .none: nothing to convert
     if none.is_file() and not fresh:
         return path
     if copy.is_file() and not fresh:
         try:
-            open_gguf(copy)
+            read_header(copy)  # every tensor inside the file
             return copy
-        except (EdgeTuneError, ValueError, OSError):
+        except EdgeTuneError:
             pass  # damaged since it was written: made again below
     root.mkdir(parents=True, exist_ok=True)
     if write_q8_copy(path, copy) == 0:

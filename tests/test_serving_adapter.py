@@ -73,14 +73,15 @@ def test_an_adapter_with_a_pair_q8_0_cannot_hold_is_served_as_written(tmp_path, 
 
     monkeypatch.setenv("EDGE_TUNE_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(4)
-    src = write_adapter(tmp_path / "e.gguf", "llama",
-                        {"blk.0.attn_q.weight.lora_a": rng.normal(size=(8, 64)),
-                         "blk.0.attn_q.weight.lora_b": rng.normal(size=(64, 8)),
-                         # the token embedding: read by rows, not multiplied
-                         "token_embd.weight.lora_a": rng.normal(size=(8, 100)),
-                         "token_embd.weight.lora_b": rng.normal(size=(64, 8))})
-    assert serving_copy(src) == src
-    assert serving_copy(src) == src  # remembered, not converted again
+    # the token embedding: read by rows, not multiplied; alone, or beside a pair that could
+    embedding = {"token_embd.weight.lora_a": rng.normal(size=(8, 100)),
+                 "token_embd.weight.lora_b": rng.normal(size=(64, 8))}
+    query = {"blk.0.attn_q.weight.lora_a": rng.normal(size=(8, 64)),
+             "blk.0.attn_q.weight.lora_b": rng.normal(size=(64, 8))}
+    for name, tensors in (("e", embedding), ("qe", {**query, **embedding})):
+        src = write_adapter(tmp_path / f"{name}.gguf", "llama", tensors)
+        assert serving_copy(src) == src
+        assert serving_copy(src) == src  # remembered, not converted again
 
 
 def test_a_damaged_cached_copy_is_made_again(tmp_path, monkeypatch):
@@ -107,18 +108,6 @@ def _without_alpha(src: Path, dst: Path) -> Path:
         for t in reader.tensors:
             w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
     return dst
-
-
-def test_an_adapter_with_nothing_to_convert_is_loaded_as_written(tmp_path, monkeypatch):
-    from edge_tune.serving_adapter import serving_copy
-
-    monkeypatch.setenv("EDGE_TUNE_CACHE", str(tmp_path / "cache"))
-    rng = np.random.default_rng(4)
-    src = write_adapter(tmp_path / "e.gguf", "llama",
-                        {"token_embd.weight.lora_a": rng.normal(size=(8, 100)),
-                         "token_embd.weight.lora_b": rng.normal(size=(64, 8))})
-    assert serving_copy(src) == src
-    assert serving_copy(src) == src  # remembered, not converted again
 
 
 @pytest.fixture(scope="module")
