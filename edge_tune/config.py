@@ -42,6 +42,16 @@ class TrainConfig:
     seq_len: int = 512
     seed: int = 0
     format: str = "auto"  # auto | openai | sharegpt | alpaca | completion | text
+    # source column -> edge-tune key, "question=prompt,answer=completion" (hub sets, CSVs)
+    columns: Optional[str] = None
+    max_samples: Optional[int] = None  # take at most this many records of each source
+    # auto | inline | drop: assistant reasoning (reasoning_content / thinking). auto: the
+    # chat template must render it (Qwen3 style) or the record is refused; inline: written
+    # into the answer between the model's think markers; drop: left out, said once
+    reasoning: str = "auto"
+    # KTO data (label / kto_tag) under sft/dpo/orpo: train only the desirable (label true)
+    # records, the count of the undesirable ones left out said; without it such data is refused
+    desirable_only: bool = False
     skip_invalid: bool = False  # skip bad records (reported) instead of stopping
     train_on: str = "assistant"  # assistant | all: which tokens carry the loss
     pack: bool = True  # cpu: pack each batch into few seq_len rows (block-diagonal attention)
@@ -101,6 +111,8 @@ _CHECKS = {
                "auto, openai, sharegpt, alpaca, completion, text, preference or "
                "openai_preference"),
     "method": (lambda v: v in ("sft", "dpo", "orpo"), "sft, dpo or orpo"),
+    "reasoning": (lambda v: v in ("auto", "inline", "drop"), "auto, inline or drop"),
+    "max_samples": (lambda v: v is None or v >= 1, "an integer >= 1"),
     "beta": (lambda v: 0 < v <= 100, "a number > 0"),
     "train_on": (lambda v: v in ("assistant", "all"), "assistant or all"),
     "overflow": (lambda v: v in ("truncate", "drop"), "truncate or drop"),
