@@ -62,6 +62,11 @@ TEMPLATE_HELP = ("Chat template to render conversations with instead of the mode
                  "bundle and export use it without being told again.")
 SYSTEM_MODE_HELP = ("keep (system messages as the template renders them) | fold (into the "
                     "first user turn, for templates that reject the system role).")
+REASONING_HELP = ("What to train of an assistant message's reasoning (reasoning_content or "
+                  "thinking): auto (the chat template renders it, as qwen3 does; a template "
+                  "that would drop it is refused) | inline (written into the answer between "
+                  "the model's think markers, <think> and </think>) | drop (answers only) "
+                  "[default: auto].")
 
 
 # --- doctor ----------------------------------------------------------------------------------
@@ -158,6 +163,8 @@ def train(
                                                 "a model without a template."),
     system_mode: Optional[str] = typer.Option(None, "--system-mode", metavar="keep|fold",
                                               help=SYSTEM_MODE_HELP + " [default: keep]"),
+    reasoning: Optional[str] = typer.Option(None, "--reasoning", metavar="auto|inline|drop",
+                                            help=REASONING_HELP),
     rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", help="Rank-stabilized "
                                           "LoRA: scale the update by alpha/sqrt(r) [default: "
                                           "off]."),
@@ -209,7 +216,8 @@ def train(
                  precision=precision,
                  seed=seed, val=str(val) if val else None, val_split=val_split,
                  save_every=save_every, verify=verify, nproc=nproc, nnodes=nnodes, rdzv=rdzv,
-                 chat_template=chat_template, system_mode=system_mode, rslora=rslora,
+                 chat_template=chat_template, system_mode=system_mode, reasoning=reasoning,
+                 rslora=rslora,
                  dora=dora, lora_dropout=lora_dropout, target_modules=target_modules,
                  report_to=report_to, method=method, beta=beta, full=full)
     if resume is not None:
@@ -770,6 +778,8 @@ def data_inspect(
                                                 help=TEMPLATE_HELP),
     system_mode: Optional[str] = typer.Option(None, "--system-mode", metavar="keep|fold",
                                               help=SYSTEM_MODE_HELP + " [default: keep]"),
+    reasoning: Optional[str] = typer.Option(None, "--reasoning", metavar="auto|inline|drop",
+                                            help=REASONING_HELP),
 ) -> None:
     """Show a data file as training sees it: format, records, token lengths, trained share.
 
@@ -785,7 +795,7 @@ def data_inspect(
     with Renderer(err, quiet=as_json) as render:
         report = api.inspect_data(file, model=model, seq_len=n_tokens, fmt=data_format,
                                   on_event=render, chat_template=chat_template,
-                                  system_mode=system_mode)
+                                  system_mode=system_mode, reasoning=reasoning)
     if as_json:
         out.print_json(json.dumps(report))
     else:

@@ -14,13 +14,17 @@ from edge_tune.template_choice import system_mode_option
 
 def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "auto",
                  on_event: EventSink = ignore, chat_template: Optional[str] = None,
-                 system_mode: Optional[str] = None) -> dict:
+                 system_mode: Optional[str] = None, reasoning: Optional[str] = None) -> dict:
     """``edge-tune data inspect``'s report (see :mod:`edge_tune.data.inspect`). Conversations
     on a model with no chat template and no ``chat_template`` are refused before the model's
-    tokenizer is loaded (for a GGUF that is a dequantized copy of the whole model)."""
+    tokenizer is loaded (for a GGUF that is a dequantized copy of the whole model).
+    ``reasoning``: ``--reasoning auto|inline|drop`` (:mod:`edge_tune.data.reasoning`; None:
+    auto); a bad value is an EdgeTuneError before anything is read."""
+    from edge_tune.data import reasoning as reasoning_mod
     from edge_tune.data.inspect import inspect_data as _inspect
 
     models.check_spec(model)
+    extra = {} if reasoning is None else {"reasoning": reasoning_mod.check_mode(reasoning)}
     chosen = template_choice.given(chat_template)
     records = []  # a given template needs no records: only its tokens are checked
     if chosen is None:
@@ -31,7 +35,7 @@ def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "a
     template_choice.require_for_conversations(records, models.resolve(model, on_event), chosen)
     return _inspect(path, model=model, seq_len=seq_len, fmt=fmt, on_event=on_event,
                     chat_template=chat_template,
-                    system_mode=system_mode_option(system_mode) or "keep")
+                    system_mode=system_mode_option(system_mode) or "keep", **extra)
 
 
 def model_template(model: str) -> dict:

@@ -26,9 +26,13 @@ trained) and a record's ``tools`` schemas go to it as ``tools=``; tool-call argu
 objects here (:mod:`edge_tune.data.formats` parses OpenAI's JSON strings), as Hugging Face
 templates expect.
 
+Reasoning: an assistant ``reasoning_content`` goes to the template as it is; a turn whose
+reasoning the template does not render (ChatML, Qwen2.5, the default model's) is refused, never
+trained as the bare answer (``--reasoning inline|drop``: :mod:`edge_tune.data.reasoning`).
+
 Errors: a fault of one record (the template raises on it, cannot place a turn, drops its tool
-calls or tools) is a :class:`RecordError` that starts with the record's ``FILE:LINE`` and which
-``--skip-invalid`` skips; a missing or broken template is an :class:`EdgeTuneError` for the run.
+calls, tools or reasoning) is a :class:`RecordError` that starts with the record's
+``FILE:LINE`` and which ``--skip-invalid`` skips; a missing or broken template is an :class:`EdgeTuneError` for the run.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ NO_TEMPLATE = ("the model has no chat template, so chat records cannot be render
                "gemma, or a Jinja file), or use plain-text data")
 TOOLS_HINT = ("use --chat-template qwen2|llama3 or another template that renders tool calls")
 FOLD_HINT = " (to put the system text into the first user turn: --system-mode fold)"
+REASONING_HINT = ("use --chat-template qwen3 (a template that renders reasoning) or "
+                  "--reasoning inline (writes it into the answer between <think> and </think>), "
+                  "or --reasoning drop to train the answers without it")
 
 
 class RecordError(EdgeTuneError):
@@ -190,6 +197,11 @@ def render_examples(tokenizer, messages: list[dict], tools: Optional[list[dict]]
             raise RecordError(_at(where, f"the chat template does not render tool_calls "
                                          f"(assistant turn {nth} calls {lost[0]!r} but renders "
                                          f"as {_short(turn)}; {TOOLS_HINT})"))
+        reasoning = msgs[i].get("reasoning_content")
+        if isinstance(reasoning, str) and reasoning.strip() and reasoning.strip() not in turn:
+            raise RecordError(_at(where, f"the chat template drops assistant turn {nth}'s "
+                                         f"reasoning_content (it renders the turn as "
+                                         f"{_short(turn)}): {REASONING_HINT}"))
         turns.append((i, before, upto))
     if not any(trained) and not train_on_all:
         return [Rendered(full, [])]  # all context (weight 0): the trainer drops and counts it
