@@ -31,6 +31,17 @@ def _pct(part: float, whole: float) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
+def ignored_text(ignored: dict) -> str:
+    """``id (200 records), source (200)``, or "none" (nothing in the file went unread)."""
+    if not ignored:
+        return "none: every key was read"
+    from collections import Counter
+
+    from edge_tune.data.keys import summary
+
+    return summary(Counter(ignored)) + " (not read: see docs/data.md)"
+
+
 def summary_table(r: dict) -> Table:
     t = Table(title="edge-tune data inspect", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -56,6 +67,17 @@ def summary_table(r: dict) -> Table:
                               f"{tools['tool_results']} tool results (context)")
     if tools.get("context_turns"):
         t.add_row("weight 0", f"{tools['context_turns']} assistant turns are context only")
+    kto = r.get("kto") or {}
+    if any(kto.values()):
+        t.add_row("KTO labels", f"{kto['desirable']} desirable, {kto['undesirable']} "
+                                "undesirable answers (label / kto_tag)")
+    keys = r.get("keys") or {}
+    if keys.get("used"):
+        t.add_row("keys read", "; ".join(
+            f"{k} -> {v['to']}" for k, v in keys["used"].items()
+            if v["to"] and k.rsplit(".", 1)[-1] not in ("role", "content", "from", "value")))
+    t.add_row("ignored keys", Text(ignored_text(keys.get("ignored") or {}),
+                                   style="yellow" if keys.get("ignored") else "green"))
     t.add_row("model", r["model"])
     L = r["lengths"]
     t.add_row("tokens / example", f"min {L['min']}  median {L['median']}  p95 {L['p95']}  "

@@ -17,12 +17,14 @@ JSON string (OpenAI's form) are parsed into an object, which is what HF template
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Optional, Union
 
-from edge_tune.data import preference
+from edge_tune.data import keys, preference
+from edge_tune.data.keys import KTO_KEYS
 from edge_tune.data.readers import Row, Source, file_source, json_kind, open_sources
 from edge_tune.errors import EdgeTuneError
 
@@ -60,6 +62,8 @@ class Record:
     where: str = ""  # "FILE:LINE" (or "FILE:#N"): the start of every message about the record
     # a preference record: ``messages`` is prompt + chosen answer, this prompt + rejected one
     rejected: Optional[list[dict]] = None
+    # a KTO record (TRL's ``label``, LLaMA-Factory's ``kto_tag``): is its answer desirable?
+    label: Optional[bool] = None
 
 
 def job_record(record: Record) -> dict:
@@ -81,6 +85,27 @@ class ReadResult:
     format: str  # the detected (or forced) format; "mixed" for a directory of several
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (line, message)
     formats: dict[str, str] = field(default_factory=dict)  # source -> its format
+    # key -> records that had it: keys no format table knows, and known keys (where they
+    # went: edge_tune.data.keys); nested keys as "messages[].id"
+    ignored: Counter = field(default_factory=Counter)
+    used: Counter = field(default_factory=Counter)
+    key_formats: dict[str, str] = field(default_factory=dict)  # used key -> its format
+    undesirable_left_out: int = 0  # KTO records (label false) left out by --desirable-only
+
+    def ignored_line(self) -> str:
+        """``ignored keys: id (200 records), source (200)``, or "" when none were."""
+        return f"ignored keys: {keys.summary(self.ignored)}" if self.ignored else ""
+
+    def keys_report(self) -> dict:
+        """``{"used": {key: {"records", "to"}}, "ignored": {key: records}}`` (JSON-safe)."""
+        return {"used": keys.where_keys_go(self.used, self.key_formats),
+                "ignored": dict(self.ignored.most_common())}
+
+    @property
+    def kto(self) -> tuple[int, int]:
+        """(desirable, undesirable) KTO records; (0, 0) for other data."""
+        return (sum(1 for r in self.records if r.label is True),
+                sum(1 for r in self.records if r.label is False))
 
 
 # ---- small helpers for messages ---------------------------------------------------------------
@@ -225,6 +250,7 @@ def _openai_message(m, at: str) -> dict:
     if role not in ROLES:
         raise EdgeTuneError(f"{at}: unknown role {_show(role)} (expected one of "
                             f"{', '.join(ROLES)})")
+    m = _thinking(m, at)
     extra = {k: m[k] for k in PASS_THROUGH if m.get(k) is not None}
     calls = extra.get("tool_calls")
     if calls is not None:
@@ -232,17 +258,61 @@ def _openai_message(m, at: str) -> dict:
     for key in ("tool_call_id", "name", "reasoning_content"):
         if key in extra and not isinstance(extra[key], str):
             raise EdgeTuneError(f"{at}: {key!r} must be a string, got {json_kind(extra[key])}")
+    if "reasoning_content" in extra and role != "assistant":
+        raise EdgeTuneError(f"{at}: 'reasoning_content' is only for assistant messages (got "
+                            f"it on {role})")
     # A tool-calling assistant turn may carry no text: the calls are what it says.
     content = _field(m, "content", at, '{"role": ..., "content": ...}', optional=bool(calls))
     return {"role": role, "content": m.get("content") if calls else content, **extra,
             **_weight(m, role, at)}
 
 
+def _thinking(m: dict, at: str) -> dict:
+    """``thinking`` (gpt-oss's and some distillation sets' name) read as ``reasoning_content``
+    (DeepSeek's and Qwen3's); both with different text is an error."""
+    if m.get("thinking") is None:
+        return m
+    if m.get("reasoning_content") not in (None, m["thinking"]):
+        raise EdgeTuneError(f"{at}: 'thinking' and 'reasoning_content' differ (expected one "
+                            "reasoning text per message)")
+    rest = {k: v for k, v in m.items() if k != "thinking"}
+    return {**rest, "reasoning_content": m["thinking"]}
+
+
+def _with_system(messages: list[dict], obj: dict, where: str, shape: str) -> list[dict]:
+    """A record-level ``system`` (ShareGPT, LLaMA-Factory, Alpaca) as the first message. A
+    conversation that already starts with a different system message is an error."""
+    system = _field(obj, "system", where, shape, optional=True)
+    if not system.strip():
+        return messages
+    if messages and messages[0]["role"] == "system":
+        if messages[0]["content"] == system:
+            return messages
+        raise EdgeTuneError(f"{where}: 'system' and the conversation's own system message "
+                            "differ (expected one system prompt per record)")
+    return [{"role": "system", "content": system}] + messages
+
+
 def check_messages(obj, where: str) -> list[dict]:
-    """Validate one OpenAI-style chat record; returns its messages."""
+    """Validate one OpenAI-style chat record; returns its messages (a record-level ``system``
+    put first; a ``prompt`` that repeats the first user turn checked)."""
     turns = _turns(_object(obj, where), "messages", where, "openai")
-    return _need_assistant([_openai_message(m, f"{where}: messages[{i}]")
-                            for i, m in enumerate(turns)], where)
+    messages = _need_assistant([_openai_message(m, f"{where}: messages[{i}]")
+                                for i, m in enumerate(turns)], where)
+    prompt = obj.get("prompt")
+    if prompt is not None:
+        first = next((m["content"] for m in messages if m["role"] == "user"), None)
+        if not isinstance(prompt, str) or first is None or prompt.strip() != first.strip():
+            raise EdgeTuneError(f"{where}: 'prompt' is not the conversation's first user turn "
+                                "(a record with 'messages' may repeat its first user turn as "
+                                "'prompt', as HuggingFaceH4/ultrachat_200k does; anything else "
+                                "is ambiguous: remove it, or map it with --columns)")
+    return _with_system(messages, obj, where, SHAPES["openai"])
+
+
+# LLaMA-Factory's ShareGPT tool turns: function_call (the assistant's call, JSON) and
+# observation (the tool's result).
+TOOL_FROM = {"function_call": "assistant", "observation": "tool"}
 
 
 def _sharegpt(obj: dict, where: str) -> list[dict]:
@@ -257,12 +327,20 @@ def _sharegpt(obj: dict, where: str) -> list[dict]:
             raise EdgeTuneError(f"{at}: missing field 'from' (found keys: {_keys(turn)}; "
                                 f"expected {shape})")
         frm = turn["from"]
-        role = FROM_ROLES.get(frm) if isinstance(frm, str) else None
+        role = FROM_ROLES.get(frm) or TOOL_FROM.get(frm) if isinstance(frm, str) else None
         if role is None:
             raise EdgeTuneError(f"{at}: unknown 'from' value {_show(frm)} (expected one of "
-                                f"{', '.join(FROM_ROLES)})")
-        out.append({"role": role, "content": _field(turn, "value", at, shape)})
-    return _need_assistant(out, where, "conversations")
+                                f"{', '.join([*FROM_ROLES, *TOOL_FROM])})")
+        value = _field(turn, "value", at, shape)
+        if frm == "function_call":
+            calls = _json_object(value, at, "the function_call 'value'")
+            calls = calls if isinstance(calls, list) else [calls]
+            out.append({"role": role, "content": None,
+                        "tool_calls": _tool_calls(calls, role, at), **_weight(turn, role, at)})
+        else:
+            out.append({"role": role, "content": value, **_weight(turn, role, at)})
+    return _with_system(_need_assistant(out, where, "conversations"), obj, where,
+                        SHAPES["sharegpt"])
 
 
 def _alpaca(obj: dict, where: str) -> list[dict]:
@@ -270,20 +348,78 @@ def _alpaca(obj: dict, where: str) -> list[dict]:
     instruction = _field(obj, "instruction", where, shape)
     extra = _field(obj, "input", where, shape, optional=True)
     output = _field(obj, "output", where, shape)
-    system = _field(obj, "system", where, shape, optional=True)
     user = instruction + "\n\n" + extra if extra.strip() else instruction
-    head = [{"role": "system", "content": system}] if system.strip() else []
-    return head + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return _with_system(_history(obj.get("history"), where) + [
+        {"role": "user", "content": user}, {"role": "assistant", "content": output}],
+        obj, where, shape)
+
+
+def _history(history, where: str) -> list[dict]:
+    """LLaMA-Factory's Alpaca ``history``: ``[[user, assistant], ...]`` before the instruction.
+    Its answers are trained, as LLaMA-Factory trains them."""
+    if history is None:
+        return []
+    shape = '[["earlier instruction", "its answer"], ...]'
+    if not isinstance(history, list):
+        raise EdgeTuneError(f"{where}: 'history' must be a list of [user, assistant] pairs, "
+                            f"got {json_kind(history)} (expected {shape})")
+    out = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(
+                isinstance(x, str) and x.strip() for x in pair)):
+            raise EdgeTuneError(f"{where}: history[{i}]: expected a pair of non-empty strings "
+                                f"[user, assistant] (expected {shape})")
+        out += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return out
 
 
 def _completion(obj: dict, where: str) -> list[dict]:
+    """Text ``prompt``/``completion``, or TRL's conversational prompt-completion: both message
+    lists (the prompt's assistant turns are context; the completion is what is trained)."""
     shape = SHAPES["completion"]
+    if isinstance(obj.get("prompt"), list) or isinstance(obj.get("completion"), list):
+        prompt = _message_list(obj, "prompt", where, "user")
+        completion = _message_list(obj, "completion", where, "assistant")
+        if not any(m["role"] == "assistant" for m in completion) or \
+                any(m["role"] in ("user", "system") for m in completion):
+            raise EdgeTuneError(f"{where}: 'completion' must hold the answer: assistant (and "
+                                "tool) messages only (expected TRL's conversational "
+                                "prompt-completion: {\"prompt\": [messages], \"completion\": "
+                                "[{\"role\": \"assistant\", ...}]})")
+        context = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in prompt]
+        return _need_assistant(context + completion, where, "prompt")
     return [{"role": "user", "content": _field(obj, "prompt", where, shape)},
             {"role": "assistant", "content": _field(obj, "completion", where, shape)}]
 
 
+def _message_list(obj: dict, key: str, where: str, role: str) -> list[dict]:
+    value = obj.get(key)
+    if isinstance(value, str) and value.strip():
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list) or not value:
+        got = "an empty list" if isinstance(value, list) else json_kind(value)
+        raise EdgeTuneError(f"{where}: {key!r} must be text or a non-empty list of messages, "
+                            f"got {got}")
+    return [_openai_message(m, f"{where}: {key}[{i}]") for i, m in enumerate(value)]
+
+
 def _text(obj: dict, where: str) -> str:
     return _field(obj, "text", where, SHAPES["text"])
+
+
+def record_label(obj: dict, where: str) -> Optional[bool]:
+    """A KTO record's label: TRL's ``label`` or LLaMA-Factory's ``kto_tag`` (true: a desirable
+    answer; false: an undesirable one), or None for a record that has neither."""
+    found = [k for k in KTO_KEYS if obj.get(k) is not None]
+    if not found:
+        return None
+    value = obj[found[0]]
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):  # CSV cells
+        value = value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise EdgeTuneError(f"{where}: {found[0]!r} must be true (a desirable answer) or false "
+                            f"(an undesirable one), got {_show(value)}")
+    return value
 
 
 NORMALISERS = {"openai": check_messages, "sharegpt": _sharegpt, "alpaca": _alpaca,
@@ -310,14 +446,17 @@ def normalise(obj, fmt: str, where: str) -> Union[list[dict], str, preference.Pa
 
 # ---- reading ---------------------------------------------------------------------------------
 
-def read_records(path, fmt: str = "auto", skip_invalid: bool = False) -> ReadResult:
+def read_records(path, fmt: str = "auto", skip_invalid: bool = False,
+                 reasoning: str = "auto") -> ReadResult:
     """Records from a data file (.jsonl .json .csv .tsv .parquet .txt), a directory of them,
     or a hub dataset ID. Raises at the first bad record, or with ``skip_invalid`` lists it in
-    ``skipped`` and goes on; raises "empty dataset" when no valid record remains."""
+    ``skipped`` and goes on; raises "empty dataset" when no valid record remains.
+    ``reasoning``: auto (assistant reasoning kept for the template), inline or drop
+    (:func:`edge_tune.data.reasoning.apply`)."""
     if fmt != "auto" and fmt not in NORMALISERS:
         raise EdgeTuneError(f"unknown data format {_show(fmt)} (expected one of auto, "
                             f"{', '.join(NORMALISERS)})")
-    return _collect(str(path), open_sources(path), fmt, skip_invalid)
+    return _collect(str(path), open_sources(path), fmt, skip_invalid, reasoning)
 
 
 def read_jsonl(path) -> list[Record]:
@@ -328,10 +467,11 @@ def read_jsonl(path) -> list[Record]:
     return _collect(str(path), [file_source(path, "jsonl")], "openai", False).records
 
 
-def _collect(name: str, sources: list[Source], fmt: str, skip_invalid: bool) -> ReadResult:
+def _collect(name: str, sources: list[Source], fmt: str, skip_invalid: bool,
+             reasoning: str = "auto") -> ReadResult:
     result = ReadResult([], fmt)
     for source in sources:
-        source_fmt = _read_source(source, fmt, skip_invalid, result)
+        source_fmt = _read_source(source, fmt, skip_invalid, result, reasoning)
         if source_fmt:
             result.formats[source.name] = source_fmt
     if not result.records:
@@ -344,26 +484,30 @@ def _collect(name: str, sources: list[Source], fmt: str, skip_invalid: bool) -> 
     return result
 
 
-def _read_source(source: Source, fmt: str, skip_invalid: bool, result: ReadResult):
+def _read_source(source: Source, fmt: str, skip_invalid: bool, result: ReadResult,
+                 reasoning: str = "auto"):
     """Normalise one file's rows into ``result``; returns the file's format (None if unknown)."""
     file_fmt = None if fmt == "auto" else fmt
     decided_at = ""  # where auto-detection fixed the format: quoted in mixed-format errors
     seen = False
     for row in source.rows:
         seen = True
+        row = Row(row.line, row.where, keys.drop_nulls(row.value), row.error)
         try:
             if file_fmt is None:
                 # The first *valid* record decides, so with skip_invalid leading junk that
                 # merely looks like another format cannot make the whole file mismatched.
                 row_fmt = _detect(row)
-                normalised = normalise(row.value, row_fmt, row.where)
-                record = _record(normalised, row, source.name, row_fmt)
+                record = _record_of(row, source.name, row_fmt, reasoning)
                 file_fmt, decided_at = row_fmt, row.where
             else:
                 _check_same_format(row, file_fmt, decided_at)
-                normalised = normalise(row.value, file_fmt, row.where)
-                record = _record(normalised, row, source.name, file_fmt)
+                record = _record_of(row, source.name, file_fmt, reasoning)
+            used, ignored = keys.record_keys(row.value, file_fmt)
             result.records.append(record)
+            result.used.update(used)
+            result.ignored.update(ignored)
+            result.key_formats.update((k, file_fmt) for k in used)
         except EdgeTuneError as exc:
             if not skip_invalid:
                 raise
@@ -371,6 +515,30 @@ def _read_source(source: Source, fmt: str, skip_invalid: bool, result: ReadResul
     if not seen:
         raise EdgeTuneError(f"{source.name}: empty dataset (no records)")
     return file_fmt
+
+
+def _record_of(row: Row, source: str, fmt: str, reasoning: str) -> Record:
+    obj = _object(row.value, row.where)
+    bad = keys.unsupported(obj)
+    if bad is not None:
+        raise EdgeTuneError(f"{row.where}: {bad!r} holds {keys.UNSUPPORTED[bad]}: remove the "
+                            "key to train the text alone")
+    if fmt in preference.PREFERENCE_FORMATS and any(obj.get(k) is not None for k in KTO_KEYS):
+        raise EdgeTuneError(f"{row.where}: a preference pair with a KTO label (expected either "
+                            "chosen/rejected pairs or unpaired answers with 'label')")
+    normalised = normalise(obj, fmt, row.where)  # a missing field first: the likelier fault
+    _other_formats_keys(obj, fmt, row.where)
+    record = _record(normalised, row, source, fmt)
+    if fmt not in preference.PREFERENCE_FORMATS and fmt != "text":
+        record.label = record_label(obj, row.where)
+    if reasoning != "auto":
+        from edge_tune.data import reasoning as reasoning_mod
+
+        record.messages = reasoning_mod.apply(record.messages, reasoning) \
+            if record.messages is not None else None
+        if record.rejected is not None:
+            record.rejected = reasoning_mod.apply(record.rejected, reasoning)
+    return record
 
 
 def _detect(row: Row) -> str:
@@ -395,12 +563,27 @@ def _check_same_format(row: Row, file_fmt: str, decided_at: str) -> None:
                             f"expected {SHAPES[file_fmt]})")
 
 
+def _other_formats_keys(obj: dict, fmt: str, where: str) -> None:
+    """A key that belongs to another format (``output`` in a chat record) has a meaning this
+    record's format cannot honour: refused, not dropped."""
+    mine = {*keys.RECORD_KEYS[fmt], *keys.REDUNDANT.get(fmt, {})}
+    for other, signature in SIGNATURES.items():
+        for key in signature:
+            if other != fmt and key in obj and key not in mine:
+                raise EdgeTuneError(
+                    f"{where}: {key!r} is a key of the {LABELS[other]} format, but this record is "
+                    f"{LABELS[fmt]} (expected {SHAPES[fmt]}; rename or drop the key, e.g. "
+                    f"with --columns, so each record says one thing)")
+
+
 def _record(normalised: Union[list[dict], str, preference.Pair], row: Row, source: str,
             fmt: str) -> Record:
+    obj = row.value
+    box = obj.get("input") if fmt == "openai_preference" else obj
+    tools = record_tools(box, row.where) if isinstance(box, dict) else None
     if isinstance(normalised, tuple):  # (prompt + chosen, prompt + rejected)
         return Record(normalised[0], row.line, source=source, where=row.where,
-                      rejected=normalised[1])
+                      rejected=normalised[1], tools=tools)
     if isinstance(normalised, str):
         return Record(None, row.line, text=normalised, source=source, where=row.where)
-    tools = record_tools(row.value, row.where) if fmt == "openai" else None
     return Record(normalised, row.line, source=source, tools=tools, where=row.where)

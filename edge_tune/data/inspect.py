@@ -186,10 +186,11 @@ def tool_counts(records) -> dict:
 
 def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "auto",
                  on_event: EventSink = ignore, chat_template: Optional[str] = None,
-                 skip_invalid: bool = False, system_mode: str = "keep") -> dict:
+                 skip_invalid: bool = False, system_mode: str = "keep",
+                 reasoning: str = "auto") -> dict:
     """Read and tokenize a data file as ``train`` would; returns a JSON-safe report (see the
     module docstring). ``chat_template``: ``--chat-template NAME|FILE``, used instead of the
-    model's own. Raises EdgeTuneError for bad data (a record the template cannot train:
+    model's own; ``reasoning``: ``--reasoning auto|inline|drop``. Raises EdgeTuneError for bad data (a record the template cannot train:
     ``FILE:LINE: ...``, unless ``skip_invalid``), a bad ``--model`` or ``--seq-len``."""
     from edge_tune import models
     from edge_tune.data.formats import read_records
@@ -202,7 +203,7 @@ def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "a
         from edge_tune.templates import resolve_template
 
         template = resolve_template(chat_template)
-    data = read_records(path, fmt=fmt, skip_invalid=skip_invalid)
+    data = read_records(path, fmt=fmt, skip_invalid=skip_invalid, reasoning=reasoning)
     tok = _load_tokenizer(model, on_event)
     if template is not None:
         tok.chat_template = template
@@ -257,6 +258,10 @@ def inspect_records(tok, data, path: str, model: str, seq_len: int,
         "skipped": len(data.skipped) + len(bad),
         "skipped_lines": [line for line, _ in list(data.skipped) + bad][:20],
         "tools": tool_counts(good),
+        # every key: where each known one went, and the ones nothing reads
+        "keys": data.keys_report(),
+        # KTO records (label / kto_tag): desirable, undesirable
+        "kto": dict(zip(("desirable", "undesirable"), data.kto)),
         # preference records (DPO/ORPO): each is a chosen and a rejected sequence
         "pairs": sum(1 for r in good if r.rejected is not None),
         **summarize(lengths, trained, seq_len, kept),

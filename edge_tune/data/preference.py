@@ -82,21 +82,76 @@ def _pair(prompt: list[dict], chosen: list[dict], rejected: list[dict], where: s
 
 def trl_pair(obj: dict, where: str, check: Callable) -> Pair:
     """A TRL preference record as (prompt + chosen, prompt + rejected) messages; ``check``
-    validates one chat message (``formats._openai_message``)."""
+    validates one chat message (``formats._openai_message``).
+
+    The prompt, as TRL's ``maybe_extract_prompt`` finds it: without ``prompt`` the leading
+    messages both conversations share. With ``prompt`` *and* whole conversations in
+    ``chosen``/``rejected`` (HuggingFaceH4/ultrafeedback_binarized), the shared start is the
+    prompt and ``prompt`` must repeat it (its last user turn, or the messages themselves):
+    rendered once. A ``prompt`` that disagrees with the conversations is an error, as is a
+    ``messages`` copy that is not the chosen conversation, or two conversations that start
+    differently."""
     fmt = "preference"
     chosen = _answer(_side(obj, "chosen", where, fmt, "assistant", check), "chosen", where, fmt)
     rejected = _answer(_side(obj, "rejected", where, fmt, "assistant", check), "rejected",
                        where, fmt)
-    if obj.get("prompt") is not None:
-        return _pair(_side(obj, "prompt", where, fmt, "user", check), chosen, rejected, where)
-    # Implicit prompt: the leading messages both conversations share.
     n = 0
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
         n += 1
-    if n == 0 or chosen[:n] != rejected[:n]:
+    shared = chosen[:n]
+    if obj.get("prompt") is not None:
+        prompt = _side(obj, "prompt", where, fmt, "user", check)
+        if shared and not _repeats(prompt, shared):
+            raise EdgeTuneError(f"{where}: 'prompt' is not the conversation 'chosen' and "
+                                f"'rejected' start with (prompt {_text_of(prompt)}, "
+                                f"conversations start {_text_of(shared)}; expected the same "
+                                "prompt, or only the answers in chosen/rejected)")
+        prompt = shared or prompt
+    elif shared:
+        prompt = shared
+    else:
         raise EdgeTuneError(f"{where}: missing field 'prompt' (and 'chosen' and 'rejected' "
                             f"share no leading messages to take it from; expected {SHAPES[fmt]})")
-    return _pair(chosen[:n], chosen[n:], rejected[n:], where)
+    good, bad = chosen[n:], rejected[n:]
+    for key, answer in (("chosen", good), ("rejected", bad)):
+        if any(m["role"] in ("user", "system") for m in answer):
+            raise EdgeTuneError(f"{where}: 'chosen' and 'rejected' start with different "
+                                f"conversations ({key} holds a {answer[0]['role']} turn after "
+                                "the shared prompt; expected one prompt and two answers)")
+    messages = obj.get("messages")
+    if messages is not None and (not isinstance(messages, list) or [
+            check(m, f"{where}: messages[{i}]") for i, m in enumerate(messages)] != chosen):
+        raise EdgeTuneError(f"{where}: 'messages' is not the chosen conversation (a preference "
+                            "record may carry a copy of it, as ultrafeedback_binarized does; "
+                            "anything else is ambiguous: remove it)")
+    system = obj.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise EdgeTuneError(f"{where}: 'system' must be a string, got {json_kind(system)}")
+        if prompt[0]["role"] == "system" and prompt[0]["content"] != system:
+            raise EdgeTuneError(f"{where}: 'system' and the prompt's own system message differ "
+                                "(expected one system prompt per record)")
+        if prompt[0]["role"] != "system" and system.strip():
+            prompt = [{"role": "system", "content": system}] + prompt
+    return _pair(prompt, good, bad, where)
+
+
+def _repeats(prompt: list[dict], shared: list[dict]) -> bool:
+    """Does ``prompt`` say again what the shared conversation start says: the same messages,
+    their start or end, or (one text prompt) the text of its last user turn?"""
+    def same(a: list[dict], b: list[dict]) -> bool:
+        return [(m["role"], (m.get("content") or "").strip()) for m in a] == \
+            [(m["role"], (m.get("content") or "").strip()) for m in b]
+
+    k = len(prompt)
+    return same(prompt, shared[:k]) or same(prompt, shared[-k:]) or (
+        k == 1 and prompt[0]["role"] == "user"
+        and same(prompt, [m for m in shared if m["role"] == "user"][-1:]))
+
+
+def _text_of(messages: list[dict], limit: int = 40) -> str:
+    text = " / ".join(str(m.get("content") or "") for m in messages)
+    return repr(text if len(text) <= limit else text[:limit - 3] + "...")
 
 
 def openai_pair(obj: dict, where: str, check: Callable) -> Pair:
@@ -131,6 +186,36 @@ def check_method(method: str, data_format: str, path: str) -> None:
         raise UsageError(f"{path}: this is preference data ({LABELS[data_format]}); train "
                             "it with --method dpo or --method orpo (expected chat or text "
                             "records for --method sft)")
+
+
+def unpaired(records: list, method: str, desirable_only: bool, path: str) -> tuple[list, int]:
+    """KTO data (records with TRL's ``label`` / LLaMA-Factory's ``kto_tag``) under a method
+    that has no use for labels: refused in one line (sft would train the undesirable answers
+    as good ones), or with ``desirable_only`` only the desirable records, returned with the
+    count of undesirable ones left out. Other data passes unchanged: ``(records, 0)``."""
+    labelled = [r for r in records if r.label is not None]
+    if not labelled:
+        if desirable_only:
+            raise UsageError(f"{path}: --desirable-only: this data has no KTO labels ('label' "
+                             "or 'kto_tag'); drop the flag")
+        return records, 0
+    bad = [r for r in labelled if r.label is False]
+    if method != "sft":
+        raise UsageError(f"{labelled[0].where or path}: --method {method} needs chosen/rejected "
+                         "pairs; this is KTO data (unpaired answers marked desirable or not by "
+                         "'label'/'kto_tag'), which pairs nothing")
+    if not desirable_only:
+        first = bad[0] if bad else labelled[0]
+        raise UsageError(
+            f"{first.where or path}: KTO data ({len(labelled) - len(bad)} desirable, {len(bad)} "
+            f"undesirable answers, marked by 'label'/'kto_tag'): --method {method} has no use "
+            "for the labels and would train every answer as a good one; add --desirable-only "
+            "to train only the desirable answers")
+    kept = [r for r in records if r.label is not False]
+    if not kept:
+        raise UsageError(f"{path}: --desirable-only: every one of the {len(bad)} KTO records "
+                         "is undesirable (label false): nothing to train")
+    return kept, len(bad)
 
 
 @dataclass
