@@ -21,14 +21,92 @@ PLANNED = ("batch_size", "grad_accum", "seq_len", "grad_checkpoint")  # what the
 def read_data(path: str, cfg: TrainConfig, on_event: EventSink):
     """The records of a data file (``cfg.format``, ``cfg.skip_invalid``), with what was read
     and skipped reported as events."""
-    result = read_records(path, fmt=cfg.format, skip_invalid=cfg.skip_invalid)
+    from edge_tune.data.preference import unpaired
+
+    result = read_records(path, fmt=cfg.format, skip_invalid=cfg.skip_invalid,
+                          reasoning=cfg.reasoning)
     if result.skipped:
         lines = ", ".join(str(n) for n, _ in result.skipped[:20])
         more = " ..." if len(result.skipped) > 20 else ""
         on_event(Log(f"{path}: skipped {len(result.skipped)} invalid records (lines {lines}{more});"
                      f" first: {result.skipped[0][1]}", "warning"))
     on_event(Log(f"{path}: {len(result.records)} records, format {result.format}"))
+    extra = _extra_keys_read(result)
+    if extra:
+        on_event(Log(f"{path}: also read: {extra}"))
+    if result.ignored:
+        on_event(Log(f"{path}: {result.ignored_line()} (not read by edge-tune; "
+                     "docs/data.md lists the keys each format reads)", "warning"))
+    result.records, left_out = unpaired(result.records, cfg.method, cfg.desirable_only, path)
+    result.undesirable_left_out = left_out
+    if left_out:
+        on_event(Log(f"{path}: --desirable-only: trained {len(result.records)} desirable "
+                     f"answers; left out {left_out} undesirable ones (label false)"))
     return result
+
+
+def read_train_data(cfg: TrainConfig, on_event: EventSink):
+    """The training data of a run as ``cfg`` names it (``data``: one or several sources,
+    ``columns``, ``max_samples``): ``(training ReadResult, the folders' validation ReadResult
+    or None, the manifest's additions)``. Says, one line each, what every file is for
+    (train/valid/test of a folder: :mod:`edge_tune.data.layouts`), what ``--max-samples`` cut
+    and the mix of weighted sources. A folder's valid files are the validation set unless
+    ``--val``/``--val-split`` is given (then said to be unused); test files are never read."""
+    from edge_tune.data.layouts import ROLE_SAYS, columns_text, data_spec
+    from edge_tune.data.readers import source_parts
+
+    spec = data_spec(cfg.data, cfg.columns, cfg.max_samples, cfg.seed)
+    parts = source_parts(spec)
+    other_val = "--val" if cfg.val else "--val-split" if cfg.val_split else ""
+    files: dict = {}
+    for part in parts:
+        if part.kind == "hub" and len(parts) == 1:
+            continue  # a single hub split: read_data's line names it
+        files.setdefault(part.role, []).append(
+            str(part.path.resolve()) if part.path is not None else part.name)
+        says = ROLE_SAYS[part.role]
+        if part.role == "valid" and other_val:
+            says = f"not used ({other_val} gives the validation set)"
+        elif part.role == "train" and not part.named and part.kind == "file" and \
+                Path(part.spec.target).is_dir():
+            says += " (no train/valid/test names in this folder: every data file trains)"
+        on_event(Log(f"{part.name}: {says}", "warning" if part.role == "unused" else "info"))
+    if spec.columns:
+        on_event(Log(f"--columns {columns_text(spec.columns)}: source columns renamed to "
+                     "edge-tune keys"))
+    result = read_data(spec, cfg, on_event)
+    if cfg.max_samples is not None:
+        cut = [f"{s.name} {s.read}" for s in spec.opened]
+        on_event(Log(f"--max-samples {cfg.max_samples}: read at most the first "
+                     f"{cfg.max_samples} records of each source ({', '.join(cut)})"))
+    mix = [{"source": s.name, "weight": s.weight, "read": s.read, "used": s.used}
+           for s in spec.opened]
+    if len(mix) > 1 or any(m["weight"] != 1.0 for m in mix):
+        said = ", ".join(f"{m['source']} {m['read']} x{m['weight']:g} = {m['used']}"
+                         for m in mix)
+        on_event(Log(f"mix (seed {cfg.seed}): {said}; {sum(m['used'] for m in mix)} "
+                     "training rows"))
+    val = None
+    if files.get("valid") and not other_val:
+        val = read_data(spec.with_role("valid"), cfg, on_event)
+    extra = {"files": files or None, "mix": mix if len(mix) > 1 or any(
+        m["weight"] != 1.0 for m in mix) else None}
+    return result, val, extra
+
+
+# The keys that make a record of its format: not worth a line of their own.
+_CORE_KEYS = {"messages", "conversations", "instruction", "input", "output", "prompt",
+              "completion", "chosen", "rejected", "text", "preferred_output",
+              "non_preferred_output", "role", "content", "from", "value"}
+
+
+def _extra_keys_read(result) -> str:
+    """``system -> a system message ... (12 records); history -> ...``: the keys beyond each
+    format's core that shaped what is trained, so a change in reading is never silent."""
+    used = result.keys_report()["used"]
+    return "; ".join(f"{k} -> {v['to']} ({v['records']})" for k, v in used.items()
+                     if k.rsplit(".", 1)[-1].rstrip("[]") not in _CORE_KEYS
+                     and not k.endswith((".role", ".content", ".from", ".value")))
 
 
 def job_record(record) -> dict:
@@ -145,8 +223,11 @@ def plan(cfg: TrainConfig, on_event: EventSink = ignore) -> dict:
     fit. Reads the data and model metadata only; loads no model."""
     models.check_spec(cfg.model)
     chosen = template_choice.given(cfg.chat_template)
-    records = [job_record(r) for r in read_data(cfg.data, cfg, on_event).records]
-    train_records, _ = split_validation(records, cfg.val_split, cfg.seed)
+    data, folder_val, _ = read_train_data(cfg, on_event)
+    records = [job_record(r) for r in data.records]
+    train_records, _ = split_validation(
+        records, cfg.val_split, cfg.seed,
+        [job_record(r) for r in folder_val.records] if folder_val else None)
     ref = models.resolve(cfg.model, on_event)
     template_choice.require_for_conversations(records, ref, chosen)
     hw = probe()
