@@ -8,7 +8,14 @@ wrong number of cells) travels on the row as ``error``, so ``skip_invalid`` can 
 problem with the whole file (a .json syntax error, an unreadable Parquet file) raises at once.
 
 Rows of .jsonl/.csv/.txt files are numbered by file line (``data.csv:7``); rows of .json,
-.parquet and hub datasets by 1-based record index (``data.json:#3``), since they have no lines.
+.parquet, .arrow, saved datasets and hub datasets by 1-based record index (``data.json:#3``),
+since they have no lines.
+
+Which files of a folder train, validate or are left for ``eval``, and how hub IDs, mixing
+weights and ``--columns`` are named, is :mod:`edge_tune.data.layouts`; reading Hugging Face
+``datasets`` data is :mod:`edge_tune.data.hf_sources`. ``open_sources`` applies, per source,
+``--columns`` (renamed keys; a missing mapped column is that row's error), ``--max-samples``
+(the first N rows) and the weight (a seeded share, or repeats).
 """
 
 from __future__ import annotations
@@ -16,19 +23,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from edge_tune.data import hf_sources, layouts
+from edge_tune.data.layouts import DataSpec, Part
 from edge_tune.errors import EdgeTuneError
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
-            ".tsv": "tsv", ".parquet": "parquet", ".txt": "txt"}
+            ".tsv": "tsv", ".parquet": "parquet", ".txt": "txt", ".arrow": "arrow"}
 # Cells of these CSV columns hold a whole conversation, written as JSON text.
 JSON_COLUMNS = ("messages", "conversations")
-# "org/name" (one slash, hub-legal characters): tried on the hub only when no such path exists.
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _BOM = b"\xef\xbb\xbf"  # Windows editors and Excel put it in front of UTF-8 text
 
 
@@ -44,21 +50,148 @@ class Row:
 class Source:
     name: str  # the path or hub ID, as messages show it
     rows: Iterator[Row]  # read lazily: file-level errors surface while iterating
+    role: str = "train"  # train | valid | test (layouts.ROLE_WORDS)
+    weight: float = 1.0
+    read: int = 0  # rows read from the source (after --max-samples), filled while iterating
+    used: int = 0  # rows passed on (after the weight)
 
 
 def open_sources(spec) -> list[Source]:
-    """The sources behind ``spec``: one file, every data file of a directory, or a hub ID."""
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-                       and p.suffix.lower() in SUFFIXES)
-        if not files:
-            raise EdgeTuneError(f"{path}: no data files in this directory (expected "
-                                f"{_suffix_list()} files)")
-        return [file_source(p) for p in files]
-    if not path.exists() and HUB_ID.fullmatch(str(spec)) and path.suffix.lower() not in SUFFIXES:
-        return [Source(str(spec), _hub_rows(str(spec)))]
-    return [file_source(path)]
+    """The sources behind ``spec`` (a path or hub spec string, or a :class:`DataSpec`): for
+    each source, its parts of ``spec.role`` (train by default; a folder's valid and test files
+    are not training data), with ``--columns``, ``--max-samples`` and weights applied. The
+    opened sources are also appended to ``spec.opened`` (their counts fill while reading)."""
+    data = layouts.data_spec(spec)
+    sources = []
+    for part in source_parts(data):
+        if part.role == data.role:
+            source = open_part(part, data)
+            sources.append(source)
+            data.opened.append(source)
+    if not sources:
+        raise EdgeTuneError(f"{data}: no {data.role} data")
+    return sources
+
+
+def source_parts(data: DataSpec) -> list[Part]:
+    """Every part of every source of ``data``, with its role (no data read). Raises
+    EdgeTuneError for a folder with nothing to train, a missing file, a bad weight."""
+    parts: list[Part] = []
+    for spec in data.specs:
+        path = Path(spec.target)
+        if spec.hub:
+            parts.append(Part("hub", layouts.hub_label(spec), "train", spec))
+        elif path.is_dir() and layouts.is_saved_dataset(path):
+            parts.append(Part("saved", str(path), "train", spec, path=path))
+        elif path.is_dir():
+            parts.extend(layouts.folder_parts(path, spec, list(SUFFIXES)))
+        else:
+            if spec.split:
+                raise EdgeTuneError(f"--data {spec.text}: @{spec.split} names a part of a "
+                                    f"folder or a hub split; {spec.target} is not a folder")
+            parts.append(Part("file", str(path), "train", spec, path=path))
+    return parts
+
+
+def data_fingerprint(data: DataSpec) -> Optional[str]:
+    """What ``--resume`` compares: one data file's sha256 (as before), else a sha256 over every
+    local part (its name, role and bytes), the weights, columns and max_samples; None for a
+    single hub dataset (its cache is the hub's to keep)."""
+    import hashlib
+
+    from edge_tune.fsutil import sha256_file
+
+    parts = source_parts(data)
+    if len(parts) == 1 and parts[0].kind == "file" and not data.columns and \
+            data.max_samples is None and parts[0].spec.weight == 1.0:
+        return sha256_file(parts[0].path) if parts[0].path.is_file() else None
+    if all(p.kind == "hub" for p in parts) and len(parts) == 1:
+        return None
+    h = hashlib.sha256(json.dumps([str(data), data.columns, data.max_samples]).encode())
+    for part in parts:
+        h.update(f"{part.name}\0{part.role}\0{part.spec.weight}\0".encode())
+        if part.path is None:
+            continue
+        files = [part.path] if part.path.is_file() else sorted(
+            f for f in part.path.rglob("*") if f.is_file())
+        for f in files:
+            h.update(f"{f.name}\0{sha256_file(f)}\0".encode())
+    return h.hexdigest()
+
+
+def open_part(part: Part, data: Optional[DataSpec] = None) -> Source:
+    """One part as a :class:`Source`, with ``data``'s columns, max_samples and weight."""
+    if part.kind == "hub":
+        spec = part.spec
+        values = hf_sources.hub_values(spec.target, spec.config, spec.split, part.name)
+        source = Source(part.name, _indexed(values, part.name))
+    elif part.kind == "saved":
+        source = Source(part.name, _indexed(hf_sources.saved_dataset_values(part.path,
+                                                                            part.name),
+                                            part.name))
+    else:
+        source = file_source(Path(part.name))
+    source.role, source.weight = part.role, part.spec.weight
+    data = data or DataSpec([part.spec])
+    source.rows = _shaped(source, source.rows, data.columns, data.max_samples,
+                          part.spec.weight if part.role == "train" else 1.0,
+                          f"{data.seed}:{part.spec.text}")
+    return source
+
+
+def _indexed(values, name: str) -> Iterator[Row]:
+    for i, value in enumerate(values, 1):
+        yield Row(i, f"{name}:#{i}", value)
+
+
+def _shaped(source: Source, rows: Iterator[Row], columns: dict, max_samples: Optional[int],
+            weight: float, seed: str) -> Iterator[Row]:
+    """``source``'s rows with keys renamed, cut to the first ``max_samples``, and weighted:
+    the whole part of ``weight`` repeats every row, the rest takes a seeded share of them."""
+    import itertools
+
+    if max_samples is not None:
+        rows = itertools.islice(rows, max_samples)
+    if columns:
+        rows = (_renamed(row, columns) for row in rows)
+
+    def counted(rows):
+        for row in rows:
+            source.read += 1
+            yield row
+
+    rows = counted(rows)
+    if weight == 1.0:
+        for row in rows:
+            source.used += 1
+            yield row
+        return
+    import random
+
+    kept = list(rows)
+    whole, share = int(weight), weight - int(weight)
+    chosen = sorted(random.Random(seed).sample(range(len(kept)), round(len(kept) * share)))
+    out = [r for _ in range(whole) for r in kept] + [kept[i] for i in chosen]
+    source.used = len(out)
+    yield from out
+
+
+def _renamed(row: Row, columns: dict) -> Row:
+    """``row`` with its source columns renamed to edge-tune keys; a missing mapped column (or
+    a key it would overwrite) is the row's error."""
+    if row.error or not isinstance(row.value, dict):
+        return row
+    value = dict(row.value)
+    for src, dst in columns.items():
+        if src not in value:
+            have = ", ".join(sorted(map(str, value))[:10]) or "none"
+            return Row(row.line, row.where, error=f"{row.where}: missing column {src!r} "
+                       f"(mapped by --columns {src}={dst}; found keys: {have})")
+        if dst in value and dst not in columns and value[dst] is not None:
+            return Row(row.line, row.where, error=f"{row.where}: --columns {src}={dst}: the "
+                       f"record already has {dst!r} (map or rename one of them)")
+    renamed = {columns.get(k, k): v for k, v in value.items()}
+    return Row(row.line, row.where, renamed)
 
 
 def file_source(path: Path, kind: Optional[str] = None) -> Source:
@@ -234,21 +367,10 @@ def _parquet_rows(path: Path, name: str) -> Iterator[Row]:
         raise EdgeTuneError(f"{name}: cannot read Parquet file ({_first_line(exc)})") from None
 
 
-def _hub_rows(name: str) -> Iterator[Row]:
-    try:
-        import datasets  # heavy and optional: only for a hub ID
-    except ImportError:
-        raise EdgeTuneError(f"{name}: no such file or directory; loading it as a Hugging Face "
-                            "hub dataset needs the datasets package (pip install datasets)") \
-            from None
-    try:
-        data = datasets.load_dataset(name, split="train")
-    except Exception as exc:  # noqa: BLE001 - network, auth, missing split: all the user's to fix
-        raise EdgeTuneError(f"{name}: no such file or directory, and the hub could not load it "
-                            f"({type(exc).__name__}: {_first_line(exc)})") from None
-    for i, value in enumerate(data, 1):
-        yield Row(i, f"{name}:#{i}", value)
+def _arrow_rows(path: Path, name: str) -> Iterator[Row]:
+    yield from _indexed(hf_sources.arrow_file_values(path, name), name)
 
 
 _READERS = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "txt": _txt_rows,
-            "tsv": lambda path, name: _csv_rows(path, name, "\t"), "parquet": _parquet_rows}
+            "tsv": lambda path, name: _csv_rows(path, name, "\t"), "parquet": _parquet_rows,
+            "arrow": _arrow_rows}
