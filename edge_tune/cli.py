@@ -60,6 +60,16 @@ TEMPLATE_HELP = ("Chat template to render conversations with instead of the mode
                  "built-in name (chatml, smollm2, llama3, qwen2, qwen3, gemma, gemma2, phi3, "
                  "mistral) or a Jinja file. A run stores the one it trained with; chat, serve, verify, "
                  "bundle and export use it without being told again.")
+DATA_HELP = ("Training data, repeatable to mix sources: a .jsonl, .json, .csv, .tsv, "
+             ".parquet, .txt or .arrow file; a folder (train, valid, test files: train trains, valid "
+             "validates, test is left for `eval`; else every file trains); a datasets "
+             "save_to_disk folder; a hub ID NAME[:CONFIG][@SPLIT] read from the local HF cache. "
+             "SOURCE*W weights a source (0.5 = a seeded half, 2 = twice). Formats: OpenAI "
+             "messages, ShareGPT, Alpaca, prompt/completion, text, preference pairs "
+             "(docs/data.md).")
+COLUMNS_HELP = ("Rename source columns to the keys edge-tune reads, e.g. "
+                "question=prompt,answer=completion (every source; a missing column is an error).")
+MAX_SAMPLES_HELP = "Read only the first N records of each source."
 SYSTEM_MODE_HELP = ("keep (system messages as the template renders them) | fold (into the "
                     "first user turn, for templates that reject the system role).")
 REASONING_HELP = ("What to train of an assistant message's reasoning (reasoning_content or "
@@ -88,10 +98,12 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
 
 @app.command()
 def train(
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Training data: .jsonl, "
-                                       ".json, .csv, .parquet, .txt, a directory of those, or "
-                                       "a hub dataset ID. Formats: OpenAI messages, ShareGPT, "
-                                       "Alpaca, prompt/completion, text."),
+    data: Optional[list[str]] = typer.Option(None, "--data", "-d", metavar="SOURCE",
+                                             help=DATA_HELP),
+    columns: Optional[str] = typer.Option(None, "--columns", metavar="SRC=KEY,...",
+                                          help=COLUMNS_HELP),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", metavar="N",
+                                              help=MAX_SAMPLES_HELP),
     data_format: Optional[str] = typer.Option(None, "--format", help="auto | openai | sharegpt "
                                               "| alpaca | completion | text [default: auto]."),
     skip_invalid: Optional[bool] = typer.Option(None, "--skip-invalid", help="Skip bad records "
@@ -208,7 +220,8 @@ def train(
     from edge_tune.config import build
     from edge_tune.render import Renderer
 
-    flags = dict(data=data, format=data_format, skip_invalid=skip_invalid,
+    flags = dict(data=data or None, columns=columns, max_samples=max_samples,
+                 format=data_format, skip_invalid=skip_invalid,
                  train_on=train_on, pack=pack, overflow=overflow, model=model, backend=backend,
                  out=str(out_dir) if out_dir else None, epochs=epochs, max_steps=max_steps,
                  lr=lr, rank=rank, alpha=alpha, batch_size=batch_size, seq_len=seq_len,
@@ -766,7 +779,12 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("inspect")
 def data_inspect(
-    file: str = typer.Argument(..., help="Data file (same inputs as `train --data`)."),
+    file: str = typer.Argument(..., help="Data file, folder (its train part), saved dataset "
+                               "or hub ID: one SOURCE as `train --data` takes it."),
+    columns: Optional[str] = typer.Option(None, "--columns", metavar="SRC=KEY,...",
+                                          help=COLUMNS_HELP),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", metavar="N",
+                                              help=MAX_SAMPLES_HELP),
     model: str = typer.Option("default", "--model", "-m", help="Whose tokenizer and chat "
                               "template to count with (same as `train --model`)."),
     seq_len: str = typer.Option("512", "--seq-len", metavar="L", help="Count the examples "
@@ -793,7 +811,14 @@ def data_inspect(
     except ValueError:
         raise UsageError(f"--seq-len {seq_len!r}: expected a whole number of tokens") from None
     with Renderer(err, quiet=as_json) as render:
-        report = api.inspect_data(file, model=model, seq_len=n_tokens, fmt=data_format,
+        source = file
+        if columns or max_samples is not None:  # the same reading as train's
+            from edge_tune.data.layouts import data_spec
+
+            if max_samples is not None and max_samples < 1:
+                raise UsageError(f"--max-samples {max_samples}: expected an integer >= 1")
+            source = data_spec(file, columns, max_samples)
+        report = api.inspect_data(source, model=model, seq_len=n_tokens, fmt=data_format,
                                   on_event=render, chat_template=chat_template,
                                   system_mode=system_mode, reasoning=reasoning)
     if as_json:

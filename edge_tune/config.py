@@ -7,7 +7,7 @@ import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from edge_tune.errors import EdgeTuneError, UsageError
 
@@ -24,7 +24,9 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 @dataclass
 class TrainConfig:
-    data: str = ""
+    # one source (a path, folder or NAME[:CONFIG][@SPLIT], optionally *WEIGHT), or a list of
+    # them mixed (--data repeated; data = [...] in TOML): edge_tune.data.layouts
+    data: Union[str, list] = ""
     model: str = "default"
     backend: str = "auto"
     out: Optional[str] = None
@@ -138,6 +140,16 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     try:
         if value is None:
             return None
+        if name == "data":  # one source as a string; several (--data repeated, a TOML list)
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+                raise ValueError
+            items = [x for x in items if x.strip()]
+            return items[0] if len(items) == 1 else list(items)
+        if name == "columns" and isinstance(value, dict):  # columns = {question = "prompt"}
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+                raise ValueError
+            return ",".join(f"{k}={v}" for k, v in value.items())
         if "list" in kind:
             # --target-modules q_proj,v_proj (or a TOML string): a comma-separated list
             items = value.split(",") if isinstance(value, str) else value
@@ -188,6 +200,10 @@ def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
     for key, (ok, expected) in _CHECKS.items():
         if not ok(getattr(cfg, key)):
             raise EdgeTuneError(f"{key}: {getattr(cfg, key)!r} is not valid (expected {expected})")
+    if cfg.columns:  # a malformed mapping: one line now, not after the model loads
+        from edge_tune.data.layouts import parse_columns
+
+        parse_columns(cfg.columns)
     if cfg.val and cfg.val_split:
         raise EdgeTuneError("give either --val FILE or --val-split, not both")
     if cfg.nnodes > 1 and not cfg.rdzv:

@@ -145,6 +145,11 @@ class Data(_Record):
     examples: Optional[int] = None
     val: Optional[str] = None  # the validation file, if one was given
     val_records: Optional[int] = None
+    # what each file of a folder was for: {"train": [...], "valid": [...], "test": [...],
+    # "unused": [...]} (absolute paths; hub splits by name); None for one file
+    files: Optional[dict] = None
+    # several sources, or a weighted one: [{"source", "weight", "read", "used"}]
+    mix: Optional[list] = None
 
 
 @dataclass(kw_only=True)

@@ -134,13 +134,23 @@ def held_back_records(man: Manifest, n: int) -> list:
     from edge_tune.data.split import split_validation
     from edge_tune.data.formats import read_records
 
+    from edge_tune.data.layouts import data_spec
+
     data, hp = man.data, man.hyperparameters
     fmt, skip = hp.format or "auto", bool(hp.skip_invalid)
     path = data.val or data.path
-    if not path or not Path(path).exists():
+    given = hp.to_dict()  # --columns, --max-samples, several --data: read as training read
+    if not data.val and data.path and not Path(data.path).exists() and given.get("data"):
+        path = data_spec(given["data"], given.get("columns"), given.get("max_samples"),
+                         hp.seed or 0)  # several sources: data.path is their specs joined
+    elif not path or not Path(path).exists():
         raise EdgeTuneError(f"verify: the run's data file {path!r} is gone; it is needed for "
                             "held-back prompts")
-    records = read_records(path, fmt=fmt, skip_invalid=skip).records
+    else:
+        path = data_spec(path, given.get("columns"),
+                         None if data.val else given.get("max_samples"), hp.seed or 0)
+    records = read_records(path, fmt=fmt, skip_invalid=skip,
+                           reasoning=hp.reasoning or "auto").records
     if not data.val and hp.val_split:
         _, records = split_validation(records, hp.val_split, hp.seed or 0)
     return records[:n]

@@ -80,28 +80,46 @@ def drift_prompts() -> list[str]:
 
 
 def held_out_records(man, data: Optional[Path]) -> tuple[list, str]:
-    """(records, where they came from): ``data``, else the run's validation file, else its
-    seeded validation split. Raises DataError when there is none of them."""
+    """(records, where they came from): ``data``, else the test files of the run's data folder
+    (``DIR/test.jsonl``: never trained), else the run's validation file, else its seeded
+    validation split. Raises DataError when there is none of them."""
     from edge_tune.data.formats import read_records
+    from edge_tune.data.layouts import data_spec
     from edge_tune.data.split import split_validation
 
     hp, recorded = man.hyperparameters.to_dict(), man.data.to_dict()
     fmt, skip = hp.get("format", "auto"), bool(hp.get("skip_invalid", False))
+    reasoning = hp.get("reasoning") or "auto"  # read as training read it
+    columns = hp.get("columns")  # the run's --columns map every file it reads
     if data is not None:
         if not Path(data).is_file():
             raise UsageError(f"--data {data}: no such file")
-        return read_records(data, fmt="auto", skip_invalid=skip).records, f"--data {data}"
+        return read_records(data_spec(str(data), columns), fmt="auto", skip_invalid=skip,
+                            reasoning=reasoning).records, f"--data {data}"
+    tests = (recorded.get("files") or {}).get("test") if isinstance(recorded.get("files"),
+                                                                     dict) else None
+    if tests:  # the data folder's test files: left for eval by training (data/layouts.py)
+        gone = [t for t in tests if not Path(t).is_file()]
+        if gone:
+            raise DataError(f"{gone[0]}: the run's test file is gone; give --data FILE")
+        records = [r for t in tests for r in read_records(
+            data_spec(t, columns), fmt=fmt, skip_invalid=skip, reasoning=reasoning).records]
+        return records, f"test file {', '.join(tests)}"
     if recorded.get("val"):
         path = recorded["val"]
         if not Path(path).is_file():
             raise DataError(f"{path}: the run's validation file is gone; give --data FILE")
-        return read_records(path, fmt=fmt, skip_invalid=skip).records, f"validation file {path}"
+        return read_records(data_spec(path, columns), fmt=fmt, skip_invalid=skip,
+                            reasoning=reasoning).records, f"validation file {path}"
     if hp.get("val_split"):
         path = recorded.get("path") or hp.get("data")
-        if not path or not Path(path).is_file():
+        mixed = isinstance(hp.get("data"), list)  # several sources: path is their specs
+        if not path or not (Path(path).exists() or mixed):
             raise DataError(f"{path}: the run's data file is gone (its --val-split share is the "
                             "held-out data); give --data FILE")
-        records = read_records(path, fmt=fmt, skip_invalid=skip).records
+        spec = data_spec(hp["data"] if mixed else path, columns,
+                         hp.get("max_samples"), hp.get("seed", 0))  # as training read it
+        records = read_records(spec, fmt=fmt, skip_invalid=skip, reasoning=reasoning).records
         _, held = split_validation(records, hp["val_split"], hp.get("seed", 0))
         return held, (f"the {len(held)} records --val-split {hp['val_split']} held back from "
                       f"{path} (seed {hp.get('seed', 0)})")

@@ -18,7 +18,7 @@ from edge_tune.backends import registry
 from edge_tune.commands.convert import check_llama_cpp_computes_as_hf
 from edge_tune.commands.export import export
 from edge_tune.commands.plan import (PLANNED, check_plan, fit_plan, job_record,
-                                     planner_describe, read_data)
+                                     planner_describe, read_data, read_train_data)
 from edge_tune.commands.verify import verify_hook
 from edge_tune.config import TrainConfig
 from edge_tune.data.preference import check_method
@@ -64,7 +64,10 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
                                 f"has no {RUN_CONFIG})")
         cfg, saved = load_run_config(resume)
     assert cfg is not None
-    data_path = Path(cfg.data)
+    from edge_tune.data.layouts import data_spec
+    from edge_tune.data.readers import data_fingerprint
+
+    spec = data_spec(cfg.data, cfg.columns, cfg.max_samples, cfg.seed)  # bad specs: one line
     models.check_spec(cfg.model)  # bad input fails fast, before any download or heavy work
     chosen = template_choice.given(cfg.chat_template)
     tracking.check(cfg.report_to)  # a tracker that is not installed: one line, first
@@ -80,22 +83,23 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     if registry.capabilities(backend).device == "cuda" and cfg.nproc > len(hw.cuda_gpus):
         raise EdgeTuneError(f"--nproc {cfg.nproc}: the {backend} backend runs one process per GPU "
                             f"and this node has {len(hw.cuda_gpus)}")
-    data_sha256 = sha256_file(data_path) if data_path.is_file() else None
+    data_sha256 = data_fingerprint(spec)  # one file: its sha256; folders, mixes: all parts
     if saved is not None and saved.get("data_sha256") != data_sha256:
-        raise EdgeTuneError(f"--resume {resume}: {cfg.data} changed since the run started; "
+        raise EdgeTuneError(f"--resume {resume}: {spec} changed since the run started; "
                             "start a new run instead")
     if cfg.full and backend not in FULL_BACKENDS:
         raise UsageError(f"--full: full fine-tuning runs on the {' and '.join(FULL_BACKENDS)} "
                          f"backends, not {backend}: add --backend cpu")
     said: list = []  # what reading says waits until the data is known to fit --method
-    data = read_data(cfg.data, cfg, said.append)
-    check_method(cfg.method, data.format, cfg.data)
+    data, folder_val, data_extra = read_train_data(cfg, said.append)
+    check_method(cfg.method, data.format, str(spec))
     for event in said:
         on_event(event)
     records = data.records
     train_records, val_records = split_validation(
         [job_record(r) for r in records], cfg.val_split, cfg.seed,
-        [job_record(r) for r in read_data(cfg.val, cfg, on_event).records] if cfg.val else None)
+        [job_record(r) for r in read_data(cfg.val, cfg, on_event).records] if cfg.val else
+        [job_record(r) for r in folder_val.records] if folder_val else None)
     ref = models.resolve(cfg.model, on_event)
     template_choice.require_for_conversations(train_records + val_records, ref, chosen)
     if ref.gguf is None and ref.hf_dir is not None and \
@@ -185,12 +189,12 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         adapter_info.update(gguf="adapter.gguf", alpha=plan.alpha, rank=plan.rank)
     man = manifest_mod.build(
         config=cfg.to_dict(), backend=backend, backend_reason=why, base=base,
-        data={"path": str(data_path.resolve()), "format": data.format,
+        data={"path": _data_path(spec), "format": data.format,
               "sha256": data_sha256,
               "skipped": len(data.skipped),
               "records": len(records), "examples": result.get("examples"),
-              "val": str(Path(cfg.val).resolve()) if cfg.val else None,
-              "val_records": len(val_records)},
+              "val": str(Path(cfg.val).resolve()) if cfg.val else _one(data_extra, "valid"),
+              "val_records": len(val_records), **data_extra},
         result=result, tokenizer=tokenizer_info, adapter=adapter_info,
         plan=run_plan.to_dict() if run_plan is not None else None,
         kind="full" if cfg.full else "lora", model=model_info)
@@ -220,6 +224,22 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
 
 def _template_record(tokenizer_info: dict, chosen) -> dict:
     """The manifest's template fields: the text the data was rendered with, its built-in
+def _data_path(spec) -> str:
+    """The manifest's ``data.path``: the one source's absolute path (a hub spec as given), or
+    every source's spec joined with `` + `` when several are mixed."""
+    if len(spec.specs) == 1 and not spec.specs[0].hub and spec.specs[0].text == \
+            spec.specs[0].target:
+        return str(Path(spec.specs[0].target).resolve())
+    return str(spec)
+
+
+def _one(extra: dict, role: str):
+    """The single file of ``role`` (absolute), for the manifest's ``val``; None otherwise."""
+    found = (extra.get("files") or {}).get(role) or []
+    return str(Path(found[0]).resolve()) if len(found) == 1 and Path(found[0]).is_file() \
+        else None
+
+
     name, where it came from, and the stop tokens (the template's end of turn included)."""
     from edge_tune.templates import EOS, template_name
 
