@@ -222,8 +222,6 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     return TrainResult(run_dir, man)
 
 
-def _template_record(tokenizer_info: dict, chosen) -> dict:
-    """The manifest's template fields: the text the data was rendered with, its built-in
 def _data_path(spec) -> str:
     """The manifest's ``data.path``: the one source's absolute path (a hub spec as given), or
     every source's spec joined with `` + `` when several are mixed."""
@@ -240,6 +238,8 @@ def _one(extra: dict, role: str):
         else None
 
 
+def _template_record(tokenizer_info: dict, chosen) -> dict:
+    """The manifest's template fields: the text the data was rendered with, its built-in
     name, where it came from, and the stop tokens (the template's end of turn included)."""
     from edge_tune.templates import EOS, template_name
 
