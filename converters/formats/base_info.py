@@ -28,6 +28,8 @@ class BaseInfo:
     tensors: Optional[dict[str, tuple[int, ...]]] = None
     tied_embeddings: bool = False
     metadata: dict = field(default_factory=dict)
+    # Rows of the token embedding (the model's vocabulary size); None when not known.
+    n_vocab: Optional[int] = None
 
     def has_tensor(self, name: str) -> Optional[bool]:
         return None if self.tensors is None else name in self.tensors
@@ -107,6 +109,8 @@ def from_gguf(path: Path, reader=None) -> BaseInfo:
         tensors=tensors,
         tied_embeddings="output.weight" not in tensors or arch in ALWAYS_TIED_ARCHS,
         metadata={"name": field_value(reader, "general.name", "")},
+        n_vocab=tensors["token_embd.weight"][1] if len(tensors.get("token_embd.weight", ()))
+        == 2 else None,
     )
 
 
@@ -120,6 +124,8 @@ def from_hf_config(config: dict) -> BaseInfo:
             n_head_kv=int(config.get("num_key_value_heads") or n_head),
             tied_embeddings=bool(config.get("tie_word_embeddings", False))
             or gguf_arch(config["model_type"]) in ALWAYS_TIED_ARCHS,
+            n_vocab=int(config["vocab_size"]) if isinstance(config.get("vocab_size"), int)
+            else None,
         )
     except KeyError as exc:
         raise EdgeTuneError(f"base config.json: missing field {exc.args[0]!r}") from None

@@ -107,8 +107,10 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
     output layer unties them (PEFT's embedding LoRA and its modules_to_save copy of
     embed_tokens act on the input only; a LoRA/copy of lm_head on the output only).
     """
-    from edge_tune.converters.formats.peft_to_gguf import check_base_layers, parse_adapter
+    from edge_tune.converters.formats.peft_to_gguf import (check_base_layers,
+                                                            check_vocabulary, parse_adapter)
 
+    check_vocabulary(config, tensors, base, where)  # a resized vocabulary cannot merge here
     adapter = parse_adapter(config, tensors, where)
     check_base_layers(adapter, base, where)
     out = MergePlan(deltas={})
@@ -282,8 +284,7 @@ def merge(base_gguf: Path, config: dict, tensors: dict[str, np.ndarray], out_pat
         if shapes.get(name) != arr.shape:
             raise EdgeTuneError(f"{where}: adapter does not fit the base model: the "
                                 f"modules_to_save copy for {name!r} is {list(arr.shape)}, the "
-                                f"base's {list(shapes.get(name, ()))} (a resized vocabulary? "
-                                f"{PEFT_MERGE_ROUTE})")
+                                f"base's {list(shapes.get(name, ()))}; {PEFT_MERGE_ROUTE}")
     # What is written, in order: (name, numpy shape, base tensor it starts from or None).
     layout: list[tuple[str, tuple[int, ...], object]] = []
     for t in reader.tensors:

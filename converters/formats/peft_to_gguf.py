@@ -16,7 +16,9 @@ modules. ``fan_in_fan_out`` only says how a GPT-2 ``Conv1D`` stores its weight; 
 (r x in) and B (out x r) and its forward are the same either way. DoRA, ``modules_to_save``,
 LoRA ``bias`` and an output/embedding LoRA on a tied base have no GGUF LoRA form that llama.cpp
 computes like PEFT: they are refused here with the route that works (``--merge``, see
-:mod:`.merge`, which handles each of them).
+:mod:`.merge`, which handles each of them). An adapter trained with a resized vocabulary
+(added tokens; :func:`check_vocabulary` reads every layout PEFT and Unsloth write) runs through
+neither: it is refused as such, with PEFT's merge on a resized base as the route.
 """
 
 from __future__ import annotations
@@ -166,7 +168,142 @@ def check_base_layers(adapter: PeftAdapter, base: BaseInfo, where: str) -> None:
             raise EdgeTuneError(
                 f"{where}: the adapter carries its own {module} weight {list(arr.shape)} "
                 f"that does not fit the base ({list(reversed(have)) if have else 'no tensor'}): "
-                f"a resized vocabulary; {PEFT_MERGE_ROUTE}")
+                f"a resized vocabulary; {resized_route(arr.shape[0])}")
+
+
+def resized_route(n_tokens: Optional[int]) -> str:
+    """What runs an adapter trained with a resized vocabulary: nothing inside edge-tune (a GGUF
+    LoRA adapter and ``--merge`` both keep the base's embedding rows), so PEFT's merge on a
+    base resized first (``PeftModel.from_pretrained`` refuses the saved rows otherwise), then
+    llama.cpp's converter via ``convert-base``."""
+    n = str(n_tokens) if n_tokens else "N"
+    return ("no edge-tune export can run it (a GGUF adapter and --merge keep the base's "
+            f"embedding rows); merge it in PEFT on the base resized first "
+            f"(`model.resize_token_embeddings({n})`, then `PeftModel.from_pretrained(model, "
+            "ADAPTER).merge_and_unload().save_pretrained(DIR)`, the adapter's tokenizer saved "
+            "into DIR too) and convert DIR with `edge-tune convert-base DIR` (llama.cpp's "
+            "convert_hf_to_gguf.py)")
+
+
+_WEIGHT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)"
+                         r"(?:\.modules_to_save(?:\.default)?|\.original_module)?"
+                         r"(?:\.base_layer)?(?:\.default)?\.weight$")
+
+
+def _base_vocab(base: BaseInfo) -> Optional[int]:
+    if base.n_vocab:
+        return int(base.n_vocab)
+    shape = (base.tensors or {}).get("token_embd.weight")
+    return int(shape[1]) if shape is not None and len(shape) == 2 else None
+
+
+def _vocab_side(module: str, base: BaseInfo) -> Optional[str]:
+    """"token_embd.weight" / "output.weight" when ``module`` is the embedding / output layer."""
+    try:
+        name = gguf_tensor_name(module, base.arch, base.n_blocks)
+    except KeyError:
+        name = None
+    if name in ("token_embd.weight", "output.weight"):
+        return name
+    leaf = module.rsplit(".", 1)[-1]
+    return {"embed_tokens": "token_embd.weight", "lm_head": "output.weight"}.get(leaf)
+
+
+def _token_indices(config: dict) -> list[int]:
+    given = config.get("trainable_token_indices")
+    lists = given.values() if isinstance(given, dict) else [given or []]
+    return [i for ids in lists if isinstance(ids, list) for i in ids if isinstance(i, int)]
+
+
+def adapter_vocabulary(config: dict, tensors: dict[str, np.ndarray],
+                       base: BaseInfo) -> list[tuple[int, str]]:
+    """Every vocabulary size the adapter's own tensors and config imply, as ``(tokens, what
+    says so)``: full copies of the embedding / output layer (modules_to_save, PEFT's
+    ``save_embedding_layers`` weights, with or without ``base_layer``), an embedding LoRA's
+    A (r x vocab) or an output LoRA's B (vocab x r), and ``trainable_token_indices`` (its
+    largest id + 1, a lower bound). Pure."""
+    found: list[tuple[int, str]] = []
+    for key, arr in tensors.items():
+        shape = tuple(np.shape(arr))
+        if len(shape) != 2:
+            continue
+        split = split_peft_key(key)
+        if split is not None:
+            module, part = split
+            side = _vocab_side(module, base)
+            if side == "token_embd.weight" and part == "lora_embedding_A":
+                found.append((shape[1], f"the embedding LoRA of {module} is {list(shape)}"))
+            elif side == "output.weight" and part == "lora_B":
+                found.append((shape[0], f"the LoRA B of {module} is {list(shape)}"))
+            continue
+        m = _WEIGHT_KEY.match(key)
+        if m and _vocab_side(m.group("module"), base):
+            found.append((shape[0], f"its saved {key} is {list(shape)}"))
+    ids = _token_indices(config)
+    if ids:
+        found.append((max(ids) + 1, f"trainable_token_indices reach token id {max(ids)}"))
+    return found
+
+
+def tokenizer_size(adapter_dir: Path) -> Optional[tuple[int, str]]:
+    """``(tokens, file)`` of a tokenizer saved beside an adapter (Unsloth and HF's Trainer
+    write one: ``tokenizer.json``, ``added_tokens.json``, ``tokenizer_config.json``'s
+    ``added_tokens_decoder``): the largest token id + 1 any of them names; None without one
+    or when none can be read. Reads JSON only."""
+    adapter_dir = Path(adapter_dir)
+    best: Optional[tuple[int, str]] = None
+
+    def ids_of(name: str, doc) -> list[int]:
+        if name == "tokenizer.json":
+            vocab = (doc.get("model") or {}).get("vocab")
+            ids = list(vocab.values()) if isinstance(vocab, dict) else \
+                list(range(len(vocab))) if isinstance(vocab, list) else []
+            return ids + [t.get("id") for t in doc.get("added_tokens") or []
+                          if isinstance(t, dict)]
+        if name == "added_tokens.json":
+            return list(doc.values())
+        return [int(k) for k in (doc.get("added_tokens_decoder") or {}) if str(k).isdigit()]
+
+    for name in ("tokenizer.json", "added_tokens.json", "tokenizer_config.json"):
+        path = adapter_dir / name
+        if not path.is_file():
+            continue
+        try:
+            doc = json.loads(path.read_text())
+            ids = [i for i in ids_of(name, doc) if isinstance(i, int)]
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+        if ids and (best is None or max(ids) + 1 > best[0]):
+            best = (max(ids) + 1, name)
+    return best
+
+
+def check_vocabulary(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
+                     where: str = "adapter", adapter_dir: Optional[Path] = None) -> None:
+    """Refuse, in one line, an adapter trained with a resized vocabulary: one whose saved
+    embedding/output tensors, trainable token ids or (``adapter_dir``) saved tokenizer imply a
+    vocabulary other than the base's embedding rows. Every layout PEFT and Unsloth write after
+    ``resize_token_embeddings``: modules_to_save copies of embed_tokens/lm_head,
+    ``save_embedding_layers`` weights (``...embed_tokens.weight``, ``.base_layer.weight``),
+    embedding/output LoRA, ``trainable_token_indices``, ``added_tokens.json`` or a larger
+    ``tokenizer.json`` beside the adapter. Raises EdgeTuneError ``WHERE: the adapter was trained
+    with a resized vocabulary (N tokens vs the base's M; what says so): ROUTE``; does nothing
+    when the base's vocabulary is unknown."""
+    have = _base_vocab(base)
+    if not have:
+        return
+    found = [(n, what) for n, what in adapter_vocabulary(config, tensors, base)
+             if (n > have if what.startswith("trainable") else n != have)]
+    if adapter_dir is not None:
+        saved = tokenizer_size(adapter_dir)
+        if saved is not None and saved[0] > have:
+            found.append((saved[0], f"the {saved[1]} beside it names {saved[0]} tokens"))
+    if not found:
+        return
+    n, what = max(found, key=lambda x: x[0])
+    bound = "at least " if what.startswith("trainable") else ""
+    raise EdgeTuneError(f"{where}: the adapter was trained with a resized vocabulary "
+                        f"({bound}{n} tokens vs the base's {have}; {what}): {resized_route(n)}")
 
 
 def refuse_unsupported(config: dict, adapter: PeftAdapter, where: str) -> None:
@@ -190,6 +327,7 @@ def refuse_unsupported(config: dict, adapter: PeftAdapter, where: str) -> None:
 
 def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
          where: str = "adapter") -> Plan:
+    check_vocabulary(config, tensors, base, where)
     adapter = parse_adapter(config, tensors, where)
     refuse_unsupported(config, adapter, where)
     check_base_layers(adapter, base, where)
@@ -353,6 +491,7 @@ def write_gguf(plan_: Plan, arch: str, out_path: Path, outtype: str = "f32",
 def convert(adapter_dir: Path, base: BaseInfo, out_path: Path, outtype: str = "f32",
             metadata: Optional[dict] = None) -> Plan:
     config, tensors = read_peft_dir(adapter_dir)
+    check_vocabulary(config, tensors, base, str(adapter_dir), adapter_dir)
     p = plan(config, tensors, base, where=str(adapter_dir))
     write_gguf(p, base.arch, out_path, outtype, metadata)
     return p

@@ -186,7 +186,8 @@ def _export_merged(adapter: Path, peft_dir: Path, man: Optional[Manifest],
 
     from edge_tune.converters.formats import merge as merge_mod
     from edge_tune.converters.integrations import quantize as quant_mod
-    from edge_tune.converters.formats.peft_to_gguf import read_peft_dir
+    from edge_tune.converters.formats.base_info import from_gguf
+    from edge_tune.converters.formats.peft_to_gguf import check_vocabulary, read_peft_dir
     from edge_tune.fsutil import atomic_path
 
     name = quant_mod.normalize(quant)
@@ -197,6 +198,8 @@ def _export_merged(adapter: Path, peft_dir: Path, man: Optional[Manifest],
         out = (adapter if man is not None else peft_dir.parent) / f"merged-{name.lower()}.gguf"
     out = Path(out)
     config, tensors = read_peft_dir(peft_dir)
+    # A resized vocabulary cannot merge into this base: said before the base is hashed.
+    check_vocabulary(config, tensors, from_gguf(base_gguf), str(peft_dir), peft_dir)
     meta = {"edge_tune.merged_adapter": peft_dir.name,
             "edge_tune.base_sha256": sha256_file(base_gguf)}
     if template is not None:
