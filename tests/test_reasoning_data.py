@@ -137,3 +137,10 @@ def test_data_inspect_inline_shows_the_think_block(reasoning_jsonl):
 def test_a_bad_reasoning_value_is_one_line(reasoning_jsonl):
     assert_one_line_error(run_cli("data", "inspect", str(reasoning_jsonl), "--reasoning",
                                   "think"), "--reasoning 'think'", "auto, inline, drop")
+
+
+def test_train_and_plan_take_reasoning_through_the_config(reasoning_jsonl):
+    """``--reasoning`` is one of train's options (plan takes the same); a bad value is the
+    config's one-line refusal."""
+    proc = run_cli("plan", "--data", str(reasoning_jsonl), "--reasoning", "think")
+    assert_one_line_error(proc, "reasoning: 'think' is not valid", "auto, inline or drop")
