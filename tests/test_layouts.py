@@ -265,7 +265,7 @@ def test_hub_ids_with_config_split_and_columns_from_the_cache(tmp_path, monkeypa
 
     assert read("org/chats:everyday@train_sft") == [
         [f"org/chats:everyday@train_sft:#{i + 1}", f"everyday {i}"] for i in range(4)]
-    assert read("org/chats:other") == [[f"org/chats:other@train:#{i + 1}", f"other {i}"]
+    assert read("org/chats:other") == [[f"org/chats:other:#{i + 1}", f"other {i}"]
                                        for i in range(3)]
     proc = run_cli("plan", "--data", "org/chats:everyday@nope", "--columns", "q=prompt,a=completion",
                    "--model", "default", env=env)

@@ -133,6 +133,10 @@ def fetch_hint(repo_id: str) -> str:
     return f"`{cli} download --repo-type dataset {repo_id}`"
 
 
+def _config(config: Optional[str]) -> dict:
+    return {"name": config} if config else {}
+
+
 def hub_values(repo_id: str, config: Optional[str], split: Optional[str],
                label: str) -> Iterator[dict]:
     """The records of a hub dataset's split (``train`` when not given), read from the local
@@ -150,13 +154,13 @@ def hub_values(repo_id: str, config: Optional[str], split: Optional[str],
                   f"fetch it once with {fetch_hint(repo_id)}")
     if snapshot is not None:
         try:
-            data = datasets.load_dataset(str(snapshot), config, split=split)
+            data = datasets.load_dataset(str(snapshot), **_config(config), split=split)
         except Exception as exc:  # noqa: BLE001 - a config or split the dataset lacks, ...
             raise DataError(f"{label}: cannot load it from the Hugging Face cache ({snapshot}): "
                             f"{_first_line(exc)}") from None
     else:
         try:  # datasets' own cache (a set loaded before), or online a download
-            data = datasets.load_dataset(repo_id, config, split=split)
+            data = datasets.load_dataset(repo_id, **_config(config), split=split)
         except Exception as exc:  # noqa: BLE001 - network, auth, missing split: the user's
             if _offline():
                 raise DataError(not_cached) from None

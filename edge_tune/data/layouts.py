@@ -256,6 +256,7 @@ def _first_suffix(parts: list[Part]) -> str:
 
 
 def hub_label(spec: SourceSpec) -> str:
-    """``NAME[:CONFIG]@SPLIT``: a hub source as messages show it (split train by default)."""
+    """``NAME[:CONFIG][@SPLIT]``: a hub source as messages show it (as given; the split is
+    ``train`` when none is named)."""
     config = f":{spec.config}" if spec.config else ""
-    return f"{spec.target}{config}@{spec.split or 'train'}"
+    return f"{spec.target}{config}" + (f"@{spec.split}" if spec.split else "")
