@@ -135,9 +135,11 @@ def _mlx_side_for(run: Path, man) -> Optional[Path]:
 
 def verify_hook(run: Path, base: Optional[Path], on_event: EventSink,
                 merged: Optional[Path] = None, merged_f32: Optional[Path] = None,
-                adapter_gguf: Optional[Path] = None) -> dict:
+                adapter_gguf: Optional[Path] = None, raise_on_fail: bool = True) -> dict:
     """The short check ``train`` and ``export`` run by default: two prompts, a few tokens.
-    Out of tolerance is an error (exit 1) after the files are written."""
+    Out of tolerance is CheckFailed (exit 1); with ``raise_on_fail`` False the report comes
+    back instead (``report["ok"]``), for callers that decide what happens to the file.
+    ``report["summary"]`` is the one-line result either way."""
     report = verify(run, base=base, merged=merged, on_event=on_event, n_prompts=2, max_new=8,
                     _merged_f32=merged_f32, _adapter_gguf=adapter_gguf)
     in_file = report.get("file_effect")
@@ -146,7 +148,10 @@ def verify_hook(run: Path, base: Optional[Path], on_event: EventSink,
                f"{'' if in_file is None else f'file effect {in_file:.2f}, '}top-1 "
                f"{report['top1_agreement']:.0%}, mean KL {report['mean_kl']:.4f} on "
                f"{report['n_prompts']} held-back prompts")
+    report["summary"] = summary
     if not report["ok"]:
-        raise CheckFailed(f"{summary}: out of tolerance: {'; '.join(report['failures'])}")
+        if raise_on_fail:
+            raise CheckFailed(f"{summary}: out of tolerance: {'; '.join(report['failures'])}")
+        return report
     on_event(Log(summary + " (ok)"))
     return report
