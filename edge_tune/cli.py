@@ -317,14 +317,18 @@ def export(
                                "instead of an adapter file [default: RUN/merged-QUANT.gguf]."),
     quant: Optional[str] = typer.Option(None, "--quant", "-q", help="With --merge: F32 | F16 | "
                                         "BF16 | Q8_0 | Q6_K | Q5_K_M | Q4_K_M | Q4_0 | ... "
-                                        "(llama.cpp's own quantizer) [default: F16]."),
+                                        "(llama.cpp's own quantizer), or auto: the smallest of "
+                                        "Q4_K_M, Q5_K_M, Q6_K, Q8_0, F16 whose check passes "
+                                        "[default: F16]."),
     ollama: Optional[Path] = typer.Option(None, "--ollama", help="Also write an Ollama "
                                           "Modelfile (FROM/ADAPTER/TEMPLATE/stop) into DIR."),
     system: Optional[str] = typer.Option(None, "--system", help="With --ollama: the "
                                          "Modelfile's SYSTEM prompt."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="After exporting a run, "
-                                "check llama.cpp against torch+PEFT on held-back prompts "
-                                "(see `edge-tune verify`)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check a run's export: "
+                                "llama.cpp against torch+PEFT on held-back prompts (see "
+                                "`edge-tune verify`). A merged model that fails is not "
+                                "written at its name: it is kept as NAME.rejected.gguf, the "
+                                "cause in NAME.rejected.txt (exit 1)."),
     vllm: Optional[Path] = typer.Option(None, "--vllm", help="Instead of GGUF: copy the PEFT "
                                         "adapter to DIR/NAME for vLLM, write DIR/serve.sh and "
                                         "print the `vllm serve ... --enable-lora` command."),
@@ -341,6 +345,7 @@ def export(
     Examples:
       edge-tune export runs/demo                        # RUN/adapter.gguf
       edge-tune export runs/demo --merge -q Q4_K_M      # RUN/merged-q4_k_m.gguf
+      edge-tune export runs/demo --merge -q auto        # smallest type that passes
       edge-tune export runs/demo --merge --ollama out/  # plus out/Modelfile
       edge-tune export runs/demo --vllm out/vllm        # PEFT dir, `vllm serve`
       edge-tune export runs/full -q Q8_0                # a full run: RUN/model-q8_0.gguf"""
@@ -730,7 +735,9 @@ def bundle(
                                 "(one model file, served as 'base') instead of base + "
                                 "adapters."),
     quant: Optional[str] = typer.Option(None, help="With --merged: quantize the merged model "
-                                        "(Q4_K_M, Q8_0, ...)."),
+                                        "(Q4_K_M, Q8_0, ..., or auto: the smallest type whose "
+                                        "check passes). The merged model is checked as `export "
+                                        "--merge` checks it: one that fails is refused."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", metavar="NAME|FILE",
                                                 help="The template the bundle serves every "
                                                 "model with (built-in name or Jinja file) "

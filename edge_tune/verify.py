@@ -81,9 +81,15 @@ def judge(effect_rel_err: float, top1: float, kl: float, tol: dict = TOLERANCE,
     foreign = file_effect is not None and not \
         tol["file_effect_min"] <= file_effect <= tol["file_effect_max"]
     if foreign:
+        # A quantized file's exact check ran on its F32 merge: when that carries the effect,
+        # the file lost it in quantization (small weight changes rounded back to the base's
+        # grid) or is another run's; only an F32 file that lacks it is surely not this run's.
+        why = "it is not a merge of this run" if exact_on_file or \
+            not effect_rel_err <= tol["effect_rel_err"] else \
+            (f"quantization rounded this run's weight changes away (its F32 merge carries "
+             f"them: effect error {effect_rel_err:.1e}), or it is not a merge of this run")
         out.append(f"the merged file carries {file_effect:.0%} of this run's effect on the logits "
-                   f"(expected {tol['file_effect_min']:.0%}-{tol['file_effect_max']:.0%}): it "
-                   "is not a merge of this run")
+                   f"(expected {tol['file_effect_min']:.0%}-{tol['file_effect_max']:.0%}): {why}")
     if not effect_rel_err <= tol["effect_rel_err"] and not (foreign and exact_on_file):
         out.append(f"adapter effect differs by {effect_rel_err:.1%} between torch+PEFT and "
                    f"llama.cpp on the F32 base (limit {tol['effect_rel_err']:.0%}): the "

@@ -10,7 +10,7 @@ from typing import Optional
 from edge_tune import template_choice
 from edge_tune.adapters import conversion_base, merge_base, peft_adapter, vllm_base
 from edge_tune.commands.verify import verify_hook
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import Done, EventSink, Log, Progress, ignore
 from edge_tune.fsutil import sha256_file
 from edge_tune.manifest import Manifest
@@ -19,11 +19,15 @@ from edge_tune.manifest import Manifest
 def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = None,
            outtype: str = "f32", on_event: EventSink = ignore, _base_sha256: Optional[str] = None,
            merge: bool = False, quant: Optional[str] = None, ollama: Optional[Path] = None,
-           verify: bool = False, system: Optional[str] = None, vllm: Optional[Path] = None,
-           chat_template: Optional[str] = None):
+           verify: bool = True, system: Optional[str] = None, vllm: Optional[Path] = None,
+           chat_template: Optional[str] = None, _keep_rejected: bool = True):
     """Convert a PEFT adapter (or a run's adapter) to a GGUF LoRA adapter; with ``merge``,
     write one GGUF with the adapter merged into the base (``quant``: F16 default, Q4_K_M,
-    ...). ``verify`` checks llama.cpp against the training framework afterwards (runs only);
+    ..., or ``auto``: the smallest type that passes the check). ``verify`` (the default; runs
+    only) checks llama.cpp against the training framework: a merged or quantized model is
+    checked before it takes its name, and one that fails is kept as ``NAME.rejected.gguf``
+    (``_keep_rejected`` False: deleted) with CheckFailed naming the cause (see
+    :func:`ship_checked`);
     ``ollama`` writes a Modelfile into that directory (``system``: its SYSTEM prompt).
     ``chat_template`` (``--chat-template``; default: the run's) goes into the Modelfile's
     TEMPLATE and, with ``merge``, into a merged GGUF whose base has none."""
@@ -40,7 +44,8 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
                                 "model GGUF (quantize it with -q), not an adapter")
         return export_full(Path(adapter), full_run, out, quant or "F16", on_event,
                            verify=verify, ollama=ollama, system=system,
-                           template=template_choice.choose(chat_template, full_run))
+                           template=template_choice.choose(chat_template, full_run),
+                           keep_rejected=_keep_rejected)
     peft_dir, man = peft_adapter(Path(adapter))
     template = template_choice.choose(chat_template, man)
     if vllm is not None:  # vLLM serves the PEFT directory itself: no GGUF involved
@@ -48,7 +53,7 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
     if merge:  # merge reads the base itself: parsing a GGUF's vocabulary twice costs seconds
         return _export_merged(Path(adapter), peft_dir, man, merge_base(man, base), out,
                               quant or "F16", on_event, verify=verify, ollama=ollama,
-                              system=system, template=template)
+                              system=system, template=template, keep_rejected=_keep_rejected)
     info, base_gguf = conversion_base(peft_dir, man, base)
     if quant is not None:
         raise EdgeTuneError("--quant applies to merged exports only: add --merge (an adapter "
@@ -80,14 +85,15 @@ def _full_run(path: Path) -> Optional[Manifest]:
 
 
 def export_full(run: Path, man: Manifest, out: Optional[Path], quant: str,
-                on_event: EventSink = ignore, verify: bool = False,
+                on_event: EventSink = ignore, verify: bool = True,
                 ollama: Optional[Path] = None, system: Optional[str] = None,
                 template: Optional["template_choice.ChatTemplate"] = None,
-                vocab_from: Optional[Path] = None) -> dict:
+                vocab_from: Optional[Path] = None, keep_rejected: bool = True) -> dict:
     """A full run's HF weights (``RUN/model``) as one GGUF model: llama.cpp's converter
     writes F32 (exact; what verify checks against torch), then llama.cpp's quantizer makes
     ``quant`` (F16 default, Q8_0, Q4_K_M, ...) from it. Default output:
-    ``RUN/model-<quant>.gguf``. Returns {path, quant, bytes, verify}.
+    ``RUN/model-<quant>.gguf``. ``verify``: checked before it takes its name, as
+    :func:`ship_checked` does (``quant`` ``auto`` too). Returns {path, quant, bytes, verify}.
 
     ``vocab_from``: the base GGUF the run was trained from (default: the manifest's, when it
     was given as a GGUF). Its tokenizer was rebuilt by transformers for training, and
@@ -96,23 +102,24 @@ def export_full(run: Path, man: Manifest, out: Optional[Path], quant: str,
     ``tokenizer.*`` metadata (the converted chat template excepted)."""
     import tempfile
 
-    from edge_tune.converters.formats.merge import check_disk
     from edge_tune.converters.integrations import hf_to_gguf
-    from edge_tune.converters.integrations import quantize as quant_mod
-    from edge_tune.fsutil import atomic_path
 
-    name = quant_mod.normalize(quant)
+    name = quant_name(quant)
+    if name == "AUTO" and not verify:
+        raise UsageError("--quant auto picks the smallest type whose check passes: drop "
+                         "--no-verify")
     model_dir = run / (man.model.hf if man.model is not None else "model")
     if not (model_dir / "config.json").is_file():
         raise EdgeTuneError(f"{model_dir}: the full run's model is missing (expected its HF "
                             "weights: config.json and model.safetensors)")
-    out = Path(out) if out is not None else run / f"model-{name.lower()}.gguf"
+    given = Path(out) if out is not None else None
+    out = given or run / f"model-{name.lower()}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = None
     if vocab_from is None and man.base.gguf and man.base.gguf_source == "given":
         vocab_from = Path(man.base.gguf)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as work:
-        f32 = out if name == "F32" else Path(work) / "model-f32.gguf"
+        f32 = Path(work) / "model-f32.gguf"
         if vocab_from is not None and Path(vocab_from).is_file():
             converted = hf_to_gguf.convert(model_dir, Path(work) / "converted.gguf", "f32",
                                            on_event)
@@ -120,17 +127,18 @@ def export_full(run: Path, man: Manifest, out: Optional[Path], quant: str,
             converted.unlink()
         else:
             hf_to_gguf.convert(model_dir, f32, "f32", on_event)
-        if name != "F32":
-            check_disk(out.parent, int(f32.stat().st_size * quant_mod.BITS_PER_WEIGHT[name]
-                                       // 32), str(out))
-            on_event(Progress("quantize", 0, None, "", f"quantizing to {name} (llama.cpp)"))
-            with atomic_path(out) as tmp:
-                quant_mod.quantize(f32, tmp, name)
-            on_event(Progress("quantize", 1, 1, "", f"quantized to {name}"))
+
+        def check(model: Path, exact: Optional[Path]) -> dict:
+            return verify_hook(run, None, on_event, merged=model, merged_f32=exact,
+                               raise_on_fail=False)
+
+        out, name, report = ship_checked(f32, given, name, Path(work),
+                                         check if verify else None, on_event,
+                                         lambda t: run / f"model-{t.lower()}.gguf",
+                                         keep_rejected)
         size = out.stat().st_size
-        on_event(Log(f"wrote {out} (full fine-tuned model, {name}, {size / 2**20:.1f} MiB)"))
-        if verify:
-            report = verify_hook(run, None, on_event, merged=out, merged_f32=f32)
+        on_event(Log(f"wrote {out} (full fine-tuned model, {name}, {size / 2**20:.1f} MiB"
+                     f"{', checked' if report else ''})"))
     if ollama is not None:
         _write_ollama(Path(ollama), out, None, system, man, on_event, template)
     on_event(Done("export", {"path": str(out)}))
@@ -179,24 +187,27 @@ def _export_vllm(adapter: Path, peft_dir: Path, man: Optional[Manifest], base: O
 def _export_merged(adapter: Path, peft_dir: Path, man: Optional[Manifest],
                    base_gguf: Optional[Path], out: Optional[Path], quant: str, on_event: EventSink, verify: bool,
                    ollama: Optional[Path], system: Optional[str] = None,
-                   template: Optional["template_choice.ChatTemplate"] = None) -> dict:
+                   template: Optional["template_choice.ChatTemplate"] = None,
+                   keep_rejected: bool = True) -> dict:
     """Merge into an F32 GGUF first (exact; what verify checks), then let llama.cpp's own
-    quantizer make the requested type from it."""
+    quantizer make the requested type from it; checked before it takes its name
+    (:func:`ship_checked`)."""
     import tempfile
 
     from edge_tune.converters.formats import merge as merge_mod
-    from edge_tune.converters.integrations import quantize as quant_mod
     from edge_tune.converters.formats.base_info import from_gguf
     from edge_tune.converters.formats.peft_to_gguf import check_vocabulary, read_peft_dir
-    from edge_tune.fsutil import atomic_path
 
-    name = quant_mod.normalize(quant)
+    name = quant_name(quant)
+    if name == "AUTO" and (not verify or man is None):
+        raise UsageError("--quant auto picks the smallest type whose check passes: it needs "
+                         "the check (drop --no-verify; the check needs a run directory)")
     if base_gguf is None:
         raise EdgeTuneError(f"{adapter}: --merge needs a GGUF base: pass --base BASE.gguf "
                             "(make one from an HF model with `edge-tune convert-base`)")
-    if out is None:
-        out = (adapter if man is not None else peft_dir.parent) / f"merged-{name.lower()}.gguf"
-    out = Path(out)
+    where = adapter if man is not None else peft_dir.parent
+    given = Path(out) if out is not None else None
+    out = given or where / f"merged-{name.lower()}.gguf"
     config, tensors = read_peft_dir(peft_dir)
     # A resized vocabulary cannot merge into this base: said before the base is hashed.
     check_vocabulary(config, tensors, from_gguf(base_gguf), str(peft_dir), peft_dir)
@@ -213,21 +224,22 @@ def _export_merged(adapter: Path, peft_dir: Path, man: Optional[Manifest],
     out.parent.mkdir(parents=True, exist_ok=True)
     report = None
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as work:
-        f32 = out if name == "F32" else Path(work) / "merged-f32.gguf"
+        f32 = Path(work) / "merged-f32.gguf"
         summary = merge_mod.merge(base_gguf, config, tensors, f32, "F32", where=str(peft_dir),
                                   on_event=on_event, extra_metadata=meta)
-        if name != "F32":
-            merge_mod.check_disk(out.parent, int(summary["f32_bytes"] *
-                                 quant_mod.BITS_PER_WEIGHT[name] // 32), str(out))
-            on_event(Progress("quantize", 0, None, "", f"quantizing to {name} (llama.cpp)"))
-            with atomic_path(out) as tmp:
-                quant_mod.quantize(f32, tmp, name)
-            on_event(Progress("quantize", 1, 1, "", f"quantized to {name}"))
+
+        def check(model: Path, exact: Optional[Path]) -> dict:
+            return verify_hook(adapter, base_gguf, on_event, merged=model, merged_f32=exact,
+                               raise_on_fail=False)
+
+        out, name, report = ship_checked(f32, given, name, Path(work),
+                                         check if verify and man is not None else None,
+                                         on_event, lambda t: where / f"merged-{t.lower()}.gguf",
+                                         keep_rejected)
         size = out.stat().st_size
         on_event(Log(f"wrote {out} ({summary['merged']} merged tensors"
-                     f"{', DoRA' if summary['dora'] else ''}, {name}, {size / 2**20:.0f} MiB)"))
-        if verify and man is not None:
-            report = verify_hook(adapter, base_gguf, on_event, merged=out, merged_f32=f32)
+                     f"{', DoRA' if summary['dora'] else ''}, {name}, {size / 2**20:.0f} MiB"
+                     f"{', checked' if report else ''})"))
     if ollama is not None:
         _write_ollama(Path(ollama), out, None, system, man, on_event, template)
     result = {**summary, "path": str(out), "quant": name, "bytes": size, "verify": report}
@@ -299,3 +311,156 @@ def _write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Opt
     on_event(Log(f"wrote {path} (FROM {from_name}" + (f", ADAPTER {adapter_name}" if adapter_name
                                                        else "") + ")"))
     return path
+
+
+# --- the check every merged or quantized model passes before it gets its name ----------------
+
+# `-q auto` tries these from the smallest up; the first whose check passes is written.
+AUTO_LADDER = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16")
+
+
+def quant_name(quant: str) -> str:
+    """``auto`` -> ``AUTO``; anything else as :func:`quantize.normalize` spells it."""
+    from edge_tune.converters.integrations import quantize as quant_mod
+
+    return "AUTO" if quant.strip().lower() == "auto" else quant_mod.normalize(quant)
+
+
+def _disk_type(name: str) -> str:
+    """The type whose size the free-space check assumes (``auto``: its largest, F16)."""
+    return AUTO_LADDER[-1] if name == "AUTO" else name
+
+
+def rejected_paths(out: Path) -> tuple[Path, Path]:
+    """(``NAME.rejected.gguf``, ``NAME.rejected.txt``) beside ``out`` (``NAME.gguf``). Pure."""
+    stem = out.name[:-5] if out.name.endswith(".gguf") else out.name
+    return out.with_name(f"{stem}.rejected.gguf"), out.with_name(f"{stem}.rejected.txt")
+
+
+def reject(candidate: Path, out: Path, reason: str, keep: bool = True) -> str:
+    """A model that failed its check never keeps (or takes) the name ``out``: ``out`` is
+    removed, ``candidate`` moves to ``NAME.rejected.gguf`` (a rename: it appears whole or
+    not at all) with the reason in ``NAME.rejected.txt`` (``keep`` False: ``candidate`` is
+    deleted). Returns the clause saying where it went."""
+    import os
+
+    from edge_tune.fsutil import write_text_atomic
+
+    out = Path(out)
+    if out.absolute() != Path(candidate).absolute():
+        out.unlink(missing_ok=True)  # an earlier export's file would read as this one's result
+    bad, note = rejected_paths(out)
+    if not keep:
+        Path(candidate).unlink(missing_ok=True)
+        return f"nothing was written at {out}"
+    write_text_atomic(note, f"{bad.name} failed edge-tune's check (torch against llama.cpp on "
+                      f"held-back prompts) and was not given the name {out.name}.\n\n{reason}\n")
+    os.replace(candidate, bad)
+    return f"nothing is left at {out}: the file is kept as {bad} (the reason in {note.name})"
+
+
+def _numbers(report: dict) -> str:
+    fe = report.get("file_effect")
+    return (f"{'' if fe is None else f'file effect {fe:.0%}, '}top-1 "
+            f"{report['top1_agreement']:.0%}, mean KL {report['mean_kl']:.3f}")
+
+
+def _quantize_to(f32: Path, name: str, work: Path, out: Path, on_event: EventSink) -> Path:
+    """``name`` made from the F32 model by llama.cpp's quantizer, in ``work``."""
+    from edge_tune.converters.formats.merge import check_disk
+    from edge_tune.converters.integrations import quantize as quant_mod
+
+    if name == "F32":
+        return f32
+    dst = Path(work) / f"{name.lower()}.gguf"
+    check_disk(out.parent, int(f32.stat().st_size * quant_mod.BITS_PER_WEIGHT[name] // 32),
+               str(out))
+    on_event(Progress("quantize", 0, None, "", f"quantizing to {name} (llama.cpp)"))
+    quant_mod.quantize(f32, dst, name)
+    on_event(Progress("quantize", 1, 1, "", f"quantized to {name}"))
+    return dst
+
+
+def _larger_types(name: str) -> tuple[str, ...]:
+    """The types worth measuring when ``name`` loses too much: Q8_0, then F16 (above Q8_0:
+    F16 only). Pure."""
+    from edge_tune.converters.integrations.quantize import BITS_PER_WEIGHT
+
+    return tuple(t for t in ("Q8_0", "F16") if BITS_PER_WEIGHT[t] > BITS_PER_WEIGHT[name])
+
+
+def ship_checked(f32: Path, out: Optional[Path], name: str, work: Path, check,
+                 on_event: EventSink, default_out, keep_rejected: bool = True
+                 ) -> tuple[Path, str, Optional[dict]]:
+    """Make ``name`` (``AUTO``: the smallest of :data:`AUTO_LADDER` that passes) from the
+    exact F32 model ``f32``, check it, and only then rename it onto ``out`` (None:
+    ``default_out(type)``). ``check(file, f32_or_None) -> report`` (verify's, not raising);
+    None: unchecked (--no-verify, said once). A file that fails goes to
+    :func:`reject` and CheckFailed (exit 1) names the likely cause: a quantized file whose F32
+    merge passes lost the adapter's changes to rounding, and the larger type that passes
+    (measured). Returns (path, type, report)."""
+    import os
+
+    from edge_tune.errors import CheckFailed
+    from edge_tune.verify import TOLERANCE
+
+    if name == "AUTO":
+        if check is None:
+            raise UsageError("--quant auto picks the smallest type whose check passes: it needs "
+                             "the check (drop --no-verify; only a run has held-back prompts)")
+        report = None
+        for t in AUTO_LADDER:
+            cand = _quantize_to(f32, t, work, out or default_out(t), on_event)
+            report = check(cand, f32)
+            on_event(Log(f"--quant auto: {t} {'passes' if report['ok'] else 'fails'} "
+                         f"({_numbers(report)})"))
+            if report["ok"]:
+                name = t
+                break
+            cand.unlink()
+        else:
+            why = "; ".join(report["failures"])
+            raise CheckFailed(f"--quant auto: no type up to F16 passes the check ({why}); "
+                              "nothing was written")
+    else:
+        cand = _quantize_to(f32, name, work, out or default_out(name), on_event)
+        report = None
+        if check is None:
+            on_event(Log(f"{name}: not checked (--no-verify, or not a run: the check needs "
+                         "a run's held-back prompts)", "warning"))
+        else:
+            report = check(cand, None if cand == f32 else f32)
+    final = Path(out) if out is not None else default_out(name)
+    if report is not None and not report["ok"]:
+        exact_ok = report["effect_rel_err"] <= TOLERANCE["effect_rel_err"]
+        if name == "F32" or not exact_ok:  # the merge itself is wrong, not the rounding
+            reason = f"{report['summary']}: out of tolerance: {'; '.join(report['failures'])}"
+        else:
+            reason = _quantization_loss(report, name, f32, work, final, check, on_event)
+        where = reject(cand, final, reason, keep_rejected)
+        raise CheckFailed(f"{final.name}: {reason}; {where}")
+    for stale in rejected_paths(final):  # an earlier failed export's leftovers
+        stale.unlink(missing_ok=True)
+    os.replace(cand, final)
+    return final, name, report
+
+
+def _quantization_loss(report: dict, name: str, f32: Path, work: Path, out: Path, check,
+                       on_event: EventSink) -> str:
+    """The failure of a quantized file whose F32 merge passed: rounding, with the numbers,
+    and the first larger type (measured here) that passes."""
+    what = (f"quantization loss: {name} rounded away the run's small weight changes (the "
+            f"{name} file: {_numbers(report)}; its F32 merge matches "
+            f"{report.get('framework', 'torch+PEFT')} exactly, effect error "
+            f"{report['effect_rel_err']:.1e})")
+    for alt in _larger_types(name):
+        cand = _quantize_to(f32, alt, work, out, on_event)
+        alt_report = check(cand, f32)
+        cand.unlink()
+        ok = alt_report["ok"]
+        on_event(Log(f"{alt} measured instead: {'passes' if ok else 'fails'} "
+                     f"({_numbers(alt_report)})"))
+        if ok:
+            return (f"{what}; {alt} passes ({_numbers(alt_report)}): use --quant {alt}, or "
+                    "--quant auto for the smallest type that passes")
+    return f"{what}; no larger quantized type passes either: use --quant F32"

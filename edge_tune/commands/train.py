@@ -180,12 +180,14 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     if cfg.full:  # the trained weights, converted by llama.cpp's converter (verified below)
         from edge_tune.commands.export import export_full
 
+        # checked below, once the manifest (which verify reads) is written
         shipped = export_full(run_dir, manifest_mod.Manifest(kind="full"),
-                              run_dir / FULL_MODEL_GGUF, "F16", on_event, vocab_from=ref.gguf)
+                              run_dir / FULL_MODEL_GGUF, "F16", on_event, vocab_from=ref.gguf,
+                              verify=False)
         model_info = {"hf": "model", "gguf": FULL_MODEL_GGUF, "quant": shipped["quant"]}
     elif base_gguf is not None and not cfg.dora:
         plan = export(run_dir / "adapter", base=base_gguf, out=run_dir / "adapter.gguf",
-                      on_event=on_event, _base_sha256=base["sha256"])
+                      on_event=on_event, _base_sha256=base["sha256"], verify=False)
         adapter_info.update(gguf="adapter.gguf", alpha=plan.alpha, rank=plan.rank)
     man = manifest_mod.build(
         config=cfg.to_dict(), backend=backend, backend_reason=why, base=base,
@@ -203,7 +205,7 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     if cfg.full:
         if getattr(cfg, "verify", True) and base_gguf is not None:
             # converts to F32 again (the exact check needs it; seconds for small models)
-            verify_hook(run_dir, None, on_event, merged=run_dir / FULL_MODEL_GGUF)
+            _check_full_model(run_dir, on_event)
     elif cfg.dora and base_gguf is not None:
         on_event(Log(f"DoRA: no adapter.gguf; `edge-tune export {run_dir} --merge` writes the "
                      "merged GGUF and verifies it", "warning"))
@@ -344,3 +346,15 @@ def _converted_base(base: dict, on_event: EventSink) -> Path:
     base.update(gguf=str(out), gguf_source="converted", gguf_from=source or str(hf_dir),
                 sha256=digest.read_text().strip() if digest.is_file() else sha256_file(out))
     return out
+
+
+def _check_full_model(run_dir: Path, on_event: EventSink) -> None:
+    """verify a full run's model GGUF; one that fails does not keep its name (it moves to
+    ``model.rejected.gguf``, the reason beside it), as every exported model."""
+    from edge_tune.commands.export import reject
+
+    model = run_dir / FULL_MODEL_GGUF
+    report = verify_hook(run_dir, None, on_event, merged=model, raise_on_fail=False)
+    if not report["ok"]:
+        reason = f"{report['summary']}: out of tolerance: {'; '.join(report['failures'])}"
+        raise CheckFailed(f"{model.name}: {reason}; {reject(model, model, reason)}")

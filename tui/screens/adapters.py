@@ -161,6 +161,9 @@ class AdaptersScreen(BaseScreen):
         if "merge" in params:
             choices += [(f"merged GGUF, {q}", {"merge": True, "quant": q})
                         for q in ("F16", "Q8_0", "Q4_K_M")]
+            # checked like every merged export: the smallest type that passes
+            choices.append(("merged GGUF, auto (smallest type that passes the check)",
+                            {"merge": True, "quant": "auto"}))
         if "ollama" in params:
             choices.append(("Ollama Modelfile (adapter + base), into RUN/ollama",
                             {"ollama": "ollama"}))
@@ -176,7 +179,7 @@ class AdaptersScreen(BaseScreen):
                 return
             if kw.get("ollama"):
                 kw = dict(kw, ollama=Path(run["path"]) / kw["ollama"])
-            if kw.get("merge"):
+            if kw.get("merge") and kw["quant"] != "auto":  # auto: named by the type chosen
                 kw = dict(kw, out=Path(run["path"]) / f"merged-{kw['quant'].lower()}.gguf")
             self._run_action("export", run, kw)
 
