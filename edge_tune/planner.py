@@ -12,7 +12,10 @@ torch/mlx/unsloth, and is easy to test. The memory model counts what each backen
 * activations kept for the backward pass: per token per block a fixed number of hidden- and
   FFN-sized tensors, plus the attention probabilities (B x heads x L x L, eager attention),
   or only each block's input with gradient checkpointing;
-* the loss, computed ``LOSS_CHUNK`` positions at a time over the vocabulary.
+* the loss, computed ``LOSS_CHUNK`` positions at a time over the vocabulary;
+* after training, ``verify`` (on by default) in the command's own process: the fp32 model in
+  torch, then llama.cpp's F32 copy (one at a time), and the logits it keeps (see
+  :func:`verify_bytes`).
 
 The per-token coefficients are counted from the Llama block (see ``_block_activation_bytes``)
 and checked against measured peak RSS (``benchmarks/planner_check.py``; table in the README).
@@ -31,6 +34,7 @@ from edge_tune.backends.registry import capabilities
 
 GIB = 1024 ** 3
 LOSS_CHUNK = 128  # matches edge_tune.backends.cpu.LOSS_CHUNK
+VERIFY_CHUNK = 1 << 21  # matches edge_tune.verify.CHUNK_ELEMENTS
 
 # Measured: resident memory of the training process after importing its libraries and before
 # loading a model (Python, torch/mlx, transformers, tokenizers, the job's data).
@@ -55,6 +59,13 @@ MLX_METAL_FLOPS = 2.5e12  # a rough figure for an M-series GPU; not measured by 
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
                  "A10": 125e12, "4090": 165e12, "3090": 71e12, "T4": 65e12, "V100": 125e12}
 GPU_EFFICIENCY = 0.25
+# The check ``train`` and ``export`` run (edge_tune.commands.verify.verify_hook): held-back
+# prompts, tokens of each compared, tokens generated.
+VERIFY_PROMPTS, VERIFY_LEN, VERIFY_NEW = 2, 64, 8
+# Measured (docs/performance.md, "verify's memory"): verify's resident memory beyond the
+# framework, the fp32 weights and the logits it keeps: llama.cpp's library, context and
+# compute buffers, tokenizer, torch's allocator keeping freed blocks.
+VERIFY_EXTRA_BYTES = 0.1 * GIB
 
 
 @dataclass(frozen=True)
@@ -129,6 +140,9 @@ class Estimate:
     total_steps: int
     output_bytes: dict = field(default_factory=dict)  # what the run writes (see output_bytes)
     trained_params: int = 0  # weights the optimizer updates (LoRA's, or all of them)
+    # bytes: verify after training, in host memory (0: --no-verify); in ``peak`` unless the
+    # run trains on a CUDA GPU (whose memory is the budget)
+    verify_peak: float = 0.0
 
     @property
     def total_seconds(self) -> float:
@@ -139,6 +153,7 @@ class Estimate:
                 "trained_parameters": self.trained_params,
                 "parts_gib": {k: round(v / GIB, 3) for k, v in self.parts.items()},
                 "load_peak_gib": round(self.load_peak / GIB, 3),
+                "verify_peak_gib": round(self.verify_peak / GIB, 3),
                 "peak_gib": round(self.peak / GIB, 3),
                 "tokens_per_step": self.tokens_per_step,
                 "seconds_per_step": round(self.seconds_per_step, 3),
@@ -273,13 +288,35 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
         4.0 * shape.layers * att_batch * att_len * att_len * shape.q_dim + \
         (dora_flops(shape, cfg["rank"], cfg["target_modules"]) if cfg.get("dora") else 0.0) + \
         (2.0 * shape.params * tokens if method == "dpo" else 0.0)
+    verify_peak = verify_bytes(shape, backend) if cfg.get("verify", True) else 0.0
+    # verify runs on the CPU: in the same memory as training except on a CUDA GPU's
+    in_budget = verify_peak if capabilities(backend).device != "cuda" else 0.0
     return Estimate(backend=backend, precision=precision, parts=parts,
-                    load_peak=load_peak, peak=max(train_peak, load_peak),
+                    load_peak=load_peak, peak=max(train_peak, load_peak, in_budget),
+                    verify_peak=verify_peak,
                     output_bytes=output_bytes(shape, n_lora, full), trained_params=n_trained,
                     tokens_per_step=tokens * cfg.get("grad_accum", 1),
                     seconds_per_step=cfg.get("grad_accum", 1) * flops / _flops_per_second(
                         backend, precision, machine, bool(cfg.get("grad_checkpoint"))),
                     total_steps=total_steps)
+
+
+def verify_bytes(shape: ModelShape, backend: str = "cpu", n_prompts: int = VERIFY_PROMPTS,
+                 max_len: int = VERIFY_LEN, max_new: int = VERIFY_NEW) -> float:
+    """Peak resident bytes of ``verify`` (edge_tune.verify.verify_run) on a model of this
+    shape: the framework; the fp32 weights, held by one engine at a time (torch's model is
+    freed before llama.cpp loads its F32 copy; mlx holds the base and the tuned model at once);
+    the float32 logits kept, torch's base and tuned ones per prompt and the F32 base's for a
+    merged file (3 x prompts x ``max_len`` rows of the vocabulary); llama.cpp's output rows
+    (its buffer, llama-cpp-python's scores for two sequences, the copy: 4 x its context); the
+    comparison's float64 chunks; ``VERIFY_EXTRA_BYTES``. Pure."""
+    row = 4.0 * shape.vocab
+    weights = 4.0 * shape.params * (2 if backend == "mlx" else 1)
+    kept = 3 * n_prompts * max_len * row
+    engine = 4 * (max_len + 8 + max_new) * row
+    comparison = 6 * VERIFY_CHUNK * 8.0
+    return (FRAMEWORK_BYTES["cpu"] + weights + kept + engine + comparison +
+            VERIFY_EXTRA_BYTES)
 
 
 def output_bytes(shape: ModelShape, n_lora: int, full: bool) -> dict[str, float]:
@@ -315,7 +352,9 @@ def fit(shape: ModelShape, backend: str, cfg: dict, machine: Machine, total_step
         return estimate(shape, backend, cfg, machine, total_steps, longest)
 
     e = est()
-    if e.load_peak > machine.budget_bytes:  # no training setting shrinks the weights' load
+    # no training setting shrinks the weights' load, nor verify after training
+    verify = e.verify_peak if capabilities(backend).device != "cuda" else 0.0
+    if max(e.load_peak, verify) > machine.budget_bytes:
         return Plan(e, cfg, changes, fits=False, budget_bytes=machine.budget_bytes)
     while e.peak > machine.budget_bytes:
         if cfg["batch_size"] > 1:

@@ -19,6 +19,8 @@ def render_plan(report: dict, console: Console) -> None:
         t.add_row(name, f"{gib:.2f}")
     t.add_row("[bold]peak (training)[/]", f"[bold]{sum(est['parts_gib'].values()):.2f}[/]")
     t.add_row("peak while loading weights", f"{est['load_peak_gib']:.2f}")
+    if est.get("verify_peak_gib"):
+        t.add_row("peak while verifying (after training)", f"{est['verify_peak_gib']:.2f}")
     t.add_row("budget (free memory)", f"{report['budget_gib']:.2f}")
     console.print(t)
     minutes = est["total_seconds"] / 60
@@ -62,6 +64,9 @@ def render_comparison(report: dict, console: Console) -> None:
               f"[bold]{_size(full['peak_gib'])}[/]")
     t.add_row("memory: peak while loading", _size(lora["load_peak_gib"]),
               _size(full["load_peak_gib"]))
+    if full.get("verify_peak_gib"):
+        t.add_row("memory: peak while verifying", _size(lora["verify_peak_gib"]),
+                  _size(full["verify_peak_gib"]))
     t.add_row("time per step", f"{lora['seconds_per_step']:.2f} s",
               f"{full['seconds_per_step']:.2f} s")
     t.add_row("time, whole run", _duration(lora["total_seconds"]),

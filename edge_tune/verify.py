@@ -193,7 +193,8 @@ def build_samples(tok, records: list, max_len: int, system_mode: str = "keep") -
 # --- the two engines ------------------------------------------------------------------------
 
 def torch_side(hf_dir: Path, peft_dir: Path, samples: list[Sample], max_new: int):
-    """(base logits, tuned logits, greedy texts) per sample, from torch + PEFT in fp32."""
+    """(base logits, tuned logits, greedy token ids) per sample, from torch + PEFT in fp32;
+    logits: one float32 (positions, vocabulary) array per sample, as torch computed them."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -207,9 +208,9 @@ def torch_side(hf_dir: Path, peft_dir: Path, samples: list[Sample], max_new: int
     with torch.no_grad():
         for s in samples:
             ids = torch.tensor([s.ids])
-            tuned.append(model(ids).logits[0].double().numpy())
+            tuned.append(model(ids).logits[0].float().numpy())
             with model.disable_adapter():
-                base.append(model(ids).logits[0].double().numpy())
+                base.append(model(ids).logits[0].float().numpy())
             out = model.generate(torch.tensor([s.prompt_ids]), max_new_tokens=max_new,
                                  do_sample=False, attention_mask=torch.ones(1, len(s.prompt_ids),
                                                                            dtype=torch.long))
@@ -229,11 +230,11 @@ def torch_side_full(hf_dir: Path, model_dir: Path, samples: list[Sample], max_ne
     base, tuned, greedy = [], [], []
     with torch.no_grad():
         model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-        base = [model(torch.tensor([s.ids])).logits[0].double().numpy() for s in samples]
+        base = [model(torch.tensor([s.ids])).logits[0].float().numpy() for s in samples]
         del model
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         for s in samples:
-            tuned.append(model(torch.tensor([s.ids])).logits[0].double().numpy())
+            tuned.append(model(torch.tensor([s.ids])).logits[0].float().numpy())
             out = model.generate(torch.tensor([s.prompt_ids]), max_new_tokens=max_new,
                                  do_sample=False, attention_mask=torch.ones(1, len(s.prompt_ids),
                                                                            dtype=torch.long))
@@ -255,7 +256,7 @@ def mlx_side(hf_dir: Path, mlx_adapter: Path, samples: list[Sample], max_new: in
     tuned_model, _ = load(str(hf_dir), adapter_path=str(mlx_adapter), **kw)
 
     def logits(model, ids):
-        return np.array(model(mx.array([ids]))[0].astype(mx.float32), dtype=np.float64)
+        return np.array(model(mx.array([ids]))[0].astype(mx.float32), dtype=np.float32)
 
     base, tuned, greedy = [], [], []
     for s in samples:
@@ -270,50 +271,128 @@ def mlx_side(hf_dir: Path, mlx_adapter: Path, samples: list[Sample], max_new: in
 
 def llama_side(model: Path, samples: list[Sample], adapter: Path | None = None,
                max_new: int = 0, base_too: bool = False):
-    """(logits, greedy token ids, base logits if ``base_too``) per sample from llama.cpp with
-    an F32 KV cache; ``base_too`` also scores the model without the adapter (one load)."""
+    """Per sample, in order, while one llama.cpp load of ``model`` (F32 KV cache) is open:
+    ``(logits, greedy token ids, base logits or None)``; logits are float32 (positions,
+    vocabulary). With ``adapter`` the logits are the tuned model's; ``base_too`` also scores
+    the model without it (the adapter is switched off and on per sample: one load). A
+    generator, so that a caller holds one sample's logits at a time; exhaust it before the
+    next load (the engine closes at its end)."""
     from edge_tune.engine import Engine
 
     n_ctx = max(len(s.ids) + 8 for s in samples) + max_new
-    logits, greedy, base = [], [], []
-    with Engine(model, n_ctx=max(n_ctx, 64), logits_all=True, exact=True) as eng:
-        if base_too:
-            base = [eng.logits(s.ids).astype("float64") for s in samples]
-        if adapter is not None:
-            eng.activate(eng.add_adapter(adapter))
+    with Engine(model, n_ctx=max(n_ctx, 64), logits_all=True, exact=True,
+                prompt_cache=False) as eng:
+        name = eng.add_adapter(adapter) if adapter is not None else None
+        if name is not None:
+            eng.activate(name)
         for s in samples:
-            logits.append(eng.logits(s.ids).astype("float64"))
+            base = None
+            if base_too:
+                eng.activate(None)
+                base = eng.logits(s.ids)
+                eng.activate(name)
+            logits = eng.logits(s.ids)
+            ids = []
             if max_new:
                 eng.llm.reset()
-                ids = []
                 for t in eng.llm.generate(s.prompt_ids, temp=0.0, top_k=1, reset=True):
                     if t == eng.llm.token_eos() or len(ids) >= max_new:
                         break
                     ids.append(t)
-                greedy.append(ids)
-    return logits, greedy, base
+            yield logits, ids, base
+
+
+# Vocabulary entries compared at once (float64 temporaries of this many elements, 16 MiB
+# each): the comparison's memory is bounded whatever the vocabulary or the prompts' length.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def _row_chunks(rows: int, vocab: int):
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+class Tally:
+    """The running sums behind :func:`compare` and :func:`file_effect`, fed one sample at a
+    time (float32 logits as the engines give them, (positions, vocabulary) each) and summed
+    in float64 a few positions at a time: verify never holds every position's logits of every
+    sample in float64 (with a 262k vocabulary that was gigabytes)."""
+
+    def __init__(self) -> None:
+        self.err2 = self.want2 = 0.0  # effect: |got - want|^2, |want|^2
+        self.dot = self.file_want2 = 0.0  # file effect: <got, want>, |want|^2
+        self.agree = 0
+        self.kl = 0.0
+        self.positions = 0
+
+    @staticmethod
+    def _effect(t_base, t_tuned, f_base, f_tuned, sl):
+        import numpy as np
+
+        want = np.asarray(t_tuned[sl], np.float64) - t_base[sl]
+        got = np.asarray(f_tuned[sl], np.float64) - f_base[sl]
+        return want, got
+
+    def add_effect(self, t_base, t_tuned, f_base, f_tuned) -> None:
+        """(tuned - base) in torch against the same in llama.cpp (the exact check)."""
+        import numpy as np
+
+        for sl in _row_chunks(len(t_tuned), t_tuned.shape[-1]):
+            want, got = self._effect(t_base, t_tuned, f_base, f_tuned, sl)
+            self.err2 += float(np.sum((got - want) ** 2))
+            self.want2 += float(np.sum(want * want))
+
+    def add_file(self, t_base, t_tuned, f_base, file_tuned) -> None:
+        """The share of torch's effect in a file's logits over the F32 base."""
+        import numpy as np
+
+        for sl in _row_chunks(len(t_tuned), t_tuned.shape[-1]):
+            want, got = self._effect(t_base, t_tuned, f_base, file_tuned, sl)
+            self.dot += float(np.sum(got * want))
+            self.file_want2 += float(np.sum(want * want))
+
+    def add_tuned(self, t_tuned, real_tuned) -> None:
+        """Top-1 agreement and KL(torch || llama.cpp) of the tuned distributions."""
+        import numpy as np
+
+        def log_softmax(x):
+            x = x - x.max(-1, keepdims=True)
+            return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+        for sl in _row_chunks(len(t_tuned), t_tuned.shape[-1]):
+            q_logits = np.asarray(real_tuned[sl], np.float64)
+            lp, lq = log_softmax(np.asarray(t_tuned[sl], np.float64)), log_softmax(q_logits)
+            picked = np.take_along_axis(lp, q_logits.argmax(-1)[:, None], axis=-1)[:, 0]
+            self.agree += int(np.sum(picked >= lp.max(-1) - TIE_NATS))
+            self.kl += float(np.sum(np.exp(lp) * (lp - lq)))
+            self.positions += int(lp.shape[0])
+
+    @property
+    def effect_rel_err(self) -> float:
+        return float(self.err2 ** 0.5 / max(self.want2 ** 0.5, 1e-12))
+
+    @property
+    def top1(self) -> float:
+        return self.agree / max(self.positions, 1)
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl / max(self.positions, 1)
+
+    @property
+    def file_effect(self) -> float:
+        return float(self.dot / max(self.file_want2, 1e-24))
 
 
 def compare(torch_base, torch_tuned, f32_base, f32_tuned, real_tuned) -> tuple[float, float,
                                                                                  float, int]:
     """(effect relative error, top-1 agreement, mean KL(torch‖llama.cpp), positions). Pure.
     Each argument: one (positions, vocabulary) logits array per sample."""
-    import numpy as np
-
-    want = np.concatenate([t - b for t, b in zip(torch_tuned, torch_base)])
-    got = np.concatenate([t - b for t, b in zip(f32_tuned, f32_base)])
-    err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
-    p_logits, q_logits = np.concatenate(torch_tuned), np.concatenate(real_tuned)
-
-    def log_softmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
-    picked = np.take_along_axis(lp, q_logits.argmax(-1)[:, None], axis=-1)[:, 0]
-    top1 = float(np.mean(picked >= lp.max(-1) - TIE_NATS))
-    kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
-    return err, top1, kl, int(p_logits.shape[0])
+    tally = Tally()
+    for tb, tt, fb, ft, rt in zip(torch_base, torch_tuned, f32_base, f32_tuned, real_tuned):
+        tally.add_effect(tb, tt, fb, ft)
+        tally.add_tuned(tt, rt)
+    return tally.effect_rel_err, tally.top1, tally.mean_kl, tally.positions
 
 
 def file_effect(torch_base, torch_tuned, f32_base, file_tuned) -> float:
@@ -321,11 +400,10 @@ def file_effect(torch_base, torch_tuned, f32_base, file_tuned) -> float:
     the F32 base: the least-squares coefficient <file − base, effect> / <effect, effect>.
     1 for this run's merge (quantization noise is nearly orthogonal to the effect), ~0 for a
     file without the adapter or with another run's. Pure."""
-    import numpy as np
-
-    want = np.concatenate([t - b for t, b in zip(torch_tuned, torch_base)])
-    got = np.concatenate([t - b for t, b in zip(file_tuned, f32_base)])
-    return float(np.sum(got * want) / max(np.sum(want * want), 1e-24))
+    tally = Tally()
+    for tb, tt, fb, ft in zip(torch_base, torch_tuned, f32_base, file_tuned):
+        tally.add_file(tb, tt, fb, ft)
+    return tally.file_effect
 
 
 # --- the whole check ------------------------------------------------------------------------
@@ -352,6 +430,8 @@ def verify_run(run_dir: Path, man: Manifest, peft_dir: Path, base_gguf: Path, hf
     ``merged_f32``: the F32 merge for the exact check when ``merged`` is quantized (None: the
     merged file is F32 and is read for both). ``full_model``: a full fine-tuning run's HF weights; torch then runs them against the
     base (``hf_dir``), and ``merged``/``merged_f32`` are the GGUF made from them."""
+    import gc
+
     from transformers import AutoTokenizer
 
     if (merged is None) == (adapter_gguf is None):
@@ -374,27 +454,38 @@ def verify_run(run_dir: Path, man: Manifest, peft_dir: Path, base_gguf: Path, hf
     else:
         progress(0, "verify: torch + PEFT")
         t_base, t_tuned, t_greedy = torch_side(hf_dir, peft_dir, samples, max_new)
+    gc.collect()  # the torch model goes before llama.cpp loads (PEFT keeps cycles)
     progress(1, "verify: llama.cpp, F32 base and tuned")
     f32 = f32_copy(base_gguf, man.base.sha256, on_event)
-    r_tuned = None
+    # One llama.cpp model loaded at a time, each sample's logits compared as they come: what
+    # stays are torch's two logits arrays per sample (and, for a merged file, the F32 base's).
+    tally, r_greedy = Tally(), []
     if merged is not None:
-        f_base = llama_side(f32, samples)[0]
+        f_base = [row[0] for row in llama_side(f32, samples)]
         progress(2, "verify: llama.cpp, F32 merged")
-        if merged_f32 is None:  # the file is F32 itself: it is what the exact check reads
-            f_tuned, r_greedy, _ = llama_side(merged, samples, None, max_new)
-            r_tuned = f_tuned
-        else:
-            f_tuned = llama_side(merged_f32, samples)[0]
-        real = merged
+        if merged_f32 is not None:
+            for i, (f_tuned, _, _) in enumerate(llama_side(merged_f32, samples)):
+                tally.add_effect(t_base[i], t_tuned[i], f_base[i], f_tuned)
+        progress(3, f"verify: llama.cpp, {Path(merged).name}")
+        for i, (r_tuned, ids, _) in enumerate(llama_side(merged, samples, None, max_new)):
+            if merged_f32 is None:  # the file is F32 itself: it is what the exact check reads
+                tally.add_effect(t_base[i], t_tuned[i], f_base[i], r_tuned)
+            tally.add_file(t_base[i], t_tuned[i], f_base[i], r_tuned)
+            tally.add_tuned(t_tuned[i], r_tuned)
+            r_greedy.append(ids)
+        del f_base
     else:
-        f_tuned, _, f_base = llama_side(f32, samples, adapter_gguf, base_too=True)
-        real = base_gguf
-    progress(3, f"verify: llama.cpp, {Path(real).name}")
-    if r_tuned is None:
-        r_tuned, r_greedy, _ = llama_side(real, samples, adapter_gguf, max_new)
+        for i, (f_tuned, _, f_base) in enumerate(llama_side(f32, samples, adapter_gguf,
+                                                            base_too=True)):
+            tally.add_effect(t_base[i], t_tuned[i], f_base, f_tuned)
+        progress(3, f"verify: llama.cpp, {Path(base_gguf).name}")
+        for i, (r_tuned, ids, _) in enumerate(llama_side(base_gguf, samples, adapter_gguf,
+                                                         max_new)):
+            tally.add_tuned(t_tuned[i], r_tuned)
+            r_greedy.append(ids)
     progress(4, "verified")
-    err, top1, kl, n_pos = compare(t_base, t_tuned, f_base, f_tuned, r_tuned)
-    in_file = file_effect(t_base, t_tuned, f_base, r_tuned) if merged is not None else None
+    err, top1, kl, n_pos = tally.effect_rel_err, tally.top1, tally.mean_kl, tally.positions
+    in_file = tally.file_effect if merged is not None else None
     greedy = [{"prompt": s.prompt_text, "torch": tok.decode(a, skip_special_tokens=True),
                "llama_cpp": tok.decode(b, skip_special_tokens=True)}
               for s, a, b in zip(samples, t_greedy, r_greedy)]

@@ -212,6 +212,10 @@ def check_plan(p) -> None:
     if e.load_peak > p.budget_bytes:
         raise EdgeTuneError(f"loading this model for training needs ~{e.load_peak / GIB:.2f} GiB "
                             f"{have}; free memory, raise --memory-gib or use a smaller model")
+    if e.verify_peak > p.budget_bytes and e.peak >= e.verify_peak:  # counted (not CUDA)
+        raise EdgeTuneError(f"verify after training (torch and llama.cpp on held-back prompts) "
+                            f"needs ~{e.verify_peak / GIB:.2f} GiB {have}; free memory, pass "
+                            "--no-verify, or use a smaller model")
     parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in e.parts.items())
     raise EdgeTuneError(f"this run needs ~{e.peak / GIB:.2f} GiB ({parts} GiB) even at batch "
                         f"size 1 with gradient checkpointing and seq-len {p.config['seq_len']}, "
@@ -253,6 +257,7 @@ def _side(p) -> dict:
     e = d["estimate"]
     return {"fits": d["fits"], "trained_parameters": e["trained_parameters"],
             "parts_gib": e["parts_gib"], "peak_gib": e["peak_gib"],
-            "load_peak_gib": e["load_peak_gib"], "seconds_per_step": e["seconds_per_step"],
+            "load_peak_gib": e["load_peak_gib"], "verify_peak_gib": e["verify_peak_gib"],
+            "seconds_per_step": e["seconds_per_step"],
             "total_seconds": e["total_seconds"], "output_gib": e["output_gib"],
             "settings": d["settings"], "changes": d["changes"]}
