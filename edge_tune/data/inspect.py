@@ -106,6 +106,11 @@ def summarize(lengths: Sequence[int], trained: Sequence[int], seq_len: int,
 
 
 def _load_tokenizer(model: str, on_event: EventSink):
+    """The tokenizer training uses, without its weights: a hub model's tokenizer files; a GGUF's
+    from the dequantized copy training made when it is cached, else from the GGUF's own header
+    (transformers rebuilds it from the vocabulary there, as it did for that copy: the same
+    tokens; ~20-30 s for a 49k vocabulary, no weights read, nothing cached); a directory's own.
+    Raises DataError (NetworkError for the hub) in one line when it cannot be loaded."""
     from edge_tune import models
 
     ref = models.resolve(model, on_event)
@@ -115,6 +120,16 @@ def _load_tokenizer(model: str, on_event: EventSink):
         if ref.hub_id and ref.hf_dir is None:  # only the tokenizer files, not the weights
             on_event(Log(f"loading the tokenizer of {ref.hub_id} from the Hugging Face hub"))
             return AutoTokenizer.from_pretrained(ref.hub_id)
+        if ref.gguf is not None and ref.hf_dir is None:
+            from edge_tune.fsutil import cache_dir, sha256_file
+
+            copy = cache_dir() / "hf" / sha256_file(ref.gguf)[:16]  # as models.dequantized_copy
+            if (copy / "config.json").is_file():
+                return AutoTokenizer.from_pretrained(str(copy))
+            models.quiet_hf()
+            on_event(Log(f"reading the tokenizer from {ref.gguf.name} (its weights are not "
+                         "loaded)"))
+            return AutoTokenizer.from_pretrained(str(ref.gguf.parent), gguf_file=ref.gguf.name)
         return AutoTokenizer.from_pretrained(str(models.hf_dir_for(ref, on_event)))
     except EdgeTuneError:
         raise
