@@ -1,5 +1,6 @@
 """``edge-tune bundle``: one folder (or .tar.gz) that carries a base and its adapters to an
-edge box, where ``pip install "edge-tune[run]"`` (no torch) is enough to serve them.
+edge box, where ``./install.sh`` (offline, from the bundle's own wheels; no torch) is enough
+to serve them.
 
 Layout::
 
@@ -12,6 +13,9 @@ Layout::
                            the base GGUF's own)
       templates/<name>.jinja an adapter's chat template where it differs (its run's)
       serve.sh             launcher: edge-tune serve --bundle <this folder> "$@"
+      install.sh           offline install of wheels/ into .venv (pip --no-index)
+      wheels/              edge-tune's wheel, llama-cpp-python's as built here, and their
+                           dependencies, for a box of this platform (NOTES.txt: what is not)
       README.md            what is inside and how to run it
 
 Planning (:func:`plan_bundle`) is pure; :func:`write_bundle` does the copying, atomically
@@ -117,13 +121,19 @@ def index(plan: BundlePlan, checksums: dict[str, str], version: str) -> dict:
 
 def launcher_script() -> str:
     return ("#!/bin/sh\n"
-            "# Serve this bundle over an OpenAI-compatible API (needs: pip install "
-            "'edge-tune[run]').\n"
+            "# Serve this bundle over an OpenAI-compatible API: with the edge-tune that\n"
+            "# ./install.sh put in .venv here, else the one on PATH.\n"
             "# Extra flags pass through, e.g. ./serve.sh --port 9000 --api-key KEY\n"
-            'exec edge-tune serve --bundle "$(dirname "$0")" "$@"\n')
+            'here="$(dirname "$0")"\n'
+            'if [ -x "$here/.venv/bin/edge-tune" ]; then\n'
+            '    exec "$here/.venv/bin/edge-tune" serve --bundle "$here" "$@"\n'
+            "fi\n"
+            'exec edge-tune serve --bundle "$here" "$@"\n')
 
 
-def readme(plan: BundlePlan) -> str:
+def readme(plan: BundlePlan, wheel_notes: list[str] | None = None) -> str:
+    """The bundle's README.md; ``wheel_notes``: None when it carries no wheels, else what is
+    missing from them (empty: nothing)."""
     names = ", ".join(["base", *plan.adapters]) if plan.adapters else "base"
     first = next(iter(plan.adapters), None)
     lines = [
@@ -133,10 +143,19 @@ def readme(plan: BundlePlan) -> str:
         f"Models served: {names}", "",
         "## Run it", "",
         "```sh",
-        'pip install "edge-tune[run]"      # llama.cpp + a small web stack; no torch',
+        *(["./install.sh                       # offline: wheels/ into .venv (no torch)"]
+          if wheel_notes is not None else
+          ['pip install "edge-tune[run]"      # llama.cpp + a small web stack; no torch']),
         "./serve.sh                         # OpenAI-compatible API on http://127.0.0.1:8000/v1",
-        f"edge-tune chat --bundle . --adapter {first or 'base'} --prompt 'Hello'",
+        f"{'.venv/bin/' if wheel_notes is not None else ''}edge-tune chat --bundle . "
+        f"--adapter {first or 'base'} --prompt 'Hello'",
         "```", "",
+        *([] if wheel_notes is None else
+          ["`wheels/` holds edge-tune and everything its `[run]` extra needs, built for the "
+           "machine that made the bundle (same OS, CPU architecture and Python version; "
+           "llama-cpp-python is compiled for that CPU). `install.sh` needs no network.",
+           *([f"Missing (see {WHEELS_NOTE}): " + "; ".join(wheel_notes)] if wheel_notes
+             else []), ""]),
         "Clients pick an adapter with the OpenAI `model` field (`base` = no adapter).",
         "Every file's sha256 is listed in `bundle.json` and checked before anything loads;",
         "`manifests/` holds each run's training record (data, hyperparameters, versions).", "",
@@ -167,8 +186,11 @@ def check_output(out: Path) -> None:
                             "choose another output") from None
 
 
-def write_bundle(plan: BundlePlan, out: Path, on_event: EventSink = ignore) -> Path:
-    """Copy everything into ``out`` (a folder, or a .tar.gz when the name ends so)."""
+def write_bundle(plan: BundlePlan, out: Path, on_event: EventSink = ignore,
+                 wheels: bool = True) -> Path:
+    """Copy everything into ``out`` (a folder, or a .tar.gz when the name ends so); with
+    ``wheels``, also ``wheels/`` (:func:`build_wheelhouse`: what an edge box of this platform
+    installs offline) and ``install.sh``, which installs them into a virtual environment."""
     import shutil
     import tarfile
     import tempfile
@@ -205,7 +227,17 @@ def write_bundle(plan: BundlePlan, out: Path, on_event: EventSink = ignore) -> P
             (root / f"templates/{name}.jinja").write_text(text, encoding="utf-8")
         (root / "serve.sh").write_text(launcher_script())
         (root / "serve.sh").chmod(0o755)
-        (root / "README.md").write_text(readme(plan))
+        notes = None
+        if wheels:
+            (root / WHEELS_DIR).mkdir()
+            notes = build_wheelhouse(root / WHEELS_DIR, on_event)
+            if notes:
+                (root / WHEELS_NOTE).write_text("\n".join(notes) + "\n")
+                for note in notes:
+                    on_event(Log(f"bundle wheels: {note}", "warning"))
+            (root / INSTALL_SCRIPT).write_text(install_script())
+            (root / INSTALL_SCRIPT).chmod(0o755)
+        (root / "README.md").write_text(readme(plan, notes))
         sums = {p.relative_to(root).as_posix(): sha256_file(p)
                 for p in sorted(root.rglob("*")) if p.is_file()}
         (root / BUNDLE_FILE).write_text(json.dumps(index(plan, sums, __version__), indent=2)
@@ -312,9 +344,13 @@ def load_bundle(path: Path, on_event: EventSink = ignore):
         if man.stop_tokens:
             plan.stop_tokens[name] = tuple(man.stop_tokens)
         plan.system_modes[name] = man.hyperparameters.system_mode or "keep"
+        if man.data.system:
+            plan.systems[name] = man.data.system
     if data.get("merged"):  # the merged model answers as its run does
         man = _read_manifest(folder, f"manifests/{data['merged']}.json")
         plan.system_modes["base"] = man.hyperparameters.system_mode or "keep"
+        if man.data.system:
+            plan.systems["base"] = man.data.system
         if man.stop_tokens:
             plan.stop_tokens["base"] = tuple(man.stop_tokens)
     return plan
@@ -327,3 +363,152 @@ def _read_manifest(folder: Path, rel: str | None):
     if not rel or not (folder / rel).is_file():
         return Manifest()
     return Manifest.load(folder / rel)
+
+
+# --- wheels: what an edge box installs offline ---------------------------------------------------
+
+WHEELS_DIR = "wheels"
+INSTALL_SCRIPT = "install.sh"
+WHEELS_NOTE = "wheels/NOTES.txt"
+
+
+def install_script() -> str:
+    return ("#!/bin/sh\n"
+            "# Install edge-tune with its [run] extra (llama.cpp, a small web stack; no torch)\n"
+            "# from this bundle's wheels/, offline, into a virtual environment (default:\n"
+            "# .venv here; or the folder given), then say how to serve. PYTHON picks the\n"
+            "# interpreter (the wheels are for the Python that made the bundle).\n"
+            "set -e\n"
+            'here="$(cd "$(dirname "$0")" && pwd)"\n'
+            'venv="${1:-$here/.venv}"\n'
+            '"${PYTHON:-python3}" -m venv "$venv"\n'
+            '"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index \\\n'
+            '    --find-links "$here/wheels" "edge-tune[run]"\n'
+            'echo "installed: $venv/bin/edge-tune"\n'
+            'echo "serve:     $venv/bin/edge-tune serve --bundle $here    (or $here/serve.sh)"\n')
+
+
+def _source_root() -> "Path | None":
+    """The source tree edge-tune runs from (pyproject.toml beside the package), or None when
+    it was installed from a wheel."""
+    import edge_tune
+
+    root = Path(edge_tune.__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    return root if pyproject.is_file() and 'name = "edge-tune"' in pyproject.read_text() \
+        else None
+
+
+def _own_wheel(dest: Path) -> str | None:
+    """Build edge-tune's own wheel into ``dest`` (from a copy of the sources, so the tree
+    gets no build/ folder); a one-line note instead when it cannot be built."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    root = _source_root()
+    if root is None:
+        return ("edge-tune: installed here from a wheel, not from sources; put that wheel "
+                "(pip download edge-tune --no-deps) in wheels/")
+    with tempfile.TemporaryDirectory(prefix="edge-tune-wheel-") as work:
+        src = Path(work) / "src"
+        for part in ("edge_tune", "converters", "tui"):
+            shutil.copytree(root / part, src / part,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        for part in ("pyproject.toml", "README.md"):
+            shutil.copy(root / part, src / part)
+        proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
+                               "--no-build-isolation", "--disable-pip-version-check",
+                               "-w", str(dest), str(src)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["pip wheel failed"])[-1]
+        return f"edge-tune: its wheel could not be built here ({last})"
+    return None
+
+
+def _llama_wheel() -> "Path | None":
+    """The llama-cpp-python wheel pip built for this environment (its cache holds it: PyPI has
+    only the source, which takes ~15 min to compile), matching the installed version."""
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    try:
+        version = metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        return None
+    out = subprocess.run([sys.executable, "-m", "pip", "cache", "list", "llama_cpp_python",
+                          "--format=abspath"], capture_output=True, text=True)
+    for line in out.stdout.split():
+        if Path(line).name.startswith(f"llama_cpp_python-{version}-"):
+            return Path(line)
+    return None
+
+
+def _run_requirements(llama: bool) -> list[str]:
+    """edge-tune's own requirements and its [run] extra's, as the installed metadata states
+    them (llama-cpp-python pinned to the installed version when its wheel is carried)."""
+    import re
+    from importlib import metadata
+
+    reqs = []
+    for req in metadata.requires("edge-tune") or []:
+        spec, _, marker = req.partition(";")
+        if marker and "extra" in marker and '"run"' not in marker and "'run'" not in marker:
+            continue
+        name = re.split(r"[<>=!~ \[]", spec.strip(), maxsplit=1)[0]
+        if name.lower().replace("_", "-") == "llama-cpp-python":
+            if not llama:
+                continue
+            spec = f"llama-cpp-python=={metadata.version('llama-cpp-python')}"
+        reqs.append(spec.strip())
+    return reqs
+
+
+def build_wheelhouse(dest: Path, on_event: EventSink = ignore) -> list[str]:
+    """Fill ``dest`` with the wheels ``pip install --no-index --find-links DIR
+    "edge-tune[run]"`` needs on a box of this platform (this OS, CPU architecture and Python
+    version): edge-tune's own (built now from its sources), llama-cpp-python's as built here,
+    and every dependency (``pip download``, from PyPI or pip's cache; kept in
+    ``cache_dir()/wheels`` by Python, platform and requirements). Returns one line for each
+    thing missing and how to get it (empty: nothing is)."""
+    import hashlib
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    from edge_tune.fsutil import atomic_path, cache_dir
+
+    on_event(Progress("wheels", 0, None, "", "collecting wheels for an offline install"))
+    llama = _llama_wheel()
+    reqs = _run_requirements(llama is not None)
+    key = hashlib.sha256(f"{sys.version_info[:2]} {sysconfig.get_platform()} "
+                         f"{llama.name if llama else '-'} {reqs}".encode()).hexdigest()[:16]
+    deps = cache_dir() / "wheels" / key
+    if not (deps / "notes.txt").is_file():
+        with atomic_path(deps) as tmp:
+            tmp.mkdir()
+            notes = []
+            if llama is not None:
+                shutil.copy(llama, tmp / llama.name)
+            else:
+                notes.append("llama-cpp-python: no wheel built on this machine; on the box, "
+                             "`pip install llama-cpp-python` compiles it (~15 min, needs a C++ "
+                             "compiler and network), then run install.sh")
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet",
+                                   "--disable-pip-version-check", "--only-binary=:all:",
+                                   "--find-links", str(tmp), "--dest", str(tmp), *reqs],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["pip download failed"])[-1]
+                notes.append(f"dependencies: not all could be fetched ({last}); on a machine "
+                             "with network: pip download 'edge-tune[run]' -d wheels/")
+            (tmp / "notes.txt").write_text("".join(n + "\n" for n in notes))
+    notes = [n for n in (deps / "notes.txt").read_text().splitlines() if n]
+    for wheel in sorted(deps.glob("*.whl")):
+        shutil.copyfile(wheel, Path(dest) / wheel.name)
+    own = _own_wheel(Path(dest))
+    on_event(Progress("wheels", 1, 1, "", "wheels collected"))
+    return ([own] if own else []) + notes

@@ -742,24 +742,29 @@ def bundle(
                                                 help="The template the bundle serves every "
                                                 "model with (built-in name or Jinja file) "
                                                 "[default: each run's, else the base GGUF's]."),
+    wheels: bool = typer.Option(True, "--wheels/--no-wheels", help="Carry wheels/ (edge-tune, "
+                                "llama-cpp-python as built here, their dependencies) and "
+                                "install.sh, for an offline install on a box of this "
+                                "platform."),
 ) -> None:
     """Pack a base model and adapters into a folder (or .tar.gz) for an edge box.
 
     The bundle holds the base GGUF, one GGUF LoRA per run, the runs' manifests, the chat
-    templates they are served with, a serve.sh launcher, a README, and bundle.json with every
-    file's sha256
-    (verified on load). On the box, `pip install "edge-tune[run]"` (no torch), then:
+    templates they are served with, a serve.sh launcher, a README, the wheels to install
+    edge-tune offline with install.sh, and bundle.json with every file's sha256 (verified on
+    load). On the box (same OS, CPU architecture and Python; no network needed):
 
     \b
-      edge-tune serve --bundle OUT          (or ./OUT/serve.sh)
-      edge-tune chat --bundle OUT --adapter NAME
+      ./OUT/install.sh                      (pip --no-index from OUT/wheels into OUT/.venv)
+      ./OUT/serve.sh                        (edge-tune serve --bundle OUT)
+      OUT/.venv/bin/edge-tune chat --bundle OUT --adapter NAME
     """
     from edge_tune import api
     from edge_tune.render import Renderer
 
     with Renderer(err) as render:
         api.bundle(runs, output, base=base, merged=merged, quant=quant, on_event=render,
-                   chat_template=chat_template)
+                   chat_template=chat_template, wheels=wheels)
 
 
 # --- demo ------------------------------------------------------------------------------------

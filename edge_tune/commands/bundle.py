@@ -16,10 +16,13 @@ from edge_tune.fsutil import sha256_file
 
 def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool = False,
            quant: Optional[str] = None, on_event: EventSink = ignore,
-           chat_template: Optional[str] = None) -> Path:
+           chat_template: Optional[str] = None, wheels: bool = True) -> Path:
     """Pack a base and the adapters of ``runs`` (``RUN`` or ``NAME=RUN``) into a folder or
-    .tar.gz for an edge box; with ``merged``, one run merged into the base instead. Each
-    adapter is served with its run's chat template; ``chat_template`` replaces them all."""
+    .tar.gz for an edge box; with ``merged``, one run merged into the base instead (checked
+    as ``export --merge`` checks it: a merge that fails is refused, CheckFailed, and nothing
+    is written). Each adapter is served with its run's chat template; ``chat_template``
+    replaces them all. ``wheels``: carry ``wheels/`` and ``install.sh`` for an offline
+    install (:func:`edge_tune.bundle.build_wheelhouse`)."""
     import tempfile
 
     from edge_tune import bundle as bundle_mod
@@ -41,7 +44,7 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
                 raise EdgeTuneError(f"bundle: {path} is a full fine-tuning run, a whole model: "
                                     "bundle it alone (a bundle carries one base)")
             return _bundle_full(Path(path), name or bundle_mod.default_name(Path(path)),
-                                target, Path(out), quant, forced, on_event)
+                                target, Path(out), quant, forced, on_event, wheels)
         if base_path is None:
             base_path, base_sha = target.base, sha256_file(target.base)
         elif target.base != base_path and sha256_file(target.base) != base_sha:
@@ -69,11 +72,11 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
             if quant is not None:
                 raise EdgeTuneError("--quant applies to --merged bundles only")
             plan = bundle_mod.plan_bundle(base_path, items, template, templates=templates)
-        return bundle_mod.write_bundle(plan, Path(out), on_event)
+        return bundle_mod.write_bundle(plan, Path(out), on_event, wheels=wheels)
 
 
 def _bundle_full(run: Path, name: str, target, out: Path, quant: Optional[str], forced,
-                 on_event: EventSink) -> Path:
+                 on_event: EventSink, wheels: bool = True) -> Path:
     """A full fine-tuning run's model as the bundle's base, like a merged run (``quant``:
     converted again from the run's weights at that type)."""
     import tempfile
@@ -90,4 +93,4 @@ def _bundle_full(run: Path, name: str, target, out: Path, quant: Optional[str], 
                                      quant, on_event, keep_rejected=False)["path"])
         plan = bundle_mod.plan_bundle(model, [], text, merged=name)
         plan.manifests[name] = target.manifest.to_dict()
-        return bundle_mod.write_bundle(plan, out, on_event)
+        return bundle_mod.write_bundle(plan, out, on_event, wheels=wheels)
