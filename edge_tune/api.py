@@ -14,7 +14,7 @@ from edge_tune.commands.bundle import bundle
 from edge_tune.commands.chat import chat_once, chat_plan, open_engine, parse_adapter_options
 from edge_tune.commands.convert import convert_base, fetch_converter
 from edge_tune.commands.doctor import doctor
-from edge_tune.commands.export import export
+from edge_tune.commands.train import export_run as export  # finishes a run killed late
 from edge_tune.commands.eval import EvalResult, evaluate
 from edge_tune.commands.inspect import bad_records, inspect_data, model_template
 from edge_tune.commands.plan import PLANNED, model_shape, plan, planner_describe

@@ -210,7 +210,9 @@ def train(
     """Train a LoRA adapter; writes RUN/adapter (PEFT), RUN/adapter.gguf, RUN/manifest.json.
     With --full, every weight trains: RUN/model (HF safetensors) and RUN/model.gguf instead.
 
-    Ctrl-C stops training and leaves RUN/checkpoint; `--resume RUN` continues it.
+    Ctrl-C (or SIGTERM) stops training and leaves RUN/checkpoint; `--resume RUN` continues
+    it from any directory (`--data PATH` with it if the data moved), and finishes a run
+    whose last steps failed (disk full) without training again.
 
     Examples:
       edge-tune train --data chats.jsonl                            # one process
@@ -233,16 +235,19 @@ def train(
                  rslora=rslora,
                  dora=dora, lora_dropout=lora_dropout, target_modules=target_modules,
                  report_to=report_to, method=method, beta=beta, full=full)
+    moved = None  # --resume RUN --data PATH: where the run's data is now
     if resume is not None:
+        moved, flags["data"] = flags["data"], None
         given = [k for k, v in flags.items() if v is not None] + (["config"] if config else [])
         if given:
             raise UsageError(f"--resume {resume}: continues the run with its own settings; "
-                             f"drop --{given[0].replace('_', '-')}")
+                             f"drop --{given[0].replace('_', '-')} (only --data, to say where "
+                             "its data is now, goes with it)")
         cfg = None
     else:
         cfg = build(config, **flags)
     with Renderer(err) as render:
-        result = api.train(cfg, render, resume=resume)
+        result = api.train(cfg, render, resume=resume, **({"data": moved} if moved else {}))
     r = result.manifest.result
     val_text = f", validation loss {r.val_loss:.3f}" if r.val_loss is not None else ""
     out.print(f"[green]done[/] in {r.train_seconds:.0f}s: {r.steps} steps, final loss "
@@ -902,7 +907,20 @@ def _usage_line(exc: typer.TyperException) -> str:
     return f"{message} (see {ctx.command_path} --help)" if ctx is not None else message
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM (``timeout``, service managers) stops a command as Ctrl-C does, so the same
+    cleanup runs (temp folders removed, training's checkpoint saved). A second SIGTERM ends
+    the process at once (the training worker, in its own process group, still saves)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         command = typer.main.get_command(app)
         _tidy_help(command)
@@ -934,8 +952,14 @@ def main() -> None:
             raise
         from rich.markup import escape
 
-        from edge_tune.fsutil import cache_dir
+        from edge_tune.fsutil import cache_dir, free_bytes, is_disk_full, mib
 
+        if is_disk_full(exc):  # a write nothing named: still one line, and not a bug
+            where = getattr(exc, "filename", None) or os.getcwd()
+            err.print(f"[bold red]error:[/] {escape(str(where))}: no space left on device "
+                      f"({mib(free_bytes(Path(where)))} free); free some space and run the "
+                      "command again", highlight=False, soft_wrap=True)
+            raise SystemExit(ExitCode.BAD_INPUT) from None
         log = cache_dir() / "last-error.log"
         try:
             log.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,9 @@ class              exit code        meaning
 EdgeTuneError      2 BAD_INPUT      bad input in general (the default of every plain raise)
 UsageError         2 BAD_INPUT      options that do not fit together, a missing extra
 DataError          2 BAD_INPUT      a file or record that is not what was expected
+DiskFull           2 BAD_INPUT      not enough free space for what a command will write (said
+                                    before any work), or a write that ran out of it (the
+                                    line names the path and what was kept)
 CheckFailed        1 FAILED         the command ran, its result failed a check (verify out of
                                     tolerance, an empty answer, a training process that died)
 NetworkError       3 NETWORK        a download or hub request failed: retry, or work offline
@@ -64,6 +67,11 @@ class DataError(EdgeTuneError):
     """A file, record or model that is not what the command expects (fix the input)."""
 
 
+class DiskFull(EdgeTuneError):
+    """Not enough free disk space: checked before a command writes, or a write that failed
+    with "no space left on device" (the message names the path and what was kept)."""
+
+
 class CheckFailed(EdgeTuneError):
     """The work ran, and its result failed a check (the files written stay for inspection)."""
 
@@ -81,6 +89,7 @@ EXIT_CODES: dict[type[EdgeTuneError], ExitCode] = {
     EdgeTuneError: ExitCode.BAD_INPUT,
     UsageError: ExitCode.BAD_INPUT,
     DataError: ExitCode.BAD_INPUT,
+    DiskFull: ExitCode.BAD_INPUT,
     CheckFailed: ExitCode.FAILED,
     NetworkError: ExitCode.NETWORK,
     Cancelled: ExitCode.CANCELLED,

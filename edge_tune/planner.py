@@ -328,6 +328,21 @@ def output_bytes(shape: ModelShape, n_lora: int, full: bool) -> dict[str, float]
     return {"training format": 4.0 * n_lora, "gguf": 4.0 * n_lora}
 
 
+def disk_bytes(outputs: dict[str, float], full: bool, periodic: bool = True
+               ) -> dict[str, float]:
+    """Bytes a run needs free in its folder at its fullest, from :func:`output_bytes`, with
+    the parts it writes: ``weights`` (the trained adapter or model), ``checkpoint`` (those
+    weights and AdamW's two moments: 3x) and ``gguf``. ``total`` is the largest of: two
+    checkpoints while a periodic save (``periodic``) replaces the last one; the checkpoint
+    beside the saved weights at the end of training; the weights, the GGUF and, for a full
+    run, the F32 conversion it is quantized from. Pure."""
+    weights, gguf = outputs["training format"], outputs["gguf"]
+    checkpoint = 3.0 * weights
+    total = max(checkpoint * (2 if periodic else 1), checkpoint + weights,
+                weights + gguf + (weights if full else 0.0))
+    return {"weights": weights, "checkpoint": checkpoint, "gguf": gguf, "total": total}
+
+
 def _flops_per_second(backend: str, precision: str, machine: Machine, checkpointing: bool) -> float:
     if backend == "unsloth":
         peak = next((v for k, v in GPU_PEAK_BF16.items() if k in machine.gpu_name), 50e12)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from edge_tune.backends.job import TrainJob
-from edge_tune.errors import Cancelled, CheckFailed, ExitCode, error_for_exit_code
+from edge_tune.errors import (Cancelled, CheckFailed, EdgeTuneError, ExitCode,
+                              error_for_exit_code)
 from edge_tune.events import Done, EventSink, Failed, Log, from_json
 
 GRACE_SECONDS = 20  # after SIGTERM the worker writes its checkpoint (~1 s), then exits
@@ -58,6 +59,21 @@ def failed_rank(log_text: str) -> Optional[tuple[int, int]]:
 
 
 RECORDS_FILE = ".records.jsonl"
+
+
+def last_line(log: Path) -> str:
+    """The last line of ``log`` that says something: progress bars (tqdm redraws a line with
+    carriage returns) are left out, they never say why a process stopped."""
+    try:
+        lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
+    except OSError:
+        return "?"
+    for line in reversed(lines):
+        line = line.strip()
+        if line and not re.search(r"\d+%\|", line) and "it/s]" not in line and \
+                "s/it]" not in line:
+            return line
+    return "?"
 
 
 class TrainingProcess:
@@ -128,6 +144,10 @@ class TrainingProcess:
                 else:
                     self.on_event(event)
             code = self.proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM to the CLI: the worker saves, we say so
+            self.cancel()
+            self._drain()
+            raise Cancelled(self.stopped_line("training cancelled")) from None
         except BaseException:
             self.cancel()
             raise
@@ -135,20 +155,51 @@ class TrainingProcess:
             self._log.close()
             (self.run_dir / ".job.json").unlink(missing_ok=True)
             (self.run_dir / RECORDS_FILE).unlink(missing_ok=True)
-        if self._cancelled.is_set():
-            resumable = (self.run_dir / "checkpoint" / "state.json").is_file()
-            raise Cancelled("training cancelled" + (
-                f"; resume with `edge-tune train --resume {self.run_dir}`" if resumable
-                else ""))
+        if failure is not None and failure.exit_code not in (ExitCode.CANCELLED,
+                                                             ExitCode.FAILED) and \
+                not self.distributed:
+            raise error_for_exit_code(failure.message, failure.exit_code)  # e.g. disk full
+        if self._cancelled.is_set() or (failure is not None and
+                                        failure.exit_code == ExitCode.CANCELLED):
+            # cancelled here, or the worker was sent SIGTERM by someone else
+            raise Cancelled(self.stopped_line("training cancelled"))
         if self.distributed and code != 0:
             self._raise_distributed_failure(failures, code)
         if failure is not None:
             raise error_for_exit_code(failure.message, failure.exit_code)
+        if code < 0 and result is None:  # killed by a signal (kill -9, the OOM killer)
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ \
+                else f"signal {-code}"
+            raise CheckFailed(self.stopped_line(f"the training process was killed ({name})") +
+                              f" (full log: {self.log_path})")
         if code != 0 or result is None:
-            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
-            raise CheckFailed(f"training process exited with code {code}: {tail[0][:200]} "
-                              f"(full log: {self.log_path})")
+            raise CheckFailed(f"training process exited with code {code}: "
+                              f"{last_line(self.log_path)[:200]} (full log: {self.log_path})")
         return result
+
+    def _drain(self) -> None:
+        """Read what the stopped worker still printed (its pipe would otherwise be left
+        unread; the events are no longer wanted)."""
+        try:
+            if self.proc.stdout is not None:
+                self.proc.stdout.read()
+        except (OSError, ValueError):
+            pass
+
+    def stopped_line(self, what: str) -> str:
+        """``what``, then where the run stands: the step its checkpoint holds and the command
+        that continues it, or that no checkpoint was written yet."""
+        from edge_tune.backends.checkpoint import read_state
+
+        try:
+            state = read_state(self.run_dir)
+        except EdgeTuneError:
+            state = None
+        if state is None:
+            return f"{what} before its first checkpoint: nothing to resume"
+        return (f"{what}: stopped at step {state['step']}/{state['total']}; checkpoint kept in "
+                f"{self.run_dir / 'checkpoint'}: continue with `edge-tune train --resume "
+                f"{self.run_dir}`")
 
     def _raise_distributed_failure(self, failures: list[Failed], code: int) -> None:
         """One line naming the rank that stopped the job. A rank that raised says why itself

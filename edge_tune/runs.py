@@ -41,11 +41,20 @@ def prepare_run_dir(out: Optional[str]) -> Path:
     return run_dir
 
 
-def load_run_config(run_dir: Path) -> tuple[TrainConfig, dict]:
-    """(config, saved record) of a run started by ``train``; for ``--resume``."""
-    from edge_tune.config import build
+def load_run_config(run_dir: Path, data: Optional[list] = None,
+                    check_data: bool = True) -> tuple[TrainConfig, dict]:
+    """(config, saved record) of a run started by ``train``; for ``--resume``.
 
-    path = Path(run_dir) / RUN_CONFIG
+    ``data``: where the run's training data is now (``--resume RUN --data PATH``), in place of
+    the stored sources. A stored relative path (runs started before paths were stored
+    absolute) is looked up from the working directory, then from the directory the run was
+    started in (stored, else the one above ``runs/``). ``check_data``: raise DataError, naming
+    the file and how to point at it, when a local data file is not found."""
+    from edge_tune.config import build
+    from edge_tune.errors import DataError
+
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_CONFIG
     if not path.is_file():
         raise EdgeTuneError(f"--resume {run_dir}: not a run directory that can be resumed "
                             f"(no {RUN_CONFIG})")
@@ -54,23 +63,91 @@ def load_run_config(run_dir: Path) -> tuple[TrainConfig, dict]:
     except (OSError, json.JSONDecodeError) as exc:
         raise EdgeTuneError(f"{path}: unreadable ({exc})") from None
     values = dict(saved["config"], out=str(run_dir))
+    started = Path(saved["cwd"]) if saved.get("cwd") else run_dir.resolve().parent.parent
+    for key in ("val", "model", "chat_template"):
+        values[key] = _found(values.get(key), started)
+    if data:
+        values["data"] = data if len(data) > 1 else data[0]
+    else:
+        sources = [_found(t, started) for t in _sources(values.get("data"))]
+        values["data"] = sources if isinstance(values.get("data"), list) else \
+            (sources[0] if sources else values.get("data"))
+        missing = [t for t in sources if _local_missing(t)]
+        if check_data and missing:
+            raise DataError(
+                f"--resume {run_dir}: the run's training data {missing[0]} is not there (the "
+                f"run was started in {started}); put it back, or point at where it is now "
+                f"with `edge-tune train --resume {run_dir} --data PATH` (checked against the "
+                f"data's sha256; the checkpoint is kept)")
     return build(None, **{k: v for k, v in values.items() if v is not None}), saved
+
+
+def _sources(data) -> list[str]:
+    if isinstance(data, (list, tuple)):
+        return [str(d) for d in data]
+    return [str(data)] if data else []
+
+
+def _found(text, started: Path):
+    """``text`` when it is not a relative path, or it exists from here; else the same path
+    under ``started`` when it exists there (a run's spec stored relative)."""
+    if not text or Path(str(text)).is_absolute() or Path(str(text)).exists():
+        return text
+    head, star, weight = str(text).partition("*")  # SOURCE*W keeps its weight
+    for candidate in (started / str(text), started / head):
+        if candidate.exists():
+            return str(candidate) + (star + weight if candidate == started / head and star
+                                     else "")
+    return text
+
+
+def _local_missing(text: str) -> bool:
+    """A spec that names a local file or folder (absolute, or ./ ../ relative, or a data
+    file's extension) that does not exist; hub IDs are never "missing" here."""
+    head = str(text).split("*")[0].split("@")[0]
+    if Path(head).exists() or Path(str(text)).exists():
+        return False
+    return Path(head).is_absolute() or head.startswith(("./", "../", "~")) or \
+        Path(head).suffix.lower() in (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt",
+                                      ".arrow", ".gz")
 
 
 def resume_state(run_dir: Path) -> Optional[dict]:
     """Where a cancelled run stands: ``{"step", "total", "checkpoint"}``, or None when it
-    cannot be resumed (finished, or never started)."""
+    cannot be resumed (finished, or never started). ``"finished": True`` when training ended
+    but the run's last steps (GGUF, manifest) did not: resuming completes it."""
     from edge_tune.backends.checkpoint import read_state
 
     run_dir = Path(run_dir)
     if not (run_dir / RUN_CONFIG).is_file():
         return None
+    done = finished_training(run_dir)
+    if done is not None:  # trained; its GGUF or manifest is missing: resume finishes it
+        return {"step": done.get("steps"), "total": done.get("steps"), "checkpoint": False,
+                "finished": True}
     state = read_state(run_dir)
     if state is None:
         if (run_dir / manifest_mod.MANIFEST).is_file():
             return None
         return {"step": 0, "total": None, "checkpoint": False}  # cancelled before step 1
     return {"step": state["step"], "total": state["total"], "checkpoint": True}
+
+
+def finished_training(run_dir: Path) -> Optional[dict]:
+    """The saved training result of a run whose training ended but which has no manifest
+    (its GGUF export or manifest write failed, or it was killed then); None otherwise."""
+    from edge_tune.backends.worker import TRAINING_RESULT
+
+    if (Path(run_dir) / manifest_mod.MANIFEST).exists():
+        return None
+    for folder in ("adapter", "model"):
+        path = Path(run_dir) / folder / TRAINING_RESULT
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                return None
+    return None
 
 
 def run_summary(run_dir: Path) -> Optional[dict]:
@@ -99,7 +176,9 @@ def run_summary(run_dir: Path) -> Optional[dict]:
         saved = json.loads(saved_path.read_text())
     except (OSError, json.JSONDecodeError):
         saved = {}
-    state = read_state(run_dir)
+    state = read_state(run_dir) or finished_training(run_dir)
+    if state is not None and "steps" in state:  # trained, not yet completed
+        state = {**state, "step": state["steps"], "total": state["steps"]}
     losses = (state or {}).get("losses") or []
     row.update(status="cancelled", created=None, step=(state or {}).get("step", 0),
                total=(state or {}).get("total"), final_loss=losses[-1] if losses else None,

@@ -147,7 +147,10 @@ def save(run_dir: Path, model, optimizer, state: dict) -> Path:
             if p.requires_grad}
     opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
     opt_tensors["torch_rng_state"] = torch.get_rng_state()
-    with atomic_path(final) as tmp:
+    from edge_tune.fsutil import disk_full_says
+
+    with disk_full_says(final, lambda: checkpoint_kept(Path(run_dir))), \
+            atomic_path(final) as tmp:
         tmp.mkdir()
         save_file(lora, str(tmp / "adapter.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -168,6 +171,19 @@ def read_state(run_dir: Path) -> dict | None:
     if state.get("format") != FORMAT:
         raise EdgeTuneError(f"{path}: format {state.get('format')!r} is not {FORMAT!r}")
     return state
+
+
+def checkpoint_kept(run_dir: Path) -> str:
+    """What a run keeps when its training ran out of disk space, and how to go on."""
+    try:
+        state = read_state(run_dir)
+    except EdgeTuneError:
+        state = None
+    if state is None:
+        return ("no checkpoint was written yet, so nothing of this training is kept: free "
+                "space and start it again")
+    return (f"kept: the checkpoint of step {state['step']}/{state['total']} in "
+            f"{run_dir / 'checkpoint'}: free space, then `edge-tune train --resume {run_dir}`")
 
 
 def restore(ckpt_dir: Path, model, optimizer) -> dict:

@@ -225,7 +225,8 @@ def run(job: TrainJob | Mapping, emit) -> dict:
 
     job = TrainJob.of(job)
     preload(job.backend)  # before anything imports transformers (Unsloth patches it)
-    from edge_tune.fsutil import atomic_path
+    from edge_tune.backends.checkpoint import checkpoint_kept
+    from edge_tune.fsutil import atomic_path, disk_full_says
     from edge_tune.models import hf_dir_for
 
     world, rank = _join_process_group(job.backend), _rank()
@@ -244,25 +245,38 @@ def run(job: TrainJob | Mapping, emit) -> dict:
     shard = f" in rank {rank}'s shard" if world > 1 else ""
     emit(Log(f"{len(job.examples)} training examples{shard}{val}"))
     train = load_entry(job.backend)
+    targeted = {} if job.config.full else {"target_modules": list(job.config.target_modules)}
+
+    def whole(result: dict) -> dict:
+        return {"examples": len(job.examples), **result, "hf_dir": job.hf_dir, **targeted,
+                "peak_rss_bytes": peak_rss_bytes(), "tokenizer": tokenizer_info}
+
     if rank != 0:  # only rank 0 writes the run directory
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="edge-tune-rank-") as tmp:
             job.adapter_dir = tmp
-            result = train(job, emit)
+            result = whole(train(job, emit))
     else:
-        # a full run saves the whole model (HF weights) where a LoRA run saves its adapter
-        with atomic_path(Path(job.run_dir) / ("model" if job.config.full else "adapter")) as tmp:
+        # a full run saves the whole model (HF weights) where a LoRA run saves its adapter.
+        # The result goes inside, so the folder alone lets `train --resume` / `export`
+        # finish a run whose later steps (GGUF, manifest) failed.
+        final = Path(job.run_dir) / ("model" if job.config.full else "adapter")
+        with disk_full_says(final, lambda: checkpoint_kept(Path(job.run_dir))), \
+                atomic_path(final) as tmp:
             job.adapter_dir = str(tmp)
-            result = train(job, emit)
+            result = whole(train(job, emit))
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / TRAINING_RESULT).write_text(json.dumps(
+                {**result, "backend": job.backend}))
     if world > 1:
         import torch.distributed as dist
 
         dist.destroy_process_group()
-    targeted = {} if job.config.full else {"target_modules": list(job.config.target_modules)}
-    return {"examples": len(job.examples), **result, "hf_dir": job.hf_dir, **targeted,
-            "peak_rss_bytes": peak_rss_bytes(),
-            "tokenizer": tokenizer_info}
+    return result
+
+
+TRAINING_RESULT = "training_result.json"  # in RUN/adapter (RUN/model): what training returned
 
 
 def main(argv: list[str]) -> int:
@@ -281,7 +295,18 @@ def main(argv: list[str]) -> int:
         emit(Failed("training cancelled", ExitCode.CANCELLED))
         return ExitCode.CANCELLED
     except Exception as exc:  # a bug: keep the traceback in train.log, one line for the user
-        traceback.print_exc()
+        try:
+            traceback.print_exc()
+        except OSError:  # train.log is on the disk that is full
+            pass
+        from edge_tune.backends.checkpoint import checkpoint_kept
+        from edge_tune.fsutil import is_disk_full
+
+        if is_disk_full(exc):  # a write no `disk_full_says` named: still one line
+            run_dir = Path(json.loads(Path(argv[0]).read_text()).get("run_dir", "."))
+            emit(Failed(f"{run_dir}: no space left on device while training; "
+                        f"{checkpoint_kept(run_dir)}", ExitCode.BAD_INPUT))
+            return ExitCode.BAD_INPUT
         emit(Failed(f"training failed: {type(exc).__name__}: {exc} (see train.log)",
                     ExitCode.FAILED))
         return ExitCode.FAILED

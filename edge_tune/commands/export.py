@@ -12,7 +12,7 @@ from edge_tune.adapters import conversion_base, merge_base, peft_adapter, vllm_b
 from edge_tune.commands.verify import verify_hook
 from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import Done, EventSink, Log, Progress, ignore
-from edge_tune.fsutil import sha256_file
+from edge_tune.fsutil import TEMP_SUFFIX, sha256_file, temp_prefix
 from edge_tune.manifest import Manifest
 
 
@@ -118,7 +118,9 @@ def export_full(run: Path, man: Manifest, out: Optional[Path], quant: str,
     report = None
     if vocab_from is None and man.base.gguf and man.base.gguf_source == "given":
         vocab_from = Path(man.base.gguf)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as work:
+    _sweep_and_check(out, _weights_bytes(model_dir), _disk_type(name), on_event)
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(out.name), suffix=TEMP_SUFFIX,
+                                     dir=out.parent) as work:
         f32 = Path(work) / "model-f32.gguf"
         if vocab_from is not None and Path(vocab_from).is_file():
             converted = hf_to_gguf.convert(model_dir, Path(work) / "converted.gguf", "f32",
@@ -223,7 +225,10 @@ def _export_merged(adapter: Path, peft_dir: Path, man: Optional[Manifest],
                          f"{template.name or 'FILE'} (the run's)", "warning"))
     out.parent.mkdir(parents=True, exist_ok=True)
     report = None
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as work:
+    _sweep_and_check(out, merge_mod.estimate_bytes(merge_mod.open_gguf(base_gguf), "F32"),
+                     _disk_type(name), on_event)
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(out.name), suffix=TEMP_SUFFIX,
+                                     dir=out.parent) as work:
         f32 = Path(work) / "merged-f32.gguf"
         summary = merge_mod.merge(base_gguf, config, tensors, f32, "F32", where=str(peft_dir),
                                   on_event=on_event, extra_metadata=meta)
@@ -245,6 +250,29 @@ def _export_merged(adapter: Path, peft_dir: Path, man: Optional[Manifest],
     result = {**summary, "path": str(out), "quant": name, "bytes": size, "verify": report}
     on_event(Done("export", {"path": str(out)}))
     return result
+
+
+def _weights_bytes(model_dir: Path) -> int:
+    """Bytes of a full run's fp32 weights (its safetensors files): the F32 GGUF's size."""
+    from edge_tune.fsutil import tree_bytes
+
+    return sum(tree_bytes(f) for f in Path(model_dir).glob("*.safetensors"))
+
+
+def _sweep_and_check(out: Path, f32_bytes: int, quant: str, on_event: EventSink) -> None:
+    """Before a merged (or full) export writes beside ``out``: remove the temp folders
+    killed exports left there (named with their pid, see ``fsutil.sweep_leftovers``), then
+    DiskFull (exit 2) unless the F32 model and the ``quant`` file it becomes both fit."""
+    from edge_tune.converters.integrations import quantize as quant_mod
+    from edge_tune.fsutil import leftovers_line, mib, require_free, sweep_leftovers
+
+    removed = sweep_leftovers(out.parent)
+    if removed:
+        on_event(Log(leftovers_line(removed)))
+    final = f32_bytes * quant_mod.BITS_PER_WEIGHT[quant] // 32 if quant != "F32" else 0
+    require_free(out.parent, int(f32_bytes + final),
+                 f"{out} (an F32 merge of {mib(f32_bytes)}" +
+                 (f", then {quant} of about {mib(final)})" if final else ")"))
 
 
 def _place_beside(src: Path, directory: Path) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import threading
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ from edge_tune.data.preference import check_method
 from edge_tune.data.split import split_validation
 from edge_tune.errors import CheckFailed, DataError, EdgeTuneError, UsageError
 from edge_tune.events import Done, EventSink, Log, ignore
-from edge_tune.fsutil import sha256_file, write_text_atomic
+from edge_tune.fsutil import (disk_full_says, remove_tree, sha256_file, sweep_leftovers,
+                              write_text_atomic)
 from edge_tune.hardware import probe
-from edge_tune.runs import RUN_CONFIG, load_run_config, prepare_run_dir, resume_state
+from edge_tune.runs import (RUN_CONFIG, finished_training, load_run_config, prepare_run_dir,
+                            resume_state)
 
 
 FULL_BACKENDS = ("cpu", "mlx")  # the backends that train every weight with --full
@@ -43,13 +46,18 @@ class TrainResult:
 
 def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
           cancel: Optional[threading.Event] = None,
-          resume: Optional[Path] = None) -> TrainResult:
+          resume: Optional[Path] = None, data: Optional[list] = None) -> TrainResult:
     """Train a LoRA adapter (or, with ``cfg.full``, every weight) in a subprocess, export it
     to GGUF (an adapter, or the whole model), write the manifest and verify with llama.cpp.
 
     ``resume``: a run directory whose training was cancelled; its saved config is used
     (``cfg`` must be None) and training continues from its checkpoint to the same total
-    steps."""
+    steps. A run whose training finished but whose later steps failed (disk full, killed)
+    is completed from its saved adapter, without training again. ``data``: with ``resume``,
+    where the run's training data is now (checked against the sha256 it started with).
+
+    Raises DiskFull (exit 2) before any work when the run's filesystem lacks the space the
+    plan says it writes, and when a write runs out of space (naming what was kept)."""
     from edge_tune.backends.checkpoint import CHECKPOINT
     from edge_tune.backends.job import TrainJob
     from edge_tune.runner import TrainingProcess
@@ -59,10 +67,14 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         if cfg is not None:
             raise EdgeTuneError("--resume continues a run with its own settings; give no other "
                                 "training options")
+        if training_finished(resume):  # only the steps after training are left to do
+            return finish_run(Path(resume), on_event)
         if resume_state(resume) is None:
             raise EdgeTuneError(f"--resume {resume}: nothing to resume (the run finished or "
                                 f"has no {RUN_CONFIG})")
-        cfg, saved = load_run_config(resume)
+        cfg, saved = load_run_config(resume, data)
+    elif data is not None:
+        raise UsageError("--data with --resume only: give it in the run's settings")
     assert cfg is not None
     from edge_tune.data.layouts import data_spec
     from edge_tune.data.readers import data_fingerprint
@@ -85,8 +97,13 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
                             f"and this node has {len(hw.cuda_gpus)}")
     data_sha256 = data_fingerprint(spec)  # one file: its sha256; folders, mixes: all parts
     if saved is not None and saved.get("data_sha256") != data_sha256:
-        raise EdgeTuneError(f"--resume {resume}: {spec} changed since the run started; "
-                            "start a new run instead")
+        raise DataError(f"--resume {resume}: {spec} is not the data the run started with (its "
+                        "contents differ); point at the original with `edge-tune train "
+                        f"--resume {resume} --data PATH` (the checkpoint in "
+                        f"{Path(resume) / CHECKPOINT} is kept)")
+    if resume is None:  # what a resume compares: the data as stored (absolute paths)
+        data_sha256 = data_fingerprint(data_spec(portable_config(cfg)["data"], cfg.columns,
+                                                 cfg.max_samples, cfg.seed))
     if cfg.full and backend not in FULL_BACKENDS:
         raise UsageError(f"--full: full fine-tuning runs on the {' and '.join(FULL_BACKENDS)} "
                          f"backends, not {backend}: add --backend cpu")
@@ -119,14 +136,38 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
             check_plan(run_plan)
             on_event(Log(planner_describe(run_plan)))
             cfg = dataclasses.replace(cfg, **{k: run_plan.config[k] for k in PLANNED})
+    data_record = {"path": _data_path(spec), "format": data.format,
+                   "sha256": data_sha256,
+                   "skipped": len(data.skipped),
+                   "records": len(records),
+                   # the system prompt all records shared: chat/serve's default
+                   **({"system": shared} if (shared := template_choice.shared_system(records))
+                      else {}),
+                   "val": str(Path(cfg.val).resolve()) if cfg.val else _one(data_extra, "valid"),
+                   "val_records": len(val_records), **data_extra}
+    # What the manifest needs besides training's result, kept in RUN_CONFIG: a run whose
+    # last steps failed is then finished without its data (finish_run).
+    finish = {"backend_reason": why, "data": data_record,
+              "plan": run_plan.to_dict() if run_plan is not None else None}
     if resume is None:
         existed = Path(cfg.out).exists() if cfg.out else False
+        check_space(Path(cfg.out) if cfg.out else Path("runs"), run_plan, cfg)
         run_dir = prepare_run_dir(cfg.out)
-        shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)  # a stale one from a reused dir
+        say_leftovers(run_dir, on_event)
+        remove_tree(run_dir / CHECKPOINT)  # a stale one from a reused dir
         write_text_atomic(run_dir / RUN_CONFIG, json.dumps(
-            {"config": cfg.to_dict(), "data_sha256": data_sha256}, indent=2) + "\n")
+            {"config": portable_config(cfg), "data_sha256": data_sha256,
+             "cwd": os.getcwd(), "finish": finish}, indent=2) + "\n")
     else:
         run_dir = Path(resume)
+        say_leftovers(run_dir, on_event)
+        check_resume_space(run_dir)
+        assert saved is not None
+        if saved.get("finish") is None or data:  # an older run; or its data moved
+            stored = dict(saved["config"], data=portable_config(cfg)["data"]) if data \
+                else saved["config"]
+            write_text_atomic(run_dir / RUN_CONFIG, json.dumps(
+                {**saved, "config": stored, "finish": finish}, indent=2) + "\n")
     ckpt = run_dir / CHECKPOINT
     job = TrainJob.from_dict({  # the wire contract: a key it does not have is an error
         "config": cfg.to_dict(),
@@ -160,12 +201,169 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
 
         # The worker refused its input (data, tokenizer, model) before training: the run
         # never started, so the folder made for it goes (a crash keeps it: the message names
-        # train.log; a reused --out folder stays).
-        if resume is None and not existed and exc.exit_code == ExitCode.BAD_INPUT:
+        # train.log; a reused --out folder stays; so does anything training wrote).
+        if resume is None and not existed and exc.exit_code == ExitCode.BAD_INPUT and \
+                not ckpt.exists() and not _trained_dir(run_dir, cfg).exists():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:  # loss.png and the tracker's files, cancelled or not
-        tracker.close(result.get("losses"))
+        try:
+            tracker.close(result.get("losses"))
+        except OSError as exc:  # a full disk: loss.png is not worth losing the run over
+            on_event(Log(f"{run_dir}: tracker files / loss.png not written ({exc})",
+                         "warning"))
+    result.pop("backend", None)
+    on_event(Log(f"training finished: {_trained_dir(run_dir, cfg)} saved"))
+    return _complete(run_dir, cfg, result, ref, chosen, base_sha256, backend, why, finish,
+                     on_event)
+
+
+def portable_config(cfg: TrainConfig) -> dict:
+    """``cfg`` as RUN_CONFIG stores it: local paths (data sources, --val, --model,
+    --chat-template FILE) made absolute, so that ``--resume`` works from any directory. Hub
+    specs and built-in names stay as given."""
+    from edge_tune.data.layouts import data_values, parse_spec
+
+    def absolute(text):
+        if not text or not Path(str(text)).exists():
+            return text
+        return str(Path(str(text)).resolve())
+
+    def source(text: str) -> str:
+        try:
+            spec = parse_spec(text)
+        except EdgeTuneError:
+            return text
+        if spec.hub or not Path(spec.target).exists():
+            return text
+        return str(Path(spec.target).resolve()) + text[len(spec.target):]  # keeps a *W
+
+    values = cfg.to_dict()
+    sources = [source(t) for t in data_values(cfg.data)]
+    values["data"] = sources[0] if isinstance(cfg.data, str) and len(sources) == 1 \
+        else sources
+    values.update(val=absolute(cfg.val), model=absolute(cfg.model),
+                  chat_template=absolute(cfg.chat_template))
+    return values
+
+
+def check_space(out: Path, run_plan, cfg: TrainConfig) -> None:
+    """DiskFull (exit 2, before any work) when the filesystem of the run folder lacks what
+    the run writes there: the plan's outputs, a checkpoint (the trained weights and AdamW's
+    two moments) twice while one replaces the other, and for a full run the F32 model
+    llama.cpp's converter writes before the F16 one."""
+    from edge_tune.fsutil import mib, require_free
+    from edge_tune.planner import disk_bytes
+
+    if run_plan is None:  # no shape to size it by (the plan said why)
+        return
+    need = disk_bytes(run_plan.estimate.output_bytes, cfg.full, bool(cfg.save_every))
+    require_free(out, int(need["total"]), "this run (" + ", ".join(
+        f"{k} {mib(v)}" for k, v in need.items() if k != "total") + ", not all at once)")
+
+
+def check_resume_space(run_dir: Path) -> None:
+    """DiskFull before a resume when the run folder's filesystem cannot hold another
+    checkpoint beside the one there (written on cancel, or every --save-every steps) plus
+    the adapter and its GGUF."""
+    from edge_tune.backends.checkpoint import CHECKPOINT
+    from edge_tune.fsutil import require_free, tree_bytes
+
+    ckpt = tree_bytes(run_dir / CHECKPOINT)
+    weights = tree_bytes(run_dir / CHECKPOINT / "adapter.safetensors")
+    require_free(run_dir, ckpt + 2 * weights, f"resuming {run_dir} (a new checkpoint "
+                 "beside the old one, the adapter and its GGUF)")
+
+
+def say_leftovers(folder: Path, on_event: EventSink) -> None:
+    """Remove what killed edge-tune processes left in ``folder`` (temp folders named with
+    their pid), in one line."""
+    from edge_tune.fsutil import leftovers_line
+
+    removed = sweep_leftovers(folder)
+    if removed:
+        on_event(Log(leftovers_line(removed)))
+
+
+def _trained_dir(run_dir: Path, cfg: TrainConfig) -> Path:
+    return Path(run_dir) / ("model" if cfg.full else "adapter")
+
+
+def training_finished(run_dir: Path) -> bool:
+    """True when training of ``run_dir`` finished (its adapter, or a full run's model, is
+    saved with the training result) but the run was not completed (no manifest: its GGUF
+    export or manifest write failed, or the process was killed)."""
+    return finished_training(run_dir) is not None
+
+
+def export_run(adapter: Path, *args, **kwargs):
+    """:func:`edge_tune.commands.export.export` (same arguments and result), after finishing
+    a run whose training finished but whose GGUF or manifest was not written (disk full,
+    killed: :func:`finish_run`, without verify), so ``export RUN`` works from what is there."""
+    import inspect
+
+    given = inspect.signature(export).bind(adapter, *args, **kwargs).arguments
+    if Path(adapter).is_dir() and training_finished(Path(adapter)):
+        finish_run(Path(adapter), given.get("on_event", ignore), verify=False)
+    out = given.get("out") or given.get("ollama") or given.get("vllm") or adapter
+    with disk_full_says(Path(out), f"nothing was left at the output name and {adapter} is "
+                        "unchanged: free space and export again"):
+        return export(adapter, *args, **kwargs)
+
+
+def finish_run(run_dir: Path, on_event: EventSink = ignore, verify: bool = True
+               ) -> TrainResult:
+    """Complete a run whose training finished (:func:`training_finished`) from what it saved:
+    the GGUF export, the manifest and (``verify``) the check. Needs neither the data nor
+    training again. Raises EdgeTuneError when the run has no finished training."""
+    from edge_tune.backends.worker import TRAINING_RESULT
+
+    run_dir = Path(run_dir)
+    if not training_finished(run_dir):
+        raise EdgeTuneError(f"{run_dir}: no finished training to complete")
+    cfg, saved = load_run_config(run_dir, check_data=False)
+    if not verify:
+        cfg = dataclasses.replace(cfg, verify=False)
+    say_leftovers(run_dir, on_event)
+    result = json.loads((_trained_dir(run_dir, cfg) / TRAINING_RESULT).read_text())
+    backend = result.pop("backend", None) or cfg.backend
+    finish = saved.get("finish") or {}
+    on_event(Log(f"{run_dir}: training had finished ({result.get('steps')} steps); writing "
+                 "what is missing (GGUF, manifest)"))
+    ref = models.resolve(cfg.model, on_event)
+    chosen = template_choice.given(cfg.chat_template)
+    base_sha256 = sha256_file(ref.gguf) if ref.gguf else None
+    return _complete(run_dir, cfg, result, ref, chosen, base_sha256, backend,
+                     finish.get("backend_reason", ""), finish, on_event)
+
+
+def _complete(run_dir: Path, cfg: TrainConfig, result: dict, ref: models.ModelRef, chosen,
+              base_sha256: Optional[str], backend: str, why: str, finish: dict,
+              on_event: EventSink) -> TrainResult:
+    """After training: the GGUF (adapter or full model), the manifest, then verify. The
+    trained adapter (model) is already saved with its result, so the checkpoint goes first
+    (it is 3x the adapter's size) and a failure here keeps what training made."""
+    from edge_tune.backends.checkpoint import CHECKPOINT
+
+    trained = _trained_dir(run_dir, cfg)
+    remove_tree(run_dir / CHECKPOINT)  # finished: the adapter is the result
+
+    def kept() -> str:
+        if (run_dir / manifest_mod.MANIFEST).is_file():  # only verify was left
+            return (f"the run is complete ({run_dir / manifest_mod.MANIFEST}); free space, then "
+                    f"`edge-tune verify {run_dir}` checks it")
+        return (f"kept: the trained {'model' if cfg.full else 'adapter'} in {trained}: free "
+                f"space, then `edge-tune train --resume {run_dir}` (or `edge-tune export "
+                f"{run_dir}`) finishes the run without training again")
+
+    with disk_full_says(run_dir, kept):
+        return _write_outputs(run_dir, cfg, result, ref, chosen, base_sha256, backend, why,
+                              finish, on_event)
+
+
+def _write_outputs(run_dir: Path, cfg: TrainConfig, result: dict, ref: models.ModelRef,
+                   chosen, base_sha256: Optional[str], backend: str, why: str, finish: dict,
+                   on_event: EventSink) -> TrainResult:
     tokenizer_info = _template_record(result.pop("tokenizer", {}), chosen)
     base = _base_record(ref, result.pop("hf_dir"), base_sha256)
     adapter_info: dict = {} if cfg.full else {"peft": "adapter"}
@@ -191,17 +389,10 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         adapter_info.update(gguf="adapter.gguf", alpha=plan.alpha, rank=plan.rank)
     man = manifest_mod.build(
         config=cfg.to_dict(), backend=backend, backend_reason=why, base=base,
-        data={"path": _data_path(spec), "format": data.format,
-              "sha256": data_sha256,
-              "skipped": len(data.skipped),
-              "records": len(records), "examples": result.get("examples"),
-              "val": str(Path(cfg.val).resolve()) if cfg.val else _one(data_extra, "valid"),
-              "val_records": len(val_records), **data_extra},
+        data={**(finish.get("data") or {}), "examples": result.get("examples")},
         result=result, tokenizer=tokenizer_info, adapter=adapter_info,
-        plan=run_plan.to_dict() if run_plan is not None else None,
-        kind="full" if cfg.full else "lora", model=model_info)
+        plan=finish.get("plan"), kind="full" if cfg.full else "lora", model=model_info)
     manifest_mod.write(run_dir, man)
-    shutil.rmtree(ckpt, ignore_errors=True)  # finished: the adapter is the result
     if cfg.full:
         if getattr(cfg, "verify", True) and base_gguf is not None:
             # converts to F32 again (the exact check needs it; seconds for small models)
