@@ -20,7 +20,7 @@ def help_text(*command: str) -> str:
 
 
 @pytest.mark.parametrize("command,shown", [
-    ("bundle", ["[default: the runs' base]", 'pip install "edge-tune[run]"']),
+    ("bundle", ["[default: the runs' base]", "./OUT/install.sh"]),
     ("verify", ["(exact: catches wrong alpha"]),
     ("convert-base", ["[default: NAME-OUTTYPE.gguf here]"]),
     ("export", ["(llama.cpp's own quantizer)", "[default: F16]"]),
@@ -41,4 +41,4 @@ def test_help_has_no_swallowed_defaults_or_broken_lines(command, shown):
 def test_examples_stay_one_per_line():
     text = help_text("export")
     lines = [line.strip() for line in text.splitlines()]
-    assert sum(line.startswith("edge-tune export runs/demo") for line in lines) == 4, text
+    assert sum(line.startswith("edge-tune export runs/demo") for line in lines) == 5, text
