@@ -160,7 +160,9 @@ def train(
                                              "saved on cancel (default 50)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a cancelled run "
                                           "(its directory) from its checkpoint, with its own "
-                                          "settings, to the same total steps."),
+                                          "settings, to the same total steps; or finish one "
+                                          "whose last steps failed (disk full). Works from "
+                                          "any directory; add --data PATH if its data moved."),
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Training processes on this "
                                         "machine, launched by torchrun (torch.distributed: "
                                         "gloo on CPU, NCCL with one GPU each for unsloth), "

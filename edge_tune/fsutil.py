@@ -112,20 +112,38 @@ def tree_bytes(path: Path) -> int:
         return 0
 
 
-def sweep_leftovers(folder: Path) -> list[tuple[Path, int]]:
+LEGACY_AGE = 3600.0  # seconds: a pid-less temp untouched this long is no live write's
+
+
+def sweep_leftovers(folder: Path, legacy: tuple[str, ...] = (),
+                    legacy_age: float = LEGACY_AGE) -> list[tuple[Path, int]]:
     """Remove the temp folders and files edge-tune processes that no longer run left in
     ``folder`` (``.NAME.<pid>.<random>.tmp``, see :func:`temp_prefix`); returns (path,
-    bytes) of each removed. A temp whose process still runs is kept."""
+    bytes) of each removed. A temp whose process still runs is kept. ``legacy``: NAMEs whose
+    temps from versions without the pid (``.NAME.<8 random>`` and ``.NAME.<8 random>.tmp``)
+    are removed too once untouched for ``legacy_age`` seconds."""
+    import time
+
     folder = Path(folder)
     removed: list[tuple[Path, int]] = []
     try:
         entries = list(folder.iterdir())
     except OSError:
         return removed
+    old = re.compile(r"^\.(%s)\.[a-z0-9_]{8}(\.tmp)?$" % "|".join(map(re.escape, legacy))) \
+        if legacy else None
     for entry in entries:
         m = _TEMP_NAME.match(entry.name)
-        if not m or _alive(int(m["pid"])):
+        if m and _alive(int(m["pid"])):
             continue
+        if not m:
+            try:
+                stale = old is not None and old.match(entry.name) is not None and \
+                    time.time() - entry.lstat().st_mtime > legacy_age
+            except OSError:
+                stale = False
+            if not stale:
+                continue
         size = tree_bytes(entry)
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

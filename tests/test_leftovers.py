@@ -49,6 +49,18 @@ def test_atomic_temps_carry_the_pid_and_a_killed_writers_are_swept(tmp_path):
     line = fsutil.leftovers_line(removed)
     assert line.startswith("removed 2 leftover(s) of killed edge-tune processes in ")
 
+    # temps of versions that did not name the pid: removed once untouched for a while
+    legacy = tmp_path / ".merged-f16.gguf.k3j_9a0z"
+    legacy.mkdir()
+    fresh = tmp_path / ".adapter.q0w9e8r7.tmp"
+    fresh.mkdir()
+    assert fsutil.sweep_leftovers(tmp_path, legacy=("merged-f16.gguf", "adapter")) == []
+    past = legacy.stat().st_mtime - 2 * fsutil.LEGACY_AGE
+    os.utime(legacy, (past, past))
+    assert [p for p, _ in fsutil.sweep_leftovers(tmp_path, legacy=("merged-f16.gguf",
+                                                                   "adapter"))] == [legacy]
+    assert fresh.is_dir() and alive.is_dir() and user.is_file()
+
 
 def test_remove_tree_leaves_no_half_empty_folder(tmp_path):
     ckpt = tmp_path / "checkpoint"

@@ -266,7 +266,7 @@ def _sweep_and_check(out: Path, f32_bytes: int, quant: str, on_event: EventSink)
     from edge_tune.converters.integrations import quantize as quant_mod
     from edge_tune.fsutil import leftovers_line, mib, require_free, sweep_leftovers
 
-    removed = sweep_leftovers(out.parent)
+    removed = sweep_leftovers(out.parent, legacy=(out.name,))
     if removed:
         on_event(Log(leftovers_line(removed)))
     final = f32_bytes * quant_mod.BITS_PER_WEIGHT[quant] // 32 if quant != "F32" else 0

@@ -275,12 +275,17 @@ def check_resume_space(run_dir: Path) -> None:
                  "beside the old one, the adapter and its GGUF)")
 
 
+# what a run folder's atomic writes are named after (their temps: fsutil.sweep_leftovers)
+RUN_FILES = ("adapter", "model", "checkpoint", "adapter.gguf", FULL_MODEL_GGUF,
+             manifest_mod.MANIFEST, RUN_CONFIG, "loss.png")
+
+
 def say_leftovers(folder: Path, on_event: EventSink) -> None:
     """Remove what killed edge-tune processes left in ``folder`` (temp folders named with
     their pid), in one line."""
     from edge_tune.fsutil import leftovers_line
 
-    removed = sweep_leftovers(folder)
+    removed = sweep_leftovers(folder, legacy=RUN_FILES)
     if removed:
         on_event(Log(leftovers_line(removed)))
 
