@@ -161,6 +161,12 @@ class ChatTarget:
     def stop_tokens(self) -> tuple:
         return tuple(self.manifest.stop_tokens) if self.manifest is not None else ()
 
+    @property
+    def training_system(self) -> Optional[str]:
+        """The system prompt every training record of the run shared (its manifest's
+        ``data.system``): what a conversation without a system message is sent with."""
+        return self.manifest.data.system if self.manifest is not None else None
+
 
 def resolve_chat(adapter: Optional[Path], base: Optional[str],
                  chat_template: Optional[str] = None,

@@ -150,6 +150,16 @@ class ChatSession:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.sides[side].history
 
+    def training_systems(self) -> list[str]:
+        """The runs' training system prompts the sides' conversations get (the engine sends
+        one when a conversation has no system message: :meth:`Engine.set_system
+        <edge_tune.engine.Engine.set_system>`), each once; none while :attr:`system` is set
+        (it wins). Front ends say each once."""
+        if self.system:
+            return []
+        found = (self.engine.system_of(s.template_owner) for s in self.sides)
+        return list(dict.fromkeys(text for text in found if text))
+
     def plain_sides(self) -> list[str]:
         """Labels of the sides whose model has no chat template: with ``plain_fallback`` they
         answer as plain text completions of the conversation (tell the user once)."""

@@ -517,7 +517,8 @@ def chat(
     base: Optional[str] = typer.Option(None, help="Base GGUF (default: the first run's base, "
                                        "else the embedded model)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer once and exit."),
-    system: Optional[str] = typer.Option(None, help="System prompt."),
+    system: Optional[str] = typer.Option(None, help="System prompt [default: the one every "
+                                         "training record of the run shared, if any]."),
     temperature: float = typer.Option(0.7, help="0 = greedy."),
     max_tokens: int = typer.Option(256, help="Max tokens per answer."),
     compare: Optional[str] = typer.Option(None, "--compare", metavar="OTHER", help="Answer "
@@ -571,6 +572,12 @@ def chat(
                               max_tokens=max_tokens)
         for label in session.plain_sides():
             _say_plain(base_name if len(session.sides) == 1 else f"{base_name} ({label})")
+        for text in session.training_systems():
+            from edge_tune.server.plan import quote_system
+
+            err.print(f"note: using the training system prompt: {quote_system(text)} "
+                      "(override with --system)", highlight=False, soft_wrap=True,
+                      markup=False)
         if prompt is not None:
             _say(session, prompt, check_empty=True)
             return

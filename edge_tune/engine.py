@@ -334,6 +334,7 @@ class Engine:
         self._stop_tokens = tuple(stop_tokens)
         self._handlers: dict[str, object] = {}
         self._fold: dict[Optional[str], bool] = {None: system_mode == "fold"}
+        self._systems: dict[Optional[str], str] = {}  # see set_system
 
     # --- chat templates -------------------------------------------------------------------
     def set_chat_template(self, text: Optional[str], adapter: Optional[str] = None,
@@ -345,6 +346,21 @@ class Engine:
         if system_mode is not None:
             self._fold[adapter] = system_mode == "fold"
         self._stop_tokens = tuple(dict.fromkeys(self._stop_tokens + tuple(stop_tokens)))
+
+    def set_system(self, text: Optional[str], adapter: Optional[str] = None) -> None:
+        """Send ``text`` as the system message of every conversation that has none while
+        ``adapter`` is active (None: the base, and every adapter without its own): a run's
+        training system prompt (:func:`edge_tune.template_choice.shared_system`). A
+        conversation's own system message wins."""
+        if text:
+            self._systems[adapter] = text
+        else:
+            self._systems.pop(adapter, None)
+
+    def system_of(self, adapter: Optional[str]) -> Optional[str]:
+        """The system prompt a conversation without one gets while ``adapter`` is active."""
+        return self._systems.get(adapter) if adapter in self._systems else \
+            self._systems.get(None)
 
     def template_of(self, adapter: Optional[str]) -> Optional[str]:
         """The template conversations are rendered with while ``adapter`` is active (None:
@@ -607,6 +623,9 @@ class Engine:
                                      "give --chat-template NAME|FILE, or ask for a plain text "
                                      "completion")
             llm.chat_handler = self._chat_handler(template)
+            default = self.system_of(first)
+            if default and not any(m.get("role") == "system" for m in messages):
+                messages = [{"role": "system", "content": default}, *messages]
             if self._fold.get(first, self._fold[None]):
                 from edge_tune.data.template import fold_system
 

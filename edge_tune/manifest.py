@@ -150,6 +150,9 @@ class Data(_Record):
     files: Optional[dict] = None
     # several sources, or a weighted one: [{"source", "weight", "read", "used"}]
     mix: Optional[list] = None
+    # the system prompt every training record began with, when they all shared one (chat and
+    # serve send it when a conversation has none); None: they differed, or had none
+    system: Optional[str] = None
 
 
 @dataclass(kw_only=True)

@@ -25,6 +25,7 @@ def open_engine(target: ChatTarget, on_event: EventSink = ignore, **engine_kw):
     engine = Engine(target.base, chat_template=target.chat_template.text if
                     target.chat_template else None, stop_tokens=target.stop_tokens,
                     system_mode=target.system_mode, **engine_kw)
+    engine.set_system(target.training_system)  # the run's, for a chat that has none
     if target.adapter is not None:
         try:
             engine.add_adapter(target.adapter, "adapter")
@@ -125,7 +126,7 @@ def chat_plan(adapter: Union[None, str, Sequence[tuple[str, float]]], base: Opti
                 raise EdgeTuneError(f"--adapter {spec}: the bundle has no such adapter; it has "
                                     + ", ".join(["base", *bundle_plan.adapters]))
             plan.adapters[spec] = bundle_plan.adapters[spec]
-            for table in ("templates", "stop_tokens", "system_modes"):
+            for table in ("templates", "stop_tokens", "system_modes", "systems"):
                 if spec in getattr(bundle_plan, table):
                     getattr(plan, table)[spec] = getattr(bundle_plan, table)[spec]
             return (spec, spec)
@@ -150,7 +151,7 @@ def chat_plan(adapter: Union[None, str, Sequence[tuple[str, float]]], base: Opti
 
         bundle_plan = load_bundle(bundle)
         plan = ServePlan(bundle_plan.base, {}, bundle_plan.base_sha256)
-        for table in ("templates", "stop_tokens", "system_modes"):
+        for table in ("templates", "stop_tokens", "system_modes", "systems"):
             if "base" in getattr(bundle_plan, table):
                 getattr(plan, table)["base"] = getattr(bundle_plan, table)["base"]
     else:
@@ -182,5 +183,8 @@ def chat_plan(adapter: Union[None, str, Sequence[tuple[str, float]]], base: Opti
     if runs_template is not None and "base" not in plan.templates:
         # base vs adapter: the same template on both sides, so only the adapter differs
         plan.templates["base"] = runs_template
+    runs_system = next((plan.systems[n] for n in owners if n in plan.systems), None)
+    if runs_system is not None and "base" not in plan.systems:
+        plan.systems["base"] = runs_system  # and the same system prompt
     plan.override(chat_template, system_mode)
     return plan, sides

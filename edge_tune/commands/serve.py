@@ -10,7 +10,7 @@ from edge_tune import models, template_choice
 from edge_tune.adapters import resolve_chat
 from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import Done, EventSink, Log, ignore
-from edge_tune.server.plan import ServePlan
+from edge_tune.server.plan import ServePlan, quote_system
 
 
 def plan_serving(adapter_specs: list[str], base: Optional[str] = None,
@@ -49,6 +49,7 @@ def open_serving(plan: ServePlan, on_event: EventSink = ignore, **engine_kw):
     engine = Engine(plan.base, chat_template=plan.templates.get("base"),
                     stop_tokens=plan.stop_tokens.get("base", ()),
                     system_mode=plan.system_modes.get("base", "keep"), **engine_kw)
+    engine.set_system(plan.systems.get("base"))
     try:
         for name, path in plan.adapters.items():
             load_adapter(engine, plan, name, path, on_event)
@@ -99,6 +100,10 @@ def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
         on_event(Log(f"listening on {host} without --api-key: anyone who can reach this "
                      "port can use the models", "warning"))
     engine = open_serving(plan, on_event, n_ctx=n_ctx, threads=threads, parallel=parallel)
+    for name, text in plan.systems.items():  # said once, at start
+        on_event(Log(f"{name}: a chat without a system message gets the run's training "
+                     f"system prompt: {quote_system(text)} (a request's own system message "
+                     "wins)"))
     scheduler = Scheduler(engine, max_queue=max_queue)
     names = ["base", *plan.adapters]
     untemplated = [n for n in names if engine.template_of(None if n == "base" else n) is None]

@@ -80,6 +80,7 @@ def load_adapter(engine, plan: ServePlan, name: str, path, on_event: EventSink =
     engine.add_adapter(path, name)
     engine.set_chat_template(plan.templates.get(name), name, plan.stop_tokens.get(name, ()),
                              plan.system_modes.get(name))
+    engine.set_system(plan.systems.get(name), name)
     trained_on = engine.adapter_meta[name].get("edge_tune.base_sha256")
     if trained_on:
         plan.base_sha256 = plan.base_sha256 or sha256_file(plan.base)
@@ -116,7 +117,7 @@ def add_served_adapter(engine, plan: ServePlan, name: str, path: str,
     trial.add(name, target)
     load_adapter(engine, trial, name, target.adapter, on_event)
     plan.base_sha256 = trial.base_sha256
-    for field in ("adapters", "templates", "stop_tokens", "system_modes"):
+    for field in ("adapters", "templates", "stop_tokens", "system_modes", "systems"):
         getattr(plan, field).update(getattr(trial, field))
 
 
@@ -138,7 +139,8 @@ def remove_served_adapter(engine, plan: ServePlan, name: str) -> None:
     if any(n == name for n, _ in engine.active_mix):
         engine.activate_mix(())
     engine.remove_adapter(name)
-    for field in ("adapters", "templates", "stop_tokens", "system_modes"):
+    engine.set_system(None, name)
+    for field in ("adapters", "templates", "stop_tokens", "system_modes", "systems"):
         getattr(plan, field).pop(name, None)
 
 

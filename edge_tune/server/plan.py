@@ -13,6 +13,13 @@ from edge_tune import template_choice
 from edge_tune.template_choice import system_mode_option
 
 
+def quote_system(text: str, limit: int = 80) -> str:
+    """A system prompt as a notice quotes it: in quotes, on one line, cut at ``limit``
+    characters. Pure."""
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= limit else flat[:limit - 1] + "…")
+
+
 @dataclass
 class ServePlan:
     """What a server (or a side-by-side chat) loads: one base, named adapters."""
@@ -25,6 +32,9 @@ class ServePlan:
     templates: dict = dataclasses.field(default_factory=dict)
     stop_tokens: dict = dataclasses.field(default_factory=dict)  # name -> a run's stop tokens
     system_modes: dict = dataclasses.field(default_factory=dict)  # name -> "keep" | "fold"
+    # name -> the run's training system prompt, sent when a chat has no system message (a
+    # name without one uses the base's, as templates do)
+    systems: dict = dataclasses.field(default_factory=dict)
     # --chat-template / --system-mode as given: adapters added while serving use them too
     chat_template_option: Optional[str] = None
     system_mode_option: Optional[str] = None
@@ -49,3 +59,5 @@ class ServePlan:
             self.templates[name] = target.chat_template.text
         if target.stop_tokens:
             self.stop_tokens[name] = target.stop_tokens
+        if target.training_system:
+            self.systems[name] = target.training_system
