@@ -103,7 +103,9 @@ def test_resume_from_another_directory_names_moved_data_then_continues(stopped_t
 def test_export_finishes_a_run_killed_after_training_and_sigterm_leaves_no_temp(
         stopped_then_resumed, tmp_path):
     run, *_ = stopped_then_resumed
-    # what a kill between the adapter's save and the manifest leaves
+    # what a kill between the adapter's save and the manifest leaves, with what older
+    # versions left when killed while deleting the checkpoint
+    (run / "checkpoint").mkdir()
     (run / "manifest.json").unlink()
     (run / "adapter.gguf").unlink()
     assert api.resume_state(run)["finished"]
@@ -130,6 +132,7 @@ def test_export_finishes_a_run_killed_after_training_and_sigterm_leaves_no_temp(
     assert [p.name for p in out.iterdir()] == [live.name]  # no temp, no half-written model
     # the run itself was finished from what training saved, before the merge began
     assert (run / "manifest.json").is_file() and (run / "adapter.gguf").is_file()
+    assert not (run / "checkpoint").exists()
     assert "training had finished" in stderr
 
 

@@ -285,7 +285,18 @@ def say_leftovers(folder: Path, on_event: EventSink) -> None:
     their pid), in one line."""
     from edge_tune.fsutil import leftovers_line
 
+    from edge_tune.backends.checkpoint import CHECKPOINT
+    from edge_tune.fsutil import tree_bytes
+
     removed = sweep_leftovers(folder, legacy=RUN_FILES)
+    ckpt = Path(folder) / CHECKPOINT
+    # a finished run's checkpoint that a kill left half-deleted (older versions deleted it
+    # file by file): it can resume nothing
+    if (Path(folder) / manifest_mod.MANIFEST).is_file() and ckpt.is_dir() and \
+            not (ckpt / "state.json").is_file():
+        size = tree_bytes(ckpt)
+        remove_tree(ckpt)
+        removed.append((ckpt, size))
     if removed:
         on_event(Log(leftovers_line(removed)))
 
@@ -310,6 +321,8 @@ def export_run(adapter: Path, *args, **kwargs):
     given = inspect.signature(export).bind(adapter, *args, **kwargs).arguments
     if Path(adapter).is_dir() and training_finished(Path(adapter)):
         finish_run(Path(adapter), given.get("on_event", ignore), verify=False)
+    elif (Path(adapter) / RUN_CONFIG).is_file():  # a run: what killed commands left in it
+        say_leftovers(Path(adapter), given.get("on_event", ignore))
     out = given.get("out") or given.get("ollama") or given.get("vllm") or adapter
     with disk_full_says(Path(out), f"nothing was left at the output name and {adapter} is "
                         "unchanged: free space and export again"):
