@@ -81,6 +81,65 @@ def hf_has_tokens(hf_dir: Path, texts: list[str]) -> Optional[set[str]]:
     return {t for t in texts if t in pieces}
 
 
+# The built-in templates a model family ships with, by GGUF ``general.architecture`` or HF
+# ``config.json`` ``model_type``: the first that fits the vocabulary is the family's own
+# (llama-architecture models are Llama 3, SmolLM2 or Mistral: their tokens tell them apart).
+FAMILY_TEMPLATES = {"llama": ("llama3", "smollm2", "mistral"), "mistral": ("mistral",),
+                    "qwen2": ("qwen2",), "qwen3": ("qwen3",), "gemma2": ("gemma2",),
+                    "gemma3": ("gemma",), "gemma3_text": ("gemma",), "gemma": ("gemma",),
+                    "phi3": ("phi3",)}
+# Turn markers the probe render cannot find (not of the <|...|> form, or the eos token):
+# Mistral's [INST] ... [/INST] are control tokens of its vocabulary.
+EXTRA_MARKERS = {"mistral": ["[INST]", "[/INST]"]}
+
+
+def _family(ref) -> tuple[str, ...]:
+    """``ref``'s family key candidates (see FAMILY_TEMPLATES), read from a header or a
+    config file; () when unknown."""
+    if ref.gguf is not None:
+        from edge_tune.converters.formats.gguf_header import gguf_metadata
+
+        meta = gguf_metadata(ref.gguf, {"general.architecture", "tokenizer.ggml.pre"})
+        if meta.get("tokenizer.ggml.pre") == "smollm":
+            return ("smollm2",)
+        return FAMILY_TEMPLATES.get(str(meta.get("general.architecture")), ())
+    if ref.hf_dir is not None:
+        try:
+            config = json.loads((Path(ref.hf_dir) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return ()
+        return FAMILY_TEMPLATES.get(str(config.get("model_type")) if isinstance(config, dict)
+                                    else "", ())
+    return ()
+
+
+def _vocab_has(ref, texts: list[str]) -> Optional[set[str]]:
+    if ref.gguf is not None:
+        return gguf_has_tokens(ref.gguf, texts)
+    if ref.hf_dir is not None:
+        return hf_has_tokens(ref.hf_dir, texts)
+    return None
+
+
+def fitting_templates(ref) -> Optional[list[str]]:
+    """The built-in template names (:data:`edge_tune.templates.BUILTIN`) whose turn markers
+    are all single tokens of ``ref``'s vocabulary (a resolved
+    :class:`edge_tune.models.ModelRef`), the model family's own first, then in built-in
+    order; [] when none fits; None when the vocabulary cannot be read without a download
+    or a load (a hub ID). E.g. a Gemma base GGUF: ["gemma2", "gemma"] (never "chatml": it
+    has no ``<|im_start|>``). Reads the GGUF header or the HF directory's files only."""
+    from edge_tune.templates import BUILTIN
+
+    markers = {name: template_markers(text) + EXTRA_MARKERS.get(name, [])
+               for name, text in BUILTIN.items()}
+    present = _vocab_has(ref, list(dict.fromkeys(t for ms in markers.values() for t in ms)))
+    if present is None:
+        return None
+    fits = [name for name, ms in markers.items() if ms and all(t in present for t in ms)]
+    own = next((name for name in _family(ref) if name in fits), None)
+    return ([own] if own else []) + [name for name in fits if name != own]
+
+
 def require_template_tokens(chosen, ref) -> None:
     """Refuse ``--chat-template`` (``chosen``, a :class:`edge_tune.template_choice.ChatTemplate`)
     when a marker it writes is not a single token of ``--model`` (``ref``, a resolved
@@ -106,7 +165,7 @@ def require_template_tokens(chosen, ref) -> None:
     missing = [t for t in markers if t not in present]
     if not missing:
         return
-    fitting = [name for name, ms in candidates.items() if ms and all(t in present for t in ms)]
+    fitting = fitting_templates(ref) or []  # the family's own first
     hint = (f"use one whose markers it has: {', '.join(fitting)}" if fitting
             else "no built-in fits; give a Jinja file using this model's own special tokens")
     name = chosen.name or "FILE"

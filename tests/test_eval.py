@@ -216,6 +216,58 @@ def test_tui_adapters_screen_evaluates_the_selected_run(tiny_run, monkeypatch):
     asyncio.run(main())
 
 
+def test_tui_eval_takes_held_out_data_from_its_field(tiny_run, tmp_path, monkeypatch):
+    """A run that held nothing back (--val-split 0): "a" on the Adapters screen fails with the
+    core's one line, the eval data field takes the focus and says what to give; a file typed
+    there (enter) is evaluated on."""
+    pytest.importorskip("textual")
+    import asyncio
+
+    from textual.widgets import DataTable, Input, RichLog
+
+    from edge_tune.commands import eval as eval_mod
+    from edge_tune.tui.app import EdgeTuneApp
+    from tests.test_tui_pilot import log_text, until
+
+    monkeypatch.setattr(eval_mod, "drift_prompts", lambda: TWO_GENERAL[:1])
+    runs = tmp_path / "runs"
+    no_val = runs / "no-val"
+    shutil.copytree(tiny_run, no_val)
+    man = json.loads((no_val / "manifest.json").read_text())
+    man["hyperparameters"]["val_split"] = 0.0
+    (no_val / "manifest.json").write_text(json.dumps(man))
+    held_out = tmp_path / "held-out.jsonl"  # two records the tiny run did not train on
+    held_out.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+        for q, a in (("Name a red fruit.", "Arr, an apple!"), ("Two plus two?", "Four, matey."))))
+    app = EdgeTuneApp(runs_root=runs)
+
+    async def scenario(pilot):
+        await pilot.press("f4")
+        screen = pilot.app.screen
+        table = screen.query_one("#runs", DataTable)
+        await until(pilot, lambda: table.row_count == 1, 60, "runs table")
+        actions = screen.query_one("#actions", RichLog)
+        await pilot.press("a")
+        await until(pilot, lambda: "error:" in log_text(actions), 120, "the refusal")
+        await pilot.pause()
+        said = " ".join(log_text(actions).split())  # the log wraps at the screen's width
+        assert "held no data back" in said and "'eval data' field" in said, said
+        field = screen.query_one("#eval-data", Input)
+        assert pilot.app.focused is field
+        field.value = str(held_out)
+        await pilot.press("enter")
+        await until(pilot, lambda: "drift:" in log_text(actions), 600, "eval")
+        said = " ".join(log_text(actions).split())
+        assert "eval on 2 held-out examples: loss" in said, said
+
+    async def main():
+        async with app.run_test(size=(80, 24)) as pilot:
+            await scenario(pilot)
+
+    asyncio.run(main())
+
+
 # --- the demo run (default model) ----------------------------------------------------------------
 
 @pytest.mark.slow

@@ -69,6 +69,31 @@ def shot(pilot, name: str) -> None:
         pilot.app.save_screenshot(f"{name}.svg", path=where)
 
 
+def screen_lines(app) -> list[str]:
+    """The screen as plain characters, no colours or styles: what a terminal with none shows."""
+    from rich.console import Console
+
+    width, height = app.size
+    console = Console(width=width, height=height, file=io.StringIO(), record=True,
+                      force_terminal=True, legacy_windows=False)
+    console.print(app.screen._compositor.render_update(
+        full=True, screen_stack=app._background_screens))
+    return console.export_text().splitlines()
+
+
+def shown_whole(app, widget, message: str) -> bool:
+    """Whether all of ``message`` is on the screen inside ``widget``'s region (wrapped or
+    folded over any number of rows, not cut)."""
+    r = widget.region
+    rows = screen_lines(app)[r.y:r.y + r.height]
+    seen = "".join("".join(row[r.x:r.x + r.width].split()) for row in rows)
+    return "".join(message.split()) in seen
+
+
+def plain(widget: Static) -> str:
+    return text_of(widget).strip()
+
+
 def log_text(log: RichLog) -> str:
     return "\n".join(line.text for line in log.lines)
 
@@ -276,6 +301,198 @@ def test_errors_are_shown_not_raised(tmp_path):
         await type_into(pilot, "#message", "hi")
         await pilot.press("enter")
         assert "temperature" in text_of(pilot.app.screen.query_one("#chat-status", Static))
+
+    run(scenario, app)
+
+
+# --- no dead ends (issue 26) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_plan_line_and_field_errors_are_shown_whole_with_a_long_gguf_path(tmp_path, tiny,
+                                                                          demo_jsonl, size):
+    """A GGUF deep in a directory tree as the model: the Train screen's plan line, a field's
+    error in it, the error of a refused start and the Model & data screen's error all wrap
+    over the full width; each message is on the screen whole at 80x24 and 120x40. The real
+    core checks the fields; the estimate is a stand-in with the longest form of the real
+    planner's line (one with changed settings), as the real one takes ~5 s a plan here."""
+    from edge_tune.tui.app import Session
+
+    def planner(cfg) -> dict:
+        return {"summary": "plan: peak ~7.91 GiB of 6.2 GiB budget (cpu, bf16); ~41.3s/step, "
+                           "~69 min for 100 steps; changed: batch size 8 -> 2 with gradient "
+                           "accumulation 4 (same effective batch); gradient checkpointing on"}
+
+    deep = tmp_path.joinpath("models", "a-very-long-directory-name-people-have", "gemma-3",
+                             "270m-it", "quantized-by-someone")
+    deep.mkdir(parents=True)
+    model = deep / "tiny-model-with-a-long-name.Q4_K_M.gguf"
+    model.symlink_to(tiny)
+    app = EdgeTuneApp(runs_root=tmp_path / "runs", planner=planner,
+                      session=Session(model=str(model), data=str(demo_jsonl)))
+
+    async def scenario(pilot):
+        await pilot.press("f3")
+        box = pilot.app.screen.query_one("#plan", Static)
+        await until(pilot, lambda: "plan" in plain(box).splitlines()[-1], 120, "the plan")
+        await pilot.pause()
+        assert shown_whole(pilot.app, box, plain(box)), (plain(box), screen_lines(pilot.app))
+        assert str(model) in plain(box).replace("\n", "")
+        await type_into(pilot, "#lr", "fast")
+        await until(pilot, lambda: "--lr" in plain(box), 30, "the field's error")
+        await pilot.pause()
+        assert shown_whole(pilot.app, box, plain(box)), screen_lines(pilot.app)
+        await type_into(pilot, "#lr", "0.001")
+        await type_into(pilot, "#val-split", "2")  # refused when ctrl+s starts
+        await pilot.press("ctrl+s")
+        stats = pilot.app.screen.query_one("#stats", Static)
+        assert plain(stats).startswith("error:") and not pilot.app.screen.running
+        await pilot.pause()
+        assert shown_whole(pilot.app, stats, plain(stats)), screen_lines(pilot.app)
+        # Model & data: an error naming the long path
+        await pilot.press("f2")
+        missing = deep / "held-out-and-training-data-for-the-support-email-task.jsonl"
+        pilot.app.screen.query_one("#data-path", Input).value = str(missing)  # (typing: slow)
+        pilot.app.screen.query_one("#data-path", Input).focus()
+        await pilot.press("enter")
+        status = pilot.app.screen.query_one("#status", Static)
+        await until(pilot, lambda: plain(status).startswith("error:"), 60, "the data error")
+        await pilot.pause()
+        assert missing.name in plain(status).replace("\n", "")
+        assert shown_whole(pilot.app, status, plain(status)), screen_lines(pilot.app)
+
+    run(scenario, app, size=size)
+
+
+# The eval data field: tests/test_eval.py::test_tui_eval_takes_held_out_data_from_its_field
+# (it shares that module's tiny trained run).
+
+
+def test_template_hint_names_only_templates_the_model_can_use(tmp_path):
+    """A Gemma base GGUF without a chat template: the note suggests gemma2 (its family's own)
+    and gemma, never chatml (its vocabulary has no <|im_start|>); the default model has its
+    own. The real core reads the GGUF's header and vocabulary."""
+    from tests.tiny_families import family_gguf
+
+    gemma = family_gguf("gemma2", template=False)
+    app = EdgeTuneApp(runs_root=tmp_path / "runs")
+
+    async def scenario(pilot):
+        await pilot.press("f2")
+        note = pilot.app.screen.query_one("#template-note")
+        await until(pilot, lambda: "own" in str(note.content), 60, "the default's note")
+        assert "smollm2" in str(note.content)
+        pilot.app.screen.query_one("#base-kind").value = "gguf"
+        await pilot.pause()
+        pilot.app.screen.query_one("#base-path", Input).value = str(gemma)
+        await until(pilot, lambda: "has none" in str(note.content), 60, "the note")
+        said = str(note.content)
+        assert "give gemma2" in said and "gemma" in said.split("give gemma2", 1)[1], said
+        assert "chatml" not in said and "llama3" not in said, said
+        tip = pilot.app.screen.query_one("#chat-template").tooltip
+        assert "gemma2, gemma" in tip and "chatml" not in tip
+        await pilot.pause()
+        assert shown_whole(pilot.app, note, said)
+
+    run(scenario, app)
+
+
+def test_focus_is_visible_without_colours_and_checkbox_typing_is_not_lost(tmp_path,
+                                                                          monkeypatch):
+    """NO_COLOR (Textual then draws in monochrome; a 16-colour or TERM=dumb terminal loses
+    background shades the same way): the focused field has a bar glyph beside it that no
+    other field has, on every screen. Text typed while a checkbox has the focus goes to the
+    next text field (here the system prompt), with a note, and does not toggle it."""
+    from tests.tui_fake import FakeCore, fake_plan
+
+    from edge_tune.tui.app import Session
+
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = EdgeTuneApp(core=FakeCore(), runs_root="runs", planner=fake_plan,
+                      session=Session(data="edge_tune/assets/demo.jsonl"))
+    assert app.no_color
+
+    async def scenario(pilot):
+        for key in ("f1", "f2", "f3", "f4", "f5"):
+            await pilot.press(key)
+            await pilot.pause()
+            seen = []
+            while pilot.app.focused is not None and pilot.app.focused not in seen and \
+                    len(seen) < 4:  # kinds of field, not every field (a tab: ~0.3 s)
+                widget = pilot.app.focused
+                seen.append(widget)
+                await pilot.pause()
+                rows = screen_lines(pilot.app)
+                r = widget.region
+                assert rows[r.y][r.x] in "┃┏", (key, widget, rows[r.y])
+                others = [w for w in pilot.app.screen.focus_chain if w is not widget
+                          and w.region.height and rows[w.region.y][w.region.x] in "┃┏"]
+                assert not others, (key, widget, others)
+                await pilot.press("tab")
+            assert len(seen) >= 2, (key, seen)
+        # the Chat screen: focus one field short of the system prompt, on "compare"
+        chat = pilot.app.screen
+        compare, system = chat.query_one("#compare"), chat.query_one("#system", Input)
+        compare.focus()
+        await pilot.pause()
+        was = compare.value
+        await pilot.press(*"You are a pirate.")
+        assert system.value == "You are a pirate." and compare.value == was
+        assert pilot.app.focused is system and system.select_on_focus
+        assert any("typing goes to" in n.message for n in pilot.app._notifications)
+        await pilot.press("shift+tab", "space")  # space on a checkbox still toggles it
+        assert compare.value != was
+
+    run(scenario, app)
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter_runs(tmp_path_factory, default_gguf) -> Path:
+    """A runs folder holding one LoRA run (tests/tiny_runs.py: a random adapter on the tiny
+    random base): real llama.cpp answers in milliseconds."""
+    import shutil
+
+    from tiny_runs import make_tiny_runs
+
+    made = make_tiny_runs(tmp_path_factory.mktemp("tui-chat"), default_gguf)
+    runs = made["lora"].parent / "runs"
+    runs.mkdir()
+    shutil.move(made["lora"], runs / "lora")
+    return runs
+
+
+def test_compare_turned_on_mid_chat_starts_the_base_from_an_empty_history(tiny_adapter_runs):
+    """Chat with an adapter, then ctrl+t: the adapter's conversation moves to the right
+    (tuned) column and the base answers the next message with no history (it never said
+    the adapter's words); compare off again continues the adapter's conversation."""
+    app = EdgeTuneApp(runs_root=tiny_adapter_runs)
+
+    async def scenario(pilot):
+        await pilot.press("f5")
+        chat = pilot.app.screen
+        await until(pilot, lambda: str(chat.query_one("#adapter").value).endswith("lora"), 30)
+        await type_into(pilot, "#temperature", "0")
+        await type_into(pilot, "#message", "first question")
+        await pilot.press("enter")
+        await until(pilot, lambda: chat.answered == 1, 120, "the adapter's answer")
+        left, right = chat.query_one("#left"), chat.query_one("#right")
+        first = [text for _, text, _ in left.said()]
+        assert first[0] == "first question" and len(first) == 2
+        await pilot.press("ctrl+t")
+        await pilot.pause()
+        assert left.said() == [] and [t for _, t, _ in right.said()] == first
+        await type_into(pilot, "#message", "second question")
+        await pilot.press("enter")
+        await until(pilot, lambda: chat.answered == 2, 120, "compare answers")
+        base, tuned = chat.chat.sides
+        assert [m["content"] for m in base.history][:1] == ["second question"]
+        assert len(base.history) == 2  # the base was sent this message only
+        assert [m["content"] for m in tuned.history][:3] == first + ["second question"]
+        assert [who for who, _, _ in left.said()] == ["you", "base"]
+        assert [who for who, _, _ in right.said()] == ["you", "bot", "you", "tuned"]
+        await pilot.press("ctrl+t")  # compare off: the adapter's conversation goes on
+        await pilot.pause()
+        assert [who for who, _, _ in left.said()] == ["you", "bot", "you", "tuned"]
+        assert chat.chat.history == tuned.history and len(chat.chat.sides) == 1
 
     run(scenario, app)
 

@@ -44,6 +44,12 @@ class EdgeTuneApp(App):
     .hint { color: $text-muted; }
     .status { height: 1; padding: 0 1; background: $boost; }
     Input { width: 1fr; }
+    /* The focus ring is a glyph, not a colour: with NO_COLOR, TERM=dumb or a 16-colour
+       palette a changed background disappears, a bar beside the field does not. */
+    .-textual-compact:focus, DataTable:focus, RichLog:focus, VerticalScroll:focus {
+        border-left: heavy $accent; }
+    Input:focus, Transcript:focus { border: heavy $accent; }
+    Input.-textual-compact:focus { border: none; border-left: heavy $accent; }
     """
     MODES: ClassVar[dict] = {"hardware": HardwareScreen, "data": DataScreen, "train": TrainScreen,
              "adapters": AdaptersScreen, "chat": ChatScreen}

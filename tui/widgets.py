@@ -14,7 +14,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen, Screen
-from textual.widgets import DirectoryTree, Footer, Label, Static
+from textual.widgets import Checkbox, DirectoryTree, Footer, Input, Label, Static
 from textual_plotext import PlotextPlot
 
 from edge_tune.errors import EdgeTuneError
@@ -82,6 +82,42 @@ class BaseScreen(Screen):
     @property
     def session(self):
         return self.app.session
+
+    def on_key(self, event) -> None:
+        """Text typed while a checkbox has the focus goes to the next text field instead of
+        vanishing: a checkbox takes only space and enter, so "You are a pirate" typed into
+        one (focus tabbed one field short) lost its letters and toggled it at each space.
+        The first letter moves the focus, with a note saying where the typing went."""
+        focused = self.focused
+        if not isinstance(focused, Checkbox) or not event.is_printable or \
+                event.character in (None, " "):
+            return
+        chain = self.focus_chain
+        if focused not in chain:
+            return
+        at = chain.index(focused)
+        target = next((w for w in chain[at + 1:] + chain[:at]
+                       if isinstance(w, Input) and not w.disabled), None)
+        if target is None:
+            return
+        event.stop()
+        event.prevent_default()
+        # Else its Focus event selects the letter and the next key replaces it; restored in
+        # on_descendant_focus, which comes after that event.
+        self._select_on_focus = (target, target.select_on_focus)
+        target.select_on_focus = False
+        target.focus()
+        target.insert_text_at_cursor(event.character)
+        name = str(focused.label).strip() or "the checkbox"
+        where = target.placeholder or target.id or "the next field"
+        self.notify(f"'{name}' is a checkbox (space toggles it): typing goes to {where}",
+                    timeout=4)
+
+    def on_descendant_focus(self, event) -> None:
+        kept = getattr(self, "_select_on_focus", None)
+        if kept is not None and event.widget is kept[0]:
+            kept[0].select_on_focus = kept[1]
+            self._select_on_focus = None
 
     def show_error(self, exc: BaseException, where: Static | None = None) -> None:
         message = error_text(exc)

@@ -40,12 +40,19 @@ def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "a
 
 def model_template(model: str) -> dict:
     """Whether ``--model`` brings its own chat template, read from the GGUF header or the HF
-    directory's files (no model load): ``{"known", "has", "name", "builtin"}``; ``known`` is
-    False for a hub ID not on disk. ``name``: the built-in name it equals, if any."""
-    known, text = template_choice.model_chat_template(models.resolve(model))
+    directory's files (no model load): ``{"known", "has", "name", "builtin", "fitting"}``;
+    ``known`` is False for a hub ID not on disk. ``name``: the built-in name it equals, if
+    any. ``fitting``: for a model without one, the built-in names whose turn markers are
+    tokens of its vocabulary, its family's own first
+    (:func:`edge_tune.template_vocab.fitting_templates`; None when unknown or not needed)."""
+    from edge_tune.template_vocab import fitting_templates
+
+    ref = models.resolve(model)
+    known, text = template_choice.model_chat_template(ref)
     found = template_choice.of_text(text, "model")
     return {"known": known, "has": found is not None, "name": found.name if found else None,
-            "builtin": template_choice.builtin_names()}
+            "builtin": template_choice.builtin_names(),
+            "fitting": fitting_templates(ref) if known and found is None else None}
 
 
 def bad_records(path, fmt: str = "auto") -> list[dict]:

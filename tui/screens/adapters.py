@@ -8,14 +8,14 @@ import inspect
 from pathlib import Path
 from typing import ClassVar
 
-from edge_tune.tui.widgets import BaseScreen, ConfirmScreen, error_text
+from edge_tune.tui.widgets import BaseScreen, ConfirmScreen, FilePicker, error_text
 from rich.table import Table
 from rich.text import Text
 from textual import work
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import DataTable, Footer, Label, OptionList, RichLog, Static
+from textual.widgets import DataTable, Footer, Input, Label, OptionList, RichLog, Static
 from textual.widgets.option_list import Option
 
 from edge_tune.events import Log
@@ -61,9 +61,12 @@ class AdaptersScreen(BaseScreen):
     BINDINGS: ClassVar[list] = [Binding("e", "export", "Export"), Binding("v", "verify", "Verify"),
                 Binding("a", "evaluate", "Eval"), Binding("b", "bundle", "Bundle"), Binding("c", "chat", "Chat"),
                 Binding("t", "resume", "Resume"), Binding("d", "delete", "Delete"),
-                Binding("r", "refresh", "Refresh")]
+                Binding("r", "refresh", "Refresh"),
+                Binding("ctrl+o", "browse_eval_data", "Eval data", show=False)]
     DEFAULT_CSS = """
     #runs { height: 1fr; min-height: 5; }
+    #eval-row { height: 1; margin: 0 1; }
+    #eval-row Label { width: 11; color: $text-muted; }
     #detail { height: auto; max-height: 9; padding: 0 1; background: $boost; }
     #actions { height: 6; }
     """
@@ -76,6 +79,10 @@ class AdaptersScreen(BaseScreen):
     def body(self):
         yield DataTable(id="runs", cursor_type="row", zebra_stripes=True)
         yield Static("", id="detail")
+        with Horizontal(id="eval-row"):  # eval of a run that held nothing back needs a file
+            yield Label("eval data")
+            yield Input(placeholder="held-out data for eval: a file (ctrl+o); empty: the "
+                        "run's own", compact=True, id="eval-data")
         yield RichLog(id="actions", wrap=True, max_lines=500, markup=False)
 
     def on_mount(self) -> None:
@@ -199,7 +206,35 @@ class AdaptersScreen(BaseScreen):
             return
         run = self._need()
         if run is not None and not self.busy:
-            self._run_action("evaluate", run, {})
+            data = self.query_one("#eval-data", Input).value.strip()
+            self._run_action("evaluate", run, {"data": Path(data).expanduser()} if data else {})
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "eval-data":  # enter in the eval data field: evaluate with it
+            self.action_evaluate()
+
+    def action_browse_eval_data(self) -> None:
+        from edge_tune.tui.screens.data import DATA_SUFFIXES
+
+        box = self.query_one("#eval-data", Input)
+        start = Path(box.value.strip()).expanduser() if box.value.strip() else Path.cwd()
+
+        def picked(path: Path | None) -> None:
+            if path is not None:
+                box.value = str(path)
+                box.focus()
+
+        self.app.push_screen(FilePicker(start if start.exists() else Path.cwd(),
+                                        DATA_SUFFIXES, title="pick held-out data for eval"),
+                             picked)
+
+    def _no_held_out(self) -> None:
+        """Eval failed for want of held-out data (the core says "give --data FILE"): the
+        field for it takes the focus, and the log says what to do there."""
+        self.query_one("#actions", RichLog).write(Text(
+            "give held-out examples (a data file in any format train reads) in the 'eval "
+            "data' field below the run, then press enter (ctrl+o browses)", "yellow"))
+        self.query_one("#eval-data", Input).focus()
 
     def action_bundle(self) -> None:
         if not hasattr(self.core, "bundle"):
@@ -272,6 +307,8 @@ class AdaptersScreen(BaseScreen):
         except Exception as exc:  # noqa: BLE001 - shown in the UI, never a crash
             self.app.call_from_thread(log.write, Text(f"error: {error_text(exc)}", "bold red"))
             self.app.call_from_thread(self.show_error, exc)
+            if what == "evaluate" and "--data FILE" in error_text(exc):
+                self.app.call_from_thread(self._no_held_out)
         else:
             self.app.call_from_thread(self._done, what, result)
         finally:

@@ -5,6 +5,7 @@ chat``); this screen renders its events."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import ClassVar
 
@@ -17,6 +18,16 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Checkbox, Input, Label, Select, Static
 
 BASE_ONLY = "__base__"
+
+
+def carried(old: list, new: list, empty):
+    """What each of the ``new`` sides continues from, given the ``old`` sides as
+    ``[(adapter, what it said)]``: the old side with the same adapter; a lone new side (an
+    adapter switch) the last old side's; any other side (compare's base, turned on mid-chat)
+    ``empty()``: it never took part, so the adapter's turns are not its own."""
+    by_adapter = {adapter: said for adapter, said in old}
+    return [by_adapter[adapter] if adapter in by_adapter
+            else old[-1][1] if len(new) == 1 and old else empty() for adapter in new]
 
 
 class Transcript(VerticalScroll):
@@ -33,6 +44,11 @@ class Transcript(VerticalScroll):
         self.mount(line)
         self.scroll_end(animate=False)
         return line
+
+    def said(self) -> list[tuple[str, str, str]]:
+        """The lines shown, as (who, text, css class) to :meth:`add` again."""
+        return [(line.who, line.text, " ".join(line.classes)) for line in self.children
+                if hasattr(line, "who")]
 
     @staticmethod
     def extend(line: Static, piece: str) -> None:
@@ -52,7 +68,7 @@ class ChatScreen(BaseScreen):
     #temperature { width: 6; }
     #system { width: 1fr; }
     #columns { height: 1fr; }
-    #chat-status { height: 1; padding: 0 1; color: $text-muted; }
+    #chat-status { height: auto; padding: 0 1; color: $text-muted; }  /* errors wrap */
     #message { margin: 0 1; }
     """
 
@@ -66,6 +82,7 @@ class ChatScreen(BaseScreen):
         # for "one more" without having to catch the short-lived busy state.
         self.answered = 0
         self.picked = False
+        self.shown: list = [None]  # the adapters the columns show, left to right
 
     def body(self):
         with Horizontal(classes="row"):
@@ -119,9 +136,52 @@ class ChatScreen(BaseScreen):
     def on_checkbox_changed(self, event: Checkbox.Changed) -> None:
         self.query_one("#right").display = event.value
         self._sync_labels()
+        self._regroup()
 
     def on_select_changed(self, event: Select.Changed) -> None:
         self._sync_labels()
+        self._regroup()
+
+    def sides(self) -> list[tuple[str, str | None]]:
+        """Who answers the next message, (label, engine adapter name or None for the base):
+        one side, or base and tuned in compare mode (which needs an adapter)."""
+        adapter = self.query_one("#adapter", Select).value
+        name = None if adapter == BASE_ONLY else "adapter"  # the adapter's name in the engine
+        if self.query_one("#compare", Checkbox).value and name is not None:
+            return [("base", None), ("tuned", name)]
+        return [("bot", name)]
+
+    def _regroup(self) -> None:
+        """Follow a change of sides (compare on/off, another adapter) in the columns and the
+        conversation alike (:func:`carried`): turning compare on mid-chat moves the adapter's
+        conversation to the right column and starts the base from an empty history. While an
+        answer streams this waits for its end (the worker writes into the lines shown)."""
+        if self.busy:
+            return
+        sides = self.sides()
+        adapters = [adapter for _, adapter in sides]
+        if adapters != self.shown:
+            columns = [self.query_one("#left", Transcript), self.query_one("#right", Transcript)]
+            lines = carried(list(zip(self.shown, [c.said() for c in columns])), adapters, list)
+            for column in columns:
+                column.remove_children()
+            for column, said in zip(columns, lines):
+                for who, text, css in said:
+                    column.add(who, text, css)
+            self.shown = adapters
+        if self.chat is not None and self.chat.side_names != sides:
+            self.chat = self._continued(self.chat.engine, sides)
+
+    def _continued(self, engine, sides) -> ChatSession:
+        """A session with ``sides`` on ``engine``, each side continuing the conversation
+        :func:`carried` gives it from the current one."""
+        chat = ChatSession(engine, sides, max_tokens=256)
+        if self.chat is not None:
+            old = [(side.adapter, side.history) for side in self.chat.sides]
+            for side, history in zip(chat.sides, carried(old, [a for _, a in sides], list)):
+                side.history = [dict(m) for m in history]
+            chat.system, chat.temperature = self.chat.system, self.chat.temperature
+        return chat
 
     def _sync_labels(self) -> None:
         adapter = self.query_one("#adapter", Select).value
@@ -167,10 +227,9 @@ class ChatScreen(BaseScreen):
         event.input.value = ""
         adapter = self.query_one("#adapter", Select).value
         adapter = None if adapter == BASE_ONLY else str(adapter)
-        compare = self.query_one("#compare", Checkbox).value and adapter is not None
         system = self.query_one("#system", Input).value.strip() or None
-        name = "adapter" if adapter else None  # the adapter's name in the engine
-        sides = [("base", None), ("tuned", name)] if compare else [("bot", name)]
+        self._regroup()
+        sides = self.sides()
         columns = [self.query_one("#left", Transcript), self.query_one("#right", Transcript)]
         lines = []
         for (who, _), column in zip(sides, columns):
@@ -203,8 +262,7 @@ class ChatScreen(BaseScreen):
         compare switch keeps what was said)."""
         if self.chat is None or self.chat.engine is not engine or \
                 self.chat.side_names != sides:
-            self.chat = ChatSession(engine, sides, max_tokens=256,
-                                    history=self.chat.history if self.chat else ())
+            self.chat = self._continued(engine, sides)
         return self.chat
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="chat")
@@ -228,6 +286,8 @@ class ChatScreen(BaseScreen):
             self.app.call_from_thread(self.show_error, exc, status)
         finally:
             self.busy = False
+            with contextlib.suppress(RuntimeError):  # the app closing: nothing to regroup
+                self.app.call_from_thread(self._regroup)  # a switch made while answering
             self.answered += 1
 
     def on_unmount(self) -> None:

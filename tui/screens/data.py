@@ -31,6 +31,18 @@ def demo_data_path() -> str:
     return str(demo_data())
 
 
+def template_advice(fitting: list[str] | None) -> str:
+    """What the template note says for a model without a chat template: the built-ins that
+    fit its vocabulary (``model_template()["fitting"]``), its family's own first; never one
+    whose turn markers the model lacks (ChatML on a Gemma)."""
+    if fitting:
+        also = f"; also fits: {', '.join(fitting[1:])}" if fitting[1:] else ""
+        return f" model has none: give {fitting[0]} (fits its vocabulary{also})"
+    if fitting is not None:
+        return " model has none, and no built-in fits its vocabulary: give a .jinja file"
+    return " model has none: give a built-in name or a .jinja file"
+
+
 class DataScreen(BaseScreen):
     SCREEN_NAME = "data"
     BINDINGS: ClassVar[list] = [Binding("ctrl+o", "browse", "Browse"), Binding("ctrl+l", "demo", "Demo data"),
@@ -40,10 +52,11 @@ class DataScreen(BaseScreen):
     DataScreen .row { height: 1; margin: 0 1; }
     #base-kind { width: 36; }
     #chat-template { width: 24; }
+    #template-row { height: auto; }  /* the note wraps rather than being cut at 80 columns */
     #template-note { width: 1fr; }
     #seq-len { width: 8; }
     #format { width: 16; }
-    #status { height: 1; margin: 0 1; color: $text-muted; }
+    #status { height: auto; margin: 0 1; color: $text-muted; }  /* errors wrap, never cut */
     #out { padding: 0 1; }
     """
 
@@ -53,7 +66,7 @@ class DataScreen(BaseScreen):
             yield Select(BASE_KINDS, value="default", allow_blank=False, compact=True,
                          id="base-kind")
             yield Input(placeholder="", compact=True, id="base-path", disabled=True)
-        with Horizontal(classes="row"):
+        with Horizontal(classes="row", id="template-row"):
             yield Label("template", classes="label")
             yield Input(placeholder="the model's own", compact=True, id="chat-template",
                         tooltip="chat template: the model's own, a built-in name (chatml, "
@@ -121,8 +134,12 @@ class DataScreen(BaseScreen):
             note.update("")
         elif info.get("has"):
             note.update(Text(f" model has its own ({info.get('name') or 'custom'})", "dim"))
-        else:  # the names are in the tooltip: the row is one line at 80 columns
-            note.update(Text(" model has none: give one (e.g. chatml)", "yellow"))
+        else:  # only names the model can use: their turn markers are tokens of its vocabulary
+            note.update(Text(template_advice(info.get("fitting")), "yellow"))
+            if info.get("fitting"):
+                self.query_one("#chat-template", Input).tooltip = (
+                    "chat template: a built-in that fits this model "
+                    f"({', '.join(info['fitting'])}) or a .jinja file")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.action_inspect()

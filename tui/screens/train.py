@@ -55,9 +55,11 @@ class TrainScreen(BaseScreen):
     #out-row, #checks { height: 1; }
     #checks Checkbox { margin: 0 1 0 0; }
     #out-row Label { width: 10; color: $text-muted; }
-    #plan { height: auto; max-height: 3; color: $text-muted; }
+    /* the plan line and the messages wrap over the full width: a long GGUF path or a field's
+       error is read whole, never cut (at 80x24 too) */
+    #plan { height: auto; padding: 0 1; color: $text-muted; }
     #chart { width: 1fr; }
-    #stats { height: 1; padding: 0 1; background: $boost; }
+    #stats { height: auto; padding: 0 1; background: $boost; }
     #log { height: 1fr; }
     """
 
@@ -69,6 +71,7 @@ class TrainScreen(BaseScreen):
         self.last_metric: Metric | None = None
         self.last_val: Metric | None = None  # the latest validation point
         self._plan_timer = None
+        self._plan_asked = 0  # bumped by every change: a late estimate for old values is dropped
 
     def body(self):
         from edge_tune.config import TrainConfig
@@ -92,8 +95,8 @@ class TrainScreen(BaseScreen):
                     if hasattr(d, "verify"):  # llama.cpp vs torch check after training
                         yield Checkbox("verify after", value=d.verify, compact=True,
                                        id="verify")
-                yield Static("", id="plan")
             yield LossChart(id="chart")
+        yield Static("", id="plan")
         yield Static("ready: ctrl+s starts training", id="stats")
         yield RichLog(id="log", wrap=True, max_lines=1000, markup=False)
 
@@ -142,6 +145,10 @@ class TrainScreen(BaseScreen):
         plan = self.app.planner
         box = self.query_one("#plan", Static)
         s = self.session
+        self._plan_asked += 1
+        if self._plan_timer is not None:  # a newer value: the pending estimate is stale
+            self._plan_timer.stop()
+            self._plan_timer = None
         what = Text(f"{Path(s.data).name if s.data else 'no data (F2)'} · {s.model} · "
                     f"backend {s.backend}\n")
         what.stylize("bold")  # a span, not the base style: the estimate after it stays plain
@@ -157,12 +164,11 @@ class TrainScreen(BaseScreen):
             box.update(what + Text(f"estimate: {error_text(exc)}", style="yellow"))
             return
         box.update(what + Text("estimate: ...", style="dim"))
-        if self._plan_timer is not None:  # typing: plan once the value settles
-            self._plan_timer.stop()
-        self._plan_timer = self.set_timer(0.6, lambda: self._plan(plan, cfg, what))
+        asked = self._plan_asked  # typing: plan once the value settles
+        self._plan_timer = self.set_timer(0.6, lambda: self._plan(plan, cfg, what, asked))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="plan")
-    def _plan(self, plan, cfg, what: Text) -> None:
+    def _plan(self, plan, cfg, what: Text, asked: int = 0) -> None:
         try:
             estimate = plan(cfg)
         except Exception as exc:  # noqa: BLE001
@@ -170,7 +176,11 @@ class TrainScreen(BaseScreen):
         else:
             text = Text(estimate["summary"] if isinstance(estimate.get("summary"), str)
                         else "estimate: " + self.format_plan(estimate))
-        self.app.call_from_thread(self.query_one("#plan", Static).update, what + text)
+        self.app.call_from_thread(self._show_plan, what + text, asked)
+
+    def _show_plan(self, text: Text, asked: int) -> None:
+        if asked == self._plan_asked:  # else the form changed while planning
+            self.query_one("#plan", Static).update(text)
 
     @staticmethod
     def format_plan(estimate: dict) -> str:
