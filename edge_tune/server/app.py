@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 
 from edge_tune.server import grammar as grammars
@@ -22,6 +23,8 @@ from edge_tune.server import openai_shapes as shapes
 from edge_tune.server.adapter_admin import admin_routes, parse_adapter_mix
 from edge_tune.server import tools as tooling
 from edge_tune.server.openai_shapes import RequestError
+
+log = logging.getLogger("edge_tune.server")
 
 
 def build_app(scheduler, model_names: list[str], api_key: str | None = None,
@@ -32,8 +35,8 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None,
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     started = int(time.time())
@@ -119,6 +122,13 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None,
             if exc.status_code == 404 else str(exc.detail))
         return error(RequestError(exc.status_code, message))
 
+    async def hung_up(request: Request, exc: ClientDisconnect) -> Response:
+        # The client closed the connection before sending its whole body: nobody is left to
+        # answer, and it is not the server's error (uvicorn would log a traceback).
+        log.info("%s %s: the client hung up before sending the whole request body",
+                 request.method, request.url.path)
+        return Response(status_code=400)
+
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
@@ -130,7 +140,8 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None,
                                admin["loopback"])
     middleware = [Middleware(_BearerAuth, api_key=api_key)] if api_key else []
     return Starlette(routes=routes, middleware=middleware,
-                     exception_handlers={HTTPException: not_found})
+                     exception_handlers={HTTPException: not_found,
+                                         ClientDisconnect: hung_up})
 
 
 async def _cancel_on_disconnect(request, job) -> None:
