@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from edge_tune.planner import disk_bytes
+
 
 def render_plan(report: dict, console: Console) -> None:
     if "compare" in report:
@@ -27,6 +29,11 @@ def render_plan(report: dict, console: Console) -> None:
     console.print(f"time: ~{est['seconds_per_step']:.1f}s per step x {est['total_steps']} steps "
                   f"= ~{minutes:.0f} min ({est['tokens_per_step']} tokens per step; a rough "
                   "guide from measured throughput)")
+    need = disk_bytes({k: v * 2**30 for k, v in est["output_gib"].items()}, full=False)
+    console.print(f"disk: ~{_size(need['total'] / 2**30)} free in the run folder at its fullest "
+                  f"(adapter {_size(need['weights'] / 2**30)}, checkpoint "
+                  f"{_size(need['checkpoint'] / 2**30)}, GGUF {_size(need['gguf'] / 2**30)}); "
+                  "`train` checks it before it starts")
     s = report["settings"]
     console.print("settings: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in s.items()))
     for change in report["changes"]:

@@ -152,6 +152,8 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     if resume is None:
         existed = Path(cfg.out).exists() if cfg.out else False
         check_space(Path(cfg.out) if cfg.out else Path("runs"), run_plan, cfg)
+        if getattr(cfg, "verify", True) and ref.gguf is not None:
+            check_verify_space(ref.gguf, base_sha256)
         run_dir = prepare_run_dir(cfg.out)
         say_leftovers(run_dir, on_event)
         remove_tree(run_dir / CHECKPOINT)  # a stale one from a reused dir
@@ -260,6 +262,21 @@ def check_space(out: Path, run_plan, cfg: TrainConfig) -> None:
     need = disk_bytes(run_plan.estimate.output_bytes, cfg.full, bool(cfg.save_every))
     require_free(out, int(need["total"]), "this run (" + ", ".join(
         f"{k} {mib(v)}" for k, v in need.items() if k != "total") + ", not all at once)")
+
+
+def check_verify_space(base_gguf: Path, sha256: Optional[str]) -> None:
+    """DiskFull before training when the cache cannot hold the F32 copy of the base that
+    verify writes after it (once per base: ``verify.f32_copy``; 515 MiB for the default
+    model), so a run is not refused its check only once training is over."""
+    from edge_tune.converters.formats.base_info import open_gguf
+    from edge_tune.converters.formats.merge import estimate_bytes
+    from edge_tune.fsutil import cache_dir, require_free
+
+    if sha256 and (cache_dir() / "f32" / f"{sha256[:16]}.gguf").exists():
+        return
+    require_free(cache_dir(), estimate_bytes(open_gguf(Path(base_gguf)), "F32"),
+                 f"the F32 copy of {Path(base_gguf).name} that verify writes after training "
+                 "(once; or train with --no-verify)")
 
 
 def check_resume_space(run_dir: Path) -> None:
