@@ -60,6 +60,7 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     plan says it writes, and when a write runs out of space (naming what was kept)."""
     from edge_tune.backends.checkpoint import CHECKPOINT
     from edge_tune.backends.job import TrainJob
+    from edge_tune.backends.worker import TRAINING_RESULT
     from edge_tune.runner import TrainingProcess
 
     saved = None
@@ -157,6 +158,8 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         run_dir = prepare_run_dir(cfg.out)
         say_leftovers(run_dir, on_event)
         remove_tree(run_dir / CHECKPOINT)  # a stale one from a reused dir
+        for folder in ("adapter", "model"):  # nor is its old training to be finished
+            (run_dir / folder / TRAINING_RESULT).unlink(missing_ok=True)
         write_text_atomic(run_dir / RUN_CONFIG, json.dumps(
             {"config": portable_config(cfg), "data_sha256": data_sha256,
              "cwd": os.getcwd(), "finish": finish}, indent=2) + "\n")
