@@ -8,7 +8,7 @@ import time
 
 from conftest import assert_one_line_error, run_cli
 
-from edge_tune.template_vocab import hf_has_tokens, template_markers
+from edge_tune.template_vocab import fitting_templates, hf_has_tokens, template_markers
 from edge_tune.templates import BUILTIN
 
 
@@ -27,7 +27,7 @@ def test_foreign_template_is_refused_before_loading(tiny, tmp_path):
     proc = run_cli("data", "inspect", str(data), "--model", str(tiny), "--chat-template",
                    "llama3")
     assert_one_line_error(proc, "--chat-template llama3: '<|eot_id|>' is not a token",
-                          "chatml, smollm2, qwen2, qwen3)")
+                          "smollm2, chatml, qwen2, qwen3)")  # the family's own first
     own = tmp_path / "gemma-like.jinja"
     own.write_text("{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}"
                    "<end_of_turn>\n{% endfor %}")
@@ -49,3 +49,24 @@ def test_hf_tokenizer_vocabulary(tmp_path):
         {"model": {"vocab": {"a": 0, "<|im_end|>": 1}}, "added_tokens": [{"content": "<x>"}]}))
     assert hf_has_tokens(tmp_path, ["<|im_end|>", "<x>", "<|eot_id|>"]) == {"<|im_end|>", "<x>"}
     assert hf_has_tokens(tmp_path / "none", ["a"]) is None
+
+
+def test_templates_that_fit_a_model_family_first(tiny, tmp_path):
+    """What the TUI suggests for a model without a template (``model_template()["fitting"]``):
+    built-ins whose markers are tokens of the model, its family's own first. A Gemma-like HF
+    directory (no <|im_start|>) gets gemma2 and gemma, never chatml; the tiny model (SmolLM2's
+    tokenizer) smollm2 first; a hub ID not on disk: unknown (None)."""
+    from edge_tune import models
+
+    assert fitting_templates(models.resolve(str(tiny)))[:2] == ["smollm2", "chatml"]
+    gemma = tmp_path / "gemma"
+    gemma.mkdir()
+    (gemma / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+    (gemma / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {
+        "<start_of_turn>": 0, "<end_of_turn>": 1, "a": 2}}}))
+    assert fitting_templates(models.resolve(str(gemma))) == ["gemma2", "gemma"]
+    (gemma / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+    assert fitting_templates(models.resolve(str(gemma))) == ["gemma", "gemma2"]
+    (gemma / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0}}}))
+    assert fitting_templates(models.resolve(str(gemma))) == []
+    assert fitting_templates(models.resolve("someone/not-downloaded-model")) is None
