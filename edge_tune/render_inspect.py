@@ -66,7 +66,8 @@ def summary_table(r: dict) -> Table:
                               f"{tools['tool_calls']} tool calls, "
                               f"{tools['tool_results']} tool results (context)")
     if tools.get("context_turns"):
-        t.add_row("weight 0", f"{tools['context_turns']} assistant turns are context only")
+        n = tools["context_turns"]
+        t.add_row("weight 0", f"{n} assistant turn{' is' if n == 1 else 's are'} context only")
     kto = r.get("kto") or {}
     if any(kto.values()):
         t.add_row("KTO labels", f"{kto['desirable']} desirable, {kto['undesirable']} "
@@ -90,7 +91,9 @@ def summary_table(r: dict) -> Table:
         cut += (f"; {r['tokens_trained_within_seq_len']:,} of {r['tokens_trained']:,} "
                 "trained tokens kept")
         if r["dropped"]:
-            cut += f"; {r['dropped']} lose every trained token and are skipped"
+            d = r["dropped"]
+            cut += (f"; {d} {'loses' if d == 1 else 'lose'} every trained token and "
+                    f"{'is' if d == 1 else 'are'} skipped")
     style = "green" if not trunc else "yellow" if trunc <= 0.05 * n else "red"
     t.add_row(f"--seq-len {r['seq_len']}", Text(cut, style=style))
     return t

@@ -103,7 +103,7 @@ def test_overflow_truncate_or_drop(hf_dir):
     logs = []
     kept = tokenize_records(tok, [long, short], 120, logs.append, "training")
     assert len(kept) == 2 and len(kept[0].input_ids) == 120
-    assert "1 examples were longer than seq_len=120 and were truncated" in logs[-1].message
+    assert "1 example was longer than seq_len=120 and was truncated" in logs[-1].message
     logs.clear()
     kept = tokenize_records(tok, [long, short], 120, logs.append, "training", overflow="drop")
     assert len(kept) == 1 and "dropped (--overflow drop)" in logs[-1].message

@@ -113,7 +113,8 @@ def test_render_inspect_without_styles_marks_and_summarises():
     console = Console(width=120, record=True, color_system=None, file=io.StringIO())
     render_inspect(_report(), console)
     text = console.export_text()
-    for needle in ("x.jsonl", "openai", "2 of 3 examples truncated", "1 lose every trained",
+    for needle in ("x.jsonl", "openai", "2 of 3 examples truncated",
+                   "1 loses every trained",
                    "\u27e6Arr, matey!", "legend", "trained"):
         assert needle in text, needle
 
@@ -241,7 +242,7 @@ def test_a_record_that_trains_per_turn_shows_each_example(tmp_path):
     render_inspect(report, console)
     text = console.export_text()
     assert "example 1 of 2 of this record" in text and "example 2 of 2" in text
-    assert "2 (one per assistant turn" in text and "1 assistant turns are context only" in text
+    assert "2 (one per assistant turn" in text and "1 assistant turn is context only" in text
 
 
 def test_no_chat_template_names_the_option(tmp_path):

@@ -123,8 +123,9 @@ def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on
         dropped = n_examples - len(examples)
         what = "dropped (--overflow drop)" if overflow == "drop" else \
             f"truncated ({dropped} of them lost every trained token and were dropped)"
-        emit(Log(f"{name} data: {truncated} examples were longer than seq_len={seq_len} and were "
-                 f"{what}", "warning"))
+        were = "example was" if truncated == 1 else "examples were"
+        emit(Log(f"{name} data: {truncated} {were} longer than seq_len={seq_len} and "
+                 f"{'was' if truncated == 1 else 'were'} {what}", "warning"))
     return examples
 
 
