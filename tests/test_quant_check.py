@@ -23,6 +23,14 @@ from conftest import run_cli_in_process as cli
 DELTA_RMS = 8e-4  # of each matrix's merged change scale * B @ A
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_llama_thread():
+    from serve_helpers import one_llama_thread
+
+    with one_llama_thread():  # verify's llama.cpp side: threads stall each other under load
+        yield
+
+
 def _grid_base(tiny: Path, tiny_hf: Path, dst: Path) -> Path:
     """``tiny`` with every matrix rounded to the Q4_0 grid (gguf-py's reference quantizer),
     written as F32; its dequantized HF copy is seeded into the cache from ``tiny_hf`` with
