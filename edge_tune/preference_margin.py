@@ -67,7 +67,7 @@ def preference_margins(run: Path, data: Path, limit: int = 0) -> Margins:
     pairs = tokenize_records(tok, [job_record(r) for r in records], 1 << 20, lambda e: None,
                              "held-out", system_mode=target.system_mode)
     n_ctx = max(max(p.longest for p in pairs) + 16, 256)
-    engine = open_engine(target, n_ctx=n_ctx, logits_all=True)
+    engine = open_engine(target, n_ctx=n_ctx, logits_all=True, training_system=False)
     out = Margins([], [])
     try:
         for adapter, into in ((None, out.base), ("adapter", out.tuned)):

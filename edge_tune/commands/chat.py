@@ -18,14 +18,19 @@ from edge_tune.server.adapter_admin import MAX_MIX, MAX_SCALE  # the server's bo
 from edge_tune.server.plan import ServePlan
 
 
-def open_engine(target: ChatTarget, on_event: EventSink = ignore, **engine_kw):
-    """Load the base in llama.cpp and activate the (validated) adapter, if any."""
+def open_engine(target: ChatTarget, on_event: EventSink = ignore,
+                training_system: bool = True, **engine_kw):
+    """Load the base in llama.cpp and activate the (validated) adapter, if any.
+    ``training_system``: a conversation without a system message gets the run's training
+    system prompt (:attr:`ChatTarget.training_system`), as chat and serve send it; False for
+    measurements that compare the base with the adapter on the prompts as they are (eval)."""
     from edge_tune.engine import Engine
 
     engine = Engine(target.base, chat_template=target.chat_template.text if
                     target.chat_template else None, stop_tokens=target.stop_tokens,
                     system_mode=target.system_mode, **engine_kw)
-    engine.set_system(target.training_system)  # the run's, for a chat that has none
+    if training_system:
+        engine.set_system(target.training_system)  # the run's, for a chat that has none
     if target.adapter is not None:
         try:
             engine.add_adapter(target.adapter, "adapter")

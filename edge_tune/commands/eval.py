@@ -335,12 +335,14 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
     n_ctx = max([len(e.input_ids) for e in examples] + [256]) + max_tokens + 64
     engines = []
     try:
-        engines.append(open_engine(target, n_ctx=n_ctx, logits_all=True))
+        engines.append(open_engine(target, n_ctx=n_ctx, logits_all=True,
+                                   training_system=False))  # prompts as they are
         base = _Side(engines[0], None)
         if merged is None:
             tuned = _Side(engines[0], "adapter")
         else:
             engines.append(open_engine(_with_base(target, tuned_path), n_ctx=n_ctx,
+                                       training_system=False,
                                        logits_all=True))
             if engines[1].llm.n_vocab() != engines[0].llm.n_vocab():
                 raise UsageError(f"--merged {merged}: its vocabulary ({engines[1].llm.n_vocab()}"
