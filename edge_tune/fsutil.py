@@ -215,7 +215,7 @@ def disk_full_says(path: Path, kept: "str | Callable[[], str]") -> Iterator[None
         yield
     except DiskFull:
         raise
-    except BaseException as exc:  # noqa: BLE001 -- only ENOSPC is translated
+    except Exception as exc:  # noqa: BLE001 -- only ENOSPC is translated
         if not is_disk_full(exc):
             raise
         where = getattr(exc, "filename", None) or path

@@ -168,8 +168,10 @@ class TrainingProcess:
         if failure is not None:
             raise error_for_exit_code(failure.message, failure.exit_code)
         if code < 0 and result is None:  # killed by a signal (kill -9, the OOM killer)
-            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ \
-                else f"signal {-code}"
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
             raise CheckFailed(self.stopped_line(f"the training process was killed ({name})") +
                               f" (full log: {self.log_path})")
         if code != 0 or result is None:
