@@ -57,8 +57,20 @@ def builtin_names() -> str:
     return ", ".join(BUILTIN)
 
 
-def no_template_hint() -> str:
-    """The one phrase every "this model has no chat template" message ends with."""
+def no_template_hint(ref=None) -> str:
+    """The one phrase every "this model has no chat template" message ends with. With ``ref``
+    (a resolved :class:`edge_tune.models.ModelRef` whose vocabulary can be read) it names only
+    the built-ins whose turn markers are tokens of that model, its family's own first
+    (:func:`edge_tune.template_vocab.fitting_templates`): never ChatML for a Gemma."""
+    if ref is not None:
+        from edge_tune.template_vocab import fitting_templates
+
+        fits = fitting_templates(ref)
+        if fits:
+            return f"give {OPTION} (built-ins that fit its vocabulary: {', '.join(fits)}; or " \
+                   "a Jinja file)"
+        if fits is not None:
+            return f"give {OPTION} with a Jinja file (no built-in fits its vocabulary)"
     return f"give {OPTION} (built-in: {builtin_names()}; or a Jinja file)"
 
 
@@ -154,4 +166,4 @@ def require_for_conversations(records, ref, chosen: Optional[ChatTemplate]) -> N
     known, template = model_chat_template(ref)
     if known and not template:
         raise EdgeTuneError(f"--model {ref.spec}: this model has no chat template, and the data "
-                            f"holds conversations; {no_template_hint()}")
+                            f"holds conversations; {no_template_hint(ref)}")

@@ -369,8 +369,9 @@ def test_plan_line_and_field_errors_are_shown_whole_with_a_long_gguf_path(tmp_pa
 
 def test_template_hint_names_only_templates_the_model_can_use(tmp_path):
     """A Gemma base GGUF without a chat template: the note suggests gemma2 (its family's own)
-    and gemma, never chatml (its vocabulary has no <|im_start|>); the default model has its
-    own. The real core reads the GGUF's header and vocabulary."""
+    and gemma, never chatml (its vocabulary has no <|im_start|>), and so does the refusal to
+    inspect chats without one; the default model has its own. The real core reads the GGUF's
+    header and vocabulary."""
     from tests.tiny_families import family_gguf
 
     gemma = family_gguf("gemma2", template=False)
@@ -392,6 +393,13 @@ def test_template_hint_names_only_templates_the_model_can_use(tmp_path):
         assert "gemma2, gemma" in tip and "chatml" not in tip
         await pilot.pause()
         assert shown_whole(pilot.app, note, said)
+        # inspecting conversations without a template: the refusal names the same ones
+        await pilot.press("ctrl+l")  # the demo data (chats)
+        status = pilot.app.screen.query_one("#status", Static)
+        await until(pilot, lambda: plain(status).startswith("error:"), 60, "the refusal")
+        refusal = plain(status)
+        assert "fit its vocabulary: gemma2, gemma;" in " ".join(refusal.split()), refusal
+        assert "chatml" not in refusal, refusal
 
     run(scenario, app)
 
