@@ -88,7 +88,8 @@ def export_full(run: Path, man: Manifest, out: Optional[Path], quant: str,
                 on_event: EventSink = ignore, verify: bool = True,
                 ollama: Optional[Path] = None, system: Optional[str] = None,
                 template: Optional["template_choice.ChatTemplate"] = None,
-                vocab_from: Optional[Path] = None, keep_rejected: bool = True) -> dict:
+                vocab_from: Optional[Path] = None, keep_rejected: bool = True,
+                checked_later: bool = False) -> dict:
     """A full run's HF weights (``RUN/model``) as one GGUF model: llama.cpp's converter
     writes F32 (exact; what verify checks against torch), then llama.cpp's quantizer makes
     ``quant`` (F16 default, Q8_0, Q4_K_M, ...) from it. Default output:
@@ -137,7 +138,7 @@ def export_full(run: Path, man: Manifest, out: Optional[Path], quant: str,
         out, name, report = ship_checked(f32, given, name, Path(work),
                                          check if verify else None, on_event,
                                          lambda t: run / f"model-{t.lower()}.gguf",
-                                         keep_rejected)
+                                         keep_rejected, say_unchecked=not checked_later)
         size = out.stat().st_size
         on_event(Log(f"wrote {out} (full fine-tuned model, {name}, {size / 2**20:.1f} MiB"
                      f"{', checked' if report else ''})"))
@@ -418,12 +419,13 @@ def _larger_types(name: str) -> tuple[str, ...]:
 
 
 def ship_checked(f32: Path, out: Optional[Path], name: str, work: Path, check,
-                 on_event: EventSink, default_out, keep_rejected: bool = True
-                 ) -> tuple[Path, str, Optional[dict]]:
+                 on_event: EventSink, default_out, keep_rejected: bool = True,
+                 say_unchecked: bool = True) -> tuple[Path, str, Optional[dict]]:
     """Make ``name`` (``AUTO``: the smallest of :data:`AUTO_LADDER` that passes) from the
     exact F32 model ``f32``, check it, and only then rename it onto ``out`` (None:
     ``default_out(type)``). ``check(file, f32_or_None) -> report`` (verify's, not raising);
-    None: unchecked (--no-verify, said once). A file that fails goes to
+    None: unchecked (--no-verify; said unless ``say_unchecked`` is False: the caller checks
+    it afterwards, as train does a full run's model). A file that fails goes to
     :func:`reject` and CheckFailed (exit 1) names the likely cause: a quantized file whose F32
     merge passes lost the adapter's changes to rounding, and the larger type that passes
     (measured). Returns (path, type, report)."""
@@ -453,7 +455,7 @@ def ship_checked(f32: Path, out: Optional[Path], name: str, work: Path, check,
     else:
         cand = _quantize_to(f32, name, work, out or default_out(name), on_event)
         report = None
-        if check is None:
+        if check is None and say_unchecked:
             on_event(Log(f"{name}: not checked (--no-verify, or not a run: the check needs "
                          "a run's held-back prompts)", "warning"))
         else:

@@ -419,7 +419,7 @@ def _write_outputs(run_dir: Path, cfg: TrainConfig, result: dict, ref: models.Mo
         # checked below, once the manifest (which verify reads) is written
         shipped = export_full(run_dir, manifest_mod.Manifest(kind="full"),
                               run_dir / FULL_MODEL_GGUF, "F16", on_event, vocab_from=ref.gguf,
-                              verify=False)
+                              verify=False, checked_later=True)
         model_info = {"hf": "model", "gguf": FULL_MODEL_GGUF, "quant": shipped["quant"]}
     elif base_gguf is not None and not cfg.dora:
         plan = export(run_dir / "adapter", base=base_gguf, out=run_dir / "adapter.gguf",
