@@ -2,7 +2,8 @@
 
 Real processes on the tiny random Llama (tests/tiny_models.py): ``edge-tune train`` stopped by
 SIGTERM and resumed from another directory (its data moved, then pointed at); training onto a
-small tmpfs that fills up once the adapter is saved, then finished by ``train --resume``; an
+small tmpfs that fills up mid-training, then once the adapter is saved, then finished by
+``train --resume`` (mounted as root, else inside ``unshare -rm``); an
 ``export --merge`` stopped by SIGTERM that first finishes a run killed after training, and
 sweeps the temp folder of a dead export. Every wait is on a file or an event, never a sleep
 for a state to pass.
@@ -139,13 +140,37 @@ def test_export_finishes_a_run_killed_after_training_and_sigterm_leaves_no_temp(
 # --- a small full filesystem ----------------------------------------------------------------
 
 
+IN_NAMESPACE = "EDGE_TUNE_TEST_IN_USERNS"  # set when a test re-runs itself under unshare
+
+
+def _rerun_in_user_namespace(request) -> None:
+    """Not root: run this very test again inside a user + mount namespace (``unshare -rm``,
+    where mounting a tmpfs is allowed) and report its outcome; skip where the kernel or
+    policy allows no unprivileged namespaces."""
+    unshare = shutil.which("unshare")
+    probe = subprocess.run([unshare, "-rm", "true"], capture_output=True) if unshare else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root or an unprivileged user namespace")
+    proc = subprocess.run(
+        [unshare, "-rm", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"{request.node.path}::{request.node.name}"], capture_output=True, text=True,
+        cwd=request.config.rootpath, env=dict(os.environ, **{IN_NAMESPACE: "1"}))
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, \
+        proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
 @pytest.fixture
-def small_fs(tmp_path):
-    """A 32 MiB tmpfs the test mounts (root only; a loop device needs root too)."""
+def small_fs(tmp_path, request):
+    """A 32 MiB tmpfs the test mounts: as root here, else in a user namespace (the test then
+    runs again in one, and this run gets None: nothing left to do). A loop device would need
+    root too."""
+    if not os.environ.get(IN_NAMESPACE) and (
+            os.geteuid() != 0 or os.environ.get("EDGE_TUNE_TEST_FORCE_USERNS")):
+        _rerun_in_user_namespace(request)
+        yield None  # it ran, and passed, inside the namespace
+        return
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a small tmpfs needs root")
     made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)],
                           capture_output=True, text=True)
     if made.returncode != 0:
@@ -178,6 +203,8 @@ def _cfg(data, out, model, save_every=0):
 
 def test_full_disk_keeps_what_was_trained_and_resume_finishes_the_run(small_fs, tiny,
                                                                       demo_jsonl):
+    if small_fs is None:  # not root: it ran inside a user namespace, and passed there
+        return
     # not enough room for what the plan says a run writes: one line before any work
     filler = _fill(small_fs, leave=4 << 20)
     with pytest.raises(EdgeTuneError) as info:
