@@ -112,3 +112,35 @@ def test_a_killed_workers_last_line_is_not_a_progress_bar(tmp_path):
     log.write_text("loading\nreal reason here\n  5%|#      | 1/20 [00:01<00:19,  1.00it/s]\r"
                    " 10%|##     | 2/20 [00:02<00:18,  1.00it/s]\n")
     assert last_line(log) == "real reason here"
+
+
+def test_a_run_stored_with_relative_paths_resumes_from_anywhere(tmp_path, monkeypatch):
+    """Runs started before paths were stored absolute: the data is found from where the run
+    was started (``runs/`` sits in it), and data that is gone is named with how to point at
+    it, never "start a new run"."""
+    import json
+
+    from edge_tune.errors import DataError
+    from edge_tune.runs import RUN_CONFIG, load_run_config
+
+    project = tmp_path / "project"
+    run = project / "runs" / "old"
+    run.mkdir(parents=True)
+    (project / "data.jsonl").write_text('{"text": "hi"}\n')
+    (run / RUN_CONFIG).write_text(json.dumps(
+        {"config": {"data": "data.jsonl", "out": "runs/old", "max_steps": 4},
+         "data_sha256": "x"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg, _ = load_run_config(run)
+    assert cfg.data == str(project / "data.jsonl") and cfg.out == str(run)
+
+    (project / "data.jsonl").unlink()
+    with pytest.raises(DataError) as info:
+        load_run_config(run)
+    message = str(info.value)
+    assert "data.jsonl is not there" in message and f"--resume {run} --data PATH" in message
+    assert "new run" not in message
+    cfg, _ = load_run_config(run, data=["/somewhere/else.jsonl"])  # --data: pointed at
+    assert cfg.data == "/somewhere/else.jsonl"
