@@ -40,6 +40,11 @@ def render_plan(report: dict, console: Console) -> None:
         console.print(f"[yellow]changed to fit:[/] {change}")
     if report["fits"]:
         console.print("[green]fits[/]" + (" as given" if not report["changes"] else ""))
+    elif est.get("verify_peak_gib", 0) > report["budget_gib"] and \
+            est["peak_gib"] >= est["verify_peak_gib"]:
+        console.print(f"[red]does not fit[/]: verify after training needs "
+                      f"{est['verify_peak_gib']:.2f} GiB: `train` would refuse (free memory, "
+                      "or pass --no-verify)")
     else:
         console.print("[red]does not fit[/] even at batch size 1: `train` would refuse")
 
