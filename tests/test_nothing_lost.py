@@ -267,3 +267,10 @@ def test_full_disk_keeps_what_was_trained_and_resume_finishes_the_run(small_fs, 
     man = finished.manifest
     assert man.result.steps == 6 and man.data.records and (run / "adapter.gguf").is_file()
     assert not (run / "checkpoint").exists()
+
+    # a merged export that cannot fit (the F32 merge, then F16) is refused before it writes
+    with pytest.raises(EdgeTuneError) as info:
+        api.export(run, merge=True, out=small_fs / "merged.gguf", verify=False)
+    assert info.value.exit_code == 2 and "not enough free disk space" in str(info.value)
+    assert "an F32 merge of" in str(info.value) and str(small_fs) in str(info.value)
+    assert sorted(p.name for p in small_fs.iterdir()) == ["run"]
