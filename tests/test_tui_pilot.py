@@ -468,19 +468,27 @@ def tiny_adapter_runs(tmp_path_factory, default_gguf) -> Path:
     return runs
 
 
-def test_compare_turned_on_mid_chat_starts_the_base_from_an_empty_history(tiny_adapter_runs):
+def test_compare_turned_on_mid_chat_starts_the_base_from_an_empty_history(tiny_adapter_runs,
+                                                                          monkeypatch):
     """Chat with an adapter, then ctrl+t: the adapter's conversation moves to the right
     (tuned) column and the base answers the next message with no history (it never said
     the adapter's words); compare off again continues the adapter's conversation."""
+    # one llama.cpp thread: on a shared machine its threads wait for each other at every op
+    monkeypatch.setenv("EDGE_TUNE_THREADS", "1")
     app = EdgeTuneApp(runs_root=tiny_adapter_runs)
+
+    async def send(pilot, text: str) -> None:
+        box = pilot.app.screen.query_one("#message", Input)
+        box.value = text  # (typed: one key a tick, seconds on a shared machine)
+        box.focus()
+        await pilot.press("enter")
 
     async def scenario(pilot):
         await pilot.press("f5")
         chat = pilot.app.screen
         await until(pilot, lambda: str(chat.query_one("#adapter").value).endswith("lora"), 30)
-        await type_into(pilot, "#temperature", "0")
-        await type_into(pilot, "#message", "first question")
-        await pilot.press("enter")
+        chat.query_one("#temperature", Input).value = "0"
+        await send(pilot, "first question")
         await until(pilot, lambda: chat.answered == 1, 120, "the adapter's answer")
         left, right = chat.query_one("#left"), chat.query_one("#right")
         first = [text for _, text, _ in left.said()]
@@ -488,8 +496,7 @@ def test_compare_turned_on_mid_chat_starts_the_base_from_an_empty_history(tiny_a
         await pilot.press("ctrl+t")
         await pilot.pause()
         assert left.said() == [] and [t for _, t, _ in right.said()] == first
-        await type_into(pilot, "#message", "second question")
-        await pilot.press("enter")
+        await send(pilot, "second question")
         await until(pilot, lambda: chat.answered == 2, 120, "compare answers")
         base, tuned = chat.chat.sides
         assert [m["content"] for m in base.history][:1] == ["second question"]
