@@ -349,6 +349,11 @@ def export_run(adapter: Path, *args, **kwargs):
         return export(adapter, *args, **kwargs)
 
 
+# export's own parameters, for callers that read them (the TUI offers --merge and --ollama
+# choices only when the signature has them)
+export_run.__signature__ = __import__("inspect").signature(export)
+
+
 def finish_run(run_dir: Path, on_event: EventSink = ignore, verify: bool = True
                ) -> TrainResult:
     """Complete a run whose training finished (:func:`training_finished`) from what it saved:

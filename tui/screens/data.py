@@ -31,6 +31,10 @@ def demo_data_path() -> str:
     return str(demo_data())
 
 
+TEMPLATE_TIP = ("chat template: the model's own, a built-in name (chatml, smollm2, llama3, "
+                "qwen2, qwen3, gemma, gemma2, phi3, mistral) or a .jinja file")
+
+
 def template_advice(fitting: list[str] | None) -> str:
     """What the template note says for a model without a chat template: the built-ins that
     fit its vocabulary (``model_template()["fitting"]``), its family's own first; never one
@@ -69,9 +73,7 @@ class DataScreen(BaseScreen):
         with Horizontal(classes="row", id="template-row"):
             yield Label("template", classes="label")
             yield Input(placeholder="the model's own", compact=True, id="chat-template",
-                        tooltip="chat template: the model's own, a built-in name (chatml, "
-                        "smollm2, llama3, qwen2, qwen3, gemma, gemma2, phi3, mistral) or a "
-                        ".jinja file")
+                        tooltip=TEMPLATE_TIP)
             yield Label("", classes="hint", id="template-note")
         with Horizontal(classes="row"):
             yield Label("data file", classes="label")
@@ -136,10 +138,10 @@ class DataScreen(BaseScreen):
             note.update(Text(f" model has its own ({info.get('name') or 'custom'})", "dim"))
         else:  # only names the model can use: their turn markers are tokens of its vocabulary
             note.update(Text(template_advice(info.get("fitting")), "yellow"))
-            if info.get("fitting"):
-                self.query_one("#chat-template", Input).tooltip = (
-                    "chat template: a built-in that fits this model "
-                    f"({', '.join(info['fitting'])}) or a .jinja file")
+        fits = info.get("fitting") if info and not info.get("has") else None
+        self.query_one("#chat-template", Input).tooltip = TEMPLATE_TIP if not fits else (
+            f"chat template: a built-in that fits this model ({', '.join(fits)}) or a "
+            ".jinja file")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.action_inspect()
