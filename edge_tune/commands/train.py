@@ -5,6 +5,7 @@ llama.cpp."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -351,7 +352,7 @@ def export_run(adapter: Path, *args, **kwargs):
 
 # export's own parameters, for callers that read them (the TUI offers --merge and --ollama
 # choices only when the signature has them)
-export_run.__signature__ = __import__("inspect").signature(export)
+export_run.__signature__ = inspect.signature(export)
 
 
 def finish_run(run_dir: Path, on_event: EventSink = ignore, verify: bool = True
