@@ -437,6 +437,12 @@ def test_focus_is_visible_without_colours_and_checkbox_typing_is_not_lost(tmp_pa
                 assert not others, (key, widget, others)
                 await pilot.press("tab")
             assert len(seen) >= 2, (key, seen)
+            if key == "f4":  # the selected run's row: reverse video, not only a shade
+                table = pilot.app.screen.query_one("#runs", DataTable)
+                row = [seg.style for seg in table.render_line(1) if seg.text.strip()]
+                other = [seg.style for seg in table.render_line(2) if seg.text.strip()]
+                assert row and all(st.reverse for st in row), row
+                assert not any(st.reverse for st in other), other
         # the Chat screen: focus one field short of the system prompt, on "compare"
         chat = pilot.app.screen
         compare, system = chat.query_one("#compare"), chat.query_one("#system", Input)

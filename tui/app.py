@@ -50,6 +50,8 @@ class EdgeTuneApp(App):
         border-left: heavy $accent; }
     Input:focus, Transcript:focus { border: heavy $accent; }
     Input.-textual-compact:focus { border: none; border-left: heavy $accent; }
+    /* with NO_COLOR the selected run's row is reverse video (else a grey shade at best) */
+    App:nocolor .datatable--cursor { text-style: reverse bold; }
     """
     MODES: ClassVar[dict] = {"hardware": HardwareScreen, "data": DataScreen, "train": TrainScreen,
              "adapters": AdaptersScreen, "chat": ChatScreen}
