@@ -204,6 +204,13 @@ def train(
                                         "writes HF safetensors weights and a GGUF model; "
                                         "refused when weights, gradients and optimizer state "
                                         "do not fit the memory [default: off]."),
+    replay: Optional[int] = typer.Option(None, "--replay", metavar="N", help="Keep the base's "
+                                         "general behaviour: mix N general records (the base "
+                                         "model's own answers to general prompts edge-tune "
+                                         "ships, generated once in llama.cpp and cached) into "
+                                         "training, so a narrow task does not take over every "
+                                         "prompt; `edge-tune eval RUN` measures the drift "
+                                         "(docs/eval.md, Forgetting) [default: 0, max 60]."),
     report_to: Optional[str] = typer.Option(None, help="tensorboard | wandb | mlflow | none: "
                                             "where the run's metrics also go (tensorboard: "
                                             "RUN/tb; wandb offline) [default: tensorboard]; "
@@ -236,7 +243,7 @@ def train(
                  chat_template=chat_template, system_mode=system_mode, reasoning=reasoning,
                  rslora=rslora,
                  dora=dora, lora_dropout=lora_dropout, target_modules=target_modules,
-                 report_to=report_to, method=method, beta=beta, full=full)
+                 report_to=report_to, method=method, beta=beta, full=full, replay=replay)
     moved = None  # --resume RUN --data PATH: where the run's data is now
     if resume is not None:
         moved, flags["data"] = flags["data"], None

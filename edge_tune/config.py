@@ -90,6 +90,10 @@ class TrainConfig:
     # instead of a LoRA adapter; LoRA-only settings (rank, alpha, rslora, dora, lora_dropout,
     # target_modules) are refused with it. cpu and mlx backends.
     full: bool = False
+    # general replay: this many records of the base model's own answers to general prompts
+    # shipped with edge-tune (edge_tune/replay.py) mixed into training, so a narrow fine-tune
+    # keeps the base's general behaviour; 0 = none (docs/eval.md, "Forgetting")
+    replay: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -131,6 +135,7 @@ _CHECKS = {
         ALL_LINEAR not in v or len(v) == 1), "a non-empty list of module names, or all-linear"),
     "lora_dropout": (lambda v: 0 <= v < 1, "a probability from 0 to below 1"),
     "report_to": (lambda v: v in REPORT_TO, " | ".join(REPORT_TO)),
+    "replay": (lambda v: v >= 0, "an integer >= 0: general records to mix in, 0 = none"),
 }
 
 
@@ -206,6 +211,8 @@ def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
         parse_columns(cfg.columns)
     if cfg.val and cfg.val_split:
         raise EdgeTuneError("give either --val FILE or --val-split, not both")
+    if cfg.replay:
+        _check_replay(cfg)
     if cfg.nnodes > 1 and not cfg.rdzv:
         raise EdgeTuneError(f"nnodes: {cfg.nnodes} machines need --rdzv HOST:PORT (the "
                             "rendezvous every node reaches, e.g. the first node's address)")
@@ -216,6 +223,18 @@ def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
     if not cfg.data:
         raise EdgeTuneError("no training data: pass --data FILE (or data = ... in --config)")
     return cfg
+
+
+def _check_replay(cfg: TrainConfig) -> None:
+    """``--replay N``: at most the shipped general prompts, and supervised training only."""
+    from edge_tune.replay import max_replay
+
+    if cfg.replay > max_replay():
+        raise EdgeTuneError(f"replay: {cfg.replay} is not valid (expected at most "
+                            f"{max_replay()}: the general prompts edge-tune ships)")
+    if cfg.method != "sft":
+        raise UsageError(f"--replay: mixes general chat answers into supervised training; "
+                         f"--method {cfg.method} trains on preference pairs (drop --replay)")
 
 
 # LoRA-only settings and what they mean, for the one-line refusal next to --full

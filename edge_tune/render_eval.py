@@ -66,6 +66,8 @@ def render_eval(report: dict, console: Console) -> None:
                   f"[bold]{d['mean_kl']:.4f}[/] nats/token over the base's greedy answers "
                   f"({d['n_positions']} positions); [bold]{d['changed_share']:.0%}[/] of greedy "
                   "answers changed", highlight=False)
+    if d.get("hint"):
+        console.print(f"[yellow]{d['hint']}[/]", highlight=False)
     if report["answers"]:
         a = Table(title=f"answers (first {min(SHOWN_ANSWERS, len(report['answers']))} of "
                         f"{len(report['answers'])})", title_justify="left", show_lines=True)

@@ -42,6 +42,10 @@ from edge_tune.events import Done, EventSink, Log, Progress, ignore
 
 DEFAULT_PROMPTS = 32  # held-out records used (loss and answers)
 DEFAULT_MAX_TOKENS = 64  # per generated answer
+# drift this high gets a hint: half the general answers changed (a narrow task fine-tune on
+# the default model moved 20 of 20 with the defaults; with --replay 40 it moves far fewer)
+HIGH_DRIFT_SHARE = 0.5
+REPLAY_HINT = 40  # the --replay the hint suggests (docs/eval.md, "Forgetting")
 IGNORE = -100  # edge_tune.data.template.IGNORE: no loss on this position
 
 
@@ -354,6 +358,8 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
         for engine in engines:
             engine.close()
     loss = {k: v[0] / v[1] if v[1] else float("nan") for k, v in result["nll"].items()}
+    # the report carries it (shown under the drift line by the CLI and the TUI)
+    result["drift"]["hint"] = drift_hint(result["drift"], int(hp.get("replay") or 0))
     out = EvalResult(
         run=str(run), base=str(target.base), tuned=str(tuned_path), data=source,
         n_records=len(records), n_examples=len(examples),
@@ -365,6 +371,23 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
         answers=result["answers"])
     on_event(Done("eval", {"loss": out.loss, "drift_kl": out.drift["mean_kl"]}))
     return out
+
+
+def drift_hint(drift_result: dict, replay: int = 0) -> Optional[str]:
+    """One line saying what to do when drift is high (``changed_share`` >= HIGH_DRIFT_SHARE),
+    naming ``train --replay`` and the other remedies; None when it is not. ``replay``: the
+    ``--replay`` the run was trained with."""
+    if drift_result.get("n_prompts", 0) == 0 or \
+            drift_result["changed_share"] < HIGH_DRIFT_SHARE:
+        return None
+    switch = (f"retrain with a larger --replay (this run used {replay}; at most 60)" if replay
+              else f"retrain with --replay {REPLAY_HINT} (mixes the base's own answers to "
+              "general prompts into training)")
+    changed = round(drift_result["changed_share"] * drift_result["n_prompts"])
+    return (f"drift is high ({changed} of {drift_result['n_prompts']} general answers changed, "
+            f"mean KL {drift_result['mean_kl']:.2f}): if the run should change only its task, "
+            f"{switch}, or lower --lr, --epochs, --rank or --target-modules (docs/eval.md, "
+            "Forgetting)")
 
 
 def _with_base(target, model: Path):

@@ -30,6 +30,7 @@ from edge_tune.events import Done, EventSink, Log, ignore
 from edge_tune.fsutil import (disk_full_says, remove_tree, sha256_file, sweep_leftovers,
                               write_text_atomic)
 from edge_tune.hardware import probe
+from edge_tune.replay import SOURCE as REPLAY_SOURCE
 from edge_tune.runs import (RUN_CONFIG, finished_training, load_run_config, prepare_run_dir,
                             resume_state)
 
@@ -125,6 +126,8 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
             not models.unquantized_hub_id(ref.hub_id or "") and not _prequantized(ref.hf_dir):
         _refuse_unless_llama_cpp_runs(ref, on_event)  # before the training time is spent
     base_sha256 = sha256_file(ref.gguf) if ref.gguf else None  # once: worker and manifest
+    replayed = _replay(cfg, ref, base_sha256, chosen, len(train_records), on_event)
+    train_records = train_records + replayed  # the loop shuffles; validation stays the user's
     on_event(Log(f"backend: {backend} ({why})"))
     if cfg.dora:
         on_event(Log("--dora: a DoRA adapter has no GGUF LoRA form (llama.cpp has no magnitude "
@@ -146,7 +149,10 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
                    **({"system": shared} if (shared := template_choice.shared_system(records))
                       else {}),
                    "val": str(Path(cfg.val).resolve()) if cfg.val else _one(data_extra, "valid"),
-                   "val_records": len(val_records), **data_extra}
+                   "val_records": len(val_records), **data_extra,
+                   **({"replay": {"records": len(replayed),
+                                  "prompts": "edge_tune/" + REPLAY_SOURCE,
+                                  "answers": "the base's own, greedy"}} if replayed else {})}
     # What the manifest needs besides training's result, kept in RUN_CONFIG: a run whose
     # last steps failed is then finished without its data (finish_run).
     finish = {"backend_reason": why, "data": data_record,
@@ -457,6 +463,31 @@ def _write_outputs(run_dir: Path, cfg: TrainConfig, result: dict, ref: models.Mo
                           f"GGUF to chat with: {not_runnable}")
     on_event(Done("train", {"run_dir": str(run_dir)}))
     return TrainResult(run_dir, man)
+
+
+def _replay(cfg: TrainConfig, ref: models.ModelRef, base_sha256: Optional[str], chosen,
+            n_train: int, on_event: EventSink) -> list:
+    """``--replay N``: N job records of the base's own answers to the shipped general
+    prompts (:mod:`edge_tune.replay`), generated in llama.cpp (the base's GGUF, or its cached
+    conversion) with the run's template and system mode; [] without ``--replay``."""
+    if not cfg.replay:
+        return []
+    from edge_tune.replay import replay_records
+
+    probe_record = [{"messages": [{"role": "user", "content": "?"}]}]
+    template_choice.require_for_conversations(probe_record, ref, chosen)
+    base_gguf = ref.gguf
+    if base_gguf is None:  # HF weights: the GGUF training's end uses too (converted once)
+        source = models.unquantized_hub_id(ref.hub_id or "")  # bnb-4bit: its unquantized repo
+        hf_dir = models.hf_dir_for(models.resolve(source, on_event) if source else ref,
+                                   on_event)
+        base_gguf = _cached_gguf_base(hf_dir, source, bool(source or ref.hub_id), on_event)
+    records = replay_records(base_gguf, cfg.replay, base_sha256 or sha256_file(base_gguf),
+                             chosen.text if chosen else None, cfg.system_mode, on_event)
+    on_event(Log(f"replay: {len(records)} general records (the base's own answers to "
+                 f"edge-tune's general prompts) mixed into the {n_train} training records, to "
+                 "keep the base's behaviour outside your task"))
+    return records
 
 
 def _data_path(spec) -> str:

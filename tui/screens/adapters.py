@@ -347,4 +347,5 @@ def eval_lines(report: dict) -> list[str]:
             f"{base['contains'] or 0:.0%} -> {tuned['contains'] or 0:.0%}",
             f"  drift: mean KL(base||tuned) {drift['mean_kl']:.4f} nats/token on "
             f"{drift['n_prompts']} general prompts, {drift['changed_share']:.0%} of answers "
-            "changed (full report: edge-tune eval RUN)"]
+            "changed (full report: edge-tune eval RUN)"] + \
+        ([f"  {drift['hint']}"] if drift.get("hint") else [])
