@@ -258,8 +258,8 @@ class ChatScreen(BaseScreen):
                 self.engine = None
 
     def _session(self, engine, sides) -> ChatSession:
-        """The conversation, continued on ``engine`` with ``sides`` (a new adapter or the
-        compare switch keeps what was said)."""
+        """The conversation, continued on ``engine`` with ``sides`` (a new adapter keeps what
+        was said; compare's base side starts empty: :func:`carried`)."""
         if self.chat is None or self.chat.engine is not engine or \
                 self.chat.side_names != sides:
             self.chat = self._continued(engine, sides)
