@@ -196,6 +196,11 @@ def train(
                                          "(supervised), or preference tuning on prompt/chosen/"
                                          "rejected pairs: dpo or orpo (cpu backend) "
                                          "[default: sft]."),
+    desirable_only: Optional[bool] = typer.Option(None, "--desirable-only", help="KTO data "
+                                                  "(records with 'label' or 'kto_tag'): train "
+                                                  "only the desirable answers (label true) with "
+                                                  "--method sft and say how many were left out; "
+                                                  "without it such data is refused."),
     beta: Optional[float] = typer.Option(None, "--beta", help="DPO's beta (how far from the "
                                          "base the adapter may move) or ORPO's lambda (weight "
                                          "of the odds-ratio term) [default: 0.1]."),
@@ -243,7 +248,8 @@ def train(
                  chat_template=chat_template, system_mode=system_mode, reasoning=reasoning,
                  rslora=rslora,
                  dora=dora, lora_dropout=lora_dropout, target_modules=target_modules,
-                 report_to=report_to, method=method, beta=beta, full=full, replay=replay)
+                 report_to=report_to, method=method, beta=beta, full=full, replay=replay,
+                 desirable_only=desirable_only)
     moved = None  # --resume RUN --data PATH: where the run's data is now
     if resume is not None:
         moved, flags["data"] = flags["data"], None
@@ -281,7 +287,10 @@ def _plan(as_json: bool = False, **options) -> None:
     flags = {("format" if k == "data_format" else k): v for k, v in options.items()}
     cfg = build(config, out=str(out_dir) if out_dir else None, val=str(val) if val else None,
                 **flags)
-    report = api.plan(cfg)
+    from edge_tune.render import Renderer
+
+    with Renderer(err, quiet=as_json) as render:  # what reading the data says, on stderr
+        report = api.plan(cfg, render)
     if as_json:
         out.print_json(json.dumps(report))
     else:

@@ -201,6 +201,7 @@ class Hyperparameters(_Record):
     val_split: Optional[float] = None
     seed: Optional[int] = None
     system_mode: Optional[str] = None
+    reasoning: Optional[str] = None  # auto | inline | drop: how reasoning was read
     rank: Optional[int] = None
     alpha: Optional[float] = None
     lr: Optional[float] = None

@@ -324,3 +324,57 @@ def test_data_inspect_shows_ignored_keys_and_where_keys_went(tmp_path, tiny):
     proc = run_cli("data", "inspect", str(data), "--model", str(tiny), "--json", timeout=600)
     report = json.loads(proc.stdout)
     assert report["keys"]["ignored"] == {"id": 1, "source": 1}
+
+
+# ---- found by a fresh user's trial -----------------------------------------------------------
+
+@pytest.mark.parametrize("record", [
+    {"messages": [USER, {"role": "assistant", "content": GOOD}], "kto_tag": True},
+    {"conversations": [{"from": "human", "value": Q}, {"from": "gpt", "value": GOOD}],
+     "label": True},
+    {"instruction": Q, "output": GOOD, "label": False},
+])
+def test_kto_keys_are_read_on_every_sft_format(tmp_path, record):
+    read = read_records(jsonl(tmp_path / "k.jsonl", [record]))
+    assert not read.ignored and read.records[0].label is not None
+
+
+def test_flat_tool_schemas_are_wrapped_as_templates_expect(tmp_path):
+    """LLaMA-Factory's ShareGPT ``tools``: a JSON string of flat ``{"name", ...}`` schemas,
+    wrapped as ``{"type": "function", "function": ...}`` as LLaMA-Factory wraps them."""
+    flat = [TOOLS[0]["function"]]
+    record = {"tools": json.dumps(flat), "conversations": [{"from": "human", "value": Q},
+                                                           {"from": "gpt", "value": GOOD}]}
+    assert read_records(jsonl(tmp_path / "f.jsonl", [record])).records[0].tools == TOOLS
+
+
+def test_reasoning_given_twice_is_refused(tmp_path):
+    message = one_line(read_records, jsonl(tmp_path / "r.jsonl", [{"messages": [USER, {
+        "role": "assistant", "reasoning_content": "146 > 95",
+        "content": "<think>\n146 > 95\n</think>\n\n" + GOOD}]}]))
+    assert "the reasoning is given twice" in message and "r.jsonl:1" in message
+
+
+def test_folder_roles_are_said_by_plan_and_inspect_and_val_split_wins(tmp_path, tiny):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for name, n in (("train", 6), ("dev", 2), ("test", 2)):
+        jsonl(folder / f"{name}.jsonl", [{"messages": [
+            {"role": "user", "content": f"{name} {i}?"},
+            {"role": "assistant", "content": f"{name} answer {i}."}]} for i in range(n)])
+    proc = run_cli("plan", "--data", str(folder), "--model", str(tiny), "--val-split", "0.2",
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    err = " ".join(proc.stderr.split())
+    assert "dev.jsonl: not used (--val-split gives the validation set)" in err
+    assert "test.jsonl: left for `edge-tune eval`" in err
+    proc = run_cli("data", "inspect", str(folder), "--model", str(tiny), "--max-samples", "3",
+                   timeout=300)
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 0 and "dev.jsonl: validation" in err, proc.stderr
+    assert "--max-samples 3" in err
+    from edge_tune.data.layouts import data_spec, say_parts
+    from edge_tune.data.readers import source_parts
+
+    files = say_parts(source_parts(data_spec(str(folder))), lambda e: None, "--val-split")
+    assert "valid" not in files and files["unused"] == [str((folder / "dev.jsonl").resolve())]

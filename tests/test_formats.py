@@ -180,7 +180,7 @@ def test_openai_tool_calls_pass_through(tmp_path):
 
 
 @pytest.mark.parametrize("message,contains", [
-    ({"role": "assistant", "content": None}, "'content' must be a string, got null"),
+    ({"role": "assistant", "content": None}, "missing field 'content'"),
     ({"role": "assistant"}, "missing field 'content'"),
     ({"content": "x"}, "missing field 'role' (found keys: content;"),
     ({"role": "user", "content": None, "tool_calls": [{"id": "c"}]}, "'tool_calls' must be"),
@@ -254,7 +254,8 @@ def test_openai_errors(tmp_path, line, prefix, contains):
 
 @pytest.mark.parametrize("fmt,bad,prefix,contains", [
     ("sharegpt", {"conversations": [{"from": "bot", "value": "x"}]}, ":3: conversations[0]: ",
-     "unknown 'from' value 'bot' (expected one of human, user, gpt, assistant, system)"),
+     "unknown 'from' value 'bot' (expected one of human, user, gpt, assistant, system, "
+     "function_call, observation)"),
     ("sharegpt", {"conversations": [{"value": "x"}]}, ":3: conversations[0]: ",
      "missing field 'from'"),
     ("sharegpt", {"conversations": [{"from": "human", "value": "x"}]}, ":3: ",
@@ -265,10 +266,10 @@ def test_openai_errors(tmp_path, line, prefix, contains):
     ("alpaca", {"instruction": "x", "input": 5, "output": "y"}, ":3: ",
      "'input' must be a string, got number"),
     ("alpaca", {"instruction": "", "output": "y"}, ":3: ", "'instruction' is empty"),
-    ("completion", {"prompt": ["x"], "completion": "y"}, ":3: ", "'prompt' must be a string, "
-                                                                 "got array"),
+    ("completion", {"prompt": ["x"], "completion": "y"}, ":3: ", "prompt[0]: expected an "
+                                                                 "object with 'role'"),
     ("completion", {"prompt": "x"}, ":3: ", "missing field 'completion'"),
-    ("text", {"text": None}, ":3: ", "'text' must be a string, got null"),
+    ("text", {"text": None}, ":3: ", "missing field 'text'"),
     ("text", {"text": "\n"}, ":3: ", "'text' is empty"),
 ])
 def test_other_format_errors(tmp_path, fmt, bad, prefix, contains):

@@ -81,7 +81,7 @@ def test_a_template_that_drops_reasoning_refuses_the_record(template):
         render_examples(tok, CHAT, where="data.jsonl:3")
     msg = str(info.value)
     assert msg.startswith("data.jsonl:3: the chat template drops assistant turn 1's "
-                          "reasoning_content"), msg
+                          "reasoning (reasoning_content/thinking"), msg
     for needle in ("--chat-template qwen3", "--reasoning inline", "--reasoning drop"):
         assert needle in msg
     assert "\n" not in msg
@@ -121,7 +121,7 @@ def test_data_inspect_refuses_reasoning_the_template_drops(reasoning_jsonl):
     proc = run_cli("data", "inspect", str(reasoning_jsonl), "--model",
                    str(family_hf("qwen2")), timeout=300)
     assert_one_line_error(proc, f"{reasoning_jsonl}:1", "drops assistant turn 1's "
-                          "reasoning_content", "--reasoning inline")
+                          "reasoning (reasoning_content", "--reasoning inline")
 
 
 def test_data_inspect_inline_shows_the_think_block(reasoning_jsonl):

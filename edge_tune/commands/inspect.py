@@ -8,7 +8,7 @@ from typing import Optional
 from edge_tune import models, template_choice
 from edge_tune.data.formats import read_records
 from edge_tune.errors import EdgeTuneError
-from edge_tune.events import EventSink, ignore
+from edge_tune.events import EventSink, Log, ignore
 from edge_tune.template_choice import system_mode_option
 
 
@@ -24,6 +24,7 @@ def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "a
     from edge_tune.data.inspect import inspect_data as _inspect
 
     models.check_spec(model)
+    _say_parts(path, on_event)
     extra = {} if reasoning is None else {"reasoning": reasoning_mod.check_mode(reasoning)}
     chosen = template_choice.given(chat_template)
     records = []  # a given template needs no records: only its tokens are checked
@@ -36,6 +37,23 @@ def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "a
     return _inspect(path, model=model, seq_len=seq_len, fmt=fmt, on_event=on_event,
                     chat_template=chat_template,
                     system_mode=system_mode_option(system_mode) or "keep", **extra)
+
+
+def _say_parts(path, on_event: EventSink) -> None:
+    """What each part of a folder or saved dataset is for, and what --max-samples cuts, as
+    ``train`` says it (inspect reads the training part only)."""
+    from pathlib import Path
+
+    from edge_tune.data.layouts import data_spec, say_parts
+    from edge_tune.data.readers import source_parts
+
+    spec = data_spec(str(path)) if isinstance(path, (str, Path)) else path
+    parts = source_parts(spec)
+    if len(parts) > 1 or any(p.named for p in parts):
+        say_parts(parts, on_event)
+    if getattr(spec, "max_samples", None) is not None:
+        on_event(Log(f"--max-samples {spec.max_samples}: only the first {spec.max_samples} "
+                     "records of each source are read"))
 
 
 def model_template(model: str) -> dict:

@@ -10,6 +10,7 @@ from edge_tune import models, template_choice
 from edge_tune.backends import registry
 from edge_tune.config import TrainConfig
 from edge_tune.data.formats import read_records
+from edge_tune.data.preference import check_method
 from edge_tune.data.split import split_validation
 from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import EventSink, Log, ignore
@@ -52,25 +53,12 @@ def read_train_data(cfg: TrainConfig, on_event: EventSink):
     (train/valid/test of a folder: :mod:`edge_tune.data.layouts`), what ``--max-samples`` cut
     and the mix of weighted sources. A folder's valid files are the validation set unless
     ``--val``/``--val-split`` is given (then said to be unused); test files are never read."""
-    from edge_tune.data.layouts import ROLE_SAYS, columns_text, data_spec
+    from edge_tune.data.layouts import columns_text, data_spec, say_parts
     from edge_tune.data.readers import source_parts
 
     spec = data_spec(cfg.data, cfg.columns, cfg.max_samples, cfg.seed)
-    parts = source_parts(spec)
     other_val = "--val" if cfg.val else "--val-split" if cfg.val_split else ""
-    files: dict = {}
-    for part in parts:
-        if part.kind == "hub" and len(parts) == 1:
-            continue  # a single hub split: read_data's line names it
-        files.setdefault(part.role, []).append(
-            str(part.path.resolve()) if part.path is not None else part.name)
-        says = ROLE_SAYS[part.role]
-        if part.role == "valid" and other_val:
-            says = f"not used ({other_val} gives the validation set)"
-        elif part.role == "train" and not part.named and part.kind == "file" and \
-                Path(part.spec.target).is_dir():
-            says += " (no train/valid/test names in this folder: every data file trains)"
-        on_event(Log(f"{part.name}: {says}", "warning" if part.role == "unused" else "info"))
+    files = say_parts(source_parts(spec), on_event, other_val)
     if spec.columns:
         on_event(Log(f"--columns {columns_text(spec.columns)}: source columns renamed to "
                      "edge-tune keys"))
@@ -87,7 +75,7 @@ def read_train_data(cfg: TrainConfig, on_event: EventSink):
         on_event(Log(f"mix (seed {cfg.seed}): {said}; {sum(m['used'] for m in mix)} "
                      "training rows"))
     val = None
-    if files.get("valid") and not other_val:
+    if files.get("valid"):
         val = read_data(spec.with_role("valid"), cfg, on_event)
     extra = {"files": files or None, "mix": mix if len(mix) > 1 or any(
         m["weight"] != 1.0 for m in mix) else None}
@@ -227,7 +215,11 @@ def plan(cfg: TrainConfig, on_event: EventSink = ignore) -> dict:
     fit. Reads the data and model metadata only; loads no model."""
     models.check_spec(cfg.model)
     chosen = template_choice.given(cfg.chat_template)
-    data, folder_val, _ = read_train_data(cfg, on_event)
+    said: list = []  # what reading says waits until the data is known to fit --method
+    data, folder_val, _ = read_train_data(cfg, said.append)
+    check_method(cfg.method, data.format, str(cfg.data))
+    for event in said:
+        on_event(event)
     records = [job_record(r) for r in data.records]
     train_records, _ = split_validation(
         records, cfg.val_split, cfg.seed,

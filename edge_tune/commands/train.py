@@ -144,6 +144,8 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     data_record = {"path": _data_path(spec), "format": data.format,
                    "sha256": data_sha256,
                    "skipped": len(data.skipped),
+                   "ignored_keys": dict(data.ignored.most_common()),
+                   "undesirable_left_out": data.undesirable_left_out,
                    "records": len(records),
                    # the system prompt all records shared: chat/serve's default
                    **({"system": shared} if (shared := template_choice.shared_system(records))

@@ -23,13 +23,15 @@ from functools import partial
 from pathlib import Path
 from typing import Optional, Union
 
-from edge_tune.data import keys, preference
+from edge_tune.data import keys, preference, reasoning
 from edge_tune.data.keys import KTO_KEYS
 from edge_tune.data.readers import Row, Source, file_source, json_kind, open_sources
 from edge_tune.errors import EdgeTuneError
 
 ROLES = ("system", "user", "assistant", "tool")
 PASS_THROUGH = ("tool_calls", "tool_call_id", "name", "reasoning_content")  # kept, checked
+# Openers of think blocks written into an answer's text
+THINK_OPENERS = tuple(start for start, _end, _source in reasoning.KNOWN_MARKERS)
 FROM_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
               "system": "system"}
 
@@ -218,9 +220,10 @@ def _weight(m: dict, role: str, at: str) -> dict:
 
 
 def record_tools(obj: dict, where: str) -> Optional[list[dict]]:
-    """An OpenAI record's ``tools`` (function schemas for the chat template), or None. Each
-    must be an object naming its function: ``{"type": "function", "function": {"name": ...,
-    "description": ..., "parameters": ...}}`` (or the flat ``{"name": ...}``)."""
+    """A record's ``tools`` (function schemas for the chat template), or None. Each must be
+    an object naming its function: ``{"type": "function", "function": {"name": ...,
+    "description": ..., "parameters": ...}}``, or the flat ``{"name": ...}``, which is wrapped
+    into that form. A JSON string holding the list is parsed."""
     tools = obj.get("tools")
     if tools is None:
         return None
@@ -228,13 +231,17 @@ def record_tools(obj: dict, where: str) -> Optional[list[dict]]:
     if not isinstance(tools, list):
         raise EdgeTuneError(f"{where}: 'tools' must be a list of function schemas, got "
                             f"{json_kind(tools)}")
+    out = []
     for j, tool in enumerate(tools):
         fn = tool.get("function", tool) if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise EdgeTuneError(f"{where}: tools[{j}]: expected a function schema "
                                 '({"type": "function", "function": {"name": ..., '
                                 '"parameters": ...}})')
-    return tools or None
+        # The flat {"name", "parameters"} form (LLaMA-Factory's) wrapped as OpenAI's, which
+        # chat templates read (LLaMA-Factory wraps it the same way before rendering).
+        out.append(tool if "function" in tool else {"type": "function", "function": tool})
+    return out or None
 
 
 # ---- one normaliser per format ---------------------------------------------------------------
@@ -258,6 +265,11 @@ def _openai_message(m, at: str) -> dict:
     for key in ("tool_call_id", "name", "reasoning_content"):
         if key in extra and not isinstance(extra[key], str):
             raise EdgeTuneError(f"{at}: {key!r} must be a string, got {json_kind(extra[key])}")
+    if "reasoning_content" in extra and isinstance(m.get("content"), str) and any(
+            marker in m["content"] for marker in THINK_OPENERS):
+        raise EdgeTuneError(f"{at}: the reasoning is given twice: in 'reasoning_content' and "
+                            "as a think block in 'content' (expected one of them; the chat "
+                            "template or --reasoning inline writes the block)")
     if "reasoning_content" in extra and role != "assistant":
         raise EdgeTuneError(f"{at}: 'reasoning_content' is only for assistant messages (got "
                             f"it on {role})")
@@ -468,10 +480,10 @@ def read_jsonl(path) -> list[Record]:
 
 
 def _collect(name: str, sources: list[Source], fmt: str, skip_invalid: bool,
-             reasoning: str = "auto") -> ReadResult:
+             reasoning_mode: str = "auto") -> ReadResult:
     result = ReadResult([], fmt)
     for source in sources:
-        source_fmt = _read_source(source, fmt, skip_invalid, result, reasoning)
+        source_fmt = _read_source(source, fmt, skip_invalid, result, reasoning_mode)
         if source_fmt:
             result.formats[source.name] = source_fmt
     if not result.records:
@@ -485,7 +497,7 @@ def _collect(name: str, sources: list[Source], fmt: str, skip_invalid: bool,
 
 
 def _read_source(source: Source, fmt: str, skip_invalid: bool, result: ReadResult,
-                 reasoning: str = "auto"):
+                 reasoning_mode: str = "auto"):
     """Normalise one file's rows into ``result``; returns the file's format (None if unknown)."""
     file_fmt = None if fmt == "auto" else fmt
     decided_at = ""  # where auto-detection fixed the format: quoted in mixed-format errors
@@ -498,11 +510,11 @@ def _read_source(source: Source, fmt: str, skip_invalid: bool, result: ReadResul
                 # The first *valid* record decides, so with skip_invalid leading junk that
                 # merely looks like another format cannot make the whole file mismatched.
                 row_fmt = _detect(row)
-                record = _record_of(row, source.name, row_fmt, reasoning)
+                record = _record_of(row, source.name, row_fmt, reasoning_mode)
                 file_fmt, decided_at = row_fmt, row.where
             else:
                 _check_same_format(row, file_fmt, decided_at)
-                record = _record_of(row, source.name, file_fmt, reasoning)
+                record = _record_of(row, source.name, file_fmt, reasoning_mode)
             used, ignored = keys.record_keys(row.value, file_fmt)
             result.records.append(record)
             result.used.update(used)
@@ -517,7 +529,7 @@ def _read_source(source: Source, fmt: str, skip_invalid: bool, result: ReadResul
     return file_fmt
 
 
-def _record_of(row: Row, source: str, fmt: str, reasoning: str) -> Record:
+def _record_of(row: Row, source: str, fmt: str, reasoning_mode: str) -> Record:
     obj = _object(row.value, row.where)
     bad = keys.unsupported(obj)
     if bad is not None:
@@ -531,13 +543,11 @@ def _record_of(row: Row, source: str, fmt: str, reasoning: str) -> Record:
     record = _record(normalised, row, source, fmt)
     if fmt not in preference.PREFERENCE_FORMATS and fmt != "text":
         record.label = record_label(obj, row.where)
-    if reasoning != "auto":
-        from edge_tune.data import reasoning as reasoning_mod
-
-        record.messages = reasoning_mod.apply(record.messages, reasoning) \
-            if record.messages is not None else None
+    if reasoning_mode != "auto":
+        if record.messages is not None:
+            record.messages = reasoning.apply(record.messages, reasoning_mode)
         if record.rejected is not None:
-            record.rejected = reasoning_mod.apply(record.rejected, reasoning)
+            record.rejected = reasoning.apply(record.rejected, reasoning_mode)
     return record
 
 

@@ -29,8 +29,14 @@ from edge_tune.errors import DataError, NetworkError, UsageError
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The exception's first line; with datasets' "Config name is missing." its list of
+    configs too (the second line), so the one-line error still says what to name."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if "config" in lines[0].lower() and len(lines) > 1 and "available configs" in lines[1]:
+        return f"{lines[0]} {lines[1]} (name one as NAME:CONFIG)"
+    return lines[0]
 
 
 def _pyarrow(name: str):

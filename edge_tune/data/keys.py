@@ -34,12 +34,14 @@ RECORD_KEYS: dict[str, dict[str, str]] = {
         "system": "a system message before the conversation",
         "parallel_tool_calls": "read; no effect (every call a turn holds is trained)",
         "label": "KTO label (desirable or not)",
+        "kto_tag": "KTO label (desirable or not)",
     },
     "sharegpt": {
         "conversations": "the conversation",
         "system": "a system message before the conversation",
         "tools": "function schemas, given to the chat template",
         "kto_tag": "KTO label (desirable or not)",
+        "label": "KTO label (desirable or not)",
     },
     "alpaca": {
         "instruction": "the user turn",
@@ -48,12 +50,14 @@ RECORD_KEYS: dict[str, dict[str, str]] = {
         "system": "a system message before the conversation",
         "history": "earlier [user, assistant] turns, trained (LLaMA-Factory's meaning)",
         "kto_tag": "KTO label (desirable or not)",
+        "label": "KTO label (desirable or not)",
     },
     "completion": {
         "prompt": "the user turn (or the prompt messages)",
         "completion": "the trained answer (or the answer messages)",
         "tools": "function schemas, given to the chat template",
         "label": "KTO label (desirable or not)",
+        "kto_tag": "KTO label (desirable or not)",
     },
     "text": {"text": "trained as it is, every token"},
     "preference": {

@@ -260,3 +260,29 @@ def hub_label(spec: SourceSpec) -> str:
     ``train`` when none is named)."""
     config = f":{spec.config}" if spec.config else ""
     return f"{spec.target}{config}" + (f"@{spec.split}" if spec.split else "")
+
+
+def say_parts(parts: list, on_event, other_val: str = "") -> dict[str, list[str]]:
+    """One line per part of the data saying what it is for (``DIR/test.jsonl: left for
+    `edge-tune eval```), and ``{role: [absolute path or name, ...]}`` for the manifest. With
+    ``other_val`` (``--val``/``--val-split``) a folder's valid files are said to be unused and
+    listed as such. A single hub split is not named here (its reading line names it)."""
+    from edge_tune.events import Log
+
+    files: dict[str, list[str]] = {}
+    for part in parts:
+        if part.kind == "hub" and len(parts) == 1:
+            continue
+        role, says = part.role, ROLE_SAYS[part.role]
+        if role == "valid" and other_val:
+            role, says = "unused", f"not used ({other_val} gives the validation set)"
+        elif role == "train" and not part.named and part.kind == "file" and \
+                Path(part.spec.target).is_dir():
+            says += " (no train/valid/test names in this folder: every data file trains)"
+        files.setdefault(role, []).append(
+            str(part.path.resolve()) if part.path is not None else part.name)
+        if len(parts) == 1 and not part.named and not (
+                part.kind == "file" and Path(part.spec.target).is_dir()):
+            continue  # one plain file: the reading line that follows names it
+        on_event(Log(f"{part.name}: {says}", "warning" if part.role == "unused" else "info"))
+    return files

@@ -139,7 +139,7 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
         raise EdgeTuneError(f"the chat template is not valid Jinja (line {exc.lineno}: "
                             f"{exc.message})") from None
     except jinja2.TemplateError as exc:
-        hint = FOLD_HINT if any(m.get("role") == "system" for m in messages) else ""
+        hint = FOLD_HINT if _folding_helps(tokenizer, messages, tools) else ""
         raise RecordError(_at(where, f"the template says: {exc.message or type(exc).__name__}"
                               f"{hint}")) from None
     except (TypeError, ValueError, LookupError, AttributeError) as exc:
@@ -147,6 +147,19 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise RecordError(_at(where, f"the template fails on this record "
                               f"({type(exc).__name__}: {first})")) from None
+
+
+def _folding_helps(tokenizer, messages: list[dict], tools) -> bool:
+    """Whether the template renders these messages once the system text is folded into the
+    first user turn: only then is ``--system-mode fold`` the advice (Mistral's alternation
+    rule, Gemma 2's "System role not supported"), not for faults it cannot mend."""
+    if not any(m.get("role") == "system" for m in messages):
+        return False
+    try:
+        tokenizer.apply_chat_template(fold_system(messages), tools=tools or None, tokenize=False)
+    except Exception:  # noqa: BLE001 - any failure means folding is not the way out
+        return False
+    return True
 
 
 def _names(items: Optional[list[dict]]) -> list[str]:
@@ -200,7 +213,8 @@ def render_examples(tokenizer, messages: list[dict], tools: Optional[list[dict]]
         reasoning = msgs[i].get("reasoning_content")
         if isinstance(reasoning, str) and reasoning.strip() and reasoning.strip() not in turn:
             raise RecordError(_at(where, f"the chat template drops assistant turn {nth}'s "
-                                         f"reasoning_content (it renders the turn as "
+                                         f"reasoning (reasoning_content/thinking; it renders "
+                                         f"the turn as "
                                          f"{_short(turn)}): {REASONING_HINT}"))
         turns.append((i, before, upto))
     if not any(trained) and not train_on_all:
