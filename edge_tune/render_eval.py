@@ -65,7 +65,9 @@ def render_eval(report: dict, console: Console) -> None:
     console.print(f"[bold]drift[/] on {d['n_prompts']} general prompts: mean KL(base‖tuned) "
                   f"[bold]{d['mean_kl']:.4f}[/] nats/token over the base's greedy answers "
                   f"({d['n_positions']} positions); [bold]{d['changed_share']:.0%}[/] of greedy "
-                  "answers changed", highlight=False)
+                  "answers changed" + (f", [bold]{d['task_like']}[/] answered like the task"
+                                       if d.get("task_like") is not None else ""),
+                  highlight=False)
     if d.get("hint"):
         console.print(f"[yellow]{d['hint']}[/]", highlight=False)
     if report["answers"]:

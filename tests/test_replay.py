@@ -96,12 +96,21 @@ def test_replay_records_reach_the_training_job(tiny, replay_cache, tmp_path):
 def test_eval_says_what_to_do_when_drift_is_high():
     from edge_tune.commands.eval import drift_hint
 
-    high = {"changed_share": 0.9, "n_prompts": 20, "mean_kl": 4.2}
+    from edge_tune.commands.eval import task_like
+
+    refs = ['{"category": "billing", "urgency": "high", "customer": "Ada"}']
+    rows = [{"base": "Paris is the capital of France.",  # the task took this prompt over
+             "tuned": '{"category": "bug", "urgency": "high", "customer": "Paris"}'},
+            {"base": "Paris.", "tuned": "The capital of France is Paris."}]
+    assert task_like(rows, refs) == 1
+    high = {"changed_share": 1.0, "n_prompts": 20, "mean_kl": 0.3, "task_like": 9}
     hint = drift_hint(high)
-    assert "18 of 20" in hint and "--replay 40" in hint and "--lr" in hint and \
+    assert "9 of 20" in hint and "--replay 40" in hint and "--lr" in hint and \
         "--target-modules" in hint and "docs/eval.md" in hint and "\n" not in hint
     assert "larger --replay (this run used 20" in drift_hint(high, replay=20)
-    assert drift_hint({"changed_share": 0.2, "n_prompts": 20, "mean_kl": 0.1}) is None
+    assert drift_hint({**high, "task_like": 0, "mean_kl": 0.77}) is not None  # KL alone
+    # every greedy answer changed, yet none reads like the task and the KL is low: no hint
+    assert drift_hint({**high, "task_like": 1, "mean_kl": 0.32}) is None
     assert drift_hint({"changed_share": 0.0, "n_prompts": 0, "mean_kl": 0.0}) is None
 
 
@@ -115,7 +124,7 @@ def test_the_hint_is_shown_by_the_cli_report_and_the_tui_summary():
     from tui.screens.adapters import eval_lines
 
     drift = {"mean_kl": 4.2, "changed_share": 1.0, "n_prompts": 20, "n_positions": 900,
-             "prompts": []}
+             "prompts": [], "task_like": 19}
     drift["hint"] = drift_hint(drift)
     scores = {"exact": 0.0, "contains": 0.0, "rouge_l": 0.1, "json_valid": None}
     report = EvalResult(run="r", base="b.gguf", tuned="a.gguf", data="--data x", n_records=2,
