@@ -214,8 +214,11 @@ def train(
                                          "model's own answers to general prompts edge-tune "
                                          "ships, generated once in llama.cpp and cached) into "
                                          "training, so a narrow task does not take over every "
-                                         "prompt; `edge-tune eval RUN` measures the drift "
-                                         "(docs/eval.md, Forgetting) [default: 0, max 60]."),
+                                         "prompt. Measured on a narrow email-to-JSON task: "
+                                         "40 took general prompts answered like the task from "
+                                         "19 to 1 of 20 at no loss of task score; `edge-tune "
+                                         "eval RUN` measures it (docs/eval.md, Forgetting) "
+                                         "[default: 0, max 60]."),
     report_to: Optional[str] = typer.Option(None, help="tensorboard | wandb | mlflow | none: "
                                             "where the run's metrics also go (tensorboard: "
                                             "RUN/tb; wandb offline) [default: tensorboard]; "
