@@ -196,7 +196,8 @@ def write_bundle(plan: BundlePlan, out: Path, on_event: EventSink = ignore,
     import tempfile
 
     from edge_tune import __version__
-    from edge_tune.fsutil import atomic_path, sha256_file
+    from edge_tune.fsutil import (TEMP_SUFFIX, atomic_path, leftovers_line, sha256_file,
+                                  sweep_leftovers, temp_prefix)
 
     out = Path(out)
     check_output(out)
@@ -207,7 +208,13 @@ def write_bundle(plan: BundlePlan, out: Path, on_event: EventSink = ignore,
                             "output")
     total = sum(e.src.stat().st_size for e in plan.entries)
     done = 0
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as work:
+    parent = out.parent if out.parent.exists() else None
+    if parent is not None:  # a killed bundle's copy (up to the base's size) goes first
+        removed = sweep_leftovers(parent)
+        if removed:
+            on_event(Log(leftovers_line(removed)))
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(out.name), suffix=TEMP_SUFFIX,
+                                     dir=parent) as work:
         root = Path(work) / (out.name.split(".tar")[0].removesuffix(".tgz") if as_tar
                              else out.name)
         for entry in plan.entries:

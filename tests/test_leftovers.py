@@ -144,3 +144,23 @@ def test_a_run_stored_with_relative_paths_resumes_from_anywhere(tmp_path, monkey
     assert "new run" not in message
     cfg, _ = load_run_config(run, data=["/somewhere/else.jsonl"])  # --data: pointed at
     assert cfg.data == "/somewhere/else.jsonl"
+
+
+def test_a_killed_bundles_copy_is_swept_by_the_next_bundle(tmp_path):
+    """A bundle copies the base into a pid-named temp beside its output; the next bundle
+    there removes a dead process's copy and keeps a live one's."""
+    from edge_tune.bundle import plan_bundle, write_bundle
+
+    base, adapter = tmp_path / "base.gguf", tmp_path / "a.gguf"
+    base.write_bytes(b"GGUF" + bytes(60))
+    adapter.write_bytes(b"GGUF" + bytes(28))
+    dead = tmp_path / ".box.999999.abcd1234.tmp"  # no such pid
+    live = tmp_path / f".box.{os.getpid()}.efgh5678.tmp"
+    for temp in (dead, live):
+        (temp / "base").mkdir(parents=True)
+    said = []
+    write_bundle(plan_bundle(base, [("a", adapter, None)]), tmp_path / "box", said.append,
+                 wheels=False)
+    assert not dead.exists() and live.exists()
+    assert any("removed 1 leftover" in getattr(e, "message", "") for e in said)
+    assert (tmp_path / "box" / "base" / "base.gguf").is_file()
