@@ -136,3 +136,14 @@ def test_the_hint_is_shown_by_the_cli_report_and_the_tui_summary():
     render_eval(report, console)
     assert drift["hint"] in console.file.getvalue()
     assert any(drift["hint"] in line for line in eval_lines(report))
+
+
+def test_plan_counts_the_replay_records(tiny, demo_jsonl):
+    """``plan --replay N`` plans for the N records train will mix in (their answers are not
+    written yet: planned at the longest length kept)."""
+    from edge_tune import api
+    from edge_tune.config import build
+
+    plain = api.plan(build(data=str(demo_jsonl), model=str(tiny)))
+    mixed = api.plan(build(data=str(demo_jsonl), model=str(tiny), replay=10))
+    assert mixed["records"] == plain["records"] + 10

@@ -228,6 +228,13 @@ def plan(cfg: TrainConfig, on_event: EventSink = ignore) -> dict:
     template_choice.require_for_conversations(records, ref, chosen)
     hw = probe()
     backend, why = registry.choose(cfg.backend, hw)
+    if cfg.replay:  # --replay: the base's answers are not known yet; MAX_TOKENS-long stand-ins
+        from edge_tune.replay import MAX_TOKENS, replay_prompts
+
+        train_records = train_records + [
+            {"messages": [{"role": "user", "content": prompt},
+                          {"role": "assistant", "content": "x " * MAX_TOKENS}]}
+            for prompt in replay_prompts()[:cfg.replay]]
     p = fit_plan(cfg, ref, backend, hw, train_records)
     if p is None:
         raise EdgeTuneError(f"--model {cfg.model}: cannot read this model's shape to plan")
