@@ -122,11 +122,14 @@ def index(plan: BundlePlan, checksums: dict[str, str], version: str) -> dict:
 def launcher_script() -> str:
     return ("#!/bin/sh\n"
             "# Serve this bundle over an OpenAI-compatible API: with the edge-tune that\n"
-            "# ./install.sh put in .venv here, else the one on PATH.\n"
+            "# ./install.sh installed (.venv here, or the folder it was given, kept in\n"
+            "# .venv-path), else the one on PATH.\n"
             "# Extra flags pass through, e.g. ./serve.sh --port 9000 --api-key KEY\n"
             'here="$(dirname "$0")"\n'
-            'if [ -x "$here/.venv/bin/edge-tune" ]; then\n'
-            '    exec "$here/.venv/bin/edge-tune" serve --bundle "$here" "$@"\n'
+            'venv="$here/.venv"\n'
+            '[ -f "$here/.venv-path" ] && venv="$(cat "$here/.venv-path")"\n'
+            'if [ -x "$venv/bin/edge-tune" ]; then\n'
+            '    exec "$venv/bin/edge-tune" serve --bundle "$here" "$@"\n'
             "fi\n"
             'exec edge-tune serve --bundle "$here" "$@"\n')
 
@@ -153,7 +156,9 @@ def readme(plan: BundlePlan, wheel_notes: list[str] | None = None) -> str:
         *([] if wheel_notes is None else
           ["`wheels/` holds edge-tune and everything its `[run]` extra needs, built for the "
            "machine that made the bundle (same OS, CPU architecture and Python version; "
-           "llama-cpp-python is compiled for that CPU). `install.sh` needs no network.",
+           "llama-cpp-python is compiled for that CPU). `install.sh` needs no network. "
+           "`./install.sh /opt/edge-tune` installs into that folder instead; `serve.sh` "
+           "then runs the edge-tune there (the path is kept in `.venv-path`).",
            *([f"Missing (see {WHEELS_NOTE}): " + "; ".join(wheel_notes)] if wheel_notes
              else []), ""]),
         "Clients pick an adapter with the OpenAI `model` field (`base` = no adapter).",
@@ -391,6 +396,9 @@ def install_script() -> str:
             '"${PYTHON:-python3}" -m venv "$venv"\n'
             '"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-index \\\n'
             '    --find-links "$here/wheels" "edge-tune[run]"\n'
+            'venv="$(cd "$venv" && pwd)"\n'
+            'if [ "$venv" != "$here/.venv" ]; then echo "$venv" > "$here/.venv-path"; '
+            'else rm -f "$here/.venv-path"; fi\n'
             'echo "installed: $venv/bin/edge-tune"\n'
             'echo "serve:     $venv/bin/edge-tune serve --bundle $here    (or $here/serve.sh)"\n')
 

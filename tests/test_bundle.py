@@ -203,3 +203,26 @@ def test_merged_bundle_answers_like_the_adapter(adapters, tmp_path):
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.startswith("Arr")
     assert cli_answer(PROMPTS[0], adapters["pirate"], 12).startswith("Arr")
+
+
+def test_serve_sh_finds_the_venv_install_sh_was_given(tmp_path):
+    """``install.sh VENV`` keeps VENV in .venv-path; ``serve.sh`` then runs that edge-tune,
+    not whatever is on PATH."""
+    import os
+    import subprocess
+
+    from edge_tune.bundle import launcher_script
+
+    box, venv = tmp_path / "box", tmp_path / "elsewhere"
+    (venv / "bin").mkdir(parents=True)
+    box.mkdir()
+    fake = venv / "bin" / "edge-tune"
+    fake.write_text('#!/bin/sh\necho "venv edge-tune: $*"\n')
+    fake.chmod(0o755)
+    (box / "serve.sh").write_text(launcher_script())
+    (box / "serve.sh").chmod(0o755)
+    (box / ".venv-path").write_text(f"{venv}\n")
+    proc = subprocess.run([str(box / "serve.sh"), "--port", "9000"], capture_output=True,
+                          text=True, env={**os.environ, "PATH": "/usr/bin:/bin"}, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"venv edge-tune: serve --bundle {box} --port 9000"
