@@ -162,9 +162,13 @@ def leftovers_line(removed: list[tuple[Path, int]]) -> str:
             f"{removed[0][0].parent} ({total / 2**20:.1f} MiB): {names}")
 
 
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` is "no space left on device" (or a quota), however a library wraps it
-    (OSError ENOSPC/EDQUOT; safetensors' and torch's own errors only say it in words)."""
+    (OSError ENOSPC/EDQUOT; safetensors' and torch's own errors only say it in words; numpy's
+    short write "2048 requested and 648 written" has no errno at all)."""
     import errno
 
     seen = set()
@@ -175,6 +179,9 @@ def is_disk_full(exc: BaseException) -> bool:
         text = str(exc)
         if "No space left on device" in text or "StorageFull" in text or \
                 "Disk quota exceeded" in text:
+            return True
+        # numpy's tofile (gguf-py's writer) reports a short fwrite without an errno
+        if isinstance(exc, OSError) and exc.errno is None and _SHORT_WRITE.search(text):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -68,6 +68,7 @@ class Tracker:
         self.history: list[tuple[str, int, float]] = []
         self._writer = None  # made at the first metric: a run refused before it leaves nothing
         self._failed = False
+        self._hook_before = None  # threading.excepthook before TensorBoard's writer thread
 
     def sink(self, on_event: EventSink) -> EventSink:
         def relay(event) -> None:
@@ -126,6 +127,7 @@ class Tracker:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 from tensorboardX import SummaryWriter
+            self._quiet_writer_threads()
             return "tensorboard", SummaryWriter(log_dir=str(self.run_dir / TB_DIR))
         if self.report_to == "wandb":
             import wandb
@@ -145,18 +147,46 @@ class Tracker:
         mlflow.log_params({k: str(v)[:250] for k, v in self.config.items()})
         return "mlflow", mlflow
 
+    def _quiet_writer_threads(self) -> None:
+        """TensorBoard writes event files from its own thread; a full disk there would print
+        a thread traceback into the CLI's output. Such a failure becomes one warning (the
+        run's own disk-full handling says the rest); any other thread error is left to the
+        hook that was there."""
+        import threading
+
+        before = threading.excepthook
+
+        def hook(args) -> None:
+            from edge_tune.fsutil import is_disk_full
+
+            if args.exc_value is not None and is_disk_full(args.exc_value):
+                if not self._failed:
+                    self._give_up(f"no space left on device in {self.run_dir / TB_DIR}")
+                return
+            before(args)
+
+        self._hook_before = before
+        threading.excepthook = hook
+
     def close(self, train_losses: Optional[list[float]] = None) -> None:
         """End the tracker's run and write ``loss.png``. ``train_losses``: the whole run's
         train loss per step (a resumed run's result has the steps before the resume too)."""
         if self._writer is not None:
             kind, writer = self._writer
             if kind == "tensorboard":
-                writer.close()
+                try:
+                    writer.close()
+                except Exception as exc:  # noqa: BLE001 - a full disk at the last flush
+                    self._give_up(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             elif kind == "wandb":
                 writer.finish()
             else:
                 writer.end_run()
             self._writer = None
+        if self._hook_before is not None:
+            import threading
+
+            threading.excepthook, self._hook_before = self._hook_before, None
         if not self.run_dir.is_dir():  # a run refused before it started leaves no folder
             return
         train = [(s, v) for split, s, v in self.history if split == "train"]

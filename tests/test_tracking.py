@@ -218,3 +218,31 @@ def test_mlflow_store_in_the_run_dir_has_the_logged_loss(tmp_path, monkeypatch):
         (3, 1.5)]
     margin = client.get_metric_history(run_id, "train/reward_margin")
     assert sorted(m.value for m in margin) == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_a_full_disk_in_tensorboards_writer_thread_is_one_warning(tmp_path, capfd):
+    """TensorBoard writes from its own thread; a full disk there is a warning, not a thread
+    traceback in the middle of the CLI's output."""
+    import errno
+    import threading
+
+    from edge_tune.events import Log
+    from edge_tune.tracking import Tracker
+
+    said = []
+    tracker = Tracker("tensorboard", tmp_path, {}, said.append)
+    before = threading.excepthook
+    tracker._quiet_writer_threads()
+
+    def write() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join()
+    tracker.close()
+    assert threading.excepthook is before
+    assert "Traceback" not in capfd.readouterr().err
+    assert [e.message for e in said if isinstance(e, Log)] == [
+        f"--report-to tensorboard: metrics not written (no space left on device in "
+        f"{tmp_path / 'tb'})"]
