@@ -28,7 +28,9 @@ main()
 """
 
 
-def test_train_verify_peak_is_under_the_plan(tiny, demo_jsonl, tmp_path):
+def test_train_verify_peak_is_under_the_plan(tiny, tiny_hf, demo_jsonl, tmp_path):
+    # tiny_hf: the dequantized copy is made (and cached) before the measured process runs,
+    # which then measures training's parent and verify, not a first-time dequantization.
     data = tmp_path / "d.jsonl"
     data.write_text("".join(demo_jsonl.read_text().splitlines(keepends=True)[:8]))
     planned = run_cli_in_process("plan", "--model", str(tiny), "--data", str(data), *TRAIN,

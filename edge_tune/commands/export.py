@@ -455,11 +455,11 @@ def ship_checked(f32: Path, out: Optional[Path], name: str, work: Path, check,
     else:
         cand = _quantize_to(f32, name, work, out or default_out(name), on_event)
         report = None
-        if check is None and say_unchecked:
+        if check is not None:
+            report = check(cand, None if cand == f32 else f32)
+        elif say_unchecked:
             on_event(Log(f"{name}: not checked (--no-verify, or not a run: the check needs "
                          "a run's held-back prompts)", "warning"))
-        else:
-            report = check(cand, None if cand == f32 else f32)
     final = Path(out) if out is not None else default_out(name)
     if report is not None and not report["ok"]:
         exact_ok = report["effect_rel_err"] <= TOLERANCE["effect_rel_err"]

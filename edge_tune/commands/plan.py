@@ -215,17 +215,19 @@ def plan(cfg: TrainConfig, on_event: EventSink = ignore) -> dict:
     fit. Reads the data and model metadata only; loads no model."""
     models.check_spec(cfg.model)
     chosen = template_choice.given(cfg.chat_template)
-    said: list = []  # what reading says waits until the data is known to fit --method
+    # What reading says waits until the data is known to fit --method and the model: a
+    # refusal is then the one line it has to be.
+    said: list = []
     data, folder_val, _ = read_train_data(cfg, said.append)
     check_method(cfg.method, data.format, str(cfg.data))
-    for event in said:
-        on_event(event)
     records = [job_record(r) for r in data.records]
     train_records, _ = split_validation(
         records, cfg.val_split, cfg.seed,
         [job_record(r) for r in folder_val.records] if folder_val else None)
-    ref = models.resolve(cfg.model, on_event)
+    ref = models.resolve(cfg.model, on_event)  # a download says so while it runs
     template_choice.require_for_conversations(records, ref, chosen)
+    for event in said:
+        on_event(event)
     hw = probe()
     backend, why = registry.choose(cfg.backend, hw)
     if cfg.replay:  # --replay: the base's answers are not known yet; MAX_TOKENS-long stand-ins
