@@ -65,7 +65,7 @@ VERIFY_PROMPTS, VERIFY_LEN, VERIFY_NEW = 2, 64, 8
 # Measured (docs/performance.md, "verify's memory"): verify's resident memory beyond the
 # framework, the fp32 weights and the logits it keeps: llama.cpp's library, context and
 # compute buffers, tokenizer, torch's allocator keeping freed blocks.
-VERIFY_EXTRA_BYTES = 0.3 * GIB
+VERIFY_EXTRA_BYTES = 0.1 * GIB
 
 
 @dataclass(frozen=True)
