@@ -9,11 +9,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from importlib import metadata
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli
 from serve_helpers import (
     PROMPTS,
     cli_answer,
@@ -23,7 +22,7 @@ from serve_helpers import (
     trained_adapters,
 )
 
-from edge_tune.bundle import default_name, plan_bundle, split_run_arg
+from edge_tune.bundle import _llama_wheel, default_name, plan_bundle, split_run_arg
 from edge_tune.errors import EdgeTuneError
 
 MAX_TOKENS = 24
@@ -129,39 +128,29 @@ def test_planning_is_pure():
 
 # --- on an "edge box": a fresh venv with only the [run] extra ---------------------------------
 
-def _cached_llama_wheel() -> Path | None:
-    """The llama-cpp-python wheel pip built for this venv (compiling again takes ~15 min)."""
-    version = metadata.version("llama-cpp-python")
-    out = subprocess.run([sys.executable, "-m", "pip", "cache", "list", "llama_cpp_python",
-                          "--format=abspath"], check=False, capture_output=True, text=True)
-    for line in out.stdout.split():
-        if Path(line).name.startswith(f"llama_cpp_python-{version}-"):
-            return Path(line)
-    return None
-
-
 @pytest.mark.slow
 def test_bundle_runs_in_a_fresh_venv_with_only_the_run_extra(bundle_dir, adapters, tmp_path):
-    wheel = _cached_llama_wheel()
-    if wheel is None:
+    """The bundle carries wheels/ (edge-tune's own, llama-cpp-python's as built here, the
+    [run] extra's dependencies) and install.sh: installed offline (pip --no-index) into a
+    fresh venv, it answers exactly as the runs do, with no torch on the box."""
+    if _llama_wheel() is None:
         pytest.skip("no built llama-cpp-python wheel in pip's cache (installing would compile "
                     "llama.cpp for ~15 minutes)")
-    # Install from a copy of the sources: a build in the repo itself would leave build/ there.
-    src = tmp_path / "src"
-    for part in ("edge_tune", "converters", "tui"):
-        shutil.copytree(REPO / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
-    for part in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / part, src / part)
+    box = bundle_dir
+    wheels = sorted(p.name for p in (box / "wheels").glob("*.whl"))
+    assert any(w.startswith("edge_tune-") for w in wheels), wheels
+    assert any(w.startswith("llama_cpp_python-") for w in wheels), wheels
+    assert not (box / "wheels" / "NOTES.txt").exists()  # nothing missing
+    assert os.access(box / "install.sh", os.X_OK)
+    assert "./install.sh" in (box / "README.md").read_text()
+    assert "install.sh" in json.loads((box / "bundle.json").read_text())["files"]
     venv = tmp_path / "edge-box-venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    install = subprocess.run([str(box / "install.sh"), str(venv)], capture_output=True,
+                             text=True, env=dict(os.environ, PYTHON=sys.executable),
+                             timeout=900, cwd=tmp_path)
+    assert install.returncode == 0, install.stdout + install.stderr[-3000:]
+    assert f"serve:     {venv}/bin/edge-tune serve --bundle {box}" in install.stdout
     py = str(venv / "bin" / "python")
-    # The cached wheel is offered first, and pinned, so pip installs it instead of compiling.
-    install = subprocess.run(
-        [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         "--find-links", str(wheel.parent), f"llama-cpp-python=={metadata.version('llama-cpp-python')}",
-         f"{src}[run]"], check=False, capture_output=True, text=True, timeout=1500)
-    assert install.returncode == 0, install.stderr[-3000:]
-    assert "Building wheel for llama" not in install.stdout + install.stderr
 
     for heavy in ("torch", "transformers", "peft", "mlx", "textual"):
         probe = subprocess.run([py, "-c", f"import {heavy}"], check=False, capture_output=True,

@@ -41,13 +41,16 @@ def test_train_verify_peak_is_under_the_plan(tiny, tiny_hf, demo_jsonl, tmp_path
     assert estimate["peak_gib"] >= estimate["verify_peak_gib"] > 0
 
     run = tmp_path / "run"
+    # A cache of its own: verify then reads only what this run made (inside the whole suite
+    # the shared cache once gave a 2.5 GiB process this alone never shows).
+    own = dict(os.environ, EDGE_TUNE_CACHE=str(tmp_path / "cache"))
     trained = subprocess.run([sys.executable, "-m", "edge_tune", "train", "--model", str(tiny),
                               "--data", str(data), *TRAIN, "--report-to", "none", "--no-verify",
                               "--out", str(run)], capture_output=True, text=True, cwd=REPO,
-                             timeout=600)
+                             timeout=600, env=own)
     assert trained.returncode == 0, trained.stderr[-2000:]
     peak_file = tmp_path / "peak"
-    env = dict(os.environ, PEAK_FILE=str(peak_file), COLUMNS="200", NO_COLOR="1")
+    env = dict(own, PEAK_FILE=str(peak_file), COLUMNS="200", NO_COLOR="1")
     proc = subprocess.run([sys.executable, "-c", _PEAK, "verify", str(run)],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0 and "within tolerance" in proc.stdout, proc.stderr[-2000:]
