@@ -93,7 +93,7 @@ def test_tampered_bundle_is_refused_in_one_line(bundle_dir, tmp_path):
 
 def test_tar_gz_bundle_round_trips(adapters, tmp_path):
     out = tmp_path / "box.tar.gz"
-    proc = run_cli("bundle", f"anti={adapters['anti']}", "-o", str(out))
+    proc = run_cli("bundle", f"anti={adapters['anti']}", "-o", str(out), "--no-wheels")
     assert proc.returncode == 0, proc.stderr
     with tarfile.open(out) as tar:
         names = tar.getnames()
@@ -183,7 +183,8 @@ def test_merged_bundle_answers_like_the_adapter(adapters, tmp_path):
     """--merged: one model file with the adapter folded in (F16, so a short run's small
     weight deltas survive), served as 'base'; it answers as base + adapter does."""
     out = tmp_path / "merged"
-    proc = run_cli("bundle", str(adapters["pirate"]), "-o", str(out), "--merged")
+    proc = run_cli("bundle", str(adapters["pirate"]), "-o", str(out), "--merged",
+                   "--no-wheels")
     assert proc.returncode == 0, proc.stderr
     index = json.loads((out / "bundle.json").read_text())
     assert index["merged"] == "serve-pirate" and index["adapters"] == {}

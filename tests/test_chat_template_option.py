@@ -224,7 +224,7 @@ def test_chat_with_the_run_uses_its_template_and_knows_the_fact(taught_run, bare
 @pytest.mark.slow  # trains a run (about 2 minutes on 2 busy cores)
 def test_bundle_and_modelfile_carry_the_runs_template(taught_run, tmp_path):
     out = tmp_path / "bundle"
-    proc = run_cli("bundle", f"door={taught_run}", "-o", str(out))
+    proc = run_cli("bundle", f"door={taught_run}", "-o", str(out), "--no-wheels")
     assert proc.returncode == 0, proc.stderr
     index = json.loads((out / "bundle.json").read_text())
     assert index["adapters"]["door"]["chat_template"] == "templates/door.jinja"

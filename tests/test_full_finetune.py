@@ -126,7 +126,7 @@ def test_the_full_model_verifies_exports_chats_and_bundles(full_run, data_file, 
     assert report["drift"]["n_prompts"] > 0
 
     bundle = tmp_path / "bundle"
-    _ok(cli("bundle", str(run), "-o", str(bundle)))
+    _ok(cli("bundle", str(run), "-o", str(bundle), "--no-wheels"))
     index = json.loads((bundle / "bundle.json").read_text())
     assert index["merged"] == "run" and index["adapters"] == {}
     answer = cli("chat", "--bundle", str(bundle), "--prompt", "What do bees make?",
