@@ -69,7 +69,8 @@ def read_train_data(cfg: TrainConfig, on_event: EventSink):
                      f"{cfg.max_samples} records of each source ({', '.join(cut)})"))
     mix = [{"source": s.name, "weight": s.weight, "read": s.read, "used": s.used}
            for s in spec.opened]
-    if len(mix) > 1 or any(m["weight"] != 1.0 for m in mix):
+    mixed = len(mix) > 1 or any(m["weight"] != 1.0 for m in mix)
+    if mixed:
         said = ", ".join(f"{m['source']} {m['read']} x{m['weight']:g} = {m['used']}"
                          for m in mix)
         on_event(Log(f"mix (seed {cfg.seed}): {said}; {sum(m['used'] for m in mix)} "
@@ -77,8 +78,7 @@ def read_train_data(cfg: TrainConfig, on_event: EventSink):
     val = None
     if files.get("valid"):
         val = read_data(spec.with_role("valid"), cfg, on_event)
-    extra = {"files": files or None, "mix": mix if len(mix) > 1 or any(
-        m["weight"] != 1.0 for m in mix) else None}
+    extra = {"files": files or None, "mix": mix if mixed else None}
     return result, val, extra
 
 
@@ -93,8 +93,7 @@ def _extra_keys_read(result) -> str:
     format's core that shaped what is trained, so a change in reading is never silent."""
     used = result.keys_report()["used"]
     return "; ".join(f"{k} -> {v['to']} ({v['records']})" for k, v in used.items()
-                     if k.rsplit(".", 1)[-1].rstrip("[]") not in _CORE_KEYS
-                     and not k.endswith((".role", ".content", ".from", ".value")))
+                     if k.rsplit(".", 1)[-1] not in _CORE_KEYS)
 
 
 def job_record(record) -> dict:

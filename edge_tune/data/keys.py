@@ -131,10 +131,11 @@ def record_keys(obj: dict, fmt: str) -> tuple[list[str], list[str]]:
     """(known keys used, ignored keys) of one record of format ``fmt``, nested keys written as
     ``messages[].id``; nulls already dropped. Each key once per record."""
     known = {**RECORD_KEYS[fmt], **REDUNDANT.get(fmt, {})}
+    nested = _nested(fmt)
     used, ignored = [], []
     for key, value in obj.items():
         (used if key in known else ignored).append(str(key))
-        table = _nested(fmt).get(key)
+        table = nested.get(key)
         if table is None or key not in known:
             continue
         keys, prefix = table
