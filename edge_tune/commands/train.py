@@ -98,15 +98,18 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     if registry.capabilities(backend).device == "cuda" and cfg.nproc > len(hw.cuda_gpus):
         raise EdgeTuneError(f"--nproc {cfg.nproc}: the {backend} backend runs one process per GPU "
                             f"and this node has {len(hw.cuda_gpus)}")
-    data_sha256 = data_fingerprint(spec)  # one file: its sha256; folders, mixes: all parts
-    if saved is not None and saved.get("data_sha256") != data_sha256:
-        raise DataError(f"--resume {resume}: {spec} is not the data the run started with (its "
-                        "contents differ); point at the original with `edge-tune train "
-                        f"--resume {resume} --data PATH` (the checkpoint in "
-                        f"{Path(resume) / CHECKPOINT} is kept)")
-    if resume is None:  # what a resume compares: the data as stored (absolute paths)
+    # One file: its sha256; folders, mixes: all parts. Hashed once: a new run as stored
+    # (absolute paths: what a resume compares), a resumed one as found now.
+    if resume is None:
         data_sha256 = data_fingerprint(data_spec(portable_config(cfg)["data"], cfg.columns,
                                                  cfg.max_samples, cfg.seed))
+    else:
+        data_sha256 = data_fingerprint(spec)
+        if saved is not None and saved.get("data_sha256") != data_sha256:
+            raise DataError(f"--resume {resume}: {spec} is not the data the run started with "
+                            "(its contents differ); point at the original with `edge-tune "
+                            f"train --resume {resume} --data PATH` (the checkpoint in "
+                            f"{Path(resume) / CHECKPOINT} is kept)")
     if cfg.full and backend not in FULL_BACKENDS:
         raise UsageError(f"--full: full fine-tuning runs on the {' and '.join(FULL_BACKENDS)} "
                          f"backends, not {backend}: add --backend cpu")
