@@ -159,12 +159,14 @@ class TrainingProcess:
                                                              ExitCode.FAILED) and \
                 not self.distributed:
             raise error_for_exit_code(failure.message, failure.exit_code)  # e.g. disk full
+        if self.distributed and code != 0 and not self._cancelled.is_set():
+            # before the cancel test: torchrun SIGTERMs the other ranks when one dies, and
+            # their "cancelled" must not hide the rank that stopped the job
+            self._raise_distributed_failure(failures, code)
         if self._cancelled.is_set() or (failure is not None and
                                         failure.exit_code == ExitCode.CANCELLED):
             # cancelled here, or the worker was sent SIGTERM by someone else
             raise Cancelled(self.stopped_line("training cancelled"))
-        if self.distributed and code != 0:
-            self._raise_distributed_failure(failures, code)
         if failure is not None:
             raise error_for_exit_code(failure.message, failure.exit_code)
         if code < 0 and result is None:  # killed by a signal (kill -9, the OOM killer)
@@ -219,6 +221,8 @@ class TrainingProcess:
         for f in (own + peers) if rank is None or rank[0] == 0 else (
                 [f for f in peers if f.message.startswith(f"rank {rank[0]}:")]):
             raise error_for_exit_code(f.message + resume, f.exit_code)
+        if rank is None and failures and not said:  # every rank was stopped from outside
+            raise Cancelled(self.stopped_line("training cancelled"))
         who = (f"rank {rank[0]} exited with code {rank[1]}" if rank else
                f"a training process failed (torchrun exit code {code})")
         raise CheckFailed(f"distributed training stopped: {who}{resume} "

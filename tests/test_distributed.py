@@ -178,9 +178,7 @@ def test_a_resumed_two_rank_run_matches_an_uninterrupted_run(tiny, demo_jsonl, t
     finally:
         if proc.poll() is None:
             proc.kill()
-    # 1: the run failed; 130: torchrun stopped the other rank with SIGTERM, which edge-tune
-    # treats as a stop (checkpoint kept). Either way the run resumes below.
-    assert proc.returncode in (1, 130), proc.returncode
+    assert proc.returncode == 1, proc.returncode
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert 2 <= state["step"] < total, state["step"]
 

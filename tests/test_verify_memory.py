@@ -17,11 +17,16 @@ from conftest import REPO, run_cli_in_process
 TRAIN = ("--backend", "cpu", "--max-steps", "2", "--batch-size", "4", "--seq-len", "64",
          "--lr", "1e-2")
 
-# The child reports its own peak RSS (VmHWM, kernel-kept: no sampling) as it exits.
+# The child reports its own peak RSS as it exits: VmHWM, kernel-kept (no sampling) and per
+# address space. Not getrusage's ru_maxrss: that survives fork + exec, so inside a long suite
+# it reports the pytest parent's size (2.5 GiB once) instead of the child's.
 _PEAK = """
-import atexit, os, resource, sys
-atexit.register(lambda: open(os.environ["PEAK_FILE"], "w").write(
-    str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+import atexit, os, re, sys
+def _peak():
+    status = open("/proc/self/status").read()
+    kib = int(re.search(r"VmHWM:\\s*(\\d+) kB", status).group(1))
+    open(os.environ["PEAK_FILE"], "w").write(str(kib * 1024))
+atexit.register(_peak)
 from edge_tune.cli import main
 sys.argv = ["edge-tune", *sys.argv[1:]]
 main()
@@ -41,8 +46,7 @@ def test_train_verify_peak_is_under_the_plan(tiny, tiny_hf, demo_jsonl, tmp_path
     assert estimate["peak_gib"] >= estimate["verify_peak_gib"] > 0
 
     run = tmp_path / "run"
-    # A cache of its own: verify then reads only what this run made (inside the whole suite
-    # the shared cache once gave a 2.5 GiB process this alone never shows).
+    # A cache of its own: verify then reads only what this run made.
     own = dict(os.environ, EDGE_TUNE_CACHE=str(tmp_path / "cache"))
     trained = subprocess.run([sys.executable, "-m", "edge_tune", "train", "--model", str(tiny),
                               "--data", str(data), *TRAIN, "--report-to", "none", "--no-verify",

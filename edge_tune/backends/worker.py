@@ -203,9 +203,18 @@ def check_token_ids(tok, examples: list, hf_dir: Path) -> None:
 
 
 def peak_rss_bytes() -> int:
-    """The training process's high-water resident memory (what the planner predicts)."""
+    """The training process's high-water resident memory in bytes (what the planner
+    predicts). Linux: ``VmHWM`` of this address space; ``ru_maxrss`` would also carry the
+    forking parent's peak across exec (a TUI or notebook with a model loaded)."""
     import resource
 
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB else
 
