@@ -226,7 +226,9 @@ def _export_merged(adapter: Path, peft_dir: Path, man: Optional[Manifest],
                          f"{template.name or 'FILE'} (the run's)", "warning"))
     out.parent.mkdir(parents=True, exist_ok=True)
     report = None
-    _sweep_and_check(out, merge_mod.estimate_bytes(merge_mod.open_gguf(base_gguf), "F32"),
+    from edge_tune.converters.formats.gguf_header import read_header
+
+    _sweep_and_check(out, merge_mod.estimate_bytes(read_header(base_gguf), "F32"),
                      _disk_type(name), on_event)
     with tempfile.TemporaryDirectory(prefix=temp_prefix(out.name), suffix=TEMP_SUFFIX,
                                      dir=out.parent) as work:

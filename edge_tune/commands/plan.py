@@ -114,13 +114,19 @@ def model_shape(ref: models.ModelRef):
     from edge_tune import planner
 
     if ref.gguf is not None:
-        from edge_tune.converters.formats.base_info import field_value, open_gguf
+        from edge_tune.converters.formats.base_info import field_value
+        from edge_tune.converters.formats.gguf_header import ArrayLen, read_header
 
-        reader = open_gguf(ref.gguf)
+        # the header walk, not GGUFReader: that builds every vocabulary string (seconds)
+        reader = read_header(ref.gguf)
         arch = field_value(reader, "general.architecture")
-        fields = {k: field_value(reader, k) for k in reader.fields if k.startswith(arch + ".")}
+        # a per-layer array (heads per block) is read as its length: no single figure, so it
+        # fails int() below like a foreign layout does, and there is no plan rather than a
+        # wrong one
+        fields = {k: object() if isinstance(f.value, ArrayLen) else f.value
+                  for k, f in reader.fields.items() if k.startswith(arch + ".")}
         tokens = reader.fields.get("tokenizer.ggml.tokens")
-        vocab = fields.get(f"{arch}.vocab_size") or (len(tokens.data) if tokens else 0)
+        vocab = fields.get(f"{arch}.vocab_size") or (len(tokens.value) if tokens else 0)
         tied = all(t.name != "output.weight" for t in reader.tensors)
         try:
             return planner.shape_from_gguf_fields(arch, fields, int(vocab), tied)

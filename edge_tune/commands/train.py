@@ -283,13 +283,13 @@ def check_verify_space(base_gguf: Path, sha256: Optional[str]) -> None:
     """DiskFull before training when the cache cannot hold the F32 copy of the base that
     verify writes after it (once per base: ``verify.f32_copy``; 515 MiB for the default
     model), so a run is not refused its check only once training is over."""
-    from edge_tune.converters.formats.base_info import open_gguf
+    from edge_tune.converters.formats.gguf_header import read_header
     from edge_tune.converters.formats.merge import estimate_bytes
     from edge_tune.fsutil import cache_dir, require_free
 
     if sha256 and (cache_dir() / "f32" / f"{sha256[:16]}.gguf").exists():
         return
-    require_free(cache_dir(), estimate_bytes(open_gguf(Path(base_gguf)), "F32"),
+    require_free(cache_dir(), estimate_bytes(read_header(Path(base_gguf)), "F32"),
                  f"the F32 copy of {Path(base_gguf).name} that verify writes after training "
                  "(once; or train with --no-verify)")
 
