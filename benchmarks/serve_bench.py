@@ -47,7 +47,7 @@ def _answer_one_token(engine) -> None:
 
 
 def bench_switch(base: Path, adapter: Path, rounds: int) -> dict:
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     engine = Engine(base, threads=THREADS)
     engine.add_adapter(adapter, "a")
@@ -99,7 +99,7 @@ def _merged_model(run: Path, base: Path, work: Path) -> Path | None:
 
 
 def bench_decode(run: Path, base: Path, adapter: Path, rounds: int, tokens: int) -> dict:
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     with tempfile.TemporaryDirectory() as work:
         merged = _merged_model(run, base, Path(work))
@@ -132,7 +132,7 @@ def bench_peft(run: Path, base: Path, adapter: Path, rounds: int, tokens: int) -
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edge_tune import models
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     if THREADS:
         torch.set_num_threads(THREADS)

@@ -13,7 +13,7 @@ system-mode fold, stop tokens) applies here too.
 Rules every front end gets from here:
 - a model with no chat template answers as a plain text completion (``plain_fallback``; the
   front end says so once, see :meth:`ChatSession.plain_sides`);
-- a turn the chat template refuses (:class:`~edge_tune.engine.ChatTemplateError`) is not kept
+- a turn the chat template refuses (:class:`~edge_tune.llama.engine.ChatTemplateError`) is not kept
   in the history, and the error says how to fold a system message in when one was sent;
 - an answer stopped (:meth:`ChatSession.stop`, Ctrl-C, the consumer closing the stream) keeps
   what was said so far;
@@ -49,7 +49,7 @@ Adapters = Union[None, str, Sequence[tuple[str, float]]]
 
 
 def mix_of(adapters: Adapters) -> tuple:
-    """``adapters`` as :meth:`edge_tune.engine.Engine.activate_mix` takes them:
+    """``adapters`` as :meth:`edge_tune.llama.engine.Engine.activate_mix` takes them:
     ``((name, scale), ...)``; None -> ``()`` (the base), a name -> that adapter at scale 1."""
     if adapters is None:
         return ()
@@ -112,7 +112,7 @@ def require_text(answer: Answer) -> None:
 
 
 class ChatSession:
-    """The conversation with ``engine`` (an :class:`edge_tune.engine.Engine` with the
+    """The conversation with ``engine`` (an :class:`edge_tune.llama.engine.Engine` with the
     adapters the sides name loaded).
 
     ``sides``: [(label, adapter name, None or a mix [(name, scale), ...])], one or two;
@@ -153,7 +153,7 @@ class ChatSession:
     def training_systems(self) -> list[str]:
         """The runs' training system prompts the sides' conversations get (the engine sends
         one when a conversation has no system message: :meth:`Engine.set_system
-        <edge_tune.engine.Engine.set_system>`), each once; none while :attr:`system` is set
+        <edge_tune.llama.engine.Engine.set_system>`), each once; none while :attr:`system` is set
         (it wins). Front ends say each once."""
         if self.system:
             return []
@@ -178,7 +178,7 @@ class ChatSession:
     def ask(self, text: str) -> Iterator[Event]:
         """Send ``text``: every side answers in turn, streamed as :class:`Token` events, each
         side ending with its :class:`Answer`. Raises what the engine raises
-        (:class:`~edge_tune.engine.ChatTemplateError` for a turn the template refuses, the
+        (:class:`~edge_tune.llama.engine.ChatTemplateError` for a turn the template refuses, the
         turn then not kept)."""
         self._stop.clear()
         for index in range(len(self.sides)):
@@ -225,7 +225,7 @@ class ChatSession:
 def _system_mode_hint(messages: list[dict]):
     """Add the system-mode hint to a chat template's refusal when a system message was sent
     (templates without a system role refuse it)."""
-    from edge_tune.engine import ChatTemplateError
+    from edge_tune.llama.engine import ChatTemplateError
 
     try:
         yield

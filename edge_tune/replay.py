@@ -99,7 +99,7 @@ def replay_records(base_gguf: Path, n: int, base_sha256: str,
 
 
 def _engine(base_gguf: Path, chat_template: Optional[str], system_mode: str):
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     return Engine(base_gguf, n_ctx=1024, chat_template=chat_template, system_mode=system_mode,
                   prompt_cache=False)

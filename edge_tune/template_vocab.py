@@ -6,7 +6,7 @@ them the markers are trained as several text pieces and generation never meets a
 such a template is refused in one line. The markers are found by rendering a probe conversation
 (with empty ``bos_token``/``eos_token``: those are the model's own by definition): every
 ``<|...|>`` marker, and the marker that closes the assistant turn (the text the engine takes
-its turn-end stop token from, see ``edge_tune.engine``). The vocabulary is read cheaply: a
+its turn-end stop token from, see ``edge_tune.llama.engine``). The vocabulary is read cheaply: a
 GGUF's ``tokenizer.ggml.tokens`` array is searched in place (no Python list of the
 vocabulary); an HF directory's ``tokenizer.json`` (its ``model.vocab`` and ``added_tokens``).
 Pure module: no heavy imports.

@@ -277,7 +277,7 @@ def llama_side(model: Path, samples: list[Sample], adapter: Path | None = None,
     the model without it (the adapter is switched off and on per sample: one load). A
     generator, so that a caller holds one sample's logits at a time; exhaust it before the
     next load (the engine closes at its end)."""
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     n_ctx = max(len(s.ids) + 8 for s in samples) + max_new
     with Engine(model, n_ctx=max(n_ctx, 64), logits_all=True, exact=True,

@@ -23,7 +23,7 @@ import numpy as np
 def main(jobs_path: str, start: int = 0) -> None:
     import llama_cpp
 
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
     from edge_tune.errors import EdgeTuneError
 
     jobs = json.loads(open(jobs_path).read())

@@ -32,7 +32,7 @@ RESULTS: dict[str, float] = {}
 @pytest.fixture(scope="module")
 def fam():
     """name -> (GGUF path, HF model, engine on the GGUF); built on first use."""
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     built, engines = {}, []
 
@@ -72,7 +72,7 @@ def _export(peft_dir, base, out, merge=False):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_projections_match_peft_as_gguf_and_merged(name, fam, tmp_path):
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     gguf, model, eng = fam(name)
     tuned, base = peft_adapter(copy.deepcopy(model), tmp_path / "peft", tokens=TOKENS,
@@ -94,7 +94,7 @@ def test_projections_match_peft_as_gguf_and_merged(name, fam, tmp_path):
 def test_embedding_lora(name, fam, tmp_path):
     """Untied: a GGUF adapter that matches PEFT. Tied: refused naming the merge, and the merge
     unties and matches PEFT. gemma2 (output always the embedding): both refused, naming vLLM."""
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     gguf, model, eng = fam(name)
     tuned, base = peft_adapter(copy.deepcopy(model), tmp_path / "peft", tokens=TOKENS,
@@ -161,7 +161,7 @@ def test_trained_base_biases_merge_like_peft(fam, tmp_path):
     biases): no GGUF LoRA form, refused naming --merge; the merge matches PEFT."""
     import torch
 
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     gguf, model, _ = fam("qwen2")
     m = copy.deepcopy(model)

@@ -68,7 +68,7 @@ def made(default_gguf, tmp_path_factory):
 
 
 def llama_effect(base, adapter):
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     with Engine(base, n_ctx=64, logits_all=True, exact=True) as eng:
         plain = eng.logits(TOKENS)
@@ -97,7 +97,7 @@ def test_llama_cpp_made_tied_embedding_adapter_is_refused(made):
     proc = run_cli("export", str(m["peft"]), "--base", str(m["base"]), "--merge", "--quant",
                    "F32", "-o", str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     with Engine(out, n_ctx=64, logits_all=True, exact=True) as eng, \
             Engine(m["base"], n_ctx=64, logits_all=True, exact=True) as plain:

@@ -71,7 +71,7 @@ def make_mlx_adapter(hf_dir, out_dir, kind: str, cfg: dict):
 @pytest.mark.parametrize("case,family,kind,cfg", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_mlx_variant_runs_in_llama_cpp_like_in_mlx(case, family, kind, cfg, tmp_path):
     from edge_tune import api
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     base, tuned = make_mlx_adapter(family_hf(family), tmp_path / "mlx", kind, cfg)
     want = tuned - base

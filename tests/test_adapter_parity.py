@@ -43,7 +43,7 @@ def twins(bases):
 
 @pytest.fixture(scope="module")
 def engines(bases):
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     engs = {k: Engine(v, n_ctx=64, logits_all=True, exact=True) for k, v in bases.items()}
     yield engs
@@ -142,7 +142,7 @@ def test_refused_as_gguf_and_merge_matches_peft(case, base_kind, kw, refusal, ba
     assert "\n" not in msg and refusal in msg and MERGE in msg, msg
     assert not (tmp_path / "adapter.gguf").exists()
     merged = export(tmp_path / "peft", bases[base_kind], tmp_path, merge=True)
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     with Engine(merged, n_ctx=64, logits_all=True, exact=True) as eng:
         got = eng.logits(TOKENS)
@@ -156,7 +156,7 @@ def test_refused_as_gguf_and_merge_matches_peft(case, base_kind, kw, refusal, ba
 
 def test_merge_of_gguf_shapes_matches_peft(bases, engines, twins, tmp_path):
     """--merge of an adapter that also has a GGUF form (embedding LoRA on an untied base)."""
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     model = twins("untied")
     tuned, _ = peft_adapter(model, tmp_path / "peft", target_modules=["embed_tokens", *ALL7],
@@ -179,7 +179,7 @@ def test_parity_catches_a_merge_that_keeps_the_tie(bases, engines, twins, tmp_pa
     """The untying is needed: a merge that adds the embedding delta to the shared tensor (what
     `merge_and_unload()` does to a tied HF model) moves the output layer too."""
     from edge_tune.converters.formats import merge as merge_mod
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     tuned, base = peft_adapter(twins("tied"), tmp_path / "peft",
                                target_modules=["embed_tokens", "q_proj"])

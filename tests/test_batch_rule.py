@@ -1,4 +1,4 @@
-"""The batching rule of edge_tune.batch_rows, checked bit for bit on the default model.
+"""The batching rule of edge_tune.llama.batch_rows, checked bit for bit on the default model.
 
 What the server's exactness and prompt cache rest on: a decoded row's logits (and so its KV
 entries) equal the same token's inside a prompt block, however the prompt is split, and a
@@ -24,7 +24,7 @@ ANSWER = 12  # decoded tokens per check
 
 @pytest.fixture(scope="module")
 def engine(default_gguf, tmp_path_factory):
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     rng = np.random.default_rng(7)
     tensors = {}
@@ -56,7 +56,7 @@ def _clear(eng) -> None:
 
 def _blocks(eng, seq: int, tokens: list, sizes: list) -> list:
     """Evaluate ``tokens`` as prompt blocks of the given sizes (cycled): every row's logits."""
-    from edge_tune.batch_rows import Rows
+    from edge_tune.llama.batch_rows import Rows
 
     out, i, k = [], 0, 0
     while i < len(tokens):
@@ -70,7 +70,7 @@ def _blocks(eng, seq: int, tokens: list, sizes: list) -> list:
 def _greedy(eng, prompts: dict) -> dict:
     """Decode ANSWER greedy tokens for every sequence in ``prompts`` ({seq: tokens}) in steps
     of all of them: {seq: (answer tokens, logits before each token)}."""
-    from edge_tune.batch_rows import Rows
+    from edge_tune.llama.batch_rows import Rows
 
     last = {s: _blocks(eng, s, p, [300])[-1] for s, p in prompts.items()}
     out = {s: ([], []) for s in prompts}

@@ -23,7 +23,7 @@ GREEDY = dict(temperature=0.0, max_tokens=6)
 def engine(tiny, tmp_path_factory):
     """The tiny model (SmolLM2's ChatML template) with two strong random adapters on
     attn_q/v ("adapter", "other")."""
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     adapters = tmp_path_factory.mktemp("a")
     eng = Engine(tiny, n_ctx=512, threads=1)
@@ -88,7 +88,7 @@ def test_a_side_can_answer_with_a_mix_of_adapters(engine):
 
 
 def test_a_model_without_a_template_answers_as_a_plain_completion(tiny, tmp_path):
-    from edge_tune.engine import Engine, NoChatTemplate, plain_prompt
+    from edge_tune.llama.engine import Engine, NoChatTemplate, plain_prompt
 
     bare = retemplated(tiny, tmp_path / "bare.gguf", None)
     with Engine(bare, n_ctx=512, threads=1) as eng:
@@ -105,7 +105,7 @@ def test_a_model_without_a_template_answers_as_a_plain_completion(tiny, tmp_path
 
 
 def test_a_refused_turn_is_not_kept_and_says_how_to_fold(tiny, tmp_path):
-    from edge_tune.engine import ChatTemplateError, Engine
+    from edge_tune.llama.engine import ChatTemplateError, Engine
     from edge_tune.templates import BUILTIN
 
     gemma2 = retemplated(tiny, tmp_path / "g2.gguf", BUILTIN["gemma2"])

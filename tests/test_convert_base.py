@@ -135,7 +135,7 @@ def test_round_trip_logits_match_transformers(family, hf_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     model_dir = build_tiny(family, tmp_path / family, hf_dir)
     out = tmp_path / f"{family}.gguf"

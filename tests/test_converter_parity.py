@@ -17,7 +17,7 @@ TEXT = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|
 
 @pytest.fixture(scope="module")
 def engine(f32_base):
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     with Engine(f32_base, n_ctx=256, logits_all=True, exact=True) as eng:
         yield eng

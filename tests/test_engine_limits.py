@@ -13,7 +13,7 @@ def test_max_tokens_holds_when_the_text_is_incomplete_utf8(default_gguf):
     """llama-cpp-python's streaming loop skips its max_tokens check while the text ends in an
     incomplete UTF-8 sequence; a model that keeps sampling lead bytes used to generate until
     the context was full (llama_decode failed). Forced here with a logit bias."""
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     with Engine(default_gguf, n_ctx=128, threads=1) as engine:
         lead = _lead_byte_token(engine)

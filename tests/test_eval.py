@@ -23,7 +23,7 @@ TWO_GENERAL = ["What is the capital of France?", "List the first five prime numb
 @pytest.fixture(autouse=True, scope="module")
 def one_llama_thread():
     """llama.cpp with one thread (here and in subprocesses): on a shared machine its threads
-    wait for each other at every op (see edge_tune.engine)."""
+    wait for each other at every op (see edge_tune.llama.engine)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGE_TUNE_THREADS", "1")
         yield

@@ -59,7 +59,7 @@ def mlx_logits(hf_dir, ids, translate: bool = True):
 
 
 def llama_logits(gguf, ids):
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     with Engine(gguf, n_ctx=max(64, len(ids) + 8), logits_all=True, exact=True) as eng:
         return eng.logits(ids).astype(np.float64)

@@ -7,7 +7,7 @@ import sys
 HEAVY = ["torch", "transformers", "peft", "llama_cpp", "mlx", "mlx_lm", "unsloth", "textual",
          "accelerate", "datasets", "starlette", "uvicorn"]
 
-MODULES = ["edge_tune", "edge_tune.api", "edge_tune.cli", "edge_tune.engine",
+MODULES = ["edge_tune", "edge_tune.api", "edge_tune.cli", "edge_tune.llama.engine",
            "edge_tune.runner", "edge_tune.models", "edge_tune.hardware", "edge_tune.config",
            "edge_tune.manifest", "edge_tune.demo", "edge_tune.data.formats",
            "edge_tune.data.template", "edge_tune.backends.registry", "edge_tune.backends.cpu",

@@ -26,7 +26,7 @@ def base_model(hf_dir):
 
 @pytest.fixture(scope="module")
 def tokens(f32_base):
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     with Engine(f32_base, n_ctx=256) as eng:
         return eng.tokenize(TEXT)
@@ -58,7 +58,7 @@ def make_adapter(base_model, tokens, out_dir, **lora_kw):
 
 
 def llama_logits(model_path, tokens, adapter=None):
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     with Engine(model_path, n_ctx=256, logits_all=True, exact=True) as eng:
         if adapter is not None:
@@ -130,7 +130,7 @@ def peft_dir(base_model, tokens, tmp_path_factory):
 def test_q4_k_m_export_keeps_metadata_loads_and_chats(peft_dir, default_gguf, tmp_path):
     import gguf
 
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     out = tmp_path / "merged-q4km.gguf"
     proc = run_cli("export", str(peft_dir), "--base", str(default_gguf), "--merge",

@@ -24,7 +24,7 @@ TEXT = ("<|im_start|>user\nWhat do bees make?<|im_end|>\n<|im_start|>assistant\n
 
 @pytest.fixture(scope="module")
 def engine(tiny):
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     with Engine(tiny, n_ctx=256, logits_all=True, exact=True) as eng:
         yield eng

@@ -54,7 +54,7 @@ def test_the_replay_prompts_are_not_the_drift_prompts():
 
 
 def test_replay_answers_are_the_base_models_own_and_cached(default_gguf, replay_cache, tmp_path):
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
     from edge_tune.fsutil import sha256_file
     from edge_tune.replay import MAX_TOKENS, replay_prompts, replay_records
 

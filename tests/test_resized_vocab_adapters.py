@@ -152,7 +152,7 @@ def test_the_route_the_refusal_names_works(tmp_path):
     from tiny_families import convert
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     base = family_hf("qwen2")
     tok = AutoTokenizer.from_pretrained(base)

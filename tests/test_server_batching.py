@@ -44,7 +44,7 @@ def tiny(tmp_path_factory, default_gguf):
 
 
 def _engine(tiny, **kw):
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     engine = Engine(tiny["base"], n_ctx=1024, threads=1, **kw)
     engine.add_adapter(tiny["a"], "a")
@@ -118,7 +118,7 @@ def test_a_removed_adapter_takes_its_cache_along(tiny):
 
 def _cold_answer(tiny, mix, messages, extra: dict | None = None) -> str:
     """What `chat --prompt` computes: a fresh engine, context reset, greedy."""
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     with Engine(tiny["base"], n_ctx=1024, threads=1, prompt_cache=False) as engine:
         for name, path in {"a": tiny["a"], "b": tiny["b"], **(extra or {})}.items():

@@ -1,4 +1,4 @@
-"""The Q8_0 serving copy of an adapter (converters/formats/lora_q8.py, edge_tune/serving_adapter.py).
+"""The Q8_0 serving copy of an adapter (converters/formats/lora_q8.py, edge_tune/llama/serving_copy.py).
 
 What it must keep: the product ``alpha / rank * B A`` of every pair (rank padded to 32, B
 and alpha rescaled, as llama.cpp reads it), also for a barely trained B; an adapter it cannot
@@ -69,7 +69,7 @@ def test_the_copy_keeps_every_pairs_product(tmp_path, alpha, size):
 
 
 def test_an_adapter_with_a_pair_q8_0_cannot_hold_is_served_as_written(tmp_path, monkeypatch):
-    from edge_tune.serving_adapter import serving_copy
+    from edge_tune.llama.serving_copy import serving_copy
 
     monkeypatch.setenv("EDGE_TUNE_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(4)
@@ -85,7 +85,7 @@ def test_an_adapter_with_a_pair_q8_0_cannot_hold_is_served_as_written(tmp_path, 
 
 
 def test_a_damaged_cached_copy_is_made_again(tmp_path, monkeypatch):
-    from edge_tune.serving_adapter import serving_copy
+    from edge_tune.llama.serving_copy import serving_copy
 
     monkeypatch.setenv("EDGE_TUNE_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(5)
@@ -118,7 +118,7 @@ def pirate():
 
 
 def test_the_engine_serves_the_copy_without_filler_rows(default_gguf, pirate):
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     with Engine(default_gguf, n_ctx=256, threads=1) as eng:
         eng.add_adapter(pirate, "p")
@@ -135,8 +135,8 @@ def test_the_copy_moves_logits_as_little_as_an_f16_cache_does(default_gguf, pira
     """Teacher-forced on a 50-token pirate answer, F32 KV cache: the Q8_0 copy against the
     adapter as written. Measured: KL 3-4.5e-3 nats, top-1 91-95 %; an F16 cache against an
     F32 one, same adapter: KL 3.6-4.3e-3, top-1 91-97 %."""
-    from edge_tune.engine import Engine
-    from edge_tune.serving_adapter import serving_copy
+    from edge_tune.llama.engine import Engine
+    from edge_tune.llama.serving_copy import serving_copy
 
     with Engine(default_gguf, n_ctx=256, threads=1, logits_all=True, exact=True) as eng:
         eng.add_adapter(pirate, "f32")

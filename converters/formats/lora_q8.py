@@ -3,7 +3,7 @@
 Why: ggml computes a Q8_0 matrix product with the same arithmetic for one row as for
 several (its dot product and llamafile's Q8_0 sgemm agree bit for bit on x86; measured,
 docs/serving.md), an F32 one not, so with Q8_0 adapters a lone sequence's decode step needs
-no filler row (:mod:`edge_tune.batch_rows`). Q8_0 stores rows in blocks of 32, so the rank
+no filler row (:mod:`edge_tune.llama.batch_rows`). Q8_0 stores rows in blocks of 32, so the rank
 is padded with zero rows of A and zero columns of B up to a multiple of 32; llama.cpp scales
 each pair by ``alpha / rank`` with ``rank = B.ne[0]`` (by 1 without an alpha), so B and
 alpha are rescaled to keep ``alpha / rank * B A`` (Hu et al. 2021, eq. 4) the same up to

@@ -24,7 +24,7 @@ def open_engine(target: ChatTarget, on_event: EventSink = ignore,
     ``training_system``: a conversation without a system message gets the run's training
     system prompt (:attr:`ChatTarget.training_system`), as chat and serve send it; False for
     measurements that compare the base with the adapter on the prompts as they are (eval)."""
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
 
     engine = Engine(target.base, chat_template=target.chat_template.text if
                     target.chat_template else None, stop_tokens=target.stop_tokens,

@@ -213,7 +213,7 @@ def example_nll(engine, input_ids: list[int], labels: list[int]) -> tuple[float,
 
 def greedy(engine, messages: list, max_tokens: int) -> Optional[str]:
     """The greedy answer, or None when the prompt does not fit or the template refuses it."""
-    from edge_tune.engine import ChatTemplateError, ContextOverflow
+    from edge_tune.llama.engine import ChatTemplateError, ContextOverflow
 
     try:
         return engine.chat(messages, temperature=0.0, max_tokens=max_tokens).strip()

@@ -43,7 +43,7 @@ def plan_serving(adapter_specs: list[str], base: Optional[str] = None,
 def open_serving(plan: ServePlan, on_event: EventSink = ignore, **engine_kw):
     """Load the base once and every adapter once, each validated against the base first,
     with each model's chat template (see :class:`ServePlan`)."""
-    from edge_tune.engine import Engine
+    from edge_tune.llama.engine import Engine
     from edge_tune.server.adapter_admin import load_adapter
 
     engine = Engine(plan.base, chat_template=plan.templates.get("base"),

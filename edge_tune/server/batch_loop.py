@@ -6,7 +6,7 @@ that runs the engine's ordinary generation loop (llama-cpp-python's, with the re
 sampling, grammar, logits processors and stop strings) on the slot's sequence
 (:meth:`SeqLlama.view`). When that loop evaluates tokens, its thread *parks* them here and
 waits; the decoding thread gathers the parked rows of every sequence under the current
-adapter set into one ``llama_decode`` (the rule of :mod:`edge_tune.batch_rows` keeps each
+adapter set into one ``llama_decode`` (the rule of :mod:`edge_tune.llama.batch_rows` keeps each
 row's bits independent of the batch), hands each sequence the index of its logits, and waits until
 every sequence has sampled and parked again (or finished) before the next step.
 New requests join between steps. All rows of a decode share one adapter set (llama.cpp
@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass, field
 
 from edge_tune.errors import EdgeTuneError
-from edge_tune.batch_rows import KVFull, Rows, chunks
+from edge_tune.llama.batch_rows import KVFull, Rows, chunks
 
 TURN_STEPS = 16  # decode steps an adapter set keeps the context while another set waits
 
@@ -102,7 +102,7 @@ class Batcher:
         """A slot for a request under ``mix``, None when ``engine.parallel`` requests run.
         Of the idle slots, the ones that add the fewest filler rows to ``mix``'s steps (a
         step spans the consecutive sequence ids from its lowest to its highest, a filler in
-        each gap: :mod:`edge_tune.batch_rows`); among those, one whose cache was computed
+        each gap: :mod:`edge_tune.llama.batch_rows`); among those, one whose cache was computed
         under ``mix``, for the request sharing the most leading items with ``key``
         (:func:`request_key`: the same conversation a turn earlier, or the same system
         prompt), then the most recent; else the least recently used (its cache is

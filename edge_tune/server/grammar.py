@@ -250,7 +250,7 @@ def check(gbnf: str, vocab, field: str) -> None:
     pointer); a grammar it refuses is a 400 naming ``field``."""
     import llama_cpp
 
-    from edge_tune.engine import quiet_stderr
+    from edge_tune.llama.engine import quiet_stderr
 
     with quiet_stderr():
         sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode("utf-8"), b"root")

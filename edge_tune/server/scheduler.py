@@ -4,7 +4,7 @@ A llama.cpp context is not thread-safe and there is only one, so one worker thre
 every decode and every engine call; requests on the same adapter set are decoded together
 (continuous batching, :mod:`.batch_loop`), sets take turns, and each sequence generates on
 a thread of its own that only samples and waits (the decode rule of
-:mod:`edge_tune.batch_rows` makes a greedy answer the same alone or batched, so it equals
+:mod:`edge_tune.llama.batch_rows` makes a greedy answer the same alone or batched, so it equals
 ``chat --prompt``).
 
 The asyncio side talks to the threads through thread-safe hand-offs: each job carries an
@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from edge_tune.engine import ChatTemplateError, ContextOverflow, NoChatTemplate, Piece
+from edge_tune.llama.engine import ChatTemplateError, ContextOverflow, NoChatTemplate, Piece
 from edge_tune.errors import EdgeTuneError
 from edge_tune.server.openai_shapes import GenRequest, RequestError
 

@@ -3,7 +3,7 @@
 With its A/B matrices in Q8_0 (:mod:`edge_tune.converters.formats.lora_q8`), a lone
 sequence decodes without a filler row, so `chat --adapter` and a server answering one
 request run at the base model's speed instead of half of it, with the same greedy answer
-alone or batched (:mod:`edge_tune.batch_rows`). The copy's logits differ from the F32
+alone or batched (:mod:`edge_tune.llama.batch_rows`). The copy's logits differ from the F32
 adapter's by about as much as an F16 KV cache moves them from an F32 one (docs/serving.md);
 `verify` and every parity check load the adapter as written (``Engine(exact=True)``).
 """

@@ -18,7 +18,7 @@ and F16/F32 weights, so a lone sequence's step gets a *filler* row (appended to 
 neighbouring stream's end, with logits: llama.cpp computes the last layer only for output
 rows, and removed after) unless a lone row is known to compute as it would beside others
 (``Batch.lone_ok``, measured per adapter set by :func:`lone_rows_agree`: on x86 it does for
-quantized weights with the engine's Q8_0 adapter copies, :mod:`edge_tune.serving_adapter`).
+quantized weights with the engine's Q8_0 adapter copies, :mod:`edge_tune.llama.serving_copy`).
 llama.cpp splits a batch over per-sequence streams into micro-batches of consecutive,
 increasing sequence ids with equal token counts; without ``lone_ok`` a step therefore covers
 a consecutive range of sequence ids, in order, with a filler row in each gap (rows out of

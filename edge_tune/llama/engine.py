@@ -246,7 +246,7 @@ def _batched_suffix(llm) -> None:
 def _keep_prompt_only(llm, prompt_tokens: int) -> None:
     """Drop the KV entries of the answer, keep the prompt's: for an ``exact`` engine (F32
     KV cache, flash attention off), where ggml computes a decoded row's attention with
-    other kernels than a block's (:mod:`edge_tune.batch_rows`), so reusing the decoded
+    other kernels than a block's (:mod:`edge_tune.llama.batch_rows`), so reusing the decoded
     entries could change the next turn's answer. The answer goes with the next prompt."""
     if prompt_tokens and llm.n_tokens > prompt_tokens:
         llm.n_tokens = prompt_tokens
@@ -273,10 +273,10 @@ class Engine:
                  parallel: int = 1) -> None:
         """``exact``: keep the KV cache in F32 with flash attention off, for bit-careful
         comparisons with torch (default: BF16 with flash attention, the batching rule's
-        setting, :func:`edge_tune.batch_rows.kv_cache_params`).
+        setting, :func:`edge_tune.llama.batch_rows.kv_cache_params`).
         ``parallel``: sequences the context holds (the server's batch), ``n_ctx`` tokens
         each (a KV stream per sequence, at least two), all decoded by the rule of
-        :mod:`edge_tune.batch_rows`, so a greedy answer is the same alone or
+        :mod:`edge_tune.llama.batch_rows`, so a greedy answer is the same alone or
         batched.
         ``prompt_cache``: reuse the KV entries of the longest common prefix of the previous
         prompt (per adapter set, see :meth:`activate_mix`) instead of starting each answer
@@ -301,7 +301,7 @@ class Engine:
         # thread stalls the rest (measured here: 2 threads 4-13x slower than 1 under load).
         threads = threads or _env_threads() or psutil.cpu_count(logical=False) or 1
         try:
-            from edge_tune.batch_rows import kv_cache_params, seq_llama, streams_for
+            from edge_tune.llama.batch_rows import kv_cache_params, seq_llama, streams_for
 
             with quiet_stderr(), _model_params(_want_extra_bufts()):
                 self.llm = seq_llama(streams_for(parallel), n_ctx, model_path=str(self.base_path),
@@ -424,7 +424,7 @@ class Engine:
     def add_adapter(self, path: Path, name: Optional[str] = None) -> str:
         """Validate and load an adapter GGUF; returns its name (default: the path). On a
         quantized base (not ``exact``) its Q8_0 serving copy is what llama.cpp loads
-        (:mod:`edge_tune.serving_adapter`)."""
+        (:mod:`edge_tune.llama.serving_copy`)."""
         import llama_cpp
 
         path = Path(path)
@@ -434,7 +434,7 @@ class Engine:
         self.adapter_meta[name] = validate_adapter_file(path, self.base)
         load = path
         if not self._exact and not self._float_weights:
-            from edge_tune.serving_adapter import serving_copy
+            from edge_tune.llama.serving_copy import serving_copy
 
             try:
                 load = serving_copy(path)
@@ -444,7 +444,7 @@ class Engine:
         with quiet_stderr():
             ptr = llama_cpp.llama_adapter_lora_init(self.llm.model, str(load).encode())
         if not ptr and load != path:  # the cached copy went bad after its check: remake it
-            from edge_tune.serving_adapter import serving_copy
+            from edge_tune.llama.serving_copy import serving_copy
 
             load = serving_copy(path, fresh=True)
             with quiet_stderr():
@@ -567,7 +567,7 @@ class Engine:
 
         def check() -> bool:
             if key not in _LONE_ROWS:
-                from edge_tune.batch_rows import kv_cache_params, lone_rows_agree
+                from edge_tune.llama.batch_rows import kv_cache_params, lone_rows_agree
 
                 with quiet_stderr():
                     _LONE_ROWS[key] = lone_rows_agree(self.llm.model, self._threads, adapters,
