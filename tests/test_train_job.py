@@ -15,7 +15,7 @@ from edge_tune.backends import unsloth_qlora as uq
 from edge_tune.backends.job import TrainJob, as_config, wire_fields
 from edge_tune.backends.loop import lr_at
 from edge_tune.config import TrainConfig, build
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import Cancelled, EdgeTuneError
 from edge_tune.hardware import CudaGpu
 from edge_tune.models import ModelRef
 
@@ -172,7 +172,7 @@ def test_resume_asks_whether_the_backend_is_resumable(monkeypatch, tmp_path, dem
 
 def test_checkpoint_on_cancel_saves_then_raises_cancelled_and_lets_other_errors_through():
     stop, saved, events = checkpoint.Interrupt(), [], []
-    with pytest.raises(checkpoint.Cancelled):
+    with pytest.raises(Cancelled):
         with checkpoint.saved_on_cancel(stop, lambda: saved.append(3) or (3, 8), events.append,
                                         "RUN"):
             raise KeyboardInterrupt

@@ -20,7 +20,7 @@ from test_unsloth_backend import config, tiny_peft_llama
 from edge_tune.backends import checkpoint
 from edge_tune.backends import unsloth_qlora as uq
 from edge_tune.data.template import IGNORE, Example
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import Cancelled, EdgeTuneError
 from edge_tune.events import Metric
 
 STEPS = 10
@@ -99,7 +99,7 @@ def _cancelled_then_resumed(run_dir, straight, interrupt, arm, save_every=0):
     model = tiny_peft_llama()
     disarm = arm(model)
     try:
-        with pytest.raises(checkpoint.Cancelled):
+        with pytest.raises(Cancelled):
             uq.fit(model, _job(run_dir, save_every, interrupt=interrupt), before.append, "none")
     finally:
         disarm()

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import Cancelled, EdgeTuneError
 from edge_tune.events import Log
 from edge_tune.fsutil import atomic_path
 
@@ -30,13 +30,14 @@ CHECKPOINT = "checkpoint"
 FORMAT = "edge-tune-checkpoint/1"
 
 
-class Cancelled(KeyboardInterrupt):
+class Interrupted(KeyboardInterrupt):
     """Raised in the training loop when SIGTERM arrives (a KeyboardInterrupt, so that no
-    library's ``except Exception`` swallows it)."""
+    library's ``except Exception`` swallows it); :func:`saved_on_cancel` turns it into
+    :class:`edge_tune.errors.Cancelled` once the checkpoint is written."""
 
 
 class Interrupt:
-    """Turns SIGTERM into :class:`Cancelled`, but never in the middle of a :meth:`guard`ed
+    """Turns SIGTERM into :class:`Interrupted`, but never in the middle of a :meth:`guard`ed
     block (an optimizer update cut in half would leave weights and state out of step)."""
 
     def __init__(self) -> None:
@@ -50,7 +51,7 @@ class Interrupt:
     def _on_signal(self, signum, frame) -> None:
         self.requested = True
         if not self._depth:
-            raise Cancelled()
+            raise Interrupted()
 
     @contextmanager
     def guard(self) -> Iterator[None]:
@@ -60,7 +61,7 @@ class Interrupt:
         finally:
             self._depth -= 1
         if self.requested and not self._depth:
-            raise Cancelled()
+            raise Interrupted()
 
 
 @contextmanager
@@ -69,7 +70,8 @@ def saved_on_cancel(stop: Interrupt, save: Callable[[], Optional[tuple[int, int]
                     ) -> Iterator[None]:
     """Around a training loop: a cancel (SIGTERM seen by ``stop``, which a library may surface
     wrapped in an exception of its own, or Ctrl-C) writes a checkpoint and raises
-    :class:`Cancelled`; any other exception passes through unchanged.
+    :class:`edge_tune.errors.Cancelled` ("training cancelled", exit 130); any other
+    exception passes through unchanged.
 
     ``save()`` writes the checkpoint and returns (step, total steps), or returns None where
     this process writes nothing (only rank 0 writes the run directory). ``finished()``: True
@@ -87,7 +89,7 @@ def saved_on_cancel(stop: Interrupt, save: Callable[[], Optional[tuple[int, int]
         if saved is not None:
             emit(Log(f"checkpoint saved at step {saved[0]}/{saved[1]}; resume with "
                      f"`edge-tune train --resume {run_dir}`"))
-        raise Cancelled() from None
+        raise Cancelled("training cancelled") from None
 
 
 def check_matches(state: dict, total: int, slots: int, where: str) -> None:

@@ -23,7 +23,7 @@ class TrainFn(Protocol):
     """A backend's training entry point, called in the training subprocess with the job
     the worker prepared (examples tokenized, ``adapter_dir`` set). It saves a PEFT adapter in
     ``job.adapter_dir``, reports through ``emit`` (``edge_tune.events``), raises
-    ``checkpoint.Cancelled`` on cancel, and returns the result: steps, final_loss, val_loss,
+    ``errors.Cancelled`` on cancel, and returns the result: steps, final_loss, val_loss,
     tokens, tokens_per_second, train_seconds, precision, trainable_parameters (and what else
     the backend measures)."""
 

@@ -343,7 +343,7 @@ def fit(model, job: TrainJob | Mapping, emit: Callable, precision: str = "none",
     ``precision``: the Trainer's mixed precision, 'bf16', 'fp16' or 'none' (CPU tests).
     Checkpoints (``edge_tune.backends.checkpoint``, the CPU backend's format) go to
     ``job.run_dir`` every ``save_every`` steps and when ``job.interrupt`` sees SIGTERM,
-    which then raises :class:`checkpoint.Cancelled`; ``job.resume_from`` continues one.
+    which then raises :class:`edge_tune.errors.Cancelled`; ``job.resume_from`` continues one.
     Returns the same result keys as the CPU backend (the adapter is the caller's to save)."""
     import tempfile
 

@@ -20,14 +20,10 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import Cancelled, EdgeTuneError  # Cancelled: the client went away
 from edge_tune.llama.batch_rows import KVFull, Rows, chunks
 
 TURN_STEPS = 16  # decode steps an adapter set keeps the context while another set waits
-
-
-class Cancelled(EdgeTuneError):
-    """The client went away (or the server stops) while its sequence waited for a step."""
 
 
 @dataclass
