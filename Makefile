@@ -1,7 +1,7 @@
 # edge-tune: two commands on a fresh machine.
 #   make demo   install, fetch the embedded model, train, export, compare base vs tuned
 #   make test   install with test extras, run the whole suite
-#   make lint   ruff and the import rules (lint-imports)
+#   make lint   ruff, the import rules (lint-imports) and vulture (dead code)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -42,9 +42,11 @@ bench: install
 
 # ruff (pyflakes-level errors) and import-linter's contracts (pyproject.toml [tool.importlinter];
 # run over the installed layout by tests/import_contracts.py). `make test` checks both too.
+# vulture: no dead code at 80% confidence (framework callbacks' parameters: vulture_whitelist.py).
 lint: install
 	$(BIN)/python -m ruff check edge_tune converters tui tests benchmarks
 	$(BIN)/python tests/import_contracts.py
+	$(BIN)/python -m vulture edge_tune converters tui vulture_whitelist.py --min-confidence 80
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

@@ -11,7 +11,7 @@ from __future__ import annotations
 from edge_tune import manifest as manifest_mod
 from edge_tune.adapters import ChatTarget, resolve_chat
 from edge_tune.commands.bundle import bundle
-from edge_tune.commands.chat import chat_once, chat_plan, open_engine, parse_adapter_options
+from edge_tune.commands.chat import chat_plan, open_engine, parse_adapter_options
 from edge_tune.commands.convert import convert_base, fetch_converter
 from edge_tune.commands.doctor import doctor
 from edge_tune.commands.train import export_run as export  # finishes a run killed late
@@ -32,7 +32,7 @@ from edge_tune.server.plan import ServePlan
 __all__ = [
     # commands
     "doctor", "plan", "train", "inspect_data", "model_template", "bad_records", "export",
-    "convert_base", "fetch_converter", "verify", "evaluate", "resolve_chat", "open_engine", "chat_once",
+    "convert_base", "fetch_converter", "verify", "evaluate", "resolve_chat", "open_engine",
     "chat_plan", "parse_adapter_options", "plan_serving", "open_serving", "serve", "bundle",
     # runs on disk
     "RUN_CONFIG", "default_run_dir", "load_run_config", "resume_state", "list_runs",

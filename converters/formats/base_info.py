@@ -31,9 +31,6 @@ class BaseInfo:
     # Rows of the token embedding (the model's vocabulary size); None when not known.
     n_vocab: Optional[int] = None
 
-    def has_tensor(self, name: str) -> Optional[bool]:
-        return None if self.tensors is None else name in self.tensors
-
 
 def open_gguf(path: Path):
     """GGUFReader with a one-line error for anything that is not a whole GGUF file."""

@@ -17,8 +17,6 @@ from edge_tune.errors import EdgeTuneError
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0",
                "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K",
                "IQ4_NL", "IQ4_XS")
-# Written by edge-tune itself from float32 numpy arrays; the rest go through llama.cpp.
-NATIVE_TYPES = ("F32", "F16")
 
 # Bytes per weight, roughly, for the disk-space estimate (block overheads included).
 BITS_PER_WEIGHT = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.7,

@@ -131,7 +131,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
     t0 = time.perf_counter()
     # transformers 5 configs keep RoPE where mlx-lm does not look: translate (mlx_config)
     model, _ = mlx_load(job.hf_dir, **mlx_load_kwargs(job.hf_dir, cfg.seq_len))
-    full = bool(getattr(cfg, "full", False))
+    full = cfg.full
     if full:  # SFT only: the config refuses --full with --method dpo|orpo
         # every weight, as the cpu backend's --full (mlx-lm's fine_tune_type "full" trains the
         # blocks only, not the embeddings and the final norm)

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 from edge_tune import chat_session, models
 from edge_tune.adapters import ChatTarget, resolve_chat
-from edge_tune.chat_session import ChatSession, Token
 from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import EventSink, Log, ignore
 from edge_tune.fsutil import sha256_file
@@ -43,19 +42,6 @@ def open_engine(target: ChatTarget, on_event: EventSink = ignore,
             on_event(Log(f"{target.adapter} was trained on a different base file than "
                          f"{target.base} (sha256 differs); answers may be off", "warning"))
     return engine
-
-
-def chat_once(target: ChatTarget, prompt: str, system: Optional[str] = None,
-              temperature: float = 0.7, max_tokens: int = 256) -> Iterator[str]:
-    """One answer to ``prompt``, streamed as text pieces (a :class:`ChatSession` of one
-    message); the engine is closed afterwards."""
-    engine = open_engine(target)
-    try:
-        session = ChatSession(engine, system=system, temperature=temperature,
-                              max_tokens=max_tokens)
-        yield from (e.text for e in session.ask(prompt) if isinstance(e, Token))
-    finally:
-        engine.close()
 
 
 def _scale_text(scale: float) -> str:

@@ -165,10 +165,10 @@ def fit_plan(cfg: TrainConfig, ref: models.ModelRef, backend: str, hw, train_rec
     shape = model_shape(ref)
     if shape is None:
         return None
-    nproc = max(1, getattr(cfg, "nproc", 1))
+    nproc = max(1, cfg.nproc)
     if registry.capabilities(backend).device == "cuda" and hw.cuda_gpus:
         # One rank per GPU: each plans against its own card (the smallest of those used).
-        free = min((getattr(g, "vram_free_gib", None) or g.vram_gib)
+        free = min((g.vram_free_gib or g.vram_gib)
                    for g in hw.cuda_gpus[:nproc])
         budget = cfg.memory_gib * planner.GIB if cfg.memory_gib else free * planner.GIB
     else:
@@ -180,7 +180,7 @@ def fit_plan(cfg: TrainConfig, ref: models.ModelRef, backend: str, hw, train_rec
                               physical_cores=max(1, hw.physical_cores // nproc),
                               cpu_bf16=hw.has_bf16_cpu, apple=hw.apple is not None,
                               gpu_name=hw.cuda_gpus[0].name if hw.cuda_gpus else "")
-    per_step = cfg.batch_size * cfg.grad_accum * nproc * max(1, getattr(cfg, "nnodes", 1))
+    per_step = cfg.batch_size * cfg.grad_accum * nproc * max(1, cfg.nnodes)
     steps = cfg.max_steps or max(1, round(cfg.epochs * math.ceil(len(train_records) / per_step)))
     return planner.fit(shape, backend, cfg.to_dict(), machine, steps,
                        _longest_tokens(train_records) or None)

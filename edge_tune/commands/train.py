@@ -165,7 +165,7 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     if resume is None:
         existed = Path(cfg.out).exists() if cfg.out else False
         check_space(Path(cfg.out) if cfg.out else Path("runs"), run_plan, cfg)
-        if getattr(cfg, "verify", True) and ref.gguf is not None:
+        if cfg.verify and ref.gguf is not None:
             check_verify_space(ref.gguf, base_sha256)
         run_dir = prepare_run_dir(cfg.out)
         say_leftovers(run_dir, on_event)
@@ -449,13 +449,13 @@ def _write_outputs(run_dir: Path, cfg: TrainConfig, result: dict, ref: models.Mo
         plan=finish.get("plan"), kind="full" if cfg.full else "lora", model=model_info)
     manifest_mod.write(run_dir, man)
     if cfg.full:
-        if getattr(cfg, "verify", True) and base_gguf is not None:
+        if cfg.verify and base_gguf is not None:
             # converts to F32 again (the exact check needs it; seconds for small models)
             _check_full_model(run_dir, on_event)
     elif cfg.dora and base_gguf is not None:
         on_event(Log(f"DoRA: no adapter.gguf; `edge-tune export {run_dir} --merge` writes the "
                      "merged GGUF and verifies it", "warning"))
-    elif getattr(cfg, "verify", True) and base_gguf is not None:
+    elif cfg.verify and base_gguf is not None:
         if _prequantized(Path(base["hf_dir"])):  # verify's torch side cannot load bnb weights
             on_event(Log("verify: skipped (trained on pre-quantized 4-bit weights); run "
                          f"`edge-tune verify {run_dir} --base {base_gguf}`", "warning"))

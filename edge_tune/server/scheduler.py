@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
-import time
 from dataclasses import dataclass, field
 
 from edge_tune.llama.engine import ChatTemplateError, ContextOverflow, NoChatTemplate, Piece
@@ -207,7 +206,7 @@ class Scheduler:
     def _answer(self, job: Job, start) -> bool:
         """Run one generation for ``job``; every failure becomes the job's error event.
         True when the answer was complete."""
-        from edge_tune.server.batch_loop import Cancelled
+        from edge_tune.errors import Cancelled
 
         try:
             return self._run(job, start)
@@ -276,13 +275,3 @@ def adapter_mix(req: GenRequest) -> tuple:
     if mix:
         return tuple((str(n), float(s)) for n, s in mix)
     return () if req.adapter is None else ((req.adapter, 1.0),)
-
-
-def wait_idle(scheduler: Scheduler, timeout: float = 10.0) -> bool:
-    """For tests and benchmarks: True once nothing is running or queued."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if not scheduler.stats.busy and scheduler.queued == 0:
-            return True
-        time.sleep(0.02)
-    return False
