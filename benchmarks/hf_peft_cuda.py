@@ -101,13 +101,13 @@ def child(args) -> None:
     job = {"config": cfg, "examples": examples, "val_examples": [], "pad_id": int(pad or 0)}
     result = uq.fit(model, job, emit, precision, half)
     steps = [b - a for a, b in itertools.pairwise(stamps)][args.skip:]
-    step_s = statistics.median(steps) if steps else result["train_seconds"] / result["steps"]
+    step_s = statistics.median(steps) if steps else result.train_seconds / result.steps
     print(json.dumps({
         "mode": args.mode, "gpu": torch.cuda.get_device_name(0),
-        "tokens_per_second": result["tokens"] / result["steps"] / step_s,
-        "tokens_per_second_all": result["tokens_per_second"], "median_step_s": step_s,
-        "peak_vram_bytes": torch.cuda.max_memory_allocated(), "final_loss": result["final_loss"],
-        "steps": result["steps"], "tokens": result["tokens"]}))
+        "tokens_per_second": result.tokens / result.steps / step_s,
+        "tokens_per_second_all": result.tokens_per_second, "median_step_s": step_s,
+        "peak_vram_bytes": torch.cuda.max_memory_allocated(), "final_loss": result.final_loss,
+        "steps": result.steps, "tokens": result.tokens}))
 
 
 def main() -> int:

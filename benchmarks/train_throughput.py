@@ -147,7 +147,7 @@ def run_edgetune(job: dict, grad_checkpoint: bool = False) -> dict:
                             "cpu_has_bf16": job["cpu_has_bf16"], "adapter_dir": adapter_dir},
                            emit)
     return {**summarize(ends, tokens, losses, a["warmup"], job["threads"]),
-            "precision": result["precision"]}
+            "precision": result.precision}
 
 
 def counting(trainer_cls, tokens: list, losses: list):

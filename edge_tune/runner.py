@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from edge_tune.backends.job import TrainJob
+from edge_tune.backends.job import TrainJob, WorkerResult
 from edge_tune.errors import (Cancelled, CheckFailed, EdgeTuneError, ExitCode,
                               error_for_exit_code)
 from edge_tune.events import Done, EventSink, Failed, Log, from_json
@@ -77,7 +77,7 @@ def last_line(log: Path) -> str:
 
 
 class TrainingProcess:
-    """One training subprocess. ``wait()`` relays events and returns the Done result.
+    """One training subprocess. ``wait()`` relays events and returns the worker's result.
 
     ``job``: a :class:`TrainJob`, or its wire fields as a dict (checked by
     ``TrainJob.from_dict``: an unknown or missing key is an error)."""
@@ -124,8 +124,11 @@ class TrainingProcess:
         except ProcessLookupError:
             pass
 
-    def wait(self) -> dict:
-        result: Optional[dict] = None
+    def wait(self) -> WorkerResult:
+        """Relay the worker's events to ``on_event`` until it exits; its result, or the
+        error its failure (or the way it died) stands for: Cancelled, CheckFailed, or the
+        kind of the exit code it reported."""
+        result: Optional[WorkerResult] = None
         failure: Optional[Failed] = None
         failures: list[Failed] = []  # under torchrun: one per rank that said why it stopped
         try:
@@ -137,7 +140,7 @@ class TrainingProcess:
                     self.on_event(Log(line.rstrip(), "debug"))
                     continue
                 if isinstance(event, Done):
-                    result = event.result
+                    result = WorkerResult.from_dict(event.result, "the training result")
                 elif isinstance(event, Failed):
                     failure = failure or event  # the first: a peer's cancel follows a crash
                     failures.append(event)

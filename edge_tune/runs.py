@@ -12,11 +12,14 @@ import datetime as _dt
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from edge_tune import manifest as manifest_mod
 from edge_tune.config import TrainConfig
 from edge_tune.errors import EdgeTuneError
+
+if TYPE_CHECKING:
+    from edge_tune.backends.job import WorkerResult
 
 RUN_CONFIG = "train_config.json"  # the run's settings, written when it starts (for --resume)
 
@@ -123,7 +126,7 @@ def resume_state(run_dir: Path) -> Optional[dict]:
         return None
     done = finished_training(run_dir)
     if done is not None:  # trained; its GGUF or manifest is missing: resume finishes it
-        return {"step": done.get("steps"), "total": done.get("steps"), "checkpoint": False,
+        return {"step": done.steps, "total": done.steps, "checkpoint": False,
                 "finished": True}
     state = read_state(run_dir)
     if state is None:
@@ -133,9 +136,11 @@ def resume_state(run_dir: Path) -> Optional[dict]:
     return {"step": state["step"], "total": state["total"], "checkpoint": True}
 
 
-def finished_training(run_dir: Path) -> Optional[dict]:
+def finished_training(run_dir: Path) -> Optional[WorkerResult]:
     """The saved training result of a run whose training ended but which has no manifest
-    (its GGUF export or manifest write failed, or it was killed then); None otherwise."""
+    (its GGUF export or manifest write failed, or it was killed then); None otherwise (also
+    for a file that cannot be read as one)."""
+    from edge_tune.backends.job import WorkerResult
     from edge_tune.backends.worker import TRAINING_RESULT
 
     if (Path(run_dir) / manifest_mod.MANIFEST).exists():
@@ -144,8 +149,10 @@ def finished_training(run_dir: Path) -> Optional[dict]:
         path = Path(run_dir) / folder / TRAINING_RESULT
         if path.is_file():
             try:
-                return json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
+                saved = json.loads(path.read_text())
+                saved.pop("backend", None)  # the file's own key, beside the result's
+                return WorkerResult.from_dict(saved, str(path))
+            except (OSError, json.JSONDecodeError, AttributeError, EdgeTuneError):
                 return None
     return None
 
@@ -176,9 +183,11 @@ def run_summary(run_dir: Path) -> Optional[dict]:
         saved = json.loads(saved_path.read_text())
     except (OSError, json.JSONDecodeError):
         saved = {}
-    state = read_state(run_dir) or finished_training(run_dir)
-    if state is not None and "steps" in state:  # trained, not yet completed
-        state = {**state, "step": state["steps"], "total": state["steps"]}
+    state = read_state(run_dir)
+    if state is None and (done := finished_training(run_dir)) is not None:
+        # trained, not yet completed
+        state = {"step": done.steps, "total": done.steps, "losses": done.losses,
+                 "val_loss": done.val_loss, "train_seconds": done.train_seconds}
     losses = (state or {}).get("losses") or []
     row.update(status="cancelled", created=None, step=(state or {}).get("step", 0),
                total=(state or {}).get("total"), final_loss=losses[-1] if losses else None,

@@ -264,7 +264,7 @@ def test_unsloth_trainer_loop_trains_dora_rslora_on_cpu():
     result = uq.fit(model, {"config": cfg, "examples": examples, "pad_id": 0}, events.append,
                     "none")
     losses = [e.loss for e in events if getattr(e, "split", None) == "train"]
-    assert len(losses) == 6 and losses[-1] < losses[0] and result["steps"] == 6
+    assert len(losses) == 6 and losses[-1] < losses[0] and result.steps == 6
     moved = [n for n, p in model.named_parameters() if n in magnitudes and
              not torch.equal(p.detach(), magnitudes[n])]
     assert moved  # the DoRA magnitudes are trained too

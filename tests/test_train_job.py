@@ -68,6 +68,44 @@ def test_unknown_and_missing_keys_are_refused_with_their_names():
     assert TrainJob.from_dict(wire).records_file is None
 
 
+def _backend_dict(backend: str) -> dict:
+    """A backend's result as the dict it returned before WorkerResult (the same key order)."""
+    common = {"steps": 4, "final_loss": 1.5, "val_loss": None, "tokens": 800,
+              "tokens_per_second": 120.5, "train_seconds": 6.6}
+    if backend == "mlx":
+        return {"steps": 4, "final_loss": 1.5, "losses": [2.0, 1.5], "val_loss": 1.75,
+                "tokens": 800, "tokens_per_second": 120.5, "train_seconds": 6.6,
+                "precision": "fp32", "trainable_parameters": 4096, "mlx_adapter": "mlx"}
+    done = {**common, "precision": "bf16", "trainable_parameters": 4096, "losses": [2.0, 1.5],
+            "world_size": 2, "examples": 180}
+    if backend == "unsloth":
+        done = {**done, "precision": "nf4+bf16", "gpu": "NVIDIA H100",
+                "peak_vram_bytes": 3 << 30}
+    return done
+
+
+@pytest.mark.parametrize("backend, full", [("cpu", False), ("cpu", True), ("unsloth", False),
+                                           ("mlx", False)])
+def test_the_worker_result_is_typed_and_its_json_is_what_the_dicts_wrote(backend, full):
+    """training_result.json (and the manifest made from it) keep the object the worker's dicts
+    made: the same keys and values; for the cpu and unsloth backends the same bytes."""
+    from edge_tune.backends.job import WorkerResult
+
+    targeted = {} if full else {"target_modules": ["q_proj", "v_proj"]}
+    old = {"examples": 90, **_backend_dict(backend), "hf_dir": "/cache/hf", **targeted,
+           "peak_rss_bytes": 1 << 30, "tokenizer": {"chat_template": "T", "stop_tokens": ["x"]}}
+    result = WorkerResult.from_dict(old)
+    assert result.examples == old["examples"] and result.losses == [2.0, 1.5]
+    assert result.target_modules == (None if full else ["q_proj", "v_proj"])
+    if backend == "mlx":
+        assert result.to_dict() == old and result.world_size is None
+    else:
+        assert json.dumps(result.to_dict()) == json.dumps(old)
+    assert WorkerResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+    with pytest.raises(EdgeTuneError, match=r"training_result.json: unknown key\(s\) step\b"):
+        WorkerResult.from_dict({**old, "step": 3}, "training_result.json")
+
+
 def test_the_parent_job_as_api_train_builds_it_is_checked_by_the_runner(tmp_path):
     """The runner turns the dict ``api.train`` builds into a TrainJob before anything starts:
     a typo in a key stops it with one line, no subprocess, no job file."""

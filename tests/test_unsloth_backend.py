@@ -166,10 +166,10 @@ def test_fit_trains_with_edge_tune_events_on_cpu():
     assert train[-1].loss < 0.5 * train[0].loss  # it learns the answer
     assert vals[-1].loss < vals[0].loss
     # Every step sees all six examples (batch 6): tokens are counted exactly.
-    assert result["tokens"] == 12 * sum(len(e.input_ids) for e in examples)
-    assert result["steps"] == 12 and result["val_loss"] == vals[-1].loss
-    assert set(result) >= {"final_loss", "tokens_per_second", "train_seconds", "precision",
-                           "trainable_parameters"}
+    assert result.tokens == 12 * sum(len(e.input_ids) for e in examples)
+    assert result.steps == 12 and result.val_loss == vals[-1].loss
+    assert set(result.to_dict()) >= {"final_loss", "tokens_per_second", "train_seconds",
+                                     "precision", "trainable_parameters"}
 
 
 def test_fit_under_torchrun_matches_one_process_with_the_same_global_batch(tmp_path):

@@ -200,12 +200,12 @@ def test_fit_trains_dpo_with_trls_trainer_on_cpu(tmp_path):
     assert vals[-1].reward_margin > vals[0].reward_margin > 0
     assert vals[-1].reward_accuracy == 1.0
     # tokens: both sides of every pair, each step sees three pairs
-    assert result["tokens"] == sum(len(p.input_ids) + len(p.rejected_ids) for p in data) * 3
+    assert result.tokens == sum(len(p.input_ids) + len(p.rejected_ids) for p in data) * 3
     # TRL's reference copy is frozen, and not counted as trained
     ref = [p for n, p in model.named_parameters() if ".ref." in n]
     assert ref and not any(p.requires_grad for p in ref)
     lora = sum(p.numel() for n, p in model.named_parameters() if ".default." in n)
-    assert result["trainable_parameters"] == lora
+    assert result.trainable_parameters == lora
     # what train() saves: the trained adapter alone, as for SFT (no "ref/" beside it)
     model.save_pretrained(str(tmp_path / "adapter"), safe_serialization=True,
                           selected_adapters=["default"])

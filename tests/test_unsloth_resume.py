@@ -77,7 +77,7 @@ def straight(tmp_path_factory):
     model = tiny_peft_llama()
     result = uq.fit(model, _job(tmp_path_factory.mktemp("straight")), events.append, "none")
     torch.set_num_threads(threads)
-    assert len(result["losses"]) == STEPS and result["losses"][-1] < 0.7 * result["losses"][0]
+    assert len(result.losses) == STEPS and result.losses[-1] < 0.7 * result.losses[0]
     return result, _lora(model), events
 
 
@@ -115,15 +115,15 @@ def _cancelled_then_resumed(run_dir, straight, interrupt, arm, save_every=0):
     # Continued at the checkpoint's step, not restarted: the steps after it, once each.
     assert [s for s, _ in _train_losses(after)] == list(range(state["step"] + 1, STEPS + 1))
     # The whole loss curve and every per-step metric of the resumed part equal the straight run's.
-    assert result["losses"] == pytest.approx(ref_result["losses"], abs=1e-6)
+    assert result.losses == pytest.approx(ref_result.losses, abs=1e-6)
     ref_steps = dict(_train_losses(ref_events))
     for step, loss in _train_losses(after):
         assert loss == pytest.approx(ref_steps[step], abs=1e-6), step
     ref_metrics = {e.step: e for e in ref_events if isinstance(e, Metric) and e.split == "train"}
     for e in (e for e in after if isinstance(e, Metric) and e.split == "train"):
         assert e.learning_rate == pytest.approx(ref_metrics[e.step].learning_rate)  # no warm-up
-    assert result["tokens"] == ref_result["tokens"]  # counted on from the checkpoint's
-    assert result["val_loss"] == pytest.approx(ref_result["val_loss"], abs=1e-6)
+    assert result.tokens == ref_result.tokens  # counted on from the checkpoint's
+    assert result.val_loss == pytest.approx(ref_result.val_loss, abs=1e-6)
     lora = _lora(resumed)
     assert lora.keys() == ref_lora.keys() and lora
     for name in lora:

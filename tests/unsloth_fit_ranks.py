@@ -50,7 +50,7 @@ def main(out: Path, accum: int) -> None:
         lora = {k: v.detach().contiguous() for k, v in model.state_dict().items()
                 if "lora_" in k}
         save_file(lora, str(out / "lora.safetensors"))
-        (out / "result.json").write_text(json.dumps({**result, "shard": len(mine)}))
+        (out / "result.json").write_text(json.dumps({**result.to_dict(), "shard": len(mine)}))
     if world > 1:
         dist.destroy_process_group()
         # Leave without C++ static teardown: a gloo rank once aborted there ("terminate called

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge_tune.backends import attention, checkpoint
-from edge_tune.backends.job import TrainJob, as_config
+from edge_tune.backends.job import TrainJob, WorkerResult, as_config
 from edge_tune.backends.loop import (  # noqa: F401 (length_grouped_batches, lr_at: re-exported)
     Distributed,
     eval_steps,
@@ -301,7 +301,7 @@ def copy_tokenizer(base_dir: Path, out: Path, chat_template: str | None) -> None
         (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
 
 
-def train(job: TrainJob | Mapping, emit: Callable) -> dict:
+def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
     """Train a LoRA adapter; save it in PEFT format to ``job.adapter_dir``.
 
     Reads of ``job``: config, hf_dir, examples (tokenized), example_index, val_examples,
@@ -445,16 +445,16 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
         save_full_model(model, Path(job.hf_dir), out, job.chat_template)
     elif dist.rank == 0:
         model.save_pretrained(str(out), safe_serialization=True)
-    return {
-        "steps": total,
-        "final_loss": final_loss(losses),
-        "val_loss": val_loss,
-        "tokens": tokens_done,
-        "tokens_per_second": tokens_done / (time.perf_counter() - start),
-        "train_seconds": time.perf_counter() - start,
-        "precision": "bf16" if bf16 else "fp32",
-        "trainable_parameters": n_train,
-        "losses": [round(x, 6) for x in losses],  # per optimizer step (the loss curve)
-        "world_size": dist.world,
-        "examples": n_examples,  # over all ranks' shards
-    }
+    return WorkerResult(
+        steps=total,
+        final_loss=final_loss(losses),
+        val_loss=val_loss,
+        tokens=tokens_done,
+        tokens_per_second=tokens_done / (time.perf_counter() - start),
+        train_seconds=time.perf_counter() - start,
+        precision="bf16" if bf16 else "fp32",
+        trainable_parameters=n_train,
+        losses=[round(x, 6) for x in losses],  # per optimizer step (the loss curve)
+        world_size=dist.world,
+        examples=n_examples,  # over all ranks' shards
+    )

@@ -1,4 +1,5 @@
-"""The training job: what ``api.train`` hands the training subprocess, typed.
+"""The training job: what ``api.train`` hands the training subprocess, typed, and what comes
+back (:class:`WorkerResult`).
 
 A :class:`TrainJob` crosses a process boundary as JSON (``RUN/.job.json``, written by
 ``edge_tune.runner``, read by ``edge_tune.backends.worker``). Its *wire* fields are what the
@@ -126,6 +127,69 @@ class TrainJob:
         if "model_ref" in values:
             values["model_ref"] = _model_ref(values["model_ref"], "training job")
         return cls(**values)
+
+
+# Fields a backend (or the worker) sets only where they apply; :meth:`WorkerResult.to_dict`
+# leaves them out when unset, as the dicts results were before them did.
+_WHERE_SET = {"where_set": True}
+
+
+@dataclass
+class WorkerResult:
+    """What one training run returns: the backend's figures, completed by the worker.
+
+    It crosses the process boundary as ``Done.result`` (a JSON object: :meth:`to_dict` /
+    :meth:`from_dict`) and is saved beside the trained adapter as ``training_result.json``
+    (the same object plus ``"backend"``), so ``train --resume`` can finish a run without
+    training again.
+
+    From the backend (``registry.TrainFn``): steps (optimizer steps); final_loss (the last
+    steps' mean training loss, nats per token); val_loss (the last validation loss, None
+    without validation); tokens (trained tokens over all ranks); tokens_per_second;
+    train_seconds (training only, validation left out); precision ("fp32", "bf16",
+    "nf4+bf16", ...); trainable_parameters; losses (per optimizer step, 6 decimals);
+    examples (training examples over all ranks; the worker's count when a backend gives
+    none); world_size (processes; cpu and unsloth); mlx_adapter (the mlx backend's native
+    adapter folder in the run, LoRA runs); gpu, peak_vram_bytes (unsloth: the device name,
+    torch's peak allocation in bytes).
+
+    From the worker: hf_dir (the base in HF format); target_modules (the module names LoRA
+    went on, resolved against the model; None for a full run); peak_rss_bytes (the training
+    process's peak resident memory); tokenizer (``chat_template``: the Jinja text the data
+    was rendered with; ``stop_tokens``: token texts).
+    """
+
+    examples: Optional[int] = None
+    steps: int = 0
+    final_loss: Optional[float] = None
+    val_loss: Optional[float] = None
+    tokens: int = 0
+    tokens_per_second: float = 0.0
+    train_seconds: float = 0.0
+    precision: str = ""
+    trainable_parameters: int = 0
+    losses: list[float] = field(default_factory=list)
+    world_size: Optional[int] = field(default=None, metadata=_WHERE_SET)
+    mlx_adapter: Optional[str] = field(default=None, metadata=_WHERE_SET)
+    gpu: Optional[str] = field(default=None, metadata=_WHERE_SET)
+    peak_vram_bytes: Optional[int] = field(default=None, metadata=_WHERE_SET)
+    hf_dir: Optional[str] = None
+    target_modules: Optional[list[str]] = field(default=None, metadata=_WHERE_SET)
+    peak_rss_bytes: Optional[int] = None
+    tokenizer: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The JSON object, in field order; the fields set only where they apply are left
+        out when unset."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if not (f.metadata.get("where_set") and getattr(self, f.name) is None)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping, where: str = "training result") -> WorkerResult:
+        """The inverse of :meth:`to_dict`; a key that is no field is refused (EdgeTuneError,
+        naming it), a missing one keeps its default."""
+        _exact(data, set(), {f.name for f in fields(cls)}, where)
+        return cls(**data)
 
 
 def wire_fields() -> list[dataclasses.Field]:

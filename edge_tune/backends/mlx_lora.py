@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
-from edge_tune.backends.job import TrainJob
+from edge_tune.backends.job import TrainJob, WorkerResult
 from edge_tune.backends.mlx_batches import batch_arrays
 from edge_tune.backends.loop import (
     eval_steps,
@@ -102,7 +102,7 @@ def save_full_model(model, base_dir: Path, out: Path, chat_template: str | None)
     copy_tokenizer(base_dir, out, chat_template)
 
 
-def train(job: TrainJob | Mapping, emit: Callable) -> dict:
+def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
     """Train a LoRA adapter with mlx-lm; the native adapter goes to ``RUN/mlx``, a PEFT copy
     to ``job.adapter_dir``. Reads of ``job``: config, hf_dir, examples, val_examples, pad_id,
     run_dir."""
@@ -263,15 +263,15 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
             mlx_to_peft.convert(native, out, base_model=job.hf_dir)
             if cfg.rslora:
                 mark_rslora(out, cfg.alpha)
-    return {
-        "steps": total,
-        "final_loss": final_loss(losses),
-        "losses": [round(x, 6) for x in losses],  # per optimizer step (the loss curve)
-        "val_loss": val_loss_box["value"],
-        "tokens": seen["tokens"],
-        "tokens_per_second": seen["tokens"] / max(train_seconds, 1e-9),
-        "train_seconds": train_seconds,
-        "precision": "fp32",
-        "trainable_parameters": int(n_train),
-        "mlx_adapter": None if full else "mlx",
-    }
+    return WorkerResult(
+        steps=total,
+        final_loss=final_loss(losses),
+        losses=[round(x, 6) for x in losses],  # per optimizer step (the loss curve)
+        val_loss=val_loss_box["value"],
+        tokens=seen["tokens"],
+        tokens_per_second=seen["tokens"] / max(train_seconds, 1e-9),
+        train_seconds=train_seconds,
+        precision="fp32",
+        trainable_parameters=int(n_train),
+        mlx_adapter=None if full else "mlx",
+    )

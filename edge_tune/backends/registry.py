@@ -16,18 +16,17 @@ from edge_tune.errors import EdgeTuneError
 from edge_tune.hardware import Hardware, missing_modules, torch_cuda_version
 
 if TYPE_CHECKING:
-    from edge_tune.backends.job import TrainJob
+    from edge_tune.backends.job import TrainJob, WorkerResult
 
 
 class TrainFn(Protocol):
     """A backend's training entry point, called in the training subprocess with the job
     the worker prepared (examples tokenized, ``adapter_dir`` set). It saves a PEFT adapter in
     ``job.adapter_dir``, reports through ``emit`` (``edge_tune.events``), raises
-    ``errors.Cancelled`` on cancel, and returns the result: steps, final_loss, val_loss,
-    tokens, tokens_per_second, train_seconds, precision, trainable_parameters (and what else
-    the backend measures)."""
+    ``errors.Cancelled`` on cancel, and returns its :class:`~edge_tune.backends.job.
+    WorkerResult` (the worker fills in its own fields)."""
 
-    def __call__(self, job: TrainJob, emit: Callable[[object], None]) -> dict: ...
+    def __call__(self, job: TrainJob, emit: Callable[[object], None]) -> WorkerResult: ...
 
 
 @dataclass(frozen=True)

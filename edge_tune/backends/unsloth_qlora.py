@@ -34,6 +34,7 @@ heavy library at load time; the argument mappings are pure functions that CPU-on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -41,7 +42,7 @@ from pathlib import Path
 
 from edge_tune.backends import checkpoint
 from edge_tune.backends.cpu import collate
-from edge_tune.backends.job import TrainJob, as_config
+from edge_tune.backends.job import TrainJob, WorkerResult, as_config
 from edge_tune.backends.loop import (  # noqa: F401 (grad_accum, step_counts: re-exported)
     Distributed,
     eval_steps,
@@ -333,7 +334,7 @@ def evaluate_pairs(model, pairs: list, batch_size: int, pad_id: int, method: str
 
 
 def fit(model, job: TrainJob | Mapping, emit: Callable, precision: str = "none",
-        autocast_dtype=None, tokenizer=None) -> dict:
+        autocast_dtype=None, tokenizer=None) -> WorkerResult:
     """Train the LoRA parameters of ``model`` (a PEFT model) on ``job.examples`` with
     transformers' Trainer and edge-tune's schedule, sampling, metrics and events. With
     ``--method dpo|orpo`` the Trainer is TRL's ``DPOTrainer`` / ``ORPOTrainer`` (``tokenizer``
@@ -344,7 +345,7 @@ def fit(model, job: TrainJob | Mapping, emit: Callable, precision: str = "none",
     Checkpoints (``edge_tune.backends.checkpoint``, the CPU backend's format) go to
     ``job.run_dir`` every ``save_every`` steps and when ``job.interrupt`` sees SIGTERM,
     which then raises :class:`edge_tune.errors.Cancelled`; ``job.resume_from`` continues one.
-    Returns the same result keys as the CPU backend (the adapter is the caller's to save)."""
+    Returns the same result fields as the CPU backend (the adapter is the caller's to save)."""
     import tempfile
 
     import torch
@@ -535,23 +536,23 @@ def fit(model, job: TrainJob | Mapping, emit: Callable, precision: str = "none",
                                             finished=lambda: done["step"] >= total):
                 trainer.train()
     train_seconds = elapsed()
-    return {
-        "steps": total,
-        "final_loss": final_loss(losses),
-        "val_loss": done["val_loss"],
-        "tokens": done["tokens"],
-        "tokens_per_second": done["tokens"] / max(train_seconds, 1e-9),
-        "train_seconds": train_seconds,
-        "precision": precision,
-        "trainable_parameters": sum(p.numel() for n, p in model.named_parameters()
-                                    if p.requires_grad and ".ref." not in n),
-        "losses": [round(x, 6) for x in losses],
-        "world_size": dist.world,
-        "examples": dist.sum_int(len(examples)),
-    }
+    return WorkerResult(
+        steps=total,
+        final_loss=final_loss(losses),
+        val_loss=done["val_loss"],
+        tokens=done["tokens"],
+        tokens_per_second=done["tokens"] / max(train_seconds, 1e-9),
+        train_seconds=train_seconds,
+        precision=precision,
+        trainable_parameters=sum(p.numel() for n, p in model.named_parameters()
+                                 if p.requires_grad and ".ref." not in n),
+        losses=[round(x, 6) for x in losses],
+        world_size=dist.world,
+        examples=dist.sum_int(len(examples)),
+    )
 
 
-def train(job: TrainJob | Mapping, emit: Callable) -> dict:
+def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
     """Load the base in 4-bit with Unsloth, add LoRA, train, save the PEFT adapter to
     ``job.adapter_dir``. Runs inside the training subprocess."""
     # Unsloth must be imported before transformers/peft/trl (it patches them): the worker
@@ -590,5 +591,5 @@ def train(job: TrainJob | Mapping, emit: Callable) -> dict:
     # TRL's DPOTrainer may add a frozen "ref" copy of the fresh adapter: save the trained one
     model.save_pretrained(job.adapter_dir, safe_serialization=True,
                           selected_adapters=["default"])
-    return {**result, "precision": f"nf4+{precision}", "gpu": gpu,
-            "peak_vram_bytes": int(torch.cuda.max_memory_allocated())}
+    return dataclasses.replace(result, precision=f"nf4+{precision}", gpu=gpu,
+                               peak_vram_bytes=int(torch.cuda.max_memory_allocated()))

@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Mapping
 from pathlib import Path
 
-from edge_tune.backends.job import TrainJob
+from edge_tune.backends.job import TrainJob, WorkerResult
 from edge_tune.errors import EdgeTuneError, ExitCode
 from edge_tune.events import Done, Failed, Log, Progress, to_json
 
@@ -225,9 +225,10 @@ def _barrier() -> None:
     dist.barrier()
 
 
-def run(job: TrainJob | Mapping, emit) -> dict:
+def run(job: TrainJob | Mapping, emit) -> WorkerResult:
     """Prepare the job's data and run its backend (see :class:`registry.TrainFn`); returns
-    the Done result. ``job``: as read from the job file (a mapping: see ``TrainJob.of``)."""
+    its result with the worker's fields filled in. ``job``: as read from the job file (a
+    mapping: see ``TrainJob.of``)."""
     import dataclasses
 
     from edge_tune.backends import lora_targets
@@ -255,11 +256,12 @@ def run(job: TrainJob | Mapping, emit) -> dict:
     shard = f" in rank {rank}'s shard" if world > 1 else ""
     emit(Log(f"{len(job.examples)} training examples{shard}{val}"))
     train = load_entry(job.backend)
-    targeted = {} if job.config.full else {"target_modules": list(job.config.target_modules)}
-
-    def whole(result: dict) -> dict:
-        return {"examples": len(job.examples), **result, "hf_dir": job.hf_dir, **targeted,
-                "peak_rss_bytes": peak_rss_bytes(), "tokenizer": tokenizer_info}
+    def whole(result: WorkerResult) -> WorkerResult:
+        return dataclasses.replace(
+            result, examples=len(job.examples) if result.examples is None else result.examples,
+            hf_dir=job.hf_dir,
+            target_modules=None if job.config.full else list(job.config.target_modules),
+            peak_rss_bytes=peak_rss_bytes(), tokenizer=tokenizer_info)
 
     if rank != 0:  # only rank 0 writes the run directory
         import tempfile
@@ -278,7 +280,7 @@ def run(job: TrainJob | Mapping, emit) -> dict:
             result = whole(train(job, emit))
             tmp.mkdir(parents=True, exist_ok=True)
             (tmp / TRAINING_RESULT).write_text(json.dumps(
-                {**result, "backend": job.backend}))
+                {**result.to_dict(), "backend": job.backend}))
     if world > 1:
         import torch.distributed as dist
 
@@ -320,7 +322,7 @@ def main(argv: list[str]) -> int:
         emit(Failed(f"training failed: {type(exc).__name__}: {exc} (see train.log)",
                     ExitCode.FAILED))
         return ExitCode.FAILED
-    emit(Done("train", result))
+    emit(Done("train", result.to_dict()))  # JSON over the pipe: runner reads it back
     return ExitCode.OK
 
 

@@ -17,6 +17,7 @@ from typing import Optional
 from edge_tune import manifest as manifest_mod
 from edge_tune import models, template_choice, tracking
 from edge_tune.backends import registry
+from edge_tune.backends.job import WorkerResult
 from edge_tune.commands.convert import check_llama_cpp_computes_as_hf
 from edge_tune.commands.export import export
 from edge_tune.commands.plan import (PLANNED, check_plan, fit_plan, job_record,
@@ -210,7 +211,7 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
             proc.cancel()
 
         threading.Thread(target=watch, daemon=True).start()
-    result: dict = {}
+    result: Optional[WorkerResult] = None
     try:
         result = proc.wait()
     except EdgeTuneError as exc:
@@ -225,11 +226,10 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         raise
     finally:  # loss.png and the tracker's files, cancelled or not
         try:
-            tracker.close(result.get("losses"))
+            tracker.close(result.losses if result is not None else None)
         except OSError as exc:  # a full disk: loss.png is not worth losing the run over
             on_event(Log(f"{run_dir}: tracker files / loss.png not written ({exc})",
                          "warning"))
-    result.pop("backend", None)
     on_event(Log(f"training finished: {_trained_dir(run_dir, cfg)} saved"))
     return _complete(run_dir, cfg, result, ref, chosen, base_sha256, backend, why, finish,
                      on_event)
@@ -380,10 +380,12 @@ def finish_run(run_dir: Path, on_event: EventSink = ignore, verify: bool = True
     if not verify:
         cfg = dataclasses.replace(cfg, verify=False)
     say_leftovers(run_dir, on_event)
-    result = json.loads((_trained_dir(run_dir, cfg) / TRAINING_RESULT).read_text())
+    saved_result = _trained_dir(run_dir, cfg) / TRAINING_RESULT
+    result = json.loads(saved_result.read_text())
     backend = result.pop("backend", None) or cfg.backend
+    result = WorkerResult.from_dict(result, str(saved_result))
     finish = saved.get("finish") or {}
-    on_event(Log(f"{run_dir}: training had finished ({result.get('steps')} steps); writing "
+    on_event(Log(f"{run_dir}: training had finished ({result.steps} steps); writing "
                  "what is missing (GGUF, manifest)"))
     ref = models.resolve(cfg.model, on_event)
     chosen = template_choice.given(cfg.chat_template)
@@ -392,7 +394,8 @@ def finish_run(run_dir: Path, on_event: EventSink = ignore, verify: bool = True
                      finish.get("backend_reason", ""), finish, on_event)
 
 
-def _complete(run_dir: Path, cfg: TrainConfig, result: dict, ref: models.ModelRef, chosen,
+def _complete(run_dir: Path, cfg: TrainConfig, result: WorkerResult, ref: models.ModelRef,
+              chosen,
               base_sha256: Optional[str], backend: str, why: str, finish: dict,
               on_event: EventSink) -> TrainResult:
     """After training: the GGUF (adapter or full model), the manifest, then verify. The
@@ -416,14 +419,17 @@ def _complete(run_dir: Path, cfg: TrainConfig, result: dict, ref: models.ModelRe
                               finish, on_event)
 
 
-def _write_outputs(run_dir: Path, cfg: TrainConfig, result: dict, ref: models.ModelRef,
+def _write_outputs(run_dir: Path, cfg: TrainConfig, result: WorkerResult, ref: models.ModelRef,
                    chosen, base_sha256: Optional[str], backend: str, why: str, finish: dict,
                    on_event: EventSink) -> TrainResult:
-    tokenizer_info = _template_record(result.pop("tokenizer", {}), chosen)
-    base = _base_record(ref, result.pop("hf_dir"), base_sha256)
+    tokenizer_info = _template_record(result.tokenizer, chosen)
+    base = _base_record(ref, result.hf_dir, base_sha256)
     adapter_info: dict = {} if cfg.full else {"peft": "adapter"}
-    if result.get("mlx_adapter"):
-        adapter_info["mlx"] = result.pop("mlx_adapter")  # the native mlx-lm adapter dir
+    if result.mlx_adapter:
+        adapter_info["mlx"] = result.mlx_adapter  # the native mlx-lm adapter dir
+    # the manifest's result: training's figures (the rest went to the sections above)
+    figures = {k: v for k, v in result.to_dict().items()
+               if k not in ("tokenizer", "hf_dir", "mlx_adapter")}
     not_runnable = None  # why llama.cpp cannot run this model (its converter's reason)
     try:
         base_gguf = ref.gguf or _converted_base(base, on_event)  # HF weights: cached convert
@@ -444,8 +450,8 @@ def _write_outputs(run_dir: Path, cfg: TrainConfig, result: dict, ref: models.Mo
         adapter_info.update(gguf="adapter.gguf", alpha=plan.alpha, rank=plan.rank)
     man = manifest_mod.build(
         config=cfg.to_dict(), backend=backend, backend_reason=why, base=base,
-        data={**(finish.get("data") or {}), "examples": result.get("examples")},
-        result=result, tokenizer=tokenizer_info, adapter=adapter_info,
+        data={**(finish.get("data") or {}), "examples": result.examples},
+        result=figures, tokenizer=tokenizer_info, adapter=adapter_info,
         plan=finish.get("plan"), kind="full" if cfg.full else "lora", model=model_info)
     manifest_mod.write(run_dir, man)
     if cfg.full:
