@@ -292,13 +292,7 @@ def llama_side(model: Path, samples: list[Sample], adapter: Path | None = None,
                 base = eng.logits(s.ids)
                 eng.activate(name)
             logits = eng.logits(s.ids)
-            ids = []
-            if max_new:
-                eng.llm.reset()
-                for t in eng.llm.generate(s.prompt_ids, temp=0.0, top_k=1, reset=True):
-                    if t == eng.llm.token_eos() or len(ids) >= max_new:
-                        break
-                    ids.append(t)
+            ids = eng.greedy_ids(s.prompt_ids, max_new) if max_new else []
             yield logits, ids, base
 
 

@@ -45,7 +45,7 @@ def _logits(eng, row: int) -> np.ndarray:
     import llama_cpp
 
     ptr = llama_cpp.llama_get_logits_ith(eng.llm.ctx, row)
-    return np.ctypeslib.as_array(ptr, shape=(eng.llm._n_vocab,)).copy()
+    return np.ctypeslib.as_array(ptr, shape=(eng.n_vocab,)).copy()
 
 
 def _clear(eng) -> None:

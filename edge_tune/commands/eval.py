@@ -351,9 +351,9 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
             engines.append(open_engine(_with_base(target, tuned_path), n_ctx=n_ctx,
                                        training_system=False,
                                        logits_all=True))
-            if engines[1].llm.n_vocab() != engines[0].llm.n_vocab():
-                raise UsageError(f"--merged {merged}: its vocabulary ({engines[1].llm.n_vocab()}"
-                                 f" tokens) is not the base's ({engines[0].llm.n_vocab()})")
+            if engines[1].n_vocab != engines[0].n_vocab:
+                raise UsageError(f"--merged {merged}: its vocabulary ({engines[1].n_vocab}"
+                                 f" tokens) is not the base's ({engines[0].n_vocab})")
             tuned = _Side(engines[1], None)
         result = _measure(base, tuned, tok, examples, items, max_tokens, system_mode, on_event,
                           drift_prompts() if drift_set is None else drift_set)

@@ -24,17 +24,16 @@ increasing sequence ids with equal token counts; without ``lone_ok`` a step ther
 a consecutive range of sequence ids, in order, with a filler row in each gap (rows out of
 order are split off into micro-batches of one row).
 
-:func:`seq_llama` makes a ``llama_cpp.Llama`` whose ``eval``/``sample`` follow that rule for
-one sequence id; llama-cpp-python's own generation loop (chat templates, grammars, logits
-processors, stop strings, penalties) runs on top unchanged. A decoder callable does the
-decoding: :class:`DirectDecoder` at once (``chat``), or the server's batcher
-(:mod:`edge_tune.server.batch_loop`), which gathers the steps of many sequences into one
-``llama_decode``.
+:func:`edge_tune.llama.native.open_llama` makes a ``llama_cpp.Llama`` whose
+``eval``/``sample`` follow that rule for one sequence id; llama-cpp-python's own generation
+loop (chat templates, grammars, logits processors, stop strings, penalties) runs on top
+unchanged. A decoder callable does the decoding: :class:`DirectDecoder` at once (``chat``),
+or the server's batcher (:mod:`edge_tune.server.batch_loop`), which gathers the steps of many
+sequences into one ``llama_decode``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from dataclasses import dataclass
 
@@ -71,7 +70,7 @@ def lone_rows_agree(model, threads: int, adapters: list, cache: dict) -> bool:
     import llama_cpp
     import numpy as np
 
-    params = _streams(llama_cpp.llama_context_default_params(), 2, cache["flash_attn"])
+    params = stream_params(llama_cpp.llama_context_default_params(), 2, cache["flash_attn"])
     params.n_ctx, params.n_batch, params.n_ubatch = 512, 16, 16
     params.n_threads = params.n_threads_batch = threads
     params.type_k, params.type_v = cache["type_k"], cache["type_v"]
@@ -128,7 +127,7 @@ class Rows:
     first: int = -1  # batch index of the first row, set by Batch.decode
 
 
-def _streams(params, n_seq_max: int, flash_attn: bool):
+def stream_params(params, n_seq_max: int, flash_attn: bool):
     """``params`` (llama_context_params) set for ``n_seq_max`` sequences, one KV stream
     each, flash attention on or off."""
     import llama_cpp
@@ -138,24 +137,6 @@ def _streams(params, n_seq_max: int, flash_attn: bool):
     params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                               else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
     return params
-
-
-@contextlib.contextmanager
-def context_params(n_seq_max: int, flash_attn: bool = False):
-    """``Llama()`` builds its llama_context_params internally; start it from defaults with
-    ``n_seq_max`` sequences, one KV stream each (its ``flash_attn`` argument sets that)."""
-    import llama_cpp.llama_cpp as low
-
-    original = low.llama_context_default_params
-
-    def patched():
-        return _streams(original(), n_seq_max, flash_attn)
-
-    low.llama_context_default_params = patched
-    try:
-        yield
-    finally:
-        low.llama_context_default_params = original
 
 
 class Batch:
@@ -246,6 +227,12 @@ class Batch:
             need = [hi + 1 if hi + 1 < self.streams else lo - 1]
         return [(s, llama_cpp.llama_memory_seq_pos_max(self.memory, s) + 1) for s in need]
 
+    def drop(self, seq: int) -> None:
+        """Drop every KV entry of sequence ``seq`` (its cache)."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, 0, -1)
+
     def close(self) -> None:
         import llama_cpp
 
@@ -264,7 +251,7 @@ class DirectDecoder:
     def __call__(self, view, tokens: list) -> int:
         last = -1
         for chunk in chunks(tokens):
-            entry = Rows(view.seq_id, view.n_tokens + chunk[0], chunk[1], view._logits_all)
+            entry = Rows(view.seq_id, view.n_tokens + chunk[0], chunk[1], view.keeps_all_logits)
             self.batch.decode([entry])
             view.keep_logits(entry)
             last = entry.first + len(entry.tokens) - 1
@@ -276,110 +263,9 @@ def chunks(tokens: list) -> list[tuple[int, list]]:
     return [(i, tokens[i:i + CHUNK]) for i in range(0, len(tokens), CHUNK)]
 
 
-class _SeqContext:
-    """llama-cpp-python's LlamaContext, with its KV removals bound to one sequence (it
-    removes from ``-1`` = sequence 0, llama-cpp-python's only one)."""
-
-    def __init__(self, inner, seq: int, deferred: bool = False) -> None:
-        self._inner = inner
-        self._seq = seq
-        self._deferred = deferred
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def kv_cache_seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
-        """Drop the sequence's entries from ``p0`` on (llama-cpp-python's prefix reuse).
-        ``deferred`` (a view on a batcher): only the decoding thread touches the KV
-        buffer, and :meth:`Batch.decode` drops everything past ``n_past`` anyway."""
-        import llama_cpp
-
-        if self._deferred:
-            return True
-        return llama_cpp.llama_memory_seq_rm(self._inner.memory, self._seq, p0, p1)
-
-    def kv_cache_clear(self) -> None:
-        self.kv_cache_seq_rm(self._seq, 0, -1)
-
-
-_CLASS: dict = {}
-
-
-def _seq_llama_class():
-    """``Llama`` with a sequence id, built once (llama_cpp is imported lazily)."""
-    if "cls" in _CLASS:
-        return _CLASS["cls"]
-    import numpy as np
-    from llama_cpp import Llama
-
-    class SeqLlama(Llama):
-        """A Llama decoding sequence ``seq_id`` through ``decoder`` (see the module)."""
-
-        seq_id = 0
-        decoder = None
-        _last_row = -1
-
-        def eval(self, tokens) -> None:
-            tokens = list(tokens)
-            self._last_row = self.decoder(self, tokens)
-            self.input_ids[self.n_tokens:self.n_tokens + len(tokens)] = tokens
-            self.n_tokens += len(tokens)
-            self._requires_eval = False
-
-        def keep_logits(self, entry: Rows) -> None:
-            """After a decode (on the decoding thread): with ``logits_all``, copy the
-            entry's rows into ``scores``."""
-            if not self._logits_all:
-                return
-            import llama_cpp
-
-            for k in range(len(entry.tokens)):
-                row = llama_cpp.llama_get_logits_ith(self.ctx, entry.first + k)
-                self.scores[entry.n_past + k, :] = np.ctypeslib.as_array(
-                    row, shape=(self._n_vocab,))
-
-        def sample(self, *args, **kwargs) -> int:
-            # the logits of this sequence's last row in the latest decode
-            kwargs["idx"] = self.n_tokens + self._last_row
-            with self.decoder.sample_lock:
-                return Llama.sample(self, *args, **kwargs)
-
-        def view(self, seq_id: int, decoder) -> "SeqLlama":
-            """Another sequence of the same model and context: its own tokens, sampler and
-            KV entries; closing it frees nothing (the model and context are the owner's)."""
-            other = object.__new__(type(self))
-            other.__dict__.update(self.__dict__)
-            other.seq_id, other.decoder = seq_id, decoder
-            other._stack = contextlib.ExitStack()  # Llama.__del__ closes _stack: not ours
-            other._ctx = _SeqContext(getattr(self._ctx, "_inner", self._ctx), seq_id, True)
-            other.input_ids = np.ndarray((self._n_ctx,), dtype=np.intc)
-            other.n_tokens, other._sampler, other._requires_eval = 0, None, True
-            other.chat_handler = None
-            return other
-
-    _CLASS["cls"] = SeqLlama
-    return SeqLlama
-
-
 def streams_for(parallel: int) -> int:
     """KV streams (sequence ids) of a context that runs ``parallel`` sequences at once:
     two for one (a lone sequence's filler row goes on a neighbour), else twice
     ``parallel``, so that the server can give the sequences of one adapter set
     neighbouring ids (each gap in a step's range of ids costs a filler row)."""
     return 2 if parallel <= 1 else 2 * parallel
-
-
-def seq_llama(sequences: int, n_ctx: int, flash_attn: bool = False, **llama_kw):
-    """A ``Llama`` (sequence 0) on a context of ``max(2, sequences)`` sequences (a lone
-    sequence needs a neighbour for its filler rows) of ``n_ctx`` tokens each, decoding at
-    once (:class:`DirectDecoder`). ``.batch`` is the context's :class:`Batch`."""
-    cls = _seq_llama_class()
-    streams = max(2, sequences)
-    with context_params(streams, flash_attn):
-        llm = cls(n_ctx=n_ctx * streams, n_batch=512, n_ubatch=512, flash_attn=flash_attn,
-                  **llama_kw)
-    llm._n_ctx = n_ctx  # what one sequence may hold: llama-cpp-python's length checks
-    llm._ctx = _SeqContext(llm._ctx, 0)
-    llm.batch = Batch(llm.ctx, streams)
-    llm.decoder = DirectDecoder(llm.batch)
-    return llm

@@ -39,25 +39,6 @@ def _want_extra_bufts() -> bool:
     return "amx_tile" not in probe_simd()
 
 
-@contextlib.contextmanager
-def _model_params(use_extra_bufts: bool):
-    """Llama() builds its llama_model_params internally; adjust the defaults it starts from."""
-    import llama_cpp.llama_cpp as low
-
-    original = low.llama_model_default_params
-
-    def patched():
-        params = original()
-        params.use_extra_bufts = use_extra_bufts
-        return params
-
-    low.llama_model_default_params = patched
-    try:
-        yield
-    finally:
-        low.llama_model_default_params = original
-
-
 def _env_threads() -> int | None:
     value = os.environ.get("EDGE_TUNE_THREADS", "").strip()
     if not value:
@@ -117,6 +98,27 @@ class _TemplateFormatter:
         return result
 
 
+def render_chat(template: str, messages: list[dict], tools: list[dict] | None = None,
+                add_generation_prompt: bool = True) -> str:
+    """The text of ``messages`` (and ``tools``) rendered with chat template ``template``
+    (Jinja text) by llama-cpp-python's formatter, with empty BOS/EOS texts. Raises whatever
+    the template raises (jinja2 errors, ValueError from its ``raise_exception``...)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    fmt = Jinja2ChatFormatter(template, eos_token="", bos_token="",
+                              add_generation_prompt=add_generation_prompt)
+    return fmt(messages=messages, tools=tools).prompt
+
+
+def logits_processors(*processors):
+    """``processors`` (callables ``(input_ids, logits) -> logits``, called in order at every
+    sampling step with the step's raw logits) as the ``logits_processor`` sampling argument of
+    :meth:`Engine.generate`."""
+    from llama_cpp import LogitsProcessorList
+
+    return LogitsProcessorList(list(processors))
+
+
 @dataclass
 class Piece:
     """A piece of streamed text; the last one of an answer has ``finish_reason`` set."""
@@ -150,10 +152,10 @@ def _overflow_as_error(chunks, n_ctx: int):
 class _TokenCounter:
     """Counts the tokens llama-cpp-python samples, for the OpenAI ``usage`` block.
 
-    Its streaming API reports no token counts, so the instance's ``sample`` method is wrapped
-    for the duration of one answer (an instance attribute shadows the class method; the
-    wrapper returns the sampled token unchanged). On the first sample the context holds
-    exactly the prompt; an end-of-generation token is not counted as completion.
+    Its streaming API reports no token counts, so the sequence's ``eval`` and ``sample`` call
+    this counter for the duration of one answer (:meth:`SeqLlama.answering
+    <edge_tune.llama.native.llama_class>`). On the first sample the context holds exactly the
+    prompt; an end-of-generation token is not counted as completion.
 
     ``cached_tokens``: the prompt tokens llama-cpp-python took from the KV cache (its
     ``generate`` keeps the longest common prefix; the first ``eval`` starts after it).
@@ -161,96 +163,52 @@ class _TokenCounter:
     It also enforces ``limit`` (max_tokens): llama-cpp-python's streaming loop skips its own
     max_tokens check while the text ends in an incomplete UTF-8 sequence, so a model that
     keeps sampling lead bytes (seen with a tiny Gemma 3 and an adapter) generated until the
-    context was full and llama_decode failed. Past the limit the wrapper answers an
-    end-of-generation token, which stops the loop; ``cut`` says the answer was cut there.
+    context was full and llama_decode failed. Past the limit the counter answers an
+    end-of-generation token instead of sampling, which stops the loop; ``cut`` says the answer
+    was cut there.
     """
 
-    def __init__(self, llm) -> None:
-        self.llm = llm
+    def __init__(self, vocab, limit: Optional[int] = None) -> None:
+        import llama_cpp
+
+        self.vocab = vocab
+        self.limit = limit
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cached_tokens = 0
         self._sampled = 0
         self._evals = 0
         self.cut = False
+        self.stop = llama_cpp.llama_vocab_eos(vocab)
+        if self.stop < 0:
+            self.stop = llama_cpp.llama_vocab_eot(vocab)
 
-    @classmethod
-    def install(cls, llm, limit: Optional[int] = None) -> _TokenCounter:
+    def evaluating(self, n_tokens: int) -> None:
+        """Before an evaluation, with ``n_tokens`` in the context."""
+        if self._evals == 0:
+            self.cached_tokens = n_tokens
+        self._evals += 1
+
+    def cut_short(self) -> Optional[int]:
+        """Before a sample: the token to answer instead (the limit is reached), or None."""
+        if self.limit is not None and self.completion_tokens >= self.limit and self.stop >= 0:
+            self.cut = True
+            return self.stop
+        return None
+
+    def sampled(self, token: int, n_tokens: int) -> None:
+        """After a sample of ``token``, with ``n_tokens`` in the context."""
         import llama_cpp
 
-        counter = cls(llm)
-        original = type(llm).sample
-        vocab = llm._model.vocab
-        stop = llama_cpp.llama_vocab_eos(vocab)
-        if stop < 0:
-            stop = llama_cpp.llama_vocab_eot(vocab)
-
-        def sample(*args, **kwargs):
-            if limit is not None and counter.completion_tokens >= limit and stop >= 0:
-                counter.cut = True
-                return stop
-            token = original(llm, *args, **kwargs)
-            if counter._sampled == 0:
-                counter.prompt_tokens = llm.n_tokens
-            counter._sampled += 1
-            if not llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
-                counter.completion_tokens += 1
-            return token
-
-        original_eval = type(llm).eval
-
-        def eval_(tokens):
-            if counter._evals == 0:
-                counter.cached_tokens = llm.n_tokens
-            counter._evals += 1
-            return original_eval(llm, tokens)
-
-        llm.sample = sample
-        llm.eval = eval_
-        return counter
-
-    def uninstall(self) -> None:
-        self.llm.__dict__.pop("sample", None)
-        self.llm.__dict__.pop("eval", None)
+        if self._sampled == 0:
+            self.prompt_tokens = n_tokens
+        self._sampled += 1
+        if not llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            self.completion_tokens += 1
 
 
-MIN_NEW_TOKENS = 2  # rows of a prompt evaluated even when the cache holds all of it
-
-
-def _batched_suffix(llm) -> None:
-    """Make the next ``llm.generate`` reuse at most ``len(prompt) - MIN_NEW_TOKENS`` cached
-    tokens (an instance attribute shadowing the method; the caller pops it).
-
-    Why: llama-cpp-python re-evaluates a single token when the whole prompt is cached, and
-    ggml computes a lone row with other kernels than a block (llamafile's sgemm needs two
-    rows), so its logits would round differently from a fresh context's. Two rows take the
-    block kernels, whose rows do not depend on how a prompt is split (checked for many
-    splits: docs/serving.md)."""
-    original = type(llm).generate
-
-    def generate(tokens, *args, **kwargs):
-        tokens = list(tokens)
-        keep = 0
-        for cached, new in zip(llm._input_ids, tokens[:max(len(tokens) - MIN_NEW_TOKENS, 0)]):
-            if cached != new:
-                break
-            keep += 1
-        if llm.n_tokens > keep:
-            llm.n_tokens = keep
-            llm._ctx.kv_cache_seq_rm(-1, keep, -1)
-        return original(llm, tokens, *args, **kwargs)
-
-    llm.generate = generate
-
-
-def _keep_prompt_only(llm, prompt_tokens: int) -> None:
-    """Drop the KV entries of the answer, keep the prompt's: for an ``exact`` engine (F32
-    KV cache, flash attention off), where ggml computes a decoded row's attention with
-    other kernels than a block's (:mod:`edge_tune.llama.batch_rows`), so reusing the decoded
-    entries could change the next turn's answer. The answer goes with the next prompt."""
-    if prompt_tokens and llm.n_tokens > prompt_tokens:
-        llm.n_tokens = prompt_tokens
-        llm._ctx.kv_cache_seq_rm(-1, prompt_tokens, -1)
+# rows of a prompt evaluated even when the cache holds all of it (SeqLlama.generate says why)
+MIN_NEW_TOKENS = 2
 
 
 _LONE_ROWS: dict[tuple, bool] = {}  # see Engine._decide_lone_rows
@@ -301,13 +259,15 @@ class Engine:
         # thread stalls the rest (measured here: 2 threads 4-13x slower than 1 under load).
         threads = threads or _env_threads() or psutil.cpu_count(logical=False) or 1
         try:
-            from edge_tune.llama.batch_rows import kv_cache_params, seq_llama, streams_for
+            from edge_tune.llama.batch_rows import kv_cache_params, streams_for
+            from edge_tune.llama.native import open_llama
 
-            with quiet_stderr(), _model_params(_want_extra_bufts()):
-                self.llm = seq_llama(streams_for(parallel), n_ctx, model_path=str(self.base_path),
-                                     n_threads=threads, n_threads_batch=threads,
-                                     logits_all=logits_all, seed=seed, verbose=False,
-                                     **kv_cache_params(exact))
+            with quiet_stderr():
+                self.llm = open_llama(streams_for(parallel), n_ctx,
+                                      extra_bufts=_want_extra_bufts(),
+                                      model_path=str(self.base_path), n_threads=threads,
+                                      n_threads_batch=threads, logits_all=logits_all, seed=seed,
+                                      verbose=False, **kv_cache_params(exact))
         except ValueError as exc:
             raise EdgeTuneError(f"{self.base_path}: llama.cpp could not load this model "
                                 f"({exc})") from None
@@ -318,7 +278,7 @@ class Engine:
         self.prompt_cache = prompt_cache
         self.parallel = max(1, parallel)
         # exact: F32 cache without flash attention, where decoded rows differ from block
-        # rows, so answers' KV entries are not reused (_keep_prompt_only)
+        # rows, so answers' KV entries are not reused (see generate)
         self._exact = exact
         # float matrices take other ggml kernels for one row than for several (a lone
         # row then needs a filler); quantized ones measured: _decide_lone_rows
@@ -350,7 +310,7 @@ class Engine:
     def set_system(self, text: Optional[str], adapter: Optional[str] = None) -> None:
         """Send ``text`` as the system message of every conversation that has none while
         ``adapter`` is active (None: the base, and every adapter without its own): a run's
-        training system prompt (:func:`edge_tune.template_choice.shared_system`). A
+        training system prompt (:func:`edge_tune.templates.choice.shared_system`). A
         conversation's own system message wins."""
         if text:
             self._systems[adapter] = text
@@ -373,7 +333,7 @@ class Engine:
         return self.template_of(self.active)
 
     def _token_text(self, token: int) -> str:
-        return self.llm._model.token_get_text(token) if token >= 0 else ""
+        return self.llm.token_text(token)
 
     def _turn_end_tokens(self, text: str, eos: str, bos: str) -> set[int]:
         """The token a template closes an assistant turn with (ChatML's ``<|im_end|>``,
@@ -395,7 +355,7 @@ class Engine:
         if not rest:
             return set()
         first = self.llm.tokenize(rest.encode(), add_bos=False, special=True)[:1]
-        vocab = self.llm._model.vocab
+        vocab = self.llm.vocab
         return {t for t in first if llama_cpp.llama_vocab_is_eog(vocab, t)
                 or llama_cpp.llama_vocab_is_control(vocab, t)}
 
@@ -483,7 +443,7 @@ class Engine:
         size = llama_cpp.llama_state_seq_get_size(ctx, 0)
         buf = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
-        return buf, written, self.llm.input_ids[:self.llm.n_tokens].copy()
+        return buf, written, self.llm.cached_tokens()
 
     def _restore_prompt(self, buf, written: int, tokens) -> None:
         """Put a :meth:`_save_prompt` back into the (cleared) context; on failure the
@@ -491,10 +451,9 @@ class Engine:
         import llama_cpp
 
         if llama_cpp.llama_state_seq_set_data(self.llm.ctx, buf, written, 0) != written:
-            self.llm._ctx.kv_cache_clear()
+            self.llm.clear_kv()
             return
-        self.llm.input_ids[:len(tokens)] = tokens
-        self.llm.n_tokens = len(tokens)
+        self.llm.set_cached_tokens(tokens)
 
     def activate(self, name: Optional[str], scale: float = 1.0) -> None:
         """Make ``name`` the only active adapter, at ``scale`` (None = the plain base)."""
@@ -522,7 +481,7 @@ class Engine:
                 self._saved.popitem(last=False)
         # KV entries of the previous set must not be reused under this one
         self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
+        self.llm.clear_kv()
         saved = self._saved.pop(mix, None) if self.prompt_cache else None
         if saved is not None:
             self._restore_prompt(*saved)
@@ -610,8 +569,8 @@ class Engine:
         llama-cpp-python names them. A prompt longer than the context raises
         :class:`ContextOverflow` before any piece; a conversation the template refuses raises
         :class:`ChatTemplateError`, one on a model without a template :class:`NoChatTemplate`.
-        ``sequence``: another sequence of the context (the server's batch, a
-        :meth:`SeqLlama.view`) generating under ``mix`` (its adapter set, applied by the
+        ``sequence``: another sequence of the context (the server's batch, from
+        :meth:`sequence`) generating under ``mix`` (its adapter set, applied by the
         caller); default: sequence 0 under :attr:`active_mix`.
         """
         llm = self.llm if sequence is None else sequence
@@ -630,40 +589,93 @@ class Engine:
                 from edge_tune.data.template import fold_system
 
                 messages = fold_system(messages)
-        if self.prompt_cache:
-            _batched_suffix(llm)
-        else:
+        if not self.prompt_cache:
             llm.reset()
-        counter = _TokenCounter.install(llm, max_tokens if max_tokens and max_tokens > 0
-                                        else None)
+        counter = _TokenCounter(llm.vocab, max_tokens if max_tokens and max_tokens > 0
+                                else None)
         kw = dict(temperature=temperature, max_tokens=max_tokens, stream=True, seed=seed,
                   **sampling)
         try:
-            if messages is not None:
-                stream = llm.create_chat_completion(messages=messages, **kw)
-                chunks = ((c["choices"][0]["delta"].get("content") or "",
-                           c["choices"][0].get("finish_reason")) for c in stream)
-            else:
-                stream = llm.create_completion(prompt=prompt or "", **kw)
-                chunks = ((c["choices"][0].get("text") or "", c["choices"][0].get("finish_reason"))
-                          for c in stream)
-            for text, finish in _overflow_as_error(chunks, llm._n_ctx):
-                if finish and counter.cut:
-                    finish = "length"
-                if text or finish:
-                    yield Piece(text, finish, counter.prompt_tokens, counter.completion_tokens,
-                                counter.cached_tokens)
+            with llm.answering(counter, MIN_NEW_TOKENS if self.prompt_cache else 0):
+                if messages is not None:
+                    stream = llm.create_chat_completion(messages=messages, **kw)
+                    chunks = ((c["choices"][0]["delta"].get("content") or "",
+                               c["choices"][0].get("finish_reason")) for c in stream)
+                else:
+                    stream = llm.create_completion(prompt=prompt or "", **kw)
+                    chunks = ((c["choices"][0].get("text") or "",
+                               c["choices"][0].get("finish_reason")) for c in stream)
+                for text, finish in _overflow_as_error(chunks, llm.sequence_tokens):
+                    if finish and counter.cut:
+                        finish = "length"
+                    if text or finish:
+                        yield Piece(text, finish, counter.prompt_tokens,
+                                    counter.completion_tokens, counter.cached_tokens)
         finally:
-            counter.uninstall()
-            llm.__dict__.pop("generate", None)
-            if self.prompt_cache and self._exact:
-                _keep_prompt_only(llm, counter.prompt_tokens)
+            if self.prompt_cache and self._exact and counter.prompt_tokens:
+                # an exact engine (F32 KV cache, flash attention off) computes a decoded
+                # row's attention with other kernels than a block's (batch_rows), so reusing
+                # the answer's entries could change the next turn's answer: keep the
+                # prompt's only, the answer goes with the next prompt
+                llm.keep_only(counter.prompt_tokens)
 
     def chat(self, messages: list[dict], **kw) -> str:
         return "".join(self.chat_stream(messages, **kw))
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of ``text`` (no BOS added); ``special``: special tokens' texts are
+        parsed as those tokens."""
         return self.llm.tokenize(text.encode(), add_bos=False, special=special)
+
+    @property
+    def n_vocab(self) -> int:
+        """Tokens in the model's vocabulary (the width of a logits row)."""
+        return self.llm.n_vocab()
+
+    def token_bytes(self, token: int, special: bool) -> bytes:
+        """A token's bytes as llama.cpp writes them into text (``llama_token_to_piece``, no
+        leading-space stripping); ``special``: control tokens spelled out, else empty."""
+        import llama_cpp
+
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(self.llm.vocab, token, buf, size, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
+
+    def grammar(self, gbnf: str):
+        """``gbnf`` (GBNF text, root rule ``root``) as a grammar for the ``grammar`` sampling
+        argument of :meth:`generate`. Raises :class:`~edge_tune.llama.gbnf.GrammarRefused`
+        when llama.cpp cannot parse it against this model's vocabulary."""
+        from edge_tune.llama.gbnf import compile_grammar
+
+        return compile_grammar(gbnf, self.llm.vocab)
+
+    def greedy_ids(self, prompt_ids: list[int], max_new: int) -> list[int]:
+        """At most ``max_new`` greedy token ids after ``prompt_ids`` (evaluated from an empty
+        context, under the active adapters), up to the end-of-sequence token (left out)."""
+        ids: list[int] = []
+        self.llm.reset()
+        for t in self.llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
+            if t == self.llm.token_eos() or len(ids) >= max_new:
+                break
+            ids.append(t)
+        return ids
+
+    # --- the context's sequences (the server's batcher) -----------------------------------
+    @property
+    def batch(self):
+        """The context's :class:`~edge_tune.llama.batch_rows.Batch`: its decodes, its
+        ``streams`` (sequence ids) and row counts."""
+        return self.llm.batch
+
+    def sequence(self, seq_id: int, decoder):
+        """Sequence ``seq_id`` of the context, decoding through ``decoder`` (a callable
+        ``(sequence, tokens) -> index of the last row's logits``, with a ``sample_lock``), to
+        pass as :meth:`generate`'s ``sequence``."""
+        return self.llm.view(seq_id, decoder)
 
     def logits(self, tokens: list[int]):
         """Per-position logits (needs ``logits_all=True``), as a numpy array (n, vocab)."""

@@ -204,22 +204,16 @@ def _prepare(req, engine) -> _Extra:
     if gbnf is None and req.response_format is not None:
         gbnf = grammars.response_format_grammar(req.response_format)
     if gbnf is not None:
-        from llama_cpp.llama_grammar import LlamaGrammar
-
-        grammars.check(gbnf, engine.llm._model.vocab, field)
-        req.sampling["grammar"] = LlamaGrammar.from_string(gbnf, verbose=False)
+        req.sampling["grammar"] = grammars.compiled(gbnf, engine, field)
     recorder = None
     if req.logprobs is not None:
-        from llama_cpp import LogitsProcessorList
+        from edge_tune.llama.engine import logits_processors
+        from edge_tune.server.logprobs import LogprobRecorder
 
-        from edge_tune.server.logprobs import LogprobRecorder, token_piece
-
-        llm = engine.llm
-        vocab = llm._model.vocab
         recorder = LogprobRecorder(
-            req.logprobs, lambda t, special: token_piece(vocab, t, special),
-            lambda text: llm.tokenize(text, add_bos=False, special=False))
-        req.sampling["logits_processor"] = LogitsProcessorList([recorder])
+            req.logprobs, engine.token_bytes,
+            lambda raw: engine.tokenize(raw.decode("utf-8"), special=False))
+        req.sampling["logits_processor"] = logits_processors(recorder)
     return _Extra(req, syntax, recorder)
 
 

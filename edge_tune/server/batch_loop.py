@@ -4,11 +4,12 @@ Each admitted request gets a *slot* (a sequence id of the one llama.cpp context,
 own tokens and KV entries, kept after the answer as that slot's prompt cache) and a thread
 that runs the engine's ordinary generation loop (llama-cpp-python's, with the request's
 sampling, grammar, logits processors and stop strings) on the slot's sequence
-(:meth:`SeqLlama.view`). When that loop evaluates tokens, its thread *parks* them here and
-waits; the decoding thread gathers the parked rows of every sequence under the current
-adapter set into one ``llama_decode`` (the rule of :mod:`edge_tune.llama.batch_rows` keeps each
-row's bits independent of the batch), hands each sequence the index of its logits, and waits until
-every sequence has sampled and parked again (or finished) before the next step.
+(:meth:`edge_tune.llama.engine.Engine.sequence`). When that loop evaluates tokens, its thread
+*parks* them here and waits; the decoding thread gathers the parked rows of every sequence
+under the current adapter set into one ``llama_decode`` (the rule of
+:mod:`edge_tune.llama.batch_rows` keeps each row's bits independent of the batch), hands each
+sequence the index of its logits, and waits until every sequence has sampled and parked again
+(or finished) before the next step.
 New requests join between steps. All rows of a decode share one adapter set (llama.cpp
 applies adapters per context), so sets take turns, :data:`TURN_STEPS` steps at a time while
 another set has work, and a sequence waiting for its turn keeps its KV entries.
@@ -31,7 +32,7 @@ class Slot:
     """A sequence id of the context and what its KV entries hold."""
 
     seq_id: int
-    view: object  # SeqLlama on this sequence id
+    view: object  # the engine's sequence on this id (Engine.sequence)
     mix: tuple | None = None  # adapter set its KV entries were computed under
     used: int = 0  # step of its last use, for least-recently-used reuse
     sequence: "Sequence | None" = None  # the request using it now
@@ -66,8 +67,7 @@ class Batcher:
         self.sample_lock = threading.Lock()  # llama_get_logits_ith is not thread-safe
         # more slots than requests run at once (``engine.parallel``): the spare ones let a
         # request sit next to the others of its adapter set (see :meth:`free_slot`)
-        self.slots = [Slot(i, engine.llm.view(i, self))
-                      for i in range(engine.llm.batch.streams)]
+        self.slots = [Slot(i, engine.sequence(i, self)) for i in range(engine.batch.streams)]
         self.limit = engine.parallel
         self.live: list[Sequence] = []
         self.steps = 0
@@ -75,7 +75,7 @@ class Batcher:
         self.switches = 0
         self._order = 0
 
-    # --- the sequence threads' side: SeqLlama.eval calls this --------------------------------
+    # --- the sequence threads' side: a sequence's eval calls this ---------------------------
     def __call__(self, view, tokens: list) -> int:
         seq = view.sequence
         last = -1
@@ -194,10 +194,10 @@ class Batcher:
         entries = [s.rows for s in chosen]
         try:
             try:
-                self.engine.llm.batch.decode(entries)
+                self.engine.batch.decode(entries)
             except KVFull:
                 self.evict_idle()
-                self.engine.llm.batch.decode(entries)
+                self.engine.batch.decode(entries)
         except EdgeTuneError as exc:
             for seq in chosen:
                 seq.error = exc
@@ -212,12 +212,9 @@ class Batcher:
 
     def evict_idle(self) -> None:
         """Drop the caches of idle slots (their KV entries), oldest first."""
-        import llama_cpp
-
-        mem = llama_cpp.llama_get_memory(self.engine.llm.ctx)
         for slot in sorted(self.slots, key=lambda s: s.used):
             if slot.sequence is None:
-                llama_cpp.llama_memory_seq_rm(mem, slot.seq_id, 0, -1)
+                self.engine.batch.drop(slot.seq_id)
                 slot.view.n_tokens, slot.mix = 0, None
 
     def forget_all(self) -> None:

@@ -2,11 +2,10 @@
 tool calls.
 
 JSON Schema goes to GBNF through llama-cpp-python's port of llama.cpp's own converter
-(``llama_cpp.llama_grammar.SchemaConverter``, from ``json_schema_to_grammar.py``); any-JSON
-answers use llama.cpp's ``json.gbnf`` (``llama_grammar.JSON_GBNF``). Every grammar is parsed
-once by llama.cpp (:func:`check`) before a request is queued: llama-cpp-python adds a grammar
-sampler without checking it, and a grammar llama.cpp refuses would reach the sampler chain as
-a NULL pointer.
+(:func:`edge_tune.llama.gbnf.schema_converter`, from ``json_schema_to_grammar.py``); any-JSON
+answers use llama.cpp's ``json.gbnf``. Every grammar is parsed once by llama.cpp
+(:func:`compiled`) before a request is queued: llama-cpp-python adds a grammar sampler without
+checking it, and a grammar llama.cpp refuses would reach the sampler chain as a NULL pointer.
 
 Errors are :class:`~edge_tune.server.errors.RequestError` (HTTP 400) naming the field.
 """
@@ -141,12 +140,6 @@ def _bounded(node: dict, where: str, ranges: dict) -> None:
     node.update(kept, const=token)
 
 
-def _converter():
-    from llama_cpp.llama_grammar import SchemaConverter
-
-    return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-
-
 def _visit(converter, schema, name: str, field: str, ranges: dict) -> str:
     """Add ``schema``'s rules to ``converter`` under rule ``name``; returns the rule name.
     Bounded integers go into ``ranges`` (placeholder -> GBNF), see :func:`_finish`."""
@@ -175,23 +168,27 @@ def schema_grammar(schema: dict, field: str) -> str:
     keywords llama.cpp's converter supports: types, properties/required,
     additionalProperties, items, enum/const, anyOf/oneOf/allOf, $ref/$defs, string
     min/maxLength, patterns, integer bounds...). ``field`` names the schema in errors."""
-    converter, ranges = _converter(), {}
+    from edge_tune.llama.gbnf import schema_converter
+
+    converter, ranges = schema_converter(), {}
     _visit(converter, schema, "", field, ranges)
-    return _finish(converter, converter.format_grammar(), ranges)
+    return _finish(converter.format_grammar(), ranges)
 
 
-def _finish(converter, gbnf: str, ranges: dict) -> str:
+def _finish(gbnf: str, ranges: dict) -> str:
     """Put each bounded integer's rule where its placeholder constant is."""
+    from edge_tune.llama.gbnf import literal
+
     for token, rule in ranges.items():
-        gbnf = gbnf.replace(converter._format_literal(json.dumps(token)), rule)
+        gbnf = gbnf.replace(literal(json.dumps(token)), rule)
     return gbnf
 
 
 def any_json_grammar() -> str:
     """llama.cpp's ``json.gbnf``: any JSON object."""
-    from llama_cpp.llama_grammar import JSON_GBNF
+    from edge_tune.llama.gbnf import any_json
 
-    return JSON_GBNF
+    return any_json()
 
 
 def response_format_grammar(value) -> str | None:
@@ -225,7 +222,9 @@ def tool_call_grammar(tools: list[dict], names: list[str], syntax) -> str:
     (:class:`edge_tune.server.tools.CallSyntax`), to one of the functions ``names``: the
     call object is ``{"name": NAME, ARGS_KEY: <the function's parameters schema>}`` between
     the syntax's opening and closing text."""
-    converter, ranges = _converter(), {}
+    from edge_tune.llama.gbnf import literal, schema_converter
+
+    converter, ranges = schema_converter(), {}
     by_name = {t["function"]["name"]: (i, t["function"]) for i, t in enumerate(tools)}
     alternatives = []
     for n, name in enumerate(names):
@@ -233,28 +232,25 @@ def tool_call_grammar(tools: list[dict], names: list[str], syntax) -> str:
         params = fn.get("parameters") or {"type": "object", "properties": {}}
         rule = _visit(converter, params, f"args{n}", f"tools[{i}].function.parameters",
                       ranges)
-        head = converter._format_literal(json.dumps({"name": name}, ensure_ascii=False)[:-1])
-        key = converter._format_literal(f', "{syntax.args_key}": ')
+        head = literal(json.dumps({"name": name}, ensure_ascii=False)[:-1])
+        key = literal(f', "{syntax.args_key}": ')
         alternatives.append(f"{head} {key} {rule} \"}}\"")
     body = " | ".join(f"( {a} )" for a in alternatives)
-    parts = [converter._format_literal(syntax.open)] if syntax.open else []
+    parts = [literal(syntax.open)] if syntax.open else []
     parts.append(f"( {body} )")
     if syntax.close:
-        parts.append(converter._format_literal(syntax.close))
-    return _finish(converter, f"root ::= {' '.join(parts)}\n{converter.format_grammar()}",
+        parts.append(literal(syntax.close))
+    return _finish(f"root ::= {' '.join(parts)}\n{converter.format_grammar()}",
                    ranges)
 
 
-def check(gbnf: str, vocab, field: str) -> None:
-    """Have llama.cpp parse ``gbnf`` against the model's ``vocab`` (a ``llama_vocab``
-    pointer); a grammar it refuses is a 400 naming ``field``."""
-    import llama_cpp
+def compiled(gbnf: str, engine, field: str):
+    """``gbnf`` parsed by llama.cpp against ``engine``'s vocabulary, as the request's
+    ``grammar`` sampling argument; a grammar llama.cpp refuses is a 400 naming ``field``."""
+    from edge_tune.llama.gbnf import GrammarRefused
 
-    from edge_tune.llama.engine import quiet_stderr
-
-    with quiet_stderr():
-        sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode("utf-8"), b"root")
-    if not sampler:
+    try:
+        return engine.grammar(gbnf)
+    except GrammarRefused:
         raise RequestError(400, f"'{field}': llama.cpp could not build a grammar from it",
-                           param=field)
-    llama_cpp.llama_sampler_free(sampler)
+                           param=field) from None

@@ -99,19 +99,3 @@ class LogprobRecorder:
         if len(found) == 1:
             return found[0]
         return int(lp.argmax())
-
-
-def token_piece(vocab, token: int, special: bool) -> bytes:
-    """A token's bytes as llama.cpp writes them into text (``llama_token_to_piece``, no
-    leading-space stripping); ``special``: control tokens spelled out, else empty."""
-    import ctypes
-
-    import llama_cpp
-
-    size = 64
-    while True:
-        buf = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, special)
-        if n >= 0:
-            return buf.raw[:n]
-        size = -n

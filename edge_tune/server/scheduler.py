@@ -160,7 +160,7 @@ class Scheduler:
             batch.decode(chosen)
             with self._cv:
                 batch.deliver(chosen)
-                rows = self.engine.llm.batch
+                rows = self.engine.batch
                 self.stats.decode_rows, self.stats.filler_rows = rows.rows, rows.filler_rows
 
     def _admit(self) -> None:

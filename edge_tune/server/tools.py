@@ -62,11 +62,9 @@ MISTRAL = CallSyntax("mistral", "[TOOL_CALLS] [", "]", "arguments", marker="[TOO
 
 def _render(template: str, messages: list[dict], tools: list[dict] | None,
             add_generation_prompt: bool) -> str:
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from edge_tune.llama.engine import render_chat
 
-    fmt = Jinja2ChatFormatter(template, eos_token="", bos_token="",
-                              add_generation_prompt=add_generation_prompt)
-    return fmt(messages=messages, tools=tools).prompt
+    return render_chat(template, messages, tools, add_generation_prompt)
 
 
 @functools.lru_cache(maxsize=32)
