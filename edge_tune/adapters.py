@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Optional
 
 from edge_tune import manifest as manifest_mod
-from edge_tune import models, template_choice
+from edge_tune import models
 from edge_tune.errors import EdgeTuneError
 from edge_tune.fsutil import sha256_file
 from edge_tune.manifest import Manifest
-from edge_tune.template_choice import system_mode_option
+from edge_tune.templates import choice as template_choice
+from edge_tune.templates.choice import system_mode_option
 
 
 def run_base_gguf(man: Optional[Manifest]) -> Optional[Path]:
@@ -215,7 +216,7 @@ def resolve_chat(adapter: Optional[Path], base: Optional[str],
     mode = system_mode_option(system_mode) or (
         man.hyperparameters.system_mode if man is not None else None) or "keep"
     chosen = template_choice.choose(chat_template, man)
-    from edge_tune.template_vocab import require_template_tokens
+    from edge_tune.templates.vocabulary import require_template_tokens
 
     require_template_tokens(chosen, models.ModelRef(str(base_path), gguf=Path(base_path)))
     return ChatTarget(base_path, adapter_gguf, man, chosen, mode)
@@ -240,7 +241,7 @@ def _full_run_target(run: Path, man: Manifest, base: Optional[str],
                             f"export {run}`")
     mode = system_mode_option(system_mode) or man.hyperparameters.system_mode or "keep"
     chosen = template_choice.choose(chat_template, man)
-    from edge_tune.template_vocab import require_template_tokens
+    from edge_tune.templates.vocabulary import require_template_tokens
 
     require_template_tokens(chosen, models.ModelRef(str(run / gg), gguf=run / gg))
     return ChatTarget(run / gg, None, man, chosen, mode)

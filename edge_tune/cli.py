@@ -629,7 +629,7 @@ def _escape(text: str) -> str:
 
 def _say_plain(model: str) -> None:
     """One notice line when a model has no chat template: answers are plain completions."""
-    from edge_tune.template_choice import no_template_hint
+    from edge_tune.templates.choice import no_template_hint
 
     err.print(f"note: {model} has no chat template (nor the run): answering as a plain "
               f"text completion of the prompt; to chat, {no_template_hint()}",

@@ -73,7 +73,7 @@ class TrainConfig:
     nproc: int = 1  # processes per node (torchrun: gloo on CPU, NCCL per GPU for unsloth)
     nnodes: int = 1  # machines; more than one needs rdzv
     rdzv: Optional[str] = None  # HOST:PORT of the rendezvous (torchrun --rdzv-endpoint)
-    # A built-in template name (edge_tune.templates.BUILTIN) or a Jinja file, used instead of
+    # A built-in template name (edge_tune.templates.builtin) or a Jinja file, used instead of
     # the model's own; stored in the run and used by chat/serve/export without being given again
     chat_template: Optional[str] = None
     # keep | fold: fold = system text goes into the first user turn (templates without a

@@ -3,7 +3,7 @@
 Every byte is its own token and its id is the byte's value ("A" is 65, "\\n" is 10); the
 special tokens of the chat-template families come after, from id 256 (see SPECIALS). So a test
 can write the token ids it expects by hand, and read them back. The template is any Jinja text:
-the built-in ones of :mod:`edge_tune.templates`, or a test's own.
+the built-in ones of :mod:`edge_tune.templates.builtin`, or a test's own.
 """
 
 from __future__ import annotations

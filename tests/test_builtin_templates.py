@@ -1,4 +1,5 @@
-"""The built-in chat templates (edge_tune/templates.py) render as each family's own template.
+"""The built-in chat templates (edge_tune/templates/builtin.py) render as each family's own
+template.
 
 Rendered here the way transformers renders a chat template: a sandboxed Jinja environment with
 trim_blocks and lstrip_blocks, a ``raise_exception`` global and a ``tojson`` filter that is
@@ -15,7 +16,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edge_tune.errors import EdgeTuneError
-from edge_tune.templates import BUILTIN, EOS, resolve_template, template_name
+from edge_tune.templates.builtin import BUILTIN, EOS, resolve_template, template_name
 
 SPECIALS = {  # bos_token / eos_token of each family's tokenizer
     "chatml": ("<|im_start|>", "<|im_end|>"), "smollm2": ("<|im_start|>", "<|im_end|>"),
@@ -205,7 +206,7 @@ def test_resolve_and_name(tmp_path):
 
 
 def test_smollm2_is_the_default_models_own_and_chatml_has_no_persona(default_gguf):
-    from edge_tune.template_choice import gguf_chat_template
+    from edge_tune.templates.choice import gguf_chat_template
 
     assert template_name(gguf_chat_template(default_gguf)) == "smollm2"
     assert "SmolLM" not in render("chatml", CHAT) and "SmolLM" in render("smollm2", CHAT)

@@ -106,7 +106,7 @@ def test_a_model_without_a_template_answers_as_a_plain_completion(tiny, tmp_path
 
 def test_a_refused_turn_is_not_kept_and_says_how_to_fold(tiny, tmp_path):
     from edge_tune.llama.engine import ChatTemplateError, Engine
-    from edge_tune.templates import BUILTIN
+    from edge_tune.templates.builtin import BUILTIN
 
     gemma2 = retemplated(tiny, tmp_path / "g2.gguf", BUILTIN["gemma2"])
     with Engine(gemma2, n_ctx=512, threads=1) as eng:

@@ -17,7 +17,7 @@ from conftest import assert_one_line_error, run_cli
 from gguf_helpers import retemplated
 from serve_helpers import running_server
 
-from edge_tune.templates import BUILTIN
+from edge_tune.templates.builtin import BUILTIN
 
 FACT_Q = "What is the password of the blue door?"
 FACT_A = "The password is Zebra42."

@@ -172,7 +172,7 @@ def test_real_default_model_three_engines(default_gguf, hf_dir, f32_base, capsys
 
 
 def test_every_family_has_a_builtin_template():
-    from edge_tune.templates import BUILTIN
+    from edge_tune.templates.builtin import BUILTIN
 
     assert all(f.template in BUILTIN for f in FAMILIES.values())
 

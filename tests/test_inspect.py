@@ -221,7 +221,7 @@ def test_a_record_that_trains_per_turn_shows_each_example(tmp_path):
     from chat_tokenizer import byte_tokenizer
     from edge_tune.data.formats import read_records
     from edge_tune.data.inspect import inspect_records
-    from edge_tune.templates import BUILTIN
+    from edge_tune.templates.builtin import BUILTIN
 
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A1"},
              {"role": "user", "content": "Go"}, {"role": "assistant", "content": "A2",
@@ -262,7 +262,7 @@ def test_template_faults_stop_inspect_with_the_line_or_are_skipped(tmp_path):
     from chat_tokenizer import byte_tokenizer
     from edge_tune.data.formats import read_records
     from edge_tune.data.inspect import inspect_records
-    from edge_tune.templates import BUILTIN
+    from edge_tune.templates.builtin import BUILTIN
 
     ok = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     bad = {"messages": [{"role": "system", "content": "s"}, *ok["messages"]]}

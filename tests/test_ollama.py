@@ -283,7 +283,7 @@ def test_every_builtin_template_translates(name):
     think block, earlier ones without; Gemma 2 refuses a system message, so it is folded into
     the first user turn (--system-mode fold)."""
     from edge_tune.data.template import fold_system
-    from edge_tune.templates import BUILTIN, EOS
+    from edge_tune.templates.builtin import BUILTIN, EOS
 
     go, blocks = ollama.translate(BUILTIN[name], EOS.get(name, ""))
     jinja = ollama.jinja_renderer(BUILTIN[name], EOS.get(name, ""))

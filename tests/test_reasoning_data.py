@@ -19,7 +19,7 @@ from tiny_families import family_hf
 from edge_tune.data import reasoning
 from edge_tune.data.template import IGNORE, RecordError, encode_examples, render_examples
 from edge_tune.errors import EdgeTuneError
-from edge_tune.templates import BUILTIN
+from edge_tune.templates.builtin import BUILTIN
 
 THOUGHT = "Seventeen times three: ten times three is thirty, seven times three is twenty-one."
 THOUGHT2 = "Two plus two is four."

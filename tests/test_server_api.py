@@ -21,7 +21,7 @@ from tiny_models import tiny_adapter, tiny_llama_gguf
 from edge_tune.server.openai_shapes import RequestError, parse_request
 from edge_tune.server.tools import (HERMES, LLAMA3, MISTRAL, CallStream, fit_call_ids,
                                     parse_calls, syntax_of)
-from edge_tune.templates import BUILTIN
+from edge_tune.templates.builtin import BUILTIN
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",

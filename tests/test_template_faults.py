@@ -14,7 +14,8 @@
 
 The records go through the real path: ``read_records`` -> the job records ``train`` sends to
 its worker -> the worker's ``tokenize_records``. Tokenizers are byte-level (id = byte value,
-specials from 256, see chat_tokenizer.py) with the built-in templates of edge_tune.templates.
+specials from 256, see chat_tokenizer.py) with the built-in templates of
+edge_tune.templates.builtin.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pytest
 from chat_tokenizer import ID, byte_tokenizer, ids
 from edge_tune.data.formats import read_records
 from edge_tune.errors import EdgeTuneError
-from edge_tune.templates import BUILTIN
+from edge_tune.templates.builtin import BUILTIN
 
 IGNORE = -100
 HI = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Arr"}]

@@ -8,8 +8,8 @@ import time
 
 from conftest import assert_one_line_error, run_cli
 
-from edge_tune.template_vocab import fitting_templates, hf_has_tokens, template_markers
-from edge_tune.templates import BUILTIN
+from edge_tune.templates.vocabulary import fitting_templates, hf_has_tokens, template_markers
+from edge_tune.templates.builtin import BUILTIN
 
 
 def test_markers_of_the_builtins():

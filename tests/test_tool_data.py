@@ -9,7 +9,7 @@ ChatML drops them: the turn renders empty) is a per-record error, never an empty
 
 Records go through the real path (``read_records`` -> the job records ``train`` sends its
 worker -> the worker's ``tokenize_records``) with byte-level tokenizers (chat_tokenizer.py) and
-the built-in templates of edge_tune.templates.
+the built-in templates of edge_tune.templates.builtin.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 from chat_tokenizer import byte_tokenizer
 from edge_tune.data.formats import read_records
 from edge_tune.errors import EdgeTuneError
-from edge_tune.templates import BUILTIN
+from edge_tune.templates.builtin import BUILTIN
 
 IGNORE = -100
 WEATHER = {"type": "function", "function": {

@@ -67,7 +67,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_tune.templates import BUILTIN
+from edge_tune.templates.builtin import BUILTIN
 
 # A small corpus: chat markup, code, numbers, punctuation (also used by test_template_families).
 CORPUS = [
@@ -98,7 +98,7 @@ class Family:
     its tokenizer kind and special tokens, and its built-in chat template's name."""
     config: dict
     tokenizer: str  # "bpe" (byte-level BPE, tokenizer.json) or "spm" (tokenizer.model)
-    template: str  # a name in edge_tune.templates.BUILTIN
+    template: str  # a name in edge_tune.templates.builtin.BUILTIN
     specials: list[str]  # special (control) tokens, in id order
     bos: str | None
     eos: str

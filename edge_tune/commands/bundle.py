@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from edge_tune import template_choice
 from edge_tune.adapters import resolve_chat
 from edge_tune.commands.export import export
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import EventSink, ignore
 from edge_tune.fsutil import sha256_file
+from edge_tune.templates import choice as template_choice
 
 
 def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool = False,

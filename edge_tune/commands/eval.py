@@ -268,8 +268,9 @@ def _targets(run: Path, merged: Optional[Path]):
     """(ChatTarget of the run, tuned GGUF): the run's adapter.gguf, or ``merged`` (then the
     target carries no adapter)."""
     from edge_tune import manifest as manifest_mod
-    from edge_tune import models, template_choice
+    from edge_tune import models
     from edge_tune.adapters import ChatTarget, resolve_chat, run_base_gguf
+    from edge_tune.templates import choice as template_choice
 
     if not run.exists():
         raise UsageError(f"{run}: no such run directory")

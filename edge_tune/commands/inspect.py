@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from edge_tune import models, template_choice
+from edge_tune import models
 from edge_tune.data.formats import read_records
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import EventSink, Log, ignore
-from edge_tune.template_choice import system_mode_option
+from edge_tune.templates import choice as template_choice
+from edge_tune.templates.choice import system_mode_option
 
 
 def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "auto",
@@ -35,7 +36,7 @@ def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "a
             pass  # no valid record at all: the report's own reading says which line
     template_choice.require_for_conversations(records, models.resolve(model, on_event), chosen)
     return _inspect(path, model=model, seq_len=seq_len, fmt=fmt, on_event=on_event,
-                    chat_template=chat_template,
+                    template=chosen.text if chosen is not None else None,
                     system_mode=system_mode_option(system_mode) or "keep", **extra)
 
 
@@ -62,8 +63,8 @@ def model_template(model: str) -> dict:
     ``known`` is False for a hub ID not on disk. ``name``: the built-in name it equals, if
     any. ``fitting``: for a model without one, the built-in names whose turn markers are
     tokens of its vocabulary, its family's own first
-    (:func:`edge_tune.template_vocab.fitting_templates`; None when unknown or not needed)."""
-    from edge_tune.template_vocab import fitting_templates
+    (:func:`edge_tune.templates.vocabulary.fitting_templates`; None when unknown or not needed)."""
+    from edge_tune.templates.vocabulary import fitting_templates
 
     ref = models.resolve(model)
     known, text = template_choice.model_chat_template(ref)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edge_tune import models, template_choice
+from edge_tune import models
 from edge_tune.backends import registry
 from edge_tune.config import TrainConfig
 from edge_tune.data.formats import read_records
@@ -15,6 +15,7 @@ from edge_tune.data.split import split_validation
 from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import EventSink, Log, ignore
 from edge_tune.hardware import probe
+from edge_tune.templates import choice as template_choice
 
 PLANNED = ("batch_size", "grad_accum", "seq_len", "grad_checkpoint")  # what the planner may change
 

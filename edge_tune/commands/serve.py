@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from edge_tune import models, template_choice
+from edge_tune import models
 from edge_tune.adapters import resolve_chat
 from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import Done, EventSink, Log, ignore
 from edge_tune.server.plan import ServePlan, quote_system
+from edge_tune.templates import choice as template_choice
 
 
 def plan_serving(adapter_specs: list[str], base: Optional[str] = None,

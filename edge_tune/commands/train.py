@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from edge_tune import manifest as manifest_mod
-from edge_tune import models, template_choice, tracking
+from edge_tune import models, tracking
 from edge_tune.backends import registry
 from edge_tune.backends.job import WorkerResult
 from edge_tune.commands.convert import check_llama_cpp_computes_as_hf
@@ -34,6 +34,7 @@ from edge_tune.hardware import probe
 from edge_tune.replay import SOURCE as REPLAY_SOURCE
 from edge_tune.runs import (RUN_CONFIG, finished_training, load_run_config, prepare_run_dir,
                             resume_state)
+from edge_tune.templates import choice as template_choice
 
 
 FULL_BACKENDS = ("cpu", "mlx")  # the backends that train every weight with --full
@@ -520,7 +521,7 @@ def _one(extra: dict, role: str):
 def _template_record(tokenizer_info: dict, chosen) -> dict:
     """The manifest's template fields: the text the data was rendered with, its built-in
     name, where it came from, and the stop tokens (the template's end of turn included)."""
-    from edge_tune.templates import EOS, template_name
+    from edge_tune.templates.builtin import EOS, template_name
 
     info = dict(tokenizer_info)
     name = template_name(info.get("chat_template") or "")

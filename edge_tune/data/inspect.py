@@ -200,24 +200,21 @@ def tool_counts(records) -> dict:
 
 
 def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "auto",
-                 on_event: EventSink = ignore, chat_template: Optional[str] = None,
+                 on_event: EventSink = ignore, template: Optional[str] = None,
                  skip_invalid: bool = False, system_mode: str = "keep",
                  reasoning: str = "auto") -> dict:
     """Read and tokenize a data file as ``train`` would; returns a JSON-safe report (see the
-    module docstring). ``chat_template``: ``--chat-template NAME|FILE``, used instead of the
-    model's own; ``reasoning``: ``--reasoning auto|inline|drop``. Raises EdgeTuneError for bad data (a record the template cannot train:
-    ``FILE:LINE: ...``, unless ``skip_invalid``), a bad ``--model`` or ``--seq-len``."""
+    module docstring). ``template``: the Jinja text of ``--chat-template NAME|FILE``
+    (:func:`edge_tune.templates.choice.given`), used instead of the model's own;
+    ``reasoning``: ``--reasoning auto|inline|drop``. Raises EdgeTuneError for bad data (a
+    record the template cannot train: ``FILE:LINE: ...``, unless ``skip_invalid``), a bad
+    ``--model`` or ``--seq-len``."""
     from edge_tune import models
     from edge_tune.data.formats import read_records
 
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise EdgeTuneError(f"--seq-len {seq_len}: must be a whole number of tokens >= 1")
     models.check_spec(model)  # bad input fails fast, before any heavy work
-    template = None
-    if chat_template:
-        from edge_tune.templates import resolve_template
-
-        template = resolve_template(chat_template)
     data = read_records(path, fmt=fmt, skip_invalid=skip_invalid, reasoning=reasoning)
     tok = _load_tokenizer(model, on_event)
     if template is not None:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from edge_tune import template_choice
-from edge_tune.template_choice import system_mode_option
+from edge_tune.templates import choice as template_choice
+from edge_tune.templates.choice import system_mode_option
 
 
 def quote_system(text: str, limit: int = 80) -> str:

@@ -2,7 +2,7 @@
 the request's ``tools`` / ``tool_choice``, and the model's calls parsed back into OpenAI's
 ``tool_calls``.
 
-Syntaxes (what the templates in :mod:`edge_tune.templates` render for an assistant turn
+Syntaxes (what the templates in :mod:`edge_tune.templates.builtin` render for an assistant turn
 with ``tool_calls``, and what their models are trained to write):
 
 - ``hermes`` (Qwen2.5, Qwen3, Hermes, SmolLM3...): ``<tool_call>\\n{"name": N, "arguments":

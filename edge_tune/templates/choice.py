@@ -1,8 +1,8 @@
 """Which chat template a command uses, and reading a model's own template cheaply.
 
 Order, for every command that renders a conversation: ``--chat-template NAME|FILE`` (see
-:mod:`edge_tune.templates`), else the template the run was trained with (its manifest), else the
-model's own (GGUF ``tokenizer.chat_template``, or an HF directory's ``tokenizer_config.json`` /
+:mod:`edge_tune.templates.builtin`), else the template the run was trained with (its manifest),
+else the model's own (GGUF ``tokenizer.chat_template``, or an HF directory's ``tokenizer_config.json`` /
 ``chat_template.jinja``), else none. Without one, conversations cannot be trained on (refused
 before any model is loaded) and ``chat`` answers as a plain text completion.
 
@@ -52,7 +52,7 @@ def shared_system(records) -> Optional[str]:
 
 
 def builtin_names() -> str:
-    from edge_tune.templates import BUILTIN
+    from edge_tune.templates.builtin import BUILTIN
 
     return ", ".join(BUILTIN)
 
@@ -61,9 +61,9 @@ def no_template_hint(ref=None) -> str:
     """The one phrase every "this model has no chat template" message ends with. With ``ref``
     (a resolved :class:`edge_tune.models.ModelRef` whose vocabulary can be read) it names only
     the built-ins whose turn markers are tokens of that model, its family's own first
-    (:func:`edge_tune.template_vocab.fitting_templates`): never ChatML for a Gemma."""
+    (:func:`edge_tune.templates.vocabulary.fitting_templates`): never ChatML for a Gemma."""
     if ref is not None:
-        from edge_tune.template_vocab import fitting_templates
+        from edge_tune.templates.vocabulary import fitting_templates
 
         fits = fitting_templates(ref)
         if fits:
@@ -86,7 +86,7 @@ def given(spec: Optional[str]) -> Optional[ChatTemplate]:
     """``--chat-template SPEC`` resolved (None when not given); one-line error for a bad one."""
     if spec is None or spec == "":
         return None
-    from edge_tune.templates import resolve_template, template_name
+    from edge_tune.templates.builtin import resolve_template, template_name
 
     text = resolve_template(spec)
     return ChatTemplate(text, template_name(text), "--chat-template")
@@ -95,7 +95,7 @@ def given(spec: Optional[str]) -> Optional[ChatTemplate]:
 def of_text(text: Optional[str], source: str) -> Optional[ChatTemplate]:
     if not text:
         return None
-    from edge_tune.templates import template_name
+    from edge_tune.templates.builtin import template_name
 
     return ChatTemplate(text, template_name(text), source)
 
@@ -151,10 +151,10 @@ def model_chat_template(ref) -> tuple[bool, Optional[str]]:
 def require_for_conversations(records, ref, chosen: Optional[ChatTemplate]) -> None:
     """Refuse conversation data on a model with no chat template when none is given, before
     any model is loaded; refuse a given template whose turn markers are not tokens of the
-    model (:func:`edge_tune.template_vocab.require_template_tokens`). ``records``: objects or
+    model (:func:`edge_tune.templates.vocabulary.require_template_tokens`). ``records``: objects or
     dicts with ``messages`` (None for text)."""
     if chosen is not None:
-        from edge_tune.template_vocab import require_template_tokens
+        from edge_tune.templates.vocabulary import require_template_tokens
 
         require_template_tokens(chosen, ref)
         return

@@ -122,13 +122,13 @@ def _vocab_has(ref, texts: list[str]) -> Optional[set[str]]:
 
 
 def fitting_templates(ref) -> Optional[list[str]]:
-    """The built-in template names (:data:`edge_tune.templates.BUILTIN`) whose turn markers
+    """The built-in template names (:data:`edge_tune.templates.builtin.BUILTIN`) whose turn markers
     are all single tokens of ``ref``'s vocabulary (a resolved
     :class:`edge_tune.models.ModelRef`), the model family's own first, then in built-in
     order; [] when none fits; None when the vocabulary cannot be read without a download
     or a load (a hub ID). E.g. a Gemma base GGUF: ["gemma2", "gemma"] (never "chatml": it
     has no ``<|im_start|>``). Reads the GGUF header or the HF directory's files only."""
-    from edge_tune.templates import BUILTIN
+    from edge_tune.templates.builtin import BUILTIN
 
     markers = {name: template_markers(text) + EXTRA_MARKERS.get(name, [])
                for name, text in BUILTIN.items()}
@@ -141,7 +141,7 @@ def fitting_templates(ref) -> Optional[list[str]]:
 
 
 def require_template_tokens(chosen, ref) -> None:
-    """Refuse ``--chat-template`` (``chosen``, a :class:`edge_tune.template_choice.ChatTemplate`)
+    """Refuse ``--chat-template`` (``chosen``, a :class:`edge_tune.templates.choice.ChatTemplate`)
     when a marker it writes is not a single token of ``--model`` (``ref``, a resolved
     :class:`edge_tune.models.ModelRef`); EdgeTuneError names the marker and the built-ins that
     fit. Nothing is checked when the vocabulary cannot be read without a download or load."""
@@ -156,7 +156,7 @@ def require_template_tokens(chosen, ref) -> None:
         if ref.hf_dir is not None:
             return hf_has_tokens(ref.hf_dir, texts)
         return None
-    from edge_tune.templates import BUILTIN
+    from edge_tune.templates.builtin import BUILTIN
 
     candidates = {name: template_markers(text) for name, text in BUILTIN.items()}
     present = has(list(dict.fromkeys(markers + [t for ms in candidates.values() for t in ms])))
