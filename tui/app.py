@@ -46,12 +46,16 @@ class EdgeTuneApp(App):
     Input { width: 1fr; }
     /* The focus ring is a glyph, not a colour: with NO_COLOR, TERM=dumb or a 16-colour
        palette a changed background disappears, a bar beside the field does not. */
-    .-textual-compact:focus, DataTable:focus, RichLog:focus, VerticalScroll:focus {
+    .-textual-compact:focus, DataTable:focus, RichLog:focus, VerticalScroll:focus,
+    OptionList:focus, Tree:focus {
         border-left: heavy $accent; }
     Input:focus, Transcript:focus { border: heavy $accent; }
     Input.-textual-compact:focus { border: none; border-left: heavy $accent; }
-    /* with NO_COLOR the selected run's row is reverse video (else a grey shade at best) */
-    App:nocolor .datatable--cursor { text-style: reverse bold; }
+    /* with NO_COLOR the selected run's row and the file picker's cursor are reverse video,
+       the highlighted choice of a list (the export dialog) underlined: else a grey shade at
+       best (an OptionList draws its options without reverse, whatever the CSS says) */
+    App:nocolor .datatable--cursor, App:nocolor .tree--cursor { text-style: reverse bold; }
+    App:nocolor .option-list--option-highlighted { text-style: bold underline; }
     """
     MODES: ClassVar[dict] = {"hardware": HardwareScreen, "data": DataScreen, "train": TrainScreen,
              "adapters": AdaptersScreen, "chat": ChatScreen}

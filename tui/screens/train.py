@@ -23,7 +23,12 @@ FIELDS = [("epochs", "epochs", "epochs"), ("max-steps", "max steps", "max_steps"
           ("lr", "lr", "lr"), ("batch-size", "batch", "batch_size"),
           ("rank", "rank", "rank"), ("alpha", "alpha", "alpha"),
           ("seq-len", "seq-len", "seq_len"), ("val-split", "val split", "val_split"),
-          ("seed", "seed", "seed"), ("save-every", "save every", "save_every")]
+          ("seed", "seed", "seed"), ("save-every", "save every", "save_every"),
+          ("replay", "replay", "replay")]
+# the replay field's meaning, which its label cannot say (shown on hover)
+REPLAY_TIP = ("general replay (train --replay N): mix N of the base model's own answers to "
+              "general prompts into training, so a narrow task does not take over every "
+              "prompt; 0 = none, at most {max}; supervised (sft) training only")
 
 
 def _clock(seconds: float) -> str:
@@ -50,7 +55,7 @@ class TrainScreen(BaseScreen):
     #top { height: 45%; min-height: 10; }
     #form-col { width: 44; }
     #form { grid-size: 4; grid-columns: 10 11 10 11; grid-rows: 1; grid-gutter: 0 1;
-            height: 5; margin: 0 1 0 0; }
+            height: 6; margin: 0 1 0 0; }
     #form Label { color: $text-muted; }
     #out-row, #checks { height: 1; }
     #checks Checkbox { margin: 0 1 0 0; }
@@ -75,6 +80,7 @@ class TrainScreen(BaseScreen):
 
     def body(self):
         from edge_tune.config import TrainConfig
+        from edge_tune.replay import max_replay
 
         d = TrainConfig()
         with Horizontal(id="top"):
@@ -83,10 +89,13 @@ class TrainScreen(BaseScreen):
                     for fid, label, key in FIELDS:
                         value = getattr(d, key)
                         yield Label(label)
-                        yield Input("" if value is None else f"{value:g}"
+                        box = Input("" if value is None else f"{value:g}"
                                     if isinstance(value, float) else str(value),
                                     placeholder="-" if value is None else "", compact=True,
                                     id=fid)
+                        if fid == "replay":
+                            box.tooltip = REPLAY_TIP.format(max=max_replay())
+                        yield box
                 with Horizontal(id="out-row"):
                     yield Label("run dir")
                     yield Input(placeholder="runs/run-DATE (new)", compact=True, id="out")
