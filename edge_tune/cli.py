@@ -85,7 +85,7 @@ REASONING_HELP = ("What to train of an assistant message's reasoning (reasoning_
 def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Detect the hardware and show which training backend `auto` picks, and why."""
     from edge_tune import api
-    from edge_tune.render_doctor import render_doctor
+    from edge_tune.render.doctor import render_doctor
 
     report = api.doctor()
     if as_json:
@@ -282,7 +282,7 @@ _NOT_PLAN_OPTIONS = ("verify", "save_every", "resume", "report_to")
 def _plan(as_json: bool = False, **options) -> None:
     from edge_tune import api
     from edge_tune.config import build
-    from edge_tune.render_plan import render_plan
+    from edge_tune.render.plan import render_plan
 
     config = options.pop("config", None)
     out_dir = options.pop("out_dir", None)
@@ -517,7 +517,7 @@ def eval_(
     if as_json:
         out.print_json(json.dumps(report))
     else:
-        from edge_tune.render_eval import render_eval
+        from edge_tune.render.eval import render_eval
 
         render_eval(report, out)
 
@@ -810,7 +810,7 @@ def demo(
 ) -> None:
     """The whole job on the embedded model: doctor, train on the bundled pirate dataset,
     export to GGUF, and compare base vs tuned answers on held-back prompts."""
-    from edge_tune.render_demo import run_demo
+    from edge_tune.render.demo import run_demo
 
     run_demo(out_dir, epochs=epochs, max_steps=max_steps, console=out)
 
@@ -869,7 +869,7 @@ def data_inspect(
     if as_json:
         out.print_json(json.dumps(report))
     else:
-        from edge_tune.render_inspect import render_inspect
+        from edge_tune.render.inspect import render_inspect
 
         render_inspect(report, out)
 

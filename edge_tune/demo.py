@@ -1,6 +1,6 @@
 """The demo's pieces: the bundled data, its held-back prompts, and base vs tuned answers.
 
-``edge-tune demo`` itself (what it prints) is :mod:`edge_tune.render_demo`.
+``edge-tune demo`` itself (what it prints) is :mod:`edge_tune.render.demo`.
 """
 
 from __future__ import annotations

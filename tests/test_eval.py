@@ -277,7 +277,7 @@ def test_eval_on_the_demo_run_tuned_beats_base_and_drift_is_printed(default_mode
     closer to the references than the base's, and the drift figure is printed."""
     from rich.console import Console
 
-    from edge_tune.render_eval import render_eval
+    from edge_tune.render.eval import render_eval
 
     run, _ = default_model_run
     proc = run_cli("eval", str(run), "-n", "8", "--max-tokens", "24", "--json")

@@ -148,7 +148,7 @@ def test_plan_full_shows_lora_and_full_side_by_side_on_the_default_model(demo_js
     assert full["seconds_per_step"] > lora["seconds_per_step"]
     from rich.console import Console
 
-    from edge_tune.render_plan import render_plan
+    from edge_tune.render.plan import render_plan
 
     console = Console(width=120, record=True, file=io.StringIO())
     render_plan(report, console)  # what `plan --full` prints, from the same report

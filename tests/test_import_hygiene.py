@@ -16,10 +16,10 @@ MODULES = ["edge_tune", "edge_tune.api", "edge_tune.cli", "edge_tune.llama.engin
            "edge_tune.converters.formats.validate", "edge_tune.converters.formats.gguf_f32",
            "edge_tune.converters.formats.merge", "edge_tune.converters.integrations.quantize",
            "edge_tune.converters.integrations.ollama", "edge_tune.converters.integrations.hf_to_gguf", "edge_tune.verify", "edge_tune.tui",
-           "edge_tune.data.inspect", "edge_tune.render_inspect", "edge_tune.backends.checkpoint",
+           "edge_tune.data.inspect", "edge_tune.render.inspect", "edge_tune.backends.checkpoint",
            "edge_tune.server", "edge_tune.server.app", "edge_tune.server.scheduler",
            "edge_tune.server.openai_shapes", "edge_tune.bundle", "edge_tune.planner",
-           "edge_tune.render_plan", "edge_tune.backends.mlx_lora",
+           "edge_tune.render.plan", "edge_tune.backends.mlx_lora",
            "edge_tune.converters.formats.mlx_to_peft", "edge_tune.converters.integrations.vllm_export",
            "edge_tune.converters.formats.gguf_header", "edge_tune.native_log"]
 

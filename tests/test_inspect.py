@@ -13,7 +13,7 @@ from rich.console import Console
 from conftest import assert_one_line_error, run_cli
 from edge_tune.data.inspect import histogram, length_stats, merge_spans, percentile, summarize
 from edge_tune.errors import EdgeTuneError
-from edge_tune.render_inspect import bar, example_text, render_inspect
+from edge_tune.render.inspect import bar, example_text, render_inspect
 
 
 # ---- pure helpers -----------------------------------------------------------------------------

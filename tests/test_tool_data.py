@@ -203,7 +203,7 @@ def test_data_inspect_shows_tools_and_counts(data):
     from rich.console import Console
 
     from edge_tune.data.inspect import inspect_records
-    from edge_tune.render_inspect import render_inspect
+    from edge_tune.render.inspect import render_inspect
 
     tok = byte_tokenizer(BUILTIN["qwen2"], "qwen2")
     report = inspect_records(tok, read_records(data), data, "tiny-qwen2", 512)
@@ -226,7 +226,7 @@ def test_data_inspect_also_shows_the_first_record_that_uses_tools(tmp_path):
     from rich.console import Console
 
     from edge_tune.data.inspect import inspect_records
-    from edge_tune.render_inspect import render_inspect
+    from edge_tune.render.inspect import render_inspect
 
     plain = {"messages": [CONVERSATION[0], CONVERSATION[3]]}
     path = write(tmp_path / "mixed.jsonl", [plain, plain, RECORD])

@@ -28,7 +28,7 @@ from edge_tune.hardware import (
     parse_gpu_query,
     torch_cuda_version,
 )
-from edge_tune.render_doctor import gpu_line
+from edge_tune.render.doctor import gpu_line
 
 
 def config(**kw) -> dict:

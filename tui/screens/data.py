@@ -248,7 +248,7 @@ class DataScreen(BaseScreen):
         self.query_one("#bad", Static).update(text)
 
     def _show(self, report: dict) -> None:
-        from edge_tune.render_inspect import render_inspect
+        from edge_tune.render.inspect import render_inspect
 
         self.session.report = report
         self.query_one("#out", Static).update(render_with(render_inspect, report))

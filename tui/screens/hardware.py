@@ -47,7 +47,7 @@ class HardwareScreen(BaseScreen):
         self.app.call_from_thread(self._show, report)
 
     def _show(self, report: dict) -> None:
-        from edge_tune.render_doctor import render_doctor
+        from edge_tune.render.doctor import render_doctor
 
         self.report = report
         self.query_one("#report", Static).update(render_with(render_doctor, report))

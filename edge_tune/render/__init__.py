@@ -1,4 +1,7 @@
-"""Render core events in the terminal with rich (used by the CLI only)."""
+"""Rich rendering for the front ends: core events in the terminal (:class:`Renderer`, used by
+the CLI) and, one module each, the reports of ``doctor``, ``plan``, ``data inspect``, ``eval``
+and ``demo`` (printed by the CLI, shown in widgets by the TUI). The core never imports this
+package (an import contract in ``pyproject.toml``)."""
 
 from __future__ import annotations
 

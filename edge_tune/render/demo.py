@@ -17,7 +17,7 @@ def run_demo(out_dir: Path, epochs: float = 2.0, max_steps: Optional[int] = None
     from edge_tune import api
     from edge_tune.config import build
     from edge_tune.render import Renderer
-    from edge_tune.render_doctor import render_doctor
+    from edge_tune.render.doctor import render_doctor
 
     console = console or Console()
     console.rule("1. doctor")
