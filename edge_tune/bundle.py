@@ -333,7 +333,7 @@ def verify(folder: Path, data: dict) -> None:
 
 def load_bundle(path: Path, on_event: EventSink = ignore):
     """A verified bundle as a :class:`edge_tune.server.plan.ServePlan`."""
-    from edge_tune.server.plan import ServePlan
+    from edge_tune.server.plan import BASE, ServePlan, ServedModel
 
     path = Path(path)
     if not path.exists():
@@ -342,29 +342,27 @@ def load_bundle(path: Path, on_event: EventSink = ignore):
     data = read_index(folder)
     verify(folder, data)
     on_event(Log(f"{path}: {len(data['files'])} files verified (sha256)", "debug"))
-    adapters = {name: folder / a["file"] for name, a in data.get("adapters", {}).items()}
-    base = folder / data["base"]
-    plan = ServePlan(base, adapters, base_sha256=data["files"][data["base"]])
+    plan = ServePlan(folder / data["base"], base_sha256=data["files"][data["base"]])
+    base = plan.models[BASE]
     # The base's template: chat_template.jinja (older bundles hold the GGUF's own there).
     base_template = folder / (data.get("chat_template") or "chat_template.jinja")
     if base_template.is_file() and base_template.relative_to(folder).as_posix() in data["files"]:
-        plan.templates["base"] = base_template.read_text(encoding="utf-8")
+        base.chat_template = base_template.read_text(encoding="utf-8")
     for name, a in data.get("adapters", {}).items():
-        if a.get("chat_template"):  # checksummed with every other listed file
-            plan.templates[name] = (folder / a["chat_template"]).read_text(encoding="utf-8")
         man = _read_manifest(folder, a.get("manifest"))
-        if man.stop_tokens:
-            plan.stop_tokens[name] = tuple(man.stop_tokens)
-        plan.system_modes[name] = man.hyperparameters.system_mode or "keep"
-        if man.data.system:
-            plan.systems[name] = man.data.system
+        plan.models[name] = ServedModel(
+            adapter=folder / a["file"],
+            # checksummed with every other listed file
+            chat_template=(folder / a["chat_template"]).read_text(encoding="utf-8")
+            if a.get("chat_template") else None,
+            stop_tokens=tuple(man.stop_tokens or ()),
+            system_mode=man.hyperparameters.system_mode or "keep",
+            system=man.data.system or None)
     if data.get("merged"):  # the merged model answers as its run does
         man = _read_manifest(folder, f"manifests/{data['merged']}.json")
-        plan.system_modes["base"] = man.hyperparameters.system_mode or "keep"
-        if man.data.system:
-            plan.systems["base"] = man.data.system
-        if man.stop_tokens:
-            plan.stop_tokens["base"] = tuple(man.stop_tokens)
+        base.system_mode = man.hyperparameters.system_mode or "keep"
+        base.system = man.data.system or None
+        base.stop_tokens = tuple(man.stop_tokens or ())
     return plan
 
 

@@ -66,7 +66,7 @@ def test_serve_sends_it_when_a_request_has_no_system_message(run):
     from edge_tune.server.scheduler import Scheduler
 
     plan = plan_serving([f"a={run}"])
-    assert plan.systems == {"a": SYSTEM}
+    assert {n: m.system for n, m in plan.models.items() if m.system} == {"a": SYSTEM}
     engine = open_serving(plan, n_ctx=256, threads=1, parallel=2)
     scheduler = Scheduler(engine)
     try:

@@ -4,6 +4,7 @@ B=0.3`` load and answer with."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -14,7 +15,7 @@ from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import EventSink, Log, ignore
 from edge_tune.fsutil import sha256_file
 from edge_tune.server.adapter_admin import MAX_MIX, MAX_SCALE  # the server's bounds
-from edge_tune.server.plan import ServePlan
+from edge_tune.server.plan import BASE, ServePlan
 
 
 def open_engine(target: ChatTarget, on_event: EventSink = ignore,
@@ -116,10 +117,7 @@ def chat_plan(adapter: Union[None, str, Sequence[tuple[str, float]]], base: Opti
             if spec not in bundle_plan.adapters:
                 raise EdgeTuneError(f"--adapter {spec}: the bundle has no such adapter; it has "
                                     + ", ".join(["base", *bundle_plan.adapters]))
-            plan.adapters[spec] = bundle_plan.adapters[spec]
-            for table in ("templates", "stop_tokens", "system_modes", "systems"):
-                if spec in getattr(bundle_plan, table):
-                    getattr(plan, table)[spec] = getattr(bundle_plan, table)[spec]
+            plan.models[spec] = dataclasses.replace(bundle_plan.models[spec])
             return (spec, spec)
         target = resolve_chat(Path(spec), base if base else None, chat_template, system_mode)
         if target.adapter is None:  # a full fine-tuning run: a model, not an adapter
@@ -127,7 +125,8 @@ def chat_plan(adapter: Union[None, str, Sequence[tuple[str, float]]], base: Opti
                              "adapter), so it cannot be mixed, scaled or compared in one chat; "
                              f"chat with it alone: --adapter {spec}")
         label = Path(spec).name
-        loaded = next((n for n, path in plan.adapters.items() if path == target.adapter), None)
+        loaded = next((n for n, m in plan.adapters.items() if m.adapter == target.adapter),
+                      None)
         if loaded is not None:  # the compare side shares an adapter with the mix
             return (label, loaded)
         plan.add(slot, target)
@@ -141,12 +140,10 @@ def chat_plan(adapter: Union[None, str, Sequence[tuple[str, float]]], base: Opti
         from edge_tune.bundle import load_bundle
 
         bundle_plan = load_bundle(bundle)
-        plan = ServePlan(bundle_plan.base, {}, bundle_plan.base_sha256)
-        for table in ("templates", "stop_tokens", "system_modes", "systems"):
-            if "base" in getattr(bundle_plan, table):
-                getattr(plan, table)["base"] = getattr(bundle_plan, table)["base"]
+        plan = ServePlan(bundle_plan.base, base_sha256=bundle_plan.base_sha256)
+        plan.models[BASE] = dataclasses.replace(bundle_plan.models[BASE])
     else:
-        plan = ServePlan(resolve_chat(None, base).base if base else None, {})
+        plan = ServePlan(resolve_chat(None, base).base if base else None)
     if adapter is None or isinstance(adapter, str):
         sides = [side(adapter, plan, "left")]
     else:
@@ -170,12 +167,14 @@ def chat_plan(adapter: Union[None, str, Sequence[tuple[str, float]]], base: Opti
     if plan.base is None:
         plan.base = models.default_gguf()
     owners = [chat_session.Side(label, adapters).template_owner for label, adapters in sides]
-    runs_template = next((plan.templates[n] for n in owners if n in plan.templates), None)
-    if runs_template is not None and "base" not in plan.templates:
+    found = [plan.models[n] for n in owners if n in plan.models]
+    base_model = plan.models[BASE]
+    runs_template = next((m.chat_template for m in found if m.chat_template is not None), None)
+    if runs_template is not None and base_model.chat_template is None:
         # base vs adapter: the same template on both sides, so only the adapter differs
-        plan.templates["base"] = runs_template
-    runs_system = next((plan.systems[n] for n in owners if n in plan.systems), None)
-    if runs_system is not None and "base" not in plan.systems:
-        plan.systems["base"] = runs_system  # and the same system prompt
+        base_model.chat_template = runs_template
+    runs_system = next((m.system for m in found if m.system is not None), None)
+    if runs_system is not None and base_model.system is None:
+        base_model.system = runs_system  # and the same system prompt
     plan.override(chat_template, system_mode)
     return plan, sides

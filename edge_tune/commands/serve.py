@@ -10,7 +10,7 @@ from edge_tune import models
 from edge_tune.adapters import resolve_chat
 from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import Done, EventSink, Log, ignore
-from edge_tune.server.plan import ServePlan, quote_system
+from edge_tune.server.plan import BASE, ServePlan, quote_system
 from edge_tune.templates import choice as template_choice
 
 
@@ -23,13 +23,13 @@ def plan_serving(adapter_specs: list[str], base: Optional[str] = None,
     every model's, and ``system_mode`` (``--system-mode``) every model's."""
     from edge_tune.server import parse_adapter_spec
 
-    plan = ServePlan(None, {})  # type: ignore[arg-type] -- the base is settled below
+    plan = ServePlan(None)  # type: ignore[arg-type] -- the base is settled below
     if base is not None:
         plan.base = resolve_chat(None, base).base
     plan.override(chat_template, system_mode)
     for spec in adapter_specs:
         name, path = parse_adapter_spec(spec)
-        if name in plan.adapters:
+        if name in plan.models:
             raise EdgeTuneError(f"--adapter {spec}: the name {name!r} is used twice")
         target = resolve_chat(Path(path), base, chat_template, system_mode)
         if target.adapter is None:  # a full fine-tuning run is a model: served as the base
@@ -43,17 +43,17 @@ def plan_serving(adapter_specs: list[str], base: Optional[str] = None,
 
 def open_serving(plan: ServePlan, on_event: EventSink = ignore, **engine_kw):
     """Load the base once and every adapter once, each validated against the base first,
-    with each model's chat template (see :class:`ServePlan`)."""
+    with each model's chat template (see :class:`~edge_tune.server.plan.ServedModel`)."""
     from edge_tune.llama.engine import Engine
     from edge_tune.server.adapter_admin import load_adapter
 
-    engine = Engine(plan.base, chat_template=plan.templates.get("base"),
-                    stop_tokens=plan.stop_tokens.get("base", ()),
-                    system_mode=plan.system_modes.get("base", "keep"), **engine_kw)
-    engine.set_system(plan.systems.get("base"))
+    base = plan.models[BASE]
+    engine = Engine(plan.base, chat_template=base.chat_template, stop_tokens=base.stop_tokens,
+                    system_mode=base.system_mode or "keep", **engine_kw)
+    engine.set_system(base.system)
     try:
-        for name, path in plan.adapters.items():
-            load_adapter(engine, plan, name, path, on_event)
+        for name, model in plan.adapters.items():
+            load_adapter(engine, plan, name, model.adapter, on_event)
     except BaseException:
         engine.close()
         raise
@@ -101,12 +101,13 @@ def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
         on_event(Log(f"listening on {host} without --api-key: anyone who can reach this "
                      "port can use the models", "warning"))
     engine = open_serving(plan, on_event, n_ctx=n_ctx, threads=threads, parallel=parallel)
-    for name, text in plan.systems.items():  # said once, at start
-        on_event(Log(f"{name}: a chat without a system message gets the run's training "
-                     f"system prompt: {quote_system(text)} (a request's own system message "
-                     "wins)"))
+    for name, model in plan.models.items():  # said once, at start
+        if model.system:
+            on_event(Log(f"{name}: a chat without a system message gets the run's training "
+                         f"system prompt: {quote_system(model.system)} (a request's own "
+                         "system message wins)"))
     scheduler = Scheduler(engine, max_queue=max_queue)
-    names = ["base", *plan.adapters]
+    names = list(plan.models)
     untemplated = [n for n in names if engine.template_of(None if n == "base" else n) is None]
     if untemplated:
         on_event(Log(f"{plan.base.name} has no chat template: /v1/chat/completions answers "

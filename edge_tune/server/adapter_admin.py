@@ -77,10 +77,10 @@ def load_adapter(engine, plan: ServePlan, name: str, path, on_event: EventSink =
     """Validate and load adapter ``path`` (resolved as :meth:`ServePlan.add` did) as
     ``name``, with its chat template; warn when it was trained on another base file. The
     one way adapters are loaded, at start-up and by the admin route while serving."""
+    model = plan.models[name]
     engine.add_adapter(path, name)
-    engine.set_chat_template(plan.templates.get(name), name, plan.stop_tokens.get(name, ()),
-                             plan.system_modes.get(name))
-    engine.set_system(plan.systems.get(name), name)
+    engine.set_chat_template(model.chat_template, name, model.stop_tokens, model.system_mode)
+    engine.set_system(model.system, name)
     trained_on = engine.adapter_meta[name].get("edge_tune.base_sha256")
     if trained_on:
         plan.base_sha256 = plan.base_sha256 or sha256_file(plan.base)
@@ -100,7 +100,7 @@ def add_served_adapter(engine, plan: ServePlan, name: str, path: str,
     from edge_tune.server import check_model_name
 
     check_model_name(name, "'name'")
-    if name in plan.adapters:
+    if name in plan.models:
         raise EdgeTuneError(f"'name': {name!r} is already served; DELETE /v1/adapters/{name} "
                             "first")
     man = manifest_mod.read(Path(path)) if Path(path).is_dir() else None
@@ -112,13 +112,12 @@ def add_served_adapter(engine, plan: ServePlan, name: str, path: str,
         target = resolve_chat(Path(path), str(plan.base), chat_template, system_mode)
     except EdgeTuneError as exc:  # the resolver speaks the command line's flags
         raise EdgeTuneError(_in_api_terms(str(exc), path)) from None
-    trial = ServePlan(plan.base, {}, plan.base_sha256)
+    trial = ServePlan(plan.base, base_sha256=plan.base_sha256)
     trial.override(chat_template, system_mode)
     trial.add(name, target)
     load_adapter(engine, trial, name, target.adapter, on_event)
     plan.base_sha256 = trial.base_sha256
-    for field in ("adapters", "templates", "stop_tokens", "system_modes", "systems"):
-        getattr(plan, field).update(getattr(trial, field))
+    plan.models[name] = trial.models[name]
 
 
 def _in_api_terms(message: str, path: str) -> str:
@@ -140,8 +139,7 @@ def remove_served_adapter(engine, plan: ServePlan, name: str) -> None:
         engine.activate_mix(())
     engine.remove_adapter(name)
     engine.set_system(None, name)
-    for field in ("adapters", "templates", "stop_tokens", "system_modes", "systems"):
-        getattr(plan, field).pop(name, None)
+    del plan.models[name]
 
 
 def admin_routes(scheduler, model_names: list[str], plan, api_key: str | None,
