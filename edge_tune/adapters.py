@@ -5,7 +5,7 @@ its ``adapter.gguf``, its base and chat template), a PEFT directory (``adapter_c
 an mlx-lm adapter directory (``adapters.safetensors``; a PEFT copy is made in the cache) or an
 adapter ``.gguf`` (its run's manifest, if it sits in one, is read beside it). The base is
 ``--base`` when given, else the run's, else what the adapter's config names, else (chat only)
-the embedded default model.
+the embedded default model. :func:`open_engine` loads a resolved target in llama.cpp.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Optional
 from edge_tune import manifest as manifest_mod
 from edge_tune import models
 from edge_tune.errors import EdgeTuneError
+from edge_tune.events import EventSink, Log, ignore
 from edge_tune.fsutil import sha256_file
 from edge_tune.manifest import Manifest
 from edge_tune.templates import choice as template_choice
@@ -220,6 +221,33 @@ def resolve_chat(adapter: Optional[Path], base: Optional[str],
 
     require_template_tokens(chosen, models.ModelRef(str(base_path), gguf=Path(base_path)))
     return ChatTarget(base_path, adapter_gguf, man, chosen, mode)
+
+
+def open_engine(target: ChatTarget, on_event: EventSink = ignore,
+                training_system: bool = True, **engine_kw):
+    """Load the base in llama.cpp and activate the (validated) adapter, if any.
+    ``training_system``: a conversation without a system message gets the run's training
+    system prompt (:attr:`ChatTarget.training_system`), as chat and serve send it; False for
+    measurements that compare the base with the adapter on the prompts as they are (eval)."""
+    from edge_tune.llama.engine import Engine
+
+    engine = Engine(target.base, chat_template=target.chat_template.text if
+                    target.chat_template else None, stop_tokens=target.stop_tokens,
+                    system_mode=target.system_mode, **engine_kw)
+    if training_system:
+        engine.set_system(target.training_system)  # the run's, for a chat that has none
+    if target.adapter is not None:
+        try:
+            engine.add_adapter(target.adapter, "adapter")
+            engine.activate("adapter")
+        except BaseException:
+            engine.close()
+            raise
+        trained_on = engine.adapter_meta["adapter"].get("edge_tune.base_sha256")
+        if trained_on and trained_on != sha256_file(target.base):
+            on_event(Log(f"{target.adapter} was trained on a different base file than "
+                         f"{target.base} (sha256 differs); answers may be off", "warning"))
+    return engine
 
 
 def _full_run(path: Path) -> Optional[Manifest]:

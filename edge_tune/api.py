@@ -9,9 +9,9 @@ run directories in :mod:`edge_tune.runs`, and which adapter/base/template a comm
 from __future__ import annotations
 
 from edge_tune import manifest as manifest_mod
-from edge_tune.adapters import ChatTarget, resolve_chat
+from edge_tune.adapters import ChatTarget, open_engine, resolve_chat
 from edge_tune.commands.bundle import bundle
-from edge_tune.commands.chat import chat_plan, open_engine, parse_adapter_options
+from edge_tune.commands.chat import chat_plan, parse_adapter_options
 from edge_tune.commands.convert import convert_base, fetch_converter
 from edge_tune.commands.doctor import doctor
 from edge_tune.commands.train import export_run as export  # finishes a run killed late

@@ -22,9 +22,8 @@ def compare(run_dir: Path, prompts: list[str], max_tokens: int = 60) -> list[tup
     """(prompt, base answer, tuned answer) for each prompt, greedy, one llama.cpp load; each
     prompt is a new conversation of :class:`~edge_tune.chat_session.ChatSession` with the base
     and the adapter side by side."""
-    from edge_tune.adapters import resolve_chat
+    from edge_tune.adapters import open_engine, resolve_chat
     from edge_tune.chat_session import ChatSession
-    from edge_tune.commands.chat import open_engine
 
     engine = open_engine(resolve_chat(run_dir, None))
     rows = []

@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from edge_tune import eval_scores as es
+from edge_tune.eval import scores as es
 from tests.conftest import assert_one_line_error, run_cli
 
 TWO_GENERAL = ["What is the capital of France?", "List the first five prime numbers."]

@@ -120,7 +120,7 @@ def test_folder_with_nothing_to_train_is_one_line(tmp_path):
 def test_real_train_on_a_folder_never_trains_its_test_file(tmp_path, tiny):
     """mlx-lm's layout through a real `edge-tune train`: the training records are the train
     file's, validation is the valid file's, the test file is named and left for eval."""
-    from edge_tune.commands.eval import held_out_records
+    from edge_tune.eval.held_out import held_out_records
     from edge_tune.manifest import Manifest
 
     d = _folder(tmp_path / "mlx", {"train": 12, "valid": 3, "test": 2})

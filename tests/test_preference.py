@@ -307,7 +307,7 @@ def test_real_run_prefers_the_chosen_style_on_held_back_pairs(tmp_path, hf_dir, 
                                                               accuracy):
     """``accuracy``: the share of held-back pairs the tuned model must rank right (ORPO's
     margin grows as much on every pair, from far below zero, but stays near zero in 8 steps)."""
-    from edge_tune.preference_margin import preference_margins
+    from edge_tune.eval.preference import preference_margins
 
     out = tmp_path / method
     proc = run_cli("train", "--data", str(_asset("pref_demo.jsonl")), "--method", method,

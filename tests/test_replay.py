@@ -45,7 +45,7 @@ def test_bad_replay_values_are_one_line_errors(tmp_path):
 
 
 def test_the_replay_prompts_are_not_the_drift_prompts():
-    from edge_tune.commands.eval import drift_prompts
+    from edge_tune.eval.drift import drift_prompts
     from edge_tune.replay import max_replay, replay_prompts
 
     prompts = replay_prompts()
@@ -94,9 +94,9 @@ def test_replay_records_reach_the_training_job(tiny, replay_cache, tmp_path):
 
 
 def test_eval_says_what_to_do_when_drift_is_high():
-    from edge_tune.commands.eval import drift_hint
+    from edge_tune.eval.drift import drift_hint
 
-    from edge_tune.commands.eval import task_like
+    from edge_tune.eval.drift import task_like
 
     refs = ['{"category": "billing", "urgency": "high", "customer": "Ada"}']
     rows = [{"base": "Paris is the capital of France.",  # the task took this prompt over
@@ -119,7 +119,8 @@ def test_the_hint_is_shown_by_the_cli_report_and_the_tui_summary():
 
     from rich.console import Console
 
-    from edge_tune.commands.eval import EvalResult, drift_hint
+    from edge_tune.commands.eval import EvalResult
+    from edge_tune.eval.drift import drift_hint
     from edge_tune.render.eval import render_eval
     from tui.screens.adapters import eval_lines
 

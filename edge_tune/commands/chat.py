@@ -10,39 +10,10 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from edge_tune import chat_session, models
-from edge_tune.adapters import ChatTarget, resolve_chat
+from edge_tune.adapters import resolve_chat
 from edge_tune.errors import EdgeTuneError, UsageError
-from edge_tune.events import EventSink, Log, ignore
-from edge_tune.fsutil import sha256_file
 from edge_tune.server.adapter_admin import MAX_MIX, MAX_SCALE  # the server's bounds
 from edge_tune.server.plan import BASE, ServePlan
-
-
-def open_engine(target: ChatTarget, on_event: EventSink = ignore,
-                training_system: bool = True, **engine_kw):
-    """Load the base in llama.cpp and activate the (validated) adapter, if any.
-    ``training_system``: a conversation without a system message gets the run's training
-    system prompt (:attr:`ChatTarget.training_system`), as chat and serve send it; False for
-    measurements that compare the base with the adapter on the prompts as they are (eval)."""
-    from edge_tune.llama.engine import Engine
-
-    engine = Engine(target.base, chat_template=target.chat_template.text if
-                    target.chat_template else None, stop_tokens=target.stop_tokens,
-                    system_mode=target.system_mode, **engine_kw)
-    if training_system:
-        engine.set_system(target.training_system)  # the run's, for a chat that has none
-    if target.adapter is not None:
-        try:
-            engine.add_adapter(target.adapter, "adapter")
-            engine.activate("adapter")
-        except BaseException:
-            engine.close()
-            raise
-        trained_on = engine.adapter_meta["adapter"].get("edge_tune.base_sha256")
-        if trained_on and trained_on != sha256_file(target.base):
-            on_event(Log(f"{target.adapter} was trained on a different base file than "
-                         f"{target.base} (sha256 differs); answers may be off", "warning"))
-    return engine
 
 
 def _scale_text(scale: float) -> str:

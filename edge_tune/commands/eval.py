@@ -12,7 +12,7 @@ llama.cpp — for the base and the tuned model side by side:
 2. **Generated answers**: for every held-out conversation, the greedy answer (temperature 0,
    at most ``max_tokens``) to the conversation up to its last trained assistant turn, rendered
    with the run's chat template and stop tokens as ``chat`` renders it, scored against that
-   turn's text by :mod:`edge_tune.eval_scores` (exact, contains, ROUGE-L, valid JSON).
+   turn's text by :mod:`edge_tune.eval.scores` (exact, contains, ROUGE-L, valid JSON).
 3. **Drift**: on a small set of general prompts shipped with edge-tune
    (``assets/drift_prompts.jsonl``), how far the tuned model moved from the base where the
    fine-tune should not have changed it. For each prompt the base's own greedy answer
@@ -30,26 +30,19 @@ seeded ``--val-split`` share training held back. A run that held nothing back ne
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from edge_tune import eval_scores
 from edge_tune.errors import DataError, UsageError
+from edge_tune.eval import scores as eval_scores
+from edge_tune.eval.drift import drift, drift_hint, drift_prompts, task_like
+from edge_tune.eval.held_out import generation_items, held_out_records, run_tokenizer
+from edge_tune.eval.measure import Side, example_nll, greedy
 from edge_tune.events import Done, EventSink, Log, Progress, ignore
 
 DEFAULT_PROMPTS = 32  # held-out records used (loss and answers)
 DEFAULT_MAX_TOKENS = 64  # per generated answer
-# Drift this high gets a hint (docs/eval.md, "Forgetting"). The changed share cannot say it:
-# on a small model every setting measured changed 19-20 of 20 greedy answers. What can: the
-# share of general prompts answered like the task (TASK_LIKE), or the mean KL.
-TASK_LIKE_ROUGE = 0.5  # a general answer this close (ROUGE-L F) to a held-out reference
-HIGH_TASK_LIKE_SHARE = 0.25
-HIGH_MEAN_KL = 0.5  # nats/token
-REPLAY_HINT = 40  # the --replay the hint suggests
-IGNORE = -100  # edge_tune.data.template.IGNORE: no loss on this position
 
 
 @dataclass
@@ -76,190 +69,6 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# --- inputs ---------------------------------------------------------------------------------
-
-def drift_prompts() -> list[str]:
-    """The general prompts shipped with edge-tune for the drift check."""
-    text = (resources.files("edge_tune") / "assets" / "drift_prompts.jsonl").read_text()
-    return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
-
-
-def held_out_records(man, data: Optional[Path]) -> tuple[list, str]:
-    """(records, where they came from): ``data``, else the test files of the run's data folder
-    (``DIR/test.jsonl``: never trained), else the run's validation file, else its seeded
-    validation split. Raises DataError when there is none of them."""
-    from edge_tune.data.formats import read_records
-    from edge_tune.data.layouts import data_spec
-    from edge_tune.data.split import split_validation
-
-    hp, recorded = man.hyperparameters.to_dict(), man.data.to_dict()
-    fmt, skip = hp.get("format", "auto"), bool(hp.get("skip_invalid", False))
-    reasoning = hp.get("reasoning") or "auto"  # read as training read it
-    columns = hp.get("columns")  # the run's --columns map every file it reads
-    if data is not None:
-        if not Path(data).is_file():
-            raise UsageError(f"--data {data}: no such file")
-        return read_records(data_spec(str(data), columns), fmt="auto", skip_invalid=skip,
-                            reasoning=reasoning).records, f"--data {data}"
-    tests = (recorded.get("files") or {}).get("test") if isinstance(recorded.get("files"),
-                                                                     dict) else None
-    if tests:  # the data folder's test files: left for eval by training (data/layouts.py)
-        gone = [t for t in tests if not Path(t).is_file()]
-        if gone:
-            raise DataError(f"{gone[0]}: the run's test file is gone; give --data FILE")
-        records = [r for t in tests for r in read_records(
-            data_spec(t, columns), fmt=fmt, skip_invalid=skip, reasoning=reasoning).records]
-        return records, f"test file {', '.join(tests)}"
-    if recorded.get("val"):
-        path = recorded["val"]
-        if not Path(path).is_file():
-            raise DataError(f"{path}: the run's validation file is gone; give --data FILE")
-        return read_records(data_spec(path, columns), fmt=fmt, skip_invalid=skip,
-                            reasoning=reasoning).records, f"validation file {path}"
-    if hp.get("val_split"):
-        path = recorded.get("path") or hp.get("data")
-        mixed = isinstance(hp.get("data"), list)  # several sources: path is their specs
-        if not path or not (Path(path).exists() or mixed):
-            raise DataError(f"{path}: the run's data file is gone (its --val-split share is the "
-                            "held-out data); give --data FILE")
-        spec = data_spec(hp["data"] if mixed else path, columns,
-                         hp.get("max_samples"), hp.get("seed", 0))  # as training read it
-        records = read_records(spec, fmt=fmt, skip_invalid=skip, reasoning=reasoning).records
-        _, held = split_validation(records, hp["val_split"], hp.get("seed", 0))
-        return held, (f"the {len(held)} records --val-split {hp['val_split']} held back from "
-                      f"{path} (seed {hp.get('seed', 0)})")
-    raise DataError("the run held no data back from training (no --val, --val-split 0); give "
-                    "held-out examples with --data FILE")
-
-
-def run_tokenizer(man, base_gguf: Path):
-    """The tokenizer training used (the run's HF copy of the base), with the run's chat
-    template; from the GGUF itself when that copy is gone (transformers rebuilds it)."""
-    from transformers import AutoTokenizer
-
-    from edge_tune.models import quiet_hf
-
-    quiet_hf()
-    hf_dir = man.base.hf_dir
-    if hf_dir and Path(hf_dir).is_dir():
-        tok = AutoTokenizer.from_pretrained(hf_dir)
-    else:
-        tok = AutoTokenizer.from_pretrained(str(base_gguf.parent), gguf_file=base_gguf.name)
-    if man.chat_template:
-        tok.chat_template = man.chat_template
-    return tok
-
-
-@dataclass
-class _Item:
-    """One held-out record's generation task: the conversation before its last trained
-    assistant turn, and that turn's text."""
-    prompt: list
-    reference: str
-
-
-def generation_items(records: list) -> list[_Item]:
-    """A (prompt, reference) per conversation whose last trained assistant turn has text."""
-    items = []
-    for r in records:
-        msgs = r.messages or []
-        last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"
-                    and m.get("weight", 1) != 0), default=None)
-        if last is None or not isinstance(msgs[last].get("content"), str) or \
-                not msgs[last]["content"].strip():
-            continue
-        prompt = [{k: v for k, v in m.items() if k != "weight"} for m in msgs[:last]]
-        items.append(_Item(prompt, msgs[last]["content"]))
-    return items
-
-
-# --- the two models -------------------------------------------------------------------------
-
-class _Side:
-    """One model to evaluate: an engine and the adapter to activate on it (None: none)."""
-
-    def __init__(self, engine, adapter: Optional[str]) -> None:
-        self.engine, self.adapter = engine, adapter
-
-    def use(self):
-        if self.engine.active != self.adapter:
-            self.engine.activate(self.adapter)
-        return self.engine
-
-
-def _log_softmax(rows):
-    import numpy as np
-
-    rows = rows.astype(np.float64)
-    rows = rows - rows.max(-1, keepdims=True)
-    return rows - np.log(np.exp(rows).sum(-1, keepdims=True))
-
-
-def example_nll(engine, input_ids: list[int], labels: list[int]) -> tuple[float, int]:
-    """(summed NLL in nats, tokens) of one example: position ``t``'s label is predicted from
-    the logits at ``t-1`` (the causal shift training uses)."""
-    import numpy as np
-
-    targets = [t for t in range(1, len(input_ids)) if labels[t] != IGNORE]
-    if not targets:
-        return 0.0, 0
-    logits = engine.logits(input_ids)
-    logp = _log_softmax(logits[[t - 1 for t in targets]])
-    picked = logp[np.arange(len(targets)), [input_ids[t] for t in targets]]
-    return float(-picked.sum()), len(targets)
-
-
-def greedy(engine, messages: list, max_tokens: int) -> Optional[str]:
-    """The greedy answer, or None when the prompt does not fit or the template refuses it."""
-    from edge_tune.llama.engine import ChatTemplateError, ContextOverflow
-
-    try:
-        return engine.chat(messages, temperature=0.0, max_tokens=max_tokens).strip()
-    except (ContextOverflow, ChatTemplateError):
-        return None
-
-
-def _mean_kl(base_rows, tuned_rows) -> list[float]:
-    """KL(base ‖ tuned) in nats at each row (next-token logits of the two models)."""
-    import numpy as np
-
-    lp, lq = _log_softmax(base_rows), _log_softmax(tuned_rows)
-    return np.sum(np.exp(lp) * (lp - lq), axis=-1).tolist()
-
-
-def drift(base: _Side, tuned: _Side, tok, prompts: list[str], max_tokens: int,
-          system_mode: str, on_event: EventSink = ignore) -> dict:
-    """The drift check (see the module docstring) on ``prompts``."""
-    from edge_tune.data.template import fold_system, render
-
-    rows, all_kl = [], []
-    for n, prompt in enumerate(prompts):
-        on_event(Progress("eval-drift", n, len(prompts), "prompts", "drift: general prompts"))
-        msgs = [{"role": "user", "content": prompt}]
-        base_answer = greedy(base.use(), msgs, max_tokens)
-        tuned_answer = greedy(tuned.use(), msgs, max_tokens)
-        if base_answer is None or tuned_answer is None:
-            continue
-        shown = fold_system(msgs) if system_mode == "fold" else msgs
-        prompt_ids = tok(render(tok, shown, True), add_special_tokens=False)["input_ids"]
-        answer_ids = tok(base_answer, add_special_tokens=False)["input_ids"]
-        kl: list[float] = []
-        if answer_ids:
-            ids = prompt_ids + answer_ids
-            at = slice(len(prompt_ids) - 1, len(ids) - 1)  # the rows that predict the answer
-            base_rows = base.use().logits(ids)[at]
-            kl = _mean_kl(base_rows, tuned.use().logits(ids)[at])
-        all_kl += kl
-        rows.append({"prompt": prompt, "base": base_answer, "tuned": tuned_answer,
-                     "changed": eval_scores.normalize(base_answer)
-                     != eval_scores.normalize(tuned_answer),
-                     "mean_kl": sum(kl) / len(kl) if kl else 0.0})
-    on_event(Progress("eval-drift", len(prompts), len(prompts), "prompts", "drift: done"))
-    return {"mean_kl": sum(all_kl) / len(all_kl) if all_kl else 0.0,
-            "changed_share": sum(r["changed"] for r in rows) / len(rows) if rows else 0.0,
-            "n_prompts": len(rows), "n_positions": len(all_kl), "prompts": rows}
 
 
 # --- the command ----------------------------------------------------------------------------
@@ -307,7 +116,7 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
     for the drift check instead of the shipped ones (:func:`drift_prompts`). Raises
     UsageError/DataError (exit 2) for bad input."""
     from edge_tune.backends.worker import tokenize_records
-    from edge_tune.commands.chat import open_engine
+    from edge_tune.adapters import open_engine
     from edge_tune.data.formats import job_record
 
     if max_tokens < 1:
@@ -345,9 +154,9 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
     try:
         engines.append(open_engine(target, n_ctx=n_ctx, logits_all=True,
                                    training_system=False))  # prompts as they are
-        base = _Side(engines[0], None)
+        base = Side(engines[0], None)
         if merged is None:
-            tuned = _Side(engines[0], "adapter")
+            tuned = Side(engines[0], "adapter")
         else:
             engines.append(open_engine(_with_base(target, tuned_path), n_ctx=n_ctx,
                                        training_system=False,
@@ -355,7 +164,7 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
             if engines[1].n_vocab != engines[0].n_vocab:
                 raise UsageError(f"--merged {merged}: its vocabulary ({engines[1].n_vocab}"
                                  f" tokens) is not the base's ({engines[0].n_vocab})")
-            tuned = _Side(engines[1], None)
+            tuned = Side(engines[1], None)
         result = _measure(base, tuned, tok, examples, items, max_tokens, system_mode, on_event,
                           drift_prompts() if drift_set is None else drift_set)
     finally:
@@ -379,33 +188,6 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
     return out
 
 
-def task_like(rows: list[dict], references: list[str]) -> int:
-    """Drift rows whose tuned answer reads like the task: ROUGE-L F >= TASK_LIKE_ROUGE with
-    some held-out reference, where the base's answer to the same prompt had none."""
-    def near(answer: str) -> bool:
-        return any(eval_scores.rouge_l(answer, ref) >= TASK_LIKE_ROUGE for ref in references)
-
-    return sum(near(r["tuned"]) and not near(r["base"]) for r in rows)
-
-
-def drift_hint(drift_result: dict, replay: int = 0) -> Optional[str]:
-    """One line saying what to do when drift is high — ``task_like`` general answers at
-    least HIGH_TASK_LIKE_SHARE of the prompts, or ``mean_kl`` >= HIGH_MEAN_KL nats/token —
-    naming ``train --replay`` and the other remedies; None when it is not. ``replay``: the
-    ``--replay`` the run was trained with."""
-    n = drift_result.get("n_prompts", 0)
-    like = drift_result.get("task_like", 0)
-    if n == 0 or (like < HIGH_TASK_LIKE_SHARE * n and drift_result["mean_kl"] < HIGH_MEAN_KL):
-        return None
-    switch = (f"retrain with a larger --replay (this run used {replay}; at most 60)" if replay
-              else f"retrain with --replay {REPLAY_HINT} (mixes the base's own answers to "
-              "general prompts into training)")
-    return (f"drift is high ({like} of {n} general prompts answered like the task, mean KL "
-            f"{drift_result['mean_kl']:.2f}): if the run should change only its task, "
-            f"{switch}, or lower --lr, --epochs, --rank or --target-modules (docs/eval.md, "
-            "Forgetting)")
-
-
 def _with_base(target, model: Path):
     """``target`` with ``model`` as the GGUF llama.cpp loads and no adapter."""
     from dataclasses import replace
@@ -413,7 +195,7 @@ def _with_base(target, model: Path):
     return replace(target, base=Path(model), adapter=None)
 
 
-def _measure(base: _Side, tuned: _Side, tok, examples: list, items: list, max_tokens: int,
+def _measure(base: Side, tuned: Side, tok, examples: list, items: list, max_tokens: int,
              system_mode: str, on_event: EventSink, general: list[str]) -> dict:
     """Loss, answers and drift for both sides (each side's work in one block: switching the
     adapter resets llama.cpp's context)."""

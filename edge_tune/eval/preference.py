@@ -49,12 +49,12 @@ def preference_margins(run: Path, data: Path, limit: int = 0) -> Margins:
     """Margins of the preference pairs in ``data`` (at most ``limit``; 0 = all) for the run's
     base and tuned model. Raises DataError when ``data`` holds no preference pairs."""
     from edge_tune import manifest as manifest_mod
-    from edge_tune.adapters import resolve_chat
+    from edge_tune.adapters import open_engine, resolve_chat
     from edge_tune.backends.worker import tokenize_records
-    from edge_tune.commands.chat import open_engine
-    from edge_tune.commands.eval import example_nll, run_tokenizer
     from edge_tune.data.formats import job_record, read_records
     from edge_tune.data.preference import PREFERENCE_FORMATS
+    from edge_tune.eval.held_out import run_tokenizer
+    from edge_tune.eval.measure import example_nll
 
     read = read_records(data)
     if read.format not in PREFERENCE_FORMATS:
