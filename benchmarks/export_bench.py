@@ -129,9 +129,10 @@ def main() -> None:
             api.export(args.run, out=out, merge=True, quant="Q4_K_M")
             report = api.verify(args.run, merged=out)
             print("verify of the Q4_K_M merge:",
-                  json.dumps({k: report[k] for k in ("ok", "effect_rel_err", "top1_agreement",
-                                                     "mean_kl", "n_prompts", "n_positions")}))
-            for g in report["greedy"]:
+                  json.dumps({k: report.to_dict()[k] for k in (
+                      "ok", "effect_rel_err", "top1_agreement", "mean_kl", "n_prompts",
+                      "n_positions")}))
+            for g in report.greedy:
                 print(f"  torch: {g['torch']!r}\n  llama.cpp: {g['llama_cpp']!r}")
 
 

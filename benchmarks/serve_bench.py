@@ -92,7 +92,7 @@ def _merged_model(run: Path, base: Path, work: Path) -> Path | None:
         ftype = int(open_gguf(base).fields["general.file_type"].contents())
         quant = {3: "Q4_1", 2: "Q4_0", 7: "Q8_0", 1: "F16", 0: "F32"}.get(ftype, "Q8_0")
         result = api.export(run, base=base, out=work / "merged.gguf", merge=True, quant=quant)
-        return Path(result["path"])
+        return result.path
     except TypeError as exc:  # export without merge= (issue 6 not there yet)
         print(f"merged: skipped ({exc})")
         return None

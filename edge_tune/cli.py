@@ -389,7 +389,7 @@ def export(
                             merge=merge, quant=quant, ollama=ollama, verify=verify,
                             system=system, vllm=vllm, chat_template=chat_template)
     if vllm is not None:
-        print(result["command"])  # plain stdout: `$(edge-tune export RUN --vllm DIR)` runs it
+        print(result.command)  # plain stdout: `$(edge-tune export RUN --vllm DIR)` runs it
 
 
 # --- convert-base ----------------------------------------------------------------------------
@@ -462,26 +462,26 @@ def verify(
     with Renderer(err, quiet=as_json) as render:
         report = api.verify(run, base=base, merged=merged, on_event=render, n_prompts=prompts)
     if as_json:
-        out.print_json(json.dumps(report))
+        out.print_json(json.dumps(report.to_dict()))
     else:
         from rich.table import Table
 
-        t = report["tolerance"]
-        out.print(f"checked: {report['checked']} on {report['n_prompts']} held-back prompts "
-                  f"({report['n_positions']} positions)")
-        out.print(f"  adapter effect, F32 base: relative error {report['effect_rel_err']:.2e}"
+        t = report.tolerance
+        out.print(f"checked: {report.checked} on {report.n_prompts} held-back prompts "
+                  f"({report.n_positions} positions)")
+        out.print(f"  adapter effect, F32 base: relative error {report.effect_rel_err:.2e}"
                   f"  (limit {t['effect_rel_err']})")
-        out.print(f"  tuned model, real base:   top-1 agreement {report['top1_agreement']:.1%}"
-                  f" (min {t['top1_min']:.0%}), mean KL {report['mean_kl']:.4f} "
+        out.print(f"  tuned model, real base:   top-1 agreement {report.top1:.1%}"
+                  f" (min {t['top1_min']:.0%}), mean KL {report.kl:.4f} "
                   f"(max {t['kl_max']})")
-        table = Table("prompt", report.get("framework", "torch+PEFT"), "llama.cpp",
+        table = Table("prompt", report.framework, "llama.cpp",
                       title="greedy answers")
-        for g in report["greedy"]:
+        for g in report.greedy:
             table.add_row(g["prompt"][-60:].strip(), g["torch"], g["llama_cpp"])
         out.print(table)
-        out.print("[green]ok[/]: within tolerance" if report["ok"] else
-                  "[red]out of tolerance[/]: " + "; ".join(report["failures"]))
-    if not report["ok"]:
+        out.print("[green]ok[/]: within tolerance" if report.ok else
+                  "[red]out of tolerance[/]: " + "; ".join(report.failures))
+    if not report.ok:
         raise typer.Exit(ExitCode.FAILED)
 
 

@@ -47,7 +47,17 @@ class Sample:
 
 
 @dataclass
-class Report:
+class VerifyReport:
+    """What ``verify`` found (``edge_tune.commands.verify``; :func:`judge` says ``failures``).
+
+    effect_rel_err: relative error of the adapter's (or fine-tuning's) effect on the logits,
+    torch against llama.cpp on the F32 base; top1: top-1 agreement of the tuned model on the
+    real base (0-1); kl: mean KL(torch || llama.cpp) there, nats per position; n_prompts /
+    n_positions: what was compared; checked: "adapter" or "merged"; greedy: answers side
+    by side ({prompt, torch, llama_cpp}); file_effect: a merged file's share of the run's
+    effect (merged only); summary: the one line ``train`` and ``export`` print for their
+    check (None from ``verify`` itself). ``to_dict()``: the ``verify --json`` object."""
+
     effect_rel_err: float
     top1: float
     kl: float
@@ -59,6 +69,7 @@ class Report:
     failures: list[str] = field(default_factory=list)
     framework: str = "torch+PEFT"  # what llama.cpp is compared with: torch+PEFT or mlx
     file_effect: float | None = None  # merged only: the run's effect found in the file
+    summary: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -69,7 +80,8 @@ class Report:
                 "top1_agreement": self.top1, "mean_kl": self.kl, "n_prompts": self.n_prompts,
                 "n_positions": self.n_positions, "tolerance": self.tolerance,
                 "failures": self.failures, "greedy": self.greedy, "framework": self.framework,
-                "file_effect": self.file_effect}
+                "file_effect": self.file_effect,
+                **({"summary": self.summary} if self.summary is not None else {})}
 
 
 def judge(effect_rel_err: float, top1: float, kl: float, tol: dict = TOLERANCE,
@@ -419,7 +431,8 @@ def verify_run(run_dir: Path, man: Manifest, peft_dir: Path, base_gguf: Path, hf
                adapter_gguf: Path | None = None, merged: Path | None = None,
                merged_f32: Path | None = None, n_prompts: int = 3, max_len: int = 64,
                max_new: int = 12, on_event: EventSink = ignore,
-               mlx_adapter: Path | None = None, full_model: Path | None = None) -> Report:
+               mlx_adapter: Path | None = None, full_model: Path | None = None
+               ) -> VerifyReport:
     """Compare torch+PEFT with llama.cpp for this run (adapter GGUF, or a merged export).
     ``merged_f32``: the F32 merge for the exact check when ``merged`` is quantized (None: the
     merged file is F32 and is read for both). ``full_model``: a full fine-tuning run's HF weights; torch then runs them against the
@@ -483,7 +496,7 @@ def verify_run(run_dir: Path, man: Manifest, peft_dir: Path, base_gguf: Path, hf
     greedy = [{"prompt": s.prompt_text, "torch": tok.decode(a, skip_special_tokens=True),
                "llama_cpp": tok.decode(b, skip_special_tokens=True)}
               for s, a, b in zip(samples, t_greedy, r_greedy)]
-    report = Report(effect_rel_err=err, top1=top1, kl=kl, n_prompts=len(samples),
+    report = VerifyReport(effect_rel_err=err, top1=top1, kl=kl, n_prompts=len(samples),
                     n_positions=n_pos, checked="merged" if merged is not None else "adapter",
                     greedy=greedy, framework="mlx" if mlx_adapter is not None else
                     "torch" if full_model is not None else "torch+PEFT", file_effect=in_file)

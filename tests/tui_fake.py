@@ -11,6 +11,7 @@ from pathlib import Path
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Done, Log, Metric, Progress
 from edge_tune.manifest import Manifest
+from edge_tune.verify import VerifyReport
 
 HERE = Path(__file__).parent / "tui_fixtures"
 RUNS = [
@@ -115,8 +116,8 @@ class FakeCore:
         on_event(Log(f"wrote {adapter}/adapter.gguf (210 LoRA pairs, rank 16, alpha 32)"))
 
     def verify(self, run, on_event=None, **kw):
-        return {"ok": True, "effect_rel_err": 3.1e-3, "top1_agreement": 1.0, "mean_kl": 0.0004,
-                "n_prompts": 3, "failures": []}
+        return VerifyReport(effect_rel_err=3.1e-3, top1=1.0, kl=0.0004, n_prompts=3,
+                            n_positions=96, checked="adapter")
 
     def bundle(self, runs, out, on_event=None, **kw):
         return Path(out)

@@ -65,7 +65,7 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
             result = export(Path(bundle_mod.split_run_arg(str(runs[0]))[1]), base=base_path,
                             out=Path(work) / f"{name}-merged.gguf", merge=True, quant=quant,
                             on_event=on_event, _keep_rejected=False)  # checked: see export
-            plan = bundle_mod.plan_bundle(Path(result["path"]), [], template, merged=name)
+            plan = bundle_mod.plan_bundle(result.path, [], template, merged=name)
             if man is not None:
                 plan.manifests[name] = man
         else:
@@ -89,8 +89,8 @@ def _bundle_full(run: Path, name: str, target, out: Path, quant: Optional[str], 
     with tempfile.TemporaryDirectory() as work:
         model = target.base
         if quant is not None:
-            model = Path(export_full(run, target.manifest, Path(work) / f"{name}-{quant}.gguf",
-                                     quant, on_event, keep_rejected=False)["path"])
+            model = export_full(run, target.manifest, Path(work) / f"{name}-{quant}.gguf",
+                                quant, on_event, keep_rejected=False).path
         plan = bundle_mod.plan_bundle(model, [], text, merged=name)
         plan.manifests[name] = target.manifest.to_dict()
         return bundle_mod.write_bundle(plan, out, on_event, wheels=wheels)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -14,13 +15,43 @@ from edge_tune.events import Done, EventSink, Log, Progress, ignore
 from edge_tune.fsutil import TEMP_SUFFIX, sha256_file, temp_prefix
 from edge_tune.manifest import Manifest
 from edge_tune.templates import choice as template_choice
+from edge_tune.verify import VerifyReport
+
+
+@dataclass
+class ExportResult:
+    """What one ``export`` wrote, whichever kind.
+
+    kind: "adapter" (a GGUF LoRA adapter), "merged" (the adapter merged into its base),
+    "full" (a full fine-tuning run's model) or "vllm" (a PEFT folder for ``vllm serve``);
+    path: the GGUF written (vllm: the adapter folder); quant: its tensor type ("F32", "F16",
+    "Q4_K_M", ...; an adapter's ``--outtype`` upper-cased; None for vllm); bytes: its size;
+    rank / alpha: the LoRA's (adapter; vllm: rank); merged_tensors / dora: base tensors the
+    merge changed, and whether a DoRA magnitude was folded in (merged); verify: the check it
+    passed (None: not checked); modelfile: the ``--ollama`` Modelfile written; command /
+    script / max_lora_rank: vllm's ``vllm serve`` line, the script holding it and the
+    ``--max-lora-rank`` it needs."""
+
+    kind: str
+    path: Path
+    quant: Optional[str] = None
+    bytes: Optional[int] = None
+    rank: Optional[int] = None
+    alpha: Optional[float] = None
+    merged_tensors: Optional[int] = None
+    dora: bool = False
+    verify: Optional[VerifyReport] = None
+    modelfile: Optional[Path] = None
+    command: Optional[str] = None
+    script: Optional[Path] = None
+    max_lora_rank: Optional[int] = None
 
 
 def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = None,
            outtype: str = "f32", on_event: EventSink = ignore, _base_sha256: Optional[str] = None,
            merge: bool = False, quant: Optional[str] = None, ollama: Optional[Path] = None,
            verify: bool = True, system: Optional[str] = None, vllm: Optional[Path] = None,
-           chat_template: Optional[str] = None, _keep_rejected: bool = True):
+           chat_template: Optional[str] = None, _keep_rejected: bool = True) -> ExportResult:
     """Convert a PEFT adapter (or a run's adapter) to a GGUF LoRA adapter; with ``merge``,
     write one GGUF with the adapter merged into the base (``quant``: F16 default, Q4_K_M,
     ..., or ``auto``: the smallest type that passes the check). ``verify`` (the default; runs
@@ -30,7 +61,8 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
     :func:`ship_checked`);
     ``ollama`` writes a Modelfile into that directory (``system``: its SYSTEM prompt).
     ``chat_template`` (``--chat-template``; default: the run's) goes into the Modelfile's
-    TEMPLATE and, with ``merge``, into a merged GGUF whose base has none."""
+    TEMPLATE and, with ``merge``, into a merged GGUF whose base has none. Returns what was
+    written (:class:`ExportResult`)."""
     from edge_tune.converters.formats import peft_to_gguf
 
     if chat_template is not None and ollama is None and not merge:
@@ -68,12 +100,17 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
     plan = peft_to_gguf.convert(peft_dir, info, Path(out), outtype, meta)
     on_event(Log(f"wrote {out} ({len(plan.tensors) // 2} LoRA pairs, rank {plan.rank}, "
                  f"alpha {plan.alpha:g}, {outtype})"))
+    report = None
     if verify and man is not None:
-        verify_hook(Path(adapter), base, on_event, adapter_gguf=Path(out))
+        report = verify_hook(Path(adapter), base, on_event, adapter_gguf=Path(out))
+    modelfile = None
     if ollama is not None:
-        _write_ollama(Path(ollama), base_gguf, Path(out), system, man, on_event, template)
+        modelfile = _write_ollama(Path(ollama), base_gguf, Path(out), system, man, on_event,
+                                  template)
     on_event(Done("export", {"path": str(out)}))
-    return plan
+    return ExportResult("adapter", Path(out), quant=outtype.upper(),
+                        bytes=Path(out).stat().st_size, rank=plan.rank, alpha=plan.alpha,
+                        verify=report, modelfile=modelfile)
 
 
 def _full_run(path: Path) -> Optional[Manifest]:
@@ -89,12 +126,12 @@ def export_full(run: Path, man: Manifest, out: Optional[Path], quant: str,
                 ollama: Optional[Path] = None, system: Optional[str] = None,
                 template: Optional["template_choice.ChatTemplate"] = None,
                 vocab_from: Optional[Path] = None, keep_rejected: bool = True,
-                checked_later: bool = False) -> dict:
+                checked_later: bool = False) -> ExportResult:
     """A full run's HF weights (``RUN/model``) as one GGUF model: llama.cpp's converter
     writes F32 (exact; what verify checks against torch), then llama.cpp's quantizer makes
     ``quant`` (F16 default, Q8_0, Q4_K_M, ...) from it. Default output:
     ``RUN/model-<quant>.gguf``. ``verify``: checked before it takes its name, as
-    :func:`ship_checked` does (``quant`` ``auto`` too). Returns {path, quant, bytes, verify}.
+    :func:`ship_checked` does (``quant`` ``auto`` too). Returns its :class:`ExportResult`.
 
     ``vocab_from``: the base GGUF the run was trained from (default: the manifest's, when it
     was given as a GGUF). Its tokenizer was rebuilt by transformers for training, and
@@ -131,7 +168,7 @@ def export_full(run: Path, man: Manifest, out: Optional[Path], quant: str,
         else:
             hf_to_gguf.convert(model_dir, f32, "f32", on_event)
 
-        def check(model: Path, exact: Optional[Path]) -> dict:
+        def check(model: Path, exact: Optional[Path]) -> VerifyReport:
             return verify_hook(run, None, on_event, merged=model, merged_f32=exact,
                                raise_on_fail=False)
 
@@ -142,10 +179,11 @@ def export_full(run: Path, man: Manifest, out: Optional[Path], quant: str,
         size = out.stat().st_size
         on_event(Log(f"wrote {out} (full fine-tuned model, {name}, {size / 2**20:.1f} MiB"
                      f"{', checked' if report else ''})"))
+    modelfile = None
     if ollama is not None:
-        _write_ollama(Path(ollama), out, None, system, man, on_event, template)
+        modelfile = _write_ollama(Path(ollama), out, None, system, man, on_event, template)
     on_event(Done("export", {"path": str(out)}))
-    return {"path": str(out), "quant": name, "bytes": size, "verify": report}
+    return ExportResult("full", out, quant=name, bytes=size, verify=report, modelfile=modelfile)
 
 
 def _with_vocabulary_of(base: Path, converted: Path, dst: Path) -> None:
@@ -176,7 +214,7 @@ def _with_vocabulary_of(base: Path, converted: Path, dst: Path) -> None:
 
 
 def _export_vllm(adapter: Path, peft_dir: Path, man: Optional[Manifest], base: Optional[Path],
-                 directory: Path, on_event: EventSink) -> dict:
+                 directory: Path, on_event: EventSink) -> ExportResult:
     from edge_tune.converters.integrations import vllm_export
 
     name = vllm_export.adapter_name(adapter.resolve().name)
@@ -184,14 +222,16 @@ def _export_vllm(adapter: Path, peft_dir: Path, man: Optional[Manifest], base: O
     on_event(Log(f"wrote {result['adapter_dir']} and {result['script']} (max LoRA rank "
                  f"{result['max_lora_rank']} for rank {result['rank']})"))
     on_event(Done("export", {"path": result["adapter_dir"], **result}))
-    return result
+    return ExportResult("vllm", Path(result["adapter_dir"]), rank=result["rank"],
+                        command=result["command"], script=Path(result["script"]),
+                        max_lora_rank=result["max_lora_rank"])
 
 
 def _export_merged(adapter: Path, peft_dir: Path, man: Optional[Manifest],
                    base_gguf: Optional[Path], out: Optional[Path], quant: str, on_event: EventSink, verify: bool,
                    ollama: Optional[Path], system: Optional[str] = None,
                    template: Optional["template_choice.ChatTemplate"] = None,
-                   keep_rejected: bool = True) -> dict:
+                   keep_rejected: bool = True) -> ExportResult:
     """Merge into an F32 GGUF first (exact; what verify checks), then let llama.cpp's own
     quantizer make the requested type from it; checked before it takes its name
     (:func:`ship_checked`)."""
@@ -236,7 +276,7 @@ def _export_merged(adapter: Path, peft_dir: Path, man: Optional[Manifest],
         summary = merge_mod.merge(base_gguf, config, tensors, f32, "F32", where=str(peft_dir),
                                   on_event=on_event, extra_metadata=meta)
 
-        def check(model: Path, exact: Optional[Path]) -> dict:
+        def check(model: Path, exact: Optional[Path]) -> VerifyReport:
             return verify_hook(adapter, base_gguf, on_event, merged=model, merged_f32=exact,
                                raise_on_fail=False)
 
@@ -248,11 +288,12 @@ def _export_merged(adapter: Path, peft_dir: Path, man: Optional[Manifest],
         on_event(Log(f"wrote {out} ({summary['merged']} merged tensors"
                      f"{', DoRA' if summary['dora'] else ''}, {name}, {size / 2**20:.0f} MiB"
                      f"{', checked' if report else ''})"))
+    modelfile = None
     if ollama is not None:
-        _write_ollama(Path(ollama), out, None, system, man, on_event, template)
-    result = {**summary, "path": str(out), "quant": name, "bytes": size, "verify": report}
+        modelfile = _write_ollama(Path(ollama), out, None, system, man, on_event, template)
     on_event(Done("export", {"path": str(out)}))
-    return result
+    return ExportResult("merged", out, quant=name, bytes=size, merged_tensors=summary["merged"],
+                        dora=summary["dora"], verify=report, modelfile=modelfile)
 
 
 def _weights_bytes(model_dir: Path) -> int:
@@ -390,10 +431,10 @@ def reject(candidate: Path, out: Path, reason: str, keep: bool = True) -> str:
     return f"nothing is left at {out}: the file is kept as {bad} (the reason in {note.name})"
 
 
-def _numbers(report: dict) -> str:
-    fe = report.get("file_effect")
+def _numbers(report: VerifyReport) -> str:
+    fe = report.file_effect
     return (f"{'' if fe is None else f'file effect {fe:.0%}, '}top-1 "
-            f"{report['top1_agreement']:.0%}, mean KL {report['mean_kl']:.3f}")
+            f"{report.top1:.0%}, mean KL {report.kl:.3f}")
 
 
 def _quantize_to(f32: Path, name: str, work: Path, out: Path, on_event: EventSink) -> Path:
@@ -422,7 +463,7 @@ def _larger_types(name: str) -> tuple[str, ...]:
 
 def ship_checked(f32: Path, out: Optional[Path], name: str, work: Path, check,
                  on_event: EventSink, default_out, keep_rejected: bool = True,
-                 say_unchecked: bool = True) -> tuple[Path, str, Optional[dict]]:
+                 say_unchecked: bool = True) -> tuple[Path, str, Optional[VerifyReport]]:
     """Make ``name`` (``AUTO``: the smallest of :data:`AUTO_LADDER` that passes) from the
     exact F32 model ``f32``, check it, and only then rename it onto ``out`` (None:
     ``default_out(type)``). ``check(file, f32_or_None) -> report`` (verify's, not raising);
@@ -444,14 +485,14 @@ def ship_checked(f32: Path, out: Optional[Path], name: str, work: Path, check,
         for t in AUTO_LADDER:
             cand = _quantize_to(f32, t, work, out or default_out(t), on_event)
             report = check(cand, f32)
-            on_event(Log(f"--quant auto: {t} {'passes' if report['ok'] else 'fails'} "
+            on_event(Log(f"--quant auto: {t} {'passes' if report.ok else 'fails'} "
                          f"({_numbers(report)})"))
-            if report["ok"]:
+            if report.ok:
                 name = t
                 break
             cand.unlink()
         else:
-            why = "; ".join(report["failures"])
+            why = "; ".join(report.failures)
             raise CheckFailed(f"--quant auto: no type up to F16 passes the check ({why}); "
                               "nothing was written")
     else:
@@ -463,10 +504,10 @@ def ship_checked(f32: Path, out: Optional[Path], name: str, work: Path, check,
             on_event(Log(f"{name}: not checked (--no-verify, or not a run: the check needs "
                          "a run's held-back prompts)", "warning"))
     final = Path(out) if out is not None else default_out(name)
-    if report is not None and not report["ok"]:
-        exact_ok = report["effect_rel_err"] <= TOLERANCE["effect_rel_err"]
+    if report is not None and not report.ok:
+        exact_ok = report.effect_rel_err <= TOLERANCE["effect_rel_err"]
         if name == "F32" or not exact_ok:  # the merge itself is wrong, not the rounding
-            reason = f"{report['summary']}: out of tolerance: {'; '.join(report['failures'])}"
+            reason = f"{report.summary}: out of tolerance: {'; '.join(report.failures)}"
         else:
             reason = _quantization_loss(report, name, f32, work, final, check, on_event)
         where = reject(cand, final, reason, keep_rejected)
@@ -477,19 +518,19 @@ def ship_checked(f32: Path, out: Optional[Path], name: str, work: Path, check,
     return final, name, report
 
 
-def _quantization_loss(report: dict, name: str, f32: Path, work: Path, out: Path, check,
+def _quantization_loss(report: VerifyReport, name: str, f32: Path, work: Path, out: Path, check,
                        on_event: EventSink) -> str:
     """The failure of a quantized file whose F32 merge passed: rounding, with the numbers,
     and the first larger type (measured here) that passes."""
     what = (f"quantization loss: {name} rounded away the run's small weight changes (the "
             f"{name} file: {_numbers(report)}; its F32 merge matches "
-            f"{report.get('framework', 'torch+PEFT')} exactly, effect error "
-            f"{report['effect_rel_err']:.1e})")
+            f"{report.framework} exactly, effect error "
+            f"{report.effect_rel_err:.1e})")
     for alt in _larger_types(name):
         cand = _quantize_to(f32, alt, work, out, on_event)
         alt_report = check(cand, f32)
         cand.unlink()
-        ok = alt_report["ok"]
+        ok = alt_report.ok
         on_event(Log(f"{alt} measured instead: {'passes' if ok else 'fails'} "
                      f"({_numbers(alt_report)})"))
         if ok:

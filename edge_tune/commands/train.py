@@ -444,11 +444,11 @@ def _write_outputs(run_dir: Path, cfg: TrainConfig, result: WorkerResult, ref: m
         shipped = export_full(run_dir, manifest_mod.Manifest(kind="full"),
                               run_dir / FULL_MODEL_GGUF, "F16", on_event, vocab_from=ref.gguf,
                               verify=False, checked_later=True)
-        model_info = {"hf": "model", "gguf": FULL_MODEL_GGUF, "quant": shipped["quant"]}
+        model_info = {"hf": "model", "gguf": FULL_MODEL_GGUF, "quant": shipped.quant}
     elif base_gguf is not None and not cfg.dora:
-        plan = export(run_dir / "adapter", base=base_gguf, out=run_dir / "adapter.gguf",
-                      on_event=on_event, _base_sha256=base["sha256"], verify=False)
-        adapter_info.update(gguf="adapter.gguf", alpha=plan.alpha, rank=plan.rank)
+        exported = export(run_dir / "adapter", base=base_gguf, out=run_dir / "adapter.gguf",
+                          on_event=on_event, _base_sha256=base["sha256"], verify=False)
+        adapter_info.update(gguf="adapter.gguf", alpha=exported.alpha, rank=exported.rank)
     man = manifest_mod.build(
         config=cfg.to_dict(), backend=backend, backend_reason=why, base=base,
         data={**(finish.get("data") or {}), "examples": result.examples},
@@ -633,6 +633,6 @@ def _check_full_model(run_dir: Path, on_event: EventSink) -> None:
 
     model = run_dir / FULL_MODEL_GGUF
     report = verify_hook(run_dir, None, on_event, merged=model, raise_on_fail=False)
-    if not report["ok"]:
-        reason = f"{report['summary']}: out of tolerance: {'; '.join(report['failures'])}"
+    if not report.ok:
+        reason = f"{report.summary}: out of tolerance: {'; '.join(report.failures)}"
         raise CheckFailed(f"{model.name}: {reason}; {reject(model, model, reason)}")

@@ -11,14 +11,16 @@ from edge_tune import models
 from edge_tune.adapters import conversion_base, peft_adapter
 from edge_tune.errors import CheckFailed, EdgeTuneError
 from edge_tune.events import Done, EventSink, Log, ignore
+from edge_tune.verify import VerifyReport
 
 
 def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None,
            on_event: EventSink = ignore, n_prompts: int = 3, max_new: int = 12,
-           _merged_f32: Optional[Path] = None, _adapter_gguf: Optional[Path] = None) -> dict:
+           _merged_f32: Optional[Path] = None, _adapter_gguf: Optional[Path] = None
+           ) -> VerifyReport:
     """torch+PEFT vs llama.cpp on the run's held-back prompts (see :mod:`edge_tune.verify`).
     ``merged``: check a merged export instead of the run's adapter GGUF. Returns the report;
-    ``report["ok"]`` says whether it is within tolerance."""
+    ``report.ok`` says whether it is within tolerance."""
     import tempfile
 
     from edge_tune import verify as verify_mod
@@ -67,9 +69,8 @@ def verify(run: Path, base: Optional[Path] = None, merged: Optional[Path] = None
                             on_event)
             report = verify_mod.verify_run(run, man, peft_dir, Path(base_gguf), hf_dir,
                                            merged=Path(merged), merged_f32=f32, **kw)
-    result = report.to_dict()
-    on_event(Done("verify", {"ok": result["ok"]}))
-    return result
+    on_event(Done("verify", {"ok": report.ok}))
+    return report
 
 
 def _is_f32(gguf_file: Path) -> bool:
@@ -88,7 +89,7 @@ def _full_run(run: Path):
 
 def _verify_full(run: Path, man, base: Optional[Path], merged: Optional[Path],
                  on_event: EventSink, n_prompts: int, max_new: int,
-                 merged_f32: Optional[Path]) -> dict:
+                 merged_f32: Optional[Path]) -> VerifyReport:
     """A full fine-tuning run: torch on the base and on the trained weights against llama.cpp
     on the base GGUF's F32 copy and on the model GGUF (``merged``, default the run's), with
     the exact comparison on an F32 conversion of the trained weights (made here unless
@@ -117,9 +118,8 @@ def _verify_full(run: Path, man, base: Optional[Path], merged: Optional[Path],
             merged_f32 = hf_to_gguf.convert(model_dir, Path(work) / "model-f32.gguf", "f32")
         report = verify_mod.verify_run(run, man, model_dir, base_gguf, hf_dir, merged=shipped,
                                        merged_f32=merged_f32, **kw)
-    result = report.to_dict()
-    on_event(Done("verify", {"ok": result["ok"]}))
-    return result
+    on_event(Done("verify", {"ok": report.ok}))
+    return report
 
 
 def _mlx_side_for(run: Path, man) -> Optional[Path]:
@@ -135,23 +135,24 @@ def _mlx_side_for(run: Path, man) -> Optional[Path]:
 
 def verify_hook(run: Path, base: Optional[Path], on_event: EventSink,
                 merged: Optional[Path] = None, merged_f32: Optional[Path] = None,
-                adapter_gguf: Optional[Path] = None, raise_on_fail: bool = True) -> dict:
+                adapter_gguf: Optional[Path] = None, raise_on_fail: bool = True
+                ) -> VerifyReport:
     """The short check ``train`` and ``export`` run by default: two prompts, a few tokens.
     Out of tolerance is CheckFailed (exit 1); with ``raise_on_fail`` False the report comes
-    back instead (``report["ok"]``), for callers that decide what happens to the file.
-    ``report["summary"]`` is the one-line result either way."""
+    back instead (``report.ok``), for callers that decide what happens to the file.
+    ``report.summary`` is the one-line result either way."""
     report = verify(run, base=base, merged=merged, on_event=on_event, n_prompts=2, max_new=8,
                     _merged_f32=merged_f32, _adapter_gguf=adapter_gguf)
-    in_file = report.get("file_effect")
-    summary = (f"verify: {'fine-tuning' if report['framework'] == 'torch' else 'adapter'} "
-               f"effect error {report['effect_rel_err']:.2e}, "
+    in_file = report.file_effect
+    summary = (f"verify: {'fine-tuning' if report.framework == 'torch' else 'adapter'} "
+               f"effect error {report.effect_rel_err:.2e}, "
                f"{'' if in_file is None else f'file effect {in_file:.2f}, '}top-1 "
-               f"{report['top1_agreement']:.0%}, mean KL {report['mean_kl']:.4f} on "
-               f"{report['n_prompts']} held-back prompts")
-    report["summary"] = summary
-    if not report["ok"]:
+               f"{report.top1:.0%}, mean KL {report.kl:.4f} on "
+               f"{report.n_prompts} held-back prompts")
+    report.summary = summary
+    if not report.ok:
         if raise_on_fail:
-            raise CheckFailed(f"{summary}: out of tolerance: {'; '.join(report['failures'])}")
+            raise CheckFailed(f"{summary}: out of tolerance: {'; '.join(report.failures)}")
         return report
     on_event(Log(summary + " (ok)"))
     return report

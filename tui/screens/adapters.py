@@ -316,15 +316,14 @@ class AdaptersScreen(BaseScreen):
 
     def _done(self, what: str, result) -> None:
         log = self.query_one("#actions", RichLog)
-        if what == "verify":
-            ok = result.get("ok")
+        if what == "verify":  # edge_tune.verify.VerifyReport
+            ok = result.ok
             log.write(Text(
                 f"verify: {'ok' if ok else 'OUT OF TOLERANCE'} - adapter effect error "
-                f"{result.get('effect_rel_err', float('nan')):.2e}, top-1 agreement "
-                f"{result.get('top1_agreement', float('nan')):.0%}, mean KL "
-                f"{result.get('mean_kl', float('nan')):.4f} on {result.get('n_prompts')} "
-                "held-back prompts", style="bold green" if ok else "bold red"))
-            for failure in result.get("failures") or []:
+                f"{result.effect_rel_err:.2e}, top-1 agreement {result.top1:.0%}, mean KL "
+                f"{result.kl:.4f} on {result.n_prompts} held-back prompts",
+                style="bold green" if ok else "bold red"))
+            for failure in result.failures:
                 log.write(Text(f"  {failure}", style="red"))
         elif what == "evaluate":  # edge_tune.commands.eval.EvalResult
             for line in eval_lines(result.to_dict()):
