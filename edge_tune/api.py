@@ -8,7 +8,6 @@ run directories in :mod:`edge_tune.runs`, and which adapter/base/template a comm
 
 from __future__ import annotations
 
-from edge_tune import manifest as manifest_mod
 from edge_tune.adapters import ChatTarget, open_engine, resolve_chat
 from edge_tune.commands.bundle import bundle
 from edge_tune.commands.chat import chat_plan, parse_adapter_options
@@ -16,18 +15,15 @@ from edge_tune.commands.convert import convert_base, fetch_converter
 from edge_tune.commands.doctor import doctor
 from edge_tune.commands.train import export_run as export  # finishes a run killed late
 from edge_tune.commands.eval import EvalResult, evaluate
+from edge_tune.commands.export import ExportResult
 from edge_tune.commands.inspect import bad_records, inspect_data, model_template
-from edge_tune.commands.plan import PLANNED, model_shape, plan, planner_describe
-from edge_tune.commands.plan import job_record as _job_record
+from edge_tune.commands.plan import plan
 from edge_tune.commands.serve import open_serving, plan_serving, serve
 from edge_tune.commands.train import TrainResult, train
-from edge_tune.commands.train import _converted_base
 from edge_tune.commands.verify import verify
-from edge_tune.data.split import split_validation
-from edge_tune.hardware import probe
-from edge_tune.runs import (RUN_CONFIG, default_run_dir, delete_run, list_runs, load_run_config,
-                            resume_state)
+from edge_tune.runs import default_run_dir, delete_run, list_runs, resume_state
 from edge_tune.server.plan import ServePlan
+from edge_tune.verify import VerifyReport
 
 __all__ = [
     # commands
@@ -35,9 +31,7 @@ __all__ = [
     "convert_base", "fetch_converter", "verify", "evaluate", "resolve_chat", "open_engine",
     "chat_plan", "parse_adapter_options", "plan_serving", "open_serving", "serve", "bundle",
     # runs on disk
-    "RUN_CONFIG", "default_run_dir", "load_run_config", "resume_state", "list_runs",
-    "delete_run",
-    # data shapes and helpers that front ends, tests and benchmarks use
-    "TrainResult", "EvalResult", "ChatTarget", "ServePlan", "PLANNED", "planner_describe", "model_shape",
-    "split_validation", "probe", "manifest_mod", "_job_record", "_converted_base",
+    "default_run_dir", "resume_state", "list_runs", "delete_run",
+    # what the commands return
+    "TrainResult", "ExportResult", "VerifyReport", "EvalResult", "ChatTarget", "ServePlan",
 ]

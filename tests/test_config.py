@@ -41,7 +41,7 @@ def test_val_and_val_split_are_exclusive():
 
 
 def test_split_validation_is_seeded_and_disjoint():
-    from edge_tune.api import split_validation
+    from edge_tune.data.split import split_validation
 
     records = list(range(50))
     train, val = split_validation(records, 0.1, seed=3)

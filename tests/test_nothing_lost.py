@@ -23,6 +23,7 @@ import pytest
 
 from conftest import assert_one_line_error, run_cli
 from edge_tune import api
+from edge_tune import manifest as manifest_mod
 from edge_tune.config import build
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Log, Metric
@@ -96,7 +97,7 @@ def test_resume_from_another_directory_names_moved_data_then_continues(stopped_t
     assert "new run" not in missing.stderr
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from the checkpoint at step" in resumed.stderr  # not from step 0
-    man = api.manifest_mod.read(run)
+    man = manifest_mod.read(run)
     assert man is not None and man.result.steps == 8 and (run / "adapter.gguf").is_file()
     assert not (run / "checkpoint").exists() and not _temps(run)
 

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from edge_tune import api
+from edge_tune import manifest as manifest_mod
 from edge_tune.config import build
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Metric
@@ -90,7 +91,7 @@ def test_cancel_leaves_a_checkpoint_and_resume_matches_a_straight_run(demo_jsonl
         assert diff <= 1e-4 * max(1.0, scale), (name, diff, scale)
     # and the LoRA weights really moved away from where they started (B starts at zero)
     assert any(torch.count_nonzero(t) for n, t in b.items() if "lora_B" in n)
-    straight_loss = api.manifest_mod.read(straight).result.final_loss
+    straight_loss = manifest_mod.read(straight).result.final_loss
     assert result.manifest.result.final_loss == pytest.approx(straight_loss, rel=1e-3)
 
 

@@ -47,7 +47,7 @@ def write(path, records) -> str:
 
 
 def job_records(path) -> list[dict]:
-    from edge_tune.api import _job_record
+    from edge_tune.data.formats import job_record as _job_record
 
     return [_job_record(r) for r in read_records(path).records]
 

@@ -18,6 +18,7 @@ from edge_tune.config import TrainConfig, build
 from edge_tune.errors import Cancelled, EdgeTuneError
 from edge_tune.hardware import CudaGpu
 from edge_tune.models import ModelRef
+from edge_tune.runs import RUN_CONFIG
 
 
 def _job(**kw) -> TrainJob:
@@ -201,7 +202,7 @@ def test_resume_asks_whether_the_backend_is_resumable(monkeypatch, tmp_path, dem
     run = tmp_path / "run"
     run.mkdir()
     cfg = TrainConfig(data=str(demo_jsonl), out=str(run), backend="unsloth", max_steps=4)
-    (run / api.RUN_CONFIG).write_text(json.dumps(
+    (run / RUN_CONFIG).write_text(json.dumps(
         {"config": cfg.to_dict(), "data_sha256": sha256_file(demo_jsonl)}))
     _unsloth_only_here(monkeypatch, resumable=False)
     with pytest.raises(EdgeTuneError, match="resuming is supported"):

@@ -322,7 +322,7 @@ def test_hf_model_gets_a_converted_gguf_base(tmp_path, demo_jsonl, hf_dir):
     against it, verifies it in llama.cpp, and the manifest says which base and how."""
     from test_convert_base import build_tiny
 
-    from edge_tune import api
+    from edge_tune.commands.train import _converted_base
     from edge_tune.fsutil import sha256_file
 
     model = build_tiny("llama", tmp_path / "tiny", hf_dir).resolve()
@@ -339,7 +339,7 @@ def test_hf_model_gets_a_converted_gguf_base(tmp_path, demo_jsonl, hf_dir):
     # Cached by content: the same weights find the same file, without converting again.
     events = []
     again = {"hf_dir": str(model)}
-    assert api._converted_base(again, events.append) == Path(base["gguf"])
+    assert _converted_base(again, events.append) == Path(base["gguf"])
     assert again["sha256"] == base["sha256"] and not events
     # The adapter runs on the converted base in llama.cpp: chat uses the manifest's base.
     chat = run_cli("chat", "--adapter", str(tmp_path / "run"), "--prompt", "Hi", "--max-tokens",

@@ -211,18 +211,19 @@ def test_api_resumes_an_unsloth_run(tmp_path, demo_jsonl, monkeypatch):
     from edge_tune.backends import registry
     from edge_tune.config import TrainConfig
     from edge_tune.fsutil import sha256_file
-    from edge_tune.hardware import CudaGpu
+    from edge_tune.hardware import CudaGpu, probe
+    from edge_tune.runs import RUN_CONFIG
 
     run = tmp_path / "run"
     (run / checkpoint.CHECKPOINT).mkdir(parents=True)
     cfg = TrainConfig(data=str(demo_jsonl), out=str(run), backend="unsloth", max_steps=4,
                       verify=False)
-    (run / api.RUN_CONFIG).write_text(json.dumps(
+    (run / RUN_CONFIG).write_text(json.dumps(
         {"config": cfg.to_dict(), "data_sha256": sha256_file(demo_jsonl)}))
     (run / checkpoint.CHECKPOINT / "state.json").write_text(json.dumps(
         {"format": checkpoint.FORMAT, "step": 2, "total": 4, "slots": 1}))
     (run / "train.log").write_text("the cancelled attempt\n")
-    hw = dataclasses.replace(api.probe(), cuda_gpus=[CudaGpu("A GPU", 16.0, "8.0", True)])
+    hw = dataclasses.replace(probe(), cuda_gpus=[CudaGpu("A GPU", 16.0, "8.0", True)])
     monkeypatch.setattr("edge_tune.commands.train.probe", lambda *a, **k: hw)
     monkeypatch.setattr(registry, "choose", lambda requested, hw: ("unsloth", "a GPU"))
 
