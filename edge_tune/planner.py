@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from edge_tune.backends.registry import capabilities
+from edge_tune.config import TrainConfig
 
 GIB = 1024 ** 3
 LOSS_CHUNK = 128  # matches edge_tune.backends.cpu.LOSS_CHUNK
@@ -175,7 +176,7 @@ class Machine:
 @dataclass
 class Plan:
     estimate: Estimate
-    config: dict  # the settings to train with (maybe changed)
+    config: TrainConfig  # the settings to train with (maybe changed)
     changes: list[str] = field(default_factory=list)
     fits: bool = True
     budget_bytes: float = 0.0
@@ -183,9 +184,8 @@ class Plan:
     def to_dict(self) -> dict:
         return {"fits": self.fits, "budget_gib": round(self.budget_bytes / GIB, 3),
                 "estimate": self.estimate.to_dict(), "changes": self.changes,
-                "settings": {k: self.config[k] for k in
-                             ("batch_size", "grad_accum", "seq_len", "grad_checkpoint",
-                              "quantize_4bit") if k in self.config}}
+                "settings": {k: getattr(self.config, k) for k in
+                             ("batch_size", "grad_accum", "seq_len", "grad_checkpoint")}}
 
 
 def _targeted(shape: ModelShape, targets: list[str]) -> dict[str, tuple[int, int]]:
@@ -225,28 +225,26 @@ def _block_activation_bytes(shape: ModelShape, tokens: int, batch: int, length: 
     return tokens * per_token * ACTIVATION_OVERHEAD + attention
 
 
-def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
+def estimate(shape: ModelShape, backend: str, cfg: TrainConfig, machine: Machine,
              total_steps: int = 1, longest: Optional[int] = None) -> Estimate:
     """Peak memory and time per step of one run. ``longest``: the longest example in tokens
     (None = assume examples fill ``seq_len``). Pure."""
-    length = min(cfg["seq_len"], longest or cfg["seq_len"])
-    method = cfg.get("method", "sft")
+    length = min(cfg.seq_len, longest or cfg.seq_len)
+    method = cfg.method
     # DPO/ORPO: a chosen and a rejected sequence per example, not packed; DPO adds a forward
     # pass of the reference (the base: adapter off, no gradients)
-    batch = cfg["batch_size"] * (1 if method == "sft" else 2)
+    batch = cfg.batch_size * (1 if method == "sft" else 2)
     tokens = batch * length
-    full = bool(cfg.get("full"))
-    n_lora = 0 if full else lora_params(shape, cfg["rank"], cfg["target_modules"],
-                                        cfg.get("dora", False))
-    four_bit = backend == "unsloth" and cfg.get("quantize_4bit", True)
-    if backend == "unsloth":
-        precision = "nf4" if four_bit else "bf16"
-        weight_bytes, width = (0.55 if four_bit else 2.0), 2
+    full = cfg.full
+    n_lora = 0 if full else lora_params(shape, cfg.rank, cfg.target_modules, cfg.dora)
+    # Unsloth QLoRA always loads the base in 4-bit NF4 (unsloth_qlora.from_pretrained_kwargs)
+    four_bit = backend == "unsloth"
+    if four_bit:
+        precision, weight_bytes, width = "nf4", 0.55, 2
     elif backend == "mlx":
         precision, weight_bytes, width = "fp32", 4.0, 4
     else:
-        bf16 = cfg.get("precision", "auto") == "bf16" or \
-            (cfg.get("precision", "auto") == "auto" and machine.cpu_bf16)
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and machine.cpu_bf16)
         precision, weight_bytes, width = ("bf16", 2.0, 2) if bf16 else ("fp32", 4.0, 4)
 
     embed_params = shape.vocab * shape.hidden * (1 if shape.tied else 2)
@@ -260,12 +258,12 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
         n_trained = shape.params
         weights = 4.0 * shape.params + (2.0 * shape.params if weight_bytes == 2.0 else 0.0)
     att_batch, att_len = batch, length
-    if cfg.get("pack") and capabilities(backend).packs_batches and method == "sft":  # rows <= the longest example
+    if cfg.pack and capabilities(backend).packs_batches and method == "sft":  # rows <= the longest example
         att_len = min(length, tokens)
         att_batch = math.ceil(tokens / att_len)
     probs_bytes = width if backend == "cpu" else 4 + width
     block = _block_activation_bytes(shape, tokens, att_batch, att_len, width, probs_bytes)
-    if cfg.get("grad_checkpoint") or backend == "unsloth":
+    if cfg.grad_checkpoint or backend == "unsloth":
         in_flight = CPU_CHECKPOINT_BLOCKS if backend == "cpu" else 2
         activations = shape.layers * tokens * shape.hidden * width + in_flight * block
     else:
@@ -286,18 +284,18 @@ def estimate(shape: ModelShape, backend: str, cfg: dict, machine: Machine,
     # forward 2, input gradients 2, and (full) weight gradients 2 FLOPs per weight and token
     flops = (6.0 * shape.params if full else 4.0 * (shape.params + n_lora)) * tokens + \
         4.0 * shape.layers * att_batch * att_len * att_len * shape.q_dim + \
-        (dora_flops(shape, cfg["rank"], cfg["target_modules"]) if cfg.get("dora") else 0.0) + \
+        (dora_flops(shape, cfg.rank, cfg.target_modules) if cfg.dora else 0.0) + \
         (2.0 * shape.params * tokens if method == "dpo" else 0.0)
-    verify_peak = verify_bytes(shape, backend) if cfg.get("verify", True) else 0.0
+    verify_peak = verify_bytes(shape, backend) if cfg.verify else 0.0
     # verify runs on the CPU: in the same memory as training except on a CUDA GPU's
     in_budget = verify_peak if capabilities(backend).device != "cuda" else 0.0
     return Estimate(backend=backend, precision=precision, parts=parts,
                     load_peak=load_peak, peak=max(train_peak, load_peak, in_budget),
                     verify_peak=verify_peak,
                     output_bytes=output_bytes(shape, n_lora, full), trained_params=n_trained,
-                    tokens_per_step=tokens * cfg.get("grad_accum", 1),
-                    seconds_per_step=cfg.get("grad_accum", 1) * flops / _flops_per_second(
-                        backend, precision, machine, bool(cfg.get("grad_checkpoint"))),
+                    tokens_per_step=tokens * cfg.grad_accum,
+                    seconds_per_step=cfg.grad_accum * flops / _flops_per_second(
+                        backend, precision, machine, cfg.grad_checkpoint),
                     total_steps=total_steps)
 
 
@@ -353,14 +351,12 @@ def _flops_per_second(backend: str, precision: str, machine: Machine, checkpoint
     return rate / (1.33 if checkpointing else 1.0)  # recomputing the forward pass
 
 
-def fit(shape: ModelShape, backend: str, cfg: dict, machine: Machine, total_steps: int = 1,
-        longest: Optional[int] = None) -> Plan:
+def fit(shape: ModelShape, backend: str, cfg: TrainConfig, machine: Machine,
+        total_steps: int = 1, longest: Optional[int] = None) -> Plan:
     """Settings that fit ``machine.budget_bytes``, changing as little as possible, in order:
-    smaller batches with more gradient accumulation (same effective batch), 4-bit weights
-    where the backend has them, gradient checkpointing (CPU), then a shorter ``seq_len``.
-    ``Plan.fits`` is False when nothing fits. Pure."""
-    cfg = dict(cfg)
-    cfg.setdefault("grad_accum", 1)
+    smaller batches with more gradient accumulation (same effective batch), gradient
+    checkpointing (CPU), then a shorter ``seq_len``. ``Plan.config`` is ``cfg`` with those
+    changes; ``Plan.fits`` is False when nothing fits. Pure."""
     changes: list[str] = []
 
     def est() -> Estimate:
@@ -372,23 +368,20 @@ def fit(shape: ModelShape, backend: str, cfg: dict, machine: Machine, total_step
     if max(e.load_peak, verify) > machine.budget_bytes:
         return Plan(e, cfg, changes, fits=False, budget_bytes=machine.budget_bytes)
     while e.peak > machine.budget_bytes:
-        if cfg["batch_size"] > 1:
-            old = (cfg["batch_size"], cfg["grad_accum"])
-            cfg["batch_size"] = math.ceil(cfg["batch_size"] / 2)
-            cfg["grad_accum"] *= 2
-            changes.append(f"batch size {old[0]} -> {cfg['batch_size']} with gradient "
-                           f"accumulation {old[1]} -> {cfg['grad_accum']} (same effective batch)")
-        elif backend == "unsloth" and not cfg.get("quantize_4bit", True):
-            cfg["quantize_4bit"] = True
-            changes.append("weights in 4-bit (QLoRA)")
-        elif backend == "cpu" and not cfg.get("grad_checkpoint"):
-            cfg["grad_checkpoint"] = True
+        if cfg.batch_size > 1:
+            old = (cfg.batch_size, cfg.grad_accum)
+            cfg = dataclasses.replace(cfg, batch_size=math.ceil(cfg.batch_size / 2),
+                                      grad_accum=cfg.grad_accum * 2)
+            changes.append(f"batch size {old[0]} -> {cfg.batch_size} with gradient "
+                           f"accumulation {old[1]} -> {cfg.grad_accum} (same effective batch)")
+        elif backend == "cpu" and not cfg.grad_checkpoint:
+            cfg = dataclasses.replace(cfg, grad_checkpoint=True)
             changes.append("gradient checkpointing on (recomputes each block in backward: "
                            "~1/3 slower)")
-        elif cfg["seq_len"] > 64 and (longest is None or longest > 64):
-            new = max(64, min(cfg["seq_len"], longest or cfg["seq_len"]) // 2)
-            changes.append(f"seq-len {cfg['seq_len']} -> {new} (longer examples are truncated)")
-            cfg["seq_len"] = new
+        elif cfg.seq_len > 64 and (longest is None or longest > 64):
+            new = max(64, min(cfg.seq_len, longest or cfg.seq_len) // 2)
+            changes.append(f"seq-len {cfg.seq_len} -> {new} (longer examples are truncated)")
+            cfg = dataclasses.replace(cfg, seq_len=new)
         else:
             return Plan(e, cfg, changes, fits=False, budget_bytes=machine.budget_bytes)
         e = est()

@@ -206,9 +206,10 @@ def test_planner_counts_the_variant():
     assert planner.lora_params(shape, 8, ["q_proj"]) == 2 * 8 * (64 + 64)
     assert planner.lora_params(shape, 8, ["q_proj"], dora=True) == 2 * (8 * (64 + 64) + 64)
     machine = planner.Machine(budget_bytes=8 * 2**30, physical_cores=2)
-    cfg = {**TrainConfig().to_dict(), "seq_len": 64, "batch_size": 4}
+    cfg = TrainConfig(seq_len=64, batch_size=4)
     plain = planner.estimate(shape, "cpu", cfg, machine)
-    dora = planner.estimate(shape, "cpu", {**cfg, "dora": True}, machine)
+    dora = planner.estimate(shape, "cpu", TrainConfig(seq_len=64, batch_size=4, dora=True),
+                            machine)
     assert dora.seconds_per_step > plain.seconds_per_step
 
 

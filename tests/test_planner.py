@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,8 +16,8 @@ SMOL = planner.ModelShape(hidden=576, layers=30, heads=9, kv_heads=3, head_dim=6
                           vocab=49152, tied=True)
 
 
-def _cfg(**kw) -> dict:
-    return {**TrainConfig().to_dict(), **kw}
+def _cfg(**kw) -> TrainConfig:
+    return TrainConfig(**kw)
 
 
 def _machine(gib: float = 64.0, **kw) -> planner.Machine:
@@ -70,27 +71,27 @@ def test_memory_grows_with_the_batch_and_shrinks_with_checkpointing():
 def test_a_run_that_fits_is_left_alone():
     plan = planner.fit(SMOL, "cpu", _cfg(), _machine(64))
     assert plan.fits and plan.changes == []
-    assert (plan.config["batch_size"], plan.config["grad_accum"]) == (8, 1)
+    assert (plan.config.batch_size, plan.config.grad_accum) == (8, 1)
 
 
 def test_fitting_trades_batch_for_accumulation_first():
     full = planner.estimate(SMOL, "cpu", _cfg(), _machine()).peak
     half = planner.estimate(SMOL, "cpu", _cfg(batch_size=4), _machine()).peak
     plan = planner.fit(SMOL, "cpu", _cfg(), _machine((full + half) / 2 / GIB))
-    assert plan.fits and (plan.config["batch_size"], plan.config["grad_accum"]) == (4, 2)
+    assert plan.fits and (plan.config.batch_size, plan.config.grad_accum) == (4, 2)
     assert "same effective batch" in plan.changes[0] and len(plan.changes) == 1
-    assert plan.config["seq_len"] == 512 and not plan.config.get("grad_checkpoint")
+    assert plan.config.seq_len == 512 and not plan.config.grad_checkpoint
 
 
 def test_then_checkpointing_then_shorter_sequences():
     at_one = planner.estimate(SMOL, "cpu", _cfg(batch_size=1, seq_len=4096), _machine()).peak
     plan = planner.fit(SMOL, "cpu", _cfg(batch_size=2, seq_len=4096), _machine(at_one / GIB * 0.9))
-    assert plan.fits and plan.config["batch_size"] == 1 and plan.config["grad_accum"] == 2
-    assert plan.config["grad_checkpoint"] is True
+    assert plan.fits and plan.config.batch_size == 1 and plan.config.grad_accum == 2
+    assert plan.config.grad_checkpoint is True
     tight = planner.estimate(SMOL, "cpu", _cfg(batch_size=1, seq_len=1024, grad_checkpoint=True),
                              _machine()).peak
     plan = planner.fit(SMOL, "cpu", _cfg(batch_size=1, seq_len=4096), _machine(tight / GIB))
-    assert plan.fits and plan.config["seq_len"] <= 1024
+    assert plan.fits and plan.config.seq_len <= 1024
     assert any("seq-len 4096 ->" in c for c in plan.changes)
 
 
@@ -99,16 +100,50 @@ def test_nothing_fits_means_refusal_with_the_numbers():
     assert not plan.fits and plan.estimate.peak > 0.3 * GIB
 
 
-def test_unsloth_switches_to_4bit_before_cutting_sequences():
+def test_unsloth_plans_its_4bit_base_from_the_backend_alone():
+    """Unsloth loads every base in 4-bit NF4 (``load_in_4bit``): a TrainConfig for it plans
+    4-bit weights (embeddings in 16-bit), not bf16 ones, with no setting to ask for it."""
     m = _machine(gpu_name="NVIDIA H100 80GB HBM3")
-    bf16 = planner.estimate(SMOL, "unsloth", _cfg(batch_size=1, quantize_4bit=False), m).peak
-    plan = planner.fit(SMOL, "unsloth", _cfg(batch_size=1, quantize_4bit=False),
-                       planner.Machine(budget_bytes=bf16 * 0.97, gpu_name=m.gpu_name))
-    assert plan.fits and plan.config["quantize_4bit"] is True
-    assert plan.config["seq_len"] == 512
+    qlora = planner.estimate(SMOL, "unsloth", _cfg(backend="unsloth", batch_size=1), m)
+    bf16 = planner.estimate(SMOL, "cpu", _cfg(batch_size=1, precision="bf16"), m)
+    assert (qlora.precision, bf16.precision) == ("nf4", "bf16")
+    embed = SMOL.vocab * SMOL.hidden
+    assert qlora.parts["weights"] == pytest.approx((SMOL.params - embed) * 0.55 + embed * 2)
+    assert qlora.parts["weights"] < bf16.parts["weights"] / 2
     fast = planner.estimate(SMOL, "unsloth", _cfg(), m).seconds_per_step
     slow = planner.estimate(SMOL, "cpu", _cfg(), _machine()).seconds_per_step
     assert fast < slow / 20
+
+
+
+_SETTINGS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+@dataclasses.dataclass
+class _OnlyItsSettings(TrainConfig):
+    """A TrainConfig that fails on reading any other name, even through ``getattr(cfg, name,
+    default)`` (an AssertionError is no AttributeError): the bug class of ``quantize_4bit``
+    (and of ``rslora`` before it), a setting read with a default that nothing ever sets."""
+
+    def __getattribute__(self, name):
+        if not name.startswith("__") and name not in _SETTINGS:
+            raise AssertionError(f"the planner read {name!r}, which TrainConfig does not have")
+        return super().__getattribute__(name)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "mlx", "unsloth"])
+@pytest.mark.parametrize("settings", [{}, {"full": True, "precision": "fp32"},
+                                      {"dora": True, "grad_checkpoint": True, "verify": False},
+                                      {"method": "dpo", "pack": False, "batch_size": 3}])
+def test_the_planner_reads_only_the_settings_train_config_has(backend, settings):
+    cfg = _OnlyItsSettings(**settings)
+    for budget in (64, 1.5, 0.3):  # fits as asked; after each change fit() makes; not at all
+        plan = planner.fit(SMOL, backend, cfg, _machine(budget, gpu_name="H100"),
+                           total_steps=10, longest=700)
+        assert isinstance(plan.config, TrainConfig) and set(plan.to_dict()["settings"]) == \
+            {"batch_size", "grad_accum", "seq_len", "grad_checkpoint"}
+    with pytest.raises(AssertionError, match="quantize_4bit"):
+        getattr(cfg, "quantize_4bit", True)  # the guard itself
 
 
 def test_plan_command_json_on_the_default_model(demo_jsonl):

@@ -8,6 +8,7 @@ the expected numbers below are computed by hand with :mod:`math` from those form
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -283,10 +284,10 @@ def test_planner_counts_two_sequences_and_the_reference_pass():
     shape = planner.ModelShape(hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64,
                                ffn=1536, vocab=49152)  # the default model
     machine = planner.Machine(budget_bytes=8 * planner.GIB, physical_cores=2, cpu_bf16=True)
-    cfg = build(None, data="x.jsonl").to_dict()
+    cfg = build(None, data="x.jsonl")
     sft = planner.estimate(shape, "cpu", cfg, machine)
-    dpo = planner.estimate(shape, "cpu", {**cfg, "method": "dpo"}, machine)
-    orpo = planner.estimate(shape, "cpu", {**cfg, "method": "orpo"}, machine)
+    dpo = planner.estimate(shape, "cpu", dataclasses.replace(cfg, method="dpo"), machine)
+    orpo = planner.estimate(shape, "cpu", dataclasses.replace(cfg, method="orpo"), machine)
     assert dpo.tokens_per_step == orpo.tokens_per_step == 2 * sft.tokens_per_step
     assert dpo.seconds_per_step > orpo.seconds_per_step > sft.seconds_per_step
     assert dpo.parts["activations"] > sft.parts["activations"]

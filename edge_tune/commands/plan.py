@@ -183,7 +183,7 @@ def fit_plan(cfg: TrainConfig, ref: models.ModelRef, backend: str, hw, train_rec
                               gpu_name=hw.cuda_gpus[0].name if hw.cuda_gpus else "")
     per_step = cfg.batch_size * cfg.grad_accum * nproc * max(1, cfg.nnodes)
     steps = cfg.max_steps or max(1, round(cfg.epochs * math.ceil(len(train_records) / per_step)))
-    return planner.fit(shape, backend, cfg.to_dict(), machine, steps,
+    return planner.fit(shape, backend, cfg, machine, steps,
                        _longest_tokens(train_records) or None)
 
 
@@ -195,7 +195,7 @@ def check_plan(p) -> None:
         return
     e = p.estimate
     have = f"but {p.budget_bytes / GIB:.2f} GiB is available"
-    if p.config.get("full"):
+    if p.config.full:
         state = ("weights", "gradients", "optimizer state")
         fixed = ", ".join(f"{k} {e.parts[k] / GIB:.2f}" for k in state)
         need = sum(e.parts[k] for k in state) / GIB
@@ -212,7 +212,7 @@ def check_plan(p) -> None:
                             "--no-verify, or use a smaller model")
     parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in e.parts.items())
     raise EdgeTuneError(f"this run needs ~{e.peak / GIB:.2f} GiB ({parts} GiB) even at batch "
-                        f"size 1 with gradient checkpointing and seq-len {p.config['seq_len']}, "
+                        f"size 1 with gradient checkpointing and seq-len {p.config.seq_len}, "
                         f"{have}; free memory or use a smaller model")
 
 

@@ -145,7 +145,7 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
         if run_plan is not None:
             check_plan(run_plan)
             on_event(Log(planner_describe(run_plan)))
-            cfg = dataclasses.replace(cfg, **{k: run_plan.config[k] for k in PLANNED})
+            cfg = dataclasses.replace(cfg, **{k: getattr(run_plan.config, k) for k in PLANNED})
     data_record = {"path": _data_path(spec), "format": data.format,
                    "sha256": data_sha256,
                    "skipped": len(data.skipped),
