@@ -1,13 +1,14 @@
 """A stand-in for ``edge_tune.api`` with fixed answers, for the TUI's snapshot tests only:
 real hardware, timings and sampled text would change every picture. The pilot tests use the
-real core. Same function names and signatures as the core."""
+real core. It has the functions of the TUI's core Protocol (``edge_tune.tui.core.Core``), with
+the same parameters and result types (``tests/test_tui_core_protocol.py``)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
+from edge_tune.api import ChatTarget, EvalResult, ExportResult, TrainResult
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Done, Log, Metric, Progress
 from edge_tune.manifest import Manifest
@@ -37,12 +38,6 @@ LOSSES = [2.91, 2.64, 2.18, 1.83, 1.52, 1.31, 1.12, 0.98, 0.87, 0.79, 0.73, 0.69
 def fake_plan(cfg) -> dict:
     return {"fits": True, "summary": "plan: peak ~2.13 GiB of 17.0 GiB budget (cpu, bf16); "
                                      "~5.6s/step, ~5 min for 50 steps"}
-
-
-@dataclass
-class FakeResult:
-    run_dir: Path
-    manifest: Manifest
 
 
 ANSWERS = {None: "The capital of Japan is Tokyo.",
@@ -80,7 +75,7 @@ class FakeCore:
         return json.loads((HERE / "doctor_report.json").read_text())
 
     def inspect_data(self, path, model="default", seq_len=512, fmt="auto", on_event=None,
-                     **kw):
+                     chat_template=None):
         return json.loads((HERE / "inspect_report.json").read_text())
 
     def model_template(self, model):
@@ -98,7 +93,10 @@ class FakeCore:
     def default_run_dir(self) -> Path:
         return Path("runs/run-20261122-093000")
 
-    def train(self, cfg, on_event, cancel=None, resume=None):
+    def plan(self, cfg) -> dict:
+        return fake_plan(cfg)
+
+    def train(self, cfg, on_event, cancel=None, resume=None) -> TrainResult:
         on_event(Log("edge_tune/assets/demo.jsonl: 200 records, format openai"))
         on_event(Log("backend: cpu (the fastest backend available on this machine)"))
         on_event(Progress("load", 0, None, "", "loading base model"))
@@ -109,24 +107,40 @@ class FakeCore:
             if step % 5 == 0:
                 on_event(Metric(step=step, total_steps=total, loss=loss + 0.12, split="val"))
         on_event(Done("train", {"run_dir": "runs/pirate-r16"}))
-        return FakeResult(Path("runs/pirate-r16"), Manifest.from_dict({"result": {
+        return TrainResult(Path("runs/pirate-r16"), Manifest.from_dict({"result": {
             "steps": total, "final_loss": 0.553, "tokens_per_second": 251.0}}))
 
-    def export(self, adapter, on_event=None, **kw):
+    def export(self, adapter, out=None, outtype="f32", merge=False, quant=None, ollama=None,
+               on_event=None) -> ExportResult:
         on_event(Log(f"wrote {adapter}/adapter.gguf (210 LoRA pairs, rank 16, alpha 32)"))
+        return ExportResult("adapter", Path(adapter) / "adapter.gguf", quant=outtype.upper(),
+                            rank=16, alpha=32.0)
 
     def verify(self, run, on_event=None, **kw):
         return VerifyReport(effect_rel_err=3.1e-3, top1=1.0, kl=0.0004, n_prompts=3,
                             n_positions=96, checked="adapter")
 
-    def bundle(self, runs, out, on_event=None, **kw):
+    def evaluate(self, run, data=None, on_event=None) -> EvalResult:
+        scores = {"rouge_l": 0.41, "exact": 0.0, "contains": 0.2}
+        return EvalResult(
+            run=str(run), base="SmolLM2-135M-Instruct.Q4_1.gguf", tuned=f"{run}/adapter.gguf",
+            data=str(data or f"{run}/val.jsonl"), n_records=20, n_examples=20, n_tokens=1840,
+            loss={"base": 2.31, "tuned": 0.71}, perplexity={"base": 10.07, "tuned": 2.03},
+            scores={"base": scores, "tuned": dict(scores, rouge_l=0.78, exact=0.35,
+                                                  contains=0.85)},
+            n_answers=20, max_tokens=64,
+            drift={"mean_kl": 0.0412, "changed_share": 0.25, "n_prompts": 8,
+                   "n_positions": 512})
+
+    def bundle(self, runs, out, on_event=None, **kw) -> Path:
         return Path(out)
 
     def delete_run(self, run_dir):
         raise EdgeTuneError(f"{run_dir}: the snapshot core deletes nothing")
 
-    def resolve_chat(self, adapter, base):
-        return None
+    def resolve_chat(self, adapter, base) -> ChatTarget:
+        return ChatTarget(Path("SmolLM2-135M-Instruct.Q4_1.gguf"),
+                          Path(adapter) / "adapter.gguf" if adapter else None, None)
 
     def open_engine(self, target, on_event=None, **kw):
         return FakeEngine()

@@ -1,14 +1,17 @@
 """The edge-tune TUI: five screens over :mod:`edge_tune.api` (hardware, model & data, train,
 adapters, chat). The app holds the session's choices; screens call the core and render its
-events. ``core`` can be swapped for a stand-in with the same functions (snapshot tests)."""
+events. ``core`` is anything with the functions of :class:`edge_tune.tui.core.Core` (a stand-in
+with fixed answers in the snapshot tests)."""
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from edge_tune.config import TrainConfig
+from edge_tune.tui.core import Core
 from edge_tune.tui.screens.adapters import AdaptersScreen
 from edge_tune.tui.screens.chat import ChatScreen
 from edge_tune.tui.screens.data import DataScreen
@@ -64,10 +67,13 @@ class EdgeTuneApp(App):
                 for key, name, title in SCREENS] + [
         Binding("ctrl+q", "quit", "Quit", priority=True)]
 
-    def __init__(self, core=None, runs_root: str | Path = "runs", session: Session | None = None,
-                 planner=None) -> None:
+    def __init__(self, core: Core | None = None, runs_root: str | Path = "runs",
+                 session: Session | None = None,
+                 planner: Callable[[TrainConfig], dict] | None = None) -> None:
         super().__init__()
-        self.core = core if core is not None else importlib.import_module("edge_tune.api")
+        if core is None:
+            from edge_tune import api as core
+        self.core: Core = core
         self.runs_root = Path(runs_root)
         self.session = session or Session()
         self._planner = planner
@@ -93,9 +99,7 @@ class EdgeTuneApp(App):
         return [screen for stack in stacks.values() for screen in stack]
 
     @property
-    def planner(self):
-        """The core's ``plan(cfg)`` (predicted peak memory and time) where it has one, else
-        None (the Train screen then says the estimate is not available)."""
-        if self._planner is None:
-            self._planner = getattr(self.core, "plan", None) or False
-        return self._planner or None
+    def planner(self) -> Callable[[TrainConfig], dict]:
+        """What the Train screen estimates with (predicted peak memory and time): the core's
+        ``plan``, unless the app was given another (tests: the real one takes seconds)."""
+        return self._planner if self._planner is not None else self.core.plan

@@ -18,6 +18,7 @@ from textual.widgets import Checkbox, DirectoryTree, Footer, Input, Label, Stati
 from textual_plotext import PlotextPlot
 
 from edge_tune.errors import EdgeTuneError
+from edge_tune.tui.core import Core
 
 SCREENS = [("f1", "hardware", "Hardware"), ("f2", "data", "Model & data"),
            ("f3", "train", "Train"), ("f4", "adapters", "Adapters"), ("f5", "chat", "Chat")]
@@ -76,7 +77,7 @@ class BaseScreen(Screen):
         return []
 
     @property
-    def core(self):
+    def core(self) -> Core:
         return self.app.core
 
     @property

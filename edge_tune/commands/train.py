@@ -362,8 +362,8 @@ def export_run(adapter: Path, *args, **kwargs):
         return export(adapter, *args, **kwargs)
 
 
-# export's own parameters, for callers that read them (the TUI offers --merge and --ollama
-# choices only when the signature has them)
+# export's own parameters, for callers that read them (tests/test_tui_core_protocol.py checks
+# api.export against the TUI's core Protocol)
 export_run.__signature__ = inspect.signature(export)
 
 

@@ -4,7 +4,6 @@ numbers), eval (base vs tuned: held-out loss, scored answers, drift), bundle, re
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import ClassVar
 
@@ -163,17 +162,14 @@ class AdaptersScreen(BaseScreen):
 
     # --- actions ------------------------------------------------------------------------
     def export_choices(self) -> list[tuple[str, dict]]:
-        params = inspect.signature(self.core.export).parameters
         choices = [(f"GGUF LoRA adapter ({t})", {"outtype": t}) for t in ("f32", "f16", "q8_0")]
-        if "merge" in params:
-            choices += [(f"merged GGUF, {q}", {"merge": True, "quant": q})
-                        for q in ("F16", "Q8_0", "Q4_K_M")]
-            # checked like every merged export: the smallest type that passes
-            choices.append(("merged GGUF, auto (smallest type that passes the check)",
-                            {"merge": True, "quant": "auto"}))
-        if "ollama" in params:
-            choices.append(("Ollama Modelfile (adapter + base), into RUN/ollama",
-                            {"ollama": "ollama"}))
+        choices += [(f"merged GGUF, {q}", {"merge": True, "quant": q})
+                    for q in ("F16", "Q8_0", "Q4_K_M")]
+        # checked like every merged export: the smallest type that passes
+        choices.append(("merged GGUF, auto (smallest type that passes the check)",
+                        {"merge": True, "quant": "auto"}))
+        choices.append(("Ollama Modelfile (adapter + base), into RUN/ollama",
+                        {"ollama": "ollama"}))
         return choices
 
     def action_export(self) -> None:
@@ -193,17 +189,11 @@ class AdaptersScreen(BaseScreen):
         self.app.push_screen(ExportChoice(self.export_choices()), chosen)
 
     def action_verify(self) -> None:
-        if not hasattr(self.core, "verify"):
-            self.notify("verify is not available yet in this version", severity="warning")
-            return
         run = self._need()
         if run is not None and not self.busy:
             self._run_action("verify", run, {})
 
     def action_evaluate(self) -> None:
-        if not hasattr(self.core, "evaluate"):
-            self.notify("eval is not available in this version", severity="warning")
-            return
         run = self._need()
         if run is not None and not self.busy:
             data = self.query_one("#eval-data", Input).value.strip()
@@ -237,9 +227,6 @@ class AdaptersScreen(BaseScreen):
         self.query_one("#eval-data", Input).focus()
 
     def action_bundle(self) -> None:
-        if not hasattr(self.core, "bundle"):
-            self.notify("bundle is not available yet in this version", severity="warning")
-            return
         run = self._need()
         if run is not None and not self.busy:
             self._run_action("bundle", run, {})
@@ -298,12 +285,17 @@ class AdaptersScreen(BaseScreen):
             if isinstance(event, Log):
                 self.app.call_from_thread(log.write, event.message)
 
+        path = Path(run["path"])
         try:
             if what == "bundle":  # base + adapter in one folder for an edge box
                 out = self.app.runs_root / "bundles" / run["name"]
                 result = self.core.bundle([run["path"]], out, on_event=on_event)
+            elif what == "export":
+                result = self.core.export(path, on_event=on_event, **kw)
+            elif what == "verify":
+                result = self.core.verify(path, on_event=on_event, **kw)
             else:
-                result = getattr(self.core, what)(Path(run["path"]), on_event=on_event, **kw)
+                result = self.core.evaluate(path, on_event=on_event, **kw)
         except Exception as exc:  # noqa: BLE001 - shown in the UI, never a crash
             self.app.call_from_thread(log.write, Text(f"error: {error_text(exc)}", "bold red"))
             self.app.call_from_thread(self.show_error, exc)

@@ -121,11 +121,8 @@ class DataScreen(BaseScreen):
     def _note_template(self, model: str) -> None:
         """Say next to the template box whether ``model`` brings a chat template (a GGUF's
         header or an HF directory's files are read; nothing is loaded)."""
-        ask = getattr(self.core, "model_template", None)
-        if ask is None:
-            return
         try:
-            info = ask(model)
+            info = self.core.model_template(model)
         except Exception:  # noqa: BLE001 - a half-typed path: no note
             info = None
         self.app.call_from_thread(self._show_template_note, info)

@@ -101,9 +101,8 @@ class TrainScreen(BaseScreen):
                     yield Input(placeholder="runs/run-DATE (new)", compact=True, id="out")
                 with Horizontal(id="checks"):
                     yield Checkbox("skip invalid", compact=True, id="skip-invalid")
-                    if hasattr(d, "verify"):  # llama.cpp vs torch check after training
-                        yield Checkbox("verify after", value=d.verify, compact=True,
-                                       id="verify")
+                    # llama.cpp vs torch check after training
+                    yield Checkbox("verify after", value=d.verify, compact=True, id="verify")
             yield LossChart(id="chart")
         yield Static("", id="plan")
         yield Static("ready: ctrl+s starts training", id="stats")
@@ -132,9 +131,7 @@ class TrainScreen(BaseScreen):
         values = {key: (self.query_one(f"#{fid}", Input).value.strip() or None)
                   for fid, _, key in FIELDS}
         out = self.query_one("#out", Input).value.strip()
-        verify = self.query("#verify")
-        if verify:
-            values["verify"] = verify.first(Checkbox).value
+        values["verify"] = self.query_one("#verify", Checkbox).value
         if not out:
             out = str(self.app.runs_root / Path(self.core.default_run_dir()).name)
         return build(None, data=self.session.data or None, model=self.session.model,
@@ -161,9 +158,6 @@ class TrainScreen(BaseScreen):
         what = Text(f"{Path(s.data).name if s.data else 'no data (F2)'} · {s.model} · "
                     f"backend {s.backend}\n")
         what.stylize("bold")  # a span, not the base style: the estimate after it stays plain
-        if plan is None:
-            box.update(what + Text("estimate: the planner is not available yet"))
-            return
         if not s.data:
             box.update(what + Text("estimate: choose the data first (F2)"))
             return
