@@ -60,7 +60,7 @@ MLX_METAL_FLOPS = 2.5e12  # a rough figure for an M-series GPU; not measured by 
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
                  "A10": 125e12, "4090": 165e12, "3090": 71e12, "T4": 65e12, "V100": 125e12}
 GPU_EFFICIENCY = 0.25
-# The check ``train`` and ``export`` run (edge_tune.commands.verify.verify_hook): held-back
+# The check ``train`` and ``export`` run (edge_tune.verify.verify_hook): held-back
 # prompts, tokens of each compared, tokens generated.
 VERIFY_PROMPTS, VERIFY_LEN, VERIFY_NEW = 2, 64, 8
 # Measured (docs/performance.md, "verify's memory"): verify's resident memory beyond the

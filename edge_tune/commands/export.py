@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Optional
 
 from edge_tune.adapters import conversion_base, merge_base, peft_adapter, vllm_base
-from edge_tune.commands.verify import verify_hook
 from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import Done, EventSink, Log, Progress, ignore
 from edge_tune.fsutil import TEMP_SUFFIX, sha256_file, temp_prefix
 from edge_tune.manifest import Manifest
 from edge_tune.templates import choice as template_choice
-from edge_tune.verify import VerifyReport
+from edge_tune.verify import VerifyReport, verify_hook
 
 
 @dataclass

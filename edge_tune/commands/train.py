@@ -22,7 +22,7 @@ from edge_tune.commands.convert import check_llama_cpp_computes_as_hf
 from edge_tune.commands.export import export
 from edge_tune.commands.plan import (PLANNED, check_plan, fit_plan, job_record,
                                      planner_describe, read_data, read_train_data)
-from edge_tune.commands.verify import verify_hook
+from edge_tune.verify import verify_hook
 from edge_tune.config import TrainConfig
 from edge_tune.data.preference import check_method
 from edge_tune.data.split import split_validation
