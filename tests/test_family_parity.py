@@ -52,7 +52,7 @@ def mlx_logits(hf_dir, ids, translate: bool = True):
     import mlx.core as mx
     from mlx_lm import load
 
-    from edge_tune.backends.mlx_config import mlx_load_kwargs
+    from edge_tune.training.backends.mlx_config import mlx_load_kwargs
 
     model, _ = load(str(hf_dir), **(mlx_load_kwargs(hf_dir) if translate else {}))
     return np.array(model(mx.array([ids]))[0].astype(mx.float32), dtype=np.float64)
@@ -68,7 +68,7 @@ def llama_logits(gguf, ids):
 def three_engines(gguf_for_llama, hf_dir, ids):
     """{"torch-llama.cpp": err, "mlx-torch": err, "mlx-llama.cpp": err} and mlx's exact
     length, errors over the positions mlx computes exactly."""
-    from edge_tune.backends.mlx_config import mlx_exact_length
+    from edge_tune.training.backends.mlx_config import mlx_exact_length
 
     lt, ll = torch_logits(hf_dir, ids), llama_logits(gguf_for_llama, ids)
     lm = mlx_logits(hf_dir, ids)
@@ -177,28 +177,6 @@ def test_every_family_has_a_builtin_template():
     assert all(f.template in BUILTIN for f in FAMILIES.values())
 
 
-@pytest.mark.slow
-def test_default_model_mlx_run_passes_verify(tmp_path):
-    """`train --backend mlx` on the real default model, verified by train itself (mlx against
-    llama.cpp, exit 1 when out of tolerance): with mlx-lm's default RoPE base every such run
-    failed. As small as it goes: 4 short chats, 2 steps, rank 4, seq-len 64 (mlx on a CPU is
-    slow: minutes)."""
-    from conftest import run_cli
-
-    data = tmp_path / "chats.jsonl"
-    data.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
-        for q, a in [("What do bees make?", "Honey, matey."), ("Capital of France?",
-                     "Paris, matey."), ("Two plus two?", "Four, matey."),
-                     ("Sky colour?", "Blue, matey.")]))
-    proc = run_cli("train", "--backend", "mlx", "--data", str(data), "--max-steps", "2",
-                   "--batch-size", "1", "--seq-len", "64", "--rank", "4",
-                   "--out", str(tmp_path / "run"))
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    out = " ".join((proc.stdout + proc.stderr).split())
-    assert "verify: adapter effect error" in out and "(ok)" in out, out
-
-
 # --- the translations, as pure functions ---------------------------------------------------
 
 def _llama3_divisors(factor, theta, head_dim, low=1.0, high=4.0, ctx=8192):
@@ -271,7 +249,8 @@ def test_llama3_rope_scaling_round_trips_any_low_high_and_context(factor, low, h
 
 
 def test_mlx_model_config_puts_rope_where_mlx_lm_reads_it():
-    from edge_tune.backends.mlx_config import NotExpressible, mlx_exact_length, mlx_model_config
+    from edge_tune.training.backends.mlx_config import (NotExpressible, mlx_exact_length,
+                                                         mlx_model_config)
 
     assert mlx_model_config({"rope_parameters": {"rope_theta": 100000.0,
                                                  "rope_type": "default"}}) == {
@@ -295,7 +274,7 @@ def test_mlx_model_config_puts_rope_where_mlx_lm_reads_it():
 
 
 def test_mlx_refuses_a_seq_len_past_a_window_it_does_not_apply(tmp_path):
-    from edge_tune.backends.mlx_config import mlx_load_kwargs
+    from edge_tune.training.backends.mlx_config import mlx_load_kwargs
     from edge_tune.errors import EdgeTuneError
 
     (tmp_path / "config.json").write_text(json.dumps(
