@@ -28,7 +28,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from edge_tune import models
-    from edge_tune.backends import checkpoint, cpu
+    from edge_tune.training import checkpoint
+    from edge_tune.training.backends import cpu
     from edge_tune.config import TrainConfig
     from edge_tune.data.formats import read_records
     from edge_tune.data.template import encode_record

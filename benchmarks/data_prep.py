@@ -31,7 +31,7 @@ def synthetic(n: int, seed: int = 0) -> list[dict]:
 
 
 def padding_report(examples, batch_size: int, seq_len: int) -> dict:
-    from edge_tune.backends.cpu import length_grouped_batches, pack_rows
+    from edge_tune.training.backends.cpu import length_grouped_batches, pack_rows
 
     lengths = [len(e.input_ids) for e in examples]
     real = sum(lengths)

@@ -4,7 +4,7 @@
 
 Three configurations train the same LoRA (edge-tune's rank/alpha/targets) on the same
 tokenized examples (edge-tune's chat template and assistant-only labels), with the same seed,
-batches, schedule and steps, through the same Trainer loop (``unsloth_qlora.fit``):
+batches, schedule and steps, through the same Trainer loop (``unsloth.fit``):
 
 * ``unsloth``: what ``--backend unsloth`` runs (FastLanguageModel, 4-bit NF4, Unsloth's
   gradient checkpointing);
@@ -46,8 +46,8 @@ def child(args) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from edge_tune.backends import unsloth_qlora as uq
-    from edge_tune.backends.worker import tokenize_records
+    from edge_tune.training.backends import unsloth as uq
+    from edge_tune.training.worker import tokenize_records
     from edge_tune.config import TrainConfig
     from edge_tune.data.formats import read_records
     from edge_tune.events import Metric

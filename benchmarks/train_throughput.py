@@ -4,7 +4,7 @@
                                           [--batch-size 8] [--seq-len 256] [--rank 16]
                                           [--sides edgetune,trl,hf,hf-bf16] [--no-bound]
 
-``edge_tune.backends.cpu`` trains with a plain loop instead of what a user would pick instead:
+``edge_tune.training.backends.cpu`` trains with a plain loop instead of what a user would pick instead:
 TRL's ``SFTTrainer`` (``pip install trl``: the ``bench`` extra) or HF ``Trainer`` + PEFT. This
 script checks that the choice pays off, on this machine, in one run, and says how close each
 side gets to the machine's bf16 matmul bound (``benchmarks/matmul_bound.py``, measured in the
@@ -18,7 +18,7 @@ LoRA rank/alpha/target modules (all attention and MLP projections, dropout 0), b
 size, max sequence length, learning rate and warm-up, max steps, seed, torch threads (physical
 cores). Everything else is each side's own default:
 
-* ``edgetune``: ``edge_tune.backends.cpu.train`` as the product runs it (precision "auto":
+* ``edgetune``: ``edge_tune.training.backends.cpu.train`` as the product runs it (precision "auto":
   bf16 base weights + bf16 autocast where the CPU does bf16 natively, length-grouped batches,
   logits only where there is a loss, eager attention).
 * ``edgetune-gc`` (not run unless named in ``--sides``): the same with ``--grad-checkpoint``
@@ -111,7 +111,7 @@ def summarize(ends: list[tuple[float, float]], tokens: list[tuple[int, int]],
 
 
 def run_edgetune(job: dict, grad_checkpoint: bool = False) -> dict:
-    from edge_tune.backends import cpu
+    from edge_tune.training.backends import cpu
     from edge_tune.config import TrainConfig
     from edge_tune.data.template import Example
     from edge_tune.events import Metric
@@ -199,7 +199,7 @@ def run_hf(job: dict, bf16: bool) -> dict:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from edge_tune.backends.cpu import collate
+    from edge_tune.training.backends.cpu import collate
     from edge_tune.data.template import Example
 
     a = job["args"]

@@ -1,7 +1,7 @@
 """Events the core emits while it works; front ends only render them.
 
 Plain dataclasses, no UI imports, JSON round-trippable so that the training subprocess can
-stream them as JSON lines (see :mod:`edge_tune.runner`).
+stream them as JSON lines (see :mod:`edge_tune.training.runner`).
 """
 
 from __future__ import annotations

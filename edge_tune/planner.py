@@ -30,11 +30,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from edge_tune.backends.registry import capabilities
+from edge_tune.training.registry import capabilities
 from edge_tune.config import TrainConfig
 
 GIB = 1024 ** 3
-LOSS_CHUNK = 128  # matches edge_tune.backends.cpu.LOSS_CHUNK
+LOSS_CHUNK = 128  # matches edge_tune.training.backends.cpu.LOSS_CHUNK
 VERIFY_CHUNK = 1 << 21  # matches edge_tune.verify.CHUNK_ELEMENTS
 
 # Measured: resident memory of the training process after importing its libraries and before
@@ -217,7 +217,7 @@ def _block_activation_bytes(shape: ModelShape, tokens: int, batch: int, length: 
     (h); the MLP keeps the gate and up outputs, SiLU(gate) and the down input (4 x ffn).
     Per sequence: ``probs_bytes`` per head per position pair for the attention probabilities
     (transformers' eager attention keeps fp32 ones and their cast copy, 4 + width bytes; the
-    cpu backend's own attention keeps one copy, width bytes: backends/attention.py).
+    cpu backend's own attention keeps one copy, width bytes: training/backends/attention.py).
     """
     h, f, kv = shape.hidden, shape.ffn, shape.kv_dim
     per_token = 2 * 4 * h + width * (2 * h + h + (h + kv) + 2 * h + h + h + 4 * f)
@@ -237,7 +237,7 @@ def estimate(shape: ModelShape, backend: str, cfg: TrainConfig, machine: Machine
     tokens = batch * length
     full = cfg.full
     n_lora = 0 if full else lora_params(shape, cfg.rank, cfg.target_modules, cfg.dora)
-    # Unsloth QLoRA always loads the base in 4-bit NF4 (unsloth_qlora.from_pretrained_kwargs)
+    # Unsloth QLoRA always loads the base in 4-bit NF4 (backends.unsloth.from_pretrained_kwargs)
     four_bit = backend == "unsloth"
     if four_bit:
         precision, weight_bytes, width = "nf4", 0.55, 2

@@ -3,7 +3,7 @@ one (list, delete, resume).
 
 A run directory holds ``train_config.json`` (:data:`RUN_CONFIG`, written when training starts)
 and, once finished, ``manifest.json`` (:mod:`edge_tune.manifest`); a cancelled run keeps its
-checkpoint (:mod:`edge_tune.backends.checkpoint`).
+checkpoint (:mod:`edge_tune.training.checkpoint`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from edge_tune.config import TrainConfig
 from edge_tune.errors import EdgeTuneError
 
 if TYPE_CHECKING:
-    from edge_tune.backends.job import WorkerResult
+    from edge_tune.training.job import WorkerResult
 
 RUN_CONFIG = "train_config.json"  # the run's settings, written when it starts (for --resume)
 
@@ -119,7 +119,7 @@ def resume_state(run_dir: Path) -> Optional[dict]:
     """Where a cancelled run stands: ``{"step", "total", "checkpoint"}``, or None when it
     cannot be resumed (finished, or never started). ``"finished": True`` when training ended
     but the run's last steps (GGUF, manifest) did not: resuming completes it."""
-    from edge_tune.backends.checkpoint import read_state
+    from edge_tune.training.checkpoint import read_state
 
     run_dir = Path(run_dir)
     if not (run_dir / RUN_CONFIG).is_file():
@@ -140,8 +140,8 @@ def finished_training(run_dir: Path) -> Optional[WorkerResult]:
     """The saved training result of a run whose training ended but which has no manifest
     (its GGUF export or manifest write failed, or it was killed then); None otherwise (also
     for a file that cannot be read as one)."""
-    from edge_tune.backends.job import WorkerResult
-    from edge_tune.backends.worker import TRAINING_RESULT
+    from edge_tune.training.job import WorkerResult
+    from edge_tune.training.worker import TRAINING_RESULT
 
     if (Path(run_dir) / manifest_mod.MANIFEST).exists():
         return None
@@ -160,7 +160,7 @@ def finished_training(run_dir: Path) -> Optional[WorkerResult]:
 def run_summary(run_dir: Path) -> Optional[dict]:
     """One row of :func:`list_runs` (status ``done`` or ``cancelled``), or None when
     ``run_dir`` is not an edge-tune run."""
-    from edge_tune.backends.checkpoint import read_state
+    from edge_tune.training.checkpoint import read_state
 
     man = manifest_mod.read(run_dir)
     saved_path = run_dir / RUN_CONFIG

@@ -1,7 +1,7 @@
 """Run tracking: a run's metrics to TensorBoard, Weights & Biases or MLflow, and ``loss.png``.
 
 The parent process sees every backend's ``Metric`` events (the training subprocess streams them
-as JSON lines, :mod:`edge_tune.runner`), so tracking sits there: :meth:`Tracker.sink` wraps the
+as JSON lines, :mod:`edge_tune.training.runner`), so tracking sits there: :meth:`Tracker.sink` wraps the
 front end's event sink and also hands each metric to the chosen tracker. Tags: ``train/loss``,
 ``train/learning_rate``, ``train/tokens_per_second``, ``val/loss``; the step is the optimizer
 step (1-based).

@@ -264,7 +264,7 @@ def mlx_side(hf_dir: Path, mlx_adapter: Path, samples: list[Sample], max_new: in
     import numpy as np
     from mlx_lm import load
 
-    from edge_tune.backends.mlx_config import mlx_load_kwargs
+    from edge_tune.training.backends.mlx_config import mlx_load_kwargs
 
     kw = mlx_load_kwargs(hf_dir)  # loaded exactly as the mlx backend loads it
     base_model, _ = load(str(hf_dir), **kw)

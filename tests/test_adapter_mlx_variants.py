@@ -43,7 +43,7 @@ def make_mlx_adapter(hf_dir, out_dir, kind: str, cfg: dict):
     from mlx_lm import load
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from edge_tune.backends.mlx_config import mlx_load_kwargs
+    from edge_tune.training.backends.mlx_config import mlx_load_kwargs
 
     model, _ = load(str(hf_dir), **mlx_load_kwargs(hf_dir))
     model.freeze()

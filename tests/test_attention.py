@@ -1,4 +1,4 @@
-"""The cpu backend's training attention (edge_tune/backends/attention.py) against
+"""The cpu backend's training attention (edge_tune/training/backends/attention.py) against
 transformers' own eager attention, on tiny random models built here."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from edge_tune.backends import attention, cpu  # noqa: E402
+from edge_tune.training.backends import attention, cpu  # noqa: E402
 from edge_tune.data.template import IGNORE, Example  # noqa: E402
 
 

@@ -54,7 +54,7 @@ def test_split_validation_is_seeded_and_disjoint():
 
 
 def test_eval_steps():
-    from edge_tune.backends.cpu import eval_steps
+    from edge_tune.training.backends.cpu import eval_steps
 
     assert eval_steps(30, 0) == {6, 12, 18, 24, 30}
     assert eval_steps(10, 4) == {4, 8, 10}

@@ -94,7 +94,7 @@ def test_train_on_all_masks_nothing(hf_dir):
 def test_overflow_truncate_or_drop(hf_dir):
     from transformers import AutoTokenizer
 
-    from edge_tune.backends.worker import tokenize_records
+    from edge_tune.training.worker import tokenize_records
 
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     long = {"messages": [{"role": "user", "content": "word " * 80},

@@ -71,7 +71,7 @@ def _rank_process(parent_pid: int, rank: str):
 
     for child in psutil.Process(parent_pid).children(recursive=True):
         try:
-            if child.environ().get("RANK") == rank and "edge_tune.backends.worker" in \
+            if child.environ().get("RANK") == rank and "edge_tune.training.worker" in \
                     " ".join(child.cmdline()):
                 return child
         except psutil.Error:
@@ -112,14 +112,14 @@ def test_a_killed_rank_stops_the_job_with_one_line_and_a_resumable_checkpoint(
 
 
 def test_worker_command_and_torchrun_summary_are_read_right():
-    from edge_tune.runner import failed_rank, worker_command
+    from edge_tune.training.runner import failed_rank, worker_command
 
     job = Path("/r/.job.json")
-    assert worker_command(job, {"nproc": 1})[1:] == ["-m", "edge_tune.backends.worker",
+    assert worker_command(job, {"nproc": 1})[1:] == ["-m", "edge_tune.training.worker",
                                                      str(job)]
     two = worker_command(job, {"nproc": 2, "nnodes": 1})
     assert two[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    assert "--standalone" in two and two[-3:] == ["-m", "edge_tune.backends.worker", str(job)]
+    assert "--standalone" in two and two[-3:] == ["-m", "edge_tune.training.worker", str(job)]
     many = worker_command(job, {"nproc": 4, "nnodes": 2, "rdzv": "10.0.0.1:29400"})
     assert many[many.index("--rdzv-endpoint") + 1] == "10.0.0.1:29400"
     assert many[many.index("--nnodes") + 1] == "2" and "--standalone" not in many

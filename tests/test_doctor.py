@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import run_cli
-from edge_tune.backends import registry
+from edge_tune.training import registry
 from edge_tune.errors import EdgeTuneError
 from edge_tune.hardware import AppleSilicon, CudaGpu, Hardware
 

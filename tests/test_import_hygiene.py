@@ -8,18 +8,18 @@ HEAVY = ["torch", "transformers", "peft", "llama_cpp", "mlx", "mlx_lm", "unsloth
          "accelerate", "datasets", "starlette", "uvicorn"]
 
 MODULES = ["edge_tune", "edge_tune.api", "edge_tune.cli", "edge_tune.llama.engine",
-           "edge_tune.runner", "edge_tune.models", "edge_tune.hardware", "edge_tune.config",
+           "edge_tune.training.runner", "edge_tune.models", "edge_tune.hardware", "edge_tune.config",
            "edge_tune.manifest", "edge_tune.demo", "edge_tune.data.formats",
-           "edge_tune.data.template", "edge_tune.backends.registry", "edge_tune.backends.cpu",
-           "edge_tune.backends.worker", "edge_tune.backends.unsloth_qlora", "edge_tune.backends.attention",
+           "edge_tune.data.template", "edge_tune.training.registry", "edge_tune.training.backends.cpu",
+           "edge_tune.training.worker", "edge_tune.training.backends.unsloth", "edge_tune.training.backends.attention",
            "edge_tune.converters.formats.peft_to_gguf",
            "edge_tune.converters.formats.validate", "edge_tune.converters.formats.gguf_f32",
            "edge_tune.converters.formats.merge", "edge_tune.converters.integrations.quantize",
            "edge_tune.converters.integrations.ollama", "edge_tune.converters.integrations.hf_to_gguf", "edge_tune.verify", "edge_tune.tui",
-           "edge_tune.data.inspect", "edge_tune.render.inspect", "edge_tune.backends.checkpoint",
+           "edge_tune.data.inspect", "edge_tune.render.inspect", "edge_tune.training.checkpoint",
            "edge_tune.server", "edge_tune.server.app", "edge_tune.server.scheduler",
            "edge_tune.server.openai_shapes", "edge_tune.bundle", "edge_tune.planner",
-           "edge_tune.render.plan", "edge_tune.backends.mlx_lora",
+           "edge_tune.render.plan", "edge_tune.training.backends.mlx",
            "edge_tune.converters.formats.mlx_to_peft", "edge_tune.converters.integrations.vllm_export",
            "edge_tune.converters.formats.gguf_header", "edge_tune.native_log"]
 

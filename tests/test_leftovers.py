@@ -13,7 +13,7 @@ import pytest
 from edge_tune import fsutil
 from edge_tune.errors import DiskFull
 from edge_tune.planner import disk_bytes
-from edge_tune.runner import last_line
+from edge_tune.training.runner import last_line
 
 
 def _dead_pid() -> int:

@@ -67,7 +67,7 @@ def long_factor_logits(hf_dir, ids):
     import numpy as np
     from mlx_lm import load
 
-    from edge_tune.backends.mlx_config import mlx_load_kwargs
+    from edge_tune.training.backends.mlx_config import mlx_load_kwargs
 
     kw = mlx_load_kwargs(hf_dir)
     rope = json.loads((hf_dir / "config.json").read_text())["rope_parameters"]
@@ -77,7 +77,7 @@ def long_factor_logits(hf_dir, ids):
 
 
 def test_mlx_refuses_a_seq_len_past_the_original_context(longrope):
-    from edge_tune.backends.mlx_config import mlx_load_kwargs
+    from edge_tune.training.backends.mlx_config import mlx_load_kwargs
     from edge_tune.errors import EdgeTuneError
 
     _, hf_dir = longrope

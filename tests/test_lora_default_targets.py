@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli_in_process as cli
-from edge_tune.backends.lora_targets import resolve, summary
+from edge_tune.training.lora_targets import resolve, summary
 from edge_tune.config import ALL_LINEAR, DEFAULT_TARGETS
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -38,12 +38,12 @@ def test_the_default_is_every_projection_by_the_models_names():
     assert resolve([ALL_LINEAR], MIXTRAL) == MIXTRAL  # PEFT's all-linear: the router too
     assert resolve(["qkv_proj"], PHI3) == ["qkv_proj"]
 
-    from edge_tune.backends import unsloth_qlora
+    from edge_tune.training.backends import unsloth as uq
     from edge_tune.config import TrainConfig
 
     # every backend gets the resolved names (the worker resolves them before it loads)
     phi3 = resolve(DEFAULT_TARGETS, PHI3)
-    assert unsloth_qlora.peft_kwargs(TrainConfig(target_modules=phi3))["target_modules"] == phi3
+    assert uq.peft_kwargs(TrainConfig(target_modules=phi3))["target_modules"] == phi3
 
 
 def test_the_summary_counts_each_layer():

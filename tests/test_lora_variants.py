@@ -160,7 +160,7 @@ def test_wandb_not_installed_names_the_install(data, tmp_path):
 
 
 def test_target_resolution():
-    from edge_tune.backends.lora_targets import linear_names, resolve
+    from edge_tune.training.lora_targets import linear_names, resolve
     from edge_tune.config import DEFAULT_TARGETS
     from edge_tune.errors import UsageError
 
@@ -217,7 +217,7 @@ def test_planner_counts_the_variant():
 
 
 def test_unsloth_mapping_passes_the_variant():
-    from edge_tune.backends import unsloth_qlora as uq
+    from edge_tune.training.backends import unsloth as uq
     from edge_tune.config import TrainConfig
 
     kw = uq.peft_kwargs(TrainConfig(rslora=True, dora=True, lora_dropout=0.05,
@@ -237,7 +237,7 @@ def test_unsloth_trainer_loop_trains_dora_rslora_on_cpu():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from edge_tune.backends import unsloth_qlora as uq
+    from edge_tune.training.backends import unsloth as uq
     from edge_tune.config import TrainConfig
     from edge_tune.data.template import IGNORE, Example
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_tune.backends.cpu import pack_rows
+from edge_tune.training.backends.cpu import pack_rows
 
 
 def test_pack_rows_first_fit_decreasing():
@@ -19,7 +19,7 @@ def test_packed_loss_equals_examples_one_by_one(hf_dir, demo_jsonl):
     import torch
     from transformers import AutoTokenizer
 
-    from edge_tune.backends import cpu
+    from edge_tune.training.backends import cpu
     from edge_tune.data.formats import read_jsonl
     from edge_tune.data.template import IGNORE, encode
 

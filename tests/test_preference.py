@@ -138,7 +138,7 @@ def _logsigmoid(x: float) -> float:
 def test_dpo_loss_matches_the_formula_by_hand():
     import torch
 
-    from edge_tune.backends.preference_loss import dpo_loss
+    from edge_tune.training.preference_loss import dpo_loss
 
     pc, pr, rc, rr, beta = [-12.0, -30.5], [-15.0, -29.0], [-13.0, -31.0], [-14.0, -28.0], 0.1
     out = dpo_loss(*(torch.tensor(v) for v in (pc, pr, rc, rr)), beta)
@@ -157,7 +157,7 @@ def test_dpo_loss_matches_the_formula_by_hand():
 def test_orpo_loss_matches_the_formula_by_hand():
     import torch
 
-    from edge_tune.backends.preference_loss import orpo_loss
+    from edge_tune.training.preference_loss import orpo_loss
 
     mc, mr, nll, lam = [-0.9, -2.0, -1e-4], [-1.2, -1.5, -3.0], 0.7, 0.1
 

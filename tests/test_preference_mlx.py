@@ -1,4 +1,4 @@
-"""DPO and ORPO on the mlx backend (``edge_tune.backends.mlx_preference``), on mlx's Linux CPU
+"""DPO and ORPO on the mlx backend (``edge_tune.training.backends.mlx_preference``), on mlx's Linux CPU
 build with a tiny random Llama (hidden 64, 2 blocks, SmolLM2's tokenizer and template).
 
 Parity: the same tiny HF model and the same LoRA weights (an mlx adapter with random non-zero
@@ -56,8 +56,8 @@ def both(request, tiny_hf, tmp_path_factory):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from edge_tune.backends.mlx_config import mlx_load_kwargs
-    from edge_tune.backends.mlx_lora import lora_keys, mlx_lora_config
+    from edge_tune.training.backends.mlx_config import mlx_load_kwargs
+    from edge_tune.training.backends.mlx import lora_keys, mlx_lora_config
     from edge_tune.converters.formats import mlx_to_peft
 
     model, _ = load(str(tiny_hf), **mlx_load_kwargs(tiny_hf))
@@ -88,9 +88,9 @@ def test_mlx_preference_loss_equals_the_cpu_backends(both, pairs, method, beta):
     import mlx.core as mx
     import torch
 
-    from edge_tune.backends import mlx_preference
-    from edge_tune.backends.cpu import pair_rows
-    from edge_tune.backends.preference_loss import pair_loss
+    from edge_tune.training.backends import mlx_preference
+    from edge_tune.training.backends.cpu import pair_rows
+    from edge_tune.training.preference_loss import pair_loss
 
     model, peft_model = both
     tokens, mask = (mx.array(a) for a in mlx_preference.pair_arrays(pairs, 0, 128))
@@ -111,8 +111,8 @@ def test_adapter_off_computes_the_base_and_puts_the_adapter_back(both, pairs, ti
     import mlx.core as mx
     from mlx_lm import load
 
-    from edge_tune.backends import mlx_preference
-    from edge_tune.backends.mlx_config import mlx_load_kwargs
+    from edge_tune.training.backends import mlx_preference
+    from edge_tune.training.backends.mlx_config import mlx_load_kwargs
 
     model, _ = both
     tokens, _ = mlx_preference.pair_arrays(pairs[:1], 0, 128)

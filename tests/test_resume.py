@@ -45,7 +45,7 @@ def test_cancel_leaves_a_checkpoint_and_resume_matches_a_straight_run(demo_jsonl
                                                                       tiny, tmp_path):
     import torch
 
-    from edge_tune.backends.checkpoint import read_state
+    from edge_tune.training.checkpoint import read_state
 
     out = tmp_path / "run"
     cancel = threading.Event()
@@ -98,7 +98,7 @@ def test_cancel_leaves_a_checkpoint_and_resume_matches_a_straight_run(demo_jsonl
 def test_optimizer_state_round_trips_through_safetensors_and_json():
     import torch
 
-    from edge_tune.backends.checkpoint import flatten_optimizer, unflatten_optimizer
+    from edge_tune.training.checkpoint import flatten_optimizer, unflatten_optimizer
 
     w = torch.nn.Parameter(torch.randn(3, 4))
     opt = torch.optim.AdamW([w], lr=1e-2, betas=(0.8, 0.95))

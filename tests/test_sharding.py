@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from edge_tune.backends.cpu import length_grouped_batches
+from edge_tune.training.backends.cpu import length_grouped_batches
 from edge_tune.data import sharding
 
 

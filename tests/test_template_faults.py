@@ -47,7 +47,7 @@ def job_records(path) -> list[dict]:
 
 def tokenize(tok, records, **kw):
     """The worker's tokenization (what training uses); returns (examples, log lines)."""
-    from edge_tune.backends.worker import tokenize_records
+    from edge_tune.training.worker import tokenize_records
 
     logs = []
     examples = tokenize_records(tok, records, 4096, logs.append, "training", **kw)

@@ -53,7 +53,7 @@ def job_records(path) -> list[dict]:
 
 
 def tokenize(tok, records, **kw):
-    from edge_tune.backends.worker import tokenize_records
+    from edge_tune.training.worker import tokenize_records
 
     return tokenize_records(tok, records, 4096, lambda e: None, "training", **kw)
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from edge_tune import api
-from edge_tune.backends import checkpoint, registry
-from edge_tune.backends import unsloth_qlora as uq
-from edge_tune.backends.job import TrainJob, as_config, wire_fields
-from edge_tune.backends.loop import lr_at
+from edge_tune.training import checkpoint, registry
+from edge_tune.training.backends import unsloth as uq
+from edge_tune.training.job import TrainJob, as_config, wire_fields
+from edge_tune.training.loop import lr_at
 from edge_tune.config import TrainConfig, build
 from edge_tune.errors import Cancelled, EdgeTuneError
 from edge_tune.hardware import CudaGpu
@@ -90,7 +90,7 @@ def _backend_dict(backend: str) -> dict:
 def test_the_worker_result_is_typed_and_its_json_is_what_the_dicts_wrote(backend, full):
     """training_result.json (and the manifest made from it) keep the object the worker's dicts
     made: the same keys and values; for the cpu and unsloth backends the same bytes."""
-    from edge_tune.backends.job import WorkerResult
+    from edge_tune.training.job import WorkerResult
 
     targeted = {} if full else {"target_modules": ["q_proj", "v_proj"]}
     old = {"examples": 90, **_backend_dict(backend), "hf_dir": "/cache/hf", **targeted,
@@ -110,7 +110,7 @@ def test_the_worker_result_is_typed_and_its_json_is_what_the_dicts_wrote(backend
 def test_the_parent_job_as_api_train_builds_it_is_checked_by_the_runner(tmp_path):
     """The runner turns the dict ``api.train`` builds into a TrainJob before anything starts:
     a typo in a key stops it with one line, no subprocess, no job file."""
-    from edge_tune.runner import TrainingProcess
+    from edge_tune.training.runner import TrainingProcess
 
     wire = _job(run_dir=str(tmp_path)).to_dict()
     wire["resume"] = wire.pop("resume_from")
@@ -138,7 +138,7 @@ def test_rslora_is_a_setting_every_backend_reads():
     assert build(None, data="d.jsonl", rslora=True).rslora is True
     assert uq.peft_kwargs(TrainConfig(rslora=True))["use_rslora"] is True
     assert uq.peft_kwargs(TrainConfig())["use_rslora"] is False
-    from edge_tune.backends.mlx_lora import mlx_lora_config
+    from edge_tune.training.backends.mlx import mlx_lora_config
 
     # mlx-lm's scale is the multiplier itself; the PEFT copy (lora_alpha = scale * r) then
     # scales by alpha/sqrt(r) exactly as PEFT's rsLoRA does.
@@ -164,7 +164,7 @@ def _unsloth_only_here(monkeypatch, **caps):
     """The registry as if only unsloth were available here, with its capabilities replaced."""
     from dataclasses import replace
 
-    from edge_tune.backends.registry import BACKENDS
+    from edge_tune.training.registry import BACKENDS
 
     unsloth = BACKENDS["unsloth"]
     monkeypatch.setitem(BACKENDS, "unsloth", replace(
@@ -244,7 +244,7 @@ def test_the_schedule_is_one_formula_for_python_and_traced_arrays():
 def test_the_worker_reads_the_job_the_runner_writes(tmp_path, monkeypatch):
     """A real training subprocess: the runner writes the typed job, the worker reads it back
     strictly and gets as far as fetching the base (refused offline: one line, exit 2)."""
-    from edge_tune.runner import TrainingProcess
+    from edge_tune.training.runner import TrainingProcess
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     job = _job(run_dir=str(tmp_path), model_ref=ModelRef("org/absent", hub_id="org/absent"))

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import assert_one_line_error, run_cli
 
-from edge_tune.backends import cpu, registry
-from edge_tune.backends import unsloth_qlora as uq
+from edge_tune.training import registry
+from edge_tune.training.backends import cpu
+from edge_tune.training.backends import unsloth as uq
 from edge_tune.config import TrainConfig
 from edge_tune.data.template import IGNORE, Example
 from edge_tune.errors import EdgeTuneError
@@ -204,8 +205,8 @@ def test_fit_under_torchrun_matches_one_process_with_the_same_global_batch(tmp_p
 
 
 def test_importing_the_backend_imports_no_heavy_library():
-    code = ("import sys, json\nimport edge_tune.backends.unsloth_qlora, "
-            "edge_tune.backends.registry, edge_tune.hardware\nfrom edge_tune import api\n"
+    code = ("import sys, json\nimport edge_tune.training.backends.unsloth, "
+            "edge_tune.training.registry, edge_tune.hardware\nfrom edge_tune import api\n"
             "api.doctor()\n"
             "print(json.dumps(sorted(m for m in ('torch', 'unsloth', 'transformers', 'peft', "
             "'trl', 'bitsandbytes') if m in sys.modules)))")
@@ -266,7 +267,7 @@ def test_unsloth_available_when_everything_is_there(monkeypatch):
     monkeypatch.setattr(registry, "missing_modules", lambda *m: [])
     h = hw(parse_gpu_query(SMI_QUERY)[:2])
     assert registry.choose("auto", h)[0] == "unsloth"
-    assert registry.BACKENDS["unsloth"].entry == "edge_tune.backends.unsloth_qlora:train"
+    assert registry.BACKENDS["unsloth"].entry == "edge_tune.training.backends.unsloth:train"
     monkeypatch.setattr(registry, "missing_modules", lambda *m: [x for x in m if x == "unsloth"])
     assert "pip install 'edge-tune[cuda]'" in {a.name: a for a in registry.availability(h)}[
         "unsloth"].reason
@@ -364,7 +365,7 @@ def test_worker_imports_unsloth_before_anything_else():
     """Unsloth must patch transformers before it is imported: the worker's first act for
     ``--backend unsloth`` is importing it (here it is not installed, so that is where it
     stops, with transformers and torch still unimported)."""
-    code = ("import sys\nfrom edge_tune.backends import worker\n"
+    code = ("import sys\nfrom edge_tune.training import worker\n"
             "job = {'backend': 'unsloth', 'model_ref': {'spec': 'x', 'gguf': None, "
             "'hf_dir': '/nonexistent', 'hub_id': None}}\n"
             "try:\n    worker.run(job, print)\n"

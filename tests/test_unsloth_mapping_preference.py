@@ -14,7 +14,7 @@ import random
 import pytest
 from test_unsloth_backend import config, tiny_peft_llama
 
-from edge_tune.backends import unsloth_qlora as uq
+from edge_tune.training.backends import unsloth as uq
 from edge_tune.data.preference import PairExample
 from edge_tune.data.template import IGNORE
 from edge_tune.errors import EdgeTuneError
@@ -137,8 +137,8 @@ def test_trl_dpo_loss_equals_the_cpu_backends(tmp_path):
     pytest.importorskip("trl", reason=NEEDS_TRL)
     import torch
 
-    from edge_tune.backends.cpu import pair_rows
-    from edge_tune.backends.preference_loss import pair_loss
+    from edge_tune.training.backends.cpu import pair_rows
+    from edge_tune.training.preference_loss import pair_loss
 
     model = tiny_peft_llama()
     trainer = _trainer("dpo", model, tmp_path)  # its reference: the fresh adapter (B = 0)
@@ -159,8 +159,8 @@ def test_trl_orpo_loss_is_the_odds_ratio_term_plus_nll_of_the_whole_chosen_seque
     import torch
     import torch.nn.functional as F
 
-    from edge_tune.backends.cpu import pair_rows
-    from edge_tune.backends.preference_loss import orpo_loss, sequence_logps
+    from edge_tune.training.backends.cpu import pair_rows
+    from edge_tune.training.preference_loss import orpo_loss, sequence_logps
 
     model = tiny_peft_llama()
     trainer = _trainer("orpo", model, tmp_path)

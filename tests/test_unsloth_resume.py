@@ -17,8 +17,8 @@ import signal
 import pytest
 from test_unsloth_backend import config, tiny_peft_llama
 
-from edge_tune.backends import checkpoint
-from edge_tune.backends import unsloth_qlora as uq
+from edge_tune.training import checkpoint
+from edge_tune.training.backends import unsloth as uq
 from edge_tune.data.template import IGNORE, Example
 from edge_tune.errors import Cancelled, EdgeTuneError
 from edge_tune.events import Metric
@@ -196,7 +196,7 @@ def test_check_checkpoint_is_pure():
 
 
 def test_lr_factor_goes_on_from_the_resumed_step():
-    from edge_tune.backends.cpu import lr_at
+    from edge_tune.training.backends.cpu import lr_at
 
     factor = uq.lr_factor(40, 4, first=10)
     assert [factor(s) for s in range(30)] == pytest.approx([lr_at(10 + s, 40, 1.0, 4)
@@ -208,7 +208,7 @@ def test_api_resumes_an_unsloth_run(tmp_path, demo_jsonl, monkeypatch):
     (which, on this GPU-less machine without unsloth, stops at loading it), continuing the
     run's log. The GPU and the backend's availability are the only things faked here."""
     from edge_tune import api
-    from edge_tune.backends import registry
+    from edge_tune.training import registry
     from edge_tune.config import TrainConfig
     from edge_tune.fsutil import sha256_file
     from edge_tune.hardware import CudaGpu, probe

@@ -22,7 +22,7 @@ def main(out: Path, accum: int) -> None:
     from safetensors.torch import save_file
     from test_unsloth_backend import config, tiny_peft_llama
 
-    from edge_tune.backends import unsloth_qlora as uq
+    from edge_tune.training.backends import unsloth as uq
     from edge_tune.data import sharding
     from edge_tune.data.template import IGNORE, Example
 

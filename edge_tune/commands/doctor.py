@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_tune.backends import registry
+from edge_tune.training import registry
 from edge_tune.errors import EdgeTuneError
 from edge_tune.hardware import probe
 

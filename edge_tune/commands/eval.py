@@ -5,7 +5,7 @@ llama.cpp — for the base and the tuned model side by side:
 
 1. **Held-out loss and perplexity**: the mean negative log-likelihood (natural log) per trained
    token of held-out examples, and ``exp`` of it. The examples are tokenized exactly as
-   training tokenized its validation data (:func:`edge_tune.backends.worker.tokenize_records`
+   training tokenized its validation data (:func:`edge_tune.training.worker.tokenize_records`
    with the run's tokenizer, chat template, ``seq_len``, ``train_on``, ``overflow`` and
    ``system_mode``), so "trained token" means the same tokens training took its loss on; the
    logits are llama.cpp's (``logits_all``) on those token ids.
@@ -115,7 +115,7 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
     held-out records; ``max_tokens``: per generated answer; ``drift_set``: general prompts
     for the drift check instead of the shipped ones (:func:`drift_prompts`). Raises
     UsageError/DataError (exit 2) for bad input."""
-    from edge_tune.backends.worker import tokenize_records
+    from edge_tune.training.worker import tokenize_records
     from edge_tune.adapters import open_engine
     from edge_tune.data.formats import job_record
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from edge_tune import models
-from edge_tune.backends import registry
+from edge_tune.training import registry
 from edge_tune.config import TrainConfig
 from edge_tune.data.formats import read_records
 from edge_tune.data.preference import check_method

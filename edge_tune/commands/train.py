@@ -1,5 +1,5 @@
 """``train``: a LoRA adapter (or a full fine-tune) trained in a subprocess
-(:mod:`edge_tune.runner`), exported to GGUF, recorded in the run's manifest and checked by
+(:mod:`edge_tune.training.runner`), exported to GGUF, recorded in the run's manifest and checked by
 llama.cpp."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Optional
 
 from edge_tune import manifest as manifest_mod
 from edge_tune import models, tracking
-from edge_tune.backends import registry
-from edge_tune.backends.job import WorkerResult
+from edge_tune.training import registry
+from edge_tune.training.job import WorkerResult
 from edge_tune.commands.convert import check_llama_cpp_computes_as_hf
 from edge_tune.commands.export import export
 from edge_tune.commands.plan import (PLANNED, check_plan, fit_plan, job_record,
@@ -62,10 +62,10 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
 
     Raises DiskFull (exit 2) before any work when the run's filesystem lacks the space the
     plan says it writes, and when a write runs out of space (naming what was kept)."""
-    from edge_tune.backends.checkpoint import CHECKPOINT
-    from edge_tune.backends.job import TrainJob
-    from edge_tune.backends.worker import TRAINING_RESULT
-    from edge_tune.runner import TrainingProcess
+    from edge_tune.training.checkpoint import CHECKPOINT
+    from edge_tune.training.job import TrainJob
+    from edge_tune.training.worker import TRAINING_RESULT
+    from edge_tune.training.runner import TrainingProcess
 
     saved = None
     if resume is not None:
@@ -299,7 +299,7 @@ def check_resume_space(run_dir: Path) -> None:
     """DiskFull before a resume when the run folder's filesystem cannot hold another
     checkpoint beside the one there (written on cancel, or every --save-every steps) plus
     the adapter and its GGUF."""
-    from edge_tune.backends.checkpoint import CHECKPOINT
+    from edge_tune.training.checkpoint import CHECKPOINT
     from edge_tune.fsutil import require_free, tree_bytes
 
     ckpt = tree_bytes(run_dir / CHECKPOINT)
@@ -318,7 +318,7 @@ def say_leftovers(folder: Path, on_event: EventSink) -> None:
     their pid), in one line."""
     from edge_tune.fsutil import leftovers_line
 
-    from edge_tune.backends.checkpoint import CHECKPOINT
+    from edge_tune.training.checkpoint import CHECKPOINT
     from edge_tune.fsutil import tree_bytes
 
     removed = sweep_leftovers(folder, legacy=RUN_FILES)
@@ -372,7 +372,7 @@ def finish_run(run_dir: Path, on_event: EventSink = ignore, verify: bool = True
     """Complete a run whose training finished (:func:`training_finished`) from what it saved:
     the GGUF export, the manifest and (``verify``) the check. Needs neither the data nor
     training again. Raises EdgeTuneError when the run has no finished training."""
-    from edge_tune.backends.worker import TRAINING_RESULT
+    from edge_tune.training.worker import TRAINING_RESULT
 
     run_dir = Path(run_dir)
     if not training_finished(run_dir):
@@ -402,7 +402,7 @@ def _complete(run_dir: Path, cfg: TrainConfig, result: WorkerResult, ref: models
     """After training: the GGUF (adapter or full model), the manifest, then verify. The
     trained adapter (model) is already saved with its result, so the checkpoint goes first
     (it is 3x the adapter's size) and a failure here keeps what training made."""
-    from edge_tune.backends.checkpoint import CHECKPOINT
+    from edge_tune.training.checkpoint import CHECKPOINT
 
     trained = _trained_dir(run_dir, cfg)
     remove_tree(run_dir / CHECKPOINT)  # finished: the adapter is the result

@@ -50,7 +50,7 @@ def preference_margins(run: Path, data: Path, limit: int = 0) -> Margins:
     base and tuned model. Raises DataError when ``data`` holds no preference pairs."""
     from edge_tune import manifest as manifest_mod
     from edge_tune.adapters import open_engine, resolve_chat
-    from edge_tune.backends.worker import tokenize_records
+    from edge_tune.training.worker import tokenize_records
     from edge_tune.data.formats import job_record, read_records
     from edge_tune.data.preference import PREFERENCE_FORMATS
     from edge_tune.eval.held_out import run_tokenizer

@@ -18,7 +18,7 @@ PEFT copy (``adapter/``), from which the worker's caller writes ``adapter.gguf``
 ``--full`` every weight trains (no LoRA layers) and the run gets ``model/``: the weights in the
 HF layout (:func:`save_full_model`), which ``train`` converts to ``model.gguf`` as for the cpu
 backend. ``--method dpo|orpo`` trains on preference pairs (:mod:`mlx_preference`).
-Runs inside the training subprocess (``edge_tune.backends.worker``); mlx is imported here only.
+Runs inside the training subprocess (``edge_tune.training.worker``); mlx is imported here only.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
-from edge_tune.backends.job import TrainJob, WorkerResult
-from edge_tune.backends.mlx_batches import batch_arrays
-from edge_tune.backends.loop import (
+from edge_tune.training.job import TrainJob, WorkerResult
+from edge_tune.training.backends.mlx_batches import batch_arrays
+from edge_tune.training.loop import (
     eval_steps,
     final_loss,
     grad_accum,
@@ -93,7 +93,7 @@ def save_full_model(model, base_dir: Path, out: Path, chat_template: str | None)
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from edge_tune.backends.cpu import copy_tokenizer
+    from edge_tune.training.backends.cpu import copy_tokenizer
 
     # transformers reads a safetensors file only with a known "format" in its metadata
     mx.save_safetensors(str(out / FULL_WEIGHTS), dict(tree_flatten(model.parameters())),
@@ -119,7 +119,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
     from mlx_lm.tuner.trainer import train as mlx_train
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from edge_tune.backends.mlx_config import mlx_load_kwargs
+    from edge_tune.training.backends.mlx_config import mlx_load_kwargs
     from edge_tune.converters.formats import mlx_to_peft
     from edge_tune.fsutil import atomic_path
 
@@ -242,7 +242,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
             steps_per_eval=total + 1, steps_per_save=total + 1, max_seq_length=limit,
             adapter_file=str(weights))
         if cfg.method != "sft":  # DPO/ORPO: mlx-lm has no preference trainer (mlx_preference)
-            from edge_tune.backends import mlx_preference
+            from edge_tune.training.backends import mlx_preference
 
             if cfg.grad_checkpoint:
                 grad_checkpoint(model.layers[0])

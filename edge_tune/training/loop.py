@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from edge_tune.backends.job import TrainJob, as_config
+from edge_tune.training.job import TrainJob, as_config
 from edge_tune.config import TrainConfig
 from edge_tune.data import sharding
 from edge_tune.errors import EdgeTuneError

@@ -16,14 +16,14 @@ from edge_tune.errors import EdgeTuneError
 from edge_tune.hardware import Hardware, missing_modules, torch_cuda_version
 
 if TYPE_CHECKING:
-    from edge_tune.backends.job import TrainJob, WorkerResult
+    from edge_tune.training.job import TrainJob, WorkerResult
 
 
 class TrainFn(Protocol):
     """A backend's training entry point, called in the training subprocess with the job
     the worker prepared (examples tokenized, ``adapter_dir`` set). It saves a PEFT adapter in
     ``job.adapter_dir``, reports through ``emit`` (``edge_tune.events``), raises
-    ``errors.Cancelled`` on cancel, and returns its :class:`~edge_tune.backends.job.
+    ``errors.Cancelled`` on cancel, and returns its :class:`~edge_tune.training.job.
     WorkerResult` (the worker fills in its own fields)."""
 
     def __call__(self, job: TrainJob, emit: Callable[[object], None]) -> WorkerResult: ...
@@ -110,14 +110,15 @@ BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("unsloth", "Unsloth 4-bit QLoRA on an NVIDIA CUDA GPU",
-                "edge_tune.backends.unsloth_qlora:train", _check_unsloth,
+                "edge_tune.training.backends.unsloth:train", _check_unsloth,
                 Capabilities(resumable=True, multi_process=True, device="cuda",
                              packs_batches=False),
                 preload=("unsloth",)),
-        Backend("mlx", "mlx-lm LoRA on Apple Silicon", "edge_tune.backends.mlx_lora:train",
+        Backend("mlx", "mlx-lm LoRA on Apple Silicon", "edge_tune.training.backends.mlx:train",
                 _check_mlx, Capabilities(resumable=False, multi_process=False, device="apple",
                                          packs_batches=False), _skip_mlx),
-        Backend("cpu", "torch + PEFT LoRA on the CPU", "edge_tune.backends.cpu:train", _check_cpu,
+        Backend("cpu", "torch + PEFT LoRA on the CPU", "edge_tune.training.backends.cpu:train",
+                _check_cpu,
                 Capabilities(resumable=True, multi_process=True, device="cpu",
                              packs_batches=True)),
     )

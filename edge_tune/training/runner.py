@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from edge_tune.backends.job import TrainJob, WorkerResult
+from edge_tune.training.job import TrainJob, WorkerResult
 from edge_tune.errors import (Cancelled, CheckFailed, EdgeTuneError, ExitCode,
                               error_for_exit_code)
 from edge_tune.events import Done, EventSink, Failed, Log, from_json
@@ -36,7 +36,7 @@ def world_size(cfg: dict) -> int:
 def worker_command(job_file: Path, cfg: dict) -> list[str]:
     """The training subprocess: the worker itself, or torchrun starting one worker per rank
     (each reads RANK/WORLD_SIZE from its environment). Pure."""
-    worker = ["-m", "edge_tune.backends.worker", str(job_file)]
+    worker = ["-m", "edge_tune.training.worker", str(job_file)]
     if world_size(cfg) == 1:
         return [sys.executable, *worker]
     nodes = max(1, cfg.get("nnodes") or 1)
@@ -196,7 +196,7 @@ class TrainingProcess:
     def stopped_line(self, what: str) -> str:
         """``what``, then where the run stands: the step its checkpoint holds and the command
         that continues it, or that no checkpoint was written yet."""
-        from edge_tune.backends.checkpoint import read_state
+        from edge_tune.training.checkpoint import read_state
 
         try:
             state = read_state(self.run_dir)

@@ -1,4 +1,4 @@
-"""DPO and ORPO on the mlx backend: the losses of :mod:`edge_tune.backends.preference_loss`
+"""DPO and ORPO on the mlx backend: the losses of :mod:`edge_tune.training.preference_loss`
 (the CPU backend's, TRL's definitions) in mlx, and the loop that trains a LoRA adapter on
 preference pairs.
 
@@ -11,7 +11,7 @@ preference pairs.
 
 mlx-lm has no preference trainer, so the loop is here: the same batches of pairs as the CPU
 backend (chosen rows, then rejected rows, answer tokens trained), the same schedule, clipping
-and AdamW as mlx-lm's SFT path in :mod:`edge_tune.backends.mlx_lora`, and the same ``Metric``
+and AdamW as mlx-lm's SFT path in :mod:`edge_tune.training.backends.mlx`, and the same ``Metric``
 events with ``reward_margin`` / ``reward_accuracy``. Arrays: ``tokens`` (2n, width) int32,
 ``mask`` (2n, width − 1) float32 (1 where the next token is trained); per-pair values (n,).
 mlx is imported inside the functions only.
@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from edge_tune.backends.loop import final_loss, length_grouped_batches, lr_at, pair_means
-from edge_tune.backends.mlx_batches import pair_arrays
+from edge_tune.training.loop import final_loss, length_grouped_batches, lr_at, pair_means
+from edge_tune.training.backends.mlx_batches import pair_arrays
 from edge_tune.events import Log, Metric
 
 REWARD_FIELDS = ("reward_margin", "reward_accuracy")  # as the CPU backend's Metric fields

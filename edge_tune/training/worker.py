@@ -1,4 +1,4 @@
-"""The training subprocess: ``python -m edge_tune.backends.worker JOB.json``.
+"""The training subprocess: ``python -m edge_tune.training.worker JOB.json``.
 
 Training runs in its own process so that a backend may patch libraries on import (Unsloth
 does), a cancel really stops it (the parent kills the process group), and a crash cannot take
@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Mapping
 from pathlib import Path
 
-from edge_tune.backends.job import TrainJob, WorkerResult
+from edge_tune.training.job import TrainJob, WorkerResult
 from edge_tune.errors import EdgeTuneError, ExitCode
 from edge_tune.events import Done, Failed, Log, Progress, to_json
 
@@ -48,7 +48,7 @@ def _event_stream(rank: int = 0):
 def _join_process_group(backend: str = "cpu") -> int:
     """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL with one GPU per rank
     for a CUDA backend, gloo on CPU; returns the world size."""
-    from edge_tune.backends.registry import capabilities
+    from edge_tune.training.registry import capabilities
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -133,7 +133,7 @@ def read_shard(job: TrainJob, rank: int, world: int) -> list[int]:
     """Put this rank's training records in ``job.records``; returns their indices in the
     training data. One process keeps them all; under torchrun a rank reads only the lines of
     its slots from the records file (see :mod:`edge_tune.data.sharding`)."""
-    from edge_tune.backends.loop import grad_accum
+    from edge_tune.training.loop import grad_accum
     from edge_tune.data import sharding
 
     if world == 1 and job.records is not None:
@@ -231,12 +231,12 @@ def run(job: TrainJob | Mapping, emit) -> WorkerResult:
     mapping: see ``TrainJob.of``)."""
     import dataclasses
 
-    from edge_tune.backends import lora_targets
-    from edge_tune.backends.registry import load_entry, preload
+    from edge_tune.training import lora_targets
+    from edge_tune.training.registry import load_entry, preload
 
     job = TrainJob.of(job)
     preload(job.backend)  # before anything imports transformers (Unsloth patches it)
-    from edge_tune.backends.checkpoint import checkpoint_kept
+    from edge_tune.training.checkpoint import checkpoint_kept
     from edge_tune.fsutil import atomic_path, disk_full_says
     from edge_tune.models import hf_dir_for
 
@@ -292,7 +292,7 @@ TRAINING_RESULT = "training_result.json"  # in RUN/adapter (RUN/model): what tra
 
 
 def main(argv: list[str]) -> int:
-    from edge_tune.backends.checkpoint import Interrupt
+    from edge_tune.training.checkpoint import Interrupt
 
     emit = _event_stream(_rank())
     interrupt = Interrupt().install()  # cancel = SIGTERM: the backend saves a checkpoint
@@ -311,7 +311,7 @@ def main(argv: list[str]) -> int:
             traceback.print_exc()
         except OSError:  # train.log is on the disk that is full
             pass
-        from edge_tune.backends.checkpoint import checkpoint_kept
+        from edge_tune.training.checkpoint import checkpoint_kept
         from edge_tune.fsutil import is_disk_full
 
         if is_disk_full(exc):  # a write no `disk_full_says` named: still one line

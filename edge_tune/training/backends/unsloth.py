@@ -21,7 +21,7 @@ Everything around it is edge-tune's, the same as on the CPU backend:
   validation loss per trained token after ``loop.eval_steps``);
 * the PEFT adapter lands in ``job.adapter_dir``; ``api.train`` writes ``adapter.gguf`` and
   the manifest, as for every backend;
-* checkpoints are the CPU backend's (``edge_tune.backends.checkpoint``: safetensors + JSON, never
+* checkpoints are the CPU backend's (``edge_tune.training.checkpoint``: safetensors + JSON, never
   the Trainer's own pickled ones): every ``save_every`` steps and on cancel (SIGTERM), and
   ``--resume`` continues at the saved step with the same data order, schedule and counters.
 
@@ -40,10 +40,10 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from edge_tune.backends import checkpoint
-from edge_tune.backends.cpu import collate
-from edge_tune.backends.job import TrainJob, WorkerResult, as_config
-from edge_tune.backends.loop import (  # noqa: F401 (grad_accum, step_counts: re-exported)
+from edge_tune.training import checkpoint
+from edge_tune.training.backends.cpu import collate
+from edge_tune.training.job import TrainJob, WorkerResult, as_config
+from edge_tune.training.loop import (  # noqa: F401 (grad_accum, step_counts: re-exported)
     Distributed,
     eval_steps,
     final_loss,
@@ -313,7 +313,7 @@ def evaluate_pairs(model, pairs: list, batch_size: int, pad_id: int, method: str
 
     import torch
 
-    from edge_tune.backends.preference_loss import pair_loss
+    from edge_tune.training.preference_loss import pair_loss
 
     device = next(model.parameters()).device
     batches = []
@@ -342,7 +342,7 @@ def fit(model, job: TrainJob | Mapping, emit: Callable, precision: str = "none",
     the metrics carry the reward margin and accuracy TRL logs.
 
     ``precision``: the Trainer's mixed precision, 'bf16', 'fp16' or 'none' (CPU tests).
-    Checkpoints (``edge_tune.backends.checkpoint``, the CPU backend's format) go to
+    Checkpoints (``edge_tune.training.checkpoint``, the CPU backend's format) go to
     ``job.run_dir`` every ``save_every`` steps and when ``job.interrupt`` sees SIGTERM,
     which then raises :class:`edge_tune.errors.Cancelled`; ``job.resume_from`` continues one.
     Returns the same result fields as the CPU backend (the adapter is the caller's to save)."""

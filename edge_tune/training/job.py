@@ -2,9 +2,10 @@
 back (:class:`WorkerResult`).
 
 A :class:`TrainJob` crosses a process boundary as JSON (``RUN/.job.json``, written by
-``edge_tune.runner``, read by ``edge_tune.backends.worker``). Its *wire* fields are what the
-parent decides; the worker then fills in what it prepares (the base model's HF directory,
-the tokenized examples, the adapter directory, the SIGTERM handler) before a backend gets it.
+``edge_tune.training.runner``, read by ``edge_tune.training.worker``). Its *wire* fields are
+what the parent decides; the worker then fills in what it prepares (the base model's HF
+directory, the tokenized examples, the adapter directory, the SIGTERM handler) before a
+backend gets it.
 
 The contract is strict in both directions: :meth:`TrainJob.from_json` / :meth:`from_dict`
 refuse a key that is not a field and a wire field that is missing, and the config inside is a

@@ -1,5 +1,6 @@
 """Batches of edge-tune's tokenized examples as the arrays the mlx backend trains on (SFT in
-:mod:`edge_tune.backends.mlx_lora`, DPO/ORPO in :mod:`edge_tune.backends.mlx_preference`).
+:mod:`edge_tune.training.backends.mlx`, DPO/ORPO in
+:mod:`edge_tune.training.backends.mlx_preference`).
 
 ``tokens`` (rows, width) int32, right-padded with ``pad_id``; ``mask`` (rows, width − 1)
 float32, 1 where the next token is trained (``labels[t + 1] != IGNORE``, exactly the CPU

@@ -11,7 +11,7 @@ plain loop makes them easy (``benchmarks/train_throughput.py`` measures the gain
 * batches are grouped by length, so almost no padding is computed;
 * eager attention, and no fp32 round trip of activations into the LoRA layers under autocast.
 
-Runs inside the training subprocess (``edge_tune.backends.worker``); talks only through ``emit``.
+Runs inside the training subprocess (``edge_tune.training.worker``); talks only through ``emit``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
-from edge_tune.backends import attention, checkpoint
-from edge_tune.backends.job import TrainJob, WorkerResult, as_config
-from edge_tune.backends.loop import (  # noqa: F401 (length_grouped_batches, lr_at: re-exported)
+from edge_tune.training import checkpoint
+from edge_tune.training.backends import attention
+from edge_tune.training.job import TrainJob, WorkerResult, as_config
+from edge_tune.training.loop import (  # noqa: F401 (length_grouped_batches, lr_at: re-exported)
     Distributed,
     eval_steps,
     final_loss,
@@ -233,7 +234,7 @@ def evaluate_pairs(model, examples: list, batch_size: int, pad_id: int, bf16: bo
     """(mean preference loss, reward margin, reward accuracy) over pairs, no gradients."""
     import torch
 
-    from edge_tune.backends.preference_loss import pair_loss
+    from edge_tune.training.preference_loss import pair_loss
 
     batches = []
     model.eval()
@@ -342,7 +343,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
 
     preference = cfg.method != "sft"
     if preference:
-        from edge_tune.backends.preference_loss import pair_loss
+        from edge_tune.training.preference_loss import pair_loss
 
         emit(Log(f"{cfg.method.upper()} on preference pairs, beta {cfg.beta}"
                  + ("; reference = the base (adapter off)" if cfg.method == "dpo" else "")))

@@ -1,1 +1,0 @@
-"""Training backends, chosen by name through :mod:`edge_tune.backends.registry`."""
