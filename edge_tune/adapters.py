@@ -273,3 +273,120 @@ def _full_run_target(run: Path, man: Manifest, base: Optional[str],
 
     require_template_tokens(chosen, models.ModelRef(str(run / gg), gguf=run / gg))
     return ChatTarget(run / gg, None, man, chosen, mode)
+
+
+# --- the GGUF base of a model given as HF weights: llama.cpp's converter, once, cached ----------
+
+def prequantized(hf_dir: Path) -> bool:
+    """Whether the HF model in ``hf_dir`` holds pre-quantized weights (a
+    ``quantization_config`` in its config.json: bitsandbytes 4-bit, ...)."""
+    try:
+        return "quantization_config" in json.loads((Path(hf_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def cached_gguf_base(hf_dir: Path, source: Optional[str], fetch: bool,
+                     on_event: EventSink = ignore) -> Path:
+    """The f16 GGUF of ``hf_dir`` made by llama.cpp's converter, once, in the cache (keyed by
+    the weights' content; its sha256 beside it). ``source``: what to name in the message
+    (default ``hf_dir``); ``fetch``: the converter may be downloaded. Raises EdgeTuneError
+    (one line) when the converter rejects the model."""
+    from edge_tune.converters.integrations import hf_to_gguf
+    from edge_tune.fsutil import cache_dir, write_text_atomic
+    from edge_tune.gguf_config import check_llama_cpp_computes_as_hf
+
+    out = cache_dir() / "gguf" / f"{models.hf_content_key(hf_dir)[:16]}-f16.gguf"
+    if not out.is_file():
+        check_llama_cpp_computes_as_hf(hf_dir)
+        on_event(Log(f"no GGUF base for this model: converting {source or hf_dir} with "
+                     f"llama.cpp's converter (once; cached as {out})"))
+        hf_to_gguf.convert(hf_dir, out, "f16", on_event, fetch=fetch)
+        write_text_atomic(out.with_name(out.name + ".sha256"), sha256_file(out))
+    return out
+
+
+def gguf_base_for(ref: models.ModelRef, on_event: EventSink = ignore) -> Path:
+    """A GGUF of the model ``ref`` names: its own file, else the cached conversion of its HF
+    weights (:func:`cached_gguf_base`; a pre-quantized ``*-bnb-4bit`` hub model is converted
+    from the unquantized repo it maps to)."""
+    if ref.gguf is not None:
+        return ref.gguf
+    source = models.unquantized_hub_id(ref.hub_id or "")  # bnb-4bit: its unquantized repo
+    hf_dir = models.hf_dir_for(models.resolve(source, on_event) if source else ref, on_event)
+    return cached_gguf_base(hf_dir, source, bool(source or ref.hub_id), on_event)
+
+
+def converted_base(base: dict, on_event: EventSink = ignore) -> Path:
+    """A GGUF base for a model given as HF weights (:func:`cached_gguf_base`), recorded in
+    ``base`` (the manifest's record: ``gguf``, ``gguf_source``, ``gguf_from``, ``sha256``). A
+    pre-quantized ``unsloth/*-bnb-4bit`` model is converted from the unquantized repo it maps
+    to. Raises EdgeTuneError with the converter's reason when llama.cpp cannot run the model."""
+    source = base.get("unquantized_hub_id")
+    hf_dir = models.hf_dir_for(models.resolve(source, on_event), on_event) if source \
+        else Path(base["hf_dir"])
+    out = cached_gguf_base(hf_dir, source, bool(source or base.get("hub_id")), on_event)
+    digest = out.with_name(out.name + ".sha256")
+    base.update(gguf=str(out), gguf_source="converted", gguf_from=source or str(hf_dir),
+                sha256=digest.read_text().strip() if digest.is_file() else sha256_file(out))
+    return out
+
+
+def refuse_unless_llama_cpp_runs(ref: models.ModelRef, on_event: EventSink = ignore) -> None:
+    """For a local HF model (not a GGUF, a hub model of unquantized weights or pre-quantized
+    weights): convert it for llama.cpp now (cached; training's end reuses the file), so a model
+    llama.cpp's converter rejects is refused before training, in one line (DataError) naming
+    the converter's reason, not after it with an adapter nothing here can run."""
+    from edge_tune.errors import DataError
+
+    if ref.gguf is not None or ref.hf_dir is None or \
+            models.unquantized_hub_id(ref.hub_id or "") or prequantized(ref.hf_dir):
+        return
+    try:
+        cached_gguf_base(ref.hf_dir, None, bool(ref.hub_id), on_event)
+    except EdgeTuneError as exc:
+        mismatch = _tokenizer_beyond_vocab(ref.hf_dir)
+        if mismatch:
+            raise DataError(mismatch) from None
+        raise DataError(f"--model {ref.spec}: llama.cpp cannot run this model, so an adapter "
+                        f"trained on it could not be chatted with, served or verified here "
+                        f"(nothing trained): {exc.message}") from None
+
+
+def _tokenizer_beyond_vocab(hf_dir: Path) -> Optional[str]:
+    """Why llama.cpp's converter rejected ``hf_dir`` when its tokenizer has more tokens than
+    the model's embedding has rows (the converter only asserts), else None."""
+    try:
+        config = json.loads((hf_dir / "config.json").read_text())
+        from transformers import AutoTokenizer
+
+        size = len(AutoTokenizer.from_pretrained(str(hf_dir)))
+    except Exception:  # noqa: BLE001 - no better reason than the converter's own
+        return None
+    vocab = (config.get("text_config") or config).get("vocab_size")
+    if not isinstance(vocab, int) or size <= vocab:
+        return None
+    return (f"{hf_dir / 'config.json'}: vocab_size: {vocab} is smaller than the tokenizer, "
+            f"which has {size} tokens (expected a tokenizer that matches the model's "
+            "embedding: llama.cpp's converter refuses this model, and a token id past "
+            "vocab_size would stop training)")
+
+
+@dataclass
+class TrainingBase:
+    """The base a run trains on: ``ref`` (``--model`` resolved) and ``sha256``, its GGUF's
+    digest (None for HF weights), hashed once for the worker and the manifest."""
+    ref: models.ModelRef
+    sha256: Optional[str]
+
+
+def training_base(model: str, chosen: Optional[template_choice.ChatTemplate], records: list,
+                  on_event: EventSink = ignore) -> TrainingBase:
+    """The base a run trains on: ``--model`` resolved (a download says so), its chat template
+    settled for conversational ``records`` (job records; ``chosen``: ``--chat-template``),
+    refused before training when llama.cpp cannot run it
+    (:func:`refuse_unless_llama_cpp_runs`)."""
+    ref = models.resolve(model, on_event)
+    template_choice.require_for_conversations(records, ref, chosen)
+    refuse_unless_llama_cpp_runs(ref, on_event)  # before the training time is spent
+    return TrainingBase(ref, sha256_file(ref.gguf) if ref.gguf else None)

@@ -13,14 +13,15 @@ from edge_tune.commands.bundle import bundle
 from edge_tune.commands.chat import chat_plan, parse_adapter_options
 from edge_tune.commands.convert import convert_base, fetch_converter
 from edge_tune.commands.doctor import doctor
-from edge_tune.commands.train import export_run as export  # finishes a run killed late
 from edge_tune.commands.eval import EvalResult, evaluate
-from edge_tune.commands.export import ExportResult
+from edge_tune.commands.export import export
 from edge_tune.commands.inspect import bad_records, inspect_data, model_template
 from edge_tune.commands.plan import plan
 from edge_tune.commands.serve import open_serving, plan_serving, serve
-from edge_tune.commands.train import TrainResult, train
+from edge_tune.commands.train import train
 from edge_tune.commands.verify import verify
+from edge_tune.exporting.run import TrainResult
+from edge_tune.exporting.steps import ExportResult
 from edge_tune.runs import default_run_dir, delete_run, list_runs, resume_state
 from edge_tune.server.plan import ServePlan
 from edge_tune.verify import VerifyReport

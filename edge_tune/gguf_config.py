@@ -24,7 +24,8 @@ family (tests/test_family_parity.py):
   llama.cpp runs it with its llama architecture.
 
 Configs are transformers 5 dicts: RoPE lives in ``rope_parameters`` (per layer type for
-Gemma 3). Pure functions over plain values, plus :func:`read_gguf_metadata`.
+Gemma 3). Pure functions over plain values, plus :func:`read_gguf_metadata` and
+:func:`check_llama_cpp_computes_as_hf` (which read files).
 """
 
 from __future__ import annotations
@@ -161,6 +162,22 @@ def query_scale_problem(config: dict) -> str | None:
     return (f"query_pre_attn_scalar: {scalar:g} is not what llama.cpp's gemma2 graph scales "
             f"queries by (1/sqrt of {why}; a GGUF has no key for another value), so the GGUF "
             f"would compute differently from this model (expected {used})")
+
+
+def check_llama_cpp_computes_as_hf(hf_dir: Path) -> None:
+    """Raise EdgeTuneError when llama.cpp would run the converted GGUF differently from the HF
+    model in ``hf_dir`` (:func:`query_scale_problem` on its ``config.json``; an unreadable one
+    is left to the converter's own checks)."""
+    import json
+
+    from edge_tune.errors import EdgeTuneError
+
+    try:
+        config = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the converter's own checks say what is wrong with it
+    if problem := query_scale_problem(config.get("text_config") or config):
+        raise EdgeTuneError(f"{hf_dir / 'config.json'}: {problem}")
 
 
 def _scaling(kv: dict, arch: str) -> dict:

@@ -21,17 +21,26 @@ The per-token coefficients are counted from the Llama block (see ``_block_activa
 and checked against measured peak RSS (``benchmarks/planner_check.py``; table in the README).
 Time per step comes from a throughput table measured on this project's machines (FLOP/s per
 core for the CPU backends; a fraction of the GPU's bf16 peak for Unsloth) and is a rough guide.
+
+:func:`fit_plan` feeds it: the model's shape read from its GGUF header or ``config.json``, and
+this machine's free memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 from edge_tune.training.registry import capabilities
 from edge_tune.config import TrainConfig
+from edge_tune.errors import EdgeTuneError, UsageError
+
+if TYPE_CHECKING:
+    from edge_tune.models import ModelRef
 
 GIB = 1024 ** 3
 LOSS_CHUNK = 128  # matches edge_tune.training.backends.cpu.LOSS_CHUNK
@@ -398,3 +407,109 @@ def describe(plan: Plan) -> str:
     if plan.changes:
         line += "; changed: " + "; ".join(plan.changes)
     return line
+
+# --- fitting a run on this machine: the model's shape read from its files, the free memory ---
+
+PLANNED = ("batch_size", "grad_accum", "seq_len", "grad_checkpoint")  # what the planner may change
+
+
+def model_shape(ref: "ModelRef") -> Optional[ModelShape]:
+    """The planner's view of a model (its shape), from GGUF metadata or config.json; None when
+    it cannot be read (an unknown layout: no plan rather than a wrong one)."""
+    if ref.gguf is not None:
+        from edge_tune.converters.formats.base_info import field_value
+        from edge_tune.converters.formats.gguf_header import ArrayLen, read_header
+
+        # the header walk, not GGUFReader: that builds every vocabulary string (seconds)
+        reader = read_header(ref.gguf)
+        arch = field_value(reader, "general.architecture")
+        # a per-layer array (heads per block) is read as its length: no single figure, so it
+        # fails int() below like a foreign layout does, and there is no plan rather than a
+        # wrong one
+        fields = {k: object() if isinstance(f.value, ArrayLen) else f.value
+                  for k, f in reader.fields.items() if k.startswith(arch + ".")}
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        vocab = fields.get(f"{arch}.vocab_size") or (len(tokens.value) if tokens else 0)
+        tied = all(t.name != "output.weight" for t in reader.tensors)
+        try:
+            return shape_from_gguf_fields(arch, fields, int(vocab), tied)
+        except (KeyError, TypeError, ValueError):
+            return None
+    if ref.hf_dir is not None and (Path(ref.hf_dir) / "config.json").is_file():
+        config = json.loads((Path(ref.hf_dir) / "config.json").read_text())
+        size = sum(f.stat().st_size for f in Path(ref.hf_dir).glob("*.safetensors"))
+        try:
+            return shape_from_hf_config(config.get("text_config", config), size)
+        except (KeyError, TypeError, ValueError):
+            return None
+    return None
+
+
+def _longest_tokens(records: list[dict]) -> int:
+    """A cautious guess of the longest example in tokens without tokenizing: ~3 characters per
+    token plus the chat template's markers. Pure."""
+    longest = 0
+    for r in records:
+        msgs = r.get("messages") or []
+        chars = len(r.get("text") or "") + sum(len(str(m.get("content") or "")) for m in msgs)
+        longest = max(longest, chars // 3 + 8 * len(msgs) + 8)
+    return longest
+
+
+def fit_plan(cfg: TrainConfig, ref: "ModelRef", backend: str, hw,
+             train_records: list) -> Optional[Plan]:
+    """The plan (:func:`fit`) for this run on this machine (``hw``: a ``hardware.Hardware``
+    probe): the memory budget is ``cfg.memory_gib``, else what is free (the smallest used
+    GPU's on CUDA, 90 % of available RAM split over ``cfg.nproc`` ranks otherwise); steps
+    come from ``train_records`` (job records) and the batch settings. None when the model's
+    shape cannot be read."""
+    import psutil
+
+    shape = model_shape(ref)
+    if shape is None:
+        return None
+    nproc = max(1, cfg.nproc)
+    if capabilities(backend).device == "cuda" and hw.cuda_gpus:
+        # One rank per GPU: each plans against its own card (the smallest of those used).
+        free = min((g.vram_free_gib or g.vram_gib)
+                   for g in hw.cuda_gpus[:nproc])
+        budget = cfg.memory_gib * GIB if cfg.memory_gib else free * GIB
+    else:
+        # The planner is per process: with --nproc N each rank holds a full copy of the model
+        # on this node, so each gets 1/N of the memory (leaving room for the rest of the box).
+        budget = (cfg.memory_gib * GIB if cfg.memory_gib
+                  else psutil.virtual_memory().available * 0.9) / nproc
+    machine = Machine(budget_bytes=budget, physical_cores=max(1, hw.physical_cores // nproc),
+                      cpu_bf16=hw.has_bf16_cpu, apple=hw.apple is not None,
+                      gpu_name=hw.cuda_gpus[0].name if hw.cuda_gpus else "")
+    per_step = cfg.batch_size * cfg.grad_accum * nproc * max(1, cfg.nnodes)
+    steps = cfg.max_steps or max(1, round(cfg.epochs * math.ceil(len(train_records) / per_step)))
+    return fit(shape, backend, cfg, machine, steps, _longest_tokens(train_records) or None)
+
+
+def check_plan(p: Plan) -> None:
+    """Raise EdgeTuneError (UsageError for ``--full``) when the plan does not fit in memory
+    even at its smallest, naming what to change."""
+    if p.fits:
+        return
+    e = p.estimate
+    have = f"but {p.budget_bytes / GIB:.2f} GiB is available"
+    if p.config.full:
+        state = ("weights", "gradients", "optimizer state")
+        fixed = ", ".join(f"{k} {e.parts[k] / GIB:.2f}" for k in state)
+        need = sum(e.parts[k] for k in state) / GIB
+        raise UsageError(f"--full: full fine-tuning needs {need:.2f} GiB for weights, "
+                         f"gradients and optimizer state alone ({fixed} GiB), ~{e.peak / GIB:.2f}"
+                         f" GiB at the peak, {have}; train a LoRA adapter instead (drop --full),"
+                         " raise --memory-gib or use a smaller model")
+    if e.load_peak > p.budget_bytes:
+        raise EdgeTuneError(f"loading this model for training needs ~{e.load_peak / GIB:.2f} GiB "
+                            f"{have}; free memory, raise --memory-gib or use a smaller model")
+    if e.verify_peak > p.budget_bytes and e.peak >= e.verify_peak:  # counted (not CUDA)
+        raise EdgeTuneError(f"verify after training (torch and llama.cpp on held-back prompts) "
+                            f"needs ~{e.verify_peak / GIB:.2f} GiB {have}; free memory, pass "
+                            "--no-verify, or use a smaller model")
+    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in e.parts.items())
+    raise EdgeTuneError(f"this run needs ~{e.peak / GIB:.2f} GiB ({parts} GiB) even at batch "
+                        f"size 1 with gradient checkpointing and seq-len {p.config.seq_len}, "
+                        f"{have}; free memory or use a smaller model")

@@ -114,3 +114,26 @@ def _answer(engine, prompt: str) -> Optional[str]:
         finish = piece.finish_reason or finish
     answer = "".join(text).strip()
     return answer if answer and finish != "length" else None
+
+
+def for_run(cfg, ref, base_sha256: Optional[str], chosen, n_train: int,
+            on_event: EventSink = ignore) -> list[dict]:
+    """``--replay N`` of a run (``cfg``: its TrainConfig; ``ref``: its base, a
+    ``models.ModelRef``; ``chosen``: ``--chat-template``): N job records of the base's own
+    answers (:func:`replay_records`), generated in llama.cpp from the base's GGUF or its cached
+    conversion, with the run's template and system mode; [] without ``--replay``. Raises
+    DataError when the base has no chat template to render the prompts with."""
+    if not cfg.replay:
+        return []
+    from edge_tune.adapters import gguf_base_for
+    from edge_tune.fsutil import sha256_file
+    from edge_tune.templates.choice import require_for_conversations
+
+    require_for_conversations([{"messages": [{"role": "user", "content": "?"}]}], ref, chosen)
+    base_gguf = gguf_base_for(ref, on_event)  # HF weights: the GGUF training's end uses too
+    records = replay_records(base_gguf, cfg.replay, base_sha256 or sha256_file(base_gguf),
+                             chosen.text if chosen else None, cfg.system_mode, on_event)
+    on_event(Log(f"replay: {len(records)} general records (the base's own answers to "
+                 f"edge-tune's general prompts) mixed into the {n_train} training records, to "
+                 "keep the base's behaviour outside your task"))
+    return records

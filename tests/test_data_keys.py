@@ -238,7 +238,7 @@ def test_kto_data_is_refused_under_sft_in_one_line(tmp_path, records):
 
 
 def test_desirable_only_trains_the_good_answers_and_says_how_many_went(tmp_path):
-    from edge_tune.commands.plan import read_data
+    from edge_tune.data.training import read_data
     from edge_tune.config import TrainConfig
 
     said = []

@@ -30,7 +30,7 @@ def _folder(root: Path, counts: dict, suffix: str = ".jsonl") -> Path:
 
 
 def _read_train(cfg_kw: dict):
-    from edge_tune.commands.plan import read_train_data
+    from edge_tune.data.training import read_train_data
 
     said: list = []
     data, val, extra = read_train_data(build(None, **cfg_kw), said.append)

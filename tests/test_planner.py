@@ -45,7 +45,7 @@ def test_parameter_and_lora_counts_match_real_models(tied):
 
 def test_default_model_shape_from_its_gguf(default_gguf):
     from edge_tune import models
-    from edge_tune.commands.plan import model_shape
+    from edge_tune.planner import model_shape
 
     shape = model_shape(models.resolve(str(default_gguf)))
     assert shape == SMOL.__class__(**{**SMOL.__dict__, "file_bytes": shape.file_bytes})

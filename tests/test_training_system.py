@@ -26,7 +26,7 @@ def run(tmp_path_factory, default_gguf):
 
 def test_shared_system_is_found_only_when_every_record_has_the_same(tmp_path):
     from edge_tune.data.formats import read_records
-    from edge_tune.templates.choice import shared_system
+    from edge_tune.data.training import shared_system
 
     def records(*systems):
         path = tmp_path / "d.jsonl"

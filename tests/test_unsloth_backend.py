@@ -323,7 +323,7 @@ def test_hf_model_gets_a_converted_gguf_base(tmp_path, demo_jsonl, hf_dir):
     against it, verifies it in llama.cpp, and the manifest says which base and how."""
     from test_convert_base import build_tiny
 
-    from edge_tune.commands.train import _converted_base
+    from edge_tune.adapters import converted_base as _converted_base
     from edge_tune.fsutil import sha256_file
 
     model = build_tiny("llama", tmp_path / "tiny", hf_dir).resolve()

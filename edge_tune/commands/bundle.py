@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from edge_tune.adapters import resolve_chat
-from edge_tune.commands.export import export
+from edge_tune.adapters import merge_base, peft_adapter, resolve_chat
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import EventSink, ignore
+from edge_tune.exporting.steps import export_full, export_merged
 from edge_tune.fsutil import sha256_file
 from edge_tune.templates import choice as template_choice
 
@@ -62,9 +62,14 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
         if merged:
             name, _, man = items[0]
             template = templates.get(name) or template  # the merged model is the run's
-            result = export(Path(bundle_mod.split_run_arg(str(runs[0]))[1]), base=base_path,
-                            out=Path(work) / f"{name}-merged.gguf", merge=True, quant=quant,
-                            on_event=on_event, _keep_rejected=False)  # checked: see export
+            run = Path(bundle_mod.split_run_arg(str(runs[0]))[1])
+            peft_dir, run_man = peft_adapter(run)
+            # checked as export --merge checks it; a merge that fails leaves nothing
+            result = export_merged(run, peft_dir, run_man, merge_base(run_man, base_path),
+                                   Path(work) / f"{name}-merged.gguf", quant or "F16", on_event,
+                                   verify=True, ollama=None,
+                                   template=template_choice.choose(None, run_man),
+                                   keep_rejected=False)
             plan = bundle_mod.plan_bundle(result.path, [], template, merged=name)
             if man is not None:
                 plan.manifests[name] = man
@@ -82,7 +87,6 @@ def _bundle_full(run: Path, name: str, target, out: Path, quant: Optional[str], 
     import tempfile
 
     from edge_tune import bundle as bundle_mod
-    from edge_tune.commands.export import export_full
 
     template = (forced or target.chat_template)
     text = template.text if template else template_choice.gguf_chat_template(target.base)

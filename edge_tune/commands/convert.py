@@ -3,13 +3,13 @@ converter (see :mod:`edge_tune.converters.integrations.hf_to_gguf`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 from edge_tune import models
 from edge_tune.errors import EdgeTuneError
 from edge_tune.events import Done, EventSink, Log, ignore
+from edge_tune.gguf_config import check_llama_cpp_computes_as_hf
 
 
 def convert_base(model: str, out: Optional[Path] = None, outtype: str = "f16",
@@ -33,19 +33,6 @@ def convert_base(model: str, out: Optional[Path] = None, outtype: str = "f16",
     on_event(Log(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB)"))
     on_event(Done("convert-base", {"path": str(path)}))
     return path
-
-
-def check_llama_cpp_computes_as_hf(hf_dir: Path) -> None:
-    """Raise EdgeTuneError when llama.cpp would run the converted GGUF differently from the HF
-    model in ``hf_dir`` (see :func:`edge_tune.gguf_config.query_scale_problem`)."""
-    from edge_tune.gguf_config import query_scale_problem
-
-    try:
-        config = json.loads((hf_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return  # the converter's own checks say what is wrong with it
-    if problem := query_scale_problem(config.get("text_config") or config):
-        raise EdgeTuneError(f"{hf_dir / 'config.json'}: {problem}")
 
 
 def fetch_converter(sdist: Optional[Path] = None, on_event: EventSink = ignore) -> Path:

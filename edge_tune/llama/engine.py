@@ -310,7 +310,7 @@ class Engine:
     def set_system(self, text: Optional[str], adapter: Optional[str] = None) -> None:
         """Send ``text`` as the system message of every conversation that has none while
         ``adapter`` is active (None: the base, and every adapter without its own): a run's
-        training system prompt (:func:`edge_tune.templates.choice.shared_system`). A
+        training system prompt (:func:`edge_tune.data.training.shared_system`). A
         conversation's own system message wins."""
         if text:
             self._systems[adapter] = text

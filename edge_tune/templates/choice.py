@@ -33,24 +33,6 @@ class ChatTemplate:
     source: str
 
 
-def shared_system(records) -> Optional[str]:
-    """The system prompt every record (:class:`edge_tune.data.formats.Record`) begins with,
-    when they all begin with the same one; None when one has none, they differ, or a record
-    is plain text. Recorded in the manifest: the adapter learned its answers after it, so
-    ``chat``/``serve`` send it when a conversation has no system message. Pure."""
-    found = None
-    for r in records:
-        msgs = r.messages or []
-        first = msgs[0] if msgs else None
-        if first is None or first.get("role") != "system" or \
-                not isinstance(first.get("content"), str) or not first["content"].strip():
-            return None
-        if found is not None and first["content"] != found:
-            return None
-        found = first["content"]
-    return found
-
-
 def builtin_names() -> str:
     from edge_tune.templates.builtin import BUILTIN
 

@@ -37,6 +37,7 @@ class Capabilities:
     # the CPU elsewhere) or "cpu" (gloo between ranks).
     device: str
     packs_batches: bool  # honours --pack: several examples share a row (block-diagonal mask)
+    full: bool = False  # trains every weight with --full (not only a LoRA adapter)
 
 
 @dataclass(frozen=True)
@@ -116,11 +117,11 @@ BACKENDS: dict[str, Backend] = {
                 preload=("unsloth",)),
         Backend("mlx", "mlx-lm LoRA on Apple Silicon", "edge_tune.training.backends.mlx:train",
                 _check_mlx, Capabilities(resumable=False, multi_process=False, device="apple",
-                                         packs_batches=False), _skip_mlx),
+                                         packs_batches=False, full=True), _skip_mlx),
         Backend("cpu", "torch + PEFT LoRA on the CPU", "edge_tune.training.backends.cpu:train",
                 _check_cpu,
                 Capabilities(resumable=True, multi_process=True, device="cpu",
-                             packs_batches=True)),
+                             packs_batches=True, full=True)),
     )
 }
 # The order `auto` tries them in: fastest hardware first.
@@ -162,6 +163,29 @@ def capabilities(name: str) -> Capabilities:
     if name not in BACKENDS:
         raise EdgeTuneError(f"backend {name!r}: unknown (expected {', '.join(AUTO_ORDER)})")
     return BACKENDS[name].can
+
+
+def refuse_unsupported(name: str, cfg, hw: Hardware, resume=None) -> None:
+    """Raise (one line) when backend ``name`` cannot run the settings ``cfg`` (a TrainConfig)
+    on ``hw``: ``resume`` (the run directory continued) on a backend without checkpoints,
+    ``--nproc``/``--nnodes`` on a single-process one, more ranks than this node has GPUs, or
+    ``--full`` (UsageError) on one that trains adapters only."""
+    from edge_tune.errors import UsageError
+
+    can = capabilities(name)
+    if resume is not None and not can.resumable:
+        raise EdgeTuneError(f"--resume {resume}: resuming is supported for the "
+                            f"{' and '.join(having('resumable'))} "
+                            f"backends; this run uses {name}: start it again")
+    if (cfg.nproc > 1 or cfg.nnodes > 1) and not can.multi_process:
+        raise EdgeTuneError(f"--nproc/--nnodes: multi-process training runs on the cpu (gloo) "
+                            f"and unsloth (NCCL) backends, not {name}")
+    if can.device == "cuda" and cfg.nproc > len(hw.cuda_gpus):
+        raise EdgeTuneError(f"--nproc {cfg.nproc}: the {name} backend runs one process per GPU "
+                            f"and this node has {len(hw.cuda_gpus)}")
+    if cfg.full and not can.full:
+        raise UsageError(f"--full: full fine-tuning runs on the {' and '.join(having('full'))} "
+                         f"backends, not {name}: add --backend cpu")
 
 
 def having(capability: str) -> tuple[str, ...]:

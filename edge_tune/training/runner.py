@@ -230,3 +230,35 @@ class TrainingProcess:
                f"a training process failed (torchrun exit code {code})")
         raise CheckFailed(f"distributed training stopped: {who}{resume} "
                           f"(full log: {self.log_path})")
+
+
+def launch(job: TrainJob | dict, run_dir: Path, on_event: EventSink,
+           cancel: Optional[threading.Event], report_to: str, config: dict) -> WorkerResult:
+    """Train ``job`` in a subprocess (:class:`TrainingProcess`) and return the worker's
+    result. Its events go through the ``report_to`` tracker (``config``: the settings it
+    records) to ``on_event``; setting ``cancel`` stops training as :meth:`TrainingProcess.
+    cancel` does. The tracker's files and ``loss.png`` are written whether training ends,
+    fails or is cancelled (a full disk only warns). Raises what :meth:`TrainingProcess.wait`
+    raises."""
+    from edge_tune import tracking
+
+    tracker = tracking.Tracker(report_to, run_dir, config, on_event)
+    proc = TrainingProcess(job, run_dir, tracker.sink(on_event))
+    if cancel is not None:
+        def watch() -> None:
+            while not cancel.wait(0.2):
+                if proc.proc.poll() is not None:
+                    return
+            proc.cancel()
+
+        threading.Thread(target=watch, daemon=True).start()
+    result: Optional[WorkerResult] = None
+    try:
+        result = proc.wait()
+        return result
+    finally:  # loss.png and the tracker's files, cancelled or not
+        try:
+            tracker.close(result.losses if result is not None else None)
+        except OSError as exc:  # a full disk: loss.png is not worth losing the run over
+            on_event(Log(f"{run_dir}: tracker files / loss.png not written ({exc})",
+                         "warning"))
