@@ -37,7 +37,8 @@ from typing import Optional
 from edge_tune.errors import DataError, UsageError
 from edge_tune.eval import scores as eval_scores
 from edge_tune.eval.drift import drift, drift_hint, drift_prompts, task_like
-from edge_tune.eval.held_out import generation_items, held_out_records, run_tokenizer
+from edge_tune.eval.held_out import (generation_items, held_out_examples, held_out_records,
+                                     run_tokenizer)
 from edge_tune.eval.measure import Side, example_nll, greedy
 from edge_tune.events import Done, EventSink, Log, Progress, ignore
 
@@ -115,9 +116,7 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
     held-out records; ``max_tokens``: per generated answer; ``drift_set``: general prompts
     for the drift check instead of the shipped ones (:func:`drift_prompts`). Raises
     UsageError/DataError (exit 2) for bad input."""
-    from edge_tune.training.worker import tokenize_records
     from edge_tune.adapters import open_engine
-    from edge_tune.data.formats import job_record
 
     if max_tokens < 1:
         raise UsageError(f"--max-tokens {max_tokens}: expected an integer >= 1")
@@ -135,16 +134,7 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
     tok = run_tokenizer(man, Path(target.base))
     system_mode = target.system_mode
     seq_len = int(hp.get("seq_len") or 512)
-
-    def emit(event):  # the tokenizer's own progress is noise here; its warnings are not
-        if isinstance(event, Log):
-            on_event(event)
-
-    examples = tokenize_records(tok, [job_record(r) for r in records], seq_len, emit,
-                                "held-out", hp.get("train_on") == "all",
-                                hp.get("overflow", "truncate"),
-                                skip_invalid=bool(hp.get("skip_invalid")),
-                                system_mode=system_mode)
+    examples = held_out_examples(records, tok, hp, system_mode, on_event)
     if not examples:
         raise DataError(f"{source}: no held-out example has a trained token within "
                         f"seq_len={seq_len}")

@@ -10,7 +10,8 @@ from edge_tune import models
 from edge_tune.adapters import resolve_chat
 from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import Done, EventSink, Log, ignore
-from edge_tune.server.plan import BASE, ServePlan, quote_system
+from edge_tune.server.adapter_admin import open_serving
+from edge_tune.server.plan import ServePlan, quote_system
 from edge_tune.templates import choice as template_choice
 
 
@@ -39,25 +40,6 @@ def plan_serving(adapter_specs: list[str], base: Optional[str] = None,
         plan.base = plan.base or target.base
     plan.base = plan.base or models.default_gguf()
     return plan
-
-
-def open_serving(plan: ServePlan, on_event: EventSink = ignore, **engine_kw):
-    """Load the base once and every adapter once, each validated against the base first,
-    with each model's chat template (see :class:`~edge_tune.server.plan.ServedModel`)."""
-    from edge_tune.llama.engine import Engine
-    from edge_tune.server.adapter_admin import load_adapter
-
-    base = plan.models[BASE]
-    engine = Engine(plan.base, chat_template=base.chat_template, stop_tokens=base.stop_tokens,
-                    system_mode=base.system_mode or "keep", **engine_kw)
-    engine.set_system(base.system)
-    try:
-        for name, model in plan.adapters.items():
-            load_adapter(engine, plan, name, model.adapter, on_event)
-    except BaseException:
-        engine.close()
-        raise
-    return engine
 
 
 def _check_port_free(host: str, port: int) -> None:

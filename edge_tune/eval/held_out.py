@@ -77,6 +77,25 @@ def run_tokenizer(man, base_gguf: Path):
     return tok
 
 
+def held_out_examples(records: list, tok, hp: dict, system_mode: str, on_event) -> list:
+    """``records`` tokenized as training tokenized them (the run's hyperparameters ``hp``:
+    ``seq_len``, ``train_on``, ``overflow``, ``skip_invalid``; ``system_mode``): the
+    backends' examples (input ids and the trained tokens' mask). Only the tokenizer's
+    warnings reach ``on_event``, not its progress."""
+    from edge_tune.training.worker import tokenize_records
+    from edge_tune.data.formats import job_record
+    from edge_tune.events import Log
+
+    def emit(event):  # the tokenizer's own progress is noise here; its warnings are not
+        if isinstance(event, Log):
+            on_event(event)
+
+    return tokenize_records(tok, [job_record(r) for r in records], int(hp.get("seq_len") or 512),
+                            emit, "held-out", hp.get("train_on") == "all",
+                            hp.get("overflow", "truncate"),
+                            skip_invalid=bool(hp.get("skip_invalid")), system_mode=system_mode)
+
+
 @dataclass
 class _Item:
     """One held-out record's generation task: the conversation before its last trained

@@ -1,4 +1,5 @@
-"""Adapters live: per-request adapter mixes, and adding/removing adapters while serving.
+"""Adapters live: the engine a server starts with (:func:`open_serving`), per-request adapter
+mixes, and adding/removing adapters while serving.
 
 - The request field ``adapters`` (chat and text completions), edge-tune's extension, modelled
   on llama-server's ``lora`` field: ``[{"name": "a", "scale": 0.7}, {"name": "b", "scale":
@@ -26,7 +27,7 @@ from edge_tune.errors import EdgeTuneError
 from edge_tune.events import EventSink, Log, ignore
 from edge_tune.fsutil import sha256_file
 from edge_tune.server.errors import RequestError
-from edge_tune.server.plan import ServePlan
+from edge_tune.server.plan import BASE, ServePlan
 
 MAX_MIX = 8  # adapters in one request's mix
 MAX_SCALE = 8.0  # |scale| accepted per adapter
@@ -87,6 +88,24 @@ def load_adapter(engine, plan: ServePlan, name: str, path, on_event: EventSink =
         if trained_on != plan.base_sha256:
             on_event(Log(f"{path} ({name}) was trained on a different base file than "
                          f"{plan.base} (sha256 differs); its answers may be off", "warning"))
+
+
+def open_serving(plan: ServePlan, on_event: EventSink = ignore, **engine_kw):
+    """Load the base once and every adapter once, each validated against the base first,
+    with each model's chat template (see :class:`~edge_tune.server.plan.ServedModel`)."""
+    from edge_tune.llama.engine import Engine
+
+    base = plan.models[BASE]
+    engine = Engine(plan.base, chat_template=base.chat_template, stop_tokens=base.stop_tokens,
+                    system_mode=base.system_mode or "keep", **engine_kw)
+    engine.set_system(base.system)
+    try:
+        for name, model in plan.adapters.items():
+            load_adapter(engine, plan, name, model.adapter, on_event)
+    except BaseException:
+        engine.close()
+        raise
+    return engine
 
 
 def add_served_adapter(engine, plan: ServePlan, name: str, path: str,
