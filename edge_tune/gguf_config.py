@@ -218,46 +218,9 @@ def fix_config(config: dict, kv: dict, small: dict[str, list[float]]) -> dict:
     rope = dict(cfg.get("rope_parameters") or {})
 
     if arch == "gemma3":
-        full = dict(rope.get("full_attention") or {"rope_type": "default"})
-        local = dict(rope.get("sliding_attention") or {"rope_type": "default"})
-        if (base := kv.get(f"{arch}.rope.freq_base")) is not None:
-            full["rope_theta"] = float(base)
-        # llama.cpp's default for the sliding layers when the GGUF does not say
-        local["rope_theta"] = float(kv.get(f"{arch}.rope.freq_base_swa", 10000.0))
-        full.update(_scaling(kv, arch))
-        cfg["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
-        # llama.cpp's fixed pattern: every 6th block is global
-        cfg["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
-                              for i in range(n_layer)]
-        cfg["final_logit_softcapping"] = kv.get(f"{arch}.final_logit_softcapping")
+        _gemma3_rope(cfg, kv, arch, rope, n_layer)
     elif rope or kv.get(f"{arch}.rope.freq_base") is not None:
-        if (base := kv.get(f"{arch}.rope.freq_base")) is not None:
-            rope["rope_theta"] = float(base)
-        rope.update(_scaling(kv, arch))
-        if "rope_freqs.weight" in small:
-            divisors = small["rope_freqs.weight"]
-            context = kv.get(f"{arch}.rope.scaling.original_context_length")
-            longest = cfg.get("max_position_embeddings")
-            if context is None and longest and longest <= 8192:
-                # transformers warns unless the original context is below the model's
-                context = max(1, int(longest // max(divisors)))
-            found = llama3_scaling(divisors, rope.get("rope_theta", 10000.0), head_dim, context)
-            if found is None:
-                raise UnsupportedRope(
-                    "rope_freqs.weight: per-frequency RoPE divisors that follow no llama3 curve "
-                    "(1 at high frequencies, one factor at low frequencies, a 1/wavelength ramp "
-                    "between), the only per-frequency scaling edge-tune can turn into a "
-                    "transformers config")
-            if found["factor"] != 1.0:
-                rope.update(found)
-        if "rope_factors_long.weight" in small:  # Phi-3 LongRoPE
-            rope.update({"rope_type": "longrope",
-                         "long_factor": small["rope_factors_long.weight"],
-                         "short_factor": small.get("rope_factors_short.weight",
-                                                   small["rope_factors_long.weight"])})
-            if (ctx := kv.get(f"{arch}.rope.scaling.original_context_length")) is not None:
-                cfg["original_max_position_embeddings"] = int(ctx)
-        cfg["rope_parameters"] = rope
+        _rope(cfg, kv, arch, rope, small, head_dim)
 
     if arch in ("gemma2", "gemma3") and head_dim:
         scale_by_width = n_layer == HIDDEN_OVER_HEADS_SCALE[arch]
@@ -271,6 +234,58 @@ def fix_config(config: dict, kv: dict, small: dict[str, list[float]]) -> dict:
     if cfg.get("model_type") == "mistral":  # llama.cpp runs Mistral as "llama": no window
         cfg["sliding_window"] = None
     return cfg
+
+
+def _gemma3_rope(cfg: dict, kv: dict, arch: str, rope: dict, n_layer: int) -> None:
+    """Gemma 3's RoPE as llama.cpp runs it, into ``cfg``: the global layers' base and scaling,
+    the sliding layers' own base, every 6th block global, and the final soft-cap."""
+    full = dict(rope.get("full_attention") or {"rope_type": "default"})
+    local = dict(rope.get("sliding_attention") or {"rope_type": "default"})
+    if (base := kv.get(f"{arch}.rope.freq_base")) is not None:
+        full["rope_theta"] = float(base)
+    # llama.cpp's default for the sliding layers when the GGUF does not say
+    local["rope_theta"] = float(kv.get(f"{arch}.rope.freq_base_swa", 10000.0))
+    full.update(_scaling(kv, arch))
+    cfg["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+    # llama.cpp's fixed pattern: every 6th block is global
+    cfg["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                          for i in range(n_layer)]
+    cfg["final_logit_softcapping"] = kv.get(f"{arch}.final_logit_softcapping")
+
+
+def _rope(cfg: dict, kv: dict, arch: str, rope: dict, small: dict[str, list[float]],
+          head_dim) -> None:
+    """RoPE as llama.cpp runs it, into ``cfg``: its base, linear/yarn scaling, Llama-3.1's
+    per-frequency divisors (``rope_freqs.weight``) solved back into ``rope_type: llama3``,
+    and Phi-3's LongRoPE factors. Raises :class:`UnsupportedRope` for divisors that follow
+    no llama3 curve."""
+    if (base := kv.get(f"{arch}.rope.freq_base")) is not None:
+        rope["rope_theta"] = float(base)
+    rope.update(_scaling(kv, arch))
+    if "rope_freqs.weight" in small:
+        divisors = small["rope_freqs.weight"]
+        context = kv.get(f"{arch}.rope.scaling.original_context_length")
+        longest = cfg.get("max_position_embeddings")
+        if context is None and longest and longest <= 8192:
+            # transformers warns unless the original context is below the model's
+            context = max(1, int(longest // max(divisors)))
+        found = llama3_scaling(divisors, rope.get("rope_theta", 10000.0), head_dim, context)
+        if found is None:
+            raise UnsupportedRope(
+                "rope_freqs.weight: per-frequency RoPE divisors that follow no llama3 curve "
+                "(1 at high frequencies, one factor at low frequencies, a 1/wavelength ramp "
+                "between), the only per-frequency scaling edge-tune can turn into a "
+                "transformers config")
+        if found["factor"] != 1.0:
+            rope.update(found)
+    if "rope_factors_long.weight" in small:  # Phi-3 LongRoPE
+        rope.update({"rope_type": "longrope",
+                     "long_factor": small["rope_factors_long.weight"],
+                     "short_factor": small.get("rope_factors_short.weight",
+                                               small["rope_factors_long.weight"])})
+        if (ctx := kv.get(f"{arch}.rope.scaling.original_context_length")) is not None:
+            cfg["original_max_position_embeddings"] = int(ctx)
+    cfg["rope_parameters"] = rope
 
 
 # Bumped whenever fix_config changes what it writes: cached dequantized copies made with an

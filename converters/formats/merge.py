@@ -136,6 +136,15 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
                 arr = arr + 1.0
             heads = _heads(base, name)
             out.replace[target] = permute_rows(arr, heads) if heads else arr
+    _tie(out, config, base, where)
+    _check_targets(out, base, where)
+    return out
+
+
+def _tie(out: MergePlan, config: dict, base: BaseInfo, where: str) -> None:
+    """On a tied base: PEFT's ``ensure_weight_tying`` changes the one tied tensor once;
+    otherwise a change to the embedding or output layer unties them (``out.untie``), where
+    llama.cpp's graph can read a separate output layer."""
     if config.get("ensure_weight_tying") and base.tied_embeddings:
         # PEFT kept lm_head tied to embed_tokens, adapter included: the tied tensor changes once.
         for table in (out.deltas, out.replace, out.bias_add):
@@ -148,6 +157,11 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
             raise EdgeTuneError(f"{where}: the adapter changes the embedding or output layer of "
                                 f"a tied base; {untie_route(base.arch)}")
         out.untie = True
+
+
+def _check_targets(out: MergePlan, base: BaseInfo, where: str) -> None:
+    """Every tensor the merge writes exists in the base (or is a bias llama.cpp's graph reads
+    when present: recorded in ``out.new_biases``); else EdgeTuneError naming PEFT's route."""
     have = dict(base.tensors or {})
     if out.untie:
         have["output.weight"] = have.get("token_embd.weight", ())
@@ -162,7 +176,6 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
         raise EdgeTuneError(f"{where}: adapter targets {name!r}, which the base model does not "
                             f"have, and llama.cpp's {base.arch} graph does not read {what} "
                             f"from a merged file either; {PEFT_MERGE_ROUTE}")
-    return out
 
 
 def apply(w: np.ndarray, d: Delta, name: str = "") -> np.ndarray:
@@ -252,6 +265,25 @@ def _copy_metadata(reader, writer, outtype: str) -> None:
     writer.add_uint32("general.file_type", FILE_TYPE[outtype])
 
 
+def _check_shapes(p: MergePlan, shapes: dict, where: str, base_name: str) -> None:
+    """Each delta and modules_to_save copy of ``p`` has the shape of the base tensor it
+    changes (``shapes``: numpy shapes by GGUF name); else EdgeTuneError saying which."""
+    for name, d in p.deltas.items():
+        if name not in shapes:
+            raise EdgeTuneError(f"{where}: adapter targets {name!r}, which the base model "
+                                f"{base_name} does not have")
+        want = shapes[name]
+        got = (d.a.shape[1], d.b.shape[0]) if d.embedding else (d.b.shape[0], d.a.shape[1])
+        if got != want:
+            raise EdgeTuneError(f"{where}: adapter does not fit the base model: {name!r} is "
+                                f"{list(want)} in the base, the adapter's delta {list(got)}")
+    for name, arr in p.replace.items():
+        if shapes.get(name) != arr.shape:
+            raise EdgeTuneError(f"{where}: adapter does not fit the base model: the "
+                                f"modules_to_save copy for {name!r} is {list(arr.shape)}, the "
+                                f"base's {list(shapes.get(name, ()))}; {PEFT_MERGE_ROUTE}")
+
+
 def merge(base_gguf: Path, config: dict, tensors: dict[str, np.ndarray], out_path: Path,
           outtype: str = "F32", where: str = "adapter", on_event: EventSink = ignore,
           extra_metadata: dict | None = None) -> dict:
@@ -271,20 +303,7 @@ def merge(base_gguf: Path, config: dict, tensors: dict[str, np.ndarray], out_pat
     shapes = {name: _numpy_shape(t) for name, t in by_name.items()}
     if p.untie:
         shapes["output.weight"] = shapes["token_embd.weight"]
-    for name, d in p.deltas.items():
-        if name not in shapes:
-            raise EdgeTuneError(f"{where}: adapter targets {name!r}, which the base model "
-                                f"{base_gguf.name} does not have")
-        want = shapes[name]
-        got = (d.a.shape[1], d.b.shape[0]) if d.embedding else (d.b.shape[0], d.a.shape[1])
-        if got != want:
-            raise EdgeTuneError(f"{where}: adapter does not fit the base model: {name!r} is "
-                                f"{list(want)} in the base, the adapter's delta {list(got)}")
-    for name, arr in p.replace.items():
-        if shapes.get(name) != arr.shape:
-            raise EdgeTuneError(f"{where}: adapter does not fit the base model: the "
-                                f"modules_to_save copy for {name!r} is {list(arr.shape)}, the "
-                                f"base's {list(shapes.get(name, ()))}; {PEFT_MERGE_ROUTE}")
+    _check_shapes(p, shapes, where, base_gguf.name)
     # What is written, in order: (name, numpy shape, base tensor it starts from or None).
     layout: list[tuple[str, tuple[int, ...], object]] = []
     for t in reader.tensors:

@@ -105,47 +105,67 @@ def chat_plan(adapter: Union[None, str, Sequence[tuple[str, float]]], base: Opti
             plan.base = target.base
         return (label, slot)
 
-    if bundle is not None:
-        if base is not None:
-            raise EdgeTuneError("--bundle: chats with the bundle's own base; leave out --base")
-        from edge_tune.bundle import load_bundle
-
-        bundle_plan = load_bundle(bundle)
-        plan = ServePlan(bundle_plan.base, base_sha256=bundle_plan.base_sha256)
-        plan.models[BASE] = dataclasses.replace(bundle_plan.models[BASE])
-    else:
-        plan = ServePlan(resolve_chat(None, base).base if base else None)
+    plan, bundle_plan = _start_plan(base, bundle)
     if adapter is None or isinstance(adapter, str):
         sides = [side(adapter, plan, "left")]
     else:
-        parts = [(side(spec, plan, f"left{i}" if i else "left"), scale)
-                 for i, (spec, scale) in enumerate(adapter)]
-        if len({name for (_, name), _ in parts}) < len(parts):
-            raise UsageError("--adapter: the same adapter twice in the mix")
-        mix = tuple((name, scale) for (_, name), scale in parts)
-        plain = len(mix) == 1 and mix[0][1] == 1.0
-        sides = [(mix_label([(label, scale) for (label, _), scale in parts]),
-                  mix[0][0] if plain else mix)]
+        sides = [_mix_side([(side(spec, plan, f"left{i}" if i else "left"), scale)
+                            for i, (spec, scale) in enumerate(adapter)])]
     if compare is not None:
-        other = side(compare, plan, "right", "--compare")
-        if chat_session.mix_of(other[1]) == chat_session.mix_of(sides[0][1]):
-            what = "model" if other[1] is None else "adapter"
-            raise EdgeTuneError(f"--compare {compare}: the same {what} on both sides; "
-                                "compare an adapter with 'base' or with another adapter")
-        if other[0] == sides[0][0]:
-            other = (other[0] + " (2)", other[1])
-        sides.append(other)
+        sides.append(_compare_side(compare, side(compare, plan, "right", "--compare"),
+                                   sides[0]))
     if plan.base is None:
         plan.base = models.default_gguf()
+    _base_like_the_runs(plan, sides)
+    plan.override(chat_template, system_mode)
+    return plan, sides
+
+
+def _start_plan(base: Optional[str], bundle: Optional[Path]):
+    """(the plan with its base, the bundle's own plan or None): ``--bundle``'s base and its
+    served base model, else ``--base`` (None: settled by the first adapter's run)."""
+    if bundle is None:
+        return ServePlan(resolve_chat(None, base).base if base else None), None
+    if base is not None:
+        raise EdgeTuneError("--bundle: chats with the bundle's own base; leave out --base")
+    from edge_tune.bundle import load_bundle
+
+    bundle_plan = load_bundle(bundle)
+    plan = ServePlan(bundle_plan.base, base_sha256=bundle_plan.base_sha256)
+    plan.models[BASE] = dataclasses.replace(bundle_plan.models[BASE])
+    return plan, bundle_plan
+
+
+def _mix_side(parts: list) -> tuple:
+    """One side of several adapters (``parts``: ((label, name), scale) each): its label and
+    the mix ((name, scale), ...), or the one adapter's name when it is alone at scale 1."""
+    if len({name for (_, name), _ in parts}) < len(parts):
+        raise UsageError("--adapter: the same adapter twice in the mix")
+    mix = tuple((name, scale) for (_, name), scale in parts)
+    plain = len(mix) == 1 and mix[0][1] == 1.0
+    return (mix_label([(label, scale) for (label, _), scale in parts]),
+            mix[0][0] if plain else mix)
+
+
+def _compare_side(compare: str, other: tuple, first: tuple) -> tuple:
+    """``--compare``'s side, refused when it is the first side again; labelled apart when
+    the two labels are the same."""
+    if chat_session.mix_of(other[1]) == chat_session.mix_of(first[1]):
+        what = "model" if other[1] is None else "adapter"
+        raise EdgeTuneError(f"--compare {compare}: the same {what} on both sides; "
+                            "compare an adapter with 'base' or with another adapter")
+    return (other[0] + " (2)", other[1]) if other[0] == first[0] else other
+
+
+def _base_like_the_runs(plan: ServePlan, sides: list) -> None:
+    """base vs adapter: the base side gets the runs' chat template and system prompt when it
+    has none of its own, so only the adapter differs between the sides."""
     owners = [chat_session.Side(label, adapters).template_owner for label, adapters in sides]
     found = [plan.models[n] for n in owners if n in plan.models]
     base_model = plan.models[BASE]
     runs_template = next((m.chat_template for m in found if m.chat_template is not None), None)
     if runs_template is not None and base_model.chat_template is None:
-        # base vs adapter: the same template on both sides, so only the adapter differs
         base_model.chat_template = runs_template
     runs_system = next((m.system for m in found if m.system is not None), None)
     if runs_system is not None and base_model.system is None:
-        base_model.system = runs_system  # and the same system prompt
-    plan.override(chat_template, system_mode)
-    return plan, sides
+        base_model.system = runs_system

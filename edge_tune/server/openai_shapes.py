@@ -218,18 +218,7 @@ def _chat_fields(body: dict, req: GenRequest) -> None:
 def parse_request(kind: str, body: Any, known_models: list[str]) -> GenRequest:
     """Validate a ``/v1/chat/completions`` (kind "chat") or ``/v1/completions`` (kind "text")
     body. Raises :class:`RequestError` (400 bad body, 404 unknown model)."""
-    if not isinstance(body, dict):
-        raise RequestError(400, "the request body must be a JSON object")
-    bad = _bad_text(body)
-    if bad is not None:
-        raise RequestError(400, f"'{bad}': not valid Unicode text (a lone surrogate "
-                                "escape such as \\ud800)"[:300], param=bad[:200])
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise RequestError(400, "'model': required; one of " + ", ".join(known_models),
-                           param="model")
-    if model not in known_models:
-        raise unknown_model(model[:200], known_models)
+    model = _model_of(body, known_models)
     known = _NO_EFFECT | set(_SAMPLING) | _BOTH | (_CHAT_ONLY if kind == "chat" else _TEXT_ONLY)
     unknown = sorted(set(body) - known)
     if unknown:
@@ -245,14 +234,47 @@ def parse_request(kind: str, body: Any, known_models: list[str]) -> GenRequest:
         req.messages = _messages(body)
         _chat_fields(body, req)
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise RequestError(400, "'prompt': expected a non-empty string", param="prompt")
-        req.prompt = prompt
-        top = _number(body, "logprobs", 0, 5, integer=True)
-        req.logprobs = None if top is None else int(top)
+        _text_fields(body, req)
+    _sampling_fields(body, req)
+    opts = body.get("stream_options")
+    req.include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+    return req
+
+
+def _model_of(body: Any, known_models: list[str]) -> str:
+    """The served model a body names; 400 for a body that is not a JSON object, holds text
+    that is not valid Unicode, or names no model; 404 for a model not served."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    bad = _bad_text(body)
+    if bad is not None:
+        raise RequestError(400, f"'{bad}': not valid Unicode text (a lone surrogate "
+                                "escape such as \\ud800)"[:300], param=bad[:200])
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError(400, "'model': required; one of " + ", ".join(known_models),
+                           param="model")
+    if model not in known_models:
+        raise unknown_model(model[:200], known_models)
+    return model
+
+
+def _text_fields(body: dict, req: GenRequest) -> None:
+    """``/v1/completions``' own fields: ``prompt`` (a string, or a list of one) and
+    ``logprobs`` (0-5)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError(400, "'prompt': expected a non-empty string", param="prompt")
+    req.prompt = prompt
+    top = _number(body, "logprobs", 0, 5, integer=True)
+    req.logprobs = None if top is None else int(top)
+
+
+def _sampling_fields(body: dict, req: GenRequest) -> None:
+    """The sampling fields both endpoints take: temperature, max_tokens (or
+    max_completion_tokens), seed, top_p, the penalties and up to 4 stop strings."""
     temp = _number(body, "temperature", 0, 2)
     if temp is not None:
         req.temperature = float(temp)
@@ -277,9 +299,6 @@ def parse_request(kind: str, body: Any, known_models: list[str]) -> GenRequest:
                                param="stop")
         if stop:
             req.sampling["stop"] = stop
-    opts = body.get("stream_options")
-    req.include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-    return req
 
 
 # --- responses ---------------------------------------------------------------------------------
