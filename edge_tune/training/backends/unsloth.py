@@ -346,40 +346,30 @@ def fit(model, job: TrainJob | Mapping, emit: Callable, precision: str = "none",
     ``job.run_dir`` every ``save_every`` steps and when ``job.interrupt`` sees SIGTERM,
     which then raises :class:`edge_tune.errors.Cancelled`; ``job.resume_from`` continues one.
     Returns the same result fields as the CPU backend (the adapter is the caller's to save)."""
-    import tempfile
-
-    import torch
-    from torch.utils.data import DataLoader
-    from transformers import (
-        PrinterCallback,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
-
     job = TrainJob.of(job)
-    cfg = job.config
-    examples: list[Example] = job.examples
-    val_examples: list[Example] = job.val_examples
-    pad_id = job.pad_id
-    preference = cfg.method != "sft"
-    if preference:  # TRL's trainer for the method; the rest of the loop is the same
-        args_class, trainer_base = trl_trainer(cfg.method)
+    args_class, trainer_base = _trainer_classes(job.config.method)
+    run = _FitRun(model, job, emit, precision, autocast_dtype)
+    if run.first >= run.total:  # cancelled after its last update: only the weights are left to load
+        run.restore(new_optimizer(model, run.cfg))
     else:
-        args_class, trainer_base = TrainingArguments, Trainer
-    # Under torchrun (DDP: NCCL on CUDA, gloo on CPU) this rank holds its shard only and
-    # trains its slots' micro-batches, the cpu backend's data order (edge_tune.data.sharding).
-    dist = Distributed()
-    orders = slot_orders(job, grad_accum(cfg), dist)
-    slots = grad_accum(cfg) * dist.world
-    total, per_epoch, warmup = step_counts(cfg, dist.sum_int(len(examples)), dist.world)
-    evals = eval_steps(total, cfg.eval_every) if val_examples else set()
-    stop = job.interrupt or checkpoint.Interrupt()  # the worker's handles SIGTERM
-    run_dir = job.run_dir
-    save_every = (cfg.save_every or 0) if run_dir else 0
-    resume_from = job.resume_from
-    # The run so far, as of its last completed step (a checkpoint's when resuming): the data
-    # order and the schedule are functions of the step, so nothing else is needed.
+        _train_with_trainer(run, args_class, trainer_base, tokenizer)
+    return run.result()
+
+
+def _trainer_classes(method: str):
+    """(arguments class, Trainer class) for ``--method``: TRL's for dpo/orpo (the rest of the
+    loop is the same), transformers' ``TrainingArguments`` and ``Trainer`` for sft."""
+    from transformers import Trainer, TrainingArguments
+
+    if method != "sft":
+        return trl_trainer(method)
+    return TrainingArguments, Trainer
+
+
+def _run_so_far(resume_from, total: int, slots: int) -> dict:
+    """The run as of its last completed step: step, tokens, losses, val_loss and seconds, all
+    zero for a fresh run, the checkpoint's for ``resume_from`` (EdgeTuneError when there is
+    none there or it belongs to another run shape)."""
     done = {"step": 0, "tokens": 0, "losses": [], "val_loss": None, "seconds": 0.0}
     if resume_from:
         state = checkpoint.read_state(Path(resume_from).parent)
@@ -388,168 +378,254 @@ def fit(model, job: TrainJob | Mapping, emit: Callable, precision: str = "none",
         check_checkpoint(state, total, slots, resume_from)
         done.update(step=state["step"], tokens=state["tokens"], losses=list(state["losses"]),
                     val_loss=state.get("val_loss"), seconds=state["train_seconds"])
-    first, base_tokens, losses = done["step"], done["tokens"], done["losses"]
-    clock = {"start": time.perf_counter() - done["seconds"], "paused": 0.0, "tokens": 0}
-    # Holds stop.guard() from the optimizer step until that step is recorded: a SIGTERM in
-    # between waits, so a checkpoint never has half an update (weights, moments, counters).
-    updating = contextlib.ExitStack()
+    return done
 
-    def elapsed() -> float:
-        return time.perf_counter() - clock["start"] - clock["paused"]
 
-    def restore(optimizer, scaler=None) -> None:
-        state = checkpoint.restore(Path(resume_from), model, optimizer)
+class _FitRun:
+    """One :func:`fit` call: its data order and step counts, and the run so far as of its last
+    completed step (a checkpoint's when resuming: the data order and the schedule are functions
+    of the step, so nothing else is needed). The Trainer's hooks read and update it."""
+
+    def __init__(self, model, job: TrainJob, emit: Callable, precision: str, autocast_dtype):
+        cfg = self.cfg = job.config
+        self.model, self.job, self.emit = model, job, emit
+        self.precision, self.autocast_dtype = precision, autocast_dtype
+        self.preference = cfg.method != "sft"
+        # Under torchrun (DDP: NCCL on CUDA, gloo on CPU) this rank holds its shard only and
+        # trains its slots' micro-batches, the cpu backend's data order (edge_tune.data.sharding).
+        self.dist = dist = Distributed()
+        self.orders = slot_orders(job, grad_accum(cfg), dist)
+        self.slots = grad_accum(cfg) * dist.world
+        self.total, self.per_epoch, self.warmup = step_counts(
+            cfg, dist.sum_int(len(job.examples)), dist.world)
+        self.evals = eval_steps(self.total, cfg.eval_every) if job.val_examples else set()
+        self.stop = job.interrupt or checkpoint.Interrupt()  # the worker's handles SIGTERM
+        self.save_every = (cfg.save_every or 0) if job.run_dir else 0
+        self.done = _run_so_far(job.resume_from, self.total, self.slots)
+        self.first, self.base_tokens = self.done["step"], self.done["tokens"]
+        self.losses = self.done["losses"]
+        self.clock = {"start": time.perf_counter() - self.done["seconds"], "paused": 0.0,
+                      "tokens": 0}
+        # Holds stop.guard() from the optimizer step until that step is recorded: a SIGTERM in
+        # between waits, so a checkpoint never has half an update (weights, moments, counters).
+        self.updating = contextlib.ExitStack()
+        self.trainer = None  # set once built: its optimizer and scaler go into checkpoints
+
+    def elapsed(self) -> float:
+        """Training seconds so far (validation excluded)."""
+        return time.perf_counter() - self.clock["start"] - self.clock["paused"]
+
+    def guard_update(self) -> None:
+        """Hold off SIGTERM until the update now starting is recorded (:meth:`step_logged`)."""
+        self.updating.enter_context(self.stop.guard())
+
+    def restore(self, optimizer, scaler=None) -> None:
+        """Load the ``job.resume_from`` checkpoint into the model, ``optimizer`` and (fp16)
+        ``scaler``."""
+        state = checkpoint.restore(Path(self.job.resume_from), self.model, optimizer)
         if scaler is not None and state.get("grad_scaler"):  # fp16: keep the loss scale
             scaler.load_state_dict(state["grad_scaler"])
-        emit(Log(f"resumed from the checkpoint at step {first}/{total}"))
+        self.emit(Log(f"resumed from the checkpoint at step {self.first}/{self.total}"))
 
-    def save_checkpoint() -> None:
-        state = {"step": done["step"], "total": total, "slots": slots, "tokens": done["tokens"],
-                 "losses": losses, "val_loss": done["val_loss"], "train_seconds": elapsed()}
-        scaler = trainer.accelerator.scaler
+    def save_checkpoint(self) -> None:
+        """Write the run as of its last completed step to ``job.run_dir``."""
+        done = self.done
+        state = {"step": done["step"], "total": self.total, "slots": self.slots,
+                 "tokens": done["tokens"], "losses": self.losses, "val_loss": done["val_loss"],
+                 "train_seconds": self.elapsed()}
+        scaler = self.trainer.accelerator.scaler
         if scaler is not None and scaler.is_enabled():
             state["grad_scaler"] = scaler.state_dict()
-        checkpoint.save(Path(run_dir), model, trainer.optimizer, state)
+        checkpoint.save(Path(self.job.run_dir), self.model, self.trainer.optimizer, state)
 
-    def save_on_cancel():
-        # The weights are those after step done["step"]: the update is guarded, and the
-        # forward and backward passes of a step cut short change none.
-        updating.pop_all()  # an update cut short by an error, if any, is not resumed
-        if dist.rank == 0 and run_dir:  # rank 0 writes (all ranks hold the same)
-            save_checkpoint()
-            return done["step"], total
+    def save_on_cancel(self):
+        """``checkpoint.saved_on_cancel``'s save: (step, total) where this rank wrote one."""
+        # The weights are those after done["step"]: the update is guarded, and the forward
+        # and backward passes of a step cut short change none.
+        self.updating.pop_all()  # an update cut short by an error, if any, is not resumed
+        if self.dist.rank == 0 and self.job.run_dir:  # rank 0 writes (all ranks hold the same)
+            self.save_checkpoint()
+            return self.done["step"], self.total
         return None
 
-    class SlotBatches:
-        """This rank's micro-batches in step order from step ``first``, one per slot it owns."""
+    def step_logged(self, global_step: int, logs: Mapping, model) -> None:
+        """The Trainer logged step ``first + global_step``: record it and emit its Metric, then
+        validate and save a checkpoint where due."""
+        step = self.first + global_step
+        self.losses.append(float(logs["loss"]))  # the Trainer's mean over all ranks
+        # every rank logs each step
+        self.done.update(step=step,
+                         tokens=self.base_tokens + self.dist.sum_int(self.clock["tokens"]))
+        seconds = self.elapsed()
+        self.emit(Metric(step=step, total_steps=self.total, loss=self.losses[-1],
+                         tokens_per_second=self.done["tokens"] / max(seconds, 1e-9),
+                         eta_seconds=seconds / step * (self.total - step),
+                         learning_rate=lr_at(step - 1, self.total, self.cfg.lr, self.warmup),
+                         epoch=step / self.per_epoch, **reward_fields(logs)))
+        self.updating.close()  # the step is recorded: a SIGTERM that waited raises Cancelled
+        if step in self.evals:
+            self.validate(model, step)
+        if (self.save_every and step % self.save_every == 0 and step < self.total
+                and self.dist.rank == 0):
+            with self.stop.guard():
+                self.save_checkpoint()
 
-        def __len__(self) -> int:
-            return (total - first) * len(orders)
+    def validate(self, model, step: int) -> None:
+        """Validation loss (and, for dpo/orpo, rewards) after ``step`` as a ``split="val"``
+        Metric; its time does not count as training time."""
+        cfg, pad_id, val_examples = self.cfg, self.job.pad_id, self.job.val_examples
+        t_eval = time.perf_counter()
+        val_rewards = {}
+        if self.preference:
+            self.done["val_loss"], *stats = evaluate_pairs(
+                model, val_examples, cfg.batch_size, pad_id, cfg.method, cfg.beta,
+                self.autocast_dtype)
+            val_rewards = dict(zip(REWARD_LOGS, stats))
+        else:
+            self.done["val_loss"] = evaluate(model, val_examples, cfg.batch_size, pad_id,
+                                             self.autocast_dtype)
+        self.clock["paused"] += time.perf_counter() - t_eval  # tok/s: training time only
+        self.emit(Metric(step=step, total_steps=self.total, loss=self.done["val_loss"],
+                         split="val", epoch=step / self.per_epoch, **val_rewards))
 
-        def __iter__(self):
-            for step in range(first, total):
-                for batch_at in orders:
-                    yield batch_at(step)
+    def result(self) -> WorkerResult:
+        """The CPU backend's result fields for the run as it stands."""
+        train_seconds = self.elapsed()
+        done = self.done
+        return WorkerResult(
+            steps=self.total,
+            final_loss=final_loss(self.losses),
+            val_loss=done["val_loss"],
+            tokens=done["tokens"],
+            tokens_per_second=done["tokens"] / max(train_seconds, 1e-9),
+            train_seconds=train_seconds,
+            precision=self.precision,
+            trainable_parameters=sum(p.numel() for n, p in self.model.named_parameters()
+                                     if p.requires_grad and ".ref." not in n),
+            losses=[round(x, 6) for x in self.losses],
+            world_size=self.dist.world,
+            examples=self.dist.sum_int(len(self.job.examples)),
+        )
+
+
+class _SlotBatches:
+    """This rank's micro-batches in step order from step ``run.first``, one per slot it owns."""
+
+    def __init__(self, run: _FitRun) -> None:
+        self.run = run
+
+    def __len__(self) -> int:
+        return (self.run.total - self.run.first) * len(self.run.orders)
+
+    def __iter__(self):
+        for step in range(self.run.first, self.run.total):
+            for batch_at in self.run.orders:
+                yield batch_at(step)
+
+
+def _edge_trainer(trainer_base, run: _FitRun):
+    """``trainer_base`` (transformers' or TRL's Trainer class) with ``run``'s data order,
+    optimizer (a checkpoint's state restored), schedule and token count."""
+    import torch
+    from torch.utils.data import DataLoader
 
     class EdgeTrainer(pretokenized(trainer_base)):
         def get_train_dataloader(self):
             # Not through accelerate's prepare: that would shard the batches across ranks
             # again, and each rank already reads only its own shard.
-            return DataLoader(examples, batch_sampler=SlotBatches(),
+            return DataLoader(run.job.examples, batch_sampler=_SlotBatches(run),
                               collate_fn=self.data_collator, num_workers=0)
 
         def create_optimizer(self, model_=None):
             # The checkpoint's state goes in here, before accelerate wraps the optimizer (and
             # never through the Trainer's resume_from_checkpoint: that one pickles).
             if self.optimizer is None:
-                self.optimizer = new_optimizer(model, cfg)
+                self.optimizer = new_optimizer(run.model, run.cfg)
                 # The update itself is guarded whichever training loop calls it (Unsloth
                 # patches the Trainer's); on_pre_optimizer_step also covers the GradScaler's.
-                self.optimizer.register_step_pre_hook(
-                    lambda *_: updating.enter_context(stop.guard()))
-                if resume_from:
-                    restore(self.optimizer, self.accelerator.scaler)
+                self.optimizer.register_step_pre_hook(lambda *_: run.guard_update())
+                if run.job.resume_from:
+                    run.restore(self.optimizer, self.accelerator.scaler)
             return self.optimizer
 
         def create_scheduler(self, num_training_steps, optimizer=None):
             if self.lr_scheduler is None:
                 optimizer = optimizer or self.optimizer
                 for group in optimizer.param_groups:  # the schedule's base is the peak lr
-                    group["initial_lr"] = cfg.lr
+                    group["initial_lr"] = run.cfg.lr
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer, lr_factor(total, warmup, first))
+                    optimizer, lr_factor(run.total, run.warmup, run.first))
             return self.lr_scheduler
 
         def training_step(self, model_, inputs, *args, **kwargs):
-            clock["tokens"] += batch_tokens(inputs)
+            run.clock["tokens"] += batch_tokens(inputs)
             return super().training_step(model_, inputs, *args, **kwargs)
+
+    return EdgeTrainer
+
+
+def _events(run: _FitRun):
+    """The Trainer callback that hands ``run`` its steps: clock start, update guard, logs."""
+    from transformers import TrainerCallback
 
     class Events(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            clock["start"] = time.perf_counter() - done["seconds"]
+            run.clock["start"] = time.perf_counter() - run.done["seconds"]
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            updating.enter_context(stop.guard())
+            run.guard_update()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:  # the end-of-run summary has no "loss"
                 return
-            step = first + state.global_step
-            losses.append(float(logs["loss"]))  # the Trainer's mean over all ranks
-            # every rank logs each step
-            done.update(step=step, tokens=base_tokens + dist.sum_int(clock["tokens"]))
-            seconds = elapsed()
-            emit(Metric(step=step, total_steps=total, loss=losses[-1],
-                        tokens_per_second=done["tokens"] / max(seconds, 1e-9),
-                        eta_seconds=seconds / step * (total - step),
-                        learning_rate=lr_at(step - 1, total, cfg.lr, warmup),
-                        epoch=step / per_epoch, **reward_fields(logs)))
-            updating.close()  # the step is recorded: a SIGTERM that waited raises Cancelled
-            if step in evals:
-                t_eval = time.perf_counter()
-                val_rewards = {}
-                if preference:
-                    done["val_loss"], *stats = evaluate_pairs(
-                        kwargs["model"], val_examples, cfg.batch_size, pad_id, cfg.method,
-                        cfg.beta, autocast_dtype)
-                    val_rewards = dict(zip(REWARD_LOGS, stats))
-                else:
-                    done["val_loss"] = evaluate(kwargs["model"], val_examples, cfg.batch_size,
-                                                pad_id, autocast_dtype)
-                clock["paused"] += time.perf_counter() - t_eval  # tok/s: training time only
-                emit(Metric(step=step, total_steps=total, loss=done["val_loss"], split="val",
-                            epoch=step / per_epoch, **val_rewards))
-            if save_every and step % save_every == 0 and step < total and dist.rank == 0:
-                with stop.guard():
-                    save_checkpoint()
+            run.step_logged(state.global_step, logs, kwargs["model"])
 
-    if first >= total:  # cancelled after its last update: only the weights are left to load
-        restore(new_optimizer(model, cfg))
-    else:
-        with tempfile.TemporaryDirectory(prefix="edge-tune-trainer-") as scratch:
-            kw = (preference_args_kwargs if preference else training_args_kwargs)(
-                cfg, total - first, scratch, precision)
-            if not torch.cuda.is_available():  # CPU tests (DDP over gloo instead of NCCL)
-                kw.update(use_cpu=True, **({"ddp_backend": "gloo"} if dist.world > 1 else {}))
-            args = args_class(**kw)
-            extra: dict = {"train_dataset": examples}
-            if preference:
-                from datasets import Dataset
+    return Events()
 
-                # TRL's trainers want a datasets.Dataset; the batches come from
-                # get_train_dataloader, so the rows only need to exist.
-                extra = {"train_dataset": Dataset.from_dict({"pair": list(range(len(examples)))}),
-                         "processing_class": tokenizer}
-            trainer = EdgeTrainer(
-                model=model, args=args, callbacks=[Events()],
-                data_collator=(lambda batch: pair_batch(batch, pad_id, cfg.method)) if preference
-                else (lambda batch: pad_batch(batch, pad_id)), **extra)
-            trainer.remove_callback(PrinterCallback)  # progress goes out as events instead
-            if preference:
-                ref = "; reference = the base (TRL: a frozen copy of the fresh adapter)"
-                emit(Log(f"{cfg.method.upper()} with TRL's {trainer_base.__name__}, beta "
+
+def _trainer_inputs(run: _FitRun, tokenizer) -> dict:
+    """The Trainer's dataset and collator (and TRL's ``processing_class``) for ``run``."""
+    pad_id, method = run.job.pad_id, run.cfg.method
+    if not run.preference:
+        return {"train_dataset": run.job.examples,
+                "data_collator": lambda batch: pad_batch(batch, pad_id)}
+    from datasets import Dataset
+
+    # TRL's trainers want a datasets.Dataset; the batches come from get_train_dataloader, so
+    # the rows only need to exist.
+    return {"train_dataset": Dataset.from_dict({"pair": list(range(len(run.job.examples)))}),
+            "processing_class": tokenizer,
+            "data_collator": lambda batch: pair_batch(batch, pad_id, method)}
+
+
+def _train_with_trainer(run: _FitRun, args_class, trainer_base, tokenizer) -> None:
+    """Build the Trainer for ``run`` (its output directory a scratch one: it saves nothing)
+    and train steps ``run.first`` to ``run.total``; a cancel saves a checkpoint first."""
+    import tempfile
+
+    import torch
+    from transformers import PrinterCallback
+
+    cfg, dist = run.cfg, run.dist
+    with tempfile.TemporaryDirectory(prefix="edge-tune-trainer-") as scratch:
+        kw = (preference_args_kwargs if run.preference else training_args_kwargs)(
+            cfg, run.total - run.first, scratch, run.precision)
+        if not torch.cuda.is_available():  # CPU tests (DDP over gloo instead of NCCL)
+            kw.update(use_cpu=True, **({"ddp_backend": "gloo"} if dist.world > 1 else {}))
+        args = args_class(**kw)
+        trainer = run.trainer = _edge_trainer(trainer_base, run)(
+            model=run.model, args=args, callbacks=[_events(run)], **_trainer_inputs(run, tokenizer))
+        trainer.remove_callback(PrinterCallback)  # progress goes out as events instead
+        if run.preference:
+            ref = "; reference = the base (TRL: a frozen copy of the fresh adapter)"
+            run.emit(Log(f"{cfg.method.upper()} with TRL's {trainer_base.__name__}, beta "
                          f"{cfg.beta}" + (ref if cfg.method == "dpo" else "")))
-            emit(Log(f"training {total} steps: batch {cfg.batch_size} x {grad_accum(cfg)} "
-                     f"accumulated, lr {cfg.lr} (warm-up {warmup}, cosine to 10%), "
-                     f"{precision} compute"))
-            with checkpoint.saved_on_cancel(stop, save_on_cancel, emit, run_dir,
-                                            finished=lambda: done["step"] >= total):
-                trainer.train()
-    train_seconds = elapsed()
-    return WorkerResult(
-        steps=total,
-        final_loss=final_loss(losses),
-        val_loss=done["val_loss"],
-        tokens=done["tokens"],
-        tokens_per_second=done["tokens"] / max(train_seconds, 1e-9),
-        train_seconds=train_seconds,
-        precision=precision,
-        trainable_parameters=sum(p.numel() for n, p in model.named_parameters()
-                                 if p.requires_grad and ".ref." not in n),
-        losses=[round(x, 6) for x in losses],
-        world_size=dist.world,
-        examples=dist.sum_int(len(examples)),
-    )
+        run.emit(Log(f"training {run.total} steps: batch {cfg.batch_size} x {grad_accum(cfg)} "
+                     f"accumulated, lr {cfg.lr} (warm-up {run.warmup}, cosine to 10%), "
+                     f"{run.precision} compute"))
+        with checkpoint.saved_on_cancel(run.stop, run.save_on_cancel, run.emit, run.job.run_dir,
+                                        finished=lambda: run.done["step"] >= run.total):
+            trainer.train()
 
 
 def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
