@@ -153,8 +153,8 @@ class _TokenCounter:
     """Counts the tokens llama-cpp-python samples, for the OpenAI ``usage`` block.
 
     Its streaming API reports no token counts, so the sequence's ``eval`` and ``sample`` call
-    this counter for the duration of one answer (:meth:`SeqLlama.answering
-    <edge_tune.llama.native.llama_class>`). On the first sample the context holds exactly the
+    this counter for the duration of one answer
+    (:meth:`edge_tune.llama.native.SeqLlama.answering`). On the first sample the context holds exactly the
     prompt; an end-of-generation token is not counted as completion.
 
     ``cached_tokens``: the prompt tokens llama-cpp-python took from the KV cache (its

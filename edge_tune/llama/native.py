@@ -84,173 +84,182 @@ class _SeqContext:
         self.kv_cache_seq_rm(self._seq, 0, -1)
 
 
+class SeqLlama:
+    """A ``llama_cpp.Llama`` decoding sequence ``seq_id`` of a shared context through
+    ``decoder`` (a :class:`~edge_tune.llama.batch_rows.DirectDecoder` or the server's
+    batcher), and the only code of edge-tune that touches llama-cpp-python's internals.
+    :func:`llama_class` puts it before ``llama_cpp.Llama`` (imported at first use) in a
+    subclass of both.
+
+    What it relies on, as of llama-cpp-python 0.3.36 (``tests/test_llama_pins.py``):
+
+    - ``Llama.generate`` calls ``self.eval(tokens)`` and ``self.sample(..., idx=i)``
+      through the instance (overridden here: decoding by the batching rule, the token
+      counter's hooks) and builds ``self._sampler`` when it is None;
+    - ``_ctx``: the ``LlamaContext``; ``generate``/``eval`` call its
+      ``kv_cache_seq_rm(-1, p0, p1)`` and ``kv_cache_clear()``, and its ``memory`` is the
+      context's ``llama_memory_t`` (replaced by a per-sequence :class:`_SeqContext`);
+    - ``_model``: the ``LlamaModel``, for ``.vocab`` (a ``llama_vocab`` pointer) and
+      ``.token_get_text(id)``;
+    - ``_n_ctx``: the tokens the length checks allow (``exceed context window``), set to
+      one sequence's share; ``_n_vocab``: the width of ``scores``; ``_logits_all``;
+    - ``_input_ids`` (``input_ids[:n_tokens]``), ``input_ids``, ``n_tokens`` and
+      ``scores``, written directly; ``_requires_eval``: ``generate`` evaluates again
+      when True; ``_sampler``: None until ``generate`` builds one;
+    - ``_stack``: the ``ExitStack`` that ``close``/``__del__`` close (a view gets an
+      empty one: the model and context are the owner's);
+    - ``llama_cpp.llama_cpp.llama_model_default_params`` and
+      ``llama_context_default_params``, looked up at call time by ``Llama.__init__``
+      (replaced while :func:`open_llama` builds one).
+    """
+
+    seq_id = 0
+    decoder = None
+    counter = None  # a token counter while one answer runs: see answering()
+    keep_new = 0  # see answering()
+    _last_row = -1
+
+    # --- what edge-tune reads ------------------------------------------------------
+    @property
+    def vocab(self):
+        """The model's ``llama_vocab`` pointer (for llama.cpp's vocabulary calls)."""
+        return self._model.vocab
+
+    @property
+    def sequence_tokens(self) -> int:
+        """The tokens one sequence may hold (its share of the context)."""
+        return self._n_ctx
+
+    @property
+    def keeps_all_logits(self) -> bool:
+        """Every evaluated row's logits go into ``scores`` (``logits_all=True``)."""
+        return self._logits_all
+
+    def token_text(self, token: int) -> str:
+        """A token's text as the vocabulary stores it ("" for a negative id)."""
+        return self._model.token_get_text(token) if token >= 0 else ""
+
+    # --- the KV entries of this sequence -------------------------------------------
+    def clear_kv(self) -> None:
+        """Drop this sequence's KV entries (its tokens stay listed: :meth:`reset`)."""
+        self._ctx.kv_cache_clear()
+
+    def keep_only(self, n: int) -> None:
+        """Keep the first ``n`` tokens of this sequence, drop the KV entries after."""
+        if self.n_tokens > n:
+            self.n_tokens = n
+            self._ctx.kv_cache_seq_rm(-1, n, -1)
+
+    def cached_tokens(self):
+        """The tokens whose KV entries the sequence holds now (a copy)."""
+        return self.input_ids[:self.n_tokens].copy()
+
+    def set_cached_tokens(self, tokens) -> None:
+        """Say that the sequence holds ``tokens`` (after its KV entries were put back)."""
+        self.input_ids[:len(tokens)] = tokens
+        self.n_tokens = len(tokens)
+
+    # --- one answer -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def answering(self, counter=None, keep_new: int = 0):
+        """For one answer of llama-cpp-python's generation loop: ``counter`` sees every
+        evaluation (``evaluating(n_tokens)``) and sample (``cut_short()``: a token to
+        answer instead of sampling, or None; ``sampled(token, n_tokens)``);
+        ``keep_new`` > 0: a cached prefix is reused for at most ``len(prompt) -
+        keep_new`` tokens (see :meth:`generate`)."""
+        self.counter, self.keep_new = counter, keep_new
+        try:
+            yield
+        finally:
+            self.counter, self.keep_new = None, 0
+
+    def generate(self, tokens, *args, **kwargs):
+        """``Llama.generate``; with ``keep_new`` (:meth:`answering`) the last
+        ``keep_new`` prompt tokens are evaluated even when the cache holds them.
+
+        Why: llama-cpp-python re-evaluates a single token when the whole prompt is
+        cached, and ggml computes a lone row with other kernels than a block
+        (llamafile's sgemm needs two rows), so its logits would round differently from a
+        fresh context's. Two rows take the block kernels, whose rows do not depend on
+        how a prompt is split (checked for many splits: docs/serving.md)."""
+        if self.keep_new:
+            tokens = list(tokens)
+            keep = 0
+            for cached, new in zip(self._input_ids,
+                                   tokens[:max(len(tokens) - self.keep_new, 0)]):
+                if cached != new:
+                    break
+                keep += 1
+            self.keep_only(keep)
+        return super().generate(tokens, *args, **kwargs)
+
+    def eval(self, tokens) -> None:
+        if self.counter is not None:
+            self.counter.evaluating(self.n_tokens)
+        tokens = list(tokens)
+        self._last_row = self.decoder(self, tokens)
+        self.input_ids[self.n_tokens:self.n_tokens + len(tokens)] = tokens
+        self.n_tokens += len(tokens)
+        self._requires_eval = False
+
+    def sample(self, *args, **kwargs) -> int:
+        counter = self.counter
+        if counter is not None:
+            stop = counter.cut_short()
+            if stop is not None:
+                return stop
+        # the logits of this sequence's last row in the latest decode
+        kwargs["idx"] = self.n_tokens + self._last_row
+        with self.decoder.sample_lock:
+            token = super().sample(*args, **kwargs)
+        if counter is not None:
+            counter.sampled(token, self.n_tokens)
+        return token
+
+    def keep_logits(self, entry) -> None:
+        """After a decode (on the decoding thread): with ``logits_all``, copy the
+        rows of ``entry`` (a :class:`~edge_tune.llama.batch_rows.Rows`) into
+        ``scores``."""
+        if not self._logits_all:
+            return
+        import llama_cpp
+        import numpy as np
+
+        for k in range(len(entry.tokens)):
+            row = llama_cpp.llama_get_logits_ith(self.ctx, entry.first + k)
+            self.scores[entry.n_past + k, :] = np.ctypeslib.as_array(
+                row, shape=(self._n_vocab,))
+
+    # --- several sequences ------------------------------------------------------------
+    def view(self, seq_id: int, decoder) -> "SeqLlama":
+        """Another sequence of the same model and context: its own tokens, sampler and
+        KV entries; closing it frees nothing (the model and context are the owner's)."""
+        import numpy as np
+
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.seq_id, other.decoder = seq_id, decoder
+        other.counter, other.keep_new = None, 0
+        other._stack = contextlib.ExitStack()  # Llama.__del__ closes _stack: not ours
+        other._ctx = _SeqContext(getattr(self._ctx, "_inner", self._ctx), seq_id, True)
+        other.input_ids = np.ndarray((self._n_ctx,), dtype=np.intc)
+        other.n_tokens, other._sampler, other._requires_eval = 0, None, True
+        other.chat_handler = None
+        return other
+
+
 def llama_class():
-    """:class:`SeqLlama`, built once (``llama_cpp`` is imported at first use)."""
+    """A subclass of :class:`SeqLlama` and ``llama_cpp.Llama``, built once (``llama_cpp`` is
+    imported at first use)."""
     if "cls" in _CLASS:
         return _CLASS["cls"]
-    import numpy as np
     from llama_cpp import Llama
 
-    class SeqLlama(Llama):
-        """A ``llama_cpp.Llama`` decoding sequence ``seq_id`` of a shared context through
-        ``decoder`` (a :class:`~edge_tune.llama.batch_rows.DirectDecoder` or the server's
-        batcher), and the only code of edge-tune that touches llama-cpp-python's internals.
+    class SeqLlamaCpp(SeqLlama, Llama):
+        """:class:`SeqLlama` on llama-cpp-python's ``Llama``."""
 
-        What it relies on, as of llama-cpp-python 0.3.36 (``tests/test_llama_pins.py``):
-
-        - ``Llama.generate`` calls ``self.eval(tokens)`` and ``self.sample(..., idx=i)``
-          through the instance (overridden here: decoding by the batching rule, the token
-          counter's hooks) and builds ``self._sampler`` when it is None;
-        - ``_ctx``: the ``LlamaContext``; ``generate``/``eval`` call its
-          ``kv_cache_seq_rm(-1, p0, p1)`` and ``kv_cache_clear()``, and its ``memory`` is the
-          context's ``llama_memory_t`` (replaced by a per-sequence :class:`_SeqContext`);
-        - ``_model``: the ``LlamaModel``, for ``.vocab`` (a ``llama_vocab`` pointer) and
-          ``.token_get_text(id)``;
-        - ``_n_ctx``: the tokens the length checks allow (``exceed context window``), set to
-          one sequence's share; ``_n_vocab``: the width of ``scores``; ``_logits_all``;
-        - ``_input_ids`` (``input_ids[:n_tokens]``), ``input_ids``, ``n_tokens`` and
-          ``scores``, written directly; ``_requires_eval``: ``generate`` evaluates again
-          when True; ``_sampler``: None until ``generate`` builds one;
-        - ``_stack``: the ``ExitStack`` that ``close``/``__del__`` close (a view gets an
-          empty one: the model and context are the owner's);
-        - ``llama_cpp.llama_cpp.llama_model_default_params`` and
-          ``llama_context_default_params``, looked up at call time by ``Llama.__init__``
-          (replaced while :func:`open_llama` builds one).
-        """
-
-        seq_id = 0
-        decoder = None
-        counter = None  # a token counter while one answer runs: see answering()
-        keep_new = 0  # see answering()
-        _last_row = -1
-
-        # --- what edge-tune reads ------------------------------------------------------
-        @property
-        def vocab(self):
-            """The model's ``llama_vocab`` pointer (for llama.cpp's vocabulary calls)."""
-            return self._model.vocab
-
-        @property
-        def sequence_tokens(self) -> int:
-            """The tokens one sequence may hold (its share of the context)."""
-            return self._n_ctx
-
-        @property
-        def keeps_all_logits(self) -> bool:
-            """Every evaluated row's logits go into ``scores`` (``logits_all=True``)."""
-            return self._logits_all
-
-        def token_text(self, token: int) -> str:
-            """A token's text as the vocabulary stores it ("" for a negative id)."""
-            return self._model.token_get_text(token) if token >= 0 else ""
-
-        # --- the KV entries of this sequence -------------------------------------------
-        def clear_kv(self) -> None:
-            """Drop this sequence's KV entries (its tokens stay listed: :meth:`reset`)."""
-            self._ctx.kv_cache_clear()
-
-        def keep_only(self, n: int) -> None:
-            """Keep the first ``n`` tokens of this sequence, drop the KV entries after."""
-            if self.n_tokens > n:
-                self.n_tokens = n
-                self._ctx.kv_cache_seq_rm(-1, n, -1)
-
-        def cached_tokens(self):
-            """The tokens whose KV entries the sequence holds now (a copy)."""
-            return self.input_ids[:self.n_tokens].copy()
-
-        def set_cached_tokens(self, tokens) -> None:
-            """Say that the sequence holds ``tokens`` (after its KV entries were put back)."""
-            self.input_ids[:len(tokens)] = tokens
-            self.n_tokens = len(tokens)
-
-        # --- one answer -------------------------------------------------------------------
-        @contextlib.contextmanager
-        def answering(self, counter=None, keep_new: int = 0):
-            """For one answer of llama-cpp-python's generation loop: ``counter`` sees every
-            evaluation (``evaluating(n_tokens)``) and sample (``cut_short()``: a token to
-            answer instead of sampling, or None; ``sampled(token, n_tokens)``);
-            ``keep_new`` > 0: a cached prefix is reused for at most ``len(prompt) -
-            keep_new`` tokens (see :meth:`generate`)."""
-            self.counter, self.keep_new = counter, keep_new
-            try:
-                yield
-            finally:
-                self.counter, self.keep_new = None, 0
-
-        def generate(self, tokens, *args, **kwargs):
-            """``Llama.generate``; with ``keep_new`` (:meth:`answering`) the last
-            ``keep_new`` prompt tokens are evaluated even when the cache holds them.
-
-            Why: llama-cpp-python re-evaluates a single token when the whole prompt is
-            cached, and ggml computes a lone row with other kernels than a block
-            (llamafile's sgemm needs two rows), so its logits would round differently from a
-            fresh context's. Two rows take the block kernels, whose rows do not depend on
-            how a prompt is split (checked for many splits: docs/serving.md)."""
-            if self.keep_new:
-                tokens = list(tokens)
-                keep = 0
-                for cached, new in zip(self._input_ids,
-                                       tokens[:max(len(tokens) - self.keep_new, 0)]):
-                    if cached != new:
-                        break
-                    keep += 1
-                self.keep_only(keep)
-            return Llama.generate(self, tokens, *args, **kwargs)
-
-        def eval(self, tokens) -> None:
-            if self.counter is not None:
-                self.counter.evaluating(self.n_tokens)
-            tokens = list(tokens)
-            self._last_row = self.decoder(self, tokens)
-            self.input_ids[self.n_tokens:self.n_tokens + len(tokens)] = tokens
-            self.n_tokens += len(tokens)
-            self._requires_eval = False
-
-        def sample(self, *args, **kwargs) -> int:
-            counter = self.counter
-            if counter is not None:
-                stop = counter.cut_short()
-                if stop is not None:
-                    return stop
-            # the logits of this sequence's last row in the latest decode
-            kwargs["idx"] = self.n_tokens + self._last_row
-            with self.decoder.sample_lock:
-                token = Llama.sample(self, *args, **kwargs)
-            if counter is not None:
-                counter.sampled(token, self.n_tokens)
-            return token
-
-        def keep_logits(self, entry) -> None:
-            """After a decode (on the decoding thread): with ``logits_all``, copy the
-            rows of ``entry`` (a :class:`~edge_tune.llama.batch_rows.Rows`) into
-            ``scores``."""
-            if not self._logits_all:
-                return
-            import llama_cpp
-
-            for k in range(len(entry.tokens)):
-                row = llama_cpp.llama_get_logits_ith(self.ctx, entry.first + k)
-                self.scores[entry.n_past + k, :] = np.ctypeslib.as_array(
-                    row, shape=(self._n_vocab,))
-
-        # --- several sequences ------------------------------------------------------------
-        def view(self, seq_id: int, decoder) -> "SeqLlama":
-            """Another sequence of the same model and context: its own tokens, sampler and
-            KV entries; closing it frees nothing (the model and context are the owner's)."""
-            other = object.__new__(type(self))
-            other.__dict__.update(self.__dict__)
-            other.seq_id, other.decoder = seq_id, decoder
-            other.counter, other.keep_new = None, 0
-            other._stack = contextlib.ExitStack()  # Llama.__del__ closes _stack: not ours
-            other._ctx = _SeqContext(getattr(self._ctx, "_inner", self._ctx), seq_id, True)
-            other.input_ids = np.ndarray((self._n_ctx,), dtype=np.intc)
-            other.n_tokens, other._sampler, other._requires_eval = 0, None, True
-            other.chat_handler = None
-            return other
-
-    _CLASS["cls"] = SeqLlama
-    return SeqLlama
+    _CLASS["cls"] = SeqLlamaCpp
+    return SeqLlamaCpp
 
 
 def open_llama(sequences: int, n_ctx: int, flash_attn: bool = False,
