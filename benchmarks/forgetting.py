@@ -140,12 +140,16 @@ GRID = {
     "replay60": ["--replay", "60"],
     "replay40-lr3e-4": ["--replay", "40", "--lr", "3e-4"],
     "replay60-lr3e-4": ["--replay", "60", "--lr", "3e-4"],
+    "replay60-kl1": ["--replay", "60", "--replay-kl", "1"],
+    "replay60-kl10": ["--replay", "60", "--replay-kl", "10"],
 }
 
 
 def run_one(name: str, flags: list[str], work: Path, extra: list[str]) -> dict:
     run = work / name
-    env = dict(os.environ, NO_COLOR="1")
+    # Sleeping OpenMP waits: with two queues (or anything else) on the cores, spinning
+    # threads take the core their partner needs, and an eval ran ~20x slower
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "NO_COLOR": "1"}
     t0 = time.time()
     if not (run / "manifest.json").is_file():  # a finished run is evaluated again, not retrained
         subprocess.run([str(EDGE_TUNE), "train", "--model", "default", "--data", str(TRAIN),

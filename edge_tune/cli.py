@@ -219,6 +219,12 @@ def train(
                                          "19 to 1 of 20 at no loss of task score; `edge-tune "
                                          "eval RUN` measures it (docs/eval.md, Forgetting) "
                                          "[default: 0, max 60]."),
+    replay_kl: Optional[float] = typer.Option(None, "--replay-kl", metavar="WEIGHT",
+                                              help="With --replay: also keep the base's whole "
+                                              "next-token distribution on the replay answers "
+                                              "(a KL-to-base term of this weight, the base "
+                                              "being the model with the adapter off; cpu "
+                                              "backend) [default: 0]."),
     report_to: Optional[str] = typer.Option(None, help="tensorboard | wandb | mlflow | none: "
                                             "where the run's metrics also go (tensorboard: "
                                             "RUN/tb; wandb offline) [default: tensorboard]; "
@@ -252,6 +258,7 @@ def train(
                  rslora=rslora,
                  dora=dora, lora_dropout=lora_dropout, target_modules=target_modules,
                  report_to=report_to, method=method, beta=beta, full=full, replay=replay,
+                 replay_kl=replay_kl,
                  desirable_only=desirable_only)
     moved = None  # --resume RUN --data PATH: where the run's data is now
     if resume is not None:

@@ -94,6 +94,11 @@ class TrainConfig:
     # shipped with edge-tune (edge_tune/replay.py) mixed into training, so a narrow fine-tune
     # keeps the base's general behaviour; 0 = none (docs/eval.md, "Forgetting")
     replay: int = 0
+    # the weight of a KL(base || tuned) term over the full vocabulary on the replay records'
+    # answer tokens (the base = the same model with the adapter off), added to their
+    # cross-entropy: it keeps the whole next-token distribution, not only the base's greedy
+    # token; 0 = hard labels only. Needs replay; cpu backend (docs/eval.md, "Forgetting")
+    replay_kl: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -136,6 +141,8 @@ _CHECKS = {
     "lora_dropout": (lambda v: 0 <= v < 1, "a probability from 0 to below 1"),
     "report_to": (lambda v: v in REPORT_TO, " | ".join(REPORT_TO)),
     "replay": (lambda v: v >= 0, "an integer >= 0: general records to mix in, 0 = none"),
+    "replay_kl": (lambda v: 0 <= v <= 100, "a weight from 0 to 100: the KL-to-base term on "
+                  "the replay records, 0 = none"),
 }
 
 
@@ -211,7 +218,7 @@ def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
         parse_columns(cfg.columns)
     if cfg.val and cfg.val_split:
         raise EdgeTuneError("give either --val FILE or --val-split, not both")
-    if cfg.replay:
+    if cfg.replay or cfg.replay_kl:
         _check_replay(cfg)
     if cfg.nnodes > 1 and not cfg.rdzv:
         raise EdgeTuneError(f"nnodes: {cfg.nnodes} machines need --rdzv HOST:PORT (the "
@@ -235,6 +242,12 @@ def _check_replay(cfg: TrainConfig) -> None:
     if cfg.method != "sft":
         raise UsageError(f"--replay: mixes general chat answers into supervised training; "
                          f"--method {cfg.method} trains on preference pairs (drop --replay)")
+    if cfg.replay_kl and not cfg.replay:
+        raise UsageError(f"--replay-kl {cfg.replay_kl:g}: weighs a term on the replay records; "
+                         "give --replay N too (e.g. --replay 60)")
+    if cfg.replay_kl and cfg.full:
+        raise UsageError("--replay-kl: the base it compares with is the model with the LoRA "
+                         "adapter off; --full trains no adapter (drop --replay-kl)")
 
 
 # LoRA-only settings and what they mean, for the one-line refusal next to --full

@@ -241,7 +241,8 @@ def estimate(shape: ModelShape, backend: str, cfg: TrainConfig, machine: Machine
     length = min(cfg.seq_len, longest or cfg.seq_len)
     method = cfg.method
     # DPO/ORPO: a chosen and a rejected sequence per example, not packed; DPO adds a forward
-    # pass of the reference (the base: adapter off, no gradients)
+    # pass of the reference (the base: adapter off, no gradients), as --replay-kl does (counted
+    # for every row: a batch may be all replay)
     batch = cfg.batch_size * (1 if method == "sft" else 2)
     tokens = batch * length
     full = cfg.full
@@ -285,7 +286,9 @@ def estimate(shape: ModelShape, backend: str, cfg: TrainConfig, machine: Machine
         "gradients": 4.0 * n_trained,
         "optimizer state": 8.0 * n_trained,  # AdamW: two fp32 moments per trained weight
         "activations": activations,
-        "loss": 3 * rows * shape.vocab * 4 + tokens * shape.hidden * 4,
+        # --replay-kl: a slice of the KL term holds both models' log-probabilities too
+        "loss": (5 if cfg.replay_kl else 3) * rows * shape.vocab * 4 +
+        tokens * shape.hidden * 4,
     }
     train_peak = sum(parts.values())
     file_bytes = shape.file_bytes or 4 * shape.params
@@ -294,7 +297,7 @@ def estimate(shape: ModelShape, backend: str, cfg: TrainConfig, machine: Machine
     flops = (6.0 * shape.params if full else 4.0 * (shape.params + n_lora)) * tokens + \
         4.0 * shape.layers * att_batch * att_len * att_len * shape.q_dim + \
         (dora_flops(shape, cfg.rank, cfg.target_modules) if cfg.dora else 0.0) + \
-        (2.0 * shape.params * tokens if method == "dpo" else 0.0)
+        (2.0 * shape.params * tokens if method == "dpo" or cfg.replay_kl else 0.0)
     verify_peak = verify_bytes(shape, backend) if cfg.verify else 0.0
     # verify runs on the CPU: in the same memory as training except on a CUDA GPU's
     in_budget = verify_peak if capabilities(backend).device != "cuda" else 0.0

@@ -52,7 +52,8 @@ def _cache_path(base_sha256: str, chat_template: Optional[str], system_mode: str
 def replay_records(base_gguf: Path, n: int, base_sha256: str,
                    chat_template: Optional[str] = None, system_mode: str = "keep",
                    on_event: EventSink = ignore) -> list[dict]:
-    """``n`` training records (the job's form: ``{"messages": [user, assistant], "where"}``)
+    """``n`` training records (the job's form: ``{"messages": [user, assistant], "where",
+    "replay": true}``; the flag marks them for ``--replay-kl``)
     whose answers are ``base_gguf``'s own greedy answers (at most :data:`MAX_TOKENS` tokens,
     rendered with ``chat_template`` — None: the GGUF's own — and ``system_mode``), taken from
     the shipped prompts in order, cut-off answers skipped. Fewer than ``n`` only when the
@@ -88,7 +89,8 @@ def replay_records(base_gguf: Path, n: int, base_sha256: str,
             if answer:  # None: cut off at MAX_TOKENS, or empty
                 records.append({"messages": [{"role": "user", "content": prompt},
                                              {"role": "assistant", "content": answer}],
-                                "where": f"replay prompt {i + 1} ({SOURCE})"})
+                                "where": f"replay prompt {i + 1} ({SOURCE})",
+                                "replay": True})
     finally:
         if engine is not None:
             engine.close()

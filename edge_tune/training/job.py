@@ -46,8 +46,10 @@ class TrainJob:
     Worker fields (filled in by the worker, in this process only):
       hf_dir: the base in HF format; examples / val_examples: tokenized ``Example`` lists
       (validation on rank 0 only); example_index: each example's record index in the whole
-      training set; pad_id: the padding token id; adapter_dir: where the backend saves the
-      PEFT adapter; interrupt: the worker's ``checkpoint.Interrupt`` (SIGTERM = cancel).
+      training set; replay_examples: positions in ``examples`` of ``--replay`` records
+      (records with ``"replay": true``: the KL-to-base term's); pad_id: the padding token
+      id; adapter_dir: where the backend saves the PEFT adapter; interrupt: the worker's
+      ``checkpoint.Interrupt`` (SIGTERM = cancel).
 
     Every field has a default so that in-process callers (tests, benchmarks) can build a job
     with the fields they use (:meth:`of`); the JSON path requires them all (:meth:`from_dict`).
@@ -70,6 +72,7 @@ class TrainJob:
     examples: list = field(default_factory=list, metadata=_WORKER)
     val_examples: list = field(default_factory=list, metadata=_WORKER)
     example_index: Optional[list[int]] = field(default=None, metadata=_WORKER)
+    replay_examples: list[int] = field(default_factory=list, metadata=_WORKER)
     pad_id: int = field(default=0, metadata=_WORKER)
     adapter_dir: Optional[str] = field(default=None, metadata=_WORKER)
     interrupt: Any = field(default=None, metadata=_WORKER)

@@ -152,8 +152,8 @@ def read_shard(job: TrainJob, rank: int, world: int) -> list[int]:
 
 def prepare_examples(job: TrainJob, emit, rank: int = 0, world: int = 1):
     """Tokenize this rank's training records (and, on rank 0, the validation records) with
-    the model's chat template. Sets ``job.example_index`` (each example's record index) and
-    ``job.val_examples``; returns (examples, pad id, tokenizer info)."""
+    the model's chat template. Sets ``job.example_index`` (each example's record index),
+    ``job.replay_examples`` and ``job.val_examples``; returns (examples, pad id, tokenizer info)."""
     from transformers import AutoTokenizer
 
     cfg = job.config
@@ -168,6 +168,7 @@ def prepare_examples(job: TrainJob, emit, rank: int = 0, world: int = 1):
     examples = tokenize_records(tok, job.records, seq_len, emit, "training", on_all,
                                 overflow, kept, **per_record)
     job.example_index = [indices[k] for k in kept]
+    job.replay_examples = [k for k, i in enumerate(kept) if job.records[i].get("replay")]
     if not examples:
         shard = f" in rank {rank}'s shard" if world > 1 else ""
         raise EdgeTuneError(f"no example{shard} has an assistant token within seq_len; raise "

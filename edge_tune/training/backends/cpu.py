@@ -183,8 +183,12 @@ def causal_lm_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def response_loss(model, ids, labels, mask, position_ids=None):
-    """Mean cross-entropy over trained positions only.
+def response_loss(model, ids, labels, mask, position_ids=None, kl_labels=None,
+                  kl_weight: float = 0.0):
+    """Mean cross-entropy over trained positions only, plus, with ``kl_weight``,
+    ``kl_weight`` x KL(base ‖ tuned) summed over the positions ``kl_labels`` trains (see
+    :func:`replay_kl_sum`), divided by the same count of trained positions: a replay token's
+    loss is its cross-entropy plus ``kl_weight`` x its KL.
 
     Hidden states are computed for all tokens, logits only where the next token carries a
     loss, and only ``LOSS_CHUNK`` positions at a time: each slice's logits are recomputed in
@@ -195,18 +199,76 @@ def response_loss(model, ids, labels, mask, position_ids=None):
 
     causal_lm = causal_lm_of(model)
     decoder = getattr(causal_lm, causal_lm.base_model_prefix)
-    hidden = decoder(input_ids=ids, attention_mask=mask,
+    states = decoder(input_ids=ids, attention_mask=mask,
                      position_ids=position_ids).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    hidden, targets = hidden[:, :-1][keep], targets[keep]
+    hidden, targets = states[:, :-1][keep], targets[keep]
     head = causal_lm.get_output_embeddings()
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, len(targets), LOSS_CHUNK):
         total = total + checkpoint(_chunk_loss_sum, head, hidden[i:i + LOSS_CHUNK],
                                    targets[i:i + LOSS_CHUNK], cap, use_reentrant=False)
+    if kl_weight and kl_labels is not None:
+        total = total + kl_weight * replay_kl_sum(model, states, ids, mask, position_ids,
+                                                  kl_labels)
     return total / max(1, len(targets))
+
+
+def _chunk_kl_sum(head, base_head, hidden, base_hidden, cap):
+    import torch
+    import torch.nn.functional as F
+
+    def log_probs(logits):
+        if cap:
+            logits = (logits / cap).tanh() * cap
+        return F.log_softmax(logits.float(), dim=-1)
+
+    with torch.no_grad():
+        lp = log_probs(base_head(base_hidden))
+    return (lp.exp() * (lp - log_probs(head(hidden)))).sum()
+
+
+def replay_kl_sum(model, states, ids, mask, position_ids, kl_labels):
+    """KL(base ‖ tuned) in nats, summed over the positions that predict a trained token of
+    ``kl_labels`` ((batch, width), IGNORE elsewhere), over the full vocabulary: the same
+    per-position KL ``edge-tune eval`` measures drift with. ``states``: the tuned model's last
+    hidden states of the whole batch ((batch, width, hidden), with gradients); the base's are
+    computed here for the rows that have such positions, by the same PEFT model with its
+    adapter switched off and without gradients (no second copy of the model). 0 (a float
+    tensor) when no row has one."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    at = kl_labels[:, 1:] != IGNORE
+    rows = at.any(dim=1)
+    total = states.new_zeros((), dtype=torch.float32)
+    if not bool(rows.any()):
+        return total
+    causal_lm = causal_lm_of(model)
+    decoder = getattr(causal_lm, causal_lm.base_model_prefix)
+    with torch.no_grad(), model.disable_adapter():
+        base = decoder(input_ids=ids[rows], attention_mask=mask[rows],
+                       position_ids=None if position_ids is None else position_ids[rows]
+                       ).last_hidden_state
+    base, hidden = base[:, :-1][at[rows]], states[:, :-1][at]  # the same positions, in order
+    head = causal_lm.get_output_embeddings()
+    # A LoRA layer on the output layer (an untied base): the base's logits without it
+    base_head = head.get_base_layer() if hasattr(head, "get_base_layer") else head
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    for i in range(0, len(hidden), LOSS_CHUNK):
+        total = total + checkpoint(_chunk_kl_sum, head, base_head, hidden[i:i + LOSS_CHUNK],
+                                   base[i:i + LOSS_CHUNK], cap, use_reentrant=False)
+    return total
+
+
+def replay_labels(batch: list[Example], replay: list[bool]) -> list[Example]:
+    """``batch`` with the labels of every example that is not replay set to IGNORE: collated
+    like the batch itself (the same rows and positions: layout depends on lengths only),
+    its trained positions are the replay records' (``kl_labels`` of :func:`response_loss`)."""
+    return [e if r else Example(e.input_ids, [IGNORE] * len(e.labels))
+            for e, r in zip(batch, replay)]
 
 
 def compute_precision(model, bf16: bool):
@@ -347,6 +409,11 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
 
         emit(Log(f"{cfg.method.upper()} on preference pairs, beta {cfg.beta}"
                  + ("; reference = the base (adapter off)" if cfg.method == "dpo" else "")))
+    # --replay-kl: the examples of replay records also carry the KL-to-base term
+    replayed = set(job.replay_examples) if cfg.replay_kl and not cfg.full else set()
+    if replayed:
+        emit(Log(f"replay: KL to the base (adapter off) on {len(replayed)} replay examples, "
+                 f"weight {cfg.replay_kl:g}"))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model.train()
@@ -384,7 +451,8 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
                 g["lr"] = lr
             step_loss, n_tokens, rewards = 0.0, 0, [0.0, 0.0]
             for batch_at in orders:
-                batch = [examples[k] for k in batch_at(step)]
+                picked = batch_at(step)
+                batch = [examples[k] for k in picked]
                 if preference:  # DPO/ORPO: chosen and rejected sequences in one batch
                     ids, labels, mask = pair_rows(batch, job.pad_id)
                     with compute_precision(model, bf16):
@@ -394,17 +462,26 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
                     rewards = [r + v / accum for r, v in zip(rewards, out.stats())]
                     n_tokens += int(mask.sum())
                     continue
+                kl_batch = replay_labels(batch, [k in replayed for k in picked]) \
+                    if replayed else None
+                kl_labels = None
                 if cfg.pack:
                     # Rows no wider than the batch's longest example: packing then only joins
                     # examples that fit beside each other, and never widens the attention
                     # (quadratic in the row) beyond what padding would compute.
+                    width = max(len(e.input_ids) for e in batch)
                     ids, labels, mask, positions, n_micro = collate_packed(
-                        batch, job.pad_id, max(len(e.input_ids) for e in batch))
+                        batch, job.pad_id, width)
+                    if kl_batch:
+                        kl_labels = collate_packed(kl_batch, job.pad_id, width)[1]
                 else:
                     (ids, labels, mask), positions = collate(batch, job.pad_id), None
                     n_micro = int(mask.sum())
+                    if kl_batch:
+                        kl_labels = collate(kl_batch, job.pad_id)[1]
                 with compute_precision(model, bf16):
-                    loss = response_loss(model, ids, labels, mask, positions) / accum
+                    loss = response_loss(model, ids, labels, mask, positions, kl_labels,
+                                         cfg.replay_kl) / accum
                 loss.backward()
                 step_loss += loss.item()
                 n_tokens += n_micro
