@@ -122,7 +122,7 @@ def test_the_hint_is_shown_by_the_cli_report_and_the_tui_summary():
     from edge_tune.commands.eval import EvalResult
     from edge_tune.eval.drift import drift_hint
     from edge_tune.render.eval import render_eval
-    from tui.screens.adapters import eval_lines
+    from edge_tune.tui.screens.adapters import eval_lines
 
     drift = {"mean_kl": 4.2, "changed_share": 1.0, "n_prompts": 20, "n_positions": 900,
              "prompts": [], "task_like": 19}
