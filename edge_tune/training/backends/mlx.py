@@ -102,6 +102,69 @@ def save_full_model(model, base_dir: Path, out: Path, chat_template: str | None)
     copy_tokenizer(base_dir, out, chat_template)
 
 
+def _make_trainable(model, job: TrainJob) -> dict | None:
+    """Unfreeze what the run trains: every weight for ``--full`` (then None), else LoRA layers
+    on ``--target-modules`` of every block (then mlx-lm's adapter config for them; EdgeTuneError
+    when no block module is a target)."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    cfg = job.config
+    if cfg.full:  # SFT only: the config refuses --full with --method dpo|orpo
+        # every weight, as the cpu backend's --full (mlx-lm's fine_tune_type "full" trains the
+        # blocks only, not the embeddings and the final norm)
+        model.unfreeze()
+        return None
+    model.freeze()
+    block_modules = [name for name, _ in model.layers[0].named_modules() if name]
+    keys = lora_keys(block_modules, cfg.target_modules)
+    if not keys:
+        raise EdgeTuneError(f"--target-modules {','.join(cfg.target_modules)}: none of "
+                            "these modules exists in the model's blocks")
+    n_layers = len(model.layers)
+    native_cfg = mlx_lora_config(cfg.rank, cfg.alpha, keys, n_layers, job.hf_dir,
+                                 cfg.rslora, cfg.dora, cfg.lora_dropout)
+    linear_to_lora_layers(model, n_layers, native_cfg["lora_parameters"], use_dora=cfg.dora)
+    return native_cfg
+
+
+def _batch_iterator(pad_id: int, rng: random.Random, seen: dict):
+    """mlx-lm's ``iterate_batches`` over edge-tune's examples, as (tokens, loss mask) mlx
+    arrays: for validation (``loop=False``) every example once, shortest first; for training
+    length-grouped batches without end, drawn with ``rng``, adding the tokens they hold
+    (cut at ``max_seq_length``) to ``seen["tokens"]``."""
+    import mlx.core as mx
+
+    def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None,
+                        comm_group=None):
+        if not loop:  # validation: every example once, shortest first
+            order = sorted(range(len(dataset)), key=lambda i: len(dataset[i].input_ids))
+            for k in range(0, len(order), batch_size):
+                tokens, mask = batch_arrays([dataset[i] for i in order[k:k + batch_size]],
+                                            pad_id, max_seq_length)
+                yield mx.array(tokens), mx.array(mask)
+            return
+        while True:
+            for batch in length_grouped_batches([len(e.input_ids) for e in dataset],
+                                                batch_size, rng):
+                chosen = [dataset[i] for i in batch]
+                seen["tokens"] += sum(min(len(e.input_ids), max_seq_length) for e in chosen)
+                tokens, mask = batch_arrays(chosen, pad_id, max_seq_length)
+                yield mx.array(tokens), mx.array(mask)
+
+    return iterate_batches
+
+
+def _save_adapter(native: Path, native_cfg: dict, out: Path, job: TrainJob) -> None:
+    """Complete the native mlx-lm adapter in ``native`` (its weights are there) with its
+    config, and write its PEFT copy to ``out`` (rsLoRA marked as such)."""
+    from edge_tune.converters.formats import mlx_to_peft
+
+    (native / mlx_to_peft.CONFIG).write_text(json.dumps(native_cfg, indent=2))
+    mlx_to_peft.convert(native, out, base_model=job.hf_dir)
+    if job.config.rslora:
+        mark_rslora(out, job.config.alpha)
+
+
 def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
     """Train a LoRA adapter with mlx-lm; the native adapter goes to ``RUN/mlx``, a PEFT copy
     to ``job.adapter_dir``. Reads of ``job``: config, hf_dir, examples, val_examples, pad_id,
@@ -117,7 +180,6 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
     from mlx_lm.tuner.trainer import evaluate as mlx_evaluate
     from mlx_lm.tuner.trainer import grad_checkpoint
     from mlx_lm.tuner.trainer import train as mlx_train
-    from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from edge_tune.training.backends.mlx_config import mlx_load_kwargs
     from edge_tune.converters.formats import mlx_to_peft
@@ -132,22 +194,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
     # transformers 5 configs keep RoPE where mlx-lm does not look: translate (mlx_config)
     model, _ = mlx_load(job.hf_dir, **mlx_load_kwargs(job.hf_dir, cfg.seq_len))
     full = cfg.full
-    if full:  # SFT only: the config refuses --full with --method dpo|orpo
-        # every weight, as the cpu backend's --full (mlx-lm's fine_tune_type "full" trains the
-        # blocks only, not the embeddings and the final norm)
-        model.unfreeze()
-        native_cfg = None
-    else:
-        model.freeze()
-        block_modules = [name for name, _ in model.layers[0].named_modules() if name]
-        keys = lora_keys(block_modules, cfg.target_modules)
-        if not keys:
-            raise EdgeTuneError(f"--target-modules {','.join(cfg.target_modules)}: none of "
-                                "these modules exists in the model's blocks")
-        n_layers = len(model.layers)
-        native_cfg = mlx_lora_config(cfg.rank, cfg.alpha, keys, n_layers, job.hf_dir,
-                                     cfg.rslora, cfg.dora, cfg.lora_dropout)
-        linear_to_lora_layers(model, n_layers, native_cfg["lora_parameters"], use_dora=cfg.dora)
+    native_cfg = _make_trainable(model, job)
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     what = "parameters (full fine-tuning, fp32 weights)" if full else "LoRA parameters"
     emit(Log(f"model loaded in {time.perf_counter() - t0:.1f}s; {n_train / 1e6:.2f}M trainable "
@@ -171,23 +218,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
     opt = ClippedAdamW(learning_rate=schedule, weight_decay=0.0, bias_correction=True)
     rng = random.Random(cfg.seed)
     seen = {"tokens": 0}
-
-    def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None,
-                        comm_group=None):
-        if not loop:  # validation: every example once, shortest first
-            order = sorted(range(len(dataset)), key=lambda i: len(dataset[i].input_ids))
-            for k in range(0, len(order), batch_size):
-                tokens, mask = batch_arrays([dataset[i] for i in order[k:k + batch_size]],
-                                            pad_id, max_seq_length)
-                yield mx.array(tokens), mx.array(mask)
-            return
-        while True:
-            for batch in length_grouped_batches([len(e.input_ids) for e in dataset],
-                                                batch_size, rng):
-                chosen = [dataset[i] for i in batch]
-                seen["tokens"] += sum(min(len(e.input_ids), max_seq_length) for e in chosen)
-                tokens, mask = batch_arrays(chosen, pad_id, max_seq_length)
-                yield mx.array(tokens), mx.array(mask)
+    iterate_batches = _batch_iterator(pad_id, rng, seen)
 
     def masked_loss(model_, tokens, mask):
         logits = model_(tokens[:, :-1])
@@ -259,10 +290,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
         if full:
             save_full_model(model, Path(job.hf_dir), out, job.chat_template)
         else:
-            (native / mlx_to_peft.CONFIG).write_text(json.dumps(native_cfg, indent=2))
-            mlx_to_peft.convert(native, out, base_model=job.hf_dir)
-            if cfg.rslora:
-                mark_rslora(out, cfg.alpha)
+            _save_adapter(native, native_cfg, out, job)
     return WorkerResult(
         steps=total,
         final_loss=final_loss(losses),
