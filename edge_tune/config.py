@@ -1,11 +1,13 @@
-"""Run configuration: defaults, a TOML file, then command-line flags, validated in one place."""
+"""Run configuration: each setting declared once (a :class:`TrainConfig` field: name, type,
+default, and in its metadata the help and flag), read from defaults, a TOML file, then
+command-line flags, validated in one place."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -21,87 +23,226 @@ REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
 FULL_LR = 2e-5  # --full's default learning rate (LoRA's: TrainConfig.lr)
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+# help shared with the commands that read a run (chat, serve, data inspect)
+TEMPLATE_HELP = ("Chat template to render conversations with instead of the model's own: a "
+                 "built-in name (chatml, smollm2, llama3, qwen2, qwen3, gemma, gemma2, phi3, "
+                 "mistral) or a Jinja file. A run stores the one it trained with; chat, serve, "
+                 "verify, bundle and export use it without being told again.")
+SYSTEM_MODE_HELP = ("keep (system messages as the template renders them) | fold (into the "
+                    "first user turn, for templates that reject the system role).")
+
+
+def option(default: Any = MISSING, *, help: str, flags: Optional[tuple[str, ...]] = None,
+           metavar: Optional[str] = None, cli_type: Any = None, label: Optional[str] = None,
+           tip: Optional[str] = None, default_factory: Any = MISSING) -> Any:
+    """A :class:`TrainConfig` field, described once for every front end (field metadata).
+
+    ``help``: what the setting does, as ``train --help`` shows it. ``flags``: its spellings on
+    the command line when not ``--NAME`` (``--x/--no-x`` for a switch), ``()`` for a setting
+    only a run.toml sets. ``metavar``/``cli_type``: the flag's value name, and its type where
+    it is not the field's (a path, a list given one flag per item). ``label``/``tip``: the TUI
+    train form's label and tooltip where they are not the name and the help. The CLI's flags
+    (``edge_tune.cli.common.setting``), the run.toml keys (:func:`build`) and the TUI's form
+    fields are made from these."""
+    meta = {"help": help, "flags": flags, "metavar": metavar, "cli_type": cli_type,
+            "label": label, "tip": tip}
+    return field(default=default, default_factory=default_factory,
+                 metadata={k: v for k, v in meta.items() if v is not None})
+
 
 @dataclass
 class TrainConfig:
-    # one source (a path, folder or NAME[:CONFIG][@SPLIT], optionally *WEIGHT), or a list of
-    # them mixed (--data repeated; data = [...] in TOML): edge_tune.data.layouts
-    data: Union[str, list] = ""
-    model: str = "default"
-    backend: str = "auto"
-    out: Optional[str] = None
-    epochs: float = 2.0
-    max_steps: Optional[int] = None  # overrides epochs when set
-    lr: float = 1e-3
-    rank: int = 16
-    alpha: float = 32.0
-    rslora: bool = False  # rank-stabilized LoRA: the update is scaled by alpha/sqrt(rank)
-    dora: bool = False  # weight-decomposed LoRA (magnitude + direction); exports through --merge
-    lora_dropout: float = 0.0  # dropout on the LoRA branch's input while training
-    batch_size: int = 8
-    grad_accum: int = 1  # micro-batches per optimizer step (the planner raises it to fit)
-    grad_checkpoint: bool = False  # recompute each block in backward: less memory, ~1/3 slower
-    seq_len: int = 512
-    seed: int = 0
-    format: str = "auto"  # auto | openai | sharegpt | alpaca | completion | text
-    # source column -> edge-tune key, "question=prompt,answer=completion" (hub sets, CSVs)
-    columns: Optional[str] = None
-    max_samples: Optional[int] = None  # take at most this many records of each source
-    # auto | inline | drop: assistant reasoning (reasoning_content / thinking). auto: the
-    # chat template must render it (Qwen3 style) or the record is refused; inline: written
-    # into the answer between the model's think markers; drop: left out, said once
-    reasoning: str = "auto"
-    # KTO data (label / kto_tag) under sft/dpo/orpo: train only the desirable (label true)
-    # records, the count of the undesirable ones left out said; without it such data is refused
-    desirable_only: bool = False
-    skip_invalid: bool = False  # skip bad records (reported) instead of stopping
-    train_on: str = "assistant"  # assistant | all: which tokens carry the loss
-    pack: bool = True  # cpu: pack each batch into few seq_len rows (block-diagonal attention)
-    overflow: str = "truncate"  # truncate | drop: examples longer than seq_len
-    val: Optional[str] = None  # a separate validation file
-    val_split: float = 0.0  # or hold out this share of --data
-    eval_every: int = 0  # steps between validation passes; 0 = about 5 over the run
-    save_every: int = 50  # steps between checkpoints (RUN/checkpoint); 0 = only on cancel
-    # module names inside a block (q_proj, ...), or ["all-linear"]: every linear layer of the
-    # blocks (the output layer excluded); checked against the model before its weights load
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    warmup_steps: int = 5
-    precision: str = "auto"  # auto | bf16 | fp32
-    threads: int = 0  # 0 = physical cores
-    memory_gib: Optional[float] = None  # the planner's memory budget; None = what is free now
-    verify: bool = True  # after training: llama.cpp vs torch+PEFT on held-back prompts
-    nproc: int = 1  # processes per node (torchrun: gloo on CPU, NCCL per GPU for unsloth)
-    nnodes: int = 1  # machines; more than one needs rdzv
-    rdzv: Optional[str] = None  # HOST:PORT of the rendezvous (torchrun --rdzv-endpoint)
-    # A built-in template name (edge_tune.templates.builtin) or a Jinja file, used instead of
-    # the model's own; stored in the run and used by chat/serve/export without being given again
-    chat_template: Optional[str] = None
-    # keep | fold: fold = system text goes into the first user turn (templates without a
-    # system role); stored in the run, so chat and serve fold it the same way
-    system_mode: str = "keep"
-    # tensorboard | wandb | mlflow | none: where the parent also writes the run's metrics
-    # (tensorboard: RUN/tb event files; wandb offline unless WANDB_MODE says otherwise)
-    report_to: str = "tensorboard"
-    # sft | dpo | orpo: supervised fine-tuning, or preference tuning on prompt/chosen/rejected
-    # pairs (DPO: Rafailov et al. 2023; ORPO: Hong et al. 2024; cpu backend)
-    method: str = "sft"
-    beta: float = 0.1  # DPO's beta (strength of the KL to the reference), ORPO's lambda
-    # full fine-tuning: every weight trains (AdamW) and the run saves HF safetensors weights
-    # instead of a LoRA adapter; LoRA-only settings (rank, alpha, rslora, dora, lora_dropout,
-    # target_modules) are refused with it. cpu and mlx backends.
-    full: bool = False
-    # general replay: this many records of the base model's own answers to general prompts
-    # shipped with edge-tune (edge_tune/replay.py) mixed into training, so a narrow fine-tune
-    # keeps the base's general behaviour; 0 = none (docs/eval.md, "Forgetting")
-    replay: int = 0
-    # the weight of a KL(base || tuned) term over the full vocabulary on the replay records'
-    # answer tokens (the base = the same model with the adapter off), added to their
-    # cross-entropy: it keeps the whole next-token distribution, not only the base's greedy
-    # token; 0 = hard labels only. Needs replay; cpu backend (docs/eval.md, "Forgetting")
-    replay_kl: float = 0.0
+    """One training run's settings; each field's metadata (:func:`option`) is its ``train``
+    flag, help and TUI label. Defaults < run.toml < flags: :func:`build`."""
+
+    # --- the data --------------------------------------------------------------------------
+    # one source, or a list of them mixed (--data repeated; data = [...] in TOML):
+    # edge_tune.data.layouts
+    data: Union[str, list] = option(
+        "", flags=("--data", "-d"), metavar="SOURCE", cli_type=list[str],
+        help="Training data, repeatable to mix sources: a .jsonl, .json, .csv, .tsv, "
+             ".parquet, .txt or .arrow file; a folder (train, valid, test files: train trains, "
+             "valid validates, test is left for `eval`; else every file trains); a datasets "
+             "save_to_disk folder; a hub ID NAME[:CONFIG][@SPLIT] read from the local HF "
+             "cache. SOURCE*W weights a source (0.5 = a seeded half, 2 = twice). Formats: "
+             "OpenAI messages, ShareGPT, Alpaca, prompt/completion, text, preference pairs "
+             "(docs/data.md).")
+    # source column -> edge-tune key (hub sets, CSVs)
+    columns: Optional[str] = option(
+        None, metavar="SRC=KEY,...",
+        help="Rename source columns to the keys edge-tune reads, e.g. "
+             "question=prompt,answer=completion (every source; a missing column is an error).")
+    max_samples: Optional[int] = option(
+        None, metavar="N", help="Read only the first N records of each source.")
+    format: str = option(
+        "auto", help="auto | openai | sharegpt | alpaca | completion | text [default: auto].")
+    skip_invalid: bool = option(
+        False, flags=("--skip-invalid",),
+        help="Skip bad records (listed) instead of stopping at the first.")
+    train_on: str = option(
+        "assistant", help="assistant (loss on assistant turns only) | all [default: assistant].")
+    overflow: str = option(
+        "truncate", help="Examples longer than --seq-len: truncate | drop [default: truncate]; "
+                         "counted and reported either way.")
+    # cpu: block-diagonal attention inside each packed row
+    pack: bool = option(
+        True, help="Pack each batch into as few rows of --seq-len tokens as fit, attention kept "
+                   "inside each example; --no-pack pads length-grouped batches instead "
+                   "[default: pack].")
+    # --- the model and the run ---------------------------------------------------------------
+    model: str = option(
+        "default", flags=("--model", "-m"),
+        help="'default' (embedded SmolLM2-135M), a .gguf file, an HF model directory, or a hub "
+             "ID.")
+    backend: str = option("auto", help="auto | cpu | mlx | unsloth.")
+    out: Optional[str] = option(
+        None, flags=("--out", "-o"), cli_type=Path,
+        help="Run directory (default runs/run-DATE-TIME).")
+    # --- the optimization --------------------------------------------------------------------
+    epochs: float = option(2.0, help="Passes over the data [default: 2].")
+    max_steps: Optional[int] = option(
+        None, help="Stop after N optimizer steps (overrides --epochs).")
+    lr: float = option(1e-3, help="Peak learning rate [default: 1e-3; 2e-5 with --full].")
+    warmup_steps: int = option(
+        5, flags=(), help="Steps of linear learning-rate warm-up before the cosine decay (at "
+                          "most a tenth of the run) [default: 5].")
+    rank: int = option(16, help="LoRA rank r [default: 16].")
+    alpha: float = option(32.0, help="LoRA alpha; scale = alpha/r [default: 32].")
+    batch_size: int = option(8, label="batch", help="Examples per step [default: 8].")
+    grad_accum: int = option(
+        1, help="Batches per optimizer step (effective batch = batch-size x this) [default: 1; "
+                "raised by the planner to fit].")
+    grad_checkpoint: bool = option(
+        False, help="Recompute each block in backward: far less memory, ~1/3 slower [default: "
+                    "off; on if needed to fit].")
+    memory_gib: Optional[float] = option(
+        None, help="Memory budget for the planner in GiB [default: what is free now].")
+    precision: str = option(
+        "auto", help="auto (bf16 where the CPU has it) | bf16 | fp32 [default: auto].")
+    threads: int = option(
+        0, flags=(), help="CPU threads of each training process; 0 = the physical cores, shared "
+                          "among the processes [default: 0].")
+    seq_len: int = option(
+        512, label="seq-len",
+        help="Max tokens per example; longer ones are truncated [default: 512].")
+    seed: int = option(0, help="Random seed [default: 0].")
+    # --- validation, checks, checkpoints -----------------------------------------------------
+    val: Optional[str] = option(
+        None, cli_type=Path,
+        help="Validation data (same format); validation loss is reported during training.")
+    val_split: float = option(
+        0.0, help="Or hold out this share of --data for validation, e.g. 0.1.")
+    eval_every: int = option(
+        0, flags=(), help="Steps between validation passes; 0 = about 5 over the run "
+                          "[default: 0].")
+    verify: bool = option(
+        True, help="After training, check llama.cpp against torch+PEFT on held-back prompts; "
+                   "out of tolerance exits 1 [default: on].")
+    # 0: only on cancel
+    save_every: int = option(
+        50, help="Save a resumable checkpoint (RUN/checkpoint) every N steps; one is always "
+                 "saved on cancel (default 50).")
+    # --- processes and machines (torchrun) ---------------------------------------------------
+    nproc: int = option(
+        1, help="Training processes on this machine, launched by torchrun (torch.distributed: "
+                "gloo on CPU, NCCL with one GPU each for unsloth), each reading its shard; the "
+                "global batch is batch-size x grad-accum x processes [default: 1].")
+    nnodes: int = option(
+        1, help="Machines taking part (run the same command on each) [default: 1].")
+    # torchrun's --rdzv-endpoint
+    rdzv: Optional[str] = option(
+        None, metavar="HOST:PORT", help="With --nnodes: the rendezvous address all nodes reach.")
+    # --- how chats render (stored in the run: chat, serve and export use them again) ----------
+    # a built-in name (edge_tune.templates.builtin) or a Jinja file
+    chat_template: Optional[str] = option(
+        None, metavar="NAME|FILE",
+        help=TEMPLATE_HELP + " Needed for chat data on a model without a template.")
+    system_mode: str = option(
+        "keep", metavar="keep|fold", help=SYSTEM_MODE_HELP + " [default: keep]")
+    reasoning: str = option(
+        "auto", metavar="auto|inline|drop",
+        help="What to train of an assistant message's reasoning (reasoning_content or "
+             "thinking): auto (the chat template renders it, as qwen3 does; a template that "
+             "would drop it is refused) | inline (written into the answer between the model's "
+             "think markers, <think> and </think>) | drop (answers only) [default: auto].")
+    # --- the LoRA adapter (refused with full) ------------------------------------------------
+    rslora: bool = option(
+        False, help="Rank-stabilized LoRA: scale the update by alpha/sqrt(r) [default: off].")
+    dora: bool = option(
+        False, help="Weight-decomposed LoRA (magnitude + direction); exports through --merge "
+                    "[default: off].")
+    lora_dropout: float = option(
+        0.0, metavar="P", help="Dropout on the LoRA branch's input while training, 0 <= P < 1 "
+                               "[default: 0].")
+    # checked against the model before its weights load
+    target_modules: list[str] = option(
+        default_factory=lambda: list(DEFAULT_TARGETS), metavar="NAMES", cli_type=str,
+        help="Modules to adapt inside each block, comma-separated (q_proj,v_proj), or "
+             "all-linear [default: the seven projections].")
+    # --- what is trained ---------------------------------------------------------------------
+    # DPO: Rafailov et al. 2023; ORPO: Hong et al. 2024
+    method: str = option(
+        "sft", metavar="sft|dpo|orpo",
+        help="sft (supervised), or preference tuning on prompt/chosen/rejected pairs: dpo or "
+             "orpo (cpu backend) [default: sft].")
+    # KTO data under sft/dpo/orpo; without it such data is refused
+    desirable_only: bool = option(
+        False, flags=("--desirable-only",),
+        help="KTO data (records with 'label' or 'kto_tag'): train only the desirable answers "
+             "(label true) with --method sft and say how many were left out; without it such "
+             "data is refused.")
+    beta: float = option(
+        0.1, help="DPO's beta (how far from the base the adapter may move) or ORPO's lambda "
+                  "(weight of the odds-ratio term) [default: 0.1].")
+    # LoRA-only settings (LORA_ONLY) are refused with it; cpu and mlx backends
+    full: bool = option(
+        False, help="Full fine-tuning: train every weight (AdamW) instead of a LoRA adapter; "
+                    "writes HF safetensors weights and a GGUF model; refused when weights, "
+                    "gradients and optimizer state do not fit the memory [default: off].")
+    # the base's own answers to general prompts shipped with edge-tune (edge_tune/replay.py)
+    replay: int = option(
+        0, metavar="N",
+        tip="general replay (train --replay N): mix N of the base model's own answers to "
+            "general prompts into training, so a narrow task does not take over every prompt; "
+            "0 = none, at most {max}; supervised (sft) training only",
+        help="Keep the base's general behaviour: mix N general records (the base model's own "
+             "answers to general prompts edge-tune ships, generated once in llama.cpp and "
+             "cached) into training, so a narrow task does not take over every prompt. "
+             "Measured on a narrow email-to-JSON task: 40 took general prompts answered like "
+             "the task from 19 to 1 of 20 at no loss of task score; `edge-tune eval RUN` "
+             "measures it (docs/eval.md, Forgetting) [default: 0, max 60].")
+    # KL(base || tuned) over the full vocabulary on the replay records' answer tokens, added
+    # to their cross-entropy: the whole next-token distribution kept, not only the base's
+    # greedy token; needs replay
+    replay_kl: float = option(
+        0.0, metavar="WEIGHT",
+        help="With --replay: also keep the base's whole next-token distribution on the replay "
+             "answers (a KL-to-base term of this weight, the base being the model with the "
+             "adapter off; cpu backend) [default: 0].")
+    # tensorboard: RUN/tb event files; wandb offline unless WANDB_MODE says otherwise
+    report_to: str = option(
+        "tensorboard", help="tensorboard | wandb | mlflow | none: where the run's metrics also "
+                            "go (tensorboard: RUN/tb; wandb offline) [default: tensorboard]; "
+                            "RUN/loss.png is always written.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def cli_flags(f: Field) -> tuple[str, ...]:
+    """A setting's spellings on the command line, as typer takes them (``("--data", "-d")``,
+    ``("--pack/--no-pack",)``); ``()`` for one only a run.toml sets."""
+    given = f.metadata.get("flags")
+    if given is not None:
+        return given
+    name = f.name.replace("_", "-")
+    return (f"--{name}/--no-{name}",) if f.type in ("bool", bool) else (f"--{name}",)
+
+
+def flag(name: str) -> str:
+    """The flag that sets ``name`` (``--seq-len``), for messages that name it."""
+    found = {f.name: f for f in fields(TrainConfig)}[name]
+    return (cli_flags(found) or ("--" + name.replace("_", "-"),))[0].split("/")[0]
 
 
 _CHECKS = {
@@ -265,6 +406,5 @@ def _refuse_lora_only(cfg: TrainConfig, given: dict[str, Any]) -> None:
     for name in LORA_ONLY:
         if name not in given or given[name] == getattr(defaults, name):
             continue
-        flag = "--" + name.replace("_", "-")
-        raise UsageError(f"{flag}: a LoRA setting, not valid with --full (full fine-tuning "
+        raise UsageError(f"{flag(name)}: a LoRA setting, not valid with --full (full fine-tuning "
                          "trains every weight: drop it, or drop --full)")

@@ -18,17 +18,30 @@ from textual.widgets import Checkbox, Input, Label, RichLog, Static
 from edge_tune.errors import Cancelled
 from edge_tune.events import Done, Log, Metric, Progress
 
-# (field id, label, TrainConfig key); values are typed in as text and validated by the core
-FIELDS = [("epochs", "epochs", "epochs"), ("max-steps", "max steps", "max_steps"),
-          ("lr", "lr", "lr"), ("batch-size", "batch", "batch_size"),
-          ("rank", "rank", "rank"), ("alpha", "alpha", "alpha"),
-          ("seq-len", "seq-len", "seq_len"), ("val-split", "val split", "val_split"),
-          ("seed", "seed", "seed"), ("save-every", "save every", "save_every"),
-          ("replay", "replay", "replay")]
-# the replay field's meaning, which its label cannot say (shown on hover)
-REPLAY_TIP = ("general replay (train --replay N): mix N of the base model's own answers to "
-              "general prompts into training, so a narrow task does not take over every "
-              "prompt; 0 = none, at most {max}; supervised (sft) training only")
+# the TrainConfig settings the form shows, four to a row; each field's label, tooltip and
+# default come from the setting's declaration (edge_tune.config.option). Values are typed in
+# as text and validated by the core.
+FIELDS = ["epochs", "max_steps", "lr", "batch_size", "rank", "alpha", "seq_len", "val_split",
+          "seed", "save_every", "replay"]
+
+
+def _fid(key: str) -> str:
+    """A setting's widget id: its flag's spelling (``max_steps`` -> ``max-steps``)."""
+    return key.replace("_", "-")
+
+
+def _described(key: str) -> tuple[str, Text]:
+    """(label, tooltip) of a setting: the form's short label and tip where the declaration
+    gives them, else its name and its ``train --help`` text; replay's tip names its limit."""
+    from dataclasses import fields
+
+    from edge_tune.config import TrainConfig
+    from edge_tune.replay import max_replay
+
+    meta = next(f for f in fields(TrainConfig) if f.name == key).metadata
+    tip = meta.get("tip", meta["help"])
+    return (meta.get("label", key.replace("_", " ")),
+            Text(tip.format(max=max_replay()) if key == "replay" else tip))
 
 
 def _clock(seconds: float) -> str:
@@ -80,29 +93,29 @@ class TrainScreen(BaseScreen):
 
     def body(self):
         from edge_tune.config import TrainConfig
-        from edge_tune.replay import max_replay
 
         d = TrainConfig()
         with Horizontal(id="top"):
             with Vertical(id="form-col"):
                 with Grid(id="form"):
-                    for fid, label, key in FIELDS:
+                    for key in FIELDS:
                         value = getattr(d, key)
+                        label, tip = _described(key)
                         yield Label(label)
                         box = Input("" if value is None else f"{value:g}"
                                     if isinstance(value, float) else str(value),
                                     placeholder="-" if value is None else "", compact=True,
-                                    id=fid)
-                        if fid == "replay":
-                            box.tooltip = REPLAY_TIP.format(max=max_replay())
+                                    id=_fid(key))
+                        box.tooltip = tip
                         yield box
                 with Horizontal(id="out-row"):
                     yield Label("run dir")
                     yield Input(placeholder="runs/run-DATE (new)", compact=True, id="out")
                 with Horizontal(id="checks"):
-                    yield Checkbox("skip invalid", compact=True, id="skip-invalid")
-                    # llama.cpp vs torch check after training
-                    yield Checkbox("verify after", value=d.verify, compact=True, id="verify")
+                    yield Checkbox("skip invalid", value=d.skip_invalid, compact=True,
+                                   id="skip-invalid", tooltip=_described("skip_invalid")[1])
+                    yield Checkbox("verify after", value=d.verify, compact=True, id="verify",
+                                   tooltip=_described("verify")[1])
             yield LossChart(id="chart")
         yield Static("", id="plan")
         yield Static("ready: ctrl+s starts training", id="stats")
@@ -128,8 +141,8 @@ class TrainScreen(BaseScreen):
         """A validated TrainConfig from the form and the session (raises EdgeTuneError)."""
         from edge_tune.config import build
 
-        values = {key: (self.query_one(f"#{fid}", Input).value.strip() or None)
-                  for fid, _, key in FIELDS}
+        values = {key: (self.query_one(f"#{_fid(key)}", Input).value.strip() or None)
+                  for key in FIELDS}
         out = self.query_one("#out", Input).value.strip()
         values["verify"] = self.query_one("#verify", Checkbox).value
         if not out:
