@@ -13,6 +13,7 @@ the chat template), ``logits_processor`` (the logprob recorder), ``stop``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -35,24 +36,56 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None,
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
-    from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.requests import ClientDisconnect
     from starlette.routing import Route
 
-    started = int(time.time())
+    api = _Routes(scheduler, model_names)
+    routes = [
+        Route("/health", api.health, methods=["GET"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+    ]
+    if admin is not None:
+        routes += admin_routes(scheduler, model_names, admin["plan"], api_key,
+                               admin["loopback"])
+    middleware = [Middleware(_BearerAuth, api_key=api_key)] if api_key else []
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={HTTPException: _not_found,
+                                         ClientDisconnect: _hung_up})
+
+
+@functools.cache
+def _safe_json():
+    """A ``JSONResponse`` that always encodes: an error may quote request text, and ASCII
+    escapes keep a stray surrogate from turning a 400 into a failed response."""
+    from starlette.responses import JSONResponse
 
     class SafeJSON(JSONResponse):
-        """JSON that always encodes: an error may quote request text, and ASCII escapes
-        keep a stray surrogate from turning a 400 into a failed response."""
-
         def render(self, content) -> bytes:
             return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
 
-    def error(exc: RequestError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return SafeJSON(exc.body(), status_code=exc.status, headers=headers)
+    return SafeJSON
 
-    async def health(request: Request) -> JSONResponse:
+
+def _error(exc: RequestError):
+    """OpenAI's JSON error object for ``exc``, with its status (401 asks for a Bearer key)."""
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return _safe_json()(exc.body(), status_code=exc.status, headers=headers)
+
+
+class _Routes:
+    """The API's route handlers over ``scheduler``, serving ``model_names``."""
+
+    def __init__(self, scheduler, model_names: list[str]) -> None:
+        self.scheduler = scheduler
+        self.model_names = model_names
+        self.started = int(time.time())
+
+    async def health(self, request):
+        from starlette.responses import JSONResponse
+
+        scheduler = self.scheduler
         s = scheduler.stats
         return JSONResponse({"status": "ok", "queued": scheduler.queued, "busy": s.busy,
                              "served": s.served, "cancelled": s.cancelled, "failed": s.failed,
@@ -63,27 +96,33 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None,
                              "max_batch": s.max_batch, "decode_steps": s.decode_steps,
                              "decode_rows": s.decode_rows, "filler_rows": s.filler_rows})
 
-    async def models(request: Request) -> JSONResponse:
-        return JSONResponse(shapes.model_list(model_names, started))
+    async def models(self, request):
+        from starlette.responses import JSONResponse
 
-    async def chat_completions(request: Request):
-        return await generate(request, "chat")
+        return JSONResponse(shapes.model_list(self.model_names, self.started))
 
-    async def completions(request: Request):
-        return await generate(request, "text")
+    async def chat_completions(self, request):
+        return await self.generate(request, "chat")
 
-    async def generate(request: Request, kind: str):
+    async def completions(self, request):
+        return await self.generate(request, "text")
+
+    async def generate(self, request, kind: str):
+        """One completion request of ``kind`` ("chat" or "text"): queued on the scheduler,
+        answered as one JSON object or streamed as server-sent events."""
+        from starlette.responses import StreamingResponse
+
         try:
             body = await request.json()
         except (ValueError, RecursionError):  # JSONDecodeError, bad UTF-8, nesting too deep
-            return error(RequestError(400, "the request body is not valid JSON"))
+            return _error(RequestError(400, "the request body is not valid JSON"))
         try:
-            req = shapes.parse_request(kind, body, model_names)
-            req.adapters = parse_adapter_mix(body.get("adapters"), model_names)
-            extra = _prepare(req, scheduler.engine)
-            job = scheduler.submit(req)
+            req = shapes.parse_request(kind, body, self.model_names)
+            req.adapters = parse_adapter_mix(body.get("adapters"), self.model_names)
+            extra = _prepare(req, self.scheduler.engine)
+            job = self.scheduler.submit(req)
         except RequestError as exc:
-            return error(exc)
+            return _error(exc)
         # Wait for the first event before answering, so an error found by the engine (a
         # prompt over the context) still gets its proper status; a client that leaves while
         # queued or generating cancels its job.
@@ -91,57 +130,57 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None,
         try:
             first = await job.events.get()
             if first[0] == "error":
-                return error(first[1])
+                return _error(first[1])
             if req.stream:
                 watcher.cancel()  # from here StreamingResponse watches the connection
                 return StreamingResponse(_sse(req, job, first, extra),
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
-            text, event = [], first
-            while event[0] == "piece":
-                text.append(event[1].text)
-                event = await job.events.get()
-            if event[0] == "error":
-                return error(event[1])
-            last = event[1]
-            answer = "".join(text)
-            content, calls = extra.calls(answer)
-            logprobs = None if extra.recorder is None else \
-                extra.recorder.finish(last.finish_reason, answer)
-            return JSONResponse(shapes.completion(
-                req, shapes.new_id(kind), content, last.finish_reason,
-                shapes.usage(last.prompt_tokens, last.completion_tokens), calls, logprobs))
+            return await _whole_answer(req, job, first, extra, kind)
         finally:
             if not req.stream:
                 job.cancel()  # no-op when finished; stops the worker if we were cancelled
             watcher.cancel()
 
-    async def not_found(request: Request, exc: HTTPException) -> JSONResponse:
-        message = f"{request.method} {request.url.path}: " + (
-            "no such route; see /v1/models, /v1/chat/completions, /v1/completions, /health"
-            if exc.status_code == 404 else str(exc.detail))
-        return error(RequestError(exc.status_code, message))
 
-    async def hung_up(request: Request, exc: ClientDisconnect) -> Response:
-        # The client closed the connection before sending its whole body: nobody is left to
-        # answer, and it is not the server's error (uvicorn would log a traceback).
-        log.info("%s %s: the client hung up before sending the whole request body",
-                 request.method, request.url.path)
-        return Response(status_code=400)
+async def _whole_answer(req, job, first, extra: _Extra, kind: str):
+    """The answer of ``job`` as one JSON completion (from its ``first`` event on to the last),
+    or the error it ended with."""
+    from starlette.responses import JSONResponse
 
-    routes = [
-        Route("/health", health, methods=["GET"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-    ]
-    if admin is not None:
-        routes += admin_routes(scheduler, model_names, admin["plan"], api_key,
-                               admin["loopback"])
-    middleware = [Middleware(_BearerAuth, api_key=api_key)] if api_key else []
-    return Starlette(routes=routes, middleware=middleware,
-                     exception_handlers={HTTPException: not_found,
-                                         ClientDisconnect: hung_up})
+    text, event = [], first
+    while event[0] == "piece":
+        text.append(event[1].text)
+        event = await job.events.get()
+    if event[0] == "error":
+        return _error(event[1])
+    last = event[1]
+    answer = "".join(text)
+    content, calls = extra.calls(answer)
+    logprobs = None if extra.recorder is None else \
+        extra.recorder.finish(last.finish_reason, answer)
+    return JSONResponse(shapes.completion(
+        req, shapes.new_id(kind), content, last.finish_reason,
+        shapes.usage(last.prompt_tokens, last.completion_tokens), calls, logprobs))
+
+
+async def _not_found(request, exc):
+    """A Starlette HTTPException (404 and the like) as OpenAI's error object."""
+    message = f"{request.method} {request.url.path}: " + (
+        "no such route; see /v1/models, /v1/chat/completions, /v1/completions, /health"
+        if exc.status_code == 404 else str(exc.detail))
+    return _error(RequestError(exc.status_code, message))
+
+
+async def _hung_up(request, exc):
+    """A bare 400 where the client closed the connection before sending its whole body."""
+    from starlette.responses import Response
+
+    # Nobody is left to answer, and it is not the server's error (uvicorn would log a
+    # traceback).
+    log.info("%s %s: the client hung up before sending the whole request body",
+             request.method, request.url.path)
+    return Response(status_code=400)
 
 
 async def _cancel_on_disconnect(request, job) -> None:
