@@ -41,11 +41,11 @@ bench: install
 	$(BIN)/python benchmarks/train_throughput.py
 
 # ruff (pyflakes-level errors) and import-linter's contracts (pyproject.toml [tool.importlinter];
-# run over the installed layout by tests/import_contracts.py). `make test` checks both too.
+# run over the installed layout by tests/helpers/import_contracts.py). `make test` checks both too.
 # vulture: no dead code at 80% confidence (framework callbacks' parameters: vulture_whitelist.py).
 lint: install
 	$(BIN)/python -m ruff check edge_tune converters tui tests benchmarks
-	$(BIN)/python tests/import_contracts.py
+	$(BIN)/python tests/helpers/import_contracts.py
 	$(BIN)/python -m vulture edge_tune converters tui vulture_whitelist.py --min-confidence 80
 
 clean:

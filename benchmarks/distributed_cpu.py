@@ -8,7 +8,7 @@ tokens/s from each run's manifest (rank 0's aggregate over all ranks for --nproc
 
 On a 2-core machine expect little or no gain: one process already uses both cores for its
 matmuls, and two ranks get one core each plus a gradient all_reduce per step. The point of
---nproc on CPU is correctness (tests/test_distributed.py) and the path to more machines.
+--nproc on CPU is correctness (tests/integration/test_distributed.py) and the path to more machines.
 
     python benchmarks/distributed_cpu.py [--model default|tiny] [--steps 8] [--repeats 2]
 """

@@ -66,7 +66,7 @@ assert r["auto"]["backend"] == "unsloth", r["auto"]
 print("doctor: auto -> unsloth")'
 
 step "CPU test suite of the unsloth backend (argument mapping, hygiene)"
-"$PY" -m pytest -q tests/test_unsloth_backend.py tests/test_import_hygiene.py
+"$PY" -m pytest -q tests/integration/test_unsloth_backend.py tests/unit/test_import_hygiene.py
 
 step "train the default model: --backend unsloth, $STEPS steps -> $OUT"
 rm -rf "$OUT"

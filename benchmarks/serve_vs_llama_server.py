@@ -4,7 +4,7 @@
     python benchmarks/serve_vs_llama_server.py [--rounds 2] [--clients 8] [--requests 48]
 
 Both servers load the embedded default model (SmolLM2-135M Q4_1) and the two adapters the
-server tests use (tests/serve_helpers.py: a pirate adapter trained for 8 steps, and the same
+server tests use (tests/helpers/serve_helpers.py: a pirate adapter trained for 8 steps, and the same
 adapter with its alpha negated). llama-server runs with ``--parallel CLIENTS`` slots (its
 continuous batching) and picks the adapter per request with its ``lora`` field; edge-tune
 runs with ``--parallel CLIENTS`` and picks it with ``model``. Both give each sequence 1024

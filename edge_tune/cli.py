@@ -1,6 +1,6 @@
 """The ``edge-tune`` command: parse flags, call :mod:`edge_tune.api`, render events.
 
-No heavy import happens at module level (``tests/test_import_hygiene.py``), so ``--help`` is
+No heavy import happens at module level (``tests/unit/test_import_hygiene.py``), so ``--help`` is
 instant. A user-facing failure is one line on stderr and the exit code of its kind
 (:class:`edge_tune.errors.ExitCode`: 2 bad input, 1 a failed check, 3 network, 130 cancelled)
 — never a traceback.

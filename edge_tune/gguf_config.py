@@ -5,7 +5,7 @@ transformers rebuilds a config from GGUF metadata through a fixed key map per ar
 rest. llama.cpp computes with more than that map carries, so the dequantized model that torch
 (and mlx) train on could differ from the model llama.cpp runs. Each fix below is a field whose
 transformers value differs from llama.cpp's, checked by logit parity on tiny models of each
-family (tests/test_family_parity.py):
+family (tests/integration/test_family_parity.py):
 
 * ``head_dim`` from ``{arch}.attention.key_length``: transformers assumes hidden / heads, which
   is wrong for e.g. Qwen3-0.6B/4B (loading fails: the weights do not fit).

@@ -1,5 +1,5 @@
 """The Textual TUI (installed as ``edge_tune.tui``). Imports textual only inside functions, so
-``import edge_tune.tui`` stays light (``tests/test_import_hygiene.py``)."""
+``import edge_tune.tui`` stays light (``tests/unit/test_import_hygiene.py``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """What the TUI needs of the core: exactly the functions its screens call, with the parameters
-they pass. :mod:`edge_tune.api` is the core the app opens; ``tests/tui_fake.py`` is a stand-in
+they pass. :mod:`edge_tune.api` is the core the app opens; ``tests/helpers/tui_fake.py`` is a stand-in
 with fixed answers for the snapshot tests. Both are checked against :class:`Core` by
-``tests/test_tui_core_protocol.py``, which also fails when a screen calls a core function that
+``tests/tui/test_tui_core_protocol.py``, which also fails when a screen calls a core function that
 is not listed here: the screens never ask the core what it can do."""
 
 from __future__ import annotations

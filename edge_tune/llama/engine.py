@@ -238,7 +238,7 @@ class Engine:
         batched.
         ``prompt_cache``: reuse the KV entries of the longest common prefix of the previous
         prompt (per adapter set, see :meth:`activate_mix`) instead of starting each answer
-        from an empty context; greedy answers are the same either way (tests/
+        from an empty context; greedy answers are the same either way (tests/integration/
         test_server_batching.py measures it).
         ``chat_template``: Jinja text used for conversations instead of the GGUF's own
         ``tokenizer.chat_template`` (:meth:`set_chat_template` sets one per adapter);

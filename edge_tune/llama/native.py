@@ -5,7 +5,7 @@ and still lets llama-cpp-python's own generation loop (chat templates, grammars,
 processors, stop strings, penalties) drive each of them. That needs a ``Llama`` whose
 ``eval``/``sample`` decode through edge-tune's rule and whose KV removals touch one sequence
 only, which llama-cpp-python has no public way to say. Those private touches live here and
-nowhere else; ``tests/test_llama_pins.py`` checks each of them on a real ``Llama``, so that an
+nowhere else; ``tests/integration/test_llama_pins.py`` checks each of them on a real ``Llama``, so that an
 upgrade of llama-cpp-python fails there first.
 
 ``llama_cpp`` is imported inside functions (the class is built at first use), like every
@@ -91,7 +91,7 @@ class SeqLlama:
     :func:`llama_class` puts it before ``llama_cpp.Llama`` (imported at first use) in a
     subclass of both.
 
-    What it relies on, as of llama-cpp-python 0.3.36 (``tests/test_llama_pins.py``):
+    What it relies on, as of llama-cpp-python 0.3.36 (``tests/integration/test_llama_pins.py``):
 
     - ``Llama.generate`` calls ``self.eval(tokens)`` and ``self.sample(..., idx=i)``
       through the instance (overridden here: decoding by the batching rule, the token

@@ -7,7 +7,7 @@ The HF copies edge-tune trains on are written by transformers 5, which keeps RoP
 top-level keys (``rope_theta``, ``rope_scaling``, ``rope_local_base_freq``,
 ``sliding_window_pattern``) and silently falls back to its defaults when they are missing: a
 model with RoPE base 100000 ran with 10000 (12 % logit error on the default model). Measured by
-tests/test_family_parity.py (torch vs mlx vs llama.cpp on the same tokens).
+tests/integration/test_family_parity.py (torch vs mlx vs llama.cpp on the same tokens).
 
 mlx-lm also leaves out some sliding windows (its gemma2 and phi3 models attend over the whole
 sequence), and its LongRoPE (``SuScaledRoPE``, Phi-3-128k, Phi-3.5, Phi-4-mini) always rotates
