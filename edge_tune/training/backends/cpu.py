@@ -405,8 +405,6 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
 
     preference = cfg.method != "sft"
     if preference:
-        from edge_tune.training.preference_loss import pair_loss
-
         emit(Log(f"{cfg.method.upper()} on preference pairs, beta {cfg.beta}"
                  + ("; reference = the base (adapter off)" if cfg.method == "dpo" else "")))
     # --replay-kl: the examples of replay records also carry the KL-to-base term
@@ -449,42 +447,8 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
             lr = lr_at(step, total, cfg.lr, warmup)
             for g in opt.param_groups:
                 g["lr"] = lr
-            step_loss, n_tokens, rewards = 0.0, 0, [0.0, 0.0]
-            for batch_at in orders:
-                picked = batch_at(step)
-                batch = [examples[k] for k in picked]
-                if preference:  # DPO/ORPO: chosen and rejected sequences in one batch
-                    ids, labels, mask = pair_rows(batch, job.pad_id)
-                    with compute_precision(model, bf16):
-                        out = pair_loss(model, ids, labels, mask, cfg.method, cfg.beta)
-                    (out.loss / accum).backward()
-                    step_loss += out.loss.item() / accum
-                    rewards = [r + v / accum for r, v in zip(rewards, out.stats())]
-                    n_tokens += int(mask.sum())
-                    continue
-                kl_batch = replay_labels(batch, [k in replayed for k in picked]) \
-                    if replayed else None
-                kl_labels = None
-                if cfg.pack:
-                    # Rows no wider than the batch's longest example: packing then only joins
-                    # examples that fit beside each other, and never widens the attention
-                    # (quadratic in the row) beyond what padding would compute.
-                    width = max(len(e.input_ids) for e in batch)
-                    ids, labels, mask, positions, n_micro = collate_packed(
-                        batch, job.pad_id, width)
-                    if kl_batch:
-                        kl_labels = collate_packed(kl_batch, job.pad_id, width)[1]
-                else:
-                    (ids, labels, mask), positions = collate(batch, job.pad_id), None
-                    n_micro = int(mask.sum())
-                    if kl_batch:
-                        kl_labels = collate(kl_batch, job.pad_id)[1]
-                with compute_precision(model, bf16):
-                    loss = response_loss(model, ids, labels, mask, positions, kl_labels,
-                                         cfg.replay_kl) / accum
-                loss.backward()
-                step_loss += loss.item()
-                n_tokens += n_micro
+            step_loss, n_tokens, rewards = _step_gradients(model, job, orders, step, bf16,
+                                                           replayed)
             step_loss, n_tokens = dist.average_grads(params, step_loss, n_tokens)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             with stop.guard():  # SIGTERM waits for the update to complete
@@ -503,13 +467,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
                             **(dict(zip(REWARD_FIELDS, rewards)) if preference else {})))
             if step + 1 in evals and dist.rank == 0:  # the others go on to the next step's sync
                 t_eval = time.perf_counter()
-                val_rewards = {}
-                if preference:
-                    val_loss, *val_stats = evaluate_pairs(model, val_examples, cfg.batch_size,
-                                                          job.pad_id, bf16, cfg)
-                    val_rewards = dict(zip(REWARD_FIELDS, val_stats))
-                else:
-                    val_loss = evaluate(model, val_examples, cfg.batch_size, job.pad_id, bf16)
+                val_loss, val_rewards = _validate(model, job, bf16)
                 start += time.perf_counter() - t_eval  # tok/s counts training time only
                 emit(Metric(step=step + 1, total_steps=total, loss=val_loss, split="val",
                             epoch=(step + 1) / steps_per_epoch, **val_rewards))
@@ -518,11 +476,8 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
                 with stop.guard():
                     save_checkpoint(step + 1)
 
-    out = Path(job.adapter_dir)
-    if dist.rank == 0 and cfg.full:
-        save_full_model(model, Path(job.hf_dir), out, job.chat_template)
-    elif dist.rank == 0:
-        model.save_pretrained(str(out), safe_serialization=True)
+    if dist.rank == 0:  # rank 0 writes (all ranks hold the same weights)
+        _save_trained(model, job)
     return WorkerResult(
         steps=total,
         final_loss=final_loss(losses),
@@ -536,3 +491,88 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
         world_size=dist.world,
         examples=n_examples,  # over all ranks' shards
     )
+
+
+def _step_gradients(model, job: TrainJob, orders: list, step: int, bf16: bool,
+                    replayed: set) -> tuple[float, int, list[float]]:
+    """Forward and backward passes over this rank's micro-batches of ``step`` (one per slot
+    in ``orders``), gradients accumulated. Returns (loss, trained tokens, [reward margin,
+    reward accuracy]), loss and rewards as means over the step's micro-batches (rewards 0
+    for SFT). ``replayed``: the indices of replay examples, which add the KL-to-base term."""
+    cfg = job.config
+    accum = grad_accum(cfg)
+    step_loss, n_tokens, rewards = 0.0, 0, [0.0, 0.0]
+    for batch_at in orders:
+        picked = batch_at(step)
+        batch = [job.examples[k] for k in picked]
+        if cfg.method != "sft":  # DPO/ORPO: chosen and rejected sequences in one batch
+            loss, n_micro, stats = _pair_backward(model, job, batch, bf16, accum)
+            rewards = [r + v / accum for r, v in zip(rewards, stats)]
+        else:
+            kl_batch = replay_labels(batch, [k in replayed for k in picked]) \
+                if replayed else None
+            loss, n_micro = _sft_backward(model, job, batch, kl_batch, bf16, accum)
+        step_loss += loss
+        n_tokens += n_micro
+    return step_loss, n_tokens, rewards
+
+
+def _pair_backward(model, job: TrainJob, batch: list, bf16: bool,
+                   accum: int) -> tuple[float, int, tuple]:
+    """The preference loss of one micro-batch of pairs, backward (scaled by ``1/accum``).
+    Returns (loss / accum, tokens in the batch, the loss's reward stats)."""
+    from edge_tune.training.preference_loss import pair_loss
+
+    cfg = job.config
+    ids, labels, mask = pair_rows(batch, job.pad_id)
+    with compute_precision(model, bf16):
+        out = pair_loss(model, ids, labels, mask, cfg.method, cfg.beta)
+    (out.loss / accum).backward()
+    return out.loss.item() / accum, int(mask.sum()), out.stats()
+
+
+def _sft_backward(model, job: TrainJob, batch: list[Example], kl_batch: list[Example] | None,
+                  bf16: bool, accum: int) -> tuple[float, int]:
+    """The response loss of one micro-batch (padded, or packed with ``--pack``), plus the KL
+    term on the rows of ``kl_batch`` (:func:`replay_labels`), backward (scaled by
+    ``1/accum``). Returns (loss / accum, tokens in the batch)."""
+    cfg = job.config
+    kl_labels = None
+    if cfg.pack:
+        # Rows no wider than the batch's longest example: packing then only joins
+        # examples that fit beside each other, and never widens the attention
+        # (quadratic in the row) beyond what padding would compute.
+        width = max(len(e.input_ids) for e in batch)
+        ids, labels, mask, positions, n_micro = collate_packed(batch, job.pad_id, width)
+        if kl_batch:
+            kl_labels = collate_packed(kl_batch, job.pad_id, width)[1]
+    else:
+        (ids, labels, mask), positions = collate(batch, job.pad_id), None
+        n_micro = int(mask.sum())
+        if kl_batch:
+            kl_labels = collate(kl_batch, job.pad_id)[1]
+    with compute_precision(model, bf16):
+        loss = response_loss(model, ids, labels, mask, positions, kl_labels,
+                             cfg.replay_kl) / accum
+    loss.backward()
+    return loss.item(), n_micro
+
+
+def _validate(model, job: TrainJob, bf16: bool) -> tuple[float, dict]:
+    """(validation loss, reward fields: empty for SFT) over ``job.val_examples``."""
+    cfg = job.config
+    if cfg.method != "sft":
+        val_loss, *val_stats = evaluate_pairs(model, job.val_examples, cfg.batch_size,
+                                              job.pad_id, bf16, cfg)
+        return val_loss, dict(zip(REWARD_FIELDS, val_stats))
+    return evaluate(model, job.val_examples, cfg.batch_size, job.pad_id, bf16), {}
+
+
+def _save_trained(model, job: TrainJob) -> None:
+    """The trained result in ``job.adapter_dir``: the whole model in the HF layout for
+    ``--full``, else the PEFT adapter."""
+    out = Path(job.adapter_dir)
+    if job.config.full:
+        save_full_model(model, Path(job.hf_dir), out, job.chat_template)
+    else:
+        model.save_pretrained(str(out), safe_serialization=True)
