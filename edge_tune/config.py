@@ -329,30 +329,12 @@ def _coerce(name: str, value: Any, where: str) -> Any:
 
 def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
     """Defaults < run.toml < flags (flags that are None are 'not given')."""
-    values: dict[str, Any] = {}
-    names = {f.name for f in fields(TrainConfig)}
-    if toml_path is not None:
-        toml_path = Path(toml_path)
-        try:
-            doc = tomllib.loads(toml_path.read_text())
-        except FileNotFoundError:
-            raise EdgeTuneError(f"{toml_path}: no such config file") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise EdgeTuneError(f"{toml_path}: invalid TOML ({exc})") from None
-        table = doc.get("train", doc)
-        for key, value in table.items():
-            key_ = key.replace("-", "_")
-            if key_ not in names:
-                raise EdgeTuneError(f"{toml_path}: unknown key {key!r} (expected one of "
-                                    f"{', '.join(sorted(names))})")
-            values[key_] = _coerce(key_, value, f"{toml_path}: ")
+    values: dict[str, Any] = {} if toml_path is None else _read_toml(Path(toml_path))
     for key, value in flags.items():
         if value is not None:
             values[key] = _coerce(key, value, "--")
     cfg = TrainConfig(**values)
-    for key, (ok, expected) in _CHECKS.items():
-        if not ok(getattr(cfg, key)):
-            raise EdgeTuneError(f"{key}: {getattr(cfg, key)!r} is not valid (expected {expected})")
+    _check_values(cfg)
     if cfg.columns:  # a malformed mapping: one line now, not after the model loads
         from edge_tune.data.layouts import parse_columns
 
@@ -371,6 +353,35 @@ def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
     if not cfg.data:
         raise EdgeTuneError("no training data: pass --data FILE (or data = ... in --config)")
     return cfg
+
+
+def _read_toml(toml_path: Path) -> dict[str, Any]:
+    """The settings of a run.toml (its ``[train]`` table, or the whole document), coerced
+    to the fields' types. EdgeTuneError for a missing file, invalid TOML or an unknown key."""
+    names = {f.name for f in fields(TrainConfig)}
+    try:
+        doc = tomllib.loads(toml_path.read_text())
+    except FileNotFoundError:
+        raise EdgeTuneError(f"{toml_path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise EdgeTuneError(f"{toml_path}: invalid TOML ({exc})") from None
+    values: dict[str, Any] = {}
+    table = doc.get("train", doc)
+    for key, value in table.items():
+        key_ = key.replace("-", "_")
+        if key_ not in names:
+            raise EdgeTuneError(f"{toml_path}: unknown key {key!r} (expected one of "
+                                f"{', '.join(sorted(names))})")
+        values[key_] = _coerce(key_, value, f"{toml_path}: ")
+    return values
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Each setting of ``_CHECKS`` within its range; else EdgeTuneError saying what is
+    expected."""
+    for key, (ok, expected) in _CHECKS.items():
+        if not ok(getattr(cfg, key)):
+            raise EdgeTuneError(f"{key}: {getattr(cfg, key)!r} is not valid (expected {expected})")
 
 
 def _check_replay(cfg: TrainConfig) -> None:
