@@ -148,7 +148,7 @@ def test_commands_and_empty_answers():
 def test_the_three_front_ends_use_the_one_session():
     """CLI chat, TUI chat screen and demo all converse through ChatSession and none calls the
     engine's generation itself (one loop, not three)."""
-    for path in ("edge_tune/cli.py", "tui/screens/chat.py", "edge_tune/demo.py"):
+    for path in ("edge_tune/cli/run.py", "tui/screens/chat.py", "edge_tune/demo.py"):
         text = (REPO / path).read_text()
         assert re.search(r"^\s*from edge_tune\.chat_session import .*ChatSession", text, re.M), \
             path

@@ -1,0 +1,27 @@
+"""What the ``edge-tune`` commands share: the two consoles (results on stdout; progress and
+errors on stderr) and the flag of a training setting, made from its TrainConfig field."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from edge_tune.config import TrainConfig, cli_flags
+
+out = Console()
+err = Console(stderr=True)
+
+
+def setting(name: str) -> Any:
+    """The type typer reads ``TrainConfig.name``'s flag from: spellings, value type, metavar
+    and help from the field's metadata (``edge_tune.config.option``). The parameter's default
+    is None: "not given", so run.toml and then the field's default decide
+    (:func:`edge_tune.config.build`)."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    kind = f.metadata.get("cli_type") or typing.get_type_hints(TrainConfig)[name]
+    return Annotated[Optional[kind], typer.Option(*cli_flags(f), metavar=f.metadata.get(
+        "metavar"), help=f.metadata["help"])]
