@@ -293,22 +293,12 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     try:
         if value is None:
             return None
-        if name == "data":  # one source as a string; several (--data repeated, a TOML list)
-            items = [value] if isinstance(value, str) else value
-            if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
-                raise ValueError
-            items = [x for x in items if x.strip()]
-            return items[0] if len(items) == 1 else list(items)
+        if name == "data":
+            return _data_sources(value)
         if name == "columns" and isinstance(value, dict):  # columns = {question = "prompt"}
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-                raise ValueError
-            return ",".join(f"{k}={v}" for k, v in value.items())
+            return _columns_text(value)
         if "list" in kind:
-            # --target-modules q_proj,v_proj (or a TOML string): a comma-separated list
-            items = value.split(",") if isinstance(value, str) else value
-            if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-                raise ValueError
-            return [x.strip() for x in items if x.strip()]
+            return _name_list(value)
         if "int" in kind and "list" not in kind:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -325,6 +315,34 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     except (TypeError, ValueError):
         raise EdgeTuneError(f"{where}{name}: {value!r} is not a valid {kind.replace('Optional', '')}")
     return value
+
+
+def _data_sources(value: Any) -> str | list[str]:
+    """``data``: one source as a string; several (--data repeated, a TOML list) as a list,
+    blank entries left out. ValueError for anything but strings."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+        raise ValueError
+    items = [x for x in items if x.strip()]
+    return items[0] if len(items) == 1 else list(items)
+
+
+def _columns_text(value: dict) -> str:
+    """A TOML ``columns`` table as the flag's ``KEY=COLUMN,...`` text. ValueError for
+    non-string keys or values."""
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError
+    return ",".join(f"{k}={v}" for k, v in value.items())
+
+
+def _name_list(value: Any) -> list[str]:
+    """A list setting: ``--target-modules q_proj,v_proj`` (or a TOML string) is a
+    comma-separated list; a TOML list is taken as it is. Blank names are left out; ValueError
+    for anything but strings."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        raise ValueError
+    return [x.strip() for x in items if x.strip()]
 
 
 def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
