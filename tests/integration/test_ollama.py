@@ -97,7 +97,11 @@ def _eval(expr: str, dot, root, env=None):
             value = value[part.lower()]
         return value
     fn, *args = _split_args(expr)
-    ev = lambda a: _eval(a, dot, root, env)
+    return _call(fn, args, lambda a: _eval(a, dot, root, env), expr)
+
+
+def _call(fn: str, args: list[str], ev, expr: str):
+    """A Go template function call ``fn args...``, the arguments evaluated by ``ev``."""
     if fn == "eq":
         return ev(args[0]) == ev(args[1])
     if fn == "not":
