@@ -31,8 +31,11 @@ install: $(VENV)/.installed-$(EXTRAS)
 demo: install
 	$(BIN)/edge-tune demo
 
+# Two pytest workers, each taking whole files (module fixtures train once): much of a test's
+# time is one thread (imports, llama.cpp on 1 thread, Textual), so two share 2 cores well.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
