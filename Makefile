@@ -43,8 +43,9 @@ test-fast: install
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py
 
-# ruff (pyflakes-level errors) and import-linter's contracts (pyproject.toml [tool.importlinter];
-# run over the installed layout by tests/helpers/import_contracts.py). `make test` checks both too.
+# ruff (pyflakes-level errors, cyclomatic complexity <= 15) and import-linter's contracts
+# (pyproject.toml [tool.importlinter]; run over the installed layout by
+# tests/helpers/import_contracts.py). `make test` checks both too.
 # vulture: no dead code at 80% confidence (framework callbacks' parameters: vulture_whitelist.py).
 lint: install
 	$(BIN)/python -m ruff check edge_tune converters tui tests benchmarks
