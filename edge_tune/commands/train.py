@@ -19,7 +19,6 @@ from edge_tune.training import runner
 from edge_tune.adapters import TrainingBase, training_base
 from edge_tune.config import TrainConfig
 from edge_tune.data.training import TrainingData, data_record, read_training_data
-from edge_tune.errors import UsageError
 from edge_tune.events import EventSink, Log, ignore
 from edge_tune.exporting.run import (TrainResult, Trained, check, completing, finish_run,
                                      package)
@@ -46,9 +45,6 @@ def train(cfg: Optional[TrainConfig], on_event: EventSink = ignore,
     if resume is not None and cfg is None and runs.training_finished(resume):
         return finish_run(Path(resume), on_event)  # only the steps after training are left
     pre = runs.preflight(cfg, resume, data, probe())
-    if pre.cfg.replay_kl and pre.backend != "cpu":
-        raise UsageError(f"--replay-kl: the KL-to-base term runs on the cpu backend, not "
-                         f"{pre.backend}: add --backend cpu, or drop --replay-kl")
     prepared = _prepare(pre, on_event)
     cfg, run_plan = _plan(pre, prepared, on_event)
     # What the manifest needs besides training's result, kept in RUN_CONFIG: a run whose

@@ -38,6 +38,7 @@ class Capabilities:
     device: str
     packs_batches: bool  # honours --pack: several examples share a row (block-diagonal mask)
     full: bool = False  # trains every weight with --full (not only a LoRA adapter)
+    replay_kl: bool = False  # adds --replay-kl's KL-to-base term on replay records
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ BACKENDS: dict[str, Backend] = {
         Backend("cpu", "torch + PEFT LoRA on the CPU", "edge_tune.training.backends.cpu:train",
                 _check_cpu,
                 Capabilities(resumable=True, multi_process=True, device="cpu",
-                             packs_batches=True, full=True)),
+                             packs_batches=True, full=True, replay_kl=True)),
     )
 }
 # The order `auto` tries them in: fastest hardware first.
@@ -169,7 +170,8 @@ def refuse_unsupported(name: str, cfg, hw: Hardware, resume=None) -> None:
     """Raise (one line) when backend ``name`` cannot run the settings ``cfg`` (a TrainConfig)
     on ``hw``: ``resume`` (the run directory continued) on a backend without checkpoints,
     ``--nproc``/``--nnodes`` on a single-process one, more ranks than this node has GPUs, or
-    ``--full`` (UsageError) on one that trains adapters only."""
+    ``--full`` (UsageError) on one that trains adapters only, ``--replay-kl`` (UsageError) on
+    one without the KL term."""
     from edge_tune.errors import UsageError
 
     can = capabilities(name)
@@ -186,6 +188,10 @@ def refuse_unsupported(name: str, cfg, hw: Hardware, resume=None) -> None:
     if cfg.full and not can.full:
         raise UsageError(f"--full: full fine-tuning runs on the {' and '.join(having('full'))} "
                          f"backends, not {name}: add --backend cpu")
+    if cfg.replay_kl and not can.replay_kl:
+        raise UsageError(f"--replay-kl: the KL-to-base term runs on the "
+                         f"{' and '.join(having('replay_kl'))} backend, not {name}: add "
+                         f"--backend cpu, or drop --replay-kl")
 
 
 def having(capability: str) -> tuple[str, ...]:
