@@ -302,7 +302,7 @@ def test_hf_content_key(tmp_path):
 def test_hf_model_gets_a_converted_gguf_base(tmp_path, demo_jsonl, hf_dir):
     """An HF directory has no GGUF: train converts one (cached by content), exports the adapter
     against it, verifies it in llama.cpp, and the manifest says which base and how."""
-    from test_convert_base import build_tiny
+    from tests.helpers.family_models import build_tiny
 
     from edge_tune.adapters import converted_base as _converted_base
     from edge_tune.fsutil import sha256_file
