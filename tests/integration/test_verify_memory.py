@@ -17,16 +17,13 @@ from tests.helpers.cli import REPO, run_cli_in_process
 TRAIN = ("--backend", "cpu", "--max-steps", "2", "--batch-size", "4", "--seq-len", "64",
          "--lr", "1e-2")
 
-# The child reports its own peak RSS as it exits: VmHWM, kernel-kept (no sampling) and per
-# address space. Not getrusage's ru_maxrss: that survives fork + exec, so inside a long suite
-# it reports the pytest parent's size (2.5 GiB once) instead of the child's.
+# The child reports its own peak RSS as it exits (the worker's peak_rss_bytes: VmHWM,
+# kernel-kept, no sampling, per address space; getrusage's ru_maxrss survives fork + exec, so
+# inside a long suite it reported the pytest parent's 2.5 GiB instead of the child's size).
 _PEAK = """
-import atexit, os, re, sys
-def _peak():
-    status = open("/proc/self/status").read()
-    kib = int(re.search(r"VmHWM:\\s*(\\d+) kB", status).group(1))
-    open(os.environ["PEAK_FILE"], "w").write(str(kib * 1024))
-atexit.register(_peak)
+import atexit, os, sys
+from edge_tune.training.worker import peak_rss_bytes
+atexit.register(lambda: open(os.environ["PEAK_FILE"], "w").write(str(peak_rss_bytes())))
 from edge_tune.cli import main
 sys.argv = ["edge-tune", *sys.argv[1:]]
 main()
