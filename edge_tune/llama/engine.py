@@ -128,6 +128,38 @@ class Piece:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV entries were reused, not evaluated
+    reasoning: str = ""  # thinking of a reasoning model (generate's split_reasoning)
+    raw: str | None = None  # what the model wrote, think markers included (None: text)
+
+    @property
+    def said(self) -> str:
+        """The piece as the model wrote it (thinking, markers and answer)."""
+        return self.text if self.raw is None else self.raw
+
+
+def _splitter(template: str, prompts: list):
+    """A :class:`~edge_tune.llama.thinking.ThinkSplitter` for an answer to ``prompts[-1]``
+    (rendered with ``template``); None when the template has no think markers."""
+    from edge_tune.llama.thinking import ThinkSplitter, prompt_opens, template_markers
+
+    markers = template_markers(template)
+    if markers is None or not prompts:
+        return None
+    return ThinkSplitter(markers, prompt_opens(prompts[-1], markers))
+
+
+def _split(splitter, text: str, finish, counter) -> Iterator[Piece]:
+    """The pieces of one chunk of the answer, its thinking apart; at the end, what the
+    splitter held goes in a piece of its own before the one with ``finish``."""
+    reasoning, content = splitter.feed(text)
+    if finish:
+        more = splitter.finish()
+        reasoning, content = reasoning + more[0], content + more[1]
+    counts = (counter.prompt_tokens, counter.completion_tokens, counter.cached_tokens)
+    if reasoning or content or text:
+        yield Piece(content, None, *counts, reasoning=reasoning, raw=text)
+    if finish:
+        yield Piece("", finish, *counts, raw="")
 
 
 def _overflow_as_error(chunks, n_ctx: int):
@@ -375,10 +407,26 @@ class Engine:
             ids.discard(-1)
             texts = list(dict.fromkeys(t for t in [eos, *(self._token_text(i) for i in ids),
                                                    *self._stop_tokens] if t))
-            handler = chat_formatter_to_chat_completion_handler(
-                _TemplateFormatter(text, eos, bos, ids, texts))
+            formatter = _TemplateFormatter(text, eos, bos, ids, texts)
+            handler = chat_formatter_to_chat_completion_handler(formatter)
+            handler.formatter = formatter
             self._handlers[text] = handler
         return handler
+
+    def _call_handler(self, text: str, template_kwargs: dict | None, prompts: list):
+        """:meth:`_chat_handler` for one answer: ``template_kwargs`` go to the template as
+        variables (``enable_thinking``...), and the rendered prompt is appended to
+        ``prompts``."""
+        from llama_cpp.llama_chat_format import chat_formatter_to_chat_completion_handler
+
+        formatter = self._chat_handler(text).formatter
+
+        def render(**kw):
+            result = formatter(**kw, **(template_kwargs or {}))
+            prompts.append(result.prompt)
+            return result
+
+        return chat_formatter_to_chat_completion_handler(render)
 
     # --- adapters -----------------------------------------------------------------------
     def add_adapter(self, path: Path, name: Optional[str] = None) -> str:
@@ -538,23 +586,29 @@ class Engine:
     # --- inference ------------------------------------------------------------------------
     def chat_stream(self, messages: list[dict], temperature: float = 0.7,
                     max_tokens: int = 256, seed: Optional[int] = None,
-                    plain_fallback: bool = False) -> Iterator[str]:
-        """Stream the assistant's reply, rendered with :attr:`chat_template`. A model with
-        no template raises :class:`NoChatTemplate`, or with ``plain_fallback`` answers as a
-        plain completion of :func:`plain_prompt` (the caller says so to the user)."""
+                    plain_fallback: bool = False, split_reasoning: bool = False):
+        """Stream the assistant's reply (str pieces), rendered with :attr:`chat_template`. A
+        model with no template raises :class:`NoChatTemplate`, or with ``plain_fallback``
+        answers as a plain completion of :func:`plain_prompt` (the caller says so to the
+        user). ``split_reasoning``: :class:`Piece` s instead, a reasoning model's thinking in
+        their ``reasoning`` (see :meth:`generate`)."""
         if plain_fallback and self.chat_template is None:
             pieces = self.generate(prompt=plain_prompt(messages), temperature=temperature,
                                    max_tokens=max_tokens, seed=seed)
         else:
             pieces = self.generate(messages=messages, temperature=temperature,
-                                   max_tokens=max_tokens, seed=seed)
+                                   max_tokens=max_tokens, seed=seed,
+                                   split_reasoning=split_reasoning)
         for piece in pieces:
-            if piece.text:
+            if split_reasoning and (piece.text or piece.reasoning):
+                yield piece
+            elif piece.text and not split_reasoning:
                 yield piece.text
 
     def generate(self, *, messages: list[dict] | None = None, prompt: str | None = None,
                  temperature: float = 0.7, max_tokens: int = 256, seed: int | None = None,
-                 sequence=None, mix: tuple | None = None, **sampling) -> Iterator[Piece]:
+                 sequence=None, mix: tuple | None = None, template_kwargs: dict | None = None,
+                 split_reasoning: bool = False, **sampling) -> Iterator[Piece]:
         """The one generation path for the CLI and the server: a chat (``messages``, rendered
         with :attr:`chat_template`) or a plain text completion (``prompt``), streamed as pieces.
 
@@ -572,6 +626,10 @@ class Engine:
         ``sequence``: another sequence of the context (the server's batch, from
         :meth:`sequence`) generating under ``mix`` (its adapter set, applied by the
         caller); default: sequence 0 under :attr:`active_mix`.
+        ``template_kwargs``: variables for the chat template (``{"enable_thinking": False}``).
+        ``split_reasoning``: on a template with think markers
+        (:func:`edge_tune.llama.thinking.template_markers`) the pieces' ``text`` is the
+        answer and their ``reasoning`` the thinking (``raw``: what the model wrote).
         """
         llm = self.llm if sequence is None else sequence
         first = (mix[0][0] if mix else None) if sequence is not None else self.active
@@ -581,7 +639,8 @@ class Engine:
                 raise NoChatTemplate(f"{self.base_path.name} has no chat template; "
                                      "give --chat-template NAME|FILE, or ask for a plain text "
                                      "completion")
-            llm.chat_handler = self._chat_handler(template)
+            prompts: list[str] = []  # the rendered prompt, once the handler ran
+            llm.chat_handler = self._call_handler(template, template_kwargs, prompts)
             default = self.system_of(first)
             if default and not any(m.get("role") == "system" for m in messages):
                 messages = [{"role": "system", "content": default}, *messages]
@@ -595,12 +654,14 @@ class Engine:
                                 else None)
         kw = dict(temperature=temperature, max_tokens=max_tokens, stream=True, seed=seed,
                   **sampling)
+        splitter = None
         try:
             with llm.answering(counter, MIN_NEW_TOKENS if self.prompt_cache else 0):
                 if messages is not None:
                     stream = llm.create_chat_completion(messages=messages, **kw)
                     chunks = ((c["choices"][0]["delta"].get("content") or "",
                                c["choices"][0].get("finish_reason")) for c in stream)
+                    splitter = _splitter(template, prompts) if split_reasoning else None
                 else:
                     stream = llm.create_completion(prompt=prompt or "", **kw)
                     chunks = ((c["choices"][0].get("text") or "",
@@ -608,7 +669,9 @@ class Engine:
                 for text, finish in _overflow_as_error(chunks, llm.sequence_tokens):
                     if finish and counter.cut:
                         finish = "length"
-                    if text or finish:
+                    if splitter is not None:
+                        yield from _split(splitter, text, finish, counter)
+                    elif text or finish:
                         yield Piece(text, finish, counter.prompt_tokens,
                                     counter.completion_tokens, counter.cached_tokens)
         finally:

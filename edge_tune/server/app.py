@@ -22,6 +22,7 @@ import time
 from edge_tune.server import grammar as grammars
 from edge_tune.server import openai_shapes as shapes
 from edge_tune.server.adapter_admin import admin_routes, parse_adapter_mix
+from edge_tune.server.logprobs import covering
 from edge_tune.server import tools as tooling
 from edge_tune.server.openai_shapes import RequestError
 
@@ -148,20 +149,23 @@ async def _whole_answer(req, job, first, extra: _Extra, kind: str):
     or the error it ended with."""
     from starlette.responses import JSONResponse
 
-    text, event = [], first
+    text, thought, said, event = [], [], [], first
     while event[0] == "piece":
         text.append(event[1].text)
+        thought.append(event[1].reasoning)
+        said.append(event[1].said)
         event = await job.events.get()
     if event[0] == "error":
         return _error(event[1])
     last = event[1]
-    answer = "".join(text)
+    answer, raw = "".join(text), "".join(said)
     content, calls = extra.calls(answer)
     logprobs = None if extra.recorder is None else \
-        extra.recorder.finish(last.finish_reason, answer)
+        covering(extra.recorder.finish(last.finish_reason, raw), raw)
     return JSONResponse(shapes.completion(
         req, shapes.new_id(kind), content, last.finish_reason,
-        shapes.usage(last.prompt_tokens, last.completion_tokens), calls, logprobs))
+        shapes.usage(last.prompt_tokens, last.completion_tokens), calls, logprobs,
+        reasoning="".join(thought) or None))
 
 
 async def _not_found(request, exc):
@@ -242,6 +246,11 @@ def _prepare(req, engine) -> _Extra:
             gbnf, field = grammars.tool_call_grammar(req.tools, names, syntax), "tools"
     if gbnf is None and req.response_format is not None:
         gbnf = grammars.response_format_grammar(req.response_format)
+    if req.grammar is not None:
+        if gbnf is not None:
+            raise RequestError(400, f"'grammar': cannot be combined with {field}",
+                               param="grammar")
+        gbnf, field = req.grammar, "grammar"
     if gbnf is not None:
         req.sampling["grammar"] = grammars.compiled(gbnf, engine, field)
     recorder = None
@@ -261,40 +270,36 @@ async def _sse(req, job, first, extra: _Extra):
     an optional usage chunk, then ``[DONE]``. Closing this generator (the client left)
     cancels the job, and the worker stops generating at the next token. With tools, text
     that may start a call is held back and sent as ``tool_calls`` once the answer is
-    complete; logprobs go with the chunk of the tokens they describe."""
+    complete; logprobs go with the chunk of the tokens they describe, once the text they
+    spell has been sent (text that may start a stop string is held back); a reasoning
+    model's thinking goes as ``reasoning_content`` deltas."""
     rid = shapes.new_id(req.kind)
     calls = extra.stream()
-    rec = extra.recorder
-    state = {"n": 0, "lp": 0, "offset": 0}
+    rec = None if extra.recorder is None else _StreamedLogprobs(extra.recorder)
+    state = {"n": 0, "offset": 0}
 
     def line(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    def piece_chunk(text, finish=None, tool_calls=None, logprobs=None):
+    def piece_chunk(text, finish=None, tool_calls=None, logprobs=None, reasoning=None):
         out = line(shapes.chunk(req, rid, text, finish, first=state["n"] == 0,
                                 tool_calls=tool_calls, logprobs=logprobs,
-                                offset=state["offset"]))
+                                offset=state["offset"], reasoning=reasoning))
         state["n"] += 1
         for t in logprobs or []:
             state["offset"] += len(t.bytes.decode("utf-8", errors="ignore"))
         return out
 
-    def new_logprobs():
-        if rec is None:
-            return None
-        got = rec.take(state["lp"])
-        state["lp"] += len(got)
-        return got
-
     try:
-        event, answer = first, []
+        event, answer, said = first, [], 0
         while event[0] == "piece":
             text = event[1].text
-            answer.append(text)
+            answer.append(event[1].said)
+            said += len(event[1].said.encode("utf-8"))
             sent = calls.feed(text) if calls is not None else text
-            got = new_logprobs()
-            if sent or got:
-                yield piece_chunk(sent, logprobs=got)
+            got = None if rec is None else rec.ready(said)
+            if sent or got or event[1].reasoning:
+                yield piece_chunk(sent, logprobs=got, reasoning=event[1].reasoning)
             event = await job.events.get()
         if event[0] == "error":  # the stream has started: report in-band, as OpenAI does
             yield line(event[1].body())
@@ -308,8 +313,7 @@ async def _sse(req, job, first, extra: _Extra):
                 yield piece_chunk(rest, tool_calls=found)
             finish = "tool_calls" if found else finish
         if rec is not None:
-            tail = rec.finish(last.finish_reason, "".join(answer))[state["lp"]:]
-            state["lp"] += len(tail)
+            tail = rec.rest(last.finish_reason, "".join(answer))
             if tail:
                 yield piece_chunk(None, logprobs=tail)
         yield piece_chunk(None, finish)
@@ -319,6 +323,33 @@ async def _sse(req, job, first, extra: _Extra):
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()
+
+
+class _StreamedLogprobs:
+    """The logprobs of a streamed answer, handed out as the text they spell is sent."""
+
+    def __init__(self, recorder) -> None:
+        self.recorder = recorder
+        self.sent = 0  # tokens handed out
+        self.spelled = 0  # their bytes
+
+    def ready(self, said: int) -> list:
+        """The resolved tokens not handed out yet whose bytes lie within the first ``said``
+        bytes of the answer (text that may start a stop string is held back)."""
+        got = []
+        for t in self.recorder.take(self.sent):
+            if self.spelled + len(t.bytes) > said:
+                break
+            got.append(t)
+            self.spelled += len(t.bytes)
+        self.sent += len(got)
+        return got
+
+    def rest(self, finish_reason: str | None, answer: str) -> list:
+        """The tokens left once the whole ``answer`` (as the model wrote it) is known."""
+        tail = covering(self.recorder.finish(finish_reason, answer), answer)[self.sent:]
+        self.sent += len(tail)
+        return tail
 
 
 class _BearerAuth:

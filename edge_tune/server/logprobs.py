@@ -99,3 +99,24 @@ class LogprobRecorder:
         if len(found) == 1:
             return found[0]
         return int(lp.argmax())
+
+
+def covering(tokens: list[TokenLogprob], text: str) -> list[TokenLogprob]:
+    """The tokens that spell ``text``, the answer as returned: tokens past its end (the ones
+    that made a stop string, which the answer leaves out) go, and a token the end falls
+    inside is cut to the part returned (its ``text`` and ``bytes``; its logprob is the
+    whole token's). ``tokens`` as they are when their bytes do not spell ``text`` (text that
+    was not valid UTF-8)."""
+    want = text.encode("utf-8")
+    out, at = [], 0
+    for t in tokens:
+        if at >= len(want):
+            break
+        part = want[at:at + len(t.bytes)]
+        if not t.bytes.startswith(part):
+            return tokens
+        if len(part) < len(t.bytes):
+            t = TokenLogprob(part.decode("utf-8", errors="replace"), part, t.logprob, t.top)
+        out.append(t)
+        at += len(part)
+    return out if at == len(want) else tokens

@@ -29,14 +29,16 @@ class GenRequest:
     prompt: str | None = None
     temperature: float = 0.7
     max_tokens: int = 256
-    seed: int | None = None
+    seed: int | None = None  # as llama.cpp takes it (llama_seed)
     sampling: dict = field(default_factory=dict)  # top_p, stop, penalties (llama-cpp names)
+    template_kwargs: dict | None = None  # chat_template_kwargs: variables for the template
     include_usage: bool = False
     tools: list[dict] | None = None  # OpenAI function tools, normalised (tools.parse_tools)
     tool_mode: str = "none"  # "auto" | "none" | "required" | "named"
     tool_name: str | None = None  # the function tool_choice names
     parallel_tool_calls: bool = True
     response_format: dict | None = None  # json_object / json_schema; None: plain text
+    grammar: str | None = None  # GBNF text the answer must match (llama-server's "grammar")
     logprobs: int | None = None  # alternatives per token (0-20); None: no logprobs
     adapters: tuple = ()  # ((name, scale), ...): the request's own mix, set by the app
     # from the "adapters" field (adapter_admin.parse_adapter_mix)
@@ -50,13 +52,15 @@ class GenRequest:
 _NO_EFFECT = {"user", "metadata", "store", "service_tier", "stream_options",
               "prompt_cache_key", "safety_identifier"}
 _SAMPLING = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "stop",
-             "presence_penalty", "frequency_penalty", "stream")
-_CHAT_ONLY = {"messages", "tools", "tool_choice", "parallel_tool_calls",
+             "presence_penalty", "frequency_penalty", "stream",
+             # llama-server's (and Ollama's options'), honoured by llama.cpp's sampler
+             "top_k", "min_p", "typical_p", "repeat_penalty")
+_CHAT_ONLY = {"messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
               "functions", "function_call", "logprobs", "top_logprobs", "modalities",
               "reasoning_effort", "prediction", "audio", "web_search_options"}
 _TEXT_ONLY = {"prompt", "logprobs", "best_of", "echo", "suffix"}
 # adapters: edge-tune's mix (adapter_admin); response_format on completions: as llama-server
-_BOTH = {"model", "n", "logit_bias", "adapters", "response_format"}
+_BOTH = {"model", "n", "logit_bias", "adapters", "response_format", "grammar"}
 # Fields that would change the answer and that this server cannot honour: refused with a 400
 # naming them unless they hold their "off" value (compared with its type: 1 is not True).
 _REFUSED = {
@@ -213,6 +217,33 @@ def _chat_fields(body: dict, req: GenRequest) -> None:
                            param="top_logprobs")
     if logprobs:
         req.logprobs = int(top or 0)
+    req.template_kwargs = _template_kwargs(body)
+
+
+# the variables llama-cpp-python's template renderer sets itself
+_TEMPLATE_OWN = {"messages", "tools", "tool_choice", "functions", "function_call",
+                 "eos_token", "bos_token", "raise_exception", "add_generation_prompt",
+                 "strftime_now"}
+
+
+def _template_kwargs(body: dict) -> dict | None:
+    """``chat_template_kwargs`` (llama-server's and vLLM's field): variables the chat
+    template sees, such as Qwen3's ``enable_thinking``; the names the renderer sets itself
+    are refused."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, dict):
+        raise RequestError(400, "'chat_template_kwargs': expected an object of template "
+                                "variables, e.g. {\"enable_thinking\": false}",
+                           param="chat_template_kwargs")
+    for key in kwargs:
+        if not key.isidentifier() or key in _TEMPLATE_OWN:
+            raise RequestError(400, f"'chat_template_kwargs.{key[:100]}': "
+                                    + ("set by the server" if key in _TEMPLATE_OWN else
+                                       "not a template variable name"),
+                               param=f"chat_template_kwargs.{key[:100]}")
+    return dict(kwargs) or None
 
 
 def parse_request(kind: str, body: Any, known_models: list[str]) -> GenRequest:
@@ -272,9 +303,49 @@ def _text_fields(body: dict, req: GenRequest) -> None:
     req.logprobs = None if top is None else int(top)
 
 
+SEED_MAX = (1 << 32) - 2  # llama.cpp's seed is a uint32, and 2**32 - 1 means "random"
+
+
+def llama_seed(seed: int) -> int:
+    """The llama.cpp seed a request's ``seed`` (any 64-bit integer) samples with: 0 to
+    :data:`SEED_MAX` as they are; any other value (negative, 2**32 - 1 and above) mapped by a
+    hash into that range, so that the same seed always gives the same answer and seeds
+    2**32 apart do not meet (llama.cpp would cut them to 32 bits, and read -1 and
+    2**32 - 1 as "pick a random seed")."""
+    if 0 <= seed <= SEED_MAX:
+        return seed
+    import hashlib
+
+    digest = hashlib.blake2b(str(seed).encode(), digest_size=8, person=b"edge-tune-seed")
+    return int.from_bytes(digest.digest(), "big") % (SEED_MAX + 1)
+
+
+def _sampler_fields(body: dict, req: GenRequest) -> None:
+    """The fields that reach llama.cpp's sampler chain (llama-cpp-python's names): top_p,
+    min_p, typical_p (1: off), top_k (0 or -1: off), repeat_penalty (1: off) and the
+    OpenAI presence/frequency penalties (llama.cpp counts the last 64 tokens for all
+    three)."""
+    for key in ("top_p", "min_p", "typical_p"):
+        if (v := _number(body, key, 0, 1)) is not None:
+            req.sampling[key] = float(v)
+    top_k = _number(body, "top_k", -1, (1 << 31) - 1, integer=True)
+    if top_k is not None:  # 0 and -1 (vLLM's spelling): no top-k cut
+        req.sampling["top_k"] = max(0, int(top_k))
+    repeat = _number(body, "repeat_penalty", 0, 10)
+    if repeat == 0:  # llama.cpp divides by it
+        raise RequestError(400, "'repeat_penalty': expected a number above 0 and up to 10 "
+                                "(1: off), got 0", param="repeat_penalty")
+    if repeat is not None:
+        req.sampling["repeat_penalty"] = float(repeat)
+    for key in ("presence_penalty", "frequency_penalty"):
+        if (v := _number(body, key, -2, 2)) is not None:
+            req.sampling[key] = float(v)
+
+
 def _sampling_fields(body: dict, req: GenRequest) -> None:
     """The sampling fields both endpoints take: temperature, max_tokens (or
-    max_completion_tokens), seed, top_p, the penalties and up to 4 stop strings."""
+    max_completion_tokens), seed (:func:`llama_seed`), top_p, top_k, min_p, typical_p, the
+    penalties, up to 4 stop strings and a GBNF ``grammar``."""
     temp = _number(body, "temperature", 0, 2)
     if temp is not None:
         req.temperature = float(temp)
@@ -282,13 +353,9 @@ def _sampling_fields(body: dict, req: GenRequest) -> None:
     limit = limit or _number(body, "max_completion_tokens", 1, 1 << 20, integer=True)
     if limit is not None:
         req.max_tokens = int(limit)
-    req.seed = _number(body, "seed", -(1 << 63), (1 << 64) - 1, integer=True)
-    for key in ("top_p",):
-        if (v := _number(body, key, 0, 1)) is not None:
-            req.sampling[key] = float(v)
-    for key in ("presence_penalty", "frequency_penalty"):
-        if (v := _number(body, key, -2, 2)) is not None:
-            req.sampling[key] = float(v)
+    seed = _number(body, "seed", -(1 << 63), (1 << 64) - 1, integer=True)
+    req.seed = None if seed is None else llama_seed(seed)
+    _sampler_fields(body, req)
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):
@@ -299,6 +366,10 @@ def _sampling_fields(body: dict, req: GenRequest) -> None:
                                param="stop")
         if stop:
             req.sampling["stop"] = stop
+    grammar = body.get("grammar")
+    if grammar is not None and (not isinstance(grammar, str) or not grammar.strip()):
+        raise RequestError(400, "'grammar': expected GBNF text (a root rule)", param="grammar")
+    req.grammar = grammar
 
 
 # --- responses ---------------------------------------------------------------------------------
@@ -333,12 +404,16 @@ def text_logprobs(tokens: list, offset: int = 0) -> dict:
 
 
 def completion(req: GenRequest, rid: str, text: str | None, finish: str, use: dict,
-               tool_calls: list | None = None, logprobs: list | None = None) -> dict:
+               tool_calls: list | None = None, logprobs: list | None = None,
+               reasoning: str | None = None) -> dict:
     """The whole (non-streamed) answer; ``tool_calls`` (chat): the calls parsed from it
-    (``text``: what is left as content, may be None); ``logprobs``: TokenLogprob list."""
+    (``text``: what is left as content, may be None); ``logprobs``: TokenLogprob list;
+    ``reasoning`` (chat): a reasoning model's thinking, as ``reasoning_content``."""
     created = int(time.time())
     if req.kind == "chat":
         message: dict = {"role": "assistant", "content": text}
+        if reasoning:
+            message["reasoning_content"] = reasoning
         if tool_calls:
             message["tool_calls"] = tool_calls
         choice = {"index": 0, "message": message,
@@ -356,15 +431,18 @@ def completion(req: GenRequest, rid: str, text: str | None, finish: str, use: di
 
 def chunk(req: GenRequest, rid: str, text: str | None, finish: str | None = None,
           first: bool = False, use: dict | None = None, tool_calls: list | None = None,
-          logprobs: list | None = None, offset: int = 0) -> dict:
+          logprobs: list | None = None, offset: int = 0, reasoning: str | None = None) -> dict:
     """One streamed chunk; ``use`` alone (no choice) is the final usage chunk.
     ``tool_calls``: whole calls, sent as deltas with their index; ``logprobs``: the
-    TokenLogprobs of this chunk (``offset``: text offset of the first, completions)."""
+    TokenLogprobs of this chunk (``offset``: text offset of the first, completions);
+    ``reasoning`` (chat): thinking, sent as ``delta.reasoning_content``."""
     created = int(time.time())
     if req.kind == "chat":
         delta: dict = {}
         if first:
             delta["role"] = "assistant"
+        if reasoning:
+            delta["reasoning_content"] = reasoning
         if text:
             delta["content"] = text
         if tool_calls:

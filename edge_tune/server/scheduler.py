@@ -199,7 +199,9 @@ class Scheduler:
                 messages=seq.job.request.messages, prompt=seq.job.request.prompt,
                 temperature=seq.job.request.temperature,
                 max_tokens=seq.job.request.max_tokens, seed=seq.job.request.seed,
-                sequence=seq.slot.view, mix=seq.mix, **seq.job.request.sampling))
+                sequence=seq.slot.view, mix=seq.mix,
+                template_kwargs=seq.job.request.template_kwargs, split_reasoning=True,
+                **seq.job.request.sampling))
         finally:
             self._batcher.finished(seq, ok)
 
