@@ -36,6 +36,8 @@ HELP = "Ctrl-D or /exit to quit, /reset to clear the history"
 EMPTY_ANSWER = ("the answer is empty: the model produced no text (it ended at once, or gave "
                 "only whitespace or incomplete characters; try another prompt, a higher "
                 "--temperature, or check the chat template with --chat-template)")
+THINKING_ONLY = ("the answer is empty: the model was still thinking when it stopped (its "
+                 "thinking is shown above); raise --max-tokens")
 
 
 def command_of(line: str) -> Optional[str]:
@@ -82,19 +84,23 @@ class Side:
 
 @dataclass
 class Token:
-    """A piece of side ``side``'s reply, as it streams."""
+    """A piece of side ``side``'s reply, as it streams; ``thinking``: a piece of a reasoning
+    model's thinking (shown apart from the answer; not part of :attr:`Answer.text`)."""
 
     side: int
     text: str
+    thinking: bool = False
 
 
 @dataclass
 class Answer:
-    """Side ``side``'s whole reply (``stopped``: cut short by :meth:`ChatSession.stop`)."""
+    """Side ``side``'s whole reply (``stopped``: cut short by :meth:`ChatSession.stop`;
+    ``reasoning``: a reasoning model's thinking before it)."""
 
     side: int
     text: str
     stopped: bool = False
+    reasoning: str = ""
 
     @property
     def empty(self) -> bool:
@@ -108,7 +114,7 @@ def require_text(answer: Answer) -> None:
     """CheckFailed (exit 1) for an empty answer: where one answer is all the user asked for
     (``chat --prompt``), silence would look like success."""
     if answer.empty and not answer.stopped:
-        raise CheckFailed(EMPTY_ANSWER)
+        raise CheckFailed(THINKING_ONLY if answer.reasoning.strip() else EMPTY_ANSWER)
 
 
 class ChatSession:
@@ -193,6 +199,7 @@ class ChatSession:
         turn = {"role": "user", "content": text}
         messages = self.messages(index) + [turn]
         pieces: list[str] = []
+        thought: list[str] = []  # a reasoning model's thinking (not kept in the history)
         if self._stop.is_set():  # stopped while an earlier side answered: this one says nothing
             side.history += [turn, {"role": "assistant", "content": ""}]
             yield Answer(index, "", stopped=True)
@@ -203,10 +210,14 @@ class ChatSession:
         try:
             with _system_mode_hint(messages), contextlib.closing(self.engine.chat_stream(
                     messages, temperature=self.temperature, max_tokens=self.max_tokens,
-                    plain_fallback=self.plain_fallback)) as stream:
+                    plain_fallback=self.plain_fallback, split_reasoning=True)) as stream:
                 for piece in stream:
-                    pieces.append(piece)
-                    yield Token(index, piece)
+                    if piece.reasoning:
+                        thought.append(piece.reasoning)
+                        yield Token(index, piece.reasoning, thinking=True)
+                    if piece.text:
+                        pieces.append(piece.text)
+                        yield Token(index, piece.text)
                     if self._stop.is_set():
                         stopped = True
                         break
@@ -218,7 +229,7 @@ class ChatSession:
             raise
         reply = "".join(pieces)
         side.history += [turn, {"role": "assistant", "content": reply}]
-        yield Answer(index, reply, stopped)
+        yield Answer(index, reply, stopped, "".join(thought))
 
 
 @contextlib.contextmanager

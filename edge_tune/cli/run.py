@@ -121,21 +121,32 @@ def _say_plain(model: str) -> None:
 
 
 def _say(session, text: str, check_empty: bool = False) -> None:
-    """One message to the session, rendered: one side streams to stdout; two are shown side by
-    side when both have answered. Ctrl-C stops the answer (what was said stays), not the chat;
-    ``check_empty``: an empty answer is an error (``--prompt``)."""
+    """One message to the session, rendered: one side streams to stdout (a reasoning
+    model's thinking streams dimmed to stderr, so that stdout holds the answer alone); two
+    are shown side by side when both have answered. Ctrl-C stops the answer (what was said
+    stays), not the chat; ``check_empty``: an empty answer is an error (``--prompt``)."""
     from edge_tune.chat_session import Answer, Token, require_text
 
     answers: list = []
     stream = session.ask(text)
+    thinking = False
     try:
         if len(session.sides) == 1:
             for event in stream:
-                if isinstance(event, Token):
+                if isinstance(event, Token) and event.thinking:
+                    thinking = True
+                    err.print(event.text, style="dim", end="", markup=False,
+                              highlight=False, soft_wrap=True)
+                elif isinstance(event, Token):
+                    if thinking:  # the thinking ends on a line of its own
+                        err.print()
+                        thinking = False
                     sys.stdout.write(event.text)
                     sys.stdout.flush()
                 else:
                     answers.append(event)
+            if thinking:
+                err.print()
         else:
             for side in session.sides:
                 with err.status(f"[dim]{side.label} is answering...[/]"):
@@ -158,10 +169,19 @@ def _say(session, text: str, check_empty: bool = False) -> None:
         table = Table(show_lines=False, expand=True)
         for side in session.sides:
             table.add_column(side.label, ratio=1, overflow="fold")
-        table.add_row(*(a.text for a in answers))
+        table.add_row(*(_with_thinking(a) for a in answers))
         out.print(table)
     if check_empty and len(answers) == 1:
         require_text(answers[0])
+
+
+def _with_thinking(answer):
+    """An answer for the side-by-side table: a reasoning model's thinking dimmed above it."""
+    from rich.text import Text
+
+    if not answer.reasoning:
+        return answer.text
+    return Text.assemble((answer.reasoning.strip() + "\n\n", "dim"), answer.text)
 
 
 def _prompts():

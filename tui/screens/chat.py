@@ -40,7 +40,7 @@ class Transcript(VerticalScroll):
 
     def add(self, who: str, text: str = "", css: str = "") -> Static:
         line = Static(Text.assemble((f"{who}> ", "bold"), text), classes=css)
-        line.who, line.text = who, text
+        line.who, line.text, line.thought = who, text, ""
         self.mount(line)
         self.scroll_end(animate=False)
         return line
@@ -51,9 +51,16 @@ class Transcript(VerticalScroll):
                 if hasattr(line, "who")]
 
     @staticmethod
-    def extend(line: Static, piece: str) -> None:
-        line.text += piece
-        line.update(Text.assemble((f"{line.who}> ", "bold"), line.text))
+    def extend(line: Static, piece: str, thinking: bool = False) -> None:
+        """Add ``piece`` to the answer on ``line`` (``thinking``: to a reasoning model's
+        thinking, shown dimmed before the answer)."""
+        if thinking:
+            line.thought += piece
+        else:
+            line.text += piece
+        thought = (line.thought.strip() + ("\n" if line.text else ""), "dim italic") \
+            if line.thought.strip() else ""
+        line.update(Text.assemble((f"{line.who}> ", "bold"), thought, line.text))
 
 
 class ChatScreen(BaseScreen):
@@ -278,7 +285,8 @@ class ChatScreen(BaseScreen):
                 if plain else ""))
             for event in chat.ask(text):
                 if isinstance(event, Token):
-                    self.app.call_from_thread(Transcript.extend, lines[event.side], event.text)
+                    self.app.call_from_thread(Transcript.extend, lines[event.side], event.text,
+                                              event.thinking)
                 elif isinstance(event, Answer) and event.stopped:
                     self.app.call_from_thread(Transcript.extend, lines[event.side], " [stopped]")
             self.app.call_from_thread(status.update, "")
