@@ -327,6 +327,7 @@ class Engine:
         self._handlers: dict[str, object] = {}
         self._fold: dict[Optional[str], bool] = {None: system_mode == "fold"}
         self._systems: dict[Optional[str], str] = {}  # see set_system
+        self._sides: dict[str, object] = {}  # see side()
 
     # --- chat templates -------------------------------------------------------------------
     def set_chat_template(self, text: Optional[str], adapter: Optional[str] = None,
@@ -746,9 +747,85 @@ class Engine:
         self.llm.eval(tokens)
         return self.llm.scores[: len(tokens)].copy()
 
+    def side(self, kind: str):
+        """The side context ``kind`` on this model, made at first use
+        (:mod:`edge_tune.llama.side`): "score", a :class:`~edge_tune.llama.side.Scorer`
+        (one sequence's ``n_ctx``, the engine's KV-cache settings); "embed", an
+        :class:`~edge_tune.llama.side.Embedder` (at most 2048 tokens an input, pooling as
+        the GGUF declares, mean where it declares none; EdgeTuneError for a reranker's
+        "rank" pooling). Not thread-safe to create: the server makes them from its event
+        loop only."""
+        made = self._sides.get(kind)
+        if made is not None:
+            return made
+        from edge_tune.llama import side
+
+        n_ctx = self.llm.sequence_tokens
+        if kind == "score":
+            from edge_tune.llama.batch_rows import kv_cache_params
+
+            with quiet_stderr():
+                made = side.Scorer(self.llm.model, n_ctx, self._threads,
+                                   kv_cache_params(self._exact))
+        elif kind == "embed":
+            arch = self.llm.metadata.get("general.architecture", "")
+            declared = self.llm.metadata.get(f"{arch}.pooling_type", "0")
+            pooling = int(declared) if str(declared).isdigit() else 0
+            if pooling == 4:
+                raise EdgeTuneError(f"{self.base_path.name} is a reranker (rank pooling): it "
+                                    "gives scores, not embeddings")
+            with quiet_stderr():
+                made = side.Embedder(self.llm.model, min(n_ctx, 2048), self._threads,
+                                     pooling or 1)
+        else:
+            raise ValueError(f"no side context {kind!r}")
+        self._sides[kind] = made
+        return made
+
+    def prompt_logprobs(self, prompt: str, mix=(), top: int = 0) -> tuple[list, list]:
+        """(ids, scored) of ``prompt`` read as a text completion reads it (special tokens
+        parsed): ``ids`` its tokens (a BOS the model adds left out), ``scored[i]`` =
+        (natural-log probability of ``ids[i]`` given everything before it, the ``top``
+        likeliest tokens there as [(id, logprob)], best first), or None for a first token
+        that nothing precedes; under ``mix`` (``[(name, scale), ...]``), computed on the
+        "score" side context (:meth:`side`), equal to :meth:`logits`' log-softmax. Raises
+        :class:`~edge_tune.llama.side.InputTooLong` past one sequence's context."""
+        ids = self.llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        plain = self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        lead = len(ids) - len(plain)  # BOS (and the like) added by the vocabulary
+        adapters, scales = self.adapter_pointers(mix)
+        scored = self.side("score").score(ids, adapters, scales, top)
+        return ids[lead:], ([None] if lead == 0 else []) + scored[max(lead - 1, 0):]
+
+    def embed(self, inputs: list) -> tuple[list[list[float]], int]:
+        """(one unit-length vector per input, tokens read) from the base model alone, on the
+        "embed" side context (:meth:`side`); an input is a string (tokenized as the model
+        says, BOS included, special-token texts left as text) or a list of token ids.
+        Raises :class:`~edge_tune.llama.side.InputTooLong` for an input past its context."""
+        made = self.side("embed")
+        vectors, used = [], 0
+        for item in inputs:
+            ids = self.llm.tokenize(item.encode(), add_bos=True, special=False) \
+                if isinstance(item, str) else list(item)
+            used += len(ids)
+            vectors.append(made.embed(ids))
+        return vectors, used
+
+    def adapter_pointers(self, mix) -> tuple[list, list[float]]:
+        """(``llama_adapter_lora`` pointers, scales) of ``mix`` (``[(name, scale), ...]``),
+        for a side context. Raises EdgeTuneError for an adapter not loaded."""
+        for name, _ in mix:
+            if name not in self._adapters:
+                raise EdgeTuneError(f"adapter {name!r} is not loaded")
+        return [self._adapters[n] for n, _ in mix], [float(s) for _, s in mix]
+
     def close(self) -> None:
         import llama_cpp
 
+        for made in self._sides.values():  # before the model they run on
+            with contextlib.suppress(Exception):
+                made.close()
+        self._sides.clear()
         with contextlib.suppress(Exception):
             llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
         with contextlib.suppress(Exception):

@@ -46,6 +46,7 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None,
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/embeddings", api.embeddings, methods=["POST"]),
     ]
     if admin is not None:
         routes += admin_routes(scheduler, model_names, admin["plan"], api_key,
@@ -108,6 +109,12 @@ class _Routes:
     async def completions(self, request):
         return await self.generate(request, "text")
 
+    async def embeddings(self, request):
+        from edge_tune.server.embeddings import embeddings_route
+
+        return await embeddings_route(request, self.scheduler.engine, self.model_names,
+                                      _error)
+
     async def generate(self, request, kind: str):
         """One completion request of ``kind`` ("chat" or "text"): queued on the scheduler,
         answered as one JSON object or streamed as server-sent events."""
@@ -120,6 +127,9 @@ class _Routes:
         try:
             req = shapes.parse_request(kind, body, self.model_names)
             req.adapters = parse_adapter_mix(body.get("adapters"), self.model_names)
+            echoed = await _echoed(req, self.scheduler.engine) if req.echo else []
+            if req.echo and req.max_tokens == 0:  # the prompt's logprobs alone
+                return _echo_only(req, echoed)
             extra = _prepare(req, self.scheduler.engine)
             job = self.scheduler.submit(req)
         except RequestError as exc:
@@ -137,16 +147,17 @@ class _Routes:
                 return StreamingResponse(_sse(req, job, first, extra),
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
-            return await _whole_answer(req, job, first, extra, kind)
+            return await _whole_answer(req, job, first, extra, kind, echoed)
         finally:
             if not req.stream:
                 job.cancel()  # no-op when finished; stops the worker if we were cancelled
             watcher.cancel()
 
 
-async def _whole_answer(req, job, first, extra: _Extra, kind: str):
+async def _whole_answer(req, job, first, extra: _Extra, kind: str, echoed: list = ()):
     """The answer of ``job`` as one JSON completion (from its ``first`` event on to the last),
-    or the error it ended with."""
+    or the error it ended with; with ``echo``, the prompt and its ``echoed`` logprobs
+    first."""
     from starlette.responses import JSONResponse
 
     text, thought, said, event = [], [], [], first
@@ -162,10 +173,44 @@ async def _whole_answer(req, job, first, extra: _Extra, kind: str):
     content, calls = extra.calls(answer)
     logprobs = None if extra.recorder is None else \
         covering(extra.recorder.finish(last.finish_reason, raw), raw)
+    if req.echo:
+        content = req.prompt + (content or "")
+        logprobs = None if logprobs is None else list(echoed) + logprobs
     return JSONResponse(shapes.completion(
         req, shapes.new_id(kind), content, last.finish_reason,
         shapes.usage(last.prompt_tokens, last.completion_tokens), calls, logprobs,
         reasoning="".join(thought) or None))
+
+
+async def _echoed(req, engine) -> list:
+    """The prompt's tokens with their logprobs (``req.logprobs`` alternatives each) under
+    the request's adapters, computed on the engine's scoring context in a worker thread;
+    empty when no logprobs are asked and an answer follows. 400 for a prompt over the
+    context."""
+    from starlette.concurrency import run_in_threadpool
+
+    from edge_tune.llama.side import InputTooLong
+    from edge_tune.server.logprobs import prompt_logprobs
+    from edge_tune.server.scheduler import adapter_mix
+
+    if req.logprobs is None and req.max_tokens > 0:
+        return []
+    engine.side("score")  # made here, on the event loop: one request makes it
+    try:
+        return await run_in_threadpool(prompt_logprobs, engine, req.prompt,
+                                       adapter_mix(req), req.logprobs or 0)
+    except InputTooLong as exc:
+        raise RequestError(400, str(exc), param="prompt",
+                           code="context_length_exceeded") from None
+
+
+def _echo_only(req, echoed: list):
+    """The answer to ``echo`` with ``max_tokens: 0``: the prompt, no new token."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(shapes.completion(
+        req, shapes.new_id("text"), req.prompt, "length", shapes.usage(len(echoed), 0),
+        None, echoed if req.logprobs is not None else None))
 
 
 async def _not_found(request, exc):

@@ -120,3 +120,25 @@ def covering(tokens: list[TokenLogprob], text: str) -> list[TokenLogprob]:
         out.append(t)
         at += len(part)
     return out if at == len(want) else tokens
+
+
+def prompt_logprobs(engine, prompt: str, mix: tuple, top: int) -> list[TokenLogprob]:
+    """The tokens of ``prompt`` (as a text completion reads it) with their logprobs under
+    adapter set ``mix`` and ``top`` alternatives each (:meth:`Engine.prompt_logprobs
+    <edge_tune.llama.engine.Engine.prompt_logprobs>`): OpenAI's ``echo``. A first token that
+    nothing precedes has logprob and alternatives None. ``bytes`` spell control tokens out:
+    they are part of the prompt's text."""
+    ids, scored = engine.prompt_logprobs(prompt, mix, top)
+    out = []
+    for token, got in zip(ids, scored):
+        raw = engine.token_bytes(token, True)
+        text = raw.decode("utf-8", errors="replace")
+        if got is None:
+            out.append(TokenLogprob(text, raw, None, None))
+            continue
+        alts = []
+        for other, lp in got[1]:
+            b = engine.token_bytes(other, True)
+            alts.append((b.decode("utf-8", errors="replace"), b, lp))
+        out.append(TokenLogprob(text, raw, got[0], alts))
+    return out

@@ -40,6 +40,8 @@ class GenRequest:
     response_format: dict | None = None  # json_object / json_schema; None: plain text
     grammar: str | None = None  # GBNF text the answer must match (llama-server's "grammar")
     logprobs: int | None = None  # alternatives per token (0-20); None: no logprobs
+    echo: bool = False  # completions: the prompt is returned before the answer (with
+    # its tokens' logprobs when logprobs is set); max_tokens may then be 0
     adapters: tuple = ()  # ((name, scale), ...): the request's own mix, set by the app
     # from the "adapters" field (adapter_admin.parse_adapter_mix)
 
@@ -66,7 +68,6 @@ _BOTH = {"model", "n", "logit_bias", "adapters", "response_format", "grammar"}
 _REFUSED = {
     "n": ((1,), "only n=1 is supported"),
     "best_of": ((1,), "only best_of=1 is supported"),
-    "echo": ((False,), "echoing the prompt is not supported"),
     "suffix": (("",), "insertion (suffix) is not supported"),
     "logit_bias": (({},), "logit_bias is not supported"),
     "modalities": ((["text"],), "only text output is supported"),
@@ -292,7 +293,7 @@ def _model_of(body: Any, known_models: list[str]) -> str:
 
 def _text_fields(body: dict, req: GenRequest) -> None:
     """``/v1/completions``' own fields: ``prompt`` (a string, or a list of one) and
-    ``logprobs`` (0-5)."""
+    ``logprobs`` (0-5), ``echo``."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -301,6 +302,13 @@ def _text_fields(body: dict, req: GenRequest) -> None:
     req.prompt = prompt
     top = _number(body, "logprobs", 0, 5, integer=True)
     req.logprobs = None if top is None else int(top)
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise RequestError(400, "'echo': expected true or false", param="echo")
+    if echo and req.stream:
+        raise RequestError(400, "'echo': not supported with \"stream\": true; send the "
+                                "request unstreamed", param="echo")
+    req.echo = echo
 
 
 SEED_MAX = (1 << 32) - 2  # llama.cpp's seed is a uint32, and 2**32 - 1 means "random"
@@ -349,8 +357,9 @@ def _sampling_fields(body: dict, req: GenRequest) -> None:
     temp = _number(body, "temperature", 0, 2)
     if temp is not None:
         req.temperature = float(temp)
-    limit = _number(body, "max_tokens", 1, 1 << 20, integer=True)
-    limit = limit or _number(body, "max_completion_tokens", 1, 1 << 20, integer=True)
+    limit = _number(body, "max_tokens", 0 if req.echo else 1, 1 << 20, integer=True)
+    if limit is None:
+        limit = _number(body, "max_completion_tokens", 1, 1 << 20, integer=True)
     if limit is not None:
         req.max_tokens = int(limit)
     seed = _number(body, "seed", -(1 << 63), (1 << 64) - 1, integer=True)
@@ -398,8 +407,10 @@ def text_logprobs(tokens: list, offset: int = 0) -> dict:
     for t in tokens:
         offsets.append(offset)
         offset += len(t.bytes.decode("utf-8", errors="ignore"))
+    # an echoed prompt's first token has no logprob and no alternatives: None, as OpenAI's
     return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{a: lp for a, _, lp in t.top} for t in tokens],
+            "top_logprobs": [None if t.top is None else {a: lp for a, _, lp in t.top}
+                             for t in tokens],
             "text_offset": offsets}
 
 
