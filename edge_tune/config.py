@@ -182,9 +182,10 @@ class TrainConfig:
     # --- what is trained ---------------------------------------------------------------------
     # DPO: Rafailov et al. 2023; ORPO: Hong et al. 2024
     method: str = option(
-        "sft", metavar="sft|dpo|orpo",
+        "sft", metavar="sft|dpo|orpo|kto",
         help="sft (supervised), or preference tuning on prompt/chosen/rejected pairs: dpo or "
-             "orpo (cpu backend) [default: sft].")
+             "orpo; or kto on unpaired answers marked good or bad ('label' / 'kto_tag') "
+             "[default: sft].")
     # KTO data under sft/dpo/orpo; without it such data is refused
     desirable_only: bool = option(
         False, flags=("--desirable-only",),
@@ -194,6 +195,15 @@ class TrainConfig:
     beta: float = option(
         0.1, help="DPO's beta (how far from the base the adapter may move) or ORPO's lambda "
                   "(weight of the odds-ratio term) [default: 0.1].")
+    # KTO: Ethayarajh et al. 2024, TRL's KTOConfig names
+    desirable_weight: float = option(
+        1.0, metavar="W",
+        help="KTO: weight of the desirable answers' loss (TRL's desirable_weight); raise it "
+             "when they are fewer than the undesirable ones [default: 1].")
+    undesirable_weight: float = option(
+        1.0, metavar="W",
+        help="KTO: weight of the undesirable answers' loss (TRL's undesirable_weight) "
+             "[default: 1].")
     # LoRA-only settings (LORA_ONLY) are refused with it; cpu and mlx backends
     full: bool = option(
         False, help="Full fine-tuning: train every weight (AdamW) instead of a LoRA adapter; "
@@ -262,10 +272,12 @@ _CHECKS = {
                                "preference", "openai_preference"),
                "auto, openai, sharegpt, alpaca, completion, text, preference or "
                "openai_preference"),
-    "method": (lambda v: v in ("sft", "dpo", "orpo"), "sft, dpo or orpo"),
+    "method": (lambda v: v in ("sft", "dpo", "orpo", "kto"), "sft, dpo, orpo or kto"),
     "reasoning": (lambda v: v in ("auto", "inline", "drop"), "auto, inline or drop"),
     "max_samples": (lambda v: v is None or v >= 1, "an integer >= 1"),
     "beta": (lambda v: 0 < v <= 100, "a number > 0"),
+    "desirable_weight": (lambda v: 0 < v <= 100, "a weight > 0"),
+    "undesirable_weight": (lambda v: 0 < v <= 100, "a weight > 0"),
     "train_on": (lambda v: v in ("assistant", "all"), "assistant or all"),
     "overflow": (lambda v: v in ("truncate", "drop"), "truncate or drop"),
     "system_mode": (lambda v: v in ("keep", "fold"), "keep or fold"),
@@ -353,6 +365,10 @@ def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
             values[key] = _coerce(key, value, "--")
     cfg = TrainConfig(**values)
     _check_values(cfg)
+    if cfg.method == "kto" and cfg.batch_size < 2:  # TRL's KTOTrainer refuses it too
+        raise UsageError(f"--method kto: --batch-size {cfg.batch_size}: KTO's KL estimate pairs "
+                         "each prompt with another answer of its batch; give --batch-size 2 "
+                         "or more")
     if cfg.columns:  # a malformed mapping: one line now, not after the model loads
         from edge_tune.data.layouts import parse_columns
 

@@ -76,6 +76,8 @@ def job_record(record: Record) -> dict:
         out["tools"] = record.tools
     if record.rejected is not None:
         out["rejected"] = record.rejected
+    if record.label is not None:  # KTO: read by --method kto, ignored by the others
+        out["label"] = record.label
     if record.where:
         out["where"] = record.where
     return out

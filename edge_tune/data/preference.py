@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from edge_tune.data.readers import json_kind
-from edge_tune.data.template import Example, encode_examples
+from edge_tune.data.template import IGNORE, Example, encode_examples
 from edge_tune.errors import EdgeTuneError, UsageError
 
 PREFERENCE_FORMATS = ("preference", "openai_preference")
@@ -175,13 +175,17 @@ NORMALISERS = {"preference": trl_pair, "openai_preference": openai_pair}  # + a 
 def check_method(method: str, data_format: str, path: str) -> None:
     """One line when the data does not fit the training method: DPO/ORPO need preference
     records, SFT needs the other formats."""
-    wants_pairs = method != "sft"
+    wants_pairs = method in ("dpo", "orpo")
     if data_format == "mixed":
         return  # a directory: each record is checked when it is tokenized
     if wants_pairs and data_format not in PREFERENCE_FORMATS:
         raise UsageError(f"{path}: --method {method} needs preference data, got "
                             f"{data_format} records (expected {SHAPES['preference']} or "
                             f"{SHAPES['openai_preference']})")
+    if method == "kto" and data_format in PREFERENCE_FORMATS:
+        raise UsageError(f"{path}: --method kto trains on unpaired answers marked good or bad "
+                         f"('label' / 'kto_tag'), got {LABELS[data_format]} pairs (train them "
+                         "with --method dpo or --method orpo)")
     if not wants_pairs and data_format in PREFERENCE_FORMATS:
         raise UsageError(f"{path}: this is preference data ({LABELS[data_format]}); train "
                             "it with --method dpo or --method orpo (expected chat or text "
@@ -194,6 +198,14 @@ def unpaired(records: list, method: str, desirable_only: bool, path: str) -> tup
     as good ones), or with ``desirable_only`` only the desirable records, returned with the
     count of undesirable ones left out. Other data passes unchanged: ``(records, 0)``."""
     labelled = [r for r in records if r.label is not None]
+    if method == "kto":
+        # pairs are refused by check_method, which names what trains them
+        unlabelled = next((r for r in records if r.label is None and r.rejected is None), None)
+        if unlabelled is not None:
+            raise UsageError(f"{unlabelled.where or path}: --method kto needs every record "
+                             "marked desirable or not ('label' or 'kto_tag': true or false); "
+                             "this one has neither")
+        return records, 0
     if not labelled:
         if desirable_only:
             raise UsageError(f"{path}: --desirable-only: this data has no KTO labels ('label' "
@@ -203,14 +215,14 @@ def unpaired(records: list, method: str, desirable_only: bool, path: str) -> tup
     if method != "sft":
         raise UsageError(f"{labelled[0].where or path}: --method {method} needs chosen/rejected "
                          "pairs; this is KTO data (unpaired answers marked desirable or not by "
-                         "'label'/'kto_tag'), which pairs nothing")
+                         "'label'/'kto_tag'), which pairs nothing: train it with --method kto")
     if not desirable_only:
         first = bad[0] if bad else labelled[0]
         raise UsageError(
             f"{first.where or path}: KTO data ({len(labelled) - len(bad)} desirable, {len(bad)} "
             f"undesirable answers, marked by 'label'/'kto_tag'): --method {method} has no use "
             "for the labels and would train every answer as a good one; add --desirable-only "
-            "to train only the desirable answers")
+            "to train only the desirable answers, or train on both with --method kto")
     kept = [r for r in records if r.label is not False]
     if not kept:
         raise UsageError(f"{path}: --desirable-only: every one of the {len(bad)} KTO records "
@@ -255,3 +267,54 @@ def encode_pair(tokenizer, chosen: list[dict], rejected: list[dict],
     good = encode_examples(tokenizer, chosen, tools=tools, **kw)[-1]
     bad = encode_examples(tokenizer, rejected, tools=tools, **kw)[-1]
     return PairExample(good.input_ids, good.labels, bad.input_ids, bad.labels)
+
+
+@dataclass
+class KTOExample(Example):
+    """A tokenized KTO record (Ethayarajh et al. 2024; TRL's unpaired preference format):
+    ``input_ids``/``labels`` the prompt and its one answer, labels on the answer tokens only;
+    ``desirable`` its label (TRL's ``label``, LLaMA-Factory's ``kto_tag``); the first
+    ``prompt_len`` tokens are the prompt."""
+    desirable: bool = True
+    prompt_len: int = 0
+
+    @property
+    def longest(self) -> int:
+        return len(self.input_ids)
+
+    def cut(self, seq_len: int) -> KTOExample:
+        return KTOExample(self.input_ids[:seq_len], self.labels[:seq_len], self.desirable,
+                          min(self.prompt_len, seq_len))
+
+
+def kto_messages(messages: list[dict]) -> list[dict]:
+    """A KTO record's conversation with only its answer trained: the messages after the last
+    user turn are the answer (TRL's completion); assistant turns before it are context
+    (``weight: 0``), as in a preference pair's prompt."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    return _context(messages[:last_user + 1]) + messages[last_user + 1:]
+
+
+def encode_kto(tokenizer, messages: list[dict], desirable: bool,
+               tools: Optional[list[dict]] = None, **kw) -> KTOExample:
+    """A KTO record rendered and tokenized as an SFT example of :func:`kto_messages` (the
+    answer's tokens, end of turn included, carry the labels). ``kw``: ``system_mode``,
+    ``where``."""
+    ex = encode_examples(tokenizer, kto_messages(messages), tools=tools, **kw)[-1]
+    start = next((i for i, t in enumerate(ex.labels) if t != IGNORE), len(ex.labels))
+    return KTOExample(ex.input_ids, ex.labels, desirable, start)
+
+
+def kto_rows(batch: list[KTOExample], limit: Optional[int] = None) -> list[Example]:
+    """The rows one KTO batch computes (n examples): the n examples as they are, then n KL
+    rows, each example's prompt followed by the answer of the example before it in the batch
+    (the first takes the last one's): TRL's mismatched pairs for the KL estimate
+    (``KTOTrainer``: ``KL_completion_ids = [completion_ids[-1]] + completion_ids[:-1]``), cut
+    to ``limit`` tokens. A batch of one pairs an example with itself."""
+    rows: list[Example] = [Example(e.input_ids, e.labels) for e in batch]
+    for i, e in enumerate(batch):
+        other = batch[i - 1]
+        ids = e.input_ids[:e.prompt_len] + other.input_ids[other.prompt_len:]
+        labels = [IGNORE] * e.prompt_len + other.labels[other.prompt_len:]
+        rows.append(Example(ids[:limit], labels[:limit]))
+    return rows

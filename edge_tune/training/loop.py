@@ -165,3 +165,13 @@ def pair_means(batches: list[tuple[int, tuple[float, ...]]]) -> tuple[float, flo
                               for i in range(3))
     return loss, margin, accuracy
 
+
+
+def preference_line(cfg: TrainConfig) -> str:
+    """What a preference run says it optimises, one line (the same on every backend)."""
+    if cfg.method == "kto":
+        return (f"KTO on unpaired answers, beta {cfg.beta}, weights desirable "
+                f"{cfg.desirable_weight:g} / undesirable {cfg.undesirable_weight:g}; reference "
+                "= the base (adapter off); KL estimated on mismatched answers of each batch")
+    return (f"{cfg.method.upper()} on preference pairs, beta {cfg.beta}"
+            + ("; reference = the base (adapter off)" if cfg.method == "dpo" else ""))

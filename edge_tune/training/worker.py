@@ -63,25 +63,37 @@ def _join_process_group(backend: str = "cpu") -> int:
     return world
 
 
+def _preference_example(tok, record: dict, system_mode: str, kto: bool) -> list | None:
+    """A preference pair (DPO/ORPO: both sides, answers trained) or, with ``kto``, a KTO
+    record as one example; None for any other record."""
+    from edge_tune.data.preference import encode_kto, encode_pair
+
+    kw = {"tools": record.get("tools"), "system_mode": system_mode,
+          "where": record.get("where", "")}
+    if "rejected" in record:
+        return [encode_pair(tok, record["messages"], record["rejected"], **kw)]
+    if kto and "label" in record:
+        return [encode_kto(tok, record["messages"], record["label"], **kw)]
+    return None
+
+
 def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on_all=False,
                      overflow: str = "truncate", kept: list | None = None,
-                     skip_invalid: bool = False, system_mode: str = "keep"):
+                     skip_invalid: bool = False, system_mode: str = "keep", kto: bool = False):
     """Examples cut to ``seq_len`` (or dropped, with ``overflow="drop"``); ones with nothing
     left to learn are dropped too. Both are counted and reported. A record may give several
     examples (one per assistant turn, for templates that rewrite earlier turns). ``kept``:
     gets the position in ``records`` of each example returned. A record the chat template
-    cannot train stops with its ``FILE:LINE``, or with ``skip_invalid`` is skipped and listed."""
-    from edge_tune.data.preference import PairExample, encode_pair
+    cannot train stops with its ``FILE:LINE``, or with ``skip_invalid`` is skipped and listed.
+    ``kto``: records with a ``label`` become ``KTOExample`` (``--method kto``)."""
+    from edge_tune.data.preference import KTOExample, PairExample
     from edge_tune.data.template import Example, RecordError, encode_examples
 
     examples, truncated, n_examples, bad, untrained = [], 0, 0, [], 0
     for i, record in enumerate(records):
         try:
-            if "rejected" in record:  # a preference pair (DPO/ORPO): both sides, answers trained
-                encoded = [encode_pair(tok, record["messages"], record["rejected"],
-                                       tools=record.get("tools"), system_mode=system_mode,
-                                       where=record.get("where", ""))]
-            else:
+            encoded = _preference_example(tok, record, system_mode, kto)
+            if encoded is None:
                 encoded = encode_examples(tok, record.get("messages"), record.get("text"),
                                           tools=record.get("tools"), train_on_all=train_on_all,
                                           system_mode=system_mode, where=record.get("where", ""))
@@ -95,7 +107,7 @@ def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on
                 untrained += 1
                 continue
             n_examples += 1
-            pair = isinstance(full, PairExample)
+            pair = isinstance(full, (PairExample, KTOExample))
             too_long = (full.longest if pair else len(full.input_ids)) > seq_len
             truncated += too_long
             if too_long and overflow == "drop":
@@ -163,7 +175,8 @@ def prepare_examples(job: TrainJob, emit, rank: int = 0, world: int = 1):
     seq_len = cfg.seq_len
     on_all = cfg.train_on == "all"
     overflow = cfg.overflow
-    per_record = {"skip_invalid": cfg.skip_invalid, "system_mode": cfg.system_mode or "keep"}
+    per_record = {"skip_invalid": cfg.skip_invalid, "system_mode": cfg.system_mode or "keep",
+                  "kto": cfg.method == "kto"}
     indices, kept = read_shard(job, rank, world), []
     examples = tokenize_records(tok, job.records, seq_len, emit, "training", on_all,
                                 overflow, kept, **per_record)

@@ -275,7 +275,7 @@ def test_method_and_data_must_match_in_one_line(tmp_path, demo_jsonl):
     proc = run_cli("train", "--data", str(pref), "--method", "orpo", "--full")
     assert_one_line_error(proc, "--method orpo", "not with --full")
     proc = run_cli("train", "--data", str(pref), "--method", "kto")
-    assert_one_line_error(proc, "method", "sft, dpo or orpo")
+    assert_one_line_error(proc, "--method kto", "unpaired answers", "--method dpo")
 
 
 def test_planner_counts_two_sequences_and_the_reference_pass():

@@ -107,6 +107,40 @@ def test_mlx_preference_loss_equals_the_cpu_backends(both, pairs, method, beta):
     assert got.stats() == pytest.approx(want.stats(), abs=REWARD_ATOL)
 
 
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (2.0, 0.5)])
+def test_mlx_kto_loss_equals_the_cpu_backends(both, tiny_hf, weights):
+    """KTO (``--method kto``): the CPU backend's loss is TRL's ``KTOTrainer``'s
+    (test_unsloth_mapping_kto.py); mlx's equals it on the same weights, examples and KL
+    rows."""
+    import mlx.core as mx
+    import torch
+    from transformers import AutoTokenizer
+
+    from edge_tune.config import TrainConfig
+    from edge_tune.data.formats import read_records
+    from edge_tune.data.preference import encode_kto
+    from edge_tune.training.backends import mlx_preference
+    from edge_tune.training.backends.cpu import pair_rows
+    from edge_tune.training.preference_loss import kto_terms, pair_loss
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_hf))
+    records = read_records(_asset("pref_demo.jsonl")).records[:4]
+    batch = [encode_kto(tok, r.messages if i % 2 else r.rejected, bool(i % 2))
+             for i, r in enumerate(records)]
+    cfg = TrainConfig(data="x", method="kto", desirable_weight=weights[0],
+                      undesirable_weight=weights[1])
+    model, peft_model = both
+    tokens, mask = (mx.array(a) for a in mlx_preference.pair_arrays(batch, 0, 128))
+    got = mlx_preference.pair_loss(model, tokens, mask, "kto", 0.1,
+                                   kto=mlx_preference.kto_terms(batch, cfg))
+    with torch.no_grad():
+        want = pair_loss(peft_model, *pair_rows(batch, 0, 128), "kto", 0.1,
+                         kto_terms(batch, cfg))
+    assert abs(float(want.loss) - 0.5) > 1e-3  # the adapter moved the policy
+    assert float(got.loss) == pytest.approx(float(want.loss), rel=LOSS_RTOL)
+    assert got.stats() == pytest.approx(want.stats(), abs=REWARD_ATOL)
+
+
 def test_adapter_off_computes_the_base_and_puts_the_adapter_back(both, pairs, tiny_hf):
     import mlx.core as mx
     from mlx_lm import load

@@ -33,6 +33,7 @@ from edge_tune.training.loop import (  # noqa: F401 (length_grouped_batches, lr_
     length_grouped_batches,
     lr_at,
     pair_means,
+    preference_line,
     slot_orders,
     step_counts,
 )
@@ -286,8 +287,14 @@ def compute_precision(model, bf16: bool):
     return stack
 
 
-def pair_rows(batch: list, pad_id: int):
-    """A batch of preference pairs as one padded batch: chosen sequences, then rejected."""
+def pair_rows(batch: list, pad_id: int, limit: int | None = None):
+    """A batch of preference pairs as one padded batch: chosen sequences, then rejected; a
+    KTO batch as its examples, then their KL rows (``preference.kto_rows``, cut to
+    ``limit``)."""
+    from edge_tune.data.preference import KTOExample, kto_rows
+
+    if batch and isinstance(batch[0], KTOExample):
+        return collate(kto_rows(batch, limit), pad_id)
     return collate([e.chosen for e in batch] + [e.rejected for e in batch], pad_id)
 
 
@@ -296,14 +303,15 @@ def evaluate_pairs(model, examples: list, batch_size: int, pad_id: int, bf16: bo
     """(mean preference loss, reward margin, reward accuracy) over pairs, no gradients."""
     import torch
 
-    from edge_tune.training.preference_loss import pair_loss
+    from edge_tune.training.preference_loss import kto_terms, pair_loss
 
     batches = []
     model.eval()
     with torch.no_grad(), compute_precision(model, bf16):
         for k in range(0, len(examples), batch_size):
             batch = examples[k:k + batch_size]
-            out = pair_loss(model, *pair_rows(batch, pad_id), cfg.method, cfg.beta)
+            out = pair_loss(model, *pair_rows(batch, pad_id, cfg.seq_len), cfg.method,
+                            cfg.beta, kto_terms(batch, cfg))
             batches.append((len(batch), (float(out.loss), *out.stats())))
     model.train()
     return pair_means(batches)
@@ -405,8 +413,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
 
     preference = cfg.method != "sft"
     if preference:
-        emit(Log(f"{cfg.method.upper()} on preference pairs, beta {cfg.beta}"
-                 + ("; reference = the base (adapter off)" if cfg.method == "dpo" else "")))
+        emit(Log(preference_line(cfg)))
     # --replay-kl: the examples of replay records also carry the KL-to-base term
     replayed = set(job.replay_examples) if cfg.replay_kl and not cfg.full else set()
     if replayed:
@@ -521,12 +528,12 @@ def _pair_backward(model, job: TrainJob, batch: list, bf16: bool,
                    accum: int) -> tuple[float, int, tuple]:
     """The preference loss of one micro-batch of pairs, backward (scaled by ``1/accum``).
     Returns (loss / accum, tokens in the batch, the loss's reward stats)."""
-    from edge_tune.training.preference_loss import pair_loss
+    from edge_tune.training.preference_loss import kto_terms, pair_loss
 
     cfg = job.config
-    ids, labels, mask = pair_rows(batch, job.pad_id)
+    ids, labels, mask = pair_rows(batch, job.pad_id, cfg.seq_len)
     with compute_precision(model, bf16):
-        out = pair_loss(model, ids, labels, mask, cfg.method, cfg.beta)
+        out = pair_loss(model, ids, labels, mask, cfg.method, cfg.beta, kto_terms(batch, cfg))
     (out.loss / accum).backward()
     return out.loss.item() / accum, int(mask.sum()), out.stats()
 

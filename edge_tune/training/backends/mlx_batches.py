@@ -35,7 +35,17 @@ def batch_arrays(examples: list[Example], pad_id: int, limit: int):
     return tokens, mask
 
 
+def pair_rows(pairs: list, limit: int) -> list[Example]:
+    """The 2n rows of a batch of ``PairExample`` (chosen, then rejected) or of ``KTOExample``
+    (the examples, then their KL rows: ``preference.kto_rows``)."""
+    from edge_tune.data.preference import KTOExample, kto_rows
+
+    if pairs and isinstance(pairs[0], KTOExample):
+        return kto_rows(pairs, limit)
+    return [p.chosen for p in pairs] + [p.rejected for p in pairs]
+
+
 def pair_arrays(pairs: list, pad_id: int, limit: int):
     """(tokens, mask) of a batch of ``PairExample``: the chosen sequences, then the rejected
-    ones, padded together (2n rows)."""
-    return batch_arrays([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, limit)
+    ones, padded together (2n rows); of ``KTOExample``: the examples, then their KL rows."""
+    return batch_arrays(pair_rows(pairs, limit), pad_id, limit)

@@ -1,4 +1,4 @@
-"""DPO and ORPO on the mlx backend: the losses of :mod:`edge_tune.training.preference_loss`
+"""DPO, ORPO and KTO on the mlx backend: the losses of :mod:`edge_tune.training.preference_loss`
 (the CPU backend's, TRL's definitions) in mlx, and the loop that trains a LoRA adapter on
 preference pairs.
 
@@ -8,6 +8,8 @@ preference pairs.
   pass, no gradients), not a second copy of the model.
 * ORPO (Hong et al. 2024; TRL ``ORPOTrainer.odds_ratio_loss``) on mean answer log-probabilities
   plus the chosen answers' NLL; no reference pass.
+* KTO (Ethayarajh et al. 2024; TRL ``KTOTrainer``) on unpaired answers: the examples, then
+  their mismatched KL rows (:func:`kto_loss`); the reference as DPO's.
 
 mlx-lm has no preference trainer, so the loop is here: the same batches of pairs as the CPU
 backend (chosen rows, then rejected rows, answer tokens trained), the same schedule, clipping
@@ -25,8 +27,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from edge_tune.training.loop import final_loss, length_grouped_batches, lr_at, pair_means
-from edge_tune.training.backends.mlx_batches import pair_arrays
+from edge_tune.training.loop import (final_loss, length_grouped_batches, lr_at, pair_means,
+                                     preference_line)
+from edge_tune.training.backends.mlx_batches import pair_arrays, pair_rows
 from edge_tune.events import Log, Metric
 
 REWARD_FIELDS = ("reward_margin", "reward_accuracy")  # as the CPU backend's Metric fields
@@ -118,12 +121,64 @@ def orpo_loss(mean_chosen, mean_rejected, nll_chosen, lam: float) -> PairLoss:
                     mx.stop_gradient(lam * mean_rejected))
 
 
-def pair_loss(model, tokens, mask, method: str, beta: float, ref=None) -> PairLoss:
-    """The loss of one batch of pairs (rows ``[:n]`` chosen, ``[n:]`` rejected). DPO needs
-    ``ref`` (:func:`reference_logps` of the same batch; computed here when None)."""
+@dataclass
+class KTOBatchLoss:
+    """A KTO batch's loss (0-d array), each answer's implicit reward ``β(log πθ − log πref)``
+    ((n,) array) and its label (``desirable``: (n,) float, 1 = desirable)."""
+    loss: object
+    rewards: object
+    desirable: object
+
+    def stats(self) -> tuple[float, float]:
+        """What the CPU backend's ``KTOLoss.stats`` reports: (mean desirable reward − mean
+        undesirable reward, share of answers whose reward has their label's sign)."""
+        import numpy as np
+
+        r, d = np.array(self.rewards), np.array(self.desirable) > 0.5
+        margin = (float(r[d].mean()) if d.any() else 0.0) - \
+            (float(r[~d].mean()) if (~d).any() else 0.0)
+        right = int((r[d] > 0).sum()) + int((r[~d] < 0).sum())
+        return margin, right / max(1, len(r))
+
+
+def kto_loss(policy, ref, policy_kl, ref_kl, desirable, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> KTOBatchLoss:
+    """KTO's loss (TRL ``KTOTrainer``, ``loss_type="kto"``; the CPU backend's
+    ``preference_loss.kto_loss``): summed answer log-probabilities of the examples and of
+    their KL rows ((n,) each), ``desirable`` (n,) float 1/0."""
+    import mlx.core as mx
+
+    kl = mx.maximum(mx.stop_gradient((policy_kl - ref_kl).mean()), 0)
+    ratios = policy - ref
+    good = desirable_weight * (1 - mx.sigmoid(beta * (ratios - kl)))
+    bad = undesirable_weight * (1 - mx.sigmoid(beta * (kl - ratios)))
+    losses = mx.where(desirable > 0.5, good, bad)
+    return KTOBatchLoss(losses.mean(), mx.stop_gradient(beta * ratios), desirable)
+
+
+def kto_terms(batch: list, cfg) -> tuple:
+    """(desirable (n,) float32 array, desirable weight, undesirable weight) of a batch of
+    ``KTOExample`` under ``cfg`` (a TrainConfig)."""
+    import mlx.core as mx
+
+    return (mx.array([float(e.desirable) for e in batch], dtype=mx.float32),
+            cfg.desirable_weight, cfg.undesirable_weight)
+
+
+def pair_loss(model, tokens, mask, method: str, beta: float, ref=None, kto=None):
+    """The loss of one batch of pairs (rows ``[:n]`` chosen, ``[n:]`` rejected): a
+    :class:`PairLoss`. DPO and KTO need ``ref`` (:func:`reference_logps` of the same batch;
+    computed here when None). KTO's rows are the examples then their KL rows, ``kto`` is
+    :func:`kto_terms` of the batch, and the result a :class:`KTOBatchLoss`."""
     import mlx.core as mx
 
     n = tokens.shape[0] // 2
+    if method == "kto":
+        if ref is None:
+            ref = reference_logps(model, tokens, mask)
+        sums, _ = sequence_logps(model, tokens[:n], mask[:n])
+        kl_sums = mx.stop_gradient(sequence_logps(model, tokens[n:], mask[n:])[0])
+        return kto_loss(sums, ref[:n], kl_sums, ref[n:], kto[0], beta, *kto[1:])
     sums, counts = sequence_logps(model, tokens, mask)
     if method == "orpo":
         means = sums / mx.maximum(counts, 1)
@@ -135,9 +190,10 @@ def pair_loss(model, tokens, mask, method: str, beta: float, ref=None) -> PairLo
 
 
 def evaluate_pairs(model, pairs: list, batch_size: int, pad_id: int, limit: int,
-                   method: str, beta: float) -> tuple[float, float, float]:
+                   method: str, beta: float, cfg=None) -> tuple[float, float, float]:
     """(mean loss, reward margin, reward accuracy) over ``pairs``, weighted by pairs (as the
-    CPU backend's ``evaluate_pairs``); no gradients."""
+    CPU backend's ``evaluate_pairs``); no gradients. ``cfg``: the run's TrainConfig (KTO's
+    weights)."""
     import mlx.core as mx
 
     batches = []
@@ -145,7 +201,8 @@ def evaluate_pairs(model, pairs: list, batch_size: int, pad_id: int, limit: int,
     for k in range(0, len(pairs), batch_size):
         batch = pairs[k:k + batch_size]
         tokens, mask = (mx.array(a) for a in pair_arrays(batch, pad_id, limit))
-        out = pair_loss(model, tokens, mask, method, beta)
+        out = pair_loss(model, tokens, mask, method, beta,
+                        kto=kto_terms(batch, cfg) if method == "kto" else None)
         batches.append((len(batch), (float(out.loss), *out.stats())))
     model.train()
     return pair_means(batches)
@@ -165,11 +222,14 @@ def fit(model, optimizer, job, emit: Callable, total: int, steps_per_epoch: int,
     cfg = job.config
     method, beta, limit, pad_id = cfg.method, cfg.beta, cfg.seq_len, job.pad_id
     examples, val_examples = job.examples, job.val_examples
-    emit(Log(f"{method.upper()} on preference pairs, beta {beta}"
-             + ("; reference = the base (adapter off)" if method == "dpo" else "")))
+    emit(Log(preference_line(cfg)))
+    kto = method == "kto"
+    batch_loss = KTOBatchLoss if kto else PairLoss
 
-    def loss_fn(model_, tokens, mask, ref):
-        out = pair_loss(model_, tokens, mask, method, beta, ref)
+    def loss_fn(model_, tokens, mask, ref, terms):
+        out = pair_loss(model_, tokens, mask, method, beta, ref, terms)
+        if kto:
+            return out.loss, out.rewards, out.desirable
         return out.loss, out.chosen_rewards, out.rejected_rewards
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
@@ -191,15 +251,15 @@ def fit(model, optimizer, job, emit: Callable, total: int, steps_per_epoch: int,
         for _ in range(accum):
             pairs = next(stream)
             tokens, mask = (mx.array(a) for a in pair_arrays(pairs, pad_id, limit))
-            ref = reference_logps(model, tokens, mask) if method == "dpo" else None
-            (loss, chosen, rejected), g = loss_and_grad(model, tokens, mask, ref)
+            ref = reference_logps(model, tokens, mask) if method in ("dpo", "kto") else None
+            (loss, chosen, rejected), g = loss_and_grad(model, tokens, mask, ref,
+                                                        kto_terms(pairs, cfg) if kto else None)
             grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
             mx.eval(loss, grads)
             step_loss += float(loss) / accum
             rewards = [r + v / accum for r, v in
-                       zip(rewards, PairLoss(loss, chosen, rejected).stats())]
-            tokens_done += sum(min(len(p.input_ids), limit) + min(len(p.rejected_ids), limit)
-                               for p in pairs)
+                       zip(rewards, batch_loss(loss, chosen, rejected).stats())]
+            tokens_done += sum(min(len(r.input_ids), limit) for r in pair_rows(pairs, limit))
         if accum > 1:
             grads = tree_map(lambda a: a / accum, grads)
         optimizer.update(model, grads)
@@ -214,7 +274,7 @@ def fit(model, optimizer, job, emit: Callable, total: int, steps_per_epoch: int,
         if step + 1 in evals:
             t_eval = time.perf_counter()
             val_loss, *val_stats = evaluate_pairs(model, val_examples, cfg.batch_size, pad_id,
-                                                  limit, method, beta)
+                                                  limit, method, beta, cfg)
             paused += time.perf_counter() - t_eval  # tok/s counts training time only
             emit(Metric(step=step + 1, total_steps=total, loss=val_loss, split="val",
                         epoch=(step + 1) / steps_per_epoch,

@@ -174,7 +174,8 @@ check_checkpoint = checkpoint.check_matches  # the same rule as every backend's
 #: ``--method`` -> (module, config class, trainer class) in TRL 1.x (ORPO lives in
 #: ``trl.experimental`` since TRL 0.2x).
 TRL_TRAINERS = {"dpo": ("trl", "DPOConfig", "DPOTrainer"),
-                "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer")}
+                "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer"),
+                "kto": ("trl", "KTOConfig", "KTOTrainer")}
 #: Metric field -> the key TRL's DPO and ORPO trainers log it under (mean over the step).
 REWARD_LOGS = {"reward_margin": "rewards/margins", "reward_accuracy": "rewards/accuracies"}
 
@@ -191,12 +192,19 @@ def preference_args_kwargs(cfg: TrainConfig | Mapping, total_steps: int, output_
         raise EdgeTuneError(f"--method {cfg.method}: no TRL trainer for it (expected dpo or orpo)")
     kw = training_args_kwargs(cfg, total_steps, output_dir, precision)
     kw.update(beta=cfg.beta, max_length=cfg.seq_len, disable_dropout=False)
-    if cfg.method == "dpo":
+    if cfg.method in ("dpo", "kto"):
         kw.update(precompute_ref_log_probs=False)
+    if cfg.method == "kto":
+        # KTOTrainer insists on sequential sampling for its KL rows; the batches here are
+        # edge-tune's (kto_rows: the KL rows are made per batch, as TRL's collator does)
+        kw.update(loss_type="kto", desirable_weight=cfg.desirable_weight,
+                  undesirable_weight=cfg.undesirable_weight,
+                  train_sampling_strategy="sequential")
     return kw
 
 
-def pair_batch(pairs: list, pad_id: int, method: str, multiple: int = PAD_MULTIPLE) -> dict:
+def pair_batch(pairs: list, pad_id: int, method: str, multiple: int = PAD_MULTIPLE,
+               limit: int | None = None) -> dict:
     """A batch of ``PairExample`` in the input format of TRL's trainer for ``method``, with
     the loss on edge-tune's trained tokens (the answer, end of turn included):
 
@@ -204,9 +212,24 @@ def pair_batch(pairs: list, pad_id: int, method: str, multiple: int = PAD_MULTIP
       ``completion_mask`` (1 where the token is trained), chosen rows then rejected rows;
     * ORPO (``DPODataCollatorWithPadding``'s output): ``chosen_input_ids``,
       ``chosen_attention_mask``, ``chosen_labels`` (-100 outside the answer) and the same
-      for ``rejected_``.
+      for ``rejected_``;
+    * KTO (``DataCollatorForUnpairedPreference``'s output) from ``KTOExample``:
+      ``input_ids``, ``attention_mask``, ``completion_mask``, the same three with ``KL_``
+      for the KL rows (``preference.kto_rows``, cut to ``limit``) and ``label`` (bool).
 
     Right-padded to a multiple of ``multiple``."""
+    if method == "kto":
+        import torch
+
+        from edge_tune.data.preference import kto_rows
+
+        n = len(pairs)
+        ids, labels, mask = collate(kto_rows(pairs, limit), pad_id, multiple)
+        done = (labels != IGNORE).long()
+        return {"input_ids": ids[:n], "attention_mask": mask[:n], "completion_mask": done[:n],
+                "KL_input_ids": ids[n:], "KL_attention_mask": mask[n:],
+                "KL_completion_mask": done[n:],
+                "label": torch.tensor([p.desirable for p in pairs], dtype=torch.bool)}
     if method == "dpo":
         ids, labels, mask = collate([p.chosen for p in pairs] + [p.rejected for p in pairs],
                                     pad_id, multiple)
@@ -305,10 +328,20 @@ def new_optimizer(model, cfg: TrainConfig | Mapping):
                              betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
 
+def _kto_terms(batch: list, method: str, weights: tuple[float, float]):
+    import torch
+
+    if method != "kto":
+        return None
+    return (torch.tensor([e.desirable for e in batch], dtype=torch.bool), *weights)
+
+
 def evaluate_pairs(model, pairs: list, batch_size: int, pad_id: int, method: str, beta: float,
-                   autocast_dtype=None) -> tuple[float, float, float]:
-    """(mean loss, reward margin, reward accuracy) over preference pairs, weighted by pairs:
-    the CPU backend's validation metric (``preference_loss.pair_loss``), no gradients."""
+                   autocast_dtype=None,
+                   weights: tuple[float, float] = (1.0, 1.0)) -> tuple[float, float, float]:
+    """(mean loss, reward margin, reward accuracy) over preference pairs (or KTO examples,
+    ``weights`` its desirable/undesirable weights), weighted by pairs: the CPU backend's
+    validation metric (``preference_loss.pair_loss``), no gradients."""
     import contextlib
 
     import torch
@@ -324,10 +357,15 @@ def evaluate_pairs(model, pairs: list, batch_size: int, pad_id: int, method: str
     with torch.no_grad(), amp:
         for k in range(0, len(pairs), batch_size):
             batch = pairs[k:k + batch_size]
-            ids, labels, mask = collate([p.chosen for p in batch] + [p.rejected for p in batch],
-                                        pad_id)
+            if method == "kto":
+                from edge_tune.data.preference import kto_rows
+
+                ids, labels, mask = collate(kto_rows(batch), pad_id)
+            else:
+                ids, labels, mask = collate([p.chosen for p in batch] +
+                                            [p.rejected for p in batch], pad_id)
             out = pair_loss(model, ids.to(device), labels.to(device), mask.to(device), method,
-                            beta)
+                            beta, _kto_terms(batch, method, weights))
             batches.append((len(batch), (float(out.loss), *out.stats())))
     model.train(was_training)
     return pair_means(batches)
@@ -479,7 +517,7 @@ class _FitRun:
         if self.preference:
             self.done["val_loss"], *stats = evaluate_pairs(
                 model, val_examples, cfg.batch_size, pad_id, cfg.method, cfg.beta,
-                self.autocast_dtype)
+                self.autocast_dtype, (cfg.desirable_weight, cfg.undesirable_weight))
             val_rewards = dict(zip(REWARD_LOGS, stats))
         else:
             self.done["val_loss"] = evaluate(model, val_examples, cfg.batch_size, pad_id,
@@ -585,7 +623,7 @@ def _events(run: _FitRun):
 
 def _trainer_inputs(run: _FitRun, tokenizer) -> dict:
     """The Trainer's dataset and collator (and TRL's ``processing_class``) for ``run``."""
-    pad_id, method = run.job.pad_id, run.cfg.method
+    pad_id, method, limit = run.job.pad_id, run.cfg.method, run.cfg.seq_len
     if not run.preference:
         return {"train_dataset": run.job.examples,
                 "data_collator": lambda batch: pad_batch(batch, pad_id)}
@@ -595,7 +633,7 @@ def _trainer_inputs(run: _FitRun, tokenizer) -> dict:
     # the rows only need to exist.
     return {"train_dataset": Dataset.from_dict({"pair": list(range(len(run.job.examples)))}),
             "processing_class": tokenizer,
-            "data_collator": lambda batch: pair_batch(batch, pad_id, method)}
+            "data_collator": lambda batch: pair_batch(batch, pad_id, method, limit=limit)}
 
 
 def _train_with_trainer(run: _FitRun, args_class, trainer_base, tokenizer) -> None:
@@ -618,8 +656,10 @@ def _train_with_trainer(run: _FitRun, args_class, trainer_base, tokenizer) -> No
         trainer.remove_callback(PrinterCallback)  # progress goes out as events instead
         if run.preference:
             ref = "; reference = the base (TRL: a frozen copy of the fresh adapter)"
+            kto = (f", weights desirable {cfg.desirable_weight:g} / undesirable "
+                   f"{cfg.undesirable_weight:g}" if cfg.method == "kto" else "")
             run.emit(Log(f"{cfg.method.upper()} with TRL's {trainer_base.__name__}, beta "
-                         f"{cfg.beta}" + (ref if cfg.method == "dpo" else "")))
+                         f"{cfg.beta}{kto}" + (ref if cfg.method in ("dpo", "kto") else "")))
         run.emit(Log(f"training {run.total} steps: batch {cfg.batch_size} x {grad_accum(cfg)} "
                      f"accumulated, lr {cfg.lr} (warm-up {run.warmup}, cosine to 10%), "
                      f"{run.precision} compute"))
