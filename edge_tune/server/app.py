@@ -23,6 +23,7 @@ from edge_tune.server import grammar as grammars
 from edge_tune.server import openai_shapes as shapes
 from edge_tune.server.adapter_admin import admin_routes, parse_adapter_mix
 from edge_tune.server.logprobs import covering
+from edge_tune.server.ollama_api import ollama_routes
 from edge_tune.server import tools as tooling
 from edge_tune.server.openai_shapes import RequestError
 
@@ -51,6 +52,8 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None,
     if admin is not None:
         routes += admin_routes(scheduler, model_names, admin["plan"], api_key,
                                admin["loopback"])
+    # Ollama's API (/api/chat, /api/generate, /api/tags...) on the same scheduler
+    routes += ollama_routes(scheduler, model_names, _prepare, _cancel_on_disconnect)
     middleware = [Middleware(_BearerAuth, api_key=api_key)] if api_key else []
     return Starlette(routes=routes, middleware=middleware,
                      exception_handlers={HTTPException: _not_found,
@@ -418,6 +421,8 @@ class _BearerAuth:
 
         msg = "Incorrect API key provided" if token else \
             "Missing API key: send 'Authorization: Bearer KEY'"
-        resp = JSONResponse(shapes.error_body(msg, code="invalid_api_key"), status_code=401,
+        ollama = scope["path"] == "/" or scope["path"].startswith("/api/")  # Ollama's shape
+        resp = JSONResponse({"error": msg} if ollama else
+                            shapes.error_body(msg, code="invalid_api_key"), status_code=401,
                             headers={"WWW-Authenticate": "Bearer"})
         await resp(scope, receive, send)
