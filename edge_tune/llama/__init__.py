@@ -5,7 +5,8 @@ package, and the HF -> GGUF conversion quantizes through it).
 - :mod:`.engine`: one base model, validated adapters, switching, generation, logits;
 - :mod:`.batch_rows`: several sequences in one context, decoded so that batching changes no
   answer;
-- :mod:`.serving_copy`: the Q8_0 copy of an adapter that the engine loads.
+- :mod:`.serving_copy`: the Q8_0 copy of an adapter that the engine loads;
+- :mod:`.speculative`: speculative decoding by prompt lookup (answers unchanged).
 
 llama.cpp's own log is hidden by :mod:`edge_tune.native_log`, a leaf at the root that the
 quantizer shares (here it would make ``converters`` and ``llama`` import each other).

@@ -118,13 +118,16 @@ class KVFull(EdgeTuneError):
 @dataclass
 class Rows:
     """What one sequence asks of a decode: ``tokens`` at positions ``n_past``...; with
-    ``all_logits`` every row's logits are kept (``Llama(logits_all=True)``)."""
+    ``all_logits`` every row's logits are kept (``Llama(logits_all=True)``); ``verify``:
+    a sampled token and its draft (speculative decoding), every row an output, which may
+    join a step beside other sequences' rows (:meth:`Batch.decode`)."""
 
     seq: int
     n_past: int
     tokens: list
     all_logits: bool = False
     first: int = -1  # batch index of the first row, set by Batch.decode
+    verify: bool = False
 
 
 def stream_params(params, n_seq_max: int, flash_attn: bool):
@@ -155,6 +158,7 @@ class Batch:
         self.lone_check = None  # decides ``lone_ok`` when it is None (the engine sets both)
         self.rows = 0  # rows decoded, fillers included
         self.filler_rows = 0
+        self.shared_draft_steps = 0  # decodes where a drafted run joined other sequences
 
     @property
     def lone_ok(self) -> bool:
@@ -170,14 +174,19 @@ class Batch:
 
     def decode(self, entries: list[Rows]) -> None:
         """Decode a prompt chunk (one entry) or a step (entries of one token each, distinct
-        sequences); sets each entry's ``first``. Raises :class:`KVFull` when the KV buffer
-        has no room (nothing decoded), EdgeTuneError on any other failure."""
+        sequences; with :attr:`lone_ok`, ``verify`` entries of several tokens too: llama.cpp
+        then splits the batch into micro-batches of any shape, one row included, and each
+        row still computes as it would alone); sets each entry's ``first``. Raises
+        :class:`KVFull` when the KV buffer has no room (nothing decoded), EdgeTuneError on
+        any other failure."""
         import llama_cpp
 
         mem = self.memory
-        for entry in entries:  # a sequence's entries past n_past are stale: a new answer
+        for entry in entries:  # a sequence's entries past n_past are stale: a new answer,
+            # or drafted tokens that were not kept
             llama_cpp.llama_memory_seq_rm(mem, entry.seq, entry.n_past, -1)
-        if len(entries) > 1 and any(len(e.tokens) != 1 for e in entries):
+        if len(entries) > 1 and any(len(e.tokens) != 1 and not (e.verify and self.lone_ok)
+                                    for e in entries):
             raise EdgeTuneError("internal: a step decodes one token per sequence")
         fillers = self._fillers(entries)
         filler_token = entries[0].tokens[-1]
@@ -193,7 +202,7 @@ class Batch:
             part.first = len(rows)
             n = len(part.tokens)
             for k, token in enumerate(part.tokens):
-                out = part.all_logits or k >= n - 2 or len(entries) > 1
+                out = part.all_logits or part.verify or k >= n - 2 or len(entries) > 1
                 rows.append((token, part.n_past + k, seq, out))
         b = self.batch
         for i, (token, pos, seq, out) in enumerate(rows):
@@ -202,6 +211,8 @@ class Batch:
         b.n_tokens = len(rows)
         self.rows += len(rows)
         self.filler_rows += len(fillers)
+        if len(entries) > 1 and any(len(e.tokens) > 1 for e in entries):
+            self.shared_draft_steps += 1
         try:
             rc = llama_cpp.llama_decode(self.ctx, b)
         finally:
@@ -251,7 +262,8 @@ class DirectDecoder:
     def __call__(self, view, tokens: list) -> int:
         last = -1
         for chunk in chunks(tokens):
-            entry = Rows(view.seq_id, view.n_tokens + chunk[0], chunk[1], view.keeps_all_logits)
+            entry = Rows(view.seq_id, view.n_tokens + chunk[0], chunk[1], view.keeps_all_logits,
+                         verify=view.verifying)
             self.batch.decode([entry])
             view.keep_logits(entry)
             last = entry.first + len(entry.tokens) - 1

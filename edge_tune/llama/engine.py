@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import os
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,6 +328,11 @@ class Engine:
         self._handlers: dict[str, object] = {}
         self._fold: dict[Optional[str], bool] = {None: system_mode == "fold"}
         self._systems: dict[Optional[str], str] = {}  # see set_system
+        # speculative decoding (edge_tune.llama.speculative.Speculative; None: off) and
+        # what it did: guesses checked, tokens guessed, tokens kept
+        self.speculative = None
+        self.draft_stats = {"verifies": 0, "drafted": 0, "kept": 0}
+        self._stats_lock = threading.Lock()  # the server's sequences end on their threads
         self._sides: dict[str, object] = {}  # see side()
 
     # --- chat templates -------------------------------------------------------------------
@@ -619,6 +625,8 @@ class Engine:
         evaluates only its new tokens; otherwise every answer starts from an empty context.
         With ``temperature=0`` the answer is greedy and the same whoever asks, cached prefix
         or not.
+        With :attr:`speculative` set, tokens are guessed from the text so far and checked
+        several per decode (:mod:`edge_tune.llama.speculative`); the answer is the same.
         The last piece carries ``finish_reason`` ("stop" or "length")
         and token counts. ``sampling``: top_p, stop, presence/frequency_penalty... as
         llama-cpp-python names them. A prompt longer than the context raises
@@ -656,8 +664,11 @@ class Engine:
         kw = dict(temperature=temperature, max_tokens=max_tokens, stream=True, seed=seed,
                   **sampling)
         splitter = None
+        # an exact engine's decoded rows differ from block rows (batch_rows): no drafts
+        draft = None if self._exact or self.speculative is None else \
+            self.speculative.drafter()
         try:
-            with llm.answering(counter, MIN_NEW_TOKENS if self.prompt_cache else 0):
+            with llm.answering(counter, MIN_NEW_TOKENS if self.prompt_cache else 0, draft):
                 if messages is not None:
                     stream = llm.create_chat_completion(messages=messages, **kw)
                     chunks = ((c["choices"][0]["delta"].get("content") or "",
@@ -676,6 +687,10 @@ class Engine:
                         yield Piece(text, finish, counter.prompt_tokens,
                                     counter.completion_tokens, counter.cached_tokens)
         finally:
+            if draft is not None:
+                with self._stats_lock:
+                    for name in self.draft_stats:
+                        self.draft_stats[name] += getattr(draft, name)
             if self.prompt_cache and self._exact and counter.prompt_tokens:
                 # an exact engine (F32 KV cache, flash attention off) computes a decoded
                 # row's attention with other kernels than a block's (batch_rows), so reusing

@@ -95,7 +95,11 @@ class SeqLlama:
 
     - ``Llama.generate`` calls ``self.eval(tokens)`` and ``self.sample(..., idx=i)``
       through the instance (overridden here: decoding by the batching rule, the token
-      counter's hooks) and builds ``self._sampler`` when it is None;
+      counter's hooks) and builds ``self._sampler`` when it is None; with
+      ``self.draft_model`` set it evaluates each sampled token with the drafter's guesses,
+      samples at ``idx`` = each drafted position in turn and, at the first sampled token
+      that differs, sets ``n_tokens`` back to that position (:meth:`answering`); its
+      logits processors read ``self._input_ids``;
     - ``_ctx``: the ``LlamaContext``; ``generate``/``eval`` call its
       ``kv_cache_seq_rm(-1, p0, p1)`` and ``kv_cache_clear()``, and its ``memory`` is the
       context's ``llama_memory_t`` (replaced by a per-sequence :class:`_SeqContext`);
@@ -118,6 +122,8 @@ class SeqLlama:
     counter = None  # a token counter while one answer runs: see answering()
     keep_new = 0  # see answering()
     _last_row = -1
+    verifying = False  # the tokens being evaluated are a sampled one and its draft
+    _answer_sampled = False  # the answer has sampled once: later evals carry drafts
 
     # --- what edge-tune reads ------------------------------------------------------
     @property
@@ -161,17 +167,29 @@ class SeqLlama:
 
     # --- one answer -------------------------------------------------------------------
     @contextlib.contextmanager
-    def answering(self, counter=None, keep_new: int = 0):
+    def answering(self, counter=None, keep_new: int = 0, draft=None):
         """For one answer of llama-cpp-python's generation loop: ``counter`` sees every
         evaluation (``evaluating(n_tokens)``) and sample (``cut_short()``: a token to
         answer instead of sampling, or None; ``sampled(token, n_tokens)``);
         ``keep_new`` > 0: a cached prefix is reused for at most ``len(prompt) -
-        keep_new`` tokens (see :meth:`generate`)."""
+        keep_new`` tokens (see :meth:`generate`); ``draft``: a drafter for speculative
+        decoding (``llama_cpp``'s ``draft_model`` protocol: the tokens so far -> the
+        guessed next ones, :mod:`edge_tune.llama.speculative`).
+
+        With a drafter, ``Llama.generate`` evaluates each sampled token together with its
+        draft, samples at every drafted position in turn with the answer's own sampler
+        (its RNG, grammar and penalty state advance once per kept token, as without a
+        draft) and stops at the first sampled token that differs from the draft, dropping
+        the KV entries after it. Since every row's logits equal a one-row decode's (the
+        rule of :mod:`edge_tune.llama.batch_rows`), the answer is the one plain decoding
+        gives, greedy or sampled with the same seed."""
         self.counter, self.keep_new = counter, keep_new
+        self.draft_model, self._answer_sampled = draft, False
         try:
             yield
         finally:
             self.counter, self.keep_new = None, 0
+            self.draft_model, self._answer_sampled, self.verifying = None, False, False
 
     def generate(self, tokens, *args, **kwargs):
         """``Llama.generate``; with ``keep_new`` (:meth:`answering`) the last
@@ -196,7 +214,10 @@ class SeqLlama:
     def eval(self, tokens) -> None:
         if self.counter is not None:
             self.counter.evaluating(self.n_tokens)
-        tokens = list(tokens)
+        tokens = [int(t) for t in tokens]  # a draft comes as numpy integers
+        # after the answer's first sample, llama_cpp evaluates a sampled token with its
+        # draft: every row's logits are needed
+        self.verifying = self.draft_model is not None and self._answer_sampled
         self._last_row = self.decoder(self, tokens)
         self.input_ids[self.n_tokens:self.n_tokens + len(tokens)] = tokens
         self.n_tokens += len(tokens)
@@ -208,10 +229,21 @@ class SeqLlama:
             stop = counter.cut_short()
             if stop is not None:
                 return stop
-        # the logits of this sequence's last row in the latest decode
-        kwargs["idx"] = self.n_tokens + self._last_row
-        with self.decoder.sample_lock:
-            token = super().sample(*args, **kwargs)
+        # the logits of the row of position ``idx`` (llama_cpp's; default the last) in the
+        # latest decode, whose rows are consecutive and end at _last_row
+        idx = kwargs.get("idx")
+        idx = self.n_tokens - 1 if idx is None else idx
+        row = self._last_row - (self.n_tokens - 1 - idx)
+        # while a drafted position is sampled, the tokens after it are not yet the
+        # answer's: the sampler's logits processors must see those up to ``idx`` only
+        n_tokens, self.n_tokens = self.n_tokens, idx + 1
+        try:
+            kwargs["idx"] = self.n_tokens + row
+            with self.decoder.sample_lock:
+                token = super().sample(*args, **kwargs)
+        finally:
+            self.n_tokens = n_tokens
+        self._answer_sampled = True
         if counter is not None:
             counter.sampled(token, self.n_tokens)
         return token
@@ -239,7 +271,7 @@ class SeqLlama:
         other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
         other.seq_id, other.decoder = seq_id, decoder
-        other.counter, other.keep_new = None, 0
+        other.counter, other.keep_new, other.draft_model = None, 0, None
         other._stack = contextlib.ExitStack()  # Llama.__del__ closes _stack: not ours
         other._ctx = _SeqContext(getattr(self._ctx, "_inner", self._ctx), seq_id, True)
         other.input_ids = np.ndarray((self._n_ctx,), dtype=np.intc)

@@ -80,7 +80,7 @@ class Batcher:
         seq = view.sequence
         last = -1
         for offset, chunk in chunks(tokens):
-            rows = Rows(view.seq_id, view.n_tokens + offset, chunk)
+            rows = Rows(view.seq_id, view.n_tokens + offset, chunk, verify=view.verifying)
             with self.cv:
                 if seq.error is not None:
                     raise seq.error
@@ -182,8 +182,11 @@ class Batcher:
             self.turn_steps = 0
             mine = [s for s in parked if s.mix == oldest.mix]
         mine.sort(key=lambda s: s.order)
-        prompts = [s for s in mine if len(s.rows.tokens) > 1]
-        # a prompt chunk is decoded alone (batch_rows), before the step it joins
+        # a prompt chunk is decoded alone (batch_rows), before the step it joins; so is a
+        # drafted token run (speculative decoding) unless a lone row computes as several
+        together = self.engine.batch.lone_ok
+        prompts = [s for s in mine if len(s.rows.tokens) > 1
+                   and not (s.rows.verify and together)]
         return prompts[:1] or mine
 
     def decode(self, chosen: list[Sequence]) -> None:
