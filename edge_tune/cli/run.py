@@ -15,6 +15,13 @@ from edge_tune.config import SYSTEM_MODE_HELP
 from edge_tune.errors import EdgeTuneError, UsageError
 
 
+SPECULATIVE_HELP = ("Speculative decoding: guess the next tokens from the text so far "
+                    "(prompt lookup) and check several per decode; answers are the same token "
+                    "for token. auto: only guesses likely to be kept (a match of 2+ tokens, "
+                    "shorter after misses); ngram: whenever a match is found; off: one token "
+                    "per decode.")
+
+
 def chat(
     adapter: list[str] = typer.Option([], "--adapter", "-a", metavar="PATH[=SCALE]",
                                       help="A run directory or an adapter .gguf; none = the "
@@ -44,6 +51,8 @@ def chat(
     system_mode: Optional[str] = typer.Option(None, "--system-mode", metavar="keep|fold",
                                               help=SYSTEM_MODE_HELP + " [default: the run's, "
                                               "else keep]"),
+    speculative: str = typer.Option("auto", "--speculative", metavar="auto|ngram|off",
+                                    help=SPECULATIVE_HELP),
 ) -> None:
     """Chat with the base model plus an adapter (or a mix), through llama.cpp (streamed).
 
@@ -60,6 +69,9 @@ def chat(
     from edge_tune import api
     from edge_tune.render import Renderer
 
+    from edge_tune.llama.speculative import Speculative
+
+    spec = Speculative(speculative)  # checked before a model loads
     mix = api.parse_adapter_options(adapter, adapter_scale)
     if bundle is not None or compare is not None or len(mix) > 1 or \
             any(scale != 1.0 for _, scale in mix):
@@ -74,6 +86,7 @@ def chat(
         engine = api.open_engine(target, Renderer(err))
         base_name, sides = target.base.name, None
         title = f"{base_name} + {target.adapter.name if target.adapter else 'base'}"
+    engine.speculative = spec if spec.on else None
     try:
         from edge_tune.chat_session import ChatSession
 
@@ -226,6 +239,14 @@ def serve(
     system_mode: Optional[str] = typer.Option(None, "--system-mode", metavar="keep|fold",
                                               help=SYSTEM_MODE_HELP + " [default: each run's, "
                                               "else keep]"),
+    speculative: str = typer.Option("auto", "--speculative", metavar="auto|ngram|off",
+                                    help=SPECULATIVE_HELP),
+    draft_max: int = typer.Option(10, "--draft-max", help="Most tokens guessed at once "
+                                  "(--speculative)."),
+    draft_min: int = typer.Option(2, "--draft-min", help="Fewest tokens worth a guess "
+                                  "(--speculative)."),
+    spec_ngram: int = typer.Option(4, "--spec-ngram", help="Longest run of last tokens "
+                                   "looked up for a guess (shorter ones down to 2 are tried)."),
 ) -> None:
     """Serve the base and its adapters over an OpenAI-compatible API.
 
@@ -241,8 +262,10 @@ def serve(
     Any OpenAI client works: base_url="http://127.0.0.1:8000/v1".
     """
     from edge_tune import api
+    from edge_tune.llama.speculative import Speculative
     from edge_tune.render import Renderer
 
+    spec = Speculative(speculative, draft_max, draft_min, spec_ngram)  # before any loading
     if bundle is not None:
         if adapter or base:
             raise UsageError("--bundle: serves the bundle's own base and adapters; leave "
@@ -255,7 +278,8 @@ def serve(
         plan = api.plan_serving(adapter, base, chat_template, system_mode)
     render = Renderer(err)
     api.serve(plan, host=host, port=port, api_key=api_key, n_ctx=ctx, max_queue=max_queue,
-              threads=threads, on_event=render, parallel=parallel)
+              threads=threads, on_event=render, parallel=parallel,
+              speculative=spec if spec.on else None)
 
 
 # --- bundle ----------------------------------------------------------------------------------

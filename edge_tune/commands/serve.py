@@ -64,9 +64,11 @@ def _check_port_free(host: str, port: int) -> None:
 def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
           api_key: Optional[str] = None, n_ctx: int = 4096, max_queue: int = 64,
           threads: Optional[int] = None, on_event: EventSink = ignore,
-          parallel: int = 4) -> None:
+          parallel: int = 4, speculative=None) -> None:
     """Run the OpenAI-compatible server until interrupted (blocks). ``parallel``: requests
-    decoded together (continuous batching), each with ``n_ctx`` tokens of KV cache."""
+    decoded together (continuous batching), each with ``n_ctx`` tokens of KV cache;
+    ``speculative``: how answers are drafted
+    (:class:`edge_tune.llama.speculative.Speculative`; None: plain decoding)."""
     try:
         import uvicorn
 
@@ -83,6 +85,7 @@ def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
         on_event(Log(f"listening on {host} without --api-key: anyone who can reach this "
                      "port can use the models", "warning"))
     engine = open_serving(plan, on_event, n_ctx=n_ctx, threads=threads, parallel=parallel)
+    engine.speculative = speculative
     for name, model in plan.models.items():  # said once, at start
         if model.system:
             on_event(Log(f"{name}: a chat without a system message gets the run's training "

@@ -64,3 +64,12 @@ def test_ngram_mode_always_guesses_the_longest():
 def test_bad_settings_are_one_clear_error(kw):
     with pytest.raises(UsageError):
         Speculative(**kw)
+
+
+@pytest.mark.parametrize("args", [["serve", "--speculative", "fast"],
+                                  ["serve", "--draft-min", "3", "--draft-max", "2"],
+                                  ["chat", "--speculative", "fast", "--prompt", "hi"]])
+def test_bad_speculative_options_are_one_line_before_a_model_loads(args):
+    from tests.helpers.cli import assert_one_line_error, run_cli_in_process
+
+    assert_one_line_error(run_cli_in_process(*args), "--")
