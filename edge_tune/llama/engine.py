@@ -129,6 +129,7 @@ class Piece:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV entries were reused, not evaluated
+    last_token: int | None = None  # the last piece: the answer's last sampled token id
     reasoning: str = ""  # thinking of a reasoning model (generate's split_reasoning)
     raw: str | None = None  # what the model wrote, think markers included (None: text)
 
@@ -160,7 +161,7 @@ def _split(splitter, text: str, finish, counter) -> Iterator[Piece]:
     if reasoning or content or text:
         yield Piece(content, None, *counts, reasoning=reasoning, raw=text)
     if finish:
-        yield Piece("", finish, *counts, raw="")
+        yield Piece("", finish, *counts, raw="", last_token=counter.last)
 
 
 def _overflow_as_error(chunks, n_ctx: int):
@@ -212,6 +213,7 @@ class _TokenCounter:
         self._sampled = 0
         self._evals = 0
         self.cut = False
+        self.last: Optional[int] = None  # the last token sampled
         self.stop = llama_cpp.llama_vocab_eos(vocab)
         if self.stop < 0:
             self.stop = llama_cpp.llama_vocab_eot(vocab)
@@ -236,6 +238,7 @@ class _TokenCounter:
         if self._sampled == 0:
             self.prompt_tokens = n_tokens
         self._sampled += 1
+        self.last = token
         if not llama_cpp.llama_vocab_is_eog(self.vocab, token):
             self.completion_tokens += 1
 
@@ -685,7 +688,8 @@ class Engine:
                         yield from _split(splitter, text, finish, counter)
                     elif text or finish:
                         yield Piece(text, finish, counter.prompt_tokens,
-                                    counter.completion_tokens, counter.cached_tokens)
+                                    counter.completion_tokens, counter.cached_tokens,
+                                    last_token=counter.last if finish else None)
         finally:
             if draft is not None:
                 with self._stats_lock:

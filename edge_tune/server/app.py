@@ -175,7 +175,7 @@ async def _whole_answer(req, job, first, extra: _Extra, kind: str, echoed: list 
     answer, raw = "".join(text), "".join(said)
     content, calls = extra.calls(answer)
     logprobs = None if extra.recorder is None else \
-        covering(extra.recorder.finish(last.finish_reason, raw), raw)
+        covering(extra.recorder.finish(last.finish_reason, raw, last.last_token), raw)
     if req.echo:
         content = req.prompt + (content or "")
         logprobs = None if logprobs is None else list(echoed) + logprobs
@@ -361,7 +361,7 @@ async def _sse(req, job, first, extra: _Extra):
                 yield piece_chunk(rest, tool_calls=found)
             finish = "tool_calls" if found else finish
         if rec is not None:
-            tail = rec.rest(last.finish_reason, "".join(answer))
+            tail = rec.rest(last.finish_reason, "".join(answer), last.last_token)
             if tail:
                 yield piece_chunk(None, logprobs=tail)
         yield piece_chunk(None, finish)
@@ -393,9 +393,11 @@ class _StreamedLogprobs:
         self.sent += len(got)
         return got
 
-    def rest(self, finish_reason: str | None, answer: str) -> list:
-        """The tokens left once the whole ``answer`` (as the model wrote it) is known."""
-        tail = covering(self.recorder.finish(finish_reason, answer), answer)[self.sent:]
+    def rest(self, finish_reason: str | None, answer: str, last_token: int | None) -> list:
+        """The tokens left once the whole ``answer`` (as the model wrote it) and its last
+        sampled token are known."""
+        tail = covering(self.recorder.finish(finish_reason, answer, last_token),
+                        answer)[self.sent:]
         self.sent += len(tail)
         return tail
 

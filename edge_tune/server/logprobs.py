@@ -5,10 +5,12 @@ llama-cpp-python computes logprobs only for a model loaded with ``logits_all=Tru
 :class:`LogprobRecorder` is a llama-cpp-python *logits processor*: the sampler chain calls it
 first at every step with the step's raw logits (the model's distribution, before penalties,
 grammar and temperature, as OpenAI reports it) and the tokens so far. The token sampled at
-step *t* is the last input token at step *t+1*. The last step's token is never evaluated, so it is found from the answer's text:
-when the answer was cut at ``max_tokens``, it is the token that spells the text not yet
-covered (the most likely one when several, or none, do); otherwise it was an
-end-of-generation token or the one that completed a stop string, not part of the answer.
+step *t* is the last input token at step *t+1*. The last step's token is never evaluated: the
+engine says which it was (``Piece.last_token``); without that it is found from the answer's
+text when the answer was cut at ``max_tokens`` (the token that spells the text not yet
+covered, the most likely one when several, or none, do). :func:`covering` then keeps the
+tokens of the text returned: a stop string's tokens go, and a token the stop string begins
+inside is cut to the part returned.
 Token text is shown with special tokens spelled out; ``bytes`` is what the token adds to the
 answer (empty for a control token, which the answer's text leaves out).
 """
@@ -81,10 +83,15 @@ class LogprobRecorder:
         with self._lock:
             return self._done[start:]
 
-    def finish(self, finish_reason: str | None, answer: str) -> list[TokenLogprob]:
-        """Every token of the answer (``answer``: its whole text), once generation ended."""
+    def finish(self, finish_reason: str | None, answer: str,
+               last_token: int | None = None) -> list[TokenLogprob]:
+        """Every token sampled for the answer (``answer``: its whole text; ``last_token``:
+        the last one sampled, when known), once generation ended; :func:`covering` keeps
+        those of the text returned."""
         if self._pending is not None:
-            if finish_reason == "length":
+            if last_token is not None:
+                self._resolve(last_token)
+            elif finish_reason == "length":
                 self._resolve(self._last_token(answer))
             self._pending = None
         with self._lock:
@@ -102,24 +109,39 @@ class LogprobRecorder:
 
 
 def covering(tokens: list[TokenLogprob], text: str) -> list[TokenLogprob]:
-    """The tokens that spell ``text``, the answer as returned: tokens past its end (the ones
-    that made a stop string, which the answer leaves out) go, and a token the end falls
-    inside is cut to the part returned (its ``text`` and ``bytes``; its logprob is the
-    whole token's). ``tokens`` as they are when their bytes do not spell ``text`` (text that
-    was not valid UTF-8)."""
-    want = text.encode("utf-8")
+    """The tokens that spell ``text``, the answer as returned (its bytes decoded as the
+    answer is, bytes that are not UTF-8 left out): tokens past its end (the ones that made a
+    stop string, which the answer leaves out) go, and a token the end falls inside is cut to
+    the part returned (its ``text`` and ``bytes``; its logprob is the whole token's).
+    ``tokens`` as they are when they do not spell ``text``."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
     out, at = [], 0
     for t in tokens:
-        if at >= len(want):
+        if at >= len(text):
             break
-        part = want[at:at + len(t.bytes)]
-        if not t.bytes.startswith(part):
+        state = decoder.getstate()
+        got = decoder.decode(t.bytes)
+        if text.startswith(got, at) and at + len(got) <= len(text):
+            out.append(t)
+            at += len(got)
+            continue
+        decoder.setstate(state)  # the text ends inside this token: its part returned
+        part, rest = b"", text[at:]
+        for byte in t.bytes:
+            if not rest:
+                break
+            more = decoder.decode(bytes([byte]))
+            if not rest.startswith(more):
+                break
+            part, rest = part + bytes([byte]), rest[len(more):]
+        if rest:
             return tokens
-        if len(part) < len(t.bytes):
-            t = TokenLogprob(part.decode("utf-8", errors="replace"), part, t.logprob, t.top)
-        out.append(t)
-        at += len(part)
-    return out if at == len(want) else tokens
+        out.append(TokenLogprob(part.decode("utf-8", errors="replace"), part, t.logprob,
+                                t.top))
+        at = len(text)
+    return out if at == len(text) else tokens
 
 
 def prompt_logprobs(engine, prompt: str, mix: tuple, top: int) -> list[TokenLogprob]:
