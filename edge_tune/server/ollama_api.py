@@ -1,7 +1,8 @@
 """Ollama's HTTP API beside the OpenAI one, on the same engine and scheduler.
 
 Routes: ``POST /api/chat`` and ``POST /api/generate`` (streamed as NDJSON unless
-``"stream": false``, as Ollama does), ``GET /api/tags``, ``POST /api/show``, ``GET /api/ps``,
+``"stream": false``, as Ollama does), ``POST /api/embed`` (and the older
+``/api/embeddings``), ``GET /api/tags``, ``POST /api/show``, ``GET /api/ps``,
 ``GET /api/version`` and ``GET /`` ("Ollama is running", which clients probe). The models are
 the OpenAI API's: ``base`` and every served adapter; ``NAME:latest`` is taken as ``NAME``.
 
@@ -98,6 +99,8 @@ def ollama_routes(scheduler, model_names: list[str], prepare: Callable,
         Route("/api/show", api.show, methods=["POST"]),
         Route("/api/chat", api.chat, methods=["POST"]),
         Route("/api/generate", api.generate, methods=["POST"]),
+        Route("/api/embed", api.embed, methods=["POST"]),
+        Route("/api/embeddings", api.embeddings, methods=["POST"]),
         Route("/api/{rest:path}", api.other,  # last: every other /api route and method
               methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
     ]
@@ -382,14 +385,14 @@ class _OllamaRoutes:
     async def other(self, request):
         path = request.url.path
         if path in {"/api/chat", "/api/generate", "/api/tags", "/api/ps", "/api/show",
-                    "/api/version"}:
+                    "/api/version", "/api/embed", "/api/embeddings"}:
             return ollama_error(RequestError(405, f"{request.method} {path}: method not "
                                                   "allowed"))
         return ollama_error(RequestError(404, f"{request.method} {path}: not served here; "
                                               "this server's Ollama routes are /api/chat, "
-                                              "/api/generate, /api/tags, /api/show, /api/ps, "
-                                              "/api/version (it does not pull, create, copy "
-                                              "or delete models)"))
+                                              "/api/generate, /api/embed, /api/tags, "
+                                              "/api/show, /api/ps, /api/version (it does not "
+                                              "pull, create, copy or delete models)"))
 
     async def chat(self, request):
         return await self._answer(request, "chat")
@@ -432,6 +435,59 @@ class _OllamaRoutes:
             if not req.stream:
                 job.cancel()  # no-op when finished; stops the worker if we were cancelled
             watcher.cancel()
+
+    async def embed(self, request):
+        return await self._embed(request, "input")
+
+    async def embeddings(self, request):  # the older route: one "prompt", one "embedding"
+        return await self._embed(request, "prompt")
+
+    async def _embed(self, request, field: str):
+        """/api/embed (``input``: a string or a list of them) or /api/embeddings
+        (``prompt``): the base model's unit-length vectors, computed as /v1/embeddings does
+        (:mod:`edge_tune.server.embeddings`), on a worker thread."""
+        from starlette.concurrency import run_in_threadpool
+        from starlette.responses import JSONResponse
+
+        from edge_tune.errors import EdgeTuneError
+        from edge_tune.llama.side import InputTooLong
+        from edge_tune.server.embeddings import parse_inputs
+
+        started = time.perf_counter_ns()
+        try:
+            body = await _json(request)
+            model = served_name(body, self.model_names)
+            _check_fields(body, {"model", "options", "keep_alive", field} | (
+                {"truncate", "dimensions"} if field == "input" else set()))
+            _options(body, {}, self.n_ctx)  # checked; sampling options have no effect here
+            raw = body.get(field)
+            if raw in (None, "", []):  # nothing to embed: how clients load a model
+                vectors, tokens = [], 0
+            else:
+                inputs, _ = parse_inputs({"model": model, "input": raw}, self.model_names,
+                                         self.engine.n_vocab)
+                try:
+                    made = self.engine.side("embed")  # made on the event loop: one request
+                except EdgeTuneError as exc:
+                    raise RequestError(400, str(exc), param="model") from None
+                dims = body.get("dimensions")
+                if dims is not None and dims != made.dim:
+                    raise RequestError(400, f"'dimensions': this model's embeddings have "
+                                            f"{made.dim}; leave it out", param="dimensions")
+                try:
+                    vectors, tokens = await run_in_threadpool(self.engine.embed, inputs)
+                except InputTooLong as exc:
+                    raise RequestError(400, str(exc), param=field) from None
+        except RequestError as exc:
+            if exc.param and exc.param.startswith("input"):
+                exc = RequestError(exc.status, exc.message.replace("'input", f"'{field}", 1),
+                                   param=field + exc.param[len("input"):])
+            return ollama_error(exc)
+        if field == "prompt":
+            return JSONResponse({"embedding": vectors[0] if vectors else []})
+        return JSONResponse({"model": body["model"], "embeddings": vectors,
+                             "total_duration": time.perf_counter_ns() - started,
+                             "load_duration": 0, "prompt_eval_count": tokens})
 
     # --- model descriptions ---
     def _details(self) -> dict:

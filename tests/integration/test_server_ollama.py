@@ -205,6 +205,20 @@ def test_thinking_comes_back_apart(client):
     assert gen.thinking == on.message.thinking and gen.response == ""
 
 
+def test_embeddings_are_the_openai_routes(client, oai):
+    texts = ["What do bees make?", "Name a fruit."]
+    got = client.embed(model="base", input=texts)
+    ref = oai.embeddings.create(model="base", input=texts, encoding_format="float")
+    assert len(got.embeddings) == 2 and got.prompt_eval_count == ref.usage.prompt_tokens
+    for mine, theirs in zip(got.embeddings, ref.data):
+        assert mine == pytest.approx(theirs.embedding)
+    older = client.embeddings(model="base:latest", prompt=texts[1])  # the deprecated route
+    assert older.embedding == pytest.approx(got.embeddings[1])
+    with pytest.raises(ollama.ResponseError) as info:
+        client.embed(model="pirate", input="x")
+    assert info.value.status_code == 400 and "base model alone" in info.value.error
+
+
 def test_loading_and_unknown_routes(client, server):
     """An empty chat is how Ollama clients load a model: answered done_reason "load"."""
     loaded = client.chat(model="pirate", messages=[])
