@@ -23,7 +23,11 @@ KINDS = [c for _, c in inspect.getmembers(errors, inspect.isclass)
 
 def test_every_error_kind_has_its_exit_code_in_the_one_table():
     assert set(KINDS) == set(EXIT_CODES) == {EdgeTuneError, UsageError, DataError, CheckFailed,
-                                              NetworkError, Cancelled, errors.DiskFull}
+                                              NetworkError, Cancelled, errors.DiskFull,
+                                              errors.Unsupported, errors.RecordError,
+                                              errors.ContextOverflow, errors.KVFull,
+                                              errors.NoChatTemplate, errors.ChatTemplateError,
+                                              errors.GrammarRefused}
     assert {c: c("x").exit_code for c in KINDS} == EXIT_CODES
     # every failure code is some kind's, and a code another process reports comes back as
     # an error of that code (the training worker crosses a process boundary as JSON)
