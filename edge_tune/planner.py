@@ -242,7 +242,8 @@ def estimate(shape: ModelShape, backend: str, cfg: TrainConfig, machine: Machine
     method = cfg.method
     # DPO/ORPO: a chosen and a rejected sequence per example, not packed; DPO adds a forward
     # pass of the reference (the base: adapter off, no gradients), as --replay-kl does (counted
-    # for every row: a batch may be all replay)
+    # for every row: a batch may be all replay). KTO: its examples and as many KL rows
+    # (prompts with another example's answer; forward only), and the reference pass on both
     batch = cfg.batch_size * (1 if method == "sft" else 2)
     tokens = batch * length
     full = cfg.full
@@ -297,7 +298,8 @@ def estimate(shape: ModelShape, backend: str, cfg: TrainConfig, machine: Machine
     flops = (6.0 * shape.params if full else 4.0 * (shape.params + n_lora)) * tokens + \
         4.0 * shape.layers * att_batch * att_len * att_len * shape.q_dim + \
         (dora_flops(shape, cfg.rank, cfg.target_modules) if cfg.dora else 0.0) + \
-        (2.0 * shape.params * tokens if method == "dpo" or cfg.replay_kl else 0.0)
+        (2.0 * shape.params * tokens if method in ("dpo", "kto") or cfg.replay_kl else 0.0) - \
+        (shape.params * tokens if method == "kto" else 0.0)  # KTO's KL rows: no backward
     verify_peak = verify_bytes(shape, backend) if cfg.verify else 0.0
     # verify runs on the CPU: in the same memory as training except on a CUDA GPU's
     in_budget = verify_peak if capabilities(backend).device != "cuda" else 0.0

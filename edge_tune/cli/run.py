@@ -247,6 +247,11 @@ def serve(
                                   "(--speculative)."),
     spec_ngram: int = typer.Option(4, "--spec-ngram", help="Longest run of last tokens "
                                    "looked up for a guess (shorter ones down to 2 are tried)."),
+    feedback: Optional[Path] = typer.Option(None, "--feedback", metavar="FILE",
+                                            help="Record users' verdicts on chat answers: POST "
+                                            "/v1/feedback {\"id\": ..., \"label\": "
+                                            "true|false} appends a KTO record to FILE, which "
+                                            "`train --method kto` reads (docs/preference.md)."),
 ) -> None:
     """Serve the base and its adapters over an OpenAI-compatible API.
 
@@ -279,7 +284,7 @@ def serve(
     render = Renderer(err)
     api.serve(plan, host=host, port=port, api_key=api_key, n_ctx=ctx, max_queue=max_queue,
               threads=threads, on_event=render, parallel=parallel,
-              speculative=spec if spec.on else None)
+              speculative=spec if spec.on else None, feedback=feedback)
 
 
 # --- bundle ----------------------------------------------------------------------------------

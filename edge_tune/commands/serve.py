@@ -64,11 +64,12 @@ def _check_port_free(host: str, port: int) -> None:
 def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
           api_key: Optional[str] = None, n_ctx: int = 4096, max_queue: int = 64,
           threads: Optional[int] = None, on_event: EventSink = ignore,
-          parallel: int = 4, speculative=None) -> None:
+          parallel: int = 4, speculative=None, feedback: Optional[Path] = None) -> None:
     """Run the OpenAI-compatible server until interrupted (blocks). ``parallel``: requests
     decoded together (continuous batching), each with ``n_ctx`` tokens of KV cache;
     ``speculative``: how answers are drafted
-    (:class:`edge_tune.llama.speculative.Speculative`; None: plain decoding)."""
+    (:class:`edge_tune.llama.speculative.Speculative`; None: plain decoding); ``feedback``:
+    the file ``POST /v1/feedback`` appends KTO records to (None: no such route)."""
     try:
         import uvicorn
 
@@ -98,10 +99,20 @@ def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
         on_event(Log(f"{plan.base.name} has no chat template: /v1/chat/completions answers "
                      f"HTTP 400 for {', '.join(untemplated)} (/v1/completions works); "
                      f"{template_choice.no_template_hint()}", "warning"))
+    kept = None
+    if feedback is not None:
+        from edge_tune.feedback import AnswerLog
+
+        kept = {"log": AnswerLog(feedback),
+                "systems": {n: m.system for n, m in plan.models.items() if m.system}}
+        on_event(Log(f"feedback: POST /v1/feedback {{\"id\": ..., \"label\": true|false}} "
+                     f"judges a chat answer; KTO records go to {feedback} (train --method "
+                     "kto reads them)"))
     try:
         app = build_app(scheduler, names, api_key,
                         admin={"plan": plan, "loopback": host in ("127.0.0.1", "localhost",
-                                                                   "::1")})
+                                                                   "::1")},
+                        feedback=kept)
         shown = f"[{host}]" if ":" in host else host
         on_event(Log(f"serving {plan.base.name} as {', '.join(names)} on "
                      f"http://{shown}:{port}/v1 (Ctrl-C stops)"))

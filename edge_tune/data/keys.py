@@ -58,6 +58,7 @@ RECORD_KEYS: dict[str, dict[str, str]] = {
         "tools": "function schemas, given to the chat template",
         "label": "KTO label (desirable or not)",
         "kto_tag": "KTO label (desirable or not)",
+        "comment": "the user's note with a KTO verdict (serve --feedback); not trained",
     },
     "text": {"text": "trained as it is, every token"},
     "preference": {

@@ -31,10 +31,12 @@ log = logging.getLogger("edge_tune.server")
 
 
 def build_app(scheduler, model_names: list[str], api_key: str | None = None,
-              admin: dict | None = None):
+              admin: dict | None = None, feedback: dict | None = None):
     """The ASGI app. ``model_names`` lists ``base`` and every loaded adapter's name.
     ``admin``: ``{"plan": ServePlan, "loopback": bool}`` adds the adapter admin routes
-    (:mod:`edge_tune.server.adapter_admin`)."""
+    (:mod:`edge_tune.server.adapter_admin`). ``feedback``: ``{"log": AnswerLog, "systems":
+    {model: system prompt}}`` keeps chat answers and adds ``POST /v1/feedback``
+    (:mod:`edge_tune.server.feedback`)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
@@ -42,13 +44,20 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None,
     from starlette.routing import Route
 
     api = _Routes(scheduler, model_names)
+    chat = api.chat_completions
+    if feedback is not None:  # serve --feedback: answers kept for their verdicts
+        from edge_tune.server.feedback import feedback_routes, remembering
+
+        chat = remembering(chat, feedback["log"], feedback.get("systems") or {})
     routes = [
         Route("/health", api.health, methods=["GET"]),
         Route("/v1/models", api.models, methods=["GET"]),
-        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/embeddings", api.embeddings, methods=["POST"]),
     ]
+    if feedback is not None:
+        routes += feedback_routes(feedback["log"], _error)
     if admin is not None:
         routes += admin_routes(scheduler, model_names, admin["plan"], api_key,
                                admin["loopback"])
