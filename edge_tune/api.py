@@ -13,7 +13,7 @@ from edge_tune.commands.bundle import bundle
 from edge_tune.commands.chat import chat_plan, parse_adapter_options
 from edge_tune.commands.convert import convert_base, fetch_converter
 from edge_tune.commands.doctor import doctor
-from edge_tune.commands.eval import EvalResult, evaluate
+from edge_tune.commands.eval import EvalResult, TasksResult, evaluate, evaluate_tasks
 from edge_tune.commands.export import export
 from edge_tune.commands.inspect import bad_records, inspect_data, model_template
 from edge_tune.commands.plan import plan
@@ -29,10 +29,12 @@ from edge_tune.verify import VerifyReport
 __all__ = [
     # commands
     "doctor", "plan", "train", "inspect_data", "model_template", "bad_records", "export",
-    "convert_base", "fetch_converter", "verify", "evaluate", "resolve_chat", "open_engine",
+    "convert_base", "fetch_converter", "verify", "evaluate", "evaluate_tasks", "resolve_chat",
+    "open_engine",
     "chat_plan", "parse_adapter_options", "plan_serving", "open_serving", "serve", "bundle",
     # runs on disk
     "default_run_dir", "resume_state", "list_runs", "delete_run",
     # what the commands return
-    "TrainResult", "ExportResult", "VerifyReport", "EvalResult", "ChatTarget", "ServePlan",
+    "TrainResult", "ExportResult", "VerifyReport", "EvalResult", "TasksResult", "ChatTarget",
+    "ServePlan",
 ]

@@ -72,10 +72,18 @@ def eval_(
     max_tokens: int = typer.Option(64, "--max-tokens", help="Max tokens per generated answer."),
     prompts: int = typer.Option(32, "--prompts", "-n", help="At most this many held-out "
                                 "records."),
+    tasks: Optional[Path] = typer.Option(None, "--tasks", metavar="FILE_OR_DIR",
+                                         help="Run lm-evaluation-harness tasks instead: a "
+                                         "task YAML (local data) or a folder of them."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="With --tasks: at most this "
+                                        "many examples a task."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable report."),
 ) -> None:
     """Did the fine-tune get better at its task, and did it break anything else? Base and
     tuned side by side in llama.cpp (what ships).
+
+    With --tasks, standard benchmarks instead: lm-evaluation-harness tasks (its own YAML,
+    data in local files) scored on base and tuned (needs `pip install 'lm-eval[api]'`).
 
     Reports held-out loss and perplexity per trained token, greedy answers scored against the
     references (exact match, contains, ROUGE-L, valid JSON where the reference is JSON), and
@@ -84,6 +92,13 @@ def eval_(
     from edge_tune import api
     from edge_tune.render import Renderer
 
+    if tasks is not None:
+        _eval_tasks(run, tasks, merged, limit, data, as_json)
+        return
+    if limit is not None:
+        from edge_tune.errors import UsageError
+
+        raise UsageError("--limit goes with --tasks (held-out records: --prompts)")
     with Renderer(err, quiet=as_json) as render:
         report = api.evaluate(run, data=data, merged=merged, max_tokens=max_tokens,
                           n_prompts=prompts, on_event=render).to_dict()
@@ -94,3 +109,22 @@ def eval_(
 
         render_eval(report, out)
 
+
+
+def _eval_tasks(run: Path, tasks: Path, merged: Optional[Path], limit: Optional[int],
+                data: Optional[Path], as_json: bool) -> None:
+    from edge_tune import api
+    from edge_tune.errors import UsageError
+    from edge_tune.render import Renderer
+
+    if data is not None:
+        raise UsageError("--tasks runs lm-eval tasks on their own data; leave out --data")
+    with Renderer(err, quiet=as_json) as render:
+        report = api.evaluate_tasks(run, tasks, merged=merged, limit=limit,
+                                    on_event=render).to_dict()
+    if as_json:
+        out.print_json(json.dumps(report))
+    else:
+        from edge_tune.render.eval import render_tasks
+
+        render_tasks(report, out)

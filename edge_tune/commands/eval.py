@@ -223,3 +223,69 @@ def _measure(base: Side, tuned: Side, tok, examples: list, items: list, max_toke
                      "than the context, or refused by the chat template)", "warning"))
     drift_result = drift(base, tuned, tok, general, max_tokens, system_mode, on_event)
     return {"nll": nll, "scores": scores, "answers": rows, "drift": drift_result}
+
+
+# --- eval --tasks: lm-evaluation-harness tasks ------------------------------------------------
+
+TASKS_CTX = 2048  # tokens one scored sequence may hold (lm-eval left-truncates past it)
+
+
+@dataclass
+class TasksResult:
+    """What ``edge-tune eval --tasks`` measured: ``tasks[name] = {"n": examples,
+    "base": {metric: value}, "tuned": {...}, "stderr": {"base": {...}, "tuned": {...}},
+    "higher_is_better": {metric: bool | None}}`` (lm-eval's own metric names, e.g. ``acc``)."""
+    run: str
+    base: str
+    tuned: str
+    source: str  # the task file or folder
+    limit: Optional[int]
+    tasks: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_tasks(run: Path, tasks: Path, merged: Optional[Path] = None,
+                   limit: Optional[int] = None, on_event: EventSink = ignore) -> TasksResult:
+    """Run lm-evaluation-harness tasks (``tasks``: a task YAML or a folder of them, local
+    data; :mod:`edge_tune.eval.lm_tasks`) on the run's base and tuned model in llama.cpp;
+    ``merged``: the tuned model is this merged GGUF; ``limit``: at most this many examples a
+    task. Raises UsageError/DataError (exit 2) for bad input, UsageError when lm-eval is
+    not installed."""
+    from edge_tune.adapters import open_engine
+    from edge_tune.eval.lm_tasks import load_tasks, run_tasks
+
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit {limit}: expected an integer >= 1")
+    configs = load_tasks(Path(tasks))
+    target, tuned_path = _targets(Path(run), merged)
+    on_event(Log(f"eval: {len(configs)} lm-eval task(s) from {tasks}: "
+                 + ", ".join(c["task"] for c in configs)))
+    engines = [open_engine(target, n_ctx=TASKS_CTX, training_system=False)]
+    try:
+        sides = [("base", engines[0], ())]
+        if target.adapter is not None:
+            sides.append(("tuned", engines[0], (("adapter", 1.0),)))
+        else:
+            engines.append(open_engine(_with_base(target, tuned_path), n_ctx=TASKS_CTX,
+                                       training_system=False))
+            sides.append(("tuned", engines[1], ()))
+        got = {}
+        for i, (name, engine, mix) in enumerate(sides):
+            on_event(Progress("eval", i, len(sides), "", f"eval: {name} on the tasks"))
+            got[name] = run_tasks(engine, mix, configs, limit)
+        on_event(Progress("eval", len(sides), len(sides), "", "eval: scored"))
+    finally:
+        for engine in engines:
+            engine.close()
+    table = {}
+    for task, b in got["base"].items():
+        t = got["tuned"].get(task, {"metrics": {}, "stderr": {}})
+        table[task] = {"n": b["n"], "base": b["metrics"], "tuned": t["metrics"],
+                       "stderr": {"base": b["stderr"], "tuned": t["stderr"]},
+                       "higher_is_better": b["higher_is_better"]}
+    out = TasksResult(run=str(run), base=str(target.base), tuned=str(tuned_path),
+                      source=str(tasks), limit=limit, tasks=table)
+    on_event(Done("eval", {"tasks": {k: v["tuned"] for k, v in table.items()}}))
+    return out

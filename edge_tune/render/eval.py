@@ -84,3 +84,25 @@ def render_eval(report: dict, console: Console) -> None:
                       f"{_short(row['tuned'])}\n[dim]ROUGE-L "
                       f"{row['tuned_scores']['rouge_l']:.2f}[/]")
         console.print(a)
+
+
+def render_tasks(report: dict, console: Console) -> None:
+    """``report``: :meth:`edge_tune.commands.eval.TasksResult.to_dict`: one row per task and
+    metric, base and tuned side by side."""
+    console.print(f"[bold]eval[/] {report['run']}: lm-eval tasks from {report['source']}; "
+                  f"tuned = {report['tuned']}, base = {report['base']}", highlight=False)
+    t = Table(title_justify="left", title="base vs tuned (llama.cpp, lm-evaluation-harness)")
+    for col in ("task", "metric", "n", "base", "tuned", "change"):
+        t.add_column(col, justify="left" if col in ("task", "metric") else "right",
+                     style="bold" if col == "task" else None)
+    for task, row in report["tasks"].items():
+        for metric, base in row["base"].items():
+            tuned = row["tuned"].get(metric)
+            higher = row["higher_is_better"].get(metric)
+            t.add_row(task, metric, str(row["n"] if row["n"] is not None else "-"),
+                      _num(base, 4), _num(tuned, 4),
+                      "" if higher is None else _change(base, tuned, not higher))
+    console.print(t)
+    if report.get("limit"):
+        console.print(f"[dim](at most {report['limit']} examples a task: --limit)[/]",
+                      highlight=False)
