@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError
 from edge_tune.converters.formats.gguf_header import read_header, reading
 from edge_tune.converters.formats.lora_graph import ALWAYS_TIED_ARCHS
 from edge_tune.converters.formats.names import gguf_arch
@@ -92,14 +92,14 @@ def from_gguf(path: Path, reader=None) -> BaseInfo:
     reader = reader if reader is not None else read_header(path)
     arch = field_value(reader, "general.architecture")
     if not arch:
-        raise EdgeTuneError(f"{path}: GGUF has no general.architecture")
+        raise DataError(f"{path}: GGUF has no general.architecture")
     if field_value(reader, "general.type") == "adapter":
-        raise EdgeTuneError(f"{path}: this is an adapter GGUF, not a base model")
+        raise DataError(f"{path}: this is an adapter GGUF, not a base model")
     n_blocks = field_value(reader, f"{arch}.block_count")
     n_head = field_value(reader, f"{arch}.attention.head_count")
     n_head_kv = field_value(reader, f"{arch}.attention.head_count_kv", n_head)
     if n_blocks is None or n_head is None:
-        raise EdgeTuneError(f"{path}: GGUF lacks {arch}.block_count / attention.head_count")
+        raise DataError(f"{path}: GGUF lacks {arch}.block_count / attention.head_count")
     tensors = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
     return BaseInfo(
         arch=arch, n_blocks=int(n_blocks), n_head=int(n_head), n_head_kv=int(n_head_kv),
@@ -125,7 +125,7 @@ def from_hf_config(config: dict) -> BaseInfo:
             else None,
         )
     except KeyError as exc:
-        raise EdgeTuneError(f"base config.json: missing field {exc.args[0]!r}") from None
+        raise DataError(f"base config.json: missing field {exc.args[0]!r}") from None
 
 
 def from_hf_dir(path: Path) -> BaseInfo:
@@ -133,4 +133,4 @@ def from_hf_dir(path: Path) -> BaseInfo:
     try:
         return from_hf_config(json.loads(cfg.read_text()))
     except (OSError, json.JSONDecodeError) as exc:
-        raise EdgeTuneError(f"{cfg}: cannot read ({exc})") from None
+        raise DataError(f"{cfg}: cannot read ({exc})") from None

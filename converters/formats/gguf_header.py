@@ -16,7 +16,7 @@ import struct
 from pathlib import Path
 from typing import Iterator
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, EdgeTuneError, Unsupported, UsageError
 
 # GGUF value type -> struct format of a scalar; 8 (string) and 9 (array) are variable-length.
 SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -34,24 +34,24 @@ def reading(path: Path) -> Iterator[None]:
     (gguf and struct raise ValueError/IndexError/KeyError/struct.error on truncated files)."""
     path = Path(path)
     if not path.is_file():
-        raise EdgeTuneError(f"{path}: no such file")
+        raise UsageError(f"{path}: no such file")
     try:
         with open(path, "rb") as f:
             head = f.read(8)
         if head[:4] != b"GGUF":
-            raise EdgeTuneError(f"{path}: not a GGUF file (expected the GGUF magic bytes)")
+            raise DataError(f"{path}: not a GGUF file (expected the GGUF magic bytes)")
         version = int.from_bytes(head[4:8], "little")
         if version not in VERSIONS:
-            raise EdgeTuneError(f"{path}: GGUF version {version} is not supported "
-                                f"(expected {' or '.join(map(str, VERSIONS))})")
+            raise Unsupported(f"{path}: GGUF version {version} is not supported "
+                              f"(expected {' or '.join(map(str, VERSIONS))})")
         yield
     except EdgeTuneError:
         raise
     except OSError as exc:
-        raise EdgeTuneError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except Exception as exc:
         detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise EdgeTuneError(f"{path}: truncated or corrupt GGUF file ({detail})") from None
+        raise DataError(f"{path}: truncated or corrupt GGUF file ({detail})") from None
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from edge_tune.converters.formats.names import gguf_tensor_name, needs_rope_perm
 from edge_tune.converters.formats.lora_graph import merge_can_untie, untie_route
 from edge_tune.converters.formats.peft_to_gguf import PEFT_MERGE_ROUTE, _module_scale, lora_pair
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, DiskFull, Unsupported
 from edge_tune.events import EventSink, Progress, ignore
 
 FILE_TYPE = {"F32": 0, "F16": 1}  # general.file_type (llama_ftype) of what merge writes
@@ -89,8 +89,8 @@ NORM_PLUS_ONE_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
 def _gguf_name(module: str, info: BaseInfo, where: str) -> str:
     name = gguf_tensor_name(module, info.arch, info.n_blocks)
     if name is None:
-        raise EdgeTuneError(f"{where}: module {module!r} has no GGUF tensor for arch "
-                            f"{info.arch!r} (an adapter for another architecture?)")
+        raise DataError(f"{where}: module {module!r} has no GGUF tensor for arch "
+                        f"{info.arch!r} (an adapter for another architecture?)")
     return name
 
 
@@ -119,8 +119,8 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
         embedding, a, b = lora_pair(parts, module, where)
         magnitude = parts.get("lora_magnitude_vector")
         if magnitude is not None and embedding:
-            raise EdgeTuneError(f"{where}: DoRA on an embedding ({module}) is not supported; "
-                                f"{PEFT_MERGE_ROUTE}")
+            raise Unsupported(f"{where}: DoRA on an embedding ({module}) is not supported; "
+                              f"{PEFT_MERGE_ROUTE}")
         scale = _module_scale(config, module, a.shape[0])
         out.deltas[name] = Delta(a=a, b=b, scale=scale, embedding=embedding,
                                  magnitude=None if magnitude is None else magnitude.reshape(-1),
@@ -149,13 +149,13 @@ def _tie(out: MergePlan, config: dict, base: BaseInfo, where: str) -> None:
         # PEFT kept lm_head tied to embed_tokens, adapter included: the tied tensor changes once.
         for table in (out.deltas, out.replace, out.bias_add):
             if "output.weight" in table and "token_embd.weight" not in table:
-                raise EdgeTuneError(f"{where}: ensure_weight_tying with an lm_head-only change "
-                                    f"is not supported by merge; {PEFT_MERGE_ROUTE}")
+                raise Unsupported(f"{where}: ensure_weight_tying with an lm_head-only change "
+                                  f"is not supported by merge; {PEFT_MERGE_ROUTE}")
             table.pop("output.weight", None)
     elif {"token_embd.weight", "output.weight"} & out.targets() and base.tied_embeddings:
         if not merge_can_untie(base.arch):
-            raise EdgeTuneError(f"{where}: the adapter changes the embedding or output layer of "
-                                f"a tied base; {untie_route(base.arch)}")
+            raise Unsupported(f"{where}: the adapter changes the embedding or output layer of "
+                              f"a tied base; {untie_route(base.arch)}")
         out.untie = True
 
 
@@ -173,25 +173,25 @@ def _check_targets(out: MergePlan, base: BaseInfo, where: str) -> None:
             out.new_biases[name] = int(have[name[: -len(".bias")] + ".weight"][1])
             continue
         what = "a bias" if name.endswith(".bias") else "this tensor"
-        raise EdgeTuneError(f"{where}: adapter targets {name!r}, which the base model does not "
-                            f"have, and llama.cpp's {base.arch} graph does not read {what} "
-                            f"from a merged file either; {PEFT_MERGE_ROUTE}")
+        raise Unsupported(f"{where}: adapter targets {name!r}, which the base model does not "
+                          f"have, and llama.cpp's {base.arch} graph does not read {what} "
+                          f"from a merged file either; {PEFT_MERGE_ROUTE}")
 
 
 def apply(w: np.ndarray, d: Delta, name: str = "") -> np.ndarray:
     """The merged weight for base weight ``w`` (numpy orientation, GGUF row order)."""
     delta = d.dense()
     if delta.shape != w.shape:
-        raise EdgeTuneError(f"adapter does not fit the base model: tensor {name!r} has shape "
-                            f"{list(w.shape)}, the adapter's delta {list(delta.shape)}")
+        raise DataError(f"adapter does not fit the base model: tensor {name!r} has shape "
+                        f"{list(w.shape)}, the adapter's delta {list(delta.shape)}")
     if d.permute_heads:
         delta = permute_rows(delta, d.permute_heads)
     merged = w.astype(np.float64) + delta
     if d.magnitude is not None:
         m = d.magnitude.astype(np.float64)
         if m.shape[0] != w.shape[0]:
-            raise EdgeTuneError(f"adapter does not fit the base model: DoRA magnitude of "
-                                f"{name!r} has {m.shape[0]} rows, the weight {w.shape[0]}")
+            raise DataError(f"adapter does not fit the base model: DoRA magnitude of "
+                            f"{name!r} has {m.shape[0]} rows, the weight {w.shape[0]}")
         if d.permute_heads:
             m = permute_rows(m, d.permute_heads)
         merged *= (m / np.linalg.norm(merged, axis=1))[:, None]
@@ -203,17 +203,17 @@ def merged_tensor(name: str, w: np.ndarray, p: MergePlan) -> np.ndarray:
     if name in p.replace:
         new = p.replace[name]
         if new.shape != w.shape:
-            raise EdgeTuneError(f"adapter does not fit the base model: the modules_to_save copy "
-                                f"for {name!r} is {list(new.shape)}, the base tensor "
-                                f"{list(w.shape)}")
+            raise DataError(f"adapter does not fit the base model: the modules_to_save copy "
+                            f"for {name!r} is {list(new.shape)}, the base tensor "
+                            f"{list(w.shape)}")
         w = new.astype(np.float32)
     if name in p.deltas:
         w = apply(w, p.deltas[name], name)
     if name in p.bias_add:
         add = p.bias_add[name]
         if add.shape != w.shape:
-            raise EdgeTuneError(f"adapter does not fit the base model: LoRA bias for {name!r} "
-                                f"has {add.shape[0]} rows, the base {w.shape[0]}")
+            raise DataError(f"adapter does not fit the base model: LoRA bias for {name!r} "
+                            f"has {add.shape[0]} rows, the base {w.shape[0]}")
         heads = _bias_heads(name, p)
         w = (w.astype(np.float64) + (permute_rows(add, heads) if heads else add)).astype(
             np.float32)
@@ -230,13 +230,13 @@ def check_base_complete(info: BaseInfo, path: Path) -> None:
     base with missing tensors is refused here rather than by a crash in llama.cpp later."""
     names = set(info.tensors or {})
     if "token_embd.weight" not in names:
-        raise EdgeTuneError(f"{path}: base model lacks tensor 'token_embd.weight'")
+        raise DataError(f"{path}: base model lacks tensor 'token_embd.weight'")
     kinds = {n.split(".", 2)[2] for n in names if n.startswith("blk.0.")}
     for i in range(info.n_blocks):
         for kind in sorted(kinds):
             if f"blk.{i}.{kind}" not in names:
-                raise EdgeTuneError(f"{path}: base model lacks tensor 'blk.{i}.{kind}' "
-                                    f"({info.n_blocks} blocks declared)")
+                raise DataError(f"{path}: base model lacks tensor 'blk.{i}.{kind}' "
+                                f"({info.n_blocks} blocks declared)")
 
 
 def _numpy_shape(t) -> tuple[int, ...]:
@@ -256,8 +256,8 @@ def estimate_bytes(reader, outtype: str) -> int:
 def check_disk(directory: Path, need: int, what: str) -> None:
     free = shutil.disk_usage(directory).free
     if free < need + (16 << 20):
-        raise EdgeTuneError(f"{directory}: not enough disk space for {what}: needs about "
-                            f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free")
+        raise DiskFull(f"{directory}: not enough disk space for {what}: needs about "
+                       f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free")
 
 
 def _copy_metadata(reader, writer, outtype: str) -> None:
@@ -270,18 +270,18 @@ def _check_shapes(p: MergePlan, shapes: dict, where: str, base_name: str) -> Non
     changes (``shapes``: numpy shapes by GGUF name); else EdgeTuneError saying which."""
     for name, d in p.deltas.items():
         if name not in shapes:
-            raise EdgeTuneError(f"{where}: adapter targets {name!r}, which the base model "
-                                f"{base_name} does not have")
+            raise DataError(f"{where}: adapter targets {name!r}, which the base model "
+                            f"{base_name} does not have")
         want = shapes[name]
         got = (d.a.shape[1], d.b.shape[0]) if d.embedding else (d.b.shape[0], d.a.shape[1])
         if got != want:
-            raise EdgeTuneError(f"{where}: adapter does not fit the base model: {name!r} is "
-                                f"{list(want)} in the base, the adapter's delta {list(got)}")
+            raise DataError(f"{where}: adapter does not fit the base model: {name!r} is "
+                            f"{list(want)} in the base, the adapter's delta {list(got)}")
     for name, arr in p.replace.items():
         if shapes.get(name) != arr.shape:
-            raise EdgeTuneError(f"{where}: adapter does not fit the base model: the "
-                                f"modules_to_save copy for {name!r} is {list(arr.shape)}, the "
-                                f"base's {list(shapes.get(name, ()))}; {PEFT_MERGE_ROUTE}")
+            raise DataError(f"{where}: adapter does not fit the base model: the "
+                            f"modules_to_save copy for {name!r} is {list(arr.shape)}, the "
+                            f"base's {list(shapes.get(name, ()))}; {PEFT_MERGE_ROUTE}")
 
 
 def merge(base_gguf: Path, config: dict, tensors: dict[str, np.ndarray], out_path: Path,
@@ -339,8 +339,8 @@ def merge(base_gguf: Path, config: dict, tensors: dict[str, np.ndarray], out_pat
             w.close()
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise EdgeTuneError(f"{out_path.parent}: disk full while writing {out_path.name}; "
-                                "nothing was written") from None
+            raise DiskFull(f"{out_path.parent}: disk full while writing {out_path.name}; "
+                           "nothing was written") from None
         raise
     return {"path": str(out_path), "merged": len(p.targets()), "tensors": total,
             "outtype": outtype, "untied": p.untie, "replaced": sorted(p.replace),

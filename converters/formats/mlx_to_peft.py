@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, Unsupported
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapters.safetensors"
@@ -46,11 +46,11 @@ def read_mlx_adapter(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     try:
         config = json.loads((path / CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise EdgeTuneError(f"{path / CONFIG}: cannot read ({exc})") from None
+        raise DataError(f"{path / CONFIG}: cannot read ({exc})") from None
     try:
         tensors = load_file(str(path / WEIGHTS))
     except (OSError, SafetensorError) as exc:
-        raise EdgeTuneError(f"{path / WEIGHTS}: not a readable safetensors file ({exc})") from None
+        raise DataError(f"{path / WEIGHTS}: not a readable safetensors file ({exc})") from None
     return config, tensors
 
 
@@ -59,12 +59,12 @@ def to_peft(config: dict, tensors: dict[str, np.ndarray], where: str = "mlx adap
     """(PEFT adapter_config, PEFT tensors) for an mlx-lm LoRA adapter. Pure."""
     kind = config.get("fine_tune_type", "lora")
     if kind not in ("lora", "dora"):
-        raise EdgeTuneError(f"{where}: fine_tune_type {kind!r} is not a LoRA adapter "
-                            "(expected 'lora' or 'dora')")
+        raise DataError(f"{where}: fine_tune_type {kind!r} is not a LoRA adapter "
+                        "(expected 'lora' or 'dora')")
     params = config.get("lora_parameters") or {}
     if "scale" not in params:
-        raise EdgeTuneError(f"{where}: {CONFIG} has no lora_parameters.scale (expected the "
-                            "mlx-lm LoRA multiplier, e.g. 20.0)")
+        raise DataError(f"{where}: {CONFIG} has no lora_parameters.scale (expected the "
+                        "mlx-lm LoRA multiplier, e.g. 20.0)")
     scale = float(params["scale"])
 
     out: dict[str, np.ndarray] = {}
@@ -74,15 +74,15 @@ def to_peft(config: dict, tensors: dict[str, np.ndarray], where: str = "mlx adap
     for key, arr in tensors.items():
         module, _, leaf = key.rpartition(".")
         if leaf not in ("lora_a", "lora_b", "m") or not module:
-            raise EdgeTuneError(f"{where}: tensor {key!r} is not an mlx-lm LoRA weight "
-                                "(expected '<module>.lora_a', '.lora_b' or DoRA's '.m')")
+            raise DataError(f"{where}: tensor {key!r} is not an mlx-lm LoRA weight "
+                            "(expected '<module>.lora_a', '.lora_b' or DoRA's '.m')")
         arr = np.asarray(arr, dtype=np.float32)
         if leaf == "m":  # DoRA's per-output magnitude: the same quantity PEFT stores
             out[f"base_model.model.{module}.lora_magnitude_vector"] = arr
             continue
         if arr.ndim != 2:
-            raise EdgeTuneError(f"{where}: tensor {key!r} has shape {arr.shape}; expected a "
-                                "matrix (mixture-of-experts LoRA is not supported)")
+            raise Unsupported(f"{where}: tensor {key!r} has shape {arr.shape}; expected a "
+                              "matrix (mixture-of-experts LoRA is not supported)")
         if leaf == "lora_a":
             ranks.add(arr.shape[1])
         is_embedding = module.endswith("embed_tokens")
@@ -98,17 +98,17 @@ def to_peft(config: dict, tensors: dict[str, np.ndarray], where: str = "mlx adap
     for key in out:
         twin = key.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
         if twin not in out and ("lora_A" in key or "lora_embedding_A" in key):
-            raise EdgeTuneError(f"{where}: {key.split('base_model.model.')[1]} has lora_a but "
-                                "no lora_b")
+            raise DataError(f"{where}: {key.split('base_model.model.')[1]} has lora_a but "
+                            "no lora_b")
     if not out:
-        raise EdgeTuneError(f"{where}: {WEIGHTS} holds no LoRA tensors")
+        raise DataError(f"{where}: {WEIGHTS} holds no LoRA tensors")
     if len(ranks) != 1:
-        raise EdgeTuneError(f"{where}: LoRA ranks differ between modules ({sorted(ranks)}); "
-                            "expected one rank")
+        raise DataError(f"{where}: LoRA ranks differ between modules ({sorted(ranks)}); "
+                        "expected one rank")
     rank = ranks.pop()
     if params.get("rank") not in (None, rank):
-        raise EdgeTuneError(f"{where}: lora_parameters.rank is {params['rank']} but the "
-                            f"tensors have rank {rank}")
+        raise DataError(f"{where}: lora_parameters.rank is {params['rank']} but the "
+                        f"tensors have rank {rank}")
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

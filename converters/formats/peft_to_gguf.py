@@ -38,7 +38,7 @@ from edge_tune.converters.formats.names import (
     gguf_tensor_name, needs_rope_permute, rope_permute_rows, split_peft_key,
 )
 from edge_tune.converters.formats.validate import check_tensors
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, Unsupported, UsageError
 
 OUTTYPES = ("f32", "f16", "q8_0")
 
@@ -83,26 +83,26 @@ def parse_adapter(config: dict, tensors: dict[str, np.ndarray],
     """Sort PEFT's saved tensors into LoRA pairs, modules_to_save copies and LoRA biases.
     Refuses anything else, and adapters that are not LoRA. Pure."""
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise EdgeTuneError(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA, so it "
-                            f"has no GGUF LoRA form; {PEFT_MERGE_ROUTE}")
+        raise Unsupported(f"{where}: peft_type {config.get('peft_type')!r} is not LoRA, so it "
+                          f"has no GGUF LoRA form; {PEFT_MERGE_ROUTE}")
     init = str(config.get("init_lora_weights", True)).lower()
     if init == "loftq":
-        raise EdgeTuneError(f"{where}: init_lora_weights='loftq': the adapter corrects the "
-                            "quantization error of the 4-bit base it was trained on, not the "
-                            "GGUF base; merge it in PEFT on that quantized base "
-                            "(`merge_and_unload()`) and convert the result with "
-                            "`edge-tune convert-base DIR`")
+        raise Unsupported(f"{where}: init_lora_weights='loftq': the adapter corrects the "
+                          "quantization error of the 4-bit base it was trained on, not the "
+                          "GGUF base; merge it in PEFT on that quantized base "
+                          "(`merge_and_unload()`) and convert the result with "
+                          "`edge-tune convert-base DIR`")
     if init.startswith(("pissa", "olora", "corda")):
         # These initializations move part of W into A/B and train on the residual W' = W - BA:
         # the adapter only computes what was trained on that residual base.
-        raise EdgeTuneError(f"{where}: init_lora_weights={config['init_lora_weights']!r}: the "
-                            "adapter was trained on a modified base (W minus its initial "
-                            "B·A), which the GGUF base is not; save it again with PEFT's "
-                            "save_pretrained(..., path_initial_model_for_weight_conversion=...) "
-                            "to get a plain LoRA, then export that")
+        raise Unsupported(f"{where}: init_lora_weights={config['init_lora_weights']!r}: the "
+                          "adapter was trained on a modified base (W minus its initial "
+                          "B·A), which the GGUF base is not; save it again with PEFT's "
+                          "save_pretrained(..., path_initial_model_for_weight_conversion=...) "
+                          "to get a plain LoRA, then export that")
     if config.get("layer_replication"):
-        raise EdgeTuneError(f"{where}: layer_replication changes the model's block structure; "
-                            f"{PEFT_MERGE_ROUTE}")
+        raise Unsupported(f"{where}: layer_replication changes the model's block structure; "
+                          f"{PEFT_MERGE_ROUTE}")
     out = PeftAdapter(loras={})
     to_save = config.get("modules_to_save") or []
     if isinstance(to_save, str):
@@ -131,13 +131,13 @@ def parse_adapter(config: dict, tensors: dict[str, np.ndarray],
             out.saved.setdefault(module, {})["bias"] = arr
             continue
         if "trainable_tokens" in key:
-            raise EdgeTuneError(f"{where}: trainable_token_indices (retrained embedding rows, "
-                                f"{key!r}) has no GGUF LoRA form; {PEFT_MERGE_ROUTE}")
-        raise EdgeTuneError(f"{where}: tensor {key!r} is not a LoRA A/B weight (expected "
-                            "'<module>.lora_A.weight' / '.lora_B.weight', or a modules_to_save "
-                            "copy listed in adapter_config.json)")
+            raise Unsupported(f"{where}: trainable_token_indices (retrained embedding rows, "
+                              f"{key!r}) has no GGUF LoRA form; {PEFT_MERGE_ROUTE}")
+        raise DataError(f"{where}: tensor {key!r} is not a LoRA A/B weight (expected "
+                        "'<module>.lora_A.weight' / '.lora_B.weight', or a modules_to_save "
+                        "copy listed in adapter_config.json)")
     if not out.loras and not out.saved:
-        raise EdgeTuneError(f"{where}: no LoRA tensors found")
+        raise DataError(f"{where}: no LoRA tensors found")
     return out
 
 
@@ -165,10 +165,10 @@ def check_base_layers(adapter: PeftAdapter, base: BaseInfo, where: str) -> None:
                                         base.tied_embeddings else "token_embd.weight")
         if name is None or arr.ndim != 2 or (have is not None and
                                              tuple(reversed(have)) != arr.shape):
-            raise EdgeTuneError(
-                f"{where}: the adapter carries its own {module} weight {list(arr.shape)} "
-                f"that does not fit the base ({list(reversed(have)) if have else 'no tensor'}): "
-                f"a resized vocabulary; {resized_route(arr.shape[0])}")
+            raise Unsupported(
+              f"{where}: the adapter carries its own {module} weight {list(arr.shape)} "
+              f"that does not fit the base ({list(reversed(have)) if have else 'no tensor'}): "
+              f"a resized vocabulary; {resized_route(arr.shape[0])}")
 
 
 def resized_route(n_tokens: Optional[int]) -> str:
@@ -302,27 +302,27 @@ def check_vocabulary(config: dict, tensors: dict[str, np.ndarray], base: BaseInf
         return
     n, what = max(found, key=lambda x: x[0])
     bound = "at least " if what.startswith("trainable") else ""
-    raise EdgeTuneError(f"{where}: the adapter was trained with a resized vocabulary "
-                        f"({bound}{n} tokens vs the base's {have}; {what}): {resized_route(n)}")
+    raise Unsupported(f"{where}: the adapter was trained with a resized vocabulary "
+                      f"({bound}{n} tokens vs the base's {have}; {what}): {resized_route(n)}")
 
 
 def refuse_unsupported(config: dict, adapter: PeftAdapter, where: str) -> None:
     """What has no GGUF LoRA form at all: each is refused with the route that works."""
     if config.get("use_dora") or any("lora_magnitude_vector" in p
                                      for p in adapter.loras.values()):
-        raise EdgeTuneError(f"{where}: DoRA adapters have no GGUF LoRA form (llama.cpp has no "
-                            f"magnitude vectors); {MERGE_ROUTE}")
+        raise Unsupported(f"{where}: DoRA adapters have no GGUF LoRA form (llama.cpp has no "
+                          f"magnitude vectors); {MERGE_ROUTE}")
     if config.get("bias", "none") != "none" and any(
             list(leaves) == ["bias"] for leaves in adapter.saved.values()):
-        raise EdgeTuneError(f"{where}: bias={config['bias']!r} (the base layers' biases were "
-                            f"trained too) has no GGUF LoRA form; {MERGE_ROUTE}")
+        raise Unsupported(f"{where}: bias={config['bias']!r} (the base layers' biases were "
+                          f"trained too) has no GGUF LoRA form; {MERGE_ROUTE}")
     if adapter.saved or config.get("modules_to_save"):
         names = sorted(adapter.saved) or config.get("modules_to_save")
-        raise EdgeTuneError(f"{where}: modules_to_save (full copies of {names}) has no GGUF "
-                            f"LoRA form; {MERGE_ROUTE}")
+        raise Unsupported(f"{where}: modules_to_save (full copies of {names}) has no GGUF "
+                          f"LoRA form; {MERGE_ROUTE}")
     if adapter.lora_bias or config.get("lora_bias"):
-        raise EdgeTuneError(f"{where}: lora_bias=true (a bias on LoRA B) has no GGUF LoRA form; "
-                            f"{MERGE_ROUTE}")
+        raise Unsupported(f"{where}: lora_bias=true (a bias on LoRA B) has no GGUF LoRA form; "
+                          f"{MERGE_ROUTE}")
 
 
 def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
@@ -343,12 +343,12 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
     for module, parts in sorted(modules.items()):
         name = gguf_tensor_name(module, base.arch, base.n_blocks)
         if name is None:
-            raise EdgeTuneError(f"{where}: module {module!r} has no GGUF tensor for arch "
-                                f"{base.arch!r}")
+            raise DataError(f"{where}: module {module!r} has no GGUF tensor for arch "
+                            f"{base.arch!r}")
         if name == "output.weight" and base.tied_embeddings:
-            raise EdgeTuneError(f"{where}: LoRA on lm_head cannot run on this base as a GGUF "
-                                f"adapter: its embeddings are tied (no output.weight); "
-                                f"{untie_route(base.arch)}")
+            raise Unsupported(f"{where}: LoRA on lm_head cannot run on this base as a GGUF "
+                              f"adapter: its embeddings are tied (no output.weight); "
+                              f"{untie_route(base.arch)}")
         embedding, a, b = lora_pair(parts, module, where)
         rank = a.shape[0]
         # Fold any per-module deviation from the file-wide scale into B.
@@ -362,7 +362,7 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
         problems = check_tensors({name + ".lora_a": tuple(reversed(a.shape)),
                                   name + ".lora_b": tuple(reversed(b.shape))}, base)
         if problems:
-            raise EdgeTuneError(f"{where}: {problems[0]}")
+            raise DataError(f"{where}: {problems[0]}")
         which = needs_rope_permute(base.arch, name)
         if which:
             b = rope_permute_rows(b, base.n_head if which == "q" else base.n_head_kv)
@@ -371,7 +371,7 @@ def plan(config: dict, tensors: dict[str, np.ndarray], base: BaseInfo,
 
     problems = check_tensors({n: tuple(reversed(a.shape)) for n, a in out}, base)
     if problems:
-        raise EdgeTuneError(f"{where}: {problems[0]}")
+        raise DataError(f"{where}: {problems[0]}")
     return Plan(alpha=float(alpha), tensors=out, rank=ref_rank)
 
 
@@ -384,11 +384,11 @@ def lora_pair(parts: dict[str, np.ndarray], module: str,
     a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else \
         ("lora_A", "lora_B")
     if a_key not in parts or b_key not in parts:
-        raise EdgeTuneError(f"{where}: module {module!r} lacks {a_key} or {b_key}")
+        raise DataError(f"{where}: module {module!r} lacks {a_key} or {b_key}")
     a, b = parts[a_key], parts[b_key]
     if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-        raise EdgeTuneError(f"{where}: module {module!r}: {a_key} {list(a.shape)} and "
-                            f"{b_key} {list(b.shape)} do not multiply")
+        raise DataError(f"{where}: module {module!r}: {a_key} {list(a.shape)} and "
+                        f"{b_key} {list(b.shape)} do not multiply")
     return embedding, a, b
 
 
@@ -398,16 +398,16 @@ def read_peft_dir(adapter_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
     cfg_path = adapter_dir / "adapter_config.json"
     st_path = adapter_dir / "adapter_model.safetensors"
     if not cfg_path.is_file():
-        raise EdgeTuneError(f"{adapter_dir}: no adapter_config.json (expected a PEFT adapter "
-                            "directory or an edge-tune run directory)")
+        raise DataError(f"{adapter_dir}: no adapter_config.json (expected a PEFT adapter "
+                        "directory or an edge-tune run directory)")
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
-        raise EdgeTuneError(f"{cfg_path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        raise DataError(f"{cfg_path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
     if not st_path.is_file():
         extra = " (adapter_model.bin is a pickle: edge-tune loads safetensors only)" \
             if (adapter_dir / "adapter_model.bin").exists() else ""
-        raise EdgeTuneError(f"{adapter_dir}: no adapter_model.safetensors{extra}")
+        raise DataError(f"{adapter_dir}: no adapter_model.safetensors{extra}")
     return config, _load_safetensors(st_path)
 
 
@@ -420,7 +420,7 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
     except TypeError:
         pass  # bf16 has no numpy dtype: read the bytes (below)
     except Exception as exc:
-        raise EdgeTuneError(f"{path}: unreadable safetensors file ({exc})") from None
+        raise DataError(f"{path}: unreadable safetensors file ({exc})") from None
     return _load_safetensors_bytes(path)
 
 
@@ -450,10 +450,10 @@ def _load_safetensors_bytes(path: Path) -> dict[str, np.ndarray]:
             out[name] = data.astype(np.float32).reshape(info["shape"])
         return out
     except KeyError as exc:
-        raise EdgeTuneError(f"{path}: unreadable safetensors file (dtype or field {exc} not "
-                            f"supported; expected {', '.join(_BYTE_DTYPES)} tensors)") from None
+        raise DataError(f"{path}: unreadable safetensors file (dtype or field {exc} not "
+                        f"supported; expected {', '.join(_BYTE_DTYPES)} tensors)") from None
     except (ValueError, TypeError) as exc:
-        raise EdgeTuneError(f"{path}: unreadable safetensors file ({exc})") from None
+        raise DataError(f"{path}: unreadable safetensors file ({exc})") from None
 
 
 def write_gguf(plan_: Plan, arch: str, out_path: Path, outtype: str = "f32",
@@ -462,7 +462,8 @@ def write_gguf(plan_: Plan, arch: str, out_path: Path, outtype: str = "f32",
     import gguf
 
     if outtype not in OUTTYPES:
-        raise EdgeTuneError(f"--outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
+        raise UsageError(f"expected one of {', '.join(OUTTYPES)}",
+                         setting="outtype", value=repr(outtype))
     out_path = Path(out_path)
     with writing_gguf(out_path, arch) as w:
         w.add_type(gguf.GGUFType.ADAPTER)

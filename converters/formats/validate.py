@@ -21,7 +21,7 @@ from edge_tune.converters.formats.base_info import BaseInfo, field_value, open_g
 from edge_tune.converters.formats.lora_graph import (
     MERGE_ROUTE, TENSOR_TYPES, graph_problem, untie_route,
 )
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, Unsupported
 
 
 def check_tensors(tensors: dict[str, tuple[int, ...]], base: BaseInfo,
@@ -130,34 +130,34 @@ def validate_adapter_file(path: Path, base: BaseInfo) -> dict:
     reader = open_gguf(path)
     kind = field_value(reader, "general.type")
     if kind != "adapter" or field_value(reader, "adapter.type") != "lora":
-        raise EdgeTuneError(f"{path}: not a LoRA adapter GGUF (general.type={kind!r}; "
-                            "expected 'adapter' with adapter.type='lora')")
+        raise DataError(f"{path}: not a LoRA adapter GGUF (general.type={kind!r}; "
+                        "expected 'adapter' with adapter.type='lora')")
     arch = field_value(reader, "general.architecture")
     if arch != base.arch:
-        raise EdgeTuneError(f"{path}: adapter architecture {arch!r} does not match the base "
-                            f"model's {base.arch!r}")
+        raise DataError(f"{path}: adapter architecture {arch!r} does not match the base "
+                        f"model's {base.arch!r}")
     alpha_problem = check_alpha(reader)
     if alpha_problem:
-        raise EdgeTuneError(f"{path}: {alpha_problem}")
+        raise DataError(f"{path}: {alpha_problem}")
     if "adapter.alora.invocation_tokens" in reader.fields:
-        raise EdgeTuneError(f"{path}: an aLoRA (activated LoRA) adapter: edge-tune runs plain "
-                            "LoRA adapters only (expected no adapter.alora.* keys)")
+        raise Unsupported(f"{path}: an aLoRA (activated LoRA) adapter: edge-tune runs plain "
+                          "LoRA adapters only (expected no adapter.alora.* keys)")
     tensors = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
     types = {t.name: gguf.GGMLQuantizationType(t.tensor_type).name for t in reader.tensors}
     problems = check_tensors(tensors, base, types)
     if problems:
         extra = len(problems) - 1
         more = f" (and {extra} more problem{'s' if extra > 1 else ''})" if extra else ""
-        raise EdgeTuneError(f"{path}: {problems[0]}{more}")
+        raise DataError(f"{path}: {problems[0]}{more}")
     import numpy as np
 
     # llama.cpp loads NaN/inf weights without a word, then every logit is NaN: the answer is
     # empty. Adapters are small, so every value is checked (quantized types dequantized).
     for t in reader.tensors:
         if not np.isfinite(gguf.quants.dequantize(t.data, t.tensor_type)).all():
-            raise EdgeTuneError(f"{path}: tensor {t.name!r} has NaN or infinite values "
-                                "(expected finite LoRA weights; a run that diverged leaves "
-                                "these: retrain with a lower --lr)")
+            raise DataError(f"{path}: tensor {t.name!r} has NaN or infinite values "
+                            "(expected finite LoRA weights; a run that diverged leaves "
+                            "these: retrain with a lower --lr)")
     meta = {k: field_value(reader, k) for k in reader.fields
             if k.startswith(("adapter.", "edge_tune.", "general.name"))}
     meta["made_by"] = made_by(reader)

@@ -27,7 +27,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from edge_tune.errors import EdgeTuneError, NetworkError
+from edge_tune.errors import DataError, NetworkError, Unsupported, UsageError
 from edge_tune.events import EventSink, Log, Progress, ignore
 
 # What llama.cpp's converter writes itself; other types go through llama.cpp's quantizer.
@@ -42,8 +42,8 @@ def llama_cpp_version() -> str:
     try:
         return metadata.version("llama-cpp-python")
     except metadata.PackageNotFoundError:
-        raise EdgeTuneError("convert-base needs llama-cpp-python: pip install "
-                            "'edge-tune[run]'") from None
+        raise UsageError("convert-base needs llama-cpp-python: pip install "
+                         "'edge-tune[run]'") from None
 
 
 def _target(version: str) -> Path:
@@ -62,9 +62,9 @@ def converter_dir(on_event: EventSink = ignore, fetch: bool = False) -> Path:
     if (target / "convert_hf_to_gguf.py").is_file():
         return target
     if not fetch:
-        raise EdgeTuneError(f"llama.cpp's converter for llama-cpp-python {version} is not "
-                            "installed: run `edge-tune fetch-converter` once (pip downloads "
-                            "that release's sdist; `--sdist FILE` takes a local copy)")
+        raise UsageError(f"llama.cpp's converter for llama-cpp-python {version} is not "
+                         "installed: run `edge-tune fetch-converter` once (pip downloads "
+                         "that release's sdist; `--sdist FILE` takes a local copy)")
     return fetch_converter(on_event=on_event)
 
 
@@ -76,12 +76,12 @@ def fetch_converter(sdist: Path | None = None, on_event: EventSink = ignore) -> 
     if sdist is not None:
         sdist = Path(sdist)
         if not sdist.is_file():
-            raise EdgeTuneError(f"{sdist}: no such file")
+            raise UsageError(f"{sdist}: no such file")
         m = re.fullmatch(r"llama[-_]cpp[-_]python-(.+)\.tar\.gz", sdist.name)
         if not m or m.group(1) != version:
-            raise EdgeTuneError(f"{sdist}: expected the sdist of the installed llama-cpp-python "
-                                f"(llama_cpp_python-{version}.tar.gz), so converter and runtime "
-                                "agree")
+            raise UsageError(f"{sdist}: expected the sdist of the installed llama-cpp-python "
+                             f"(llama_cpp_python-{version}.tar.gz), so converter and runtime "
+                             "agree")
         _extract(sdist, target)
         on_event(Log(f"llama.cpp's converter extracted from {sdist.name} into {target}"))
         return target
@@ -113,10 +113,10 @@ def _extract(sdist: Path, target: Path) -> None:
                 m.name = m.name.split("/vendor/llama.cpp/", 1)[1]
             tar.extractall(out, members=members, filter="data")
             if not (out / "convert_hf_to_gguf.py").is_file():
-                raise EdgeTuneError(f"{sdist.name}: has no vendor/llama.cpp/"
-                                    "convert_hf_to_gguf.py")
+                raise DataError(f"{sdist.name}: has no vendor/llama.cpp/"
+                                "convert_hf_to_gguf.py")
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise EdgeTuneError(f"{sdist}: not a readable sdist ({exc})") from None
+        raise DataError(f"{sdist}: not a readable sdist ({exc})") from None
 
 
 def check_safetensors(path: Path) -> int:
@@ -131,10 +131,10 @@ def check_safetensors(path: Path) -> int:
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
                   default=0)
     except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise EdgeTuneError(f"{path}: not a valid safetensors file ({exc})") from None
+        raise DataError(f"{path}: not a valid safetensors file ({exc})") from None
     if 8 + n + end != size:
-        raise EdgeTuneError(f"{path}: truncated or corrupt safetensors file ({size} bytes, "
-                            f"header describes {8 + n + end})")
+        raise DataError(f"{path}: truncated or corrupt safetensors file ({size} bytes, "
+                        f"header describes {8 + n + end})")
     return end
 
 
@@ -144,15 +144,15 @@ def check_hf_dir(hf_dir: Path) -> dict:
     try:
         config = json.loads(cfg_path.read_text())
     except OSError:
-        raise EdgeTuneError(f"{hf_dir}: no config.json (expected a Hugging Face model "
-                            "directory)") from None
+        raise DataError(f"{hf_dir}: no config.json (expected a Hugging Face model "
+                        "directory)") from None
     except json.JSONDecodeError as exc:
-        raise EdgeTuneError(f"{cfg_path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        raise DataError(f"{cfg_path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
     weights = sorted(hf_dir.glob("*.safetensors"))
     if not weights:
         extra = " (.bin weights are pickles: edge-tune converts safetensors only)" \
             if list(hf_dir.glob("*.bin")) else ""
-        raise EdgeTuneError(f"{hf_dir}: no *.safetensors weights{extra}")
+        raise DataError(f"{hf_dir}: no *.safetensors weights{extra}")
     config["_weight_bytes"] = sum(check_safetensors(w) for w in weights)
     return config
 
@@ -169,15 +169,15 @@ def supported_architectures(conv_dir: Path) -> set[str]:
 def check_architecture(config: dict, conv_dir: Path, where: Path) -> None:
     archs = config.get("architectures") or []
     if not archs:
-        raise EdgeTuneError(f"{where}/config.json: no 'architectures' entry (e.g. "
-                            "[\"LlamaForCausalLM\"])")
+        raise DataError(f"{where}/config.json: no 'architectures' entry (e.g. "
+                        "[\"LlamaForCausalLM\"])")
     known = supported_architectures(conv_dir)
     if known and archs[0] not in known:
-        raise EdgeTuneError(f"{where}: architecture {archs[0]!r} is not supported by llama.cpp's "
-                            f"converter (llama-cpp-python {llama_cpp_version()})")
+        raise Unsupported(f"{where}: architecture {archs[0]!r} is not supported by llama.cpp's "
+                          f"converter (llama-cpp-python {llama_cpp_version()})")
     if not any((where / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
-        raise EdgeTuneError(f"{where}: no tokenizer (expected tokenizer.json or "
-                            "tokenizer.model)")
+        raise DataError(f"{where}: no tokenizer (expected tokenizer.json or "
+                        "tokenizer.model)")
 
 
 def _error_line(output: str) -> str:
@@ -218,8 +218,8 @@ def convert(hf_dir: Path, out: Path, outtype: str = "f16", on_event: EventSink =
                "f32" if quant else kind]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if proc.returncode != 0 or not first.is_file():
-            raise EdgeTuneError(f"{hf_dir}: llama.cpp's converter failed: "
-                                f"{_error_line(proc.stderr + proc.stdout)}")
+            raise Unsupported(f"{hf_dir}: llama.cpp's converter failed: "
+                              f"{_error_line(proc.stderr + proc.stdout)}")
         if quant is not None:
             on_event(Progress("convert", 0, None, "", f"quantizing to {quant} (llama.cpp)"))
             quant_mod.quantize(first, tmp, quant)

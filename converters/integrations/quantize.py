@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import Unsupported, UsageError
 
 # Types llama.cpp quantizes without an importance matrix (IQ1/IQ2/IQ3_XXS and Q2_K_S need one;
 # without it llama.cpp refuses or writes a broken model), by name as users write them.
@@ -29,8 +29,8 @@ def normalize(quant: str) -> str:
     """``q4_k_m`` -> ``Q4_K_M``; one-line error for anything llama.cpp cannot do unaided."""
     name = quant.strip().upper().replace("-", "_")
     if name not in QUANT_TYPES:
-        raise EdgeTuneError(f"--quant {quant!r}: unsupported quantization type; expected one "
-                            f"of {', '.join(QUANT_TYPES)}")
+        raise UsageError("unsupported quantization type; expected one "
+                         f"of {', '.join(QUANT_TYPES)}", setting="quant", value=repr(quant))
     return name
 
 
@@ -47,7 +47,7 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> Pa
     try:
         import llama_cpp
     except ImportError:
-        raise EdgeTuneError("--quant needs llama-cpp-python: pip install 'edge-tune[run]'") \
+        raise UsageError("--quant needs llama-cpp-python: pip install 'edge-tune[run]'") \
             from None
     name = normalize(quant)
     params = llama_cpp.llama_model_quantize_default_params()
@@ -59,6 +59,6 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> Pa
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0 or not Path(dst).is_file():
         Path(dst).unlink(missing_ok=True)
-        raise EdgeTuneError(f"{src}: llama.cpp could not quantize it to {name} (code {rc}; "
-                            "EDGE_TUNE_DEBUG=1 shows llama.cpp's log)")
+        raise Unsupported(f"{src}: llama.cpp could not quantize it to {name} (code {rc}; "
+                          "EDGE_TUNE_DEBUG=1 shows llama.cpp's log)")
     return Path(dst)

@@ -15,7 +15,7 @@ import shlex
 import shutil
 from pathlib import Path
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, Unsupported, UsageError
 
 # vLLM's LoRAConfig.max_lora_rank accepts exactly these (its MaxLoRARanks literal).
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -28,8 +28,8 @@ def max_lora_rank(r: int) -> int:
     for allowed in VLLM_MAX_LORA_RANKS:
         if r <= allowed:
             return allowed
-    raise EdgeTuneError(f"LoRA rank {r} is above vLLM's largest --max-lora-rank "
-                        f"({VLLM_MAX_LORA_RANKS[-1]}); retrain with a smaller --rank")
+    raise Unsupported(f"LoRA rank {r} is above vLLM's largest --max-lora-rank "
+                      f"({VLLM_MAX_LORA_RANKS[-1]}); retrain with a smaller --rank")
 
 
 def adapter_name(text: str) -> str:
@@ -52,7 +52,7 @@ def vllm_config(config: dict, base: str, where: str = CONFIG) -> dict:
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config['bias']!r} (vLLM needs 'none')")
     if problems:
-        raise EdgeTuneError(f"{where}: cannot serve with vLLM: " + "; ".join(problems))
+        raise Unsupported(f"{where}: cannot serve with vLLM: " + "; ".join(problems))
     out = dict(config)
     out["base_model_name_or_path"] = base
     out["lora_alpha"] = config.get("lora_alpha", config["r"])
@@ -83,12 +83,13 @@ def export(peft_dir: Path, out_dir: Path, name: str, base: str) -> dict:
     try:
         config = json.loads((peft_dir / CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise EdgeTuneError(f"{peft_dir / CONFIG}: cannot read the PEFT config ({exc})") from None
+        raise DataError(f"{peft_dir / CONFIG}: cannot read the PEFT config ({exc})") from None
     if not (peft_dir / WEIGHTS).is_file():
-        raise EdgeTuneError(f"{peft_dir}: no {WEIGHTS} (vLLM loads safetensors adapters)")
+        raise DataError(f"{peft_dir}: no {WEIGHTS} (vLLM loads safetensors adapters)")
     config = vllm_config(config, base, str(peft_dir / CONFIG))
     if out_dir.exists() and not out_dir.is_dir():
-        raise EdgeTuneError(f"--vllm {out_dir}: exists and is not a directory")
+        raise UsageError("exists and is not a directory",
+                         setting="vllm", value=out_dir)
     target = (out_dir / name).resolve()
     with atomic_path(target) as tmp:
         tmp.mkdir()
