@@ -234,6 +234,35 @@ class TrainConfig:
         "tensorboard", help="tensorboard | wandb | mlflow | none: where the run's metrics also "
                             "go (tensorboard: RUN/tb; wandb offline) [default: tensorboard]; "
                             "RUN/loss.png is always written.")
+    # --- GRPO (--method grpo; TRL's GRPOConfig names) ----------------------------------------
+    # edge_tune.training.rewards: built-ins and module:function
+    reward: list[str] = option(
+        default_factory=list, metavar="SPEC", cli_type=list[str],
+        help="GRPO: a reward function, repeatable: regex:PATTERN | json | json-schema:FILE | "
+             "exact:COLUMN | numeric:COLUMN | tool-call | length:N | MODULE:FUNCTION | "
+             "FILE.py:FUNCTION (TRL's fn(prompts, completions, **columns) -> list[float]); "
+             "docs/rl.md.")
+    reward_weights: list[str] = option(
+        default_factory=list, metavar="W,...", cli_type=str,
+        help="GRPO: one weight per --reward, comma-separated, in order [default: 1 each].")
+    num_generations: int = option(
+        8, metavar="G", help="GRPO: completions sampled per prompt (by llama.cpp); --batch-size "
+                             "counts completions and must be a multiple [default: 8].")
+    max_completion_length: int = option(
+        256, metavar="N", help="GRPO: new tokens per completion at most [default: 256].")
+    temperature: float = option(
+        1.0, help="GRPO: sampling temperature of the rollouts [default: 1].")
+    epsilon: float = option(
+        0.2, help="GRPO: clip range of the probability ratio [default: 0.2].")
+    loss_type: str = option(
+        "dapo", metavar="grpo|dr_grpo|dapo",
+        help="GRPO: how the per-token loss is averaged, as TRL's loss_type: grpo (per "
+             "sequence, then batch) | dr_grpo (sum / (batch x max completion length)) | dapo "
+             "(sum / all completion tokens) [default: dapo].")
+    # TRL's vllm_importance_sampling_clip_max (token_truncate)
+    is_cap: float = option(
+        3.0, help="GRPO: cap of the per-token importance-sampling ratio that corrects for "
+                  "llama.cpp's rollouts differing from the trainer [default: 3].")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -272,10 +301,11 @@ _CHECKS = {
                                "preference", "openai_preference"),
                "auto, openai, sharegpt, alpaca, completion, text, preference or "
                "openai_preference"),
-    "method": (lambda v: v in ("sft", "dpo", "orpo", "kto"), "sft, dpo, orpo or kto"),
+    "method": (lambda v: v in ("sft", "dpo", "orpo", "kto", "grpo"),
+               "sft, dpo, orpo, kto or grpo"),
     "reasoning": (lambda v: v in ("auto", "inline", "drop"), "auto, inline or drop"),
     "max_samples": (lambda v: v is None or v >= 1, "an integer >= 1"),
-    "beta": (lambda v: 0 < v <= 100, "a number > 0"),
+    "beta": (lambda v: 0 <= v <= 100, "a number >= 0 (0: GRPO only)"),
     "desirable_weight": (lambda v: 0 < v <= 100, "a weight > 0"),
     "undesirable_weight": (lambda v: 0 < v <= 100, "a weight > 0"),
     "train_on": (lambda v: v in ("assistant", "all"), "assistant or all"),
@@ -294,9 +324,24 @@ _CHECKS = {
     "lora_dropout": (lambda v: 0 <= v < 1, "a probability from 0 to below 1"),
     "report_to": (lambda v: v in REPORT_TO, " | ".join(REPORT_TO)),
     "replay": (lambda v: v >= 0, "an integer >= 0: general records to mix in, 0 = none"),
+    "num_generations": (lambda v: 2 <= v <= 256, "an integer from 2 to 256"),
+    "max_completion_length": (lambda v: 1 <= v <= 1 << 16, "an integer >= 1"),
+    "temperature": (lambda v: 0 < v <= 10, "a number > 0"),
+    "epsilon": (lambda v: 0 < v < 1, "a number between 0 and 1"),
+    "loss_type": (lambda v: v in ("grpo", "dr_grpo", "dapo"), "grpo, dr_grpo or dapo"),
+    "is_cap": (lambda v: v >= 1, "a number >= 1"),
+    "reward_weights": (lambda v: all(_is_number(x) for x in v), "numbers, comma-separated"),
     "replay_kl": (lambda v: 0 <= v <= 100, "a weight from 0 to 100: the KL-to-base term on "
                   "the replay records, 0 = none"),
 }
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
@@ -369,6 +414,11 @@ def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
         raise UsageError(f"--method kto: --batch-size {cfg.batch_size}: KTO's KL estimate pairs "
                          "each prompt with another answer of its batch; give --batch-size 2 "
                          "or more")
+    if cfg.method == "grpo" or cfg.reward:
+        _check_grpo(cfg, values)
+    elif cfg.beta == 0:
+        raise UsageError(f"--beta 0: --method {cfg.method} needs a beta > 0 (0 turns the KL "
+                         "term off, which only GRPO allows)")
     if cfg.columns:  # a malformed mapping: one line now, not after the model loads
         from edge_tune.data.layouts import parse_columns
 
@@ -434,6 +484,29 @@ def _check_replay(cfg: TrainConfig) -> None:
     if cfg.replay_kl and cfg.full:
         raise UsageError("--replay-kl: the base it compares with is the model with the LoRA "
                          "adapter off; --full trains no adapter (drop --replay-kl)")
+
+
+GRPO_BETA = 0.04  # GRPO's default KL weight: TRL's before 0.19 (DeepSeekMath's)
+
+
+def _check_grpo(cfg: TrainConfig, given: dict[str, Any]) -> None:
+    """``--method grpo``: at least one reward, completions per step a multiple of ``num_generations``; its own default
+    beta. ``--reward`` without ``--method grpo`` is refused."""
+    if cfg.method != "grpo":
+        raise UsageError(f"--reward: reward functions are GRPO's; --method {cfg.method} "
+                         "trains on answers in the data (add --method grpo, or drop --reward)")
+    if not cfg.reward:  # each spec is parsed by the backend check (training.registry)
+        raise UsageError("--method grpo needs at least one --reward (e.g. --reward "
+                         "'regex:^Answer: \\d+$'; docs/rl.md lists them)")
+    if cfg.batch_size % cfg.num_generations:
+        raise UsageError(f"--batch-size {cfg.batch_size}: GRPO's batch counts completions, "
+                         f"--num-generations {cfg.num_generations} per prompt (expected a "
+                         "multiple of it)")
+    if cfg.full:
+        raise UsageError("--method grpo: trains a LoRA adapter (llama.cpp samples with it and "
+                         "the reference is the base with it off), not with --full")
+    if "beta" not in given:
+        cfg.beta = GRPO_BETA
 
 
 # LoRA-only settings and what they mean, for the one-line refusal next to --full

@@ -47,6 +47,10 @@ class Metric:
     # the share of pairs where the chosen one's is higher; None for SFT
     reward_margin: Optional[float] = None
     reward_accuracy: Optional[float] = None
+    # GRPO runs: name -> value of the step's rollouts (edge_tune.training.backends.cpu_grpo:
+    # reward mean/std, each reward function's, kl, completion_length, clip_ratio,
+    # is_ratio_mean/max); None otherwise
+    rl: Optional[dict] = None
 
 
 @dataclass

@@ -108,6 +108,8 @@ class Tracker:
         if m.split == "train":
             scalars.update({"train/learning_rate": m.learning_rate,
                             "train/tokens_per_second": m.tokens_per_second})
+        if m.rl:  # a GRPO run: rewards, KL, lengths, clip and IS ratios
+            scalars.update({f"{m.split}/{k}": v for k, v in m.rl.items()})
         if m.reward_margin is not None:  # a preference run (DPO/ORPO)
             scalars.update({f"{m.split}/reward_margin": m.reward_margin,
                             f"{m.split}/reward_accuracy": m.reward_accuracy})

@@ -105,9 +105,9 @@ def eval_(
     if as_json:
         out.print_json(json.dumps(report))
     else:
-        from edge_tune.render.eval import render_eval
+        from edge_tune.render.eval import render_eval, render_rewards
 
-        render_eval(report, out)
+        (render_rewards if "rewards" in report else render_eval)(report, out)
 
 
 

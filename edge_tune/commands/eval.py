@@ -125,6 +125,9 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
     target, tuned_path = _targets(Path(run), merged)
     merged = tuned_path if target.adapter is None else merged  # a full run's model too
     man = target.manifest
+    if man.hyperparameters.to_dict().get("method") == "grpo":  # its rewards, base vs tuned
+        return evaluate_rewards(target, tuned_path, data, max_tokens, n_prompts, on_event,
+                                run)
     hp = man.hyperparameters.to_dict()
     records, source = held_out_records(man, data)
     records = records[:n_prompts]
@@ -175,6 +178,34 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
         training_val_loss=man.result.val_loss if data is None else None,
         answers=result["answers"])
     on_event(Done("eval", {"loss": out.loss, "drift_kl": out.drift["mean_kl"]}))
+    return out
+
+
+def evaluate_rewards(target, tuned: Path, data: Optional[Path], max_tokens: int,
+                     n_prompts: int, on_event: EventSink, run: Path):
+    """A GRPO run's evaluation (:mod:`edge_tune.eval.rewards`): its reward functions on
+    held-out prompts, answered greedily by the base and the tuned model in llama.cpp.
+    Returns a :class:`~edge_tune.eval.rewards.RewardsResult`."""
+    from edge_tune.eval.rewards import RewardsResult, held_out_prompts, reward_eval
+    from edge_tune.training.rewards import parse_rewards
+
+    man = target.manifest
+    hp = man.hyperparameters.to_dict()
+    records, source = held_out_prompts(man, data)
+    records = records[:n_prompts]
+    if not records:
+        raise DataError(f"{source}: no held-out prompts")
+    on_event(Log(f"eval: {len(records)} held-out prompts from {source}"))
+    rewards = parse_rewards(hp.get("reward") or [],
+                            [float(w) for w in hp.get("reward_weights") or []])
+    tok = run_tokenizer(man, Path(target.base))
+    got = reward_eval(Path(target.base), Path(tuned) if target.adapter is not None else None,
+                      tok, records, rewards, max_tokens, on_event=on_event,
+                      seed=int(hp.get("seed") or 0))
+    out = RewardsResult(run=str(run), base=str(target.base), tuned=str(tuned), data=source,
+                        n_prompts=len(records), samples=1, temperature=0.0,
+                        max_tokens=max_tokens, rewards=got["rewards"], answers=got["answers"])
+    on_event(Done("eval", {"rewards": out.rewards}))
     return out
 
 

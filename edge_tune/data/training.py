@@ -113,6 +113,8 @@ def read_training_data(cfg, spec, on_event: EventSink, val_file: bool = True) ->
     file (``val_file`` False: not read), else the folder's valid files, else ``cfg.val_split``
     of the training records (``split_validation``). ``spec``: the data as the run names it
     (for messages)."""
+    if cfg.method == "grpo":
+        return read_prompt_data(cfg, spec, on_event)
     said: list = []  # what reading says waits until the data is known to fit --method
     data, folder_val, extra = read_train_data(cfg, said.append)
     check_method(cfg.method, data.format, str(spec))
@@ -123,6 +125,33 @@ def read_training_data(cfg, spec, on_event: EventSink, val_file: bool = True) ->
     train, val = split_validation(records, cfg.val_split, cfg.seed,
                                   [job_record(r) for r in given.records] if given else None)
     return TrainingData(data, records, train, val, extra)
+
+
+def read_prompt_data(cfg, spec, on_event: EventSink) -> TrainingData:
+    """GRPO's data: prompt records (:mod:`edge_tune.data.prompts`) and their columns, said
+    as events, split as :func:`read_training_data` splits."""
+    from collections import Counter
+
+    from edge_tune.data.formats import Record
+    from edge_tune.data.layouts import data_spec
+    from edge_tune.data.prompts import read_prompts
+
+    def read(source) -> tuple[ReadResult, list[dict]]:
+        got = read_prompts(source, cfg.skip_invalid)
+        if got.skipped:
+            on_event(Log(f"{source}: skipped {len(got.skipped)} invalid prompt records; "
+                         f"first: {got.skipped[0][1]}", "warning"))
+        result = ReadResult([Record(r["messages"], 0, where=r["where"]) for r in got.records],
+                            "prompts", skipped=got.skipped, used=Counter(got.columns))
+        return result, got.records
+
+    data, records = read(data_spec(cfg.data, cfg.columns, cfg.max_samples, cfg.seed))
+    cols = ", ".join(f"{k} ({n})" for k, n in sorted(data.used.items()))
+    on_event(Log(f"{spec}: {len(records)} prompt records; "
+                 + (f"columns handed to the rewards: {cols}" if cols else "no other columns")))
+    given = read(data_spec(cfg.val, cfg.columns))[1] if cfg.val else None
+    train, val = split_validation(records, cfg.val_split, cfg.seed, given)
+    return TrainingData(data, records, train, val, {})
 
 
 def data_record(data: TrainingData, spec, cfg, data_sha256: Optional[str]) -> dict:

@@ -16,7 +16,16 @@ from edge_tune.events import Progress as ProgressEvent
 
 
 def _rewards(m: Metric) -> str:
-    """A preference run's reward margin and accuracy ("" for SFT)."""
+    """A preference run's reward margin and accuracy, a GRPO run's reward, KL, completion
+    length, clip and importance-sampling ratios ("" for SFT)."""
+    if m.rl:
+        r = m.rl
+        each = "".join(f"  {k[7:]} {v:.2f}" for k, v in r.items()
+                       if k.startswith("reward/") and not k.endswith("/std"))
+        return (f"  reward {r.get('reward', 0):.3f}±{r.get('reward_std', 0):.2f}{each}"
+                f"  kl {r.get('kl', 0):.4f}  len {r.get('completion_length', 0):.0f}"
+                f"  clip {100 * r.get('clip_ratio', 0):.0f}%"
+                f"  IS {r.get('is_ratio_mean', 1):.3f}/{r.get('is_ratio_max', 1):.2f}")
     if m.reward_margin is None:
         return ""
     return f"  margin {m.reward_margin:+.3f}  acc {100 * (m.reward_accuracy or 0):.0f}%"

@@ -106,3 +106,33 @@ def render_tasks(report: dict, console: Console) -> None:
     if report.get("limit"):
         console.print(f"[dim](at most {report['limit']} examples a task: --limit)[/]",
                       highlight=False)
+
+def render_rewards(report: dict, console: Console) -> None:
+    """``report``: :meth:`edge_tune.eval.rewards.RewardsResult.to_dict` (a GRPO run): each
+    reward's mean on held-out prompts, base and tuned side by side, and a few answers."""
+    console.print(f"[bold]eval[/] {report['run']}: tuned = {report['tuned']}, base = "
+                  f"{report['base']}", highlight=False)
+    console.print(f"held-out: {report['data']} ({report['n_prompts']} prompts, greedy, "
+                  f"≤{report['max_tokens']} tokens)", highlight=False)
+    t = Table(title_justify="left", title="rewards, base vs tuned (llama.cpp)")
+    t.add_column("reward", style="bold")
+    for col in ("base", "tuned", "change"):
+        t.add_column(col, justify="right")
+    base, tuned = report["rewards"]["base"], report["rewards"]["tuned"]
+    for key in base:
+        label = "total (weighted)" if key == "reward" else key[len("reward/"):]
+        t.add_row(label, _num(base[key]), _num(tuned[key]),
+                  _change(base[key], tuned[key], False))
+    console.print(t)
+    rows = report["answers"][:SHOWN_ANSWERS]
+    if rows:
+        a = Table(title=f"answers (first {len(rows)} of {len(report['answers'])})",
+                  title_justify="left", show_lines=True)
+        a.add_column("prompt", max_width=28)
+        a.add_column("base", max_width=40)
+        a.add_column("tuned", max_width=40)
+        for row in rows:
+            a.add_row(_short(row["prompt"]),
+                      f"{_short(row['base'])}\n[dim]reward {_num(row['base_reward'], 2)}[/]",
+                      f"{_short(row['tuned'])}\n[dim]reward {_num(row['tuned_reward'], 2)}[/]")
+        console.print(a)

@@ -188,10 +188,27 @@ def refuse_unsupported(name: str, cfg, hw: Hardware, resume=None) -> None:
     if cfg.full and not can.full:
         raise UsageError(f"--full: full fine-tuning runs on the {' and '.join(having('full'))} "
                          f"backends, not {name}: add --backend cpu")
+    if cfg.method == "grpo":
+        _refuse_grpo(name, cfg)
     if cfg.replay_kl and not can.replay_kl:
         raise UsageError(f"--replay-kl: the KL-to-base term runs on the "
                          f"{' and '.join(having('replay_kl'))} backend, not {name}: add "
                          f"--backend cpu, or drop --replay-kl")
+
+
+def _refuse_grpo(name: str, cfg) -> None:
+    """GRPO runs on the cpu backend, one process; its rewards parse (one line for a bad one,
+    before any model loads)."""
+    from edge_tune.errors import UsageError
+    from edge_tune.training.rewards import parse_rewards
+
+    if name != "cpu":
+        raise UsageError(f"--method grpo runs on the cpu backend (llama.cpp rollouts, torch "
+                         f"update), not {name}: add --backend cpu")
+    if cfg.nproc > 1 or cfg.nnodes > 1:
+        raise UsageError("--method grpo: one training process (its rollout engine is in it); "
+                         "drop --nproc/--nnodes")
+    parse_rewards(cfg.reward, [float(w) for w in cfg.reward_weights])
 
 
 def having(capability: str) -> tuple[str, ...]:

@@ -265,7 +265,12 @@ def run(job: TrainJob | Mapping, emit) -> WorkerResult:
         targets = lora_targets.for_model(Path(job.hf_dir), job.config.target_modules)
         job.config = dataclasses.replace(job.config, target_modules=targets)
         emit(Log(lora_targets.summary(lora_targets.weight_shapes(Path(job.hf_dir)), targets)))
-    job.examples, job.pad_id, tokenizer_info = prepare_examples(job, emit, rank, world)
+    if job.config.method == "grpo":  # prompts, rendered for generation
+        from edge_tune.training.backends.cpu_grpo import prepare_prompts
+
+        job.examples, job.pad_id, tokenizer_info = prepare_prompts(job, emit)
+    else:
+        job.examples, job.pad_id, tokenizer_info = prepare_examples(job, emit, rank, world)
     val = f", {len(job.val_examples)} validation examples" if job.val_examples else ""
     shard = f" in rank {rank}'s shard" if world > 1 else ""
     emit(Log(f"{len(job.examples)} training examples{shard}{val}"))
