@@ -11,7 +11,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from edge_tune.errors import EdgeTuneError, UsageError
+from edge_tune.errors import DataError, UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -278,12 +278,6 @@ def cli_flags(f: Field) -> tuple[str, ...]:
     return (f"--{name}/--no-{name}",) if f.type in ("bool", bool) else (f"--{name}",)
 
 
-def flag(name: str) -> str:
-    """The flag that sets ``name`` (``--seq-len``), for messages that name it."""
-    found = {f.name: f for f in fields(TrainConfig)}[name]
-    return (cli_flags(found) or ("--" + name.replace("_", "-"),))[0].split("/")[0]
-
-
 _CHECKS = {
     "epochs": (lambda v: v > 0, "a number > 0"),
     "max_steps": (lambda v: v is None or v > 0, "an integer > 0"),
@@ -370,7 +364,10 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         if kind == "bool" and not isinstance(value, bool):
             raise ValueError
     except (TypeError, ValueError):
-        raise EdgeTuneError(f"{where}{name}: {value!r} is not a valid {kind.replace('Optional', '')}")
+        what = f"{value!r} is not a valid {kind.replace('Optional', '')}"
+        if where == "--":  # a flag (or a TUI field): the front end spells the setting
+            raise UsageError(what, setting=name) from None
+        raise DataError(f"{where}{name}: {what}") from None
     return value
 
 
@@ -424,18 +421,18 @@ def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
 
         parse_columns(cfg.columns)
     if cfg.val and cfg.val_split:
-        raise EdgeTuneError("give either --val FILE or --val-split, not both")
+        raise UsageError("give either --val FILE or --val-split, not both")
     if cfg.replay or cfg.replay_kl:
         _check_replay(cfg)
     if cfg.nnodes > 1 and not cfg.rdzv:
-        raise EdgeTuneError(f"nnodes: {cfg.nnodes} machines need --rdzv HOST:PORT (the "
-                            "rendezvous every node reaches, e.g. the first node's address)")
+        raise UsageError(f"nnodes: {cfg.nnodes} machines need --rdzv HOST:PORT (the "
+                         "rendezvous every node reaches, e.g. the first node's address)")
     if cfg.full:
         _refuse_lora_only(cfg, values)
         if "lr" not in values:  # LoRA's 1e-3 would wreck a model when every weight moves
             cfg.lr = FULL_LR
     if not cfg.data:
-        raise EdgeTuneError("no training data: pass --data FILE (or data = ... in --config)")
+        raise UsageError("no training data: pass --data FILE (or data = ... in --config)")
     return cfg
 
 
@@ -446,16 +443,16 @@ def _read_toml(toml_path: Path) -> dict[str, Any]:
     try:
         doc = tomllib.loads(toml_path.read_text())
     except FileNotFoundError:
-        raise EdgeTuneError(f"{toml_path}: no such config file") from None
+        raise UsageError(f"{toml_path}: no such config file") from None
     except tomllib.TOMLDecodeError as exc:
-        raise EdgeTuneError(f"{toml_path}: invalid TOML ({exc})") from None
+        raise DataError(f"{toml_path}: invalid TOML ({exc})") from None
     values: dict[str, Any] = {}
     table = doc.get("train", doc)
     for key, value in table.items():
         key_ = key.replace("-", "_")
         if key_ not in names:
-            raise EdgeTuneError(f"{toml_path}: unknown key {key!r} (expected one of "
-                                f"{', '.join(sorted(names))})")
+            raise DataError(f"{toml_path}: unknown key {key!r} (expected one of "
+                            f"{', '.join(sorted(names))})")
         values[key_] = _coerce(key_, value, f"{toml_path}: ")
     return values
 
@@ -465,7 +462,7 @@ def _check_values(cfg: TrainConfig) -> None:
     expected."""
     for key, (ok, expected) in _CHECKS.items():
         if not ok(getattr(cfg, key)):
-            raise EdgeTuneError(f"{key}: {getattr(cfg, key)!r} is not valid (expected {expected})")
+            raise UsageError(f"{key}: {getattr(cfg, key)!r} is not valid (expected {expected})")
 
 
 def _check_replay(cfg: TrainConfig) -> None:
@@ -473,17 +470,20 @@ def _check_replay(cfg: TrainConfig) -> None:
     from edge_tune.replay import max_replay
 
     if cfg.replay > max_replay():
-        raise EdgeTuneError(f"replay: {cfg.replay} is not valid (expected at most "
-                            f"{max_replay()}: the general prompts edge-tune ships)")
+        raise UsageError(f"replay: {cfg.replay} is not valid (expected at most "
+                         f"{max_replay()}: the general prompts edge-tune ships)")
     if cfg.method != "sft":
-        raise UsageError(f"--replay: mixes general chat answers into supervised training; "
-                         f"--method {cfg.method} trains on preference pairs (drop --replay)")
+        raise UsageError("mixes general chat answers into supervised training; "
+                         f"--method {cfg.method} trains on preference pairs (drop --replay)",
+                         setting="replay")
     if cfg.replay_kl and not cfg.replay:
-        raise UsageError(f"--replay-kl {cfg.replay_kl:g}: weighs a term on the replay records; "
-                         "give --replay N too (e.g. --replay 60)")
+        raise UsageError("weighs a term on the replay records; "
+                         "give --replay N too (e.g. --replay 60)",
+                         setting="replay_kl", value=f"{cfg.replay_kl:g}")
     if cfg.replay_kl and cfg.full:
-        raise UsageError("--replay-kl: the base it compares with is the model with the LoRA "
-                         "adapter off; --full trains no adapter (drop --replay-kl)")
+        raise UsageError("the base it compares with is the model with the LoRA "
+                         "adapter off; --full trains no adapter (drop --replay-kl)",
+                         setting="replay_kl")
 
 
 GRPO_BETA = 0.04  # GRPO's default KL weight: TRL's before 0.19 (DeepSeekMath's)
@@ -518,11 +518,12 @@ def _refuse_lora_only(cfg: TrainConfig, given: dict[str, Any]) -> None:
     with a value other than its default (a saved run's config, read back for ``--resume``,
     lists every setting, LoRA's at their defaults)."""
     if cfg.method != "sft":
-        raise UsageError(f"--method {cfg.method}: preference tuning trains a LoRA adapter (the "
-                         "reference is the base with it switched off), not with --full")
+        raise UsageError("preference tuning trains a LoRA adapter (the "
+                         "reference is the base with it switched off), not with --full",
+                         setting="method", value=cfg.method)
     defaults = TrainConfig()
     for name in LORA_ONLY:
         if name not in given or given[name] == getattr(defaults, name):
             continue
-        raise UsageError(f"{flag(name)}: a LoRA setting, not valid with --full (full fine-tuning "
-                         "trains every weight: drop it, or drop --full)")
+        raise UsageError("a LoRA setting, not valid with --full (full fine-tuning trains every "
+                         "weight: drop it, or drop --full)", setting=name)

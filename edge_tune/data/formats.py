@@ -26,7 +26,7 @@ from typing import Optional, Union
 from edge_tune.data import keys, preference, reasoning
 from edge_tune.data.keys import KTO_KEYS
 from edge_tune.data.readers import Row, Source, file_source, json_kind, open_sources
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, EdgeTuneError, UsageError
 
 ROLES = ("system", "user", "assistant", "tool")
 PASS_THROUGH = ("tool_calls", "tool_call_id", "name", "reasoning_content")  # kept, checked
@@ -128,7 +128,7 @@ def _keys(obj: dict) -> str:
 
 def _object(obj, where: str) -> dict:
     if not isinstance(obj, dict):
-        raise EdgeTuneError(f"{where}: expected a JSON object, got {json_kind(obj)}")
+        raise DataError(f"{where}: expected a JSON object, got {json_kind(obj)}")
     return obj
 
 
@@ -139,33 +139,33 @@ def _field(obj: dict, key: str, where: str, shape: str, optional: bool = False) 
     if value is None and (optional or key not in obj):
         if optional:
             return ""
-        raise EdgeTuneError(f"{where}: missing field {key!r} (found keys: {_keys(obj)}; "
-                            f"expected {shape})")
+        raise DataError(f"{where}: missing field {key!r} (found keys: {_keys(obj)}; "
+                        f"expected {shape})")
     if not isinstance(value, str):
-        raise EdgeTuneError(f"{where}: {key!r} must be a string, got {json_kind(value)}")
+        raise DataError(f"{where}: {key!r} must be a string, got {json_kind(value)}")
     if not optional and not value.strip():
-        raise EdgeTuneError(f"{where}: {key!r} is empty")
+        raise DataError(f"{where}: {key!r} is empty")
     return value
 
 
 def _turns(obj: dict, key: str, where: str, fmt: str) -> list:
     if key not in obj:
-        raise EdgeTuneError(f"{where}: missing field {key!r} (found keys: {_keys(obj)}; "
-                            f"expected {SHAPES[fmt]})")
+        raise DataError(f"{where}: missing field {key!r} (found keys: {_keys(obj)}; "
+                        f"expected {SHAPES[fmt]})")
     turns = obj[key]
     if not isinstance(turns, list) or not turns:
         got = "an empty list" if isinstance(turns, list) else json_kind(turns)
-        raise EdgeTuneError(f"{where}: {key!r} must be a non-empty list, got {got}")
+        raise DataError(f"{where}: {key!r} must be a non-empty list, got {got}")
     return turns
 
 
 def _need_assistant(messages: list[dict], where: str, key: str = "messages") -> list[dict]:
     if not any(m["role"] == "assistant" for m in messages):
-        raise EdgeTuneError(f"{where}: conversation has no assistant turn (nothing to learn)")
+        raise DataError(f"{where}: conversation has no assistant turn (nothing to learn)")
     if messages[0]["role"] == "assistant":  # its prompt would be an empty conversation
-        raise EdgeTuneError(f"{where}: {key}[0]: the conversation starts with an assistant "
-                            "turn (expected a user or system message before the first "
-                            "assistant answer: the prompt it answers)")
+        raise DataError(f"{where}: {key}[0]: the conversation starts with an assistant "
+                        "turn (expected a user or system message before the first "
+                        "assistant answer: the prompt it answers)")
     return messages  # every assistant turn at weight 0: kept, an example with nothing trained
 
 
@@ -176,8 +176,8 @@ def _json_object(value, at: str, what: str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise EdgeTuneError(f"{at}: {what} is not valid JSON ({exc.msg} at column "
-                                f"{exc.colno}; expected a JSON object)") from None
+            raise DataError(f"{at}: {what} is not valid JSON ({exc.msg} at column "
+                            f"{exc.colno}; expected a JSON object)") from None
     return value
 
 
@@ -186,20 +186,20 @@ def _tool_calls(calls, role: str, at: str) -> list[dict]:
     "arguments": object}}`` (a flat ``{"name", "arguments"}`` is wrapped)."""
     if role != "assistant" or not isinstance(calls, list) or not calls \
             or not all(isinstance(c, dict) for c in calls):
-        raise EdgeTuneError(f"{at}: 'tool_calls' must be a non-empty list of objects on an "
-                            f"assistant message (got {json_kind(calls)} on {role})")
+        raise DataError(f"{at}: 'tool_calls' must be a non-empty list of objects on an "
+                        f"assistant message (got {json_kind(calls)} on {role})")
     out = []
     for j, call in enumerate(calls):
         here = f"{at}: tool_calls[{j}]"
         fn = call.get("function", call)
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise EdgeTuneError(f"{here}: missing function name (expected {{\"type\": "
-                                f"\"function\", \"function\": {{\"name\": ..., "
-                                f"\"arguments\": ...}}}})")
+            raise DataError(f"{here}: missing function name (expected {{\"type\": "
+                            f"\"function\", \"function\": {{\"name\": ..., "
+                            f"\"arguments\": ...}}}})")
         args = _json_object(fn.get("arguments", {}), here, "'arguments'")
         if not isinstance(args, dict):
-            raise EdgeTuneError(f"{here}: 'arguments' must be a JSON object (or a string "
-                                f"holding one), got {json_kind(args)}")
+            raise DataError(f"{here}: 'arguments' must be a JSON object (or a string "
+                            f"holding one), got {json_kind(args)}")
         new = {"type": call.get("type", "function"),
                "function": {**fn, "name": fn["name"], "arguments": args}}
         if "id" in call:
@@ -214,10 +214,10 @@ def _weight(m: dict, role: str, at: str) -> dict:
         return {}
     w = m["weight"]
     if role != "assistant":
-        raise EdgeTuneError(f"{at}: 'weight' is only for assistant messages (got it on {role})")
+        raise DataError(f"{at}: 'weight' is only for assistant messages (got it on {role})")
     if isinstance(w, bool) or w not in (0, 1):
-        raise EdgeTuneError(f"{at}: 'weight' must be 0 (context, not trained) or 1 (trained), "
-                            f"got {_show(w)}")
+        raise DataError(f"{at}: 'weight' must be 0 (context, not trained) or 1 (trained), "
+                        f"got {_show(w)}")
     return {"weight": 0} if w == 0 else {}
 
 
@@ -231,15 +231,15 @@ def record_tools(obj: dict, where: str) -> Optional[list[dict]]:
         return None
     tools = _json_object(tools, where, "'tools'")
     if not isinstance(tools, list):
-        raise EdgeTuneError(f"{where}: 'tools' must be a list of function schemas, got "
-                            f"{json_kind(tools)}")
+        raise DataError(f"{where}: 'tools' must be a list of function schemas, got "
+                        f"{json_kind(tools)}")
     out = []
     for j, tool in enumerate(tools):
         fn = tool.get("function", tool) if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise EdgeTuneError(f"{where}: tools[{j}]: expected a function schema "
-                                '({"type": "function", "function": {"name": ..., '
-                                '"parameters": ...}})')
+            raise DataError(f"{where}: tools[{j}]: expected a function schema "
+                            '({"type": "function", "function": {"name": ..., '
+                            '"parameters": ...}})')
         # The flat {"name", "parameters"} form (LLaMA-Factory's) wrapped as OpenAI's, which
         # chat templates read (LLaMA-Factory wraps it the same way before rendering).
         out.append(tool if "function" in tool else {"type": "function", "function": tool})
@@ -250,15 +250,15 @@ def record_tools(obj: dict, where: str) -> Optional[list[dict]]:
 
 def _openai_message(m, at: str) -> dict:
     if not isinstance(m, dict):
-        raise EdgeTuneError(f"{at}: expected an object with 'role' and 'content', got "
-                            f"{json_kind(m)}")
+        raise DataError(f"{at}: expected an object with 'role' and 'content', got "
+                        f"{json_kind(m)}")
     if "role" not in m:
-        raise EdgeTuneError(f"{at}: missing field 'role' (found keys: {_keys(m)}; expected "
-                            '{"role": ..., "content": ...})')
+        raise DataError(f"{at}: missing field 'role' (found keys: {_keys(m)}; expected "
+                        '{"role": ..., "content": ...})')
     role = m["role"]
     if role not in ROLES:
-        raise EdgeTuneError(f"{at}: unknown role {_show(role)} (expected one of "
-                            f"{', '.join(ROLES)})")
+        raise DataError(f"{at}: unknown role {_show(role)} (expected one of "
+                        f"{', '.join(ROLES)})")
     m = _thinking(m, at)
     extra = {k: m[k] for k in PASS_THROUGH if m.get(k) is not None}
     calls = extra.get("tool_calls")
@@ -266,15 +266,15 @@ def _openai_message(m, at: str) -> dict:
         extra["tool_calls"] = _tool_calls(calls, role, at)
     for key in ("tool_call_id", "name", "reasoning_content"):
         if key in extra and not isinstance(extra[key], str):
-            raise EdgeTuneError(f"{at}: {key!r} must be a string, got {json_kind(extra[key])}")
+            raise DataError(f"{at}: {key!r} must be a string, got {json_kind(extra[key])}")
     if "reasoning_content" in extra and isinstance(m.get("content"), str) and any(
             marker in m["content"] for marker in THINK_OPENERS):
-        raise EdgeTuneError(f"{at}: the reasoning is given twice: in 'reasoning_content' and "
-                            "as a think block in 'content' (expected one of them; the chat "
-                            "template or --reasoning inline writes the block)")
+        raise DataError(f"{at}: the reasoning is given twice: in 'reasoning_content' and "
+                        "as a think block in 'content' (expected one of them; the chat "
+                        "template or --reasoning inline writes the block)")
     if "reasoning_content" in extra and role != "assistant":
-        raise EdgeTuneError(f"{at}: 'reasoning_content' is only for assistant messages (got "
-                            f"it on {role})")
+        raise DataError(f"{at}: 'reasoning_content' is only for assistant messages (got "
+                        f"it on {role})")
     # A tool-calling assistant turn may carry no text: the calls are what it says.
     content = _field(m, "content", at, '{"role": ..., "content": ...}', optional=bool(calls))
     return {"role": role, "content": m.get("content") if calls else content, **extra,
@@ -287,8 +287,8 @@ def _thinking(m: dict, at: str) -> dict:
     if m.get("thinking") is None:
         return m
     if m.get("reasoning_content") not in (None, m["thinking"]):
-        raise EdgeTuneError(f"{at}: 'thinking' and 'reasoning_content' differ (expected one "
-                            "reasoning text per message)")
+        raise DataError(f"{at}: 'thinking' and 'reasoning_content' differ (expected one "
+                        "reasoning text per message)")
     rest = {k: v for k, v in m.items() if k != "thinking"}
     return {**rest, "reasoning_content": m["thinking"]}
 
@@ -302,8 +302,8 @@ def _with_system(messages: list[dict], obj: dict, where: str, shape: str) -> lis
     if messages and messages[0]["role"] == "system":
         if messages[0]["content"] == system:
             return messages
-        raise EdgeTuneError(f"{where}: 'system' and the conversation's own system message "
-                            "differ (expected one system prompt per record)")
+        raise DataError(f"{where}: 'system' and the conversation's own system message "
+                        "differ (expected one system prompt per record)")
     return [{"role": "system", "content": system}] + messages
 
 
@@ -317,10 +317,10 @@ def check_messages(obj, where: str) -> list[dict]:
     if prompt is not None:
         first = next((m["content"] for m in messages if m["role"] == "user"), None)
         if not isinstance(prompt, str) or first is None or prompt.strip() != first.strip():
-            raise EdgeTuneError(f"{where}: 'prompt' is not the conversation's first user turn "
-                                "(a record with 'messages' may repeat its first user turn as "
-                                "'prompt', as HuggingFaceH4/ultrachat_200k does; anything else "
-                                "is ambiguous: remove it, or map it with --columns)")
+            raise DataError(f"{where}: 'prompt' is not the conversation's first user turn "
+                            "(a record with 'messages' may repeat its first user turn as "
+                            "'prompt', as HuggingFaceH4/ultrachat_200k does; anything else "
+                            "is ambiguous: remove it, or map it with --columns)")
     return _with_system(messages, obj, where, SHAPES["openai"])
 
 
@@ -335,16 +335,16 @@ def _sharegpt(obj: dict, where: str) -> list[dict]:
         at = f"{where}: conversations[{i}]"
         shape = '{"from": ..., "value": ...}'
         if not isinstance(turn, dict):
-            raise EdgeTuneError(f"{at}: expected an object with 'from' and 'value', got "
-                                f"{json_kind(turn)}")
+            raise DataError(f"{at}: expected an object with 'from' and 'value', got "
+                            f"{json_kind(turn)}")
         if "from" not in turn:
-            raise EdgeTuneError(f"{at}: missing field 'from' (found keys: {_keys(turn)}; "
-                                f"expected {shape})")
+            raise DataError(f"{at}: missing field 'from' (found keys: {_keys(turn)}; "
+                            f"expected {shape})")
         frm = turn["from"]
         role = FROM_ROLES.get(frm) or TOOL_FROM.get(frm) if isinstance(frm, str) else None
         if role is None:
-            raise EdgeTuneError(f"{at}: unknown 'from' value {_show(frm)} (expected one of "
-                                f"{', '.join([*FROM_ROLES, *TOOL_FROM])})")
+            raise DataError(f"{at}: unknown 'from' value {_show(frm)} (expected one of "
+                            f"{', '.join([*FROM_ROLES, *TOOL_FROM])})")
         value = _field(turn, "value", at, shape)
         if frm == "function_call":
             calls = _json_object(value, at, "the function_call 'value'")
@@ -375,14 +375,14 @@ def _history(history, where: str) -> list[dict]:
         return []
     shape = '[["earlier instruction", "its answer"], ...]'
     if not isinstance(history, list):
-        raise EdgeTuneError(f"{where}: 'history' must be a list of [user, assistant] pairs, "
-                            f"got {json_kind(history)} (expected {shape})")
+        raise DataError(f"{where}: 'history' must be a list of [user, assistant] pairs, "
+                        f"got {json_kind(history)} (expected {shape})")
     out = []
     for i, pair in enumerate(history):
         if not (isinstance(pair, list) and len(pair) == 2 and all(
                 isinstance(x, str) and x.strip() for x in pair)):
-            raise EdgeTuneError(f"{where}: history[{i}]: expected a pair of non-empty strings "
-                                f"[user, assistant] (expected {shape})")
+            raise DataError(f"{where}: history[{i}]: expected a pair of non-empty strings "
+                            f"[user, assistant] (expected {shape})")
         out += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     return out
 
@@ -396,10 +396,10 @@ def _completion(obj: dict, where: str) -> list[dict]:
         completion = _message_list(obj, "completion", where, "assistant")
         if not any(m["role"] == "assistant" for m in completion) or \
                 any(m["role"] in ("user", "system") for m in completion):
-            raise EdgeTuneError(f"{where}: 'completion' must hold the answer: assistant (and "
-                                "tool) messages only (expected TRL's conversational "
-                                "prompt-completion: {\"prompt\": [messages], \"completion\": "
-                                "[{\"role\": \"assistant\", ...}]})")
+            raise DataError(f"{where}: 'completion' must hold the answer: assistant (and "
+                            "tool) messages only (expected TRL's conversational "
+                            "prompt-completion: {\"prompt\": [messages], \"completion\": "
+                            "[{\"role\": \"assistant\", ...}]})")
         context = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in prompt]
         return _need_assistant(context + completion, where, "prompt")
     return [{"role": "user", "content": _field(obj, "prompt", where, shape)},
@@ -412,8 +412,8 @@ def _message_list(obj: dict, key: str, where: str, role: str) -> list[dict]:
         return [{"role": role, "content": value}]
     if not isinstance(value, list) or not value:
         got = "an empty list" if isinstance(value, list) else json_kind(value)
-        raise EdgeTuneError(f"{where}: {key!r} must be text or a non-empty list of messages, "
-                            f"got {got}")
+        raise DataError(f"{where}: {key!r} must be text or a non-empty list of messages, "
+                        f"got {got}")
     return [_openai_message(m, f"{where}: {key}[{i}]") for i, m in enumerate(value)]
 
 
@@ -431,8 +431,8 @@ def record_label(obj: dict, where: str) -> Optional[bool]:
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):  # CSV cells
         value = value.strip().lower() == "true"
     if not isinstance(value, bool):
-        raise EdgeTuneError(f"{where}: {found[0]!r} must be true (a desirable answer) or false "
-                            f"(an undesirable one), got {_show(value)}")
+        raise DataError(f"{where}: {found[0]!r} must be true (a desirable answer) or false "
+                        f"(an undesirable one), got {_show(value)}")
     return value
 
 
@@ -468,8 +468,8 @@ def read_records(path, fmt: str = "auto", skip_invalid: bool = False,
     ``reasoning``: auto (assistant reasoning kept for the template), inline or drop
     (:func:`edge_tune.data.reasoning.apply`)."""
     if fmt != "auto" and fmt not in NORMALISERS:
-        raise EdgeTuneError(f"unknown data format {_show(fmt)} (expected one of auto, "
-                            f"{', '.join(NORMALISERS)})")
+        raise UsageError(f"unknown data format {_show(fmt)} (expected one of auto, "
+                         f"{', '.join(NORMALISERS)})")
     return _collect(str(path), open_sources(path), fmt, skip_invalid, reasoning)
 
 
@@ -477,7 +477,7 @@ def read_jsonl(path) -> list[Record]:
     """One OpenAI-chat JSONL file, whatever its suffix: the original entry point."""
     path = Path(path)
     if path.is_dir():
-        raise EdgeTuneError(f"{path}: is a directory (expected a .jsonl file)")
+        raise UsageError(f"{path}: is a directory (expected a .jsonl file)")
     return _collect(str(path), [file_source(path, "jsonl")], "openai", False).records
 
 
@@ -492,7 +492,7 @@ def _collect(name: str, sources: list[Source], fmt: str, skip_invalid: bool,
         why = ""
         if result.skipped:
             why = f" - all {len(result.skipped)} were invalid; first: {result.skipped[0][1]}"
-        raise EdgeTuneError(f"{name}: empty dataset (no records){why}")
+        raise DataError(f"{name}: empty dataset (no records){why}")
     found = set(result.formats.values())
     result.format = found.pop() if len(found) == 1 else "mixed"
     return result
@@ -527,7 +527,7 @@ def _read_source(source: Source, fmt: str, skip_invalid: bool, result: ReadResul
                 raise
             result.skipped.append((row.line, str(exc)))
     if not seen:
-        raise EdgeTuneError(f"{source.name}: empty dataset (no records)")
+        raise DataError(f"{source.name}: empty dataset (no records)")
     return file_fmt
 
 
@@ -535,11 +535,11 @@ def _record_of(row: Row, source: str, fmt: str, reasoning_mode: str) -> Record:
     obj = _object(row.value, row.where)
     bad = keys.unsupported(obj)
     if bad is not None:
-        raise EdgeTuneError(f"{row.where}: {bad!r} holds {keys.UNSUPPORTED[bad]}: remove the "
-                            "key to train the text alone")
+        raise DataError(f"{row.where}: {bad!r} holds {keys.UNSUPPORTED[bad]}: remove the "
+                        "key to train the text alone")
     if fmt in preference.PREFERENCE_FORMATS and any(obj.get(k) is not None for k in KTO_KEYS):
-        raise EdgeTuneError(f"{row.where}: a preference pair with a KTO label (expected either "
-                            "chosen/rejected pairs or unpaired answers with 'label')")
+        raise DataError(f"{row.where}: a preference pair with a KTO label (expected either "
+                        "chosen/rejected pairs or unpaired answers with 'label')")
     normalised = normalise(obj, fmt, row.where)  # a missing field first: the likelier fault
     _other_formats_keys(obj, fmt, row.where)
     record = _record(normalised, row, source, fmt)
@@ -555,24 +555,24 @@ def _record_of(row: Row, source: str, fmt: str, reasoning_mode: str) -> Record:
 
 def _detect(row: Row) -> str:
     if row.error:
-        raise EdgeTuneError(row.error)
+        raise DataError(row.error)
     fmt = detect_format(_object(row.value, row.where))
     if fmt is None:
         shapes = ", ".join(f"{SHAPES[f]} ({LABELS[f]})" for f in SHAPES)
-        raise EdgeTuneError(f"{row.where}: unknown record shape (found keys: "
-                            f"{_keys(row.value)}; expected one of {shapes})")
+        raise DataError(f"{row.where}: unknown record shape (found keys: "
+                        f"{_keys(row.value)}; expected one of {shapes})")
     return fmt
 
 
 def _check_same_format(row: Row, file_fmt: str, decided_at: str) -> None:
     if row.error:
-        raise EdgeTuneError(row.error)
+        raise DataError(row.error)
     found = detect_format(row.value)
     # Only when the format was detected: a forced fmt reports the missing fields instead.
     if decided_at and found and found != file_fmt:
-        raise EdgeTuneError(f"{row.where}: record is {LABELS[found]} but this file is "
-                            f"{LABELS[file_fmt]} (detected at {decided_at}; one format per file, "
-                            f"expected {SHAPES[file_fmt]})")
+        raise DataError(f"{row.where}: record is {LABELS[found]} but this file is "
+                        f"{LABELS[file_fmt]} (detected at {decided_at}; one format per file, "
+                        f"expected {SHAPES[file_fmt]})")
 
 
 def _other_formats_keys(obj: dict, fmt: str, where: str) -> None:
@@ -582,10 +582,10 @@ def _other_formats_keys(obj: dict, fmt: str, where: str) -> None:
     for other, signature in SIGNATURES.items():
         for key in signature:
             if other != fmt and key in obj and key not in mine:
-                raise EdgeTuneError(
-                    f"{where}: {key!r} is a key of the {LABELS[other]} format, but this record is "
-                    f"{LABELS[fmt]} (expected {SHAPES[fmt]}; rename or drop the key, e.g. "
-                    f"with --columns, so each record says one thing)")
+                raise DataError(
+                f"{where}: {key!r} is a key of the {LABELS[other]} format, but this record is "
+                f"{LABELS[fmt]} (expected {SHAPES[fmt]}; rename or drop the key, e.g. "
+                f"with --columns, so each record says one thing)")
 
 
 def _record(normalised: Union[list[dict], str, preference.Pair], row: Row, source: str,

@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from typing import Optional
 
-from edge_tune.errors import DataError, EdgeTuneError, NetworkError
+from edge_tune.errors import DataError, EdgeTuneError, NetworkError, UsageError
 from edge_tune.events import EventSink, Log, Progress, ignore
 
 # ---- pure helpers ------------------------------------------------------------------------------
@@ -136,8 +136,8 @@ def _load_tokenizer(model: str, on_event: EventSink):
     except Exception as exc:  # noqa: BLE001 - a broken directory, no network: one line for the user
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         kind = NetworkError if ref.hub_id else DataError
-        raise kind(f"--model {model}: could not load its tokenizer "
-                   f"({type(exc).__name__}: {first})")
+        raise kind("could not load its tokenizer "
+                   f"({type(exc).__name__}: {first})", setting="model", value=model)
 
 
 def _shown(tok, rendered, seq_len: int) -> dict:
@@ -213,7 +213,8 @@ def inspect_data(path, model: str = "default", seq_len: int = 512, fmt: str = "a
     from edge_tune.data.formats import read_records
 
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise EdgeTuneError(f"--seq-len {seq_len}: must be a whole number of tokens >= 1")
+        raise UsageError("must be a whole number of tokens >= 1",
+                         setting="seq_len", value=seq_len)
     models.check_spec(model)  # bad input fails fast, before any heavy work
     data = read_records(path, fmt=fmt, skip_invalid=skip_invalid, reasoning=reasoning)
     tok = _load_tokenizer(model, on_event)
@@ -232,7 +233,7 @@ def inspect_records(tok, data, path: str, model: str, seq_len: int,
     from edge_tune.data.template import NO_TEMPLATE, RecordError, encode_examples
 
     if any(r.messages is not None for r in data.records) and not tok.chat_template:
-        raise EdgeTuneError(f"--model {model}: {NO_TEMPLATE}")
+        raise DataError(f"{NO_TEMPLATE}", setting="model", value=model)
     lengths, trained, kept, good, bad = [], [], [], [], []
     n = len(data.records)
     for i, record in enumerate(data.records):
@@ -258,7 +259,7 @@ def inspect_records(tok, data, path: str, model: str, seq_len: int,
         if i % 50 == 0 or i == n - 1:
             on_event(Progress("tokenize", i + 1, n, "records", "tokenizing"))
     if not good:
-        raise EdgeTuneError(f"{path}: every record was invalid; first: {bad[0][1]}")
+        raise DataError(f"{path}: every record was invalid; first: {bad[0][1]}")
 
     report = {
         "path": path,

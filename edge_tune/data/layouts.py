@@ -118,7 +118,7 @@ def parse_spec(text: str) -> SourceSpec:
     checking whether a path exists. Raises UsageError for a bad weight."""
     text = str(text).strip()
     if not text:
-        raise UsageError("--data: empty source")
+        raise UsageError("empty source", setting="data")
     if Path(text).exists():
         return SourceSpec(text, text)
     target, weight = text, 1.0
@@ -126,11 +126,13 @@ def parse_spec(text: str) -> SourceSpec:
     if m:
         target, weight = m["target"], float(m["weight"])
         if not weight > 0:
-            raise UsageError(f"--data {text}: weight {m['weight']} must be > 0 (0.5 = a seeded "
-                             "half of the records, 2 = each record twice)")
+            raise UsageError(f"weight {m['weight']} must be > 0 (0.5 = a seeded "
+                             "half of the records, 2 = each record twice)",
+                             setting="data", value=text)
     elif "*" in text and not Path(text).exists():
-        raise UsageError(f"--data {text}: no such file, and '*{text.rsplit('*', 1)[1]}' is not a "
-                         "weight (expected SOURCE*W with W a number > 0, e.g. data.jsonl*0.5)")
+        raise UsageError(f"no such file, and '*{text.rsplit('*', 1)[1]}' is not a "
+                         "weight (expected SOURCE*W with W a number > 0, e.g. data.jsonl*0.5)",
+                         setting="data", value=text)
     if Path(target).exists():
         return SourceSpec(text, target, weight=weight)
     head, _, split = target.rpartition("@")
@@ -160,17 +162,18 @@ def parse_columns(columns) -> dict[str, str]:
                 continue
             src, sep, dst = item.partition("=")
             if not sep:
-                raise UsageError(f"--columns {columns}: {item.strip()!r} is not SRC=DST (expected "
-                                 "source column = edge-tune key, e.g. question=prompt)")
+                raise UsageError(f"{item.strip()!r} is not SRC=DST (expected "
+                                 "source column = edge-tune key, e.g. question=prompt)",
+                                 setting="columns", value=columns)
             pairs.append((src, dst))
     out: dict[str, str] = {}
     for src, dst in pairs:
         src, dst = str(src).strip(), str(dst).strip() if isinstance(dst, str) else dst
         if not src or not isinstance(dst, str) or not dst:
-            raise UsageError(f"--columns: {src!r}={dst!r} needs a source column and a key "
-                             "(e.g. question=prompt)")
+            raise UsageError(f"{src!r}={dst!r} needs a source column and a key "
+                             "(e.g. question=prompt)", setting="columns")
         if dst in out.values():
-            raise UsageError(f"--columns: two columns map to {dst!r}")
+            raise UsageError(f"two columns map to {dst!r}", setting="columns")
         out[src] = dst
     return out
 

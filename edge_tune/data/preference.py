@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 from edge_tune.data.readers import json_kind
 from edge_tune.data.template import IGNORE, Example, encode_examples
-from edge_tune.errors import EdgeTuneError, UsageError
+from edge_tune.errors import DataError, UsageError
 
 PREFERENCE_FORMATS = ("preference", "openai_preference")
 SHAPES = {
@@ -43,27 +43,27 @@ Pair = tuple[list[dict], list[dict]]  # (prompt + chosen, prompt + rejected) mes
 def _messages(value, key: str, where: str, fmt: str, check: Callable) -> list[dict]:
     if not isinstance(value, list) or not value:
         got = "an empty list" if isinstance(value, list) else json_kind(value)
-        raise EdgeTuneError(f"{where}: {key!r} must be text or a non-empty list of messages, "
-                            f"got {got} (expected {SHAPES[fmt]})")
+        raise DataError(f"{where}: {key!r} must be text or a non-empty list of messages, "
+                        f"got {got} (expected {SHAPES[fmt]})")
     return [check(m, f"{where}: {key}[{i}]") for i, m in enumerate(value)]
 
 
 def _side(obj: dict, key: str, where: str, fmt: str, role: str, check: Callable) -> list[dict]:
     """One value as messages: a string is one ``role`` turn, a list is checked messages."""
     if key not in obj or obj[key] is None:
-        raise EdgeTuneError(f"{where}: missing field {key!r} (expected {SHAPES[fmt]})")
+        raise DataError(f"{where}: missing field {key!r} (expected {SHAPES[fmt]})")
     value = obj[key]
     if isinstance(value, str):
         if not value.strip():
-            raise EdgeTuneError(f"{where}: {key!r} is empty")
+            raise DataError(f"{where}: {key!r} is empty")
         return [{"role": role, "content": value}]
     return _messages(value, key, where, fmt, check)
 
 
 def _answer(turns: list[dict], key: str, where: str, fmt: str) -> list[dict]:
     if turns[-1]["role"] != "assistant":
-        raise EdgeTuneError(f"{where}: {key!r} must end with an assistant message (got "
-                            f"{turns[-1]['role']}; expected {SHAPES[fmt]})")
+        raise DataError(f"{where}: {key!r} must end with an assistant message (got "
+                        f"{turns[-1]['role']}; expected {SHAPES[fmt]})")
     return turns
 
 
@@ -74,8 +74,8 @@ def _context(prompt: list[dict]) -> list[dict]:
 
 def _pair(prompt: list[dict], chosen: list[dict], rejected: list[dict], where: str) -> Pair:
     if chosen == rejected:
-        raise EdgeTuneError(f"{where}: 'chosen' and 'rejected' are the same answer (expected "
-                            "two different answers to compare)")
+        raise DataError(f"{where}: 'chosen' and 'rejected' are the same answer (expected "
+                        "two different answers to compare)")
     prompt = _context(prompt)
     return prompt + chosen, prompt + rejected
 
@@ -102,35 +102,35 @@ def trl_pair(obj: dict, where: str, check: Callable) -> Pair:
     if obj.get("prompt") is not None:
         prompt = _side(obj, "prompt", where, fmt, "user", check)
         if shared and not _repeats(prompt, shared):
-            raise EdgeTuneError(f"{where}: 'prompt' is not the conversation 'chosen' and "
-                                f"'rejected' start with (prompt {_text_of(prompt)}, "
-                                f"conversations start {_text_of(shared)}; expected the same "
-                                "prompt, or only the answers in chosen/rejected)")
+            raise DataError(f"{where}: 'prompt' is not the conversation 'chosen' and "
+                            f"'rejected' start with (prompt {_text_of(prompt)}, "
+                            f"conversations start {_text_of(shared)}; expected the same "
+                            "prompt, or only the answers in chosen/rejected)")
         prompt = shared or prompt
     elif shared:
         prompt = shared
     else:
-        raise EdgeTuneError(f"{where}: missing field 'prompt' (and 'chosen' and 'rejected' "
-                            f"share no leading messages to take it from; expected {SHAPES[fmt]})")
+        raise DataError(f"{where}: missing field 'prompt' (and 'chosen' and 'rejected' "
+                        f"share no leading messages to take it from; expected {SHAPES[fmt]})")
     good, bad = chosen[n:], rejected[n:]
     for key, answer in (("chosen", good), ("rejected", bad)):
         if any(m["role"] in ("user", "system") for m in answer):
-            raise EdgeTuneError(f"{where}: 'chosen' and 'rejected' start with different "
-                                f"conversations ({key} holds a {answer[0]['role']} turn after "
-                                "the shared prompt; expected one prompt and two answers)")
+            raise DataError(f"{where}: 'chosen' and 'rejected' start with different "
+                            f"conversations ({key} holds a {answer[0]['role']} turn after "
+                            "the shared prompt; expected one prompt and two answers)")
     messages = obj.get("messages")
     if messages is not None and (not isinstance(messages, list) or [
             check(m, f"{where}: messages[{i}]") for i, m in enumerate(messages)] != chosen):
-        raise EdgeTuneError(f"{where}: 'messages' is not the chosen conversation (a preference "
-                            "record may carry a copy of it, as ultrafeedback_binarized does; "
-                            "anything else is ambiguous: remove it)")
+        raise DataError(f"{where}: 'messages' is not the chosen conversation (a preference "
+                        "record may carry a copy of it, as ultrafeedback_binarized does; "
+                        "anything else is ambiguous: remove it)")
     system = obj.get("system")
     if system is not None:
         if not isinstance(system, str):
-            raise EdgeTuneError(f"{where}: 'system' must be a string, got {json_kind(system)}")
+            raise DataError(f"{where}: 'system' must be a string, got {json_kind(system)}")
         if prompt[0]["role"] == "system" and prompt[0]["content"] != system:
-            raise EdgeTuneError(f"{where}: 'system' and the prompt's own system message differ "
-                                "(expected one system prompt per record)")
+            raise DataError(f"{where}: 'system' and the prompt's own system message differ "
+                            "(expected one system prompt per record)")
         if prompt[0]["role"] != "system" and system.strip():
             prompt = [{"role": "system", "content": system}] + prompt
     return _pair(prompt, good, bad, where)
@@ -159,8 +159,8 @@ def openai_pair(obj: dict, where: str, check: Callable) -> Pair:
     fmt = "openai_preference"
     box = obj.get("input")
     if not isinstance(box, dict) or "messages" not in box:
-        raise EdgeTuneError(f"{where}: 'input' must be an object with 'messages' (got "
-                            f"{json_kind(box)}; expected {SHAPES[fmt]})")
+        raise DataError(f"{where}: 'input' must be an object with 'messages' (got "
+                        f"{json_kind(box)}; expected {SHAPES[fmt]})")
     prompt = _messages(box["messages"], "input.messages", where, fmt, check)
     chosen = _answer(_messages(obj.get("preferred_output"), "preferred_output", where, fmt,
                                check), "preferred_output", where, fmt)

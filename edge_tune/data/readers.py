@@ -29,7 +29,7 @@ from typing import Iterator, Optional
 
 from edge_tune.data import hf_sources, layouts
 from edge_tune.data.layouts import DataSpec, Part
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, UsageError
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
             ".tsv": "tsv", ".parquet": "parquet", ".txt": "txt", ".arrow": "arrow"}
@@ -69,7 +69,7 @@ def open_sources(spec) -> list[Source]:
             sources.append(source)
             data.opened.append(source)
     if not sources:
-        raise EdgeTuneError(f"{data}: no {data.role} data")
+        raise DataError(f"{data}: no {data.role} data")
     return sources
 
 
@@ -87,8 +87,9 @@ def source_parts(data: DataSpec) -> list[Part]:
             parts.extend(layouts.folder_parts(path, spec, list(SUFFIXES)))
         else:
             if spec.split:
-                raise EdgeTuneError(f"--data {spec.text}: @{spec.split} names a part of a "
-                                    f"folder or a hub split; {spec.target} is not a folder")
+                raise UsageError(f"@{spec.split} names a part of a "
+                                 f"folder or a hub split; {spec.target} is not a folder",
+                                 setting="data", value=spec.text)
             parts.append(Part("file", str(path), "train", spec, path=path))
     return parts
 
@@ -197,11 +198,11 @@ def _renamed(row: Row, columns: dict) -> Row:
 def file_source(path: Path, kind: Optional[str] = None) -> Source:
     """One file, read as ``kind`` ("jsonl", "json", ...) or as its suffix says."""
     if not path.exists():
-        raise EdgeTuneError(f"{path}: no such data file")
+        raise UsageError(f"{path}: no such data file")
     kind = kind or SUFFIXES.get(path.suffix.lower())
     if kind is None:
-        raise EdgeTuneError(f"{path}: unsupported file type '{path.suffix or '(no suffix)'}' "
-                            f"(expected {_suffix_list()})")
+        raise UsageError(f"{path}: unsupported file type '{path.suffix or '(no suffix)'}' "
+                         f"(expected {_suffix_list()})")
     # A zero-byte file is an empty dataset in every container (pyarrow would call it corrupt).
     rows = iter(()) if path.stat().st_size == 0 else _READERS[kind](path, str(path))
     return Source(str(path), rows)
@@ -249,7 +250,7 @@ def _read_bytes(path: Path, name: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise EdgeTuneError(f"{name}: cannot read ({exc.strerror or exc})") from None
+        raise DataError(f"{name}: cannot read ({exc.strerror or exc})") from None
 
 
 def _read_text(path: Path, name: str) -> str:
@@ -260,7 +261,7 @@ def _read_text(path: Path, name: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line, what = _not_utf8(data, exc)
-        raise EdgeTuneError(f"{name}:{line}: {what}") from None
+        raise DataError(f"{name}:{line}: {what}") from None
 
 
 def _jsonl_rows(path: Path, name: str) -> Iterator[Row]:
@@ -288,15 +289,15 @@ def _json_rows(path: Path, name: str) -> Iterator[Row]:
         if exc.msg == "Extra data" and text.lstrip().startswith("{"):
             yield from _jsonl_rows(path, name)  # JSON Lines saved as .json: common, and harmless
             return
-        raise EdgeTuneError(f"{name}:{exc.lineno}: invalid JSON ({exc.msg} at column "
-                            f"{exc.colno})") from None
+        raise DataError(f"{name}:{exc.lineno}: invalid JSON ({exc.msg} at column "
+                        f"{exc.colno})") from None
     except RecursionError:
-        raise EdgeTuneError(f"{name}: invalid JSON (nested too deeply)") from None
+        raise DataError(f"{name}: invalid JSON (nested too deeply)") from None
     except ValueError as exc:  # e.g. an integer with more digits than Python will convert
-        raise EdgeTuneError(f"{name}: invalid JSON ({_first_line(exc)})") from None
+        raise DataError(f"{name}: invalid JSON ({_first_line(exc)})") from None
     if not isinstance(value, list):
-        raise EdgeTuneError(f"{name}: expected a JSON array of records at the top level, got "
-                            f"{json_kind(value)} (or save one record per line as .jsonl)")
+        raise DataError(f"{name}: expected a JSON array of records at the top level, got "
+                        f"{json_kind(value)} (or save one record per line as .jsonl)")
     for i, item in enumerate(value, 1):
         yield Row(i, f"{name}:#{i}", item)
 
@@ -314,7 +315,7 @@ def _csv_rows(path: Path, name: str, delimiter: str = ",") -> Iterator[Row]:
         except StopIteration:
             return
         except csv.Error as exc:
-            raise EdgeTuneError(f"{name}:{reader.line_num}: bad CSV ({exc})") from None
+            raise DataError(f"{name}:{reader.line_num}: bad CSV ({exc})") from None
         if not any(c.strip() for c in cells):
             continue
         if header is None:
@@ -355,8 +356,8 @@ def _parquet_rows(path: Path, name: str) -> Iterator[Row]:
     try:
         import pyarrow.parquet as pq  # heavy and optional: only when a .parquet file is read
     except ImportError:
-        raise EdgeTuneError(f"{name}: reading .parquet files needs pyarrow "
-                            "(pip install pyarrow)") from None
+        raise UsageError(f"{name}: reading .parquet files needs pyarrow "
+                         "(pip install pyarrow)") from None
     n = 0
     try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
@@ -364,7 +365,7 @@ def _parquet_rows(path: Path, name: str) -> Iterator[Row]:
                 n += 1
                 yield Row(n, f"{name}:#{n}", value)
     except Exception as exc:  # noqa: BLE001 - pyarrow's own error types, for a corrupt file
-        raise EdgeTuneError(f"{name}: cannot read Parquet file ({_first_line(exc)})") from None
+        raise DataError(f"{name}: cannot read Parquet file ({_first_line(exc)})") from None
 
 
 def _arrow_rows(path: Path, name: str) -> Iterator[Row]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Union
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import UsageError
 
 KEY = "reasoning_content"
 MODES = ("auto", "inline", "drop")
@@ -53,7 +53,8 @@ KNOWN_MARKERS: tuple[tuple[str, str, str], ...] = (
 def check_mode(mode: str) -> str:
     """``mode`` when it is one of :data:`MODES`, else EdgeTuneError naming them."""
     if mode not in MODES:
-        raise EdgeTuneError(f"--reasoning {mode!r}: expected one of {', '.join(MODES)}")
+        raise UsageError(f"expected one of {', '.join(MODES)}",
+                         setting="reasoning", value=repr(mode))
     return mode
 
 

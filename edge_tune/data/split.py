@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import UsageError
 
 
 def split_validation(records: list, share: float, seed: int,
@@ -19,8 +19,8 @@ def split_validation(records: list, share: float, seed: int,
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(records) * share))
     if n_val >= len(records):
-        raise EdgeTuneError(f"--val-split {share}: leaves no training records out of "
-                            f"{len(records)}")
+        raise UsageError("leaves no training records out of "
+                         f"{len(records)}", setting="val_split", value=share)
     held = set(order[:n_val])
     return ([r for i, r in enumerate(records) if i not in held],
             [r for i, r in enumerate(records) if i in held])

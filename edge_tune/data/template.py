@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, RecordError, UsageError
 
 IGNORE = -100
 SYSTEM_MODES = ("keep", "fold")  # what --system-mode takes (see fold_system)
@@ -52,10 +52,6 @@ FOLD_HINT = " (to put the system text into the first user turn: --system-mode fo
 REASONING_HINT = ("use --chat-template qwen3 (a template that renders reasoning) or "
                   "--reasoning inline (writes it into the answer between <think> and </think>), "
                   "or --reasoning drop to train the answers without it")
-
-
-class RecordError(EdgeTuneError):
-    """One record cannot be encoded (``FILE:LINE: what``); ``--skip-invalid`` skips it."""
 
 
 @dataclass
@@ -98,8 +94,9 @@ def fold_system(messages: list[dict], separator: str = "\n\n") -> list[dict]:
 
 def check_system_mode(system_mode: str) -> str:
     if system_mode not in SYSTEM_MODES:
-        raise EdgeTuneError(f"--system-mode {system_mode!r}: expected one of "
-                            f"{', '.join(SYSTEM_MODES)}")
+        raise UsageError("expected one of "
+                         f"{', '.join(SYSTEM_MODES)}",
+                         setting="system_mode", value=repr(system_mode))
     return system_mode
 
 
@@ -129,15 +126,15 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
     alternate", or an error evaluating it), and EdgeTuneError when there is no template or it
     is not valid Jinja."""
     if not getattr(tokenizer, "chat_template", None):
-        raise EdgeTuneError(NO_TEMPLATE)
+        raise DataError(NO_TEMPLATE)
     import jinja2
 
     try:
         return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
     except jinja2.TemplateSyntaxError as exc:
-        raise EdgeTuneError(f"the chat template is not valid Jinja (line {exc.lineno}: "
-                            f"{exc.message})") from None
+        raise DataError(f"the chat template is not valid Jinja (line {exc.lineno}: "
+                        f"{exc.message})") from None
     except jinja2.TemplateError as exc:
         hint = FOLD_HINT if _folding_helps(tokenizer, messages, tools) else ""
         raise RecordError(_at(where, f"the template says: {exc.message or type(exc).__name__}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, UsageError
 
 # Plain ChatML (OpenAI's markup as most ChatML fine-tunes ship it, e.g. OpenHermes-2.5): every
 # message as <|im_start|>role\ncontent<|im_end|>\n; no default system message; no tool format.
@@ -481,24 +481,24 @@ def resolve_template(spec: str) -> str:
         return BUILTIN[spec]
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise EdgeTuneError(f"--chat-template {spec}: not a built-in name "
-                            f"({', '.join(BUILTIN)}) or a file")
+        raise UsageError("not a built-in name "
+                         f"({', '.join(BUILTIN)}) or a file", setting="chat_template", value=spec)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise EdgeTuneError(f"{path}: not UTF-8 text at byte {exc.start} "
-                            "(expected a Jinja chat template)") from None
+        raise DataError(f"{path}: not UTF-8 text at byte {exc.start} "
+                        "(expected a Jinja chat template)") from None
     except OSError as exc:
-        raise EdgeTuneError(f"{path}: cannot be read ({exc.strerror})") from None
+        raise DataError(f"{path}: cannot be read ({exc.strerror})") from None
     if not text.strip():
-        raise EdgeTuneError(f"{path}: empty file (expected a Jinja chat template)")
+        raise DataError(f"{path}: empty file (expected a Jinja chat template)")
     from jinja2 import TemplateSyntaxError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     try:
         ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).parse(text)
     except TemplateSyntaxError as exc:
-        raise EdgeTuneError(f"{path}:{exc.lineno}: not a valid Jinja template: {exc.message}") \
+        raise DataError(f"{path}:{exc.lineno}: not a valid Jinja template: {exc.message}") \
             from None
     return text
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, UsageError
 from edge_tune.converters.formats.gguf_header import gguf_metadata
 
 OPTION = "--chat-template NAME|FILE"
@@ -59,8 +59,9 @@ def no_template_hint(ref=None) -> str:
 def system_mode_option(value: Optional[str]) -> Optional[str]:
     """``--system-mode``: None (not given), "keep" or "fold"; anything else is EdgeTuneError."""
     if value is not None and value not in ("keep", "fold"):
-        raise EdgeTuneError(f"--system-mode {value!r}: expected keep (the system message as "
-                            "the template renders it) or fold (into the first user turn)")
+        raise UsageError("expected keep (the system message as "
+                         "the template renders it) or fold (into the first user turn)",
+                         setting="system_mode", value=repr(value))
     return value
 
 
@@ -147,5 +148,6 @@ def require_for_conversations(records, ref, chosen: Optional[ChatTemplate]) -> N
         return  # plain text (continued pre-training) needs no template
     known, template = model_chat_template(ref)
     if known and not template:
-        raise EdgeTuneError(f"--model {ref.spec}: this model has no chat template, and the data "
-                            f"holds conversations; {no_template_hint(ref)}")
+        raise DataError("this model has no chat template, and the data "
+                        f"holds conversations; {no_template_hint(ref)}",
+                        setting="model", value=ref.spec)

@@ -20,7 +20,7 @@ import struct
 from pathlib import Path
 from typing import Optional
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError
 from edge_tune.converters.formats.gguf_header import STRING, gguf_kv, gguf_skip, mapped
 
 _PROBE = "\u2063edge-tune-probe\u2063"
@@ -169,6 +169,7 @@ def require_template_tokens(chosen, ref) -> None:
     hint = (f"use one whose markers it has: {', '.join(fitting)}" if fitting
             else "no built-in fits; give a Jinja file using this model's own special tokens")
     name = chosen.name or "FILE"
-    raise EdgeTuneError(f"--chat-template {name}: {missing[0]!r} is not a token of the "
-                        f"vocabulary of {ref.spec} (the template's turn markers would be "
-                        f"trained or read as text, and generation would not stop; {hint})")
+    raise DataError(f"{missing[0]!r} is not a token of the "
+                    f"vocabulary of {ref.spec} (the template's turn markers would be "
+                    f"trained or read as text, and generation would not stop; {hint})",
+                    setting="chat_template", value=name)
