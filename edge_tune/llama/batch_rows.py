@@ -37,7 +37,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import EdgeTuneError, KVFull, Unsupported
 
 CHUNK = 510  # rows of one prompt chunk: n_ubatch (512) with room to spare
 
@@ -109,10 +109,6 @@ def lone_rows_agree(model, threads: int, adapters: list, cache: dict) -> bool:
     finally:
         batch.close()
         llama_cpp.llama_free(ctx)
-
-
-class KVFull(EdgeTuneError):
-    """llama_decode found no room in the KV buffer for the batch."""
 
 
 @dataclass
@@ -187,7 +183,7 @@ class Batch:
             llama_cpp.llama_memory_seq_rm(mem, entry.seq, entry.n_past, -1)
         if len(entries) > 1 and any(len(e.tokens) != 1 and not (e.verify and self.lone_ok)
                                     for e in entries):
-            raise EdgeTuneError("internal: a step decodes one token per sequence")
+            raise RuntimeError("internal: a step decodes one token per sequence")
         fillers = self._fillers(entries)
         filler_token = entries[0].tokens[-1]
         parts = [(e.seq, e) for e in entries] + [(seq, pos) for seq, pos in fillers]
@@ -221,7 +217,7 @@ class Batch:
         if rc == 1:
             raise KVFull("the KV cache is full")
         if rc != 0:
-            raise EdgeTuneError(f"llama_decode failed (code {rc})")
+            raise Unsupported(f"llama_decode failed (code {rc})")
 
     def _fillers(self, entries: list[Rows]) -> list[tuple[int, int]]:
         """(sequence, position) of the filler rows a decode needs (see the module)."""

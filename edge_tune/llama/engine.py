@@ -20,7 +20,8 @@ from typing import Iterator, Optional
 
 from edge_tune.converters.formats.base_info import BaseInfo, from_gguf
 from edge_tune.converters.formats.validate import validate_adapter_file
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import (ChatTemplateError, ContextOverflow, DataError, NoChatTemplate,
+                              Unsupported, UsageError)
 from edge_tune.native_log import quiet_stderr
 
 
@@ -45,21 +46,8 @@ def _env_threads() -> int | None:
     if not value:
         return None
     if not value.isdigit() or int(value) < 1:
-        raise EdgeTuneError(f"EDGE_TUNE_THREADS={value!r}: expected a whole number >= 1")
+        raise UsageError(f"EDGE_TUNE_THREADS={value!r}: expected a whole number >= 1")
     return int(value)
-
-
-class ContextOverflow(EdgeTuneError):
-    """The prompt does not fit the context window."""
-
-
-class ChatTemplateError(EdgeTuneError):
-    """The chat template refused the conversation (its own ``raise_exception``, or a render
-    error): the request's fault, not the engine's."""
-
-
-class NoChatTemplate(EdgeTuneError):
-    """A conversation was asked of a model that has no chat template."""
 
 
 def plain_prompt(messages: list[dict]) -> str:
@@ -286,8 +274,8 @@ class Engine:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
-            raise EdgeTuneError("llama-cpp-python is not installed: pip install "
-                                "'edge-tune[run]'") from None
+            raise UsageError("llama-cpp-python is not installed: pip install "
+                             "'edge-tune[run]'") from None
         import psutil
 
         # EDGE_TUNE_THREADS: on a box shared with other work, fewer threads than cores is
@@ -305,8 +293,8 @@ class Engine:
                                       n_threads_batch=threads, logits_all=logits_all, seed=seed,
                                       verbose=False, **kv_cache_params(exact))
         except ValueError as exc:
-            raise EdgeTuneError(f"{self.base_path}: llama.cpp could not load this model "
-                                f"({exc})") from None
+            raise DataError(f"{self.base_path}: llama.cpp could not load this model "
+                            f"({exc})") from None
         self._adapters: dict[str, object] = {}
         self.adapter_meta: dict[str, dict] = {}
         self.active: Optional[str] = None
@@ -457,8 +445,8 @@ class Engine:
             try:
                 load = serving_copy(path)
             except OSError as exc:
-                raise EdgeTuneError(f"{path}: could not make its Q8_0 serving copy in "
-                                    f"edge-tune's cache ({exc.strerror or exc})") from None
+                raise UsageError(f"{path}: could not make its Q8_0 serving copy in "
+                                 f"edge-tune's cache ({exc.strerror or exc})") from None
         with quiet_stderr():
             ptr = llama_cpp.llama_adapter_lora_init(self.llm.model, str(load).encode())
         if not ptr and load != path:  # the cached copy went bad after its check: remake it
@@ -469,7 +457,7 @@ class Engine:
                 ptr = llama_cpp.llama_adapter_lora_init(self.llm.model, str(load).encode())
         if not ptr:  # a NULL pointer object, not None
             where = "" if load == path else f" (its Q8_0 serving copy {load})"
-            raise EdgeTuneError(f"{path}: llama.cpp refused to load this adapter{where}")
+            raise DataError(f"{path}: llama.cpp refused to load this adapter{where}")
         self._kernels[name] = _matrix_kinds(load)
         self._adapters[name] = ptr
         return name
@@ -482,10 +470,10 @@ class Engine:
         import llama_cpp
 
         if any(n == name for n, _ in self.active_mix):
-            raise EdgeTuneError(f"adapter {name!r} is active; activate another set first")
+            raise UsageError(f"adapter {name!r} is active; activate another set first")
         ptr = self._adapters.pop(name, None)
         if ptr is None:
-            raise EdgeTuneError(f"adapter {name!r} is not loaded")
+            raise UsageError(f"adapter {name!r} is not loaded")
         self.adapter_meta.pop(name, None)
         for key in [k for k in self._saved if any(n == name for n, _ in k)]:
             del self._saved[key]
@@ -527,7 +515,7 @@ class Engine:
         mix = tuple((str(n), float(s)) for n, s in mix)
         for name, _ in mix:
             if name not in self._adapters:
-                raise EdgeTuneError(f"adapter {name!r} is not loaded")
+                raise UsageError(f"adapter {name!r} is not loaded")
         if mix == self.active_mix and self.prompt_cache:
             return
         left = self.active_mix
@@ -553,7 +541,7 @@ class Engine:
         mix = tuple((str(n), float(s)) for n, s in mix)
         for name, _ in mix:
             if name not in self._adapters:
-                raise EdgeTuneError(f"adapter {name!r} is not loaded")
+                raise UsageError(f"adapter {name!r} is not loaded")
         if mix:
             arr = (llama_cpp.llama_adapter_lora_p_ctypes * len(mix))(
                 *(self._adapters[n] for n, _ in mix))
@@ -562,7 +550,7 @@ class Engine:
         else:
             rc = llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
         if rc != 0:
-            raise EdgeTuneError(f"llama.cpp could not activate adapters {mix!r} (code {rc})")
+            raise Unsupported(f"llama.cpp could not activate adapters {mix!r} (code {rc})")
         self._decide_lone_rows(tuple(n for n, _ in mix))
         self.active_mix = mix
         self.active = mix[0][0] if mix else None
@@ -791,8 +779,8 @@ class Engine:
             declared = self.llm.metadata.get(f"{arch}.pooling_type", "0")
             pooling = int(declared) if str(declared).isdigit() else 0
             if pooling == 4:
-                raise EdgeTuneError(f"{self.base_path.name} is a reranker (rank pooling): it "
-                                    "gives scores, not embeddings")
+                raise UsageError(f"{self.base_path.name} is a reranker (rank pooling): it "
+                                 "gives scores, not embeddings")
             with quiet_stderr():
                 made = side.Embedder(self.llm.model, min(n_ctx, 2048), self._threads,
                                      pooling or 1)
@@ -835,7 +823,7 @@ class Engine:
         for a side context. Raises EdgeTuneError for an adapter not loaded."""
         for name, _ in mix:
             if name not in self._adapters:
-                raise EdgeTuneError(f"adapter {name!r} is not loaded")
+                raise UsageError(f"adapter {name!r} is not loaded")
         return [self._adapters[n] for n, _ in mix], [float(s) for _, s in mix]
 
     def close(self) -> None:

@@ -8,12 +8,8 @@ server (:mod:`edge_tune.server.grammar`).
 
 from __future__ import annotations
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import GrammarRefused
 from edge_tune.native_log import quiet_stderr
-
-
-class GrammarRefused(EdgeTuneError):
-    """llama.cpp could not build a grammar sampler from the GBNF text."""
 
 
 def schema_converter():

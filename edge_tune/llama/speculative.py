@@ -46,12 +46,14 @@ class Speculative:
         from edge_tune.errors import UsageError
 
         if self.mode not in MODES:
-            raise UsageError(f"--speculative {self.mode}: expected one of {', '.join(MODES)}")
+            raise UsageError(f"expected one of {', '.join(MODES)}",
+                             setting="speculative", value=self.mode)
         if not 1 <= self.draft_min <= self.draft_max <= 64:
             raise UsageError(f"--draft-min {self.draft_min} / --draft-max {self.draft_max}: "
                              "expected 1 <= draft-min <= draft-max <= 64")
         if not 1 <= self.ngram <= 16:
-            raise UsageError(f"--spec-ngram {self.ngram}: expected 1 to 16")
+            raise UsageError("expected 1 to 16",
+                             setting="spec_ngram", value=self.ngram)
 
     @property
     def on(self) -> bool:

@@ -11,7 +11,7 @@ Starlette and uvicorn are imported inside functions, so importing this package s
 
 import re
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import UsageError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -20,18 +20,25 @@ def parse_adapter_spec(spec: str) -> tuple[str, str]:
     """``NAME=PATH`` -> (name, path). Pure; the name is what clients send as ``model``."""
     name, sep, path = spec.partition("=")
     if not sep or not path:
-        raise EdgeTuneError(f"--adapter {spec}: expected NAME=PATH (PATH: a run directory or "
-                            "an adapter .gguf), e.g. --adapter pirate=runs/demo")
-    check_model_name(name, f"--adapter {spec}")
+        raise UsageError("expected NAME=PATH (PATH: a run directory or "
+                         "an adapter .gguf), e.g. --adapter pirate=runs/demo",
+                         setting="adapter", value=spec)
+    check_model_name(name, setting="adapter", value=spec)
     return name, path
 
 
-def check_model_name(name: str, where: str) -> None:
+def check_model_name(name: str, where: str | None = None, *, setting: str | None = None,
+                     value: object = None) -> None:
+    """UsageError unless ``name`` can be served as a ``model``: about ``setting`` (its
+    ``value``) when given, else with ``where`` (a file, an argument) before the message."""
+    head = f"{where}: " if where else ""
     if name == "base":
-        raise EdgeTuneError(f"{where}: 'base' is reserved for the model without an adapter")
+        raise UsageError(f"{head}'base' is reserved for the model without an adapter",
+                         setting=setting, value=value)
     if not _NAME.match(name):
-        raise EdgeTuneError(f"{where}: adapter name {name!r} must be 1-64 letters, digits, "
-                            "'.', '_' or '-', starting with a letter or digit")
+        raise UsageError(f"{head}adapter name {name!r} must be 1-64 letters, digits, "
+                         "'.', '_' or '-', starting with a letter or digit",
+                         setting=setting, value=value)
 
 
 def steady_malloc() -> None:

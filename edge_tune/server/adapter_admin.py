@@ -23,10 +23,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, EdgeTuneError, UsageError
 from edge_tune.events import EventSink, Log, ignore
 from edge_tune.fsutil import sha256_file
-from edge_tune.server.errors import RequestError
+from edge_tune.server.errors import RequestError, from_core
 from edge_tune.server.plan import BASE, ServePlan
 
 MAX_MIX = 8  # adapters in one request's mix
@@ -118,19 +118,16 @@ def add_served_adapter(engine, plan: ServePlan, name: str, path: str,
     from edge_tune.adapters import resolve_chat
     from edge_tune.server import check_model_name
 
-    check_model_name(name, "'name'")
+    check_model_name(name, setting="name")
     if name in plan.models:
-        raise EdgeTuneError(f"'name': {name!r} is already served; DELETE /v1/adapters/{name} "
-                            "first")
+        raise UsageError(f"{name!r} is already served; DELETE /v1/adapters/{name} first",
+                         setting="name")
     man = manifest_mod.read(Path(path)) if Path(path).is_dir() else None
     if man is not None and man.full:
-        raise EdgeTuneError(f"'path' {path}: a full fine-tuning run is a model of its own (no "
-                            "adapter); serve it as the base of a server of its own")
+        raise DataError("a full fine-tuning run is a model of its own (no adapter); serve it "
+                        "as the base of a server of its own", setting="path", value=path)
     chat_template, system_mode = plan.chat_template_option, plan.system_mode_option
-    try:
-        target = resolve_chat(Path(path), str(plan.base), chat_template, system_mode)
-    except EdgeTuneError as exc:  # the resolver speaks the command line's flags
-        raise EdgeTuneError(_in_api_terms(str(exc), path)) from None
+    target = resolve_chat(Path(path), str(plan.base), chat_template, system_mode)
     trial = ServePlan(plan.base, base_sha256=plan.base_sha256)
     trial.override(chat_template, system_mode)
     trial.add(name, target)
@@ -139,21 +136,16 @@ def add_served_adapter(engine, plan: ServePlan, name: str, path: str,
     plan.models[name] = trial.models[name]
 
 
-def _in_api_terms(message: str, path: str) -> str:
-    """A resolver message about ``path`` (it names the command line's ``--adapter PATH``) in
-    the admin route's words: the request field ``'path'``."""
-    for shown in dict.fromkeys((path, str(Path(path)))):  # as given, and as Path prints it
-        flag = f"--adapter {shown}:"
-        if message.startswith(flag):
-            return f"'path' {path}:" + message[len(flag):]
-    return message
+# The request fields of POST /v1/adapters, by the setting a core error names: the resolver
+# speaks of the adapter path as the ``adapter`` setting (``--adapter PATH`` on the command line).
+ADD_FIELDS = {"name": "name", "path": "path", "adapter": "path"}
 
 
 def remove_served_adapter(engine, plan: ServePlan, name: str) -> None:
     """Stop serving adapter ``name`` (``DELETE /v1/adapters/NAME``); call on the engine's
     thread. Raises :class:`EdgeTuneError` for a name that is not served."""
     if name not in plan.adapters:
-        raise EdgeTuneError(f"adapter {name!r} is not served")
+        raise UsageError(f"adapter {name!r} is not served")
     if any(n == name for n, _ in engine.active_mix):
         engine.activate_mix(())
     engine.remove_adapter(name)
@@ -193,9 +185,8 @@ def admin_routes(scheduler, model_names: list[str], plan, api_key: str | None,
         try:
             await scheduler.call(lambda engine: add_served_adapter(engine, plan, name, path))
         except EdgeTuneError as exc:
-            message = str(exc).splitlines()[0][:500]
-            err = RequestError(400, message, code="invalid_adapter",
-                               param="name" if message.startswith("'name'") else "path")
+            err = from_core(exc, 400, ADD_FIELDS, body, code="invalid_adapter", param="path")
+            err.message = err.message[:500]
             return JSONResponse(err.body(), status_code=400)
         if name not in model_names:
             model_names.append(name)
