@@ -18,6 +18,8 @@ Rules every front end gets from here:
 - an answer stopped (:meth:`ChatSession.stop`, Ctrl-C, the consumer closing the stream) keeps
   what was said so far;
 - ``/exit`` (``/quit``) and ``/reset`` are the chat's commands (:func:`command_of`);
+  ``/good`` and ``/bad`` (with an optional comment) mark the last answer
+  (:func:`verdict_of`, :meth:`ChatSession.judge`: a KTO record for ``train --method kto``);
 - an empty answer is an error where one answer is all the user asked for
   (:func:`require_text`).
 """
@@ -32,7 +34,9 @@ from typing import Iterator, Optional, Sequence, Union
 from edge_tune.errors import CheckFailed, EdgeTuneError
 
 COMMANDS = {"/exit": "exit", "/quit": "exit", "/reset": "reset"}
-HELP = "Ctrl-D or /exit to quit, /reset to clear the history"
+HELP = ("Ctrl-D or /exit to quit, /reset to clear the history, /good or /bad [comment] to "
+        "mark the last answer")
+VERDICTS = {"/good": True, "/bad": False}
 EMPTY_ANSWER = ("the answer is empty: the model produced no text (it ended at once, or gave "
                 "only whitespace or incomplete characters; try another prompt, a higher "
                 "--temperature, or check the chat template with --chat-template)")
@@ -43,6 +47,15 @@ THINKING_ONLY = ("the answer is empty: the model was still thinking when it stop
 def command_of(line: str) -> Optional[str]:
     """``"exit"`` or ``"reset"`` when ``line`` is a chat command, else None (a message)."""
     return COMMANDS.get(line.strip())
+
+
+def verdict_of(line: str) -> Optional[tuple[bool, Optional[str]]]:
+    """``(True, comment)`` for ``/good [comment]``, ``(False, comment)`` for ``/bad
+    [comment]`` (comment None when there is none), else None (not a verdict)."""
+    word, _, rest = line.strip().partition(" ")
+    if word not in VERDICTS:
+        return None
+    return VERDICTS[word], rest.strip() or None
 
 
 # What a side answers with: an adapter name in the engine, None (the base), or a mix
@@ -141,6 +154,7 @@ class ChatSession:
         self.max_tokens = max_tokens
         self.plain_fallback = plain_fallback
         self._stop = threading.Event()
+        self._judged: set[tuple[int, int]] = set()  # (side, history length) of marked answers
 
     @property
     def side_names(self) -> list[tuple[str, Adapters]]:
@@ -172,10 +186,34 @@ class ChatSession:
         return [s.label for s in self.sides
                 if self.engine.template_of(s.template_owner) is None]
 
+    def judge(self, label: bool, path, comment: Optional[str] = None,
+              side: int = -1) -> dict:
+        """Mark side ``side``'s last answer good (``label`` True) or bad: its KTO record
+        (the conversation before it, with the system prompt the model saw, and the answer;
+        :func:`edge_tune.feedback.kto_record`) appended to ``path`` and returned. Raises
+        UsageError when there is no answer yet, or the file cannot be written."""
+        from edge_tune import feedback
+        from edge_tune.errors import UsageError
+
+        chosen = self.sides[side]
+        if len(chosen.history) < 2 or chosen.history[-1]["role"] != "assistant":
+            raise UsageError("no answer to mark yet: ask something first")
+        mark = (self.sides.index(chosen), len(chosen.history))
+        if mark in self._judged:
+            raise UsageError("the last answer is already marked (one verdict per answer)")
+        system = self.system or self.engine.system_of(chosen.template_owner)
+        prompt = ([{"role": "system", "content": system}] if system else []) + \
+            chosen.history[:-1]
+        record = feedback.kto_record(prompt, chosen.history[-1], label, comment)
+        feedback.append(path, record)
+        self._judged.add(mark)
+        return record
+
     def reset(self) -> None:
         """Start a new conversation (the system prompt stays)."""
         for side in self.sides:
             side.history.clear()
+        self._judged.clear()
 
     def stop(self) -> None:
         """Cut the reply now streaming short (any thread); the next message clears it."""

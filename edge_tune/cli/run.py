@@ -53,6 +53,9 @@ def chat(
                                               "else keep]"),
     speculative: str = typer.Option("auto", "--speculative", metavar="auto|ngram|off",
                                     help=SPECULATIVE_HELP),
+    feedback: Path = typer.Option(Path("feedback.jsonl"), "--feedback", metavar="FILE",
+                                  help="Where /good and /bad [comment] append the last "
+                                  "answer as a KTO record (`train --method kto` reads it)."),
 ) -> None:
     """Chat with the base model plus an adapter (or a mix), through llama.cpp (streamed).
 
@@ -113,6 +116,8 @@ def chat(
             if command == "reset":
                 session.reset()
                 continue
+            if _judged(session, line, feedback):
+                continue
             if len(session.sides) == 1:
                 sys.stdout.write("bot> ")
             try:
@@ -122,6 +127,25 @@ def chat(
                           soft_wrap=True)
     finally:
         engine.close()
+
+
+def _judged(session, line: str, path: Path) -> bool:
+    """``/good`` or ``/bad [comment]``: the last answer marked in ``path`` (said on stderr;
+    no answer yet is said too, and the chat goes on). False for any other line."""
+    from edge_tune.chat_session import verdict_of
+
+    verdict = verdict_of(line)
+    if verdict is None:
+        return False
+    try:
+        session.judge(verdict[0], path, verdict[1])
+    except EdgeTuneError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return True
+    err.print(f"marked the last answer {'good' if verdict[0] else 'bad'}: {path} (a KTO "
+              "record; train it with --method kto)", highlight=False, soft_wrap=True,
+              markup=False)
+    return True
 
 
 def _say_plain(model: str) -> None:

@@ -101,6 +101,7 @@ class _Routes:
 
         scheduler = self.scheduler
         s = scheduler.stats
+        drafts = scheduler.engine.draft_stats
         return JSONResponse({"status": "ok", "queued": scheduler.queued, "busy": s.busy,
                              "served": s.served, "cancelled": s.cancelled, "failed": s.failed,
                              "tokens_generated": s.tokens_generated,
@@ -108,7 +109,9 @@ class _Routes:
                              "prompt_tokens": s.prompt_tokens,
                              "prompt_tokens_cached": s.prompt_tokens_cached,
                              "max_batch": s.max_batch, "decode_steps": s.decode_steps,
-                             "decode_rows": s.decode_rows, "filler_rows": s.filler_rows})
+                             "decode_rows": s.decode_rows, "filler_rows": s.filler_rows,
+                             # speculative decoding: tokens guessed, and kept (sampled)
+                             "draft_tokens": drafts["drafted"], "draft_kept": drafts["kept"]})
 
     async def models(self, request):
         from starlette.responses import JSONResponse

@@ -119,9 +119,8 @@ def completion_logps(model, ids, mask, prompt_len: int, temperature: float):
     left-padded, completions right-padded."""
     import torch
 
-    from edge_tune.training.backends.cpu import causal_lm_of
-
-    causal_lm = causal_lm_of(model)
+    # the transformers model inside a PEFT model
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = getattr(causal_lm, causal_lm.base_model_prefix)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     states = decoder(input_ids=ids, attention_mask=mask, position_ids=positions

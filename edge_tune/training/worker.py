@@ -275,6 +275,8 @@ def run(job: TrainJob | Mapping, emit) -> WorkerResult:
     shard = f" in rank {rank}'s shard" if world > 1 else ""
     emit(Log(f"{len(job.examples)} training examples{shard}{val}"))
     train = load_entry(job.backend)
+    if job.config.method == "grpo":  # the cpu backend's GRPO loop (registry refuses others)
+        from edge_tune.training.backends.cpu_grpo import train_grpo as train
     def whole(result: WorkerResult) -> WorkerResult:
         return dataclasses.replace(
             result, examples=len(job.examples) if result.examples is None else result.examples,

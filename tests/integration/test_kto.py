@@ -210,6 +210,28 @@ def test_feedback_route_writes_kto_records_that_train(tiny, tmp_path):
         log.judge("id2", True)
 
 
+def test_chat_marks_the_last_answer_with_good_and_bad(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    feedback = tmp_path / "chat-feedback.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_tune", "chat", "--base", str(tiny), "--temperature", "0",
+         "--max-tokens", "6", "--system", "Be brief.", "--feedback", str(feedback)],
+        input="/good\nHi there\n/bad too short\n/good\n", capture_output=True, text=True,
+        timeout=300, cwd=tmp_path, env=dict(os.environ, EDGE_TUNE_THREADS="1", COLUMNS="200"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no answer to mark yet" in proc.stderr  # /good before any answer
+    assert "marked the last answer bad" in proc.stderr
+    assert "already marked" in proc.stderr  # one verdict per answer
+    [record] = [json.loads(line) for line in feedback.read_text().splitlines()]
+    assert record["prompt"] == [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "Hi there"}]
+    assert record["label"] is False and record["comment"] == "too short"
+    assert read_records(feedback).kto == (0, 1)
+
+
 # ---- a run moves the held-out preference ------------------------------------------------------
 
 def test_a_small_thumbs_file_moves_the_held_out_preference(tiny, tmp_path):

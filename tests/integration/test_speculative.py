@@ -63,6 +63,18 @@ def _answer(engine, mix, prompt, **kw) -> str:
     return "".join(p.text for p in pieces)
 
 
+def _logprobs(engine) -> list:
+    """The logprobs the server reports for a greedy answer (its recorder, a logits
+    processor that reads the tokens so far), as (token, logprob, top logprobs)."""
+    from edge_tune.llama.engine import logits_processors
+    from edge_tune.server.logprobs import LogprobRecorder
+
+    rec = LogprobRecorder(3, engine.token_bytes,
+                          lambda raw: engine.tokenize(raw.decode("utf-8"), special=False))
+    _answer(engine, (), PROMPTS[1], temperature=0, logits_processor=logits_processors(rec))
+    return [(t.text, t.logprob, [x[2] for x in t.top]) for t in rec.take(0)]
+
+
 CASES = [(mix, prompt) for mix in [(), (("a", 1.0),)] for prompt in PROMPTS]
 SAMPLED = {"temperature": 0.9, "seed": 11}
 
@@ -74,6 +86,7 @@ def plain(model):
     try:
         out = {(m, p, False): _answer(engine, m, p, temperature=0) for m, p in CASES}
         out.update({(m, p, True): _answer(engine, m, p, **SAMPLED) for m, p in CASES[:2]})
+        out["logprobs"] = _logprobs(engine)
         return out
     finally:
         engine.close()
@@ -87,6 +100,7 @@ def test_one_sequence_with_guesses_answers_as_plain_decoding(model, plain):
             assert _answer(engine, mix, prompt, temperature=0) == plain[mix, prompt, False]
         for mix, prompt in CASES[:2]:
             assert _answer(engine, mix, prompt, **SAMPLED) == plain[mix, prompt, True]
+        assert _logprobs(engine) == plain["logprobs"]  # bit for bit
         stats = engine.draft_stats
         assert 0 < stats["kept"] < stats["drafted"], stats
     finally:

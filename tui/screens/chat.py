@@ -9,7 +9,7 @@ import contextlib
 from pathlib import Path
 from typing import ClassVar
 
-from edge_tune.chat_session import Answer, ChatSession, Token, command_of
+from edge_tune.chat_session import Answer, ChatSession, Token, command_of, verdict_of
 from edge_tune.tui.widgets import BaseScreen, error_text
 from rich.text import Text
 from textual import work
@@ -68,6 +68,8 @@ class ChatScreen(BaseScreen):
     BINDINGS: ClassVar[list] = [Binding("ctrl+t", "compare", "Compare"),
                 Binding("ctrl+a", "pick_adapter", "Adapter", priority=True),
                 Binding("ctrl+l", "reset", "New chat"),
+                Binding("ctrl+g", "mark(True)", "Good answer", show=False, priority=True),
+                Binding("ctrl+b", "mark(False)", "Bad answer", show=False, priority=True),
                 Binding("escape", "stop", "Stop")]
     DEFAULT_CSS = """
     ChatScreen .row { height: 1; margin: 0 1; }
@@ -211,6 +213,27 @@ class ChatScreen(BaseScreen):
         if self.chat is not None:
             self.chat.stop()
 
+    def feedback_path(self) -> Path:
+        """Where marked answers go: KTO records beside the runs (``train --method kto``)."""
+        return Path(self.app.runs_root) / "feedback.jsonl"
+
+    def action_mark(self, label: bool, comment: str | None = None) -> None:
+        """Mark the last answer good or bad (ctrl+g / ctrl+b, or /good and /bad [comment]
+        typed): its KTO record appended to :meth:`feedback_path`; in compare mode the
+        tuned side's answer."""
+        status = self.query_one("#chat-status", Static)
+        if self.busy or self.chat is None:
+            status.update("no answer to mark yet: ask something first")
+            return
+        path = self.feedback_path()
+        try:
+            self.chat.judge(label, path, comment)
+        except Exception as exc:  # noqa: BLE001 - shown in the UI, never a crash
+            self.show_error(exc, status)
+            return
+        status.update(f"marked the last answer {'good' if label else 'bad'}: {path} "
+                      "(train --method kto reads it)")
+
     # --- talking ------------------------------------------------------------------------
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id != "message":
@@ -218,6 +241,11 @@ class ChatScreen(BaseScreen):
             return
         text = event.value.strip()
         if not text or self.busy:
+            return
+        verdict = verdict_of(text)
+        if verdict is not None:
+            event.input.value = ""
+            self.action_mark(*verdict)
             return
         if command_of(text) is not None:  # /reset (and /exit: a new conversation too)
             event.input.value = ""

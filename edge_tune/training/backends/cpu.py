@@ -382,10 +382,6 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
 
     job = TrainJob.of(job)
     cfg = job.config
-    if cfg.method == "grpo":  # rollouts in llama.cpp, the update here
-        from edge_tune.training.backends.cpu_grpo import train_grpo
-
-        return train_grpo(job, emit)
     dist = Distributed()
     # Ranks on one node share its cores: torch's default (all cores each) oversubscribes.
     threads = cfg.threads or max(1, job.physical_cores // dist.local_world)
