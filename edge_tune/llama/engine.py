@@ -789,19 +789,22 @@ class Engine:
         self._sides[kind] = made
         return made
 
-    def prompt_logprobs(self, prompt: str, mix=(), top: int = 0) -> tuple[list, list]:
+    def prompt_logprobs(self, prompt: str, mix=(), top: int = 0,
+                        after: bool = False) -> tuple[list, list]:
         """(ids, scored) of ``prompt`` read as a text completion reads it (special tokens
         parsed): ``ids`` its tokens (a BOS the model adds left out), ``scored[i]`` =
         (natural-log probability of ``ids[i]`` given everything before it, the ``top``
         likeliest tokens there as [(id, logprob)], best first), or None for a first token
         that nothing precedes; under ``mix`` (``[(name, scale), ...]``), computed on the
-        "score" side context (:meth:`side`), equal to :meth:`logits`' log-softmax. Raises
+        "score" side context (:meth:`side`), equal to :meth:`logits`' log-softmax; with
+        ``after``, one entry more, for the likeliest token after the prompt
+        (:meth:`Scorer.score <edge_tune.llama.side.Scorer.score>`). Raises
         :class:`~edge_tune.llama.side.InputTooLong` past one sequence's context."""
         ids = self.llm.tokenize(prompt.encode(), add_bos=True, special=True)
         plain = self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
         lead = len(ids) - len(plain)  # BOS (and the like) added by the vocabulary
         adapters, scales = self.adapter_pointers(mix)
-        scored = self.side("score").score(ids, adapters, scales, top)
+        scored = self.side("score").score(ids, adapters, scales, top, after)
         return ids[lead:], ([None] if lead == 0 else []) + scored[max(lead - 1, 0):]
 
     def embed(self, inputs: list) -> tuple[list[list[float]], int]:

@@ -56,10 +56,12 @@ class Scorer:
         self.lock = threading.Lock()
 
     def score(self, tokens: list[int], adapters: list, scales: list[float],
-              top: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:
+              top: int = 0, after: bool = False) -> list[tuple[float, list[tuple[int, float]]]]:
         """For each of ``tokens[1:]``: (its natural-log probability given the tokens before
         it, the ``top`` most likely tokens there as (id, logprob), best first), under
-        ``adapters`` (``llama_adapter_lora`` pointers) at ``scales``. Raises
+        ``adapters`` (``llama_adapter_lora`` pointers) at ``scales``; with ``after``, one
+        more entry for the position after the last token, for its likeliest token (then
+        ``top`` >= 1 there, so its id is ``entry[1][0][0]``). Raises
         :class:`InputTooLong` past ``n_ctx`` tokens."""
         import llama_cpp
         import numpy as np
@@ -70,7 +72,7 @@ class Scorer:
             raise InputTooLong(f"the prompt is {len(tokens)} tokens; the context window "
                                f"holds {self.n_ctx}")
         out: list = []
-        if len(tokens) < 2:
+        if len(tokens) < (1 if after else 2):
             return out
         with self.lock:
             self._set_adapters(adapters, scales)
@@ -81,12 +83,13 @@ class Scorer:
                     self.batch.decode([entry])
                     for k in range(len(part)):
                         at = offset + k + 1  # the token row k predicts
-                        if at >= len(tokens):
+                        if at > len(tokens) or (at == len(tokens) and not after):
                             break
                         row = np.ctypeslib.as_array(
                             llama_cpp.llama_get_logits_ith(self.ctx, entry.first + k),
                             shape=(self.n_vocab,)).astype(np.float64)
-                        out.append(_entry(row, tokens[at], top))
+                        out.append(_entry(row, tokens[at], top) if at < len(tokens)
+                                   else _entry(row, None, max(top, 1)))
             finally:
                 self._set_adapters([], [])  # a removed adapter must not stay referenced
         return out
@@ -112,12 +115,15 @@ class Scorer:
             self.ctx = None
 
 
-def _entry(row, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
-    """(logprob of ``token``, ``top`` best (id, logprob)) of one logits row (float64)."""
+def _entry(row, token: int | None, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """(logprob of ``token`` (None: the likeliest), ``top`` best (id, logprob)) of one
+    logits row (float64)."""
     import numpy as np
 
     m = row.max()
     lp = row - (m + np.log(np.exp(row - m).sum()))
+    if token is None:
+        token = int(lp.argmax())
     best: list = []
     if top:
         ids = np.argpartition(-lp, min(top, len(lp) - 1))[:top]

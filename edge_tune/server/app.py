@@ -142,7 +142,8 @@ class _Routes:
         try:
             req = shapes.parse_request(kind, body, self.model_names)
             req.adapters = parse_adapter_mix(body.get("adapters"), self.model_names)
-            echoed = await _echoed(req, self.scheduler.engine) if req.echo else []
+            echoed, follow = await _echoed(req, self.scheduler.engine) if req.echo \
+                else ([], None)
             if req.echo and req.max_tokens == 0:  # the prompt's logprobs alone
                 return _echo_only(req, echoed)
             extra = _prepare(req, self.scheduler.engine)
@@ -162,17 +163,18 @@ class _Routes:
                 return StreamingResponse(_sse(req, job, first, extra),
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
-            return await _whole_answer(req, job, first, extra, kind, echoed)
+            return await _whole_answer(req, job, first, extra, kind, echoed, follow)
         finally:
             if not req.stream:
                 job.cancel()  # no-op when finished; stops the worker if we were cancelled
             watcher.cancel()
 
 
-async def _whole_answer(req, job, first, extra: _Extra, kind: str, echoed: list = ()):
+async def _whole_answer(req, job, first, extra: _Extra, kind: str, echoed: list = (),
+                        follow=None):
     """The answer of ``job`` as one JSON completion (from its ``first`` event on to the last),
     or the error it ended with; with ``echo``, the prompt and its ``echoed`` logprobs
-    first."""
+    first (``follow``: see :func:`_echoed`)."""
     from starlette.responses import JSONResponse
 
     text, thought, said, event = [], [], [], first
@@ -190,6 +192,11 @@ async def _whole_answer(req, job, first, extra: _Extra, kind: str, echoed: list 
         covering(extra.recorder.finish(last.finish_reason, raw, last.last_token), raw)
     if req.echo:
         content = req.prompt + (content or "")
+        if logprobs == [] and follow is not None and last.completion_tokens == 0 and \
+                last.finish_reason == "stop":
+            # greedy, and the first token ended the answer: it is listed, so that the echo
+            # is one token longer than the prompt, as lm-eval's local-completions expects
+            logprobs = [follow]
         logprobs = None if logprobs is None else list(echoed) + logprobs
     return JSONResponse(shapes.completion(
         req, shapes.new_id(kind), content, last.finish_reason,
@@ -197,11 +204,12 @@ async def _whole_answer(req, job, first, extra: _Extra, kind: str, echoed: list 
         reasoning="".join(thought) or None))
 
 
-async def _echoed(req, engine) -> list:
-    """The prompt's tokens with their logprobs (``req.logprobs`` alternatives each) under
-    the request's adapters, computed on the engine's scoring context in a worker thread;
-    empty when no logprobs are asked and an answer follows. 400 for a prompt over the
-    context."""
+async def _echoed(req, engine) -> tuple[list, object]:
+    """(the prompt's tokens with their logprobs (``req.logprobs`` alternatives each) under
+    the request's adapters, computed on the engine's scoring context in a worker thread,
+    ``follow``): the list is empty when no logprobs are asked and an answer follows;
+    ``follow``, for a greedy answer with logprobs, is the likeliest next token when it is a
+    control token (an end of generation), else None. 400 for a prompt over the context."""
     from starlette.concurrency import run_in_threadpool
 
     from edge_tune.llama.side import InputTooLong
@@ -209,14 +217,17 @@ async def _echoed(req, engine) -> list:
     from edge_tune.server.scheduler import adapter_mix
 
     if req.logprobs is None and req.max_tokens > 0:
-        return []
+        return [], None
+    after = req.logprobs is not None and req.max_tokens > 0 and req.temperature == 0
     engine.side("score")  # made here, on the event loop: one request makes it
     try:
-        return await run_in_threadpool(prompt_logprobs, engine, req.prompt,
-                                       adapter_mix(req), req.logprobs or 0)
+        got = await run_in_threadpool(prompt_logprobs, engine, req.prompt,
+                                      adapter_mix(req), req.logprobs or 0, after)
     except InputTooLong as exc:
         raise RequestError(400, str(exc), param="prompt",
                            code="context_length_exceeded") from None
+    follow = got.pop() if after else None
+    return got, follow if follow is not None and follow.bytes == b"" else None
 
 
 def _echo_only(req, echoed: list):

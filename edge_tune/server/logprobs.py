@@ -144,23 +144,28 @@ def covering(tokens: list[TokenLogprob], text: str) -> list[TokenLogprob]:
     return out if at == len(text) else tokens
 
 
-def prompt_logprobs(engine, prompt: str, mix: tuple, top: int) -> list[TokenLogprob]:
+def prompt_logprobs(engine, prompt: str, mix: tuple, top: int,
+                    after: bool = False) -> list[TokenLogprob]:
     """The tokens of ``prompt`` (as a text completion reads it) with their logprobs under
     adapter set ``mix`` and ``top`` alternatives each (:meth:`Engine.prompt_logprobs
     <edge_tune.llama.engine.Engine.prompt_logprobs>`): OpenAI's ``echo``. A first token that
     nothing precedes has logprob and alternatives None. ``bytes`` spell control tokens out:
-    they are part of the prompt's text."""
-    ids, scored = engine.prompt_logprobs(prompt, mix, top)
+    they are part of the prompt's text. ``after``: one entry more, the likeliest next token
+    (``bytes`` as an answer has it: empty for a control token)."""
+    ids, scored = engine.prompt_logprobs(prompt, mix, top, after)
     out = []
-    for token, got in zip(ids, scored):
+    for k, got in enumerate(scored):
+        following = k == len(ids)  # the entry ``after`` adds
+        token = got[1][0][0] if following else ids[k]
         raw = engine.token_bytes(token, True)
         text = raw.decode("utf-8", errors="replace")
         if got is None:
             out.append(TokenLogprob(text, raw, None, None))
             continue
         alts = []
-        for other, lp in got[1]:
+        for other, lp in got[1][:top]:
             b = engine.token_bytes(other, True)
             alts.append((b.decode("utf-8", errors="replace"), b, lp))
-        out.append(TokenLogprob(text, raw, got[0], alts))
+        out.append(TokenLogprob(text, engine.token_bytes(token, False) if following else raw,
+                                got[0], alts))
     return out

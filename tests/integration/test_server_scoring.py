@@ -88,6 +88,55 @@ def test_echo_logprobs_are_the_engines_own(server, tiny, adapter, model):
     assert len(lp2["tokens"]) == len(ids) + more["usage"]["completion_tokens"]
 
 
+def _stops_early(src: Path, dst: Path) -> Path:
+    """A copy of the tiny model that often ends its answer at once: the final norm weighs
+    one dimension 300x the others, and the end-of-sequence token's (tied) embedding points
+    along it, so wherever that dimension is positive the likeliest next token is EOS."""
+    from edge_tune.converters.formats.base_info import (copy_fields, field_value, open_gguf,
+                                                        writing_gguf)
+
+    reader = open_gguf(src)
+    eos = int(field_value(reader, "tokenizer.ggml.eos_token_id"))
+    with writing_gguf(dst, field_value(reader, "general.architecture")) as w:
+        copy_fields(reader, w)
+        for t in reader.tensors:
+            data = np.array(t.data, dtype=np.float32).reshape(tuple(reversed(t.shape.tolist())))
+            if t.name == "output_norm.weight":
+                data[:] = 0.1
+                data[0] = 30.0
+            elif t.name == "token_embd.weight":
+                data[eos, :] = 0.0
+                data[eos, 0] = 5.0
+            w.add_tensor(t.name, data)
+    return dst
+
+
+def test_echo_lists_the_end_token_that_stops_a_greedy_answer(tiny, tmp_path):
+    """lm-eval's local-completions asks for one token after the echo and drops the last
+    entry: when the greedy answer ends at once, the end-of-generation token is listed, so
+    that the continuation's last token is not the one dropped."""
+    from edge_tune.llama.engine import Engine
+
+    gguf = _stops_early(tiny, tmp_path / "stops.gguf")
+    words = "fox dog bee sun tree rain stone bird cloud river".split()
+    with Engine(gguf, n_ctx=256, logits_all=True, threads=1) as eng:
+        eos = eng.llm.token_eos()
+        prompt = next(p for p in (f"The {a} and the {b}" for a in words for b in words)
+                      if eng.logits(eng.tokenize(p))[-1].argmax() == eos)
+        n = len(eng.tokenize(prompt))
+    with one_llama_thread(), running_server("--base", str(gguf), "--ctx", "256") as srv:
+        status, out = _post(srv, "/v1/completions", {
+            "model": "base", "prompt": prompt, "echo": True, "max_tokens": 1, "logprobs": 1,
+            "temperature": 0})
+    assert status == 200, out
+    choice = out["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == prompt and choice["finish_reason"] == "stop"
+    assert len(lp["tokens"]) == n + 1 and lp["text_offset"][-1] == len(prompt)
+    assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values())
+    assert out["usage"]["completion_tokens"] == 0
+
+
 def test_echo_bad_requests(server):
     for body, param in [
             ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),  # 0 needs echo
