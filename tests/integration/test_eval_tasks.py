@@ -48,7 +48,7 @@ def _accuracy(gguf: Path, adapter: Path | None) -> float:
     return right / len(docs)
 
 
-def test_eval_tasks_base_and_tuned(runs):
+def test_eval_tasks_base_and_tuned(runs, monkeypatch):
     proc = run_cli("eval", str(runs["lora"]), "--tasks", str(TASKS), "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
@@ -58,9 +58,11 @@ def test_eval_tasks_base_and_tuned(runs):
     assert row["tuned"]["acc"] == pytest.approx(
         _accuracy(runs["base"], runs["lora"] / "adapter.gguf"))
     assert report["source"] == str(TASKS)
-    # the table, with --limit
-    proc = run_cli("eval", str(runs["lora"]), "--tasks", str(TASKS / "tiny_mc.yaml"),
-                   "--limit", "2")
+    # the table, with --limit (in this process: lm-eval is imported already)
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    proc = run_cli_in_process("eval", str(runs["lora"]), "--tasks",
+                              str(TASKS / "tiny_mc.yaml"), "--limit", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "edge_tune_tiny_mc" in proc.stdout and "acc" in proc.stdout
     assert "Traceback" not in proc.stderr
