@@ -122,8 +122,10 @@ def engine_lm(engine, mix: tuple = ()):
 
         def _score(self, tokens: list[int], first: int) -> tuple[float, bool]:
             """(sum of the logprobs of ``tokens[first:]``, whether each is the argmax)."""
-            adapters, scales = engine.adapter_pointers(self.mix)
-            scored = engine.side("score").score(tokens, adapters, scales, top=1)
+            scorer = engine.side("score")
+            with scorer.lock:  # as Engine.prompt_logprobs: no adapter freed meanwhile
+                adapters, scales = engine.adapter_pointers(self.mix)
+                scored = scorer.score(tokens, adapters, scales, top=1)
             total, greedy = 0.0, True
             for i in range(max(first, 1), len(tokens)):
                 lp, best = scored[i - 1]

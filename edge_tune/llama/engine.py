@@ -478,7 +478,9 @@ class Engine:
         for key in [k for k in self._saved if any(n == name for n, _ in k)]:
             del self._saved[key]
         self._kernels.pop(name, None)
-        llama_cpp.llama_adapter_lora_free(ptr)
+        scorer = self._sides.get("score")  # may be using it on another thread: wait for it
+        with scorer.lock if scorer is not None else contextlib.nullcontext():
+            llama_cpp.llama_adapter_lora_free(ptr)
 
     def _save_prompt(self) -> tuple:
         """The cached prompt: its KV entries (``llama_state_seq_get_data``, sequence 0, the
@@ -803,8 +805,10 @@ class Engine:
         ids = self.llm.tokenize(prompt.encode(), add_bos=True, special=True)
         plain = self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
         lead = len(ids) - len(plain)  # BOS (and the like) added by the vocabulary
-        adapters, scales = self.adapter_pointers(mix)
-        scored = self.side("score").score(ids, adapters, scales, top, after)
+        scorer = self.side("score")
+        with scorer.lock:  # no adapter of the mix is freed until it is done
+            adapters, scales = self.adapter_pointers(mix)
+            scored = scorer.score(ids, adapters, scales, top, after)
         return ids[lead:], ([None] if lead == 0 else []) + scored[max(lead - 1, 0):]
 
     def embed(self, inputs: list) -> tuple[list[list[float]], int]:

@@ -34,7 +34,10 @@ class InputTooLong(ContextOverflow):
 class Scorer:
     """Prompt log-probabilities on a context of its own over ``model`` (a ``llama_model``
     pointer): ``n_ctx`` tokens, ``threads`` CPU threads, ``cache`` the engine's KV-cache
-    settings (:func:`~edge_tune.llama.batch_rows.kv_cache_params`). Calls are serialised."""
+    settings (:func:`~edge_tune.llama.batch_rows.kv_cache_params`). Calls are serialised by
+    ``lock`` (re-entrant: a caller holds it while it looks up the adapters it passes, and
+    :meth:`Engine.remove_adapter <edge_tune.llama.engine.Engine.remove_adapter>` while it
+    frees one)."""
 
     def __init__(self, model, n_ctx: int, threads: int, cache: dict) -> None:
         import llama_cpp
@@ -53,7 +56,7 @@ class Scorer:
         self.n_ctx = n_ctx
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
         self.batch = Batch(self.ctx, 2)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
 
     def score(self, tokens: list[int], adapters: list, scales: list[float],
               top: int = 0, after: bool = False) -> list[tuple[float, list[tuple[int, float]]]]:
