@@ -1,0 +1,122 @@
+"""Speculative decoding (prompt lookup) against plain decoding, on the serving engine.
+
+    python benchmarks/speculative.py [--n 12] [--threads 1] [--modes auto,ngram] [--adapter RUN]
+
+Two workloads, greedy, each answer from an empty context (no prompt cache, so every side
+evaluates the same prompt):
+
+* ``extraction``: a short support email from ``benchmarks/data/triage_heldout.jsonl`` turned
+  into JSON after one worked example (an answer that copies names, products and sentences
+  from its prompt: what prompt lookup is for);
+* ``chat``: the general prompts of ``edge_tune/assets/drift_prompts.jsonl`` (free text, little
+  to copy: what it must not slow down).
+
+For every prompt the sides run back to back, in an order that alternates from prompt to
+prompt (the machine is shared and noisy). Printed per workload and side: decode tokens/s (all
+completion tokens over the answer's wall time, prompt included: the whole cost of an answer),
+the ratio to plain decoding, tokens guessed / kept, and how many answers differ from plain
+decoding's (must be 0: the answers are the same token for token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EMAILS = ROOT / "benchmarks" / "data" / "triage_heldout.jsonl"
+CHAT = ROOT / "edge_tune" / "assets" / "drift_prompts.jsonl"
+
+EXAMPLE = ("Hi,\n\nMy order of the blue kettle never arrived. Could you look into it?\n\n"
+           "Best,\nAnna",
+           '{"customer": "Anna", "product": "blue kettle", "problem": "My order of the blue '
+           'kettle never arrived.", "urgent": false}')
+INSTRUCTION = ("Extract the customer, the product and the problem (the sentence that states "
+               "it, copied exactly) from the email, and whether it is urgent, as JSON.\n\n"
+               "Email:\n{example}\nJSON:\n{answer}\n\nEmail:\n{email}\nJSON:\n")
+
+
+def workloads(n: int) -> dict[str, list[list[dict]]]:
+    """{workload: [messages, ...]} with ``n`` conversations each."""
+    emails = [json.loads(line)["messages"][0]["content"]
+              for line in EMAILS.read_text().splitlines() if line.strip()]
+    chats = [json.loads(line)["prompt"] for line in CHAT.read_text().splitlines()
+             if line.strip()]
+    extraction = [[{"role": "user", "content": INSTRUCTION.format(
+        example=EXAMPLE[0], answer=EXAMPLE[1], email=e)}] for e in emails[:n]]
+    chat = [[{"role": "user", "content": c}] for c in chats[:n]]
+    return {"extraction": extraction, "chat": chat}
+
+
+def answer(engine, messages, spec, max_tokens: int) -> tuple[str, list, dict]:
+    """(text, [completion tokens, seconds, decode tokens, decode seconds], draft counts)
+    of one greedy answer; decode: the tokens after the first piece's, over the time from
+    that piece to the last (the prompt's evaluation left out)."""
+    engine.speculative = spec
+    engine.draft_stats = {k: 0 for k in engine.draft_stats}
+    start = time.perf_counter()
+    pieces, first = [], None
+    for piece in engine.generate(messages=messages, temperature=0, max_tokens=max_tokens):
+        pieces.append(piece)
+        if first is None:
+            first = (time.perf_counter(), piece.completion_tokens)
+    end = time.perf_counter()
+    tokens = pieces[-1].completion_tokens
+    return ("".join(p.text for p in pieces),
+            [tokens, end - start, tokens - first[1], end - first[0]], dict(engine.draft_stats))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=12, help="prompts per workload")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--modes", default="auto", help="speculative modes besides 'off'")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--adapter", type=Path, help="a run directory or adapter .gguf")
+    ap.add_argument("--draft-max", type=int, default=None)
+    ap.add_argument("--only", default="extraction,chat", help="workloads to run")
+    args = ap.parse_args()
+
+    from edge_tune import models
+    from edge_tune.llama.engine import Engine
+    from edge_tune.llama.speculative import Speculative
+
+    engine = Engine(models.default_gguf(), n_ctx=2048, threads=args.threads, parallel=1,
+                    prompt_cache=False)
+    if args.adapter is not None:
+        path = args.adapter / "adapter.gguf" if args.adapter.is_dir() else args.adapter
+        engine.add_adapter(path, "tuned")
+        engine.activate("tuned")
+    kw = {} if args.draft_max is None else {"draft_max": args.draft_max}
+    sides = {"off": None, **{m: Speculative(m, **kw) for m in args.modes.split(",")}}
+    names = list(sides)
+    for work, convs in workloads(args.n).items():
+        if work not in args.only.split(","):
+            continue
+        # tokens, seconds, decode tokens, decode seconds, drafted, kept
+        totals = {s: [0, 0.0, 0, 0.0, 0, 0] for s in names}
+        differ = {s: 0 for s in names}
+        for i, messages in enumerate(convs):
+            order = names if i % 2 == 0 else names[::-1]
+            got = {s: answer(engine, messages, sides[s], args.max_tokens) for s in order}
+            for s, (text, counts, stats) in got.items():
+                t = totals[s]
+                for k, v in enumerate(counts + [stats["drafted"], stats["kept"]]):
+                    t[k] += v
+                differ[s] += text != got["off"][0]
+        off = totals["off"]
+        print(f"{work} ({len(convs)} prompts, {args.max_tokens} tokens at most, "
+              f"{args.threads} thread(s){', adapter' if args.adapter else ''}):")
+        for s in names:
+            tokens, seconds, dtokens, dseconds, drafted, kept = totals[s]
+            rate, decode = tokens / seconds, dtokens / dseconds
+            print(f"  {s:6s} decode {decode:6.1f} tok/s x{decode / (off[2] / off[3]):.2f}  "
+                  f"answer {rate:6.1f} tok/s x{rate / (off[0] / off[1]):.2f}  "
+                  f"{tokens} tokens  guessed {drafted} kept {kept}  "
+                  f"answers differing from off: {differ[s]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
