@@ -162,28 +162,13 @@ def _say(session, text: str, check_empty: bool = False) -> None:
     model's thinking streams dimmed to stderr, so that stdout holds the answer alone); two
     are shown side by side when both have answered. Ctrl-C stops the answer (what was said
     stays), not the chat; ``check_empty``: an empty answer is an error (``--prompt``)."""
-    from edge_tune.chat_session import Answer, Token, require_text
+    from edge_tune.chat_session import Answer, require_text
 
     answers: list = []
     stream = session.ask(text)
-    thinking = False
     try:
         if len(session.sides) == 1:
-            for event in stream:
-                if isinstance(event, Token) and event.thinking:
-                    thinking = True
-                    err.print(event.text, style="dim", end="", markup=False,
-                              highlight=False, soft_wrap=True)
-                elif isinstance(event, Token):
-                    if thinking:  # the thinking ends on a line of its own
-                        err.print()
-                        thinking = False
-                    sys.stdout.write(event.text)
-                    sys.stdout.flush()
-                else:
-                    answers.append(event)
-            if thinking:
-                err.print()
+            answers += _stream_one(stream)
         else:
             for side in session.sides:
                 with err.status(f"[dim]{side.label} is answering...[/]"):
@@ -210,6 +195,32 @@ def _say(session, text: str, check_empty: bool = False) -> None:
         out.print(table)
     if check_empty and len(answers) == 1:
         require_text(answers[0])
+
+
+def _stream_one(stream) -> list:
+    """One side's events written as they come: the answer to stdout, a reasoning model's
+    thinking dimmed to stderr (on lines of its own); returns the Answer events."""
+    from edge_tune.chat_session import Token
+
+    answers, thinking = [], False
+    for event in stream:
+        if isinstance(event, Token) and event.thinking:
+            if not thinking:  # after the "bot> " prompt on a terminal
+                sys.stdout.flush()
+            thinking = True
+            err.print(event.text, style="dim", end="", markup=False, highlight=False,
+                      soft_wrap=True)
+        elif isinstance(event, Token):
+            if thinking:  # the thinking ends on a line of its own
+                err.print()
+                thinking = False
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        else:
+            answers.append(event)
+    if thinking:
+        err.print()
+    return answers
 
 
 def _with_thinking(answer):
