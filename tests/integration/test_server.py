@@ -124,7 +124,8 @@ def test_bad_body_is_400(client, server):
 
 def test_fields_it_cannot_honour_are_400_naming_them(client):
     """Tools on a template without a tool format (the default model's ChatML), n > 1,
-    logit_bias and echo are refused, not silently dropped; their "off" values are fine.
+    logit_bias and a streamed echo are refused, not silently dropped; their "off" values
+    are fine.
     (What is honoured: tests/integration/test_server_api.py.)"""
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}
@@ -136,7 +137,8 @@ def test_fields_it_cannot_honour_are_400_naming_them(client):
         assert err["param"] == param and err["type"] == "invalid_request_error", err
         assert err["message"].startswith(f"'{param}': "), err
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model="base", prompt="1, 2,", max_tokens=2, echo=True)
+        client.completions.create(model="base", prompt="1, 2,", max_tokens=2, echo=True,
+                                  stream=True)
     assert info.value.body["param"] == "echo"
     ok = _chat(client, "base", "hi", tools=[], tool_choice="none", logprobs=False,
                response_format={"type": "text"}, n=1)
