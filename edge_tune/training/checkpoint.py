@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from edge_tune.errors import Cancelled, EdgeTuneError
+from edge_tune.errors import Cancelled, DataError, EdgeTuneError
 from edge_tune.events import Log
 from edge_tune.fsutil import atomic_path
 
@@ -96,9 +96,9 @@ def check_matches(state: dict, total: int, slots: int, where: str) -> None:
     """A checkpoint continues only the run it was written by: the same step count and the same
     micro-batch slots per step (the data order depends on both). Pure."""
     if (state["total"], state.get("slots")) != (total, slots):
-        raise EdgeTuneError(f"{where}: the checkpoint is for {state['total']} steps of "
-                            f"{state.get('slots')} micro-batches, this run has {total} of "
-                            f"{slots}; the data or config changed")
+        raise DataError(f"{where}: the checkpoint is for {state['total']} steps of "
+                        f"{state.get('slots')} micro-batches, this run has {total} of "
+                        f"{slots}; the data or config changed")
 
 
 # --- optimizer state <-> safetensors + JSON ---------------------------------------------------
@@ -169,9 +169,9 @@ def read_state(run_dir: Path) -> dict | None:
     try:
         state = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise EdgeTuneError(f"{path}: unreadable checkpoint state ({exc})") from None
+        raise DataError(f"{path}: unreadable checkpoint state ({exc})") from None
     if state.get("format") != FORMAT:
-        raise EdgeTuneError(f"{path}: format {state.get('format')!r} is not {FORMAT!r}")
+        raise DataError(f"{path}: format {state.get('format')!r} is not {FORMAT!r}")
     return state
 
 
@@ -197,18 +197,18 @@ def restore(ckpt_dir: Path, model, optimizer) -> dict:
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir.parent)
     if state is None:
-        raise EdgeTuneError(f"{ckpt_dir}: no checkpoint to resume from")
+        raise DataError(f"{ckpt_dir}: no checkpoint to resume from")
     lora = load_file(str(ckpt_dir / "adapter.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in lora]
     if missing or any(n not in params for n in lora):
-        raise EdgeTuneError(f"{ckpt_dir}: the checkpoint's LoRA tensors do not match this "
-                            f"model (e.g. {(missing or list(lora))[0]})")
+        raise DataError(f"{ckpt_dir}: the checkpoint's LoRA tensors do not match this "
+                        f"model (e.g. {(missing or list(lora))[0]})")
     with torch.no_grad():
         for name, value in lora.items():
             if params[name].shape != value.shape:
-                raise EdgeTuneError(f"{ckpt_dir}: {name} has shape {tuple(value.shape)}, "
-                                    f"the model expects {tuple(params[name].shape)}")
+                raise DataError(f"{ckpt_dir}: {name} has shape {tuple(value.shape)}, "
+                                f"the model expects {tuple(params[name].shape)}")
             params[name].copy_(value)
     tensors = load_file(str(ckpt_dir / "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("torch_rng_state"))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from edge_tune.config import TrainConfig
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError
 from edge_tune.models import ModelRef
 
 _WORKER = {"wire": False}  # metadata of the fields the worker fills in; never serialized
@@ -111,9 +111,9 @@ class TrainJob:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise EdgeTuneError(f"{where}: not valid JSON ({exc})") from None
+            raise DataError(f"{where}: not valid JSON ({exc})") from None
         if not isinstance(data, dict):
-            raise EdgeTuneError(f"{where}: expected a JSON object, got {type(data).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got {type(data).__name__}")
         return cls.from_dict(data, where)
 
     @classmethod
@@ -222,12 +222,12 @@ def _exact(data: Any, required: set[str], allowed: Optional[set[str]], where: st
     """Refuse a non-mapping, keys outside ``allowed`` (None: exactly ``required``) and
     missing ``required`` keys, all named in one line."""
     if not isinstance(data, Mapping):
-        raise EdgeTuneError(f"{where}: expected an object, got {type(data).__name__}")
+        raise DataError(f"{where}: expected an object, got {type(data).__name__}")
     allowed = required if allowed is None else allowed
     unknown = sorted(set(data) - allowed)
     missing = sorted(required - set(data))
     problems = ([f"unknown key(s) {', '.join(unknown)}"] if unknown else []) + \
         ([f"missing key(s) {', '.join(missing)}"] if missing else [])
     if problems:
-        raise EdgeTuneError(f"{where}: {'; '.join(problems)} (expected "
-                            f"{', '.join(sorted(allowed))})")
+        raise DataError(f"{where}: {'; '.join(problems)} (expected "
+                        f"{', '.join(sorted(allowed))})")

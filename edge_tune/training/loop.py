@@ -18,7 +18,7 @@ from typing import Any, Callable
 from edge_tune.training.job import TrainJob, as_config
 from edge_tune.config import TrainConfig
 from edge_tune.data import sharding
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError
 
 # --- how long a run is ---------------------------------------------------------------------------
 
@@ -92,8 +92,8 @@ def slot_orders(job: TrainJob | Mapping, accum: int,
     for slot in sharding.rank_slots(dist.rank, accum):
         members = [k for k, i in enumerate(index) if sharding.slot_of(i, slots) == slot]
         if not members:
-            raise EdgeTuneError(f"too few training examples for {slots} micro-batches per step "
-                                f"(slot {slot} is empty): lower --grad-accum or --nproc")
+            raise DataError(f"too few training examples for {slots} micro-batches per step "
+                            f"(slot {slot} is empty): lower --grad-accum or --nproc")
         order = sharding.SlotOrder([len(examples[k].input_ids) for k in members],
                                    cfg.batch_size, cfg.seed, slot, length_grouped_batches)
         orders.append(lambda step, m=members, o=order: [m[k] for k in o.batch(step)])

@@ -55,7 +55,7 @@ def default_names(available: list[str]) -> list[str]:
     return ordered + [n for n in available if n not in ordered and n not in ROUTERS]
 
 
-def resolve(requested: list[str], available: list[str], where: str = "--target-modules") -> list[str]:
+def resolve(requested: list[str], available: list[str]) -> list[str]:
     """The module names LoRA goes on. ``all-linear`` gives ``available``; the default list
     gives :func:`default_names` (families name their projections differently); names the
     user gave must all exist. Raises UsageError listing the model's linear modules. Pure."""
@@ -66,13 +66,14 @@ def resolve(requested: list[str], available: list[str], where: str = "--target-m
     else:
         unknown = [n for n in requested if n not in available]
         if unknown:
-            raise UsageError(f"{where}: {', '.join(unknown)}: no such linear module in this "
-                             f"model's blocks (expected some of {', '.join(available)}, or "
-                             f"{ALL_LINEAR})")
+            raise UsageError(f"{', '.join(unknown)}: no such linear module in this model's "
+                             f"blocks (expected some of {', '.join(available)}, or "
+                             f"{ALL_LINEAR})", setting="target_modules")
         kept = list(requested)
     if not kept:
-        raise UsageError(f"{where}: none of {', '.join(requested)} is a linear module of this "
-                         f"model (it has {', '.join(available)}; or use {ALL_LINEAR})")
+        raise UsageError(f"none of {', '.join(requested)} is a linear module of this model "
+                         f"(it has {', '.join(available)}; or use {ALL_LINEAR})",
+                         setting="target_modules")
     return kept
 
 

@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Callable, Optional, Protocol
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import Unsupported, UsageError
 from edge_tune.hardware import Hardware, missing_modules, torch_cuda_version
 
 if TYPE_CHECKING:
@@ -149,20 +149,21 @@ def choose(requested: str, hw: Hardware) -> tuple[str, str]:
             if table[name].available and table[name].auto:
                 # The per-backend "why not" lines live in `doctor`; keep this one short.
                 return name, "the fastest backend available on this machine"
-        raise EdgeTuneError("no training backend is available: "
-                            + "; ".join(f"{a.name}: {a.reason}" for a in table.values()))
+        raise UsageError("no training backend is available: "
+                         + "; ".join(f"{a.name}: {a.reason}" for a in table.values()))
     if requested not in table:
-        raise EdgeTuneError(f"--backend {requested!r}: unknown (expected auto, "
-                            + ", ".join(AUTO_ORDER) + ")")
+        raise UsageError("unknown (expected auto, "
+                         + ", ".join(AUTO_ORDER) + ")", setting="backend", value=repr(requested))
     if not table[requested].available:
-        raise EdgeTuneError(f"--backend {requested}: not available here: {table[requested].reason}")
+        raise UsageError(f"not available here: {table[requested].reason}",
+                         setting="backend", value=requested)
     return requested, "requested with --backend"
 
 
 def capabilities(name: str) -> Capabilities:
     """What backend ``name`` can do (EdgeTuneError for an unknown name)."""
     if name not in BACKENDS:
-        raise EdgeTuneError(f"backend {name!r}: unknown (expected {', '.join(AUTO_ORDER)})")
+        raise UsageError(f"backend {name!r}: unknown (expected {', '.join(AUTO_ORDER)})")
     return BACKENDS[name].can
 
 
@@ -176,24 +177,25 @@ def refuse_unsupported(name: str, cfg, hw: Hardware, resume=None) -> None:
 
     can = capabilities(name)
     if resume is not None and not can.resumable:
-        raise EdgeTuneError(f"--resume {resume}: resuming is supported for the "
-                            f"{' and '.join(having('resumable'))} "
-                            f"backends; this run uses {name}: start it again")
+        raise Unsupported("resuming is supported for the "
+                          f"{' and '.join(having('resumable'))} "
+                          f"backends; this run uses {name}: start it again",
+                          setting="resume", value=resume)
     if (cfg.nproc > 1 or cfg.nnodes > 1) and not can.multi_process:
-        raise EdgeTuneError(f"--nproc/--nnodes: multi-process training runs on the cpu (gloo) "
-                            f"and unsloth (NCCL) backends, not {name}")
+        raise Unsupported(f"--nproc/--nnodes: multi-process training runs on the cpu (gloo) "
+                          f"and unsloth (NCCL) backends, not {name}")
     if can.device == "cuda" and cfg.nproc > len(hw.cuda_gpus):
-        raise EdgeTuneError(f"--nproc {cfg.nproc}: the {name} backend runs one process per GPU "
-                            f"and this node has {len(hw.cuda_gpus)}")
+        raise UsageError(f"the {name} backend runs one process per GPU "
+                         f"and this node has {len(hw.cuda_gpus)}", setting="nproc", value=cfg.nproc)
     if cfg.full and not can.full:
-        raise UsageError(f"--full: full fine-tuning runs on the {' and '.join(having('full'))} "
-                         f"backends, not {name}: add --backend cpu")
+        raise UsageError(f"full fine-tuning runs on the {' and '.join(having('full'))} "
+                         f"backends, not {name}: add --backend cpu", setting="full")
     if cfg.method == "grpo":
         _refuse_grpo(name, cfg)
     if cfg.replay_kl and not can.replay_kl:
-        raise UsageError(f"--replay-kl: the KL-to-base term runs on the "
+        raise UsageError("the KL-to-base term runs on the "
                          f"{' and '.join(having('replay_kl'))} backend, not {name}: add "
-                         f"--backend cpu, or drop --replay-kl")
+                         f"--backend cpu, or drop --replay-kl", setting="replay_kl")
 
 
 def _refuse_grpo(name: str, cfg) -> None:
@@ -229,6 +231,6 @@ def load_entry(name: str) -> TrainFn:
     """Import a backend's training function (called inside the training subprocess)."""
     entry = BACKENDS[name].entry
     if entry is None:
-        raise EdgeTuneError(f"backend {name!r} is not part of this release")
+        raise UsageError(f"backend {name!r} is not part of this release")
     module, func = entry.split(":")
     return getattr(importlib.import_module(module), func)

@@ -331,8 +331,8 @@ def parse_rewards(specs: list[str], weights: Optional[list[float]] = None) -> li
     if not specs:
         raise UsageError(f"--method grpo needs at least one --reward ({SPEC_HELP})")
     if weights and len(weights) != len(specs):
-        raise UsageError(f"--reward-weights: {len(weights)} weights for {len(specs)} rewards "
-                         "(expected one per --reward, in order)")
+        raise UsageError(f"{len(weights)} weights for {len(specs)} rewards "
+                         "(expected one per --reward, in order)", setting="reward_weights")
     return [parse_reward(s, w) for s, w in zip(specs, weights or [1.0] * len(specs))]
 
 
@@ -341,8 +341,8 @@ def check_columns(rewards: list[Reward], columns: set[str]) -> None:
     for r in rewards:
         if r.column is not None and r.column not in columns:
             have = ", ".join(sorted(columns)) or "none"
-            raise UsageError(f"--reward {r.name}: no record has a column {r.column!r} "
-                             f"(columns: {have})")
+            raise UsageError(f"no record has a column {r.column!r} "
+                             f"(columns: {have})", setting="reward", value=r.name)
 
 
 def score(rewards: list[Reward], prompts: list, completions: list[str],
@@ -360,16 +360,18 @@ def score(rewards: list[Reward], prompts: list, completions: list[str],
         try:
             values = r.fn(prompts=prompts, completions=given, **columns)
         except KeyError as exc:
-            raise UsageError(f"--reward {r.name}: a record has no column {exc}") from None
+            raise UsageError(f"a record has no column {exc}",
+                             setting="reward", value=r.name) from None
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
-            raise UsageError(f"--reward {r.name}: returned {type(values).__name__} "
+            raise UsageError(f"returned {type(values).__name__} "
                              f"of {len(values) if hasattr(values, '__len__') else '?'} "
-                             f"(expected a list of {len(completions)} floats)")
+                             f"(expected a list of {len(completions)} floats)",
+                             setting="reward", value=r.name)
         try:
             per.append([math.nan if v is None else float(v) for v in values])
         except (TypeError, ValueError):
-            raise UsageError(f"--reward {r.name}: returned a value that is not a number "
-                             f"({values[:3]!r}...)") from None
+            raise UsageError("returned a value that is not a number "
+                             f"({values[:3]!r}...)", setting="reward", value=r.name) from None
     total = []
     for i in range(len(completions)):
         scored = [(r.weight * p[i]) for r, p in zip(rewards, per) if not math.isnan(p[i])]

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from edge_tune.training.job import TrainJob, WorkerResult
-from edge_tune.errors import EdgeTuneError, ExitCode
+from edge_tune.errors import DataError, EdgeTuneError, ExitCode
 from edge_tune.events import Done, Failed, Log, Progress, to_json
 
 
@@ -122,8 +122,8 @@ def tokenize_records(tok, records: list, seq_len: int, emit, name: str, train_on
             emit(Progress(f"tokenize-{name}", i + 1, len(records), "records",
                           f"tokenizing {name} data"))
     if bad and not n_examples:
-        raise EdgeTuneError(f"{name} data: every record was invalid for the chat template; "
-                            f"first: {bad[0]}")
+        raise DataError(f"{name} data: every record was invalid for the chat template; "
+                        f"first: {bad[0]}")
     if bad:
         emit(Log(f"{name} data: skipped {len(bad)} records the chat template cannot train "
                  f"(--skip-invalid): {'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}",
@@ -184,8 +184,8 @@ def prepare_examples(job: TrainJob, emit, rank: int = 0, world: int = 1):
     job.replay_examples = [k for k, i in enumerate(kept) if job.records[i].get("replay")]
     if not examples:
         shard = f" in rank {rank}'s shard" if world > 1 else ""
-        raise EdgeTuneError(f"no example{shard} has an assistant token within seq_len; raise "
-                            "--seq-len" + (" or use fewer processes" if world > 1 else ""))
+        raise DataError(f"no example{shard} has an assistant token within seq_len; raise "
+                        "--seq-len" + (" or use fewer processes" if world > 1 else ""))
     # Only rank 0 validates.
     job.val_examples = tokenize_records(tok, job.val_records or [], seq_len, emit,
                                         "validation", on_all, overflow,
@@ -209,11 +209,11 @@ def check_token_ids(tok, examples: list, hf_dir: Path) -> None:
     top = max((max(e.input_ids) for e in examples if e.input_ids), default=-1)
     if not isinstance(vocab, int) or top < vocab:
         return
-    raise EdgeTuneError(
-        f"{hf_dir / 'config.json'}: vocab_size: {vocab} is smaller than the tokenizer: the "
-        f"data has token id {top} ({tok.convert_ids_to_tokens(top)!r}) and the tokenizer "
-        f"has {len(tok)} tokens (expected every token id below vocab_size: a tokenizer "
-        "that matches the model's embedding)")
+    raise DataError(
+    f"{hf_dir / 'config.json'}: vocab_size: {vocab} is smaller than the tokenizer: the "
+    f"data has token id {top} ({tok.convert_ids_to_tokens(top)!r}) and the tokenizer "
+    f"has {len(tok)} tokens (expected every token id below vocab_size: a tokenizer "
+    "that matches the model's embedding)")
 
 
 def peak_rss_bytes() -> int:

@@ -43,7 +43,7 @@ from edge_tune.training.loop import (
     step_counts,
 )
 from edge_tune.data.template import Example
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import UsageError
 from edge_tune.events import Log, Metric, Progress
 
 FULL_WEIGHTS = "model.safetensors"  # a full run's weights, HF names (RUN/model/)
@@ -118,8 +118,9 @@ def _make_trainable(model, job: TrainJob) -> dict | None:
     block_modules = [name for name, _ in model.layers[0].named_modules() if name]
     keys = lora_keys(block_modules, cfg.target_modules)
     if not keys:
-        raise EdgeTuneError(f"--target-modules {','.join(cfg.target_modules)}: none of "
-                            "these modules exists in the model's blocks")
+        raise UsageError("none of "
+                         "these modules exists in the model's blocks",
+                         setting="target_modules", value=','.join(cfg.target_modules))
     n_layers = len(model.layers)
     native_cfg = mlx_lora_config(cfg.rank, cfg.alpha, keys, n_layers, job.hf_dir,
                                  cfg.rslora, cfg.dora, cfg.lora_dropout)

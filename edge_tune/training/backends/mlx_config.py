@@ -138,20 +138,21 @@ def mlx_load_kwargs(hf_dir, seq_len: int | None = None) -> dict[str, Any]:
     import json
     from pathlib import Path
 
-    from edge_tune.errors import EdgeTuneError
+    from edge_tune.errors import Unsupported
 
     path = Path(hf_dir) / "config.json"
     hf = json.loads(path.read_text())
     try:
         overrides = mlx_model_config(hf)
     except NotExpressible as exc:
-        raise EdgeTuneError(f"{path}: mlx-lm cannot run this model: {exc} (use --backend "
-                            "cpu)") from None
+        raise Unsupported(f"{path}: mlx-lm cannot run this model: {exc} (use --backend "
+                          "cpu)") from None
     limit = mlx_exact_length(hf)
     if seq_len is not None and limit is not None and seq_len > limit:
         why = ("has no sliding window" if limit == _window(hf) else
                "applies one LongRoPE factor set (the short one here)")
-        raise EdgeTuneError(f"--seq-len {seq_len}: mlx-lm's {hf.get('model_type')} model {why}, "
-                            f"so it is exact only up to {limit} tokens "
-                            f"(use --seq-len {limit} or less, or --backend cpu)")
+        raise Unsupported(f"mlx-lm's {hf.get('model_type')} model {why}, "
+                          f"so it is exact only up to {limit} tokens "
+                          f"(use --seq-len {limit} or less, or --backend cpu)",
+                          setting="seq_len", value=seq_len)
     return {"model_config": overrides}

@@ -55,7 +55,7 @@ from edge_tune.training.loop import (  # noqa: F401 (grad_accum, step_counts: re
 )
 from edge_tune.config import ALL_LINEAR, TrainConfig
 from edge_tune.data.template import IGNORE, Example
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, UsageError
 from edge_tune.events import Log, Metric, Progress
 
 PAD_MULTIPLE = 8  # pad widths to a multiple of 8: tensor cores want aligned shapes
@@ -73,11 +73,13 @@ def compute_dtype(precision: str, bf16_supported: bool) -> str | None:
         return None
     if precision == "bf16":
         if not bf16_supported:
-            raise EdgeTuneError("--precision bf16: this GPU has no bf16 (compute capability "
-                                "below 8.0); use --precision auto (fp16 compute)")
+            raise UsageError("this GPU has no bf16 (compute capability "
+                             "below 8.0); use --precision auto (fp16 compute)",
+                             setting="precision", value="bf16")
         return "bfloat16"
-    raise EdgeTuneError(f"--precision {precision}: the unsloth backend computes in bf16 or fp16 "
-                        "over a 4-bit base; use --precision auto or bf16")
+    raise UsageError("the unsloth backend computes in bf16 or fp16 "
+                     "over a 4-bit base; use --precision auto or bf16",
+                     setting="precision", value=precision)
 
 
 def mixed_precision(dtype: str | None, bf16_supported: bool) -> str:
@@ -189,7 +191,8 @@ def preference_args_kwargs(cfg: TrainConfig | Mapping, total_steps: int, output_
     default sigmoid loss with the reference computed in each step (not precomputed). Pure."""
     cfg = as_config(cfg)
     if cfg.method not in TRL_TRAINERS:
-        raise EdgeTuneError(f"--method {cfg.method}: no TRL trainer for it (expected dpo or orpo)")
+        raise UsageError("no TRL trainer for it (expected dpo, orpo "
+                         "or kto)", setting="method", value=cfg.method)
     kw = training_args_kwargs(cfg, total_steps, output_dir, precision)
     kw.update(beta=cfg.beta, max_length=cfg.seq_len, disable_dropout=False)
     if cfg.method in ("dpo", "kto"):
@@ -412,7 +415,7 @@ def _run_so_far(resume_from, total: int, slots: int) -> dict:
     if resume_from:
         state = checkpoint.read_state(Path(resume_from).parent)
         if state is None:
-            raise EdgeTuneError(f"{resume_from}: no checkpoint to resume from")
+            raise DataError(f"{resume_from}: no checkpoint to resume from")
         check_checkpoint(state, total, slots, resume_from)
         done.update(step=state["step"], tokens=state["tokens"], losses=list(state["losses"]),
                     val_loss=state.get("val_loss"), seconds=state["train_seconds"])
@@ -680,8 +683,9 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
     job = TrainJob.of(job)
     cfg = job.config
     if not torch.cuda.is_available():
-        raise EdgeTuneError("--backend unsloth: torch sees no CUDA device "
-                            "(check CUDA_VISIBLE_DEVICES and the driver with nvidia-smi)")
+        raise UsageError("torch sees no CUDA device "
+                         "(check CUDA_VISIBLE_DEVICES and the driver with nvidia-smi)",
+                         setting="backend", value="unsloth")
     bf16_ok = bool(is_bfloat16_supported())
     load_kw = from_pretrained_kwargs(cfg, job.hf_dir, bf16_ok)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
