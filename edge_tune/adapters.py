@@ -17,7 +17,7 @@ from typing import Optional
 
 from edge_tune import manifest as manifest_mod
 from edge_tune import models
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, EdgeTuneError, UsageError
 from edge_tune.events import EventSink, Log, ignore
 from edge_tune.fsutil import sha256_file
 from edge_tune.manifest import Manifest
@@ -46,7 +46,7 @@ def peft_adapter(adapter: Path) -> tuple[Path, Optional[Manifest]]:
     mlx-lm adapter directory. Raises EdgeTuneError for anything else."""
     adapter = Path(adapter)
     if not adapter.exists():
-        raise EdgeTuneError(f"{adapter}: no such adapter directory")
+        raise UsageError(f"{adapter}: no such adapter directory")
     man = manifest_mod.read(adapter) if adapter.is_dir() else None
     if man is not None:
         return _readable_peft(adapter / man.adapter.peft), man
@@ -56,9 +56,9 @@ def peft_adapter(adapter: Path) -> tuple[Path, Optional[Manifest]]:
         return _peft_copy_of_mlx(adapter), None
     if (adapter / "adapter_config.json").is_file():
         return _readable_peft(adapter), None
-    raise EdgeTuneError(f"{adapter}: neither an edge-tune run directory (manifest.json), a "
-                        "PEFT adapter directory (adapter_config.json) nor an mlx-lm adapter "
-                        "directory (adapters.safetensors)")
+    raise DataError(f"{adapter}: neither an edge-tune run directory (manifest.json), a "
+                    "PEFT adapter directory (adapter_config.json) nor an mlx-lm adapter "
+                    "directory (adapters.safetensors)")
 
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -77,8 +77,8 @@ def _readable_peft(peft_dir: Path) -> Path:
                 pass
         except Exception as exc:  # noqa: BLE001 -- SafetensorError, OSError: all unreadable
             detail = " ".join(str(exc).split()) or type(exc).__name__
-            raise EdgeTuneError(f"{weights}: unreadable safetensors file ({detail}; expected "
-                                "the adapter weights whole, as training saved them)") from None
+            raise DataError(f"{weights}: unreadable safetensors file ({detail}; expected "
+                            "the adapter weights whole, as training saved them)") from None
     return Path(peft_dir)
 
 
@@ -108,15 +108,16 @@ def conversion_base(peft_dir: Path, man: Optional[Manifest], base: Optional[Path
             return base_info.from_gguf(ref.gguf), ref.gguf
         if ref.hf_dir is not None:
             return base_info.from_hf_dir(ref.hf_dir), None
-        raise EdgeTuneError(f"--base {base}: expected a GGUF file or an HF model directory")
+        raise UsageError("expected a GGUF file or an HF model directory",
+                         setting="base", value=base)
     if run_base_gguf(man) is not None:
         path = run_base_gguf(man)
         return base_info.from_gguf(path), path
     guess = Path(str(named_base(peft_dir) or ""))
     if str(guess) and (guess / "config.json").is_file():
         return base_info.from_hf_dir(guess), None
-    raise EdgeTuneError(f"{peft_dir}: cannot tell which base model this adapter is for; "
-                        "pass --base BASE.gguf")
+    raise UsageError(f"{peft_dir}: cannot tell which base model this adapter is for; "
+                     "pass --base BASE.gguf")
 
 
 def merge_base(man: Optional[Manifest], base: Optional[Path]) -> Optional[Path]:
@@ -124,8 +125,8 @@ def merge_base(man: Optional[Manifest], base: Optional[Path]) -> Optional[Path]:
     if base is not None:
         ref = models.resolve(str(base))
         if ref.gguf is None:
-            raise EdgeTuneError(f"--base {base}: --merge needs a GGUF base (make one from an HF "
-                                "model with `edge-tune convert-base`)")
+            raise UsageError("--merge needs a GGUF base (make one from an HF "
+                             "model with `edge-tune convert-base`)", setting="base", value=base)
         return ref.gguf
     return run_base_gguf(man)
 
@@ -135,8 +136,8 @@ def vllm_base(peft_dir: Path, man: Optional[Manifest], base: Optional[Path]) -> 
     if base is not None:
         ref = models.resolve(str(base))
         if ref.gguf is not None:
-            raise EdgeTuneError(f"--base {base}: vLLM serves LoRA adapters on HF weights; pass "
-                                "an HF model directory or hub ID")
+            raise UsageError("vLLM serves LoRA adapters on HF weights; pass "
+                             "an HF model directory or hub ID", setting="base", value=base)
         return ref.hub_id or str(ref.hf_dir)
     rec = man.base if man is not None else manifest_mod.Base()
     if rec.hub_id or rec.hf_dir:
@@ -144,8 +145,8 @@ def vllm_base(peft_dir: Path, man: Optional[Manifest], base: Optional[Path]) -> 
     guess = named_base(peft_dir)
     if guess:
         return str(guess)
-    raise EdgeTuneError(f"{peft_dir}: cannot tell which base model this adapter is for; pass "
-                        "--base HF_DIR_OR_HUB_ID")
+    raise UsageError(f"{peft_dir}: cannot tell which base model this adapter is for; pass "
+                     "--base HF_DIR_OR_HUB_ID")
 
 
 @dataclass
@@ -182,31 +183,35 @@ def resolve_chat(adapter: Optional[Path], base: Optional[str],
         if adapter.is_dir():
             man = manifest_mod.read(adapter)
             if man is None:
-                raise EdgeTuneError(f"--adapter {adapter}: not an edge-tune run directory (no "
-                                    "manifest.json); pass the adapter .gguf or export it first")
+                raise DataError("not an edge-tune run directory (no "
+                                "manifest.json); pass the adapter .gguf or export it first",
+                                setting="adapter", value=adapter)
             if man.full:  # a full fine-tuning run is a model: chat with it as the base
                 return _full_run_target(adapter, man, base, chat_template, system_mode)
             gg = man.adapter.gguf
             if not gg:
-                raise EdgeTuneError(f"--adapter {adapter}: the run has no adapter.gguf; run "
-                                    f"`edge-tune export {adapter} --base BASE.gguf`")
+                raise DataError("the run has no adapter.gguf; run "
+                                f"`edge-tune export {adapter} --base BASE.gguf`",
+                                setting="adapter", value=adapter)
             adapter_gguf = adapter / gg
         elif adapter.is_file():
             adapter_gguf = adapter
             man = manifest_mod.read(adapter.parent)
         else:
-            raise EdgeTuneError(f"--adapter {adapter}: no such file or directory")
+            raise UsageError("no such file or directory",
+                             setting="adapter", value=adapter)
     if base is not None and (full := _full_run(Path(base))) is not None:
         if adapter is not None:
-            raise EdgeTuneError(f"--base {base}: a full fine-tuning run is a whole model of "
-                                f"its own, not a base for --adapter {adapter}; use the run "
-                                f"alone (--base {base}), or the adapter on its own base "
-                                "(drop --base)")
+            raise UsageError("a full fine-tuning run is a whole model of "
+                             f"its own, not a base for --adapter {adapter}; use the run "
+                             f"alone (--base {base}), or the adapter on its own base "
+                             "(drop --base)", setting="base", value=base)
         return _full_run_target(Path(base), full, None, chat_template, system_mode)
     if base is not None:
         ref = models.resolve(base)
         if ref.gguf is None:
-            raise EdgeTuneError(f"--base {base}: chat runs on llama.cpp and needs a GGUF base")
+            raise UsageError("chat runs on llama.cpp and needs a GGUF base",
+                             setting="base", value=base)
         base_path = ref.gguf
     elif run_base_gguf(man) is not None:
         base_path = run_base_gguf(man)
@@ -261,12 +266,12 @@ def _full_run_target(run: Path, man: Manifest, base: Optional[str],
     """A full fine-tuning run as a chat target: its model GGUF is the base, with no adapter
     (as a merged export); the run's chat template and system mode as for any run."""
     if base is not None:
-        raise EdgeTuneError(f"--base {base}: {run} is a full fine-tuning run, a whole model of "
-                            "its own; drop --base")
+        raise UsageError(f"{run} is a full fine-tuning run, a whole model of "
+                         "its own; drop --base", setting="base", value=base)
     gg = man.model.gguf if man.model is not None else None
     if not gg or not (run / gg).is_file():
-        raise EdgeTuneError(f"--adapter {run}: the full run has no model GGUF; run `edge-tune "
-                            f"export {run}`")
+        raise DataError("the full run has no model GGUF; run `edge-tune "
+                        f"export {run}`", setting="adapter", value=run)
     mode = system_mode_option(system_mode) or man.hyperparameters.system_mode or "keep"
     chosen = template_choice.choose(chat_template, man)
     from edge_tune.templates.vocabulary import require_template_tokens
@@ -348,9 +353,10 @@ def refuse_unless_llama_cpp_runs(ref: models.ModelRef, on_event: EventSink = ign
         mismatch = _tokenizer_beyond_vocab(ref.hf_dir)
         if mismatch:
             raise DataError(mismatch) from None
-        raise DataError(f"--model {ref.spec}: llama.cpp cannot run this model, so an adapter "
+        raise DataError("llama.cpp cannot run this model, so an adapter "
                         f"trained on it could not be chatted with, served or verified here "
-                        f"(nothing trained): {exc.message}") from None
+                        f"(nothing trained): {exc.message}",
+                        setting="model", value=ref.spec) from None
 
 
 def _tokenizer_beyond_vocab(hf_dir: Path) -> Optional[str]:

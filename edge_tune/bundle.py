@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, UsageError
 from edge_tune.events import Done, EventSink, Log, Progress, ignore
 
 BUNDLE_FILE = "bundle.json"
@@ -89,8 +89,8 @@ def plan_bundle(base: Path, adapters: list[tuple[str, Path, dict | None]],
     for name, path, man in adapters:
         check_model_name(name, f"bundle: {path}")
         if name in seen:
-            raise EdgeTuneError(f"bundle: two runs would both be named {name!r}; name them "
-                                "with NAME=RUN")
+            raise UsageError(f"bundle: two runs would both be named {name!r}; name them "
+                             "with NAME=RUN")
         seen.add(name)
         entries[name] = Entry(Path(path), f"adapters/{name}.gguf")
         if man is not None:
@@ -178,7 +178,7 @@ def check_output(out: Path) -> None:
 
     out = Path(out)
     if not out.name or out.name in (".", ".."):
-        raise EdgeTuneError(f"-o {out}: expected a bundle folder or .tar.gz name")
+        raise UsageError(f"-o {out}: expected a bundle folder or .tar.gz name")
     existing = out.absolute().parent
     while not existing.exists():  # the folders atomic_path would create start here
         existing = existing.parent
@@ -187,8 +187,8 @@ def check_output(out: Path) -> None:
             raise NotADirectoryError(20, os.strerror(20))
         os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.", dir=existing))
     except OSError as exc:
-        raise EdgeTuneError(f"-o {out}: cannot write into {existing} ({exc.strerror or exc}); "
-                            "choose another output") from None
+        raise UsageError(f"-o {out}: cannot write into {existing} ({exc.strerror or exc}); "
+                         "choose another output") from None
 
 
 def write_bundle(plan: BundlePlan, out: Path, on_event: EventSink = ignore,
@@ -209,8 +209,8 @@ def write_bundle(plan: BundlePlan, out: Path, on_event: EventSink = ignore,
     as_tar = out.name.endswith((".tar.gz", ".tgz"))
     if out.exists() and not as_tar and (not out.is_dir() or any(out.iterdir())) \
             and not (out / BUNDLE_FILE).is_file():
-        raise EdgeTuneError(f"-o {out}: exists and is not an edge-tune bundle; choose another "
-                            "output")
+        raise UsageError(f"-o {out}: exists and is not an edge-tune bundle; choose another "
+                         "output")
     total = sum(e.src.stat().st_size for e in plan.entries)
     done = 0
     parent = out.parent if out.parent.exists() else None
@@ -281,26 +281,28 @@ def _extract(archive: Path) -> Path:
         with tarfile.open(archive, "r:*") as tar:
             tar.extractall(work, filter="data")  # no absolute paths, links out, or devices
     except (tarfile.TarError, OSError) as exc:
-        raise EdgeTuneError(f"--bundle {archive}: cannot unpack ({exc})") from None
+        raise DataError(f"cannot unpack ({exc})",
+                        setting="bundle", value=archive) from None
     found = sorted(work.glob(f"*/{BUNDLE_FILE}")) or sorted(work.glob(BUNDLE_FILE))
     if not found:
-        raise EdgeTuneError(f"--bundle {archive}: no {BUNDLE_FILE} inside; not an edge-tune "
-                            "bundle")
+        raise DataError(f"no {BUNDLE_FILE} inside; not an edge-tune "
+                        "bundle", setting="bundle", value=archive)
     return found[0].parent
 
 
 def read_index(folder: Path) -> dict:
     path = folder / BUNDLE_FILE
     if not path.is_file():
-        raise EdgeTuneError(f"--bundle {folder}: no {BUNDLE_FILE}; not an edge-tune bundle "
-                            "(make one with `edge-tune bundle RUN -o OUT`)")
+        raise DataError(f"no {BUNDLE_FILE}; not an edge-tune bundle "
+                        "(make one with `edge-tune bundle RUN -o OUT`)",
+                        setting="bundle", value=folder)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise EdgeTuneError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
     found = data.get("format") if isinstance(data, dict) else None
     if found != FORMAT:
-        raise EdgeTuneError(f"{path}: 'format' is {found!r}; expected {FORMAT!r}")
+        raise DataError(f"{path}: 'format' is {found!r}; expected {FORMAT!r}")
     return data
 
 
@@ -315,20 +317,20 @@ def verify(folder: Path, data: dict) -> None:
          if rel]
     for rel in needed:
         if rel not in files:
-            raise EdgeTuneError(f"{folder / BUNDLE_FILE}: {rel!r} has no checksum; the bundle "
-                                "index was edited")
+            raise DataError(f"{folder / BUNDLE_FILE}: {rel!r} has no checksum; the bundle "
+                            "index was edited")
     for rel, want in files.items():
         path = folder / rel
         if ".." in Path(rel).parts or Path(rel).is_absolute():
-            raise EdgeTuneError(f"{folder / BUNDLE_FILE}: file {rel!r} points outside the "
-                                "bundle")
+            raise DataError(f"{folder / BUNDLE_FILE}: file {rel!r} points outside the "
+                            "bundle")
         if not path.is_file():
-            raise EdgeTuneError(f"{path}: missing from the bundle; copy the bundle again")
+            raise DataError(f"{path}: missing from the bundle; copy the bundle again")
         got = sha256_file(path)
         if got != want:
-            raise EdgeTuneError(f"{path}: sha256 {got[:12]}… does not match bundle.json "
-                                f"({want[:12]}…); the file is damaged or was changed — copy "
-                                "the bundle again")
+            raise DataError(f"{path}: sha256 {got[:12]}… does not match bundle.json "
+                            f"({want[:12]}…); the file is damaged or was changed — copy "
+                            "the bundle again")
 
 
 def load_bundle(path: Path, on_event: EventSink = ignore):
@@ -337,7 +339,8 @@ def load_bundle(path: Path, on_event: EventSink = ignore):
 
     path = Path(path)
     if not path.exists():
-        raise EdgeTuneError(f"--bundle {path}: no such file or directory")
+        raise UsageError("no such file or directory",
+                         setting="bundle", value=path)
     folder = _extract(path) if path.is_file() else path
     data = read_index(folder)
     verify(folder, data)

@@ -170,14 +170,14 @@ def check_llama_cpp_computes_as_hf(hf_dir: Path) -> None:
     is left to the converter's own checks)."""
     import json
 
-    from edge_tune.errors import EdgeTuneError
+    from edge_tune.errors import Unsupported
 
     try:
         config = json.loads((hf_dir / "config.json").read_text())
     except (OSError, ValueError):
         return  # the converter's own checks say what is wrong with it
     if problem := query_scale_problem(config.get("text_config") or config):
-        raise EdgeTuneError(f"{hf_dir / 'config.json'}: {problem}")
+        raise Unsupported(f"{hf_dir / 'config.json'}: {problem}")
 
 
 def _scaling(kv: dict, arch: str) -> dict:
@@ -299,7 +299,7 @@ def hf_config(gguf_path: Path):
     EdgeTuneError for RoPE factors transformers cannot express."""
     from transformers import AutoConfig
 
-    from edge_tune.errors import EdgeTuneError
+    from edge_tune.errors import Unsupported
 
     gguf_path = Path(gguf_path)
     base = AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -307,8 +307,8 @@ def hf_config(gguf_path: Path):
     try:
         fixed = fix_config(base.to_dict(), kv, small)
     except UnsupportedRope as exc:
-        raise EdgeTuneError(f"{gguf_path}: {exc} (so it cannot be trained as llama.cpp runs "
-                            "it)") from None
+        raise Unsupported(f"{gguf_path}: {exc} (so it cannot be trained as llama.cpp runs "
+                          "it)") from None
     return type(base).from_dict(fixed)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from edge_tune import ollama_store
-from edge_tune.errors import EdgeTuneError, NetworkError
+from edge_tune.errors import DataError, NetworkError, UsageError
 from edge_tune.events import EventSink, Log, Progress, ignore
 from edge_tune.fsutil import atomic_path, cache_dir, sha256_file
 from edge_tune.gguf_config import refresh_cached_config
@@ -93,19 +93,21 @@ def check_spec(spec: str) -> str:
         try:
             validate_repo_id(spec)
         except ValueError as exc:
-            raise EdgeTuneError(f"--model {spec}: not a valid hub ID ({str(exc).rstrip('.')}; "
-                                f"{expected})") from None
+            raise UsageError(f"not a valid hub ID ({str(exc).rstrip('.')}; "
+                             f"{expected})", setting="model", value=spec) from None
     if kind == "hub" and hub_offline() and hub_cache_snapshot(spec, complete=False) is None:
-        raise EdgeTuneError(f"--model {spec}: not in the local Hugging Face cache (looked for "
-                            f"{hub_cache_repo_dir(spec)}) and HF_HUB_OFFLINE is set, so it "
-                            "cannot be downloaded")
+        raise UsageError("not in the local Hugging Face cache (looked for "
+                         f"{hub_cache_repo_dir(spec)}) and HF_HUB_OFFLINE is set, so it "
+                         "cannot be downloaded", setting="model", value=spec)
     if kind == "bad-dir":
-        raise EdgeTuneError(f"--model {spec}: directory has no config.json ({expected})")
+        raise DataError(f"directory has no config.json ({expected})",
+                        setting="model", value=spec)
     if kind == "bad-file":
-        raise EdgeTuneError(f"--model {spec}: not a GGUF file ({expected})")
+        raise DataError(f"not a GGUF file ({expected})",
+                        setting="model", value=spec)
     if kind == "bad":
-        raise EdgeTuneError(f"--model {spec!r}: no such file or directory, and not a hub ID "
-                            f"({expected})")
+        raise UsageError("no such file or directory, and not a hub ID "
+                         f"({expected})", setting="model", value=repr(spec))
     return kind
 
 
@@ -127,7 +129,7 @@ def resolve(spec: str, on_event: EventSink = ignore) -> ModelRef:
     p = Path(spec).expanduser().resolve()
     if kind == "gguf":
         if not _has_gguf_magic(p):
-            raise EdgeTuneError(f"{spec}: not a GGUF file (no GGUF magic bytes)")
+            raise DataError(f"{spec}: not a GGUF file (no GGUF magic bytes)")
         return ModelRef(spec, gguf=p)
     return ModelRef(spec, hf_dir=p)
 
@@ -251,10 +253,10 @@ def hf_dir_for(ref: ModelRef, on_event: EventSink = ignore,
 
 def _download_hub(hub_id: str, on_event: EventSink) -> Path:
     if hub_offline():
-        raise EdgeTuneError(f"--model {hub_id}: the local Hugging Face cache "
-                            f"({hub_cache_repo_dir(hub_id)}) has no complete safetensors "
-                            "weights for it and HF_HUB_OFFLINE is set, so they cannot be "
-                            "downloaded")
+        raise UsageError("the local Hugging Face cache "
+                         f"({hub_cache_repo_dir(hub_id)}) has no complete safetensors "
+                         "weights for it and HF_HUB_OFFLINE is set, so they cannot be "
+                         "downloaded", setting="model", value=hub_id)
     on_event(Log(f"downloading {hub_id} from the Hugging Face hub"))
     try:
         from huggingface_hub import snapshot_download
@@ -263,8 +265,9 @@ def _download_hub(hub_id: str, on_event: EventSink) -> Path:
         path = snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.model",
                                                          "*.txt", "*.jinja", "tokenizer*"])
     except Exception as exc:  # network, auth, 404: all one line for the user
-        raise NetworkError(f"--model {hub_id}: could not download from the hub "
-                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+        raise NetworkError("could not download from the hub "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+                           setting="model", value=hub_id)
     return Path(path)
 
 

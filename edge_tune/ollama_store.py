@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError, Unsupported, UsageError
 
 PREFIX = "ollama:"
 DEFAULT_HOST = "registry.ollama.ai"
@@ -76,7 +76,7 @@ def parse_name(text: str) -> OllamaName:
     """``[ollama:][host/][namespace/]model[:tag]`` -> the filled name; EdgeTuneError if it is
     not one (digest ``@...`` and build ``+...`` suffixes included: they name no local file)."""
     name = text[len(PREFIX):] if text.startswith(PREFIX) else text
-    bad = EdgeTuneError(f"--model {text!r}: not an Ollama model name ({_EXPECTED})")
+    bad = UsageError(f"not an Ollama model name ({_EXPECTED})", setting="model", value=repr(text))
     path, _, tag = name.rpartition(":") if ":" in name.rsplit("/", 1)[-1] else (name, "", "")
     parts = path.split("/")
     if not name or len(parts) > 3 or (":" in name and not tag):
@@ -143,61 +143,63 @@ def find(spec: str, env: Optional[Mapping[str, str]] = None) -> OllamaModel:
     source = "$OLLAMA_MODELS" if env.get("OLLAMA_MODELS") else \
         "the default; set OLLAMA_MODELS if Ollama keeps its models elsewhere"
     if not (root / "manifests").is_dir():
-        raise EdgeTuneError(f"--model {spec}: no Ollama model store at {root} ({source})")
+        raise UsageError(f"no Ollama model store at {root} ({source})",
+                         setting="model", value=spec)
     path = _manifest_file(root, name)
     if not path.is_file():
-        raise EdgeTuneError(f"--model {spec}: {name.display} is not in Ollama's local store at "
-                            f"{root} ({source}): no manifest {path}; `ollama pull "
-                            f"{name.display}` fetches it")
+        raise UsageError(f"{name.display} is not in Ollama's local store at "
+                         f"{root} ({source}): no manifest {path}; `ollama pull "
+                         f"{name.display}` fetches it", setting="model", value=spec)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise EdgeTuneError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}; expected an Ollama "
-                            "manifest)") from None
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}; expected an Ollama "
+                        "manifest)") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise EdgeTuneError(f"{path}: cannot read the manifest ({exc})") from None
+        raise DataError(f"{path}: cannot read the manifest ({exc})") from None
     layers = doc.get("layers") if isinstance(doc, dict) else None
     if not isinstance(layers, list):
-        raise EdgeTuneError(f"{path}: layers: missing (expected an Ollama manifest with a "
-                            "list of layers)")
+        raise DataError(f"{path}: layers: missing (expected an Ollama manifest with a "
+                        "list of layers)")
     found: dict = {}
     weights = []
     for i, layer in enumerate(layers):
         media = layer.get("mediaType") if isinstance(layer, dict) else None
         digest = layer.get("digest") if isinstance(layer, dict) else None
         if not isinstance(media, str) or not isinstance(digest, str):
-            raise EdgeTuneError(f"{path}: layers[{i}]: expected an object with mediaType and "
-                                "digest")
+            raise DataError(f"{path}: layers[{i}]: expected an object with mediaType and "
+                            "digest")
         try:
             blob = blob_path(root, digest)
         except ValueError:
-            raise EdgeTuneError(f"{path}: layers[{i}].digest: {digest!r} is not a sha256 digest "
-                                "(expected sha256:<64 hex digits>)") from None
+            raise DataError(f"{path}: layers[{i}].digest: {digest!r} is not a sha256 digest "
+                            "(expected sha256:<64 hex digits>)") from None
         if media == MEDIA_MODEL:
             weights.append((i, layer, blob))
         else:
             found.setdefault(media, []).append(blob)
     if len(weights) != 1:
         what = "no" if not weights else f"{len(weights)}"
-        raise EdgeTuneError(f"{path}: layers: {what} {MEDIA_MODEL} layers (expected exactly one "
-                            "GGUF weights layer)")
+        raise DataError(f"{path}: layers: {what} {MEDIA_MODEL} layers (expected exactly one "
+                        "GGUF weights layer)")
     if MEDIA_ADAPTER in found:
-        raise EdgeTuneError(f"--model {spec}: {name.display} carries a LoRA adapter layer; "
-                            "edge-tune trains on base weights, so give the model it was "
-                            "created FROM")
+        raise DataError(f"{name.display} carries a LoRA adapter layer; "
+                        "edge-tune trains on base weights, so give the model it was "
+                        "created FROM", setting="model", value=spec)
     i, layer, blob = weights[0]
     if not blob.is_file():
-        raise EdgeTuneError(f"--model {spec}: the weights blob {blob} named by {path} is missing "
-                            f"(`ollama pull {name.display}` fetches it again)")
+        raise DataError(f"the weights blob {blob} named by {path} is missing "
+                        f"(`ollama pull {name.display}` fetches it again)",
+                        setting="model", value=spec)
     size = blob.stat().st_size
     expected = layer.get("size")
     if isinstance(expected, int) and expected != size:
-        raise EdgeTuneError(f"{blob}: {size} bytes where {path} says {expected} (a truncated or "
-                            f"damaged copy; `ollama pull {name.display}` fetches it again)")
+        raise DataError(f"{blob}: {size} bytes where {path} says {expected} (a truncated or "
+                        f"damaged copy; `ollama pull {name.display}` fetches it again)")
     with open(blob, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise EdgeTuneError(f"{blob}: {name.display}'s weights are not a GGUF file "
-                                "(expected a GGUF model; Ollama's safetensors-based models are "
-                                "not supported)")
+            raise Unsupported(f"{blob}: {name.display}'s weights are not a GGUF file "
+                              "(expected a GGUF model; Ollama's safetensors-based models are "
+                              "not supported)")
     digest = _DIGEST.match(layer["digest"]).group(1).lower()
     return OllamaModel(name, root, path, blob, digest, size, found)

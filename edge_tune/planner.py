@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Optional
 
 from edge_tune.training.registry import capabilities
 from edge_tune.config import TrainConfig
-from edge_tune.errors import EdgeTuneError, UsageError
+from edge_tune.errors import UsageError
 
 if TYPE_CHECKING:
     from edge_tune.models import ModelRef
@@ -503,18 +503,18 @@ def check_plan(p: Plan) -> None:
         state = ("weights", "gradients", "optimizer state")
         fixed = ", ".join(f"{k} {e.parts[k] / GIB:.2f}" for k in state)
         need = sum(e.parts[k] for k in state) / GIB
-        raise UsageError(f"--full: full fine-tuning needs {need:.2f} GiB for weights, "
+        raise UsageError(f"full fine-tuning needs {need:.2f} GiB for weights, "
                          f"gradients and optimizer state alone ({fixed} GiB), ~{e.peak / GIB:.2f}"
                          f" GiB at the peak, {have}; train a LoRA adapter instead (drop --full),"
-                         " raise --memory-gib or use a smaller model")
+                         " raise --memory-gib or use a smaller model", setting="full")
     if e.load_peak > p.budget_bytes:
-        raise EdgeTuneError(f"loading this model for training needs ~{e.load_peak / GIB:.2f} GiB "
-                            f"{have}; free memory, raise --memory-gib or use a smaller model")
+        raise UsageError(f"loading this model for training needs ~{e.load_peak / GIB:.2f} GiB "
+                         f"{have}; free memory, raise --memory-gib or use a smaller model")
     if e.verify_peak > p.budget_bytes and e.peak >= e.verify_peak:  # counted (not CUDA)
-        raise EdgeTuneError(f"verify after training (torch and llama.cpp on held-back prompts) "
-                            f"needs ~{e.verify_peak / GIB:.2f} GiB {have}; free memory, pass "
-                            "--no-verify, or use a smaller model")
+        raise UsageError(f"verify after training (torch and llama.cpp on held-back prompts) "
+                         f"needs ~{e.verify_peak / GIB:.2f} GiB {have}; free memory, pass "
+                         "--no-verify, or use a smaller model")
     parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in e.parts.items())
-    raise EdgeTuneError(f"this run needs ~{e.peak / GIB:.2f} GiB ({parts} GiB) even at batch "
-                        f"size 1 with gradient checkpointing and seq-len {p.config.seq_len}, "
-                        f"{have}; free memory or use a smaller model")
+    raise UsageError(f"this run needs ~{e.peak / GIB:.2f} GiB ({parts} GiB) even at batch "
+                     f"size 1 with gradient checkpointing and seq-len {p.config.seq_len}, "
+                     f"{have}; free memory or use a smaller model")

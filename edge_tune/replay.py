@@ -63,8 +63,8 @@ def replay_records(base_gguf: Path, n: int, base_sha256: str,
 
     prompts = replay_prompts()
     if n > len(prompts):
-        raise UsageError(f"--replay {n}: edge-tune ships {len(prompts)} general prompts to "
-                         f"replay (expected at most {len(prompts)})")
+        raise UsageError(f"edge-tune ships {len(prompts)} general prompts to "
+                         f"replay (expected at most {len(prompts)})", setting="replay", value=n)
     path = _cache_path(base_sha256, chat_template, system_mode)
     try:
         cached = json.loads(path.read_text()) if path.is_file() else {}

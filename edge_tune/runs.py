@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from edge_tune import manifest as manifest_mod
 from edge_tune.config import TrainConfig
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import EdgeTuneError, UsageError
 from edge_tune.events import EventSink, Log
 from edge_tune.hardware import Hardware
 
@@ -41,12 +41,13 @@ def prepare_run_dir(out: Optional[str]) -> Path:
     Raises EdgeTuneError for a file, or a non-empty directory that is not an edge-tune run."""
     run_dir = Path(out) if out else default_run_dir()
     if run_dir.exists() and not run_dir.is_dir():
-        raise EdgeTuneError(f"--out {run_dir}: exists and is not a directory")
+        raise UsageError("exists and is not a directory",
+                         setting="out", value=run_dir)
     if run_dir.is_dir() and any(run_dir.iterdir()) and \
             not (run_dir / manifest_mod.MANIFEST).exists() and \
             not (run_dir / RUN_CONFIG).exists():  # a cancelled run: starting again is fine
-        raise EdgeTuneError(f"--out {run_dir}: directory is not empty and is not an edge-tune "
-                            "run; choose another --out")
+        raise UsageError("directory is not empty and is not an edge-tune "
+                         "run; choose another --out", setting="out", value=run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -66,12 +67,12 @@ def load_run_config(run_dir: Path, data: Optional[list] = None,
     run_dir = Path(run_dir)
     path = run_dir / RUN_CONFIG
     if not path.is_file():
-        raise EdgeTuneError(f"--resume {run_dir}: not a run directory that can be resumed "
-                            f"(no {RUN_CONFIG})")
+        raise UsageError("not a run directory that can be resumed "
+                         f"(no {RUN_CONFIG})", setting="resume", value=run_dir)
     try:
         saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise EdgeTuneError(f"{path}: unreadable ({exc})") from None
+        raise DataError(f"{path}: unreadable ({exc})") from None
     values = dict(saved["config"], out=str(run_dir))
     started = Path(saved["cwd"]) if saved.get("cwd") else run_dir.resolve().parent.parent
     for key in ("val", "model", "chat_template"):
@@ -85,10 +86,10 @@ def load_run_config(run_dir: Path, data: Optional[list] = None,
         missing = [t for t in sources if _local_missing(t)]
         if check_data and missing:
             raise DataError(
-                f"--resume {run_dir}: the run's training data {missing[0]} is not there (the "
+                f"the run's training data {missing[0]} is not there (the "
                 f"run was started in {started}); put it back, or point at where it is now "
                 f"with `edge-tune train --resume {run_dir} --data PATH` (checked against the "
-                f"data's sha256; the checkpoint is kept)")
+                f"data's sha256; the checkpoint is kept)", setting="resume", value=run_dir)
     return build(None, **{k: v for k, v in values.items() if v is not None}), saved
 
 
@@ -219,7 +220,7 @@ def delete_run(run_dir: Path) -> None:
     """Remove a run directory; refuses anything that is not an edge-tune run."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or run_summary(run_dir) is None:
-        raise EdgeTuneError(f"{run_dir}: not an edge-tune run directory; not deleting it")
+        raise UsageError(f"{run_dir}: not an edge-tune run directory; not deleting it")
     shutil.rmtree(run_dir)
 
 
@@ -327,11 +328,11 @@ def preflight(cfg: Optional[TrainConfig], resume: Optional[Path], data: Optional
     saved = None
     if resume is not None:
         if cfg is not None:
-            raise EdgeTuneError("--resume continues a run with its own settings; give no other "
-                                "training options")
+            raise UsageError("--resume continues a run with its own settings; give no other "
+                             "training options")
         if resume_state(resume) is None:
-            raise EdgeTuneError(f"--resume {resume}: nothing to resume (the run finished or "
-                                f"has no {RUN_CONFIG})")
+            raise UsageError("nothing to resume (the run finished or "
+                             f"has no {RUN_CONFIG})", setting="resume", value=resume)
         cfg, saved = load_run_config(resume, data)
     elif data is not None:
         raise UsageError("--data with --resume only: give it in the run's settings")
@@ -360,10 +361,10 @@ def _data_sha256(cfg: TrainConfig, spec, resume: Optional[Path], saved: Optional
                                           cfg.max_samples, cfg.seed))
     found = data_fingerprint(spec)
     if saved is not None and saved.get("data_sha256") != found:
-        raise DataError(f"--resume {resume}: {spec} is not the data the run started with "
+        raise DataError(f"{spec} is not the data the run started with "
                         "(its contents differ); point at the original with `edge-tune "
                         f"train --resume {resume} --data PATH` (the checkpoint in "
-                        f"{Path(resume) / CHECKPOINT} is kept)")
+                        f"{Path(resume) / CHECKPOINT} is kept)", setting="resume", value=resume)
     return found
 
 

@@ -45,13 +45,14 @@ def check(report_to: str) -> None:
     (tensorboard excepted: it is the default, so its absence is a warning at run time)."""
     package = _PACKAGES.get(report_to)
     if package and not _installed(package):
-        raise UsageError(f"--report-to {report_to}: the {package} package is not installed "
-                         f"(pip install {package}; or --report-to tensorboard|none)")
+        raise UsageError(f"the {package} package is not installed "
+                         f"(pip install {package}; or --report-to tensorboard|none)",
+                         setting="report_to", value=report_to)
     if report_to == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI") and not (
             _installed("sqlalchemy") and _installed("alembic")):  # mlflow-skinny has neither
-        raise UsageError("--report-to mlflow: MLflow's SQLite store (RUN/mlflow.db) needs "
-                         "sqlalchemy and alembic (pip install mlflow, or pip install "
-                         "sqlalchemy alembic; or set MLFLOW_TRACKING_URI)")
+        raise UsageError("MLflow's SQLite store (RUN/mlflow.db) needs sqlalchemy and alembic "
+                         "(pip install mlflow, or pip install sqlalchemy alembic; or set "
+                         "MLFLOW_TRACKING_URI)", setting="report_to", value="mlflow")
 
 
 class Tracker:

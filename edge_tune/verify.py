@@ -28,7 +28,7 @@ from typing import Optional
 
 from edge_tune import models
 from edge_tune.adapters import conversion_base, peft_adapter
-from edge_tune.errors import CheckFailed, DataError, EdgeTuneError
+from edge_tune.errors import CheckFailed, DataError, UsageError
 from edge_tune.events import Done, EventSink, Log, Progress, ignore
 from edge_tune.manifest import Manifest
 
@@ -125,7 +125,6 @@ def check_same_model(merged: Path, base_gguf: Path) -> None:
     from edge_tune.converters.formats.gguf_header import read_header
 
     got, want = read_header(merged), read_header(base_gguf)
-    where = f"--merged {merged}"
     expected = f"expected a merge of this run, whose base is {base_gguf}"
 
     def field(h, key):
@@ -134,17 +133,17 @@ def check_same_model(merged: Path, base_gguf: Path) -> None:
 
     arch = field(got, "general.architecture"), field(want, "general.architecture")
     if arch[0] != arch[1]:
-        raise DataError(f"{where}: architecture {arch[0]}, the run's base is {arch[1]} "
-                        f"({expected})")
+        raise DataError(f"architecture {arch[0]}, the run's base is {arch[1]} ({expected})",
+                        setting="merged", value=merged)
     vocab = (field(got, "tokenizer.ggml.tokens"), field(want, "tokenizer.ggml.tokens"))
     if vocab[0] is not None and vocab[1] is not None and int(vocab[0]) != int(vocab[1]):
-        raise DataError(f"{where}: vocabulary of {int(vocab[0])} tokens, the run's base has "
-                        f"{int(vocab[1])} ({expected})")
+        raise DataError(f"vocabulary of {int(vocab[0])} tokens, the run's base has "
+                        f"{int(vocab[1])} ({expected})", setting="merged", value=merged)
     shapes = {t.name: list(t.shape) for t in got.tensors}
     for t in want.tensors:
         if t.name in shapes and shapes[t.name] != list(t.shape):
-            raise DataError(f"{where}: tensor {t.name!r} is {shapes[t.name]}, "
-                            f"{list(t.shape)} in the run's base ({expected})")
+            raise DataError(f"tensor {t.name!r} is {shapes[t.name]}, {list(t.shape)} in the "
+                            f"run's base ({expected})", setting="merged", value=merged)
 
 
 # --- held-back prompts --------------------------------------------------------------------------
@@ -165,8 +164,8 @@ def held_back_records(man: Manifest, n: int) -> list:
         path = data_spec(given["data"], given.get("columns"), given.get("max_samples"),
                          hp.seed or 0)  # several sources: data.path is their specs joined
     elif not path or not Path(path).exists():
-        raise EdgeTuneError(f"verify: the run's data file {path!r} is gone; it is needed for "
-                            "held-back prompts")
+        raise DataError(f"verify: the run's data file {path!r} is gone; it is needed for "
+                        "held-back prompts")
     else:
         path = data_spec(path, given.get("columns"),
                          None if data.val else given.get("max_samples"), hp.seed or 0)
@@ -452,7 +451,7 @@ def verify_run(run_dir: Path, man: Manifest, peft_dir: Path, base_gguf: Path, hf
     samples = build_samples(tok, held_back_records(man, n_prompts), max_len,
                             man.hyperparameters.system_mode or "keep")
     if not samples:
-        raise EdgeTuneError(f"verify {run_dir}: no held-back examples to check with")
+        raise DataError(f"verify {run_dir}: no held-back examples to check with")
     steps = 4
     progress = lambda i, what: on_event(Progress("verify", i, steps, "", what))
     if full_model is not None:
@@ -527,17 +526,17 @@ def check_run(run: Path, base: Optional[Path] = None, merged: Optional[Path] = N
     if run.suffix.lower() == ".gguf" and run.is_file():  # an adapter .gguf alone
         from edge_tune.converters.formats.validate import what_verify_can_check
 
-        raise EdgeTuneError(what_verify_can_check(run, base or models.default_gguf()))
+        raise UsageError(what_verify_can_check(run, base or models.default_gguf()))
     if run.is_dir() and (full := _full_run(run)) is not None:
         return _verify_full(run, full, base, merged, on_event, n_prompts, max_new, merged_f32)
     peft_dir, man = peft_adapter(run)
     if man is None:
-        raise EdgeTuneError(f"{run}: verify needs an edge-tune run directory (its manifest.json "
-                            "names the data and the base)")
+        raise DataError(f"{run}: verify needs an edge-tune run directory (its manifest.json "
+                        "names the data and the base)")
     mlx_adapter = _mlx_side_for(run, man)
     _, base_gguf = conversion_base(peft_dir, man, base)
     if base_gguf is None:
-        raise EdgeTuneError(f"{run}: verify runs llama.cpp and needs a GGUF base: pass --base")
+        raise UsageError(f"{run}: verify runs llama.cpp and needs a GGUF base: pass --base")
     if merged is not None:  # another model's file: one line, before llama.cpp decodes it
         check_same_model(Path(merged), Path(base_gguf))
     man_hf = man.base.hf_dir
@@ -550,7 +549,7 @@ def check_run(run: Path, base: Optional[Path] = None, merged: Optional[Path] = N
     if merged is None:
         gg = adapter_gguf or (run / man.adapter.gguf if man.adapter.gguf else None)
         if gg is None or not Path(gg).is_file():
-            raise EdgeTuneError(f"{run}: no adapter.gguf to verify; run `edge-tune export {run}`")
+            raise DataError(f"{run}: no adapter.gguf to verify; run `edge-tune export {run}`")
         report = verify_run(run, man, peft_dir, Path(base_gguf), hf_dir,
                             adapter_gguf=Path(gg), **kw)
     elif merged_f32 is not None or _is_f32(Path(merged)):
@@ -599,13 +598,13 @@ def _verify_full(run: Path, man, base: Optional[Path], merged: Optional[Path],
 
     base_gguf = Path(base) if base is not None else run_base_gguf(man)
     if base_gguf is None:
-        raise EdgeTuneError(f"{run}: verify compares against the base in llama.cpp and needs "
-                            "a GGUF base: pass --base BASE.gguf")
+        raise UsageError(f"{run}: verify compares against the base in llama.cpp and needs "
+                         "a GGUF base: pass --base BASE.gguf")
     model_dir = run / (man.model.hf if man.model is not None else "model")
     shipped = Path(merged) if merged is not None else \
         run / (man.model.gguf if man.model is not None and man.model.gguf else "model.gguf")
     if not shipped.is_file():
-        raise EdgeTuneError(f"{shipped}: no model GGUF to verify; run `edge-tune export {run}`")
+        raise DataError(f"{shipped}: no model GGUF to verify; run `edge-tune export {run}`")
     check_same_model(shipped, base_gguf)
     man_hf = man.base.hf_dir
     hf_dir = Path(man_hf) if man_hf and Path(man_hf, "config.json").is_file() and base is None \

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from edge_tune.adapters import merge_base, peft_adapter, resolve_chat
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import UsageError
 from edge_tune.events import EventSink, ignore
 from edge_tune.exporting.steps import export_full, export_merged
 from edge_tune.fsutil import sha256_file
@@ -30,10 +30,11 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
     from edge_tune.converters.formats.validate import validate_adapter_file
 
     if not runs:
-        raise EdgeTuneError("bundle: name at least one run directory or adapter .gguf")
+        raise UsageError("bundle: name at least one run directory or adapter .gguf")
     bundle_mod.check_output(Path(out))  # before a merge spends minutes
     if merged and len(runs) != 1:
-        raise EdgeTuneError("--merged: merges one run into the base; name exactly one RUN")
+        raise UsageError("merges one run into the base; name exactly one RUN",
+                         setting="merged")
     items, base_path, base_sha, templates = [], None, None, {}
     forced = template_choice.given(chat_template)
     for arg in runs:
@@ -41,15 +42,15 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
         target = resolve_chat(Path(path), base, chat_template)
         if target.manifest is not None and target.manifest.full:
             if len(runs) != 1:
-                raise EdgeTuneError(f"bundle: {path} is a full fine-tuning run, a whole model: "
-                                    "bundle it alone (a bundle carries one base)")
+                raise UsageError(f"bundle: {path} is a full fine-tuning run, a whole model: "
+                                 "bundle it alone (a bundle carries one base)")
             return _bundle_full(Path(path), name or bundle_mod.default_name(Path(path)),
                                 target, Path(out), quant, forced, on_event, wheels)
         if base_path is None:
             base_path, base_sha = target.base, sha256_file(target.base)
         elif target.base != base_path and sha256_file(target.base) != base_sha:
-            raise EdgeTuneError(f"bundle: {path} was trained on {target.base}, not on "
-                                f"{base_path}; a bundle carries one base")
+            raise UsageError(f"bundle: {path} was trained on {target.base}, not on "
+                             f"{base_path}; a bundle carries one base")
         items.append((name or bundle_mod.default_name(Path(path)), target.adapter,
                       target.manifest.to_dict() if target.manifest is not None else None))
         if target.chat_template is not None:
@@ -75,7 +76,7 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
                 plan.manifests[name] = man
         else:
             if quant is not None:
-                raise EdgeTuneError("--quant applies to --merged bundles only")
+                raise UsageError("--quant applies to --merged bundles only")
             plan = bundle_mod.plan_bundle(base_path, items, template, templates=templates)
         return bundle_mod.write_bundle(plan, Path(out), on_event, wheels=wheels)
 

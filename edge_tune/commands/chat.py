@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 
 from edge_tune import chat_session, models
 from edge_tune.adapters import resolve_chat
-from edge_tune.errors import EdgeTuneError, UsageError
+from edge_tune.errors import UsageError
 from edge_tune.server.adapter_admin import MAX_MIX, MAX_SCALE  # the server's bounds
 from edge_tune.server.plan import BASE, ServePlan
 
@@ -37,30 +37,35 @@ def parse_adapter_options(specs: Sequence[str],
             try:
                 number = float(value)
             except ValueError:
-                raise UsageError(f"--adapter {spec}: the scale {value!r} is not a number "
+                raise UsageError(f"the scale {value!r} is not a number "
                                  f"(expected PATH=SCALE, SCALE from {-MAX_SCALE:g} to "
-                                 f"{MAX_SCALE:g})") from None
+                                 f"{MAX_SCALE:g})", setting="adapter", value=spec) from None
         else:
             number = 1.0
         if not path:
-            raise UsageError(f"--adapter {spec}: no adapter before '=' (expected PATH=SCALE)")
+            raise UsageError("no adapter before '=' (expected PATH=SCALE)",
+                             setting="adapter", value=spec)
         out.append((path, number))
     if scale is not None:
         if len(specs) != 1 or "=" in specs[0] and not Path(specs[0]).exists():
-            raise UsageError("--adapter-scale: scales one --adapter; to mix several give each "
-                             "its own scale: --adapter A=0.7 --adapter B=0.3")
+            raise UsageError("scales one --adapter; to mix several give each "
+                             "its own scale: --adapter A=0.7 --adapter B=0.3",
+                             setting="adapter_scale")
         out = [(out[0][0], float(scale))]
     if len(out) > MAX_MIX:
-        raise UsageError(f"--adapter: at most {MAX_MIX} adapters in one mix, got {len(out)}")
+        raise UsageError(f"at most {MAX_MIX} adapters in one mix, got {len(out)}",
+                         setting="adapter")
     for path, number in out:
         if not math.isfinite(number) or abs(number) > MAX_SCALE:
-            flag = "--adapter-scale" if scale is not None else f"--adapter {path}"
-            raise UsageError(f"{flag}: scale {_scale_text(number)} is out of range (expected "
-                             f"a number from {-MAX_SCALE:g} to {MAX_SCALE:g})")
+            raise UsageError(f"scale {_scale_text(number)} is out of range (expected a number "
+                             f"from {-MAX_SCALE:g} to {MAX_SCALE:g})",
+                             **({"setting": "adapter_scale"} if scale is not None else
+                                {"setting": "adapter", "value": path}))
     seen = [Path(p).resolve() for p, _ in out]
     for i, path in enumerate(seen):
         if path in seen[:i]:
-            raise UsageError(f"--adapter {out[i][0]}: the same adapter twice in the mix")
+            raise UsageError("the same adapter twice in the mix",
+                             setting="adapter", value=out[i][0])
     return out
 
 
@@ -86,8 +91,9 @@ def chat_plan(adapter: Union[None, str, Sequence[tuple[str, float]]], base: Opti
             return ("base", None)
         if bundle is not None:
             if spec not in bundle_plan.adapters:
-                raise EdgeTuneError(f"--adapter {spec}: the bundle has no such adapter; it has "
-                                    + ", ".join(["base", *bundle_plan.adapters]))
+                raise UsageError("the bundle has no such adapter; it has "
+                                 + ", ".join(["base", *bundle_plan.adapters]),
+                                 setting="adapter", value=spec)
             plan.models[spec] = dataclasses.replace(bundle_plan.models[spec])
             return (spec, spec)
         target = resolve_chat(Path(spec), base if base else None, chat_template, system_mode)
@@ -127,7 +133,8 @@ def _start_plan(base: Optional[str], bundle: Optional[Path]):
     if bundle is None:
         return ServePlan(resolve_chat(None, base).base if base else None), None
     if base is not None:
-        raise EdgeTuneError("--bundle: chats with the bundle's own base; leave out --base")
+        raise UsageError("chats with the bundle's own base; leave out --base",
+                         setting="bundle")
     from edge_tune.bundle import load_bundle
 
     bundle_plan = load_bundle(bundle)
@@ -140,7 +147,7 @@ def _mix_side(parts: list) -> tuple:
     """One side of several adapters (``parts``: ((label, name), scale) each): its label and
     the mix ((name, scale), ...), or the one adapter's name when it is alone at scale 1."""
     if len({name for (_, name), _ in parts}) < len(parts):
-        raise UsageError("--adapter: the same adapter twice in the mix")
+        raise UsageError("the same adapter twice in the mix", setting="adapter")
     mix = tuple((name, scale) for (_, name), scale in parts)
     plain = len(mix) == 1 and mix[0][1] == 1.0
     return (mix_label([(label, scale) for (label, _), scale in parts]),
@@ -152,8 +159,9 @@ def _compare_side(compare: str, other: tuple, first: tuple) -> tuple:
     the two labels are the same."""
     if chat_session.mix_of(other[1]) == chat_session.mix_of(first[1]):
         what = "model" if other[1] is None else "adapter"
-        raise EdgeTuneError(f"--compare {compare}: the same {what} on both sides; "
-                            "compare an adapter with 'base' or with another adapter")
+        raise UsageError(f"the same {what} on both sides; "
+                         "compare an adapter with 'base' or with another adapter",
+                         setting="compare", value=compare)
     return (other[0] + " (2)", other[1]) if other[0] == first[0] else other
 
 

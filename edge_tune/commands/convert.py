@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from edge_tune import models
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import UsageError
 from edge_tune.events import Done, EventSink, Log, ignore
 from edge_tune.gguf_config import check_llama_cpp_computes_as_hf
 
@@ -20,8 +20,8 @@ def convert_base(model: str, out: Optional[Path] = None, outtype: str = "f16",
 
     kind = models.check_spec(model)
     if kind in ("gguf", "default"):
-        raise EdgeTuneError(f"{model}: already a GGUF model; convert-base takes an HF model "
-                            "directory or hub ID")
+        raise UsageError(f"{model}: already a GGUF model; convert-base takes an HF model "
+                         "directory or hub ID")
     ref = models.resolve(model, on_event)
     hf_dir = models.hf_dir_for(ref, on_event)
     if out is None:

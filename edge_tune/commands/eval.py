@@ -94,7 +94,7 @@ def _targets(run: Path, merged: Optional[Path]):
         target = resolve_chat(run, None)
         return target, target.adapter
     if not Path(merged).is_file():
-        raise UsageError(f"--merged {merged}: no such file")
+        raise UsageError("no such file", setting="merged", value=merged)
     base = run_base_gguf(man)
     if base is None:
         raise UsageError(f"{run}: the run has no GGUF base to compare the merged model with")
@@ -119,9 +119,11 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
     from edge_tune.adapters import open_engine
 
     if max_tokens < 1:
-        raise UsageError(f"--max-tokens {max_tokens}: expected an integer >= 1")
+        raise UsageError("expected an integer >= 1",
+                         setting="max_tokens", value=max_tokens)
     if n_prompts < 1:
-        raise UsageError(f"--prompts {n_prompts}: expected an integer >= 1")
+        raise UsageError("expected an integer >= 1",
+                         setting="prompts", value=n_prompts)
     target, tuned_path = _targets(Path(run), merged)
     merged = tuned_path if target.adapter is None else merged  # a full run's model too
     man = target.manifest
@@ -155,8 +157,9 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
                                        training_system=False,
                                        logits_all=True))
             if engines[1].n_vocab != engines[0].n_vocab:
-                raise UsageError(f"--merged {merged}: its vocabulary ({engines[1].n_vocab}"
-                                 f" tokens) is not the base's ({engines[0].n_vocab})")
+                raise UsageError(f"its vocabulary ({engines[1].n_vocab}"
+                                 f" tokens) is not the base's ({engines[0].n_vocab})",
+                                 setting="merged", value=merged)
             tuned = Side(engines[1], None)
         result = _measure(base, tuned, tok, examples, items, max_tokens, system_mode, on_event,
                           drift_prompts() if drift_set is None else drift_set)

@@ -9,7 +9,7 @@ from typing import Optional
 
 from edge_tune import manifest as manifest_mod
 from edge_tune.adapters import conversion_base, merge_base, peft_adapter
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import UsageError
 from edge_tune.events import EventSink, ignore
 from edge_tune.exporting.run import finish_run
 from edge_tune.exporting.steps import (ExportResult, export_adapter, export_full, export_merged,
@@ -56,14 +56,15 @@ def _export(adapter: Path, base: Optional[Path], out: Optional[Path], outtype: s
     """:func:`export` once the run is complete: which kind, then :mod:`edge_tune.exporting`'s
     step."""
     if chat_template is not None and ollama is None and not merge:
-        raise EdgeTuneError("--chat-template: applies to --ollama (the Modelfile's TEMPLATE) "
-                            "and --merge; an adapter GGUF carries no template")
+        raise UsageError("applies to --ollama (the Modelfile's TEMPLATE) "
+                         "and --merge; an adapter GGUF carries no template",
+                         setting="chat_template")
     full_run = _full_run(Path(adapter))
     if full_run is not None:  # a full fine-tuning run: its model, converted (no adapter)
         if base is not None or vllm is not None or outtype is not None and outtype != "f32":
-            flag = "--base" if base is not None else "--vllm" if vllm is not None else "--outtype"
-            raise EdgeTuneError(f"{flag}: {adapter} is a full fine-tuning run: it exports a "
-                                "model GGUF (quantize it with -q), not an adapter")
+            setting = "base" if base is not None else "vllm" if vllm is not None else "outtype"
+            raise UsageError(f"{adapter} is a full fine-tuning run: it exports a model GGUF "
+                             "(quantize it with -q), not an adapter", setting=setting)
         return export_full(Path(adapter), full_run, out, quant or "F16", on_event,
                            verify=verify, ollama=ollama, system=system,
                            template=template_choice.choose(chat_template, full_run))
@@ -77,8 +78,8 @@ def _export(adapter: Path, base: Optional[Path], out: Optional[Path], outtype: s
                              system=system, template=template)
     info, base_gguf = conversion_base(peft_dir, man, base)
     if quant is not None:
-        raise EdgeTuneError("--quant applies to merged exports only: add --merge (an adapter "
-                            "GGUF takes --outtype f32|f16|q8_0)")
+        raise UsageError("--quant applies to merged exports only: add --merge (an adapter "
+                         "GGUF takes --outtype f32|f16|q8_0)")
     return export_adapter(Path(adapter), peft_dir, man, info, base_gguf, out, outtype, on_event,
                           verify=verify, base=base, ollama=ollama, system=system,
                           template=template)

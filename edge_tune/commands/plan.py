@@ -7,7 +7,7 @@ from edge_tune import models
 from edge_tune.training import registry
 from edge_tune.config import TrainConfig
 from edge_tune.data.training import read_training_data
-from edge_tune.errors import EdgeTuneError
+from edge_tune.errors import DataError
 from edge_tune.events import EventSink, ignore
 from edge_tune.hardware import probe
 from edge_tune.planner import describe, fit_plan
@@ -39,7 +39,8 @@ def plan(cfg: TrainConfig, on_event: EventSink = ignore) -> dict:
             for prompt in replay_prompts()[:cfg.replay]]
     p = fit_plan(cfg, ref, backend, hw, train_records)
     if p is None:
-        raise EdgeTuneError(f"--model {cfg.model}: cannot read this model's shape to plan")
+        raise DataError("cannot read this model's shape to plan",
+                        setting="model", value=cfg.model)
     report = {"backend": backend, "backend_reason": why, "model": ref.spec,
               "records": len(train_records), **p.to_dict(), "summary": describe(p),
               "chat_template": (chosen.name or cfg.chat_template) if chosen else None}

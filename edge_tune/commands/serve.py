@@ -8,7 +8,7 @@ from typing import Optional
 
 from edge_tune import models
 from edge_tune.adapters import resolve_chat
-from edge_tune.errors import EdgeTuneError, UsageError
+from edge_tune.errors import UsageError
 from edge_tune.events import Done, EventSink, Log, ignore
 from edge_tune.server.adapter_admin import open_serving
 from edge_tune.server.plan import ServePlan, quote_system
@@ -31,11 +31,13 @@ def plan_serving(adapter_specs: list[str], base: Optional[str] = None,
     for spec in adapter_specs:
         name, path = parse_adapter_spec(spec)
         if name in plan.models:
-            raise EdgeTuneError(f"--adapter {spec}: the name {name!r} is used twice")
+            raise UsageError(f"the name {name!r} is used twice",
+                             setting="adapter", value=spec)
         target = resolve_chat(Path(path), base, chat_template, system_mode)
         if target.adapter is None:  # a full fine-tuning run is a model: served as the base
-            raise EdgeTuneError(f"--adapter {spec}: {path} is a full fine-tuning run, a model "
-                                f"of its own (no adapter): serve it with --base {path}")
+            raise UsageError(f"{path} is a full fine-tuning run, a model "
+                             f"of its own (no adapter): serve it with --base {path}",
+                             setting="adapter", value=spec)
         plan.add(name, target)
         plan.base = plan.base or target.base
     plan.base = plan.base or models.default_gguf()
@@ -46,19 +48,22 @@ def _check_port_free(host: str, port: int) -> None:
     import socket
 
     if not 1 <= port <= 65535:  # checked first: the resolver and bind() fail obscurely
-        raise UsageError(f"--port {port}: expected a TCP port from 1 to 65535")
+        raise UsageError("expected a TCP port from 1 to 65535",
+                         setting="port", value=port)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise EdgeTuneError(f"--host {host}: cannot resolve ({exc.strerror})") from None
+        raise UsageError(f"cannot resolve ({exc.strerror})",
+                         setting="host", value=host) from None
     family, _, _, _, addr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(addr)
         except OSError as exc:
-            raise EdgeTuneError(f"--port {port}: cannot listen on {host}:{port} "
-                                f"({exc.strerror}); pick another --port") from None
+            raise UsageError(f"cannot listen on {host}:{port} "
+                             f"({exc.strerror}); pick another --port",
+                             setting="port", value=port) from None
 
 
 def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
@@ -75,8 +80,8 @@ def serve(plan: ServePlan, host: str = "127.0.0.1", port: int = 8000,
 
         from edge_tune.server.app import build_app
     except ImportError:
-        raise EdgeTuneError("the server needs starlette and uvicorn: pip install "
-                            "'edge-tune[run]'") from None
+        raise UsageError("the server needs starlette and uvicorn: pip install "
+                         "'edge-tune[run]'") from None
     from edge_tune.server import steady_malloc
     from edge_tune.server.scheduler import Scheduler
 

@@ -25,7 +25,7 @@ def held_out_records(man, data: Optional[Path]) -> tuple[list, str]:
     columns = hp.get("columns")  # the run's --columns map every file it reads
     if data is not None:
         if not Path(data).is_file():
-            raise UsageError(f"--data {data}: no such file")
+            raise UsageError("no such file", setting="data", value=data)
         return read_records(data_spec(str(data), columns), fmt="auto", skip_invalid=skip,
                             reasoning=reasoning).records, f"--data {data}"
     tests = (recorded.get("files") or {}).get("test") if isinstance(recorded.get("files"),

@@ -118,8 +118,8 @@ def ship_checked(f32: Path, out: Optional[Path], name: str, work: Path, check,
             cand.unlink()
         else:
             why = "; ".join(report.failures)
-            raise CheckFailed(f"--quant auto: no type up to F16 passes the check ({why}); "
-                              "nothing was written")
+            raise CheckFailed(f"no type up to F16 passes the check ({why}); nothing was "
+                              "written", setting="quant", value="auto")
     else:
         cand = _quantize_to(f32, name, work, out or default_out(name), on_event)
         report = None

@@ -17,7 +17,7 @@ from edge_tune import models
 from edge_tune.adapters import conversion_base, converted_base, peft_adapter, prequantized
 from edge_tune.training.job import WorkerResult
 from edge_tune.config import TrainConfig
-from edge_tune.errors import CheckFailed, EdgeTuneError
+from edge_tune.errors import CheckFailed, DataError, EdgeTuneError
 from edge_tune.events import Done, EventSink, Log, ignore
 from edge_tune.exporting.checked import reject
 from edge_tune.exporting.steps import export_adapter, export_full
@@ -163,7 +163,7 @@ def finish_run(run_dir: Path, on_event: EventSink = ignore, verify: bool = True
 
     run_dir = Path(run_dir)
     if not training_finished(run_dir):
-        raise EdgeTuneError(f"{run_dir}: no finished training to complete")
+        raise DataError(f"{run_dir}: no finished training to complete")
     cfg, saved = load_run_config(run_dir, check_data=False)
     if not verify:
         cfg = dataclasses.replace(cfg, verify=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from edge_tune.adapters import vllm_base
-from edge_tune.errors import EdgeTuneError, UsageError
+from edge_tune.errors import DataError, UsageError
 from edge_tune.events import Done, EventSink, Log, ignore
 from edge_tune.exporting.checked import (disk_type, quant_name, ship_checked,
                                          sweep_and_check, weights_bytes)
@@ -114,8 +114,8 @@ def export_full(run: Path, man: Manifest, out: Optional[Path], quant: str,
                          "--no-verify")
     model_dir = run / (man.model.hf if man.model is not None else "model")
     if not (model_dir / "config.json").is_file():
-        raise EdgeTuneError(f"{model_dir}: the full run's model is missing (expected its HF "
-                            "weights: config.json and model.safetensors)")
+        raise DataError(f"{model_dir}: the full run's model is missing (expected its HF "
+                        "weights: config.json and model.safetensors)")
     given = Path(out) if out is not None else None
     out = given or run / f"model-{name.lower()}.gguf"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -166,8 +166,8 @@ def _with_vocabulary_of(base: Path, converted: Path, dst: Path) -> None:
     n_src = len(field_value(src, "tokenizer.ggml.tokens") or [])
     n_base = len(field_value(vocab, "tokenizer.ggml.tokens") or [])
     if n_src != n_base:
-        raise EdgeTuneError(f"{converted}: {n_src} tokens, but the base {base} has {n_base} "
-                            "(expected the base's own vocabulary)")
+        raise DataError(f"{converted}: {n_src} tokens, but the base {base} has {n_base} "
+                        "(expected the base's own vocabulary)")
     own = {k for k in src.fields if k.startswith("tokenizer.")}
     keep = {"tokenizer.chat_template"} & own
     with writing_gguf(dst, field_value(src, "general.architecture")) as w:
@@ -212,8 +212,8 @@ def export_merged(adapter: Path, peft_dir: Path, man: Optional[Manifest],
         raise UsageError("--quant auto picks the smallest type whose check passes: it needs "
                          "the check (drop --no-verify; the check needs a run directory)")
     if base_gguf is None:
-        raise EdgeTuneError(f"{adapter}: --merge needs a GGUF base: pass --base BASE.gguf "
-                            "(make one from an HF model with `edge-tune convert-base`)")
+        raise UsageError(f"{adapter}: --merge needs a GGUF base: pass --base BASE.gguf "
+                         "(make one from an HF model with `edge-tune convert-base`)")
     where = adapter if man is not None else peft_dir.parent
     given = Path(out) if out is not None else None
     out = given or where / f"merged-{name.lower()}.gguf"
@@ -291,7 +291,7 @@ def write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Opti
     from edge_tune.fsutil import write_text_atomic
 
     if model_gguf is None:
-        raise EdgeTuneError("--ollama needs a GGUF base model (pass --base BASE.gguf)")
+        raise UsageError("--ollama needs a GGUF base model (pass --base BASE.gguf)")
     reader = open_gguf(Path(model_gguf))
     template = chosen.text if chosen else field_value(reader, "tokenizer.chat_template")
     tokens = field_value(reader, "tokenizer.ggml.tokens") or []
