@@ -105,7 +105,7 @@ class TrainScreen(BaseScreen):
                         box = Input("" if value is None else f"{value:g}"
                                     if isinstance(value, float) else str(value),
                                     placeholder="-" if value is None else "", compact=True,
-                                    id=_fid(key))
+                                    id=_fid(key), validate_on=())  # marked by _mark_field
                         box.tooltip = tip
                         yield box
                 with Horizontal(id="out-row"):
@@ -152,6 +152,13 @@ class TrainScreen(BaseScreen):
                      skip_invalid=self.query_one("#skip-invalid", Checkbox).value, out=out,
                      chat_template=self.session.chat_template, **values)
 
+    def _mark_field(self, exc: BaseException | None) -> None:
+        """Show the form's field that a core error names (its ``setting``) as invalid, and
+        no other; the message itself spells the setting as the command line does."""
+        setting = getattr(exc, "setting", None)
+        for key in FIELDS:
+            self.query_one(f"#{_fid(key)}", Input).set_class(key == setting, "-invalid")
+
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "seq-len":
             try:
@@ -177,8 +184,10 @@ class TrainScreen(BaseScreen):
         try:
             cfg = self.config()
         except Exception as exc:  # noqa: BLE001 - an unfinished value while typing
+            self._mark_field(exc)
             box.update(what + Text(f"estimate: {error_text(exc)}", style="yellow"))
             return
+        self._mark_field(None)
         box.update(what + Text("estimate: ...", style="dim"))
         asked = self._plan_asked  # typing: plan once the value settles
         self._plan_timer = self.set_timer(0.6, lambda: self._plan(plan, cfg, what, asked))
@@ -223,6 +232,7 @@ class TrainScreen(BaseScreen):
         try:
             cfg = self.config()
         except Exception as exc:  # noqa: BLE001 - a bad value: say which, do not start
+            self._mark_field(exc)
             self.show_error(exc, self.query_one("#stats", Static))
             return
         self.session.run_dir = cfg.out
