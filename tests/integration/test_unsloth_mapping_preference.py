@@ -59,7 +59,7 @@ def test_preference_args_are_the_sft_args_plus_the_methods(tmp_path):
         assert kw["beta"] == 0.25  # DPO's beta, ORPO's lambda: TRL calls both beta
         assert kw["max_length"] == 384 and kw["disable_dropout"] is False
         assert ("precompute_ref_log_probs" in kw) == (method == "dpo")
-    with pytest.raises(EdgeTuneError, match="expected dpo or orpo"):
+    with pytest.raises(EdgeTuneError, match="no TRL trainer for it"):
         uq.preference_args_kwargs(config(), 40, str(tmp_path), "bf16")
 
 
