@@ -160,6 +160,9 @@ def _messages(body: dict) -> list[dict]:
         msg = {"role": role, "content": content}
         if role == "assistant" and m.get("tool_calls") not in (None, []):
             msg = history_message({**msg, "tool_calls": m["tool_calls"]}, f"messages[{i}]")
+        if role == "assistant" and isinstance(m.get("reasoning_content"), str):
+            # for the template: Qwen3's renders it in the turns after the last question
+            msg["reasoning_content"] = m["reasoning_content"]
         if role == "tool":
             for key in ("tool_call_id", "name"):
                 if isinstance(m.get(key), str):

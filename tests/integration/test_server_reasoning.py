@@ -100,6 +100,15 @@ def test_enable_thinking_false_reaches_the_template(client, server):
     assert status == 400 and err["error"]["param"] == "chat_template_kwargs.add_generation_prompt"
 
 
+def test_reasoning_in_the_history_reaches_the_template(client):
+    # Qwen3's template renders an answer's reasoning in the turns after the last question
+    turn = {"role": "assistant", "content": "4"}
+    plain = _chat(client, messages=USER + [turn], max_tokens=1)
+    told = _chat(client, messages=USER + [{**turn, "reasoning_content": "Two and two."}],
+                 max_tokens=1)
+    assert told.usage.prompt_tokens > plain.usage.prompt_tokens
+
+
 def test_sampler_fields_reach_llama_cpp(client):
     greedy = _chat(client, temperature=0).choices[0].message.content
     # only the most likely token survives top_k 1 or min_p 1: a sampled answer is greedy's,
