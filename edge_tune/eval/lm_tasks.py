@@ -176,6 +176,7 @@ def run_tasks(engine, mix: tuple, configs: list[dict], limit: int | None = None)
     import logging
     import random
 
+    import jinja2
     import numpy as np
 
     _lm_eval()
@@ -208,6 +209,10 @@ def run_tasks(engine, mix: tuple, configs: list[dict], limit: int | None = None)
     except (FileNotFoundError, ValueError, ConnectionError) as exc:
         said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"lm-eval could not run the tasks: {said}") from None
+    except (jinja2.TemplateError, KeyError) as exc:  # a task's doc_to_* against its data
+        said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"a task's template does not fit its data ({type(exc).__name__}: "
+                        f"{said})") from None
     out = {}
     for task, values in raw["results"].items():
         metrics, stderr = {}, {}

@@ -81,6 +81,14 @@ def test_eval_tasks_bad_input(runs, tmp_path, monkeypatch):
     group.write_text("group: mine\ntask:\n  - a\n  - b\n")
     assert_one_line_error(run_cli_in_process("eval", run, "--tasks", str(group)),
                           "groups are not supported")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "t.yaml").write_text((TASKS / "tiny_mc.yaml").read_text().replace(
+        "{{question}}", "{{nosuch.field}}").replace(
+        "test: tiny_mc.jsonl", f"test: {TASKS / 'tiny_mc.jsonl'}"))
+    proc = run_cli_in_process("eval", run, "--tasks", str(bad))  # found while running:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # after the progress lines
+    assert proc.stderr.splitlines()[-1].startswith("error: a task's template does not fit")
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run_cli_in_process("eval", run, "--tasks", str(tmp_path / "empty")),
                           "no *.yaml task file")
