@@ -1,6 +1,6 @@
 """The TUI chat's transcript shows a reasoning model's thinking dimmed, before the answer,
 as the two stream in (ChatSession's ``Token.thinking`` pieces: tests/integration/
-test_chat_reasoning.py), driven with Textual's Pilot."""
+test_server_reasoning.py), driven with Textual's Pilot."""
 
 from __future__ import annotations
 
