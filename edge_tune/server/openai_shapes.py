@@ -381,7 +381,39 @@ def _sampling_fields(body: dict, req: GenRequest) -> None:
     grammar = body.get("grammar")
     if grammar is not None and (not isinstance(grammar, str) or not grammar.strip()):
         raise RequestError(400, "'grammar': expected GBNF text (a root rule)", param="grammar")
+    if grammar is not None and (len(grammar) > GRAMMAR_MAX or _nesting(grammar) > NESTING_MAX):
+        raise RequestError(400, f"'grammar': at most {GRAMMAR_MAX} characters and "
+                                f"{NESTING_MAX} nested groups", param="grammar")
     req.grammar = grammar
+
+
+# llama.cpp parses and walks a grammar recursively: a deep enough one overflows the stack
+# and kills the server (100000 nested groups measured), so a request's grammar is bounded
+GRAMMAR_MAX = 16384
+NESTING_MAX = 200
+
+
+def _nesting(gbnf: str) -> int:
+    """How deep the groups ``( ... )`` of ``gbnf`` nest (outside literals and classes)."""
+    depth = deepest = 0
+    quote = None  # the closing character of the literal or class we are in
+    escaped = False
+    for ch in gbnf:
+        if quote is not None:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = None
+        elif ch in "\"[":
+            quote = "\"" if ch == "\"" else "]"
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+    return deepest
 
 
 # --- responses ---------------------------------------------------------------------------------

@@ -109,3 +109,14 @@ def test_logprobs_cover_exactly_the_returned_text():
     snow = TokenLogprob("?", "\u2603".encode()[:2], -1.0, [])
     rest = TokenLogprob("?", "\u2603".encode()[2:] + b"x", -1.0, [])
     assert b"".join(t.bytes for t in covering([snow, rest], "\u2603")) == "\u2603".encode()
+
+
+def test_a_grammar_deep_enough_to_overflow_llama_cpp_is_refused():
+    # 100000 nested groups kill the process inside llama.cpp's recursive parser
+    for grammar in ["root ::= " + "(" * 201 + '"a"' + ")" * 201,
+                    'root ::= "' + "a" * 20000 + '"']:
+        with pytest.raises(RequestError) as info:
+            _parse(grammar=grammar)
+        assert info.value.body()["error"]["param"] == "grammar"
+    fine = 'root ::= ("(" [(] "\\\\"(") ' + "(" * 150 + '"a"' + ")" * 150
+    assert _parse(grammar=fine).grammar == fine
