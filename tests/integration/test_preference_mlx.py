@@ -189,3 +189,32 @@ def test_tiny_mlx_dpo_trains_exports_and_verifies(tiny, tmp_path):
         assert (out / name).is_file(), name
     # train's own check: llama.cpp computes what mlx trained
     assert any(line.startswith("verify:") and line.endswith("(ok)") for line in logs), logs
+
+
+@pytest.mark.slow
+def test_tiny_mlx_kto_trains_exports_and_verifies(tiny, tmp_path):
+    """``--method kto`` on mlx: unpaired answers of the bundled set (pirate ones good, plain
+    ones bad, never both for one prompt), trained, exported and verified like DPO."""
+    from edge_tune import api
+    from edge_tune.config import build
+    from edge_tune.events import Log, Metric
+
+    pairs = [json.loads(line) for line in _asset("pref_demo.jsonl").read_text().splitlines()]
+    data = tmp_path / "thumbs.jsonl"
+    data.write_text("".join(json.dumps(
+        {"prompt": p["prompt"], "completion": p["chosen" if i % 2 == 0 else "rejected"],
+         "label": i % 2 == 0}) + "\n" for i, p in enumerate(pairs[:24])))
+    metrics, logs = [], []
+    out = tmp_path / "run"
+    cfg = build(None, data=str(data), out=str(out), model=str(tiny), max_steps=6,
+                batch_size=4, seq_len=64, lr=5e-3, rank=4, alpha=8, seed=3, val_split=0.15,
+                backend="mlx", report_to="none", method="kto")
+    api.train(cfg, lambda e: metrics.append(e) if isinstance(e, Metric) else
+              logs.append(e.message) if isinstance(e, Log) else None)
+    train = [m for m in metrics if m.split == "train"]
+    assert len(train) == 6 and train[0].loss == pytest.approx(0.5, abs=1e-4)  # 1 − σ(0)
+    assert train[-1].reward_margin > 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["hyperparameters"]["method"] == "kto" and man["backend"] == "mlx"
+    assert (out / "adapter.gguf").is_file()
+    assert any(line.startswith("verify:") and line.endswith("(ok)") for line in logs), logs
