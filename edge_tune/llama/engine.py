@@ -791,10 +791,11 @@ class Engine:
         self._sides[kind] = made
         return made
 
-    def prompt_logprobs(self, prompt: str, mix=(), top: int = 0,
+    def prompt_logprobs(self, prompt, mix=(), top: int = 0,
                         after: bool = False) -> tuple[list, list]:
         """(ids, scored) of ``prompt`` read as a text completion reads it (special tokens
-        parsed): ``ids`` its tokens (a BOS the model adds left out), ``scored[i]`` =
+        parsed; a list: token ids, as they are): ``ids`` its tokens (a BOS the model adds to
+        a text left out), ``scored[i]`` =
         (natural-log probability of ``ids[i]`` given everything before it, the ``top``
         likeliest tokens there as [(id, logprob)], best first), or None for a first token
         that nothing precedes; under ``mix`` (``[(name, scale), ...]``), computed on the
@@ -802,9 +803,12 @@ class Engine:
         ``after``, one entry more, for the likeliest token after the prompt
         (:meth:`Scorer.score <edge_tune.llama.side.Scorer.score>`). Raises
         :class:`~edge_tune.llama.side.InputTooLong` past one sequence's context."""
-        ids = self.llm.tokenize(prompt.encode(), add_bos=True, special=True)
-        plain = self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
-        lead = len(ids) - len(plain)  # BOS (and the like) added by the vocabulary
+        if isinstance(prompt, str):
+            ids = self.llm.tokenize(prompt.encode(), add_bos=True, special=True)
+            plain = self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
+            lead = len(ids) - len(plain)  # BOS (and the like) added by the vocabulary
+        else:
+            ids, lead = list(prompt), 0
         scorer = self.side("score")
         with scorer.lock:  # no adapter of the mix is freed until it is done
             adapters, scales = self.adapter_pointers(mix)

@@ -142,6 +142,8 @@ class _Routes:
         try:
             req = shapes.parse_request(kind, body, self.model_names)
             req.adapters = parse_adapter_mix(body.get("adapters"), self.model_names)
+            if req.prompt_ids is not None:
+                req.prompt = _prompt_text(req.prompt_ids, self.scheduler.engine)
             echoed, follow = await _echoed(req, self.scheduler.engine) if req.echo \
                 else ([], None)
             if req.echo and req.max_tokens == 0:  # the prompt's logprobs alone
@@ -221,13 +223,25 @@ async def _echoed(req, engine) -> tuple[list, object]:
     after = req.logprobs is not None and req.max_tokens > 0 and req.temperature == 0
     engine.side("score")  # made here, on the event loop: one request makes it
     try:
-        got = await run_in_threadpool(prompt_logprobs, engine, req.prompt,
-                                      adapter_mix(req), req.logprobs or 0, after)
+        got = await run_in_threadpool(
+            prompt_logprobs, engine, req.prompt if req.prompt_ids is None else req.prompt_ids,
+            adapter_mix(req), req.logprobs or 0, after)
     except InputTooLong as exc:
         raise RequestError(400, str(exc), param="prompt",
                            code="context_length_exceeded") from None
     follow = got.pop() if after else None
     return got, follow if follow is not None and follow.bytes == b"" else None
+
+
+def _prompt_text(ids: list, engine) -> str:
+    """The text of a prompt given as token ids (control tokens spelled out), which the
+    answer is generated from; its echo scores the ids themselves. 400 for an id outside the
+    vocabulary."""
+    bad = next((t for t in ids if t >= engine.n_vocab), None)
+    if bad is not None:
+        raise RequestError(400, f"'prompt': token id {bad} is outside the vocabulary (0 to "
+                                f"{engine.n_vocab - 1})", param="prompt")
+    return b"".join(engine.token_bytes(t, True) for t in ids).decode("utf-8", errors="replace")
 
 
 def _echo_only(req, echoed: list):

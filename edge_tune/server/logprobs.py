@@ -144,10 +144,10 @@ def covering(tokens: list[TokenLogprob], text: str) -> list[TokenLogprob]:
     return out if at == len(text) else tokens
 
 
-def prompt_logprobs(engine, prompt: str, mix: tuple, top: int,
+def prompt_logprobs(engine, prompt: str | list, mix: tuple, top: int,
                     after: bool = False) -> list[TokenLogprob]:
-    """The tokens of ``prompt`` (as a text completion reads it) with their logprobs under
-    adapter set ``mix`` and ``top`` alternatives each (:meth:`Engine.prompt_logprobs
+    """The tokens of ``prompt`` (a text, as a completion reads it, or token ids) with their
+    logprobs under adapter set ``mix`` and ``top`` alternatives each (:meth:`Engine.prompt_logprobs
     <edge_tune.llama.engine.Engine.prompt_logprobs>`): OpenAI's ``echo``. A first token that
     nothing precedes has logprob and alternatives None. ``bytes`` spell control tokens out:
     they are part of the prompt's text. ``after``: one entry more, the likeliest next token

@@ -40,6 +40,8 @@ class GenRequest:
     response_format: dict | None = None  # json_object / json_schema; None: plain text
     grammar: str | None = None  # GBNF text the answer must match (llama-server's "grammar")
     logprobs: int | None = None  # alternatives per token (0-20); None: no logprobs
+    prompt_ids: list | None = None  # completions: the prompt as token ids (the app checks
+    # them against the vocabulary and sets ``prompt`` to their text)
     echo: bool = False  # completions: the prompt is returned before the answer (with
     # its tokens' logprobs when logprobs is set); max_tokens may then be 0
     adapters: tuple = ()  # ((name, scale), ...): the request's own mix, set by the app
@@ -295,13 +297,17 @@ def _model_of(body: Any, known_models: list[str]) -> str:
 
 
 def _text_fields(body: dict, req: GenRequest) -> None:
-    """``/v1/completions``' own fields: ``prompt`` (a string, or a list of one) and
-    ``logprobs`` (0-5), ``echo``."""
+    """``/v1/completions``' own fields: ``prompt`` (a string or a list of token ids, or a
+    list of one of them) and ``logprobs`` (0-5), ``echo``."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise RequestError(400, "'prompt': expected a non-empty string", param="prompt")
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+        req.prompt_ids, prompt = list(prompt), ""
+    elif not isinstance(prompt, str) or not prompt:
+        raise RequestError(400, "'prompt': expected a non-empty string or a list of token "
+                                "ids", param="prompt")
     req.prompt = prompt
     top = _number(body, "logprobs", 0, 5, integer=True)
     req.logprobs = None if top is None else int(top)

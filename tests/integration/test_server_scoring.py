@@ -175,21 +175,22 @@ def test_lm_eval_local_completions_equals_its_hf_backend(server, tiny_hf, tmp_pa
     hf = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny_hf},dtype=float32",
                                  tasks=[cfg], task_manager=manager, device="cpu",
                                  log_samples=True)
-    served = lm_eval.simple_evaluate(
-        model="local-completions",
-        model_args=f"base_url={server.url}/v1/completions,model=base,"
-                   f"tokenizer_backend=huggingface,tokenizer={tiny_hf},"
-                   "tokenized_requests=False",
-        tasks=[cfg], task_manager=manager, log_samples=True)
     name = cfg["task"]
-    assert served["results"][name]["acc,none"] == hf["results"][name]["acc,none"]
-    pairs = [(a["resps"], b["resps"]) for a, b in zip(hf["samples"][name],
-                                                      served["samples"][name])]
-    assert len(pairs) == 6
-    for want, got in pairs:
-        for (w,), (g,) in zip(want, got):
-            # llama.cpp's BF16 KV cache against torch's F32: a relative 1e-3 at most
-            assert g[0] == pytest.approx(w[0], rel=1e-3), (want, got)
+    for tokenized in (False, True):  # prompts sent as text, or as token ids
+        served = lm_eval.simple_evaluate(
+            model="local-completions",
+            model_args=f"base_url={server.url}/v1/completions,model=base,"
+                       f"tokenizer_backend=huggingface,tokenizer={tiny_hf},"
+                       f"tokenized_requests={tokenized}",
+            tasks=[cfg], task_manager=manager, log_samples=True)
+        assert served["results"][name]["acc,none"] == hf["results"][name]["acc,none"]
+        pairs = [(a["resps"], b["resps"]) for a, b in zip(hf["samples"][name],
+                                                          served["samples"][name])]
+        assert len(pairs) == 6
+        for want, got in pairs:
+            for (w,), (g,) in zip(want, got):
+                # llama.cpp's BF16 KV cache against torch's F32: a relative 1e-3 at most
+                assert g[0] == pytest.approx(w[0], rel=1e-3), (tokenized, want, got)
 
 
 def _client(server) -> openai.OpenAI:
