@@ -193,8 +193,8 @@ class TrainConfig:
              "(label true) with --method sft and say how many were left out; without it such "
              "data is refused.")
     beta: float = option(
-        0.1, help="DPO's beta (how far from the base the adapter may move) or ORPO's lambda "
-                  "(weight of the odds-ratio term) [default: 0.1].")
+        0.1, help="DPO's and KTO's beta (how far from the base the adapter may move) or "
+                  "ORPO's lambda (weight of the odds-ratio term) [default: 0.1].")
     # KTO: Ethayarajh et al. 2024, TRL's KTOConfig names
     desirable_weight: float = option(
         1.0, metavar="W",
