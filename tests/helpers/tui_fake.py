@@ -62,9 +62,11 @@ class FakeEngine:
         return "{{ messages }}"
 
     def chat_stream(self, messages, temperature=0.7, max_tokens=256, seed=None,
-                    plain_fallback=False):
+                    plain_fallback=False, split_reasoning=False):
+        from edge_tune.llama.engine import Piece
+
         for word in ANSWERS[self.active].split(" "):
-            yield word + " "
+            yield Piece(word + " ") if split_reasoning else word + " "
 
     def close(self) -> None:
         pass
