@@ -9,8 +9,9 @@ import re
 import sys
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
+from edge_tune.config_aliases import PRESETS, translate
 from edge_tune.errors import DataError, UsageError
 
 if sys.version_info >= (3, 11):
@@ -99,6 +100,12 @@ class TrainConfig:
         None, flags=("--out", "-o"), cli_type=Path,
         help="Run directory (default runs/run-DATE-TIME).")
     # --- the optimization --------------------------------------------------------------------
+    # edge_tune.config_aliases.PRESETS: under the run.toml's settings and the flags
+    preset: str = option(
+        "edge-tune", metavar="edge-tune|unsloth|mlx-lm|trl",
+        help="Start from another tool's defaults (learning rate, rank, alpha, batch, seq-len; "
+             "the table is in docs/coming-from.md); options and config keys given override "
+             "them [default: edge-tune].")
     epochs: float = option(2.0, help="Passes over the data [default: 2].")
     max_steps: Optional[int] = option(
         None, help="Stop after N optimizer steps (overrides --epochs).")
@@ -117,6 +124,10 @@ class TrainConfig:
                     "off; on if needed to fit].")
     memory_gib: Optional[float] = option(
         None, help="Memory budget for the planner in GiB [default: what is free now].")
+    exact: bool = option(
+        False, flags=("--exact",),
+        help="Keep the batch size, grad-accum and seq-len exactly as given: refuse (exit 2) "
+             "where the planner would change them to fit the memory [default: off].")
     precision: str = option(
         "auto", help="auto (bf16 where the CPU has it) | bf16 | fp32 [default: auto].")
     threads: int = option(
@@ -289,6 +300,7 @@ _CHECKS = {
     "memory_gib": (lambda v: v is None or v > 0, "a number of GiB > 0"),
     "seq_len": (lambda v: 16 <= v <= 1 << 20, "an integer >= 16"),
     "precision": (lambda v: v in ("auto", "bf16", "fp32"), "auto, bf16 or fp32"),
+    "preset": (lambda v: v in PRESETS, " | ".join(PRESETS)),
     "threads": (lambda v: v >= 0, "an integer >= 0"),
     "val_split": (lambda v: 0 <= v < 1, "a fraction from 0 to below 1"),
     "format": (lambda v: v in ("auto", "openai", "sharegpt", "alpaca", "completion", "text",
@@ -399,13 +411,22 @@ def _name_list(value: Any) -> list[str]:
     return [x.strip() for x in items if x.strip()]
 
 
-def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
-    """Defaults < run.toml < flags (flags that are None are 'not given')."""
-    values: dict[str, Any] = {} if toml_path is None else _read_toml(Path(toml_path))
+def build(toml_path: Optional[Path] = None, *, strict: bool = False,
+          say: Optional[Callable[[str], None]] = None, **flags: Any) -> TrainConfig:
+    """Defaults < ``--preset`` < the config file (TOML or YAML, edge-tune's keys or another
+    tool's: :func:`_read_config`) < flags (flags that are None are 'not given'). ``say``
+    gets a line per foreign key read and a warning per key ignored; ``strict``: UsageError
+    for the first key ignored instead."""
+    values: dict[str, Any] = {} if toml_path is None else _read_config(
+        Path(toml_path), strict, say or (lambda line: None))
     for key, value in flags.items():
         if value is not None:
             values[key] = _coerce(key, value, "--")
-    cfg = TrainConfig(**values)
+    preset = values.get("preset", "edge-tune")
+    if preset not in PRESETS:
+        raise UsageError(f"not a preset (expected {' | '.join(PRESETS)})", setting="preset",
+                         value=preset)
+    cfg = TrainConfig(**{**PRESETS[preset], **values})
     _check_values(cfg)
     if cfg.method == "kto" and cfg.batch_size < 2:  # TRL's KTOTrainer refuses it too
         raise UsageError(f"--method kto: --batch-size {cfg.batch_size}: KTO's KL estimate pairs "
@@ -436,25 +457,59 @@ def build(toml_path: Optional[Path] = None, **flags: Any) -> TrainConfig:
     return cfg
 
 
-def _read_toml(toml_path: Path) -> dict[str, Any]:
-    """The settings of a run.toml (its ``[train]`` table, or the whole document), coerced
-    to the fields' types. EdgeTuneError for a missing file, invalid TOML or an unknown key."""
+def _read_config(path: Path, strict: bool, say: Callable[[str], None]) -> dict[str, Any]:
+    """The settings of a config file (its ``[train]`` table, or the whole document): TOML,
+    or YAML (``.yaml``/``.yml``, or what is not TOML), with edge-tune's keys or those of
+    Axolotl, LLaMA-Factory, Unsloth, mlx-lm or TRL (:func:`edge_tune.config_aliases.translate`),
+    coerced to the fields' types. EdgeTuneError for a missing file, a document that does not
+    parse, an unknown key in an edge-tune config, or (``strict``) any key ignored."""
     names = {f.name for f in fields(TrainConfig)}
+    doc = _parse_config(path)
+    table = doc["train"] if isinstance(doc.get("train"), dict) else doc
+    read = translate(table, names, str(path))
+    if strict and read.ignored:
+        key, why = read.ignored[0]
+        raise UsageError(f"{path}: {key}: ignored ({why}); --strict refuses a key edge-tune "
+                         "cannot honour: drop it, or drop --strict")
+    for line in read.lines:
+        say(f"{path.name}: {line}")
+    for key, why in read.ignored:
+        say(f"warning: {path}: {key} ignored: {why}")
+    return {key: _coerce(key, value, f"{path}: ") for key, value in read.values.items()}
+
+
+def _parse_config(path: Path) -> dict:
+    """A config file as a mapping: TOML, or YAML by its suffix (or when it is not TOML).
+    EdgeTuneError for a missing file or one that parses to no mapping."""
     try:
-        doc = tomllib.loads(toml_path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
-        raise UsageError(f"{toml_path}: no such config file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise DataError(f"{toml_path}: invalid TOML ({exc})") from None
-    values: dict[str, Any] = {}
-    table = doc.get("train", doc)
-    for key, value in table.items():
-        key_ = key.replace("-", "_")
-        if key_ not in names:
-            raise DataError(f"{toml_path}: unknown key {key!r} (expected one of "
-                            f"{', '.join(sorted(names))})")
-        values[key_] = _coerce(key_, value, f"{toml_path}: ")
-    return values
+        raise UsageError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the config file ({exc})") from None
+    doc: Any = None
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            if path.suffix.lower() == ".toml":
+                raise DataError(f"{path}: invalid TOML ({exc})") from None
+            toml_error = exc
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        if path.suffix.lower() not in (".yaml", ".yml"):  # neither: say what TOML saw
+            raise DataError(f"{path}: invalid TOML ({toml_error})") from None
+        raise DataError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") \
+            from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: expected a mapping of settings (key: value), got "
+                        f"{type(doc).__name__}")
+    return doc
 
 
 def _check_values(cfg: TrainConfig) -> None:

@@ -370,7 +370,8 @@ def fit(shape: ModelShape, backend: str, cfg: TrainConfig, machine: Machine,
     """Settings that fit ``machine.budget_bytes``, changing as little as possible, in order:
     smaller batches with more gradient accumulation (same effective batch), gradient
     checkpointing (CPU), then a shorter ``seq_len``. ``Plan.config`` is ``cfg`` with those
-    changes; ``Plan.fits`` is False when nothing fits. Pure."""
+    changes; ``Plan.fits`` is False when nothing fits. With ``cfg.exact`` only gradient
+    checkpointing may change: UsageError where the batch settings would have to. Pure."""
     changes: list[str] = []
 
     def est() -> Estimate:
@@ -382,7 +383,7 @@ def fit(shape: ModelShape, backend: str, cfg: TrainConfig, machine: Machine,
     if max(e.load_peak, verify) > machine.budget_bytes:
         return Plan(e, cfg, changes, fits=False, budget_bytes=machine.budget_bytes)
     while e.peak > machine.budget_bytes:
-        if cfg.batch_size > 1:
+        if cfg.batch_size > 1 and not cfg.exact:
             old = (cfg.batch_size, cfg.grad_accum)
             cfg = dataclasses.replace(cfg, batch_size=math.ceil(cfg.batch_size / 2),
                                       grad_accum=cfg.grad_accum * 2)
@@ -392,6 +393,8 @@ def fit(shape: ModelShape, backend: str, cfg: TrainConfig, machine: Machine,
             cfg = dataclasses.replace(cfg, grad_checkpoint=True)
             changes.append("gradient checkpointing on (recomputes each block in backward: "
                            "~1/3 slower)")
+        elif cfg.exact:
+            _refuse_exact(cfg, e, machine.budget_bytes)
         elif cfg.seq_len > 64 and (longest is None or longest > 64):
             new = max(64, min(cfg.seq_len, longest or cfg.seq_len) // 2)
             changes.append(f"seq-len {cfg.seq_len} -> {new} (longer examples are truncated)")
@@ -400,6 +403,16 @@ def fit(shape: ModelShape, backend: str, cfg: TrainConfig, machine: Machine,
             return Plan(e, cfg, changes, fits=False, budget_bytes=machine.budget_bytes)
         e = est()
     return Plan(e, cfg, changes, fits=True, budget_bytes=machine.budget_bytes)
+
+
+def _refuse_exact(cfg: TrainConfig, e: Estimate, budget: float) -> None:
+    """``--exact``: the batch settings as given do not fit, and the planner may not change
+    them: UsageError naming what they need."""
+    raise UsageError(f"batch size {cfg.batch_size}, grad-accum {cfg.grad_accum} and seq-len "
+                     f"{cfg.seq_len} need ~{e.peak / GIB:.2f} GiB at the peak but "
+                     f"{budget / GIB:.2f} GiB is available, and --exact keeps them: lower "
+                     "them yourself, raise --memory-gib, or drop --exact to let the planner "
+                     "fit them", setting="exact")
 
 
 def describe(plan: Plan) -> str:

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from edge_tune.config import TrainConfig, cli_flags
+from edge_tune.config_aliases import flag_aliases
 
 out = Console()
 err = Console(stderr=True)
@@ -23,5 +24,7 @@ def setting(name: str) -> Any:
     (:func:`edge_tune.config.build`)."""
     f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
     kind = f.metadata.get("cli_type") or typing.get_type_hints(TrainConfig)[name]
-    return Annotated[Optional[kind], typer.Option(*cli_flags(f), metavar=f.metadata.get(
-        "metavar"), help=f.metadata["help"])]
+    # other tools' spellings (--learning-rate for --lr): more names of the same option
+    return Annotated[Optional[kind], typer.Option(
+        *cli_flags(f), *flag_aliases(name), metavar=f.metadata.get("metavar"),
+        help=f.metadata["help"])]

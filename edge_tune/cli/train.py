@@ -28,14 +28,14 @@ def _flags(skip: tuple[str, ...] = (), after: Optional[dict] = None,
            last: tuple = ()) -> inspect.Signature:
     """The signature typer reads a command's flags from: one per setting that has a flag, in
     TrainConfig's order, less ``skip``; the command's own options placed ``after`` the
-    setting each is keyed by, then ``last``."""
+    setting each is keyed by (a tuple of them), then ``last``."""
     params = []
     for f in dataclasses.fields(TrainConfig):
         if f.name not in skip and cli_flags(f):
             params.append(inspect.Parameter(f.name, KEYWORD, default=None,
                                             annotation=setting(f.name)))
         if f.name in (after or {}):
-            params.append(after[f.name])
+            params.extend(after[f.name])
     return inspect.Signature([*params, *last])
 
 
@@ -47,7 +47,22 @@ def _settings(given: dict) -> dict:
 
 
 CONFIG = _own("config", Optional[Path], "--config", "-c",
-              help="run.toml with any of these options (flags win).")
+              help="A TOML or YAML file of these settings (flags win): edge-tune's keys, or "
+                   "those of Axolotl, LLaMA-Factory, Unsloth, mlx-lm or TRL, each mapped and "
+                   "said on stderr (docs/coming-from.md).")
+STRICT = _own("strict", bool, "--strict", default=False,
+              help="With --config: refuse (exit 2) a key edge-tune cannot honour instead of "
+                   "warning and ignoring it.")
+
+
+def _build(config: Optional[Path], strict: bool, settings: dict):
+    """The run's settings (:func:`edge_tune.config.build`), what the config file's keys became
+    said on stderr."""
+    from edge_tune.config import build
+
+    return build(config, strict=strict, say=lambda line: err.print(line, markup=False,
+                                                                    highlight=False),
+                 **settings)
 RESUME = _own("resume", Optional[Path], "--resume",
               help="Continue a cancelled run (its directory) from its checkpoint, with its own "
                    "settings, to the same total steps; or finish one whose last steps failed "
@@ -56,7 +71,8 @@ RESUME = _own("resume", Optional[Path], "--resume",
 
 # --- train -----------------------------------------------------------------------------------
 
-def train(*, config: Optional[Path] = None, resume: Optional[Path] = None, **given) -> None:
+def train(*, config: Optional[Path] = None, strict: bool = False,
+          resume: Optional[Path] = None, **given) -> None:
     """Train a LoRA adapter; writes RUN/adapter (PEFT), RUN/adapter.gguf, RUN/manifest.json.
     With --full, every weight trains: RUN/model (HF safetensors) and RUN/model.gguf instead.
 
@@ -69,7 +85,6 @@ def train(*, config: Optional[Path] = None, resume: Optional[Path] = None, **giv
       edge-tune train --data chats.jsonl --nproc 2 --batch-size 4   # batch 8
       edge-tune train --data chats.jsonl --full --lr 2e-5           # all weights"""
     from edge_tune import api
-    from edge_tune.config import build
     from edge_tune.render import Renderer
 
     settings = _settings(given)
@@ -83,7 +98,7 @@ def train(*, config: Optional[Path] = None, resume: Optional[Path] = None, **giv
                              "its data is now, goes with it)")
         cfg = None
     else:
-        cfg = build(config, **settings)
+        cfg = _build(config, strict, settings)
     with Renderer(err) as render:
         result = api.train(cfg, render, resume=resume, **({"data": moved} if moved else {}))
     r = result.manifest.result
@@ -94,23 +109,23 @@ def train(*, config: Optional[Path] = None, resume: Optional[Path] = None, **giv
               f"{result.run_dir})")
 
 
-train.__signature__ = _flags(after={"val_split": CONFIG, "save_every": RESUME})
+train.__signature__ = _flags(after={"val_split": (CONFIG, STRICT), "save_every": (RESUME,)})
 
 
 # --- plan ------------------------------------------------------------------------------------
 
-def plan(*, config: Optional[Path] = None, as_json: bool = False, **given) -> None:
+def plan(*, config: Optional[Path] = None, strict: bool = False, as_json: bool = False,
+         **given) -> None:
     """Predict a run's peak memory and time, and the settings `train` would change to fit
     this machine; loads no model.
 
     Takes the same options as `train`. `train` runs this plan first and refuses runs that
     cannot fit."""
     from edge_tune import api
-    from edge_tune.config import build
     from edge_tune.render import Renderer
     from edge_tune.render.plan import render_plan
 
-    cfg = build(config, **_settings(given))
+    cfg = _build(config, strict, _settings(given))
     with Renderer(err, quiet=as_json) as render:  # what reading the data says, on stderr
         report = api.plan(cfg, render)
     if as_json:
@@ -121,6 +136,6 @@ def plan(*, config: Optional[Path] = None, as_json: bool = False, **given) -> No
 
 # what only a run does, not its plan: checking, checkpointing and reporting once it runs
 plan.__signature__ = _flags(skip=("verify", "save_every", "report_to"),
-                            after={"val_split": CONFIG},
+                            after={"val_split": (CONFIG, STRICT)},
                             last=(_own("as_json", bool, "--json", default=False,
                                        help="Machine-readable output."),))

@@ -43,7 +43,8 @@ def plan(cfg: TrainConfig, on_event: EventSink = ignore) -> dict:
                         setting="model", value=cfg.model)
     report = {"backend": backend, "backend_reason": why, "model": ref.spec,
               "records": len(train_records), **p.to_dict(), "summary": describe(p),
-              "chat_template": (chosen.name or cfg.chat_template) if chosen else None}
+              "chat_template": (chosen.name or cfg.chat_template) if chosen else None,
+              "preset": cfg.preset, "step": None if cfg.full else _step(cfg)}
     if cfg.full:  # the trade-off side by side: the same data as a LoRA run (default settings)
         import dataclasses
 
@@ -51,6 +52,17 @@ def plan(cfg: TrainConfig, on_event: EventSink = ignore) -> dict:
         report["compare"] = {"lora": _side(lora), "full": _side(p)}
         report["lora_rank"] = cfg.rank
     return report
+
+
+def _step(cfg: TrainConfig) -> dict:
+    """The LoRA update's effective step size (lr x alpha/r), and edge-tune's default's: a
+    recipe's lr copied without its alpha and rank changes it, silently otherwise."""
+    from edge_tune.config_aliases import step_size
+
+    ours = TrainConfig()
+    return {"lr": cfg.lr, "alpha": cfg.alpha, "rank": cfg.rank, "rslora": cfg.rslora,
+            "step_size": step_size(cfg.lr, cfg.alpha, cfg.rank, cfg.rslora),
+            "default_step_size": step_size(ours.lr, ours.alpha, ours.rank)}
 
 
 def _side(p) -> dict:

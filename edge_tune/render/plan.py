@@ -36,6 +36,8 @@ def render_plan(report: dict, console: Console) -> None:
                   "`train` checks it before it starts")
     s = report["settings"]
     console.print("settings: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in s.items()))
+    if report.get("step"):
+        console.print(step_line(report["step"], report.get("preset")), highlight=False)
     for change in report["changes"]:
         console.print(f"[yellow]changed to fit:[/] {change}")
     if report["fits"]:
@@ -47,6 +49,19 @@ def render_plan(report: dict, console: Console) -> None:
                       "or pass --no-verify)")
     else:
         console.print("[red]does not fit[/] even at batch size 1: `train` would refuse")
+
+
+def step_line(step: dict, preset: str | None = None) -> str:
+    """``plan``'s line on the LoRA update's effective step size (lr x alpha/r), beside
+    edge-tune's default's, so a recipe copied from another tool shows what it changes."""
+    root = "sqrt(r)" if step["rslora"] else "r"
+    ratio = step["step_size"] / step["default_step_size"]
+    versus = "the same as" if abs(ratio - 1) < 1e-9 else (
+        f"{ratio:.3g}x" if ratio > 1 else f"1/{1 / ratio:.3g} of")
+    source = f" (preset {preset})" if preset and preset != "edge-tune" else ""
+    return (f"step size{source}: lr {step['lr']:g} x alpha/{root} {step['alpha']:g}/"
+            f"{step['rank']} = {step['step_size']:.3g}; {versus} edge-tune's default "
+            f"({step['default_step_size']:.3g})")
 
 
 def _size(gib: float) -> str:
