@@ -2,8 +2,11 @@
 
 ``--model`` takes ``default`` (the embedded SmolLM2-135M-Instruct GGUF), a ``.gguf`` file, a
 local Hugging Face model directory, a hub ID (``org/name``: read from the local Hugging Face
-cache when its weights are there, else downloaded), or ``ollama:NAME[:TAG]`` (the GGUF in
-Ollama's local store, :mod:`edge_tune.ollama_store`). Training needs HF-layout weights, llama.cpp
+cache when its weights are there, else downloaded), ``ollama:NAME[:TAG]`` (the GGUF in
+Ollama's local store, :mod:`edge_tune.ollama_store`), or the names other tools use for models
+already on disk, all resolved offline (:func:`find_local`): a bare Ollama name
+(``llama3.2:1b``), Ollama's ``hf.co/USER/REPO[:QUANT]`` and ``USER/REPO:QUANT`` for a GGUF repo
+in the Hugging Face cache or LM Studio's models folder. Training needs HF-layout weights, llama.cpp
 needs a GGUF: a GGUF is dequantized once by transformers into the cache (:func:`hf_dir_for`), so
 later runs start in seconds and the adapter is trained on exactly the weights llama.cpp serves.
 """
@@ -11,6 +14,7 @@ later runs start in seconds and the adapter is trained on exactly the weights ll
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,7 +22,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from edge_tune import ollama_store
 from edge_tune.errors import DataError, NetworkError, UsageError
@@ -32,6 +36,14 @@ DEFAULT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 
 GGUF_MAGIC = b"GGUF"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HF_HOSTS = ("hf.co/", "huggingface.co/")  # Ollama's prefixes for a hub repo's GGUF
+_REPO_QUANT = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+:[\w.-]+$")
+_BARE_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(?::[\w.-]+)?$")
+_FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".json", ".jsonl", ".toml", ".yaml")
+EXPECTED = ("expected 'default', a .gguf file, a Hugging Face model directory with "
+            "config.json, a hub ID like 'HuggingFaceTB/SmolLM2-135M-Instruct', a GGUF repo's "
+            "quant on disk like 'USER/REPO:Q4_K_M' or 'hf.co/USER/REPO:Q4_K_M' (Hugging Face "
+            "cache, LM Studio), or an Ollama model 'ollama:NAME[:TAG]'")
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,8 @@ class ModelRef:
 
 
 def classify(spec: str) -> str:
-    """What ``--model`` names: 'default' | 'gguf' | 'hf_dir' | 'hub' | 'ollama' | 'bad-dir' |
+    """What ``--model`` names: 'default' | 'gguf' | 'hf_dir' | 'hub' | 'ollama' | 'gguf-repo'
+    (``[hf.co/]USER/REPO:QUANT``) | 'name' (a bare name, maybe Ollama's) | 'bad-dir' |
     'bad-file' | 'bad'. Pure apart from looking at the path."""
     if spec == "default":
         return "default"
@@ -64,8 +77,12 @@ def classify(spec: str) -> str:
         if p.is_dir():
             return "hf_dir" if (p / "config.json").exists() else "bad-dir"
         return "gguf" if p.suffix.lower() == ".gguf" or _has_gguf_magic(p) else "bad-file"
+    if spec.startswith(HF_HOSTS) or _REPO_QUANT.match(spec):
+        return "gguf-repo"
     if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return "hub"
+    if _BARE_NAME.match(spec) and p.suffix.lower() not in _FILE_SUFFIXES:
+        return "name"
     return "bad"
 
 
@@ -82,11 +99,11 @@ def check_spec(spec: str) -> str:
     must be in the store with its weights blob, and with ``HF_HUB_OFFLINE`` set a hub ID must
     be in the local Hugging Face cache."""
     kind = classify(spec)
-    expected = ("expected 'default', a .gguf file, a Hugging Face model directory with "
-                "config.json, a hub ID like 'HuggingFaceTB/SmolLM2-135M-Instruct', or "
-                "ollama:NAME[:TAG]")
     if kind == "ollama":
         ollama_store.find(spec)
+    if kind in ("gguf-repo", "name") or kind == "hub" and _gguf_only_in_cache(spec):
+        local = find_local(spec)
+        return "ollama" if local.ollama else "gguf"
     if kind == "hub":
         from huggingface_hub.utils import validate_repo_id
 
@@ -94,20 +111,20 @@ def check_spec(spec: str) -> str:
             validate_repo_id(spec)
         except ValueError as exc:
             raise UsageError(f"not a valid hub ID ({str(exc).rstrip('.')}; "
-                             f"{expected})", setting="model", value=spec) from None
+                             f"{EXPECTED})", setting="model", value=spec) from None
     if kind == "hub" and hub_offline() and hub_cache_snapshot(spec, complete=False) is None:
         raise UsageError("not in the local Hugging Face cache (looked for "
                          f"{hub_cache_repo_dir(spec)}) and HF_HUB_OFFLINE is set, so it "
                          "cannot be downloaded", setting="model", value=spec)
     if kind == "bad-dir":
-        raise DataError(f"directory has no config.json ({expected})",
+        raise DataError(f"directory has no config.json ({EXPECTED})",
                         setting="model", value=spec)
     if kind == "bad-file":
-        raise DataError(f"not a GGUF file ({expected})",
+        raise DataError(f"not a GGUF file ({EXPECTED})",
                         setting="model", value=spec)
     if kind == "bad":
         raise UsageError("no such file or directory, and not a hub ID "
-                         f"({expected})", setting="model", value=repr(spec))
+                         f"({EXPECTED})", setting="model", value=repr(spec))
     return kind
 
 
@@ -118,6 +135,11 @@ def resolve(spec: str, on_event: EventSink = ignore) -> ModelRef:
     kind = check_spec(spec)
     if kind == "default":
         return ModelRef(spec, gguf=default_gguf(on_event))
+    if classify(spec) != kind:  # a name another tool uses for a model it keeps
+        ref = find_local(spec)
+        source = f"Ollama's {ref.ollama}" if ref.ollama else "found on disk"
+        on_event(Log(f"{spec}: {ref.gguf} ({source})"))
+        return ref
     if kind == "ollama":
         found = ollama_store.find(spec)
         return ModelRef(spec, gguf=found.gguf, ollama=found.name.display)
@@ -174,6 +196,148 @@ def _has_safetensors_weights(model_dir: Path) -> bool:
             return False
         return bool(shards) and all((model_dir / s).is_file() for s in shards)
     return any(f.is_file() for f in model_dir.glob("*.safetensors"))
+
+
+# --- models other tools keep: bare Ollama names, GGUF repos, LM Studio ---------------------
+
+#: The quant Ollama picks from an ``hf.co/USER/REPO`` named without one, when the repo has it
+#: (Hugging Face's "Use Ollama with any GGUF model" guide); edge-tune picks the same.
+DEFAULT_QUANT = "Q4_K_M"
+LMSTUDIO_ENV = "EDGE_TUNE_LMSTUDIO_MODELS"  # LM Studio itself reads no variable for it
+
+
+def find_local(spec: str, env: Optional[Mapping[str, str]] = None) -> ModelRef:
+    """A name another tool uses for a model already on disk -> its GGUF, offline:
+
+    - a bare Ollama name (``llama3.2:1b``, ``qwen3``): the model in Ollama's local store;
+    - ``hf.co/USER/REPO[:QUANT]`` (Ollama's form; ``huggingface.co/`` too) and
+      ``USER/REPO:QUANT``: the GGUF whose file name carries QUANT (case-insensitive;
+      :data:`DEFAULT_QUANT` or the only file when none is given) in the Hugging Face cache's
+      snapshot of USER/REPO, else in LM Studio's ``MODELS/USER/REPO`` (:func:`lmstudio_dirs`),
+      else Ollama's store under that name (what ``ollama pull`` of it left);
+    - ``USER/REPO`` whose cached snapshot holds GGUF files and no config.json.
+
+    Raises EdgeTuneError (one line): where it looked, the files that are there when the quant
+    is missing or ambiguous, and ``did you mean `ollama:NAME` `` for a bare name."""
+    env = os.environ if env is None else env
+    host, repo, quant = _split_quant(spec)
+    if host is None and "/" not in repo:  # a bare name: only Ollama uses those
+        return _bare_ollama(spec, env)
+    looked = []
+    snapshot = hub_cache_gguf_snapshot(repo)
+    if snapshot is not None:
+        return ModelRef(spec, gguf=gguf_for_quant(snapshot, quant, spec))
+    looked.append(f"the Hugging Face cache has no {hub_cache_repo_dir(repo)}")
+    for folder in lmstudio_dirs(env):
+        if (folder / repo).is_dir():
+            return ModelRef(spec, gguf=gguf_for_quant(folder / repo, quant, spec))
+    looked.append(f"LM Studio's models folder ({', '.join(map(str, lmstudio_dirs(env)))}) has "
+                  f"no {repo}")
+    name = f"{host + '/' if host else ''}{repo}:{quant or 'latest'}"
+    try:
+        found = ollama_store.find(name, env)
+        return ModelRef(spec, gguf=found.gguf, ollama=found.name.display)
+    except UsageError:
+        looked.append(f"Ollama's store ({ollama_store.models_dir(env)}) has no {name}")
+    fetch = f"hf download {repo} --include '*{quant or DEFAULT_QUANT}*.gguf'"
+    raise UsageError(f"not on this machine ({'; '.join(looked)}); `{fetch}` fetches it",
+                     setting="model", value=spec)
+
+
+def _split_quant(spec: str) -> tuple[Optional[str], str, Optional[str]]:
+    """``[hf.co/]USER/REPO[:QUANT]`` or ``NAME[:TAG]`` -> (host or None, repo, quant or None)."""
+    host = next((h.rstrip("/") for h in HF_HOSTS if spec.startswith(h)), None)
+    rest = spec[len(host) + 1:] if host else spec
+    repo, _, quant = rest.partition(":")
+    return host, repo, quant or None
+
+
+def _bare_ollama(spec: str, env: Mapping[str, str]) -> ModelRef:
+    try:
+        found = ollama_store.find(spec, env)
+    except UsageError:
+        raise UsageError(f"no such file or directory, and Ollama's local store "
+                         f"({ollama_store.models_dir(env)}) has no {spec}: did you mean "
+                         f"`ollama:{spec}` (after `ollama pull {spec}`)? ({EXPECTED})",
+                         setting="model", value=spec) from None
+    return ModelRef(spec, gguf=found.gguf, ollama=found.name.display)
+
+
+def _carries(file_name: str, quant: str) -> bool:
+    """Whether a GGUF's file name names ``quant``: case-insensitive, as a whole token
+    (``Q4_K`` is not ``Q4_K_M``, ``Q4_XS`` not ``IQ4_XS``)."""
+    pattern = rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9_])"
+    return re.search(pattern, Path(file_name).stem, re.IGNORECASE) is not None
+
+
+def gguf_for_quant(folder: Path, quant: Optional[str], spec: str) -> Path:
+    """The one ``*.gguf`` under ``folder`` (vision projectors ``mmproj*`` left out) whose name
+    carries ``quant``; without ``quant``, :data:`DEFAULT_QUANT`'s file or the only one. Raises
+    UsageError listing the files there when none or several match."""
+    files = sorted(f for f in Path(folder).rglob("*.gguf")
+                   if f.is_file() and not f.name.lower().startswith("mmproj"))
+    there = ", ".join(f.relative_to(folder).as_posix() for f in files) or "no .gguf file"
+    if quant is None and len(files) == 1:
+        return files[0]
+    picked = [f for f in files if _carries(f.name, quant or DEFAULT_QUANT)]
+    if len(picked) == 1:
+        return picked[0]
+    if not picked:
+        what = f"carries {quant}" if quant else f"is the only one or carries {DEFAULT_QUANT}"
+        raise UsageError(f"no GGUF file in {folder} {what} (there: {there}); name one "
+                         "with :QUANT or give the file's path", setting="model", value=spec)
+    raise UsageError(f"{len(picked)} GGUF files in {folder} carry {quant or DEFAULT_QUANT} "
+                     f"({there}); give the file's path", setting="model", value=spec)
+
+
+def hub_cache_gguf_snapshot(repo: str) -> Optional[Path]:
+    """The cached snapshot of hub repo ``repo`` (``refs/main``'s, else the newest) when it
+    holds GGUF files, else None. Read from the cache's layout (``models--USER--REPO/
+    snapshots/REV/``): a GGUF repo has no config.json for :func:`hub_cache_snapshot` to find."""
+    repo_dir = hub_cache_repo_dir(repo)
+    main = repo_dir / "refs" / "main"
+    try:
+        snapshots = [repo_dir / "snapshots" / main.read_text().strip()]
+    except OSError:
+        snapshots = sorted((repo_dir / "snapshots").glob("*"), key=lambda d: d.stat().st_mtime,
+                           reverse=True) if (repo_dir / "snapshots").is_dir() else []
+    for snapshot in snapshots[:1]:
+        if snapshot.is_dir() and any(snapshot.rglob("*.gguf")):
+            return snapshot
+    return None
+
+
+def _gguf_only_in_cache(hub_id: str) -> bool:
+    return hub_cache_snapshot(hub_id, complete=False) is None and \
+        hub_cache_gguf_snapshot(hub_id) is not None
+
+
+def lmstudio_dirs(env: Optional[Mapping[str, str]] = None) -> list[Path]:
+    """LM Studio's models folders, searched in this order: ``$EDGE_TUNE_LMSTUDIO_MODELS``,
+    the home ``~/.lmstudio-home-pointer`` names (LM Studio writes it when its home moves) +
+    ``/models``, ``~/.lmstudio/models``, ``~/.cache/lm-studio/models`` (before 0.3). Models sit
+    in ``PUBLISHER/REPO/*.gguf`` below each."""
+    env = os.environ if env is None else env
+    home = Path(env.get("HOME") or Path.home())
+    out = [Path(env[LMSTUDIO_ENV]).expanduser()] if env.get(LMSTUDIO_ENV) else []
+    try:
+        pointed = (home / ".lmstudio-home-pointer").read_text(encoding="utf-8").strip()
+        if pointed:
+            out.append(Path(pointed).expanduser() / "models")
+    except (OSError, UnicodeDecodeError):
+        pass
+    out += [home / ".lmstudio" / "models", home / ".cache" / "lm-studio" / "models"]
+    return list(dict.fromkeys(out))
+
+
+def lmstudio_models_dir(env: Optional[Mapping[str, str]] = None) -> Path:
+    """Where ``export --lmstudio`` puts a model: ``$EDGE_TUNE_LMSTUDIO_MODELS``, else the
+    first of :func:`lmstudio_dirs` that exists, else ``~/.lmstudio/models``."""
+    env = os.environ if env is None else env
+    dirs = lmstudio_dirs(env)
+    if env.get(LMSTUDIO_ENV):
+        return dirs[0]
+    return next((d for d in dirs if d.is_dir()), dirs[-2])
 
 
 _UNSLOTH_4BIT = re.compile(r"^unsloth/(?P<name>[\w.-]+?)(?:-unsloth)?-bnb-4bit$", re.IGNORECASE)
