@@ -426,7 +426,8 @@ def build(toml_path: Optional[Path] = None, *, strict: bool = False,
     if preset not in PRESETS:
         raise UsageError(f"not a preset (expected {' | '.join(PRESETS)})", setting="preset",
                          value=preset)
-    cfg = TrainConfig(**{**PRESETS[preset], **values})
+    known = {f.name for f in fields(TrainConfig)}  # a preset may name a setting not here yet
+    cfg = TrainConfig(**{**{k: v for k, v in PRESETS[preset].items() if k in known}, **values})
     _check_values(cfg)
     if cfg.method == "kto" and cfg.batch_size < 2:  # TRL's KTOTrainer refuses it too
         raise UsageError(f"--method kto: --batch-size {cfg.batch_size}: KTO's KL estimate pairs "
@@ -466,7 +467,8 @@ def _read_config(path: Path, strict: bool, say: Callable[[str], None]) -> dict[s
     names = {f.name for f in fields(TrainConfig)}
     doc = _parse_config(path)
     table = doc["train"] if isinstance(doc.get("train"), dict) else doc
-    read = translate(table, names, str(path))
+    read = translate(table, names, str(path),
+                     lambda key, value: key not in _CHECKS or _CHECKS[key][0](value))
     if strict and read.ignored:
         key, why = read.ignored[0]
         raise UsageError(f"{path}: {key}: ignored ({why}); --strict refuses a key edge-tune "

@@ -32,7 +32,8 @@ class Alias:
     ``convert``: its value to edge-tune's (ValueError: not a value it can take), None = as
     is; ``flag``: also a command-line spelling of that setting's option (value as is);
     ``why``: for a key with no setting, what edge-tune does instead; ``ok``: for such a key,
-    the values that change nothing (others are ignored with a warning), None = every value."""
+    the values that change nothing (others are ignored with a warning), None = every value;
+    ``soft``: a value ``convert`` refuses is ignored with a warning, not an error."""
 
     setting: Optional[str]
     tools: str
@@ -40,11 +41,12 @@ class Alias:
     flag: bool = False
     why: str = ""
     ok: Optional[Callable[[Any], bool]] = None
+    soft: bool = False  # a value it cannot take is ignored (a warning), not an error
 
 
 def _to(setting: str, tools: str, convert: Optional[Callable[[Any], Any]] = None,
-        flag: bool = False) -> Alias:
-    return Alias(setting, tools, convert, flag)
+        flag: bool = False, soft: bool = False) -> Alias:
+    return Alias(setting, tools, convert, flag, soft=soft)
 
 
 def _moot(tools: str, why: str, ok: Optional[Callable[[Any], bool]] = None) -> Alias:
@@ -146,6 +148,24 @@ def _targets_free(v: Any) -> Any:
     if isinstance(v, str) and "," in v:
         return [x.strip() for x in v.split(",") if x.strip()]
     return v
+
+
+# other tools' spellings of a value of a setting that edge-tune has under the same name
+SPELLINGS: dict[str, dict[str, str]] = {
+    "optimizer": {"adam": "adamw", "adamw_torch": "adamw", "adamw_torch_fused": "adamw",
+                  "adamw_hf": "adamw", "adamw_bnb_8bit": "adamw_8bit",
+                  "paged_adamw_8bit": "adamw_8bit"},
+    "lr_scheduler": {"constant_with_warmup": "constant", "cosine_decay": "cosine",
+                     "linear_schedule": "linear"},
+}
+
+
+def _mlx_schedule(v: Any) -> str:
+    """mlx-lm's ``lr_schedule: {name, arguments, warmup}``: its decay's name."""
+    name = v.get("name") if isinstance(v, dict) else v
+    if not isinstance(name, str):
+        raise ValueError
+    return SPELLINGS["lr_scheduler"].get(name, name)
 
 
 _ADAMW = ("adamw", "adam", "adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_8bit",
@@ -255,16 +275,17 @@ ALIASES: dict[str, Alias] = {
                           "dequantized base", ok=_off),
     "load_in_8bit": _moot(f"{AXOLOTL}, {TRL}", "no 8-bit loading", ok=_off),
     "fp16": _moot(f"{AXOLOTL}, {TRL}", "training is fp32 or bf16 (--precision)", ok=_off),
-    "optim": _moot(f"{HF}", "the optimizer is AdamW", ok=lambda v: v in _ADAMW),
-    "optimizer": _moot(f"{AXOLOTL}, {MLX_LM}", "the optimizer is AdamW",
-                       ok=lambda v: v in _ADAMW),
-    "lr_scheduler_type": _moot(HF, "the schedule is warm-up then cosine",
-                               ok=lambda v: v == "cosine"),
-    "lr_scheduler": _moot(AXOLOTL, "the schedule is warm-up then cosine",
-                          ok=lambda v: v == "cosine"),
-    "lr_schedule": _moot(MLX_LM, "the schedule is warm-up then cosine", ok=_off),
-    "weight_decay": _moot(HF, "weight decay is 0", ok=lambda v: v in (0, 0.0, None)),
-    "warmup_ratio": _moot(HF, "warm-up is warmup_steps long", ok=_off),
+    # the names of the schedule, optimizer and decay settings; another spelling of a value
+    # (adamw_torch, constant_with_warmup) is read through SPELLINGS, one no backend has is
+    # ignored with a warning
+    "optim": _to("optimizer", HF, soft=True),
+    "optimizer": _to("optimizer", f"{AXOLOTL}, {MLX_LM}", soft=True),
+    "lr_scheduler_type": _to("lr_scheduler", HF, soft=True),
+    "lr_scheduler": _to("lr_scheduler", AXOLOTL, soft=True),
+    "lr_schedule": _to("lr_scheduler", MLX_LM, lambda v: _mlx_schedule(v), soft=True),
+    "weight_decay": _to("weight_decay", HF),
+    "warmup_ratio": _to("warmup_ratio", HF),
+    "save_total_limit": _to("save_total_limit", HF),
     "max_grad_norm": _moot(HF, "gradients are clipped at norm 1", ok=lambda v: v in (1, 1.0)),
     "pref_loss": _moot(LLAMA_FACTORY, "DPO's sigmoid loss; for ORPO say stage: orpo",
                        ok=lambda v: v == "sigmoid"),
@@ -311,19 +332,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # unsloth-cli.py's argparse defaults (the notebooks use the same, with max_steps 60)
     "unsloth": {"rank": 16, "alpha": 16.0, "lora_dropout": 0.0, "lr": 2e-4, "batch_size": 2,
                 "grad_accum": 4, "warmup_steps": 5, "seq_len": 2048, "seed": 3407,
-                "grad_checkpoint": True},
+                "grad_checkpoint": True, "lr_scheduler": "linear", "weight_decay": 0.01},
     # mlx_lm.lora's CONFIG_DEFAULTS (0.32): lora_parameters rank 8, scale 20 (alpha 160),
     # every linear layer of the last 16 blocks, constant lr, loss on every token
     "mlx-lm": {"rank": 8, "alpha": 160.0, "lora_dropout": 0.0, "lr": 1e-5, "batch_size": 4,
                "grad_accum": 1, "max_steps": 1000, "seq_len": 2048, "seed": 0,
                "eval_every": 200, "save_every": 100, "train_on": "all",
-               "target_modules": [ALL_LINEAR]},
+               "target_modules": [ALL_LINEAR], "warmup_steps": 0, "lr_scheduler": "constant"},
     # TRL's SFTConfig (learning_rate 2e-5, max_length 1024, TrainingArguments' batch 8, 3
     # epochs, seed 42, no packing) with ModelConfig's LoRA (lora_r 16, lora_alpha 32,
     # lora_dropout 0.05); loss on every token of a conversation (assistant_only_loss False)
     "trl": {"rank": 16, "alpha": 32.0, "lora_dropout": 0.05, "lr": 2e-5, "batch_size": 8,
             "grad_accum": 1, "epochs": 3.0, "seq_len": 1024, "seed": 42, "warmup_steps": 0,
-            "pack": False, "train_on": "all"},
+            "pack": False, "train_on": "all", "lr_scheduler": "linear", "weight_decay": 0.0},
 }
 
 
@@ -359,26 +380,35 @@ def _show(v: Any) -> str:
     return str(v)
 
 
-def translate(doc: dict, names: set[str], source: str) -> Translation:
+def translate(doc: dict, names: set[str], source: str,
+              valid: Callable[[str, Any], bool] = lambda setting, value: True) -> Translation:
     """``doc`` (a parsed config) as edge-tune's settings. ``names``: the TrainConfig fields,
     taken as they are (``-`` read as ``_``). A key no tool here knows is ignored with a
     warning when the document has another tool's keys, else DataError (a typo in an
     edge-tune config). DataError, naming ``source`` and the key, for a value that does not
-    convert or two keys that set one setting differently."""
-    r = _Reader(source)
+    convert or two keys that set one setting differently. ``valid(setting, value)``: whether
+    edge-tune takes that value (a ``soft`` alias's other values are ignored)."""
+    r = _Reader(source, valid)
     flat = {key.replace("-", "_"): value for key, value in doc.items()}
     foreign = any(k not in names and k in KNOWN for k in flat)
     for key, value in flat.items():
         if value is None:  # YAML's null: the tool's default, so not set
             continue
         if key in names:
-            r.put(key, key, value, value)
+            spelled = SPELLINGS.get(key, {}).get(value, value) if isinstance(value, str) \
+                else value
+            if foreign and key in SPELLINGS and not valid(key, spelled):
+                r.t.ignored.append((key, f"{value}: not a value edge-tune's {key} takes"))
+                continue
+            r.put(key, key, spelled, value)
+            if spelled != value:
+                r.t.lines.append(f"{key}: {value} -> {key} {spelled}")
             if foreign:  # beside another tool's keys, say which are edge-tune's own
                 r.t.lines.append(f"{key}: {_show(value)} -> {key} (edge-tune's own key)")
         elif key in _GROUPED:
             r.grouped(key, value, flat)
         elif key in ALIASES:
-            r.alias(key, value)
+            r.alias(key, value, names)
         elif foreign:
             r.t.ignored.append((key, "not a key of edge-tune, Axolotl, LLaMA-Factory, Unsloth, "
                                      "mlx-lm or TRL that edge-tune knows"))
@@ -399,8 +429,8 @@ def translate(doc: dict, names: set[str], source: str) -> Translation:
 class _Reader:
     """:func:`translate`'s state: the settings so far and which key set each."""
 
-    def __init__(self, source: str) -> None:
-        self.t, self.source = Translation(), source
+    def __init__(self, source: str, valid: Callable[[str, Any], bool]) -> None:
+        self.t, self.source, self.valid = Translation(), source, valid
         self.setter: dict[str, str] = {}  # setting -> the key that set it
 
     def put(self, key: str, setting: str, value: Any, raw: Any, note: str = "") -> None:
@@ -429,7 +459,7 @@ class _Reader:
         elif "dataset_name" not in flat:  # dataset_config, dataset_train_split
             self.t.ignored.append((key, "needs dataset_name"))
 
-    def alias(self, key: str, value: Any) -> None:
+    def alias(self, key: str, value: Any, names: set[str]) -> None:
         a, t = ALIASES[key], self.t
         if a.setting is None:
             if a.ok is None or a.ok(value):
@@ -440,13 +470,24 @@ class _Reader:
         if key == "template" and isinstance(value, str) and value.lower() in OWN_TEMPLATE:
             t.lines.append(f"{key}: {value} -> the model's own chat template")
             return
+        if a.setting not in names:
+            t.ignored.append((key, f"{_show(value)}: edge-tune has no {a.setting} setting"))
+            return
         try:
             converted = a.convert(value) if a.convert else value
+            if isinstance(converted, str) and a.setting in SPELLINGS:
+                converted = SPELLINGS[a.setting].get(converted, converted)
+            if a.soft and not self.valid(a.setting, converted):
+                raise ValueError
         except (TypeError, ValueError):
-            if a.setting != "chat_template":
+            if a.setting == "chat_template":
+                t.ignored.append((key, f"{value}: no built-in template of that name (give "
+                                       "--chat-template NAME|FILE)"))
+            elif a.soft:
+                t.ignored.append((key, f"{_show(value)}: not a value edge-tune's {a.setting} "
+                                       "takes"))
+            else:
                 raise self.bad(key, value) from None
-            t.ignored.append((key, f"{value}: no built-in template of that name (give "
-                                   "--chat-template NAME|FILE)"))
             return
         if converted is None:
             t.lines.append(f"{key}: {_show(value)} -> nothing to set")
