@@ -339,12 +339,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                "grad_accum": 1, "max_steps": 1000, "seq_len": 2048, "seed": 0,
                "eval_every": 200, "save_every": 100, "train_on": "all",
                "target_modules": [ALL_LINEAR], "warmup_steps": 0, "lr_scheduler": "constant"},
-    # TRL's SFTConfig (learning_rate 2e-5, max_length 1024, TrainingArguments' batch 8, 3
-    # epochs, seed 42, no packing) with ModelConfig's LoRA (lora_r 16, lora_alpha 32,
-    # lora_dropout 0.05); loss on every token of a conversation (assistant_only_loss False)
+    # TRL's SFTConfig (learning_rate 2e-5, max_length 1024, gradient checkpointing on, no
+    # packing; TrainingArguments' batch 8, 3 epochs, seed 42, linear decay) with ModelConfig's
+    # LoRA (lora_r 16, lora_alpha 32, lora_dropout 0.05); loss on every token of a
+    # conversation (assistant_only_loss False)
     "trl": {"rank": 16, "alpha": 32.0, "lora_dropout": 0.05, "lr": 2e-5, "batch_size": 8,
             "grad_accum": 1, "epochs": 3.0, "seq_len": 1024, "seed": 42, "warmup_steps": 0,
-            "pack": False, "train_on": "all", "lr_scheduler": "linear", "weight_decay": 0.0},
+            "pack": False, "train_on": "all", "lr_scheduler": "linear", "weight_decay": 0.0,
+            "grad_checkpoint": True},
 }
 
 
