@@ -255,14 +255,72 @@ def trim_note(blocks: RoleBlocks | None) -> str | None:
             "cannot, so send them without leading/trailing whitespace")
 
 
+@dataclass(frozen=True)
+class Builtin:
+    """Ollama's own prompt renderer and output parser for a family (``renderer`` None: Ollama
+    has only a parser for it, and the Modelfile's TEMPLATE still renders the prompt)."""
+
+    family: str
+    renderer: str | None
+    parser: str
+
+
+# Ollama >= 0.12 Modelfiles take ``RENDERER NAME`` and ``PARSER NAME`` (``parser/parser.go``
+# of ollama/ollama): the renderer builds the prompt with tools and thinking in Go code, the
+# parser splits the output into content, thinking and tool calls. The names are the ones
+# ollama/ollama accepts (``model/renderers/renderer.go`` ``rendererForName``,
+# ``model/parsers/parsers.go`` ``ParserForName``, read at fb30760, Aug 2026): a name it does not
+# know fails every chat request ("unknown renderer"), so nothing is guessed here. Llama 3.x has
+# neither: Ollama calls its tools through the TEMPLATE alone.
+_QWEN3 = ("qwen3", "qwen3moe")
+
+
+def builtin(arch: str, template: str) -> Builtin | None:
+    """Ollama's built-in renderer/parser for a GGUF's ``general.architecture`` and its chat
+    template's text, or None. Pure."""
+    t = template or ""
+    if "<start_function_call>" in t:
+        return Builtin("FunctionGemma", "functiongemma", "functiongemma")
+    if arch in _QWEN3 and "<function=" in t:
+        return Builtin("Qwen3-Coder", "qwen3-coder", "qwen3-coder")
+    if arch in _QWEN3 and "<tool_call>" in t:
+        return Builtin("Qwen3", None, "qwen3-thinking" if "<think>" in t else "qwen3")
+    if arch in ("qwen35", "qwen35moe"):
+        return Builtin("Qwen3.5", "qwen3.5", "qwen3.5")
+    if arch == "gpt-oss":
+        return Builtin("gpt-oss (harmony)", None, "harmony")
+    if arch in ("lfm2", "lfm2moe"):
+        name = "lfm2-thinking" if "<think>" in t else "lfm2"
+        return Builtin("LFM2", name, name)
+    if arch == "deepseek2" and "</think>" in t and "Assistant" in t:
+        return Builtin("DeepSeek-V3.1", "deepseek3.1", "deepseek3")
+    return None
+
+
+def builtin_note(b: Builtin | None) -> str | None:
+    """What a Modelfile reader should know about ``b``: without a renderer, the translated
+    TEMPLATE renders the prompt, and it has no tool definitions."""
+    if b is None or b.renderer is not None:
+        return None
+    return (f"Ollama has a {b.family} parser ({b.parser}) but no renderer: the TEMPLATE below "
+            "renders the prompt and carries no tool definitions (thinking and tool calls in "
+            "the output are parsed); needs Ollama >= 0.12")
+
+
 def modelfile(from_: str, adapter: str | None, template: str | None, stops: list[str],
-              system: str | None = None, note: str = "", notes: tuple[str, ...] = ()) -> str:
-    """The Modelfile text; paths are written as given (relative to the Modelfile)."""
+              system: str | None = None, note: str = "", notes: tuple[str, ...] = (),
+              handlers: Builtin | None = None) -> str:
+    """The Modelfile text; paths are written as given (relative to the Modelfile).
+    ``handlers``: RENDERER / PARSER lines (the TEMPLATE stays, for what they do not cover)."""
     lines = [f"# {note}" if note else "# written by edge-tune"]
     lines += [f"# note: {n}" for n in notes]
     lines.append(f"FROM {from_}")
     if adapter:
         lines.append(f"ADAPTER {adapter}")
+    if handlers is not None and handlers.renderer:
+        lines.append(f"RENDERER {handlers.renderer}")
+    if handlers is not None:
+        lines.append(f"PARSER {handlers.parser}")
     if template is not None:
         lines.append(f"TEMPLATE {_quote(template)}")
     for stop in stops:

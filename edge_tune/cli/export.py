@@ -30,9 +30,17 @@ def export(
                                         "Q4_K_M, Q5_K_M, Q6_K, Q8_0, F16 whose check passes "
                                         "[default: F16]."),
     ollama: Optional[Path] = typer.Option(None, "--ollama", help="Also write an Ollama "
-                                          "Modelfile (FROM/ADAPTER/TEMPLATE/stop) into DIR."),
+                                          "Modelfile (FROM/ADAPTER/TEMPLATE/stop; RENDERER/"
+                                          "PARSER for the families Ollama has built in) into "
+                                          "DIR, and run `ollama create RUN -f DIR/Modelfile` "
+                                          "when ollama is on PATH."),
     system: Optional[str] = typer.Option(None, "--system", help="With --ollama: the "
                                          "Modelfile's SYSTEM prompt."),
+    lmstudio: bool = typer.Option(False, "--lmstudio", help="Also place the merged GGUF "
+                                  "(implies --merge; a full run: its model) where LM Studio "
+                                  "lists it: MODELS/edge-tune/RUN/RUN-QUANT.gguf (MODELS: "
+                                  "$EDGE_TUNE_LMSTUDIO_MODELS, else ~/.lmstudio/models). LM "
+                                  "Studio loads no LoRA adapter."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check a run's export: "
                                 "llama.cpp against torch+PEFT on held-back prompts (see "
                                 "`edge-tune verify`). A merged model that fails is not "
@@ -56,11 +64,16 @@ def export(
       edge-tune export runs/demo --merge -q Q4_K_M      # RUN/merged-q4_k_m.gguf
       edge-tune export runs/demo --merge -q auto        # smallest type that passes
       edge-tune export runs/demo --merge --ollama out/  # plus out/Modelfile
+      edge-tune export runs/demo --lmstudio -q Q4_K_M   # merged, into LM Studio's folder
       edge-tune export runs/demo --vllm out/vllm        # PEFT dir, `vllm serve`
       edge-tune export runs/full -q Q8_0                # a full run: RUN/model-q8_0.gguf"""
     from edge_tune import api
     from edge_tune.render import Renderer
 
+    if lmstudio and vllm is not None:
+        raise UsageError("--lmstudio and --vllm: LM Studio takes a merged GGUF, vLLM a PEFT "
+                         "adapter; give one", setting="lmstudio")
+    merge = merge or lmstudio  # LM Studio loads no LoRA adapter: it gets the merged model
     if merge and outtype is not None:  # --outtype f32 --merge means a merged F32 GGUF
         if quant is not None and quant.upper() != outtype.upper():
             raise UsageError(f"--outtype {outtype} and -q {quant}: with --merge both set the "
@@ -71,6 +84,10 @@ def export(
                             on_event=render,
                             merge=merge, quant=quant, ollama=ollama, verify=verify,
                             system=system, vllm=vllm, chat_template=chat_template)
+        if lmstudio:
+            from edge_tune.exporting.targets import place_for_lmstudio
+
+            place_for_lmstudio(result.path, adapter.resolve().name, result.quant, render)
     if vllm is not None:
         print(result.command)  # plain stdout: `$(edge-tune export RUN --vllm DIR)` runs it
 

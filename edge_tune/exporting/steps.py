@@ -294,6 +294,7 @@ def write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Opti
         raise UsageError("--ollama needs a GGUF base model (pass --base BASE.gguf)")
     reader = open_gguf(Path(model_gguf))
     template = chosen.text if chosen else field_value(reader, "tokenizer.chat_template")
+    handlers = ollama.builtin(field_value(reader, "general.architecture") or "", template or "")
     tokens = field_value(reader, "tokenizer.ggml.tokens") or []
     eos_id = field_value(reader, "tokenizer.ggml.eos_token_id")
     eos = tokens[eos_id] if eos_id is not None and eos_id < len(tokens) else None
@@ -308,6 +309,7 @@ def write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Opti
     trim_note = ollama.trim_note(blocks)
     if trim_note:
         on_event(Log(f"--ollama: {trim_note}", "warning"))
+    notes = tuple(n for n in (trim_note, ollama.builtin_note(handlers)) if n)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # A run's base read from Ollama's store is named, not copied: Ollama already has it.
@@ -320,9 +322,14 @@ def write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Opti
                             f"./{adapter_name}" if adapter_name else None, go,
                             ollama.stop_words(blocks, eos), system,
                             note="written by edge-tune export --ollama; run: ollama create NAME "
-                                 "-f Modelfile", notes=(trim_note,) if trim_note else ())
+                                 "-f Modelfile", notes=notes, handlers=handlers)
     path = directory / "Modelfile"
     write_text_atomic(path, text)
+    builtin = f", RENDERER {handlers.renderer}" if handlers and handlers.renderer else ""
+    builtin += f", PARSER {handlers.parser}" if handlers else ""
     on_event(Log(f"wrote {path} (FROM {from_name}" + (f", ADAPTER {adapter_name}" if adapter_name
-                                                       else "") + ")"))
+                                                       else "") + builtin + ")"))
+    from edge_tune.exporting.targets import ollama_create, ollama_name
+
+    ollama_create(path, ollama_name(Path(adapter_gguf or model_gguf)), on_event)
     return path
