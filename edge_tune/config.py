@@ -427,7 +427,10 @@ def build(toml_path: Optional[Path] = None, *, strict: bool = False,
         raise UsageError(f"not a preset (expected {' | '.join(PRESETS)})", setting="preset",
                          value=preset)
     known = {f.name for f in fields(TrainConfig)}  # a preset may name a setting not here yet
-    cfg = TrainConfig(**{**{k: v for k, v in PRESETS[preset].items() if k in known}, **values})
+    defaults = {k: v for k, v in PRESETS[preset].items() if k in known}
+    if "epochs" in values:  # the run's length given in epochs: not the preset's step count
+        defaults.pop("max_steps", None)
+    cfg = TrainConfig(**{**defaults, **values})
     _check_values(cfg)
     if cfg.method == "kto" and cfg.batch_size < 2:  # TRL's KTOTrainer refuses it too
         raise UsageError(f"--method kto: --batch-size {cfg.batch_size}: KTO's KL estimate pairs "

@@ -171,6 +171,7 @@ def test_presets_and_what_overrides_them(tmp_path):
     mlx = build(None, preset="mlx-lm", data="d.jsonl")
     assert (mlx.rank, mlx.alpha, mlx.lr, mlx.max_steps, mlx.train_on) == (8, 160.0, 1e-5, 1000,
                                                                          "all")
+    assert build(None, preset="mlx-lm", data="d.jsonl", epochs=1).max_steps is None  # not iters
     unsloth = build(None, preset="unsloth", data="d.jsonl", lr=1e-4)  # a flag wins
     assert (unsloth.rank, unsloth.alpha, unsloth.lr, unsloth.batch_size,
             unsloth.grad_accum) == (16, 16.0, 1e-4, 2, 4)
