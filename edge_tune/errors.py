@@ -61,7 +61,10 @@ result file and wrapped messages carry the command-line line), the server ``'pat
 with ``param`` set in OpenAI's error object, the TUI marks the form's field. Hints inside a
 message that tell the user what to run next ("give --replay N too", "restart the server with
 --chat-template NAME") keep the command line's spelling: they name a command line to type, and
-the HTTP API has no field that could do it instead.
+the HTTP API has no field that could do it instead. So do the few lines about two options at once
+("--data with --resume only", "--nproc/--nnodes: ...", "--draft-min 3 / --draft-max 2: ..."):
+``setting`` names one. Messages about a setting a run.toml set (``run.toml: rank: ...``) name
+the file, not a flag.
 """
 
 from __future__ import annotations

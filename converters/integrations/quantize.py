@@ -47,8 +47,8 @@ def quantize(src: Path, dst: Path, quant: str, threads: int | None = None) -> Pa
     try:
         import llama_cpp
     except ImportError:
-        raise UsageError("--quant needs llama-cpp-python: pip install 'edge-tune[run]'") \
-            from None
+        raise UsageError("needs llama-cpp-python: pip install 'edge-tune[run]'",
+                         setting="quant") from None
     name = normalize(quant)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype(name)

@@ -154,7 +154,8 @@ def main() -> None:
         err.print("[yellow]cancelled[/]")
         raise SystemExit(ExitCode.CANCELLED) from None
     except EdgeTuneError as exc:
-        # a message may hold [brackets]: print them as they are
+        # str(exc): the line with its setting spelled as a flag (errors.cli_spelling: seq_len ->
+        # --seq-len); a message may hold [brackets]: print them as they are
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise SystemExit(exc.exit_code) from None
     except KeyboardInterrupt:

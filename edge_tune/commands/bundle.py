@@ -76,7 +76,7 @@ def bundle(runs: list[str], out: Path, base: Optional[str] = None, merged: bool 
                 plan.manifests[name] = man
         else:
             if quant is not None:
-                raise UsageError("--quant applies to --merged bundles only")
+                raise UsageError("applies to --merged bundles only", setting="quant")
             plan = bundle_mod.plan_bundle(base_path, items, template, templates=templates)
         return bundle_mod.write_bundle(plan, Path(out), on_event, wheels=wheels)
 

@@ -78,8 +78,8 @@ def _export(adapter: Path, base: Optional[Path], out: Optional[Path], outtype: s
                              system=system, template=template)
     info, base_gguf = conversion_base(peft_dir, man, base)
     if quant is not None:
-        raise UsageError("--quant applies to merged exports only: add --merge (an adapter "
-                         "GGUF takes --outtype f32|f16|q8_0)")
+        raise UsageError("applies to merged exports only: add --merge (an adapter GGUF takes "
+                         "--outtype f32|f16|q8_0)", setting="quant")
     return export_adapter(Path(adapter), peft_dir, man, info, base_gguf, out, outtype, on_event,
                           verify=verify, base=base, ollama=ollama, system=system,
                           template=template)

@@ -104,8 +104,9 @@ def ship_checked(f32: Path, out: Optional[Path], name: str, work: Path, check,
 
     if name == "AUTO":
         if check is None:
-            raise UsageError("--quant auto picks the smallest type whose check passes: it needs "
-                             "the check (drop --no-verify; only a run has held-back prompts)")
+            raise UsageError("picks the smallest type whose check passes: it needs the check "
+                             "(drop --no-verify; only a run has held-back prompts)",
+                             setting="quant", value="auto")
         report = None
         for t in AUTO_LADDER:
             cand = _quantize_to(f32, t, work, out or default_out(t), on_event)

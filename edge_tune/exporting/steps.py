@@ -110,8 +110,8 @@ def export_full(run: Path, man: Manifest, out: Optional[Path], quant: str,
 
     name = quant_name(quant)
     if name == "AUTO" and not verify:
-        raise UsageError("--quant auto picks the smallest type whose check passes: drop "
-                         "--no-verify")
+        raise UsageError("picks the smallest type whose check passes: drop --no-verify",
+                         setting="quant", value="auto")
     model_dir = run / (man.model.hf if man.model is not None else "model")
     if not (model_dir / "config.json").is_file():
         raise DataError(f"{model_dir}: the full run's model is missing (expected its HF "
@@ -209,8 +209,9 @@ def export_merged(adapter: Path, peft_dir: Path, man: Optional[Manifest],
 
     name = quant_name(quant)
     if name == "AUTO" and (not verify or man is None):
-        raise UsageError("--quant auto picks the smallest type whose check passes: it needs "
-                         "the check (drop --no-verify; the check needs a run directory)")
+        raise UsageError("picks the smallest type whose check passes: it needs the check "
+                         "(drop --no-verify; the check needs a run directory)",
+                         setting="quant", value="auto")
     if base_gguf is None:
         raise UsageError(f"{adapter}: --merge needs a GGUF base: pass --base BASE.gguf "
                          "(make one from an HF model with `edge-tune convert-base`)")
@@ -291,7 +292,7 @@ def write_ollama(directory: Path, model_gguf: Optional[Path], adapter_gguf: Opti
     from edge_tune.fsutil import write_text_atomic
 
     if model_gguf is None:
-        raise UsageError("--ollama needs a GGUF base model (pass --base BASE.gguf)")
+        raise UsageError("needs a GGUF base model (pass --base BASE.gguf)", setting="ollama")
     reader = open_gguf(Path(model_gguf))
     template = chosen.text if chosen else field_value(reader, "tokenizer.chat_template")
     handlers = ollama.builtin(field_value(reader, "general.architecture") or "", template or "")

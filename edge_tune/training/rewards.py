@@ -329,7 +329,8 @@ def parse_rewards(specs: list[str], weights: Optional[list[float]] = None) -> li
     """Every ``--reward`` with its weight (``--reward-weights``: one per reward, default 1
     each). UsageError for none, or a count of weights that does not match."""
     if not specs:
-        raise UsageError(f"--method grpo needs at least one --reward ({SPEC_HELP})")
+        raise UsageError(f"needs at least one --reward ({SPEC_HELP})", setting="method",
+                         value="grpo")
     if weights and len(weights) != len(specs):
         raise UsageError(f"{len(weights)} weights for {len(specs)} rewards "
                          "(expected one per --reward, in order)", setting="reward_weights")
