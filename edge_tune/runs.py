@@ -328,8 +328,8 @@ def preflight(cfg: Optional[TrainConfig], resume: Optional[Path], data: Optional
     saved = None
     if resume is not None:
         if cfg is not None:
-            raise UsageError("--resume continues a run with its own settings; give no other "
-                             "training options")
+            raise UsageError("continues a run with its own settings; give no other training "
+                             "options", setting="resume")
         if resume_state(resume) is None:
             raise UsageError("nothing to resume (the run finished or "
                              f"has no {RUN_CONFIG})", setting="resume", value=resume)
