@@ -396,7 +396,9 @@ def translate(doc: dict, names: set[str], source: str,
     for key, value in flat.items():
         if value is None:  # YAML's null: the tool's default, so not set
             continue
-        if key in names:
+        if key in names and foreign and key in ALIASES and ALIASES[key].convert:
+            r.alias(key, value, names)  # another tool's form of it: report_to: [wandb]
+        elif key in names:
             spelled = SPELLINGS.get(key, {}).get(value, value) if isinstance(value, str) \
                 else value
             if foreign and key in SPELLINGS and not valid(key, spelled):

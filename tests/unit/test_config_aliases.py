@@ -143,6 +143,8 @@ def test_an_edge_tune_config_still_refuses_an_unknown_key(tmp_path):
     yaml.write_text("data: d.jsonl\nlora_r: 4\nrnak: 8\n")
     said: list[str] = []
     assert build(yaml, say=said.append).rank == 4
+    yaml.write_text("data: d.jsonl\nlora_r: 4\nreport_to: [wandb]\n")  # HF's list form
+    assert build(yaml).report_to == "wandb"
     assert any(line.startswith("warning: ") and "rnak ignored" in line for line in said)
 
 
