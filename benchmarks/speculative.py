@@ -12,7 +12,9 @@ evaluates the same prompt):
   to copy: what it must not slow down).
 
 For every prompt the sides run back to back, in an order that alternates from prompt to
-prompt (the machine is shared and noisy). Printed per workload and side: decode tokens/s (all
+prompt (the machine is shared and noisy). With ``--parallel N`` every workload is also served
+whole through the server's scheduler, N requests decoded together, once per side (aggregate
+tokens/s over the wall time of the lot). Printed per workload and side: decode tokens/s (all
 completion tokens over the answer's wall time, prompt included: the whole cost of an answer),
 the ratio to plain decoding, tokens guessed / kept, and how many answers differ from plain
 decoding's (must be 0: the answers are the same token for token).
@@ -68,6 +70,42 @@ def answer(engine, messages, spec, max_tokens: int) -> tuple[str, list, dict]:
             [tokens, end - start, tokens - first[1], end - first[0]], dict(engine.draft_stats))
 
 
+def batched(engine, convs, spec, max_tokens: int) -> tuple[list[str], int, float]:
+    """(answers, completion tokens, seconds) of every conversation submitted at once to a
+    scheduler on ``engine`` (greedy)."""
+    import asyncio
+
+    from edge_tune.server.openai_shapes import GenRequest
+    from edge_tune.server.scheduler import Scheduler
+
+    engine.speculative = spec
+    scheduler = Scheduler(engine)
+
+    async def serve():
+        jobs = [scheduler.submit(GenRequest("chat", "base", True, messages=m, temperature=0,
+                                            max_tokens=max_tokens)) for m in convs]
+        texts, tokens = [], 0
+        for job in jobs:
+            text = ""
+            while True:
+                kind, value = await job.events.get()
+                if kind == "error":
+                    raise value
+                text += value.text
+                if kind == "done":
+                    tokens += value.completion_tokens
+                    break
+            texts.append(text)
+        return texts, tokens
+
+    start = time.perf_counter()
+    try:
+        texts, tokens = asyncio.run(serve())
+    finally:
+        scheduler.close()
+    return texts, tokens, time.perf_counter() - start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=12, help="prompts per workload")
@@ -77,6 +115,9 @@ def main() -> None:
     ap.add_argument("--adapter", type=Path, help="a run directory or adapter .gguf")
     ap.add_argument("--draft-max", type=int, default=None)
     ap.add_argument("--only", default="extraction,chat", help="workloads to run")
+    ap.add_argument("--parallel", type=int, default=0,
+                    help="also serve each workload N requests at a time (0: not)")
+    ap.add_argument("--no-single", action="store_true", help="only the --parallel runs")
     args = ap.parse_args()
 
     from edge_tune import models
@@ -93,7 +134,7 @@ def main() -> None:
     sides = {"off": None, **{m: Speculative(m, **kw) for m in args.modes.split(",")}}
     names = list(sides)
     for work, convs in workloads(args.n).items():
-        if work not in args.only.split(","):
+        if work not in args.only.split(",") or args.no_single:
             continue
         # tokens, seconds, decode tokens, decode seconds, drafted, kept
         totals = {s: [0, 0.0, 0, 0.0, 0, 0] for s in names}
@@ -116,6 +157,20 @@ def main() -> None:
                   f"answer {rate:6.1f} tok/s x{rate / (off[0] / off[1]):.2f}  "
                   f"{tokens} tokens  guessed {drafted} kept {kept}  "
                   f"answers differing from off: {differ[s]}", flush=True)
+    if args.parallel:
+        many = Engine(models.default_gguf(), n_ctx=2048, threads=args.threads,
+                      parallel=args.parallel, prompt_cache=False)
+        for work, convs in workloads(args.n).items():
+            if work not in args.only.split(","):
+                continue
+            got = {s: batched(many, convs, sides[s], args.max_tokens) for s in names}
+            off = got["off"][1] / got["off"][2]
+            print(f"{work}, {args.parallel} at a time:")
+            for s in names:
+                texts, tokens, seconds = got[s]
+                differing = sum(a != b for a, b in zip(texts, got["off"][0]))
+                print(f"  {s:6s} {tokens / seconds:6.1f} tok/s x{tokens / seconds / off:.2f}  "
+                      f"{tokens} tokens  answers differing from off: {differing}", flush=True)
 
 
 if __name__ == "__main__":

@@ -659,7 +659,7 @@ class Engine:
         splitter = None
         # an exact engine's decoded rows differ from block rows (batch_rows): no drafts
         draft = None if self._exact or self.speculative is None else \
-            self.speculative.drafter()
+            self.speculative.drafter(getattr(llm.decoder, "crowd", None))
         try:
             with llm.answering(counter, MIN_NEW_TOKENS if self.prompt_cache else 0, draft):
                 if messages is not None:

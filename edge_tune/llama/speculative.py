@@ -19,8 +19,12 @@ same distributions), not merely the same distribution.
 ``auto`` drafts only what is likely to be kept: a guess of at least ``draft_min`` tokens
 after a match of at least two tokens, no longer than what the previous guesses earned (a
 fully kept guess restores ``draft_max``, a partly kept one shrinks the next to what was kept
-plus one), and after a guess rejected at its first token, none for the next 2, 4, 8... tokens
-(up to :data:`MAX_PAUSE`). ``ngram`` drafts whenever a match is found.
+plus one), after a guess rejected at its first token none for the next 2, 4, 8... tokens
+(up to :data:`MAX_PAUSE`), and beside other sequences only while the share of guessed
+tokens kept in this answer beats what a row costs there: with ``B`` sequences decoding
+together a step of ``B`` rows makes ``B`` tokens, so a guessed row pays when it is kept more
+often than ``B / (B +`` :data:`STEP_ROWS```)`` (0.6 beside one other, 0.75 beside three).
+``ngram`` drafts whenever a match is found.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from dataclasses import dataclass
 
 MODES = ("auto", "ngram", "off")
 MAX_PAUSE = 32  # sampled tokens without a draft after repeated misses (auto)
+# a decode's fixed cost in rows: one row of the default model takes ~19 ms, each further row
+# with logits ~8.5 ms more (1 thread, docs/serving.md "Speculative decoding")
+STEP_ROWS = 1.3
+PRIOR = (3, 3)  # (kept, guessed) an answer starts with: its first guesses are made
 
 
 @dataclass(frozen=True)
@@ -59,9 +67,10 @@ class Speculative:
     def on(self) -> bool:
         return self.mode != "off"
 
-    def drafter(self) -> "NgramDraft | None":
-        """A fresh drafter for one answer, or None when off."""
-        return NgramDraft(self) if self.on else None
+    def drafter(self, crowd=None) -> "NgramDraft | None":
+        """A fresh drafter for one answer, or None when off; ``crowd()``: how many
+        sequences decode together now (None: one)."""
+        return NgramDraft(self, crowd) if self.on else None
 
 
 class NgramDraft:
@@ -70,8 +79,9 @@ class NgramDraft:
     tokens, the token just sampled), returns the guessed next tokens (numpy int array,
     possibly empty). ``drafted``/``kept``: tokens guessed and kept so far."""
 
-    def __init__(self, spec: Speculative) -> None:
+    def __init__(self, spec: Speculative, crowd=None) -> None:
         self.spec = spec
+        self.crowd = crowd
         self.auto = spec.mode == "auto"
         self.limit = spec.draft_max
         self.pause = 0  # calls left without a draft (auto)
@@ -90,6 +100,11 @@ class NgramDraft:
         if self.pause > 0:
             self.pause -= 1
             return empty
+        together = self.crowd() if self.auto and self.crowd is not None else 1
+        if together > 1:  # alone, the pauses above are enough
+            kept, guessed = self.kept + PRIOR[0], self.drafted + PRIOR[1]
+            if kept / guessed <= together / (together + STEP_ROWS):
+                return empty
         draft = lookup(ids, self.spec.ngram, min(2, self.spec.ngram), self.limit,
                        self.spec.draft_min)
         if draft.size == 0:

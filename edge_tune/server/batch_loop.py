@@ -93,6 +93,11 @@ class Batcher:
             last = rows.first + len(rows.tokens) - 1
         return last
 
+    def crowd(self) -> int:
+        """Sequences decoding now (read without cv: a speculative drafter's estimate of
+        how many rows a step has, edge_tune.llama.speculative)."""
+        return len(self.live)
+
     # --- the decoding thread's side (holding cv unless said) ---------------------------------
     def free_slot(self, mix: tuple, key: tuple = ()) -> Slot | None:
         """A slot for a request under ``mix``, None when ``engine.parallel`` requests run.

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from edge_tune.errors import UsageError
-from edge_tune.llama.speculative import MAX_PAUSE, NgramDraft, Speculative, lookup
+from edge_tune.llama.speculative import MAX_PAUSE, PRIOR, STEP_ROWS, NgramDraft, Speculative, \
+    lookup
 
 
 def ids(*values):
@@ -50,6 +51,22 @@ def test_auto_shrinks_after_a_partial_guess_and_pauses_after_misses():
     assert draft(ids(1, 2, 3, 4, 1, 2)).tolist() == [3, 4]  # draft_min after a miss
     assert draft(ids(1, 2, 3, 4, 1, 2, 9)).size == 0 and draft.pause == 3
     assert MAX_PAUSE >= 4
+
+
+def test_auto_beside_others_guesses_while_most_guesses_are_kept():
+    """Beside three other sequences a guessed row pays only when kept more than 3 times
+    in 4 (4 / (4 + STEP_ROWS)): after a guess of 4 is thrown away whole, no more."""
+    crowd = [4]
+    draft = NgramDraft(Speculative("auto", draft_max=4, draft_min=2), lambda: crowd[0])
+    assert PRIOR[0] / PRIOR[1] > 4 / (4 + STEP_ROWS)  # a fresh answer guesses
+    assert draft(ids(1, 2, 3, 4, 5, 6, 1, 2)).tolist() == [3, 4, 5, 6]
+    text = [1, 2, 3, 4, 5, 6, 1, 2, 9]
+    draft(ids(*text))  # none kept: a pause of two tokens
+    draft(ids(*text, 7))
+    assert draft.pause == 0
+    assert draft(ids(*text, 7, 1, 2)).size == 0  # 3 in 7 kept: too few
+    crowd[0] = 1  # alone, a row costs less than half a decode: it guesses again
+    assert draft(ids(*text, 7, 1, 2)).size > 0
 
 
 def test_ngram_mode_always_guesses_the_longest():
