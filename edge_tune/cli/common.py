@@ -24,7 +24,9 @@ def setting(name: str) -> Any:
     (:func:`edge_tune.config.build`)."""
     f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
     kind = f.metadata.get("cli_type") or typing.get_type_hints(TrainConfig)[name]
-    # other tools' spellings (--learning-rate for --lr): more names of the same option
+    # other tools' spellings (--learning-rate for --lr): more names of the same option, also
+    # said in its help (a narrow terminal cuts the column of names short)
+    aliases = flag_aliases(name)
     return Annotated[Optional[kind], typer.Option(
-        *cli_flags(f), *flag_aliases(name), metavar=f.metadata.get("metavar"),
-        help=f.metadata["help"])]
+        *cli_flags(f), *aliases, metavar=f.metadata.get("metavar"),
+        help=f.metadata["help"] + (f" Also {', '.join(aliases)}." if aliases else ""))]
