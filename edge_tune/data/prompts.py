@@ -115,7 +115,7 @@ def read_prompts(spec, skip_invalid: bool = False) -> PromptData:
             if isinstance(columns.get("tools"), list):
                 record["tools"] = columns["tools"]
             out.records.append(record)
-            out.columns.update(columns)
+            out.columns.update(columns.keys())
     if not out.records:
         first = f"; first: {out.skipped[0][1]}" if out.skipped else ""
         raise DataError(f"{spec}: no prompt records{first}")

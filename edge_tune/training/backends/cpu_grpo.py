@@ -174,7 +174,7 @@ def train_grpo(job: TrainJob, emit: Callable) -> WorkerResult:
     from edge_tune.llama.rollout import Rollouts
     from edge_tune.training import checkpoint
     from edge_tune.training.backends.cpu import build_model, use_bf16
-    from edge_tune.training.loop import final_loss, lr_at
+    from edge_tune.training.loop import final_loss, lr_at, torch_optimizer, warmup_for
     from edge_tune.training.rewards import check_columns, parse_rewards
 
     cfg = job.config
@@ -193,7 +193,7 @@ def train_grpo(job: TrainJob, emit: Callable) -> WorkerResult:
                          "'default')", setting="model")
     per_step = max(1, cfg.batch_size * cfg.grad_accum // G)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(examples) / per_step))
-    warmup = min(cfg.warmup_steps, total // 10)
+    warmup = warmup_for(cfg, total)
     order = _prompt_order(len(examples), per_step, total, cfg.seed)
 
     emit(Progress("load", 0, None, "", "loading base model"))
@@ -203,7 +203,7 @@ def train_grpo(job: TrainJob, emit: Callable) -> WorkerResult:
     stops = stop_ids(tok)
     longest = max(len(e.ids) for e in examples)
     roll = Rollouts(Path(job.model_ref.gguf), n_ctx=longest + cfg.max_completion_length + 8,
-                    parallel=per_step * G, threads=threads, seed=cfg.seed)
+                    parallel=per_step * G, threads=cfg.threads or None, seed=cfg.seed)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     emit(Log(f"GRPO: {len(examples)} prompts, {per_step} per step x {G} completions (llama.cpp "
              f"on {Path(job.model_ref.gguf).name}), rewards {', '.join(r.name for r in rewards)};"
@@ -211,7 +211,7 @@ def train_grpo(job: TrainJob, emit: Callable) -> WorkerResult:
              f"epsilon {cfg.epsilon:g}, IS cap {cfg.is_cap:g}; {n_train / 1e6:.2f}M LoRA "
              f"parameters, loaded in {time.perf_counter() - t0:.1f}s"))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch_optimizer(cfg, params)
     model.train()
     stop = job.interrupt or checkpoint.Interrupt()
     losses: list[float] = []
@@ -220,7 +220,7 @@ def train_grpo(job: TrainJob, emit: Callable) -> WorkerResult:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edge-tune-grpo-") as tmp, roll:
         for step in range(total):
-            lr = lr_at(step, total, cfg.lr, warmup)
+            lr = lr_at(step, total, cfg.lr, warmup, schedule=cfg.lr_scheduler)
             for g in opt.param_groups:
                 g["lr"] = lr
             t_roll = time.perf_counter()
