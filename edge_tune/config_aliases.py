@@ -10,7 +10,8 @@ warning, and ``--strict`` refuses). :func:`translate` applies it to a parsed doc
 :func:`flag_aliases` gives the command-line spellings (``--learning-rate`` for ``--lr``);
 :data:`PRESETS` are the tools' own defaults (``--preset``), sourced in docs/coming-from.md.
 
-Pure: no edge-tune imports but the error kinds, so the TrainConfig's module can use it.
+No edge-tune imports but the error kinds, so the TrainConfig's module can use it; the one file
+it reads is LLaMA-Factory's ``dataset_info.json``, where a config names its datasets.
 """
 
 from __future__ import annotations
@@ -314,13 +315,12 @@ ALIASES: dict[str, Alias] = {
     "fsdp": _never(AXOLOTL, "use --nproc / --nnodes (torchrun)"),
     "evals_per_epoch": _never(AXOLOTL, "use eval_every (steps)"),
     "saves_per_epoch": _never(AXOLOTL, "use save_every (steps)"),
-    "dataset_dir": _never(LLAMA_FACTORY, "give dataset (or --data) as a file or folder"),
     "hf_dataset": _never(MLX_LM, "give data: as a file, folder or hub ID"),
 }
 
 
 # the keys read together with another (see translate): they set nothing on their own
-_GROUPED = {"lora_parameters", "datasets", "dataset_name", "dataset_config",
+_GROUPED = {"lora_parameters", "datasets", "dataset_name", "dataset_config", "dataset_dir",
             "dataset_train_split"}
 KNOWN = set(ALIASES) | _GROUPED
 
@@ -421,6 +421,8 @@ def translate(doc: dict, names: set[str], source: str,
                             f"{', '.join(sorted(names))}, or another tool's: "
                             "docs/coming-from.md)")
     r.own_template()
+    if r.setter.get("data") == "dataset":
+        _dataset_info_names(r, flat)
     if "lora_rank" in flat and "alpha" not in r.t.values and "rank" in r.t.values:
         # LLaMA-Factory's lora_alpha default is lora_rank x 2 (edge-tune's is 32)
         rank = r.t.values["rank"]
@@ -460,6 +462,9 @@ class _Reader:
             config, split = flat.get("dataset_config"), flat.get("dataset_train_split")
             spec = str(value) + (f":{config}" if config else "") + (f"@{split}" if split else "")
             self.put(key, "data", spec, value)
+        elif key == "dataset_dir":  # read with dataset (dataset_info_names)
+            if "dataset" not in flat:
+                self.t.ignored.append((key, "needs dataset"))
         elif "dataset_name" not in flat:  # dataset_config, dataset_train_split
             self.t.ignored.append((key, "needs dataset_name"))
 
@@ -510,6 +515,45 @@ class _Reader:
         elif chat.lower() in TEMPLATES and TEMPLATES[chat.lower()] != chat:
             t.values["chat_template"] = TEMPLATES[chat.lower()]
             t.lines.append(f"chat_template: {chat} -> chat_template {t.values['chat_template']}")
+
+
+def _dataset_info_names(r: _Reader, flat: dict) -> None:
+    """LLaMA-Factory's ``dataset: a,b``: names in ``DATASET_DIR/dataset_info.json`` (``data/``
+    by default, from the working directory, as LLaMA-Factory reads it), each read as its
+    ``file_name`` there or its ``hf_hub_url`` (``subset``, ``split``) as a hub ID. A name that
+    is a file, or a directory without that file, is left as it is."""
+    import json
+    from pathlib import Path
+
+    given = r.t.values["data"]
+    names = given if isinstance(given, list) else [given]
+    base = Path(str(flat.get("dataset_dir") or "data"))
+    try:
+        info = json.loads((base / "dataset_info.json").read_text())
+    except (OSError, ValueError):
+        if flat.get("dataset_dir"):
+            r.t.ignored.append(("dataset_dir", f"{base}: no dataset_info.json to read "
+                                               "dataset's names from"))
+        return
+    sources = []
+    for name in names:
+        entry = info.get(name) if isinstance(info, dict) and not Path(name).exists() else None
+        if not isinstance(entry, dict):
+            sources.append(name)
+        elif entry.get("file_name"):
+            sources.append(str(base / entry["file_name"]))
+        elif entry.get("hf_hub_url"):
+            sources.append(str(entry["hf_hub_url"]) + (
+                f":{entry['subset']}" if entry.get("subset") else "") + (
+                f"@{entry['split']}" if entry.get("split") else ""))
+        else:
+            sources.append(name)
+            r.t.ignored.append(("dataset", f"{name}: its dataset_info.json entry has no "
+                                           "file_name or hf_hub_url"))
+    if sources != names:
+        r.t.values["data"] = sources[0] if len(sources) == 1 else sources
+        r.t.lines.append(f"dataset: {_show(names)} -> data {_show(sources)} (from "
+                         f"{base / 'dataset_info.json'})")
 
 
 def _lora_parameters(value: Any, put, bad) -> None:

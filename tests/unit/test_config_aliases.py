@@ -75,6 +75,19 @@ def test_a_llama_factory_config():
         assert len(warned) == 1 and (cfg.warmup_ratio, cfg.lr_scheduler) == (0.1, "cosine")
 
 
+def test_llama_factory_dataset_names_read_from_its_dataset_info(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # LLaMA-Factory reads data/dataset_info.json from here
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset_info.json").write_text(
+        '{"identity": {"file_name": "identity.json"}, "alpaca_en_demo": {"hf_hub_url": '
+        '"llamafactory/alpaca_en", "split": "train"}}')
+    cfg, said = _read("llama_factory_lora_sft.yaml")
+    assert cfg.data == ["data/identity.json", "llamafactory/alpaca_en@train"]
+    assert ("llama_factory_lora_sft.yaml: dataset: identity,alpaca_en_demo -> data "
+            "data/identity.json,llamafactory/alpaca_en@train (from data/dataset_info.json)") \
+        in said
+
+
 def test_an_unsloth_cli_config():
     cfg, said = _read("unsloth_cli.yaml")
     assert _settings(cfg, "model", "data", "rank", "alpha", "lr", "batch_size", "grad_accum",
