@@ -157,6 +157,8 @@ def held_back_records(man: Manifest, n: int) -> list:
     from edge_tune.data.layouts import data_spec
 
     data, hp = man.data, man.hyperparameters
+    if hp.to_dict().get("method") == "grpo":  # prompts only: their rendering is checked
+        return _held_back_prompts(man, n)
     fmt, skip = hp.format or "auto", bool(hp.skip_invalid)
     path = data.val or data.path
     given = hp.to_dict()  # --columns, --max-samples, several --data: read as training read
@@ -176,6 +178,20 @@ def held_back_records(man: Manifest, n: int) -> list:
     return records[:n]
 
 
+def _held_back_prompts(man: Manifest, n: int) -> list:
+    """A GRPO run's held-out prompt records (``eval``'s), else its first training prompts:
+    dicts with ``messages`` (the prompt) and ``prompt_only``."""
+    from edge_tune.eval.rewards import held_out_prompts
+
+    try:
+        records = held_out_prompts(man, None)[0]
+    except DataError:  # nothing held back: the training prompts show the same computation
+        from edge_tune.data.prompts import read_prompts
+
+        records = read_prompts(man.data.path).records
+    return [{**r, "prompt_only": True} for r in records[:n]]
+
+
 def build_samples(tok, records: list, max_len: int, system_mode: str = "keep") -> list[Sample]:
     """Token ids of each record as training encoded it (``system_mode`` and the record's
     ``tools`` included) and the prompt of its last trained turn; records the template cannot
@@ -185,6 +201,12 @@ def build_samples(tok, records: list, max_len: int, system_mode: str = "keep") -
 
     samples = []
     for r in records:
+        if isinstance(r, dict) and r.get("prompt_only"):  # GRPO: the prompt, for generation
+            ids = list(tok.apply_chat_template(r["messages"], tools=r.get("tools"),
+                                               add_generation_prompt=True, tokenize=True,
+                                               return_dict=False))[:max_len]
+            samples.append(Sample(ids, ids, tok.decode(ids)))
+            continue
         if r.messages is not None:
             try:
                 rendered = render_examples(tok, r.messages, getattr(r, "tools", None),
