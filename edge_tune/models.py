@@ -38,6 +38,7 @@ GGUF_MAGIC = b"GGUF"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HF_HOSTS = ("hf.co/", "huggingface.co/")  # Ollama's prefixes for a hub repo's GGUF
 _REPO_QUANT = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+:[\w.-]+$")
+_PART = re.compile(r"^[\w.-]+$")
 _BARE_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(?::[\w.-]+)?$")
 _FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".json", ".jsonl", ".toml", ".yaml")
 EXPECTED = ("expected 'default', a .gguf file, a Hugging Face model directory with "
@@ -101,9 +102,8 @@ def check_spec(spec: str) -> str:
     kind = classify(spec)
     if kind == "ollama":
         ollama_store.find(spec)
-    if kind in ("gguf-repo", "name") or kind == "hub" and _gguf_only_in_cache(spec):
-        local = find_local(spec)
-        return "ollama" if local.ollama else "gguf"
+    if kind in ("gguf-repo", "name"):
+        return "ollama" if find_local(spec).ollama else "gguf"
     if kind == "hub":
         from huggingface_hub.utils import validate_repo_id
 
@@ -112,6 +112,8 @@ def check_spec(spec: str) -> str:
         except ValueError as exc:
             raise UsageError(f"not a valid hub ID ({str(exc).rstrip('.')}; "
                              f"{EXPECTED})", setting="model", value=spec) from None
+        if _gguf_only_in_cache(spec):  # a GGUF repo named as a hub ID
+            return "ollama" if find_local(spec).ollama else "gguf"
     if kind == "hub" and hub_offline() and hub_cache_snapshot(spec, complete=False) is None:
         raise UsageError("not in the local Hugging Face cache (looked for "
                          f"{hub_cache_repo_dir(spec)}) and HF_HUB_OFFLINE is set, so it "
@@ -223,6 +225,9 @@ def find_local(spec: str, env: Optional[Mapping[str, str]] = None) -> ModelRef:
     host, repo, quant = _split_quant(spec)
     if host is None and "/" not in repo:  # a bare name: only Ollama uses those
         return _bare_ollama(spec, env)
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(_PART.match(x) and x.strip(".") for x in parts + [quant or "x"]):
+        raise UsageError(f"not a GGUF repo name ({EXPECTED})", setting="model", value=spec)
     looked = []
     snapshot = hub_cache_gguf_snapshot(repo)
     if snapshot is not None:

@@ -99,6 +99,8 @@ def test_lmstudio_folders_in_order(home, monkeypatch):
                                  "LM Studio's models folder", "Ollama's store",
                                  "hf download nobody/None-GGUF"]),
     ("llama3.2:3b", ["has no llama3.2:3b", "did you mean `ollama:llama3.2:3b`"]),
+    ("hf.co/someone/..:Q4_K_M", ["not a GGUF repo name"]),
+    ("hf.co/a/b/c:Q4_K_M", ["not a GGUF repo name"]),
 ])
 def test_what_is_not_there_says_what_is(home, spec, needles):
     with pytest.raises(EdgeTuneError) as info:
