@@ -69,6 +69,11 @@ MLX_METAL_FLOPS = 2.5e12  # a rough figure for an M-series GPU; not measured by 
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
                  "A10": 125e12, "4090": 165e12, "3090": 71e12, "T4": 65e12, "V100": 125e12}
 GPU_EFFICIENCY = 0.25
+# GRPO's rollouts in llama.cpp: decode steps of all completions at once; a step costs about
+# 2 FLOPs per weight and sequence at the CPU's fp32 rate, plus this fixed time per step
+# (graph, sampling in Python); the adapter's GGUF written and swapped in once per step
+ROLLOUT_STEP_SECONDS = 0.02
+ADAPTER_SWAP_SECONDS = 0.5
 # The check ``train`` and ``export`` run (edge_tune.verify.verify_hook): held-back
 # prompts, tokens of each compared, tokens generated.
 VERIFY_PROMPTS, VERIFY_LEN, VERIFY_NEW = 2, 64, 8
@@ -238,13 +243,15 @@ def estimate(shape: ModelShape, backend: str, cfg: TrainConfig, machine: Machine
              total_steps: int = 1, longest: Optional[int] = None) -> Estimate:
     """Peak memory and time per step of one run. ``longest``: the longest example in tokens
     (None = assume examples fill ``seq_len``). Pure."""
-    length = min(cfg.seq_len, longest or cfg.seq_len)
     method = cfg.method
+    if method == "grpo":  # a prompt and its completion; batch_size counts completions
+        longest = min(cfg.seq_len, (longest or cfg.seq_len) + cfg.max_completion_length)
+    length = min(cfg.seq_len, longest or cfg.seq_len)
     # DPO/ORPO: a chosen and a rejected sequence per example, not packed; DPO adds a forward
     # pass of the reference (the base: adapter off, no gradients), as --replay-kl does (counted
     # for every row: a batch may be all replay). KTO: its examples and as many KL rows
     # (prompts with another example's answer; forward only), and the reference pass on both
-    batch = cfg.batch_size * (1 if method == "sft" else 2)
+    batch = cfg.batch_size * (1 if method in ("sft", "grpo") else 2)
     tokens = batch * length
     full = cfg.full
     n_lora = 0 if full else lora_params(shape, cfg.rank, cfg.target_modules, cfg.dora)
@@ -289,7 +296,10 @@ def estimate(shape: ModelShape, backend: str, cfg: TrainConfig, machine: Machine
         "activations": activations,
         # --replay-kl: a slice of the KL term holds both models' log-probabilities too
         "loss": (5 if cfg.replay_kl else 3) * rows * shape.vocab * 4 +
-        tokens * shape.hidden * 4,
+        tokens * shape.hidden * 4 +
+        # GRPO: the completions' log-softmax over the vocabulary, policy and reference
+        (3 * cfg.batch_size * cfg.max_completion_length * shape.vocab * 4
+         if method == "grpo" else 0),
     }
     train_peak = sum(parts.values())
     file_bytes = shape.file_bytes or 4 * shape.params
@@ -298,7 +308,8 @@ def estimate(shape: ModelShape, backend: str, cfg: TrainConfig, machine: Machine
     flops = (6.0 * shape.params if full else 4.0 * (shape.params + n_lora)) * tokens + \
         4.0 * shape.layers * att_batch * att_len * att_len * shape.q_dim + \
         (dora_flops(shape, cfg.rank, cfg.target_modules) if cfg.dora else 0.0) + \
-        (2.0 * shape.params * tokens if method in ("dpo", "kto") or cfg.replay_kl else 0.0) - \
+        (2.0 * shape.params * tokens if method in ("dpo", "kto") or cfg.replay_kl or
+         (method == "grpo" and cfg.beta) else 0.0) - \
         (shape.params * tokens if method == "kto" else 0.0)  # KTO's KL rows: no backward
     verify_peak = verify_bytes(shape, backend) if cfg.verify else 0.0
     # verify runs on the CPU: in the same memory as training except on a CUDA GPU's
@@ -309,7 +320,8 @@ def estimate(shape: ModelShape, backend: str, cfg: TrainConfig, machine: Machine
                     output_bytes=output_bytes(shape, n_lora, full), trained_params=n_trained,
                     tokens_per_step=tokens * cfg.grad_accum,
                     seconds_per_step=cfg.grad_accum * flops / _flops_per_second(
-                        backend, precision, machine, cfg.grad_checkpoint),
+                        backend, precision, machine, cfg.grad_checkpoint) +
+                    (_rollout_seconds(shape, cfg, machine) if method == "grpo" else 0.0),
                     total_steps=total_steps)
 
 
@@ -353,6 +365,13 @@ def disk_bytes(outputs: dict[str, float], full: bool, periodic: bool = True
     total = max(checkpoint * (2 if periodic else 1), checkpoint + weights,
                 weights + gguf + (weights if full else 0.0))
     return {"weights": weights, "checkpoint": checkpoint, "gguf": gguf, "total": total}
+
+
+def _rollout_seconds(shape: ModelShape, cfg: TrainConfig, machine: Machine) -> float:
+    """GRPO: llama.cpp sampling one step's completions (all at once), roughly. Pure."""
+    sequences = cfg.batch_size * cfg.grad_accum
+    per_step = 2.0 * shape.params * sequences / _flops_per_second("cpu", "fp32", machine, False)
+    return ADAPTER_SWAP_SECONDS + cfg.max_completion_length * (per_step + ROLLOUT_STEP_SECONDS)
 
 
 def _flops_per_second(backend: str, precision: str, machine: Machine, checkpointing: bool) -> float:
