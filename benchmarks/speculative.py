@@ -13,8 +13,8 @@ evaluates the same prompt):
 
 For every prompt the sides run back to back, in an order that alternates from prompt to
 prompt (the machine is shared and noisy). With ``--parallel N`` every workload is also served
-whole through the server's scheduler, N requests decoded together, once per side (aggregate
-tokens/s over the wall time of the lot). Printed per workload and side: decode tokens/s (all
+whole through the server's scheduler, N requests decoded together, twice per side in
+reversed orders (aggregate tokens/s over the wall time of the lot). Printed per workload and side: decode tokens/s (all
 completion tokens over the answer's wall time, prompt included: the whole cost of an answer),
 the ratio to plain decoding, tokens guessed / kept, and how many answers differ from plain
 decoding's (must be 0: the answers are the same token for token).
@@ -163,9 +163,13 @@ def main() -> None:
         for work, convs in workloads(args.n).items():
             if work not in args.only.split(","):
                 continue
-            got = {s: batched(many, convs, sides[s], args.max_tokens) for s in names}
+            got = {s: [None, 0, 0.0] for s in names}
+            for order in (names, names[::-1]):  # two rounds, the sides' order reversed
+                for s in order:
+                    texts, tokens, seconds = batched(many, convs, sides[s], args.max_tokens)
+                    got[s] = [texts, got[s][1] + tokens, got[s][2] + seconds]
             off = got["off"][1] / got["off"][2]
-            print(f"{work}, {args.parallel} at a time:")
+            print(f"{work}, {args.parallel} at a time (two rounds):")
             for s in names:
                 texts, tokens, seconds = got[s]
                 differing = sum(a != b for a, b in zip(texts, got["off"][0]))
