@@ -22,6 +22,8 @@ else:  # pragma: no cover
 ALL_LINEAR = "all-linear"  # target_modules: every linear layer of the blocks
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
 FULL_LR = 2e-5  # --full's default learning rate (LoRA's: TrainConfig.lr)
+LR_SCHEDULERS = ("cosine", "linear", "constant")  # names as transformers' get_scheduler
+OPTIMIZERS = ("adamw", "adamw_8bit", "sgd", "adafactor")  # each backend's: training.registry
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # help shared with the commands that read a run (chat, serve, data inspect)
@@ -111,8 +113,27 @@ class TrainConfig:
         None, help="Stop after N optimizer steps (overrides --epochs).")
     lr: float = option(1e-3, help="Peak learning rate [default: 1e-3; 2e-5 with --full].")
     warmup_steps: int = option(
-        5, flags=(), help="Steps of linear learning-rate warm-up before the cosine decay (at "
-                          "most a tenth of the run) [default: 5].")
+        5, flags=("--warmup",), metavar="STEPS",
+        help="Steps of linear learning-rate warm-up before the decay (at most a tenth of the "
+             "run) [default: 5].")
+    # TRL's warmup_ratio; the steps are worked out once the run's length is known
+    warmup_ratio: float = option(
+        0.0, metavar="FRACTION",
+        help="Or warm up over this share of the run's steps, e.g. 0.03 (replaces --warmup; "
+             "not capped) [default: 0 = use --warmup].")
+    # edge_tune.training.loop.lr_at: one schedule for every backend
+    lr_scheduler: str = option(
+        "cosine", metavar="cosine|linear|constant",
+        help="After warm-up: cosine or linear decay to a tenth of the peak, or constant (the "
+             "peak to the end) [default: cosine].")
+    weight_decay: float = option(
+        0.0, help="Decoupled weight decay of the optimizer (AdamW's, or SGD's and Adafactor's "
+                  "own) [default: 0].")
+    # each backend's are in training.registry (`doctor` lists them)
+    optimizer: str = option(
+        "adamw", metavar="adamw|adamw_8bit|sgd|adafactor",
+        help="adamw | sgd (plain, as transformers' sgd) | adafactor; adamw_8bit on unsloth "
+             "(bitsandbytes); `edge-tune doctor` lists each backend's [default: adamw].")
     rank: int = option(16, help="LoRA rank r [default: 16].")
     alpha: float = option(32.0, help="LoRA alpha; scale = alpha/r [default: 32].")
     batch_size: int = option(8, label="batch", help="Examples per step [default: 8].")
@@ -144,8 +165,8 @@ class TrainConfig:
     val_split: float = option(
         0.0, help="Or hold out this share of --data for validation, e.g. 0.1.")
     eval_every: int = option(
-        0, flags=(), help="Steps between validation passes; 0 = about 5 over the run "
-                          "[default: 0].")
+        0, metavar="N", help="Steps between validation passes (and the validation loss); 0 = "
+                             "about 5 over the run [default: 0].")
     verify: bool = option(
         True, help="After training, check llama.cpp against torch+PEFT on held-back prompts; "
                    "out of tolerance exits 1 [default: on].")
@@ -153,6 +174,13 @@ class TrainConfig:
     save_every: int = option(
         50, help="Save a resumable checkpoint (RUN/checkpoint) every N steps; one is always "
                  "saved on cancel (default 50).")
+    # training.checkpoint.keep_adapter: RUN/checkpoint-STEP/adapter, kept after the run
+    save_total_limit: int = option(
+        0, metavar="N",
+        help="Also keep the adapter of every --save-every step and validation step in "
+             "RUN/checkpoint-STEP/ after the run: the newest N, plus the best by validation "
+             "loss (marked in the manifest and train's last lines); export, chat, serve and "
+             "eval take RUN/checkpoint-STEP [default: 0 = none].")
     # --- processes and machines (torchrun) ---------------------------------------------------
     nproc: int = option(
         1, help="Training processes on this machine, launched by torchrun (torch.distributed: "
@@ -320,6 +348,11 @@ _CHECKS = {
     "eval_every": (lambda v: v >= 0, "an integer >= 0"),
     "save_every": (lambda v: v >= 0, "an integer >= 0"),
     "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "a fraction from 0 to below 1"),
+    "lr_scheduler": (lambda v: v in LR_SCHEDULERS, " | ".join(LR_SCHEDULERS)),
+    "weight_decay": (lambda v: 0 <= v < 1, "a number from 0 to below 1"),
+    "optimizer": (lambda v: v in OPTIMIZERS, " | ".join(OPTIMIZERS)),
+    "save_total_limit": (lambda v: v >= 0, "an integer >= 0: checkpoints kept, 0 = none"),
     "nproc": (lambda v: 1 <= v <= 1024, "an integer >= 1"),
     "nnodes": (lambda v: 1 <= v <= 1024, "an integer >= 1"),
     "rdzv": (lambda v: v is None or re.fullmatch(r"[\w.\-\[\]:]+:\d{1,5}", v) is not None,
@@ -570,7 +603,9 @@ def _check_grpo(cfg: TrainConfig, given: dict[str, Any]) -> None:
 
 
 # LoRA-only settings and what they mean, for the one-line refusal next to --full
-LORA_ONLY = ("rank", "alpha", "rslora", "dora", "lora_dropout", "target_modules")
+# (save_total_limit: its checkpoint folders hold adapters)
+LORA_ONLY = ("rank", "alpha", "rslora", "dora", "lora_dropout", "target_modules",
+             "save_total_limit")
 
 
 def _refuse_lora_only(cfg: TrainConfig, given: dict[str, Any]) -> None:

@@ -167,6 +167,8 @@ class Result(_Record):
     peak_rss_bytes: Optional[int] = None
     examples: Optional[int] = None
     losses: Optional[list] = None
+    # --save-total-limit's RUN/checkpoint-STEP folders: {"path", "step", "val_loss", "best"}
+    checkpoints: Optional[list] = None
 
 
 @dataclass(kw_only=True)
@@ -328,8 +330,42 @@ def write(run_dir: Path, manifest: Manifest) -> Path:
 
 
 def read(run_dir: Path) -> Optional[Manifest]:
-    """The manifest of a run directory, or None when it has none (DataError for a bad one)."""
+    """The manifest of a run directory, or None when it has none (DataError for a bad one).
+    A kept ``RUN/checkpoint-STEP`` folder reads as a run of its own (:func:`kept_checkpoint`),
+    so every command that takes a run takes one."""
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
-        return None
+        return kept_checkpoint(Path(run_dir))
     return Manifest.load(path)
+
+
+# a kept checkpoint (--save-total-limit; written by edge_tune.training.checkpoint.keep_adapter)
+KEPT_PREFIX = "checkpoint-"
+KEPT_INFO = "checkpoint.json"  # {"step", "val_loss"}: what the folder's adapter scored
+KEPT_ADAPTER = "adapter"  # its PEFT adapter
+
+
+def kept_checkpoint(folder: Path) -> Optional[Manifest]:
+    """``RUN/checkpoint-STEP`` read as a run: RUN's manifest with the folder's adapter
+    (``adapter/``, and ``adapter.gguf`` once exported into it) and the result as of that step
+    (its validation loss, the loss curve up to it). None when ``folder`` is not a kept
+    checkpoint of a finished run; DataError for an unreadable ``checkpoint.json``."""
+    folder = Path(folder)
+    info_path, run_manifest = folder / KEPT_INFO, folder.parent / MANIFEST
+    if not (folder.name.startswith(KEPT_PREFIX) and info_path.is_file()
+            and run_manifest.is_file()):
+        return None
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        step = int(info["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{info_path}: unreadable checkpoint record ({exc})") from None
+    man = copy.deepcopy(Manifest.load(run_manifest))
+    gguf = folder / "adapter.gguf"
+    man.adapter.peft, man.adapter.mlx = KEPT_ADAPTER, None
+    man.adapter.gguf = gguf.name if gguf.is_file() else None
+    losses = (man.result.losses or [])[:step]
+    man.result.steps, man.result.val_loss, man.result.losses = step, info.get("val_loss"), losses
+    man.result.final_loss = losses[-1] if losses else None
+    man.result.checkpoints = None
+    return man

@@ -410,6 +410,8 @@ def open_run(pre: Preflight, cfg: TrainConfig, run_plan, base_gguf: Optional[Pat
     run_dir = prepare_run_dir(cfg.out)
     say_leftovers(run_dir, on_event)
     remove_tree(run_dir / CHECKPOINT)  # a stale one from a reused dir
+    for kept in run_dir.glob(f"{manifest_mod.KEPT_PREFIX}*"):  # and its kept checkpoints
+        remove_tree(kept)
     for folder in ("adapter", "model"):  # nor is its old training to be finished
         (run_dir / folder / TRAINING_RESULT).unlink(missing_ok=True)
     write_text_atomic(run_dir / RUN_CONFIG, json.dumps(

@@ -20,7 +20,8 @@ def doctor() -> dict:
         pick, why = None, str(exc)
     return {
         "hardware": hw.to_dict(),
-        "backends": [vars(a) for a in table],
+        "backends": [dict(vars(a), optimizers=list(registry.capabilities(a.name).optimizers))
+                     for a in table],
         "auto": {"backend": pick, "reason": why},
         "cpu_bf16": hw.has_bf16_cpu,
     }

@@ -116,6 +116,7 @@ def package(t: Trained, on_event: EventSink = ignore) -> Packaged:
     # the manifest's result: training's figures (the rest went to the sections above)
     figures = {k: v for k, v in result.to_dict().items()
                if k not in ("tokenizer", "hf_dir", "mlx_adapter")}
+    figures["checkpoints"] = _kept_checkpoints(run_dir, on_event)
     man = manifest_mod.build(
         config=cfg.to_dict(), backend=t.backend, backend_reason=t.why, base=base,
         data={**(t.finish.get("data") or {}), "examples": result.examples},
@@ -227,3 +228,18 @@ def _check_full_model(run_dir: Path, on_event: EventSink) -> None:
     if not report.ok:
         reason = f"{report.summary}: out of tolerance: {'; '.join(report.failures)}"
         raise CheckFailed(f"{model.name}: {reason}; {reject(model, model, reason)}")
+
+
+def _kept_checkpoints(run_dir: Path, on_event: EventSink) -> Optional[list]:
+    """The run's kept ``checkpoint-STEP`` folders (``--save-total-limit``) for the manifest,
+    said in one line with the best by validation loss; None when it kept none."""
+    from edge_tune.training.checkpoint import kept
+
+    rows = kept(run_dir)
+    if not rows:
+        return None
+    best = next((r for r in rows if r["best"]), None)
+    on_event(Log(f"kept checkpoints: {', '.join(r['path'] for r in rows)}"
+                 + (f"; best by validation loss: {run_dir / best['path']} (val loss "
+                    f"{best['val_loss']:.4f})" if best else "")))
+    return rows

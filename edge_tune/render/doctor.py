@@ -47,6 +47,8 @@ def render_doctor(report: dict, console: Console) -> None:
         else:
             b.add_row(row["name"], "[green]yes[/]", row["summary"])
     console.print(b)
+    console.print("optimizers (train --optimizer): " + "; ".join(
+        f"{row['name']}: {', '.join(row.get('optimizers', ()))}" for row in report["backends"]))
     auto = report["auto"]
     if auto["backend"]:
         console.print(f"[bold]auto ->[/] [green]{auto['backend']}[/]: {auto['reason']}")

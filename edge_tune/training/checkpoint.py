@@ -25,6 +25,7 @@ from typing import Optional
 from edge_tune.errors import Cancelled, DataError, EdgeTuneError
 from edge_tune.events import Log
 from edge_tune.fsutil import atomic_path
+from edge_tune.manifest import KEPT_ADAPTER, KEPT_INFO, KEPT_PREFIX
 
 CHECKPOINT = "checkpoint"
 FORMAT = "edge-tune-checkpoint/1"
@@ -214,4 +215,62 @@ def restore(ckpt_dir: Path, model, optimizer) -> dict:
     torch.set_rng_state(tensors.pop("torch_rng_state"))
     optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
     return state
+
+
+
+# --- adapters kept after the run: RUN/checkpoint-STEP/ (--save-total-limit) -------------------
+
+
+
+def kept_steps(total: int, save_every: int, evals: set[int]) -> set[int]:
+    """1-based steps whose adapter ``--save-total-limit`` keeps: every ``save_every`` steps,
+    every validation step (``evals``, so that the best can be told) and the last. Pure."""
+    every = set(range(save_every, total + 1, save_every)) if save_every else set()
+    return every | set(evals) | {total}
+
+
+def keep_adapter(run_dir: Path, step: int, val_loss: Optional[float], limit: int,
+                 write: Callable[[Path], None]) -> Path:
+    """Write ``RUN/checkpoint-STEP/`` all-or-nothing: ``write(folder)`` puts the PEFT adapter
+    in ``folder`` (``KEPT_ADAPTER``), beside it ``checkpoint.json`` with the step and
+    ``val_loss`` (None where none was measured at this step); then remove the kept folders
+    beyond the newest ``limit`` and the best (:func:`kept`). Returns the folder."""
+    final = Path(run_dir) / f"{KEPT_PREFIX}{step}"
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        write(tmp / KEPT_ADAPTER)
+        (tmp / KEPT_INFO).write_text(json.dumps({"step": step, "val_loss": val_loss}))
+    prune_kept(Path(run_dir), limit)
+    return final
+
+
+def kept(run_dir: Path) -> list[dict]:
+    """The run's kept folders, by step: ``{"path": "checkpoint-STEP", "step", "val_loss",
+    "best"}``; ``best`` is True for the one with the lowest validation loss (the earliest of
+    equals; none when no folder has one). Unreadable folders are left out."""
+    rows = []
+    for folder in Path(run_dir).glob(f"{KEPT_PREFIX}*"):
+        try:
+            info = json.loads((folder / KEPT_INFO).read_text())
+            step = int(info["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        rows.append({"path": folder.name, "step": step, "val_loss": info.get("val_loss"),
+                     "best": False})
+    rows.sort(key=lambda r: r["step"])
+    scored = [r for r in rows if r["val_loss"] is not None]
+    if scored:
+        min(scored, key=lambda r: (r["val_loss"], r["step"]))["best"] = True
+    return rows
+
+
+def prune_kept(run_dir: Path, limit: int) -> None:
+    """Remove the kept folders other than the newest ``limit`` and the best."""
+    from edge_tune.fsutil import remove_tree
+
+    rows = kept(run_dir)
+    keep = {r["path"] for r in rows[-limit:]} | {r["path"] for r in rows if r["best"]}
+    for r in rows:
+        if r["path"] not in keep:
+            remove_tree(Path(run_dir) / r["path"])
 

@@ -31,11 +31,20 @@ def grad_accum(cfg: TrainConfig | Mapping) -> int:
 def step_counts(cfg: TrainConfig | Mapping, n_examples: int,
                 world: int = 1) -> tuple[int, int, int]:
     """(total optimizer steps, steps per epoch, warm-up steps) for ``n_examples`` over all
-    ranks: ``max_steps`` wins over ``epochs``; warm-up is capped at a tenth of the run. Pure."""
+    ranks: ``max_steps`` wins over ``epochs``; warm-up: :func:`warmup_for`. Pure."""
     cfg = as_config(cfg)
     per_epoch = sharding.steps_per_epoch(n_examples, cfg.batch_size, grad_accum(cfg) * world)
     total = cfg.max_steps or max(1, round(cfg.epochs * per_epoch))
-    return total, per_epoch, min(cfg.warmup_steps, total // 10)
+    return total, per_epoch, warmup_for(cfg, total)
+
+
+def warmup_for(cfg: TrainConfig | Mapping, total: int) -> int:
+    """Warm-up steps of a ``total``-step run: ``warmup_ratio`` of it rounded up (TRL's
+    rule) when given, else ``warmup_steps`` capped at a tenth of the run. Pure."""
+    cfg = as_config(cfg)
+    if cfg.warmup_ratio:
+        return min(total, math.ceil(cfg.warmup_ratio * total))
+    return min(cfg.warmup_steps, total // 10)
 
 
 def eval_steps(total: int, every: int) -> set[int]:
@@ -51,14 +60,61 @@ PYTHON_OPS = SimpleNamespace(minimum=min, maximum=max, cos=math.cos,
                              where=lambda cond, a, b: a if cond else b)
 
 
-def lr_at(step: Any, total: int, peak: float, warmup: int, ops: Any = PYTHON_OPS) -> Any:
-    """Linear warm-up, then cosine decay to 10% of the peak. ``step`` is 0-based: a Python
-    number (the default ``ops``), or a float array with ``ops`` its module (e.g. ``mlx.core``:
-    ``minimum``, ``maximum``, ``cos``, ``where``). Pure."""
+def lr_at(step: Any, total: int, peak: float, warmup: int, ops: Any = PYTHON_OPS,
+          schedule: str = "cosine") -> Any:
+    """The learning rate of 0-based ``step``: linear warm-up over ``warmup`` steps, then
+    ``schedule`` (``--lr-scheduler``): cosine or linear decay to 10% of the peak at the last
+    step, or constant at the peak. ``step``: a Python number (the default ``ops``), or a float
+    array with ``ops`` its module (e.g. ``mlx.core``: ``minimum``, ``maximum``, ``cos``,
+    ``where``). Every backend calls this one function. Pure."""
     warm = peak * (step + 1) / warmup if warmup else peak
     progress = ops.minimum(1.0, ops.maximum(step - warmup, 0.0) / max(1, total - warmup))
-    cosine = peak * (0.1 + 0.9 * 0.5 * (1 + ops.cos(math.pi * progress)))
-    return ops.where(step < warmup, warm, cosine)
+    if schedule == "constant":
+        after = progress * 0.0 + peak
+    elif schedule == "linear":
+        after = peak * (1.0 - 0.9 * progress)
+    elif schedule == "cosine":
+        after = peak * (0.1 + 0.9 * 0.5 * (1 + ops.cos(math.pi * progress)))
+    else:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+    return ops.where(step < warmup, warm, after)
+
+
+def lr_schedule(cfg: TrainConfig | Mapping, total: int, ops: Any = PYTHON_OPS
+                ) -> Callable[[Any], Any]:
+    """``step -> learning rate`` of a ``total``-step run with ``cfg``'s peak, warm-up and
+    scheduler (:func:`lr_at`), in ``ops``; what each backend sets its optimizer from. Pure."""
+    cfg = as_config(cfg)
+    warmup = warmup_for(cfg, total)
+    return lambda step: lr_at(step, total, cfg.lr, warmup, ops, cfg.lr_scheduler)
+
+
+# --- the optimizer ------------------------------------------------------------------------------
+
+
+def torch_optimizer(cfg: TrainConfig | Mapping, params: list):
+    """``cfg.optimizer`` over ``params`` (torch tensors) at ``cfg.lr`` with
+    ``cfg.weight_decay``, as transformers' ``optim`` names make it: adamw (torch's, betas 0.9 /
+    0.999, eps 1e-8, decoupled decay), adamw_8bit (bitsandbytes'), sgd (no momentum, decay
+    as L2), adafactor (transformers', at the given lr: no relative step or parameter
+    scaling, as mlx's with the same options). The loop sets each step's lr."""
+    import torch
+
+    cfg = as_config(cfg)
+    lr, decay = cfg.lr, cfg.weight_decay
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=decay)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, weight_decay=decay, scale_parameter=False,
+                         relative_step=False, warmup_init=False)
+    if cfg.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                   weight_decay=decay)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=decay)
 
 
 # --- the data order ----------------------------------------------------------------------------

@@ -39,6 +39,8 @@ class Capabilities:
     packs_batches: bool  # honours --pack: several examples share a row (block-diagonal mask)
     full: bool = False  # trains every weight with --full (not only a LoRA adapter)
     replay_kl: bool = False  # adds --replay-kl's KL-to-base term on replay records
+    # the --optimizer names it builds (loop.torch_optimizer, mlx.mlx_optimizer)
+    optimizers: tuple[str, ...] = ("adamw", "sgd", "adafactor")
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,8 @@ BACKENDS: dict[str, Backend] = {
         Backend("unsloth", "Unsloth 4-bit QLoRA on an NVIDIA CUDA GPU",
                 "edge_tune.training.backends.unsloth:train", _check_unsloth,
                 Capabilities(resumable=True, multi_process=True, device="cuda",
-                             packs_batches=False),
+                             packs_batches=False,
+                             optimizers=("adamw", "adamw_8bit", "sgd", "adafactor")),
                 preload=("unsloth",)),
         Backend("mlx", "mlx-lm LoRA on Apple Silicon", "edge_tune.training.backends.mlx:train",
                 _check_mlx, Capabilities(resumable=False, multi_process=False, device="apple",
@@ -190,6 +193,9 @@ def refuse_unsupported(name: str, cfg, hw: Hardware, resume=None) -> None:
     if cfg.full and not can.full:
         raise UsageError(f"full fine-tuning runs on the {' and '.join(having('full'))} "
                          f"backends, not {name}: add --backend cpu", setting="full")
+    if cfg.optimizer not in can.optimizers:
+        raise UsageError(f"the {name} backend has {', '.join(can.optimizers)}", setting="optimizer",
+                         value=cfg.optimizer)
     if cfg.method == "grpo":
         _refuse_grpo(name, cfg)
     if cfg.replay_kl and not can.replay_kl:

@@ -36,6 +36,7 @@ from edge_tune.training.loop import (  # noqa: F401 (length_grouped_batches, lr_
     preference_line,
     slot_orders,
     step_counts,
+    torch_optimizer,
 )
 from edge_tune.config import ALL_LINEAR, TrainConfig
 from edge_tune.data.template import IGNORE, Example
@@ -420,7 +421,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
         emit(Log(f"replay: KL to the base (adapter off) on {len(replayed)} replay examples, "
                  f"weight {cfg.replay_kl:g}"))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch_optimizer(cfg, params)
     model.train()
     tokens_done, losses, start, first = 0, [], time.perf_counter(), 0
     if job.resume_from:
@@ -432,6 +433,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
         emit(Log(f"resumed from the checkpoint at step {first}/{total}"))
     stop = job.interrupt or checkpoint.Interrupt()  # installed by the worker
     save_every = cfg.save_every or 0
+    keep = checkpoint.kept_steps(total, save_every, evals) if cfg.save_total_limit else set()
 
     def save_checkpoint(done: int) -> None:
         # The data order and the LR schedule are pure functions of the step.
@@ -451,7 +453,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
     done = first
     with checkpoint.saved_on_cancel(stop, save_on_cancel, emit, job.run_dir):
         for step in range(first, total):
-            lr = lr_at(step, total, cfg.lr, warmup)
+            lr = lr_at(step, total, cfg.lr, warmup, schedule=cfg.lr_scheduler)
             for g in opt.param_groups:
                 g["lr"] = lr
             step_loss, n_tokens, rewards = _step_gradients(model, job, orders, step, bf16,
@@ -482,6 +484,12 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
                     and dist.rank == 0:
                 with stop.guard():
                     save_checkpoint(step + 1)
+            if step + 1 in keep and dist.rank == 0:
+                with stop.guard():
+                    checkpoint.keep_adapter(
+                        Path(job.run_dir), step + 1, val_loss if step + 1 in evals else None,
+                        cfg.save_total_limit,
+                        lambda d: model.save_pretrained(str(d), safe_serialization=True))
 
     if dist.rank == 0:  # rank 0 writes (all ranks hold the same weights)
         _save_trained(model, job)

@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import random
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +42,7 @@ from edge_tune.training.loop import (
     length_grouped_batches,
     lr_at,
     step_counts,
+    warmup_for,
 )
 from edge_tune.data.template import Example
 from edge_tune.errors import UsageError
@@ -100,6 +102,40 @@ def save_full_model(model, base_dir: Path, out: Path, chat_template: str | None)
                         metadata={"format": "mlx"})
     shutil.copy2(base_dir / "config.json", out / "config.json")
     copy_tokenizer(base_dir, out, chat_template)
+
+
+def mlx_lr_schedule(cfg, total: int) -> Callable:
+    """``step (mx array) -> learning rate`` of a ``total``-step run: ``loop.lr_at`` (the
+    function the cpu and unsloth backends call) in mlx ops, traced inside mlx-lm's compiled
+    step. ``cfg``: the run's TrainConfig."""
+    import mlx.core as mx
+
+    warmup = warmup_for(cfg, total)
+    return lambda step: lr_at(step.astype(mx.float32), total, cfg.lr, warmup, ops=mx,
+                              schedule=cfg.lr_scheduler)
+
+
+def mlx_optimizer(cfg, schedule: Callable):
+    """``cfg.optimizer`` from ``mlx.optimizers`` with ``schedule`` and ``cfg.weight_decay``,
+    gradients clipped at norm 1.0 as on the cpu backend; each configured as
+    ``loop.torch_optimizer`` configures torch's (AdamW with bias correction, plain SGD,
+    Adafactor at the given lr without relative step or parameter scaling)."""
+    import mlx.optimizers as optim
+
+    kinds = {"adamw": (optim.AdamW, {"bias_correction": True}), "sgd": (optim.SGD, {}),
+             "adafactor": (optim.Adafactor, {"relative_step": False,
+                                             "scale_parameter": False})}
+    if cfg.optimizer not in kinds:  # the registry refuses it before training starts
+        raise UsageError(f"not on mlx (expected {', '.join(kinds)})", setting="optimizer",
+                         value=cfg.optimizer)
+    base, extra = kinds[cfg.optimizer]
+
+    class Clipped(base):
+        def update(self, model_, gradients):  # the CPU backend clips at 1.0 too
+            gradients, _ = optim.clip_grad_norm(gradients, 1.0)
+            return super().update(model_, gradients)
+
+    return Clipped(learning_rate=schedule, weight_decay=cfg.weight_decay, **extra)
 
 
 def _make_trainable(model, job: TrainJob) -> dict | None:
@@ -172,7 +208,6 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
     run_dir."""
     import mlx.core as mx
     import mlx.nn as nn
-    import mlx.optimizers as optim
     import numpy as np
     from mlx.utils import tree_flatten
     from mlx_lm import load as mlx_load
@@ -185,6 +220,7 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
     from edge_tune.training.backends.mlx_config import mlx_load_kwargs
     from edge_tune.converters.formats import mlx_to_peft
     from edge_tune.fsutil import atomic_path
+    from edge_tune.training.checkpoint import keep_adapter, kept_steps
 
     job = TrainJob.of(job)
     cfg = job.config
@@ -205,18 +241,10 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
     val_examples: list[Example] = job.val_examples
     accum = grad_accum(cfg)  # micro-batches per optimizer step
     total, steps_per_epoch, warmup = step_counts(cfg, len(examples))
-    peak, pad_id, limit = cfg.lr, job.pad_id, cfg.seq_len
-
-    def schedule(step):  # the shared schedule in mlx ops, traced inside mlx-lm's compiled step
-        return lr_at(step.astype(mx.float32), total, peak, warmup, ops=mx)
-
-    class ClippedAdamW(optim.AdamW):
-        def update(self, model_, gradients):  # the CPU backend clips at 1.0 too
-            gradients, _ = optim.clip_grad_norm(gradients, 1.0)
-            return super().update(model_, gradients)
+    pad_id, limit = job.pad_id, cfg.seq_len
 
     # torch's AdamW corrects the moments' start-up bias; mlx's does only when asked.
-    opt = ClippedAdamW(learning_rate=schedule, weight_decay=0.0, bias_correction=True)
+    opt = mlx_optimizer(cfg, mlx_lr_schedule(cfg, total))
     rng = random.Random(cfg.seed)
     seen = {"tokens": 0}
     iterate_batches = _batch_iterator(pad_id, rng, seen)
@@ -233,6 +261,13 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
     losses: list[float] = []
 
     evals = eval_steps(total, cfg.eval_every) if val_examples else set()
+    keep = kept_steps(total, cfg.save_every or 0, evals) if cfg.save_total_limit else set()
+
+    def write_adapter(folder: Path) -> None:  # a kept checkpoint: the PEFT copy of now
+        with tempfile.TemporaryDirectory(prefix="edge-tune-mlx-") as work:
+            mx.save_safetensors(str(Path(work) / mlx_to_peft.WEIGHTS),
+                                dict(tree_flatten(model.trainable_parameters())))
+            _save_adapter(Path(work), native_cfg, folder, job)
 
     def validate() -> float:
         return mlx_evaluate(model, val_examples, cfg.batch_size, -1, limit, loss=masked_loss,
@@ -257,6 +292,9 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
                 clock["paused"] += time.perf_counter() - t_eval  # tok/s: training time only
                 emit(Metric(step=step, total_steps=total, loss=val_loss_box["value"],
                             split="val", epoch=step / steps_per_epoch))
+            if step in keep:
+                keep_adapter(run_dir, step, val_loss_box["value"] if step in evals else None,
+                             cfg.save_total_limit, write_adapter)
 
     run_dir, out = Path(job.run_dir), Path(job.adapter_dir)
     with contextlib.ExitStack() as stack:

@@ -269,7 +269,7 @@ def fit(model, optimizer, job, emit: Callable, total: int, steps_per_epoch: int,
         emit(Metric(step=step + 1, total_steps=total, loss=step_loss,
                     tokens_per_second=tokens_done / max(elapsed, 1e-9),
                     eta_seconds=elapsed / (step + 1) * (total - step - 1),
-                    learning_rate=lr_at(step, total, cfg.lr, warmup),
+                    learning_rate=lr_at(step, total, cfg.lr, warmup, schedule=cfg.lr_scheduler),
                     epoch=(step + 1) / steps_per_epoch, **dict(zip(REWARD_FIELDS, rewards))))
         if step + 1 in evals:
             t_eval = time.perf_counter()

@@ -52,6 +52,7 @@ from edge_tune.training.loop import (  # noqa: F401 (grad_accum, step_counts: re
     pair_means,
     slot_orders,
     step_counts,
+    torch_optimizer,
 )
 from edge_tune.config import ALL_LINEAR, TrainConfig
 from edge_tune.data.template import IGNORE, Example
@@ -138,9 +139,10 @@ def training_args_kwargs(cfg: TrainConfig | Mapping, total_steps: int, output_di
         "gradient_accumulation_steps": grad_accum(cfg),
         "max_steps": total_steps,
         "learning_rate": cfg.lr,
-        "weight_decay": 0.0,
+        "weight_decay": cfg.weight_decay,
         "max_grad_norm": 1.0,
-        "optim": "adamw_torch",
+        # informative: new_optimizer makes it (edge-tune's checkpoints hold its state)
+        "optim": TRL_OPTIM[cfg.optimizer],
         "adam_beta1": 0.9,
         "adam_beta2": 0.999,
         "adam_epsilon": 1e-8,
@@ -161,11 +163,17 @@ def training_args_kwargs(cfg: TrainConfig | Mapping, total_steps: int, output_di
     }
 
 
-def lr_factor(total: int, warmup: int, first: int = 0) -> Callable[[int], float]:
+# --optimizer -> the name transformers' TrainingArguments.optim gives it
+TRL_OPTIM = {"adamw": "adamw_torch", "adamw_8bit": "adamw_8bit", "sgd": "sgd",
+             "adafactor": "adafactor"}
+
+
+def lr_factor(total: int, warmup: int, first: int = 0,
+              schedule: str = "cosine") -> Callable[[int], float]:
     """The ``LambdaLR`` multiplier that reproduces ``loop.lr_at`` (step is 0-based). A run
     resumed at step ``first`` counts the scheduler's steps from there: the schedule goes on
     where it stopped instead of warming up again. Pure."""
-    return lambda step: lr_at(first + step, total, 1.0, warmup)
+    return lambda step: lr_at(first + step, total, 1.0, warmup, schedule=schedule)
 
 
 check_checkpoint = checkpoint.check_matches  # the same rule as every backend's
@@ -322,13 +330,9 @@ def evaluate(model, examples: list[Example], batch_size: int, pad_id: int,
 
 
 def new_optimizer(model, cfg: TrainConfig | Mapping):
-    """AdamW over the LoRA parameters, made as the CPU backend makes it (one group, the
-    Trainer's arguments above): edge-tune's checkpoints hold its state."""
-    import torch
-
-    lr = as_config(cfg).lr
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                             betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    """``--optimizer`` over the LoRA parameters, made as the CPU backend makes it (one group,
+    ``loop.torch_optimizer``): edge-tune's checkpoints hold its state."""
+    return torch_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
 
 
 def _kto_terms(batch: list, method: str, weights: tuple[float, float]):
@@ -442,6 +446,8 @@ class _FitRun:
         self.evals = eval_steps(self.total, cfg.eval_every) if job.val_examples else set()
         self.stop = job.interrupt or checkpoint.Interrupt()  # the worker's handles SIGTERM
         self.save_every = (cfg.save_every or 0) if job.run_dir else 0
+        self.keep = checkpoint.kept_steps(self.total, cfg.save_every or 0, self.evals) \
+            if cfg.save_total_limit and job.run_dir else set()
         self.done = _run_so_far(job.resume_from, self.total, self.slots)
         self.first, self.base_tokens = self.done["step"], self.done["tokens"]
         self.losses = self.done["losses"]
@@ -501,7 +507,8 @@ class _FitRun:
         self.emit(Metric(step=step, total_steps=self.total, loss=self.losses[-1],
                          tokens_per_second=self.done["tokens"] / max(seconds, 1e-9),
                          eta_seconds=seconds / step * (self.total - step),
-                         learning_rate=lr_at(step - 1, self.total, self.cfg.lr, self.warmup),
+                         learning_rate=lr_at(step - 1, self.total, self.cfg.lr, self.warmup,
+                                             schedule=self.cfg.lr_scheduler),
                          epoch=step / self.per_epoch, **reward_fields(logs)))
         self.updating.close()  # the step is recorded: a SIGTERM that waited raises Cancelled
         if step in self.evals:
@@ -510,6 +517,13 @@ class _FitRun:
                 and self.dist.rank == 0):
             with self.stop.guard():
                 self.save_checkpoint()
+        if step in self.keep and self.dist.rank == 0:
+            with self.stop.guard():
+                checkpoint.keep_adapter(
+                    Path(self.job.run_dir), step,
+                    self.done["val_loss"] if step in self.evals else None,
+                    self.cfg.save_total_limit,
+                    lambda d: self.model.save_pretrained(str(d), safe_serialization=True))
 
     def validate(self, model, step: int) -> None:
         """Validation loss (and, for dpo/orpo, rewards) after ``step`` as a ``split="val"``
@@ -595,7 +609,8 @@ def _edge_trainer(trainer_base, run: _FitRun):
                 for group in optimizer.param_groups:  # the schedule's base is the peak lr
                     group["initial_lr"] = run.cfg.lr
                 self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer, lr_factor(run.total, run.warmup, run.first))
+                    optimizer, lr_factor(run.total, run.warmup, run.first,
+                                         run.cfg.lr_scheduler))
             return self.lr_scheduler
 
         def training_step(self, model_, inputs, *args, **kwargs):
