@@ -216,6 +216,9 @@ def _refuse_grpo(name: str, cfg) -> None:
     if cfg.nproc > 1 or cfg.nnodes > 1:
         raise UsageError("--method grpo: one training process (its rollout engine is in it); "
                          "drop --nproc/--nnodes")
+    if cfg.save_total_limit:
+        raise UsageError("--method grpo keeps no checkpoint-STEP folders: drop "
+                         "--save-total-limit", setting="save_total_limit")
     parse_rewards(cfg.reward, [float(w) for w in cfg.reward_weights])
 
 

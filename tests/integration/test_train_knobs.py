@@ -270,3 +270,27 @@ def test_sgd_and_adafactor_state_round_trips_through_a_checkpoint():
             (p ** 2).sum().backward()
             o.step()
         assert torch.equal(w, w2), name
+
+
+@pytest.mark.slow  # mlx's Linux CPU build
+def test_an_mlx_dpo_run_keeps_checkpoints_too(tiny, tmp_path):
+    pytest.importorskip("mlx_lm")
+    from edge_tune import api
+    from edge_tune.demo import demo_data
+
+    out = tmp_path / "run"
+    cfg = build(None, data=str(demo_data().with_name("pref_demo.jsonl")), out=str(out),
+                model=str(tiny), max_steps=4, batch_size=2, seq_len=64, lr=2e-3, rank=4,
+                alpha=8, seed=3, val_split=0.1, backend="mlx", verify=False, method="dpo",
+                eval_every=2, save_total_limit=1, save_every=0)
+    result = api.train(cfg)
+    rows = result.manifest.result.checkpoints
+    assert rows[-1]["step"] == 4 and sum(r["best"] for r in rows) == 1
+    assert all((out / r["path"] / "adapter" / "adapter_config.json").is_file() for r in rows)
+
+
+def test_grpo_refuses_kept_checkpoints(tmp_path, demo_jsonl):
+    proc = run_cli_in_process("train", "--data", str(demo_jsonl), "--out", str(tmp_path / "r"),
+                              "--backend", "cpu", "--method", "grpo", "--reward", "json",
+                              "--save-total-limit", "2")
+    assert_one_line_error(proc, "--save-total-limit", "grpo")

@@ -316,8 +316,10 @@ def train(job: TrainJob | Mapping, emit: Callable) -> WorkerResult:
 
             if cfg.grad_checkpoint:
                 grad_checkpoint(model.layers[0])
-            done = mlx_preference.fit(model, opt, job, emit, total, steps_per_epoch, warmup,
-                                      accum, evals)
+            done = mlx_preference.fit(
+                model, opt, job, emit, total, steps_per_epoch, warmup, accum, evals,
+                keep=lambda step, val: step in keep and keep_adapter(
+                    run_dir, step, val, cfg.save_total_limit, write_adapter))
             losses, seen["tokens"] = done["losses"], done["tokens"]
             val_loss_box["value"], train_seconds = done["val_loss"], done["train_seconds"]
             mx.save_safetensors(str(weights), dict(tree_flatten(model.trainable_parameters())))

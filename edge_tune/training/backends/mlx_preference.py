@@ -209,12 +209,14 @@ def evaluate_pairs(model, pairs: list, batch_size: int, pad_id: int, limit: int,
 
 
 def fit(model, optimizer, job, emit: Callable, total: int, steps_per_epoch: int,
-        warmup: int, accum: int, evals: set[int]) -> dict:
+        warmup: int, accum: int, evals: set[int],
+        keep: Callable[[int, float | None], object] = lambda step, val: None) -> dict:
     """Train ``model``'s trainable (LoRA) parameters on the ``PairExample`` list
     ``job.examples`` for ``total`` optimizer steps of ``accum`` micro-batches of
     ``cfg.batch_size`` pairs each; ``optimizer`` carries the schedule and clipping. Emits a
     ``Metric`` per step with the reward margin and accuracy, and validation after the
-    ``evals`` steps. Returns losses (per step), val_loss, tokens, train_seconds."""
+    ``evals`` steps; then ``keep(step, its validation loss or None)`` (``--save-total-limit``).
+    Returns losses (per step), val_loss, tokens, train_seconds."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_map
@@ -279,5 +281,6 @@ def fit(model, optimizer, job, emit: Callable, total: int, steps_per_epoch: int,
             emit(Metric(step=step + 1, total_steps=total, loss=val_loss, split="val",
                         epoch=(step + 1) / steps_per_epoch,
                         **dict(zip(REWARD_FIELDS, val_stats))))
+        keep(step + 1, val_loss if step + 1 in evals else None)
     return {"losses": losses, "final_loss": final_loss(losses), "val_loss": val_loss,
             "tokens": tokens_done, "train_seconds": time.perf_counter() - start - paused}
