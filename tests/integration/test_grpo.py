@@ -32,18 +32,22 @@ def _prompts(path, n, offset=0):
     return path
 
 
-def _greedy_word(tiny) -> str:
-    """The base's greedy first token, as text, after a prompt of the test's data."""
+def _greedy_word(tiny, numbers) -> str:
+    """The base's commonest greedy first token, as text, after the prompts of ``numbers``."""
+    from collections import Counter
+
     from transformers import AutoTokenizer
 
     from edge_tune import models
     from edge_tune.llama.rollout import Rollouts
 
     tok = AutoTokenizer.from_pretrained(models.dequantized_copy(tiny))
-    ids = tok.apply_chat_template([{"role": "user", "content": "Say something about 3."}],
-                                  add_generation_prompt=True, tokenize=True, return_dict=False)
-    with Rollouts(tiny, n_ctx=128, parallel=1) as roll:
-        return tok.decode(roll.sample([list(ids)], 1, 1, 0.0, set())[0].ids)
+    ids = [list(tok.apply_chat_template([{"role": "user", "content": f"Say something about {i}."}],
+                                        add_generation_prompt=True, tokenize=True,
+                                        return_dict=False)) for i in numbers]
+    with Rollouts(tiny, n_ctx=128, parallel=len(ids)) as roll:
+        words = Counter(tok.decode(s.ids) for s in roll.sample(ids, 1, 1, 0.0, set()))
+    return words.most_common(1)[0][0]
 
 
 def test_grpo_tiny_reward_goes_up(tiny, tmp_path):
@@ -51,7 +55,7 @@ def test_grpo_tiny_reward_goes_up(tiny, tmp_path):
 
     data = _prompts(tmp_path / "train.jsonl", 24)
     val = _prompts(tmp_path / "val.jsonl", 16, offset=100)
-    reward = f"regex:^(?!{re.escape(_greedy_word(tiny))})"
+    reward = f"regex:^(?!{re.escape(_greedy_word(tiny, range(100, 116)))})"
     cfg = config.build(model=str(tiny), data=str(data), val=str(val), method="grpo",
                        reward=[reward], max_completion_length=2, num_generations=8,
                        batch_size=16, max_steps=8, lr=1e-2, beta=0.0, seq_len=64,
