@@ -4,7 +4,6 @@ model, no training."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,6 @@ from edge_tune.config_aliases import ALIASES, PRESETS, flag_aliases, step_size
 from edge_tune.errors import DataError, UsageError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "data" / "coming_from"
-# the schedule and optimizer settings (issue 30, item 4): read into them where TrainConfig has
-# them, else named as ignored
-KNOBS = {"lr_scheduler", "weight_decay", "warmup_ratio", "optimizer"} <= {
-    f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def _read(name: str, **flags) -> tuple[TrainConfig, list[str]]:
@@ -50,8 +45,7 @@ def test_an_axolotl_lora_config():
     ignored = [line for line in said if line.startswith("warning: ")]
     assert {line.split(": ")[2].split()[0] for line in ignored} == {
         "loss_watchdog_threshold", "loss_watchdog_patience", "evals_per_epoch",
-        "saves_per_epoch", "special_tokens"} | (
-        set() if KNOBS else {"optimizer", "lr_scheduler", "weight_decay"})
+        "saves_per_epoch", "special_tokens"}
 
 
 def test_a_llama_factory_config():
@@ -71,8 +65,7 @@ def test_a_llama_factory_config():
     warned = [line for line in said if line.startswith("warning: ")]
     assert warned[0] == (f"warning: {CONFIGS / 'llama_factory_lora_sft.yaml'}: "
                          "trust_remote_code ignored: True: no remote code is run")
-    if KNOBS:
-        assert len(warned) == 1 and (cfg.warmup_ratio, cfg.lr_scheduler) == (0.1, "cosine")
+    assert len(warned) == 1 and (cfg.warmup_ratio, cfg.lr_scheduler) == (0.1, "cosine")
 
 
 def test_llama_factory_dataset_names_read_from_its_dataset_info(tmp_path, monkeypatch):
@@ -100,14 +93,9 @@ def test_an_unsloth_cli_config():
     assert "unsloth_cli.yaml: r: 16 -> rank 16" in said
     assert "unsloth_cli.yaml: use_gradient_checkpointing: unsloth -> grad_checkpoint True" in said
     warned = {line.split(": ")[2].split()[0] for line in said if line.startswith("warning: ")}
-    if KNOBS:
-        assert warned == {"load_in_4bit", "quantization"}
-        assert (cfg.weight_decay, cfg.lr_scheduler, cfg.optimizer) == (0.01, "linear",
-                                                                      "adamw_8bit")
-        assert "unsloth_cli.yaml: lr_scheduler_type: linear -> lr_scheduler linear" in said
-    else:
-        assert warned == {"load_in_4bit", "weight_decay", "lr_scheduler_type", "quantization",
-                          "optim"}
+    assert warned == {"load_in_4bit", "quantization"}
+    assert (cfg.weight_decay, cfg.lr_scheduler, cfg.optimizer) == (0.01, "linear", "adamw_8bit")
+    assert "unsloth_cli.yaml: lr_scheduler_type: linear -> lr_scheduler linear" in said
 
 
 def test_an_mlx_lm_lora_config():
@@ -124,9 +112,9 @@ def test_an_mlx_lm_lora_config():
         in said
     assert "mlx_lm_lora_config.yaml: iters: 1000 -> max_steps 1000" in said
     warned = {line.split(": ")[2].split()[0] for line in said if line.startswith("warning: ")}
-    assert warned == ({"num_layers"} if KNOBS else {"num_layers", "lr_schedule", "optimizer"})
-    if KNOBS:  # mlx-lm's adam (no decay) is AdamW with weight decay 0; cosine_decay cosine
-        assert (cfg.optimizer, cfg.lr_scheduler) == ("adamw", "cosine")
+    assert warned == {"num_layers"}
+    # mlx-lm's adam (no decay) is AdamW with weight decay 0; cosine_decay cosine
+    assert (cfg.optimizer, cfg.lr_scheduler) == ("adamw", "cosine")
 
 
 def test_a_trl_config():
