@@ -142,14 +142,21 @@ GRID = {
     "replay60-lr3e-4": ["--replay", "60", "--lr", "3e-4"],
     "replay60-kl1": ["--replay", "60", "--replay-kl", "1"],
     "replay60-kl10": ["--replay", "60", "--replay-kl", "10"],
+    "replay40-kl1": ["--replay", "40", "--replay-kl", "1"],
+    "replay40-kl5": ["--replay", "40", "--replay-kl", "5"],
+    "replay40-kl20": ["--replay", "40", "--replay-kl", "20"],
 }
 
 
-def run_one(name: str, flags: list[str], work: Path, extra: list[str]) -> dict:
+def run_one(name: str, flags: list[str], work: Path, extra: list[str],
+            threads: int | None = None) -> dict:
     run = work / name
     # Sleeping OpenMP waits: with two queues (or anything else) on the cores, spinning
     # threads take the core their partner needs, and an eval ran ~20x slower
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "NO_COLOR": "1"}
+    if threads:  # eval's llama.cpp threads too: with its default two per queue on 2 shared
+        # cores, evals took 82 min instead of ~3-15 (ggml's threads wait for each other)
+        env["EDGE_TUNE_THREADS"] = str(threads)
     t0 = time.time()
     if not (run / "manifest.json").is_file():  # a finished run is evaluated again, not retrained
         subprocess.run([str(EDGE_TUNE), "train", "--model", "default", "--data", str(TRAIN),
@@ -206,7 +213,7 @@ def main() -> None:
         (args.work / f"threads{args.threads}.toml").write_text(f"threads = {args.threads}\n")
         extra = ["--config", str(args.work / f"threads{args.threads}.toml")]
     for name in [] if args.table else args.only.split(",") if args.only else list(GRID):
-        r = run_one(name, GRID[name], args.work, extra)
+        r = run_one(name, GRID[name], args.work, extra, args.threads)
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"{name}.json").write_text(json.dumps(r, indent=1) + "\n")
         print(json.dumps(r), flush=True)
