@@ -173,6 +173,7 @@ def run_one(name: str, flags: list[str], work: Path, extra: list[str],
             "task": {s: task_score(report["answers"], s) for s in ("base", "tuned")},
             "loss": report["loss"],
             "drift": {"changed_share": report["drift"]["changed_share"],
+                      "changed_beyond_ties": report["drift"].get("changed_beyond_ties"),
                       "mean_kl": report["drift"]["mean_kl"],
                       "takeovers": takeovers(report["drift"]["prompts"]),
                       "prompts": report["drift"]["prompts"]}}
@@ -185,14 +186,16 @@ def takeovers(rows: list[dict]) -> int:
 
 def table(results: list[dict]) -> str:
     lines = ["| setting | flags | steps | task: all 3 fields right | drift: answers changed | "
-             "drift: mean KL | general prompts answered with triage JSON |",
-             "|---|---|---|---|---|---|---|"]
+             "drift: changed beyond ties | drift: mean KL | general prompts answered with "
+             "triage JSON |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         taken = r["drift"].get("takeovers")
+        beyond = r["drift"].get("changed_beyond_ties")  # results saved before it: none
         lines.append(f"| {r['name']} | `{' '.join(r['flags']) or '(defaults)'}` | {r['steps']} | "
                      f"{r['task']['tuned']['exact'] * 20:.0f}/20 | "
-                     f"{r['drift']['changed_share'] * 20:.0f}/20 | {r['drift']['mean_kl']:.2f} | "
-                     f"{'—' if taken is None else f'{taken}/20'} |")
+                     f"{r['drift']['changed_share'] * 20:.0f}/20 | "
+                     f"{'—' if beyond is None else f'{beyond * 20:.0f}/20'} | "
+                     f"{r['drift']['mean_kl']:.2f} | {'—' if taken is None else f'{taken}/20'} |")
     return "\n".join(lines)
 
 

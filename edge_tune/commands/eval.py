@@ -21,7 +21,9 @@ llama.cpp — for the base and the tuned model side by side:
    ``KL(base ‖ tuned) = Σ_v p_base(v) (log p_base(v) − log p_tuned(v))`` (nats). ``mean_kl`` is
    the mean over all answer positions of all prompts (0: unchanged; it grows without bound as
    the tuned model stops expecting what the base says). ``changed_share`` is the share of
-   prompts whose greedy answer (normalized text) differs between the two models.
+   prompts whose greedy answer (normalized text) differs between the two models;
+   ``changed_beyond_ties`` leaves out those that part at a near-tie of the base
+   (:func:`edge_tune.eval.drift.divergence_gap`).
 
 Held-out data: ``data`` when given, else the run's validation file (``--val``), else the same
 seeded ``--val-split`` share training held back. A run that held nothing back needs ``data``
@@ -63,7 +65,8 @@ class EvalResult:
     scores: dict  # {"base": {score: mean}, "tuned": {...}}
     n_answers: int
     max_tokens: int
-    drift: dict  # mean_kl, changed_share, n_prompts, n_positions, prompts: [...]
+    drift: dict  # mean_kl, changed_share, changed_beyond_ties, tie_margin, n_prompts,
+    # n_positions, prompts: [...]
     # the validation loss training measured (torch, every held-out example; None with --data)
     training_val_loss: Optional[float] = None
     answers: list = field(default_factory=list)

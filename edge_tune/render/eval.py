@@ -65,8 +65,11 @@ def render_eval(report: dict, console: Console) -> None:
     console.print(f"[bold]drift[/] on {d['n_prompts']} general prompts: mean KL(base‖tuned) "
                   f"[bold]{d['mean_kl']:.4f}[/] nats/token over the base's greedy answers "
                   f"({d['n_positions']} positions); [bold]{d['changed_share']:.0%}[/] of greedy "
-                  "answers changed" + (f", [bold]{d['task_like']}[/] answered like the task"
-                                       if d.get("task_like") is not None else ""),
+                  "answers changed"
+                  + (f" ([bold]{d['changed_beyond_ties']:.0%}[/] beyond near-ties of the base)"
+                     if d.get("changed_beyond_ties") is not None else "")
+                  + (f", [bold]{d['task_like']}[/] answered like the task"
+                     if d.get("task_like") is not None else ""),
                   highlight=False)
     if d.get("hint"):
         console.print(f"[yellow]{d['hint']}[/]", highlight=False)

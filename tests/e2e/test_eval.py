@@ -130,6 +130,9 @@ def test_eval_on_a_tiny_run_measures_what_training_measured(tiny_run):
     d = r.drift
     assert d["n_prompts"] == 2 and d["n_positions"] > 0
     assert d["mean_kl"] > 0.0 and 0.0 <= d["changed_share"] <= 1.0
+    assert 0.0 <= d["changed_beyond_ties"] <= d["changed_share"]
+    for p in d["prompts"]:  # a tie is a changed answer; an unchanged one has no parting gap
+        assert p["changed"] or (not p["changed_at_tie"] and p["divergence_gap"] is None)
     assert [p["prompt"] for p in d["prompts"]] == TWO_GENERAL
 
 
