@@ -64,7 +64,7 @@ def export(
       edge-tune export runs/demo --merge -q Q4_K_M      # RUN/merged-q4_k_m.gguf
       edge-tune export runs/demo --merge -q auto        # smallest type that passes
       edge-tune export runs/demo --merge --ollama out/  # plus out/Modelfile
-      edge-tune export runs/demo --lmstudio -q Q4_K_M   # merged, into LM Studio's folder
+      edge-tune export runs/demo --lmstudio -q Q4_K_M   # merged, for LM Studio
       edge-tune export runs/demo --vllm out/vllm        # PEFT dir, `vllm serve`
       edge-tune export runs/full -q Q8_0                # a full run: RUN/model-q8_0.gguf"""
     from edge_tune import api

@@ -41,4 +41,4 @@ def test_help_has_no_swallowed_defaults_or_broken_lines(command, shown):
 def test_examples_stay_one_per_line():
     text = help_text("export")
     lines = [line.strip() for line in text.splitlines()]
-    assert sum(line.startswith("edge-tune export runs/demo") for line in lines) == 5, text
+    assert sum(line.startswith("edge-tune export runs/demo") for line in lines) == 6, text
