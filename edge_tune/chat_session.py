@@ -94,6 +94,12 @@ class Side:
         first of a mix, as the engine and the server do); None: the base's."""
         return self.mix[0][0] if self.mix else None
 
+    @property
+    def model(self) -> str:
+        """Who answers, as a feedback record names it: ``base``, an adapter's name, or a mix
+        ``a*0.5+b``."""
+        return "+".join(n if s == 1 else f"{n}*{s:g}" for n, s in self.mix) or "base"
+
 
 @dataclass
 class Token:
@@ -204,7 +210,8 @@ class ChatSession:
         system = self.system or self.engine.system_of(chosen.template_owner)
         prompt = ([{"role": "system", "content": system}] if system else []) + \
             chosen.history[:-1]
-        record = feedback.kto_record(prompt, chosen.history[-1], label, comment)
+        record = feedback.kto_record(prompt, chosen.history[-1], label, comment,
+                                     model=chosen.model)
         feedback.append(path, record)
         self._judged.add(mark)
         return record

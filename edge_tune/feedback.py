@@ -3,8 +3,9 @@
 Each verdict is one JSON line in TRL's conversational unpaired-preference format
 (https://huggingface.co/docs/trl/dataset_formats, "unpaired preference"):
 ``{"prompt": [messages], "completion": [{"role": "assistant", "content": ...}], "label":
-true|false}``, with ``tools`` when the conversation offered some and ``comment`` when the user
-wrote one (read by ``edge_tune.data``, never trained). Lines are appended and flushed one at a
+true|false}``, with ``tools`` when the conversation offered some, ``comment`` when the user
+wrote one, and ``model``: who gave the answer (``base``, an adapter's name, or a mix
+``a*0.5+b``) (the last two read by ``edge_tune.data``, never trained). Lines are appended and flushed one at a
 time, so a file that is being written is always whole lines.
 
 ``serve --feedback FILE`` keeps the answers it gave (:class:`AnswerLog`, bounded by count and
@@ -54,10 +55,10 @@ def plain_messages(messages: list) -> list[dict]:
 
 
 def kto_record(prompt: list, answer: dict, label: bool, comment: Optional[str] = None,
-               tools: Optional[list] = None) -> dict:
+               tools: Optional[list] = None, model: Optional[str] = None) -> dict:
     """The KTO record of one verdict: ``prompt`` (the chat messages before the answer),
     ``answer`` (the assistant message: ``content``, ``tool_calls``), ``label`` (True: a good
-    answer). Raises UsageError for an empty prompt or answer or a non-boolean label."""
+    answer), ``model`` (who answered, kept as the record's ``model`` key). Raises UsageError for an empty prompt or answer or a non-boolean label."""
     if not isinstance(label, bool):
         raise UsageError(f"label: expected true (a good answer) or false (a bad one), got "
                          f"{label!r}")
@@ -73,6 +74,8 @@ def kto_record(prompt: list, answer: dict, label: bool, comment: Optional[str] =
         record["tools"] = tools
     if comment:
         record["comment"] = str(comment)[:MAX_COMMENT]
+    if model:
+        record["model"] = str(model)
     return record
 
 
@@ -96,12 +99,14 @@ def append(path: Path, record: dict) -> None:
 
 @dataclass
 class Answer:
-    """An answer the server gave: the request's messages and tools, the assistant message."""
+    """An answer the server gave: the request's messages and tools, the assistant message,
+    and the model the request named."""
     prompt: list
     answer: dict
     tools: Optional[list]
     at: float
     judged: bool = False
+    model: Optional[str] = None
 
 
 class AnswerLog:
@@ -116,9 +121,9 @@ class AnswerLog:
         self._lock = threading.Lock()
 
     def remember(self, answer_id: str, prompt: list, answer: dict,
-                 tools: Optional[list] = None) -> None:
+                 tools: Optional[list] = None, model: Optional[str] = None) -> None:
         with self._lock:
-            self._answers[answer_id] = Answer(prompt, answer, tools, self.clock())
+            self._answers[answer_id] = Answer(prompt, answer, tools, self.clock(), model=model)
             self._answers.move_to_end(answer_id)
             self._expire()
 
@@ -137,7 +142,8 @@ class AnswerLog:
             found = self._answers[answer_id]
             if found.judged:
                 raise ValueError(answer_id)
-            record = kto_record(found.prompt, found.answer, label, comment, found.tools)
+            record = kto_record(found.prompt, found.answer, label, comment, found.tools,
+                                found.model)
             append(self.path, record)
             found.judged = True
         return record

@@ -231,6 +231,48 @@ def disk_full_says(path: Path, kept: "str | Callable[[], str]") -> Iterator[None
                        f"free); {said}") from None
 
 
+def check_writable(path: Path, setting: str, folder: bool) -> None:
+    """Refuse an output that cannot be written, before any work: a ``folder`` output that is an
+    existing file, a file output that is an existing folder, a parent that is a file, or a
+    place this user cannot create files in (``/proc``, a read-only mount). Creates nothing.
+    Raises UsageError naming ``setting`` (the command's parameter) and ``path``."""
+    from edge_tune.errors import UsageError
+
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise UsageError("exists and is not a directory; expected a folder to write into",
+                         setting=setting, value=path)
+    if not folder and path.is_dir():
+        raise UsageError("is a folder; expected a file name to write", setting=setting,
+                         value=path)
+    existing = path.absolute() if folder else path.absolute().parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the folders the write would create start here
+    if not existing.is_dir():
+        raise UsageError(f"{existing} is a file, not a folder; expected a path inside a "
+                         "folder", setting=setting, value=path)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=temp_prefix("check"), dir=existing))
+    except OSError as exc:
+        raise UsageError(f"cannot write into {existing} ({exc.strerror or exc}); choose "
+                         "another place", setting=setting, value=path) from None
+
+
+@contextlib.contextmanager
+def write_errors_say(kept: str) -> Iterator[None]:
+    """Turn an OSError that names a file (permission denied, a file where a folder should be,
+    a vanished folder) inside the block into one line (UsageError, exit 2) naming that file
+    and ``kept`` (what is safe); no space left is :func:`disk_full_says`'s."""
+    from edge_tune.errors import UsageError
+
+    try:
+        yield
+    except OSError as exc:
+        if is_disk_full(exc) or not getattr(exc, "filename", None):
+            raise
+        raise UsageError(f"{exc.filename}: {exc.strerror or exc}; {kept}") from None
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

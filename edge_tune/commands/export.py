@@ -14,7 +14,7 @@ from edge_tune.events import EventSink, ignore
 from edge_tune.exporting.run import finish_run
 from edge_tune.exporting.steps import (ExportResult, export_adapter, export_full, export_merged,
                                        export_vllm)
-from edge_tune.fsutil import disk_full_says
+from edge_tune.fsutil import check_writable, disk_full_says, write_errors_say
 from edge_tune.manifest import Manifest
 from edge_tune.runs import RUN_CONFIG, say_leftovers, training_finished
 from edge_tune.templates import choice as template_choice
@@ -34,17 +34,24 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
     ``ollama`` writes a Modelfile into that directory (``system``: its SYSTEM prompt).
     ``chat_template`` (``--chat-template``; default: the run's) goes into the Modelfile's
     TEMPLATE and, with ``merge``, into a merged GGUF whose base has none. Returns what was
-    written (:class:`ExportResult`)."""
+    written (:class:`ExportResult`). An ``out``, ``ollama`` or ``vllm`` that cannot be written
+    is a UsageError before any work; an OSError while writing is one too."""
     adapter = Path(adapter)
+    # A destination that cannot be written is said now, not after the merge and its check.
+    for setting, path, folder in (("output", out, False), ("ollama", ollama, True),
+                                  ("vllm", vllm, True)):
+        if path is not None:
+            check_writable(Path(path), setting, folder)
     # A run whose training finished but whose GGUF or manifest was not written (disk full,
     # killed) is completed first (without verify), so `export RUN` works from what is there.
     if adapter.is_dir() and training_finished(adapter):
         finish_run(adapter, on_event, verify=False)
     elif (adapter / RUN_CONFIG).is_file():  # a run: what killed commands left in it
         say_leftovers(adapter, on_event)
-    with disk_full_says(Path(out or ollama or vllm or adapter),
-                        f"nothing was left at the output name and {adapter} is unchanged: "
-                        "free space and export again"):
+    with write_errors_say(f"{adapter} is unchanged"), \
+            disk_full_says(Path(out or ollama or vllm or adapter),
+                           f"nothing was left at the output name and {adapter} is unchanged: "
+                           "free space and export again"):
         return _export(adapter, base, out, outtype, on_event, merge, quant, ollama, verify,
                        system, vllm, chat_template)
 

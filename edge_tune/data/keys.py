@@ -59,6 +59,8 @@ RECORD_KEYS: dict[str, dict[str, str]] = {
         "label": "KTO label (desirable or not)",
         "kto_tag": "KTO label (desirable or not)",
         "comment": "the user's note with a KTO verdict (serve --feedback); not trained",
+        "model": "which model gave a KTO verdict's answer (serve/chat --feedback); not "
+                 "trained",
     },
     "text": {"text": "trained as it is, every token"},
     "preference": {

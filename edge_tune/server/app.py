@@ -58,6 +58,10 @@ def build_app(scheduler, model_names: list[str], api_key: str | None = None,
     ]
     if feedback is not None:
         routes += feedback_routes(feedback["log"], _error)
+    else:  # a verdict sent anyway is told how to turn them on
+        from edge_tune.server.feedback import feedback_off_routes
+
+        routes += feedback_off_routes(_error)
     if admin is not None:
         routes += admin_routes(scheduler, model_names, admin["plan"], api_key,
                                admin["loopback"])

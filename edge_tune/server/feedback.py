@@ -5,7 +5,9 @@ Request: ``{"id": "<the chat completion's id>", "label": true|false, "comment"?:
 (``label`` true: a good answer). Response 200: ``{"object": "feedback", "id": ..., "label":
 ..., "recorded": FILE}``. Errors are OpenAI's JSON error object: 400 for a malformed body, 404
 for an id the server does not keep (never given, or older than its last 1000 answers or a
-day), 409 for an answer already judged.
+day) and on a server started without ``--feedback`` (saying so), 409 for an answer already
+judged. The record's ``model`` is the request's (``base``, an adapter, or an ``adapters``
+mix).
 
 The server keeps what a verdict needs by wrapping the chat route (:func:`remembering`): the
 request's messages and tools (with the run's training system prompt where the request has no
@@ -29,6 +31,20 @@ def _prompt(body: dict, systems: dict[str, str]) -> list:
     if system and not any(m.get("role") in ("system", "developer") for m in messages):
         messages = [{"role": "system", "content": system}] + messages
     return messages
+
+
+def _model(body: dict) -> str:
+    """Who answered: the request's ``model`` (``base`` or an adapter's name), or with
+    edge-tune's ``adapters`` mix its names and scales (``a*0.5+b``)."""
+    mix = body.get("adapters")
+    if isinstance(mix, list) and mix:
+        parts = []
+        for item in mix:
+            name = item.get("name") if isinstance(item, dict) else item
+            scale = item.get("scale", 1.0) if isinstance(item, dict) else 1.0
+            parts.append(str(name) if scale == 1 else f"{name}*{scale:g}")
+        return "+".join(parts)
+    return str(body.get("model") or "")
 
 
 class _Streamed:
@@ -82,6 +98,7 @@ def remembering(handler: Callable, log: AnswerLog, systems: dict[str, str]) -> C
         except ValueError:
             return response
         prompt, tools = _prompt(body, systems), body.get("tools")
+        model = _model(body)
         if body.get("stream"):
             inner, seen = response.body_iterator, _Streamed()
 
@@ -90,14 +107,14 @@ def remembering(handler: Callable, log: AnswerLog, systems: dict[str, str]) -> C
                     seen.feed(chunk)
                     yield chunk
                 if seen.id:
-                    log.remember(seen.id, prompt, seen.answer(), tools)
+                    log.remember(seen.id, prompt, seen.answer(), tools, model)
 
             response.body_iterator = passing()
             return response
         out = json.loads(response.body)
         choices = out.get("choices") or []
         if out.get("id") and len(choices) == 1:
-            log.remember(out["id"], prompt, choices[0].get("message") or {}, tools)
+            log.remember(out["id"], prompt, choices[0].get("message") or {}, tools, model)
         return response
 
     return route
@@ -149,3 +166,16 @@ def feedback_routes(log: AnswerLog, error: Callable) -> list:
                              "recorded": str(log.path)})
 
     return [Route("/v1/feedback", feedback, methods=["POST"])]
+
+
+def feedback_off_routes(error: Callable) -> list:
+    """``POST /v1/feedback`` on a server started without ``--feedback``: a 404 that says how
+    to turn verdicts on, not the generic "no such route"."""
+    from starlette.routing import Route
+
+    async def off(request):
+        return error(RequestError(404, "this server records verdicts only when started with "
+                                       "--feedback FILE (edge-tune serve ... --feedback "
+                                       "feedback.jsonl)", code="feedback_off"))
+
+    return [Route("/v1/feedback", off, methods=["POST"])]

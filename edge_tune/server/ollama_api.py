@@ -413,6 +413,8 @@ class _OllamaRoutes:
                 return _loaded(body, route)
             kind, oa = ("chat", chat_body(body, model, self.n_ctx)) if route == "chat" \
                 else generate_body(body, model, self.n_ctx)
+            if body.get("think") is True:
+                self._can_think(model)
             req = shapes.parse_request(kind, oa, self.model_names)
             req.adapters = parse_adapter_mix(oa.get("adapters"), self.model_names)
             extra = self.prepare(req, self.engine)
@@ -435,6 +437,18 @@ class _OllamaRoutes:
             if not req.stream:
                 job.cancel()  # no-op when finished; stops the worker if we were cancelled
             watcher.cancel()
+
+    def _can_think(self, model: str) -> None:
+        """Refuse ``"think": true`` for a model whose chat template has no thinking markers,
+        as Ollama does (400, "... does not support thinking"): the template could not switch
+        thinking on, so the answer would silently be a plain one."""
+        from edge_tune.llama.thinking import template_markers
+
+        template = self.engine.template_of(None if model == shapes.BASE_MODEL else model)
+        if template_markers(template or "") is None:
+            raise RequestError(400, f"\"{model}\" does not support thinking (its chat "
+                                    "template has no thinking markers); send the request "
+                                    "without \"think\"", param="think")
 
     async def embed(self, request):
         return await self._embed(request, "input")

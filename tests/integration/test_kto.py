@@ -187,9 +187,9 @@ def test_feedback_route_writes_kto_records_that_train(tiny, tmp_path):
     assert records == [
         {"prompt": chats[0], "completion": [{"role": "assistant",
                                              "content": first.choices[0].message.content}],
-         "label": True},
+         "label": True, "model": "base"},
         {"prompt": chats[1], "completion": [{"role": "assistant", "content": streamed_text}],
-         "label": False, "comment": "too vague"}]
+         "label": False, "comment": "too vague", "model": "base"}]
     read = read_records(feedback)
     assert read.format == "completion" and read.kto == (1, 1) and not read.ignored
     # what the route wrote is what train --method kto reads: a few steps on it
@@ -229,6 +229,7 @@ def test_chat_marks_the_last_answer_with_good_and_bad(tiny, tmp_path):
     assert record["prompt"] == [{"role": "system", "content": "Be brief."},
                                 {"role": "user", "content": "Hi there"}]
     assert record["label"] is False and record["comment"] == "too short"
+    assert record["model"] == "base"
     assert read_records(feedback).kto == (0, 1)
 
 

@@ -205,6 +205,24 @@ def test_thinking_comes_back_apart(client):
     assert gen.thinking == on.message.thinking and gen.response == ""
 
 
+def test_think_on_a_template_without_markers_and_feedback_off_are_refused(tiny):
+    """As Ollama does: ``think: true`` on a model whose template cannot think is a 400 (false
+    is fine); and a verdict sent to a server without --feedback says how to turn them on."""
+    with one_llama_thread(), running_server("--base", str(tiny), "--ctx", str(CTX)) as srv:
+        plain = ollama.Client(host=srv.url, timeout=60)
+        for call in (lambda: plain.chat(model="base", messages=HI, options=GREEDY, think=True),
+                     lambda: plain.generate(model="base", prompt="Hi", think=True)):
+            with pytest.raises(ollama.ResponseError) as info:
+                call()
+            assert info.value.status_code == 400
+            assert '"base" does not support thinking' in info.value.error
+        assert plain.chat(model="base", messages=HI, options=GREEDY, think=False).done
+        status, err = http_json("POST", srv.url + "/v1/feedback",
+                                json.dumps({"id": "chatcmpl-x", "label": True}).encode())
+        assert status == 404 and "only when started with --feedback FILE" in \
+            err["error"]["message"], err
+
+
 def test_embeddings_are_the_openai_routes(client, oai):
     texts = ["What do bees make?", "Name a fruit."]
     got = client.embed(model="base", input=texts)
