@@ -450,11 +450,14 @@ def build(toml_path: Optional[Path] = None, *, strict: bool = False,
     tool's: :func:`_read_config`) < flags (flags that are None are 'not given'). ``say``
     gets a line per foreign key read and a warning per key ignored; ``strict``: UsageError
     for the first key ignored instead."""
+    say = say or (lambda line: None)
+    origins: dict[str, str] = {}  # setting -> the config file's key that set it
     values: dict[str, Any] = {} if toml_path is None else _read_config(
-        Path(toml_path), strict, say or (lambda line: None))
+        Path(toml_path), strict, say, origins)
     for key, value in flags.items():
         if value is not None:
             values[key] = _coerce(key, value, "--")
+            origins.pop(key, None)
     preset = values.get("preset", "edge-tune")
     if preset not in PRESETS:
         raise UsageError(f"not a preset (expected {' | '.join(PRESETS)})", setting="preset",
@@ -471,9 +474,8 @@ def build(toml_path: Optional[Path] = None, *, strict: bool = False,
                          "or more")
     if cfg.method == "grpo" or cfg.reward:
         _check_grpo(cfg, values)
-    elif cfg.beta == 0:
-        raise UsageError(f"--beta 0: --method {cfg.method} needs a beta > 0 (0 turns the KL "
-                         "term off, which only GRPO allows)")
+    else:
+        _check_beta(cfg, values, origins, toml_path, strict, say)
     if cfg.columns:  # a malformed mapping: one line now, not after the model loads
         from edge_tune.data.layouts import parse_columns
 
@@ -494,12 +496,14 @@ def build(toml_path: Optional[Path] = None, *, strict: bool = False,
     return cfg
 
 
-def _read_config(path: Path, strict: bool, say: Callable[[str], None]) -> dict[str, Any]:
+def _read_config(path: Path, strict: bool, say: Callable[[str], None],
+                 origins: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """The settings of a config file (its ``[train]`` table, or the whole document): TOML,
     or YAML (``.yaml``/``.yml``, or what is not TOML), with edge-tune's keys or those of
     Axolotl, LLaMA-Factory, Unsloth, mlx-lm or TRL (:func:`edge_tune.config_aliases.translate`),
-    coerced to the fields' types. EdgeTuneError for a missing file, a document that does not
-    parse, an unknown key in an edge-tune config, or (``strict``) any key ignored."""
+    coerced to the fields' types; ``origins`` gets, per setting, the file's key that set it.
+    EdgeTuneError for a missing file, a document that does not parse, an unknown key in an
+    edge-tune config, or (``strict``) any key ignored."""
     names = {f.name for f in fields(TrainConfig)}
     doc = _parse_config(path)
     table = doc["train"] if isinstance(doc.get("train"), dict) else doc
@@ -509,8 +513,10 @@ def _read_config(path: Path, strict: bool, say: Callable[[str], None]) -> dict[s
         key, why = read.ignored[0]
         raise UsageError(f"{path}: {key}: ignored ({why}); --strict refuses a key edge-tune "
                          "cannot honour: drop it, or drop --strict")
+    if origins is not None:
+        origins.update({s: read.setters.get(s, s) for s in read.values})
     for line in read.lines:
-        say(f"{path.name}: {line}")
+        say(f"{path}: {line}")
     for key, why in read.ignored:
         say(f"warning: {path}: {key} ignored: {why}")
     return {key: _coerce(key, value, f"{path}: ") for key, value in read.values.items()}
@@ -577,6 +583,28 @@ def _check_replay(cfg: TrainConfig) -> None:
         raise UsageError("the base it compares with is the model with the LoRA "
                          "adapter off; --full trains no adapter (drop --replay-kl)",
                          setting="replay_kl")
+
+
+def _check_beta(cfg: TrainConfig, given: dict[str, Any], origins: dict[str, str],
+                path: Optional[Path], strict: bool, say: Callable[[str], None]) -> None:
+    """``beta`` outside GRPO: dpo, kto and orpo need it > 0; sft does not use it (a warning,
+    or with ``strict`` a refusal, when one other than the default was given). A value from
+    the config file is named by the file and its key, one from a flag by the flag."""
+    where = f"{path}: {origins['beta']}" if "beta" in origins else "--beta"
+    if cfg.method == "sft":
+        if "beta" in given and cfg.beta != TrainConfig().beta:
+            if strict and "beta" in origins:
+                raise UsageError(f"{where}: ignored ({cfg.beta:g}: sft does not use beta); "
+                                 "--strict refuses a key edge-tune cannot honour: drop it, or "
+                                 "drop --strict")
+            say(f"warning: {where} {cfg.beta:g}: no effect with method sft (beta is DPO's, "
+                "KTO's, ORPO's and GRPO's; set the method: --method, or stage/rl in the file)")
+        return
+    if cfg.beta == 0:
+        method = (f"method {cfg.method} ({origins['method']})" if "method" in origins
+                  else f"--method {cfg.method}")
+        raise UsageError(f"{where} 0: {method} needs a beta > 0 (0 turns the KL term off, "
+                         "which only GRPO allows)")
 
 
 GRPO_BETA = 0.04  # GRPO's default KL weight: TRL's before 0.19 (DeepSeekMath's)

@@ -16,6 +16,7 @@ it reads is LLaMA-Factory's ``dataset_info.json``, where a config names its data
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -232,6 +233,14 @@ ALIASES: dict[str, Alias] = {
     "rl": _to("method", AXOLOTL, _stage),
     "pref_beta": _to("beta", LLAMA_FACTORY),
     "rl_beta": _to("beta", AXOLOTL),
+    # KTO's weights: TRL's own names (desirable_weight) are edge-tune's too
+    "kto_desirable_weight": _to("desirable_weight", AXOLOTL),
+    "kto_undesirable_weight": _to("undesirable_weight", AXOLOTL),
+    "kto_chosen_weight": _to("desirable_weight", LLAMA_FACTORY),
+    "kto_rejected_weight": _to("undesirable_weight", LLAMA_FACTORY),
+    # GRPO: TRL's GRPOConfig names are edge-tune's; its weights are numbers, edge-tune's text
+    "reward_weights": _to("reward_weights", TRL, lambda v: [_show(x) for x in v]
+                          if isinstance(v, list) else v),
     "template": _to("chat_template", LLAMA_FACTORY, _template),
     # --- what edge-tune does anyway (a note), or cannot do (a warning) ----------------------
     "model_type": _moot(AXOLOTL, "the architecture is read from the model"),
@@ -321,7 +330,7 @@ ALIASES: dict[str, Alias] = {
 
 # the keys read together with another (see translate): they set nothing on their own
 _GROUPED = {"lora_parameters", "datasets", "dataset_name", "dataset_config", "dataset_dir",
-            "dataset_train_split"}
+            "dataset_train_split", "lr_schedule"}
 KNOWN = set(ALIASES) | _GROUPED
 
 # --- presets: the tools' own defaults ------------------------------------------------------
@@ -372,13 +381,14 @@ class Translation:
     values: dict[str, Any] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
     ignored: list[tuple[str, str]] = field(default_factory=list)
+    setters: dict[str, str] = field(default_factory=dict)  # setting -> the key that set it
 
 
 def _show(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:g}"
     if isinstance(v, list):
-        return ",".join(str(x) for x in v)
+        return ",".join(_show(x) for x in v)
     return str(v)
 
 
@@ -390,14 +400,14 @@ def translate(doc: dict, names: set[str], source: str,
     edge-tune config). DataError, naming ``source`` and the key, for a value that does not
     convert or two keys that set one setting differently. ``valid(setting, value)``: whether
     edge-tune takes that value (a ``soft`` alias's other values are ignored)."""
-    r = _Reader(source, valid)
+    r = _Reader(source, valid, names)
     flat = {key.replace("-", "_"): value for key, value in doc.items()}
     foreign = any(k not in names and k in KNOWN for k in flat)
     for key, value in flat.items():
         if value is None:  # YAML's null: the tool's default, so not set
             continue
         if key in names and foreign and key in ALIASES and ALIASES[key].convert:
-            r.alias(key, value, names)  # another tool's form of it: report_to: [wandb]
+            r.alias(key, value)  # another tool's form of it: report_to: [wandb]
         elif key in names:
             spelled = SPELLINGS.get(key, {}).get(value, value) if isinstance(value, str) \
                 else value
@@ -407,12 +417,12 @@ def translate(doc: dict, names: set[str], source: str,
             r.put(key, key, spelled, value)
             if spelled != value:
                 r.t.lines.append(f"{key}: {value} -> {key} {spelled}")
-            if foreign:  # beside another tool's keys, say which are edge-tune's own
+            elif foreign:  # beside another tool's keys, say which are edge-tune's own
                 r.t.lines.append(f"{key}: {_show(value)} -> {key} (edge-tune's own key)")
         elif key in _GROUPED:
             r.grouped(key, value, flat)
         elif key in ALIASES:
-            r.alias(key, value, names)
+            r.alias(key, value)
         elif foreign:
             r.t.ignored.append((key, "not a key of edge-tune, Axolotl, LLaMA-Factory, Unsloth, "
                                      "mlx-lm or TRL that edge-tune knows"))
@@ -421,6 +431,8 @@ def translate(doc: dict, names: set[str], source: str,
                             f"{', '.join(sorted(names))}, or another tool's: "
                             "docs/coming-from.md)")
     r.own_template()
+    r.end_of_turn()
+    r.t.setters = dict(r.setter)
     if r.setter.get("data") == "dataset":
         _dataset_info_names(r, flat)
     if "lora_rank" in flat and "alpha" not in r.t.values and "rank" in r.t.values:
@@ -432,16 +444,34 @@ def translate(doc: dict, names: set[str], source: str,
     return r.t
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Two values of a setting the same, numbers by value (YAML reads ``1e-5`` as text)."""
+    if a == b:
+        return True
+    try:
+        return not isinstance(a, bool) and not isinstance(b, bool) and float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
 class _Reader:
     """:func:`translate`'s state: the settings so far and which key set each."""
 
-    def __init__(self, source: str, valid: Callable[[str, Any], bool]) -> None:
-        self.t, self.source, self.valid = Translation(), source, valid
+    def __init__(self, source: str, valid: Callable[[str, Any], bool],
+                 names: set[str]) -> None:
+        self.t, self.source, self.valid, self.names = Translation(), source, valid, names
         self.setter: dict[str, str] = {}  # setting -> the key that set it
+        self.eos: list[tuple[str, Any]] = []  # Axolotl's train_on_eos, read once train_on is
+
+    def ignore(self, key: str, why: str) -> None:
+        self.t.ignored.append((key, why))
+
+    def note(self, key: str, value: Any, what: str) -> None:
+        self.t.lines.append(f"{key}: {_show(value)} -> {what}")
 
     def put(self, key: str, setting: str, value: Any, raw: Any, note: str = "") -> None:
         t = self.t
-        if setting in self.setter and t.values[setting] != value:
+        if setting in self.setter and not _same(t.values[setting], value):
             raise DataError(f"{self.source}: {key} and {self.setter[setting]} both set "
                             f"{setting} ({_show(value)} vs {_show(t.values[setting])}): keep "
                             "one")
@@ -455,9 +485,11 @@ class _Reader:
 
     def grouped(self, key: str, value: Any, flat: dict) -> None:
         if key == "lora_parameters":
-            _lora_parameters(value, self.put, self.bad)
+            _lora_parameters(value, self)
         elif key == "datasets":
-            _datasets(value, self.put, self.t, self.bad)
+            _datasets(value, self)
+        elif key == "lr_schedule":
+            _lr_schedule(value, self, flat)
         elif key == "dataset_name":  # TRL's hub set: NAME[:CONFIG][@SPLIT] as edge-tune reads it
             config, split = flat.get("dataset_config"), flat.get("dataset_train_split")
             spec = str(value) + (f":{config}" if config else "") + (f"@{split}" if split else "")
@@ -468,8 +500,8 @@ class _Reader:
         elif "dataset_name" not in flat:  # dataset_config, dataset_train_split
             self.t.ignored.append((key, "needs dataset_name"))
 
-    def alias(self, key: str, value: Any, names: set[str]) -> None:
-        a, t = ALIASES[key], self.t
+    def alias(self, key: str, value: Any, a: Optional[Alias] = None) -> None:
+        a, t, names = a or ALIASES[key], self.t, self.names
         if a.setting is None:
             if a.ok is None or a.ok(value):
                 t.lines.append(f"{key}: {_show(value)} -> nothing to set ({a.why})")
@@ -502,6 +534,17 @@ class _Reader:
             t.lines.append(f"{key}: {_show(value)} -> nothing to set")
         else:
             self.put(key, a.setting, converted, value)
+
+    def end_of_turn(self) -> None:
+        """Axolotl's ``train_on_eos``: ``turn`` (its default) is what edge-tune does, the end
+        of each trained turn trained; ``all`` too when every token is (``train_on all``)."""
+        for key, value in self.eos:
+            if value == "turn" or (value == "all" and self.t.values.get("train_on") == "all"):
+                self.note(key, value, "nothing to set (the end of each trained turn is "
+                                      "trained)")
+            else:
+                self.ignore(key, f"{value}: edge-tune trains the end of each trained turn "
+                                 "(Axolotl's turn)")
 
     def own_template(self) -> None:
         """Axolotl's ``chat_template`` names (qwen_25, tokenizer_default) in edge-tune's
@@ -556,9 +599,10 @@ def _dataset_info_names(r: _Reader, flat: dict) -> None:
                          f"{base / 'dataset_info.json'})")
 
 
-def _lora_parameters(value: Any, put, bad) -> None:
+def _lora_parameters(value: Any, r: _Reader) -> None:
     """mlx-lm's ``lora_parameters: {rank, scale, dropout, keys}``: scale multiplies the
     update itself (y + scale * x A B), so PEFT's alpha is scale x rank."""
+    put, bad = r.put, r.bad
     if not isinstance(value, dict):
         raise bad("lora_parameters", value, "a mapping of rank, scale, dropout, keys")
     rank = value.get("rank", 8)  # mlx-lm's default rank
@@ -578,27 +622,192 @@ def _lora_parameters(value: Any, put, bad) -> None:
         except ValueError:
             raise bad("lora_parameters.keys", value["keys"], "module names") from None
         put("lora_parameters.keys", "target_modules", targets, value["keys"])
+    for key in sorted(set(value) - {"rank", "scale", "dropout", "keys"}):
+        if value[key] is not None:
+            r.ignore(f"lora_parameters.{key}", "not a key of mlx-lm's lora_parameters that "
+                                               "edge-tune knows")
+
+
+def _number(value: Any, key: str, r: _Reader) -> float:
+    if isinstance(value, bool):
+        raise r.bad(key, value, "a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise r.bad(key, value, "a number") from None
+
+
+def _lr_schedule(value: Any, r: _Reader, flat: dict) -> None:
+    """mlx-lm's ``lr_schedule: {name, warmup, warmup_init, arguments}``: ``name`` the decay
+    (``cosine_decay`` -> cosine); ``warmup`` -> warmup_steps; ``arguments`` are the decay's
+    (cosine_decay: peak, decay steps, end lr (0); linear_schedule: peak, end, steps): the peak
+    -> lr, the rest checked against edge-tune's decay over the whole run to a tenth of the
+    peak (else a warning). mlx-lm's warm-up rises from ``warmup_init`` (0), edge-tune's
+    from 0."""
+    if not isinstance(value, dict):
+        r.alias("lr_schedule", value)
+        return
+    name, warmup = value.get("name"), value.get("warmup")
+    if name is not None:
+        r.alias("lr_schedule.name", name, ALIASES["lr_schedule"])
+    if warmup is not None:
+        r.put("lr_schedule.warmup", "warmup_steps", warmup, warmup)
+    init = value.get("warmup_init")
+    if init is not None:
+        if not warmup:
+            r.note("lr_schedule.warmup_init", init, "nothing to set (no warm-up)")
+        elif _number(init, "lr_schedule.warmup_init", r) == 0:
+            r.note("lr_schedule.warmup_init", init, "nothing to set (the warm-up rises from 0)")
+        else:
+            r.ignore("lr_schedule.warmup_init", f"{_show(init)}: edge-tune's warm-up rises "
+                                                "from 0 to the peak")
+    args = value.get("arguments")
+    if args is not None:
+        _schedule_arguments(str(name), args, r, flat, int(warmup or 0))
+    for key in sorted(set(value) - {"name", "warmup", "warmup_init", "arguments"}):
+        if value[key] is not None:
+            r.ignore(f"lr_schedule.{key}", "not a key of mlx-lm's lr_schedule that edge-tune "
+                                           "knows")
+
+
+def _schedule_arguments(name: str, args: Any, r: _Reader, flat: dict, warmup: int) -> None:
+    key = "lr_schedule.arguments"
+    if not isinstance(args, list) or not args:
+        raise r.bad(key, args, "a list: the peak learning rate, then the decay's own")
+    peak = _number(args[0], f"{key}[0]", r)
+    r.put(f"{key}[0]", "lr", peak, args[0], " (the schedule's peak)")
+    if name not in ("cosine_decay", "linear_schedule"):
+        if len(args) > 1:
+            r.ignore(f"{key}[1:]", f"{_show(args[1:])}: {name}'s own, not a decay edge-tune has")
+        return
+    # cosine_decay(init, decay_steps, end=0); linear_schedule(init, end, steps)
+    steps, end = (args[1:2], args[2:3]) if name == "cosine_decay" else (args[2:3], args[1:2])
+    at_steps, at_end = (1, 2) if name == "cosine_decay" else (2, 1)
+    run = flat.get("iters") or flat.get("max_steps")
+    if steps:
+        n = _number(steps[0], f"{key}[{at_steps}]", r)
+        if isinstance(run, int) and n in (run, run - warmup):
+            r.note(f"{key}[{at_steps}]", steps[0], "nothing to set (the decay spans the run)")
+        else:
+            r.ignore(f"{key}[{at_steps}]", f"{_show(steps[0])}: edge-tune decays over the "
+                                           "whole run after warm-up (max_steps or epochs)")
+    final = _number(end[0], f"{key}[{at_end}]", r) if end else 0.0
+    if abs(final - peak / 10) <= 1e-9 * max(peak, 1e-30):
+        if end:
+            r.note(f"{key}[{at_end}]", end[0], "nothing to set (a tenth of the peak)")
+    else:
+        r.ignore(f"{key}[{at_end}]" if end else key,
+                 f"{_show(final)}: edge-tune's {SPELLINGS['lr_scheduler'][name]} decay ends at "
+                 f"a tenth of the peak ({_show(peak / 10)}), not at this end lr")
 
 
 # Axolotl dataset types -> edge-tune's --format ("chat_template" and the like: auto)
 _DATASET_TYPES = {"alpaca": "alpaca", "completion": "text", "sharegpt": "sharegpt",
                   "chat_template": "auto", "input_output": "auto"}
+_HUB = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # = edge_tune.data.layouts.HUB_SPEC's name
+_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".txt", ".arrow")
+_ASSISTANT, _USER = {"assistant", "gpt", "model"}, {"user", "human"}
+# a datasets entry's keys read by _dataset (the others are named as ignored)
+_DATASET_KEYS = {"path", "type", "name", "split", "field_messages", "message_property_mappings",
+                 "message_field_role", "message_field_content", "roles_to_train",
+                 "train_on_eos", "ds_type"}
 
 
-def _datasets(value: Any, put, t: Translation, bad) -> None:
-    """Axolotl's ``datasets: [{path, type}, ...]``: the paths as --data; one type for all
-    as --format."""
+def _is_hub(path: str) -> bool:
+    """A hub dataset ID, as edge-tune's data reader tells one from a file."""
+    from pathlib import Path
+
+    p = Path(path)
+    return bool(_HUB.fullmatch(path)) and not p.exists() and \
+        p.suffix.lower() not in _FILE_SUFFIXES and not p.parent.exists()
+
+
+def _datasets(value: Any, r: _Reader) -> None:
+    """Axolotl's ``datasets: [{path, type, ...}, ...]``: the paths as --data (a hub set's
+    ``name`` and ``split`` as ``NAME:CONFIG@SPLIT``); one type for all as --format; each
+    entry's other keys (:func:`_dataset`) mapped or named."""
     if not isinstance(value, list) or not all(isinstance(d, dict) and d.get("path")
                                               for d in value):
-        raise bad("datasets", value, "a list of {path, type}")
+        raise r.bad("datasets", value, "a list of {path, type}")
     paths = [str(d["path"]) for d in value]
-    put("datasets", "data", paths[0] if len(paths) == 1 else paths, paths)
+    sources = [_source(d, f"datasets[{i}]", r) for i, d in enumerate(value)]
+    r.put("datasets", "data", sources[0] if len(sources) == 1 else sources, paths)
     types = {str(d.get("type", "")) for d in value}
     if len(types) == 1 and (kind := next(iter(types))) in _DATASET_TYPES:
         if _DATASET_TYPES[kind] != "auto":
-            put("datasets.type", "format", _DATASET_TYPES[kind], kind)
+            r.put("datasets.type", "format", _DATASET_TYPES[kind], kind)
         else:
-            t.lines.append(f"datasets.type: {kind} -> format auto (read from the records)")
+            r.t.lines.append(f"datasets.type: {kind} -> format auto (read from the records)")
     elif types - {""}:
-        t.ignored.append(("datasets.type", f"{_show(sorted(types))}: the format is read from "
-                                           "the records (or say --format)"))
+        r.ignore("datasets.type", f"{_show(sorted(types))}: the format is read from the "
+                                  "records (or say --format)")
+    for i, d in enumerate(value):
+        _dataset(d, f"datasets[{i}]", r)
+
+
+def _source(d: dict, at: str, r: _Reader) -> str:
+    """One entry's source: a hub set's ``name`` (config) and ``split`` (``train[:10]`` as
+    ``datasets`` reads it) added as ``:CONFIG@SPLIT``; for a local file they are ignored."""
+    path = str(d["path"])
+    hub = _is_hub(path)
+    for key, mark in (("name", ":"), ("split", "@")):
+        part = d.get(key)
+        if part is None:
+            continue
+        if hub:
+            path += f"{mark}{part}"
+            r.note(f"{at}.{key}", part, f"data {path}")
+        else:
+            r.ignore(f"{at}.{key}", f"{_show(part)}: a hub dataset's {key}; {d['path']} is a "
+                                    "local file, read whole" + (
+                                        " (--max-samples N reads its first N)"
+                                        if key == "split" else ""))
+    return path
+
+
+def _dataset(d: dict, at: str, r: _Reader) -> None:
+    """One Axolotl ``datasets`` entry's keys beyond path, type, name and split: its columns
+    (``field_messages``, ``message_property_mappings``) as --columns, ``roles_to_train`` as
+    --train-on, ``train_on_eos`` (read at the end), the rest named as ignored."""
+    mapping = d.get("message_property_mappings") or {}
+    if not isinstance(mapping, dict):
+        raise r.bad(f"{at}.message_property_mappings", mapping, "a mapping of role, content")
+    role = mapping.get("role", d.get("message_field_role") or "role")
+    content = mapping.get("content", d.get("message_field_content") or "content")
+    turns = {("role", "content"): "messages", ("from", "value"): "conversations"}.get(
+        (role, content))
+    for key in ("message_property_mappings", "message_field_role", "message_field_content"):
+        if d.get(key) is None:
+            continue
+        if turns:
+            r.note(f"{at}.{key}", d[key], f"nothing to set (edge-tune reads {role}/{content} "
+                                          "turns)")
+        else:
+            r.ignore(f"{at}.{key}", f"{_show(d[key])}: edge-tune reads a turn's role/content "
+                                    "(OpenAI) or from/value (ShareGPT); rename the fields in "
+                                    "the data")
+    field_ = d.get("field_messages")
+    if field_ is not None:
+        want = turns or "messages"
+        if field_ == want:
+            r.note(f"{at}.field_messages", field_, f"nothing to set (edge-tune reads {want})")
+        else:
+            r.put(f"{at}.field_messages", "columns", f"{field_}={want}", field_)
+    roles = d.get("roles_to_train")
+    if roles is not None:
+        names = {str(x).lower() for x in roles} if isinstance(roles, list) else {str(roles)}
+        if names and names <= _ASSISTANT:
+            r.put(f"{at}.roles_to_train", "train_on", "assistant", roles)
+        elif names & _ASSISTANT and names & _USER:
+            r.put(f"{at}.roles_to_train", "train_on", "all", roles,
+                  " (every token: system turns and the template's too)")
+        else:
+            r.ignore(f"{at}.roles_to_train", f"{_show(roles)}: edge-tune trains the assistant "
+                                             "turns or every token (--train-on)")
+    if d.get("train_on_eos") is not None:
+        r.eos.append((f"{at}.train_on_eos", d["train_on_eos"]))
+    if d.get("ds_type") is not None:
+        r.note(f"{at}.ds_type", d["ds_type"], "nothing to set (read from the file's suffix)")
+    for key in sorted(set(d) - _DATASET_KEYS):
+        if d[key] is not None:
+            r.ignore(f"{at}.{key}", "not a key of an Axolotl dataset that edge-tune knows")

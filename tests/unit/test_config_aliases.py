@@ -17,8 +17,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "data" / "coming_from"
 
 
 def _read(name: str, **flags) -> tuple[TrainConfig, list[str]]:
+    """The config and what was said, the file named as given (here: relative to CONFIGS)."""
     said: list[str] = []
-    cfg = build(CONFIGS / name, say=said.append, **flags)
+    cfg = build(CONFIGS / name, say=lambda line: said.append(line.replace(f"{CONFIGS}/", "")),
+                **flags)
     return cfg, said
 
 
@@ -63,7 +65,7 @@ def test_a_llama_factory_config():
     assert "llama_factory_lora_sft.yaml: lora_target: all -> target_modules all-linear" in said
     assert any("lora_rank: 8 -> alpha 16" in line for line in said)
     warned = [line for line in said if line.startswith("warning: ")]
-    assert warned[0] == (f"warning: {CONFIGS / 'llama_factory_lora_sft.yaml'}: "
+    assert warned[0] == ("warning: llama_factory_lora_sft.yaml: "
                          "trust_remote_code ignored: True: no remote code is run")
     assert len(warned) == 1 and (cfg.warmup_ratio, cfg.lr_scheduler) == (0.1, "cosine")
 
@@ -112,7 +114,8 @@ def test_an_mlx_lm_lora_config():
         in said
     assert "mlx_lm_lora_config.yaml: iters: 1000 -> max_steps 1000" in said
     warned = {line.split(": ")[2].split()[0] for line in said if line.startswith("warning: ")}
-    assert warned == {"num_layers"}
+    # mlx-lm's cosine_decay ends at its third argument (1e-7), edge-tune's at a tenth of the peak
+    assert warned == {"num_layers", "lr_schedule.arguments[2]"}
     # mlx-lm's adam (no decay) is AdamW with weight decay 0; cosine_decay cosine
     assert (cfg.optimizer, cfg.lr_scheduler) == ("adamw", "cosine")
 
@@ -248,3 +251,123 @@ def test_the_manifest_records_the_resolved_settings_as_edge_tune_keys():
     assert (written["rank"], written["alpha"], written["lr"], written["max_steps"],
             written["target_modules"]) == (8, 160.0, 1e-5, 1000, ["q_proj", "v_proj"])
     assert not {"lora_parameters", "iters", "learning_rate"} & set(written)
+
+
+def _yaml(tmp_path, text: str, **flags) -> tuple[TrainConfig, list[str]]:
+    f = tmp_path / "run.yaml"
+    f.write_text(text)
+    said: list[str] = []
+    cfg = build(f, say=lambda line: said.append(line.replace(f"{tmp_path}/", "")), **flags)
+    return cfg, said
+
+
+def _warned(said: list[str]) -> dict[str, str]:
+    return {line.split(": ")[2].split()[0]: line for line in said
+            if line.startswith("warning: ")}
+
+
+AXOLOTL_CHAT = """base_model: m
+datasets:
+  - path: org/chats
+    type: chat_template
+    name: default
+    split: train[:10]
+    field_messages: dialog
+    message_property_mappings: {role: role, content: content}
+    roles_to_train: ["user", "assistant"]
+    train_on_eos: all
+"""
+
+
+def test_each_key_of_an_axolotl_dataset_entry_is_mapped(tmp_path):
+    cfg, said = _yaml(tmp_path, AXOLOTL_CHAT)
+    assert (cfg.data, cfg.columns, cfg.train_on) == ("org/chats:default@train[:10]",
+                                                     "dialog=messages", "all")
+    assert "run.yaml: datasets[0].split: train[:10] -> data org/chats:default@train[:10]" in said
+    assert "run.yaml: datasets[0].field_messages: dialog -> columns dialog=messages" in said
+    assert any(line.startswith("run.yaml: datasets[0].roles_to_train: user,assistant -> "
+                               "train_on all") for line in said)
+    assert any(line.startswith("run.yaml: datasets[0].train_on_eos: all -> nothing to set")
+               for line in said)
+    assert not _warned(said)
+
+
+def test_an_axolotl_dataset_entry_s_keys_it_cannot_honour_are_named(tmp_path):
+    text = ("datasets:\n  - path: ./chats.jsonl\n    split: train[:10]\n"
+            "    message_property_mappings: {role: speaker, content: text}\n"
+            "    roles_to_train: [user]\n    train_on_eos: last\n    shards: 4\n")
+    cfg, said = _yaml(tmp_path, text)
+    assert cfg.data == "./chats.jsonl"
+    warned = _warned(said)
+    assert set(warned) == {"datasets[0].split", "datasets[0].message_property_mappings",
+                           "datasets[0].roles_to_train", "datasets[0].train_on_eos",
+                           "datasets[0].shards"}
+    assert "a hub dataset's split; ./chats.jsonl is a local file" in warned["datasets[0].split"]
+    f = tmp_path / "run.yaml"
+    with pytest.raises(UsageError, match=r"run.yaml: datasets\[0\].split: ignored"):
+        build(f, strict=True)
+
+
+def test_an_mlx_lm_lr_schedule_maps_its_warmup_and_arguments(tmp_path):
+    cfg, said = _yaml(tmp_path, "data: d\niters: 8\nlr_schedule: {name: cosine_decay, "
+                                "warmup: 2, arguments: [1.0e-5, 8, 1.0e-7]}\n")
+    assert (cfg.lr, cfg.warmup_steps, cfg.lr_scheduler, cfg.max_steps) == (1e-5, 2, "cosine", 8)
+    assert "run.yaml: lr_schedule.warmup: 2 -> warmup_steps 2" in said
+    assert "run.yaml: lr_schedule.arguments[0]: 1e-05 -> lr 1e-05 (the schedule's peak)" in said
+    assert any(line.startswith("run.yaml: lr_schedule.arguments[1]: 8 -> nothing to set")
+               for line in said)
+    assert "a tenth of the peak (1e-06)" in _warned(said)["lr_schedule.arguments[2]"]
+    # the end at a tenth, a warm-up from above 0, a decay shorter than the run
+    _, said = _yaml(tmp_path, "data: d\niters: 100\nlr_schedule: {name: cosine_decay, warmup: 5,"
+                              " warmup_init: 1.0e-6, arguments: [1.0e-4, 50, 1.0e-5]}\n")
+    assert set(_warned(said)) == {"lr_schedule.warmup_init", "lr_schedule.arguments[1]"}
+    with pytest.raises(DataError, match=r"lr_schedule.arguments\[0\] and learning_rate both set"):
+        _yaml(tmp_path, "data: d\nlearning_rate: 2.0e-4\nlr_schedule: {name: cosine_decay, "
+                        "arguments: [1.0e-5, 8]}\n")
+
+
+def test_one_line_per_key_and_one_form_of_the_file_name(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("data: d\nlora_r: 8\noptimizer: adamw_torch\nnum_layers: 4\n")
+    said: list[str] = []
+    build(f, say=said.append)
+    assert [line for line in said if "optimizer" in line] == [
+        f"{f}: optimizer: adamw_torch -> optimizer adamw"]
+    assert all(line.removeprefix("warning: ").startswith(f"{f}: ") for line in said)
+
+
+def test_kto_and_grpo_keys_of_other_tools(tmp_path):
+    cfg, said = _yaml(tmp_path, "data: d\nrl: kto\nkto_desirable_weight: 2\n"
+                                "kto_undesirable_weight: 0.5\n")
+    assert (cfg.method, cfg.desirable_weight, cfg.undesirable_weight) == ("kto", 2.0, 0.5)
+    assert not _warned(said)
+    cfg, said = _yaml(tmp_path, "data: d\nstage: kto\nkto_chosen_weight: 1.5\n")
+    assert cfg.desirable_weight == 1.5
+    cfg, said = _yaml(tmp_path, "model_name_or_path: m\ndataset_name: org/p\nstage: grpo\n"
+                                "reward: [json]\nnum_generations: 4\nper_device_train_batch_size:"
+                                " 8\nmax_completion_length: 64\nbeta: 0.0\nloss_type: dr_grpo\n"
+                                "epsilon: 0.3\ntemperature: 0.7\nreward_weights: [1.0]\n")
+    assert (cfg.num_generations, cfg.max_completion_length, cfg.beta, cfg.loss_type,
+            cfg.epsilon, cfg.temperature, cfg.reward_weights) == (4, 64, 0.0, "dr_grpo", 0.3,
+                                                                  0.7, ["1"])
+    assert not _warned(said)
+
+
+def test_beta_from_a_file_is_named_by_the_file(tmp_path):
+    # TRL's beta without a method: sft does not use it, so a warning, not a refusal
+    cfg, said = _yaml(tmp_path, "model_name_or_path: m\ndataset_name: org/p\nbeta: 0\n")
+    assert (cfg.method, cfg.beta) == ("sft", 0.0)
+    assert _warned(said)["beta"] == ("warning: run.yaml: beta 0: no effect with method sft "
+                                     "(beta is DPO's, KTO's, ORPO's and GRPO's; set the method: "
+                                     "--method, or stage/rl in the file)")
+    f = tmp_path / "run.yaml"
+    with pytest.raises(UsageError, match="run.yaml: beta: ignored"):
+        build(f, strict=True)
+    f.write_text("data: d\nrl: dpo\nrl_beta: 0\n")
+    with pytest.raises(UsageError) as exc:
+        build(f)
+    assert str(exc.value) == (f"{f}: rl_beta 0: method dpo (rl) needs a beta > 0 (0 turns the "
+                              "KL term off, which only GRPO allows)")
+    with pytest.raises(UsageError, match="^--beta 0: method dpo"):
+        build(f, beta=0.0)  # the flag wins, and is named
+    assert build(f, beta=0.2).beta == 0.2
