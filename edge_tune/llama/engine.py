@@ -319,12 +319,12 @@ class Engine:
         self._handlers: dict[str, object] = {}
         self._fold: dict[Optional[str], bool] = {None: system_mode == "fold"}
         self._systems: dict[Optional[str], str] = {}  # see set_system
+        self._sides: dict[str, object] = {}  # see side()
         # speculative decoding (edge_tune.llama.speculative.Speculative; None: off) and
         # what it did: guesses checked, tokens guessed, tokens kept
         self.speculative = None
         self.draft_stats = {"verifies": 0, "drafted": 0, "kept": 0}
         self._stats_lock = threading.Lock()  # the server's sequences end on their threads
-        self._sides: dict[str, object] = {}  # see side()
 
     # --- chat templates -------------------------------------------------------------------
     def set_chat_template(self, text: Optional[str], adapter: Optional[str] = None,

@@ -110,6 +110,7 @@ def render_tasks(report: dict, console: Console) -> None:
         console.print(f"[dim](at most {report['limit']} examples a task: --limit)[/]",
                       highlight=False)
 
+
 def render_rewards(report: dict, console: Console) -> None:
     """``report``: :meth:`edge_tune.eval.rewards.RewardsResult.to_dict` (a GRPO run): each
     reward's mean on held-out prompts, base and tuned side by side, and a few answers."""
