@@ -221,10 +221,10 @@ class TrainConfig:
     # --- what is trained ---------------------------------------------------------------------
     # DPO: Rafailov et al. 2023; ORPO: Hong et al. 2024
     method: str = option(
-        "sft", metavar="sft|dpo|orpo|kto",
+        "sft", metavar="sft|dpo|orpo|kto|grpo",
         help="sft (supervised), or preference tuning on prompt/chosen/rejected pairs: dpo or "
-             "orpo; or kto on unpaired answers marked good or bad ('label' / 'kto_tag') "
-             "[default: sft].")
+             "orpo; or kto on unpaired answers marked good or bad ('label' / 'kto_tag'); or "
+             "grpo on prompts scored by --reward (docs/rl.md) [default: sft].")
     # KTO data under sft/dpo/orpo; without it such data is refused
     desirable_only: bool = option(
         False, flags=("--desirable-only",),

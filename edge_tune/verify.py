@@ -40,6 +40,10 @@ TOLERANCE = {"effect_rel_err": 0.03, "top1_min": 0.85, "kl_max": 0.1,
 # distribution, counts as a tie for top-1 agreement: a near-tie flipped by rounding or by
 # quantization noise is not a disagreement. Relative, so a flat distribution ties nothing more.
 TIE_NATS = 0.2
+# Below this RMS change of torch's logits (tuned - base) the adapter has no effect: its B
+# matrices are still (about) zero, so the run learnt nothing, and the effect error compares
+# rounding noise with rounding noise.
+NO_EFFECT_RMS = 1e-5
 
 
 @dataclass
@@ -59,7 +63,10 @@ class VerifyReport:
     n_positions: what was compared; checked: "adapter" or "merged"; greedy: answers side
     by side ({prompt, torch, llama_cpp}); file_effect: a merged file's share of the run's
     effect (merged only); summary: the one line ``train`` and ``export`` print for their
-    check (None from ``verify`` itself). ``to_dict()``: the ``verify --json`` object."""
+    check (None from ``verify`` itself); effect_rms: the RMS of torch's (tuned - base)
+    logits over every position and token, below ``NO_EFFECT_RMS`` an adapter that changes
+    nothing (``no_effect``; None where not measured). ``to_dict()``: the ``verify --json``
+    object."""
 
     effect_rel_err: float
     top1: float
@@ -73,17 +80,24 @@ class VerifyReport:
     framework: str = "torch+PEFT"  # what llama.cpp is compared with: torch+PEFT or mlx
     file_effect: float | None = None  # merged only: the run's effect found in the file
     summary: str | None = None
+    effect_rms: float | None = None
 
     @property
     def ok(self) -> bool:
         return not self.failures
+
+    @property
+    def no_effect(self) -> bool:
+        """The adapter changes no logit (a warning, not a failure: llama.cpp agrees)."""
+        return self.effect_rms is not None and self.effect_rms < NO_EFFECT_RMS
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "checked": self.checked, "effect_rel_err": self.effect_rel_err,
                 "top1_agreement": self.top1, "mean_kl": self.kl, "n_prompts": self.n_prompts,
                 "n_positions": self.n_positions, "tolerance": self.tolerance,
                 "failures": self.failures, "greedy": self.greedy, "framework": self.framework,
-                "file_effect": self.file_effect,
+                "file_effect": self.file_effect, "effect_rms": self.effect_rms,
+                "no_effect": self.no_effect,
                 **({"summary": self.summary} if self.summary is not None else {})}
 
 
@@ -350,6 +364,7 @@ class Tally:
 
     def __init__(self) -> None:
         self.err2 = self.want2 = 0.0  # effect: |got - want|^2, |want|^2
+        self.want_n = 0  # logits summed into want2
         self.dot = self.file_want2 = 0.0  # file effect: <got, want>, |want|^2
         self.agree = 0
         self.kl = 0.0
@@ -371,6 +386,7 @@ class Tally:
             want, got = self._effect(t_base, t_tuned, f_base, f_tuned, sl)
             self.err2 += float(np.sum((got - want) ** 2))
             self.want2 += float(np.sum(want * want))
+            self.want_n += int(want.size)
 
     def add_file(self, t_base, t_tuned, f_base, file_tuned) -> None:
         """The share of torch's effect in a file's logits over the F32 base."""
@@ -400,6 +416,10 @@ class Tally:
     @property
     def effect_rel_err(self) -> float:
         return float(self.err2 ** 0.5 / max(self.want2 ** 0.5, 1e-12))
+
+    @property
+    def effect_rms(self) -> float:
+        return float((self.want2 / max(self.want_n, 1)) ** 0.5)
 
     @property
     def top1(self) -> float:
@@ -523,7 +543,8 @@ def verify_run(run_dir: Path, man: Manifest, peft_dir: Path, base_gguf: Path, hf
     report = VerifyReport(effect_rel_err=err, top1=top1, kl=kl, n_prompts=len(samples),
                     n_positions=n_pos, checked="merged" if merged is not None else "adapter",
                     greedy=greedy, framework="mlx" if mlx_adapter is not None else
-                    "torch" if full_model is not None else "torch+PEFT", file_effect=in_file)
+                    "torch" if full_model is not None else "torch+PEFT", file_effect=in_file,
+                    effect_rms=tally.effect_rms)
     report.failures = [f.replace("torch+PEFT", report.framework)
                        for f in judge(err, top1, kl, file_effect=in_file,
                                       exact_on_file=merged is not None and merged_f32 is None)]
@@ -674,4 +695,13 @@ def verify_hook(run: Path, base: Optional[Path], on_event: EventSink,
             raise CheckFailed(f"{summary}: out of tolerance: {'; '.join(report.failures)}")
         return report
     on_event(Log(summary + " (ok)"))
+    if report.no_effect:
+        on_event(Log(no_effect_line(report), "warning"))
     return report
+
+
+def no_effect_line(report: VerifyReport) -> str:
+    """The warning for an adapter that changes nothing (``report.no_effect``)."""
+    return (f"verify: the {'fine-tuning' if report.framework == 'torch' else 'adapter'} has no "
+            f"effect (logits change by {report.effect_rms:.1e} RMS): the run learnt nothing, "
+            "so the effect check above compares nothing")

@@ -45,6 +45,10 @@ def verify(
                   f"({report.n_positions} positions)")
         out.print(f"  adapter effect, F32 base: relative error {report.effect_rel_err:.2e}"
                   f"  (limit {t['effect_rel_err']})")
+        if report.no_effect:
+            from edge_tune.verify import no_effect_line
+
+            out.print(f"[yellow]warning[/]: {no_effect_line(report)}", highlight=False)
         out.print(f"  tuned model, real base:   top-1 agreement {report.top1:.1%}"
                   f" (min {t['top1_min']:.0%}), mean KL {report.kl:.4f} "
                   f"(max {t['kl_max']})")

@@ -23,6 +23,7 @@ def _rewards(m: Metric) -> str:
         each = "".join(f"  {k[7:]} {v:.2f}" for k, v in r.items()
                        if k.startswith("reward/") and not k.endswith("/std"))
         return (f"  reward {r.get('reward', 0):.3f}±{r.get('reward_std', 0):.2f}{each}"
+                f"  flat {100 * r.get('frac_reward_zero_std', 0):.0f}%"
                 f"  kl {r.get('kl', 0):.4f}  len {r.get('completion_length', 0):.0f}"
                 f"  clip {100 * r.get('clip_ratio', 0):.0f}%"
                 f"  IS {r.get('is_ratio_mean', 1):.3f}/{r.get('is_ratio_max', 1):.2f}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from edge_tune.planner import disk_bytes
+from edge_tune.planner import disk_bytes, minutes_text
 
 
 def render_plan(report: dict, console: Console) -> None:
@@ -25,10 +25,9 @@ def render_plan(report: dict, console: Console) -> None:
         t.add_row("peak while verifying (after training)", f"{est['verify_peak_gib']:.2f}")
     t.add_row("budget (free memory)", f"{report['budget_gib']:.2f}")
     console.print(t)
-    minutes = est["total_seconds"] / 60
     console.print(f"time: ~{est['seconds_per_step']:.1f}s per step x {est['total_steps']} steps "
-                  f"= ~{minutes:.0f} min ({est['tokens_per_step']} tokens per step; a rough "
-                  "guide from measured throughput)")
+                  f"= {minutes_text(est['total_seconds'])} ({est['tokens_per_step']} tokens "
+                  "per step; a rough guide from measured throughput)")
     need = disk_bytes({k: v * 2**30 for k, v in est["output_gib"].items()}, full=False)
     console.print(f"disk: ~{_size(need['total'] / 2**30)} free in the run folder at its fullest "
                   f"(adapter {_size(need['weights'] / 2**30)}, checkpoint "

@@ -87,3 +87,23 @@ def test_grpo_tiny_reward_goes_up(tiny, tmp_path):
 def test_grpo_settings_refused_in_one_line(flags, needle):
     with pytest.raises(UsageError, match=needle):
         config.build(data="x.jsonl", **flags)
+
+
+def test_grpo_without_signal_says_it_learnt_nothing(tiny, tmp_path):
+    """A reward no completion earns gives every group equal rewards: zero advantages, so
+    each step moves nothing. The run says so per step (the share of such groups, a warning),
+    at its end, and verify reports the adapter as having no effect, not just "ok"."""
+    from edge_tune.events import Log
+
+    cfg = config.build(model=str(tiny), data=str(_prompts(tmp_path / "train.jsonl", 8)),
+                       method="grpo", reward=["regex:(?!)"], max_completion_length=2,
+                       num_generations=4, batch_size=8, max_steps=3, beta=0.0, seq_len=64,
+                       backend="cpu", out=str(tmp_path / "run"), report_to="none")
+    events = []
+    api.train(cfg, on_event=events.append)
+    steps = [e for e in events if isinstance(e, Metric) and e.split == "train"]
+    assert [m.rl["frac_reward_zero_std"] for m in steps] == [1.0, 1.0, 1.0]
+    warnings = [e.message for e in events if isinstance(e, Log) and e.level == "warning"]
+    assert sum("no learning signal" in w for w in warnings) == 3, warnings
+    assert any(w.startswith("GRPO learnt nothing in 3 of 3 steps") for w in warnings), warnings
+    assert any(w.startswith("verify: the adapter has no effect") for w in warnings), warnings

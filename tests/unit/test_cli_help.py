@@ -42,3 +42,21 @@ def test_examples_stay_one_per_line():
     text = help_text("export")
     lines = [line.strip() for line in text.splitlines()]
     assert sum(line.startswith("edge-tune export runs/demo") for line in lines) == 6, text
+
+
+def test_train_help_lists_every_method():
+    """--method's value name (TrainConfig's metadata) names every method the config accepts;
+    grpo was missing from it."""
+    import dataclasses
+
+    from edge_tune.config import _CHECKS, TrainConfig
+
+    meta = next(f for f in dataclasses.fields(TrainConfig) if f.name == "method").metadata
+    shown = meta["metavar"].split("|")
+    valid, _ = _CHECKS["method"]
+    assert all(valid(m) for m in shown) and shown[-1] == "grpo", shown
+    assert not valid("nope")
+    text = help_text("train")
+    rows = text.splitlines()
+    at = next(i for i, row in enumerate(rows) if "--method " in row)
+    assert "grpo" in "".join(rows[at:at + 2]).replace(" ", ""), rows[at:at + 2]

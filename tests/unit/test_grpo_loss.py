@@ -108,3 +108,12 @@ def test_truncated_is_ratio():
     sampling = torch.tensor([[-2.0, -1.0, float("nan")]])
     ratio = gl.truncated_is_ratio(old, sampling, torch.ones(1, 3), 3.0)
     assert ratio.tolist() == [[3.0, 1.0, 1.0]]  # e^2 capped; equal; NaN -> no correction
+
+
+def test_frac_reward_zero_std_counts_groups_with_equal_rewards():
+    from edge_tune.training.backends.cpu_grpo import frac_zero_std
+
+    assert frac_zero_std([0.0] * 8, 4) == 1.0
+    assert frac_zero_std([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0], 4) == 0.5
+    assert frac_zero_std([0.5, 0.5, 0.2, 0.3], 2) == 0.5
+    assert frac_zero_std([0.1, 0.2, 0.3, 0.4], 4) == 0.0

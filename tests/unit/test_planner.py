@@ -176,3 +176,35 @@ def test_train_refuses_a_run_that_cannot_fit_before_loading_anything(demo_jsonl,
     assert last.startswith("error: loading this model for training needs ~"), last
     assert "GiB is available" in last
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_a_grpo_step_counts_its_rollouts_and_its_passes():
+    """A GRPO step samples G completions per prompt in llama.cpp (each prompt evaluated,
+    then one decode step per completion token) before the trainer's passes over G x (prompt +
+    completion) tokens: at least G x completion-length single-token decodes' worth more
+    than an SFT step of that batch, and more with longer completions."""
+    G, L, prompt = 4, 16, 40
+    machine = _machine()
+
+    def step(**kw) -> float:
+        cfg = _cfg(batch_size=G, num_generations=G, max_completion_length=L, seq_len=512, **kw)
+        return planner.estimate(SMOL, "cpu", cfg, machine, 10, prompt).seconds_per_step
+
+    decode = 2.0 * SMOL.params / (planner.CPU_FLOPS_PER_CORE["fp32"] * machine.physical_cores)
+    sft = planner.estimate(SMOL, "cpu", _cfg(batch_size=G, seq_len=512, beta=0.0), machine, 10,
+                           prompt + L).seconds_per_step
+    grpo = step(method="grpo", beta=0.0)
+    assert grpo >= sft + G * L * decode + G * prompt * decode + L * planner.ROLLOUT_STEP_SECONDS
+    assert step(method="grpo", beta=0.04) > grpo  # the reference's forward pass
+    assert planner.estimate(SMOL, "cpu", _cfg(method="grpo", batch_size=G, num_generations=G,
+                                              max_completion_length=4 * L, seq_len=512),
+                            machine, 10, prompt).seconds_per_step > 2 * grpo
+
+
+@pytest.mark.parametrize("seconds,shown", [(0.0, "~0 min"), (11.0, "~1 min"), (60.0, "~1 min"),
+                                           (61.0, "~2 min"), (434.0, "~8 min")])
+def test_minutes_round_up(seconds, shown):
+    assert planner.minutes_text(seconds) == shown
+    plan = planner.fit(SMOL, "cpu", _cfg(max_steps=1), _machine())
+    plan.estimate.seconds_per_step, plan.estimate.total_steps = seconds, 1
+    assert f"{shown} for 1 steps" in planner.describe(plan)

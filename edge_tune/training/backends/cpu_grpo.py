@@ -135,12 +135,23 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def step_stats(rewards, per, total, samples, parts: list) -> dict:
+def frac_zero_std(total: list[float], G: int) -> float:
+    """The share (0-1) of groups (``G`` consecutive completions of one prompt) whose weighted
+    rewards are all equal (TRL's ``frac_reward_zero_std``): their advantages are zero, so
+    they teach nothing. Pure."""
+    groups = [total[k:k + G] for k in range(0, len(total), G)]
+    flat = sum(1 for g in groups if max(g) - min(g) <= 1e-9 * max(1.0, abs(max(g))))
+    return flat / max(1, len(groups))
+
+
+def step_stats(rewards, per, total, samples, parts: list, G: int = 1) -> dict:
     """The step's Metric ``rl`` fields: reward mean/std (weighted total), each reward's,
-    mean completion length in tokens, and the micro-batches' ``parts`` ((tokens, kl,
-    clip ratio, is mean, is max) each) averaged by tokens."""
+    the share of groups of ``G`` with all rewards equal, mean completion length in tokens,
+    and the micro-batches' ``parts`` ((tokens, kl, clip ratio, is mean, is max) each)
+    averaged by tokens."""
     out = {}
     out["reward"], out["reward_std"] = _mean_std(total)
+    out["frac_reward_zero_std"] = frac_zero_std(total, G)
     for r, p in zip(rewards, per):
         out[f"reward/{r.name}"], out[f"reward/{r.name}/std"] = _mean_std(p)
     out["completion_length"] = sum(len(s.ids) for s in samples) / max(1, len(samples))
@@ -217,6 +228,7 @@ def train_grpo(job: TrainJob, emit: Callable) -> WorkerResult:
     losses: list[float] = []
     tokens = 0
     rollout_seconds = 0.0
+    flat_steps = 0  # steps where every group's rewards were equal: a zero update
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edge-tune-grpo-") as tmp, roll:
         for step in range(total):
@@ -241,11 +253,21 @@ def train_grpo(job: TrainJob, emit: Callable) -> WorkerResult:
                         tokens_per_second=tokens / elapsed,
                         eta_seconds=elapsed / (step + 1) * (total - step - 1), learning_rate=lr,
                         epoch=(step + 1) * per_step / len(examples),
-                        rl={**step_stats(rewards, per, total_r, samples, parts),
+                        rl={**step_stats(rewards, per, total_r, samples, parts, G),
                             "rollout_tokens_per_second": round(
                                 tokens / max(rollout_seconds, 1e-9), 2)}))
             if step == 0 or (step + 1) % max(1, total // 5) == 0:
                 emit(Log(f"step {step + 1} sample: {texts[0][:160]!r}", "debug"))
+            if frac_zero_std(total_r, G) == 1.0:
+                flat_steps += 1
+                emit(Log(f"step {step + 1}: no learning signal: for each of its {per_step} "
+                         f"prompts all {G} completions got the same reward, so the rewards "
+                         "move nothing", "warning"))
+    if flat_steps * 2 > total:
+        emit(Log(f"GRPO learnt nothing in {flat_steps} of {total} steps: every completion of a "
+                 "prompt got the same reward. Check the rewards on a few completions "
+                 "(`edge-tune eval`), raise --num-generations or --temperature, or give "
+                 "partial credit", "warning"))
     model.save_pretrained(str(job.adapter_dir), safe_serialization=True)
     seconds = time.perf_counter() - start
     return WorkerResult(steps=total, final_loss=final_loss(losses), val_loss=None,
