@@ -255,6 +255,32 @@ def open_engine(target: ChatTarget, on_event: EventSink = ignore,
     return engine
 
 
+def tuned_target(run: Path, merged: Optional[Path]) -> tuple[ChatTarget, Path]:
+    """What ``eval`` compares with the base: (ChatTarget of the run, tuned GGUF), the run's
+    adapter.gguf, or ``merged`` (then the target carries no adapter); a full fine-tuning run's
+    own GGUF. Raises UsageError when ``run`` is no run directory or ``merged`` no file."""
+    if not run.exists():
+        raise UsageError(f"{run}: no such run directory")
+    man = manifest_mod.read(run if run.is_dir() else run.parent)
+    if man is None:
+        raise UsageError(f"{run}: not an edge-tune run directory (no manifest.json); eval reads "
+                         "its base, chat template and held-out data from it")
+    if merged is None and man.full and man.model is not None and man.model.gguf:
+        merged = run / man.model.gguf  # a full fine-tuning run: its model against the base
+    if merged is None:
+        target = resolve_chat(run, None)
+        return target, target.adapter
+    if not Path(merged).is_file():
+        raise UsageError("no such file", setting="merged", value=merged)
+    base = run_base_gguf(man)
+    if base is None:
+        raise UsageError(f"{run}: the run has no GGUF base to compare the merged model with")
+    if not base.exists() and man.base.sha256 == models.DEFAULT_SHA256:
+        base = models.default_gguf()  # run copied to another machine: refetch
+    mode = man.hyperparameters.system_mode or "keep"
+    return ChatTarget(base, None, man, template_choice.choose(None, man), mode), Path(merged)
+
+
 def _full_run(path: Path) -> Optional[Manifest]:
     """The manifest of a full fine-tuning run directory ``path``, else None."""
     man = manifest_mod.read(path) if path.is_dir() else None

@@ -448,6 +448,18 @@ def _refuse_exact(cfg: TrainConfig, e: Estimate, budget: float) -> None:
                      "fit them", setting="exact")
 
 
+def step_report(cfg: TrainConfig) -> dict:
+    """The LoRA update's effective step size (lr x alpha/r), and edge-tune's default's: a
+    recipe's lr copied without its alpha and rank changes it, silently otherwise. Keys: lr,
+    alpha, rank, rslora, step_size, default_step_size."""
+    from edge_tune.config_aliases import step_size
+
+    ours = TrainConfig()
+    return {"lr": cfg.lr, "alpha": cfg.alpha, "rank": cfg.rank, "rslora": cfg.rslora,
+            "step_size": step_size(cfg.lr, cfg.alpha, cfg.rank, cfg.rslora),
+            "default_step_size": step_size(ours.lr, ours.alpha, ours.rank)}
+
+
 def describe(plan: Plan) -> str:
     """One line for logs: peak memory against the budget, time, what changed."""
     e = plan.estimate

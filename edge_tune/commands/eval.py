@@ -42,6 +42,7 @@ from edge_tune.eval.drift import drift, drift_hint, drift_prompts, task_like
 from edge_tune.eval.held_out import (generation_items, held_out_examples, held_out_records,
                                      run_tokenizer)
 from edge_tune.eval.measure import Side, example_nll, greedy
+from edge_tune.eval.rewards import evaluate_rewards
 from edge_tune.events import Done, EventSink, Log, Progress, ignore
 
 DEFAULT_PROMPTS = 32  # held-out records used (loss and answers)
@@ -77,36 +78,6 @@ class EvalResult:
 
 # --- the command ----------------------------------------------------------------------------
 
-def _targets(run: Path, merged: Optional[Path]):
-    """(ChatTarget of the run, tuned GGUF): the run's adapter.gguf, or ``merged`` (then the
-    target carries no adapter)."""
-    from edge_tune import manifest as manifest_mod
-    from edge_tune import models
-    from edge_tune.adapters import ChatTarget, resolve_chat, run_base_gguf
-    from edge_tune.templates import choice as template_choice
-
-    if not run.exists():
-        raise UsageError(f"{run}: no such run directory")
-    man = manifest_mod.read(run if run.is_dir() else run.parent)
-    if man is None:
-        raise UsageError(f"{run}: not an edge-tune run directory (no manifest.json); eval reads "
-                         "its base, chat template and held-out data from it")
-    if merged is None and man.full and man.model is not None and man.model.gguf:
-        merged = run / man.model.gguf  # a full fine-tuning run: its model against the base
-    if merged is None:
-        target = resolve_chat(run, None)
-        return target, target.adapter
-    if not Path(merged).is_file():
-        raise UsageError("no such file", setting="merged", value=merged)
-    base = run_base_gguf(man)
-    if base is None:
-        raise UsageError(f"{run}: the run has no GGUF base to compare the merged model with")
-    if not base.exists() and man.base.sha256 == models.DEFAULT_SHA256:
-        base = models.default_gguf()  # run copied to another machine: refetch
-    mode = man.hyperparameters.system_mode or "keep"
-    return ChatTarget(base, None, man, template_choice.choose(None, man), mode), Path(merged)
-
-
 def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = None,
              max_tokens: int = DEFAULT_MAX_TOKENS, n_prompts: int = DEFAULT_PROMPTS,
              on_event: EventSink = ignore,
@@ -119,7 +90,7 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
     held-out records; ``max_tokens``: per generated answer; ``drift_set``: general prompts
     for the drift check instead of the shipped ones (:func:`drift_prompts`). Raises
     UsageError/DataError (exit 2) for bad input."""
-    from edge_tune.adapters import open_engine
+    from edge_tune.adapters import open_engine, tuned_target
 
     if max_tokens < 1:
         raise UsageError("expected an integer >= 1",
@@ -127,7 +98,7 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
     if n_prompts < 1:
         raise UsageError("expected an integer >= 1",
                          setting="prompts", value=n_prompts)
-    target, tuned_path = _targets(Path(run), merged)
+    target, tuned_path = tuned_target(Path(run), merged)
     merged = tuned_path if target.adapter is None else merged  # a full run's model too
     man = target.manifest
     if man.hyperparameters.to_dict().get("method") == "grpo":  # its rewards, base vs tuned
@@ -184,34 +155,6 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
         training_val_loss=man.result.val_loss if data is None else None,
         answers=result["answers"])
     on_event(Done("eval", {"loss": out.loss, "drift_kl": out.drift["mean_kl"]}))
-    return out
-
-
-def evaluate_rewards(target, tuned: Path, data: Optional[Path], max_tokens: int,
-                     n_prompts: int, on_event: EventSink, run: Path):
-    """A GRPO run's evaluation (:mod:`edge_tune.eval.rewards`): its reward functions on
-    held-out prompts, answered greedily by the base and the tuned model in llama.cpp.
-    Returns a :class:`~edge_tune.eval.rewards.RewardsResult`."""
-    from edge_tune.eval.rewards import RewardsResult, held_out_prompts, reward_eval
-    from edge_tune.training.rewards import parse_rewards
-
-    man = target.manifest
-    hp = man.hyperparameters.to_dict()
-    records, source = held_out_prompts(man, data)
-    records = records[:n_prompts]
-    if not records:
-        raise DataError(f"{source}: no held-out prompts")
-    on_event(Log(f"eval: {len(records)} held-out prompts from {source}"))
-    rewards = parse_rewards(hp.get("reward") or [],
-                            [float(w) for w in hp.get("reward_weights") or []])
-    tok = run_tokenizer(man, Path(target.base))
-    got = reward_eval(Path(target.base), Path(tuned) if target.adapter is not None else None,
-                      tok, records, rewards, max_tokens, on_event=on_event,
-                      seed=int(hp.get("seed") or 0))
-    out = RewardsResult(run=str(run), base=str(target.base), tuned=str(tuned), data=source,
-                        n_prompts=len(records), samples=1, temperature=0.0,
-                        max_tokens=max_tokens, rewards=got["rewards"], answers=got["answers"])
-    on_event(Done("eval", {"rewards": out.rewards}))
     return out
 
 
@@ -290,13 +233,13 @@ def evaluate_tasks(run: Path, tasks: Path, merged: Optional[Path] = None,
     ``merged``: the tuned model is this merged GGUF; ``limit``: at most this many examples a
     task. Raises UsageError/DataError (exit 2) for bad input, UsageError when lm-eval is
     not installed."""
-    from edge_tune.adapters import open_engine
+    from edge_tune.adapters import open_engine, tuned_target
     from edge_tune.eval.lm_tasks import load_tasks, run_tasks
 
     if limit is not None and limit < 1:
         raise UsageError(f"--limit {limit}: expected an integer >= 1")
     configs = load_tasks(Path(tasks))
-    target, tuned_path = _targets(Path(run), merged)
+    target, tuned_path = tuned_target(Path(run), merged)
     on_event(Log(f"eval: {len(configs)} lm-eval task(s) from {tasks}: "
                  + ", ".join(c["task"] for c in configs)))
     engines = [open_engine(target, n_ctx=TASKS_CTX, training_system=False)]

@@ -10,7 +10,7 @@ from edge_tune.data.training import read_training_data
 from edge_tune.errors import DataError
 from edge_tune.events import EventSink, ignore
 from edge_tune.hardware import probe
-from edge_tune.planner import describe, fit_plan
+from edge_tune.planner import describe, fit_plan, step_report
 from edge_tune.templates import choice as template_choice
 
 
@@ -44,7 +44,7 @@ def plan(cfg: TrainConfig, on_event: EventSink = ignore) -> dict:
     report = {"backend": backend, "backend_reason": why, "model": ref.spec,
               "records": len(train_records), **p.to_dict(), "summary": describe(p),
               "chat_template": (chosen.name or cfg.chat_template) if chosen else None,
-              "preset": cfg.preset, "step": None if cfg.full else _step(cfg)}
+              "preset": cfg.preset, "step": None if cfg.full else step_report(cfg)}
     if cfg.full:  # the trade-off side by side: the same data as a LoRA run (default settings)
         import dataclasses
 
@@ -52,17 +52,6 @@ def plan(cfg: TrainConfig, on_event: EventSink = ignore) -> dict:
         report["compare"] = {"lora": _side(lora), "full": _side(p)}
         report["lora_rank"] = cfg.rank
     return report
-
-
-def _step(cfg: TrainConfig) -> dict:
-    """The LoRA update's effective step size (lr x alpha/r), and edge-tune's default's: a
-    recipe's lr copied without its alpha and rank changes it, silently otherwise."""
-    from edge_tune.config_aliases import step_size
-
-    ours = TrainConfig()
-    return {"lr": cfg.lr, "alpha": cfg.alpha, "rank": cfg.rank, "rslora": cfg.rslora,
-            "step_size": step_size(cfg.lr, cfg.alpha, cfg.rank, cfg.rslora),
-            "default_step_size": step_size(ours.lr, ours.alpha, ours.rank)}
 
 
 def _side(p) -> dict:

@@ -121,3 +121,33 @@ def reward_eval(base_gguf: Path, adapter_gguf: Optional[Path], tok, records: lis
     on_event(Log(f"eval: reward base {out['rewards']['base']['reward']} -> tuned "
                  f"{out['rewards']['tuned']['reward']} on {len(records)} held-out prompts"))
     return out
+
+
+def evaluate_rewards(target, tuned: Path, data: Optional[Path], max_tokens: int,
+                     n_prompts: int, on_event: EventSink, run: Path) -> RewardsResult:
+    """A GRPO run's evaluation: its reward functions on held-out prompts (at most
+    ``n_prompts``), answered greedily (at most ``max_tokens`` each) by the base and the tuned
+    model in llama.cpp. ``target``: the run's :class:`~edge_tune.adapters.ChatTarget`;
+    ``tuned``: its adapter GGUF or merged GGUF. Raises DataError when there are no prompts."""
+    from edge_tune.eval.held_out import run_tokenizer
+    from edge_tune.events import Done
+    from edge_tune.training.rewards import parse_rewards
+
+    man = target.manifest
+    hp = man.hyperparameters.to_dict()
+    records, source = held_out_prompts(man, data)
+    records = records[:n_prompts]
+    if not records:
+        raise DataError(f"{source}: no held-out prompts")
+    on_event(Log(f"eval: {len(records)} held-out prompts from {source}"))
+    rewards = parse_rewards(hp.get("reward") or [],
+                            [float(w) for w in hp.get("reward_weights") or []])
+    tok = run_tokenizer(man, Path(target.base))
+    got = reward_eval(Path(target.base), Path(tuned) if target.adapter is not None else None,
+                      tok, records, rewards, max_tokens, on_event=on_event,
+                      seed=int(hp.get("seed") or 0))
+    out = RewardsResult(run=str(run), base=str(target.base), tuned=str(tuned), data=source,
+                        n_prompts=len(records), samples=1, temperature=0.0,
+                        max_tokens=max_tokens, rewards=got["rewards"], answers=got["answers"])
+    on_event(Done("eval", {"rewards": out.rewards}))
+    return out
