@@ -190,8 +190,8 @@ def resolve_chat(adapter: Optional[Path], base: Optional[str],
                 return _full_run_target(adapter, man, base, chat_template, system_mode)
             gg = man.adapter.gguf
             if not gg:
-                raise DataError("the run has no adapter.gguf; run "
-                                f"`edge-tune export {adapter} --base BASE.gguf`",
+                raise DataError("the run has no adapter.gguf yet; run "
+                                f"`edge-tune export {adapter}` first (it knows its base)",
                                 setting="adapter", value=adapter)
             adapter_gguf = adapter / gg
         elif adapter.is_file():
