@@ -51,8 +51,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mlx-vs-torch-"))
     model = args.model
     if model == "tiny":
-        sys.path.insert(0, str(REPO / "tests"))
-        from tiny_models import tiny_llama_gguf
+        sys.path.insert(0, str(REPO))  # the tests.helpers package
+        from tests.helpers.tiny_models import tiny_llama_gguf
 
         model = str(tiny_llama_gguf(work / "tiny.gguf", models.default_gguf()))
     speeds: dict[str, list[float]] = {"cpu": [], "mlx": []}

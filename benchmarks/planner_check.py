@@ -50,8 +50,8 @@ def model_path(name: str, work: Path) -> str:
     if name == "default":
         models.dequantized_copy(models.default_gguf())
         return "default"
-    sys.path.insert(0, str(REPO / "tests"))
-    from tiny_models import tiny_llama_gguf
+    sys.path.insert(0, str(REPO))  # the tests.helpers package
+    from tests.helpers.tiny_models import tiny_llama_gguf
 
     shape = {} if name == "tiny" else dict(hidden=256, blocks=4, heads=4, kv_heads=2, ffn=768)
     gguf = tiny_llama_gguf(work / f"{name}.gguf", models.default_gguf(), **shape)

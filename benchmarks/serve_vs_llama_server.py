@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # the tests.helpers package
 
 MODELS = ["base", "a", "b"]
 CONVERSATION = ["What is the capital of France?", "And of Italy?", "Which one is older?",
@@ -115,7 +115,7 @@ class EdgeTune(Side):
                      "--parallel", str(parallel), "--ctx", "1024"]
 
     def start(self) -> None:
-        from serve_helpers import Server
+        from tests.helpers.serve_helpers import Server
 
         self.server = Server(*self.args)
         self.server.wait_ready()
@@ -142,7 +142,7 @@ class LlamaServer(Side):
                      str(parallel)]
 
     def start(self) -> None:
-        from serve_helpers import free_port
+        from tests.helpers.serve_helpers import free_port
 
         self.argv[3] = str(free_port())
         self.proc = subprocess.Popen([sys.executable, "-c", _LLAMA_SERVER, *self.argv],
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
-    from serve_helpers import PROMPTS, trained_adapters
+    from tests.helpers.serve_helpers import PROMPTS, trained_adapters
 
     from edge_tune import models
 
