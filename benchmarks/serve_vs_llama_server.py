@@ -109,10 +109,12 @@ class Side:
 class EdgeTune(Side):
     name = "edge-tune serve"
 
-    def __init__(self, adapters: dict, threads: int, max_queue: int, parallel: int) -> None:
+    def __init__(self, adapters: dict, threads: int, max_queue: int, parallel: int,
+                 speculative: str = "auto") -> None:
         self.args = ["--adapter", f"a={adapters['a']}", "--adapter", f"b={adapters['b']}",
                      "--threads", str(threads), "--max-queue", str(max_queue),
-                     "--parallel", str(parallel), "--ctx", "1024"]
+                     "--parallel", str(parallel), "--ctx", "1024",
+                     "--speculative", speculative]
 
     def start(self) -> None:
         from tests.helpers.serve_helpers import Server
@@ -208,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--speculative", default="auto", choices=["auto", "ngram", "off"],
+                    help="edge-tune serve's --speculative (default: its default, auto)")
     args = ap.parse_args(argv)
 
     from tests.helpers.serve_helpers import PROMPTS, trained_adapters
@@ -217,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     fixtures = trained_adapters()
     adapters = {"a": fixtures["pirate"] / "adapter.gguf", "b": fixtures["anti"]}
     base = models.default_gguf()
-    sides = [EdgeTune(adapters, args.threads, max(64, args.requests), args.clients),
+    sides = [EdgeTune(adapters, args.threads, max(64, args.requests), args.clients,
+                      args.speculative),
              LlamaServer(base, adapters, args.threads, args.clients)]
     stats: dict = {s.name: [] for s in sides}
     answers: dict = {s.name: {} for s in sides}
