@@ -22,7 +22,7 @@ import time
 from edge_tune.server import grammar as grammars
 from edge_tune.server import openai_shapes as shapes
 from edge_tune.server.adapter_admin import admin_routes, parse_adapter_mix
-from edge_tune.server.logprobs import covering
+from edge_tune.server.logprobs import StreamedLogprobs, covering
 from edge_tune.server.ollama_api import ollama_routes
 from edge_tune.server import tools as tooling
 from edge_tune.server.openai_shapes import RequestError
@@ -364,7 +364,7 @@ async def _sse(req, job, first, extra: _Extra):
     model's thinking goes as ``reasoning_content`` deltas."""
     rid = shapes.new_id(req.kind)
     calls = extra.stream()
-    rec = None if extra.recorder is None else _StreamedLogprobs(extra.recorder)
+    rec = None if extra.recorder is None else StreamedLogprobs(extra.recorder)
     state = {"n": 0, "offset": 0}
 
     def line(obj) -> str:
@@ -412,35 +412,6 @@ async def _sse(req, job, first, extra: _Extra):
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()
-
-
-class _StreamedLogprobs:
-    """The logprobs of a streamed answer, handed out as the text they spell is sent."""
-
-    def __init__(self, recorder) -> None:
-        self.recorder = recorder
-        self.sent = 0  # tokens handed out
-        self.spelled = 0  # their bytes
-
-    def ready(self, said: int) -> list:
-        """The resolved tokens not handed out yet whose bytes lie within the first ``said``
-        bytes of the answer (text that may start a stop string is held back)."""
-        got = []
-        for t in self.recorder.take(self.sent):
-            if self.spelled + len(t.bytes) > said:
-                break
-            got.append(t)
-            self.spelled += len(t.bytes)
-        self.sent += len(got)
-        return got
-
-    def rest(self, finish_reason: str | None, answer: str, last_token: int | None) -> list:
-        """The tokens left once the whole ``answer`` (as the model wrote it) and its last
-        sampled token are known."""
-        tail = covering(self.recorder.finish(finish_reason, answer, last_token),
-                        answer)[self.sent:]
-        self.sent += len(tail)
-        return tail
 
 
 class _BearerAuth:

@@ -144,6 +144,36 @@ def covering(tokens: list[TokenLogprob], text: str) -> list[TokenLogprob]:
     return out if at == len(text) else tokens
 
 
+class StreamedLogprobs:
+    """The logprobs of a streamed answer (OpenAI and Ollama routes), handed out as the text
+    they spell is sent."""
+
+    def __init__(self, recorder) -> None:
+        self.recorder = recorder
+        self.sent = 0  # tokens handed out
+        self.spelled = 0  # their bytes
+
+    def ready(self, said: int) -> list:
+        """The resolved tokens not handed out yet whose bytes lie within the first ``said``
+        bytes of the answer (text that may start a stop string is held back)."""
+        got = []
+        for t in self.recorder.take(self.sent):
+            if self.spelled + len(t.bytes) > said:
+                break
+            got.append(t)
+            self.spelled += len(t.bytes)
+        self.sent += len(got)
+        return got
+
+    def rest(self, finish_reason: str | None, answer: str, last_token: int | None) -> list:
+        """The tokens left once the whole ``answer`` (as the model wrote it) and its last
+        sampled token are known."""
+        tail = covering(self.recorder.finish(finish_reason, answer, last_token),
+                        answer)[self.sent:]
+        self.sent += len(tail)
+        return tail
+
+
 def prompt_logprobs(engine, prompt: str | list, mix: tuple, top: int,
                     after: bool = False) -> list[TokenLogprob]:
     """The tokens of ``prompt`` (a text, as a completion reads it, or token ids) with their

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from edge_tune.server import openai_shapes as shapes
 from edge_tune.server.adapter_admin import parse_adapter_mix
 from edge_tune.server.errors import RequestError
-from edge_tune.server.logprobs import covering
+from edge_tune.server.logprobs import StreamedLogprobs, covering
 
 # The Ollama API version whose routes and fields this module speaks (clients gate features
 # such as ``think`` on it).
@@ -697,7 +697,7 @@ async def _ndjson(answer: _Render, job, first):
     once the answer is complete. Closing this generator (the client left) cancels the job."""
     extra = answer.extra
     calls = extra.stream() if answer.route == "chat" else None
-    rec = None if extra.recorder is None else _StreamedLogprobs(extra.recorder)
+    rec = None if extra.recorder is None else StreamedLogprobs(extra.recorder)
 
     def line(obj) -> str:
         return json.dumps(obj, ensure_ascii=False) + "\n"
@@ -725,31 +725,3 @@ async def _ndjson(answer: _Render, job, first):
     finally:
         job.cancel()
 
-
-class _StreamedLogprobs:
-    """The logprobs of a streamed answer, handed out once the text they spell has been sent
-    (text that may start a stop string is held back): as the OpenAI route streams them."""
-
-    def __init__(self, recorder) -> None:
-        self.recorder = recorder
-        self.sent = 0  # tokens handed out
-        self.spelled = 0  # their bytes
-
-    def ready(self, said: int) -> list:
-        """Resolved tokens not handed out yet that lie within the first ``said`` bytes."""
-        got = []
-        for t in self.recorder.take(self.sent):
-            if self.spelled + len(t.bytes) > said:
-                break
-            got.append(t)
-            self.spelled += len(t.bytes)
-        self.sent += len(got)
-        return got
-
-    def rest(self, finish_reason: str | None, answer: str, last_token: int | None) -> list:
-        """The tokens left once the whole ``answer`` (as the model wrote it) and its last
-        sampled token are known."""
-        tail = covering(self.recorder.finish(finish_reason, answer, last_token),
-                        answer)[self.sent:]
-        self.sent += len(tail)
-        return tail
