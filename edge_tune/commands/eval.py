@@ -101,10 +101,10 @@ def evaluate(run: Path, data: Optional[Path] = None, merged: Optional[Path] = No
     target, tuned_path = tuned_target(Path(run), merged)
     merged = tuned_path if target.adapter is None else merged  # a full run's model too
     man = target.manifest
-    if man.hyperparameters.to_dict().get("method") == "grpo":  # its rewards, base vs tuned
+    hp = man.hyperparameters.to_dict()
+    if hp.get("method") == "grpo":  # its rewards, base vs tuned
         return evaluate_rewards(target, tuned_path, data, max_tokens, n_prompts, on_event,
                                 run)
-    hp = man.hyperparameters.to_dict()
     records, source = held_out_records(man, data)
     records = records[:n_prompts]
     if not records:

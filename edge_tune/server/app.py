@@ -183,16 +183,12 @@ async def _whole_answer(req, job, first, extra: _Extra, kind: str, echoed: list 
     first (``follow``: see :func:`_echoed`)."""
     from starlette.responses import JSONResponse
 
-    text, thought, said, event = [], [], [], first
-    while event[0] == "piece":
-        text.append(event[1].text)
-        thought.append(event[1].reasoning)
-        said.append(event[1].said)
-        event = await job.events.get()
+    pieces, event = await job.rest_of_answer(first)
     if event[0] == "error":
         return _error(event[1])
     last = event[1]
-    answer, raw = "".join(text), "".join(said)
+    answer, raw = "".join(p.text for p in pieces), "".join(p.said for p in pieces)
+    thought = "".join(p.reasoning for p in pieces)
     content, calls = extra.calls(answer)
     logprobs = None if extra.recorder is None else \
         covering(extra.recorder.finish(last.finish_reason, raw, last.last_token), raw)
@@ -207,7 +203,7 @@ async def _whole_answer(req, job, first, extra: _Extra, kind: str, echoed: list 
     return JSONResponse(shapes.completion(
         req, shapes.new_id(kind), content, last.finish_reason,
         shapes.usage(last.prompt_tokens, last.completion_tokens), calls, logprobs,
-        reasoning="".join(thought) or None))
+        reasoning=thought or None))
 
 
 async def _echoed(req, engine) -> tuple[list, object]:

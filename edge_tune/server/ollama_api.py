@@ -658,12 +658,6 @@ def ollama_tool_calls(calls: list) -> list:
     return out
 
 
-def _last_token(piece) -> int | None:
-    """The last sampled token id the final piece carries (None where the engine gives
-    none: the recorder then finds it from the text)."""
-    return getattr(piece, "last_token", None)
-
-
 def _logprob(t) -> dict:
     return {"token": t.text, "logprob": t.logprob, "bytes": list(t.bytes),
             "top_logprobs": [{"token": a, "logprob": lp, "bytes": list(b)}
@@ -674,20 +668,17 @@ async def _whole(answer: _Render, job, first):
     """The answer of ``job`` as one object, or the error it ended with."""
     from starlette.responses import JSONResponse
 
-    text, thought, said, event = [], [], [], first
-    while event[0] == "piece":
-        text.append(event[1].text)
-        thought.append(event[1].reasoning)
-        said.append(event[1].said)
-        event = await job.events.get()
+    pieces, event = await job.rest_of_answer(first)
     if event[0] == "error":
         return ollama_error(renamed(event[1]))
-    last, whole, raw = event[1], "".join(text), "".join(said)
+    last = event[1]
+    whole, raw = "".join(p.text for p in pieces), "".join(p.said for p in pieces)
+    thought = "".join(p.reasoning for p in pieces)
     extra = answer.extra
     content, calls = extra.calls(whole) if answer.route == "chat" else (whole, [])
     logprobs = None if extra.recorder is None else \
-        covering(extra.recorder.finish(last.finish_reason, raw, _last_token(last)), raw)
-    return JSONResponse(answer.last(content or "", last, calls, logprobs, "".join(thought)))
+        covering(extra.recorder.finish(last.finish_reason, raw, last.last_token), raw)
+    return JSONResponse(answer.last(content or "", last, calls, logprobs, thought))
 
 
 async def _ndjson(answer: _Render, job, first):
@@ -720,7 +711,7 @@ async def _ndjson(answer: _Render, job, first):
             rest, found = calls.finish()
             found = found if extra.req.parallel_tool_calls else found[:1]
         tail = None if rec is None else \
-            rec.rest(last.finish_reason, "".join(said), _last_token(last))
+            rec.rest(last.finish_reason, "".join(said), last.last_token)
         yield line(answer.last(rest or "", last, found, tail))
     finally:
         job.cancel()

@@ -57,6 +57,15 @@ class Job:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    async def rest_of_answer(self, first: tuple) -> tuple[list[Piece], tuple]:
+        """The pieces of the answer from its ``first`` event on, and the event that ended it:
+        ``("done", last piece)`` or ``("error", exc)``."""
+        pieces, event = [], first
+        while event[0] == "piece":
+            pieces.append(event[1])
+            event = await self.events.get()
+        return pieces, event
+
 
 class Scheduler:
     """Continuous batching on one engine. Events a job receives, in order:
