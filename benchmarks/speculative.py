@@ -86,16 +86,11 @@ def batched(engine, convs, spec, max_tokens: int) -> tuple[list[str], int, float
                                             max_tokens=max_tokens)) for m in convs]
         texts, tokens = [], 0
         for job in jobs:
-            text = ""
-            while True:
-                kind, value = await job.events.get()
-                if kind == "error":
-                    raise value
-                text += value.text
-                if kind == "done":
-                    tokens += value.completion_tokens
-                    break
-            texts.append(text)
+            pieces, (kind, last) = await job.rest_of_answer(await job.events.get())
+            if kind == "error":
+                raise last
+            tokens += last.completion_tokens
+            texts.append("".join(p.text for p in pieces) + last.text)
         return texts, tokens
 
     start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""A tiny random PEFT Llama with the unsloth backend's LoRA settings, and a training config."""
+"""A tiny random PEFT Llama with the unsloth backend's LoRA settings, a training config, a
+tokenizer for TRL's ``processing_class``, and a policy moved off its reference."""
 
 from __future__ import annotations
 
@@ -25,3 +26,25 @@ def tiny_peft_llama(seed: int = 0):
     return get_peft_model(model, LoraConfig(
         task_type="CAUSAL_LM", **{k: v for k, v in kw.items()
                                   if k not in ("use_gradient_checkpointing", "random_state")}))
+
+
+def tiny_tokenizer():
+    """A real tokenizer object for TRL's ``processing_class`` (its pad id is all it reads)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(64)}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
+        pad_token="t0", eos_token="t2")
+
+
+def move_adapter(model) -> None:
+    """Random non-zero LoRA B of the trained ("default") adapter: policy != reference."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B.default" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)

@@ -111,15 +111,10 @@ async def _serve(scheduler, requests) -> list[str]:
     jobs = [scheduler.submit(r) for r in requests]
     texts = []
     for job in jobs:
-        text = ""
-        while True:
-            kind, value = await job.events.get()
-            if kind == "error":
-                raise value
-            text += value.text
-            if kind == "done":
-                break
-        texts.append(text)
+        pieces, (kind, last) = await job.rest_of_answer(await job.events.get())
+        if kind == "error":
+            raise last
+        texts.append("".join(p.text for p in pieces) + last.text)
     return texts
 
 

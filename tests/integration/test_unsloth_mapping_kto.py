@@ -10,7 +10,7 @@ import math
 import random
 
 import pytest
-from tests.helpers.unsloth_model import config, tiny_peft_llama
+from tests.helpers.unsloth_model import config, move_adapter, tiny_peft_llama, tiny_tokenizer
 
 from edge_tune.data.preference import KTOExample, kto_rows
 from edge_tune.data.template import IGNORE
@@ -63,27 +63,6 @@ def test_kto_batch_holds_trls_kl_rows():
     assert len(cut) == 6 and all(len(r.input_ids) <= 10 for r in cut[3:])  # the KL rows
 
 
-def tiny_tokenizer():
-    """A real tokenizer object for TRL's ``processing_class`` (its pad id is all it reads)."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(64)}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
-        pad_token="t0", eos_token="t2")
-
-
-def _move_adapter(model) -> None:
-    import torch
-
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B.default" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-
-
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (1.5, 0.5)])
 def test_trl_kto_loss_equals_the_cpu_backends(tmp_path, weights):
     pytest.importorskip("trl", reason=NEEDS_TRL)
@@ -103,7 +82,7 @@ def test_trl_kto_loss_equals_the_cpu_backends(tmp_path, weights):
         model=model, args=args, processing_class=tiny_tokenizer(),
         train_dataset=Dataset.from_dict({"pair": [0, 1, 2]}),
         data_collator=lambda b: uq.pair_batch(b, 0, "kto"))
-    _move_adapter(model)  # the policy moves; the reference stays the fresh adapter (B = 0)
+    move_adapter(model)  # the policy moves; the reference stays the fresh adapter (B = 0)
     model.eval()
     batch = examples(4)
     with torch.no_grad():

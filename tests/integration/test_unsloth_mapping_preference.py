@@ -12,7 +12,7 @@ import math
 import random
 
 import pytest
-from tests.helpers.unsloth_model import config, tiny_peft_llama
+from tests.helpers.unsloth_model import config, move_adapter, tiny_peft_llama, tiny_tokenizer
 
 from edge_tune.training.backends import unsloth as uq
 from edge_tune.data.preference import PairExample
@@ -34,17 +34,6 @@ def pairs(n: int = 6, seed: int = 0) -> list[PairExample]:
         out.append(PairExample(prompt + good, [IGNORE] * k + good, prompt + bad,
                                [IGNORE] * k + bad))
     return out
-
-
-def tiny_tokenizer():
-    """A real tokenizer object for TRL's ``processing_class`` (its pad id is all it reads)."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(64)}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
-        pad_token="t0", eos_token="t2")
 
 
 # --- pure mappings ------------------------------------------------------------------------------
@@ -122,17 +111,6 @@ def _trainer(method: str, model, tmp_path):
         data_collator=lambda b: uq.pair_batch(b, 0, method))
 
 
-def _move_adapter(model) -> None:
-    """Random non-zero LoRA B of the trained ("default") adapter: policy != reference."""
-    import torch
-
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B.default" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-
-
 def test_trl_dpo_loss_equals_the_cpu_backends(tmp_path):
     pytest.importorskip("trl", reason=NEEDS_TRL)
     import torch
@@ -142,7 +120,7 @@ def test_trl_dpo_loss_equals_the_cpu_backends(tmp_path):
 
     model = tiny_peft_llama()
     trainer = _trainer("dpo", model, tmp_path)  # its reference: the fresh adapter (B = 0)
-    _move_adapter(model)
+    move_adapter(model)
     model.eval()
     batch = pairs(3)
     with torch.no_grad():
@@ -164,7 +142,7 @@ def test_trl_orpo_loss_is_the_odds_ratio_term_plus_nll_of_the_whole_chosen_seque
 
     model = tiny_peft_llama()
     trainer = _trainer("orpo", model, tmp_path)
-    _move_adapter(model)
+    move_adapter(model)
     model.eval()
     batch = pairs(3)
     with torch.no_grad():
