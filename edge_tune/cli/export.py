@@ -70,11 +70,7 @@ def export(
     from edge_tune import api
     from edge_tune.render import Renderer
 
-    if lmstudio and vllm is not None:
-        raise UsageError("--lmstudio and --vllm: LM Studio takes a merged GGUF, vLLM a PEFT "
-                         "adapter; give one", setting="lmstudio")
-    merge = merge or lmstudio  # LM Studio loads no LoRA adapter: it gets the merged model
-    if merge and outtype is not None:  # --outtype f32 --merge means a merged F32 GGUF
+    if (merge or lmstudio) and outtype is not None:  # --outtype f32 --merge means a merged F32 GGUF
         if quant is not None and quant.upper() != outtype.upper():
             raise UsageError(f"--outtype {outtype} and -q {quant}: with --merge both set the "
                              "merged GGUF's type; give one")
@@ -83,11 +79,8 @@ def export(
         result = api.export(adapter, base=base, out=output, outtype=outtype or "f32",
                             on_event=render,
                             merge=merge, quant=quant, ollama=ollama, verify=verify,
-                            system=system, vllm=vllm, chat_template=chat_template)
-        if lmstudio:
-            from edge_tune.exporting.targets import place_for_lmstudio
-
-            place_for_lmstudio(result.path, adapter.resolve().name, result.quant, render)
+                            system=system, vllm=vllm, chat_template=chat_template,
+                            lmstudio=lmstudio)
     if vllm is not None:
         print(result.command)  # plain stdout: `$(edge-tune export RUN --vllm DIR)` runs it
 

@@ -12,6 +12,7 @@ from edge_tune.adapters import conversion_base, merge_base, peft_adapter
 from edge_tune.errors import UsageError
 from edge_tune.events import EventSink, ignore
 from edge_tune.exporting.run import finish_run
+from edge_tune.exporting.targets import place_for_lmstudio
 from edge_tune.exporting.steps import (ExportResult, export_adapter, export_full, export_merged,
                                        export_vllm)
 from edge_tune.fsutil import check_writable, disk_full_says, write_errors_say
@@ -24,7 +25,7 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
            outtype: str = "f32", on_event: EventSink = ignore, merge: bool = False,
            quant: Optional[str] = None, ollama: Optional[Path] = None, verify: bool = True,
            system: Optional[str] = None, vllm: Optional[Path] = None,
-           chat_template: Optional[str] = None) -> ExportResult:
+           chat_template: Optional[str] = None, lmstudio: bool = False) -> ExportResult:
     """Convert a PEFT adapter (or a run's adapter) to a GGUF LoRA adapter; with ``merge``,
     write one GGUF with the adapter merged into the base (``quant``: F16 default, Q4_K_M,
     ..., or ``auto``: the smallest type that passes the check). ``verify`` (the default; runs
@@ -33,10 +34,16 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
     with CheckFailed naming the cause (see :func:`edge_tune.exporting.checked.ship_checked`);
     ``ollama`` writes a Modelfile into that directory (``system``: its SYSTEM prompt).
     ``chat_template`` (``--chat-template``; default: the run's) goes into the Modelfile's
-    TEMPLATE and, with ``merge``, into a merged GGUF whose base has none. Returns what was
+    TEMPLATE and, with ``merge``, into a merged GGUF whose base has none. ``lmstudio``
+    implies ``merge`` and places the checked GGUF where LM Studio lists it
+    (:func:`edge_tune.exporting.targets.place_for_lmstudio`). Returns what was
     written (:class:`ExportResult`). An ``out``, ``ollama`` or ``vllm`` that cannot be written
     is a UsageError before any work; an OSError while writing is one too."""
     adapter = Path(adapter)
+    if lmstudio and vllm is not None:
+        raise UsageError("--lmstudio and --vllm: LM Studio takes a merged GGUF, vLLM a PEFT "
+                         "adapter; give one", setting="lmstudio")
+    merge = merge or lmstudio  # LM Studio loads no LoRA adapter: it gets the merged model
     # A destination that cannot be written is said now, not after the merge and its check.
     for setting, path, folder in (("output", out, False), ("ollama", ollama, True),
                                   ("vllm", vllm, True)):
@@ -52,8 +59,11 @@ def export(adapter: Path, base: Optional[Path] = None, out: Optional[Path] = Non
             disk_full_says(Path(out or ollama or vllm or adapter),
                            f"nothing was left at the output name and {adapter} is unchanged: "
                            "free space and export again"):
-        return _export(adapter, base, out, outtype, on_event, merge, quant, ollama, verify,
-                       system, vllm, chat_template)
+        result = _export(adapter, base, out, outtype, on_event, merge, quant, ollama, verify,
+                         system, vllm, chat_template)
+        if lmstudio:
+            place_for_lmstudio(result.path, adapter.resolve().name, result.quant, on_event)
+        return result
 
 
 def _export(adapter: Path, base: Optional[Path], out: Optional[Path], outtype: str,
